@@ -1,0 +1,235 @@
+//! Shared broker state: the store, the configuration, in-memory caches and
+//! the run transitions every RPC relies on.
+//!
+//! The caches hold only what cannot go stale in a way that matters: agent
+//! specs (refreshed from the bucket on a miss, and on every register) and
+//! pinned contexts (immutable once a run starts). Run status is always
+//! read from the bucket and changed with compare-and-set, so two replicas
+//! never both end a run.
+
+use std::{sync::Arc, time::SystemTime};
+
+use dashmap::DashMap;
+use handoff_proto::pb;
+use tokio::sync::watch;
+
+use crate::{config::Config, error::BrokerError, store::Store};
+
+/// A cheap, cloneable handle to the broker's state.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    store: Store,
+    agents: DashMap<String, pb::AgentSpec>,
+    pinned: DashMap<String, pb::PinnedContext>,
+    draining: watch::Receiver<bool>,
+}
+
+/// How a run ends.
+#[derive(Debug, Clone)]
+pub enum RunEnd {
+    /// A final handoff completed it.
+    Completed {
+        /// The final handoff.
+        handoff_id: String,
+        /// Its payload.
+        result: Option<prost_types::Any>,
+    },
+    /// A delivery was rejected or dead-lettered.
+    Failed(String),
+    /// Its deadline passed.
+    TimedOut(String),
+}
+
+impl Broker {
+    /// Wraps an opened store.
+    pub fn new(config: Config, store: Store, draining: watch::Receiver<bool>) -> Broker {
+        Broker {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                agents: DashMap::new(),
+                pinned: DashMap::new(),
+                draining,
+            }),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The JetStream store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// A receiver that turns `true` when the broker starts draining.
+    pub fn draining(&self) -> watch::Receiver<bool> {
+        self.inner.draining.clone()
+    }
+
+    /// Resolves once the broker starts draining.
+    pub async fn drained(&self) {
+        let mut rx = self.inner.draining.clone();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// An agent's spec, from the cache or the bucket.
+    pub async fn agent(&self, name: &str) -> Result<pb::AgentSpec, BrokerError> {
+        if let Some(a) = self.inner.agents.get(name) {
+            return Ok(a.clone());
+        }
+        match self.store().agent(name).await? {
+            Some(spec) => {
+                self.inner.agents.insert(name.to_string(), spec.clone());
+                Ok(spec)
+            }
+            None => Err(BrokerError::AgentNotFound(name.to_string())),
+        }
+    }
+
+    /// An agent's spec read fresh from the bucket (and cached).
+    pub async fn agent_fresh(&self, name: &str) -> Result<pb::AgentSpec, BrokerError> {
+        self.inner.agents.remove(name);
+        self.agent(name).await
+    }
+
+    /// Remembers an agent spec just stored.
+    pub fn cache_agent(&self, spec: pb::AgentSpec) {
+        self.inner.agents.insert(spec.name.clone(), spec);
+    }
+
+    /// A run and its revision; NOT_FOUND if it does not exist.
+    pub async fn run(&self, run_id: &str) -> Result<(pb::Run, u64), BrokerError> {
+        let (run, rev) = self
+            .store()
+            .run(run_id)
+            .await?
+            .ok_or_else(|| BrokerError::RunNotFound(run_id.to_string()))?;
+        if !self.inner.pinned.contains_key(run_id) {
+            self.inner
+                .pinned
+                .insert(run_id.to_string(), run.pinned.clone().unwrap_or_default());
+        }
+        Ok((run, rev))
+    }
+
+    /// Publishes an event, deduplicated by `msg_id`; the owner and time
+    /// are filled in.
+    pub async fn emit(&self, mut event: pb::Event, msg_id: &str) -> Result<u64, BrokerError> {
+        if event.at.is_none() {
+            event.at = Some(now());
+        }
+        self.store().publish_event(&event, msg_id).await
+    }
+
+    /// Emits an event without waiting for it on the caller's path; a
+    /// failure is logged. Used for events that observe a step already
+    /// made durable (delivered, acked, ...).
+    pub fn emit_detached(&self, event: pb::Event, msg_id: String) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = broker.emit(event, &msg_id).await {
+                tracing::warn!(error = %e, msg_id, "event not published");
+            }
+        });
+    }
+
+    /// Ends a run (compare-and-set, retried on conflict) and tells its
+    /// owner. Returns the run as it ended; if it had already ended, returns
+    /// it unchanged; the end event is re-published (deduplicated) while
+    /// within the dedupe window, so a crash between the two steps cannot
+    /// leave an ended run unannounced.
+    pub async fn end_run(&self, run_id: &str, end: RunEnd) -> Result<pb::Run, BrokerError> {
+        loop {
+            let (mut run, rev) = self.run(run_id).await?;
+            let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
+            if status.is_terminal() {
+                // Re-announce only while JetStream still deduplicates the
+                // end event; past that window the announcement was made.
+                let recent = run
+                    .ended_at
+                    .and_then(|t| SystemTime::try_from(t).ok())
+                    .and_then(|t| SystemTime::now().duration_since(t).ok())
+                    .is_some_and(|age| age < self.config().dedupe_window);
+                if recent {
+                    self.announce_end(&run).await?;
+                }
+                return Ok(run);
+            }
+            run.ended_at = Some(now());
+            match &end {
+                RunEnd::Completed { handoff_id, result } => {
+                    run.status = pb::RunStatus::Completed as i32;
+                    run.result = result.clone();
+                    run.result_handoff_id = handoff_id.clone();
+                }
+                RunEnd::Failed(reason) => {
+                    run.status = pb::RunStatus::Failed as i32;
+                    run.failure = reason.clone();
+                }
+                RunEnd::TimedOut(reason) => {
+                    run.status = pb::RunStatus::TimedOut as i32;
+                    run.failure = reason.clone();
+                }
+            }
+            if self.store().update_run(&run, rev).await? {
+                self.announce_end(&run).await?;
+                return Ok(run);
+            }
+        }
+    }
+
+    /// Publishes the event that tells a run's owner how it ended.
+    pub async fn announce_end(&self, run: &pb::Run) -> Result<(), BrokerError> {
+        let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
+        let kind = match status {
+            pb::RunStatus::Completed => pb::EventKind::RunCompleted,
+            pb::RunStatus::Failed => pb::EventKind::RunFailed,
+            pb::RunStatus::TimedOut => pb::EventKind::RunTimedOut,
+            _ => return Ok(()),
+        };
+        let event = pb::Event {
+            kind: kind as i32,
+            at: run.ended_at,
+            run_id: run.id.clone(),
+            owner: run.owner.clone(),
+            handoff_id: run.result_handoff_id.clone(),
+            reason: run.failure.clone(),
+            run_status: run.status,
+            ..Default::default()
+        };
+        self.emit(event, &format!("end-{}", run.id)).await.map(|_| ())
+    }
+
+    /// The pinned context of a run (cached; it never changes).
+    pub async fn pinned(&self, run_id: &str) -> Result<pb::PinnedContext, BrokerError> {
+        if let Some(p) = self.inner.pinned.get(run_id) {
+            return Ok(p.clone());
+        }
+        let (run, _) = self.run(run_id).await?;
+        Ok(run.pinned.unwrap_or_default())
+    }
+}
+
+/// The current time as a protobuf timestamp.
+pub fn now() -> prost_types::Timestamp {
+    prost_types::Timestamp::from(SystemTime::now())
+}
+
+/// Name of a run status for messages.
+pub fn status_name(status: i32) -> &'static str {
+    match pb::RunStatus::try_from(status) {
+        Ok(pb::RunStatus::Running) => "running",
+        Ok(pb::RunStatus::Completed) => "completed",
+        Ok(pb::RunStatus::Failed) => "failed",
+        Ok(pb::RunStatus::TimedOut) => "timed out",
+        _ => "unknown",
+    }
+}

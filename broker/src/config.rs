@@ -1,0 +1,269 @@
+//! Configuration: defaults, then a TOML file, then `HANDOFF_*` environment
+//! variables, then command-line flags (each overrides the one before).
+//!
+//! Every key is declared once in [`KEYS`] with its default and a doc line;
+//! the README's configuration table is the same list. Loading reports every
+//! problem at once, so an operator fixes a bad config in one round.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+/// One configuration key: name, default (as written in TOML) and meaning.
+pub struct Key {
+    /// TOML key; the environment variable is `HANDOFF_` + its upper case.
+    pub name: &'static str,
+    /// Default, as a TOML literal (empty: unset).
+    pub default: &'static str,
+    /// What it does.
+    pub doc: &'static str,
+}
+
+/// All keys, in the order the README documents them.
+pub const KEYS: &[Key] = &[
+    Key { name: "nats_url", default: "", doc: "NATS server(s), comma-separated. Unset: start an embedded nats-server child." },
+    Key { name: "nats_server_bin", default: "nats-server", doc: "nats-server executable used for the embedded default." },
+    Key { name: "listen", default: "127.0.0.1:7233", doc: "gRPC listen address." },
+    Key { name: "data_dir", default: "./handoffd-data", doc: "Data directory (the embedded nats-server keeps JetStream under <data_dir>/nats)." },
+    Key { name: "log_format", default: "text", doc: "text or json." },
+    Key { name: "log_level", default: "info", doc: "tracing filter directive; RUST_LOG overrides it." },
+    Key { name: "replicas", default: "1", doc: "JetStream replicas of streams and buckets (3 on a three-node cluster)." },
+    Key { name: "default_lease", default: "30s", doc: "Lease of an agent that does not set one." },
+    Key { name: "default_max_attempts", default: "5", doc: "Deliveries before fallback or dead letter, for agents that do not set it." },
+    Key { name: "default_max_depth", default: "5", doc: "Sequential hops allowed in a run that does not set max_depth." },
+    Key { name: "max_inline_payload", default: "262144", doc: "Largest payload carried inline, in bytes; larger ones are refused." },
+    Key { name: "dedupe_window", default: "15m", doc: "How long an idempotency key (or a consumed delivery) is recognised." },
+    Key { name: "retention", default: "7d", doc: "How long handoffs, events and dead letters are kept." },
+    Key { name: "drain_timeout", default: "10s", doc: "Grace period for in-flight RPCs on SIGTERM." },
+    Key { name: "connect_timeout", default: "10s", doc: "Time allowed to reach NATS (and the embedded server to start)." },
+    Key { name: "max_in_flight", default: "1000", doc: "Cap on max_in_flight of one Subscribe stream." },
+];
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The resolved configuration of a broker.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// NATS URL; `None` starts the embedded server.
+    pub nats_url: Option<String>,
+    /// nats-server executable for the embedded default.
+    pub nats_server_bin: PathBuf,
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// tracing filter.
+    pub log_level: String,
+    /// JetStream replicas.
+    pub replicas: usize,
+    /// Default agent lease.
+    pub default_lease: Duration,
+    /// Default max attempts.
+    pub default_max_attempts: u32,
+    /// Default run max depth.
+    pub default_max_depth: u32,
+    /// Inline payload limit in bytes.
+    pub max_inline_payload: usize,
+    /// JetStream duplicate window.
+    pub dedupe_window: Duration,
+    /// Stream retention.
+    pub retention: Duration,
+    /// Drain grace period.
+    pub drain_timeout: Duration,
+    /// NATS connect timeout.
+    pub connect_timeout: Duration,
+    /// Cap on max_in_flight per Subscribe.
+    pub max_in_flight: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let empty = BTreeMap::new();
+        // The defaults in KEYS always parse; a failure here is a bug in KEYS.
+        match Config::from_layers(&empty) {
+            Ok(c) => c,
+            Err(problems) => panic!("built-in defaults do not parse: {problems:?}"),
+        }
+    }
+}
+
+impl Config {
+    /// Resolves a config from layered raw values (`key -> value`). The
+    /// defaults of [`KEYS`] fill what is missing; every problem is reported.
+    pub fn from_layers(values: &BTreeMap<String, String>) -> Result<Config, Vec<String>> {
+        let mut problems = Vec::new();
+        for k in values.keys() {
+            if !KEYS.iter().any(|key| key.name == k) {
+                problems.push(format!("unknown configuration key {k:?}"));
+            }
+        }
+        let raw = |name: &str| -> String {
+            values.get(name).cloned().unwrap_or_else(|| {
+                KEYS.iter()
+                    .find(|k| k.name == name)
+                    .map(|k| k.default.to_string())
+                    .unwrap_or_default()
+            })
+        };
+        let dur = |name: &str, problems: &mut Vec<String>| -> Duration {
+            let v = raw(name);
+            match humantime::parse_duration(&v) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    problems.push(format!("{name}: must be greater than zero"));
+                    Duration::from_secs(1)
+                }
+                Err(e) => {
+                    problems.push(format!("{name}: {v:?} is not a duration ({e}); write e.g. \"30s\" or \"5m\""));
+                    Duration::from_secs(1)
+                }
+            }
+        };
+        fn num<T: std::str::FromStr>(name: &str, v: String, min: T, problems: &mut Vec<String>) -> T
+        where
+            T: PartialOrd + std::fmt::Display + Copy,
+        {
+            match v.trim().parse::<T>() {
+                Ok(n) if n >= min => n,
+                Ok(_) => {
+                    problems.push(format!("{name}: must be at least {min}"));
+                    min
+                }
+                Err(_) => {
+                    problems.push(format!("{name}: {v:?} is not a number"));
+                    min
+                }
+            }
+        }
+        let default_lease = dur("default_lease", &mut problems);
+        let dedupe_window = dur("dedupe_window", &mut problems);
+        let retention = dur("retention", &mut problems);
+        let drain_timeout = dur("drain_timeout", &mut problems);
+        let connect_timeout = dur("connect_timeout", &mut problems);
+        let listen = match raw("listen").parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(e) => {
+                problems.push(format!("listen: {:?} is not a socket address ({e})", raw("listen")));
+                SocketAddr::from(([127, 0, 0, 1], 7233))
+            }
+        };
+        let log_format = match raw("log_format").as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                problems.push(format!("log_format: {other:?} is neither \"text\" nor \"json\""));
+                LogFormat::Text
+            }
+        };
+        let replicas = num::<usize>("replicas", raw("replicas"), 1, &mut problems);
+        if replicas > 5 {
+            problems.push("replicas: JetStream allows at most 5".to_string());
+        }
+        let nats_url = Some(raw("nats_url")).filter(|s| !s.trim().is_empty());
+        if retention < dedupe_window {
+            problems.push("retention: must be at least dedupe_window".to_string());
+        }
+        let config = Config {
+            nats_url,
+            nats_server_bin: PathBuf::from(raw("nats_server_bin")),
+            listen,
+            data_dir: PathBuf::from(raw("data_dir")),
+            log_format,
+            log_level: raw("log_level"),
+            replicas,
+            default_lease,
+            default_max_attempts: num("default_max_attempts", raw("default_max_attempts"), 1, &mut problems),
+            default_max_depth: num("default_max_depth", raw("default_max_depth"), 1, &mut problems),
+            max_inline_payload: num("max_inline_payload", raw("max_inline_payload"), 1, &mut problems),
+            dedupe_window,
+            retention,
+            drain_timeout,
+            connect_timeout,
+            max_in_flight: num("max_in_flight", raw("max_in_flight"), 1, &mut problems),
+        };
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Reads a TOML file into raw values (every value rendered as a string).
+    pub fn read_toml(path: &std::path::Path) -> Result<BTreeMap<String, String>, Vec<String>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| vec![format!("config file {}: {e}", path.display())])?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| vec![format!("config file {}: {e}", path.display())])?;
+        let mut out = BTreeMap::new();
+        let mut problems = Vec::new();
+        for (k, v) in table {
+            let s = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    problems.push(format!("{k}: unsupported value {other}"));
+                    continue;
+                }
+            };
+            out.insert(k, s);
+        }
+        if problems.is_empty() {
+            Ok(out)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Raw values from `HANDOFF_<KEY>` environment variables.
+    pub fn read_env(get: impl Fn(&str) -> Option<String>) -> BTreeMap<String, String> {
+        KEYS.iter()
+            .filter_map(|k| get(&env_var(k.name)).map(|v| (k.name.to_string(), v)))
+            .collect()
+    }
+}
+
+/// The environment variable of a key.
+pub fn env_var(key: &str) -> String {
+    format!("HANDOFF_{}", key.to_ascii_uppercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let c = Config::default();
+        assert_eq!(c.listen.port(), 7233);
+        assert!(c.nats_url.is_none());
+        assert_eq!(c.default_max_depth, 5);
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let mut v = BTreeMap::new();
+        v.insert("listen".into(), "nowhere".into());
+        v.insert("default_lease".into(), "soon".into());
+        v.insert("replicas".into(), "0".into());
+        v.insert("colour".into(), "blue".into());
+        let problems = Config::from_layers(&v).expect_err("bad config");
+        assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    #[test]
+    fn env_names() {
+        assert_eq!(env_var("nats_url"), "HANDOFF_NATS_URL");
+        let got = Config::read_env(|k| (k == "HANDOFF_LISTEN").then(|| "127.0.0.1:1".to_string()));
+        assert_eq!(got.get("listen").map(String::as_str), Some("127.0.0.1:1"));
+    }
+}

@@ -1,0 +1,241 @@
+//! The rules of a handoff, apart from any transport: identity, depth,
+//! request validation, delivery tokens and attempts. Nothing here touches
+//! NATS or tonic, so every rule is unit-tested in isolation.
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
+use handoff_proto::pb;
+use prost::Message as _;
+use uuid::Uuid;
+
+use crate::{error::BrokerError, names};
+
+/// Namespace of the deterministic (v5) handoff ids.
+const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a0c_4a1e_9d3b_4c55_8f1e_2b7d_9e4a_0c31);
+
+/// Longest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// The id of a new handoff.
+///
+/// - completing a delivery: derived from the consumed handoff, the target
+///   and the idempotency key, so an agent that crashed after its handoff
+///   was stored and redoes the work produces the same handoff again;
+/// - with an idempotency key: derived from the run, source and key;
+/// - otherwise: a fresh time-ordered id (no retry protection).
+pub fn handoff_id(req: &pb::HandoffRequest, consumed_handoff: Option<&str>) -> String {
+    let target = if req.r#final { "\u{0}final" } else { req.target_agent.as_str() };
+    let name = match consumed_handoff {
+        Some(parent) => format!("c\u{0}{parent}\u{0}{target}\u{0}{}", req.idempotency_key),
+        None if !req.idempotency_key.is_empty() => format!(
+            "k\u{0}{}\u{0}{}\u{0}{}",
+            req.run_id, req.source_agent, req.idempotency_key
+        ),
+        None => return Uuid::now_v7().to_string(),
+    };
+    Uuid::new_v5(&ID_NAMESPACE, name.as_bytes()).to_string()
+}
+
+/// The id of the copy of a handoff that is routed to a fallback agent.
+pub fn fallback_id(handoff_id: &str, fallback: &str) -> String {
+    Uuid::new_v5(&ID_NAMESPACE, format!("f\u{0}{handoff_id}\u{0}{fallback}").as_bytes()).to_string()
+}
+
+/// Depth of a handoff: 1 without a parent, the parent's + 1 otherwise. A
+/// final handoff ends the run instead of adding a hop, so the cap does not
+/// apply to it.
+pub fn depth(parent_depth: Option<u32>, max_depth: u32, is_final: bool) -> Result<u32, BrokerError> {
+    let depth = parent_depth.map_or(1, |d| d.saturating_add(1));
+    if !is_final && depth > max_depth {
+        return Err(BrokerError::DepthExceeded { depth, max_depth });
+    }
+    Ok(depth)
+}
+
+/// Checks everything about a handoff request that needs no state.
+pub fn validate_handoff(req: &pb::HandoffRequest, max_inline_payload: usize) -> Result<(), BrokerError> {
+    names::validate("run_id", &req.run_id)?;
+    names::validate_optional("source_agent", &req.source_agent)?;
+    if req.r#final {
+        if !req.target_agent.is_empty() {
+            return Err(BrokerError::Malformed(
+                "a final handoff ends the run and has no target_agent".to_string(),
+            ));
+        }
+    } else {
+        if req.target_agent.is_empty() {
+            return Err(BrokerError::Malformed(
+                "target_agent is required unless the handoff is final".to_string(),
+            ));
+        }
+        names::validate("target_agent", &req.target_agent)?;
+    }
+    let payload = req
+        .payload
+        .as_ref()
+        .ok_or_else(|| BrokerError::Malformed("payload is required".to_string()))?;
+    if payload.type_url.trim().is_empty() {
+        return Err(BrokerError::Malformed(
+            "payload.type_url is required (the payload's message type)".to_string(),
+        ));
+    }
+    let size = payload.encoded_len();
+    if size > max_inline_payload {
+        return Err(BrokerError::PayloadTooLarge {
+            size,
+            limit: max_inline_payload,
+        });
+    }
+    if let Some(c) = req.confidence {
+        if !(0.0..=1.0).contains(&c) {
+            return Err(BrokerError::Malformed(format!("confidence {c} is outside [0, 1]")));
+        }
+    }
+    if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(BrokerError::Malformed(format!(
+            "idempotency_key is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY}",
+            req.idempotency_key.len()
+        )));
+    }
+    for (i, t) in req.tool_results.iter().enumerate() {
+        if t.tool.is_empty() {
+            return Err(BrokerError::Malformed(format!("tool_results[{i}].tool is empty")));
+        }
+    }
+    Ok(())
+}
+
+/// Encodes a delivery token (opaque to clients).
+pub fn encode_token(token: &pb::DeliveryToken) -> String {
+    URL_SAFE_NO_PAD.encode(token.encode_to_vec())
+}
+
+/// Decodes a delivery token; INVALID_ARGUMENT if it is not one.
+pub fn decode_token(s: &str) -> Result<pb::DeliveryToken, BrokerError> {
+    let bad = |why: &str| BrokerError::BadDeliveryId(why.to_string());
+    if s.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    let bytes = URL_SAFE_NO_PAD.decode(s).map_err(|_| bad("not a token issued by the broker"))?;
+    let token = pb::DeliveryToken::decode(bytes.as_slice()).map_err(|_| bad("not a token issued by the broker"))?;
+    if token.stream_sequence == 0
+        || !token.ack_subject.starts_with("$JS.ACK.")
+        || token.handoff_id.is_empty()
+        || names::validate("agent", &token.agent).is_err()
+    {
+        return Err(bad("not a token issued by the broker"));
+    }
+    Ok(token)
+}
+
+/// What to do with a message JetStream offers for the `delivered`-th time.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Offer {
+    /// Hand it to an instance as attempt `n`.
+    Deliver(u32),
+    /// Attempts are used up: route it to the fallback or the dead letter.
+    Exhausted,
+}
+
+/// Decides an offer against the agent's max attempts.
+pub fn offer(delivered: i64, max_attempts: u32) -> Offer {
+    let n = u32::try_from(delivered.max(1)).unwrap_or(u32::MAX);
+    if n > max_attempts {
+        Offer::Exhausted
+    } else {
+        Offer::Deliver(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> pb::HandoffRequest {
+        pb::HandoffRequest {
+            run_id: "r1".into(),
+            source_agent: "planner".into(),
+            target_agent: "worker".into(),
+            payload: Some(prost_types::Any {
+                type_url: "type.googleapis.com/x.Y".into(),
+                value: vec![1, 2, 3],
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ids_are_derived_from_the_consumed_delivery() {
+        let r = req();
+        assert_eq!(handoff_id(&r, Some("p")), handoff_id(&r, Some("p")));
+        assert_ne!(handoff_id(&r, Some("p")), handoff_id(&r, Some("q")));
+        let mut other_target = r.clone();
+        other_target.target_agent = "critic".into();
+        assert_ne!(handoff_id(&r, Some("p")), handoff_id(&other_target, Some("p")));
+    }
+
+    #[test]
+    fn ids_from_idempotency_keys() {
+        let mut r = req();
+        assert_ne!(handoff_id(&r, None), handoff_id(&r, None), "no key: fresh ids");
+        r.idempotency_key = "k".into();
+        assert_eq!(handoff_id(&r, None), handoff_id(&r, None));
+        let mut other_run = r.clone();
+        other_run.run_id = "r2".into();
+        assert_ne!(handoff_id(&r, None), handoff_id(&other_run, None));
+    }
+
+    #[test]
+    fn depth_is_parent_plus_one_and_capped() {
+        assert_eq!(depth(None, 5, false).ok(), Some(1));
+        assert_eq!(depth(Some(4), 5, false).ok(), Some(5));
+        let err = depth(Some(5), 5, false).expect_err("over the cap");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err.to_string().contains('6') && err.to_string().contains('5'));
+        assert_eq!(depth(Some(5), 5, true).ok(), Some(6), "final is not a hop");
+    }
+
+    #[test]
+    fn validation() {
+        assert!(validate_handoff(&req(), 1024).is_ok());
+        let mut r = req();
+        r.payload = None;
+        assert_eq!(validate_handoff(&r, 1024).map_err(|e| e.code()), Err(tonic::Code::InvalidArgument));
+        let mut r = req();
+        r.confidence = Some(1.5);
+        assert_eq!(validate_handoff(&r, 1024).map_err(|e| e.code()), Err(tonic::Code::InvalidArgument));
+        let mut r = req();
+        r.confidence = Some(f64::NAN);
+        assert!(validate_handoff(&r, 1024).is_err());
+        let r = req();
+        assert_eq!(validate_handoff(&r, 10).map_err(|e| e.code()), Err(tonic::Code::FailedPrecondition));
+        let mut r = req();
+        r.r#final = true;
+        assert!(validate_handoff(&r, 1024).is_err(), "final with a target");
+        r.target_agent.clear();
+        assert!(validate_handoff(&r, 1024).is_ok());
+        let mut r = req();
+        r.target_agent = "a.b".into();
+        assert_eq!(validate_handoff(&r, 1024).map_err(|e| e.code()), Err(tonic::Code::InvalidArgument));
+    }
+
+    #[test]
+    fn tokens_round_trip_and_refuse_garbage() {
+        let t = pb::DeliveryToken {
+            agent: "worker".into(),
+            stream_sequence: 7,
+            ack_subject: "$JS.ACK.S.C.1.7.1.0.0".into(),
+            handoff_id: "h".into(),
+        };
+        assert_eq!(decode_token(&encode_token(&t)).ok(), Some(t));
+        for bad in ["", "!!", "aGVsbG8"] {
+            assert_eq!(decode_token(bad).map_err(|e| e.code()), Err(tonic::Code::InvalidArgument));
+        }
+    }
+
+    #[test]
+    fn attempts() {
+        assert_eq!(offer(1, 3), Offer::Deliver(1));
+        assert_eq!(offer(3, 3), Offer::Deliver(3));
+        assert_eq!(offer(4, 3), Offer::Exhausted);
+    }
+}

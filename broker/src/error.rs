@@ -1,0 +1,103 @@
+//! The broker's error type and its single mapping to gRPC statuses.
+//!
+//! Domain code returns [`BrokerError`]; the gRPC edge turns it into a
+//! [`tonic::Status`] with `From`, choosing the code by tonic's litmus test:
+//! bad input is INVALID_ARGUMENT, a request that cannot succeed in the
+//! current state is FAILED_PRECONDITION, and a NATS outage is UNAVAILABLE
+//! (safe to retry with the same idempotency key).
+
+use tonic::{Code, Status};
+
+/// Everything a broker operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// A name that cannot be a NATS subject token.
+    #[error("{field} {value:?} {reason}")]
+    InvalidName {
+        /// Which field.
+        field: &'static str,
+        /// The (possibly shortened) value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A request that is malformed in another way.
+    #[error("{0}")]
+    Malformed(String),
+    /// The run does not exist.
+    #[error("run {0:?} not found")]
+    RunNotFound(String),
+    /// The agent is not registered.
+    #[error("agent {0:?} is not registered")]
+    AgentNotFound(String),
+    /// The run exists already.
+    #[error("run {0:?} already exists")]
+    RunExists(String),
+    /// The run has ended.
+    #[error("run {run:?} is {status}; it accepts no more handoffs")]
+    RunClosed {
+        /// The run.
+        run: String,
+        /// Its terminal status.
+        status: &'static str,
+    },
+    /// The handoff would go deeper than the run allows.
+    #[error("handoff depth {depth} exceeds the run's max_depth {max_depth}")]
+    DepthExceeded {
+        /// Depth the handoff would have.
+        depth: u32,
+        /// The run's cap.
+        max_depth: u32,
+    },
+    /// The payload is larger than the inline limit.
+    #[error("payload is {size} bytes; the inline limit is {limit} bytes (max_inline_payload)")]
+    PayloadTooLarge {
+        /// Encoded payload size.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The consumed delivery cannot be completed.
+    #[error("{0}")]
+    DeliveryGone(String),
+    /// The delivery token does not name a delivery.
+    #[error("delivery id is not valid: {0}")]
+    BadDeliveryId(String),
+    /// NATS or JetStream did not answer.
+    #[error("NATS unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or an unexpected answer from the store.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl BrokerError {
+    /// The gRPC code this error maps to.
+    pub fn code(&self) -> Code {
+        use BrokerError::*;
+        match self {
+            InvalidName { .. } | Malformed(_) | BadDeliveryId(_) => Code::InvalidArgument,
+            RunNotFound(_) | AgentNotFound(_) => Code::NotFound,
+            RunExists(_) => Code::AlreadyExists,
+            RunClosed { .. } | DepthExceeded { .. } | PayloadTooLarge { .. } | DeliveryGone(_) => {
+                Code::FailedPrecondition
+            }
+            Unavailable(_) => Code::Unavailable,
+            Internal(_) => Code::Internal,
+        }
+    }
+
+    /// Wraps a NATS error as UNAVAILABLE, keeping its text.
+    pub fn nats(context: &str, err: impl std::fmt::Display) -> Self {
+        BrokerError::Unavailable(format!("{context}: {err}"))
+    }
+}
+
+impl From<BrokerError> for Status {
+    fn from(err: BrokerError) -> Self {
+        Status::new(err.code(), err.to_string())
+    }
+}
+
+/// Result alias of the broker.
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;

@@ -1,0 +1,83 @@
+//! `RegisterAgent` and `ListAgents`.
+
+use std::time::Duration;
+
+use handoff_proto::pb;
+
+use crate::{broker::Broker, error::BrokerError, names};
+
+/// Longest lease accepted.
+const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
+/// Most attempts accepted.
+const MAX_ATTEMPTS: u32 = 1000;
+
+/// Validates the spec, fills defaults, makes sure the agent's consumer
+/// exists with this lease, then stores the spec.
+pub async fn register(broker: &Broker, req: pb::RegisterAgentRequest) -> Result<pb::RegisterAgentResponse, BrokerError> {
+    let mut spec = req
+        .agent
+        .ok_or_else(|| BrokerError::Malformed("agent is required".to_string()))?;
+    names::validate("agent.name", &spec.name)?;
+    names::validate_optional("agent.fallback_agent", &spec.fallback_agent)?;
+    if spec.fallback_agent == spec.name {
+        return Err(BrokerError::Malformed(format!(
+            "agent {:?} cannot be its own fallback",
+            spec.name
+        )));
+    }
+    if !spec.fallback_agent.is_empty() {
+        broker.agent(&spec.fallback_agent).await.map_err(|e| match e {
+            BrokerError::AgentNotFound(n) => BrokerError::AgentNotFound(format!("{n} (fallback of {})", spec.name)),
+            other => other,
+        })?;
+    }
+    let lease = match &spec.lease {
+        None => broker.config().default_lease,
+        Some(d) => {
+            let lease = Duration::try_from(*d)
+                .map_err(|_| BrokerError::Malformed("agent.lease is negative".to_string()))?;
+            if lease < Duration::from_millis(100) || lease > MAX_LEASE {
+                return Err(BrokerError::Malformed(format!(
+                    "agent.lease {lease:?} is outside [100ms, 24h]"
+                )));
+            }
+            lease
+        }
+    };
+    if spec.max_attempts == 0 {
+        spec.max_attempts = broker.config().default_max_attempts;
+    }
+    if spec.max_attempts > MAX_ATTEMPTS {
+        return Err(BrokerError::Malformed(format!(
+            "agent.max_attempts {} is over {MAX_ATTEMPTS}",
+            spec.max_attempts
+        )));
+    }
+    spec.lease = prost_types::Duration::try_from(lease).ok();
+    let max_ack_pending = i64::from(broker.config().max_in_flight).saturating_mul(100).max(10_000);
+    broker
+        .store()
+        .ensure_agent_consumer(&spec.name, lease, max_ack_pending)
+        .await?;
+    let updated = broker.store().put_agent(&spec).await?;
+    broker.cache_agent(spec.clone());
+    tracing::info!(agent = %spec.name, ?lease, max_attempts = spec.max_attempts, updated, "agent registered");
+    Ok(pb::RegisterAgentResponse {
+        agent: Some(spec),
+        updated,
+    })
+}
+
+/// Every registered agent.
+pub async fn list(broker: &Broker) -> Result<pb::ListAgentsResponse, BrokerError> {
+    Ok(pb::ListAgentsResponse {
+        agents: broker.store().list_agents().await?,
+    })
+}
+
+/// The lease of a stored spec.
+pub fn lease_of(spec: &pb::AgentSpec, default: Duration) -> Duration {
+    spec.lease
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or(default)
+}

@@ -1,0 +1,182 @@
+//! Starting, serving and draining the broker.
+//!
+//! [`run`] is the whole daemon minus process concerns: it connects to NATS
+//! (or starts the embedded server), opens the store, serves gRPC on the
+//! given listener until `shutdown` resolves, then drains under
+//! `drain_timeout`. The binary and the tests call the same function.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use handoff_proto::{pb::handoff_broker_server::HandoffBrokerServer, FILE_DESCRIPTOR_SET};
+use tokio::{net::TcpListener, sync::{oneshot, watch}};
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::{
+    broker::Broker,
+    config::Config,
+    embedded::{self, EmbeddedError, NatsServer},
+    error::BrokerError,
+    rpc::Service,
+    store::Store,
+    timers,
+};
+
+/// Why the broker could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The embedded nats-server could not start.
+    #[error(transparent)]
+    Embedded(#[from] EmbeddedError),
+    /// NATS could not be reached.
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Streams or buckets could not be set up.
+    #[error("setting up JetStream: {0}")]
+    Store(#[from] BrokerError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Serve(String),
+}
+
+/// What a started broker tells its caller once it serves.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// The gRPC address served.
+    pub addr: SocketAddr,
+    /// The NATS URL in use (the embedded server's, if started).
+    pub nats_url: String,
+}
+
+/// Runs the broker until `shutdown` resolves.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    run_with(config, listener, shutdown, None).await
+}
+
+/// Like [`run`], and reports on `ready` once it serves.
+pub async fn run_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    ready: Option<oneshot::Sender<Ready>>,
+) -> Result<(), RunError> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| RunError::Serve(format!("listener: {e}")))?;
+    let embedded = match &config.nats_url {
+        Some(_) => None,
+        None => {
+            let mut opts = embedded::Options::new(&config.nats_server_bin, config.data_dir.join("nats"));
+            opts.ready_timeout = config.connect_timeout;
+            let server = NatsServer::start(opts).await?;
+            tracing::info!(url = server.url(), store = %config.data_dir.join("nats").display(), "embedded nats-server started");
+            Some(server)
+        }
+    };
+    let nats_url = config
+        .nats_url
+        .clone()
+        .or_else(|| embedded.as_ref().map(|s| s.url().to_string()))
+        .unwrap_or_default();
+    let result = serve(&config, &nats_url, addr, listener, shutdown, ready).await;
+    if let Some(server) = embedded {
+        server.stop(Duration::from_secs(10)).await;
+        tracing::info!("embedded nats-server stopped");
+    }
+    result
+}
+
+async fn serve(
+    config: &Config,
+    nats_url: &str,
+    addr: SocketAddr,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    ready: Option<oneshot::Sender<Ready>>,
+) -> Result<(), RunError> {
+    let client = async_nats::ConnectOptions::new()
+        .name("handoffd")
+        .connection_timeout(config.connect_timeout)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(|event| async move {
+            tracing::info!(%event, "NATS connection");
+        });
+    let client = tokio::time::timeout(config.connect_timeout, client.connect(nats_url))
+        .await
+        .map_err(|_| RunError::Connect {
+            url: nats_url.to_string(),
+            reason: format!("no answer within {:?}", config.connect_timeout),
+        })?
+        .map_err(|e| RunError::Connect {
+            url: nats_url.to_string(),
+            reason: e.to_string(),
+        })?;
+    let store = Store::open(client.clone(), config).await?;
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let broker = Broker::new(config.clone(), store, drain_rx);
+    let timer_task = tokio::spawn(timers::run(broker.clone()));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<HandoffBrokerServer<Service>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| RunError::Serve(format!("reflection: {e}")))?;
+    let service = HandoffBrokerServer::new(Service::new(broker.clone()))
+        .max_decoding_message_size(config.max_inline_payload.saturating_mul(2).max(4 << 20));
+
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    let mut server = std::pin::pin!(server);
+    tracing::info!(%addr, nats = nats_url, "handoffd serving");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(tx) = ready {
+        let _ = tx.send(Ready {
+            addr,
+            nats_url: nats_url.to_string(),
+        });
+    }
+    tokio::select! {
+        r = &mut server => {
+            timer_task.abort();
+            return r.map_err(|e| RunError::Serve(e.to_string()));
+        }
+        _ = shutdown => {}
+    }
+    tracing::info!(grace = ?config.drain_timeout, "draining: no new connections; finishing in-flight RPCs");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    health_reporter
+        .set_not_serving::<HandoffBrokerServer<Service>>()
+        .await;
+    let _ = drain_tx.send(true);
+    let _ = stop_tx.send(());
+    let result = match tokio::time::timeout(config.drain_timeout, &mut server).await {
+        Ok(r) => r.map_err(|e| RunError::Serve(e.to_string())),
+        Err(_) => {
+            tracing::warn!("drain timeout passed; abandoning the RPCs still in flight");
+            Ok(())
+        }
+    };
+    timer_task.abort();
+    if let Err(e) = client.flush().await {
+        tracing::warn!(error = %e, "NATS flush on exit failed");
+    }
+    tracing::info!("handoffd stopped");
+    result
+}

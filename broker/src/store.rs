@@ -1,0 +1,351 @@
+//! The JetStream adapter: streams, consumers and key/value buckets.
+//!
+//! Nothing authoritative lives in broker memory. Handoffs wait in the inbox
+//! stream (one durable pull consumer per agent: explicit ack, ack wait =
+//! lease), events go to the events stream, dead letters to their own
+//! stream, run deadlines to a timer stream, and agents and runs are
+//! key/value entries changed with compare-and-set. Every publish carries a
+//! deterministic message id, so a retried step is recognised by JetStream
+//! instead of stored twice.
+
+use std::time::Duration;
+
+use async_nats::{
+    header::{HeaderMap, NATS_MESSAGE_ID},
+    jetstream::{self, consumer::pull, kv, stream},
+};
+use bytes::Bytes;
+use handoff_proto::pb;
+use prost::Message as _;
+
+use crate::{config::Config, error::BrokerError};
+
+/// Stream of agent inboxes, `handoff.v1.inbox.<agent>`.
+pub const INBOX_STREAM: &str = "HANDOFF_INBOX";
+/// Stream of events, `handoff.v1.events.<run_id>.<kind>`.
+pub const EVENTS_STREAM: &str = "HANDOFF_EVENTS";
+/// Stream of dead letters, `handoff.v1.dead.<agent>`.
+pub const DEAD_STREAM: &str = "HANDOFF_DEAD";
+/// Work-queue stream of durable timers, `handoff.v1.timers.<kind>.<id>`.
+pub const TIMERS_STREAM: &str = "HANDOFF_TIMERS";
+/// Bucket of agent specs.
+pub const AGENTS_BUCKET: &str = "handoff_agents";
+/// Bucket of runs.
+pub const RUNS_BUCKET: &str = "handoff_runs";
+/// Durable consumer of the timer stream, shared by every broker replica.
+pub const TIMERS_CONSUMER: &str = "handoff_timers";
+
+/// Subject of an agent's inbox.
+pub fn inbox_subject(agent: &str) -> String {
+    format!("handoff.v1.inbox.{agent}")
+}
+
+/// Subject of an event.
+pub fn event_subject(run_id: &str, kind: pb::EventKind) -> String {
+    format!("handoff.v1.events.{run_id}.{}", kind.token())
+}
+
+/// Subject of an agent's dead letters.
+pub fn dead_subject(agent: &str) -> String {
+    format!("handoff.v1.dead.{agent}")
+}
+
+/// Handles to everything the broker keeps in JetStream.
+#[derive(Clone)]
+pub struct Store {
+    /// The NATS connection.
+    pub client: async_nats::Client,
+    /// JetStream context.
+    pub js: jetstream::Context,
+    /// Inbox stream.
+    pub inbox: stream::Stream,
+    /// Events stream.
+    pub events: stream::Stream,
+    /// Dead-letter stream.
+    pub dead: stream::Stream,
+    /// Timer stream.
+    pub timers: stream::Stream,
+    /// Agent specs.
+    pub agents: kv::Store,
+    /// Runs.
+    pub runs: kv::Store,
+    ack_timeout: Duration,
+}
+
+impl Store {
+    /// Creates or updates the streams, buckets and timer consumer; safe to
+    /// call from every replica at every start.
+    pub async fn open(client: async_nats::Client, cfg: &Config) -> Result<Store, BrokerError> {
+        let js = jetstream::new(client.clone());
+        js.query_account().await.map_err(|e| {
+            BrokerError::Unavailable(format!(
+                "NATS has no JetStream ({e}); start nats-server with -js (or `jetstream {{}}` in its config)"
+            ))
+        })?;
+        let replicas = cfg.replicas;
+        let base = |name: &str, subjects: &str, retention: stream::RetentionPolicy| stream::Config {
+            name: name.to_string(),
+            subjects: vec![subjects.to_string()],
+            retention,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            duplicate_window: cfg.dedupe_window,
+            max_age: if retention == stream::RetentionPolicy::WorkQueue {
+                Duration::ZERO
+            } else {
+                cfg.retention
+            },
+            allow_direct: true,
+            ..Default::default()
+        };
+        let inbox = ensure_stream(&js, base(INBOX_STREAM, "handoff.v1.inbox.>", stream::RetentionPolicy::Limits)).await?;
+        let events = ensure_stream(&js, base(EVENTS_STREAM, "handoff.v1.events.>", stream::RetentionPolicy::Limits)).await?;
+        let dead = ensure_stream(&js, base(DEAD_STREAM, "handoff.v1.dead.>", stream::RetentionPolicy::Limits)).await?;
+        let timers = ensure_stream(&js, base(TIMERS_STREAM, "handoff.v1.timers.>", stream::RetentionPolicy::WorkQueue)).await?;
+        let bucket = |name: &str, history: i64| kv::Config {
+            bucket: name.to_string(),
+            history,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        let agents = ensure_bucket(&js, bucket(AGENTS_BUCKET, 1)).await?;
+        let runs = ensure_bucket(&js, bucket(RUNS_BUCKET, 1)).await?;
+        timers
+            .get_or_create_consumer(
+                TIMERS_CONSUMER,
+                pull::Config {
+                    durable_name: Some(TIMERS_CONSUMER.to_string()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    max_deliver: -1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| BrokerError::nats("creating the timer consumer", e))?;
+        Ok(Store {
+            client,
+            js,
+            inbox,
+            events,
+            dead,
+            timers,
+            agents,
+            runs,
+            ack_timeout: cfg.connect_timeout.min(Duration::from_secs(5)),
+        })
+    }
+
+    /// Publishes `payload` to a stream subject with a message id and waits
+    /// for JetStream to store it.
+    pub async fn publish(
+        &self,
+        subject: String,
+        msg_id: &str,
+        payload: Bytes,
+    ) -> Result<jetstream::publish::PublishAck, BrokerError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, msg_id);
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|e| BrokerError::nats("publishing", e))?;
+        ack.await.map_err(|e| BrokerError::nats("storing", e))
+    }
+
+    /// Publishes an event (deduplicated by `msg_id`) and returns its sequence.
+    pub async fn publish_event(&self, event: &pb::Event, msg_id: &str) -> Result<u64, BrokerError> {
+        let kind = pb::EventKind::try_from(event.kind).unwrap_or(pb::EventKind::Unspecified);
+        let ack = self
+            .publish(event_subject(&event.run_id, kind), msg_id, event.encode_to_vec().into())
+            .await?;
+        Ok(ack.sequence)
+    }
+
+    /// Settles a delivery by its ack subject (`+ACK`, `-NAK`, `+TERM`,
+    /// `+WPI`) and waits for JetStream's confirmation.
+    pub async fn settle(&self, ack_subject: &str, kind: jetstream::AckKind) -> Result<(), BrokerError> {
+        let body: Bytes = kind.into();
+        let request = self.client.request(ack_subject.to_string(), body);
+        match tokio::time::timeout(self.ack_timeout, request).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(BrokerError::nats("settling the delivery", e)),
+            Err(_) => Err(BrokerError::Unavailable(
+                "JetStream did not confirm the settlement in time".to_string(),
+            )),
+        }
+    }
+
+    /// Reads an inbox message by sequence; `None` if it is gone.
+    pub async fn inbox_message(&self, seq: u64) -> Result<Option<jetstream::message::StreamMessage>, BrokerError> {
+        match self.inbox.get_raw_message(seq).await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(BrokerError::nats("reading the inbox", e)),
+        }
+    }
+
+    /// Reads a run and its revision.
+    pub async fn run(&self, run_id: &str) -> Result<Option<(pb::Run, u64)>, BrokerError> {
+        let entry = self
+            .runs
+            .entry(run_id)
+            .await
+            .map_err(|e| BrokerError::nats("reading the run", e))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let run = pb::Run::decode(e.value)
+                    .map_err(|err| BrokerError::Internal(format!("stored run {run_id} does not decode: {err}")))?;
+                Ok(Some((run, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Writes a run if its revision is still `revision`; `Ok(false)` when
+    /// another writer got there first.
+    pub async fn update_run(&self, run: &pb::Run, revision: u64) -> Result<bool, BrokerError> {
+        match self.runs.update(&run.id, run.encode_to_vec().into(), revision).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(BrokerError::nats("updating the run", e)),
+        }
+    }
+
+    /// Creates a run; `Ok(false)` if one with that id exists.
+    pub async fn create_run(&self, run: &pb::Run) -> Result<bool, BrokerError> {
+        match self.runs.create(&run.id, run.encode_to_vec().into()).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(BrokerError::nats("creating the run", e)),
+        }
+    }
+
+    /// Reads an agent spec.
+    pub async fn agent(&self, name: &str) -> Result<Option<pb::AgentSpec>, BrokerError> {
+        let value = self
+            .agents
+            .get(name)
+            .await
+            .map_err(|e| BrokerError::nats("reading the agent", e))?;
+        value
+            .map(|v| {
+                pb::AgentSpec::decode(v)
+                    .map_err(|e| BrokerError::Internal(format!("stored agent {name} does not decode: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Stores an agent spec; returns whether it existed before.
+    pub async fn put_agent(&self, spec: &pb::AgentSpec) -> Result<bool, BrokerError> {
+        let existed = self.agent(&spec.name).await?.is_some();
+        self.agents
+            .put(&spec.name, spec.encode_to_vec().into())
+            .await
+            .map_err(|e| BrokerError::nats("storing the agent", e))?;
+        Ok(existed)
+    }
+
+    /// Every registered agent, by name.
+    pub async fn list_agents(&self) -> Result<Vec<pb::AgentSpec>, BrokerError> {
+        use futures::TryStreamExt;
+        let keys: Vec<String> = match self.agents.keys().await {
+            Ok(k) => k.try_collect().await.map_err(|e| BrokerError::nats("listing agents", e))?,
+            Err(e) => return Err(BrokerError::nats("listing agents", e)),
+        };
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(a) = self.agent(&k).await? {
+                out.push(a);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Creates the agent's durable pull consumer, or updates its lease.
+    pub async fn ensure_agent_consumer(&self, agent: &str, lease: Duration, max_ack_pending: i64) -> Result<(), BrokerError> {
+        let config = pull::Config {
+            durable_name: Some(agent.to_string()),
+            filter_subject: inbox_subject(agent),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: lease,
+            // Attempts are counted by the broker, which routes a handoff to
+            // the fallback or the dead letter itself; JetStream must keep
+            // offering it until then.
+            max_deliver: -1,
+            max_ack_pending,
+            ..Default::default()
+        };
+        match self.inbox.consumer_info(agent).await {
+            Ok(info) if info.config.ack_wait == lease && info.config.max_ack_pending == max_ack_pending => Ok(()),
+            Ok(_) => self
+                .inbox
+                .update_consumer(config)
+                .await
+                .map(|_| ())
+                .map_err(|e| BrokerError::nats("updating the agent's consumer", e)),
+            Err(_) => self
+                .inbox
+                .create_consumer(config)
+                .await
+                .map(|_| ())
+                .map_err(|e| BrokerError::nats("creating the agent's consumer", e)),
+        }
+    }
+
+    /// The pull consumer of an agent.
+    pub async fn agent_consumer(&self, agent: &str) -> Result<async_nats::jetstream::consumer::PullConsumer, BrokerError> {
+        self.inbox
+            .get_consumer(agent)
+            .await
+            .map_err(|e| BrokerError::nats("opening the agent's consumer", e))
+    }
+}
+
+async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<stream::Stream, BrokerError> {
+    let name = config.name.clone();
+    match js.get_stream(&name).await {
+        Ok(mut s) => {
+            let current = s
+                .info()
+                .await
+                .map_err(|e| BrokerError::nats("reading stream info", e))?
+                .config
+                .clone();
+            if current.duplicate_window != config.duplicate_window
+                || current.max_age != config.max_age
+                || current.num_replicas != config.num_replicas
+                || !current.allow_direct
+            {
+                js.update_stream(config)
+                    .await
+                    .map_err(|e| BrokerError::nats(&format!("updating stream {name}"), e))?;
+            }
+            js.get_stream(&name)
+                .await
+                .map_err(|e| BrokerError::nats(&format!("opening stream {name}"), e))
+        }
+        Err(_) => js
+            .create_stream(config)
+            .await
+            .map_err(|e| BrokerError::nats(&format!("creating stream {name}"), e)),
+    }
+}
+
+async fn ensure_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, BrokerError> {
+    let name = config.bucket.clone();
+    match js.get_key_value(&name).await {
+        Ok(b) => Ok(b),
+        Err(_) => match js.create_key_value(config).await {
+            Ok(b) => Ok(b),
+            // Another replica created it in the meantime.
+            Err(_) => js
+                .get_key_value(&name)
+                .await
+                .map_err(|e| BrokerError::nats(&format!("creating bucket {name}"), e)),
+        },
+    }
+}

@@ -1,0 +1,71 @@
+//! The `handoff.v1` protobuf API, generated once from `handoff/v1/*.proto`.
+//!
+//! The broker and the SDK both depend on this crate so that codegen runs in
+//! one place. [`pb`] holds the messages and the `HandoffBroker` client and
+//! server; [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
+
+/// Messages, enums and gRPC stubs of package `handoff.v1`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("handoff.v1");
+}
+
+/// The encoded `FileDescriptorSet` of the API, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("handoff_descriptor");
+
+impl pb::EventKind {
+    /// The NATS subject token of this kind (`handoff_accepted`, ...).
+    pub fn token(self) -> &'static str {
+        use pb::EventKind as K;
+        match self {
+            K::Unspecified => "unspecified",
+            K::RunStarted => "run_started",
+            K::RunCompleted => "run_completed",
+            K::RunFailed => "run_failed",
+            K::RunTimedOut => "run_timed_out",
+            K::HandoffAccepted => "handoff_accepted",
+            K::Delivered => "delivered",
+            K::Acked => "acked",
+            K::Nacked => "nacked",
+            K::Redelivered => "redelivered",
+            K::Rejected => "rejected",
+            K::DeadLettered => "dead_lettered",
+            K::RoutedToFallback => "routed_to_fallback",
+            K::Discarded => "discarded",
+        }
+    }
+
+    /// Parses a subject token or a kind name (`run_failed`, `RUN_FAILED`).
+    pub fn from_token(s: &str) -> Option<Self> {
+        let lower = s.to_ascii_lowercase();
+        let lower = lower.strip_prefix("event_kind_").unwrap_or(&lower);
+        ALL_EVENT_KINDS.iter().copied().find(|k| k.token() == lower)
+    }
+}
+
+/// Every event kind the broker emits.
+pub const ALL_EVENT_KINDS: &[pb::EventKind] = &[
+    pb::EventKind::RunStarted,
+    pb::EventKind::RunCompleted,
+    pb::EventKind::RunFailed,
+    pb::EventKind::RunTimedOut,
+    pb::EventKind::HandoffAccepted,
+    pb::EventKind::Delivered,
+    pb::EventKind::Acked,
+    pb::EventKind::Nacked,
+    pb::EventKind::Redelivered,
+    pb::EventKind::Rejected,
+    pb::EventKind::DeadLettered,
+    pb::EventKind::RoutedToFallback,
+    pb::EventKind::Discarded,
+];
+
+impl pb::RunStatus {
+    /// True once the run has ended (completed, failed or timed out).
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            pb::RunStatus::Completed | pb::RunStatus::Failed | pb::RunStatus::TimedOut
+        )
+    }
+}
