@@ -81,6 +81,16 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Cap on max_in_flight per Subscribe.
     pub max_in_flight: u32,
+    /// Fault injection for tests; not a configuration key.
+    pub faults: Faults,
+}
+
+/// Faults a test can inject to reproduce crashes at exact points.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Store a complete-and-handoff but skip acking the consumed delivery,
+    /// as if the broker died between the two steps.
+    pub skip_consume_ack: bool,
 }
 
 impl Default for Config {
@@ -187,6 +197,7 @@ impl Config {
             drain_timeout,
             connect_timeout,
             max_in_flight: num("max_in_flight", raw("max_in_flight"), 1, &mut problems),
+            faults: Faults::default(),
         };
         if problems.is_empty() {
             Ok(config)

@@ -77,11 +77,7 @@ impl Store {
     /// call from every replica at every start.
     pub async fn open(client: async_nats::Client, cfg: &Config) -> Result<Store, BrokerError> {
         let js = jetstream::new(client.clone());
-        js.query_account().await.map_err(|e| {
-            BrokerError::Unavailable(format!(
-                "NATS has no JetStream ({e}); start nats-server with -js (or `jetstream {{}}` in its config)"
-            ))
-        })?;
+        check_jetstream(&client).await?;
         let replicas = cfg.replicas;
         let base = |name: &str, subjects: &str, retention: stream::RetentionPolicy| stream::Config {
             name: name.to_string(),
@@ -305,6 +301,25 @@ impl Store {
     }
 }
 
+/// Refuses a NATS without JetStream with a message that says what to do.
+async fn check_jetstream(client: &async_nats::Client) -> Result<(), BrokerError> {
+    let hint = "start nats-server with -js (or a `jetstream {}` block in its config)";
+    let reply = client
+        .request("$JS.API.INFO", Bytes::new())
+        .await
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => {
+                BrokerError::Unavailable(format!("NATS has no JetStream; {hint}"))
+            }
+            _ => BrokerError::nats("asking NATS for JetStream", e),
+        })?;
+    let info: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+    if let Some(err) = info.get("error") {
+        return Err(BrokerError::Unavailable(format!("NATS JetStream is not usable ({err}); {hint}")));
+    }
+    Ok(())
+}
+
 async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<stream::Stream, BrokerError> {
     let name = config.name.clone();
     match js.get_stream(&name).await {
@@ -335,17 +350,36 @@ async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Resul
     }
 }
 
+/// Creates a key/value bucket's backing stream the way KV clients expect
+/// it (so it works on nats-server 2.9, whose account info newer clients
+/// cannot parse), then opens the bucket.
 async fn ensure_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, BrokerError> {
     let name = config.bucket.clone();
-    match js.get_key_value(&name).await {
-        Ok(b) => Ok(b),
-        Err(_) => match js.create_key_value(config).await {
-            Ok(b) => Ok(b),
-            // Another replica created it in the meantime.
-            Err(_) => js
-                .get_key_value(&name)
-                .await
-                .map_err(|e| BrokerError::nats(&format!("creating bucket {name}"), e)),
-        },
+    let stream = stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: config.history.max(1),
+        storage: config.storage,
+        num_replicas: config.num_replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        max_messages: -1,
+        max_bytes: -1,
+        max_message_size: -1,
+        discard: stream::DiscardPolicy::New,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    if js.get_stream(&stream.name).await.is_err() {
+        if let Err(create) = js.create_stream(stream.clone()).await {
+            // Another replica may have created it in the meantime.
+            if js.get_stream(&stream.name).await.is_err() {
+                return Err(BrokerError::nats(&format!("creating bucket {name}"), create));
+            }
+        }
     }
+    js.get_key_value(&name)
+        .await
+        .map_err(|e| BrokerError::nats(&format!("opening bucket {name}"), e))
 }

@@ -1,1 +1,42 @@
-//! placeholder
+//! Rust SDK for the handoff broker (`handoffd`).
+//!
+//! ```no_run
+//! # async fn demo() -> handoff_client::Result<()> {
+//! use handoff_client::{AgentConfig, Client, Handoff, RunConfig};
+//! # #[derive(Clone, PartialEq, prost::Message)] struct Task { #[prost(string, tag = "1")] text: String }
+//! # impl prost::Name for Task { const NAME: &'static str = "Task"; const PACKAGE: &'static str = "demo"; }
+//! let client = Client::connect("127.0.0.1:7233").await?;
+//! client.register_agent(AgentConfig::new("worker")).await?;
+//! let run = client.start_run(RunConfig::new("me").ask("summarise the report")).await?;
+//! client
+//!     .handoff(Handoff::to(&run.id, "worker", &Task { text: "page 1".into() })?.idempotency_key("t1"))
+//!     .await?;
+//! let mut sub = client.subscribe("worker", "worker-1", 1).await?;
+//! if let Some(delivery) = sub.next_delivery().await {
+//!     let delivery = delivery?;
+//!     let task: Task = delivery.payload()?;
+//!     delivery.handoff(Handoff::final_result(&run.id, &task)?).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Deliveries are at least once on the wire; the SDK recognises a handoff
+//! it already finished and does not hand it to the application again, and
+//! complete-and-handoff ([`Delivery::handoff`]) makes a crashed agent's
+//! repeated handoff the same handoff.
+
+#![deny(missing_docs, unreachable_pub)]
+
+mod client;
+pub mod display;
+mod error;
+mod handoff;
+mod subscription;
+
+pub use client::{AgentConfig, Client, ConnectOptions, RunConfig, WatchFilter};
+pub use error::{Error, ErrorKind, Result};
+pub use handoff::{decode, encode, Handoff, Receipt};
+pub use subscription::{Delivery, Subscription};
+
+/// The `handoff.v1` protobuf messages and gRPC stubs.
+pub use handoff_proto::pb;

@@ -115,7 +115,11 @@ pub async fn handoff(broker: &Broker, req: pb::HandoffRequest) -> Result<pb::Han
         }
     }
     if let Some(token) = &consumed {
-        ack_consumed(broker, &run, token).await;
+        if broker.config().faults.skip_consume_ack {
+            tracing::warn!("fault injected: consumed delivery left unacked");
+        } else {
+            ack_consumed(broker, &run, token).await;
+        }
     }
     tracing::debug!(run_id = %run.id, handoff_id = %id, target = %req.target_agent, depth, duplicate, "handoff accepted");
     Ok(pb::HandoffResponse {

@@ -1,0 +1,311 @@
+//! [`Client`]: a cloneable handle to one broker.
+
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{
+    error::{Error, ErrorKind, Result},
+    handoff::{Handoff, Receipt},
+    pb::{self, handoff_broker_client::HandoffBrokerClient},
+    subscription::Subscription,
+};
+
+/// Options for connecting; finish with [`ConnectOptions::connect`].
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    connect_timeout: Duration,
+    request_timeout: Option<Duration>,
+    lazy: bool,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Some(Duration::from_secs(30)),
+            lazy: false,
+        }
+    }
+}
+
+impl ConnectOptions {
+    /// Defaults: 5 s to connect, 30 s per unary request.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Time allowed to establish the connection.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Time allowed for each unary request (`None`: no limit). Streams
+    /// (subscribe, watch) are not limited.
+    pub fn request_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Connect on first use instead of now.
+    pub fn lazy(mut self, lazy: bool) -> Self {
+        self.lazy = lazy;
+        self
+    }
+
+    /// Connects to a broker at `addr` (`http://127.0.0.1:7233` or `127.0.0.1:7233`).
+    pub async fn connect(self, addr: impl AsRef<str>) -> Result<Client> {
+        let addr = addr.as_ref();
+        let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+        let endpoint = Endpoint::from_shared(uri.clone())
+            .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("{addr:?} is not a broker address: {e}")))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        let channel = if self.lazy {
+            endpoint.connect_lazy()
+        } else {
+            endpoint
+                .connect()
+                .await
+                .map_err(|e| Error::new(ErrorKind::Connect, format!("cannot reach the broker at {uri}: {e}")))?
+        };
+        Ok(Client {
+            inner: HandoffBrokerClient::new(channel)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+            request_timeout: self.request_timeout,
+        })
+    }
+}
+
+/// A handle to a broker. Cheap to clone; clones share one connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: HandoffBrokerClient<Channel>,
+    request_timeout: Option<Duration>,
+}
+
+impl Client {
+    /// Connects with default [`ConnectOptions`].
+    pub async fn connect(addr: impl AsRef<str>) -> Result<Client> {
+        ConnectOptions::new().connect(addr).await
+    }
+
+    /// The generated gRPC client, for anything the SDK does not wrap.
+    pub fn raw(&self) -> HandoffBrokerClient<Channel> {
+        self.inner.clone()
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = self.request_timeout {
+            req.set_timeout(t);
+        }
+        req
+    }
+
+    /// Declares (or updates) an agent; returns it with defaults filled in.
+    pub async fn register_agent(&self, agent: AgentConfig) -> Result<pb::AgentSpec> {
+        let resp = self
+            .raw()
+            .register_agent(self.request(pb::RegisterAgentRequest { agent: Some(agent.spec) }))
+            .await?;
+        resp.into_inner()
+            .agent
+            .ok_or_else(|| Error::new(ErrorKind::Other, "the broker answered without the agent"))
+    }
+
+    /// Every registered agent.
+    pub async fn list_agents(&self) -> Result<Vec<pb::AgentSpec>> {
+        Ok(self.raw().list_agents(self.request(pb::ListAgentsRequest {})).await?.into_inner().agents)
+    }
+
+    /// Starts a run.
+    pub async fn start_run(&self, run: RunConfig) -> Result<pb::Run> {
+        let resp = self.raw().start_run(self.request(run.req)).await?;
+        resp.into_inner()
+            .run
+            .ok_or_else(|| Error::new(ErrorKind::Other, "the broker answered without the run"))
+    }
+
+    /// Hands off; accepted means durably stored.
+    pub async fn handoff(&self, handoff: Handoff) -> Result<Receipt> {
+        Ok(self.raw().handoff(self.request(handoff.req)).await?.into_inner().into())
+    }
+
+    /// Subscribes as `instance` of `agent`, holding at most `max_in_flight`
+    /// unsettled deliveries.
+    pub async fn subscribe(&self, agent: &str, instance: &str, max_in_flight: u32) -> Result<Subscription> {
+        Subscription::open(self.clone(), agent, instance, max_in_flight).await
+    }
+
+    /// Events matching `filter`, live (and from `from_sequence` if set).
+    pub async fn watch(&self, filter: WatchFilter) -> Result<impl Stream<Item = Result<pb::Event>> + Send + Unpin + 'static> {
+        let stream = self.raw().watch(filter.req).await?.into_inner();
+        Ok(stream.map(|r| r.map_err(Error::from)))
+    }
+
+    /// A run with its timeline.
+    pub async fn get_run(&self, run_id: &str) -> Result<pb::GetRunResponse> {
+        Ok(self
+            .raw()
+            .get_run(self.request(pb::GetRunRequest { run_id: run_id.to_string() }))
+            .await?
+            .into_inner())
+    }
+
+    /// Dead letters of `agent` (empty: all), oldest first.
+    pub async fn dead_letters(&self, agent: &str, limit: u32) -> Result<Vec<pb::DeadLetter>> {
+        Ok(self
+            .raw()
+            .list_dead_letters(self.request(pb::ListDeadLettersRequest {
+                agent: agent.to_string(),
+                limit,
+            }))
+            .await?
+            .into_inner()
+            .dead_letters)
+    }
+}
+
+/// An agent to register: [`AgentConfig::new`] then the builder methods.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    spec: pb::AgentSpec,
+}
+
+impl AgentConfig {
+    /// An agent named `name`, with the broker's default lease and attempts.
+    pub fn new(name: impl Into<String>) -> Self {
+        AgentConfig {
+            spec: pb::AgentSpec {
+                name: name.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Time an instance has to settle a delivery.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.spec.lease = prost_types::Duration::try_from(lease).ok();
+        self
+    }
+
+    /// Deliveries before fallback or dead letter.
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.spec.max_attempts = attempts;
+        self
+    }
+
+    /// Agent that receives handoffs this one could not finish.
+    pub fn fallback(mut self, agent: impl Into<String>) -> Self {
+        self.spec.fallback_agent = agent.into();
+        self
+    }
+
+    /// Free text for operators.
+    pub fn description(mut self, text: impl Into<String>) -> Self {
+        self.spec.description = text.into();
+        self
+    }
+}
+
+/// A run to start: [`RunConfig::new`] then the builder methods.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    req: pb::StartRunRequest,
+}
+
+impl RunConfig {
+    /// A run owned by `owner` (told when it completes, fails or times out).
+    pub fn new(owner: impl Into<String>) -> Self {
+        RunConfig {
+            req: pb::StartRunRequest {
+                owner: owner.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Fixes the run id (default: generated).
+    pub fn id(mut self, run_id: impl Into<String>) -> Self {
+        self.req.run_id = run_id.into();
+        self
+    }
+
+    /// Time budget of the whole run.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.req.timeout = prost_types::Duration::try_from(timeout).ok();
+        self
+    }
+
+    /// Sequential hops allowed (default: the broker's, 5).
+    pub fn max_depth(mut self, depth: u32) -> Self {
+        self.req.max_depth = depth;
+        self
+    }
+
+    /// The original ask, pinned to every delivery.
+    pub fn ask(mut self, ask: impl Into<String>) -> Self {
+        self.req.pinned.get_or_insert_with(Default::default).ask = ask.into();
+        self
+    }
+
+    /// Another pinned field.
+    pub fn pin(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.req
+            .pinned
+            .get_or_insert_with(Default::default)
+            .fields
+            .insert(key.into(), value.into());
+        self
+    }
+}
+
+/// Which events to watch: every filter set must match.
+#[derive(Debug, Clone, Default)]
+pub struct WatchFilter {
+    req: pb::WatchRequest,
+}
+
+impl WatchFilter {
+    /// Every event.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Events of one run.
+    pub fn run(mut self, run_id: impl Into<String>) -> Self {
+        self.req.run_id = run_id.into();
+        self
+    }
+
+    /// Events concerning one agent (as target or source).
+    pub fn agent(mut self, agent: impl Into<String>) -> Self {
+        self.req.agent = agent.into();
+        self
+    }
+
+    /// Events of runs owned by `owner`.
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.req.owner = owner.into();
+        self
+    }
+
+    /// Only these kinds.
+    pub fn kinds(mut self, kinds: impl IntoIterator<Item = pb::EventKind>) -> Self {
+        self.req.kinds = kinds.into_iter().map(|k| k as i32).collect();
+        self
+    }
+
+    /// Start at this stream sequence (resume after `sequence - 1`);
+    /// default: only new events.
+    pub fn from_sequence(mut self, sequence: u64) -> Self {
+        self.req.from_sequence = sequence;
+        self
+    }
+}

@@ -1,0 +1,136 @@
+//! Building a handoff request.
+
+use std::{collections::HashMap, time::SystemTime};
+
+use crate::{error::Result, pb, Error, ErrorKind};
+
+/// A handoff to send: built with [`Handoff::to`] or [`Handoff::final_result`],
+/// refined with the builder methods, sent with
+/// [`Client::handoff`](crate::Client::handoff) or
+/// [`Delivery::handoff`](crate::Delivery::handoff).
+#[derive(Debug, Clone)]
+pub struct Handoff {
+    pub(crate) req: pb::HandoffRequest,
+}
+
+impl Handoff {
+    /// A handoff of `payload` to `target` within `run_id`.
+    pub fn to<M: prost::Message + prost::Name>(run_id: impl Into<String>, target: impl Into<String>, payload: &M) -> Result<Handoff> {
+        Ok(Handoff {
+            req: pb::HandoffRequest {
+                run_id: run_id.into(),
+                target_agent: target.into(),
+                payload: Some(encode(payload)?),
+                ..Default::default()
+            },
+        })
+    }
+
+    /// A final handoff: the run completes with `payload` as its result.
+    pub fn final_result<M: prost::Message + prost::Name>(run_id: impl Into<String>, payload: &M) -> Result<Handoff> {
+        Ok(Handoff {
+            req: pb::HandoffRequest {
+                run_id: run_id.into(),
+                r#final: true,
+                payload: Some(encode(payload)?),
+                ..Default::default()
+            },
+        })
+    }
+
+    /// A handoff from a raw request (for payloads already encoded).
+    pub fn from_request(req: pb::HandoffRequest) -> Handoff {
+        Handoff { req }
+    }
+
+    /// Names the agent handing off.
+    pub fn from_agent(mut self, source: impl Into<String>) -> Self {
+        self.req.source_agent = source.into();
+        self
+    }
+
+    /// Retrying with the same key answers the first handoff instead of
+    /// storing a second one.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.req.idempotency_key = key.into();
+        self
+    }
+
+    /// Confidence in [0, 1] (default 1).
+    pub fn confidence(mut self, confidence: f64) -> Self {
+        self.req.confidence = Some(confidence);
+        self
+    }
+
+    /// Adds a warning for the receiver.
+    pub fn warning(mut self, warning: impl Into<String>) -> Self {
+        self.req.warnings.push(warning.into());
+        self
+    }
+
+    /// Adds a tool result with the time it was observed.
+    pub fn tool_result<M: prost::Message + prost::Name>(mut self, tool: impl Into<String>, observed_at: SystemTime, result: &M) -> Result<Self> {
+        self.req.tool_results.push(pb::ToolResult {
+            tool: tool.into(),
+            observed_at: Some(observed_at.into()),
+            result: Some(encode(result)?),
+        });
+        Ok(self)
+    }
+
+    /// Adds a parent handoff id (recorded; depth comes from the consumed delivery).
+    pub fn parent(mut self, handoff_id: impl Into<String>) -> Self {
+        self.req.parent_ids.push(handoff_id.into());
+        self
+    }
+
+    /// Sets trace-propagation fields (`traceparent`, ...).
+    pub fn trace_context(mut self, fields: HashMap<String, String>) -> Self {
+        self.req.trace_context = fields;
+        self
+    }
+
+    /// The request as it will be sent.
+    pub fn request(&self) -> &pb::HandoffRequest {
+        &self.req
+    }
+}
+
+/// Packs a message as a `google.protobuf.Any`.
+pub fn encode<M: prost::Message + prost::Name>(msg: &M) -> Result<prost_types::Any> {
+    prost_types::Any::from_msg(msg).map_err(|e| Error::new(ErrorKind::InvalidArgument, e.to_string()))
+}
+
+/// Unpacks a `google.protobuf.Any` as `M`, checking its type.
+pub fn decode<M: prost::Message + prost::Name + Default>(any: &prost_types::Any) -> Result<M> {
+    any.to_msg::<M>().map_err(|e| {
+        Error::new(
+            ErrorKind::Decode,
+            format!("payload of type {:?} does not decode as {}: {e}", any.type_url, M::full_name()),
+        )
+    })
+}
+
+/// What the broker answered to an accepted handoff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The handoff's id.
+    pub handoff_id: String,
+    /// Its position in the inbox stream (0 for a final handoff).
+    pub sequence: u64,
+    /// True when the request repeated an accepted handoff.
+    pub duplicate: bool,
+    /// Its depth in the run.
+    pub depth: u32,
+}
+
+impl From<pb::HandoffResponse> for Receipt {
+    fn from(r: pb::HandoffResponse) -> Receipt {
+        Receipt {
+            handoff_id: r.handoff_id,
+            sequence: r.sequence,
+            duplicate: r.duplicate,
+            depth: r.depth,
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! Receiving deliveries: [`Subscription`] and [`Delivery`].
+//!
+//! A subscription is one bidirectional stream to the broker. Deliveries
+//! come down; acks, nacks, rejects and extends go up, each answered by the
+//! broker so `ack().await` returns only once JetStream confirmed it.
+//! The subscription remembers the handoffs this instance already finished:
+//! if one is delivered again (its ack was lost in a crash), it is acked
+//! again silently instead of being handed to the application twice.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use futures::Stream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    error::{Error, ErrorKind, Result},
+    handoff::{decode, Handoff, Receipt},
+    pb, Client,
+};
+
+/// How many finished handoff ids a subscription remembers.
+const REMEMBERED: usize = 65_536;
+/// Time allowed for the broker to confirm a settlement.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(15);
+
+type Pending = Mutex<HashMap<u64, oneshot::Sender<pb::Settled>>>;
+
+pub(crate) struct Shared {
+    agent: String,
+    commands: mpsc::Sender<pb::SubscribeRequest>,
+    pending: Pending,
+    next_id: AtomicU64,
+    finished: Mutex<Finished>,
+    client: Client,
+}
+
+#[derive(Default)]
+struct Finished {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Finished {
+    fn insert(&mut self, id: &str) {
+        if self.set.insert(id.to_string()) {
+            self.order.push_back(id.to_string());
+            if self.order.len() > REMEMBERED {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    async fn send(&self, command: pb::subscribe_request::Command) -> Result<pb::Settled> {
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(request_id, tx);
+        let req = pb::SubscribeRequest {
+            request_id,
+            command: Some(command),
+        };
+        if self.commands.send(req).await.is_err() {
+            lock(&self.pending).remove(&request_id);
+            return Err(Error::new(ErrorKind::Closed, "the subscription is closed"));
+        }
+        let settled = match tokio::time::timeout(SETTLE_TIMEOUT, rx).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(_)) => return Err(Error::new(ErrorKind::Closed, "the subscription closed before the broker answered")),
+            Err(_) => {
+                lock(&self.pending).remove(&request_id);
+                return Err(Error::new(ErrorKind::Timeout, "the broker did not confirm in time"));
+            }
+        };
+        if settled.code != 0 {
+            return Err(Error::from_code(settled.code, settled.message));
+        }
+        Ok(settled)
+    }
+
+    fn mark_finished(&self, handoff_id: &str) {
+        lock(&self.finished).insert(handoff_id);
+    }
+
+    fn is_finished(&self, handoff_id: &str) -> bool {
+        lock(&self.finished).set.contains(handoff_id)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A stream of [`Delivery`] for one agent instance. Dropping it ends the
+/// subscription; the broker then returns its unsettled deliveries to the
+/// agent's other instances at once.
+pub struct Subscription {
+    shared: Arc<Shared>,
+    deliveries: mpsc::Receiver<Result<Delivery>>,
+    agent_spec: pb::AgentSpec,
+    /// Dropped with the subscription: ends the stream to the broker even
+    /// while deliveries are still held.
+    _close: oneshot::Sender<()>,
+}
+
+impl Subscription {
+    pub(crate) async fn open(client: Client, agent: &str, instance: &str, max_in_flight: u32) -> Result<Subscription> {
+        let (cmd_tx, cmd_rx) = mpsc::channel::<pb::SubscribeRequest>(256);
+        let open = pb::SubscribeRequest {
+            request_id: 0,
+            command: Some(pb::subscribe_request::Command::Open(pb::SubscribeOpen {
+                agent: agent.to_string(),
+                instance: instance.to_string(),
+                max_in_flight,
+            })),
+        };
+        cmd_tx
+            .send(open)
+            .await
+            .map_err(|_| Error::new(ErrorKind::Closed, "subscription closed"))?;
+        let (close_tx, close_rx) = oneshot::channel::<()>();
+        let outbound = futures::StreamExt::take_until(tokio_stream::wrappers::ReceiverStream::new(cmd_rx), close_rx);
+        let mut inbound = client.raw().subscribe(outbound).await?.into_inner();
+        let agent_spec = match inbound.message().await? {
+            Some(pb::SubscribeResponse {
+                message: Some(pb::subscribe_response::Message::Subscribed(s)),
+            }) => s.agent.unwrap_or_default(),
+            _ => return Err(Error::new(ErrorKind::Other, "the broker did not confirm the subscription")),
+        };
+        let shared = Arc::new(Shared {
+            agent: agent.to_string(),
+            commands: cmd_tx,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            finished: Mutex::new(Finished::default()),
+            client,
+        });
+        let (tx, rx) = mpsc::channel(max_in_flight.max(1) as usize + 8);
+        let reader = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = tx.send(Err(Error::from(status))).await;
+                        break;
+                    }
+                };
+                match next.message {
+                    Some(pb::subscribe_response::Message::Delivery(d)) => {
+                        let delivery = Delivery {
+                            inner: d,
+                            shared: reader.clone(),
+                        };
+                        if reader.is_finished(delivery.handoff_id()) {
+                            // Finished here already: its ack was lost. Ack again, quietly.
+                            let _ = delivery.ack().await;
+                            continue;
+                        }
+                        if tx.send(Ok(delivery)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(pb::subscribe_response::Message::Settled(s)) => {
+                        if let Some(waiter) = lock(&reader.pending).remove(&s.request_id) {
+                            let _ = waiter.send(s);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            lock(&reader.pending).clear();
+        });
+        Ok(Subscription {
+            shared,
+            deliveries: rx,
+            agent_spec,
+            _close: close_tx,
+        })
+    }
+
+    /// The agent as the broker knows it (lease, attempts, fallback).
+    pub fn agent(&self) -> &pb::AgentSpec {
+        &self.agent_spec
+    }
+
+    /// The next delivery; `None` once the subscription has ended.
+    pub async fn next_delivery(&mut self) -> Option<Result<Delivery>> {
+        self.deliveries.recv().await
+    }
+
+    /// The next delivery with its payload decoded as `M`.
+    pub async fn next_typed<M: prost::Message + prost::Name + Default>(&mut self) -> Option<Result<(Delivery, M)>> {
+        let d = match self.deliveries.recv().await? {
+            Ok(d) => d,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(d.payload::<M>().map(|m| (d, m)))
+    }
+
+    /// Settles a delivery by id (for one received in another session).
+    pub async fn ack_id(&self, delivery_id: &str) -> Result<()> {
+        self.shared
+            .send(pb::subscribe_request::Command::Ack(pb::Ack {
+                delivery_id: delivery_id.to_string(),
+            }))
+            .await
+            .map(|_| ())
+    }
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").field("agent", &self.shared.agent).finish()
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.deliveries.poll_recv(cx)
+    }
+}
+
+/// One handoff leased to this instance. Settle it with exactly one of
+/// [`ack`](Delivery::ack), [`nack`](Delivery::nack),
+/// [`reject`](Delivery::reject) or [`handoff`](Delivery::handoff)
+/// (complete-and-handoff); [`extend`](Delivery::extend) while working
+/// longer than the lease.
+#[derive(Clone)]
+pub struct Delivery {
+    inner: pb::Delivery,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("handoff_id", &self.handoff_id())
+            .field("run_id", &self.run_id())
+            .field("attempt", &self.inner.attempt)
+            .finish()
+    }
+}
+
+impl Delivery {
+    /// The opaque delivery id (what `consumes` names).
+    pub fn id(&self) -> &str {
+        &self.inner.delivery_id
+    }
+
+    /// The handoff's envelope.
+    pub fn envelope(&self) -> &pb::HandoffEnvelope {
+        static EMPTY: std::sync::OnceLock<pb::HandoffEnvelope> = std::sync::OnceLock::new();
+        self.inner
+            .handoff
+            .as_ref()
+            .unwrap_or_else(|| EMPTY.get_or_init(pb::HandoffEnvelope::default))
+    }
+
+    /// The handoff's id (the same on every redelivery).
+    pub fn handoff_id(&self) -> &str {
+        &self.envelope().id
+    }
+
+    /// The run it belongs to.
+    pub fn run_id(&self) -> &str {
+        &self.envelope().run_id
+    }
+
+    /// 1 on the first delivery, 2 on the first redelivery...
+    pub fn attempt(&self) -> u32 {
+        self.inner.attempt
+    }
+
+    /// The run's pinned context, attached by the broker.
+    pub fn pinned(&self) -> &pb::PinnedContext {
+        static EMPTY: std::sync::OnceLock<pb::PinnedContext> = std::sync::OnceLock::new();
+        self.inner
+            .pinned
+            .as_ref()
+            .unwrap_or_else(|| EMPTY.get_or_init(pb::PinnedContext::default))
+    }
+
+    /// When the lease ends unless extended.
+    pub fn lease_deadline(&self) -> Option<SystemTime> {
+        self.inner.lease_deadline.and_then(|t| SystemTime::try_from(t).ok())
+    }
+
+    /// The raw delivery message.
+    pub fn raw(&self) -> &pb::Delivery {
+        &self.inner
+    }
+
+    /// The payload decoded as `M` (its type is checked).
+    pub fn payload<M: prost::Message + prost::Name + Default>(&self) -> Result<M> {
+        let any = self
+            .envelope()
+            .payload
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::Decode, "the delivery has no payload"))?;
+        decode(any)
+    }
+
+    /// Done: the handoff will not be delivered again.
+    pub async fn ack(&self) -> Result<()> {
+        self.shared.mark_finished(self.handoff_id());
+        self.shared
+            .send(pb::subscribe_request::Command::Ack(pb::Ack {
+                delivery_id: self.id().to_string(),
+            }))
+            .await
+            .map(|_| ())
+    }
+
+    /// Not now: redeliver after `delay` (or at once), to any instance.
+    pub async fn nack(&self, delay: Option<Duration>) -> Result<()> {
+        self.shared
+            .send(pb::subscribe_request::Command::Nack(pb::Nack {
+                delivery_id: self.id().to_string(),
+                delay: delay.and_then(|d| prost_types::Duration::try_from(d).ok()),
+            }))
+            .await
+            .map(|_| ())
+    }
+
+    /// Terminal failure: the run fails and its owner is told.
+    pub async fn reject(&self, reason: impl Into<String>) -> Result<()> {
+        self.shared.mark_finished(self.handoff_id());
+        self.shared
+            .send(pb::subscribe_request::Command::Reject(pb::Reject {
+                delivery_id: self.id().to_string(),
+                reason: reason.into(),
+            }))
+            .await
+            .map(|_| ())
+    }
+
+    /// Still working: the lease restarts; returns the new deadline.
+    pub async fn extend(&self) -> Result<Option<SystemTime>> {
+        let settled = self
+            .shared
+            .send(pb::subscribe_request::Command::Extend(pb::Extend {
+                delivery_id: self.id().to_string(),
+            }))
+            .await?;
+        Ok(settled.lease_deadline.and_then(|t| SystemTime::try_from(t).ok()))
+    }
+
+    /// Complete-and-handoff: stores `next` (in this delivery's run, from
+    /// this agent) and then acks this delivery. Repeating it after a crash
+    /// yields the same handoff, recognised as a duplicate.
+    pub async fn handoff(&self, next: Handoff) -> Result<Receipt> {
+        let mut req = next.req;
+        if req.run_id.is_empty() {
+            req.run_id = self.run_id().to_string();
+        }
+        if req.source_agent.is_empty() {
+            req.source_agent = self.shared.agent.clone();
+        }
+        req.consumes = self.id().to_string();
+        let receipt = self.shared.client.handoff(Handoff { req }).await?;
+        self.shared.mark_finished(self.handoff_id());
+        Ok(receipt)
+    }
+}

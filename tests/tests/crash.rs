@@ -1,0 +1,64 @@
+//! `kill -9` of `handoffd`: nothing accepted is lost, nothing is done twice.
+
+use std::{collections::HashSet, time::Duration};
+
+use handoff_client::{AgentConfig, Handoff, RunConfig};
+use handoff_tests::{next_within, note, BrokerProcess, Nats, Note};
+
+const BIN: &str = env!("CARGO_BIN_EXE_handoffd-under-test");
+
+#[tokio::test]
+async fn kill_9_with_100_undelivered_handoffs_loses_none_and_repeats_none() {
+    let nats = Nats::start().await;
+    let first = BrokerProcess::spawn(BIN, nats.url(), &[]).await;
+    let client = first.client().await;
+    client
+        .register_agent(AgentConfig::new("worker").lease(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let run = client.start_run(RunConfig::new("o")).await.unwrap();
+    let mut accepted = HashSet::new();
+    for i in 0..100 {
+        let r = client
+            .handoff(Handoff::to(&run.id, "worker", &note("job", i)).unwrap())
+            .await
+            .unwrap();
+        accepted.insert(r.handoff_id);
+    }
+    assert_eq!(accepted.len(), 100);
+    // One instance takes 30, finishes 20 (acks confirmed) and holds 10 when
+    // the broker is killed.
+    let mut sub = client.subscribe("worker", "before", 30).await.unwrap();
+    let mut done = HashSet::new();
+    let mut held = Vec::new();
+    while done.len() + held.len() < 30 {
+        let d = next_within(&mut sub, Duration::from_secs(5)).await.expect("delivery before the crash");
+        if done.len() < 20 {
+            d.ack().await.unwrap();
+            done.insert(d.handoff_id().to_string());
+        } else {
+            held.push(d);
+        }
+    }
+    first.kill9().await;
+    drop(sub);
+
+    let second = BrokerProcess::spawn(BIN, nats.url(), &[]).await;
+    let client = second.client().await;
+    let mut sub = client.subscribe("worker", "after", 50).await.unwrap();
+    let mut after = Vec::new();
+    while let Some(d) = next_within(&mut sub, Duration::from_secs(4)).await {
+        d.payload::<Note>().unwrap();
+        d.ack().await.unwrap();
+        after.push(d.handoff_id().to_string());
+    }
+    let after_set: HashSet<_> = after.iter().cloned().collect();
+    assert_eq!(after.len(), after_set.len(), "no handoff delivered twice after the restart");
+    assert!(done.is_disjoint(&after_set), "acked before the crash: never again");
+    let all: HashSet<_> = done.union(&after_set).cloned().collect();
+    assert_eq!(all, accepted, "every accepted handoff delivered");
+    for h in &held {
+        assert!(after_set.contains(h.handoff_id()), "held delivery redelivered");
+    }
+    assert_eq!(second.terminate().await, Some(0), "graceful exit on SIGTERM");
+}

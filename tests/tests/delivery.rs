@@ -1,0 +1,250 @@
+//! Delivery semantics: competing instances, leases and attempts, fallback
+//! and dead letters, idempotency, complete-and-handoff after a crash.
+
+use std::{collections::HashMap, time::Duration};
+
+use handoff_client::{pb, AgentConfig, Handoff, RunConfig, WatchFilter};
+use handoff_tests::{events_until, kinds, next_within, note, Broker, Nats, Note};
+
+#[tokio::test]
+async fn each_handoff_goes_to_exactly_one_of_three_instances_and_ack_ends_it() {
+    let nats = Nats::start().await;
+    let broker = Broker::start(nats.url(), |_| {}).await;
+    let client = broker.client().await;
+    client
+        .register_agent(AgentConfig::new("worker").lease(Duration::from_millis(800)))
+        .await
+        .unwrap();
+    let run = client.start_run(RunConfig::new("owner")).await.unwrap();
+    let mut subs = Vec::new();
+    for i in 0..3 {
+        subs.push(client.subscribe("worker", &format!("w{i}"), 4).await.unwrap());
+    }
+    let total = 30u32;
+    for i in 0..total {
+        client
+            .handoff(Handoff::to(&run.id, "worker", &note("task", i)).unwrap())
+            .await
+            .unwrap();
+    }
+    // Every instance drains its stream concurrently, acking what it gets.
+    let mut tasks = Vec::new();
+    for (i, mut sub) in subs.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(d) = next_within(&mut sub, Duration::from_secs(3)).await {
+                let n = d.payload::<Note>().unwrap().n;
+                assert_eq!(d.attempt(), 1, "no redelivery after ack");
+                d.ack().await.unwrap();
+                got.push((n, d.handoff_id().to_string()));
+            }
+            (i, got)
+        }));
+    }
+    let mut by_n: HashMap<u32, usize> = HashMap::new();
+    let mut per_instance = Vec::new();
+    for t in tasks {
+        let (i, got) = t.await.unwrap();
+        per_instance.push((i, got.len()));
+        for (n, _) in got {
+            *by_n.entry(n).or_default() += 1;
+        }
+    }
+    assert_eq!(by_n.len(), total as usize, "every handoff delivered: {per_instance:?}");
+    assert!(by_n.values().all(|&c| c == 1), "each delivered exactly once: {by_n:?}");
+    assert!(
+        per_instance.iter().filter(|(_, c)| *c > 0).count() >= 2,
+        "work spread over instances: {per_instance:?}"
+    );
+}
+
+#[tokio::test]
+async fn expired_lease_redelivers_to_another_instance_then_falls_back() {
+    let nats = Nats::start().await;
+    let broker = Broker::start(nats.url(), |_| {}).await;
+    let client = broker.client().await;
+    client.register_agent(AgentConfig::new("rescuer")).await.unwrap();
+    client
+        .register_agent(
+            AgentConfig::new("worker")
+                .lease(Duration::from_millis(500))
+                .max_attempts(2)
+                .fallback("rescuer"),
+        )
+        .await
+        .unwrap();
+    let run = client.start_run(RunConfig::new("alice")).await.unwrap();
+    let mut owner_events = client
+        .watch(WatchFilter::all().owner("alice").kinds([pb::EventKind::RoutedToFallback]))
+        .await
+        .unwrap();
+    let mut a = client.subscribe("worker", "a", 1).await.unwrap();
+    client
+        .handoff(Handoff::to(&run.id, "worker", &note("slow", 1)).unwrap())
+        .await
+        .unwrap();
+    let first = next_within(&mut a, Duration::from_secs(5)).await.expect("first delivery");
+    assert_eq!(first.attempt(), 1);
+    // A holds it without acking or extending; B gets it once the lease expires.
+    let mut b = client.subscribe("worker", "b", 1).await.unwrap();
+    let second = next_within(&mut b, Duration::from_secs(5)).await.expect("redelivery");
+    assert_eq!(second.attempt(), 2);
+    assert_eq!(second.handoff_id(), first.handoff_id());
+    // Nobody settles attempt 2 either: attempts are used up.
+    let _c = client.subscribe("worker", "c", 1).await.unwrap();
+    let mut rescuer = client.subscribe("rescuer", "r", 1).await.unwrap();
+    let rescued = next_within(&mut rescuer, Duration::from_secs(5)).await.expect("fallback delivery");
+    assert_eq!(rescued.envelope().fallback_from, "worker");
+    assert_eq!(rescued.payload::<Note>().unwrap().n, 1);
+    assert_eq!(rescued.envelope().parent_ids, vec![first.handoff_id().to_string()]);
+    rescued.ack().await.unwrap();
+    let told = events_until(&mut owner_events, Duration::from_secs(5), |_| true).await;
+    assert_eq!(told[0].fallback_agent, "rescuer");
+    assert_eq!(told[0].run_id, run.id);
+    // Acking the stale attempt now is harmless and the run is still running.
+    let status = client.get_run(&run.id).await.unwrap().run.unwrap().status;
+    assert_eq!(status, pb::RunStatus::Running as i32);
+}
+
+#[tokio::test]
+async fn without_fallback_attempts_end_in_the_dead_letter_and_the_run_fails() {
+    let nats = Nats::start().await;
+    let broker = Broker::start(nats.url(), |_| {}).await;
+    let client = broker.client().await;
+    client
+        .register_agent(AgentConfig::new("worker").lease(Duration::from_millis(300)).max_attempts(1))
+        .await
+        .unwrap();
+    let run = client.start_run(RunConfig::new("bob")).await.unwrap();
+    let mut owner = client
+        .watch(WatchFilter::all().owner("bob").from_sequence(1))
+        .await
+        .unwrap();
+    let mut a = client.subscribe("worker", "a", 1).await.unwrap();
+    client
+        .handoff(Handoff::to(&run.id, "worker", &note("doomed", 7)).unwrap())
+        .await
+        .unwrap();
+    let d = next_within(&mut a, Duration::from_secs(5)).await.expect("delivery");
+    let _b = client.subscribe("worker", "b", 1).await.unwrap();
+    let seen = events_until(&mut owner, Duration::from_secs(10), |e| e.kind == pb::EventKind::RunFailed as i32).await;
+    let k = kinds(&seen);
+    let dead_at = k.iter().position(|k| *k == "dead_lettered").expect("dead_lettered event");
+    assert!(dead_at < k.len() - 1, "dead letter before the run failed: {k:?}");
+    let failed = seen.last().unwrap();
+    assert_eq!(failed.owner, "bob");
+    assert!(failed.reason.contains("dead-lettered"), "{}", failed.reason);
+    let letters = client.dead_letters("worker", 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].handoff.as_ref().unwrap().id, d.handoff_id());
+    assert_eq!(letters[0].attempts, 1);
+    let run = client.get_run(&run.id).await.unwrap().run.unwrap();
+    assert_eq!(run.status, pb::RunStatus::Failed as i32);
+}
+
+#[tokio::test]
+async fn same_idempotency_key_twice_is_one_delivery() {
+    let nats = Nats::start().await;
+    let broker = Broker::start(nats.url(), |_| {}).await;
+    let client = broker.client().await;
+    client
+        .register_agent(AgentConfig::new("worker").lease(Duration::from_millis(500)))
+        .await
+        .unwrap();
+    let run = client.start_run(RunConfig::new("o")).await.unwrap();
+    let h = || Handoff::to(&run.id, "worker", &note("once", 1)).unwrap().idempotency_key("key-1");
+    let first = client.handoff(h()).await.unwrap();
+    let second = client.handoff(h()).await.unwrap();
+    assert!(!first.duplicate);
+    assert!(second.duplicate);
+    assert_eq!(second.handoff_id, first.handoff_id);
+    assert_eq!(second.sequence, first.sequence);
+    let mut sub = client.subscribe("worker", "w", 10).await.unwrap();
+    let d = next_within(&mut sub, Duration::from_secs(5)).await.expect("one delivery");
+    assert_eq!(d.handoff_id(), first.handoff_id);
+    d.ack().await.unwrap();
+    assert!(next_within(&mut sub, Duration::from_millis(1500)).await.is_none(), "no second delivery");
+}
+
+#[tokio::test]
+async fn crash_between_complete_and_ack_is_delivered_downstream_once() {
+    let nats = Nats::start().await;
+    // The broker stores the new handoff but "dies" before acking the input.
+    let broker = Broker::start(nats.url(), |c| c.faults.skip_consume_ack = true).await;
+    let client = broker.client().await;
+    client
+        .register_agent(AgentConfig::new("worker").lease(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    client.register_agent(AgentConfig::new("aggregator")).await.unwrap();
+    let run = client.start_run(RunConfig::new("o")).await.unwrap();
+    client
+        .handoff(Handoff::to(&run.id, "worker", &note("input", 1)).unwrap())
+        .await
+        .unwrap();
+    let mut w1 = client.subscribe("worker", "w1", 1).await.unwrap();
+    let d1 = next_within(&mut w1, Duration::from_secs(5)).await.expect("input");
+    let r1 = d1
+        .handoff(Handoff::to("", "aggregator", &note("result", 1)).unwrap())
+        .await
+        .unwrap();
+    assert!(!r1.duplicate);
+    // The worker instance crashes: its subscription goes away unacked.
+    drop(w1);
+    let mut w2 = client.subscribe("worker", "w2", 1).await.unwrap();
+    let d2 = next_within(&mut w2, Duration::from_secs(5)).await.expect("input redelivered");
+    assert_eq!(d2.handoff_id(), d1.handoff_id());
+    assert_eq!(d2.attempt(), 2);
+    let r2 = d2
+        .handoff(Handoff::to("", "aggregator", &note("result", 1)).unwrap())
+        .await
+        .unwrap();
+    assert!(r2.duplicate, "the redone handoff is recognised");
+    assert_eq!(r2.handoff_id, r1.handoff_id);
+    d2.ack().await.unwrap();
+    let mut agg = client.subscribe("aggregator", "a", 10).await.unwrap();
+    let got = next_within(&mut agg, Duration::from_secs(5)).await.expect("downstream");
+    assert_eq!(got.handoff_id(), r1.handoff_id);
+    assert_eq!(got.envelope().depth, 2);
+    got.ack().await.unwrap();
+    assert!(next_within(&mut agg, Duration::from_millis(1500)).await.is_none(), "downstream once");
+}
+
+#[tokio::test]
+async fn nack_with_delay_redelivers_and_extend_keeps_the_lease() {
+    let nats = Nats::start().await;
+    let broker = Broker::start(nats.url(), |_| {}).await;
+    let client = broker.client().await;
+    client
+        .register_agent(AgentConfig::new("worker").lease(Duration::from_millis(600)))
+        .await
+        .unwrap();
+    let run = client.start_run(RunConfig::new("o")).await.unwrap();
+    client
+        .handoff(Handoff::to(&run.id, "worker", &note("x", 1)).unwrap())
+        .await
+        .unwrap();
+    let mut a = client.subscribe("worker", "a", 1).await.unwrap();
+    let d = next_within(&mut a, Duration::from_secs(5)).await.expect("delivery");
+    let mut b = client.subscribe("worker", "b", 1).await.unwrap();
+    // Extending every 200 ms for 1.4 s (well past the 600 ms lease) keeps it.
+    for _ in 0..7 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(d.extend().await.unwrap().is_some());
+    }
+    assert!(next_within(&mut b, Duration::from_millis(10)).await.is_none(), "not redelivered while extended");
+    d.nack(Some(Duration::from_millis(300))).await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(5), async {
+        tokio::select! {
+            d = a.next_delivery() => d,
+            d = b.next_delivery() => d,
+        }
+    })
+    .await
+    .expect("redelivered after nack")
+    .expect("open")
+    .unwrap();
+    assert_eq!(again.handoff_id(), d.handoff_id());
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.unwrap();
+}
