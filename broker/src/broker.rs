@@ -11,7 +11,7 @@ use std::{sync::Arc, time::SystemTime};
 
 use dashmap::DashMap;
 use handoff_proto::pb;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::{config::Config, error::BrokerError, store::Store};
 
@@ -26,6 +26,9 @@ struct Inner {
     store: Store,
     agents: DashMap<String, pb::AgentSpec>,
     pinned: DashMap<String, pb::PinnedContext>,
+    /// Live deliveries (by delivery id) and the session that holds each, so
+    /// that a complete-and-handoff frees the session's slot.
+    leases: DashMap<String, mpsc::UnboundedSender<String>>,
     draining: watch::Receiver<bool>,
 }
 
@@ -54,6 +57,7 @@ impl Broker {
                 store,
                 agents: DashMap::new(),
                 pinned: DashMap::new(),
+                leases: DashMap::new(),
                 draining,
             }),
         }
@@ -72,6 +76,25 @@ impl Broker {
     /// A receiver that turns `true` when the broker starts draining.
     pub fn draining(&self) -> watch::Receiver<bool> {
         self.inner.draining.clone()
+    }
+
+    /// Records that a session holds `delivery_id`; `release` is told when
+    /// the delivery is settled outside the session (complete-and-handoff).
+    pub fn track_delivery(&self, delivery_id: &str, release: mpsc::UnboundedSender<String>) {
+        self.inner.leases.insert(delivery_id.to_string(), release);
+    }
+
+    /// Forgets a delivery the session settled itself.
+    pub fn untrack_delivery(&self, delivery_id: &str) {
+        self.inner.leases.remove(delivery_id);
+    }
+
+    /// Tells the session holding `delivery_id` (on this replica) that it
+    /// was settled by a complete-and-handoff.
+    pub fn release_delivery(&self, delivery_id: &str) {
+        if let Some((id, tx)) = self.inner.leases.remove(delivery_id) {
+            let _ = tx.send(id);
+        }
     }
 
     /// Resolves once the broker starts draining.
@@ -205,7 +228,9 @@ impl Broker {
             run_status: run.status,
             ..Default::default()
         };
-        self.emit(event, &format!("end-{}", run.id)).await.map(|_| ())
+        self.emit(event, &format!("end-{}", run.id))
+            .await
+            .map(|_| ())
     }
 
     /// The pinned context of a run (cached; it never changes).

@@ -72,7 +72,13 @@ pub fn main() -> ExitCode {
     let args = Args::parse();
     if args.print_config_keys {
         for k in config::KEYS {
-            println!("{:<22} {:<18} {:<32} {}", k.name, k.default, config::env_var(k.name), k.doc);
+            println!(
+                "{:<22} {:<18} {:<32} {}",
+                k.name,
+                k.default,
+                config::env_var(k.name),
+                k.doc
+            );
         }
         return ExitCode::SUCCESS;
     }
@@ -87,7 +93,10 @@ pub fn main() -> ExitCode {
         }
     };
     crate::telemetry::init(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("handoffd: cannot start the runtime: {e}");

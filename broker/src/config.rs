@@ -19,22 +19,86 @@ pub struct Key {
 
 /// All keys, in the order the README documents them.
 pub const KEYS: &[Key] = &[
-    Key { name: "nats_url", default: "", doc: "NATS server(s), comma-separated. Unset: start an embedded nats-server child." },
-    Key { name: "nats_server_bin", default: "nats-server", doc: "nats-server executable used for the embedded default." },
-    Key { name: "listen", default: "127.0.0.1:7233", doc: "gRPC listen address." },
-    Key { name: "data_dir", default: "./handoffd-data", doc: "Data directory (the embedded nats-server keeps JetStream under <data_dir>/nats)." },
-    Key { name: "log_format", default: "text", doc: "text or json." },
-    Key { name: "log_level", default: "info", doc: "tracing filter directive; RUST_LOG overrides it." },
-    Key { name: "replicas", default: "1", doc: "JetStream replicas of streams and buckets (3 on a three-node cluster)." },
-    Key { name: "default_lease", default: "30s", doc: "Lease of an agent that does not set one." },
-    Key { name: "default_max_attempts", default: "5", doc: "Deliveries before fallback or dead letter, for agents that do not set it." },
-    Key { name: "default_max_depth", default: "5", doc: "Sequential hops allowed in a run that does not set max_depth." },
-    Key { name: "max_inline_payload", default: "262144", doc: "Largest payload carried inline, in bytes; larger ones are refused." },
-    Key { name: "dedupe_window", default: "15m", doc: "How long an idempotency key (or a consumed delivery) is recognised." },
-    Key { name: "retention", default: "7d", doc: "How long handoffs, events and dead letters are kept." },
-    Key { name: "drain_timeout", default: "10s", doc: "Grace period for in-flight RPCs on SIGTERM." },
-    Key { name: "connect_timeout", default: "10s", doc: "Time allowed to reach NATS (and the embedded server to start)." },
-    Key { name: "max_in_flight", default: "1000", doc: "Cap on max_in_flight of one Subscribe stream." },
+    Key {
+        name: "nats_url",
+        default: "",
+        doc: "NATS server(s), comma-separated. Unset: start an embedded nats-server child.",
+    },
+    Key {
+        name: "nats_server_bin",
+        default: "nats-server",
+        doc: "nats-server executable used for the embedded default.",
+    },
+    Key {
+        name: "listen",
+        default: "127.0.0.1:7233",
+        doc: "gRPC listen address.",
+    },
+    Key {
+        name: "data_dir",
+        default: "./handoffd-data",
+        doc: "Data directory (the embedded nats-server keeps JetStream under <data_dir>/nats).",
+    },
+    Key {
+        name: "log_format",
+        default: "text",
+        doc: "text or json.",
+    },
+    Key {
+        name: "log_level",
+        default: "info",
+        doc: "tracing filter directive; RUST_LOG overrides it.",
+    },
+    Key {
+        name: "replicas",
+        default: "1",
+        doc: "JetStream replicas of streams and buckets (3 on a three-node cluster).",
+    },
+    Key {
+        name: "default_lease",
+        default: "30s",
+        doc: "Lease of an agent that does not set one.",
+    },
+    Key {
+        name: "default_max_attempts",
+        default: "5",
+        doc: "Deliveries before fallback or dead letter, for agents that do not set it.",
+    },
+    Key {
+        name: "default_max_depth",
+        default: "5",
+        doc: "Sequential hops allowed in a run that does not set max_depth.",
+    },
+    Key {
+        name: "max_inline_payload",
+        default: "262144",
+        doc: "Largest payload carried inline, in bytes; larger ones are refused.",
+    },
+    Key {
+        name: "dedupe_window",
+        default: "15m",
+        doc: "How long an idempotency key (or a consumed delivery) is recognised.",
+    },
+    Key {
+        name: "retention",
+        default: "7d",
+        doc: "How long handoffs, events and dead letters are kept.",
+    },
+    Key {
+        name: "drain_timeout",
+        default: "10s",
+        doc: "Grace period for in-flight RPCs on SIGTERM.",
+    },
+    Key {
+        name: "connect_timeout",
+        default: "10s",
+        doc: "Time allowed to reach NATS (and the embedded server to start).",
+    },
+    Key {
+        name: "max_in_flight",
+        default: "1000",
+        doc: "Cap on max_in_flight of one Subscribe stream.",
+    },
 ];
 
 /// Log output format.
@@ -131,14 +195,16 @@ impl Config {
                     Duration::from_secs(1)
                 }
                 Err(e) => {
-                    problems.push(format!("{name}: {v:?} is not a duration ({e}); write e.g. \"30s\" or \"5m\""));
+                    problems.push(format!(
+                        "{name}: {v:?} is not a duration ({e}); write e.g. \"30s\" or \"5m\""
+                    ));
                     Duration::from_secs(1)
                 }
             }
         };
-        fn num<T: std::str::FromStr>(name: &str, v: String, min: T, problems: &mut Vec<String>) -> T
+        fn num<T>(name: &str, v: String, min: T, problems: &mut Vec<String>) -> T
         where
-            T: PartialOrd + std::fmt::Display + Copy,
+            T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
         {
             match v.trim().parse::<T>() {
                 Ok(n) if n >= min => n,
@@ -160,7 +226,10 @@ impl Config {
         let listen = match raw("listen").parse::<SocketAddr>() {
             Ok(a) => a,
             Err(e) => {
-                problems.push(format!("listen: {:?} is not a socket address ({e})", raw("listen")));
+                problems.push(format!(
+                    "listen: {:?} is not a socket address ({e})",
+                    raw("listen")
+                ));
                 SocketAddr::from(([127, 0, 0, 1], 7233))
             }
         };
@@ -168,7 +237,9 @@ impl Config {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
-                problems.push(format!("log_format: {other:?} is neither \"text\" nor \"json\""));
+                problems.push(format!(
+                    "log_format: {other:?} is neither \"text\" nor \"json\""
+                ));
                 LogFormat::Text
             }
         };
@@ -189,9 +260,24 @@ impl Config {
             log_level: raw("log_level"),
             replicas,
             default_lease,
-            default_max_attempts: num("default_max_attempts", raw("default_max_attempts"), 1, &mut problems),
-            default_max_depth: num("default_max_depth", raw("default_max_depth"), 1, &mut problems),
-            max_inline_payload: num("max_inline_payload", raw("max_inline_payload"), 1, &mut problems),
+            default_max_attempts: num(
+                "default_max_attempts",
+                raw("default_max_attempts"),
+                1,
+                &mut problems,
+            ),
+            default_max_depth: num(
+                "default_max_depth",
+                raw("default_max_depth"),
+                1,
+                &mut problems,
+            ),
+            max_inline_payload: num(
+                "max_inline_payload",
+                raw("max_inline_payload"),
+                1,
+                &mut problems,
+            ),
             dedupe_window,
             retention,
             drain_timeout,

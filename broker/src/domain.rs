@@ -23,7 +23,11 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 /// - with an idempotency key: derived from the run, source and key;
 /// - otherwise: a fresh time-ordered id (no retry protection).
 pub fn handoff_id(req: &pb::HandoffRequest, consumed_handoff: Option<&str>) -> String {
-    let target = if req.r#final { "\u{0}final" } else { req.target_agent.as_str() };
+    let target = if req.r#final {
+        "\u{0}final"
+    } else {
+        req.target_agent.as_str()
+    };
     let name = match consumed_handoff {
         Some(parent) => format!("c\u{0}{parent}\u{0}{target}\u{0}{}", req.idempotency_key),
         None if !req.idempotency_key.is_empty() => format!(
@@ -37,13 +41,21 @@ pub fn handoff_id(req: &pb::HandoffRequest, consumed_handoff: Option<&str>) -> S
 
 /// The id of the copy of a handoff that is routed to a fallback agent.
 pub fn fallback_id(handoff_id: &str, fallback: &str) -> String {
-    Uuid::new_v5(&ID_NAMESPACE, format!("f\u{0}{handoff_id}\u{0}{fallback}").as_bytes()).to_string()
+    Uuid::new_v5(
+        &ID_NAMESPACE,
+        format!("f\u{0}{handoff_id}\u{0}{fallback}").as_bytes(),
+    )
+    .to_string()
 }
 
 /// Depth of a handoff: 1 without a parent, the parent's + 1 otherwise. A
 /// final handoff ends the run instead of adding a hop, so the cap does not
 /// apply to it.
-pub fn depth(parent_depth: Option<u32>, max_depth: u32, is_final: bool) -> Result<u32, BrokerError> {
+pub fn depth(
+    parent_depth: Option<u32>,
+    max_depth: u32,
+    is_final: bool,
+) -> Result<u32, BrokerError> {
     let depth = parent_depth.map_or(1, |d| d.saturating_add(1));
     if !is_final && depth > max_depth {
         return Err(BrokerError::DepthExceeded { depth, max_depth });
@@ -52,7 +64,10 @@ pub fn depth(parent_depth: Option<u32>, max_depth: u32, is_final: bool) -> Resul
 }
 
 /// Checks everything about a handoff request that needs no state.
-pub fn validate_handoff(req: &pb::HandoffRequest, max_inline_payload: usize) -> Result<(), BrokerError> {
+pub fn validate_handoff(
+    req: &pb::HandoffRequest,
+    max_inline_payload: usize,
+) -> Result<(), BrokerError> {
     names::validate("run_id", &req.run_id)?;
     names::validate_optional("source_agent", &req.source_agent)?;
     if req.r#final {
@@ -87,7 +102,9 @@ pub fn validate_handoff(req: &pb::HandoffRequest, max_inline_payload: usize) -> 
     }
     if let Some(c) = req.confidence {
         if !(0.0..=1.0).contains(&c) {
-            return Err(BrokerError::Malformed(format!("confidence {c} is outside [0, 1]")));
+            return Err(BrokerError::Malformed(format!(
+                "confidence {c} is outside [0, 1]"
+            )));
         }
     }
     if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
@@ -98,7 +115,9 @@ pub fn validate_handoff(req: &pb::HandoffRequest, max_inline_payload: usize) -> 
     }
     for (i, t) in req.tool_results.iter().enumerate() {
         if t.tool.is_empty() {
-            return Err(BrokerError::Malformed(format!("tool_results[{i}].tool is empty")));
+            return Err(BrokerError::Malformed(format!(
+                "tool_results[{i}].tool is empty"
+            )));
         }
     }
     Ok(())
@@ -115,8 +134,11 @@ pub fn decode_token(s: &str) -> Result<pb::DeliveryToken, BrokerError> {
     if s.is_empty() {
         return Err(bad("it is empty"));
     }
-    let bytes = URL_SAFE_NO_PAD.decode(s).map_err(|_| bad("not a token issued by the broker"))?;
-    let token = pb::DeliveryToken::decode(bytes.as_slice()).map_err(|_| bad("not a token issued by the broker"))?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| bad("not a token issued by the broker"))?;
+    let token = pb::DeliveryToken::decode(bytes.as_slice())
+        .map_err(|_| bad("not a token issued by the broker"))?;
     if token.stream_sequence == 0
         || !token.ack_subject.starts_with("$JS.ACK.")
         || token.handoff_id.is_empty()
@@ -170,13 +192,20 @@ mod tests {
         assert_ne!(handoff_id(&r, Some("p")), handoff_id(&r, Some("q")));
         let mut other_target = r.clone();
         other_target.target_agent = "critic".into();
-        assert_ne!(handoff_id(&r, Some("p")), handoff_id(&other_target, Some("p")));
+        assert_ne!(
+            handoff_id(&r, Some("p")),
+            handoff_id(&other_target, Some("p"))
+        );
     }
 
     #[test]
     fn ids_from_idempotency_keys() {
         let mut r = req();
-        assert_ne!(handoff_id(&r, None), handoff_id(&r, None), "no key: fresh ids");
+        assert_ne!(
+            handoff_id(&r, None),
+            handoff_id(&r, None),
+            "no key: fresh ids"
+        );
         r.idempotency_key = "k".into();
         assert_eq!(handoff_id(&r, None), handoff_id(&r, None));
         let mut other_run = r.clone();
@@ -199,15 +228,24 @@ mod tests {
         assert!(validate_handoff(&req(), 1024).is_ok());
         let mut r = req();
         r.payload = None;
-        assert_eq!(validate_handoff(&r, 1024).map_err(|e| e.code()), Err(tonic::Code::InvalidArgument));
+        assert_eq!(
+            validate_handoff(&r, 1024).map_err(|e| e.code()),
+            Err(tonic::Code::InvalidArgument)
+        );
         let mut r = req();
         r.confidence = Some(1.5);
-        assert_eq!(validate_handoff(&r, 1024).map_err(|e| e.code()), Err(tonic::Code::InvalidArgument));
+        assert_eq!(
+            validate_handoff(&r, 1024).map_err(|e| e.code()),
+            Err(tonic::Code::InvalidArgument)
+        );
         let mut r = req();
         r.confidence = Some(f64::NAN);
         assert!(validate_handoff(&r, 1024).is_err());
         let r = req();
-        assert_eq!(validate_handoff(&r, 10).map_err(|e| e.code()), Err(tonic::Code::FailedPrecondition));
+        assert_eq!(
+            validate_handoff(&r, 10).map_err(|e| e.code()),
+            Err(tonic::Code::FailedPrecondition)
+        );
         let mut r = req();
         r.r#final = true;
         assert!(validate_handoff(&r, 1024).is_err(), "final with a target");
@@ -215,7 +253,10 @@ mod tests {
         assert!(validate_handoff(&r, 1024).is_ok());
         let mut r = req();
         r.target_agent = "a.b".into();
-        assert_eq!(validate_handoff(&r, 1024).map_err(|e| e.code()), Err(tonic::Code::InvalidArgument));
+        assert_eq!(
+            validate_handoff(&r, 1024).map_err(|e| e.code()),
+            Err(tonic::Code::InvalidArgument)
+        );
     }
 
     #[test]
@@ -228,7 +269,10 @@ mod tests {
         };
         assert_eq!(decode_token(&encode_token(&t)).ok(), Some(t));
         for bad in ["", "!!", "aGVsbG8"] {
-            assert_eq!(decode_token(bad).map_err(|e| e.code()), Err(tonic::Code::InvalidArgument));
+            assert_eq!(
+                decode_token(bad).map_err(|e| e.code()),
+                Err(tonic::Code::InvalidArgument)
+            );
         }
     }
 

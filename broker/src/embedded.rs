@@ -89,7 +89,11 @@ impl NatsServer {
         })?;
         let pid_file = opts.store_dir.join("nats-server.pid");
         stop_orphan(&pid_file, &opts.store_dir).await;
-        let port = if opts.port == 0 { "-1".to_string() } else { opts.port.to_string() };
+        let port = if opts.port == 0 {
+            "-1".to_string()
+        } else {
+            opts.port.to_string()
+        };
         let mut cmd = Command::new(&opts.bin);
         cmd.arg("-a")
             .arg("127.0.0.1")
@@ -122,7 +126,11 @@ impl NatsServer {
         let ready = async {
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
-                    client_port = rest.trim().rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+                    client_port = rest
+                        .trim()
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse::<u16>().ok());
                 }
                 let is_ready = line.contains("Server is ready");
                 seen.push(line);
@@ -132,10 +140,18 @@ impl NatsServer {
             }
             false
         };
-        let ok = tokio::time::timeout(opts.ready_timeout, ready).await.unwrap_or(false);
+        let ok = tokio::time::timeout(opts.ready_timeout, ready)
+            .await
+            .unwrap_or(false);
         let Some(port) = client_port.filter(|_| ok) else {
             let _ = child.start_kill();
-            let tail: Vec<&str> = seen.iter().rev().take(5).rev().map(String::as_str).collect();
+            let tail: Vec<&str> = seen
+                .iter()
+                .rev()
+                .take(5)
+                .rev()
+                .map(String::as_str)
+                .collect();
             return Err(EmbeddedError::Failed(format!(
                 "not ready within {:?}; last output: {}",
                 opts.ready_timeout,
@@ -175,7 +191,10 @@ impl NatsServer {
     pub async fn stop(mut self, grace: Duration) {
         if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
             let _ = signal::kill(Pid::from_raw(pid), signal::Signal::SIGTERM);
-            if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+            if tokio::time::timeout(grace, self.child.wait())
+                .await
+                .is_err()
+            {
                 let _ = self.child.start_kill();
                 let _ = self.child.wait().await;
             }
@@ -194,14 +213,23 @@ impl NatsServer {
 /// Stops a server left running by a previous broker that was killed, if
 /// the pid file names a live `nats-server` using this store directory.
 async fn stop_orphan(pid_file: &Path, store_dir: &Path) {
-    let Ok(text) = std::fs::read_to_string(pid_file) else { return };
-    let Ok(pid) = text.trim().parse::<i32>() else { return };
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return };
+    let Ok(text) = std::fs::read_to_string(pid_file) else {
+        return;
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return;
+    };
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return;
+    };
     let cmdline = String::from_utf8_lossy(&cmdline);
     if !cmdline.contains("nats-server") || !cmdline.contains(&*store_dir.to_string_lossy()) {
         return;
     }
-    tracing::warn!(pid, "stopping a nats-server left running by a previous handoffd");
+    tracing::warn!(
+        pid,
+        "stopping a nats-server left running by a previous handoffd"
+    );
     let _ = signal::kill(Pid::from_raw(pid), signal::Signal::SIGTERM);
     for _ in 0..100 {
         if !Path::new(&format!("/proc/{pid}")).exists() {

@@ -13,6 +13,8 @@
 //! - [`embedded`]: the embedded `nats-server` child;
 //! - [`server`]: serving and draining.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod broker;
 pub mod cli;
 pub mod config;

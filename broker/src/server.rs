@@ -8,7 +8,10 @@
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use handoff_proto::{pb::handoff_broker_server::HandoffBrokerServer, FILE_DESCRIPTOR_SET};
-use tokio::{net::TcpListener, sync::{oneshot, watch}};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+};
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::{
@@ -53,7 +56,11 @@ pub struct Ready {
 }
 
 /// Runs the broker until `shutdown` resolves.
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     run_with(config, listener, shutdown, None).await
 }
 
@@ -70,7 +77,8 @@ pub async fn run_with(
     let embedded = match &config.nats_url {
         Some(_) => None,
         None => {
-            let mut opts = embedded::Options::new(&config.nats_server_bin, config.data_dir.join("nats"));
+            let mut opts =
+                embedded::Options::new(&config.nats_server_bin, config.data_dir.join("nats"));
             opts.ready_timeout = config.connect_timeout;
             let server = NatsServer::start(opts).await?;
             tracing::info!(url = server.url(), store = %config.data_dir.join("nats").display(), "embedded nats-server started");

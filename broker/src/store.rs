@@ -79,25 +79,58 @@ impl Store {
         let js = jetstream::new(client.clone());
         check_jetstream(&client).await?;
         let replicas = cfg.replicas;
-        let base = |name: &str, subjects: &str, retention: stream::RetentionPolicy| stream::Config {
-            name: name.to_string(),
-            subjects: vec![subjects.to_string()],
-            retention,
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            duplicate_window: cfg.dedupe_window,
-            max_age: if retention == stream::RetentionPolicy::WorkQueue {
-                Duration::ZERO
-            } else {
-                cfg.retention
-            },
-            allow_direct: true,
-            ..Default::default()
-        };
-        let inbox = ensure_stream(&js, base(INBOX_STREAM, "handoff.v1.inbox.>", stream::RetentionPolicy::Limits)).await?;
-        let events = ensure_stream(&js, base(EVENTS_STREAM, "handoff.v1.events.>", stream::RetentionPolicy::Limits)).await?;
-        let dead = ensure_stream(&js, base(DEAD_STREAM, "handoff.v1.dead.>", stream::RetentionPolicy::Limits)).await?;
-        let timers = ensure_stream(&js, base(TIMERS_STREAM, "handoff.v1.timers.>", stream::RetentionPolicy::WorkQueue)).await?;
+        let base =
+            |name: &str, subjects: &str, retention: stream::RetentionPolicy| stream::Config {
+                name: name.to_string(),
+                subjects: vec![subjects.to_string()],
+                retention,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                duplicate_window: cfg.dedupe_window,
+                max_age: if retention == stream::RetentionPolicy::WorkQueue {
+                    Duration::ZERO
+                } else {
+                    cfg.retention
+                },
+                allow_direct: true,
+                ..Default::default()
+            };
+        let inbox = ensure_stream(
+            &js,
+            base(
+                INBOX_STREAM,
+                "handoff.v1.inbox.>",
+                stream::RetentionPolicy::Limits,
+            ),
+        )
+        .await?;
+        let events = ensure_stream(
+            &js,
+            base(
+                EVENTS_STREAM,
+                "handoff.v1.events.>",
+                stream::RetentionPolicy::Limits,
+            ),
+        )
+        .await?;
+        let dead = ensure_stream(
+            &js,
+            base(
+                DEAD_STREAM,
+                "handoff.v1.dead.>",
+                stream::RetentionPolicy::Limits,
+            ),
+        )
+        .await?;
+        let timers = ensure_stream(
+            &js,
+            base(
+                TIMERS_STREAM,
+                "handoff.v1.timers.>",
+                stream::RetentionPolicy::WorkQueue,
+            ),
+        )
+        .await?;
         let bucket = |name: &str, history: i64| kv::Config {
             bucket: name.to_string(),
             history,
@@ -155,14 +188,22 @@ impl Store {
     pub async fn publish_event(&self, event: &pb::Event, msg_id: &str) -> Result<u64, BrokerError> {
         let kind = pb::EventKind::try_from(event.kind).unwrap_or(pb::EventKind::Unspecified);
         let ack = self
-            .publish(event_subject(&event.run_id, kind), msg_id, event.encode_to_vec().into())
+            .publish(
+                event_subject(&event.run_id, kind),
+                msg_id,
+                event.encode_to_vec().into(),
+            )
             .await?;
         Ok(ack.sequence)
     }
 
     /// Settles a delivery by its ack subject (`+ACK`, `-NAK`, `+TERM`,
     /// `+WPI`) and waits for JetStream's confirmation.
-    pub async fn settle(&self, ack_subject: &str, kind: jetstream::AckKind) -> Result<(), BrokerError> {
+    pub async fn settle(
+        &self,
+        ack_subject: &str,
+        kind: jetstream::AckKind,
+    ) -> Result<(), BrokerError> {
         let body: Bytes = kind.into();
         let request = self.client.request(ack_subject.to_string(), body);
         match tokio::time::timeout(self.ack_timeout, request).await {
@@ -175,7 +216,10 @@ impl Store {
     }
 
     /// Reads an inbox message by sequence; `None` if it is gone.
-    pub async fn inbox_message(&self, seq: u64) -> Result<Option<jetstream::message::StreamMessage>, BrokerError> {
+    pub async fn inbox_message(
+        &self,
+        seq: u64,
+    ) -> Result<Option<jetstream::message::StreamMessage>, BrokerError> {
         match self.inbox.get_raw_message(seq).await {
             Ok(m) => Ok(Some(m)),
             Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
@@ -192,8 +236,9 @@ impl Store {
             .map_err(|e| BrokerError::nats("reading the run", e))?;
         match entry {
             Some(e) if e.operation == kv::Operation::Put => {
-                let run = pb::Run::decode(e.value)
-                    .map_err(|err| BrokerError::Internal(format!("stored run {run_id} does not decode: {err}")))?;
+                let run = pb::Run::decode(e.value).map_err(|err| {
+                    BrokerError::Internal(format!("stored run {run_id} does not decode: {err}"))
+                })?;
                 Ok(Some((run, e.revision)))
             }
             _ => Ok(None),
@@ -203,7 +248,11 @@ impl Store {
     /// Writes a run if its revision is still `revision`; `Ok(false)` when
     /// another writer got there first.
     pub async fn update_run(&self, run: &pb::Run, revision: u64) -> Result<bool, BrokerError> {
-        match self.runs.update(&run.id, run.encode_to_vec().into(), revision).await {
+        match self
+            .runs
+            .update(&run.id, run.encode_to_vec().into(), revision)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
             Err(e) => Err(BrokerError::nats("updating the run", e)),
@@ -228,8 +277,9 @@ impl Store {
             .map_err(|e| BrokerError::nats("reading the agent", e))?;
         value
             .map(|v| {
-                pb::AgentSpec::decode(v)
-                    .map_err(|e| BrokerError::Internal(format!("stored agent {name} does not decode: {e}")))
+                pb::AgentSpec::decode(v).map_err(|e| {
+                    BrokerError::Internal(format!("stored agent {name} does not decode: {e}"))
+                })
             })
             .transpose()
     }
@@ -248,7 +298,10 @@ impl Store {
     pub async fn list_agents(&self) -> Result<Vec<pb::AgentSpec>, BrokerError> {
         use futures::TryStreamExt;
         let keys: Vec<String> = match self.agents.keys().await {
-            Ok(k) => k.try_collect().await.map_err(|e| BrokerError::nats("listing agents", e))?,
+            Ok(k) => k
+                .try_collect()
+                .await
+                .map_err(|e| BrokerError::nats("listing agents", e))?,
             Err(e) => return Err(BrokerError::nats("listing agents", e)),
         };
         let mut out = Vec::with_capacity(keys.len());
@@ -262,7 +315,12 @@ impl Store {
     }
 
     /// Creates the agent's durable pull consumer, or updates its lease.
-    pub async fn ensure_agent_consumer(&self, agent: &str, lease: Duration, max_ack_pending: i64) -> Result<(), BrokerError> {
+    pub async fn ensure_agent_consumer(
+        &self,
+        agent: &str,
+        lease: Duration,
+        max_ack_pending: i64,
+    ) -> Result<(), BrokerError> {
         let config = pull::Config {
             durable_name: Some(agent.to_string()),
             filter_subject: inbox_subject(agent),
@@ -276,7 +334,12 @@ impl Store {
             ..Default::default()
         };
         match self.inbox.consumer_info(agent).await {
-            Ok(info) if info.config.ack_wait == lease && info.config.max_ack_pending == max_ack_pending => Ok(()),
+            Ok(info)
+                if info.config.ack_wait == lease
+                    && info.config.max_ack_pending == max_ack_pending =>
+            {
+                Ok(())
+            }
             Ok(_) => self
                 .inbox
                 .update_consumer(config)
@@ -293,7 +356,10 @@ impl Store {
     }
 
     /// The pull consumer of an agent.
-    pub async fn agent_consumer(&self, agent: &str) -> Result<async_nats::jetstream::consumer::PullConsumer, BrokerError> {
+    pub async fn agent_consumer(
+        &self,
+        agent: &str,
+    ) -> Result<async_nats::jetstream::consumer::PullConsumer, BrokerError> {
         self.inbox
             .get_consumer(agent)
             .await
@@ -315,12 +381,17 @@ async fn check_jetstream(client: &async_nats::Client) -> Result<(), BrokerError>
         })?;
     let info: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
     if let Some(err) = info.get("error") {
-        return Err(BrokerError::Unavailable(format!("NATS JetStream is not usable ({err}); {hint}")));
+        return Err(BrokerError::Unavailable(format!(
+            "NATS JetStream is not usable ({err}); {hint}"
+        )));
     }
     Ok(())
 }
 
-async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<stream::Stream, BrokerError> {
+async fn ensure_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, BrokerError> {
     let name = config.name.clone();
     match js.get_stream(&name).await {
         Ok(mut s) => {
@@ -353,7 +424,10 @@ async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Resul
 /// Creates a key/value bucket's backing stream the way KV clients expect
 /// it (so it works on nats-server 2.9, whose account info newer clients
 /// cannot parse), then opens the bucket.
-async fn ensure_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, BrokerError> {
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, BrokerError> {
     let name = config.bucket.clone();
     let stream = stream::Config {
         name: format!("KV_{name}"),
@@ -375,7 +449,10 @@ async fn ensure_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv
         if let Err(create) = js.create_stream(stream.clone()).await {
             // Another replica may have created it in the meantime.
             if js.get_stream(&stream.name).await.is_err() {
-                return Err(BrokerError::nats(&format!("creating bucket {name}"), create));
+                return Err(BrokerError::nats(
+                    &format!("creating bucket {name}"),
+                    create,
+                ));
             }
         }
     }

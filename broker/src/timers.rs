@@ -25,7 +25,11 @@ use crate::{
 const MAX_DELAY: Duration = Duration::from_secs(3600);
 
 /// Schedules a run's deadline (idempotent per run).
-pub async fn schedule_deadline(broker: &Broker, run_id: &str, due: prost_types::Timestamp) -> Result<(), BrokerError> {
+pub async fn schedule_deadline(
+    broker: &Broker,
+    run_id: &str,
+    due: prost_types::Timestamp,
+) -> Result<(), BrokerError> {
     let timer = pb::Timer {
         run_id: run_id.to_string(),
         due: Some(due),
@@ -89,11 +93,11 @@ async fn pump(broker: &Broker) -> Result<(), BrokerError> {
                     .map_err(|e| BrokerError::nats("rescheduling a timer", e))?;
             }
             _ => {
-                let reason = format!(
-                    "deadline {} passed",
-                    humantime::format_rfc3339_millis(due)
-                );
-                match broker.end_run(&timer.run_id, RunEnd::TimedOut(reason)).await {
+                let reason = format!("deadline {} passed", humantime::format_rfc3339_millis(due));
+                match broker
+                    .end_run(&timer.run_id, RunEnd::TimedOut(reason))
+                    .await
+                {
                     Ok(run) => {
                         if run.status == pb::RunStatus::TimedOut as i32 {
                             tracing::info!(run_id = %run.id, "run timed out");

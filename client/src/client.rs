@@ -58,9 +58,18 @@ impl ConnectOptions {
     /// Connects to a broker at `addr` (`http://127.0.0.1:7233` or `127.0.0.1:7233`).
     pub async fn connect(self, addr: impl AsRef<str>) -> Result<Client> {
         let addr = addr.as_ref();
-        let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+        let uri = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
         let endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("{addr:?} is not a broker address: {e}")))?
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("{addr:?} is not a broker address: {e}"),
+                )
+            })?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
@@ -68,10 +77,12 @@ impl ConnectOptions {
         let channel = if self.lazy {
             endpoint.connect_lazy()
         } else {
-            endpoint
-                .connect()
-                .await
-                .map_err(|e| Error::new(ErrorKind::Connect, format!("cannot reach the broker at {uri}: {e}")))?
+            endpoint.connect().await.map_err(|e| {
+                Error::new(
+                    ErrorKind::Connect,
+                    format!("cannot reach the broker at {uri}: {e}"),
+                )
+            })?
         };
         Ok(Client {
             inner: HandoffBrokerClient::new(channel)
@@ -112,7 +123,9 @@ impl Client {
     pub async fn register_agent(&self, agent: AgentConfig) -> Result<pb::AgentSpec> {
         let resp = self
             .raw()
-            .register_agent(self.request(pb::RegisterAgentRequest { agent: Some(agent.spec) }))
+            .register_agent(self.request(pb::RegisterAgentRequest {
+                agent: Some(agent.spec),
+            }))
             .await?;
         resp.into_inner()
             .agent
@@ -121,7 +134,12 @@ impl Client {
 
     /// Every registered agent.
     pub async fn list_agents(&self) -> Result<Vec<pb::AgentSpec>> {
-        Ok(self.raw().list_agents(self.request(pb::ListAgentsRequest {})).await?.into_inner().agents)
+        Ok(self
+            .raw()
+            .list_agents(self.request(pb::ListAgentsRequest {}))
+            .await?
+            .into_inner()
+            .agents)
     }
 
     /// Starts a run.
@@ -134,17 +152,30 @@ impl Client {
 
     /// Hands off; accepted means durably stored.
     pub async fn handoff(&self, handoff: Handoff) -> Result<Receipt> {
-        Ok(self.raw().handoff(self.request(handoff.req)).await?.into_inner().into())
+        Ok(self
+            .raw()
+            .handoff(self.request(handoff.req))
+            .await?
+            .into_inner()
+            .into())
     }
 
     /// Subscribes as `instance` of `agent`, holding at most `max_in_flight`
     /// unsettled deliveries.
-    pub async fn subscribe(&self, agent: &str, instance: &str, max_in_flight: u32) -> Result<Subscription> {
+    pub async fn subscribe(
+        &self,
+        agent: &str,
+        instance: &str,
+        max_in_flight: u32,
+    ) -> Result<Subscription> {
         Subscription::open(self.clone(), agent, instance, max_in_flight).await
     }
 
     /// Events matching `filter`, live (and from `from_sequence` if set).
-    pub async fn watch(&self, filter: WatchFilter) -> Result<impl Stream<Item = Result<pb::Event>> + Send + Unpin + 'static> {
+    pub async fn watch(
+        &self,
+        filter: WatchFilter,
+    ) -> Result<impl Stream<Item = Result<pb::Event>> + Send + Unpin + 'static> {
         let stream = self.raw().watch(filter.req).await?.into_inner();
         Ok(stream.map(|r| r.map_err(Error::from)))
     }
@@ -153,7 +184,9 @@ impl Client {
     pub async fn get_run(&self, run_id: &str) -> Result<pb::GetRunResponse> {
         Ok(self
             .raw()
-            .get_run(self.request(pb::GetRunRequest { run_id: run_id.to_string() }))
+            .get_run(self.request(pb::GetRunRequest {
+                run_id: run_id.to_string(),
+            }))
             .await?
             .into_inner())
     }

@@ -18,7 +18,9 @@ pub fn status(status: i32) -> &'static str {
 
 /// An event kind as its subject token.
 pub fn kind(kind: i32) -> &'static str {
-    pb::EventKind::try_from(kind).map(|k| k.token()).unwrap_or("unknown")
+    pb::EventKind::try_from(kind)
+        .map(|k| k.token())
+        .unwrap_or("unknown")
 }
 
 fn time(t: Option<prost_types::Timestamp>) -> String {
@@ -62,21 +64,28 @@ pub fn event_line(e: &pb::Event) -> String {
     if !e.reason.is_empty() {
         let _ = write!(detail, "reason={:?}", e.reason);
     }
-    format!(
+    let line = format!(
         "{:>6}  {}  {:<18}  {:<24}  {:<8}  {}",
         e.sequence,
         time(e.at),
         kind(e.kind),
         who,
         short(&e.handoff_id),
-        detail.trim_end()
-    )
+        detail
+    );
+    line.trim_end().to_string()
 }
 
 /// A run and its timeline as a table.
 pub fn run_table(run: &pb::Run, timeline: &[pb::Event]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "run {}  owner={}  status={}", run.id, run.owner, status(run.status));
+    let _ = writeln!(
+        out,
+        "run {}  owner={}  status={}",
+        run.id,
+        run.owner,
+        status(run.status)
+    );
     if let Some(p) = &run.pinned {
         if !p.ask.is_empty() {
             let _ = writeln!(out, "ask: {}", p.ask);
@@ -92,8 +101,8 @@ pub fn run_table(run: &pb::Run, timeline: &[pb::Event]) -> String {
     }
     let _ = writeln!(
         out,
-        "{:>6}  {:<12}  {:<18}  {:<24}  {:<8}  {}",
-        "seq", "time", "event", "agents", "handoff", "detail"
+        "{:>6}  {:<12}  {:<18}  {:<24}  {:<8}  detail",
+        "seq", "time", "event", "agents", "handoff"
     );
     for e in timeline {
         let _ = writeln!(out, "{}", event_line(e));

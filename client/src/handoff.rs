@@ -15,7 +15,11 @@ pub struct Handoff {
 
 impl Handoff {
     /// A handoff of `payload` to `target` within `run_id`.
-    pub fn to<M: prost::Message + prost::Name>(run_id: impl Into<String>, target: impl Into<String>, payload: &M) -> Result<Handoff> {
+    pub fn to<M: prost::Message + prost::Name>(
+        run_id: impl Into<String>,
+        target: impl Into<String>,
+        payload: &M,
+    ) -> Result<Handoff> {
         Ok(Handoff {
             req: pb::HandoffRequest {
                 run_id: run_id.into(),
@@ -27,7 +31,10 @@ impl Handoff {
     }
 
     /// A final handoff: the run completes with `payload` as its result.
-    pub fn final_result<M: prost::Message + prost::Name>(run_id: impl Into<String>, payload: &M) -> Result<Handoff> {
+    pub fn final_result<M: prost::Message + prost::Name>(
+        run_id: impl Into<String>,
+        payload: &M,
+    ) -> Result<Handoff> {
         Ok(Handoff {
             req: pb::HandoffRequest {
                 run_id: run_id.into(),
@@ -69,7 +76,12 @@ impl Handoff {
     }
 
     /// Adds a tool result with the time it was observed.
-    pub fn tool_result<M: prost::Message + prost::Name>(mut self, tool: impl Into<String>, observed_at: SystemTime, result: &M) -> Result<Self> {
+    pub fn tool_result<M: prost::Message + prost::Name>(
+        mut self,
+        tool: impl Into<String>,
+        observed_at: SystemTime,
+        result: &M,
+    ) -> Result<Self> {
         self.req.tool_results.push(pb::ToolResult {
             tool: tool.into(),
             observed_at: Some(observed_at.into()),
@@ -98,7 +110,8 @@ impl Handoff {
 
 /// Packs a message as a `google.protobuf.Any`.
 pub fn encode<M: prost::Message + prost::Name>(msg: &M) -> Result<prost_types::Any> {
-    prost_types::Any::from_msg(msg).map_err(|e| Error::new(ErrorKind::InvalidArgument, e.to_string()))
+    prost_types::Any::from_msg(msg)
+        .map_err(|e| Error::new(ErrorKind::InvalidArgument, e.to_string()))
 }
 
 /// Unpacks a `google.protobuf.Any` as `M`, checking its type.
@@ -106,7 +119,11 @@ pub fn decode<M: prost::Message + prost::Name + Default>(any: &prost_types::Any)
     any.to_msg::<M>().map_err(|e| {
         Error::new(
             ErrorKind::Decode,
-            format!("payload of type {:?} does not decode as {}: {e}", any.type_url, M::full_name()),
+            format!(
+                "payload of type {:?} does not decode as {}: {e}",
+                any.type_url,
+                M::full_name()
+            ),
         )
     })
 }

@@ -26,6 +26,7 @@
 //! repeated handoff the same handoff.
 
 #![deny(missing_docs, unreachable_pub)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod client;
 pub mod display;

@@ -77,10 +77,18 @@ impl Shared {
         }
         let settled = match tokio::time::timeout(SETTLE_TIMEOUT, rx).await {
             Ok(Ok(s)) => s,
-            Ok(Err(_)) => return Err(Error::new(ErrorKind::Closed, "the subscription closed before the broker answered")),
+            Ok(Err(_)) => {
+                return Err(Error::new(
+                    ErrorKind::Closed,
+                    "the subscription closed before the broker answered",
+                ))
+            }
             Err(_) => {
                 lock(&self.pending).remove(&request_id);
-                return Err(Error::new(ErrorKind::Timeout, "the broker did not confirm in time"));
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    "the broker did not confirm in time",
+                ));
             }
         };
         if settled.code != 0 {
@@ -115,7 +123,12 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    pub(crate) async fn open(client: Client, agent: &str, instance: &str, max_in_flight: u32) -> Result<Subscription> {
+    pub(crate) async fn open(
+        client: Client,
+        agent: &str,
+        instance: &str,
+        max_in_flight: u32,
+    ) -> Result<Subscription> {
         let (cmd_tx, cmd_rx) = mpsc::channel::<pb::SubscribeRequest>(256);
         let open = pb::SubscribeRequest {
             request_id: 0,
@@ -130,13 +143,21 @@ impl Subscription {
             .await
             .map_err(|_| Error::new(ErrorKind::Closed, "subscription closed"))?;
         let (close_tx, close_rx) = oneshot::channel::<()>();
-        let outbound = futures::StreamExt::take_until(tokio_stream::wrappers::ReceiverStream::new(cmd_rx), close_rx);
+        let outbound = futures::StreamExt::take_until(
+            tokio_stream::wrappers::ReceiverStream::new(cmd_rx),
+            close_rx,
+        );
         let mut inbound = client.raw().subscribe(outbound).await?.into_inner();
         let agent_spec = match inbound.message().await? {
             Some(pb::SubscribeResponse {
                 message: Some(pb::subscribe_response::Message::Subscribed(s)),
             }) => s.agent.unwrap_or_default(),
-            _ => return Err(Error::new(ErrorKind::Other, "the broker did not confirm the subscription")),
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Other,
+                    "the broker did not confirm the subscription",
+                ))
+            }
         };
         let shared = Arc::new(Shared {
             agent: agent.to_string(),
@@ -202,7 +223,9 @@ impl Subscription {
     }
 
     /// The next delivery with its payload decoded as `M`.
-    pub async fn next_typed<M: prost::Message + prost::Name + Default>(&mut self) -> Option<Result<(Delivery, M)>> {
+    pub async fn next_typed<M: prost::Message + prost::Name + Default>(
+        &mut self,
+    ) -> Option<Result<(Delivery, M)>> {
         let d = match self.deliveries.recv().await? {
             Ok(d) => d,
             Err(e) => return Some(Err(e)),
@@ -223,7 +246,9 @@ impl Subscription {
 
 impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscription").field("agent", &self.shared.agent).finish()
+        f.debug_struct("Subscription")
+            .field("agent", &self.shared.agent)
+            .finish()
     }
 }
 
@@ -297,7 +322,9 @@ impl Delivery {
 
     /// When the lease ends unless extended.
     pub fn lease_deadline(&self) -> Option<SystemTime> {
-        self.inner.lease_deadline.and_then(|t| SystemTime::try_from(t).ok())
+        self.inner
+            .lease_deadline
+            .and_then(|t| SystemTime::try_from(t).ok())
     }
 
     /// The raw delivery message.
@@ -357,7 +384,9 @@ impl Delivery {
                 delivery_id: self.id().to_string(),
             }))
             .await?;
-        Ok(settled.lease_deadline.and_then(|t| SystemTime::try_from(t).ok()))
+        Ok(settled
+            .lease_deadline
+            .and_then(|t| SystemTime::try_from(t).ok()))
     }
 
     /// Complete-and-handoff: stores `next` (in this delivery's run, from

@@ -7,7 +7,7 @@
 //! [`BrokerProcess`] runs it as a separate process so a test can `kill -9`
 //! it. Everything is cleaned up on drop without panicking.
 
-#![allow(missing_docs, clippy::unwrap_used)]
+#![allow(missing_docs)]
 
 use std::{
     net::SocketAddr,
@@ -75,12 +75,13 @@ impl Drop for Nats {
 
 /// A broker configuration for tests: short timeouts, given NATS.
 pub fn test_config(nats_url: &str) -> Config {
-    let mut c = Config::default();
-    c.nats_url = Some(nats_url.to_string());
-    c.listen = "127.0.0.1:0".parse().expect("addr");
-    c.drain_timeout = Duration::from_secs(2);
-    c.default_lease = Duration::from_secs(5);
-    c
+    Config {
+        nats_url: Some(nats_url.to_string()),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        drain_timeout: Duration::from_secs(2),
+        default_lease: Duration::from_secs(5),
+        ..Config::default()
+    }
 }
 
 /// `handoffd` running in-process.
@@ -96,7 +97,9 @@ impl Broker {
     pub async fn start(nats_url: &str, tweak: impl FnOnce(&mut Config)) -> Broker {
         let mut config = test_config(nats_url);
         tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind(config.listen).await.expect("bind");
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .expect("bind");
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = oneshot::channel();
         let task = tokio::spawn(handoffd::run_with(
@@ -120,7 +123,9 @@ impl Broker {
 
     /// A new SDK client to this broker.
     pub async fn client(&self) -> Client {
-        Client::connect(format!("http://{}", self.addr)).await.expect("connect")
+        Client::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect")
     }
 
     /// Graceful shutdown, awaited.
@@ -155,13 +160,20 @@ impl BrokerProcess {
     /// until it logs that it serves.
     pub async fn spawn(bin: &str, nats_url: &str, extra_env: &[(&str, &str)]) -> BrokerProcess {
         let mut cmd = Command::new(bin);
-        cmd.args(["--nats-url", nats_url, "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .env("RUST_LOG", "info")
-            .envs(extra_env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        cmd.args([
+            "--nats-url",
+            nats_url,
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .env("RUST_LOG", "info")
+        .envs(extra_env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
         let mut child = cmd.spawn().expect("spawn handoffd");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
@@ -190,7 +202,9 @@ impl BrokerProcess {
 
     /// A new SDK client to this process.
     pub async fn client(&self) -> Client {
-        Client::connect(format!("http://{}", self.addr)).await.expect("connect")
+        Client::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect")
     }
 
     /// SIGKILL: no drain, no flush.
@@ -202,7 +216,10 @@ impl BrokerProcess {
     /// SIGTERM and wait for exit; returns the exit status code.
     pub async fn terminate(mut self) -> Option<i32> {
         if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
         match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
             Ok(Ok(status)) => status.code(),
@@ -213,7 +230,11 @@ impl BrokerProcess {
 
 /// Reads events from `stream` until `done` holds for one (returned with
 /// everything before it), or panics after `timeout`.
-pub async fn events_until<S>(stream: &mut S, timeout: Duration, done: impl Fn(&pb::Event) -> bool) -> Vec<pb::Event>
+pub async fn events_until<S>(
+    stream: &mut S,
+    timeout: Duration,
+    done: impl Fn(&pb::Event) -> bool,
+) -> Vec<pb::Event>
 where
     S: Stream<Item = handoff_client::Result<pb::Event>> + Unpin,
 {
@@ -240,7 +261,11 @@ where
 pub fn kinds(events: &[pb::Event]) -> Vec<&'static str> {
     events
         .iter()
-        .map(|e| pb::EventKind::try_from(e.kind).map(|k| k.token()).unwrap_or("?"))
+        .map(|e| {
+            pb::EventKind::try_from(e.kind)
+                .map(|k| k.token())
+                .unwrap_or("?")
+        })
         .collect()
 }
 

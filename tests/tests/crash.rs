@@ -32,7 +32,9 @@ async fn kill_9_with_100_undelivered_handoffs_loses_none_and_repeats_none() {
     let mut done = HashSet::new();
     let mut held = Vec::new();
     while done.len() + held.len() < 30 {
-        let d = next_within(&mut sub, Duration::from_secs(5)).await.expect("delivery before the crash");
+        let d = next_within(&mut sub, Duration::from_secs(5))
+            .await
+            .expect("delivery before the crash");
         if done.len() < 20 {
             d.ack().await.unwrap();
             done.insert(d.handoff_id().to_string());
@@ -53,12 +55,26 @@ async fn kill_9_with_100_undelivered_handoffs_loses_none_and_repeats_none() {
         after.push(d.handoff_id().to_string());
     }
     let after_set: HashSet<_> = after.iter().cloned().collect();
-    assert_eq!(after.len(), after_set.len(), "no handoff delivered twice after the restart");
-    assert!(done.is_disjoint(&after_set), "acked before the crash: never again");
+    assert_eq!(
+        after.len(),
+        after_set.len(),
+        "no handoff delivered twice after the restart"
+    );
+    assert!(
+        done.is_disjoint(&after_set),
+        "acked before the crash: never again"
+    );
     let all: HashSet<_> = done.union(&after_set).cloned().collect();
     assert_eq!(all, accepted, "every accepted handoff delivered");
     for h in &held {
-        assert!(after_set.contains(h.handoff_id()), "held delivery redelivered");
+        assert!(
+            after_set.contains(h.handoff_id()),
+            "held delivery redelivered"
+        );
     }
-    assert_eq!(second.terminate().await, Some(0), "graceful exit on SIGTERM");
+    assert_eq!(
+        second.terminate().await,
+        Some(0),
+        "graceful exit on SIGTERM"
+    );
 }

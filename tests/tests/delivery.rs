@@ -18,7 +18,12 @@ async fn each_handoff_goes_to_exactly_one_of_three_instances_and_ack_ends_it() {
     let run = client.start_run(RunConfig::new("owner")).await.unwrap();
     let mut subs = Vec::new();
     for i in 0..3 {
-        subs.push(client.subscribe("worker", &format!("w{i}"), 4).await.unwrap());
+        subs.push(
+            client
+                .subscribe("worker", &format!("w{i}"), 4)
+                .await
+                .unwrap(),
+        );
     }
     let total = 30u32;
     for i in 0..total {
@@ -50,8 +55,15 @@ async fn each_handoff_goes_to_exactly_one_of_three_instances_and_ack_ends_it() {
             *by_n.entry(n).or_default() += 1;
         }
     }
-    assert_eq!(by_n.len(), total as usize, "every handoff delivered: {per_instance:?}");
-    assert!(by_n.values().all(|&c| c == 1), "each delivered exactly once: {by_n:?}");
+    assert_eq!(
+        by_n.len(),
+        total as usize,
+        "every handoff delivered: {per_instance:?}"
+    );
+    assert!(
+        by_n.values().all(|&c| c == 1),
+        "each delivered exactly once: {by_n:?}"
+    );
     assert!(
         per_instance.iter().filter(|(_, c)| *c > 0).count() >= 2,
         "work spread over instances: {per_instance:?}"
@@ -63,7 +75,10 @@ async fn expired_lease_redelivers_to_another_instance_then_falls_back() {
     let nats = Nats::start().await;
     let broker = Broker::start(nats.url(), |_| {}).await;
     let client = broker.client().await;
-    client.register_agent(AgentConfig::new("rescuer")).await.unwrap();
+    client
+        .register_agent(AgentConfig::new("rescuer"))
+        .await
+        .unwrap();
     client
         .register_agent(
             AgentConfig::new("worker")
@@ -75,7 +90,11 @@ async fn expired_lease_redelivers_to_another_instance_then_falls_back() {
         .unwrap();
     let run = client.start_run(RunConfig::new("alice")).await.unwrap();
     let mut owner_events = client
-        .watch(WatchFilter::all().owner("alice").kinds([pb::EventKind::RoutedToFallback]))
+        .watch(
+            WatchFilter::all()
+                .owner("alice")
+                .kinds([pb::EventKind::RoutedToFallback]),
+        )
         .await
         .unwrap();
     let mut a = client.subscribe("worker", "a", 1).await.unwrap();
@@ -83,20 +102,29 @@ async fn expired_lease_redelivers_to_another_instance_then_falls_back() {
         .handoff(Handoff::to(&run.id, "worker", &note("slow", 1)).unwrap())
         .await
         .unwrap();
-    let first = next_within(&mut a, Duration::from_secs(5)).await.expect("first delivery");
+    let first = next_within(&mut a, Duration::from_secs(5))
+        .await
+        .expect("first delivery");
     assert_eq!(first.attempt(), 1);
     // A holds it without acking or extending; B gets it once the lease expires.
     let mut b = client.subscribe("worker", "b", 1).await.unwrap();
-    let second = next_within(&mut b, Duration::from_secs(5)).await.expect("redelivery");
+    let second = next_within(&mut b, Duration::from_secs(5))
+        .await
+        .expect("redelivery");
     assert_eq!(second.attempt(), 2);
     assert_eq!(second.handoff_id(), first.handoff_id());
     // Nobody settles attempt 2 either: attempts are used up.
     let _c = client.subscribe("worker", "c", 1).await.unwrap();
     let mut rescuer = client.subscribe("rescuer", "r", 1).await.unwrap();
-    let rescued = next_within(&mut rescuer, Duration::from_secs(5)).await.expect("fallback delivery");
+    let rescued = next_within(&mut rescuer, Duration::from_secs(5))
+        .await
+        .expect("fallback delivery");
     assert_eq!(rescued.envelope().fallback_from, "worker");
     assert_eq!(rescued.payload::<Note>().unwrap().n, 1);
-    assert_eq!(rescued.envelope().parent_ids, vec![first.handoff_id().to_string()]);
+    assert_eq!(
+        rescued.envelope().parent_ids,
+        vec![first.handoff_id().to_string()]
+    );
     rescued.ack().await.unwrap();
     let told = events_until(&mut owner_events, Duration::from_secs(5), |_| true).await;
     assert_eq!(told[0].fallback_agent, "rescuer");
@@ -112,7 +140,11 @@ async fn without_fallback_attempts_end_in_the_dead_letter_and_the_run_fails() {
     let broker = Broker::start(nats.url(), |_| {}).await;
     let client = broker.client().await;
     client
-        .register_agent(AgentConfig::new("worker").lease(Duration::from_millis(300)).max_attempts(1))
+        .register_agent(
+            AgentConfig::new("worker")
+                .lease(Duration::from_millis(300))
+                .max_attempts(1),
+        )
         .await
         .unwrap();
     let run = client.start_run(RunConfig::new("bob")).await.unwrap();
@@ -125,12 +157,23 @@ async fn without_fallback_attempts_end_in_the_dead_letter_and_the_run_fails() {
         .handoff(Handoff::to(&run.id, "worker", &note("doomed", 7)).unwrap())
         .await
         .unwrap();
-    let d = next_within(&mut a, Duration::from_secs(5)).await.expect("delivery");
+    let d = next_within(&mut a, Duration::from_secs(5))
+        .await
+        .expect("delivery");
     let _b = client.subscribe("worker", "b", 1).await.unwrap();
-    let seen = events_until(&mut owner, Duration::from_secs(10), |e| e.kind == pb::EventKind::RunFailed as i32).await;
+    let seen = events_until(&mut owner, Duration::from_secs(10), |e| {
+        e.kind == pb::EventKind::RunFailed as i32
+    })
+    .await;
     let k = kinds(&seen);
-    let dead_at = k.iter().position(|k| *k == "dead_lettered").expect("dead_lettered event");
-    assert!(dead_at < k.len() - 1, "dead letter before the run failed: {k:?}");
+    let dead_at = k
+        .iter()
+        .position(|k| *k == "dead_lettered")
+        .expect("dead_lettered event");
+    assert!(
+        dead_at < k.len() - 1,
+        "dead letter before the run failed: {k:?}"
+    );
     let failed = seen.last().unwrap();
     assert_eq!(failed.owner, "bob");
     assert!(failed.reason.contains("dead-lettered"), "{}", failed.reason);
@@ -152,7 +195,11 @@ async fn same_idempotency_key_twice_is_one_delivery() {
         .await
         .unwrap();
     let run = client.start_run(RunConfig::new("o")).await.unwrap();
-    let h = || Handoff::to(&run.id, "worker", &note("once", 1)).unwrap().idempotency_key("key-1");
+    let h = || {
+        Handoff::to(&run.id, "worker", &note("once", 1))
+            .unwrap()
+            .idempotency_key("key-1")
+    };
     let first = client.handoff(h()).await.unwrap();
     let second = client.handoff(h()).await.unwrap();
     assert!(!first.duplicate);
@@ -160,10 +207,17 @@ async fn same_idempotency_key_twice_is_one_delivery() {
     assert_eq!(second.handoff_id, first.handoff_id);
     assert_eq!(second.sequence, first.sequence);
     let mut sub = client.subscribe("worker", "w", 10).await.unwrap();
-    let d = next_within(&mut sub, Duration::from_secs(5)).await.expect("one delivery");
+    let d = next_within(&mut sub, Duration::from_secs(5))
+        .await
+        .expect("one delivery");
     assert_eq!(d.handoff_id(), first.handoff_id);
     d.ack().await.unwrap();
-    assert!(next_within(&mut sub, Duration::from_millis(1500)).await.is_none(), "no second delivery");
+    assert!(
+        next_within(&mut sub, Duration::from_millis(1500))
+            .await
+            .is_none(),
+        "no second delivery"
+    );
 }
 
 #[tokio::test]
@@ -176,14 +230,19 @@ async fn crash_between_complete_and_ack_is_delivered_downstream_once() {
         .register_agent(AgentConfig::new("worker").lease(Duration::from_secs(30)))
         .await
         .unwrap();
-    client.register_agent(AgentConfig::new("aggregator")).await.unwrap();
+    client
+        .register_agent(AgentConfig::new("aggregator"))
+        .await
+        .unwrap();
     let run = client.start_run(RunConfig::new("o")).await.unwrap();
     client
         .handoff(Handoff::to(&run.id, "worker", &note("input", 1)).unwrap())
         .await
         .unwrap();
     let mut w1 = client.subscribe("worker", "w1", 1).await.unwrap();
-    let d1 = next_within(&mut w1, Duration::from_secs(5)).await.expect("input");
+    let d1 = next_within(&mut w1, Duration::from_secs(5))
+        .await
+        .expect("input");
     let r1 = d1
         .handoff(Handoff::to("", "aggregator", &note("result", 1)).unwrap())
         .await
@@ -192,7 +251,9 @@ async fn crash_between_complete_and_ack_is_delivered_downstream_once() {
     // The worker instance crashes: its subscription goes away unacked.
     drop(w1);
     let mut w2 = client.subscribe("worker", "w2", 1).await.unwrap();
-    let d2 = next_within(&mut w2, Duration::from_secs(5)).await.expect("input redelivered");
+    let d2 = next_within(&mut w2, Duration::from_secs(5))
+        .await
+        .expect("input redelivered");
     assert_eq!(d2.handoff_id(), d1.handoff_id());
     assert_eq!(d2.attempt(), 2);
     let r2 = d2
@@ -203,11 +264,18 @@ async fn crash_between_complete_and_ack_is_delivered_downstream_once() {
     assert_eq!(r2.handoff_id, r1.handoff_id);
     d2.ack().await.unwrap();
     let mut agg = client.subscribe("aggregator", "a", 10).await.unwrap();
-    let got = next_within(&mut agg, Duration::from_secs(5)).await.expect("downstream");
+    let got = next_within(&mut agg, Duration::from_secs(5))
+        .await
+        .expect("downstream");
     assert_eq!(got.handoff_id(), r1.handoff_id);
     assert_eq!(got.envelope().depth, 2);
     got.ack().await.unwrap();
-    assert!(next_within(&mut agg, Duration::from_millis(1500)).await.is_none(), "downstream once");
+    assert!(
+        next_within(&mut agg, Duration::from_millis(1500))
+            .await
+            .is_none(),
+        "downstream once"
+    );
 }
 
 #[tokio::test]
@@ -225,14 +293,21 @@ async fn nack_with_delay_redelivers_and_extend_keeps_the_lease() {
         .await
         .unwrap();
     let mut a = client.subscribe("worker", "a", 1).await.unwrap();
-    let d = next_within(&mut a, Duration::from_secs(5)).await.expect("delivery");
+    let d = next_within(&mut a, Duration::from_secs(5))
+        .await
+        .expect("delivery");
     let mut b = client.subscribe("worker", "b", 1).await.unwrap();
     // Extending every 200 ms for 1.4 s (well past the 600 ms lease) keeps it.
     for _ in 0..7 {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(d.extend().await.unwrap().is_some());
     }
-    assert!(next_within(&mut b, Duration::from_millis(10)).await.is_none(), "not redelivered while extended");
+    assert!(
+        next_within(&mut b, Duration::from_millis(10))
+            .await
+            .is_none(),
+        "not redelivered while extended"
+    );
     d.nack(Some(Duration::from_millis(300))).await.unwrap();
     let again = tokio::time::timeout(Duration::from_secs(5), async {
         tokio::select! {
@@ -247,4 +322,45 @@ async fn nack_with_delay_redelivers_and_extend_keeps_the_lease() {
     assert_eq!(again.handoff_id(), d.handoff_id());
     assert_eq!(again.attempt(), 2);
     again.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn complete_and_handoff_frees_the_instance_for_its_next_delivery() {
+    let nats = Nats::start().await;
+    let broker = Broker::start(nats.url(), |_| {}).await;
+    let client = broker.client().await;
+    client
+        .register_agent(AgentConfig::new("worker"))
+        .await
+        .unwrap();
+    client
+        .register_agent(AgentConfig::new("sink"))
+        .await
+        .unwrap();
+    let run = client.start_run(RunConfig::new("o")).await.unwrap();
+    for i in 0..3 {
+        client
+            .handoff(Handoff::to(&run.id, "worker", &note("item", i)).unwrap())
+            .await
+            .unwrap();
+    }
+    // One slot: every item must come through it, each finished by a handoff.
+    let mut worker = client.subscribe("worker", "only", 1).await.unwrap();
+    for i in 0..3 {
+        let d = next_within(&mut worker, Duration::from_secs(3))
+            .await
+            .unwrap_or_else(|| panic!("item {i} never delivered: the slot was not freed"));
+        d.handoff(Handoff::to("", "sink", &note("done", i)).unwrap())
+            .await
+            .unwrap();
+    }
+    let mut sink = client.subscribe("sink", "s", 10).await.unwrap();
+    for _ in 0..3 {
+        next_within(&mut sink, Duration::from_secs(3))
+            .await
+            .expect("result")
+            .ack()
+            .await
+            .unwrap();
+    }
 }

@@ -11,21 +11,40 @@ async fn reject_fails_the_run_and_watch_resumes_without_gaps_or_repeats() {
     let nats = Nats::start().await;
     let broker = Broker::start(nats.url(), |_| {}).await;
     let client = broker.client().await;
-    client.register_agent(AgentConfig::new("worker")).await.unwrap();
-    let run = client.start_run(RunConfig::new("carol").id("run-reject")).await.unwrap();
+    client
+        .register_agent(AgentConfig::new("worker"))
+        .await
+        .unwrap();
+    let run = client
+        .start_run(RunConfig::new("carol").id("run-reject"))
+        .await
+        .unwrap();
     let mut owner = client
-        .watch(WatchFilter::all().owner("carol").kinds([pb::EventKind::RunFailed]))
+        .watch(
+            WatchFilter::all()
+                .owner("carol")
+                .kinds([pb::EventKind::RunFailed]),
+        )
         .await
         .unwrap();
     let mut sub = client.subscribe("worker", "w", 1).await.unwrap();
     for i in 0..3 {
         client
-            .handoff(Handoff::to(&run.id, "worker", &note("t", i)).unwrap().idempotency_key(format!("k{i}")))
+            .handoff(
+                Handoff::to(&run.id, "worker", &note("t", i))
+                    .unwrap()
+                    .idempotency_key(format!("k{i}")),
+            )
             .await
             .unwrap();
     }
     for _ in 0..2 {
-        next_within(&mut sub, Duration::from_secs(5)).await.unwrap().ack().await.unwrap();
+        next_within(&mut sub, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .ack()
+            .await
+            .unwrap();
     }
     let last = next_within(&mut sub, Duration::from_secs(5)).await.unwrap();
     last.reject("cannot parse the report").await.unwrap();
@@ -42,16 +61,33 @@ async fn reject_fails_the_run_and_watch_resumes_without_gaps_or_repeats() {
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
 
     // The whole timeline, in order, from a watch started at sequence 1.
-    let mut all = client.watch(WatchFilter::all().run(&run.id).from_sequence(1)).await.unwrap();
-    let seen = events_until(&mut all, Duration::from_secs(5), |e| e.kind == pb::EventKind::RunFailed as i32).await;
+    let mut all = client
+        .watch(WatchFilter::all().run(&run.id).from_sequence(1))
+        .await
+        .unwrap();
+    let seen = events_until(&mut all, Duration::from_secs(5), |e| {
+        e.kind == pb::EventKind::RunFailed as i32
+    })
+    .await;
     let seqs: Vec<u64> = seen.iter().map(|e| e.sequence).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "increasing: {seqs:?}");
     let k = kinds(&seen);
     assert_eq!(k.first(), Some(&"run_started"));
-    assert_eq!(k.iter().filter(|k| **k == "handoff_accepted").count(), 3, "{k:?}");
+    assert_eq!(
+        k.iter().filter(|k| **k == "handoff_accepted").count(),
+        3,
+        "{k:?}"
+    );
     assert!(k.contains(&"rejected"), "{k:?}");
     // The timeline GetRun gives is the same sequence.
-    let timeline: Vec<u64> = client.get_run(&run.id).await.unwrap().timeline.iter().map(|e| e.sequence).collect();
+    let timeline: Vec<u64> = client
+        .get_run(&run.id)
+        .await
+        .unwrap()
+        .timeline
+        .iter()
+        .map(|e| e.sequence)
+        .collect();
     assert!(timeline.len() >= seqs.len());
     assert_eq!(&timeline[..seqs.len()], &seqs[..]);
     // Resume from the middle: exactly the suffix, no gap, no repeat.
@@ -60,7 +96,10 @@ async fn reject_fails_the_run_and_watch_resumes_without_gaps_or_repeats() {
         .watch(WatchFilter::all().run(&run.id).from_sequence(seqs[mid]))
         .await
         .unwrap();
-    let rest = events_until(&mut resumed, Duration::from_secs(5), |e| e.kind == pb::EventKind::RunFailed as i32).await;
+    let rest = events_until(&mut resumed, Duration::from_secs(5), |e| {
+        e.kind == pb::EventKind::RunFailed as i32
+    })
+    .await;
     let rest_seqs: Vec<u64> = rest.iter().map(|e| e.sequence).collect();
     assert_eq!(&rest_seqs[..], &seqs[mid..]);
 }
@@ -73,8 +112,14 @@ async fn depth_grows_by_one_per_hop_and_is_capped() {
     for a in ["a", "b", "c", "d"] {
         client.register_agent(AgentConfig::new(a)).await.unwrap();
     }
-    let run = client.start_run(RunConfig::new("o").max_depth(3)).await.unwrap();
-    let r = client.handoff(Handoff::to(&run.id, "a", &note("hop", 1)).unwrap()).await.unwrap();
+    let run = client
+        .start_run(RunConfig::new("o").max_depth(3))
+        .await
+        .unwrap();
+    let r = client
+        .handoff(Handoff::to(&run.id, "a", &note("hop", 1)).unwrap())
+        .await
+        .unwrap();
     assert_eq!(r.depth, 1);
     let mut next_agent = ["b", "c", "d"].into_iter();
     let mut current = "a";
@@ -83,7 +128,10 @@ async fn depth_grows_by_one_per_hop_and_is_capped() {
         let mut sub = client.subscribe(current, "i", 1).await.unwrap();
         let d = next_within(&mut sub, Duration::from_secs(5)).await.unwrap();
         assert_eq!(d.envelope().depth, expected - 1);
-        let r = d.handoff(Handoff::to("", target, &note("hop", expected)).unwrap()).await.unwrap();
+        let r = d
+            .handoff(Handoff::to("", target, &note("hop", expected)).unwrap())
+            .await
+            .unwrap();
         assert_eq!(r.depth, expected);
         current = target;
     }
@@ -91,11 +139,20 @@ async fn depth_grows_by_one_per_hop_and_is_capped() {
     let mut sub = client.subscribe(current, "i", 1).await.unwrap();
     let d = next_within(&mut sub, Duration::from_secs(5)).await.unwrap();
     assert_eq!(d.envelope().depth, 3);
-    let err = d.handoff(Handoff::to("", "a", &note("too deep", 4)).unwrap()).await.unwrap_err();
+    let err = d
+        .handoff(Handoff::to("", "a", &note("too deep", 4)).unwrap())
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
-    assert!(err.message().contains("depth 4") && err.message().contains("max_depth 3"), "{}", err.message());
+    assert!(
+        err.message().contains("depth 4") && err.message().contains("max_depth 3"),
+        "{}",
+        err.message()
+    );
     // Ending the run is not a hop.
-    d.handoff(Handoff::final_result("", &note("done", 0)).unwrap()).await.unwrap();
+    d.handoff(Handoff::final_result("", &note("done", 0)).unwrap())
+        .await
+        .unwrap();
     let run = client.get_run(&run.id).await.unwrap().run.unwrap();
     assert_eq!(run.status, pb::RunStatus::Completed as i32);
 
@@ -108,24 +165,50 @@ async fn pinned_context_reaches_every_delivery_unchanged() {
     let nats = Nats::start().await;
     let broker = Broker::start(nats.url(), |_| {}).await;
     let client = broker.client().await;
-    client.register_agent(AgentConfig::new("planner")).await.unwrap();
-    client.register_agent(AgentConfig::new("worker")).await.unwrap();
+    client
+        .register_agent(AgentConfig::new("planner"))
+        .await
+        .unwrap();
+    client
+        .register_agent(AgentConfig::new("worker"))
+        .await
+        .unwrap();
     let run = client
-        .start_run(RunConfig::new("o").ask("Find flights to Lisbon under 300 EUR").pin("locale", "pt-PT"))
+        .start_run(
+            RunConfig::new("o")
+                .ask("Find flights to Lisbon under 300 EUR")
+                .pin("locale", "pt-PT"),
+        )
         .await
         .unwrap();
     let pinned = run.pinned.clone().unwrap();
-    client.handoff(Handoff::to(&run.id, "planner", &note("plan", 0)).unwrap()).await.unwrap();
+    client
+        .handoff(Handoff::to(&run.id, "planner", &note("plan", 0)).unwrap())
+        .await
+        .unwrap();
     let mut planner = client.subscribe("planner", "p", 1).await.unwrap();
-    let d = next_within(&mut planner, Duration::from_secs(5)).await.unwrap();
+    let d = next_within(&mut planner, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(d.pinned(), &pinned);
     // A summary that drops the ask cannot drop it from the run.
-    d.handoff(Handoff::to("", "worker", &note("flights", 1)).unwrap()).await.unwrap();
+    d.handoff(Handoff::to("", "worker", &note("flights", 1)).unwrap())
+        .await
+        .unwrap();
     let mut worker = client.subscribe("worker", "w", 1).await.unwrap();
-    let d = next_within(&mut worker, Duration::from_secs(5)).await.unwrap();
+    let d = next_within(&mut worker, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(d.pinned().ask, "Find flights to Lisbon under 300 EUR");
     assert_eq!(d.pinned(), &pinned);
-    let stored = client.get_run(&run.id).await.unwrap().run.unwrap().pinned.unwrap();
+    let stored = client
+        .get_run(&run.id)
+        .await
+        .unwrap()
+        .run
+        .unwrap()
+        .pinned
+        .unwrap();
     assert_eq!(stored, pinned);
 }
 
@@ -134,7 +217,10 @@ async fn final_handoff_completes_the_run_and_deadline_times_out_another() {
     let nats = Nats::start().await;
     let broker = Broker::start(nats.url(), |_| {}).await;
     let client = broker.client().await;
-    client.register_agent(AgentConfig::new("worker")).await.unwrap();
+    client
+        .register_agent(AgentConfig::new("worker"))
+        .await
+        .unwrap();
     let mut owner = client
         .watch(WatchFilter::all().owner("dave").kinds([
             pb::EventKind::RunCompleted,
@@ -147,7 +233,10 @@ async fn final_handoff_completes_the_run_and_deadline_times_out_another() {
         .start_run(RunConfig::new("dave").timeout(Duration::from_secs(30)))
         .await
         .unwrap();
-    client.handoff(Handoff::to(&done.id, "worker", &note("work", 1)).unwrap()).await.unwrap();
+    client
+        .handoff(Handoff::to(&done.id, "worker", &note("work", 1)).unwrap())
+        .await
+        .unwrap();
     let mut sub = client.subscribe("worker", "w", 1).await.unwrap();
     let d = next_within(&mut sub, Duration::from_secs(5)).await.unwrap();
     let receipt = d

@@ -13,7 +13,10 @@ const MAX_ATTEMPTS: u32 = 1000;
 
 /// Validates the spec, fills defaults, makes sure the agent's consumer
 /// exists with this lease, then stores the spec.
-pub async fn register(broker: &Broker, req: pb::RegisterAgentRequest) -> Result<pb::RegisterAgentResponse, BrokerError> {
+pub async fn register(
+    broker: &Broker,
+    req: pb::RegisterAgentRequest,
+) -> Result<pb::RegisterAgentResponse, BrokerError> {
     let mut spec = req
         .agent
         .ok_or_else(|| BrokerError::Malformed("agent is required".to_string()))?;
@@ -26,10 +29,15 @@ pub async fn register(broker: &Broker, req: pb::RegisterAgentRequest) -> Result<
         )));
     }
     if !spec.fallback_agent.is_empty() {
-        broker.agent(&spec.fallback_agent).await.map_err(|e| match e {
-            BrokerError::AgentNotFound(n) => BrokerError::AgentNotFound(format!("{n} (fallback of {})", spec.name)),
-            other => other,
-        })?;
+        broker
+            .agent(&spec.fallback_agent)
+            .await
+            .map_err(|e| match e {
+                BrokerError::AgentNotFound(n) => {
+                    BrokerError::AgentNotFound(format!("{n} (fallback of {})", spec.name))
+                }
+                other => other,
+            })?;
     }
     let lease = match &spec.lease {
         None => broker.config().default_lease,
@@ -54,7 +62,9 @@ pub async fn register(broker: &Broker, req: pb::RegisterAgentRequest) -> Result<
         )));
     }
     spec.lease = prost_types::Duration::try_from(lease).ok();
-    let max_ack_pending = i64::from(broker.config().max_in_flight).saturating_mul(100).max(10_000);
+    let max_ack_pending = i64::from(broker.config().max_in_flight)
+        .saturating_mul(100)
+        .max(10_000);
     broker
         .store()
         .ensure_agent_consumer(&spec.name, lease, max_ack_pending)

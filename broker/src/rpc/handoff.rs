@@ -18,7 +18,10 @@ use crate::{
 };
 
 /// Accepts one handoff.
-pub async fn handoff(broker: &Broker, req: pb::HandoffRequest) -> Result<pb::HandoffResponse, BrokerError> {
+pub async fn handoff(
+    broker: &Broker,
+    req: pb::HandoffRequest,
+) -> Result<pb::HandoffResponse, BrokerError> {
     domain::validate_handoff(&req, broker.config().max_inline_payload)?;
     let consumed = if req.consumes.is_empty() {
         None
@@ -32,7 +35,7 @@ pub async fn handoff(broker: &Broker, req: pb::HandoffRequest) -> Result<pb::Han
         if req.r#final && run.result_handoff_id == id {
             // A retry of the final handoff that completed this run.
             if let Some(token) = &consumed {
-                ack_consumed(broker, &run, token).await;
+                ack_consumed(broker, &run, &req.consumes, token).await;
             }
             return Ok(pb::HandoffResponse {
                 handoff_id: id,
@@ -82,7 +85,11 @@ pub async fn handoff(broker: &Broker, req: pb::HandoffRequest) -> Result<pb::Han
     } else {
         let ack = broker
             .store()
-            .publish(store::inbox_subject(&req.target_agent), &id, envelope.encode_to_vec().into())
+            .publish(
+                store::inbox_subject(&req.target_agent),
+                &id,
+                envelope.encode_to_vec().into(),
+            )
             .await?;
         (ack.sequence, ack.duplicate)
     };
@@ -118,7 +125,7 @@ pub async fn handoff(broker: &Broker, req: pb::HandoffRequest) -> Result<pb::Han
         if broker.config().faults.skip_consume_ack {
             tracing::warn!("fault injected: consumed delivery left unacked");
         } else {
-            ack_consumed(broker, &run, token).await;
+            ack_consumed(broker, &run, &req.consumes, token).await;
         }
     }
     tracing::debug!(run_id = %run.id, handoff_id = %id, target = %req.target_agent, depth, duplicate, "handoff accepted");
@@ -131,7 +138,11 @@ pub async fn handoff(broker: &Broker, req: pb::HandoffRequest) -> Result<pb::Han
 }
 
 /// Loads the handoff a delivery token names, checking it belongs to `run_id`.
-async fn consumed_parent(broker: &Broker, run_id: &str, token: &pb::DeliveryToken) -> Result<pb::HandoffEnvelope, BrokerError> {
+async fn consumed_parent(
+    broker: &Broker,
+    run_id: &str,
+    token: &pb::DeliveryToken,
+) -> Result<pb::HandoffEnvelope, BrokerError> {
     let msg = broker
         .store()
         .inbox_message(token.stream_sequence)
@@ -145,7 +156,9 @@ async fn consumed_parent(broker: &Broker, run_id: &str, token: &pb::DeliveryToke
     let parent = pb::HandoffEnvelope::decode(msg.payload)
         .map_err(|e| BrokerError::Internal(format!("stored handoff does not decode: {e}")))?;
     if parent.id != token.handoff_id || msg.subject.as_str() != store::inbox_subject(&token.agent) {
-        return Err(BrokerError::BadDeliveryId("it does not match a stored handoff".to_string()));
+        return Err(BrokerError::BadDeliveryId(
+            "it does not match a stored handoff".to_string(),
+        ));
     }
     if parent.run_id != run_id {
         return Err(BrokerError::Malformed(format!(
@@ -159,23 +172,36 @@ async fn consumed_parent(broker: &Broker, run_id: &str, token: &pb::DeliveryToke
 /// Acks the consumed delivery after the new handoff is stored. A failure
 /// is logged, not returned: the new handoff is durable, and a delivery
 /// that stays unacked is redelivered and its repeated handoff recognised.
-async fn ack_consumed(broker: &Broker, run: &pb::Run, token: &pb::DeliveryToken) {
+async fn ack_consumed(
+    broker: &Broker,
+    run: &pb::Run,
+    delivery_id: &str,
+    token: &pb::DeliveryToken,
+) {
     match broker
         .store()
         .settle(&token.ack_subject, async_nats::jetstream::AckKind::Ack)
         .await
     {
-        Ok(()) => broker.emit_detached(
-            pb::Event {
+        Ok(()) => {
+            broker.release_delivery(delivery_id);
+            let event = pb::Event {
                 kind: pb::EventKind::Acked as i32,
                 run_id: run.id.clone(),
                 owner: run.owner.clone(),
                 agent: token.agent.clone(),
                 handoff_id: token.handoff_id.clone(),
                 ..Default::default()
-            },
-            format!("acked-{}", token.handoff_id),
-        ),
-        Err(e) => tracing::warn!(handoff_id = %token.handoff_id, error = %e, "consumed delivery not acked; it will be redelivered"),
+            };
+            if let Err(e) = broker
+                .emit(event, &format!("acked-{}", token.handoff_id))
+                .await
+            {
+                tracing::warn!(error = %e, "acked event not published");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(handoff_id = %token.handoff_id, error = %e, "consumed delivery not acked; it will be redelivered")
+        }
     }
 }

@@ -34,36 +34,61 @@ type Reply<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl HandoffBroker for Service {
-    async fn register_agent(&self, req: Request<pb::RegisterAgentRequest>) -> Reply<pb::RegisterAgentResponse> {
+    async fn register_agent(
+        &self,
+        req: Request<pb::RegisterAgentRequest>,
+    ) -> Reply<pb::RegisterAgentResponse> {
         let req = req.into_inner();
-        let span = tracing::info_span!("RegisterAgent", agent = req.agent.as_ref().map(|a| a.name.as_str()).unwrap_or(""));
-        Ok(Response::new(agents::register(&self.broker, req).instrument(span).await?))
+        let span = tracing::info_span!(
+            "RegisterAgent",
+            agent = req.agent.as_ref().map(|a| a.name.as_str()).unwrap_or("")
+        );
+        Ok(Response::new(
+            agents::register(&self.broker, req).instrument(span).await?,
+        ))
     }
 
-    async fn list_agents(&self, _req: Request<pb::ListAgentsRequest>) -> Reply<pb::ListAgentsResponse> {
+    async fn list_agents(
+        &self,
+        _req: Request<pb::ListAgentsRequest>,
+    ) -> Reply<pb::ListAgentsResponse> {
         Ok(Response::new(agents::list(&self.broker).await?))
     }
 
     async fn start_run(&self, req: Request<pb::StartRunRequest>) -> Reply<pb::StartRunResponse> {
         let req = req.into_inner();
         let span = tracing::info_span!("StartRun", run_id = %req.run_id, owner = %req.owner);
-        Ok(Response::new(runs::start(&self.broker, req).instrument(span).await?))
+        Ok(Response::new(
+            runs::start(&self.broker, req).instrument(span).await?,
+        ))
     }
 
     async fn handoff(&self, req: Request<pb::HandoffRequest>) -> Reply<pb::HandoffResponse> {
         let req = req.into_inner();
         let span = tracing::info_span!("Handoff", run_id = %req.run_id, source = %req.source_agent, target = %req.target_agent);
-        Ok(Response::new(handoff::handoff(&self.broker, req).instrument(span).await?))
+        Ok(Response::new(
+            handoff::handoff(&self.broker, req).instrument(span).await?,
+        ))
     }
 
     type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
 
-    async fn subscribe(&self, req: Request<Streaming<pb::SubscribeRequest>>) -> Reply<Self::SubscribeStream> {
+    async fn subscribe(
+        &self,
+        req: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Reply<Self::SubscribeStream> {
         let mut inbound = req.into_inner();
         let first = inbound.message().await?;
         let (agent, instance, max_in_flight) = subscribe::open(&self.broker, first).await?;
         let (tx, rx) = mpsc::channel(max_in_flight + 16);
-        tokio::spawn(subscribe::run(self.broker.clone(), agent, instance, max_in_flight, inbound, tx));
+        tokio::spawn(subscribe::run(
+            self.broker.clone(),
+            agent,
+            instance,
+            max_in_flight,
+            inbound,
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -71,17 +96,24 @@ impl HandoffBroker for Service {
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Reply<Self::WatchStream> {
         let req = req.into_inner();
-        watch::filter_subject(&req)?;
+        let messages = watch::open(&self.broker, &req).await?;
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(watch::run(self.broker.clone(), req, tx));
+        tokio::spawn(watch::run(self.broker.clone(), req, messages, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Reply<pb::GetRunResponse> {
-        Ok(Response::new(runs::get(&self.broker, req.into_inner()).await?))
+        Ok(Response::new(
+            runs::get(&self.broker, req.into_inner()).await?,
+        ))
     }
 
-    async fn list_dead_letters(&self, req: Request<pb::ListDeadLettersRequest>) -> Reply<pb::ListDeadLettersResponse> {
-        Ok(Response::new(watch::dead_letters(&self.broker, req.into_inner()).await?))
+    async fn list_dead_letters(
+        &self,
+        req: Request<pb::ListDeadLettersRequest>,
+    ) -> Reply<pb::ListDeadLettersResponse> {
+        Ok(Response::new(
+            watch::dead_letters(&self.broker, req.into_inner()).await?,
+        ))
     }
 }

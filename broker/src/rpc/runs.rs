@@ -14,7 +14,10 @@ use crate::{
 
 /// Creates a run. Repeating a `StartRun` with the same id and owner answers
 /// the existing run (so a client may retry); another owner is ALREADY_EXISTS.
-pub async fn start(broker: &Broker, req: pb::StartRunRequest) -> Result<pb::StartRunResponse, BrokerError> {
+pub async fn start(
+    broker: &Broker,
+    req: pb::StartRunRequest,
+) -> Result<pb::StartRunResponse, BrokerError> {
     let run_id = if req.run_id.is_empty() {
         uuid::Uuid::now_v7().to_string()
     } else {
@@ -80,10 +83,18 @@ pub async fn start(broker: &Broker, req: pb::StartRunRequest) -> Result<pb::Star
 }
 
 /// A run with its whole timeline.
-pub async fn get(broker: &Broker, req: pb::GetRunRequest) -> Result<pb::GetRunResponse, BrokerError> {
+pub async fn get(
+    broker: &Broker,
+    req: pb::GetRunRequest,
+) -> Result<pb::GetRunResponse, BrokerError> {
     names::validate("run_id", &req.run_id)?;
     let (run, _) = broker.run(&req.run_id).await?;
-    let timeline = read_events(broker, &format!("handoff.v1.events.{}.>", req.run_id), usize::MAX).await?;
+    let timeline = read_events(
+        broker,
+        &format!("handoff.v1.events.{}.>", req.run_id),
+        usize::MAX,
+    )
+    .await?;
     Ok(pb::GetRunResponse {
         run: Some(run),
         timeline,
@@ -91,7 +102,11 @@ pub async fn get(broker: &Broker, req: pb::GetRunRequest) -> Result<pb::GetRunRe
 }
 
 /// Reads the stored events on `filter` from the start, up to `limit`.
-pub async fn read_events(broker: &Broker, filter: &str, limit: usize) -> Result<Vec<pb::Event>, BrokerError> {
+pub async fn read_events(
+    broker: &Broker,
+    filter: &str,
+    limit: usize,
+) -> Result<Vec<pb::Event>, BrokerError> {
     let mut out = Vec::new();
     for (seq, payload) in read_stream(&broker.store().events, filter, limit).await? {
         match pb::Event::decode(payload) {

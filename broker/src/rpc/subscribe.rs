@@ -47,16 +47,21 @@ struct Session {
     instance: String,
     in_flight: Mutex<HashMap<String, InFlight>>,
     tx: Sender,
+    released: mpsc::UnboundedSender<String>,
 }
 
 /// Validates the opening message and returns the session's agent spec
 /// and capacity.
-pub async fn open(broker: &Broker, first: Option<pb::SubscribeRequest>) -> Result<(pb::AgentSpec, String, usize), BrokerError> {
+pub async fn open(
+    broker: &Broker,
+    first: Option<pb::SubscribeRequest>,
+) -> Result<(pb::AgentSpec, String, usize), BrokerError> {
     let open = match first.and_then(|r| r.command) {
         Some(pb::subscribe_request::Command::Open(o)) => o,
         _ => {
             return Err(BrokerError::Malformed(
-                "the first Subscribe message must be `open` (agent, instance, max_in_flight)".to_string(),
+                "the first Subscribe message must be `open` (agent, instance, max_in_flight)"
+                    .to_string(),
             ))
         }
     };
@@ -84,17 +89,21 @@ pub async fn run(
 ) {
     let span = tracing::info_span!("subscribe", agent = %agent.name, instance = %instance);
     async move {
+        let (released, mut released_rx) = mpsc::unbounded_channel();
         let session = Arc::new(Session {
             broker: broker.clone(),
             agent,
             instance,
             in_flight: Mutex::new(HashMap::new()),
             tx,
+            released,
         });
         let opened = pb::SubscribeResponse {
-            message: Some(pb::subscribe_response::Message::Subscribed(pb::Subscribed {
-                agent: Some(session.agent.clone()),
-            })),
+            message: Some(pb::subscribe_response::Message::Subscribed(
+                pb::Subscribed {
+                    agent: Some(session.agent.clone()),
+                },
+            )),
         };
         if session.tx.send(Ok(opened)).await.is_err() {
             return;
@@ -102,7 +111,7 @@ pub async fn run(
         tracing::info!(max_in_flight, "instance subscribed");
         let permits = Arc::new(Semaphore::new(max_in_flight));
         let fetcher = tokio::spawn(fetch_loop(session.clone(), permits).in_current_span());
-            let drained = loop {
+        let drained = loop {
             tokio::select! {
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => session.settle(req).await,
@@ -112,14 +121,23 @@ pub async fn run(
                         break false;
                     }
                 },
+                Some(id) = released_rx.recv() => {
+                    // Completed by a handoff that consumed it: free the slot.
+                    session.in_flight.lock().await.remove(&id);
+                }
                 _ = broker.drained() => break true,
             }
         };
         fetcher.abort();
+        for id in session.in_flight.lock().await.keys() {
+            broker.untrack_delivery(id);
+        }
         if drained {
             let _ = session
                 .tx
-                .send(Err(Status::unavailable("broker is draining; reconnect to another replica")))
+                .send(Err(Status::unavailable(
+                    "broker is draining; reconnect to another replica",
+                )))
                 .await;
             tracing::info!("session closed for drain; unsettled deliveries stay leased");
         } else {
@@ -133,11 +151,30 @@ pub async fn run(
 
 async fn fetch_loop(session: Arc<Session>, permits: Arc<Semaphore>) {
     let mut backoff = Duration::from_millis(100);
+    let mut consumer = None;
     loop {
-        match session.fetch_once(&permits).await {
+        if consumer.is_none() {
+            match session
+                .broker
+                .store()
+                .agent_consumer(&session.agent.name)
+                .await
+            {
+                Ok(c) => consumer = Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open the agent's consumer; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
+        let Some(c) = consumer.as_ref() else { continue };
+        match session.fetch_once(c, &permits).await {
             Ok(true) => backoff = Duration::from_millis(100),
             Ok(false) => return,
             Err(e) => {
+                consumer = None;
                 tracing::warn!(error = %e, "fetch failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -149,7 +186,11 @@ async fn fetch_loop(session: Arc<Session>, permits: Arc<Semaphore>) {
 impl Session {
     /// Pulls as many messages as there is room for, and handles them.
     /// `Ok(false)` when the client is gone.
-    async fn fetch_once(&self, permits: &Arc<Semaphore>) -> Result<bool, BrokerError> {
+    async fn fetch_once(
+        &self,
+        consumer: &async_nats::jetstream::consumer::PullConsumer,
+        permits: &Arc<Semaphore>,
+    ) -> Result<bool, BrokerError> {
         let Ok(first) = permits.clone().acquire_owned().await else {
             return Ok(false);
         };
@@ -157,7 +198,6 @@ impl Session {
         while let Ok(p) = permits.clone().try_acquire_owned() {
             held.push(p);
         }
-        let consumer = self.broker.store().agent_consumer(&self.agent.name).await?;
         let mut batch = consumer
             .batch()
             .max_messages(held.len())
@@ -197,7 +237,11 @@ impl Session {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!(seq, error = %e, "inbox message is not a handoff; terminated");
-                let _ = self.broker.store().settle(&ack_subject, AckKind::Term).await;
+                let _ = self
+                    .broker
+                    .store()
+                    .settle(&ack_subject, AckKind::Term)
+                    .await;
                 return true;
             }
         };
@@ -258,6 +302,7 @@ impl Session {
                 sequence: seq,
                 handoff: Some(envelope.clone()),
             };
+            self.broker.track_delivery(&token, self.released.clone());
             self.in_flight.lock().await.insert(
                 token.clone(),
                 InFlight {
@@ -312,7 +357,9 @@ impl Session {
                 (n.delivery_id, r)
             }
             Some(Command::Reject(r)) => {
-                let res = self.apply(&r.delivery_id, Settle::Reject(r.reason.clone())).await;
+                let res = self
+                    .apply(&r.delivery_id, Settle::Reject(r.reason.clone()))
+                    .await;
                 (r.delivery_id, res)
             }
             Some(Command::Extend(e)) => {
@@ -321,9 +368,14 @@ impl Session {
             }
             Some(Command::Open(_)) => (
                 String::new(),
-                Err(BrokerError::Malformed("the stream is already open".to_string())),
+                Err(BrokerError::Malformed(
+                    "the stream is already open".to_string(),
+                )),
             ),
-            None => (String::new(), Err(BrokerError::Malformed("empty command".to_string()))),
+            None => (
+                String::new(),
+                Err(BrokerError::Malformed("empty command".to_string())),
+            ),
         };
         let (code, message, lease_deadline) = match result {
             Ok(deadline) => (0, String::new(), deadline),
@@ -341,7 +393,11 @@ impl Session {
         let _ = self.tx.send(Ok(settled)).await;
     }
 
-    async fn apply(&self, delivery_id: &str, op: Settle) -> Result<Option<prost_types::Timestamp>, BrokerError> {
+    async fn apply(
+        &self,
+        delivery_id: &str,
+        op: Settle,
+    ) -> Result<Option<prost_types::Timestamp>, BrokerError> {
         let token = domain::decode_token(delivery_id)?;
         if token.agent != self.agent.name {
             return Err(BrokerError::Malformed(format!(
@@ -359,11 +415,19 @@ impl Session {
             None => {
                 // Settled through another session (after a reconnect): the
                 // stored handoff says which run it belongs to.
-                let msg = self.broker.store().inbox_message(token.stream_sequence).await?.ok_or_else(|| {
-                    BrokerError::DeliveryGone("the delivery's handoff is no longer stored".to_string())
+                let msg = self
+                    .broker
+                    .store()
+                    .inbox_message(token.stream_sequence)
+                    .await?
+                    .ok_or_else(|| {
+                        BrokerError::DeliveryGone(
+                            "the delivery's handoff is no longer stored".to_string(),
+                        )
+                    })?;
+                let env = pb::HandoffEnvelope::decode(msg.payload).map_err(|e| {
+                    BrokerError::Internal(format!("stored handoff does not decode: {e}"))
                 })?;
-                let env = pb::HandoffEnvelope::decode(msg.payload)
-                    .map_err(|e| BrokerError::Internal(format!("stored handoff does not decode: {e}")))?;
                 let (run, _) = self.broker.run(&env.run_id).await?;
                 (run.id, run.owner, 0)
             }
@@ -375,6 +439,9 @@ impl Session {
             Settle::Extend => AckKind::Progress,
         };
         self.broker.store().settle(&token.ack_subject, kind).await?;
+        if !matches!(op, Settle::Extend) {
+            self.broker.untrack_delivery(delivery_id);
+        }
         let event = |kind: pb::EventKind, reason: String| pb::Event {
             kind: kind as i32,
             run_id: run_id.clone(),
@@ -389,26 +456,41 @@ impl Session {
         match op {
             Settle::Extend => {
                 let lease = lease_of(&self.agent, self.broker.config().default_lease);
-                return Ok(Some(prost_types::Timestamp::from(std::time::SystemTime::now() + lease)));
+                return Ok(Some(prost_types::Timestamp::from(
+                    std::time::SystemTime::now() + lease,
+                )));
             }
             Settle::Ack => {
                 self.in_flight.lock().await.remove(delivery_id);
-                self.broker
-                    .emit_detached(event(pb::EventKind::Acked, String::new()), format!("acked-{}", token.handoff_id));
+                self.broker.emit_detached(
+                    event(pb::EventKind::Acked, String::new()),
+                    format!("acked-{}", token.handoff_id),
+                );
             }
             Settle::Nack(delay) => {
                 self.in_flight.lock().await.remove(delivery_id);
                 let reason = delay.map(|d| format!("retry in {d:?}")).unwrap_or_default();
                 self.broker.emit_detached(
                     event(pb::EventKind::Nacked, reason),
-                    format!("nacked-{}-{attempt}-{}", token.handoff_id, uuid::Uuid::now_v7()),
+                    format!(
+                        "nacked-{}-{attempt}-{}",
+                        token.handoff_id,
+                        uuid::Uuid::now_v7()
+                    ),
                 );
             }
             Settle::Reject(reason) => {
                 self.in_flight.lock().await.remove(delivery_id);
-                let reason = if reason.is_empty() { "rejected".to_string() } else { reason };
+                let reason = if reason.is_empty() {
+                    "rejected".to_string()
+                } else {
+                    reason
+                };
                 self.broker
-                    .emit(event(pb::EventKind::Rejected, reason.clone()), &format!("rejected-{}", token.handoff_id))
+                    .emit(
+                        event(pb::EventKind::Rejected, reason.clone()),
+                        &format!("rejected-{}", token.handoff_id),
+                    )
                     .await?;
                 self.broker
                     .end_run(
@@ -426,9 +508,20 @@ impl Session {
 
     /// Returns every unsettled delivery for immediate redelivery.
     async fn return_all(&self) {
-        let drained: Vec<InFlight> = self.in_flight.lock().await.drain().map(|(_, f)| f).collect();
+        let drained: Vec<InFlight> = self
+            .in_flight
+            .lock()
+            .await
+            .drain()
+            .map(|(_, f)| f)
+            .collect();
         for f in drained {
-            if let Err(e) = self.broker.store().settle(&f.ack_subject, AckKind::Nak(None)).await {
+            if let Err(e) = self
+                .broker
+                .store()
+                .settle(&f.ack_subject, AckKind::Nak(None))
+                .await
+            {
                 tracing::warn!(handoff_id = %f.handoff_id, error = %e, "could not return a delivery; it waits for its lease");
             }
         }
@@ -454,7 +547,11 @@ async fn exhaust(
     delivered: i64,
 ) -> Result<(), BrokerError> {
     let attempts = u32::try_from(delivered - 1).unwrap_or(u32::MAX);
-    let owner = broker.run(&envelope.run_id).await.map(|(r, _)| r.owner).unwrap_or_default();
+    let owner = broker
+        .run(&envelope.run_id)
+        .await
+        .map(|(r, _)| r.owner)
+        .unwrap_or_default();
     let reason = format!(
         "not settled by agent {} after {attempts} attempts",
         spec.name
@@ -473,7 +570,11 @@ async fn exhaust(
             copy.parent_ids = vec![envelope.id.clone()];
             broker
                 .store()
-                .publish(store::inbox_subject(&fb.name), &copy.id, copy.encode_to_vec().into())
+                .publish(
+                    store::inbox_subject(&fb.name),
+                    &copy.id,
+                    copy.encode_to_vec().into(),
+                )
                 .await?;
             broker
                 .emit(
@@ -505,7 +606,11 @@ async fn exhaust(
             };
             broker
                 .store()
-                .publish(store::dead_subject(&spec.name), &format!("dead-{}", envelope.id), letter.encode_to_vec().into())
+                .publish(
+                    store::dead_subject(&spec.name),
+                    &format!("dead-{}", envelope.id),
+                    letter.encode_to_vec().into(),
+                )
                 .await?;
             broker
                 .emit(
@@ -524,7 +629,10 @@ async fn exhaust(
                 )
                 .await?;
             match broker
-                .end_run(&envelope.run_id, RunEnd::Failed(format!("handoff {} dead-lettered: {reason}", envelope.id)))
+                .end_run(
+                    &envelope.run_id,
+                    RunEnd::Failed(format!("handoff {} dead-lettered: {reason}", envelope.id)),
+                )
                 .await
             {
                 Ok(_) | Err(BrokerError::RunNotFound(_)) => {}

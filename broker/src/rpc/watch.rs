@@ -17,14 +17,22 @@ pub fn filter_subject(req: &pb::WatchRequest) -> Result<String, BrokerError> {
     for k in &req.kinds {
         match pb::EventKind::try_from(*k) {
             Ok(pb::EventKind::Unspecified) | Err(_) => {
-                return Err(BrokerError::Malformed(format!("kinds: {k} is not an event kind")))
+                return Err(BrokerError::Malformed(format!(
+                    "kinds: {k} is not an event kind"
+                )))
             }
             Ok(_) => {}
         }
     }
-    let run = if req.run_id.is_empty() { "*" } else { req.run_id.as_str() };
+    let run = if req.run_id.is_empty() {
+        "*"
+    } else {
+        req.run_id.as_str()
+    };
     let kind = match req.kinds.as_slice() {
-        [one] => pb::EventKind::try_from(*one).map(|k| k.token()).unwrap_or("*"),
+        [one] => pb::EventKind::try_from(*one)
+            .map(|k| k.token())
+            .unwrap_or("*"),
         _ => "*",
     };
     Ok(format!("handoff.v1.events.{run}.{kind}"))
@@ -36,16 +44,14 @@ fn matches(req: &pb::WatchRequest, e: &pb::Event) -> bool {
         && (req.kinds.is_empty() || req.kinds.contains(&e.kind))
 }
 
-/// Streams matching events into `tx` until the client leaves or the
-/// broker drains. Starts at `from_sequence`, or at new events when 0.
-pub async fn run(broker: Broker, req: pb::WatchRequest, tx: mpsc::Sender<Result<pb::Event, Status>>) {
-    let filter = match filter_subject(&req) {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = tx.send(Err(e.into())).await;
-            return;
-        }
-    };
+/// The events a watch reads: an ordered consumer created before the RPC
+/// answers, so nothing published after `Watch` returns is missed.
+pub type Messages = async_nats::jetstream::consumer::pull::Ordered;
+
+/// Opens the ordered consumer of a watch, starting at `from_sequence`, or
+/// at new events when 0.
+pub async fn open(broker: &Broker, req: &pb::WatchRequest) -> Result<Messages, BrokerError> {
+    let filter = filter_subject(req)?;
     let deliver_policy = if req.from_sequence > 0 {
         DeliverPolicy::ByStartSequence {
             start_sequence: req.from_sequence,
@@ -61,20 +67,22 @@ pub async fn run(broker: Broker, req: pb::WatchRequest, tx: mpsc::Sender<Result<
             deliver_policy,
             ..Default::default()
         })
-        .await;
-    let mut messages = match consumer {
-        Ok(c) => match c.messages().await {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = tx.send(Err(BrokerError::nats("watching", e).into())).await;
-                return;
-            }
-        },
-        Err(e) => {
-            let _ = tx.send(Err(BrokerError::nats("watching", e).into())).await;
-            return;
-        }
-    };
+        .await
+        .map_err(|e| BrokerError::nats("watching", e))?;
+    consumer
+        .messages()
+        .await
+        .map_err(|e| BrokerError::nats("watching", e))
+}
+
+/// Streams matching events into `tx` until the client leaves or the
+/// broker drains.
+pub async fn run(
+    broker: Broker,
+    req: pb::WatchRequest,
+    mut messages: Messages,
+    tx: mpsc::Sender<Result<pb::Event, Status>>,
+) {
     loop {
         let next = tokio::select! {
             m = messages.next() => m,
@@ -105,15 +113,28 @@ pub async fn run(broker: Broker, req: pb::WatchRequest, tx: mpsc::Sender<Result<
 }
 
 /// Dead letters, oldest first.
-pub async fn dead_letters(broker: &Broker, req: pb::ListDeadLettersRequest) -> Result<pb::ListDeadLettersResponse, BrokerError> {
+pub async fn dead_letters(
+    broker: &Broker,
+    req: pb::ListDeadLettersRequest,
+) -> Result<pb::ListDeadLettersResponse, BrokerError> {
     names::validate_optional("agent", &req.agent)?;
-    let agent = if req.agent.is_empty() { "*" } else { req.agent.as_str() };
+    let agent = if req.agent.is_empty() {
+        "*"
+    } else {
+        req.agent.as_str()
+    };
     let limit = match req.limit {
         0 => 100,
         n => n.min(10_000) as usize,
     };
     let mut dead_letters = Vec::new();
-    for (seq, payload) in read_stream(&broker.store().dead, &format!("handoff.v1.dead.{agent}"), limit).await? {
+    for (seq, payload) in read_stream(
+        &broker.store().dead,
+        &format!("handoff.v1.dead.{agent}"),
+        limit,
+    )
+    .await?
+    {
         if let Ok(mut d) = pb::DeadLetter::decode(payload) {
             d.sequence = seq;
             dead_letters.push(d);
@@ -129,10 +150,16 @@ mod tests {
     #[test]
     fn filters() {
         let mut r = pb::WatchRequest::default();
-        assert_eq!(filter_subject(&r).ok().as_deref(), Some("handoff.v1.events.*.*"));
+        assert_eq!(
+            filter_subject(&r).ok().as_deref(),
+            Some("handoff.v1.events.*.*")
+        );
         r.run_id = "r1".into();
         r.kinds = vec![pb::EventKind::RunFailed as i32];
-        assert_eq!(filter_subject(&r).ok().as_deref(), Some("handoff.v1.events.r1.run_failed"));
+        assert_eq!(
+            filter_subject(&r).ok().as_deref(),
+            Some("handoff.v1.events.r1.run_failed")
+        );
         r.kinds = vec![99];
         assert!(filter_subject(&r).is_err());
         r.kinds.clear();

@@ -1,0 +1,176 @@
+//! The `handoffd` process: configuration errors, a missing `nats-server`,
+//! the embedded default, SIGTERM, and events seen by a plain NATS client.
+
+use std::{process::Stdio, time::Duration};
+
+use futures::StreamExt;
+use handoff_client::{pb, AgentConfig, Handoff, RunConfig};
+use handoff_tests::{note, Broker, Nats};
+use prost::Message as _;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::Command,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_handoffd-under-test");
+
+#[tokio::test]
+async fn bad_configuration_reports_every_problem_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("handoffd.toml");
+    std::fs::write(
+        &file,
+        "listen = \"nowhere\"\ndefault_lease = \"soon\"\ncolour = \"blue\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&file)
+        .env("HANDOFF_REPLICAS", "zero")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["listen", "default_lease", "colour", "replicas"] {
+        assert!(err.contains(needle), "{needle} missing from: {err}");
+    }
+}
+
+#[tokio::test]
+async fn missing_nats_server_is_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("HANDOFF_NATS_SERVER_BIN", "/nonexistent/nats-server")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("handoffd:"))
+        .expect("a handoffd: line");
+    assert!(
+        line.contains("not found") && line.contains("apt-get install -y nats-server"),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn embedded_default_serves_and_stops_its_nats_child_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut addr = None;
+    let mut nats_url = None;
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await
+    {
+        if line.contains("embedded nats-server started") {
+            nats_url = line
+                .split("\"url\":\"")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .map(String::from);
+        }
+        if line.contains("handoffd serving") {
+            addr = line
+                .split("\"addr\":\"")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .map(String::from);
+            break;
+        }
+    }
+    let addr = addr.expect("serving");
+    let nats_url = nats_url.expect("embedded nats url");
+    assert!(nats_url.starts_with("nats://127.0.0.1:"), "{nats_url}");
+    assert!(
+        dir.path().join("nats").join("jetstream").exists(),
+        "store under the data dir"
+    );
+    let pid_file = dir.path().join("nats").join("nats-server.pid");
+    let nats_pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let client = handoff_client::Client::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    client
+        .register_agent(AgentConfig::new("worker"))
+        .await
+        .unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{nats_pid}")).exists(),
+        "embedded nats-server stopped"
+    );
+}
+
+#[tokio::test]
+async fn plain_nats_subscribers_see_every_event_as_protobuf() {
+    let nats = Nats::start().await;
+    let broker = Broker::start(nats.url(), |_| {}).await;
+    let plain = async_nats::connect(nats.url()).await.unwrap();
+    let mut events = plain.subscribe("handoff.v1.events.>").await.unwrap();
+    let client = broker.client().await;
+    client
+        .register_agent(AgentConfig::new("worker"))
+        .await
+        .unwrap();
+    let run = client
+        .start_run(RunConfig::new("o").id("plain-run"))
+        .await
+        .unwrap();
+    client
+        .handoff(Handoff::final_result(&run.id, &note("done", 1)).unwrap())
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let event = pb::Event::decode(msg.payload).unwrap();
+        let kind = pb::EventKind::try_from(event.kind).unwrap();
+        assert_eq!(
+            msg.subject.as_str(),
+            format!("handoff.v1.events.plain-run.{}", kind.token())
+        );
+        seen.push(kind);
+    }
+    assert_eq!(
+        seen,
+        vec![
+            pb::EventKind::RunStarted,
+            pb::EventKind::HandoffAccepted,
+            pb::EventKind::RunCompleted
+        ]
+    );
+}
