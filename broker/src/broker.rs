@@ -1,11 +1,10 @@
 //! Shared broker state: the store, the configuration, in-memory caches and
 //! the run transitions every RPC relies on.
 //!
-//! The caches hold only what cannot go stale in a way that matters: agent
-//! specs (refreshed from the bucket on a miss, and on every register) and
-//! pinned contexts (immutable once a run starts). Run status is always
-//! read from the bucket and changed with compare-and-set, so two replicas
-//! never both end a run.
+//! The only cache is agent specs: filled from the bucket on a miss and kept
+//! current by a watch on the bucket, so a registration on one replica
+//! reaches every other. Runs are always read from the bucket and changed
+//! with compare-and-set, so two replicas never both end a run.
 
 use std::{sync::Arc, time::SystemTime};
 
@@ -25,7 +24,6 @@ struct Inner {
     config: Config,
     store: Store,
     agents: DashMap<String, pb::AgentSpec>,
-    pinned: DashMap<String, pb::PinnedContext>,
     /// Live deliveries (by delivery id) and the session that holds each, so
     /// that a complete-and-handoff frees the session's slot.
     leases: DashMap<String, mpsc::UnboundedSender<String>>,
@@ -56,7 +54,6 @@ impl Broker {
                 config,
                 store,
                 agents: DashMap::new(),
-                pinned: DashMap::new(),
                 leases: DashMap::new(),
                 draining,
             }),
@@ -123,6 +120,11 @@ impl Broker {
         self.agent(name).await
     }
 
+    /// Forgets a cached agent spec (deleted from the bucket).
+    pub fn forget_agent(&self, name: &str) {
+        self.inner.agents.remove(name);
+    }
+
     /// Remembers an agent spec just stored.
     pub fn cache_agent(&self, spec: pb::AgentSpec) {
         self.inner.agents.insert(spec.name.clone(), spec);
@@ -130,17 +132,10 @@ impl Broker {
 
     /// A run and its revision; NOT_FOUND if it does not exist.
     pub async fn run(&self, run_id: &str) -> Result<(pb::Run, u64), BrokerError> {
-        let (run, rev) = self
-            .store()
+        self.store()
             .run(run_id)
             .await?
-            .ok_or_else(|| BrokerError::RunNotFound(run_id.to_string()))?;
-        if !self.inner.pinned.contains_key(run_id) {
-            self.inner
-                .pinned
-                .insert(run_id.to_string(), run.pinned.clone().unwrap_or_default());
-        }
-        Ok((run, rev))
+            .ok_or_else(|| BrokerError::RunNotFound(run_id.to_string()))
     }
 
     /// Publishes an event, deduplicated by `msg_id`; the owner and time
@@ -231,15 +226,6 @@ impl Broker {
         self.emit(event, &format!("end-{}", run.id))
             .await
             .map(|_| ())
-    }
-
-    /// The pinned context of a run (cached; it never changes).
-    pub async fn pinned(&self, run_id: &str) -> Result<pb::PinnedContext, BrokerError> {
-        if let Some(p) = self.inner.pinned.get(run_id) {
-            return Ok(p.clone());
-        }
-        let (run, _) = self.run(run_id).await?;
-        Ok(run.pinned.unwrap_or_default())
     }
 }
 

@@ -111,7 +111,8 @@ pub fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match crate::run(config, listener, shutdown_signal()).await {
+        let shutdown = shutdown_signal();
+        match crate::run(config, listener, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e}");
@@ -122,20 +123,24 @@ pub fn main() -> ExitCode {
     })
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+/// Installs the SIGINT and SIGTERM handlers now (before the broker tells
+/// systemd it is ready, so an early SIGTERM drains instead of killing), and
+/// returns a future that resolves on either.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => tracing::info!("SIGTERM received"),
-                _ = i.recv() => tracing::info!("SIGINT received"),
+    async move {
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => tracing::info!("SIGTERM received"),
+                    _ = i.recv() => tracing::info!("SIGINT received"),
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

@@ -140,13 +140,31 @@ pub fn decode_token(s: &str) -> Result<pb::DeliveryToken, BrokerError> {
     let token = pb::DeliveryToken::decode(bytes.as_slice())
         .map_err(|_| bad("not a token issued by the broker"))?;
     if token.stream_sequence == 0
-        || !token.ack_subject.starts_with("$JS.ACK.")
         || token.handoff_id.is_empty()
         || names::validate("agent", &token.agent).is_err()
+        || !ack_subject_matches(&token.ack_subject, &token.agent, token.stream_sequence)
     {
         return Err(bad("not a token issued by the broker"));
     }
     Ok(token)
+}
+
+/// True when `subject` is a JetStream ack subject of `agent`'s inbox
+/// consumer for stream sequence `seq` (both the v1 and the v2 formats).
+fn ack_subject_matches(subject: &str, agent: &str, seq: u64) -> bool {
+    let parts: Vec<&str> = subject.split('.').collect();
+    // v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+    // v2: $JS.ACK.<domain>.<acc>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
+    let at = match parts.len() {
+        9 => 2,
+        11 | 12 => 4,
+        _ => return false,
+    };
+    parts[0] == "$JS"
+        && parts[1] == "ACK"
+        && parts[at] == crate::store::INBOX_STREAM
+        && parts[at + 1] == agent
+        && parts[at + 3].parse::<u64>().ok() == Some(seq)
 }
 
 /// What to do with a message JetStream offers for the `delivered`-th time.
@@ -264,10 +282,27 @@ mod tests {
         let t = pb::DeliveryToken {
             agent: "worker".into(),
             stream_sequence: 7,
-            ack_subject: "$JS.ACK.S.C.1.7.1.0.0".into(),
+            ack_subject: "$JS.ACK.HANDOFF_INBOX.worker.1.7.1.0.0".into(),
             handoff_id: "h".into(),
         };
-        assert_eq!(decode_token(&encode_token(&t)).ok(), Some(t));
+        assert_eq!(decode_token(&encode_token(&t)).ok(), Some(t.clone()));
+        for subject in [
+            "$JS.ACK.HANDOFF_TIMERS.worker.1.7.1.0.0",
+            "$JS.ACK.HANDOFF_INBOX.planner.1.7.1.0.0",
+            "$JS.ACK.HANDOFF_INBOX.worker.1.8.1.0.0",
+            "$JS.ACK.x",
+        ] {
+            let forged = pb::DeliveryToken {
+                ack_subject: subject.into(),
+                ..t.clone()
+            };
+            assert!(decode_token(&encode_token(&forged)).is_err(), "{subject}");
+        }
+        let v2 = pb::DeliveryToken {
+            ack_subject: "$JS.ACK.dom.acc.HANDOFF_INBOX.worker.1.7.1.0.0.tok".into(),
+            ..t
+        };
+        assert!(decode_token(&encode_token(&v2)).is_ok());
         for bad in ["", "!!", "aGVsbG8"] {
             assert_eq!(
                 decode_token(bad).map_err(|e| e.code()),

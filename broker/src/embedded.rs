@@ -54,6 +54,8 @@ pub struct Options {
     pub port: u16,
     /// Extra arguments (cluster settings, server name...).
     pub extra_args: Vec<String>,
+    /// Enable JetStream (`-js`); always on for the broker.
+    pub jetstream: bool,
     /// Time allowed to become ready.
     pub ready_timeout: Duration,
 }
@@ -66,6 +68,7 @@ impl Options {
             store_dir: store_dir.into(),
             port: 0,
             extra_args: Vec::new(),
+            jetstream: true,
             ready_timeout: Duration::from_secs(10),
         }
     }
@@ -99,7 +102,11 @@ impl NatsServer {
             .arg("127.0.0.1")
             .arg("-p")
             .arg(&port)
-            .arg("-js")
+            .args(if opts.jetstream {
+                &["-js"][..]
+            } else {
+                &[][..]
+            })
             .arg("-sd")
             .arg(&opts.store_dir)
             .args(&opts.extra_args)

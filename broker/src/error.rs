@@ -57,6 +57,17 @@ pub enum BrokerError {
         /// The configured limit.
         limit: usize,
     },
+    /// The whole envelope (payload, warnings, tool results...) is larger
+    /// than NATS accepts.
+    #[error(
+        "the handoff envelope is {size} bytes; NATS accepts at most {max_payload} (max_payload)"
+    )]
+    EnvelopeTooLarge {
+        /// Encoded envelope size.
+        size: usize,
+        /// The server's max_payload.
+        max_payload: usize,
+    },
     /// The consumed delivery cannot be completed.
     #[error("{0}")]
     DeliveryGone(String),
@@ -79,9 +90,11 @@ impl BrokerError {
             InvalidName { .. } | Malformed(_) | BadDeliveryId(_) => Code::InvalidArgument,
             RunNotFound(_) | AgentNotFound(_) => Code::NotFound,
             RunExists(_) => Code::AlreadyExists,
-            RunClosed { .. } | DepthExceeded { .. } | PayloadTooLarge { .. } | DeliveryGone(_) => {
-                Code::FailedPrecondition
-            }
+            RunClosed { .. }
+            | DepthExceeded { .. }
+            | PayloadTooLarge { .. }
+            | EnvelopeTooLarge { .. }
+            | DeliveryGone(_) => Code::FailedPrecondition,
             Unavailable(_) => Code::Unavailable,
             Internal(_) => Code::Internal,
         }

@@ -12,7 +12,6 @@ use tokio::{
     net::TcpListener,
     sync::{oneshot, watch},
 };
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::{
     broker::Broker,
@@ -128,6 +127,7 @@ async fn serve(
     let (drain_tx, drain_rx) = watch::channel(false);
     let broker = Broker::new(config.clone(), store, drain_rx);
     let timer_task = tokio::spawn(timers::run(broker.clone()));
+    let agents_task = tokio::spawn(watch_agents(broker.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -148,9 +148,14 @@ async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = stop_rx.await;
-        });
+        // The listener is the caller's, so set TCP_NODELAY on accepted
+        // sockets here: without it small gRPC frames wait on delayed ACKs.
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
     let mut server = std::pin::pin!(server);
     tracing::info!(%addr, nats = nats_url, "handoffd serving");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -163,6 +168,7 @@ async fn serve(
     tokio::select! {
         r = &mut server => {
             timer_task.abort();
+            agents_task.abort();
             return r.map_err(|e| RunError::Serve(e.to_string()));
         }
         _ = shutdown => {}
@@ -182,9 +188,36 @@ async fn serve(
         }
     };
     timer_task.abort();
+    agents_task.abort();
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "NATS flush on exit failed");
     }
     tracing::info!("handoffd stopped");
     result
+}
+
+/// Keeps the agent cache current with registrations made on any replica.
+async fn watch_agents(broker: Broker) {
+    use async_nats::jetstream::kv::Operation;
+    use futures::StreamExt;
+    use prost::Message as _;
+    loop {
+        match broker.store().agents.watch_all().await {
+            Ok(mut updates) => {
+                while let Some(entry) = updates.next().await {
+                    let Ok(entry) = entry else { break };
+                    match entry.operation {
+                        Operation::Put => {
+                            if let Ok(spec) = handoff_proto::pb::AgentSpec::decode(entry.value) {
+                                broker.cache_agent(spec);
+                            }
+                        }
+                        Operation::Delete | Operation::Purge => broker.forget_agent(&entry.key),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "agent watch failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }

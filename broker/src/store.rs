@@ -140,19 +140,31 @@ impl Store {
         };
         let agents = ensure_bucket(&js, bucket(AGENTS_BUCKET, 1)).await?;
         let runs = ensure_bucket(&js, bucket(RUNS_BUCKET, 1)).await?;
-        timers
-            .get_or_create_consumer(
-                TIMERS_CONSUMER,
-                pull::Config {
-                    durable_name: Some(TIMERS_CONSUMER.to_string()),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(30),
-                    max_deliver: -1,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| BrokerError::nats("creating the timer consumer", e))?;
+        // Timers not yet due wait as pending (negatively acknowledged with a
+        // delay), so the consumer must allow any number of them pending.
+        let timer_consumer = pull::Config {
+            durable_name: Some(TIMERS_CONSUMER.to_string()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: -1,
+            max_ack_pending: -1,
+            ..Default::default()
+        };
+        match timers.consumer_info(TIMERS_CONSUMER).await {
+            Ok(info) if info.config.max_ack_pending == -1 => {}
+            Ok(_) => {
+                timers
+                    .update_consumer(timer_consumer)
+                    .await
+                    .map_err(|e| BrokerError::nats("updating the timer consumer", e))?;
+            }
+            Err(_) => {
+                timers
+                    .create_consumer(timer_consumer)
+                    .await
+                    .map_err(|e| BrokerError::nats("creating the timer consumer", e))?;
+            }
+        }
         Ok(Store {
             client,
             js,

@@ -142,7 +142,8 @@ impl Client {
             .agents)
     }
 
-    /// Starts a run.
+    /// Starts a run. Retrying with the same `RunConfig` (or a clone) after
+    /// UNAVAILABLE answers the same run: its id is fixed when it is built.
     pub async fn start_run(&self, run: RunConfig) -> Result<pb::Run> {
         let resp = self.raw().start_run(self.request(run.req)).await?;
         resp.into_inner()
@@ -254,17 +255,19 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    /// A run owned by `owner` (told when it completes, fails or times out).
+    /// A run owned by `owner` (told when it completes, fails or times out),
+    /// with a fresh time-ordered id.
     pub fn new(owner: impl Into<String>) -> Self {
         RunConfig {
             req: pb::StartRunRequest {
+                run_id: uuid::Uuid::now_v7().to_string(),
                 owner: owner.into(),
                 ..Default::default()
             },
         }
     }
 
-    /// Fixes the run id (default: generated).
+    /// Fixes the run id (default: a fresh UUIDv7).
     pub fn id(mut self, run_id: impl Into<String>) -> Self {
         self.req.run_id = run_id.into();
         self

@@ -186,8 +186,12 @@ impl Subscription {
                             shared: reader.clone(),
                         };
                         if reader.is_finished(delivery.handoff_id()) {
-                            // Finished here already: its ack was lost. Ack again, quietly.
-                            let _ = delivery.ack().await;
+                            // Finished here already: its ack was lost. Ack it
+                            // again, quietly, without holding up this reader
+                            // (which is what carries the broker's answers).
+                            tokio::spawn(async move {
+                                let _ = delivery.ack().await;
+                            });
                             continue;
                         }
                         if tx.send(Ok(delivery)).await.is_err() {
@@ -366,14 +370,14 @@ impl Delivery {
 
     /// Terminal failure: the run fails and its owner is told.
     pub async fn reject(&self, reason: impl Into<String>) -> Result<()> {
-        self.shared.mark_finished(self.handoff_id());
         self.shared
             .send(pb::subscribe_request::Command::Reject(pb::Reject {
                 delivery_id: self.id().to_string(),
                 reason: reason.into(),
             }))
-            .await
-            .map(|_| ())
+            .await?;
+        self.shared.mark_finished(self.handoff_id());
+        Ok(())
     }
 
     /// Still working: the lease restarts; returns the new deadline.

@@ -27,13 +27,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000);
     let nats = Nats::start().await;
-    let broker = Broker::start(nats.url(), |c| c.default_max_depth = hops + 10).await;
+    let broker = Broker::start(nats.url(), |c| c.default_max_depth = hops + 1000).await;
     let client = broker.client().await;
     for a in ["ping", "pong"] {
         client.register_agent(AgentConfig::new(a)).await?;
     }
     let run = client
-        .start_run(RunConfig::new("bench").max_depth(hops + 10))
+        .start_run(RunConfig::new("bench").max_depth(hops + 1000))
         .await?;
     let mut ping = client.subscribe("ping", "p", 1).await?;
     let mut pong = client.subscribe("pong", "p", 1).await?;

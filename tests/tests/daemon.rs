@@ -174,3 +174,113 @@ async fn plain_nats_subscribers_see_every_event_as_protobuf() {
         ]
     );
 }
+
+#[tokio::test]
+async fn nats_without_jetstream_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = handoffd::embedded::Options::new("nats-server", dir.path().join("plain"));
+    opts.jetstream = false;
+    let plain = handoffd::embedded::NatsServer::start(opts).await.unwrap();
+    let out = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--nats-url", plain.url()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("handoffd:"))
+        .expect("a handoffd: line");
+    assert!(
+        line.contains("no JetStream") && line.contains("-js"),
+        "{line}"
+    );
+    plain.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    let nats = Nats::start().await;
+    let broker = Broker::start(nats.url(), |_| {}).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", broker.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "handoff.v1.HandoffBroker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"handoff.v1.HandoffBroker".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+}
+
+#[tokio::test]
+async fn systemd_is_told_ready_and_stopping() {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--nats-url", nats.url()])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(20), socket.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(20), socket.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

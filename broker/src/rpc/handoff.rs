@@ -33,7 +33,9 @@ pub async fn handoff(
     let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
     if status.is_terminal() {
         if req.r#final && run.result_handoff_id == id {
-            // A retry of the final handoff that completed this run.
+            // A retry of the final handoff that completed this run: make
+            // sure the owner was told (deduplicated), then answer duplicate.
+            broker.announce_end(&run).await?;
             if let Some(token) = &consumed {
                 ack_consumed(broker, &run, &req.consumes, token).await;
             }
@@ -80,6 +82,11 @@ pub async fn handoff(
         created_at: Some(now()),
         fallback_from: String::new(),
     };
+    let max_payload = broker.store().client.server_info().max_payload;
+    let size = envelope.encoded_len();
+    if max_payload > 0 && size > max_payload {
+        return Err(BrokerError::EnvelopeTooLarge { size, max_payload });
+    }
     let (sequence, duplicate) = if req.r#final {
         (0, false)
     } else {

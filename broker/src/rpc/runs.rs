@@ -44,7 +44,11 @@ pub async fn start(
                 .ok()
                 .filter(|d| !d.is_zero())
                 .ok_or_else(|| BrokerError::Malformed("timeout must be positive".to_string()))?;
-            Some(prost_types::Timestamp::from(SystemTime::now() + t))
+            let due = SystemTime::now()
+                .checked_add(t)
+                .filter(|_| t <= Duration::from_secs(10 * 365 * 24 * 3600))
+                .ok_or_else(|| BrokerError::Malformed("timeout is over 10 years".to_string()))?;
+            Some(prost_types::Timestamp::from(due))
         }
     };
     let run = pb::Run {

@@ -36,6 +36,9 @@ struct InFlight {
     run_id: String,
     owner: String,
     attempt: u32,
+    /// When JetStream will offer it again unless extended: past this the
+    /// slot is freed, whatever became of the delivery.
+    expires: tokio::time::Instant,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -111,6 +114,8 @@ pub async fn run(
         tracing::info!(max_in_flight, "instance subscribed");
         let permits = Arc::new(Semaphore::new(max_in_flight));
         let fetcher = tokio::spawn(fetch_loop(session.clone(), permits).in_current_span());
+        let mut sweep = tokio::time::interval(Duration::from_millis(250));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let drained = loop {
             tokio::select! {
                 msg = inbound.message() => match msg {
@@ -125,6 +130,7 @@ pub async fn run(
                     // Completed by a handoff that consumed it: free the slot.
                     session.in_flight.lock().await.remove(&id);
                 }
+                _ = sweep.tick() => session.sweep_expired().await,
                 _ = broker.drained() => break true,
             }
         };
@@ -303,7 +309,10 @@ impl Session {
                 handoff: Some(envelope.clone()),
             };
             self.broker.track_delivery(&token, self.released.clone());
-            self.in_flight.lock().await.insert(
+            let mut in_flight = self.in_flight.lock().await;
+            // A redelivery to this session supersedes its expired lease.
+            in_flight.retain(|_, f| f.handoff_id != envelope.id);
+            in_flight.insert(
                 token.clone(),
                 InFlight {
                     ack_subject: ack_subject.clone(),
@@ -311,9 +320,11 @@ impl Session {
                     run_id: run.id.clone(),
                     owner: run.owner.clone(),
                     attempt,
+                    expires: tokio::time::Instant::now() + lease,
                     _permit: permit,
                 },
             );
+            drop(in_flight);
             let response = pb::SubscribeResponse {
                 message: Some(pb::subscribe_response::Message::Delivery(delivery)),
             };
@@ -438,6 +449,40 @@ impl Session {
             Settle::Reject(_) => AckKind::Term,
             Settle::Extend => AckKind::Progress,
         };
+        if let Settle::Reject(reason) = &op {
+            // Fail the run before terminating the delivery: a crash in
+            // between redelivers it (and the ended run discards it), where
+            // the other order could leave a terminated delivery and a run
+            // that never ends.
+            let reason = if reason.is_empty() {
+                "rejected"
+            } else {
+                reason.as_str()
+            };
+            let rejected = pb::Event {
+                kind: pb::EventKind::Rejected as i32,
+                run_id: run_id.clone(),
+                owner: owner.clone(),
+                agent: self.agent.name.clone(),
+                instance: self.instance.clone(),
+                handoff_id: token.handoff_id.clone(),
+                attempt,
+                reason: reason.to_string(),
+                ..Default::default()
+            };
+            self.broker
+                .emit(rejected, &format!("rejected-{}", token.handoff_id))
+                .await?;
+            self.broker
+                .end_run(
+                    &run_id,
+                    RunEnd::Failed(format!(
+                        "agent {} rejected handoff {}: {reason}",
+                        self.agent.name, token.handoff_id
+                    )),
+                )
+                .await?;
+        }
         self.broker.store().settle(&token.ack_subject, kind).await?;
         if !matches!(op, Settle::Extend) {
             self.broker.untrack_delivery(delivery_id);
@@ -455,7 +500,15 @@ impl Session {
         };
         match op {
             Settle::Extend => {
-                let lease = lease_of(&self.agent, self.broker.config().default_lease);
+                let spec = self
+                    .broker
+                    .agent(&self.agent.name)
+                    .await
+                    .unwrap_or_else(|_| self.agent.clone());
+                let lease = lease_of(&spec, self.broker.config().default_lease);
+                if let Some(f) = self.in_flight.lock().await.get_mut(delivery_id) {
+                    f.expires = tokio::time::Instant::now() + lease;
+                }
                 return Ok(Some(prost_types::Timestamp::from(
                     std::time::SystemTime::now() + lease,
                 )));
@@ -479,31 +532,29 @@ impl Session {
                     ),
                 );
             }
-            Settle::Reject(reason) => {
+            Settle::Reject(_) => {
                 self.in_flight.lock().await.remove(delivery_id);
-                let reason = if reason.is_empty() {
-                    "rejected".to_string()
-                } else {
-                    reason
-                };
-                self.broker
-                    .emit(
-                        event(pb::EventKind::Rejected, reason.clone()),
-                        &format!("rejected-{}", token.handoff_id),
-                    )
-                    .await?;
-                self.broker
-                    .end_run(
-                        &run_id,
-                        RunEnd::Failed(format!(
-                            "agent {} rejected handoff {}: {reason}",
-                            self.agent.name, token.handoff_id
-                        )),
-                    )
-                    .await?;
             }
         }
         Ok(None)
+    }
+
+    /// Frees the slots of deliveries whose lease has passed: JetStream
+    /// offers them again (maybe to this very session), and a delivery
+    /// completed through another replica never comes back to be settled.
+    async fn sweep_expired(&self) {
+        let now = tokio::time::Instant::now();
+        let grace = Duration::from_millis(100);
+        let mut in_flight = self.in_flight.lock().await;
+        let expired: Vec<String> = in_flight
+            .iter()
+            .filter(|(_, f)| f.expires + grace < now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            in_flight.remove(&id);
+            self.broker.untrack_delivery(&id);
+        }
     }
 
     /// Returns every unsettled delivery for immediate redelivery.
@@ -559,7 +610,12 @@ async fn exhaust(
     let fallback = if spec.fallback_agent.is_empty() {
         None
     } else {
-        broker.agent(&spec.fallback_agent).await.ok()
+        match broker.agent(&spec.fallback_agent).await {
+            Ok(fb) => Some(fb),
+            Err(BrokerError::AgentNotFound(_)) => None,
+            // Unknown is not absent: retry when the message is offered again.
+            Err(e) => return Err(e),
+        }
     };
     match fallback {
         Some(fb) => {
