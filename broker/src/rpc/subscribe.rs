@@ -443,6 +443,17 @@ impl Session {
                 (run.id, run.owner, 0)
             }
         };
+        let event = |kind: pb::EventKind, reason: String| pb::Event {
+            kind: kind as i32,
+            run_id: run_id.clone(),
+            owner: owner.clone(),
+            agent: self.agent.name.clone(),
+            instance: self.instance.clone(),
+            handoff_id: token.handoff_id.clone(),
+            attempt,
+            reason,
+            ..Default::default()
+        };
         let kind = match &op {
             Settle::Ack => AckKind::Ack,
             Settle::Nack(d) => AckKind::Nak(*d),
@@ -459,17 +470,7 @@ impl Session {
             } else {
                 reason.as_str()
             };
-            let rejected = pb::Event {
-                kind: pb::EventKind::Rejected as i32,
-                run_id: run_id.clone(),
-                owner: owner.clone(),
-                agent: self.agent.name.clone(),
-                instance: self.instance.clone(),
-                handoff_id: token.handoff_id.clone(),
-                attempt,
-                reason: reason.to_string(),
-                ..Default::default()
-            };
+            let rejected = event(pb::EventKind::Rejected, reason.to_string());
             self.broker
                 .emit(rejected, &format!("rejected-{}", token.handoff_id))
                 .await?;
@@ -487,17 +488,6 @@ impl Session {
         if !matches!(op, Settle::Extend) {
             self.broker.untrack_delivery(delivery_id);
         }
-        let event = |kind: pb::EventKind, reason: String| pb::Event {
-            kind: kind as i32,
-            run_id: run_id.clone(),
-            owner: owner.clone(),
-            agent: self.agent.name.clone(),
-            instance: self.instance.clone(),
-            handoff_id: token.handoff_id.clone(),
-            attempt,
-            reason,
-            ..Default::default()
-        };
         match op {
             Settle::Extend => {
                 let spec = self
