@@ -70,11 +70,6 @@ impl Broker {
         &self.inner.store
     }
 
-    /// A receiver that turns `true` when the broker starts draining.
-    pub fn draining(&self) -> watch::Receiver<bool> {
-        self.inner.draining.clone()
-    }
-
     /// Records that a session holds `delivery_id`; `release` is told when
     /// the delivery is settled outside the session (complete-and-handoff).
     pub fn track_delivery(&self, delivery_id: &str, release: mpsc::UnboundedSender<String>) {

@@ -79,7 +79,6 @@ impl Options {
 pub struct NatsServer {
     child: Child,
     url: String,
-    port: u16,
     pid_file: PathBuf,
 }
 
@@ -174,7 +173,6 @@ impl NatsServer {
         Ok(NatsServer {
             child,
             url: format!("nats://127.0.0.1:{port}"),
-            port,
             pid_file,
         })
     }
@@ -182,16 +180,6 @@ impl NatsServer {
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> &str {
         &self.url
-    }
-
-    /// The client port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The child's pid.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
     }
 
     /// Stops the server gracefully (SIGTERM), killing it after `grace`.
@@ -206,13 +194,6 @@ impl NatsServer {
                 let _ = self.child.wait().await;
             }
         }
-        let _ = std::fs::remove_file(&self.pid_file);
-    }
-
-    /// Kills the server at once (SIGKILL), as a crash would.
-    pub async fn kill(mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
         let _ = std::fs::remove_file(&self.pid_file);
     }
 }

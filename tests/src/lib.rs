@@ -39,7 +39,8 @@ pub fn init_logs() {
 
 /// A `nats-server` with JetStream on a random loopback port.
 pub struct Nats {
-    server: Option<NatsServer>,
+    // Killed on drop (kill_on_drop) before the store directory is removed.
+    _server: NatsServer,
     _dir: TempDir,
     url: String,
 }
@@ -54,7 +55,7 @@ impl Nats {
             .expect("nats-server must be installed (apt-get install -y nats-server)");
         let url = server.url().to_string();
         Nats {
-            server: Some(server),
+            _server: server,
             _dir: dir,
             url,
         }
@@ -66,11 +67,13 @@ impl Nats {
     }
 }
 
-impl Drop for Nats {
-    fn drop(&mut self) {
-        // NatsServer kills its child when dropped (kill_on_drop).
-        self.server.take();
-    }
+/// A `nats-server`, a broker on it with `tweak` applied to the test
+/// config, and a client: what most tests start with.
+pub async fn stack(tweak: impl FnOnce(&mut Config)) -> (Nats, Broker, Client) {
+    let nats = Nats::start().await;
+    let broker = Broker::start(nats.url(), tweak).await;
+    let client = broker.client().await;
+    (nats, broker, client)
 }
 
 /// A broker configuration for tests: short timeouts, given NATS.

@@ -4,13 +4,11 @@
 use std::{collections::HashMap, time::Duration};
 
 use handoff_client::{pb, AgentConfig, Handoff, RunConfig, WatchFilter};
-use handoff_tests::{events_until, kinds, next_within, note, Broker, Nats, Note};
+use handoff_tests::{events_until, kinds, next_within, note, stack, Note};
 
 #[tokio::test]
 async fn each_handoff_goes_to_exactly_one_of_three_instances_and_ack_ends_it() {
-    let nats = Nats::start().await;
-    let broker = Broker::start(nats.url(), |_| {}).await;
-    let client = broker.client().await;
+    let (_nats, _broker, client) = stack(|_| {}).await;
     client
         .register_agent(AgentConfig::new("worker").lease(Duration::from_millis(800)))
         .await
@@ -72,9 +70,7 @@ async fn each_handoff_goes_to_exactly_one_of_three_instances_and_ack_ends_it() {
 
 #[tokio::test]
 async fn expired_lease_redelivers_to_another_instance_then_falls_back() {
-    let nats = Nats::start().await;
-    let broker = Broker::start(nats.url(), |_| {}).await;
-    let client = broker.client().await;
+    let (_nats, _broker, client) = stack(|_| {}).await;
     client
         .register_agent(AgentConfig::new("rescuer"))
         .await
@@ -129,16 +125,14 @@ async fn expired_lease_redelivers_to_another_instance_then_falls_back() {
     let told = events_until(&mut owner_events, Duration::from_secs(5), |_| true).await;
     assert_eq!(told[0].fallback_agent, "rescuer");
     assert_eq!(told[0].run_id, run.id);
-    // Acking the stale attempt now is harmless and the run is still running.
+    // Routing to the fallback does not end the run.
     let status = client.get_run(&run.id).await.unwrap().run.unwrap().status;
     assert_eq!(status, pb::RunStatus::Running as i32);
 }
 
 #[tokio::test]
 async fn without_fallback_attempts_end_in_the_dead_letter_and_the_run_fails() {
-    let nats = Nats::start().await;
-    let broker = Broker::start(nats.url(), |_| {}).await;
-    let client = broker.client().await;
+    let (_nats, _broker, client) = stack(|_| {}).await;
     client
         .register_agent(
             AgentConfig::new("worker")
@@ -187,9 +181,7 @@ async fn without_fallback_attempts_end_in_the_dead_letter_and_the_run_fails() {
 
 #[tokio::test]
 async fn same_idempotency_key_twice_is_one_delivery() {
-    let nats = Nats::start().await;
-    let broker = Broker::start(nats.url(), |_| {}).await;
-    let client = broker.client().await;
+    let (_nats, _broker, client) = stack(|_| {}).await;
     client
         .register_agent(AgentConfig::new("worker").lease(Duration::from_millis(500)))
         .await
@@ -222,10 +214,8 @@ async fn same_idempotency_key_twice_is_one_delivery() {
 
 #[tokio::test]
 async fn crash_between_complete_and_ack_is_delivered_downstream_once() {
-    let nats = Nats::start().await;
     // The broker stores the new handoff but "dies" before acking the input.
-    let broker = Broker::start(nats.url(), |c| c.faults.skip_consume_ack = true).await;
-    let client = broker.client().await;
+    let (_nats, _broker, client) = stack(|c| c.faults.skip_consume_ack = true).await;
     client
         .register_agent(AgentConfig::new("worker").lease(Duration::from_secs(30)))
         .await
@@ -280,9 +270,7 @@ async fn crash_between_complete_and_ack_is_delivered_downstream_once() {
 
 #[tokio::test]
 async fn nack_with_delay_redelivers_and_extend_keeps_the_lease() {
-    let nats = Nats::start().await;
-    let broker = Broker::start(nats.url(), |_| {}).await;
-    let client = broker.client().await;
+    let (_nats, _broker, client) = stack(|_| {}).await;
     client
         .register_agent(AgentConfig::new("worker").lease(Duration::from_millis(600)))
         .await
@@ -326,9 +314,7 @@ async fn nack_with_delay_redelivers_and_extend_keeps_the_lease() {
 
 #[tokio::test]
 async fn complete_and_handoff_frees_the_instance_for_its_next_delivery() {
-    let nats = Nats::start().await;
-    let broker = Broker::start(nats.url(), |_| {}).await;
-    let client = broker.client().await;
+    let (_nats, _broker, client) = stack(|_| {}).await;
     client
         .register_agent(AgentConfig::new("worker"))
         .await

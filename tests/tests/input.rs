@@ -4,14 +4,12 @@
 use std::time::Duration;
 
 use handoff_client::{pb, AgentConfig, Handoff, RunConfig};
-use handoff_tests::{next_within, note, Broker, Nats, Note};
+use handoff_tests::{next_within, note, stack, Broker, Nats, Note};
 use tonic::Code;
 
 #[tokio::test]
 async fn bad_input_is_refused_precisely_and_changes_nothing() {
-    let nats = Nats::start().await;
-    let broker = Broker::start(nats.url(), |c| c.max_inline_payload = 1024).await;
-    let client = broker.client().await;
+    let (_nats, _broker, client) = stack(|c| c.max_inline_payload = 1024).await;
     let raw = client.raw();
     client
         .register_agent(AgentConfig::new("worker"))

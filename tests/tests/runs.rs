@@ -4,13 +4,11 @@
 use std::time::Duration;
 
 use handoff_client::{pb, AgentConfig, ErrorKind, Handoff, RunConfig, WatchFilter};
-use handoff_tests::{events_until, kinds, next_within, note, Broker, Nats, Note};
+use handoff_tests::{events_until, kinds, next_within, note, stack, Note};
 
 #[tokio::test]
 async fn reject_fails_the_run_and_watch_resumes_without_gaps_or_repeats() {
-    let nats = Nats::start().await;
-    let broker = Broker::start(nats.url(), |_| {}).await;
-    let client = broker.client().await;
+    let (_nats, _broker, client) = stack(|_| {}).await;
     client
         .register_agent(AgentConfig::new("worker"))
         .await
@@ -106,9 +104,7 @@ async fn reject_fails_the_run_and_watch_resumes_without_gaps_or_repeats() {
 
 #[tokio::test]
 async fn depth_grows_by_one_per_hop_and_is_capped() {
-    let nats = Nats::start().await;
-    let broker = Broker::start(nats.url(), |_| {}).await;
-    let client = broker.client().await;
+    let (_nats, _broker, client) = stack(|_| {}).await;
     for a in ["a", "b", "c", "d"] {
         client.register_agent(AgentConfig::new(a)).await.unwrap();
     }
@@ -162,9 +158,7 @@ async fn depth_grows_by_one_per_hop_and_is_capped() {
 
 #[tokio::test]
 async fn pinned_context_reaches_every_delivery_unchanged() {
-    let nats = Nats::start().await;
-    let broker = Broker::start(nats.url(), |_| {}).await;
-    let client = broker.client().await;
+    let (_nats, _broker, client) = stack(|_| {}).await;
     client
         .register_agent(AgentConfig::new("planner"))
         .await
@@ -214,9 +208,7 @@ async fn pinned_context_reaches_every_delivery_unchanged() {
 
 #[tokio::test]
 async fn final_handoff_completes_the_run_and_deadline_times_out_another() {
-    let nats = Nats::start().await;
-    let broker = Broker::start(nats.url(), |_| {}).await;
-    let client = broker.client().await;
+    let (_nats, _broker, client) = stack(|_| {}).await;
     client
         .register_agent(AgentConfig::new("worker"))
         .await
