@@ -1,22 +1,34 @@
-//! Compiles `handoff/v1/*.proto` with protox (no system `protoc`) and
-//! generates the prost messages and tonic stubs from the descriptor set.
+//! Compiles the `.proto` files with protox (no system `protoc`) and
+//! generates the prost messages (with `prost::Name`) and tonic stubs.
+//! Writes two descriptor sets: the API's, for server reflection, and the
+//! demo contracts', for registering them with the broker.
 
 use std::path::PathBuf;
 
+const API: &str = "handoff/v1/handoff.proto";
+const DEMO: &str = "handoff/demo/v1/demo.proto";
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["handoff/v1/handoff.proto"];
-    for f in &files {
+    for f in [API, DEMO] {
         println!("cargo:rerun-if-changed={f}");
     }
-    let fds = protox::compile(files, ["."])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let api = protox::compile([API], ["."])?;
     std::fs::write(
         out.join("handoff_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
+        prost::Message::encode_to_vec(&api),
     )?;
+    let demo = protox::compile([DEMO], ["."])?;
+    std::fs::write(
+        out.join("demo_descriptor.bin"),
+        prost::Message::encode_to_vec(&demo),
+    )?;
+    let all = protox::compile([API, DEMO], ["."])?;
+    let mut config = tonic_prost_build::Config::new();
+    config.enable_type_names();
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_fds(fds)?;
+        .compile_fds_with_config(all, config)?;
     Ok(())
 }

@@ -1,9 +1,9 @@
 //! Shared broker state: the store, the configuration, in-memory caches and
 //! the run transitions every RPC relies on.
 //!
-//! The only cache is agent specs: filled from the bucket on a miss and kept
-//! current by a watch on the bucket, so a registration on one replica
-//! reaches every other. Runs are always read from the bucket and changed
+//! The caches are agent specs and compiled contract versions: filled from
+//! their buckets on a miss and kept current by a watch on each bucket, so a
+//! registration on one replica reaches every other. Runs are always read from the bucket and changed
 //! with compare-and-set, so two replicas never both end a run.
 
 use std::{sync::Arc, time::SystemTime};
@@ -12,7 +12,13 @@ use dashmap::DashMap;
 use handoff_proto::pb;
 use tokio::sync::{mpsc, watch};
 
-use crate::{config::Config, error::BrokerError, store::Store};
+use crate::{
+    config::Config,
+    contracts::{tokens::Tokenizer, Compiled, Registry},
+    error::BrokerError,
+    metrics::Metrics,
+    store::Store,
+};
 
 /// A cheap, cloneable handle to the broker's state.
 #[derive(Clone)]
@@ -24,6 +30,9 @@ struct Inner {
     config: Config,
     store: Store,
     agents: DashMap<String, pb::AgentSpec>,
+    contracts: Registry,
+    tokenizer: Tokenizer,
+    metrics: Arc<Metrics>,
     /// Live deliveries (by delivery id) and the session that holds each, so
     /// that a complete-and-handoff frees the session's slot.
     leases: DashMap<String, mpsc::UnboundedSender<String>>,
@@ -48,12 +57,20 @@ pub enum RunEnd {
 
 impl Broker {
     /// Wraps an opened store.
-    pub fn new(config: Config, store: Store, draining: watch::Receiver<bool>) -> Broker {
+    pub fn new(
+        config: Config,
+        store: Store,
+        draining: watch::Receiver<bool>,
+        tokenizer: Tokenizer,
+    ) -> Broker {
         Broker {
             inner: Arc::new(Inner {
                 config,
                 store,
                 agents: DashMap::new(),
+                contracts: Registry::default(),
+                tokenizer,
+                metrics: Arc::new(Metrics::default()),
                 leases: DashMap::new(),
                 draining,
             }),
@@ -68,6 +85,69 @@ impl Broker {
     /// The JetStream store.
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// Compiled contract versions known to this replica.
+    pub fn contracts(&self) -> &Registry {
+        &self.inner.contracts
+    }
+
+    /// The tokenizer of token budgets.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.inner.tokenizer
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Every version of a contract, oldest first: from the registry, or
+    /// read from the bucket when this replica has not seen the type yet.
+    /// Empty when the type is not a registered contract.
+    pub async fn contract_versions(
+        &self,
+        message_type: &str,
+    ) -> Result<Vec<Arc<Compiled>>, BrokerError> {
+        if let Some(v) = self.contracts().versions(message_type) {
+            return Ok(v);
+        }
+        let mut out = Vec::new();
+        // Versions are created consecutively from 1.
+        for version in 1.. {
+            match self.store().contract(message_type, version).await? {
+                Some(c) => {
+                    let compiled = Arc::new(Compiled::new(c)?);
+                    self.contracts().insert(compiled.clone());
+                    out.push(compiled);
+                }
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Loads every stored contract version into the registry (at start,
+    /// before serving), so that a type missing from the registry is not a
+    /// contract without asking the bucket on every handoff.
+    pub async fn load_contracts(&self) -> Result<usize, BrokerError> {
+        let keys = self.store().contract_keys().await?;
+        let mut n = 0;
+        for key in keys {
+            let Some((message_type, version)) = crate::store::parse_contract_key(&key) else {
+                continue;
+            };
+            if let Some(c) = self.store().contract(message_type, version).await? {
+                match Compiled::new(c) {
+                    Ok(c) => {
+                        self.contracts().insert(Arc::new(c));
+                        n += 1;
+                    }
+                    Err(e) => tracing::warn!(key, error = %e, "stored contract skipped"),
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Records that a session holds `delivery_id`; `release` is told when

@@ -99,7 +99,20 @@ pub const KEYS: &[Key] = &[
         default: "1000",
         doc: "Cap on max_in_flight of one Subscribe stream.",
     },
+    Key {
+        name: "tokenizer",
+        default: "o200k_base",
+        doc: "BPE encoding that counts payload tokens for max_tokens: o200k_base, cl100k_base, p50k_base or r50k_base.",
+    },
+    Key {
+        name: "metrics_listen",
+        default: "",
+        doc: "Address of the Prometheus text endpoint (GET /metrics). Unset: no endpoint.",
+    },
 ];
+
+/// The BPE encodings `tokenizer` may name.
+pub const TOKENIZERS: &[&str] = &["o200k_base", "cl100k_base", "p50k_base", "r50k_base"];
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +158,10 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Cap on max_in_flight per Subscribe.
     pub max_in_flight: u32,
+    /// BPE encoding for token budgets.
+    pub tokenizer: String,
+    /// Prometheus endpoint address, if any.
+    pub metrics_listen: Option<SocketAddr>,
     /// Fault injection for tests; not a configuration key.
     pub faults: Faults,
 }
@@ -247,6 +264,25 @@ impl Config {
         if replicas > 5 {
             problems.push("replicas: JetStream allows at most 5".to_string());
         }
+        let tokenizer = raw("tokenizer");
+        if !TOKENIZERS.contains(&tokenizer.as_str()) {
+            problems.push(format!(
+                "tokenizer: {tokenizer:?} is not one of {}",
+                TOKENIZERS.join(", ")
+            ));
+        }
+        let metrics_listen = match raw("metrics_listen").trim() {
+            "" => None,
+            addr => match addr.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    problems.push(format!(
+                        "metrics_listen: {addr:?} is not a socket address ({e})"
+                    ));
+                    None
+                }
+            },
+        };
         let nats_url = Some(raw("nats_url")).filter(|s| !s.trim().is_empty());
         if retention < dedupe_window {
             problems.push("retention: must be at least dedupe_window".to_string());
@@ -283,6 +319,8 @@ impl Config {
             drain_timeout,
             connect_timeout,
             max_in_flight: num("max_in_flight", raw("max_in_flight"), 1, &mut problems),
+            tokenizer,
+            metrics_listen,
             faults: Faults::default(),
         };
         if problems.is_empty() {

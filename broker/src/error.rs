@@ -74,6 +74,44 @@ pub enum BrokerError {
     /// The delivery token does not name a delivery.
     #[error("delivery id is not valid: {0}")]
     BadDeliveryId(String),
+    /// The contract, or the version asked for, is not registered.
+    #[error("{0}")]
+    ContractNotFound(String),
+    /// A new contract version breaks its compatibility mode; every
+    /// incompatibility is listed.
+    #[error(
+        "version {version} of {message_type} breaks {mode} compatibility with version {previous}: {}",
+        problems.join("; ")
+    )]
+    Incompatible {
+        /// The contract.
+        message_type: String,
+        /// The version refused.
+        version: u32,
+        /// The latest registered version.
+        previous: u32,
+        /// The mode it breaks.
+        mode: &'static str,
+        /// Each incompatibility.
+        problems: Vec<String>,
+    },
+    /// The contract version exists with other content.
+    #[error("{0}")]
+    ContractConflict(String),
+    /// A version that is neither existing nor the next.
+    #[error("{0}")]
+    VersionGap(String),
+    /// A handoff refused at the door by a contract guard (`rule`); the
+    /// code depends on the guard.
+    #[error("{message}")]
+    Refused {
+        /// The guard: `decode`, `unknown_fields`, `max_tokens`, ...
+        rule: &'static str,
+        /// Its gRPC code.
+        code: Code,
+        /// What was measured against what.
+        message: String,
+    },
     /// NATS or JetStream did not answer.
     #[error("NATS unavailable: {0}")]
     Unavailable(String),
@@ -88,9 +126,12 @@ impl BrokerError {
         use BrokerError::*;
         match self {
             InvalidName { .. } | Malformed(_) | BadDeliveryId(_) => Code::InvalidArgument,
-            RunNotFound(_) | AgentNotFound(_) => Code::NotFound,
-            RunExists(_) => Code::AlreadyExists,
-            RunClosed { .. }
+            RunNotFound(_) | AgentNotFound(_) | ContractNotFound(_) => Code::NotFound,
+            RunExists(_) | ContractConflict(_) => Code::AlreadyExists,
+            Refused { code, .. } => *code,
+            Incompatible { .. }
+            | VersionGap(_)
+            | RunClosed { .. }
             | DepthExceeded { .. }
             | PayloadTooLarge { .. }
             | EnvelopeTooLarge { .. }

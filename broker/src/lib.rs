@@ -7,6 +7,8 @@
 //! - [`config`]: layered configuration (defaults, TOML, env, flags);
 //! - [`domain`] and [`names`]: the rules, free of transport;
 //! - [`store`]: the JetStream adapter (streams, consumers, buckets);
+//! - [`contracts`]: typed contracts, their compatibility and the guards;
+//! - [`metrics`]: counters and the Prometheus endpoint;
 //! - [`broker`]: shared state and run transitions;
 //! - [`rpc`]: the gRPC edge, one file per RPC;
 //! - [`timers`]: durable deadlines;
@@ -18,9 +20,11 @@
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod contracts;
 pub mod domain;
 pub mod embedded;
 pub mod error;
+pub mod metrics;
 pub mod names;
 pub mod rpc;
 pub mod server;

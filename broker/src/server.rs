@@ -125,9 +125,27 @@ async fn serve(
         })?;
     let store = Store::open(client.clone(), config).await?;
     let (drain_tx, drain_rx) = watch::channel(false);
-    let broker = Broker::new(config.clone(), store, drain_rx);
+    let tokenizer = crate::contracts::tokens::Tokenizer::new(&config.tokenizer)
+        .map_err(|e| RunError::Serve(format!("tokenizer: {e}")))?;
+    let broker = Broker::new(config.clone(), store, drain_rx, tokenizer);
+    let loaded = broker.load_contracts().await?;
+    tracing::debug!(contracts = loaded, "contract versions loaded");
+    let metrics_task = match config.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| RunError::Serve(format!("metrics_listen {addr}: {e}")))?;
+            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "metrics endpoint serving");
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                broker.metrics().clone(),
+            )))
+        }
+    };
     let timer_task = tokio::spawn(timers::run(broker.clone()));
     let agents_task = tokio::spawn(watch_agents(broker.clone()));
+    let contracts_task = tokio::spawn(watch_contracts(broker.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -169,6 +187,10 @@ async fn serve(
         r = &mut server => {
             timer_task.abort();
             agents_task.abort();
+            contracts_task.abort();
+            if let Some(t) = &metrics_task {
+                t.abort();
+            }
             return r.map_err(|e| RunError::Serve(e.to_string()));
         }
         _ = shutdown => {}
@@ -189,6 +211,10 @@ async fn serve(
     };
     timer_task.abort();
     agents_task.abort();
+    contracts_task.abort();
+    if let Some(t) = &metrics_task {
+        t.abort();
+    }
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "NATS flush on exit failed");
     }
@@ -217,6 +243,39 @@ async fn watch_agents(broker: Broker) {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "agent watch failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Keeps the contract registry current with versions registered on any
+/// replica (versions are never changed or deleted, only added).
+async fn watch_contracts(broker: Broker) {
+    use async_nats::jetstream::kv::Operation;
+    use futures::StreamExt;
+    use prost::Message as _;
+    loop {
+        match broker.store().contracts.watch_all().await {
+            Ok(mut updates) => {
+                while let Some(entry) = updates.next().await {
+                    let Ok(entry) = entry else { break };
+                    if entry.operation != Operation::Put {
+                        continue;
+                    }
+                    let compiled = handoff_proto::pb::Contract::decode(entry.value)
+                        .map_err(|e| e.to_string())
+                        .and_then(|c| {
+                            crate::contracts::Compiled::new(c).map_err(|e| e.to_string())
+                        });
+                    match compiled {
+                        Ok(c) => broker.contracts().insert(std::sync::Arc::new(c)),
+                        Err(e) => {
+                            tracing::warn!(key = %entry.key, error = %e, "stored contract skipped")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "contract watch failed; retrying"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

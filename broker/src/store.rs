@@ -32,6 +32,11 @@ pub const TIMERS_STREAM: &str = "HANDOFF_TIMERS";
 pub const AGENTS_BUCKET: &str = "handoff_agents";
 /// Bucket of runs.
 pub const RUNS_BUCKET: &str = "handoff_runs";
+/// Key/value bucket of contract versions, keyed `<message type>.<version>`.
+pub const CONTRACTS_BUCKET: &str = "handoff_contracts";
+/// Key/value bucket of consumed deliveries: the first handoff made from
+/// each, keyed by the consumed handoff's id.
+pub const CONSUMED_BUCKET: &str = "handoff_consumed";
 /// Durable consumer of the timer stream, shared by every broker replica.
 pub const TIMERS_CONSUMER: &str = "handoff_timers";
 
@@ -43,6 +48,17 @@ pub fn inbox_subject(agent: &str) -> String {
 /// Subject of an event.
 pub fn event_subject(run_id: &str, kind: pb::EventKind) -> String {
     format!("handoff.v1.events.{run_id}.{}", kind.token())
+}
+
+/// Key of a contract version in its bucket.
+pub fn contract_key(message_type: &str, version: u32) -> String {
+    format!("{message_type}.{version}")
+}
+
+/// Splits a contracts-bucket key into message type and version.
+pub fn parse_contract_key(key: &str) -> Option<(&str, u32)> {
+    let (name, version) = key.rsplit_once('.')?;
+    Some((name, version.parse().ok()?))
 }
 
 /// Subject of an agent's dead letters.
@@ -69,6 +85,10 @@ pub struct Store {
     pub agents: kv::Store,
     /// Runs.
     pub runs: kv::Store,
+    /// Contract versions.
+    pub contracts: kv::Store,
+    /// Consumed deliveries.
+    pub consumed: kv::Store,
     ack_timeout: Duration,
 }
 
@@ -131,15 +151,20 @@ impl Store {
             ),
         )
         .await?;
-        let bucket = |name: &str, history: i64| kv::Config {
+        let bucket = |name: &str, max_age: Duration| kv::Config {
             bucket: name.to_string(),
-            history,
+            history: 1,
+            max_age,
             storage: stream::StorageType::File,
             num_replicas: replicas,
             ..Default::default()
         };
-        let agents = ensure_bucket(&js, bucket(AGENTS_BUCKET, 1)).await?;
-        let runs = ensure_bucket(&js, bucket(RUNS_BUCKET, 1)).await?;
+        let agents = ensure_bucket(&js, bucket(AGENTS_BUCKET, Duration::ZERO)).await?;
+        let runs = ensure_bucket(&js, bucket(RUNS_BUCKET, Duration::ZERO)).await?;
+        let contracts = ensure_bucket(&js, bucket(CONTRACTS_BUCKET, Duration::ZERO)).await?;
+        // A claim matters as long as the consumed handoff can be consumed,
+        // that is while the inbox keeps it.
+        let consumed = ensure_bucket(&js, bucket(CONSUMED_BUCKET, cfg.retention)).await?;
         // Timers not yet due wait as pending (negatively acknowledged with a
         // delay), so the consumer must allow any number of them pending.
         let timer_consumer = pull::Config {
@@ -174,6 +199,8 @@ impl Store {
             timers,
             agents,
             runs,
+            contracts,
+            consumed,
             ack_timeout: cfg.connect_timeout.min(Duration::from_secs(5)),
         })
     }
@@ -326,6 +353,85 @@ impl Store {
         Ok(out)
     }
 
+    /// Reads one contract version.
+    pub async fn contract(
+        &self,
+        message_type: &str,
+        version: u32,
+    ) -> Result<Option<pb::Contract>, BrokerError> {
+        let key = contract_key(message_type, version);
+        let value = self
+            .contracts
+            .get(&key)
+            .await
+            .map_err(|e| BrokerError::nats("reading the contract", e))?;
+        value
+            .map(|v| {
+                pb::Contract::decode(v).map_err(|e| {
+                    BrokerError::Internal(format!("stored contract {key} does not decode: {e}"))
+                })
+            })
+            .transpose()
+    }
+
+    /// Stores a new contract version unless that version exists; returns
+    /// whether it was created (compare-and-set on the version's key).
+    pub async fn create_contract(&self, contract: &pb::Contract) -> Result<bool, BrokerError> {
+        let key = contract_key(&contract.message_type, contract.version);
+        match self
+            .contracts
+            .create(&key, contract.encode_to_vec().into())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(BrokerError::nats("storing the contract", e)),
+        }
+    }
+
+    /// Every stored contract version's key.
+    pub async fn contract_keys(&self) -> Result<Vec<String>, BrokerError> {
+        use futures::TryStreamExt;
+        match self.contracts.keys().await {
+            Ok(k) => k
+                .try_collect()
+                .await
+                .map_err(|e| BrokerError::nats("listing contracts", e)),
+            Err(e) => Err(BrokerError::nats("listing contracts", e)),
+        }
+    }
+
+    /// Records the first handoff made from a consumed delivery. Returns
+    /// `None` when this is the first, or the claim already recorded.
+    pub async fn claim_consumed(
+        &self,
+        consumed_handoff: &str,
+        claim: &pb::ConsumeClaim,
+    ) -> Result<Option<pb::ConsumeClaim>, BrokerError> {
+        match self
+            .consumed
+            .create(consumed_handoff, claim.encode_to_vec().into())
+            .await
+        {
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let value = self
+                    .consumed
+                    .get(consumed_handoff)
+                    .await
+                    .map_err(|e| BrokerError::nats("reading the consumed delivery", e))?;
+                match value {
+                    Some(v) => pb::ConsumeClaim::decode(v).map(Some).map_err(|e| {
+                        BrokerError::Internal(format!("stored claim does not decode: {e}"))
+                    }),
+                    // Expired between the two calls: nothing to conflict with.
+                    None => Ok(None),
+                }
+            }
+            Err(e) => Err(BrokerError::nats("recording the consumed delivery", e)),
+        }
+    }
+
     /// Creates the agent's durable pull consumer, or updates its lease.
     pub async fn ensure_agent_consumer(
         &self,
@@ -445,6 +551,7 @@ async fn ensure_bucket(
         name: format!("KV_{name}"),
         subjects: vec![format!("$KV.{name}.>")],
         max_messages_per_subject: config.history.max(1),
+        max_age: config.max_age,
         storage: config.storage,
         num_replicas: config.num_replicas.max(1),
         allow_rollup: true,

@@ -13,6 +13,17 @@ pub mod pb {
 /// The encoded `FileDescriptorSet` of the API, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("handoff_descriptor");
 
+/// The contracts of the demo pipeline (package `handoff.demo.v1`): planner
+/// -> workers -> aggregator. Used by the examples and the tests.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod demo {
+    tonic::include_proto!("handoff.demo.v1");
+}
+
+/// The encoded `FileDescriptorSet` of [`demo`], to register its messages
+/// as contracts.
+pub const DEMO_FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("demo_descriptor");
+
 impl pb::EventKind {
     /// The NATS subject token of this kind (`handoff_accepted`, ...).
     pub fn token(self) -> &'static str {
@@ -32,6 +43,7 @@ impl pb::EventKind {
             K::DeadLettered => "dead_lettered",
             K::RoutedToFallback => "routed_to_fallback",
             K::Discarded => "discarded",
+            K::ContractRejected => "contract_rejected",
         }
     }
 
@@ -58,6 +70,7 @@ pub const ALL_EVENT_KINDS: &[pb::EventKind] = &[
     pb::EventKind::DeadLettered,
     pb::EventKind::RoutedToFallback,
     pb::EventKind::Discarded,
+    pb::EventKind::ContractRejected,
 ];
 
 impl pb::RunStatus {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use handoff_proto::pb;
 
-use crate::{broker::Broker, error::BrokerError, names};
+use crate::{broker::Broker, contracts, error::BrokerError, names};
 
 /// Longest lease accepted.
 const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
@@ -39,6 +39,7 @@ pub async fn register(
                 other => other,
             })?;
     }
+    check_contracts(broker, &mut spec).await?;
     let lease = match &spec.lease {
         None => broker.config().default_lease,
         Some(d) => {
@@ -76,6 +77,49 @@ pub async fn register(
         agent: Some(spec),
         updated,
     })
+}
+
+/// Checks that the accepted contract has a registered version in the
+/// range and that every emitted contract is registered; sorts and dedupes
+/// `emits`.
+async fn check_contracts(broker: &Broker, spec: &mut pb::AgentSpec) -> Result<(), BrokerError> {
+    if let Some(accepts) = &spec.accepts {
+        contracts::validate_type_name("agent.accepts.message_type", &accepts.message_type)?;
+        let (min, max) = (accepts.min_version, accepts.max_version);
+        if max != 0 && min > max {
+            return Err(BrokerError::Malformed(format!(
+                "agent.accepts: min_version {min} is above max_version {max}"
+            )));
+        }
+        let versions = broker.contract_versions(&accepts.message_type).await?;
+        if versions.is_empty() {
+            return Err(BrokerError::ContractNotFound(format!(
+                "agent {:?} accepts contract {}, which is not registered",
+                spec.name, accepts.message_type
+            )));
+        }
+        if contracts::pick(&versions, min, max).is_none() {
+            return Err(BrokerError::ContractNotFound(format!(
+                "agent {:?} accepts versions {} of {}; the registered versions are 1 to {}",
+                spec.name,
+                contracts::range_name(min, max),
+                accepts.message_type,
+                versions.last().map_or(0, |c| c.contract.version)
+            )));
+        }
+    }
+    spec.emits.sort();
+    spec.emits.dedup();
+    for t in &spec.emits {
+        contracts::validate_type_name("agent.emits", t)?;
+        if broker.contract_versions(t).await?.is_empty() {
+            return Err(BrokerError::ContractNotFound(format!(
+                "agent {:?} emits contract {t}, which is not registered",
+                spec.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Every registered agent.

@@ -6,12 +6,23 @@
 //! event, (3) ack the consumed delivery. A crash before (3) redelivers the
 //! input; the agent's repeated handoff has the same id and JetStream
 //! recognises it, so downstream sees it once.
+//!
+//! Before anything is stored, the guards run (see [`guard`]): the source
+//! must declare the contract it emits, the payload must be the target's
+//! contract, decode, carry no unknown field, have every required field and
+//! keep within the budgets; and a consumed delivery must not already have
+//! gone to another target unless every handoff from it declares fan-out.
+//! A refusal is counted, published as a `contract_rejected` event, and
+//! leaves nothing stored.
+
+use std::time::SystemTime;
 
 use handoff_proto::pb;
 use prost::Message as _;
 
 use crate::{
     broker::{now, status_name, Broker, RunEnd},
+    contracts::{self, validate},
     domain,
     error::BrokerError,
     store,
@@ -29,6 +40,11 @@ pub async fn handoff(
         Some(domain::decode_token(&req.consumes)?)
     };
     let id = domain::handoff_id(&req, consumed.as_ref().map(|t| t.handoff_id.as_str()));
+    let checked = match guard(broker, &req).await {
+        Ok(c) => c,
+        Err(Guarded::Refused(r)) => return Err(refuse(broker, &req, r).await),
+        Err(Guarded::Failed(e)) => return Err(e),
+    };
     let (run, _) = broker.run(&req.run_id).await?;
     let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
     if status.is_terminal() {
@@ -56,9 +72,6 @@ pub async fn handoff(
         Some(token) => Some(consumed_parent(broker, &req.run_id, token).await?),
     };
     let depth = domain::depth(parent.as_ref().map(|p| p.depth), run.max_depth, req.r#final)?;
-    if !req.r#final {
-        broker.agent(&req.target_agent).await?;
-    }
     let mut parent_ids = req.parent_ids.clone();
     if let Some(p) = &parent {
         if !parent_ids.contains(&p.id) {
@@ -81,11 +94,17 @@ pub async fn handoff(
         r#final: req.r#final,
         created_at: Some(now()),
         fallback_from: String::new(),
+        contract_type: checked.contract_type.clone(),
+        contract_version: checked.version,
+        token_count: checked.tokens,
     };
     let max_payload = broker.store().client.server_info().max_payload;
     let size = envelope.encoded_len();
     if max_payload > 0 && size > max_payload {
         return Err(BrokerError::EnvelopeTooLarge { size, max_payload });
+    }
+    if let Some(token) = &consumed {
+        claim(broker, &req, token, &id, &checked).await?;
     }
     let (sequence, duplicate) = if req.r#final {
         (0, false)
@@ -135,13 +154,243 @@ pub async fn handoff(
             ack_consumed(broker, &run, &req.consumes, token).await;
         }
     }
-    tracing::debug!(run_id = %run.id, handoff_id = %id, target = %req.target_agent, depth, duplicate, "handoff accepted");
+    if !duplicate {
+        broker.metrics().accepted();
+    }
+    tracing::debug!(run_id = %run.id, handoff_id = %id, target = %req.target_agent, depth, duplicate, tokens = checked.tokens, "handoff accepted");
     Ok(pb::HandoffResponse {
         handoff_id: id,
         sequence,
         duplicate,
         depth,
     })
+}
+
+/// What the guards measured, for the envelope.
+#[derive(Debug, Default)]
+struct Checked {
+    /// The contract checked against (empty: the target takes any payload).
+    contract_type: String,
+    version: u32,
+    tokens: u64,
+}
+
+/// A handoff refused by a guard.
+struct Refusal {
+    rule: &'static str,
+    code: tonic::Code,
+    message: String,
+    contract_type: String,
+    version: u32,
+}
+
+impl Refusal {
+    fn new(rule: &'static str, code: tonic::Code, message: String) -> Refusal {
+        Refusal {
+            rule,
+            code,
+            message,
+            contract_type: String::new(),
+            version: 0,
+        }
+    }
+}
+
+/// Why the guards stopped a handoff: a refusal (counted and published) or
+/// a failure to check (NATS down, unknown target).
+enum Guarded {
+    Refused(Refusal),
+    Failed(BrokerError),
+}
+
+impl From<BrokerError> for Guarded {
+    fn from(e: BrokerError) -> Self {
+        Guarded::Failed(e)
+    }
+}
+
+/// The contract guards, all answered from memory once the agent and
+/// contract caches are warm:
+/// 1. a payload whose type is a registered contract may only come from a
+///    source agent that declares it in `emits` (PERMISSION_DENIED);
+/// 2. a target that accepts a contract takes only that type
+///    (FAILED_PRECONDITION), checked against the highest registered
+///    version in its range: decode, unknown fields, required fields,
+///    bytes, tokens, confidence, tool result age.
+async fn guard(broker: &Broker, req: &pb::HandoffRequest) -> Result<Checked, Guarded> {
+    let payload = req.payload.as_ref().ok_or_else(|| {
+        Guarded::Failed(BrokerError::Malformed("payload is required".to_string()))
+    })?;
+    let payload_type = contracts::type_of_url(&payload.type_url);
+    if !req.source_agent.is_empty() && broker.contracts().knows(payload_type) {
+        let declared = match broker.agent(&req.source_agent).await {
+            Ok(source) => source.emits.iter().any(|t| t == payload_type),
+            Err(BrokerError::AgentNotFound(_)) => false,
+            Err(e) => return Err(e.into()),
+        };
+        if !declared {
+            return Err(Guarded::Refused(Refusal {
+                contract_type: payload_type.to_string(),
+                ..Refusal::new(
+                    "undeclared_emit",
+                    tonic::Code::PermissionDenied,
+                    format!(
+                        "agent {:?} does not declare that it emits {payload_type} (RegisterAgent emits)",
+                        req.source_agent
+                    ),
+                )
+            }));
+        }
+    }
+    if req.r#final {
+        return Ok(Checked::default());
+    }
+    let target = broker.agent(&req.target_agent).await?;
+    let Some(accepts) = &target.accepts else {
+        return Ok(Checked::default());
+    };
+    let refusal = |rule, code, message| {
+        Guarded::Refused(Refusal {
+            contract_type: accepts.message_type.clone(),
+            ..Refusal::new(rule, code, message)
+        })
+    };
+    if payload_type != accepts.message_type {
+        return Err(refusal(
+            "contract_mismatch",
+            tonic::Code::FailedPrecondition,
+            format!(
+                "agent {:?} accepts {}; the payload is {payload_type}",
+                target.name, accepts.message_type
+            ),
+        ));
+    }
+    let versions = broker.contract_versions(&accepts.message_type).await?;
+    let Some(contract) = contracts::pick(&versions, accepts.min_version, accepts.max_version)
+    else {
+        return Err(refusal(
+            "contract_mismatch",
+            tonic::Code::FailedPrecondition,
+            format!(
+                "no registered version of {} is in agent {:?}'s range {}",
+                accepts.message_type,
+                target.name,
+                contracts::range_name(accepts.min_version, accepts.max_version)
+            ),
+        ));
+    };
+    let version = contract.contract.version;
+    match validate::check(
+        &contract.message,
+        &contract.rules(),
+        broker.tokenizer(),
+        &payload.value,
+        req.confidence,
+        &req.tool_results,
+        SystemTime::now(),
+    ) {
+        Ok(measured) => Ok(Checked {
+            contract_type: accepts.message_type.clone(),
+            version,
+            tokens: measured.tokens,
+        }),
+        Err(v) => Err(Guarded::Refused(Refusal {
+            contract_type: accepts.message_type.clone(),
+            version,
+            ..Refusal::new(
+                v.rule(),
+                v.code(),
+                format!(
+                    "{} (contract {} version {version})",
+                    v, accepts.message_type
+                ),
+            )
+        })),
+    }
+}
+
+/// Records the first handoff made from the consumed delivery, or refuses
+/// this one if the delivery already went to another target without both
+/// declaring fan-out (role confusion).
+async fn claim(
+    broker: &Broker,
+    req: &pb::HandoffRequest,
+    token: &pb::DeliveryToken,
+    id: &str,
+    checked: &Checked,
+) -> Result<(), BrokerError> {
+    let mine = pb::ConsumeClaim {
+        target_agent: req.target_agent.clone(),
+        fan_out: req.fan_out,
+        handoff_id: id.to_string(),
+    };
+    let Some(first) = broker
+        .store()
+        .claim_consumed(&token.handoff_id, &mine)
+        .await?
+    else {
+        return Ok(());
+    };
+    if first.target_agent == mine.target_agent || (first.fan_out && mine.fan_out) {
+        return Ok(());
+    }
+    let name = |t: &str| {
+        if t.is_empty() {
+            "the run's final result".to_string()
+        } else {
+            format!("agent {t:?}")
+        }
+    };
+    let message = format!(
+        "delivery of handoff {} was already consumed by a handoff to {} (handoff {}); one delivery goes to one target unless every handoff from it declares fan_out",
+        token.handoff_id,
+        name(&first.target_agent),
+        first.handoff_id
+    );
+    Err(refuse(
+        broker,
+        req,
+        Refusal {
+            contract_type: checked.contract_type.clone(),
+            version: checked.version,
+            ..Refusal::new("role_confusion", tonic::Code::AlreadyExists, message)
+        },
+    )
+    .await)
+}
+
+/// Counts a refusal, publishes its `contract_rejected` event (when the run
+/// exists), and turns it into the error the client sees.
+async fn refuse(broker: &Broker, req: &pb::HandoffRequest, r: Refusal) -> BrokerError {
+    broker.metrics().rejected(r.rule);
+    tracing::info!(run_id = %req.run_id, source = %req.source_agent, target = %req.target_agent, rule = r.rule, reason = %r.message, "handoff refused");
+    match broker.run(&req.run_id).await {
+        Ok((run, _)) => {
+            let event = pb::Event {
+                kind: pb::EventKind::ContractRejected as i32,
+                run_id: run.id.clone(),
+                owner: run.owner.clone(),
+                agent: req.target_agent.clone(),
+                source_agent: req.source_agent.clone(),
+                reason: r.message.clone(),
+                rule: r.rule.to_string(),
+                contract_type: r.contract_type.clone(),
+                contract_version: r.version,
+                ..Default::default()
+            };
+            // Each refusal is its own event: no dedupe id to share.
+            let msg_id = uuid::Uuid::now_v7().to_string();
+            if let Err(e) = broker.emit(event, &msg_id).await {
+                tracing::warn!(error = %e, "contract_rejected event not published");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "refused handoff names no known run; no event"),
+    }
+    BrokerError::Refused {
+        rule: r.rule,
+        code: r.code,
+        message: r.message,
+    }
 }
 
 /// Loads the handoff a delivery token names, checking it belongs to `run_id`.

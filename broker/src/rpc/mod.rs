@@ -5,6 +5,7 @@
 //! Streaming responses are fed by a spawned task through a channel.
 
 pub mod agents;
+pub mod contracts;
 pub mod handoff;
 pub mod runs;
 pub mod subscribe;
@@ -45,6 +46,37 @@ impl HandoffBroker for Service {
         );
         Ok(Response::new(
             agents::register(&self.broker, req).instrument(span).await?,
+        ))
+    }
+
+    async fn register_contract(
+        &self,
+        req: Request<pb::RegisterContractRequest>,
+    ) -> Reply<pb::RegisterContractResponse> {
+        let req = req.into_inner();
+        let span = tracing::info_span!("RegisterContract", message_type = %req.message_type, version = req.version);
+        Ok(Response::new(
+            contracts::register(&self.broker, req)
+                .instrument(span)
+                .await?,
+        ))
+    }
+
+    async fn get_contract(
+        &self,
+        req: Request<pb::GetContractRequest>,
+    ) -> Reply<pb::GetContractResponse> {
+        Ok(Response::new(
+            contracts::get(&self.broker, req.into_inner()).await?,
+        ))
+    }
+
+    async fn list_contracts(
+        &self,
+        req: Request<pb::ListContractsRequest>,
+    ) -> Reply<pb::ListContractsResponse> {
+        Ok(Response::new(
+            contracts::list(&self.broker, req.into_inner()).await?,
         ))
     }
 

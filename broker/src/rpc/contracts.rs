@@ -1,0 +1,230 @@
+//! `RegisterContract`, `GetContract` and `ListContracts`.
+//!
+//! Versions are consecutive from 1 and never change once stored. A new
+//! version is checked against the latest under the new version's mode and
+//! stored with compare-and-set on its own key, so two replicas racing to
+//! register the same version store one of them and the other gets either
+//! the same content back (no-op) or ALREADY_EXISTS.
+
+use std::{sync::Arc, time::Duration};
+
+use handoff_proto::pb;
+
+use crate::{
+    broker::{now, Broker},
+    contracts::{self, compat, validate, Compiled},
+    error::BrokerError,
+};
+
+/// Largest descriptor set accepted, in bytes.
+const MAX_DESCRIPTOR_SET: usize = 512 * 1024;
+
+/// Registers a contract version (or answers the identical one).
+pub async fn register(
+    broker: &Broker,
+    req: pb::RegisterContractRequest,
+) -> Result<pb::RegisterContractResponse, BrokerError> {
+    contracts::validate_type_name("message_type", &req.message_type)?;
+    if req.file_descriptor_set.is_empty() {
+        return Err(BrokerError::Malformed(
+            "file_descriptor_set is required (an encoded google.protobuf.FileDescriptorSet)"
+                .to_string(),
+        ));
+    }
+    if req.file_descriptor_set.len() > MAX_DESCRIPTOR_SET {
+        return Err(BrokerError::Malformed(format!(
+            "file_descriptor_set is {} bytes; the limit is {MAX_DESCRIPTOR_SET}",
+            req.file_descriptor_set.len()
+        )));
+    }
+    let message = contracts::message_of(&req.file_descriptor_set, &req.message_type)?;
+    let mode = contracts::mode_of(req.compatibility);
+    let rules = req.rules.clone().unwrap_or_default();
+    check_rules(&message, &rules)?;
+    let fingerprint = contracts::fingerprint(&message, mode, &rules);
+
+    let versions = broker.contract_versions(&req.message_type).await?;
+    let latest = versions.last().cloned();
+    let latest_version = latest.as_ref().map_or(0, |c| c.contract.version);
+    let version = match req.version {
+        0 => match &latest {
+            Some(l) if l.contract.fingerprint == fingerprint => {
+                return Ok(answer(l, false));
+            }
+            _ => latest_version + 1,
+        },
+        v if v <= latest_version => {
+            let existing = versions
+                .iter()
+                .find(|c| c.contract.version == v)
+                .cloned()
+                .ok_or_else(|| {
+                    BrokerError::Internal(format!("version {v} of {} is missing", req.message_type))
+                })?;
+            return same_or_conflict(&existing, &fingerprint);
+        }
+        v if v == latest_version + 1 => v,
+        v => {
+            return Err(BrokerError::VersionGap(format!(
+                "versions of {} are consecutive: the next is {}, not {v}",
+                req.message_type,
+                latest_version + 1
+            )))
+        }
+    };
+    if let Some(previous) = &latest {
+        let problems = compat::check(mode, &previous.message, &previous.rules(), &message, &rules);
+        if !problems.is_empty() {
+            return Err(BrokerError::Incompatible {
+                message_type: req.message_type.clone(),
+                version,
+                previous: previous.contract.version,
+                mode: contracts::mode_name(mode),
+                problems,
+            });
+        }
+    }
+    let contract = pb::Contract {
+        message_type: req.message_type.clone(),
+        version,
+        compatibility: mode as i32,
+        rules: Some(rules),
+        file_descriptor_set: req.file_descriptor_set,
+        fingerprint: fingerprint.clone(),
+        registered_at: Some(now()),
+    };
+    if broker.store().create_contract(&contract).await? {
+        let compiled = Arc::new(Compiled { contract, message });
+        broker.contracts().insert(compiled.clone());
+        tracing::info!(message_type = %req.message_type, version, mode = contracts::mode_name(mode), "contract registered");
+        return Ok(answer(&compiled, true));
+    }
+    // Another replica stored this version first.
+    let existing = broker
+        .store()
+        .contract(&req.message_type, version)
+        .await?
+        .ok_or_else(|| BrokerError::Internal("contract version vanished".to_string()))?;
+    let existing = Arc::new(Compiled::new(existing)?);
+    broker.contracts().insert(existing.clone());
+    same_or_conflict(&existing, &fingerprint)
+}
+
+/// Checks the rules against the message: every required path resolves,
+/// confidence is a probability, the age is positive.
+fn check_rules(
+    message: &prost_reflect::MessageDescriptor,
+    rules: &pb::ContractRules,
+) -> Result<(), BrokerError> {
+    if let Err(problems) = validate::check_required_paths(message, &rules.required_fields) {
+        return Err(BrokerError::Malformed(format!(
+            "rules.required_fields: {}",
+            problems.join("; ")
+        )));
+    }
+    if let Some(c) = rules.min_confidence {
+        if !(0.0..=1.0).contains(&c) {
+            return Err(BrokerError::Malformed(format!(
+                "rules.min_confidence {c} is outside [0, 1]"
+            )));
+        }
+    }
+    if let Some(age) = rules.max_tool_result_age {
+        match Duration::try_from(age) {
+            Ok(d) if !d.is_zero() => {}
+            _ => {
+                return Err(BrokerError::Malformed(
+                    "rules.max_tool_result_age must be positive".to_string(),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn same_or_conflict(
+    existing: &Compiled,
+    fingerprint: &str,
+) -> Result<pb::RegisterContractResponse, BrokerError> {
+    if existing.contract.fingerprint == fingerprint {
+        Ok(answer(existing, false))
+    } else {
+        Err(BrokerError::ContractConflict(format!(
+            "version {} of {} is already registered with other content (fingerprint {}); register the change as version {} or later",
+            existing.contract.version,
+            existing.contract.message_type,
+            &existing.contract.fingerprint[..existing.contract.fingerprint.len().min(12)],
+            existing.contract.version + 1
+        )))
+    }
+}
+
+fn answer(c: &Compiled, created: bool) -> pb::RegisterContractResponse {
+    pb::RegisterContractResponse {
+        contract: Some(c.contract.clone()),
+        created,
+    }
+}
+
+/// One version (0: the latest) of a contract.
+pub async fn get(
+    broker: &Broker,
+    req: pb::GetContractRequest,
+) -> Result<pb::GetContractResponse, BrokerError> {
+    contracts::validate_type_name("message_type", &req.message_type)?;
+    let versions = broker.contract_versions(&req.message_type).await?;
+    let found = if req.version == 0 {
+        versions.last().cloned()
+    } else {
+        match versions.iter().find(|c| c.contract.version == req.version) {
+            Some(c) => Some(c.clone()),
+            // Registered on another replica since this one last looked.
+            None => broker
+                .store()
+                .contract(&req.message_type, req.version)
+                .await?
+                .map(|c| Compiled::new(c).map(Arc::new))
+                .transpose()?,
+        }
+    };
+    match found {
+        Some(c) => Ok(pb::GetContractResponse {
+            contract: Some(c.contract.clone()),
+        }),
+        None if versions.is_empty() => Err(BrokerError::ContractNotFound(format!(
+            "contract {} is not registered",
+            req.message_type
+        ))),
+        None => Err(BrokerError::ContractNotFound(format!(
+            "version {} of contract {} is not registered (latest: {})",
+            req.version,
+            req.message_type,
+            versions.last().map_or(0, |c| c.contract.version)
+        ))),
+    }
+}
+
+/// Every version of every contract (or of one), descriptors left out.
+pub async fn list(
+    broker: &Broker,
+    req: pb::ListContractsRequest,
+) -> Result<pb::ListContractsResponse, BrokerError> {
+    let mut out = Vec::new();
+    let mut keys: Vec<(String, u32)> = broker
+        .store()
+        .contract_keys()
+        .await?
+        .iter()
+        .filter_map(|k| crate::store::parse_contract_key(k))
+        .filter(|(t, _)| req.message_type.is_empty() || *t == req.message_type)
+        .map(|(t, v)| (t.to_string(), v))
+        .collect();
+    keys.sort();
+    for (t, v) in keys {
+        if let Some(mut c) = broker.store().contract(&t, v).await? {
+            c.file_descriptor_set.clear();
+            out.push(c);
+        }
+    }
+    Ok(pb::ListContractsResponse { contracts: out })
+}
