@@ -24,6 +24,7 @@
 //! | field added (its path not required) | ok | ok | ok |
 //! | field removed (its path not required in the old rules); its number should then be `reserved` | ok | ok | ok |
 //! | required field removed: a path of the old rules that no longer resolves in the new message, or resolves to other field numbers | ok | breaks | breaks |
+//! | requirement dropped: a path of the old rules that still resolves but is not in the new rules | ok | breaks | breaks |
 //! | required field added: a path of the new rules that is not in the old rules | breaks | ok | breaks |
 //! | type changed: same number, another scalar kind (strict: `int32` to `int64` too), another message or enum full name, scalar to message or enum, or another map key or value type | breaks | breaks | breaks |
 //! | number reused: a type change where the field name changed too | breaks | breaks | breaks |
@@ -83,6 +84,11 @@ pub fn check(
             if after.is_none() || (before.is_some() && before != after) {
                 walk.found
                     .insert(format!("{root} required field \"{path}\" removed"));
+            } else if !new_rules.required_fields.contains(path) {
+                // Still there, but new senders may now leave it out.
+                walk.found.insert(format!(
+                    "{root} required field \"{path}\" no longer required"
+                ));
             }
         }
     }
@@ -504,6 +510,12 @@ message Subtask {
             &[removed],
             &[removed],
         );
+    }
+
+    #[test]
+    fn dropping_a_requirement_breaks_forward() {
+        let line = "acme.v1.Subtask required field \"title\" no longer required";
+        assert_modes(BASE, &["title"], BASE, &[], &[], &[line], &[line]);
     }
 
     #[test]
