@@ -26,6 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let all = protox::compile([API, DEMO], ["."])?;
     let mut config = tonic_prost_build::Config::new();
     config.enable_type_names();
+    // `Any` type URLs in the conventional form, as other languages write them.
+    config.type_name_domain(["."], "type.googleapis.com");
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

@@ -1,5 +1,6 @@
-//! A three-agent pipeline over the handoff broker: planner -> worker ->
-//! aggregator -> final result.
+//! A typed multi-agent pipeline over the handoff broker: a planner fans
+//! an ask out to workers, the workers' results fan back in to an
+//! aggregator, which completes the run.
 //!
 //! ```text
 //! cargo run -p handoff-client --example pipeline                 # embedded broker
@@ -8,19 +9,49 @@
 //!
 //! Without `--addr` the example starts `handoffd` in-process on its
 //! embedded default (a `nats-server` child with its store in a temporary
-//! directory) and stops it at the end. It registers three agents, starts a
-//! run with a pinned ask, hands a `Plan` to the planner and runs each agent
-//! as a task: every agent completes its delivery by handing off to the next
-//! one (complete-and-handoff), the aggregator with the run's final result.
+//! directory) and stops it at the end. Then:
+//!
+//! 1. it registers the demo contracts `handoff.demo.v1.{Ask, Subtask,
+//!    WorkerResult}` (from `handoff_proto::DEMO_FILE_DESCRIPTOR_SET`) with
+//!    their rules: an `Ask` needs its `question`; a `Subtask` needs its
+//!    `instruction` and stays within a token budget; a `WorkerResult` needs
+//!    its `summary`, a confidence of at least 0.5 and fresh tool results;
+//! 2. it registers the agents with the contract each accepts and the ones
+//!    it emits: planner (Ask -> Subtask), worker (Subtask -> WorkerResult),
+//!    aggregator (WorkerResult -> the run's final `Report`);
+//! 3. it starts a run with a pinned ask and shows the guards at work: a
+//!    `Subtask` without its `instruction` and a `WorkerResult` below the
+//!    minimum confidence are refused at the door (nothing is stored; the
+//!    run's timeline records each refusal as `contract_rejected`);
+//! 4. it hands an `Ask` to the planner. The planner consumes it and fans
+//!    out three `Subtask`s to `worker` (complete-and-handoff, one
+//!    idempotency key per subtask, each marked fan-out); two worker
+//!    instances share the worker inbox, decode their deliveries as
+//!    `Subtask` (a typed subscription) and each hands a `WorkerResult` to
+//!    the aggregator; the aggregator collects them by index, acks the
+//!    first two and completes the run with the third (a final handoff
+//!    carrying the `Report`).
+//!
 //! The main task waits for the run's end event, prints the run's timeline
-//! and exits non-zero unless the run completed.
+//! and the report, and exits non-zero unless the run completed.
 
-use std::{collections::HashSet, error::Error, process::ExitCode, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    error::Error,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
 
 use clap::Parser;
 use futures::StreamExt as _;
 use handoff_client::{
-    display, pb, AgentConfig, Client, Delivery, Handoff, RunConfig, Subscription, WatchFilter,
+    display, pb, AgentConfig, Client, ContractSpec, ErrorKind, Handoff, RunConfig, TypedDelivery,
+    TypedSubscription, WatchFilter,
+};
+use handoff_proto::{
+    demo::{Ask, Citation, Report, Subtask, WorkerResult},
+    DEMO_FILE_DESCRIPTOR_SET,
 };
 use tokio::{
     net::TcpListener,
@@ -31,59 +62,17 @@ use tokio::{
 type BoxError = Box<dyn Error + Send + Sync>;
 
 /// The ask pinned to the run; every agent sees it verbatim.
-const ASK: &str = "Summarise three reports into one brief";
+const ASK: &str = "Summarise three quarterly reports into one brief";
+/// The reports the planner splits the ask over: one subtask each.
+const SOURCES: [&str; 3] = ["report-q1.pdf", "report-q2.pdf", "report-q3.pdf"];
 /// How long the run may take before the demo gives up.
 const RUN_WAIT: Duration = Duration::from_secs(30);
 /// How long to wait for the last ack event once the run has ended.
 const SETTLE_WAIT: Duration = Duration::from_secs(5);
 
-// ------------------------------------------------------------ payloads
-
-/// What the planner receives: the steps of the job.
-#[derive(Clone, PartialEq, prost::Message)]
-struct Plan {
-    #[prost(string, repeated, tag = "1")]
-    steps: Vec<String>,
-}
-
-/// What the planner hands the worker.
-#[derive(Clone, PartialEq, prost::Message)]
-struct Subtask {
-    #[prost(string, tag = "1")]
-    step: String,
-    #[prost(uint32, tag = "2")]
-    index: u32,
-}
-
-/// What the worker hands the aggregator.
-#[derive(Clone, PartialEq, prost::Message)]
-struct WorkerResult {
-    #[prost(string, tag = "1")]
-    step: String,
-    #[prost(string, tag = "2")]
-    output: String,
-}
-
-/// The run's result.
-#[derive(Clone, PartialEq, prost::Message)]
-struct Report {
-    #[prost(string, repeated, tag = "1")]
-    lines: Vec<String>,
-}
-
-macro_rules! demo_name {
-    ($($ty:ident),*) => {$(
-        impl prost::Name for $ty {
-            const NAME: &'static str = stringify!($ty);
-            const PACKAGE: &'static str = "demo.v1";
-        }
-    )*};
-}
-demo_name!(Plan, Subtask, WorkerResult, Report);
-
 // ------------------------------------------------------------ main
 
-/// The planner -> worker -> aggregator demo.
+/// The planner -> workers -> aggregator demo.
 #[derive(Parser, Debug)]
 struct Args {
     /// Broker to use; without it, handoffd is started in-process.
@@ -135,21 +124,57 @@ async fn main() -> ExitCode {
     code
 }
 
+/// Registers the contracts every handoff is checked against.
+async fn register_contracts(client: &Client) -> Result<(), BoxError> {
+    let specs = [
+        ContractSpec::of::<Ask>(DEMO_FILE_DESCRIPTOR_SET)
+            .require("question")
+            .max_tokens(500),
+        ContractSpec::of::<Subtask>(DEMO_FILE_DESCRIPTOR_SET)
+            .require("instruction")
+            .max_tokens(200),
+        ContractSpec::of::<WorkerResult>(DEMO_FILE_DESCRIPTOR_SET)
+            .require("summary")
+            .min_confidence(0.5)
+            .max_tool_result_age(Duration::from_secs(600)),
+    ];
+    for spec in specs {
+        let registered = client.register_contract(spec).await?;
+        let c = &registered.contract;
+        println!(
+            "contract {} ({}): {}",
+            display::contract_name(&c.message_type, c.version),
+            if registered.created {
+                "registered"
+            } else {
+                "already registered"
+            },
+            display::rules_summary(c.rules.as_ref())
+        );
+    }
+    Ok(())
+}
+
 /// Runs the pipeline once; `Ok(true)` if the run completed.
 async fn demo(addr: &str) -> Result<bool, BoxError> {
     let client = Client::connect(addr).await?;
 
-    for (name, what) in [
-        ("planner", "splits the ask into subtasks"),
-        ("worker", "does one subtask"),
-        ("aggregator", "merges results into the brief"),
+    register_contracts(&client).await?;
+    for agent in [
+        AgentConfig::new("planner")
+            .description("splits the ask into subtasks")
+            .accepts::<Ask>()
+            .emits::<Subtask>(),
+        AgentConfig::new("worker")
+            .description("does one subtask")
+            .accepts::<Subtask>()
+            .emits::<WorkerResult>(),
+        AgentConfig::new("aggregator")
+            .description("merges the results into the brief")
+            .accepts::<WorkerResult>(),
     ] {
         client
-            .register_agent(
-                AgentConfig::new(name)
-                    .description(what)
-                    .lease(Duration::from_secs(30)),
-            )
+            .register_agent(agent.lease(Duration::from_secs(30)))
             .await?;
     }
 
@@ -163,44 +188,49 @@ async fn demo(addr: &str) -> Result<bool, BoxError> {
         .await?;
     println!("run {} started by {}", run.id, run.owner);
 
+    show_guards(&client, &run.id).await?;
+
     // Subscribe before handing off, so a failing subscription is reported
     // before any work is queued. Dropping `stop` also stops the agents.
     let (stop, stopped) = watch::channel(false);
+    let collected = Arc::new(Mutex::new(BTreeMap::new()));
     let agents: Vec<JoinHandle<()>> = vec![
         spawn_agent(
             "planner",
-            client.subscribe("planner", "planner-1", 1).await?,
+            client.subscribe_typed("planner", "planner-1", 1).await?,
             stopped.clone(),
             planner,
         ),
         spawn_agent(
-            "worker",
-            client.subscribe("worker", "worker-1", 1).await?,
+            "worker-1",
+            client.subscribe_typed("worker", "worker-1", 1).await?,
             stopped.clone(),
-            worker,
+            |d| worker("worker-1", d),
+        ),
+        spawn_agent(
+            "worker-2",
+            client.subscribe_typed("worker", "worker-2", 1).await?,
+            stopped.clone(),
+            |d| worker("worker-2", d),
         ),
         spawn_agent(
             "aggregator",
-            client.subscribe("aggregator", "aggregator-1", 1).await?,
+            client
+                .subscribe_typed("aggregator", "aggregator-1", 1)
+                .await?,
             stopped,
-            aggregator,
+            move |d| aggregator(collected.clone(), d),
         ),
     ];
 
-    let plan = Plan {
-        steps: vec![
-            "read report-q1.pdf".to_string(),
-            "read report-q2.pdf".to_string(),
-            "read report-q3.pdf".to_string(),
-        ],
+    let ask = Ask {
+        question: ASK.to_string(),
+        max_subtasks: SOURCES.len() as u32,
     };
     let receipt = client
-        .handoff(Handoff::to(&run.id, "planner", &plan)?.idempotency_key("plan"))
+        .handoff(Handoff::to(&run.id, "planner", &ask)?.idempotency_key("ask"))
         .await?;
-    println!(
-        "handed the plan to planner (handoff {})",
-        receipt.handoff_id
-    );
+    println!("handed the ask to planner (handoff {})", receipt.handoff_id);
 
     let ended = wait_for_end(&client, &run.id).await;
     // Let each agent finish the step it is in (the aggregator's handoff
@@ -228,14 +258,52 @@ async fn demo(addr: &str) -> Result<bool, BoxError> {
         if let Some(result) = &run.result {
             let report: Report = handoff_client::decode(result)?;
             println!("\nresult ({}):", result.type_url);
-            for line in &report.lines {
-                println!("  {line}");
+            println!("  {}", report.answer);
+            for r in &report.results {
+                println!("  {}/{}: {}", r.index + 1, r.of, r.summary);
             }
         }
     } else if let Some(e) = ended {
         println!("\nrun ended with {}", display::kind(e.kind));
     }
     Ok(completed)
+}
+
+/// Sends two handoffs that break their receiver's contract and prints the
+/// refusals. An accepted one is an error: the guard did not hold.
+async fn show_guards(client: &Client, run_id: &str) -> Result<(), BoxError> {
+    let no_instruction = Subtask {
+        index: 0,
+        of: 1,
+        instruction: String::new(),
+        sources: vec![SOURCES[0].to_string()],
+    };
+    let unsure = WorkerResult {
+        index: 0,
+        of: 1,
+        summary: "revenue may have grown, perhaps".to_string(),
+        citations: vec![],
+    };
+    let attempts = [
+        (
+            "a Subtask without its instruction",
+            Handoff::to(run_id, "worker", &no_instruction)?,
+        ),
+        (
+            "a WorkerResult with confidence 0.2",
+            Handoff::to(run_id, "aggregator", &unsure)?.confidence(0.2),
+        ),
+    ];
+    for (what, handoff) in attempts {
+        match client.handoff(handoff).await {
+            Err(e) if e.kind() == ErrorKind::FailedPrecondition => {
+                println!("{what}: refused as expected: {e}");
+            }
+            Err(e) => return Err(format!("{what}: refused for another reason: {e}").into()),
+            Ok(r) => return Err(format!("{what} was accepted (handoff {})", r.handoff_id).into()),
+        }
+    }
+    Ok(())
 }
 
 /// Waits for the run's end event (replaying from the start of the events
@@ -298,15 +366,17 @@ async fn wait_settled(client: &Client, run_id: &str) -> Result<(), BoxError> {
 
 /// Runs `step` on each delivery of `sub` until `stop` turns true (a step
 /// under way is finished first). A step that fails rejects its delivery,
-/// which fails the run (and the demo says so).
-fn spawn_agent<F, Fut>(
+/// which fails the run (and the demo says so). A delivery that does not
+/// decode as `T` has already been rejected by the typed subscription.
+fn spawn_agent<T, F, Fut>(
     name: &'static str,
-    mut sub: Subscription,
+    mut sub: TypedSubscription<T>,
     mut stop: watch::Receiver<bool>,
     step: F,
 ) -> JoinHandle<()>
 where
-    F: Fn(Delivery) -> Fut + Send + 'static,
+    T: prost::Message + prost::Name + Default + Clone + Send + 'static,
+    F: Fn(TypedDelivery<T>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), BoxError>> + Send,
 {
     tokio::spawn(async move {
@@ -317,6 +387,10 @@ where
             };
             let delivery = match next {
                 Some(Ok(d)) => d,
+                Some(Err(e)) if e.kind() == ErrorKind::Decode => {
+                    eprintln!("[{name}] {e}");
+                    continue;
+                }
                 Some(Err(e)) => {
                     eprintln!("[{name}] subscription ended: {e}");
                     return;
@@ -333,87 +407,161 @@ where
     })
 }
 
-async fn planner(delivery: Delivery) -> Result<(), BoxError> {
-    let plan: Plan = delivery.payload()?;
+/// Where a delivery was checked, for the log lines.
+fn checked(contract: Option<(&str, u32)>, tokens: u64) -> String {
+    match contract {
+        Some((t, v)) => format!("{}, {tokens} tokens", display::contract_name(t, v)),
+        None => "unchecked".to_string(),
+    }
+}
+
+/// Splits the ask into one subtask per source and hands them all to
+/// `worker` from the one delivery (fan-out).
+async fn planner(delivery: TypedDelivery<Ask>) -> Result<(), BoxError> {
+    let ask = delivery.payload();
     println!(
-        "[planner] received a plan of {} steps: {:?}",
-        plan.steps.len(),
-        plan.steps
+        "[planner] received the ask {:?} ({})",
+        ask.question,
+        checked(delivery.contract(), delivery.token_count())
     );
-    // No fan-out yet: the planner hands the worker one subtask covering
-    // every step.
-    let subtask = Subtask {
-        step: plan.steps.join("; "),
-        index: 1,
+    let n = match ask.max_subtasks {
+        0 => SOURCES.len(),
+        n => (n as usize).min(SOURCES.len()),
     };
-    let receipt = delivery
-        .handoff(Handoff::to(delivery.run_id(), "worker", &subtask)?)
-        .await?;
-    println!(
-        "[planner] handed subtask {} to worker (depth {})",
-        subtask.index, receipt.depth
-    );
+    for (i, source) in SOURCES.iter().take(n).enumerate() {
+        let subtask = Subtask {
+            index: i as u32,
+            of: n as u32,
+            instruction: format!("Summarise {source} for the brief: {}", ask.question),
+            sources: vec![source.to_string()],
+        };
+        // One delivery, several handoffs: each has its own idempotency key
+        // (so a redo after a crash repeats each one, not one for all) and
+        // declares fan-out.
+        let receipt = delivery
+            .handoff(
+                Handoff::to(delivery.run_id(), "worker", &subtask)?
+                    .idempotency_key(format!("subtask-{i}"))
+                    .fan_out(),
+            )
+            .await?;
+        println!(
+            "[planner] fanned out subtask {}/{n} to worker (handoff {}, depth {})",
+            i + 1,
+            short(&receipt.handoff_id),
+            receipt.depth
+        );
+    }
+    // Fan-out handoffs leave the ask unsettled until every subtask is
+    // stored: a planner that stops half-way is given the ask again.
+    delivery.ack().await?;
     Ok(())
 }
 
-async fn worker(delivery: Delivery) -> Result<(), BoxError> {
-    let task: Subtask = delivery.payload()?;
+/// Does one subtask and hands its result to the aggregator.
+async fn worker(instance: &'static str, delivery: TypedDelivery<Subtask>) -> Result<(), BoxError> {
+    let task = delivery.payload();
     let pinned = delivery.pinned();
     println!(
-        "[worker] received subtask {}: {:?} (attempt {})",
-        task.index,
-        task.step,
+        "[{instance}] received subtask {}/{} ({}, attempt {})",
+        task.index + 1,
+        task.of,
+        checked(delivery.contract(), delivery.token_count()),
         delivery.attempt()
     );
     if pinned.ask.is_empty() {
         return Err("the pinned ask did not reach the worker".into());
     }
-    println!(
-        "[worker] pinned ask: {:?}, audience: {:?}",
-        pinned.ask,
-        pinned.fields.get("audience")
-    );
-    let output = format!(
-        "for {:?} ({}): done {}",
-        pinned.ask,
-        pinned
-            .fields
-            .get("audience")
-            .map_or("anyone", String::as_str),
-        task.step
-    );
+    // The work: long enough for the other instance to take the next one.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let source = task.sources.first().map_or("nowhere", String::as_str);
+    let audience = pinned
+        .fields
+        .get("audience")
+        .map_or("anyone", String::as_str);
+    let citation = Citation {
+        source: source.to_string(),
+        quote: format!("key figures of {source}"),
+    };
     let result = WorkerResult {
-        step: task.step,
-        output,
+        index: task.index,
+        of: task.of,
+        summary: format!("{source}: the points that matter to {audience}"),
+        citations: vec![citation.clone()],
     };
     let receipt = delivery
-        .handoff(Handoff::to(delivery.run_id(), "aggregator", &result)?.confidence(0.9))
+        .handoff(
+            Handoff::to(delivery.run_id(), "aggregator", &result)?
+                .confidence(0.9)
+                .tool_result("read_pdf", SystemTime::now(), &citation)?,
+        )
         .await?;
     println!(
-        "[worker] handed its result to aggregator (depth {})",
+        "[{instance}] handed result {}/{} to aggregator (depth {})",
+        result.index + 1,
+        result.of,
         receipt.depth
     );
     Ok(())
 }
 
-async fn aggregator(delivery: Delivery) -> Result<(), BoxError> {
-    let result: WorkerResult = delivery.payload()?;
-    println!("[aggregator] received: {:?}", result.output);
-    let report = Report {
-        lines: vec![
-            format!("Brief: {}", delivery.pinned().ask),
-            format!("Sources: {}", result.step),
-            format!("Worker said: {}", result.output),
-        ],
+/// Results collected so far, by run and index.
+type Collected = Arc<Mutex<BTreeMap<String, BTreeMap<u32, WorkerResult>>>>;
+
+/// Collects the workers' results by index: acks each until the last one
+/// arrives, then completes the run with the report (a final handoff that
+/// consumes the last delivery). The collection lives in memory: a real
+/// aggregator would keep it in durable state.
+async fn aggregator(
+    collected: Collected,
+    delivery: TypedDelivery<WorkerResult>,
+) -> Result<(), BoxError> {
+    let result = delivery.payload().clone();
+    if result.of == 0 || result.index >= result.of {
+        return Err(format!("result {} of {} is out of range", result.index, result.of).into());
+    }
+    let report = {
+        let mut all = collected.lock().unwrap_or_else(|p| p.into_inner());
+        let run = all.entry(delivery.run_id().to_string()).or_default();
+        run.insert(result.index, result.clone());
+        let have = run.len() as u32;
+        println!(
+            "[aggregator] received result {}/{} from the workers ({}, confidence {}); {have} of {} in",
+            result.index + 1,
+            result.of,
+            checked(delivery.contract(), delivery.token_count()),
+            delivery.confidence(),
+            result.of
+        );
+        (have == result.of).then(|| Report {
+            answer: format!(
+                "Brief for {}: {have} reports summarised",
+                delivery
+                    .pinned()
+                    .fields
+                    .get("audience")
+                    .map_or("anyone", String::as_str)
+            ),
+            results: run.values().cloned().collect(),
+        })
     };
-    delivery
-        .handoff(Handoff::final_result(delivery.run_id(), &report)?)
-        .await?;
-    println!(
-        "[aggregator] completed the run with a {}-line report",
-        report.lines.len()
-    );
+    match report {
+        None => delivery.ack().await?,
+        Some(report) => {
+            delivery
+                .handoff(Handoff::final_result(delivery.run_id(), &report)?)
+                .await?;
+            println!(
+                "[aggregator] completed the run with a report of {} results",
+                report.results.len()
+            );
+        }
+    }
     Ok(())
+}
+
+fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
 }
 
 // ------------------------------------------------------------ embedded broker

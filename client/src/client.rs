@@ -6,10 +6,11 @@ use futures::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
+    contract::{ContractSpec, RegisteredContract},
     error::{Error, ErrorKind, Result},
     handoff::{Handoff, Receipt},
     pb::{self, handoff_broker_client::HandoffBrokerClient},
-    subscription::Subscription,
+    subscription::{Subscription, TypedSubscription},
 };
 
 /// Options for connecting; finish with [`ConnectOptions::connect`].
@@ -119,6 +120,53 @@ impl Client {
         req
     }
 
+    /// Registers a contract version after the broker's compatibility
+    /// check. Registering identical content again is a no-op
+    /// ([`RegisteredContract::created`] is then false); a version that
+    /// breaks the previous one under its compatibility mode is refused
+    /// with FAILED_PRECONDITION, listing every problem.
+    pub async fn register_contract(&self, spec: ContractSpec) -> Result<RegisteredContract> {
+        let resp = self
+            .raw()
+            .register_contract(self.request(spec.into_request()))
+            .await?
+            .into_inner();
+        let contract = resp.contract.ok_or_else(|| {
+            Error::new(ErrorKind::Other, "the broker answered without the contract")
+        })?;
+        Ok(RegisteredContract {
+            contract,
+            created: resp.created,
+        })
+    }
+
+    /// One version of a contract (`version` 0: the latest), with its
+    /// descriptor set.
+    pub async fn get_contract(&self, message_type: &str, version: u32) -> Result<pb::Contract> {
+        self.raw()
+            .get_contract(self.request(pb::GetContractRequest {
+                message_type: message_type.to_string(),
+                version,
+            }))
+            .await?
+            .into_inner()
+            .contract
+            .ok_or_else(|| Error::new(ErrorKind::Other, "the broker answered without the contract"))
+    }
+
+    /// Every registered version of every contract (or of `message_type`
+    /// only), without their descriptor sets.
+    pub async fn list_contracts(&self, message_type: Option<&str>) -> Result<Vec<pb::Contract>> {
+        Ok(self
+            .raw()
+            .list_contracts(self.request(pb::ListContractsRequest {
+                message_type: message_type.unwrap_or_default().to_string(),
+            }))
+            .await?
+            .into_inner()
+            .contracts)
+    }
+
     /// Declares (or updates) an agent; returns it with defaults filled in.
     pub async fn register_agent(&self, agent: AgentConfig) -> Result<pb::AgentSpec> {
         let resp = self
@@ -161,6 +209,19 @@ impl Client {
             .into())
     }
 
+    /// Hands `payload` to `target` within `run_id`, from outside any agent
+    /// (the run's owner); shorthand for [`Handoff::to`] and
+    /// [`Client::handoff`]. Use the builder for an idempotency key,
+    /// confidence or tool results.
+    pub async fn handoff_to<M: prost::Message + prost::Name>(
+        &self,
+        run_id: &str,
+        target: &str,
+        payload: &M,
+    ) -> Result<Receipt> {
+        self.handoff(Handoff::to(run_id, target, payload)?).await
+    }
+
     /// Subscribes as `instance` of `agent`, holding at most `max_in_flight`
     /// unsettled deliveries.
     pub async fn subscribe(
@@ -170,6 +231,25 @@ impl Client {
         max_in_flight: u32,
     ) -> Result<Subscription> {
         Subscription::open(self.clone(), agent, instance, max_in_flight).await
+    }
+
+    /// Subscribes as `instance` of `agent` and decodes every payload as
+    /// `T` (normally the contract the agent accepts). A delivery whose
+    /// payload does not decode as `T` can never succeed, on this instance
+    /// or another: it is rejected (which fails its run) with a reason
+    /// naming `T` and the decode error, and surfaced as an error of kind
+    /// [`ErrorKind::Decode`]; the subscription goes on. See
+    /// [`TypedSubscription`].
+    pub async fn subscribe_typed<T: prost::Message + prost::Name + Default>(
+        &self,
+        agent: &str,
+        instance: &str,
+        max_in_flight: u32,
+    ) -> Result<TypedSubscription<T>> {
+        Ok(self
+            .subscribe(agent, instance, max_in_flight)
+            .await?
+            .typed())
     }
 
     /// Events matching `filter`, live (and from `from_sequence` if set).
@@ -245,6 +325,57 @@ impl AgentConfig {
     pub fn description(mut self, text: impl Into<String>) -> Self {
         self.spec.description = text.into();
         self
+    }
+
+    /// Accepts contract `T`: every handoff to this agent must carry a `T`
+    /// that passes the contract's rules. The contract must be registered
+    /// first. Without it the agent takes payloads of any type, unchecked.
+    pub fn accepts<T: prost::Name>(self) -> Self {
+        self.accepts_type(T::full_name())
+    }
+
+    /// Accepts the contract with full name `message_type`; see
+    /// [`AgentConfig::accepts`]. A version range set with
+    /// [`AgentConfig::accepts_versions`] is kept.
+    pub fn accepts_type(mut self, message_type: impl Into<String>) -> Self {
+        self.spec
+            .accepts
+            .get_or_insert_with(Default::default)
+            .message_type = message_type.into();
+        self
+    }
+
+    /// Versions of the accepted contract this agent takes, inclusive;
+    /// 0 leaves that end unbounded. Handoffs are checked against the
+    /// highest registered version in the range. Use it together with
+    /// [`AgentConfig::accepts`] (in either order).
+    pub fn accepts_versions(mut self, min: u32, max: u32) -> Self {
+        let accepts = self.spec.accepts.get_or_insert_with(Default::default);
+        accepts.min_version = min;
+        accepts.max_version = max;
+        self
+    }
+
+    /// Declares that this agent may send contract `T`. A handoff whose
+    /// payload is a registered contract is refused (PERMISSION_DENIED)
+    /// unless its source agent declares it.
+    pub fn emits<T: prost::Name>(self) -> Self {
+        self.emits_type(T::full_name())
+    }
+
+    /// Declares that this agent may send the contract with full name
+    /// `message_type`; see [`AgentConfig::emits`].
+    pub fn emits_type(mut self, message_type: impl Into<String>) -> Self {
+        let message_type = message_type.into();
+        if !self.spec.emits.contains(&message_type) {
+            self.spec.emits.push(message_type);
+        }
+        self
+    }
+
+    /// The spec as it will be sent.
+    pub fn spec(&self) -> &pb::AgentSpec {
+        &self.spec
     }
 }
 
@@ -343,5 +474,38 @@ impl WatchFilter {
     pub fn from_sequence(mut self, sequence: u64) -> Self {
         self.req.from_sequence = sequence;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use handoff_proto::demo;
+
+    #[test]
+    fn agent_contracts() {
+        let agent = AgentConfig::new("worker")
+            .accepts_versions(2, 0)
+            .accepts::<demo::Subtask>()
+            .emits::<demo::WorkerResult>()
+            .emits_type("handoff.demo.v1.Citation")
+            .emits::<demo::WorkerResult>();
+        let spec = agent.spec();
+        assert_eq!(
+            spec.accepts,
+            Some(pb::ContractRef {
+                message_type: "handoff.demo.v1.Subtask".to_string(),
+                min_version: 2,
+                max_version: 0,
+            })
+        );
+        assert_eq!(
+            spec.emits,
+            vec![
+                "handoff.demo.v1.WorkerResult".to_string(),
+                "handoff.demo.v1.Citation".to_string()
+            ]
+        );
+        assert_eq!(AgentConfig::new("any").spec().accepts, None);
     }
 }

@@ -1,7 +1,10 @@
 //! Human-readable rendering of runs and timelines (used by `handoffctl`
 //! and the examples).
 
-use std::{fmt::Write as _, time::SystemTime};
+use std::{
+    fmt::Write as _,
+    time::{Duration, SystemTime},
+};
 
 use crate::pb;
 
@@ -61,6 +64,16 @@ pub fn event_line(e: &pb::Event) -> String {
     if !e.fallback_agent.is_empty() {
         let _ = write!(detail, "fallback={} ", e.fallback_agent);
     }
+    if !e.rule.is_empty() {
+        let _ = write!(detail, "rule={} ", e.rule);
+    }
+    if !e.contract_type.is_empty() {
+        let _ = write!(
+            detail,
+            "contract={} ",
+            contract_name(&e.contract_type, e.contract_version)
+        );
+    }
     if !e.reason.is_empty() {
         let _ = write!(detail, "reason={:?}", e.reason);
     }
@@ -108,4 +121,109 @@ pub fn run_table(run: &pb::Run, timeline: &[pb::Event]) -> String {
         let _ = writeln!(out, "{}", event_line(e));
     }
     out
+}
+
+/// A contract and its version as `type@vN` (`type` alone for version 0,
+/// i.e. not known).
+pub fn contract_name(message_type: &str, version: u32) -> String {
+    if version == 0 {
+        message_type.to_string()
+    } else {
+        format!("{message_type}@v{version}")
+    }
+}
+
+/// A compatibility mode as a word (`backward`, ...).
+pub fn compatibility(mode: i32) -> &'static str {
+    match pb::Compatibility::try_from(mode) {
+        Ok(pb::Compatibility::None) => "none",
+        Ok(pb::Compatibility::Backward) => "backward",
+        Ok(pb::Compatibility::Forward) => "forward",
+        Ok(pb::Compatibility::Full) => "full",
+        _ => "unspecified",
+    }
+}
+
+/// A contract's rules on one line (`required=a,b max_tokens=200 ...`),
+/// or `-` when there are none.
+pub fn rules_summary(rules: Option<&pb::ContractRules>) -> String {
+    let Some(r) = rules else {
+        return "-".to_string();
+    };
+    let mut parts = Vec::new();
+    if !r.required_fields.is_empty() {
+        parts.push(format!("required={}", r.required_fields.join(",")));
+    }
+    if r.max_tokens > 0 {
+        parts.push(format!("max_tokens={}", r.max_tokens));
+    }
+    if r.max_bytes > 0 {
+        parts.push(format!("max_bytes={}", r.max_bytes));
+    }
+    if let Some(c) = r.min_confidence {
+        parts.push(format!("min_confidence={c}"));
+    }
+    if let Some(age) = r.max_tool_result_age {
+        let age = Duration::try_from(age)
+            .map(|d| humantime::format_duration(d).to_string())
+            .unwrap_or_else(|_| "invalid".to_string());
+        parts.push(format!("max_tool_result_age={age}"));
+    }
+    if parts.is_empty() {
+        "-".to_string()
+    } else {
+        parts.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_rejected_shows_rule_contract_and_reason() {
+        let e = pb::Event {
+            sequence: 7,
+            kind: pb::EventKind::ContractRejected as i32,
+            agent: "worker".to_string(),
+            source_agent: "planner".to_string(),
+            rule: "required_fields".to_string(),
+            contract_type: "handoff.demo.v1.Subtask".to_string(),
+            contract_version: 1,
+            reason: "missing required fields: instruction".to_string(),
+            ..Default::default()
+        };
+        let line = event_line(&e);
+        assert!(line.contains("contract_rejected"), "{line}");
+        assert!(line.contains("planner -> worker"), "{line}");
+        assert!(
+            line.ends_with(
+                "rule=required_fields contract=handoff.demo.v1.Subtask@v1 reason=\"missing required fields: instruction\""
+            ),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn rules_on_one_line() {
+        assert_eq!(rules_summary(None), "-");
+        assert_eq!(rules_summary(Some(&pb::ContractRules::default())), "-");
+        let rules = pb::ContractRules {
+            required_fields: vec!["a".into(), "b.c".into()],
+            max_tokens: 200,
+            max_bytes: 0,
+            min_confidence: Some(0.5),
+            max_tool_result_age: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+        };
+        assert_eq!(
+            rules_summary(Some(&rules)),
+            "required=a,b.c max_tokens=200 min_confidence=0.5 max_tool_result_age=1h"
+        );
+        assert_eq!(compatibility(pb::Compatibility::Full as i32), "full");
+        assert_eq!(contract_name("a.B", 0), "a.B");
+        assert_eq!(contract_name("a.B", 3), "a.B@v3");
+    }
 }

@@ -96,6 +96,20 @@ impl Handoff {
         self
     }
 
+    /// Declares that the consumed delivery fans out: several handoffs
+    /// complete one delivery, to one or more targets (a planner handing
+    /// out subtasks). The broker refuses a second handoff from one
+    /// delivery to another target (ALREADY_EXISTS) unless every handoff
+    /// from it declares fan-out. Give each one a distinct
+    /// [`idempotency_key`](Handoff::idempotency_key): handoffs from one
+    /// delivery to one target with the same key are the same handoff.
+    /// A fan-out handoff leaves the consumed delivery unsettled: ack it
+    /// after the last one.
+    pub fn fan_out(mut self) -> Self {
+        self.req.fan_out = true;
+        self
+    }
+
     /// Sets trace-propagation fields (`traceparent`, ...).
     pub fn trace_context(mut self, fields: HashMap<String, String>) -> Self {
         self.req.trace_context = fields;
@@ -149,5 +163,47 @@ impl From<pb::HandoffResponse> for Receipt {
             duplicate: r.duplicate,
             depth: r.depth,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use handoff_proto::demo;
+
+    #[test]
+    fn builder_fills_the_request() {
+        let task = demo::Subtask {
+            index: 1,
+            of: 3,
+            instruction: "read".to_string(),
+            sources: vec![],
+        };
+        let h = Handoff::to("run-1", "worker", &task).and_then(|h| {
+            h.idempotency_key("k1")
+                .fan_out()
+                .confidence(0.8)
+                .tool_result("search", SystemTime::UNIX_EPOCH, &demo::Citation::default())
+        });
+        let req = match h {
+            Ok(h) => h.req,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(req.run_id, "run-1");
+        assert_eq!(req.target_agent, "worker");
+        assert!(req.fan_out);
+        assert!(!req.r#final);
+        assert_eq!(req.idempotency_key, "k1");
+        assert_eq!(req.confidence, Some(0.8));
+        assert_eq!(req.tool_results.len(), 1);
+        let payload = req.payload.unwrap_or_default();
+        assert!(
+            payload.type_url.ends_with("/handoff.demo.v1.Subtask"),
+            "{}",
+            payload.type_url
+        );
+        assert_eq!(decode::<demo::Subtask>(&payload).ok(), Some(task));
+        let err = decode::<demo::Ask>(&payload).err().map(|e| e.kind());
+        assert_eq!(err, Some(ErrorKind::Decode));
     }
 }

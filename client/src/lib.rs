@@ -20,6 +20,35 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Typed contracts: register a protobuf message type with its rules, declare
+//! which contract each agent accepts and emits, and the broker refuses at
+//! the door any handoff that breaks them (the error names the field and the
+//! numbers). [`Client::subscribe_typed`] decodes every delivery as the
+//! accepted type.
+//!
+//! ```no_run
+//! # async fn demo(client: handoff_client::Client) -> handoff_client::Result<()> {
+//! use handoff_client::{AgentConfig, ContractSpec};
+//! use handoff_proto::{demo::{Subtask, WorkerResult}, DEMO_FILE_DESCRIPTOR_SET};
+//! client
+//!     .register_contract(
+//!         ContractSpec::of::<Subtask>(DEMO_FILE_DESCRIPTOR_SET).require("instruction").max_tokens(500),
+//!     )
+//!     .await?;
+//! client.register_contract(ContractSpec::of::<WorkerResult>(DEMO_FILE_DESCRIPTOR_SET)).await?;
+//! client
+//!     .register_agent(AgentConfig::new("worker").accepts::<Subtask>().emits::<WorkerResult>())
+//!     .await?;
+//! let mut sub = client.subscribe_typed::<Subtask>("worker", "worker-1", 1).await?;
+//! while let Some(delivery) = sub.next_delivery().await {
+//!     let delivery = delivery?;
+//!     let task: &Subtask = delivery.payload();
+//!     let result = WorkerResult { index: task.index, of: task.of, summary: "done".into(), ..Default::default() };
+//!     delivery.handoff_to("aggregator", &result).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! Deliveries are at least once on the wire; the SDK recognises a handoff
 //! it already finished and does not hand it to the application again, and
 //! complete-and-handoff ([`Delivery::handoff`]) makes a crashed agent's
@@ -29,15 +58,17 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod client;
+mod contract;
 pub mod display;
 mod error;
 mod handoff;
 mod subscription;
 
 pub use client::{AgentConfig, Client, ConnectOptions, RunConfig, WatchFilter};
+pub use contract::{ContractSpec, RegisteredContract};
 pub use error::{Error, ErrorKind, Result};
 pub use handoff::{decode, encode, Handoff, Receipt};
-pub use subscription::{Delivery, Subscription};
+pub use subscription::{Delivery, Subscription, TypedDelivery, TypedSubscription};
 
 /// The `handoff.v1` protobuf messages and gRPC stubs.
 pub use handoff_proto::pb;

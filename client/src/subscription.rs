@@ -6,9 +6,14 @@
 //! The subscription remembers the handoffs this instance already finished:
 //! if one is delivered again (its ack was lost in a crash), it is acked
 //! again silently instead of being handed to the application twice.
+//!
+//! [`TypedSubscription`] decodes every payload as the agent's contract and
+//! hands out [`TypedDelivery`]; a payload that does not decode is rejected.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
+    marker::PhantomData,
+    ops::Deref,
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -41,6 +46,9 @@ pub(crate) struct Shared {
     next_id: AtomicU64,
     finished: Mutex<Finished>,
     client: Client,
+    /// The runtime the subscription was opened on, for settlements that
+    /// cannot be awaited where they are decided (in `poll_next`).
+    runtime: tokio::runtime::Handle,
 }
 
 #[derive(Default)]
@@ -166,6 +174,7 @@ impl Subscription {
             next_id: AtomicU64::new(1),
             finished: Mutex::new(Finished::default()),
             client,
+            runtime: tokio::runtime::Handle::current(),
         });
         let (tx, rx) = mpsc::channel(max_in_flight.max(1) as usize + 8);
         let reader = shared.clone();
@@ -181,10 +190,7 @@ impl Subscription {
                 };
                 match next.message {
                     Some(pb::subscribe_response::Message::Delivery(d)) => {
-                        let delivery = Delivery {
-                            inner: d,
-                            shared: reader.clone(),
-                        };
+                        let delivery = Delivery::new(d, reader.clone());
                         if reader.is_finished(delivery.handoff_id()) {
                             // Finished here already: its ack was lost. Ack it
                             // again, quietly, without holding up this reader
@@ -226,7 +232,10 @@ impl Subscription {
         self.deliveries.recv().await
     }
 
-    /// The next delivery with its payload decoded as `M`.
+    /// The next delivery with its payload decoded as `M`. A payload that
+    /// does not decode is an error of kind [`ErrorKind::Decode`] and its
+    /// delivery is left unsettled (it is redelivered when the lease ends);
+    /// [`Subscription::typed`] rejects such deliveries instead.
     pub async fn next_typed<M: prost::Message + prost::Name + Default>(
         &mut self,
     ) -> Option<Result<(Delivery, M)>> {
@@ -235,6 +244,15 @@ impl Subscription {
             Err(e) => return Some(Err(e)),
         };
         Some(d.payload::<M>().map(|m| (d, m)))
+    }
+
+    /// This subscription with every payload decoded as `T`; see
+    /// [`TypedSubscription`].
+    pub fn typed<T: prost::Message + prost::Name + Default>(self) -> TypedSubscription<T> {
+        TypedSubscription {
+            inner: self,
+            _payload: PhantomData,
+        }
     }
 
     /// Settles a delivery by id (for one received in another session).
@@ -266,13 +284,26 @@ impl Stream for Subscription {
 
 /// One handoff leased to this instance. Settle it with exactly one of
 /// [`ack`](Delivery::ack), [`nack`](Delivery::nack),
-/// [`reject`](Delivery::reject) or [`handoff`](Delivery::handoff)
-/// (complete-and-handoff); [`extend`](Delivery::extend) while working
-/// longer than the lease.
+/// [`reject`](Delivery::reject), or one or more
+/// [`handoff`](Delivery::handoff)s (complete-and-handoff);
+/// [`extend`](Delivery::extend) while working longer than the lease.
+/// Clones share their state: a handoff made through one clone is known to
+/// the others.
 #[derive(Clone)]
 pub struct Delivery {
     inner: pb::Delivery,
     shared: Arc<Shared>,
+    /// Handoffs already made from this delivery: (target, idempotency key)
+    /// and the handoff's id.
+    made: Arc<Mutex<Vec<Made>>>,
+}
+
+/// A handoff made from a delivery.
+struct Made {
+    /// The target agent; empty for a final handoff.
+    target: String,
+    idempotency_key: String,
+    handoff_id: String,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -286,6 +317,14 @@ impl std::fmt::Debug for Delivery {
 }
 
 impl Delivery {
+    fn new(inner: pb::Delivery, shared: Arc<Shared>) -> Delivery {
+        Delivery {
+            inner,
+            shared,
+            made: Arc::default(),
+        }
+    }
+
     /// The opaque delivery id (what `consumes` names).
     pub fn id(&self) -> &str {
         &self.inner.delivery_id
@@ -322,6 +361,39 @@ impl Delivery {
             .pinned
             .as_ref()
             .unwrap_or_else(|| EMPTY.get_or_init(pb::PinnedContext::default))
+    }
+
+    /// BPE tokens the broker counted in the payload's string values (0
+    /// when the payload was not checked against a contract).
+    pub fn token_count(&self) -> u64 {
+        self.envelope().token_count
+    }
+
+    /// The contract the payload was checked against and its version;
+    /// `None` when the agent accepts any payload, unchecked.
+    pub fn contract(&self) -> Option<(&str, u32)> {
+        let envelope = self.envelope();
+        if envelope.contract_type.is_empty() {
+            None
+        } else {
+            Some((envelope.contract_type.as_str(), envelope.contract_version))
+        }
+    }
+
+    /// The agent that handed this off; empty when it came from outside
+    /// any agent (the run's owner).
+    pub fn source_agent(&self) -> &str {
+        &self.envelope().source_agent
+    }
+
+    /// The sender's confidence in [0, 1].
+    pub fn confidence(&self) -> f64 {
+        self.envelope().confidence
+    }
+
+    /// Sequential hops of the run up to this handoff (1 for the first).
+    pub fn depth(&self) -> u32 {
+        self.envelope().depth
     }
 
     /// When the lease ends unless extended.
@@ -396,6 +468,18 @@ impl Delivery {
     /// Complete-and-handoff: stores `next` (in this delivery's run, from
     /// this agent) and then acks this delivery. Repeating it after a crash
     /// yields the same handoff, recognised as a duplicate.
+    ///
+    /// One delivery may complete with several handoffs (a planner handing
+    /// out subtasks): give each a distinct
+    /// [`idempotency_key`](Handoff::idempotency_key), since handoffs from
+    /// one delivery to one target with the same key are one handoff, and
+    /// mark each [`fan_out`](Handoff::fan_out), then [`ack`](Delivery::ack)
+    /// this delivery after the last one: a fan-out handoff does not settle
+    /// the delivery, so an instance that stops half-way is redelivered its
+    /// input, and the handoffs it repeats are recognised as the same ones.
+    /// A second handoff with the same target and key as one already made
+    /// from this delivery is refused here ([`ErrorKind::InvalidArgument`])
+    /// rather than answered as a silent duplicate.
     pub async fn handoff(&self, next: Handoff) -> Result<Receipt> {
         let mut req = next.req;
         if req.run_id.is_empty() {
@@ -405,8 +489,215 @@ impl Delivery {
             req.source_agent = self.shared.agent.clone();
         }
         req.consumes = self.id().to_string();
+        let target = if req.r#final {
+            String::new()
+        } else {
+            req.target_agent.clone()
+        };
+        if let Some(made) = lock(&self.made)
+            .iter()
+            .find(|m| m.target == target && m.idempotency_key == req.idempotency_key)
+        {
+            let to = if target.is_empty() {
+                "the run's final result".to_string()
+            } else {
+                format!("agent {target:?}")
+            };
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "this delivery already handed off to {to} with idempotency key {:?} (handoff {}); \
+                     give each handoff from one delivery a distinct idempotency key",
+                    made.idempotency_key, made.handoff_id
+                ),
+            ));
+        }
+        let idempotency_key = req.idempotency_key.clone();
+        let fan_out = req.fan_out;
         let receipt = self.shared.client.handoff(Handoff { req }).await?;
-        self.shared.mark_finished(self.handoff_id());
+        if !fan_out {
+            // Settled by the broker; a fan-out is settled by `ack`.
+            self.shared.mark_finished(self.handoff_id());
+        }
+        let mut made = lock(&self.made);
+        if !made.iter().any(|m| m.handoff_id == receipt.handoff_id) {
+            made.push(Made {
+                target,
+                idempotency_key,
+                handoff_id: receipt.handoff_id.clone(),
+            });
+        }
         Ok(receipt)
+    }
+
+    /// Complete-and-handoff of `payload` to `target`, in this delivery's
+    /// run, from this agent: shorthand for
+    /// `self.handoff(Handoff::to(self.run_id(), target, payload)?)`. Use
+    /// [`Delivery::handoff`] with the builder for a confidence, tool
+    /// results, an idempotency key or fan-out.
+    pub async fn handoff_to<M: prost::Message + prost::Name>(
+        &self,
+        target: &str,
+        payload: &M,
+    ) -> Result<Receipt> {
+        self.handoff(Handoff::to(self.run_id(), target, payload)?)
+            .await
+    }
+
+    /// Rejects this delivery without waiting for the broker's answer.
+    /// Marks it finished once the broker confirms.
+    fn reject_in_background(&self, reason: String) {
+        let delivery = self.clone();
+        self.shared.runtime.spawn(async move {
+            if let Err(e) = delivery.reject(reason).await {
+                tracing::warn!(handoff_id = %delivery.handoff_id(), error = %e, "rejecting an undecodable delivery failed");
+            }
+        });
+    }
+}
+
+// ------------------------------------------------------------ typed
+
+/// A [`Subscription`] whose payloads are decoded as `T`, usually the
+/// contract the agent accepts: from
+/// [`Client::subscribe_typed`](crate::Client::subscribe_typed) or
+/// [`Subscription::typed`]. A stream of `Result<TypedDelivery<T>>`.
+///
+/// A delivery whose payload does not decode as `T` (another type, or bytes
+/// that are not a `T`) can never succeed, on any instance or attempt: it is
+/// **rejected**, which fails its run and tells the run's owner, with a
+/// reason naming `T` and the decode error, and it is surfaced as an error
+/// of kind [`ErrorKind::Decode`]. The subscription goes on after such an
+/// error; it ends (`None`) only when the stream to the broker does.
+/// [`next_delivery`](TypedSubscription::next_delivery) waits for the
+/// broker to confirm the reject; the [`Stream`] implementation sends it
+/// without waiting.
+pub struct TypedSubscription<T> {
+    inner: Subscription,
+    _payload: PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for TypedSubscription<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TypedSubscription")
+            .field("agent", &self.inner.shared.agent)
+            .field("payload", &std::any::type_name::<T>())
+            .finish()
+    }
+}
+
+impl<T: prost::Message + prost::Name + Default> TypedSubscription<T> {
+    /// The agent as the broker knows it (lease, attempts, fallback,
+    /// accepted contract).
+    pub fn agent(&self) -> &pb::AgentSpec {
+        self.inner.agent()
+    }
+
+    /// The next delivery with its payload decoded; `None` once the
+    /// subscription has ended. A payload that does not decode is rejected
+    /// (this waits for the broker's answer) and returned as an error of
+    /// kind [`ErrorKind::Decode`].
+    pub async fn next_delivery(&mut self) -> Option<Result<TypedDelivery<T>>> {
+        let delivery = match self.inner.next_delivery().await? {
+            Ok(d) => d,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(match delivery.payload::<T>() {
+            Ok(payload) => Ok(TypedDelivery { delivery, payload }),
+            Err(e) => {
+                let reason = undecodable::<T>(&e);
+                let outcome = match delivery.reject(reason.clone()).await {
+                    Ok(()) => "the delivery was rejected".to_string(),
+                    Err(r) => format!("rejecting the delivery failed: {r}"),
+                };
+                Err(Error::new(
+                    ErrorKind::Decode,
+                    format!("{reason}; {outcome}"),
+                ))
+            }
+        })
+    }
+
+    /// The untyped subscription back.
+    pub fn into_inner(self) -> Subscription {
+        self.inner
+    }
+}
+
+/// The reject reason of a payload that does not decode as `T`: the
+/// decode error, which names `T` and the payload's type.
+fn undecodable<T: prost::Name>(e: &Error) -> String {
+    let name = T::full_name();
+    if e.message().contains(&name) {
+        e.message().to_string()
+    } else {
+        format!("{} (expected {name})", e.message())
+    }
+}
+
+impl<T: prost::Message + prost::Name + Default> Stream for TypedSubscription<T> {
+    type Item = Result<TypedDelivery<T>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let delivery = match self.inner.deliveries.poll_recv(cx) {
+            Poll::Ready(Some(Ok(d))) => d,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        Poll::Ready(Some(match delivery.payload::<T>() {
+            Ok(payload) => Ok(TypedDelivery { delivery, payload }),
+            Err(e) => {
+                let reason = undecodable::<T>(&e);
+                delivery.reject_in_background(reason.clone());
+                Err(Error::new(
+                    ErrorKind::Decode,
+                    format!("{reason}; rejecting the delivery"),
+                ))
+            }
+        }))
+    }
+}
+
+/// A [`Delivery`] with its payload decoded as `T`. Derefs to the
+/// delivery, so settle it as one: `ack`, `nack`, `reject`, `extend`,
+/// `handoff`, `handoff_to`.
+#[derive(Clone)]
+pub struct TypedDelivery<T> {
+    delivery: Delivery,
+    payload: T,
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for TypedDelivery<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TypedDelivery")
+            .field("delivery", &self.delivery)
+            .field("payload", &self.payload)
+            .finish()
+    }
+}
+
+impl<T> TypedDelivery<T> {
+    /// The decoded payload.
+    pub fn payload(&self) -> &T {
+        &self.payload
+    }
+
+    /// The delivery, without the payload.
+    pub fn delivery(&self) -> &Delivery {
+        &self.delivery
+    }
+
+    /// The delivery and its payload.
+    pub fn into_parts(self) -> (Delivery, T) {
+        (self.delivery, self.payload)
+    }
+}
+
+impl<T> Deref for TypedDelivery<T> {
+    type Target = Delivery;
+
+    fn deref(&self) -> &Delivery {
+        &self.delivery
     }
 }

@@ -306,3 +306,55 @@ pub fn note(text: &str, n: u32) -> Note {
         n,
     }
 }
+
+/// Compiles `.proto` sources given as `(file name, text)` into an encoded
+/// `FileDescriptorSet` (with protox, no `protoc`), for registering
+/// contracts.
+pub fn compile_proto(files: &[(&str, &str)]) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, text) in files {
+        let path = dir.path().join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("proto dir");
+        }
+        std::fs::write(&path, text).expect("write proto");
+    }
+    let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
+    let fds = protox::compile(names, [dir.path()]).expect("compile proto");
+    prost::Message::encode_to_vec(&fds)
+}
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The body of `GET /metrics` from a broker's metrics endpoint.
+pub async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics endpoint");
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .expect("request");
+    let mut text = String::new();
+    socket.read_to_string(&mut text).await.expect("response");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+/// The value of one counter line (`name{labels}`) in a metrics body, 0
+/// when absent.
+pub fn counter(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}

@@ -147,7 +147,7 @@ pub async fn handoff(
             });
         }
     }
-    if let Some(token) = &consumed {
+    if let Some(token) = consumed.as_ref().filter(|_| !req.fan_out) {
         if broker.config().faults.skip_consume_ack {
             tracing::warn!("fault injected: consumed delivery left unacked");
         } else {

@@ -1,24 +1,26 @@
 //! `handoffctl`: the operator's command line for a `handoffd` broker.
 //!
 //! It starts runs, shows a run with its timeline, follows events live,
-//! lists agents and dead letters, all through the `handoff-client` SDK over
-//! the broker's gRPC API. Output is plain text meant for people; the first
+//! registers and shows contracts, lists agents and dead letters, all
+//! through the `handoff-client` SDK over the broker's gRPC API. Output is plain text meant for people; the first
 //! line of `run start` is the bare run id so scripts can capture it. Errors
 //! go to stderr as `handoffctl: <error>` with exit code 1; bad usage exits
 //! with 2.
 
 use std::{
     io::{self, IsTerminal as _, Write as _},
+    path::{Path, PathBuf},
     process::ExitCode,
     time::{Duration, SystemTime},
 };
 
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt as _;
-use handoff_client::{display, pb, Client, ConnectOptions, RunConfig, WatchFilter};
+use handoff_client::{display, pb, Client, ConnectOptions, ContractSpec, RunConfig, WatchFilter};
+use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 
-/// handoffctl: start and inspect runs, follow events, list agents and dead
-/// letters of a handoff broker.
+/// handoffctl: start and inspect runs, follow events, manage contracts,
+/// list agents and dead letters of a handoff broker.
 #[derive(Parser, Debug)]
 #[command(name = "handoffctl", version, propagate_version = true)]
 struct Cli {
@@ -46,6 +48,9 @@ enum Command {
     /// Registered agents.
     #[command(subcommand)]
     Agents(AgentsCommand),
+    /// Contracts: register, list and show message types and their rules.
+    #[command(subcommand)]
+    Contracts(ContractsCommand),
     /// Handoffs that ran out of attempts without a fallback.
     DeadLetters(DeadLettersArgs),
 }
@@ -111,6 +116,81 @@ enum AgentsCommand {
     List,
 }
 
+#[derive(Subcommand, Debug)]
+enum ContractsCommand {
+    /// Register a contract version; prints its version, whether it was
+    /// created or already registered (unchanged), and its fingerprint.
+    #[command(disable_version_flag = true)]
+    Register(RegisterContractArgs),
+    /// List registered contract versions: type, version, compatibility,
+    /// rules, registration time.
+    List {
+        /// Only versions of this message type.
+        #[arg(long, value_name = "TYPE")]
+        message_type: Option<String>,
+    },
+    /// Show a contract version: compatibility, fingerprint, rules and the
+    /// message's fields.
+    #[command(disable_version_flag = true)]
+    Show {
+        /// Full name of the message type (`acme.research.v1.Subtask`).
+        message_type: String,
+        /// The version (default: the latest).
+        #[arg(long, value_name = "N")]
+        version: Option<u32>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RegisterContractArgs {
+    /// Full name of the message type (`acme.research.v1.Subtask`).
+    #[arg(long, value_name = "TYPE")]
+    message_type: String,
+    /// An encoded `google.protobuf.FileDescriptorSet` defining the type
+    /// and its imports (`protoc --include_imports --descriptor_set_out`).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "proto",
+        conflicts_with = "proto"
+    )]
+    descriptor_set: Option<PathBuf>,
+    /// A `.proto` file defining the type, compiled here.
+    #[arg(long, value_name = "FILE")]
+    proto: Option<PathBuf>,
+    /// Import path for `--proto`; repeatable (default: the file's
+    /// directory).
+    #[arg(
+        short = 'I',
+        long = "include",
+        value_name = "DIR",
+        conflicts_with = "descriptor_set"
+    )]
+    includes: Vec<PathBuf>,
+    /// The version to register (default: the next one, or the latest when
+    /// identical).
+    #[arg(long, value_name = "N")]
+    version: Option<u32>,
+    /// How this version must relate to the previous one (default: backward).
+    #[arg(long, value_parser = parse_compatibility, value_name = "MODE")]
+    compatibility: Option<pb::Compatibility>,
+    /// A field path that must be present (`ask.text`); repeatable.
+    #[arg(long = "require", value_name = "PATH")]
+    required: Vec<String>,
+    /// Budget of BPE tokens over the payload's string values.
+    #[arg(long, value_name = "N")]
+    max_tokens: Option<u64>,
+    /// Budget of the encoded payload in bytes.
+    #[arg(long, value_name = "N")]
+    max_bytes: Option<u64>,
+    /// Lowest confidence accepted, in [0, 1].
+    #[arg(long, value_parser = parse_confidence, value_name = "X")]
+    min_confidence: Option<f64>,
+    /// Oldest tool result accepted, e.g. `10m`, `1h`.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    max_tool_result_age: Option<Duration>,
+}
+
 #[derive(Args, Debug)]
 struct DeadLettersArgs {
     /// Only dead letters of this agent (default: every agent).
@@ -161,6 +241,16 @@ async fn dispatch(cli: Cli) -> Outcome {
         Command::Run(RunCommand::Show { id }) => run_show(&client, &id).await,
         Command::Tail(args) => tail(&client, args).await,
         Command::Agents(AgentsCommand::List) => agents_list(&client).await,
+        Command::Contracts(ContractsCommand::Register(args)) => {
+            contracts_register(&client, args).await
+        }
+        Command::Contracts(ContractsCommand::List { message_type }) => {
+            contracts_list(&client, message_type.as_deref()).await
+        }
+        Command::Contracts(ContractsCommand::Show {
+            message_type,
+            version,
+        }) => contracts_show(&client, &message_type, version.unwrap_or(0)).await,
         Command::DeadLetters(args) => dead_letters(&client, args).await,
     };
     match result {
@@ -294,6 +384,267 @@ async fn agents_list(client: &Client) -> Outcome {
         &["NAME", "LEASE", "MAX_ATTEMPTS", "FALLBACK", "DESCRIPTION"],
         rows,
     ))
+}
+
+async fn contracts_register(client: &Client, args: RegisterContractArgs) -> Outcome {
+    let (descriptors, source) = match (&args.descriptor_set, &args.proto) {
+        (Some(file), _) => (
+            std::fs::read(file).map_err(|e| Failure(format!("reading {}: {e}", file.display())))?,
+            file,
+        ),
+        (None, Some(file)) => (compile_proto(file, &args.includes)?, file),
+        (None, None) => {
+            return Err(Failure(
+                "give --descriptor-set FILE or --proto FILE".to_string(),
+            ))
+        }
+    };
+    // Checked here too, so a wrong file or type name gets a local answer.
+    let pool = DescriptorPool::decode(descriptors.as_slice()).map_err(|e| {
+        Failure(format!(
+            "{} is not a valid FileDescriptorSet: {}",
+            source.display(),
+            one_line(&e.to_string())
+        ))
+    })?;
+    if pool.get_message_by_name(&args.message_type).is_none() {
+        let mut known: Vec<String> = pool
+            .all_messages()
+            .filter(|m| !m.is_map_entry() && !m.full_name().starts_with("google.protobuf."))
+            .map(|m| m.full_name().to_string())
+            .collect();
+        known.sort();
+        let known = if known.is_empty() {
+            "no messages".to_string()
+        } else {
+            known.join(", ")
+        };
+        return Err(Failure(format!(
+            "message type {} is not defined in {} (it defines {known})",
+            args.message_type,
+            source.display()
+        )));
+    }
+    let mut spec = ContractSpec::named(&args.message_type, descriptors);
+    if let Some(v) = args.version {
+        spec = spec.version(v);
+    }
+    if let Some(mode) = args.compatibility {
+        spec = spec.compatibility(mode);
+    }
+    for path in args.required {
+        spec = spec.require(path);
+    }
+    if let Some(n) = args.max_tokens {
+        spec = spec.max_tokens(n);
+    }
+    if let Some(n) = args.max_bytes {
+        spec = spec.max_bytes(n);
+    }
+    if let Some(c) = args.min_confidence {
+        spec = spec.min_confidence(c);
+    }
+    if let Some(age) = args.max_tool_result_age {
+        spec = spec.max_tool_result_age(age);
+    }
+    let registered = client.register_contract(spec).await?;
+    let c = &registered.contract;
+    out(&format!(
+        "{} version {} {} fingerprint={}\n",
+        c.message_type,
+        c.version,
+        if registered.created {
+            "created"
+        } else {
+            "unchanged"
+        },
+        c.fingerprint
+    ))
+}
+
+/// Compiles `file` (and its imports, found under `includes` or the file's
+/// own directory) into an encoded FileDescriptorSet.
+fn compile_proto(file: &Path, includes: &[PathBuf]) -> Result<Vec<u8>, Failure> {
+    if let Err(e) = std::fs::metadata(file) {
+        return Err(Failure(format!("reading {}: {e}", file.display())));
+    }
+    let includes: Vec<PathBuf> = if includes.is_empty() {
+        vec![match file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        }]
+    } else {
+        includes.to_vec()
+    };
+    protox::Compiler::new(&includes)
+        .and_then(|mut c| {
+            c.include_imports(true).include_source_info(false);
+            c.open_file(file)?;
+            Ok(c.encode_file_descriptor_set())
+        })
+        .map_err(|e| {
+            Failure(format!(
+                "compiling {}: {}",
+                file.display(),
+                one_line(&e.to_string())
+            ))
+        })
+}
+
+async fn contracts_list(client: &Client, message_type: Option<&str>) -> Outcome {
+    let mut contracts = client.list_contracts(message_type).await?;
+    contracts.sort_by(|a, b| {
+        (a.message_type.as_str(), a.version).cmp(&(b.message_type.as_str(), b.version))
+    });
+    let rows = contracts
+        .iter()
+        .map(|c| {
+            vec![
+                c.message_type.clone(),
+                c.version.to_string(),
+                display::compatibility(c.compatibility).to_string(),
+                timestamp(c.registered_at),
+                display::rules_summary(c.rules.as_ref()),
+            ]
+        })
+        .collect();
+    out(&table(
+        &["TYPE", "VERSION", "COMPATIBILITY", "REGISTERED", "RULES"],
+        rows,
+    ))
+}
+
+async fn contracts_show(client: &Client, message_type: &str, version: u32) -> Outcome {
+    let c = client.get_contract(message_type, version).await?;
+    let mut text = format!(
+        "contract {} version {}\ncompatibility: {}\nfingerprint: {}\nregistered at: {}\n",
+        c.message_type,
+        c.version,
+        display::compatibility(c.compatibility),
+        c.fingerprint,
+        timestamp(c.registered_at)
+    );
+    text.push_str(&rules_text(c.rules.as_ref()));
+    let pool = DescriptorPool::decode(c.file_descriptor_set.as_slice()).map_err(|e| {
+        Failure(format!(
+            "the contract's descriptor set does not decode: {}",
+            one_line(&e.to_string())
+        ))
+    })?;
+    let message = pool.get_message_by_name(&c.message_type).ok_or_else(|| {
+        Failure(format!(
+            "the contract's descriptor set does not define {}",
+            c.message_type
+        ))
+    })?;
+    text.push_str(&fields_text(&message));
+    out(&text)
+}
+
+/// A contract's rules, one per line.
+fn rules_text(rules: Option<&pb::ContractRules>) -> String {
+    let mut lines = Vec::new();
+    if let Some(r) = rules {
+        if !r.required_fields.is_empty() {
+            lines.push(format!(
+                "  required fields: {}",
+                r.required_fields.join(", ")
+            ));
+        }
+        if r.max_tokens > 0 {
+            lines.push(format!("  max tokens: {}", r.max_tokens));
+        }
+        if r.max_bytes > 0 {
+            lines.push(format!("  max bytes: {}", r.max_bytes));
+        }
+        if let Some(c) = r.min_confidence {
+            lines.push(format!("  min confidence: {c}"));
+        }
+        if let Some(age) = r.max_tool_result_age {
+            let age = Duration::try_from(age)
+                .map(|d| humantime::format_duration(d).to_string())
+                .unwrap_or_else(|_| "invalid".to_string());
+            lines.push(format!("  max tool result age: {age}"));
+        }
+    }
+    if lines.is_empty() {
+        "rules: none\n".to_string()
+    } else {
+        format!("rules:\n{}\n", lines.join("\n"))
+    }
+}
+
+/// The message's fields as a table: number, name, type.
+fn fields_text(message: &MessageDescriptor) -> String {
+    let mut fields: Vec<FieldDescriptor> = message.fields().collect();
+    fields.sort_by_key(|f| f.number());
+    let rows = fields
+        .iter()
+        .map(|f| vec![f.number().to_string(), f.name().to_string(), field_type(f)])
+        .collect();
+    let body = table(&["NUMBER", "NAME", "TYPE"], rows);
+    let mut text = format!("fields of {}:\n", message.full_name());
+    for line in body.lines() {
+        text.push_str("  ");
+        text.push_str(line);
+        text.push('\n');
+    }
+    text
+}
+
+/// A field's type as written in a `.proto` file (`repeated string`,
+/// `map<string, int32>`, `optional uint32`, `acme.v1.Citation`).
+fn field_type(f: &FieldDescriptor) -> String {
+    if f.is_map() {
+        if let Kind::Message(entry) = f.kind() {
+            return format!(
+                "map<{}, {}>",
+                kind_name(&entry.map_entry_key_field().kind()),
+                kind_name(&entry.map_entry_value_field().kind())
+            );
+        }
+    }
+    let name = kind_name(&f.kind());
+    if f.is_list() {
+        return format!("repeated {name}");
+    }
+    match f.containing_oneof() {
+        Some(o) if o.is_synthetic() => format!("optional {name}"),
+        Some(o) => format!("{name} (oneof {})", o.name()),
+        None => name,
+    }
+}
+
+fn kind_name(kind: &Kind) -> String {
+    match kind {
+        Kind::Double => "double",
+        Kind::Float => "float",
+        Kind::Int32 => "int32",
+        Kind::Int64 => "int64",
+        Kind::Uint32 => "uint32",
+        Kind::Uint64 => "uint64",
+        Kind::Sint32 => "sint32",
+        Kind::Sint64 => "sint64",
+        Kind::Fixed32 => "fixed32",
+        Kind::Fixed64 => "fixed64",
+        Kind::Sfixed32 => "sfixed32",
+        Kind::Sfixed64 => "sfixed64",
+        Kind::Bool => "bool",
+        Kind::String => "string",
+        Kind::Bytes => "bytes",
+        Kind::Message(m) => return m.full_name().to_string(),
+        Kind::Enum(e) => return e.full_name().to_string(),
+    }
+    .to_string()
+}
+
+/// Joins a multi-line message into one line.
+fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 async fn dead_letters(client: &Client, args: DeadLettersArgs) -> Outcome {
@@ -431,6 +782,24 @@ fn parse_pin(s: &str) -> Result<(String, String), String> {
     }
 }
 
+fn parse_compatibility(s: &str) -> Result<pb::Compatibility, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "none" => Ok(pb::Compatibility::None),
+        "backward" => Ok(pb::Compatibility::Backward),
+        "forward" => Ok(pb::Compatibility::Forward),
+        "full" => Ok(pb::Compatibility::Full),
+        _ => Err("expected none, backward, forward or full".to_string()),
+    }
+}
+
+fn parse_confidence(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(c) if (0.0..=1.0).contains(&c) => Ok(c),
+        Ok(_) => Err("must be in [0, 1]".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn parse_kind(s: &str) -> Result<pb::EventKind, String> {
     pb::EventKind::from_token(s).ok_or_else(|| {
         let valid: Vec<&str> = handoff_proto::ALL_EVENT_KINDS
@@ -460,6 +829,84 @@ mod tests {
         assert!(parse_kind("nope").is_err_and(|e| e.contains("run_completed")));
         assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
         assert!(parse_duration("0s").is_err());
+        assert_eq!(parse_compatibility("FULL"), Ok(pb::Compatibility::Full));
+        assert!(parse_compatibility("sideways").is_err());
+        assert_eq!(parse_confidence("0.5"), Ok(0.5));
+        assert!(parse_confidence("1.5").is_err());
+        assert!(parse_confidence("x").is_err());
+    }
+
+    #[test]
+    fn register_needs_exactly_one_source() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(
+                [
+                    "handoffctl",
+                    "contracts",
+                    "register",
+                    "--message-type",
+                    "a.B",
+                ]
+                .iter()
+                .chain(args),
+            )
+        };
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--descriptor-set", "x.bin", "--proto", "x.proto"]).is_err());
+        assert!(parse(&["--descriptor-set", "x.bin", "-I", "dir"]).is_err());
+        assert!(parse(&["--proto", "x.proto", "-I", "a", "-I", "b"]).is_ok());
+        assert!(parse(&[
+            "--descriptor-set",
+            "x.bin",
+            "--require",
+            "a",
+            "--require",
+            "b.c"
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn fields_of_a_demo_contract() {
+        let pool = DescriptorPool::decode(handoff_proto::DEMO_FILE_DESCRIPTOR_SET);
+        let message = pool
+            .ok()
+            .and_then(|p| p.get_message_by_name("handoff.demo.v1.WorkerResult"));
+        let Some(message) = message else {
+            panic!("the demo descriptor set lacks WorkerResult");
+        };
+        let text = fields_text(&message);
+        assert!(text.contains("3       summary    string"), "{text}");
+        assert!(
+            text.contains("4       citations  repeated handoff.demo.v1.Citation"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn compiles_a_proto_file() {
+        let dir = tempfile::TempDir::new().map_err(|e| e.to_string());
+        let Ok(dir) = dir else { panic!("no temp dir") };
+        let file = dir.path().join("t.proto");
+        let written = std::fs::write(
+            &file,
+            "syntax = \"proto3\";\npackage t.v1;\nimport \"google/protobuf/timestamp.proto\";\nmessage M { optional string a = 1; map<string, int64> b = 2; google.protobuf.Timestamp at = 3; }\n",
+        );
+        assert!(written.is_ok());
+        let bytes = match compile_proto(&file, &[]) {
+            Ok(b) => b,
+            Err(Failure(e)) => panic!("{e}"),
+        };
+        let pool = DescriptorPool::decode(bytes.as_slice()).ok();
+        let m = pool.and_then(|p| p.get_message_by_name("t.v1.M"));
+        let Some(m) = m else {
+            panic!("t.v1.M not compiled")
+        };
+        let text = fields_text(&m);
+        assert!(text.contains("optional string"), "{text}");
+        assert!(text.contains("map<string, int64>"), "{text}");
+        assert!(text.contains("google.protobuf.Timestamp"), "{text}");
+        assert!(compile_proto(&dir.path().join("missing.proto"), &[]).is_err());
     }
 
     #[test]
