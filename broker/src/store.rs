@@ -66,6 +66,15 @@ pub fn dead_subject(agent: &str) -> String {
     format!("handoff.v1.dead.{agent}")
 }
 
+/// The first handoff made from a consumed delivery.
+#[derive(Debug)]
+pub enum Claim {
+    /// This request made it, at this revision.
+    Made(u64),
+    /// Another request made it before.
+    Held(pb::ConsumeClaim),
+}
+
 /// Handles to everything the broker keeps in JetStream.
 #[derive(Clone)]
 pub struct Store {
@@ -401,19 +410,19 @@ impl Store {
         }
     }
 
-    /// Records the first handoff made from a consumed delivery. Returns
-    /// `None` when this is the first, or the claim already recorded.
+    /// Records the first handoff made from a consumed delivery, or returns
+    /// the one recorded before.
     pub async fn claim_consumed(
         &self,
         consumed_handoff: &str,
         claim: &pb::ConsumeClaim,
-    ) -> Result<Option<pb::ConsumeClaim>, BrokerError> {
+    ) -> Result<Claim, BrokerError> {
         match self
             .consumed
             .create(consumed_handoff, claim.encode_to_vec().into())
             .await
         {
-            Ok(_) => Ok(None),
+            Ok(revision) => Ok(Claim::Made(revision)),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 let value = self
                     .consumed
@@ -421,14 +430,27 @@ impl Store {
                     .await
                     .map_err(|e| BrokerError::nats("reading the consumed delivery", e))?;
                 match value {
-                    Some(v) => pb::ConsumeClaim::decode(v).map(Some).map_err(|e| {
+                    Some(v) => pb::ConsumeClaim::decode(v).map(Claim::Held).map_err(|e| {
                         BrokerError::Internal(format!("stored claim does not decode: {e}"))
                     }),
-                    // Expired between the two calls: nothing to conflict with.
-                    None => Ok(None),
+                    // Withdrawn or expired between the two calls: try again.
+                    None => Box::pin(self.claim_consumed(consumed_handoff, claim)).await,
                 }
             }
             Err(e) => Err(BrokerError::nats("recording the consumed delivery", e)),
+        }
+    }
+
+    /// Withdraws a claim this broker made for a handoff it did not store
+    /// (only if nothing changed it since). A failure is logged: the claim
+    /// then only refuses other targets for that delivery.
+    pub async fn release_claim(&self, consumed_handoff: &str, revision: u64) {
+        if let Err(e) = self
+            .consumed
+            .delete_expect_revision(consumed_handoff, Some(revision))
+            .await
+        {
+            tracing::warn!(consumed_handoff, error = %e, "claim on a consumed delivery not withdrawn");
         }
     }
 

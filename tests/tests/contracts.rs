@@ -575,6 +575,32 @@ async fn one_delivery_to_two_targets_needs_declared_fan_out() {
             .is_none(),
         "the refused one did not"
     );
+    // A handoff refused for another reason does not hold the delivery:
+    // here the depth cap refuses the hop, and the final result that
+    // follows from the same delivery is accepted.
+    let shallow = client
+        .start_run(RunConfig::new("owner").id("shallow").max_depth(1))
+        .await
+        .unwrap();
+    client
+        .handoff(Handoff::to(&shallow.id, "planner", &note("plan", 9)).unwrap())
+        .await
+        .unwrap();
+    let d = next_within(&mut planner, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(d.run_id(), shallow.id);
+    let err = d
+        .handoff(Handoff::to(&shallow.id, "worker", &note("deeper", 1)).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    d.handoff(Handoff::final_result(&shallow.id, &note("done", 2)).unwrap())
+        .await
+        .unwrap();
+    let ended = client.get_run(&shallow.id).await.unwrap().run.unwrap();
+    assert_eq!(ended.status, pb::RunStatus::Completed as i32);
+
     let timeline = client.get_run(&run.id).await.unwrap().timeline;
     let roles: Vec<&str> = timeline
         .iter()

@@ -45,14 +45,73 @@ pub async fn handoff(
         Err(Guarded::Refused(r)) => return Err(refuse(broker, &req, r).await),
         Err(Guarded::Failed(e)) => return Err(e),
     };
-    let (run, _) = broker.run(&req.run_id).await?;
+    // The run, the consumed handoff and the claim on the consumed delivery
+    // are independent reads: one round trip for all three.
+    let mine = pb::ConsumeClaim {
+        target_agent: req.target_agent.clone(),
+        fan_out: req.fan_out,
+        handoff_id: id.clone(),
+    };
+    let (run, parent, claim) = tokio::join!(
+        broker.run(&req.run_id),
+        async {
+            match &consumed {
+                Some(token) => consumed_parent(broker, &req.run_id, token).await.map(Some),
+                None => Ok(None),
+            }
+        },
+        async {
+            match &consumed {
+                Some(token) => broker
+                    .store()
+                    .claim_consumed(&token.handoff_id, &mine)
+                    .await
+                    .map(Some),
+                None => Ok(None),
+            }
+        },
+    );
+    let made = match (&claim, &consumed) {
+        (Ok(Some(store::Claim::Made(revision))), Some(token)) => {
+            Some((token.handoff_id.clone(), *revision))
+        }
+        _ => None,
+    };
+    let result = async {
+        let (run, _) = run?;
+        let parent = parent?;
+        if let (Some(store::Claim::Held(first)), Some(token)) = (claim?, &consumed) {
+            check_claim(broker, &req, token, &first, &mine, &checked).await?;
+        }
+        accept(broker, &req, consumed.as_ref(), id, checked, run, parent).await
+    }
+    .await;
+    if result.is_err() {
+        // Nothing was stored: withdraw the claim this request made.
+        if let Some((key, revision)) = made {
+            broker.store().release_claim(&key, revision).await;
+        }
+    }
+    result
+}
+
+/// Stores a handoff that passed the guards, in a run that exists.
+async fn accept(
+    broker: &Broker,
+    req: &pb::HandoffRequest,
+    consumed: Option<&pb::DeliveryToken>,
+    id: String,
+    checked: Checked,
+    run: pb::Run,
+    parent: Option<pb::HandoffEnvelope>,
+) -> Result<pb::HandoffResponse, BrokerError> {
     let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
     if status.is_terminal() {
         if req.r#final && run.result_handoff_id == id {
             // A retry of the final handoff that completed this run: make
             // sure the owner was told (deduplicated), then answer duplicate.
             broker.announce_end(&run).await?;
-            if let Some(token) = &consumed {
+            if let Some(token) = consumed {
                 ack_consumed(broker, &run, &req.consumes, token).await;
             }
             return Ok(pb::HandoffResponse {
@@ -67,10 +126,6 @@ pub async fn handoff(
             status: status_name(run.status),
         });
     }
-    let parent = match &consumed {
-        None => None,
-        Some(token) => Some(consumed_parent(broker, &req.run_id, token).await?),
-    };
     let depth = domain::depth(parent.as_ref().map(|p| p.depth), run.max_depth, req.r#final)?;
     let mut parent_ids = req.parent_ids.clone();
     if let Some(p) = &parent {
@@ -102,9 +157,6 @@ pub async fn handoff(
     let size = envelope.encoded_len();
     if max_payload > 0 && size > max_payload {
         return Err(BrokerError::EnvelopeTooLarge { size, max_payload });
-    }
-    if let Some(token) = &consumed {
-        claim(broker, &req, token, &id, &checked).await?;
     }
     let (sequence, duplicate) = if req.r#final {
         (0, false)
@@ -147,7 +199,7 @@ pub async fn handoff(
             });
         }
     }
-    if let Some(token) = consumed.as_ref().filter(|_| !req.fan_out) {
+    if let Some(token) = consumed.filter(|_| !req.fan_out) {
         if broker.config().faults.skip_consume_ack {
             tracing::warn!("fault injected: consumed delivery left unacked");
         } else {
@@ -309,28 +361,17 @@ async fn guard(broker: &Broker, req: &pb::HandoffRequest) -> Result<Checked, Gua
     }
 }
 
-/// Records the first handoff made from the consumed delivery, or refuses
-/// this one if the delivery already went to another target without both
-/// declaring fan-out (role confusion).
-async fn claim(
+/// Given the first handoff made from the consumed delivery, refuses this
+/// one if it goes to another target without both declaring fan-out (role
+/// confusion).
+async fn check_claim(
     broker: &Broker,
     req: &pb::HandoffRequest,
     token: &pb::DeliveryToken,
-    id: &str,
+    first: &pb::ConsumeClaim,
+    mine: &pb::ConsumeClaim,
     checked: &Checked,
 ) -> Result<(), BrokerError> {
-    let mine = pb::ConsumeClaim {
-        target_agent: req.target_agent.clone(),
-        fan_out: req.fan_out,
-        handoff_id: id.to_string(),
-    };
-    let Some(first) = broker
-        .store()
-        .claim_consumed(&token.handoff_id, &mine)
-        .await?
-    else {
-        return Ok(());
-    };
     if first.target_agent == mine.target_agent || (first.fan_out && mine.fan_out) {
         return Ok(());
     }
