@@ -218,6 +218,9 @@ async fn accept(
     })
 }
 
+/// Payloads at least this large are checked on the blocking pool.
+const BLOCKING_CHECK_BYTES: usize = 16 * 1024;
+
 /// What the guards measured, for the envelope.
 #[derive(Debug, Default)]
 struct Checked {
@@ -332,15 +335,38 @@ async fn guard(broker: &Broker, req: &pb::HandoffRequest) -> Result<Checked, Gua
         ));
     };
     let version = contract.contract.version;
-    match validate::check(
-        &contract.message,
-        &contract.rules(),
-        broker.tokenizer(),
-        &payload.value,
-        req.confidence,
-        &req.tool_results,
-        SystemTime::now(),
-    ) {
+    let outcome = if payload.value.len() < BLOCKING_CHECK_BYTES {
+        validate::check(
+            &contract.message,
+            &contract.rules(),
+            broker.tokenizer(),
+            &payload.value,
+            req.confidence,
+            &req.tool_results,
+            SystemTime::now(),
+        )
+    } else {
+        // Tokenizing a large payload takes milliseconds: keep it off the
+        // async workers so other RPCs and the NATS connection go on.
+        let tokenizer = broker.tokenizer().clone();
+        let value = payload.value.clone();
+        let confidence = req.confidence;
+        let tool_results = req.tool_results.clone();
+        tokio::task::spawn_blocking(move || {
+            validate::check(
+                &contract.message,
+                &contract.rules(),
+                &tokenizer,
+                &value,
+                confidence,
+                &tool_results,
+                SystemTime::now(),
+            )
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(format!("contract check failed: {e}")))?
+    };
+    match outcome {
         Ok(measured) => Ok(Checked {
             contract_type: accepts.message_type.clone(),
             version,
