@@ -152,6 +152,14 @@ fn emitting(name: &str, types: &[&str]) -> AgentConfig {
         .fold(AgentConfig::new(name), |a, t| a.emits_type(*t))
 }
 
+/// A handoff of `payload` from `writer` to `reader`, confidence 0.9.
+fn to_reader<M: prost::Message + prost::Name>(run: &str, payload: &M) -> Handoff {
+    Handoff::to(run, "reader", payload)
+        .unwrap()
+        .from_agent("writer")
+        .confidence(0.9)
+}
+
 /// Sends a handoff to `reader` from `writer` with a raw payload.
 fn raw_handoff(run: &str, type_url: &str, value: Vec<u8>) -> Handoff {
     Handoff::from_request(pb::HandoffRequest {
@@ -222,10 +230,7 @@ async fn every_guard_passes_a_good_handoff_and_refuses_a_bad_one_storing_nothing
     let mut reader = client.subscribe("reader", "r1", 10).await.unwrap();
     let fresh = SystemTime::now();
     let good = || {
-        Handoff::to(&run.id, "reader", &brief("Compare the two reports."))
-            .unwrap()
-            .from_agent("writer")
-            .confidence(0.9)
+        to_reader(&run.id, &brief("Compare the two reports."))
             .tool_result("web_search", fresh, &note("hit", 1))
             .unwrap()
     };
@@ -281,32 +286,14 @@ async fn every_guard_passes_a_good_handoff_and_refuses_a_bad_one_storing_nothing
         }),
         secret: "s".into(),
     };
-    let err = refusal(
-        client
-            .handoff(
-                Handoff::to(&run.id, "reader", &drifted)
-                    .unwrap()
-                    .from_agent("writer")
-                    .confidence(0.9),
-            )
-            .await,
-    );
+    let err = refusal(client.handoff(to_reader(&run.id, &drifted)).await);
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
     assert!(err.message().contains("9"), "{err}");
     assert!(err.message().contains("meta.7"), "{err}");
     refused("unknown_fields");
 
     // Missing required fields: every one listed, nested ones by path.
-    let err = refusal(
-        client
-            .handoff(
-                Handoff::to(&run.id, "reader", &Brief::default())
-                    .unwrap()
-                    .from_agent("writer")
-                    .confidence(0.9),
-            )
-            .await,
-    );
+    let err = refusal(client.handoff(to_reader(&run.id, &Brief::default())).await);
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
     assert!(
         err.message().contains("text") && err.message().contains("meta.user"),
@@ -318,16 +305,7 @@ async fn every_guard_passes_a_good_handoff_and_refuses_a_bad_one_storing_nothing
     let long = "The quarterly numbers moved in every region. ".repeat(8);
     let count = tokens(&[long.as_str(), "ada", "en", "https://example.com/report"]);
     assert!(count > 60);
-    let err = refusal(
-        client
-            .handoff(
-                Handoff::to(&run.id, "reader", &brief(&long))
-                    .unwrap()
-                    .from_agent("writer")
-                    .confidence(0.9),
-            )
-            .await,
-    );
+    let err = refusal(client.handoff(to_reader(&run.id, &brief(&long))).await);
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
     assert!(
         err.message().contains(&count.to_string()) && err.message().contains("60"),
@@ -342,16 +320,7 @@ async fn every_guard_passes_a_good_handoff_and_refuses_a_bad_one_storing_nothing
         .collect();
     let size = prost::Message::encoded_len(&big);
     assert!(size > 2000);
-    let err = refusal(
-        client
-            .handoff(
-                Handoff::to(&run.id, "reader", &big)
-                    .unwrap()
-                    .from_agent("writer")
-                    .confidence(0.9),
-            )
-            .await,
-    );
+    let err = refusal(client.handoff(to_reader(&run.id, &big)).await);
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
     assert!(
         err.message().contains(&size.to_string()) && err.message().contains("2000"),
@@ -362,12 +331,7 @@ async fn every_guard_passes_a_good_handoff_and_refuses_a_bad_one_storing_nothing
     // Confidence under the minimum, and not stated at all.
     let err = refusal(
         client
-            .handoff(
-                Handoff::to(&run.id, "reader", &brief("ok"))
-                    .unwrap()
-                    .from_agent("writer")
-                    .confidence(0.3),
-            )
+            .handoff(to_reader(&run.id, &brief("ok")).confidence(0.3))
             .await,
     );
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
@@ -392,10 +356,7 @@ async fn every_guard_passes_a_good_handoff_and_refuses_a_bad_one_storing_nothing
     let err = refusal(
         client
             .handoff(
-                Handoff::to(&run.id, "reader", &brief("ok"))
-                    .unwrap()
-                    .from_agent("writer")
-                    .confidence(0.9)
+                to_reader(&run.id, &brief("ok"))
                     .tool_result(
                         "price_lookup",
                         SystemTime::now() - Duration::from_secs(150),
@@ -1009,12 +970,7 @@ async fn contracts_persist_across_restarts_and_reach_every_replica() {
         .unwrap();
     // ... and checks handoffs against it.
     let err = b
-        .handoff(
-            Handoff::to(&run.id, "reader", &Brief::default())
-                .unwrap()
-                .from_agent("writer")
-                .confidence(0.9),
-        )
+        .handoff(to_reader(&run.id, &Brief::default()))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
@@ -1059,27 +1015,14 @@ async fn contracts_persist_across_restarts_and_reach_every_replica() {
         secret: "s".into(),
     };
     // Field 9 is known to v2: accepted.
-    let ok = c
-        .handoff(
-            Handoff::to(&run.id, "reader", &drifted)
-                .unwrap()
-                .from_agent("writer")
-                .confidence(0.9),
-        )
-        .await;
+    let ok = c.handoff(to_reader(&run.id, &drifted)).await;
     assert!(ok.is_ok(), "{ok:?}");
     // An agent pinned to version 1 refuses it as drift.
     c.register_agent(accepting("reader", "guard.v1.Brief", 1, 1))
         .await
         .unwrap();
     let err = c
-        .handoff(
-            Handoff::to(&run.id, "reader", &drifted)
-                .unwrap()
-                .from_agent("writer")
-                .confidence(0.9)
-                .idempotency_key("pinned"),
-        )
+        .handoff(to_reader(&run.id, &drifted).idempotency_key("pinned"))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");

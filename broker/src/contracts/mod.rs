@@ -182,6 +182,30 @@ pub fn fingerprint(
         })
 }
 
+/// A type as written in a `.proto` file, message and enum types by full name.
+pub fn kind_name(kind: &Kind) -> String {
+    let name = match kind {
+        Kind::Double => "double",
+        Kind::Float => "float",
+        Kind::Int32 => "int32",
+        Kind::Int64 => "int64",
+        Kind::Uint32 => "uint32",
+        Kind::Uint64 => "uint64",
+        Kind::Sint32 => "sint32",
+        Kind::Sint64 => "sint64",
+        Kind::Fixed32 => "fixed32",
+        Kind::Fixed64 => "fixed64",
+        Kind::Sfixed32 => "sfixed32",
+        Kind::Sfixed64 => "sfixed64",
+        Kind::Bool => "bool",
+        Kind::String => "string",
+        Kind::Bytes => "bytes",
+        Kind::Message(message) => message.full_name(),
+        Kind::Enum(enumeration) => enumeration.full_name(),
+    };
+    name.to_owned()
+}
+
 /// Compiled contract versions by message type, shared by every RPC.
 #[derive(Default)]
 pub struct Registry {

@@ -18,7 +18,7 @@ use prost_reflect::{
     DynamicMessage, FieldDescriptor, Kind, MapKey, MessageDescriptor, ReflectMessage, Value,
 };
 
-use super::tokens::Tokenizer;
+use super::{kind_name, tokens::Tokenizer};
 
 /// Unknown-field paths listed in a [`Violation`]'s message at most; the
 /// rest are counted.
@@ -229,28 +229,6 @@ fn field_named(
             desc.full_name()
         )
     })
-}
-
-fn kind_name(kind: &Kind) -> &'static str {
-    match kind {
-        Kind::Double => "double",
-        Kind::Float => "float",
-        Kind::Int32 => "int32",
-        Kind::Int64 => "int64",
-        Kind::Uint32 => "uint32",
-        Kind::Uint64 => "uint64",
-        Kind::Sint32 => "sint32",
-        Kind::Sint64 => "sint64",
-        Kind::Fixed32 => "fixed32",
-        Kind::Fixed64 => "fixed64",
-        Kind::Sfixed32 => "sfixed32",
-        Kind::Sfixed64 => "sfixed64",
-        Kind::Bool => "bool",
-        Kind::String => "string",
-        Kind::Bytes => "bytes",
-        Kind::Enum(_) => "enum",
-        Kind::Message(_) => "message",
-    }
 }
 
 /// Checks one payload (the `Any.value` bytes) against a contract version's
