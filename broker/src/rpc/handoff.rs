@@ -15,7 +15,10 @@
 //! A refusal is counted, published as a `contract_rejected` event, and
 //! leaves nothing stored.
 
-use std::time::SystemTime;
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::SystemTime,
+};
 
 use handoff_proto::pb;
 use prost::Message as _;
@@ -77,17 +80,19 @@ pub async fn handoff(
         }
         _ => None,
     };
+    let stored = AtomicBool::new(false);
     let result = async {
         let (run, _) = run?;
         let parent = parent?;
         if let (Some(store::Claim::Held(first)), Some(token)) = (claim?, &consumed) {
             check_claim(broker, &req, token, &first, &mine, &checked).await?;
         }
-        accept(broker, &req, consumed.as_ref(), id, checked, run, parent).await
+        let consumed = consumed.as_ref();
+        accept(broker, &req, consumed, id, checked, run, parent, &stored).await
     }
     .await;
-    if result.is_err() {
-        // Nothing was stored: withdraw the claim this request made.
+    if result.is_err() && !stored.load(Ordering::Relaxed) {
+        // The handoff was not stored: withdraw the claim this request made.
         if let Some((key, revision)) = made {
             broker.store().release_claim(&key, revision).await;
         }
@@ -95,7 +100,9 @@ pub async fn handoff(
     result
 }
 
-/// Stores a handoff that passed the guards, in a run that exists.
+/// Stores a handoff that passed the guards, in a run that exists; sets
+/// `stored` once it is in the target's inbox.
+#[allow(clippy::too_many_arguments)]
 async fn accept(
     broker: &Broker,
     req: &pb::HandoffRequest,
@@ -104,6 +111,7 @@ async fn accept(
     checked: Checked,
     run: pb::Run,
     parent: Option<pb::HandoffEnvelope>,
+    stored: &AtomicBool,
 ) -> Result<pb::HandoffResponse, BrokerError> {
     let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
     if status.is_terminal() {
@@ -169,6 +177,7 @@ async fn accept(
                 envelope.encode_to_vec().into(),
             )
             .await?;
+        stored.store(true, Ordering::Relaxed);
         (ack.sequence, ack.duplicate)
     };
     let accepted = pb::Event {
