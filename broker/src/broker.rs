@@ -129,8 +129,11 @@ impl Broker {
 
     /// Loads every stored contract version into the registry (at start,
     /// before serving), so that a type missing from the registry is not a
-    /// contract without asking the bucket on every handoff.
-    pub async fn load_contracts(&self) -> Result<usize, BrokerError> {
+    /// contract without asking the bucket on every handoff. Returns how
+    /// many were loaded and the bucket revision to watch from, so the watch
+    /// does not load them all again.
+    pub async fn load_contracts(&self) -> Result<(usize, u64), BrokerError> {
+        let revision = self.store().contracts_revision().await?;
         let keys = self.store().contract_keys().await?;
         let mut n = 0;
         for key in keys {
@@ -147,7 +150,7 @@ impl Broker {
                 }
             }
         }
-        Ok(n)
+        Ok((n, revision + 1))
     }
 
     /// Records that a session holds `delivery_id`; `release` is told when

@@ -128,7 +128,7 @@ async fn serve(
     let tokenizer = crate::contracts::tokens::Tokenizer::new(&config.tokenizer)
         .map_err(|e| RunError::Serve(format!("tokenizer: {e}")))?;
     let broker = Broker::new(config.clone(), store, drain_rx, tokenizer);
-    let loaded = broker.load_contracts().await?;
+    let (loaded, watch_from) = broker.load_contracts().await?;
     tracing::debug!(contracts = loaded, "contract versions loaded");
     let metrics_task = match config.metrics_listen {
         None => None,
@@ -145,7 +145,7 @@ async fn serve(
     };
     let timer_task = tokio::spawn(timers::run(broker.clone()));
     let agents_task = tokio::spawn(watch_agents(broker.clone()));
-    let contracts_task = tokio::spawn(watch_contracts(broker.clone()));
+    let contracts_task = tokio::spawn(watch_contracts(broker.clone(), watch_from));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -249,16 +249,18 @@ async fn watch_agents(broker: Broker) {
 }
 
 /// Keeps the contract registry current with versions registered on any
-/// replica (versions are never changed or deleted, only added).
-async fn watch_contracts(broker: Broker) {
+/// replica (versions are never changed or deleted, only added), from
+/// bucket revision `next` on.
+async fn watch_contracts(broker: Broker, mut next: u64) {
     use async_nats::jetstream::kv::Operation;
     use futures::StreamExt;
     use prost::Message as _;
     loop {
-        match broker.store().contracts.watch_all().await {
+        match broker.store().contracts.watch_all_from_revision(next).await {
             Ok(mut updates) => {
                 while let Some(entry) = updates.next().await {
                     let Ok(entry) = entry else { break };
+                    next = entry.revision + 1;
                     if entry.operation != Operation::Put {
                         continue;
                     }

@@ -398,6 +398,16 @@ impl Store {
         }
     }
 
+    /// The latest revision of the contracts bucket (0 when empty).
+    pub async fn contracts_revision(&self) -> Result<u64, BrokerError> {
+        let stream = self
+            .js
+            .get_stream(format!("KV_{CONTRACTS_BUCKET}"))
+            .await
+            .map_err(|e| BrokerError::nats("reading the contracts bucket", e))?;
+        Ok(stream.cached_info().state.last_sequence)
+    }
+
     /// Every stored contract version's key.
     pub async fn contract_keys(&self) -> Result<Vec<String>, BrokerError> {
         use futures::TryStreamExt;

@@ -31,6 +31,8 @@ pub struct Compiled {
     pub contract: pb::Contract,
     /// Its message type.
     pub message: MessageDescriptor,
+    /// Its rules (defaults when none were given).
+    pub rules: pb::ContractRules,
 }
 
 impl Compiled {
@@ -38,12 +40,12 @@ impl Compiled {
     /// and finds its message type.
     pub fn new(contract: pb::Contract) -> Result<Compiled, BrokerError> {
         let message = message_of(&contract.file_descriptor_set, &contract.message_type)?;
-        Ok(Compiled { contract, message })
-    }
-
-    /// The rules (defaults when none were given).
-    pub fn rules(&self) -> pb::ContractRules {
-        self.contract.rules.clone().unwrap_or_default()
+        let rules = contract.rules.clone().unwrap_or_default();
+        Ok(Compiled {
+            contract,
+            message,
+            rules,
+        })
     }
 
     /// The compatibility mode, with BACKWARD for unspecified.
@@ -327,6 +329,7 @@ mod tests {
                     "handoff.demo.v1.Ask",
                 )
                 .expect("demo Ask"),
+                rules: pb::ContractRules::default(),
             })
         };
         let all = vec![make(1), make(2), make(3)];

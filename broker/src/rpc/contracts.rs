@@ -73,7 +73,7 @@ pub async fn register(
         }
     };
     if let Some(previous) = &latest {
-        let problems = compat::check(mode, &previous.message, &previous.rules(), &message, &rules);
+        let problems = compat::check(mode, &previous.message, &previous.rules, &message, &rules);
         if !problems.is_empty() {
             return Err(BrokerError::Incompatible {
                 message_type: req.message_type.clone(),
@@ -88,13 +88,17 @@ pub async fn register(
         message_type: req.message_type.clone(),
         version,
         compatibility: mode as i32,
-        rules: Some(rules),
+        rules: Some(rules.clone()),
         file_descriptor_set: req.file_descriptor_set,
         fingerprint: fingerprint.clone(),
         registered_at: Some(now()),
     };
     if broker.store().create_contract(&contract).await? {
-        let compiled = Arc::new(Compiled { contract, message });
+        let compiled = Arc::new(Compiled {
+            contract,
+            message,
+            rules,
+        });
         broker.contracts().insert(compiled.clone());
         tracing::info!(message_type = %req.message_type, version, mode = contracts::mode_name(mode), "contract registered");
         return Ok(answer(&compiled, true));

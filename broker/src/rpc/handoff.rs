@@ -347,7 +347,7 @@ async fn guard(broker: &Broker, req: &pb::HandoffRequest) -> Result<Checked, Gua
     let outcome = if payload.value.len() < BLOCKING_CHECK_BYTES {
         validate::check(
             &contract.message,
-            &contract.rules(),
+            &contract.rules,
             broker.tokenizer(),
             &payload.value,
             req.confidence,
@@ -364,7 +364,7 @@ async fn guard(broker: &Broker, req: &pb::HandoffRequest) -> Result<Checked, Gua
         tokio::task::spawn_blocking(move || {
             validate::check(
                 &contract.message,
-                &contract.rules(),
+                &contract.rules,
                 &tokenizer,
                 &value,
                 confidence,
