@@ -25,6 +25,8 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 pub fn handoff_id(req: &pb::HandoffRequest, consumed_handoff: Option<&str>) -> String {
     let target = if req.r#final {
         "\u{0}final"
+    } else if req.to_barrier {
+        "\u{0}barrier"
     } else {
         req.target_agent.as_str()
     };
@@ -36,6 +38,11 @@ pub fn handoff_id(req: &pb::HandoffRequest, consumed_handoff: Option<&str>) -> S
         ),
         None => return Uuid::now_v7().to_string(),
     };
+    Uuid::new_v5(&ID_NAMESPACE, name.as_bytes()).to_string()
+}
+
+/// A deterministic id derived from `name` (the same name, the same id).
+pub fn derived_id(name: &str) -> String {
     Uuid::new_v5(&ID_NAMESPACE, name.as_bytes()).to_string()
 }
 
@@ -70,19 +77,35 @@ pub fn validate_handoff(
 ) -> Result<(), BrokerError> {
     names::validate("run_id", &req.run_id)?;
     names::validate_optional("source_agent", &req.source_agent)?;
-    if req.r#final {
+    names::validate_optional("barrier_id", &req.barrier_id)?;
+    names::validate_optional("branch_key", &req.branch_key)?;
+    if req.r#final && req.to_barrier {
+        return Err(BrokerError::Malformed(
+            "a handoff is either final or to_barrier, not both".to_string(),
+        ));
+    }
+    if req.r#final || req.to_barrier {
         if !req.target_agent.is_empty() {
-            return Err(BrokerError::Malformed(
-                "a final handoff ends the run and has no target_agent".to_string(),
-            ));
+            return Err(BrokerError::Malformed(format!(
+                "a {} handoff has no target_agent",
+                if req.r#final { "final" } else { "to_barrier" }
+            )));
         }
     } else {
         if req.target_agent.is_empty() {
             return Err(BrokerError::Malformed(
-                "target_agent is required unless the handoff is final".to_string(),
+                "target_agent is required unless the handoff is final or to_barrier".to_string(),
             ));
         }
         names::validate("target_agent", &req.target_agent)?;
+    }
+    if req.to_barrier
+        && req.consumes.is_empty()
+        && (req.barrier_id.is_empty() || req.branch_key.is_empty())
+    {
+        return Err(BrokerError::Malformed(
+            "a to_barrier handoff names barrier_id and branch_key, or consumes a delivery of a branch".to_string(),
+        ));
     }
     let payload = req
         .payload

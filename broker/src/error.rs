@@ -112,6 +112,12 @@ pub enum BrokerError {
         /// What was measured against what.
         message: String,
     },
+    /// The barrier does not exist.
+    #[error("{0}")]
+    BarrierNotFound(String),
+    /// The barrier exists with another spec.
+    #[error("{0}")]
+    BarrierExists(String),
     /// NATS or JetStream did not answer.
     #[error("NATS unavailable: {0}")]
     Unavailable(String),
@@ -126,8 +132,10 @@ impl BrokerError {
         use BrokerError::*;
         match self {
             InvalidName { .. } | Malformed(_) | BadDeliveryId(_) => Code::InvalidArgument,
-            RunNotFound(_) | AgentNotFound(_) | ContractNotFound(_) => Code::NotFound,
-            RunExists(_) | ContractConflict(_) => Code::AlreadyExists,
+            RunNotFound(_) | AgentNotFound(_) | ContractNotFound(_) | BarrierNotFound(_) => {
+                Code::NotFound
+            }
+            RunExists(_) | ContractConflict(_) | BarrierExists(_) => Code::AlreadyExists,
             Refused { code, .. } => *code,
             Incompatible { .. }
             | VersionGap(_)

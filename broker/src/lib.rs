@@ -17,6 +17,7 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod barrier;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -32,6 +32,10 @@ pub const TIMERS_STREAM: &str = "HANDOFF_TIMERS";
 pub const AGENTS_BUCKET: &str = "handoff_agents";
 /// Bucket of runs.
 pub const RUNS_BUCKET: &str = "handoff_runs";
+/// Stream of barrier branch results, `handoff.v1.branches.<run>.<barrier>.<key>`.
+pub const BRANCHES_STREAM: &str = "HANDOFF_BRANCHES";
+/// Key/value bucket of barriers, keyed `<run>.<barrier>`.
+pub const BARRIERS_BUCKET: &str = "handoff_barriers";
 /// Key/value bucket of contract versions, keyed `<message type>.<version>`.
 pub const CONTRACTS_BUCKET: &str = "handoff_contracts";
 /// Key/value bucket of consumed deliveries: the first handoff made from
@@ -59,6 +63,16 @@ pub fn contract_key(message_type: &str, version: u32) -> String {
 pub fn parse_contract_key(key: &str) -> Option<(&str, u32)> {
     let (name, version) = key.rsplit_once('.')?;
     Some((name, version.parse().ok()?))
+}
+
+/// Subject of a barrier branch's result.
+pub fn branch_subject(run_id: &str, barrier_id: &str, key: &str) -> String {
+    format!("handoff.v1.branches.{run_id}.{barrier_id}.{key}")
+}
+
+/// Key of a barrier in its bucket.
+pub fn barrier_key(run_id: &str, barrier_id: &str) -> String {
+    format!("{run_id}.{barrier_id}")
 }
 
 /// Subject of an agent's dead letters.
@@ -90,6 +104,10 @@ pub struct Store {
     pub dead: stream::Stream,
     /// Timer stream.
     pub timers: stream::Stream,
+    /// Barrier branch results.
+    pub branches: stream::Stream,
+    /// Barriers.
+    pub barriers: kv::Store,
     /// Agent specs.
     pub agents: kv::Store,
     /// Runs.
@@ -160,6 +178,15 @@ impl Store {
             ),
         )
         .await?;
+        let branches = ensure_stream(
+            &js,
+            base(
+                BRANCHES_STREAM,
+                "handoff.v1.branches.>",
+                stream::RetentionPolicy::Limits,
+            ),
+        )
+        .await?;
         let bucket = |name: &str, max_age: Duration| kv::Config {
             bucket: name.to_string(),
             history: 1,
@@ -171,6 +198,7 @@ impl Store {
         let agents = ensure_bucket(&js, bucket(AGENTS_BUCKET, Duration::ZERO)).await?;
         let runs = ensure_bucket(&js, bucket(RUNS_BUCKET, Duration::ZERO)).await?;
         let contracts = ensure_bucket(&js, bucket(CONTRACTS_BUCKET, Duration::ZERO)).await?;
+        let barriers = ensure_bucket(&js, bucket(BARRIERS_BUCKET, cfg.retention)).await?;
         // A claim matters as long as the consumed handoff can be consumed,
         // that is while the inbox keeps it.
         let consumed = ensure_bucket(&js, bucket(CONSUMED_BUCKET, cfg.retention)).await?;
@@ -210,6 +238,8 @@ impl Store {
             runs,
             contracts,
             consumed,
+            branches,
+            barriers,
             ack_timeout: cfg.connect_timeout.min(Duration::from_secs(5)),
         })
     }
@@ -449,6 +479,109 @@ impl Store {
             }
             Err(e) => Err(BrokerError::nats("recording the consumed delivery", e)),
         }
+    }
+
+    /// A barrier and its revision.
+    pub async fn barrier(
+        &self,
+        run_id: &str,
+        barrier_id: &str,
+    ) -> Result<Option<(pb::Barrier, u64)>, BrokerError> {
+        let key = barrier_key(run_id, barrier_id);
+        let entry = self
+            .barriers
+            .entry(&key)
+            .await
+            .map_err(|e| BrokerError::nats("reading the barrier", e))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let barrier = pb::Barrier::decode(e.value).map_err(|err| {
+                    BrokerError::Internal(format!("stored barrier {key} does not decode: {err}"))
+                })?;
+                Ok(Some((barrier, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Creates a barrier unless it exists; returns whether it was created.
+    pub async fn create_barrier(&self, barrier: &pb::Barrier) -> Result<bool, BrokerError> {
+        let spec = barrier.spec.clone().unwrap_or_default();
+        match self
+            .barriers
+            .create(
+                barrier_key(&spec.run_id, &spec.barrier_id),
+                barrier.encode_to_vec().into(),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(BrokerError::nats("storing the barrier", e)),
+        }
+    }
+
+    /// Compare-and-set of a barrier; false when another write came first.
+    pub async fn update_barrier(
+        &self,
+        barrier: &pb::Barrier,
+        revision: u64,
+    ) -> Result<bool, BrokerError> {
+        let spec = barrier.spec.clone().unwrap_or_default();
+        match self
+            .barriers
+            .update(
+                barrier_key(&spec.run_id, &spec.barrier_id),
+                barrier.encode_to_vec().into(),
+                revision,
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(BrokerError::nats("updating the barrier", e)),
+        }
+    }
+
+    /// Every branch result stored for a barrier (the first per key), in
+    /// stream order.
+    pub async fn branch_results(
+        &self,
+        run_id: &str,
+        barrier_id: &str,
+    ) -> Result<Vec<pb::BranchResult>, BrokerError> {
+        use futures::StreamExt;
+        let filter = format!("handoff.v1.branches.{run_id}.{barrier_id}.>");
+        let consumer = self
+            .branches
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: filter,
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BrokerError::nats("reading branch results", e))?;
+        let mut pending = consumer.cached_info().num_pending;
+        let mut out = Vec::new();
+        if pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| BrokerError::nats("reading branch results", e))?;
+        while pending > 0 {
+            let Some(msg) = messages.next().await else {
+                break;
+            };
+            let msg = msg.map_err(|e| BrokerError::nats("reading branch results", e))?;
+            pending = msg.info().map(|i| i.pending).unwrap_or(0);
+            match pb::BranchResult::decode(msg.payload.clone()) {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::warn!(error = %e, "undecodable branch result skipped"),
+            }
+        }
+        Ok(out)
     }
 
     /// Withdraws a claim this broker made for a handoff it did not store

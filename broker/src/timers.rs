@@ -33,12 +33,39 @@ pub async fn schedule_deadline(
     let timer = pb::Timer {
         run_id: run_id.to_string(),
         due: Some(due),
+        barrier_id: String::new(),
     };
     broker
         .store()
         .publish(
             format!("handoff.v1.timers.run.{run_id}"),
             &format!("deadline-{run_id}"),
+            timer.encode_to_vec().into(),
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Schedules a barrier's timer: its timeout (`what` = "timeout") or the
+/// check that its release was published ("release"); idempotent per
+/// barrier and kind.
+pub async fn schedule_barrier(
+    broker: &Broker,
+    run_id: &str,
+    barrier_id: &str,
+    due: prost_types::Timestamp,
+    what: &str,
+) -> Result<(), BrokerError> {
+    let timer = pb::Timer {
+        run_id: run_id.to_string(),
+        due: Some(due),
+        barrier_id: barrier_id.to_string(),
+    };
+    broker
+        .store()
+        .publish(
+            format!("handoff.v1.timers.barrier.{run_id}.{barrier_id}.{what}"),
+            &format!("barrier-{what}-{run_id}-{barrier_id}"),
             timer.encode_to_vec().into(),
         )
         .await
@@ -91,6 +118,12 @@ async fn pump(broker: &Broker) -> Result<(), BrokerError> {
                 msg.ack_with(AckKind::Nak(Some(left.min(MAX_DELAY))))
                     .await
                     .map_err(|e| BrokerError::nats("rescheduling a timer", e))?;
+            }
+            _ if !timer.barrier_id.is_empty() => {
+                crate::rpc::barriers::fire(broker, &timer.run_id, &timer.barrier_id).await?;
+                msg.double_ack()
+                    .await
+                    .map_err(|e| BrokerError::nats("acking a timer", e))?;
             }
             _ => {
                 let reason = format!("deadline {} passed", humantime::format_rfc3339_millis(due));

@@ -44,6 +44,11 @@ impl pb::EventKind {
             K::RoutedToFallback => "routed_to_fallback",
             K::Discarded => "discarded",
             K::ContractRejected => "contract_rejected",
+            K::BarrierOpened => "barrier_opened",
+            K::BranchArrived => "branch_arrived",
+            K::BarrierReleased => "barrier_released",
+            K::BarrierTimedOut => "barrier_timed_out",
+            K::BranchLate => "branch_late",
         }
     }
 
@@ -71,6 +76,11 @@ pub const ALL_EVENT_KINDS: &[pb::EventKind] = &[
     pb::EventKind::RoutedToFallback,
     pb::EventKind::Discarded,
     pb::EventKind::ContractRejected,
+    pb::EventKind::BarrierOpened,
+    pb::EventKind::BranchArrived,
+    pb::EventKind::BarrierReleased,
+    pb::EventKind::BarrierTimedOut,
+    pb::EventKind::BranchLate,
 ];
 
 impl pb::RunStatus {

@@ -135,6 +135,17 @@ async fn accept(
         });
     }
     let depth = domain::depth(parent.as_ref().map(|p| p.depth), run.max_depth, req.r#final)?;
+    // A branch's chain carries its barrier and key from hop to hop.
+    let (barrier_id, branch_key) = match (&parent, req.barrier_id.is_empty()) {
+        (_, false) => (req.barrier_id.clone(), req.branch_key.clone()),
+        (Some(p), true) => (p.barrier_id.clone(), p.branch_key.clone()),
+        (None, true) => (String::new(), String::new()),
+    };
+    if req.to_barrier && (barrier_id.is_empty() || branch_key.is_empty()) {
+        return Err(BrokerError::Malformed(
+            "to_barrier: the consumed delivery belongs to no barrier branch; name barrier_id and branch_key".to_string(),
+        ));
+    }
     let mut parent_ids = req.parent_ids.clone();
     if let Some(p) = &parent {
         if !parent_ids.contains(&p.id) {
@@ -160,6 +171,8 @@ async fn accept(
         contract_type: checked.contract_type.clone(),
         contract_version: checked.version,
         token_count: checked.tokens,
+        barrier_id: barrier_id.clone(),
+        branch_key: branch_key.clone(),
     };
     let max_payload = broker.store().client.server_info().max_payload;
     let size = envelope.encoded_len();
@@ -168,6 +181,24 @@ async fn accept(
     }
     let (sequence, duplicate) = if req.r#final {
         (0, false)
+    } else if req.to_barrier {
+        let status = match pb::BranchStatus::try_from(req.branch_status) {
+            Ok(pb::BranchStatus::Failed) => pb::BranchStatus::Failed,
+            Ok(pb::BranchStatus::Skipped) => pb::BranchStatus::Skipped,
+            _ => pb::BranchStatus::Arrived,
+        };
+        let result = pb::BranchResult {
+            key: branch_key.clone(),
+            status: status as i32,
+            payload: envelope.payload.clone(),
+            handoff_id: id.clone(),
+            source_agent: req.source_agent.clone(),
+            confidence: envelope.confidence,
+            warnings: envelope.warnings.clone(),
+            depth,
+            arrived_at: envelope.created_at,
+        };
+        crate::rpc::barriers::arrive(broker, &run, &barrier_id, result, stored).await?
     } else {
         let ack = broker
             .store()
@@ -306,7 +337,7 @@ async fn guard(broker: &Broker, req: &pb::HandoffRequest) -> Result<Checked, Gua
             }));
         }
     }
-    if req.r#final {
+    if req.r#final || req.to_barrier {
         return Ok(Checked::default());
     }
     let target = broker.agent(&req.target_agent).await?;
@@ -499,6 +530,19 @@ async fn consumed_parent(
         )));
     }
     Ok(parent)
+}
+
+/// Acks a delivery that a fan-out consumed, once all its handoffs are
+/// stored.
+pub async fn settle_consumed(
+    broker: &Broker,
+    run_id: &str,
+    delivery_id: &str,
+) -> Result<(), BrokerError> {
+    let token = domain::decode_token(delivery_id)?;
+    let (run, _) = broker.run(run_id).await?;
+    ack_consumed(broker, &run, delivery_id, &token).await;
+    Ok(())
 }
 
 /// Acks the consumed delivery after the new handoff is stored. A failure

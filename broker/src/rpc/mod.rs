@@ -5,6 +5,7 @@
 //! Streaming responses are fed by a spawned task through a channel.
 
 pub mod agents;
+pub mod barriers;
 pub mod contracts;
 pub mod handoff;
 pub mod runs;
@@ -77,6 +78,30 @@ impl HandoffBroker for Service {
     ) -> Reply<pb::ListContractsResponse> {
         Ok(Response::new(
             contracts::list(&self.broker, req.into_inner()).await?,
+        ))
+    }
+
+    async fn open_barrier(
+        &self,
+        req: Request<pb::OpenBarrierRequest>,
+    ) -> Reply<pb::OpenBarrierResponse> {
+        Ok(Response::new(
+            barriers::open(&self.broker, req.into_inner()).await?,
+        ))
+    }
+
+    async fn fan_out(&self, req: Request<pb::FanOutRequest>) -> Reply<pb::FanOutResponse> {
+        Ok(Response::new(
+            barriers::fan_out(&self.broker, req.into_inner()).await?,
+        ))
+    }
+
+    async fn get_barrier(
+        &self,
+        req: Request<pb::GetBarrierRequest>,
+    ) -> Reply<pb::GetBarrierResponse> {
+        Ok(Response::new(
+            barriers::get(&self.broker, req.into_inner()).await?,
         ))
     }
 

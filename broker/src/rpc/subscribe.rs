@@ -36,6 +36,8 @@ struct InFlight {
     run_id: String,
     owner: String,
     attempt: u32,
+    /// The barrier branch the delivery belongs to (barrier, key, depth).
+    branch: Option<(String, String, u32)>,
     /// When JetStream will offer it again unless extended: past this the
     /// slot is freed, whatever became of the delivery.
     expires: tokio::time::Instant,
@@ -320,6 +322,7 @@ impl Session {
                     run_id: run.id.clone(),
                     owner: run.owner.clone(),
                     attempt,
+                    branch: branch_of(&envelope),
                     expires: tokio::time::Instant::now() + lease,
                     _permit: permit,
                 },
@@ -418,10 +421,16 @@ impl Session {
         }
         let known = {
             let map = self.in_flight.lock().await;
-            map.get(delivery_id)
-                .map(|f| (f.run_id.clone(), f.owner.clone(), f.attempt))
+            map.get(delivery_id).map(|f| {
+                (
+                    f.run_id.clone(),
+                    f.owner.clone(),
+                    f.attempt,
+                    f.branch.clone(),
+                )
+            })
         };
-        let (run_id, owner, attempt) = match known {
+        let (run_id, owner, attempt, branch) = match known {
             Some(k) => k,
             None => {
                 // Settled through another session (after a reconnect): the
@@ -440,7 +449,7 @@ impl Session {
                     BrokerError::Internal(format!("stored handoff does not decode: {e}"))
                 })?;
                 let (run, _) = self.broker.run(&env.run_id).await?;
-                (run.id, run.owner, 0)
+                (run.id, run.owner, 0, branch_of(&env))
             }
         };
         let event = |kind: pb::EventKind, reason: String| pb::Event {
@@ -474,15 +483,29 @@ impl Session {
             self.broker
                 .emit(rejected, &format!("rejected-{}", token.handoff_id))
                 .await?;
-            self.broker
-                .end_run(
-                    &run_id,
-                    RunEnd::Failed(format!(
-                        "agent {} rejected handoff {}: {reason}",
-                        self.agent.name, token.handoff_id
-                    )),
-                )
-                .await?;
+            let why = format!(
+                "agent {} rejected handoff {}: {reason}",
+                self.agent.name, token.handoff_id
+            );
+            match &branch {
+                // A rejected branch fails that branch; its barrier decides.
+                Some((barrier_id, key, depth)) => {
+                    fail_branch(
+                        &self.broker,
+                        &run_id,
+                        barrier_id,
+                        key,
+                        *depth,
+                        &token.handoff_id,
+                        &self.agent.name,
+                        why,
+                    )
+                    .await?;
+                }
+                None => {
+                    self.broker.end_run(&run_id, RunEnd::Failed(why)).await?;
+                }
+            }
         }
         self.broker.store().settle(&token.ack_subject, kind).await?;
         if !matches!(op, Settle::Extend) {
@@ -674,18 +697,73 @@ async fn exhaust(
                     &format!("dead-{}", envelope.id),
                 )
                 .await?;
-            match broker
-                .end_run(
-                    &envelope.run_id,
-                    RunEnd::Failed(format!("handoff {} dead-lettered: {reason}", envelope.id)),
-                )
-                .await
-            {
-                Ok(_) | Err(BrokerError::RunNotFound(_)) => {}
+            let why = format!("handoff {} dead-lettered: {reason}", envelope.id);
+            let ended = match branch_of(envelope) {
+                Some((barrier_id, key, depth)) => {
+                    fail_branch(
+                        broker,
+                        &envelope.run_id,
+                        &barrier_id,
+                        &key,
+                        depth,
+                        &envelope.id,
+                        &spec.name,
+                        why,
+                    )
+                    .await
+                }
+                None => broker
+                    .end_run(&envelope.run_id, RunEnd::Failed(why))
+                    .await
+                    .map(|_| ()),
+            };
+            match ended {
+                Ok(()) | Err(BrokerError::RunNotFound(_)) => {}
                 Err(e) => return Err(e),
             }
             tracing::warn!(attempts, "handoff dead-lettered");
         }
     }
     broker.store().settle(ack_subject, AckKind::Ack).await
+}
+
+/// The barrier branch a handoff belongs to: (barrier, key, depth).
+fn branch_of(envelope: &pb::HandoffEnvelope) -> Option<(String, String, u32)> {
+    (!envelope.barrier_id.is_empty() && !envelope.branch_key.is_empty()).then(|| {
+        (
+            envelope.barrier_id.clone(),
+            envelope.branch_key.clone(),
+            envelope.depth,
+        )
+    })
+}
+
+/// Records a branch whose delivery was rejected or dead-lettered as failed
+/// at its barrier (once: its id is derived from the failed handoff).
+#[allow(clippy::too_many_arguments)]
+async fn fail_branch(
+    broker: &Broker,
+    run_id: &str,
+    barrier_id: &str,
+    key: &str,
+    depth: u32,
+    handoff_id: &str,
+    agent: &str,
+    why: String,
+) -> Result<(), BrokerError> {
+    let (run, _) = broker.run(run_id).await?;
+    let result = pb::BranchResult {
+        key: key.to_string(),
+        status: pb::BranchStatus::Failed as i32,
+        handoff_id: domain::derived_id(&format!("failed\u{0}{handoff_id}")),
+        source_agent: agent.to_string(),
+        warnings: vec![why],
+        depth,
+        arrived_at: Some(now()),
+        ..Default::default()
+    };
+    let stored = std::sync::atomic::AtomicBool::new(false);
+    crate::rpc::barriers::arrive(broker, &run, barrier_id, result, &stored)
+        .await
+        .map(|_| ())
 }

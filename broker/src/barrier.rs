@@ -1,0 +1,1448 @@
+//! The rules of a barrier: joining parallel branches into one release.
+//!
+//! The broker keeps each barrier as a [`pb::Barrier`] in a key/value entry
+//! and changes it with compare-and-set: read the entry, apply one of the
+//! functions below, write it back if it changed. The functions are
+//! therefore pure (no NATS, no clock, no I/O), deterministic and
+//! idempotent: applying the same arrival twice changes nothing the second
+//! time, and a barrier that has released never changes its verdict.
+//!
+//! - [`branch_keys`] checks a spec and lists its branch keys;
+//! - [`open`] makes a new open barrier;
+//! - [`arrive`] records one branch result;
+//! - [`decide`] says whether an open barrier releases now;
+//! - [`release`] closes it and builds the [`pb::BarrierRelease`] payload;
+//! - [`same_spec`] recognises an idempotent re-open.
+//!
+//! Branch-key order is the order of the spec's `branch_keys` for named
+//! branches and numeric order ("2" before "10") for `branch_count`.
+//! Recorded branches are kept in that order, and the release lists every
+//! branch in it.
+//!
+//! Specs are validated with [`branch_keys`] before a barrier is opened; the
+//! other functions still accept any stored barrier without panicking (an
+//! unknown mode counts as ALL, an unknown `on_timeout` as FAIL, a branch
+//! count above [`MAX_BRANCHES`] as [`MAX_BRANCHES`]).
+
+use std::collections::HashMap;
+
+use handoff_proto::pb;
+
+/// Most branches a barrier may join.
+pub const MAX_BRANCHES: usize = 10_000;
+
+/// Longest name accepted (same rule as the broker's names: `[A-Za-z0-9_-]{1,128}`).
+const MAX_NAME_LEN: usize = 128;
+
+/// Why a [`pb::BarrierSpec`] is refused. Every variant is bad input
+/// (INVALID_ARGUMENT at the gRPC edge).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BarrierError {
+    /// `run_id`, `barrier_id` or `target_agent` is not a valid name.
+    #[error("{field} {value:?} {reason}")]
+    InvalidName {
+        /// Which field.
+        field: &'static str,
+        /// The (possibly shortened) value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A named branch key is not a valid name.
+    #[error("branch_keys[{index}] {value:?} {reason}")]
+    InvalidBranchKey {
+        /// Position in `branch_keys`.
+        index: usize,
+        /// The (possibly shortened) key.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A named branch key is listed more than once.
+    #[error(
+        "branch key {key:?} is listed twice, at branch_keys[{first}] and branch_keys[{second}]"
+    )]
+    DuplicateBranchKey {
+        /// The key.
+        key: String,
+        /// Its first position.
+        first: usize,
+        /// Its second position.
+        second: usize,
+    },
+    /// Both `branch_keys` and `branch_count` are set.
+    #[error("branch_keys ({keys} keys) and branch_count ({count}) are both set; set exactly one")]
+    KeysAndCount {
+        /// Number of named keys.
+        keys: usize,
+        /// The branch count.
+        count: u32,
+    },
+    /// Neither `branch_keys` nor `branch_count` is set.
+    #[error("the barrier has no branches; set branch_keys or a positive branch_count")]
+    NoBranches,
+    /// More branches than [`MAX_BRANCHES`].
+    #[error("the barrier has {count} branches; the limit is {limit}", limit = MAX_BRANCHES)]
+    TooManyBranches {
+        /// Number of branches asked for.
+        count: usize,
+    },
+    /// `mode` is not a known [`pb::BarrierMode`].
+    #[error("mode {0} is not a known barrier mode (ALL or QUORUM)")]
+    UnknownMode(i32),
+    /// QUORUM with a quorum outside `1..=branches`.
+    #[error("quorum {quorum} is out of range for mode QUORUM with {branches} branches; it must be 1..={branches}")]
+    QuorumOutOfRange {
+        /// The quorum asked for.
+        quorum: u32,
+        /// Number of branches.
+        branches: usize,
+    },
+    /// A quorum set with mode ALL.
+    #[error("quorum {0} is set but mode is ALL; quorum applies to mode QUORUM only")]
+    QuorumWithAll(u32),
+    /// `on_timeout` is not a known [`pb::OnTimeout`].
+    #[error("on_timeout {0} is not a known value (FAIL or RELEASE_PARTIAL)")]
+    UnknownOnTimeout(i32),
+    /// A timeout that is zero, negative or not a normalised duration.
+    #[error("timeout {seconds}s {nanos}ns is not a positive duration")]
+    NonPositiveTimeout {
+        /// The timeout's seconds.
+        seconds: i64,
+        /// The timeout's nanoseconds.
+        nanos: i32,
+    },
+}
+
+/// What [`arrive`] did with a branch result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Recorded: the barrier is open and the key had not arrived yet.
+    Counted,
+    /// The key had arrived already; the barrier is unchanged (first writer
+    /// wins, whatever the new content).
+    Duplicate,
+    /// The barrier had released (or failed) before this key arrived; the
+    /// key is in `late` (once).
+    Late,
+    /// The key is not one of the spec's branches; the barrier is unchanged.
+    UnknownKey,
+}
+
+/// Whether an open barrier releases now (see [`decide`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Keep waiting.
+    Wait,
+    /// Release now.
+    Release {
+        /// The release is a failure (state FAILED).
+        failure: bool,
+        /// The release happens because the timeout fired.
+        timed_out: bool,
+    },
+}
+
+/// Checks a spec and returns its branch keys in branch-key order.
+///
+/// The keys are the named `branch_keys` in the order given (each a valid
+/// name, no duplicates, at most [`MAX_BRANCHES`]) or "0".."n-1" for
+/// `branch_count` n in `1..=MAX_BRANCHES`; exactly one of the two must be
+/// set. `run_id`, `barrier_id` and `target_agent` must be valid names
+/// (`[A-Za-z0-9_-]{1,128}`). Mode UNSPECIFIED means ALL; QUORUM needs
+/// `1 <= quorum <= branches` and ALL needs `quorum == 0`. `on_timeout`
+/// UNSPECIFIED means FAIL. A timeout, when set, must be a positive,
+/// normalised duration.
+///
+/// # Errors
+///
+/// The first problem found, as a [`BarrierError`].
+pub fn branch_keys(spec: &pb::BarrierSpec) -> Result<Vec<String>, BarrierError> {
+    for (field, value) in [
+        ("run_id", &spec.run_id),
+        ("barrier_id", &spec.barrier_id),
+        ("target_agent", &spec.target_agent),
+    ] {
+        if let Some(reason) = name_problem(value) {
+            return Err(BarrierError::InvalidName {
+                field,
+                value: shorten(value),
+                reason,
+            });
+        }
+    }
+
+    let keys = match (spec.branch_keys.is_empty(), spec.branch_count) {
+        (true, 0) => return Err(BarrierError::NoBranches),
+        (false, count) if count != 0 => {
+            return Err(BarrierError::KeysAndCount {
+                keys: spec.branch_keys.len(),
+                count,
+            })
+        }
+        (false, _) => {
+            if spec.branch_keys.len() > MAX_BRANCHES {
+                return Err(BarrierError::TooManyBranches {
+                    count: spec.branch_keys.len(),
+                });
+            }
+            let mut seen: HashMap<&str, usize> = HashMap::with_capacity(spec.branch_keys.len());
+            for (index, key) in spec.branch_keys.iter().enumerate() {
+                if let Some(reason) = name_problem(key) {
+                    return Err(BarrierError::InvalidBranchKey {
+                        index,
+                        value: shorten(key),
+                        reason,
+                    });
+                }
+                if let Some(&first) = seen.get(key.as_str()) {
+                    return Err(BarrierError::DuplicateBranchKey {
+                        key: key.clone(),
+                        first,
+                        second: index,
+                    });
+                }
+                seen.insert(key, index);
+            }
+            spec.branch_keys.clone()
+        }
+        (true, count) => {
+            let count = usize::try_from(count).unwrap_or(usize::MAX);
+            if count > MAX_BRANCHES {
+                return Err(BarrierError::TooManyBranches { count });
+            }
+            (0..count).map(|i| i.to_string()).collect()
+        }
+    };
+
+    let mode =
+        pb::BarrierMode::try_from(spec.mode).map_err(|_| BarrierError::UnknownMode(spec.mode))?;
+    match mode {
+        pb::BarrierMode::Unspecified | pb::BarrierMode::All => {
+            if spec.quorum != 0 {
+                return Err(BarrierError::QuorumWithAll(spec.quorum));
+            }
+        }
+        pb::BarrierMode::Quorum => {
+            let quorum = usize::try_from(spec.quorum).unwrap_or(usize::MAX);
+            if quorum == 0 || quorum > keys.len() {
+                return Err(BarrierError::QuorumOutOfRange {
+                    quorum: spec.quorum,
+                    branches: keys.len(),
+                });
+            }
+        }
+    }
+
+    pb::OnTimeout::try_from(spec.on_timeout)
+        .map_err(|_| BarrierError::UnknownOnTimeout(spec.on_timeout))?;
+
+    if let Some(timeout) = &spec.timeout {
+        let normalised = (0..1_000_000_000).contains(&timeout.nanos) && timeout.seconds >= 0;
+        if !normalised || (timeout.seconds == 0 && timeout.nanos == 0) {
+            return Err(BarrierError::NonPositiveTimeout {
+                seconds: timeout.seconds,
+                nanos: timeout.nanos,
+            });
+        }
+    }
+
+    Ok(keys)
+}
+
+/// A new open barrier for `spec` (kept as given), opened at `now`, with no
+/// branch recorded. Validate the spec with [`branch_keys`] first.
+pub fn open(spec: pb::BarrierSpec, now: prost_types::Timestamp) -> pb::Barrier {
+    pb::Barrier {
+        spec: Some(spec),
+        state: pb::BarrierState::Open as i32,
+        branches: Vec::new(),
+        opened_at: Some(now),
+        ..Default::default()
+    }
+}
+
+/// Applies one branch result to the barrier.
+///
+/// The status is ARRIVED, FAILED or SKIPPED; UNSPECIFIED is recorded as
+/// ARRIVED. Any other status (MISSING, or a value this broker does not
+/// know) is recorded as FAILED with a warning saying so, so that a
+/// malformed report can never count toward a release as a success.
+///
+/// - key not in the spec: unchanged, [`Arrival::UnknownKey`];
+/// - key recorded already (before or after the release): unchanged,
+///   [`Arrival::Duplicate`] (first writer wins, whatever the content);
+/// - barrier no longer open (released or failed): the key is appended to
+///   `late` unless it is there already, [`Arrival::Late`];
+/// - otherwise the result is recorded in `branches`, kept in branch-key
+///   order, [`Arrival::Counted`].
+pub fn arrive(barrier: &mut pb::Barrier, mut result: pb::BranchResult) -> Arrival {
+    let Some(spec) = barrier.spec.as_ref() else {
+        return Arrival::UnknownKey;
+    };
+    let Some(position) = position_of(spec, &result.key) else {
+        return Arrival::UnknownKey;
+    };
+    if barrier.branches.iter().any(|b| b.key == result.key) {
+        return Arrival::Duplicate;
+    }
+    if barrier.state != pb::BarrierState::Open as i32 {
+        if !barrier.late.contains(&result.key) {
+            barrier.late.push(result.key);
+        }
+        return Arrival::Late;
+    }
+
+    let status = status_of(result.status);
+    if !matches!(
+        pb::BranchStatus::try_from(result.status),
+        Ok(pb::BranchStatus::Unspecified
+            | pb::BranchStatus::Arrived
+            | pb::BranchStatus::Failed
+            | pb::BranchStatus::Skipped)
+    ) {
+        result.warnings.push(format!(
+            "branch reported status {}; recorded as failed",
+            status_name(result.status)
+        ));
+    }
+    result.status = status as i32;
+
+    let at = insertion_point(spec, &barrier.branches, position);
+    barrier.branches.insert(at, result);
+    Arrival::Counted
+}
+
+/// Whether an OPEN barrier releases now; any other barrier: [`Decision::Wait`].
+///
+/// In this order:
+/// - `fail_fast` and a FAILED branch: `Release { failure: true }`;
+/// - ALL: every branch recorded (arrived, failed or skipped):
+///   `Release { failure: false }`;
+/// - QUORUM k: k branches ARRIVED: `Release { failure: false }`; so many
+///   failed or skipped that k can no longer be reached:
+///   `Release { failure: true }`;
+/// - `timed_out` (the barrier's timeout fired):
+///   `Release { failure: on_timeout == FAIL, timed_out: true }`;
+/// - otherwise [`Decision::Wait`].
+///
+/// A barrier without a spec (a corrupt entry) waits.
+pub fn decide(barrier: &pb::Barrier, timed_out: bool) -> Decision {
+    if barrier.state != pb::BarrierState::Open as i32 {
+        return Decision::Wait;
+    }
+    let Some(spec) = barrier.spec.as_ref() else {
+        return Decision::Wait;
+    };
+    let expected = expected_of(spec);
+    let counts = Counts::of(&barrier.branches);
+
+    if spec.fail_fast && counts.failed > 0 {
+        return Decision::Release {
+            failure: true,
+            timed_out: false,
+        };
+    }
+    match mode_of(spec) {
+        pb::BarrierMode::Quorum => {
+            let quorum = quorum_of(spec);
+            if counts.arrived >= quorum {
+                return Decision::Release {
+                    failure: false,
+                    timed_out: false,
+                };
+            }
+            let outstanding = expected.saturating_sub(counts.recorded());
+            if counts.arrived.saturating_add(outstanding) < quorum {
+                return Decision::Release {
+                    failure: true,
+                    timed_out: false,
+                };
+            }
+        }
+        pb::BarrierMode::All | pb::BarrierMode::Unspecified => {
+            if counts.recorded() >= expected {
+                return Decision::Release {
+                    failure: false,
+                    timed_out: false,
+                };
+            }
+        }
+    }
+    if timed_out {
+        return Decision::Release {
+            failure: on_timeout_of(spec) == pb::OnTimeout::Fail,
+            timed_out: true,
+        };
+    }
+    Decision::Wait
+}
+
+/// Closes the barrier and builds its release payload.
+///
+/// An OPEN barrier becomes RELEASED (FAILED when `decision_failure`), with
+/// `released_at = now`, `release_handoff_id`, and the payload kept in
+/// `release` (`release_published` is left to the caller). A barrier that
+/// is no longer open is left as it is (the first release wins) and its
+/// kept `release` is returned; without one, a payload is built from its
+/// branches and the flags given.
+///
+/// The payload lists every branch in branch-key order (recorded ones as
+/// recorded, the others with status MISSING and no payload), the
+/// `missing`, `failed` and `skipped` keys in branch-key order, confidence =
+/// ARRIVED branches / expected branches (0 without branches), and
+/// warnings: one line per failed branch (`branch k failed: w1; w2`, or
+/// `branch k failed` without warnings) and, when timed out, one per
+/// missing branch (`branch k missing at timeout`), together in branch-key
+/// order; then for QUORUM one line `released at quorum k of n` (or
+/// `quorum k of n not reached: a arrived` when fewer than k arrived).
+pub fn release(
+    barrier: &mut pb::Barrier,
+    decision_failure: bool,
+    timed_out: bool,
+    release_handoff_id: String,
+    now: prost_types::Timestamp,
+) -> pb::BarrierRelease {
+    if barrier.state != pb::BarrierState::Open as i32 {
+        if let Some(kept) = &barrier.release {
+            return kept.clone();
+        }
+        return release_payload(barrier, decision_failure, timed_out);
+    }
+    let payload = release_payload(barrier, decision_failure, timed_out);
+    barrier.state = if decision_failure {
+        pb::BarrierState::Failed as i32
+    } else {
+        pb::BarrierState::Released as i32
+    };
+    barrier.released_at = Some(now);
+    barrier.release_handoff_id = release_handoff_id;
+    barrier.release = Some(payload.clone());
+    payload
+}
+
+/// The release payload of `barrier` (see [`release`]).
+fn release_payload(
+    barrier: &pb::Barrier,
+    decision_failure: bool,
+    timed_out: bool,
+) -> pb::BarrierRelease {
+    let no_spec = pb::BarrierSpec::default();
+    let spec = barrier.spec.as_ref().unwrap_or(&no_spec);
+    let keys = keys_of(spec);
+    let mut recorded: HashMap<&str, &pb::BranchResult> =
+        HashMap::with_capacity(barrier.branches.len());
+    for branch in &barrier.branches {
+        recorded.entry(branch.key.as_str()).or_insert(branch);
+    }
+
+    let mut out = pb::BarrierRelease {
+        run_id: spec.run_id.clone(),
+        barrier_id: spec.barrier_id.clone(),
+        branches: Vec::with_capacity(keys.len()),
+        failure: decision_failure,
+        timed_out,
+        ..Default::default()
+    };
+    let mut arrived = 0usize;
+    for key in &keys {
+        match recorded.get(key.as_str()) {
+            Some(branch) => {
+                match status_of(branch.status) {
+                    pb::BranchStatus::Failed => {
+                        out.failed.push(key.clone());
+                        out.warnings.push(if branch.warnings.is_empty() {
+                            format!("branch {key} failed")
+                        } else {
+                            format!("branch {key} failed: {}", branch.warnings.join("; "))
+                        });
+                    }
+                    pb::BranchStatus::Skipped => out.skipped.push(key.clone()),
+                    _ => arrived += 1,
+                }
+                out.branches.push((*branch).clone());
+            }
+            None => {
+                out.missing.push(key.clone());
+                if timed_out {
+                    out.warnings
+                        .push(format!("branch {key} missing at timeout"));
+                }
+                out.branches.push(pb::BranchResult {
+                    key: key.clone(),
+                    status: pb::BranchStatus::Missing as i32,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    if mode_of(spec) == pb::BarrierMode::Quorum {
+        let quorum = quorum_of(spec);
+        out.warnings.push(if arrived >= quorum {
+            format!("released at quorum {quorum} of {}", keys.len())
+        } else {
+            format!(
+                "quorum {quorum} of {} not reached: {arrived} arrived",
+                keys.len()
+            )
+        });
+    }
+    out.confidence = if keys.is_empty() {
+        0.0
+    } else {
+        arrived as f64 / keys.len() as f64
+    };
+    out
+}
+
+/// Whether two specs describe the same barrier (for an idempotent
+/// re-open): equal field by field after normalising defaults (mode
+/// UNSPECIFIED = ALL, on_timeout UNSPECIFIED = FAIL).
+pub fn same_spec(a: &pb::BarrierSpec, b: &pb::BarrierSpec) -> bool {
+    fn normalised(spec: &pb::BarrierSpec) -> (i32, i32) {
+        let mode = if spec.mode == pb::BarrierMode::Unspecified as i32 {
+            pb::BarrierMode::All as i32
+        } else {
+            spec.mode
+        };
+        let on_timeout = if spec.on_timeout == pb::OnTimeout::Unspecified as i32 {
+            pb::OnTimeout::Fail as i32
+        } else {
+            spec.on_timeout
+        };
+        (mode, on_timeout)
+    }
+    normalised(a) == normalised(b)
+        && a.run_id == b.run_id
+        && a.barrier_id == b.barrier_id
+        && a.branch_keys == b.branch_keys
+        && a.branch_count == b.branch_count
+        && a.quorum == b.quorum
+        && a.fail_fast == b.fail_fast
+        && a.timeout == b.timeout
+        && a.target_agent == b.target_agent
+}
+
+// ------------------------------------------------------------ internals
+
+/// Position of `key` in branch-key order, if it is one of the spec's keys.
+fn position_of(spec: &pb::BarrierSpec, key: &str) -> Option<usize> {
+    if spec.branch_keys.is_empty() {
+        count_position(key, count_of(spec))
+    } else {
+        spec.branch_keys.iter().position(|k| k == key)
+    }
+}
+
+/// Position of `key` among "0".."n-1": canonical decimal only ("7", not
+/// "07" or "+7").
+fn count_position(key: &str, n: usize) -> Option<usize> {
+    let canonical = !key.is_empty()
+        && key.bytes().all(|b| b.is_ascii_digit())
+        && (key == "0" || !key.starts_with('0'));
+    if !canonical {
+        return None;
+    }
+    key.parse::<usize>().ok().filter(|i| *i < n)
+}
+
+/// Where a branch at `position` goes in `branches` (kept in branch-key
+/// order by [`arrive`]): after every recorded branch that comes before it.
+fn insertion_point(
+    spec: &pb::BarrierSpec,
+    branches: &[pb::BranchResult],
+    position: usize,
+) -> usize {
+    if spec.branch_keys.is_empty() {
+        let n = count_of(spec);
+        branches.partition_point(|b| count_position(&b.key, n).unwrap_or(usize::MAX) < position)
+    } else {
+        // `branches` is a subsequence of the keys: walk both once, with
+        // string comparisons only (no map to build per arrival).
+        let mut at = 0;
+        for key in spec.branch_keys.iter().take(position) {
+            if branches.get(at).is_some_and(|b| b.key == *key) {
+                at += 1;
+            }
+        }
+        at
+    }
+}
+
+/// How many branches the spec joins.
+fn expected_of(spec: &pb::BarrierSpec) -> usize {
+    if spec.branch_keys.is_empty() {
+        count_of(spec)
+    } else {
+        spec.branch_keys.len()
+    }
+}
+
+/// Recorded branches by status.
+struct Counts {
+    arrived: usize,
+    failed: usize,
+    skipped: usize,
+}
+
+impl Counts {
+    /// Counts the recorded branches (as kept by [`arrive`]: known keys,
+    /// each once).
+    fn of(branches: &[pb::BranchResult]) -> Self {
+        let mut counts = Counts {
+            arrived: 0,
+            failed: 0,
+            skipped: 0,
+        };
+        for branch in branches {
+            match status_of(branch.status) {
+                pb::BranchStatus::Failed => counts.failed += 1,
+                pb::BranchStatus::Skipped => counts.skipped += 1,
+                _ => counts.arrived += 1,
+            }
+        }
+        counts
+    }
+
+    fn recorded(&self) -> usize {
+        self.arrived + self.failed + self.skipped
+    }
+}
+
+/// The branch count, capped at [`MAX_BRANCHES`] (a validated spec is within).
+fn count_of(spec: &pb::BarrierSpec) -> usize {
+    usize::try_from(spec.branch_count)
+        .unwrap_or(usize::MAX)
+        .min(MAX_BRANCHES)
+}
+
+/// Every key of a (validated) spec in branch-key order.
+fn keys_of(spec: &pb::BarrierSpec) -> Vec<String> {
+    if spec.branch_keys.is_empty() {
+        (0..count_of(spec)).map(|i| i.to_string()).collect()
+    } else {
+        spec.branch_keys.clone()
+    }
+}
+
+/// The mode, UNSPECIFIED and unknown values counting as ALL.
+fn mode_of(spec: &pb::BarrierSpec) -> pb::BarrierMode {
+    match pb::BarrierMode::try_from(spec.mode) {
+        Ok(pb::BarrierMode::Quorum) => pb::BarrierMode::Quorum,
+        _ => pb::BarrierMode::All,
+    }
+}
+
+/// The QUORUM threshold, at least 1.
+fn quorum_of(spec: &pb::BarrierSpec) -> usize {
+    usize::try_from(spec.quorum).unwrap_or(usize::MAX).max(1)
+}
+
+/// `on_timeout`, UNSPECIFIED and unknown values counting as FAIL.
+fn on_timeout_of(spec: &pb::BarrierSpec) -> pb::OnTimeout {
+    match pb::OnTimeout::try_from(spec.on_timeout) {
+        Ok(pb::OnTimeout::ReleasePartial) => pb::OnTimeout::ReleasePartial,
+        _ => pb::OnTimeout::Fail,
+    }
+}
+
+/// A branch's effective status: UNSPECIFIED is ARRIVED; MISSING and
+/// unknown values are FAILED.
+fn status_of(status: i32) -> pb::BranchStatus {
+    match pb::BranchStatus::try_from(status) {
+        Ok(pb::BranchStatus::Unspecified | pb::BranchStatus::Arrived) => pb::BranchStatus::Arrived,
+        Ok(pb::BranchStatus::Skipped) => pb::BranchStatus::Skipped,
+        _ => pb::BranchStatus::Failed,
+    }
+}
+
+fn status_name(status: i32) -> String {
+    match pb::BranchStatus::try_from(status) {
+        Ok(s) => s.as_str_name().to_string(),
+        Err(_) => status.to_string(),
+    }
+}
+
+/// Why `value` is not a valid name (`[A-Za-z0-9_-]{1,128}`), if it is not.
+fn name_problem(value: &str) -> Option<String> {
+    if value.is_empty() {
+        Some("is empty".to_string())
+    } else if value.len() > MAX_NAME_LEN {
+        Some(format!(
+            "is {} characters long; the limit is {MAX_NAME_LEN}",
+            value.chars().count()
+        ))
+    } else {
+        value
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+            .map(|c| format!("contains {c:?}; allowed are A-Z a-z 0-9 _ -"))
+    }
+}
+
+fn shorten(value: &str) -> String {
+    if value.chars().count() <= 40 {
+        value.to_string()
+    } else {
+        let head: String = value.chars().take(40).collect();
+        format!("{head}...")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ARRIVED: pb::BranchStatus = pb::BranchStatus::Arrived;
+    const FAILED: pb::BranchStatus = pb::BranchStatus::Failed;
+    const SKIPPED: pb::BranchStatus = pb::BranchStatus::Skipped;
+
+    fn ts(seconds: i64) -> prost_types::Timestamp {
+        prost_types::Timestamp { seconds, nanos: 0 }
+    }
+
+    fn base() -> pb::BarrierSpec {
+        pb::BarrierSpec {
+            run_id: "run-1".into(),
+            barrier_id: "join_1".into(),
+            target_agent: "aggregator".into(),
+            ..Default::default()
+        }
+    }
+
+    fn counted(n: u32) -> pb::BarrierSpec {
+        pb::BarrierSpec {
+            branch_count: n,
+            ..base()
+        }
+    }
+
+    fn named(keys: &[&str]) -> pb::BarrierSpec {
+        pb::BarrierSpec {
+            branch_keys: keys.iter().map(|k| k.to_string()).collect(),
+            ..base()
+        }
+    }
+
+    fn quorum(n: u32, k: u32) -> pb::BarrierSpec {
+        pb::BarrierSpec {
+            mode: pb::BarrierMode::Quorum as i32,
+            quorum: k,
+            ..counted(n)
+        }
+    }
+
+    fn result(key: &str, status: pb::BranchStatus) -> pb::BranchResult {
+        pb::BranchResult {
+            key: key.into(),
+            status: status as i32,
+            handoff_id: format!("h-{key}"),
+            ..Default::default()
+        }
+    }
+
+    fn opened(spec: pb::BarrierSpec) -> pb::Barrier {
+        assert!(branch_keys(&spec).is_ok(), "{spec:?}");
+        open(spec, ts(1))
+    }
+
+    fn keys(branches: &[pb::BranchResult]) -> Vec<&str> {
+        branches.iter().map(|b| b.key.as_str()).collect()
+    }
+
+    const RELEASE_OK: Decision = Decision::Release {
+        failure: false,
+        timed_out: false,
+    };
+    const RELEASE_FAILURE: Decision = Decision::Release {
+        failure: true,
+        timed_out: false,
+    };
+
+    #[test]
+    fn accepts_valid_specs() {
+        assert_eq!(
+            branch_keys(&named(&["b", "a"])),
+            Ok(vec!["b".into(), "a".into()])
+        );
+        assert_eq!(
+            branch_keys(&counted(3)),
+            Ok(vec!["0".into(), "1".into(), "2".into()])
+        );
+        assert_eq!(
+            branch_keys(&counted(MAX_BRANCHES as u32)).map(|k| k.len()),
+            Ok(MAX_BRANCHES)
+        );
+        assert!(branch_keys(&quorum(5, 5)).is_ok());
+        assert!(branch_keys(&quorum(5, 1)).is_ok());
+        let explicit = pb::BarrierSpec {
+            mode: pb::BarrierMode::All as i32,
+            on_timeout: pb::OnTimeout::ReleasePartial as i32,
+            timeout: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 1,
+            }),
+            fail_fast: true,
+            ..counted(2)
+        };
+        assert!(branch_keys(&explicit).is_ok());
+    }
+
+    #[test]
+    fn refuses_each_bad_spec() {
+        use BarrierError as E;
+        let long = "x".repeat(129);
+        type Check = fn(&BarrierError) -> bool;
+        let cases: Vec<(pb::BarrierSpec, Check)> = vec![
+            (
+                pb::BarrierSpec {
+                    run_id: String::new(),
+                    ..counted(1)
+                },
+                |e| {
+                    matches!(
+                        e,
+                        E::InvalidName {
+                            field: "run_id",
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                pb::BarrierSpec {
+                    barrier_id: "a.b".into(),
+                    ..counted(1)
+                },
+                |e| {
+                    matches!(
+                        e,
+                        E::InvalidName {
+                            field: "barrier_id",
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                pb::BarrierSpec {
+                    target_agent: long.clone(),
+                    ..counted(1)
+                },
+                |e| {
+                    matches!(
+                        e,
+                        E::InvalidName {
+                            field: "target_agent",
+                            ..
+                        }
+                    )
+                },
+            ),
+            (base(), |e| matches!(e, E::NoBranches)),
+            (
+                pb::BarrierSpec {
+                    branch_count: 2,
+                    ..named(&["a"])
+                },
+                |e| matches!(e, E::KeysAndCount { keys: 1, count: 2 }),
+            ),
+            (
+                counted(MAX_BRANCHES as u32 + 1),
+                |e| matches!(e, E::TooManyBranches { count } if *count == MAX_BRANCHES + 1),
+            ),
+            (counted(u32::MAX), |e| {
+                matches!(e, E::TooManyBranches { .. })
+            }),
+            (
+                pb::BarrierSpec {
+                    branch_keys: (0..=MAX_BRANCHES).map(|i| format!("k{i}")).collect(),
+                    ..base()
+                },
+                |e| matches!(e, E::TooManyBranches { .. }),
+            ),
+            (named(&["a", "b c"]), |e| {
+                matches!(e, E::InvalidBranchKey { index: 1, .. })
+            }),
+            (named(&["a", ""]), |e| {
+                matches!(e, E::InvalidBranchKey { index: 1, .. })
+            }),
+            (named(&["a", "b", "a"]), |e| {
+                matches!(
+                    e,
+                    E::DuplicateBranchKey {
+                        first: 0,
+                        second: 2,
+                        ..
+                    }
+                )
+            }),
+            (
+                pb::BarrierSpec {
+                    mode: 9,
+                    ..counted(2)
+                },
+                |e| matches!(e, E::UnknownMode(9)),
+            ),
+            (quorum(5, 0), |e| {
+                matches!(
+                    e,
+                    E::QuorumOutOfRange {
+                        quorum: 0,
+                        branches: 5
+                    }
+                )
+            }),
+            (quorum(5, 6), |e| {
+                matches!(
+                    e,
+                    E::QuorumOutOfRange {
+                        quorum: 6,
+                        branches: 5
+                    }
+                )
+            }),
+            (
+                pb::BarrierSpec {
+                    quorum: 2,
+                    ..counted(5)
+                },
+                |e| matches!(e, E::QuorumWithAll(2)),
+            ),
+            (
+                pb::BarrierSpec {
+                    mode: pb::BarrierMode::All as i32,
+                    quorum: 1,
+                    ..counted(5)
+                },
+                |e| matches!(e, E::QuorumWithAll(1)),
+            ),
+            (
+                pb::BarrierSpec {
+                    on_timeout: -1,
+                    ..counted(2)
+                },
+                |e| matches!(e, E::UnknownOnTimeout(-1)),
+            ),
+            (
+                pb::BarrierSpec {
+                    timeout: Some(prost_types::Duration::default()),
+                    ..counted(2)
+                },
+                |e| {
+                    matches!(
+                        e,
+                        E::NonPositiveTimeout {
+                            seconds: 0,
+                            nanos: 0
+                        }
+                    )
+                },
+            ),
+            (
+                pb::BarrierSpec {
+                    timeout: Some(prost_types::Duration {
+                        seconds: -5,
+                        nanos: 0,
+                    }),
+                    ..counted(2)
+                },
+                |e| matches!(e, E::NonPositiveTimeout { seconds: -5, .. }),
+            ),
+            (
+                pb::BarrierSpec {
+                    timeout: Some(prost_types::Duration {
+                        seconds: 1,
+                        nanos: -1,
+                    }),
+                    ..counted(2)
+                },
+                |e| matches!(e, E::NonPositiveTimeout { .. }),
+            ),
+        ];
+        for (spec, expected) in cases {
+            let err = branch_keys(&spec).expect_err("refused");
+            assert!(expected(&err), "{err:?}");
+            assert!(!err.to_string().is_empty());
+        }
+        let err = branch_keys(&pb::BarrierSpec {
+            target_agent: long,
+            ..counted(1)
+        })
+        .expect_err("long");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "target_agent \"{}...\" is 129 characters long; the limit is 128",
+                "x".repeat(40)
+            )
+        );
+        assert_eq!(
+            branch_keys(&quorum(5, 6)).expect_err("quorum").to_string(),
+            "quorum 6 is out of range for mode QUORUM with 5 branches; it must be 1..=5"
+        );
+    }
+
+    #[test]
+    fn count_keys_are_in_numeric_order() {
+        let all = branch_keys(&counted(12)).expect("valid");
+        assert_eq!(all[2], "2");
+        assert_eq!(all[10], "10");
+        assert_eq!(all.last().map(String::as_str), Some("11"));
+
+        let mut barrier = opened(counted(12));
+        for key in ["10", "2", "11", "0"] {
+            assert_eq!(arrive(&mut barrier, result(key, ARRIVED)), Arrival::Counted);
+        }
+        assert_eq!(keys(&barrier.branches), ["0", "2", "10", "11"]);
+        for bad in ["12", "02", "+2", "-1", "", "1.0", "99999999999999999999999"] {
+            assert_eq!(
+                arrive(&mut barrier, result(bad, ARRIVED)),
+                Arrival::UnknownKey,
+                "{bad}"
+            );
+        }
+        assert_eq!(barrier.branches.len(), 4);
+    }
+
+    #[test]
+    fn arrival_cases() {
+        let mut barrier = opened(named(&["a", "b"]));
+        assert_eq!(arrive(&mut barrier, result("a", ARRIVED)), Arrival::Counted);
+
+        // A second result for the same key keeps the first.
+        let mut second = result("a", FAILED);
+        second.handoff_id = "other".into();
+        let before = barrier.clone();
+        assert_eq!(arrive(&mut barrier, second), Arrival::Duplicate);
+        assert_eq!(barrier, before);
+        assert_eq!(barrier.branches[0].handoff_id, "h-a");
+        assert_eq!(barrier.branches[0].status, ARRIVED as i32);
+
+        // Unknown key: unchanged.
+        assert_eq!(
+            arrive(&mut barrier, result("z", ARRIVED)),
+            Arrival::UnknownKey
+        );
+        assert_eq!(barrier, before);
+
+        // Release, then "b" comes late: listed once.
+        release(&mut barrier, false, false, "rel".into(), ts(2));
+        assert_eq!(arrive(&mut barrier, result("b", ARRIVED)), Arrival::Late);
+        assert_eq!(arrive(&mut barrier, result("b", FAILED)), Arrival::Late);
+        assert_eq!(barrier.late, ["b"]);
+        assert_eq!(barrier.branches.len(), 1);
+        // A redelivery of a branch counted before the release is a duplicate.
+        assert_eq!(
+            arrive(&mut barrier, result("a", ARRIVED)),
+            Arrival::Duplicate
+        );
+        assert_eq!(
+            arrive(&mut barrier, result("z", ARRIVED)),
+            Arrival::UnknownKey
+        );
+        assert_eq!(barrier.late, ["b"]);
+    }
+
+    #[test]
+    fn statuses_are_normalised() {
+        let mut barrier = opened(counted(3));
+        arrive(&mut barrier, result("0", pb::BranchStatus::Unspecified));
+        arrive(&mut barrier, result("1", pb::BranchStatus::Missing));
+        let mut odd = result("2", ARRIVED);
+        odd.status = 42;
+        arrive(&mut barrier, odd);
+        assert_eq!(barrier.branches[0].status, ARRIVED as i32);
+        assert_eq!(barrier.branches[1].status, FAILED as i32);
+        assert_eq!(
+            barrier.branches[1].warnings,
+            ["branch reported status BRANCH_STATUS_MISSING; recorded as failed"]
+        );
+        assert_eq!(barrier.branches[2].status, FAILED as i32);
+        assert_eq!(
+            barrier.branches[2].warnings,
+            ["branch reported status 42; recorded as failed"]
+        );
+    }
+
+    #[test]
+    fn all_releases_when_the_last_of_100_arrives() {
+        let mut barrier = opened(counted(100));
+        // Arrive in reverse order; the last one is "0".
+        for i in (1..100).rev() {
+            assert_eq!(
+                arrive(&mut barrier, result(&i.to_string(), ARRIVED)),
+                Arrival::Counted
+            );
+            assert_eq!(decide(&barrier, false), Decision::Wait, "after {i}");
+        }
+        assert_eq!(arrive(&mut barrier, result("0", ARRIVED)), Arrival::Counted);
+        assert_eq!(decide(&barrier, false), RELEASE_OK);
+
+        let out = release(&mut barrier, false, false, "rel-1".into(), ts(5));
+        assert_eq!(barrier.state, pb::BarrierState::Released as i32);
+        assert_eq!(barrier.released_at, Some(ts(5)));
+        assert_eq!(barrier.release_handoff_id, "rel-1");
+        assert_eq!(out.branches.len(), 100);
+        let expected: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+        assert_eq!(keys(&out.branches), expected);
+        assert!(out.missing.is_empty() && out.failed.is_empty() && out.skipped.is_empty());
+        assert_eq!(out.confidence, 1.0);
+        assert!(out.warnings.is_empty());
+        assert!(!out.failure && !out.timed_out);
+        assert_eq!(
+            (out.run_id.as_str(), out.barrier_id.as_str()),
+            ("run-1", "join_1")
+        );
+        assert_eq!(decide(&barrier, false), Decision::Wait);
+        assert_eq!(decide(&barrier, true), Decision::Wait);
+    }
+
+    #[test]
+    fn quorum_3_of_5_releases_at_the_third_arrival() {
+        let mut barrier = opened(quorum(5, 3));
+        arrive(&mut barrier, result("4", ARRIVED));
+        arrive(&mut barrier, result("1", FAILED));
+        assert_eq!(decide(&barrier, false), Decision::Wait);
+        arrive(&mut barrier, result("0", ARRIVED));
+        assert_eq!(decide(&barrier, false), Decision::Wait);
+        arrive(&mut barrier, result("2", ARRIVED));
+        assert_eq!(decide(&barrier, false), RELEASE_OK);
+
+        let out = release(&mut barrier, false, false, "rel".into(), ts(3));
+        assert_eq!(out.missing, ["3"]);
+        assert_eq!(out.failed, ["1"]);
+        assert_eq!(out.confidence, 3.0 / 5.0);
+        assert_eq!(
+            out.warnings,
+            ["branch 1 failed", "released at quorum 3 of 5"]
+        );
+        assert_eq!(out.branches[3].status, pb::BranchStatus::Missing as i32);
+        assert!(out.branches[3].payload.is_none());
+
+        assert_eq!(arrive(&mut barrier, result("3", ARRIVED)), Arrival::Late);
+        assert_eq!(barrier.late, ["3"]);
+        assert_eq!(barrier.branches.len(), 4);
+    }
+
+    #[test]
+    fn unreachable_quorum_is_a_failure() {
+        let mut barrier = opened(quorum(5, 3));
+        arrive(&mut barrier, result("0", ARRIVED));
+        arrive(&mut barrier, result("1", FAILED));
+        assert_eq!(decide(&barrier, false), Decision::Wait);
+        arrive(&mut barrier, result("2", SKIPPED));
+        // 1 arrived + 2 outstanding = 3: still reachable.
+        assert_eq!(decide(&barrier, false), Decision::Wait);
+        arrive(&mut barrier, result("3", FAILED));
+        assert_eq!(decide(&barrier, false), RELEASE_FAILURE);
+
+        let out = release(&mut barrier, true, false, "rel".into(), ts(3));
+        assert_eq!(barrier.state, pb::BarrierState::Failed as i32);
+        assert!(out.failure);
+        assert_eq!(out.failed, ["1", "3"]);
+        assert_eq!(out.skipped, ["2"]);
+        assert_eq!(out.missing, ["4"]);
+        assert_eq!(
+            out.warnings.last().map(String::as_str),
+            Some("quorum 3 of 5 not reached: 1 arrived")
+        );
+    }
+
+    #[test]
+    fn fail_fast_releases_a_failure_at_the_first_failed_branch() {
+        let spec = pb::BarrierSpec {
+            fail_fast: true,
+            ..named(&["x", "y", "z"])
+        };
+        let mut barrier = opened(spec);
+        arrive(&mut barrier, result("y", SKIPPED));
+        arrive(&mut barrier, result("z", ARRIVED));
+        assert_eq!(decide(&barrier, false), Decision::Wait);
+        let mut failed = result("x", FAILED);
+        failed.warnings = vec!["tool crashed".into(), "no retry".into()];
+        arrive(&mut barrier, failed);
+        assert_eq!(decide(&barrier, false), RELEASE_FAILURE);
+        let out = release(&mut barrier, true, false, "rel".into(), ts(2));
+        assert_eq!(barrier.state, pb::BarrierState::Failed as i32);
+        assert_eq!(out.warnings, ["branch x failed: tool crashed; no retry"]);
+        assert!(out.failure);
+
+        // Without fail_fast, ALL releases (not a failure) with the failure listed.
+        let mut barrier = opened(named(&["x", "y"]));
+        arrive(&mut barrier, result("x", FAILED));
+        assert_eq!(decide(&barrier, false), Decision::Wait);
+        arrive(&mut barrier, result("y", ARRIVED));
+        assert_eq!(decide(&barrier, false), RELEASE_OK);
+    }
+
+    #[test]
+    fn skipped_branch_counts_toward_all() {
+        let mut barrier = opened(counted(3));
+        arrive(&mut barrier, result("0", ARRIVED));
+        arrive(&mut barrier, result("2", ARRIVED));
+        assert_eq!(decide(&barrier, false), Decision::Wait);
+        arrive(&mut barrier, result("1", SKIPPED));
+        assert_eq!(decide(&barrier, false), RELEASE_OK);
+        let out = release(&mut barrier, false, false, "rel".into(), ts(2));
+        assert_eq!(out.skipped, ["1"]);
+        assert!(out.missing.is_empty());
+        assert_eq!(out.confidence, 2.0 / 3.0);
+        assert_eq!(out.branches[1].status, SKIPPED as i32);
+    }
+
+    #[test]
+    fn timeout_with_fail() {
+        let spec = pb::BarrierSpec {
+            timeout: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            ..counted(4)
+        };
+        let mut barrier = opened(spec);
+        arrive(&mut barrier, result("1", ARRIVED));
+        assert_eq!(decide(&barrier, false), Decision::Wait);
+        let decision = decide(&barrier, true);
+        assert_eq!(
+            decision,
+            Decision::Release {
+                failure: true,
+                timed_out: true
+            }
+        );
+        let out = release(&mut barrier, true, true, "rel".into(), ts(31));
+        assert_eq!(barrier.state, pb::BarrierState::Failed as i32);
+        assert!(out.failure && out.timed_out);
+        assert_eq!(out.missing, ["0", "2", "3"]);
+        assert_eq!(
+            out.warnings,
+            [
+                "branch 0 missing at timeout",
+                "branch 2 missing at timeout",
+                "branch 3 missing at timeout"
+            ]
+        );
+        assert_eq!(out.confidence, 0.25);
+    }
+
+    #[test]
+    fn timeout_with_release_partial() {
+        let spec = pb::BarrierSpec {
+            on_timeout: pb::OnTimeout::ReleasePartial as i32,
+            timeout: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            ..named(&["c", "a", "b", "d", "e"])
+        };
+        let mut barrier = opened(spec);
+        arrive(&mut barrier, result("b", ARRIVED));
+        arrive(&mut barrier, result("e", ARRIVED));
+        arrive(&mut barrier, result("c", FAILED));
+        let decision = decide(&barrier, true);
+        assert_eq!(
+            decision,
+            Decision::Release {
+                failure: false,
+                timed_out: true
+            }
+        );
+        let out = release(&mut barrier, false, true, "rel".into(), ts(31));
+        assert_eq!(barrier.state, pb::BarrierState::Released as i32);
+        assert!(!out.failure && out.timed_out);
+        assert_eq!(out.missing, ["a", "d"]);
+        assert_eq!(out.failed, ["c"]);
+        assert_eq!(out.confidence, 2.0 / 5.0);
+        assert_eq!(
+            out.warnings,
+            [
+                "branch c failed",
+                "branch a missing at timeout",
+                "branch d missing at timeout"
+            ]
+        );
+
+        // A timeout that fires once everything is in is a normal release.
+        let mut barrier = opened(counted(1));
+        arrive(&mut barrier, result("0", ARRIVED));
+        assert_eq!(decide(&barrier, true), RELEASE_OK);
+    }
+
+    #[test]
+    fn release_lists_named_keys_in_spec_order() {
+        let order = ["zeta", "alpha", "mid", "beta"];
+        let mut barrier = opened(named(&order));
+        for key in ["beta", "alpha", "zeta", "mid"] {
+            let mut r = result(key, ARRIVED);
+            r.payload = Some(prost_types::Any {
+                type_url: "type.example/x".into(),
+                value: key.as_bytes().to_vec(),
+            });
+            assert_eq!(arrive(&mut barrier, r), Arrival::Counted);
+        }
+        assert_eq!(keys(&barrier.branches), order);
+        assert_eq!(decide(&barrier, false), RELEASE_OK);
+        let out = release(&mut barrier, false, false, "rel".into(), ts(2));
+        assert_eq!(keys(&out.branches), order);
+        for (branch, key) in out.branches.iter().zip(order) {
+            assert_eq!(
+                branch.payload.as_ref().map(|p| p.value.as_slice()),
+                Some(key.as_bytes())
+            );
+            assert_eq!(branch.handoff_id, format!("h-{key}"));
+        }
+    }
+
+    #[test]
+    fn applying_the_same_sequence_twice_changes_nothing() {
+        let steps = [
+            result("3", ARRIVED),
+            result("0", FAILED),
+            result("3", SKIPPED),
+            result("9", ARRIVED),
+            result("1", ARRIVED),
+            result("4", ARRIVED),
+            result("2", ARRIVED),
+        ];
+        let run = |barrier: &mut pb::Barrier| -> Vec<pb::BarrierRelease> {
+            let mut releases = Vec::new();
+            for step in &steps {
+                arrive(barrier, step.clone());
+                if let Decision::Release { failure, timed_out } = decide(barrier, false) {
+                    releases.push(release(barrier, failure, timed_out, "rel".into(), ts(7)));
+                }
+            }
+            releases
+        };
+        let mut barrier = opened(quorum(5, 3));
+        let first = run(&mut barrier);
+        assert_eq!(first.len(), 1);
+        let once = barrier.clone();
+        let second = run(&mut barrier);
+        assert!(second.is_empty());
+        assert_eq!(barrier, once);
+        assert_eq!(barrier.late, ["2"]);
+
+        // Each step applied twice in a row gives the same barrier as once.
+        let mut a = opened(counted(5));
+        let mut b = opened(counted(5));
+        for step in &steps {
+            arrive(&mut a, step.clone());
+            arrive(&mut b, step.clone());
+            arrive(&mut b, step.clone());
+            assert_eq!(a, b);
+        }
+
+        // A second release does not change the first one's verdict.
+        let mut released = once.clone();
+        let again = release(&mut released, true, true, "other".into(), ts(99));
+        assert_eq!(released, once);
+        assert_eq!(Some(&again), first.first());
+        assert_eq!(once.release.as_ref(), first.first());
+        assert_eq!(once.release_handoff_id, "rel");
+    }
+
+    #[test]
+    fn same_spec_normalises_defaults() {
+        let a = counted(3);
+        let b = pb::BarrierSpec {
+            mode: pb::BarrierMode::All as i32,
+            on_timeout: pb::OnTimeout::Fail as i32,
+            ..counted(3)
+        };
+        assert!(same_spec(&a, &b));
+        assert!(same_spec(&b, &a));
+        assert!(!same_spec(&a, &counted(4)));
+        assert!(!same_spec(
+            &a,
+            &pb::BarrierSpec {
+                fail_fast: true,
+                ..counted(3)
+            }
+        ));
+        assert!(!same_spec(
+            &a,
+            &pb::BarrierSpec {
+                on_timeout: pb::OnTimeout::ReleasePartial as i32,
+                ..counted(3)
+            }
+        ));
+        assert!(!same_spec(&quorum(3, 2), &quorum(3, 3)));
+        assert!(!same_spec(&named(&["a", "b"]), &named(&["b", "a"])));
+    }
+
+    #[test]
+    fn corrupt_barriers_do_not_panic() {
+        let mut empty = pb::Barrier::default();
+        assert_eq!(
+            arrive(&mut empty, result("0", ARRIVED)),
+            Arrival::UnknownKey
+        );
+        assert_eq!(decide(&empty, true), Decision::Wait);
+        let mut no_spec = pb::Barrier {
+            state: pb::BarrierState::Open as i32,
+            ..Default::default()
+        };
+        assert_eq!(decide(&no_spec, true), Decision::Wait);
+        let out = release(&mut no_spec, false, true, "rel".into(), ts(1));
+        assert!(out.branches.is_empty());
+        assert_eq!(out.confidence, 0.0);
+
+        let mut huge = open(
+            pb::BarrierSpec {
+                branch_count: u32::MAX,
+                quorum: u32::MAX,
+                mode: 2,
+                ..base()
+            },
+            ts(1),
+        );
+        assert_eq!(arrive(&mut huge, result("9999", ARRIVED)), Arrival::Counted);
+        assert_eq!(
+            arrive(&mut huge, result("10000", ARRIVED)),
+            Arrival::UnknownKey
+        );
+        assert_eq!(decide(&huge, false), RELEASE_FAILURE);
+        let out = release(&mut huge, true, false, "rel".into(), ts(2));
+        assert_eq!(out.branches.len(), MAX_BRANCHES);
+
+        // Repeated named keys and a stray recorded key: no panic.
+        let mut dup = open(
+            pb::BarrierSpec {
+                mode: 77,
+                on_timeout: 77,
+                ..named(&["a", "a", "b"])
+            },
+            ts(1),
+        );
+        dup.branches.push(result("zz", ARRIVED));
+        assert_eq!(arrive(&mut dup, result("b", ARRIVED)), Arrival::Counted);
+        assert_eq!(arrive(&mut dup, result("a", ARRIVED)), Arrival::Counted);
+        assert_eq!(arrive(&mut dup, result("a", ARRIVED)), Arrival::Duplicate);
+        assert_ne!(decide(&dup, true), Decision::Wait);
+        let out = release(&mut dup, true, true, "rel".into(), ts(2));
+        assert_eq!(keys(&out.branches), ["a", "a", "b"]);
+    }
+
+    #[test]
+    fn thousands_of_branches_stay_fast() {
+        let keys: Vec<String> = (0..MAX_BRANCHES)
+            .map(|i| format!("k{}", MAX_BRANCHES - i))
+            .collect();
+        let spec = pb::BarrierSpec {
+            branch_keys: keys.clone(),
+            ..base()
+        };
+        let mut barrier = opened(spec);
+        for key in keys.iter().rev() {
+            assert_eq!(arrive(&mut barrier, result(key, ARRIVED)), Arrival::Counted);
+        }
+        assert_eq!(decide(&barrier, false), RELEASE_OK);
+        let out = release(&mut barrier, false, false, "rel".into(), ts(2));
+        assert_eq!(
+            out.branches.iter().map(|b| &b.key).collect::<Vec<_>>(),
+            keys.iter().collect::<Vec<_>>()
+        );
+    }
+}
