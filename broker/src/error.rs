@@ -102,6 +102,21 @@ pub enum BrokerError {
     #[error("{0}")]
     VersionGap(String),
     /// A handoff refused at the door by a contract guard (`rule`); the
+    /// A branch result that would make its barrier's release handoff
+    /// larger than one NATS message.
+    #[error("branch {key:?} of barrier {barrier:?} is {size} bytes; the release carries {used} bytes of branch results already and fits at most {budget} (the NATS max_payload, less the release's own fields): hand off a smaller result")]
+    BranchTooLarge {
+        /// The barrier.
+        barrier: String,
+        /// The branch key.
+        key: String,
+        /// What the branch adds to the release.
+        size: u64,
+        /// What recorded branches add already.
+        used: u64,
+        /// What all branches together may add.
+        budget: u64,
+    },
     /// code depends on the guard.
     #[error("{message}")]
     Refused {
@@ -143,6 +158,7 @@ impl BrokerError {
             | DepthExceeded { .. }
             | PayloadTooLarge { .. }
             | EnvelopeTooLarge { .. }
+            | BranchTooLarge { .. }
             | DeliveryGone(_) => Code::FailedPrecondition,
             Unavailable(_) => Code::Unavailable,
             Internal(_) => Code::Internal,

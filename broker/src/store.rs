@@ -543,8 +543,9 @@ impl Store {
         }
     }
 
-    /// Every branch result stored for a barrier (the first per key), in
-    /// stream order.
+    /// Every branch result stored for a barrier, in stream order, each
+    /// with its stream sequence (a retried or late branch may appear more
+    /// than once under its key).
     pub async fn branch_results(
         &self,
         run_id: &str,
@@ -575,9 +576,16 @@ impl Store {
                 break;
             };
             let msg = msg.map_err(|e| BrokerError::nats("reading branch results", e))?;
-            pending = msg.info().map(|i| i.pending).unwrap_or(0);
+            let (left, sequence) = msg
+                .info()
+                .map(|i| (i.pending, i.stream_sequence))
+                .unwrap_or((0, 0));
+            pending = left;
             match pb::BranchResult::decode(msg.payload.clone()) {
-                Ok(r) => out.push(r),
+                Ok(mut r) => {
+                    r.sequence = sequence;
+                    out.push(r);
+                }
                 Err(e) => tracing::warn!(error = %e, "undecodable branch result skipped"),
             }
         }

@@ -120,7 +120,12 @@ async fn pump(broker: &Broker) -> Result<(), BrokerError> {
                     .map_err(|e| BrokerError::nats("rescheduling a timer", e))?;
             }
             _ if !timer.barrier_id.is_empty() => {
-                crate::rpc::barriers::fire(broker, &timer.run_id, &timer.barrier_id).await?;
+                let kind = if msg.subject.ends_with(".timeout") {
+                    crate::rpc::barriers::Timer::Timeout
+                } else {
+                    crate::rpc::barriers::Timer::ReleaseCheck
+                };
+                crate::rpc::barriers::fire(broker, &timer.run_id, &timer.barrier_id, kind).await?;
                 msg.double_ack()
                     .await
                     .map_err(|e| BrokerError::nats("acking a timer", e))?;

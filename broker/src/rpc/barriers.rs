@@ -107,16 +107,7 @@ async fn open_spec(
         )
         .await?;
     // Branch results that were stored before the barrier existed.
-    for result in broker
-        .store()
-        .branch_results(&spec.run_id, &spec.barrier_id)
-        .await?
-    {
-        apply(broker, &run, &spec.barrier_id, result).await?;
-    }
-    let (barrier, _) = broker
-        .store()
-        .barrier(&spec.run_id, &spec.barrier_id)
+    let barrier = apply_stored(broker, &run, &spec.barrier_id)
         .await?
         .ok_or_else(|| BrokerError::Internal("barrier vanished".to_string()))?;
     Ok(pb::OpenBarrierResponse {
@@ -148,16 +139,35 @@ pub async fn get(
 }
 
 /// Stores a branch result durably (setting `stored`), then applies it to
-/// its barrier if the barrier is open yet. Idempotent: the same handoff id
-/// stores once and counts once. Returns the stream sequence and whether
+/// its barrier if the barrier is open yet. `current` is the barrier as the
+/// caller read it (saves a read; a stale one only costs a retry).
+/// Idempotent: the same handoff id stores once and counts once. A result
+/// that would take an open barrier's release past one NATS message is
+/// refused before it is stored. Returns the stream sequence and whether
 /// the result was a duplicate.
 pub async fn arrive(
     broker: &Broker,
     run: &pb::Run,
     barrier_id: &str,
-    result: pb::BranchResult,
+    mut result: pb::BranchResult,
+    current: Option<(pb::Barrier, u64)>,
     stored: &AtomicBool,
 ) -> Result<(u64, bool), BrokerError> {
+    if let Some((b, _)) = &current {
+        let recorded = b.branches.iter().any(|r| r.key == result.key);
+        if b.state == pb::BarrierState::Open as i32 && !recorded {
+            let (size, budget) = (cost(&result), budget(broker, b));
+            if b.payload_bytes.saturating_add(size) > budget {
+                return Err(BrokerError::BranchTooLarge {
+                    barrier: barrier_id.to_string(),
+                    key: result.key,
+                    size,
+                    used: b.payload_bytes,
+                    budget,
+                });
+            }
+        }
+    }
     let ack = broker
         .store()
         .publish(
@@ -167,8 +177,42 @@ pub async fn arrive(
         )
         .await?;
     stored.store(true, Ordering::Relaxed);
-    apply(broker, run, barrier_id, result).await?;
+    result.sequence = ack.sequence;
+    apply(broker, run, barrier_id, result, current).await?;
     Ok((ack.sequence, ack.duplicate))
+}
+
+/// What a branch result adds to its barrier's release handoff: the result
+/// itself, and its warnings once more in the release's warnings.
+fn cost(result: &pb::BranchResult) -> u64 {
+    let warnings: usize = result
+        .warnings
+        .iter()
+        .map(|w| w.len() + result.key.len() + 24)
+        .sum();
+    (result.encoded_len() + warnings + 8) as u64
+}
+
+/// How many bytes of branch results a barrier's release may carry: the
+/// NATS message limit less the release's own fields (envelope, lists of
+/// keys, placeholders for missing branches and their warnings).
+fn budget(broker: &Broker, b: &pb::Barrier) -> u64 {
+    let max = match broker.store().client.server_info().max_payload {
+        0 => 1 << 20,
+        n => n,
+    } as u64;
+    let per_key: u64 = b
+        .spec
+        .as_ref()
+        .map(|spec| {
+            barrier::branch_keys(spec)
+                .unwrap_or_default()
+                .iter()
+                .map(|k| 3 * k.len() as u64 + 112)
+                .sum()
+        })
+        .unwrap_or(0);
+    max.saturating_sub(16 * 1024 + per_key)
 }
 
 /// Opens a barrier and accepts one handoff per branch, each tagged with
@@ -252,19 +296,38 @@ pub async fn fan_out(
 
 /// Applies one branch result to the barrier with compare-and-set, and
 /// releases it when it is satisfied. `None` when the barrier is not open
-/// yet (the result waits in the branch stream).
+/// yet (the result waits in the branch stream). The barrier keeps the
+/// result without its payload (which stays in the branch stream under
+/// `result.sequence`); a result that no longer fits in the release (two
+/// racing past the check in [`arrive`]) is recorded as failed, saying so.
 pub async fn apply(
     broker: &Broker,
     run: &pb::Run,
     barrier_id: &str,
     result: pb::BranchResult,
+    mut current: Option<(pb::Barrier, u64)>,
 ) -> Result<Option<pb::Barrier>, BrokerError> {
+    let key = result.key.clone();
+    let size = cost(&result);
     loop {
-        let Some((mut b, revision)) = broker.store().barrier(&run.id, barrier_id).await? else {
+        let read = match current.take() {
+            Some(c) => Some(c),
+            None => broker.store().barrier(&run.id, barrier_id).await?,
+        };
+        let Some((mut b, revision)) = read else {
             return Ok(None);
         };
-        let arrival = barrier::arrive(&mut b, result.clone());
-        let key = result.key.clone();
+        let mut record = result.clone();
+        record.payload = None;
+        let over = b.payload_bytes.saturating_add(size) > budget(broker, &b);
+        if over && b.state == pb::BarrierState::Open as i32 {
+            record.status = pb::BranchStatus::Failed as i32;
+            record.sequence = 0;
+            record.warnings.push(format!(
+                "result of {size} bytes refused: the release would exceed one NATS message"
+            ));
+        }
+        let arrival = barrier::arrive(&mut b, record);
         match arrival {
             Arrival::Duplicate | Arrival::UnknownKey => {
                 if let Arrival::UnknownKey = arrival {
@@ -283,6 +346,9 @@ pub async fn apply(
                 return Ok(Some(b));
             }
             Arrival::Counted => {}
+        }
+        if !over {
+            b.payload_bytes = b.payload_bytes.saturating_add(size);
         }
         let release = match barrier::decide(&b, false) {
             Decision::Wait => None,
@@ -304,14 +370,72 @@ pub async fn apply(
     }
 }
 
-/// Fires a barrier's timeout: releases it (partial or failure) if it is
-/// still open; makes sure a release reached the inbox.
-pub async fn fire(broker: &Broker, run_id: &str, barrier_id: &str) -> Result<(), BrokerError> {
+/// Applies every stored branch result of a barrier (those that arrived
+/// before it was opened, or whose broker died between storing and
+/// applying them). Returns the barrier as it then stands.
+async fn apply_stored(
+    broker: &Broker,
+    run: &pb::Run,
+    barrier_id: &str,
+) -> Result<Option<pb::Barrier>, BrokerError> {
+    let Some((mut latest, _)) = broker.store().barrier(&run.id, barrier_id).await? else {
+        return Ok(None);
+    };
+    let done: std::collections::HashSet<String> = latest
+        .branches
+        .iter()
+        .map(|r| r.key.clone())
+        .chain(latest.late.iter().cloned())
+        .collect();
+    for result in broker.store().branch_results(&run.id, barrier_id).await? {
+        if done.contains(&result.key) {
+            continue;
+        }
+        if let Some(b) = apply(broker, run, barrier_id, result, None).await? {
+            latest = b;
+        }
+    }
+    Ok(Some(latest))
+}
+
+/// Which durable barrier timer fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    /// The barrier's timeout: an open barrier releases (partial or failure).
+    Timeout,
+    /// The check scheduled with a release: re-publish it if its broker died
+    /// before publishing.
+    ReleaseCheck,
+}
+
+/// Fires a barrier timer. Either kind first applies branch results that
+/// were stored but not applied (their broker died in between) and
+/// re-publishes a release not yet published; a timeout then releases a
+/// barrier that is still open.
+pub async fn fire(
+    broker: &Broker,
+    run_id: &str,
+    barrier_id: &str,
+    timer: Timer,
+) -> Result<(), BrokerError> {
     let run = match broker.run(run_id).await {
         Ok((run, _)) => run,
         Err(BrokerError::RunNotFound(_)) => return Ok(()),
         Err(e) => return Err(e),
     };
+    let Some(current) = apply_stored(broker, &run, barrier_id).await? else {
+        return Ok(());
+    };
+    if current.state != pb::BarrierState::Open as i32 {
+        if !current.release_published {
+            let mut b = current;
+            publish_release(broker, &run, &mut b).await?;
+        }
+        return Ok(());
+    }
+    if timer != Timer::Timeout {
+        return Ok(());
+    }
     loop {
         let Some((mut b, revision)) = broker.store().barrier(run_id, barrier_id).await? else {
             return Ok(());
@@ -340,6 +464,12 @@ pub async fn fire(broker: &Broker, run_id: &str, barrier_id: &str) -> Result<(),
                     .map(|s| s.target_agent.clone())
                     .unwrap_or_default(),
                 barrier_id: barrier_id.to_string(),
+                reason: b
+                    .release
+                    .as_ref()
+                    .map(|r| r.missing.join(", "))
+                    .map(|m| format!("missing at timeout: {m}"))
+                    .unwrap_or_default(),
                 ..Default::default()
             },
             format!("timedout-{run_id}-{barrier_id}"),
@@ -382,7 +512,8 @@ async fn publish_release(
     b: &mut pb::Barrier,
 ) -> Result<(), BrokerError> {
     let spec = b.spec.clone().unwrap_or_default();
-    let release = b.release.clone().unwrap_or_default();
+    let mut release = b.release.clone().unwrap_or_default();
+    fill_payloads(broker, run, &spec.barrier_id, &mut release).await?;
     let payload = prost_types::Any::from_msg(&release)
         .map_err(|e| BrokerError::Internal(format!("encoding the release: {e}")))?;
     let depth = release.branches.iter().map(|r| r.depth).max().unwrap_or(0) + 1;
@@ -422,7 +553,11 @@ async fn publish_release(
                 handoff_id: envelope.id.clone(),
                 barrier_id: spec.barrier_id.clone(),
                 depth,
-                reason: release.warnings.join("; "),
+                reason: if release.failure {
+                    format!("failure: {}", release.warnings.join("; "))
+                } else {
+                    release.warnings.join("; ")
+                },
                 ..Default::default()
             },
             &format!("released-{}-{}", run.id, spec.barrier_id),
@@ -443,6 +578,40 @@ async fn publish_release(
         if broker.store().update_barrier(&current, revision).await? {
             *b = current;
             break;
+        }
+    }
+    Ok(())
+}
+
+/// Puts each recorded branch's payload back into the release, from the
+/// branch stream (the barrier entry keeps none). A payload no longer
+/// stored is named in the release's warnings, never dropped silently.
+async fn fill_payloads(
+    broker: &Broker,
+    run: &pb::Run,
+    barrier_id: &str,
+    release: &mut pb::BarrierRelease,
+) -> Result<(), BrokerError> {
+    if release.branches.iter().all(|r| r.sequence == 0) {
+        return Ok(());
+    }
+    let mut payloads: std::collections::HashMap<u64, prost_types::Any> = broker
+        .store()
+        .branch_results(&run.id, barrier_id)
+        .await?
+        .into_iter()
+        .filter_map(|r| Some((r.sequence, r.payload?)))
+        .collect();
+    for branch in &mut release.branches {
+        if branch.sequence == 0 {
+            continue;
+        }
+        match payloads.remove(&branch.sequence) {
+            Some(p) => branch.payload = Some(p),
+            None => release.warnings.push(format!(
+                "branch {} result (handoff {}) is no longer stored; released without its payload",
+                branch.key, branch.handoff_id
+            )),
         }
     }
     Ok(())

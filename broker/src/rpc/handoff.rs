@@ -146,6 +146,31 @@ async fn accept(
             "to_barrier: the consumed delivery belongs to no barrier branch; name barrier_id and branch_key".to_string(),
         ));
     }
+    let branch_status = match pb::BranchStatus::try_from(req.branch_status) {
+        Ok(pb::BranchStatus::Failed) => pb::BranchStatus::Failed,
+        Ok(pb::BranchStatus::Skipped) => pb::BranchStatus::Skipped,
+        _ => pb::BranchStatus::Arrived,
+    };
+    // A branch result reaching an open barrier is checked against the
+    // contract of the barrier's target (a failed or skipped report is not).
+    let barrier = if req.to_barrier {
+        broker.store().barrier(&run.id, &barrier_id).await?
+    } else {
+        None
+    };
+    let mut checked = checked;
+    if let (Some((b, _)), pb::BranchStatus::Arrived) = (&barrier, branch_status) {
+        let target = b.spec.as_ref().map(|s| s.target_agent.as_str());
+        if let (Some(target), Some(payload)) = (target, &req.payload) {
+            if b.state == pb::BarrierState::Open as i32 {
+                checked = match check_target(broker, target, req, payload).await {
+                    Ok(c) => c,
+                    Err(Guarded::Refused(r)) => return Err(refuse(broker, req, r).await),
+                    Err(Guarded::Failed(e)) => return Err(e),
+                };
+            }
+        }
+    }
     let mut parent_ids = req.parent_ids.clone();
     if let Some(p) = &parent {
         if !parent_ids.contains(&p.id) {
@@ -182,14 +207,9 @@ async fn accept(
     let (sequence, duplicate) = if req.r#final {
         (0, false)
     } else if req.to_barrier {
-        let status = match pb::BranchStatus::try_from(req.branch_status) {
-            Ok(pb::BranchStatus::Failed) => pb::BranchStatus::Failed,
-            Ok(pb::BranchStatus::Skipped) => pb::BranchStatus::Skipped,
-            _ => pb::BranchStatus::Arrived,
-        };
         let result = pb::BranchResult {
             key: branch_key.clone(),
-            status: status as i32,
+            status: branch_status as i32,
             payload: envelope.payload.clone(),
             handoff_id: id.clone(),
             source_agent: req.source_agent.clone(),
@@ -197,8 +217,9 @@ async fn accept(
             warnings: envelope.warnings.clone(),
             depth,
             arrived_at: envelope.created_at,
+            sequence: 0,
         };
-        crate::rpc::barriers::arrive(broker, &run, &barrier_id, result, stored).await?
+        crate::rpc::barriers::arrive(broker, &run, &barrier_id, result, barrier, stored).await?
     } else {
         let ack = broker
             .store()
@@ -340,7 +361,20 @@ async fn guard(broker: &Broker, req: &pb::HandoffRequest) -> Result<Checked, Gua
     if req.r#final || req.to_barrier {
         return Ok(Checked::default());
     }
-    let target = broker.agent(&req.target_agent).await?;
+    check_target(broker, &req.target_agent, req, payload).await
+}
+
+/// The target's contract guard (see [`guard`]): for a handoff to an agent,
+/// and for a branch result reaching an open barrier, whose target agent's
+/// contract applies to every arrived branch.
+async fn check_target(
+    broker: &Broker,
+    target: &str,
+    req: &pb::HandoffRequest,
+    payload: &prost_types::Any,
+) -> Result<Checked, Guarded> {
+    let payload_type = contracts::type_of_url(&payload.type_url);
+    let target = broker.agent(target).await?;
     let Some(accepts) = &target.accepts else {
         return Ok(Checked::default());
     };

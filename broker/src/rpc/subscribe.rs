@@ -763,7 +763,7 @@ async fn fail_branch(
         ..Default::default()
     };
     let stored = std::sync::atomic::AtomicBool::new(false);
-    crate::rpc::barriers::arrive(broker, &run, barrier_id, result, &stored)
+    crate::rpc::barriers::arrive(broker, &run, barrier_id, result, None, &stored)
         .await
         .map(|_| ())
 }
