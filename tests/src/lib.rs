@@ -162,12 +162,23 @@ impl BrokerProcess {
     /// Spawns the daemon binary `bin` against NATS at `nats_url` and waits
     /// until it logs that it serves.
     pub async fn spawn(bin: &str, nats_url: &str, extra_env: &[(&str, &str)]) -> BrokerProcess {
+        Self::spawn_on(bin, nats_url, "127.0.0.1:0", extra_env).await
+    }
+
+    /// [`BrokerProcess::spawn`] listening on `listen` (a fixed address lets
+    /// clients reconnect to a restarted broker).
+    pub async fn spawn_on(
+        bin: &str,
+        nats_url: &str,
+        listen: &str,
+        extra_env: &[(&str, &str)],
+    ) -> BrokerProcess {
         let mut cmd = Command::new(bin);
         cmd.args([
             "--nats-url",
             nats_url,
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--log-format",
             "json",
         ])

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use handoff_client::{pb, AgentConfig, Client, Handoff, RunConfig};
-use handoff_tests::{next_within, note, stack, Broker, Nats, Note};
+use handoff_tests::{next_within, note, stack, Broker, BrokerProcess, Nats, Note};
 
 fn spec(run: &str, barrier: &str, count: u32) -> pb::BarrierSpec {
     pb::BarrierSpec {
@@ -294,4 +294,481 @@ async fn two_replicas_release_each_barrier_once() {
         v
     };
     assert_eq!(barriers, expected, "each barrier released exactly once");
+}
+
+/// The release of `barrier` from a timeline, as (released, timed out) counts.
+fn barrier_events(timeline: &[pb::Event], barrier: &str) -> (usize, usize) {
+    let count = |kind: pb::EventKind| {
+        timeline
+            .iter()
+            .filter(|e| e.kind == kind as i32 && e.barrier_id == barrier)
+            .count()
+    };
+    (
+        count(pb::EventKind::BarrierReleased),
+        count(pb::EventKind::BarrierTimedOut),
+    )
+}
+
+#[tokio::test]
+async fn quorum_releases_at_the_kth_arrival_and_the_rest_are_late() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    setup(&client, "q").await;
+    let mut s = spec("q", "join", 5);
+    s.mode = pb::BarrierMode::Quorum as i32;
+    s.quorum = 3;
+    open(&client, s).await;
+    for key in ["4", "0"] {
+        client.handoff(branch("q", "join", key, 1)).await.unwrap();
+    }
+    let b = get(&client, "q", "join").await;
+    assert_eq!(b.state, pb::BarrierState::Open as i32, "2 of quorum 3");
+    client.handoff(branch("q", "join", "2", 1)).await.unwrap();
+    let b = get(&client, "q", "join").await;
+    assert_eq!(
+        b.state,
+        pb::BarrierState::Released as i32,
+        "the 3rd arrival"
+    );
+    for key in ["1", "3"] {
+        client.handoff(branch("q", "join", key, 1)).await.unwrap();
+    }
+    let mut agg = client.subscribe("aggregator", "a", 5).await.unwrap();
+    let release = the_release(&mut agg).await;
+    let arrived: Vec<&str> = release
+        .branches
+        .iter()
+        .filter(|b| b.status == pb::BranchStatus::Arrived as i32)
+        .map(|b| b.key.as_str())
+        .collect();
+    assert_eq!(arrived, ["0", "2", "4"]);
+    assert_eq!(release.missing, ["1", "3"]);
+    assert!((release.confidence - 0.6).abs() < 1e-9);
+    assert!(release
+        .warnings
+        .contains(&"released at quorum 3 of 5".to_string()));
+    let b = get(&client, "q", "join").await;
+    assert_eq!(b.late, ["1", "3"]);
+    let timeline = client.get_run("q").await.unwrap().timeline;
+    let late: Vec<&str> = timeline
+        .iter()
+        .filter(|e| e.kind == pb::EventKind::BranchLate as i32)
+        .map(|e| e.branch_key.as_str())
+        .collect();
+    assert_eq!(late.len(), 2);
+    assert!(late.contains(&"1") && late.contains(&"3"));
+    assert_eq!(barrier_events(&timeline, "join"), (1, 0));
+}
+
+#[tokio::test]
+async fn fail_fast_releases_a_failure_at_the_first_failed_branch_and_tells_the_owner() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    setup(&client, "ff").await;
+    let mut owner = client
+        .watch(handoff_client::WatchFilter::all().owner("owner"))
+        .await
+        .unwrap();
+    let mut s = spec("ff", "join", 3);
+    s.fail_fast = true;
+    open(&client, s).await;
+    client.handoff(branch("ff", "join", "0", 0)).await.unwrap();
+    let mut failed = branch("ff", "join", "1", 1).request().clone();
+    failed.branch_status = pb::BranchStatus::Failed as i32;
+    failed.warnings = vec!["source unreadable".into()];
+    client.handoff(Handoff::from_request(failed)).await.unwrap();
+    let b = get(&client, "ff", "join").await;
+    assert_eq!(b.state, pb::BarrierState::Failed as i32, "released at once");
+    let mut agg = client.subscribe("aggregator", "a", 5).await.unwrap();
+    let release = the_release(&mut agg).await;
+    assert!(release.failure && !release.timed_out);
+    assert_eq!(release.failed, ["1"]);
+    assert_eq!(release.missing, ["2"]);
+    // The failed branch's own report travels with it.
+    assert_eq!(results(&release), [0, 1]);
+    assert!(release
+        .warnings
+        .contains(&"branch 1 failed: source unreadable".to_string()));
+    // The owner's watch sees the failed release, naming the failure.
+    let seen = handoff_tests::events_until(&mut owner, Duration::from_secs(5), |e| {
+        e.kind == pb::EventKind::BarrierReleased as i32
+    })
+    .await;
+    let released = seen.last().unwrap();
+    assert_eq!(released.owner, "owner");
+    assert!(
+        released
+            .reason
+            .starts_with("failure: branch 1 failed: source unreadable"),
+        "{}",
+        released.reason
+    );
+    // The last branch comes late; the run itself is the owner's to end.
+    client.handoff(branch("ff", "join", "2", 2)).await.unwrap();
+    assert_eq!(get(&client, "ff", "join").await.late, ["2"]);
+    let run = client.get_run("ff").await.unwrap().run.unwrap();
+    assert_eq!(run.status, pb::RunStatus::Running as i32);
+}
+
+#[tokio::test]
+async fn barriers_do_not_wait_on_each_other() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    setup(&client, "ind").await;
+    // A slow join: one of its two branches is still being worked on.
+    open(&client, spec("ind", "slow", 2)).await;
+    client.handoff(branch("ind", "slow", "0", 0)).await.unwrap();
+    let mut agg = client.subscribe("aggregator", "a", 20).await.unwrap();
+    // Ten other joins open after it and complete, each released while the
+    // slow one waits.
+    for j in 0..10 {
+        let id = format!("fast{j}");
+        open(&client, spec("ind", &id, 2)).await;
+        for key in ["1", "0"] {
+            client.handoff(branch("ind", &id, key, j)).await.unwrap();
+        }
+        let d = next_within(&mut agg, Duration::from_secs(5))
+            .await
+            .expect("a fast join is released while the slow one waits");
+        let release: pb::BarrierRelease = d.payload().unwrap();
+        assert_eq!(release.barrier_id, id);
+        assert_eq!(results(&release), [j, j]);
+        d.ack().await.unwrap();
+    }
+    assert_eq!(
+        get(&client, "ind", "slow").await.state,
+        pb::BarrierState::Open as i32
+    );
+    client.handoff(branch("ind", "slow", "1", 1)).await.unwrap();
+    let release = the_release(&mut agg).await;
+    assert_eq!(release.barrier_id, "slow");
+    assert_eq!(results(&release), [0, 1]);
+}
+
+const NOTE_PROTO: &str = "syntax = \"proto3\";\npackage handoff.test;\nmessage Note { string text = 1; uint32 n = 2; }\n";
+
+#[tokio::test]
+async fn branches_meet_the_aggregator_contract_and_the_release_fits_one_message() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    client
+        .raw()
+        .register_contract(pb::RegisterContractRequest {
+            message_type: "handoff.test.Note".into(),
+            version: 1,
+            rules: Some(pb::ContractRules {
+                required_fields: vec!["text".into()],
+                ..Default::default()
+            }),
+            file_descriptor_set: handoff_tests::compile_proto(&[("note.proto", NOTE_PROTO)]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client
+        .register_agent(AgentConfig::new("worker").emits_type("handoff.test.Note"))
+        .await
+        .unwrap();
+    client
+        .register_agent(AgentConfig::new("aggregator").accepts_type("handoff.test.Note"))
+        .await
+        .unwrap();
+    client
+        .start_run(RunConfig::new("owner").id("big"))
+        .await
+        .unwrap();
+    open(&client, spec("big", "join", 6)).await;
+    // A branch result without the aggregator's required field is refused
+    // at the door, and nothing is recorded for its key.
+    let err = client
+        .handoff(with_payload(branch("big", "join", "0", 0), &note("", 0)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    assert!(err.message().contains("text"), "{err}");
+    assert!(get(&client, "big", "join").await.branches.is_empty());
+    // Four results of 250,000 bytes fit in one release; a fifth does not.
+    let text = "x".repeat(250_000);
+    for key in 0..5u32 {
+        let r = client
+            .handoff(with_payload(
+                branch("big", "join", &key.to_string(), key),
+                &note(&text, key),
+            ))
+            .await;
+        if key < 4 {
+            r.unwrap();
+        } else {
+            let err = r.unwrap_err();
+            assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+            assert!(err.message().contains("hand off a smaller result"), "{err}");
+        }
+    }
+    // The fifth is reported skipped instead, the sixth is small: released.
+    let mut skip = branch("big", "join", "4", 4).request().clone();
+    skip.branch_status = pb::BranchStatus::Skipped as i32;
+    skip.idempotency_key = "skip-4".into();
+    client.handoff(Handoff::from_request(skip)).await.unwrap();
+    client.handoff(branch("big", "join", "5", 5)).await.unwrap();
+    // The entry keeps no payloads; the release carries every one.
+    let b = get(&client, "big", "join").await;
+    assert_eq!(b.state, pb::BarrierState::Released as i32);
+    assert!(b.branches.iter().all(|r| r.payload.is_none()));
+    let mut agg = client.subscribe("aggregator", "a", 5).await.unwrap();
+    let release = the_release(&mut agg).await;
+    assert_eq!(results(&release), [0, 1, 2, 3, 4, 5]);
+    let texts: Vec<usize> = release
+        .branches
+        .iter()
+        .filter_map(|b| b.payload.as_ref())
+        .map(|p| handoff_client::decode::<Note>(p).unwrap().text.len())
+        .collect();
+    assert_eq!(texts, [250_000, 250_000, 250_000, 250_000, 6, 6]);
+    assert_eq!(release.skipped, ["4"]);
+}
+
+fn with_payload(h: Handoff, payload: &Note) -> Handoff {
+    let mut req = h.request().clone();
+    req.payload = Some(handoff_client::encode(payload).unwrap());
+    Handoff::from_request(req)
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_handoffd-under-test");
+
+#[tokio::test]
+async fn timeouts_are_durable_and_fire_once_on_whichever_replica_is_up() {
+    let nats = Nats::start().await;
+    let a = BrokerProcess::spawn(BIN, nats.url(), &[]).await;
+    let b = BrokerProcess::spawn(BIN, nats.url(), &[]).await;
+    let ca = a.client().await;
+    setup(&ca, "tmo").await;
+    let timeout = Duration::from_secs(2);
+    let mut partial = spec("tmo", "partial", 3);
+    partial.timeout = Some(timeout.try_into().unwrap());
+    partial.on_timeout = pb::OnTimeout::ReleasePartial as i32;
+    let mut fail = spec("tmo", "fail", 2);
+    fail.timeout = Some(timeout.try_into().unwrap());
+    fail.on_timeout = pb::OnTimeout::Fail as i32;
+    let opened = [open(&ca, partial).await, open(&ca, fail).await];
+    for id in ["partial", "fail"] {
+        ca.handoff(branch("tmo", id, "0", 7)).await.unwrap();
+    }
+    // The broker that opened both barriers dies; the other fires them.
+    a.kill9().await;
+    let cb = b.client().await;
+    let mut agg = cb.subscribe("aggregator", "a", 5).await.unwrap();
+    let mut releases = std::collections::BTreeMap::new();
+    for _ in 0..2 {
+        let d = next_within(&mut agg, Duration::from_secs(15))
+            .await
+            .expect("the timeout fires on the surviving replica");
+        let release: pb::BarrierRelease = d.payload().unwrap();
+        d.ack().await.unwrap();
+        releases.insert(release.barrier_id.clone(), release);
+    }
+    let p = &releases["partial"];
+    assert!(p.timed_out && !p.failure);
+    assert_eq!(results(p), [7]);
+    assert_eq!(p.missing, ["1", "2"]);
+    assert!((p.confidence - 1.0 / 3.0).abs() < 1e-9);
+    assert!(p
+        .warnings
+        .contains(&"branch 2 missing at timeout".to_string()));
+    let f = &releases["fail"];
+    assert!(f.timed_out && f.failure);
+    assert_eq!(f.missing, ["1"]);
+    for (id, opened) in ["partial", "fail"].iter().zip(&opened) {
+        let now = get(&cb, "tmo", id).await;
+        let (from, to) = (
+            std::time::SystemTime::try_from(opened.opened_at.unwrap()).unwrap(),
+            std::time::SystemTime::try_from(now.released_at.unwrap()).unwrap(),
+        );
+        assert!(
+            to.duration_since(from).unwrap_or_default() >= timeout,
+            "{id} released before its timeout"
+        );
+    }
+    // The first broker comes back: nothing fires a second time.
+    let again = BrokerProcess::spawn(BIN, nats.url(), &[]).await;
+    assert!(next_within(&mut agg, Duration::from_secs(3))
+        .await
+        .is_none());
+    let timeline = cb.get_run("tmo").await.unwrap().timeline;
+    assert_eq!(barrier_events(&timeline, "partial"), (1, 1));
+    assert_eq!(barrier_events(&timeline, "fail"), (1, 1));
+    assert_eq!(again.terminate().await, Some(0));
+    assert_eq!(b.terminate().await, Some(0));
+}
+
+/// A small deterministic generator for crash timings (the seed is printed).
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[tokio::test]
+async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
+    use std::{
+        collections::{BTreeMap, BTreeSet},
+        sync::{Arc, Mutex},
+    };
+    const FAN_INS: usize = 50;
+    const BRANCHES: u32 = 4;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        | 1;
+    println!("crash timing seed {seed}");
+    let mut rng = XorShift(seed);
+    let nats = Nats::start().await;
+    let listen = format!("127.0.0.1:{}", handoff_tests::free_port());
+    let mut broker = BrokerProcess::spawn_on(BIN, nats.url(), &listen, &[]).await;
+    let client = broker.client().await;
+    for a in ["worker", "aggregator"] {
+        client
+            .register_agent(AgentConfig::new(a).lease(Duration::from_secs(1)))
+            .await
+            .unwrap();
+    }
+    client
+        .start_run(RunConfig::new("owner").id("crash"))
+        .await
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = {
+        let stop = stop.clone();
+        move || stop.load(std::sync::atomic::Ordering::Relaxed)
+    };
+
+    // The planner side: 50 fan-ins, each retried until the broker answers
+    // (a retry re-opens the same barrier and repeats the same branches).
+    let planner = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            futures::stream::iter(0..FAN_INS)
+                .for_each_concurrent(8, |i| {
+                    let client = client.clone();
+                    async move {
+                        let req = pb::FanOutRequest {
+                            barrier: Some(spec("crash", &format!("f{i}"), BRANCHES)),
+                            branches: (0..BRANCHES)
+                                .map(|k| pb::HandoffRequest {
+                                    target_agent: "worker".into(),
+                                    branch_key: k.to_string(),
+                                    payload: Some(
+                                        handoff_client::encode(&note("task", k)).unwrap(),
+                                    ),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                        };
+                        while client.raw().fan_out(req.clone()).await.is_err() {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                })
+                .await;
+        })
+    };
+    // Two worker instances answer each branch to its barrier; a handoff
+    // lost in a crash is redone when the delivery comes back.
+    let mut workers = Vec::new();
+    for w in 0..2 {
+        let client = client.clone();
+        let stopped = stopped.clone();
+        workers.push(tokio::spawn(async move {
+            while !stopped() {
+                let Ok(mut sub) = client.subscribe("worker", &format!("w{w}"), 8).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                while let Ok(Some(Ok(d))) =
+                    tokio::time::timeout(Duration::from_millis(500), sub.next_delivery()).await
+                {
+                    let task: Note = d.payload().unwrap();
+                    let req = pb::HandoffRequest {
+                        run_id: "crash".into(),
+                        to_barrier: true,
+                        payload: Some(handoff_client::encode(&note("done", task.n)).unwrap()),
+                        ..Default::default()
+                    };
+                    let _ = d.handoff(Handoff::from_request(req)).await;
+                }
+            }
+        }));
+    }
+    // The aggregator records every release delivered (its handoff id and
+    // inbox sequence: a redelivery repeats both, a second release would
+    // not), and the ones whose ack the broker confirmed.
+    let seen: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
+    let acked: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let aggregator = {
+        let (client, stopped, seen, acked) =
+            (client.clone(), stopped.clone(), seen.clone(), acked.clone());
+        tokio::spawn(async move {
+            while !stopped() {
+                let Ok(mut sub) = client.subscribe("aggregator", "agg", 16).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                while let Ok(Some(Ok(d))) =
+                    tokio::time::timeout(Duration::from_millis(500), sub.next_delivery()).await
+                {
+                    let release: pb::BarrierRelease = d.payload().unwrap();
+                    assert_eq!(results(&release), (0..BRANCHES).collect::<Vec<_>>());
+                    assert!(release.missing.is_empty() && !release.failure);
+                    seen.lock()
+                        .unwrap()
+                        .entry(release.barrier_id.clone())
+                        .or_default()
+                        .insert(format!("{}@{}", d.handoff_id(), d.raw().sequence));
+                    if d.ack().await.is_ok() {
+                        *acked.lock().unwrap().entry(release.barrier_id).or_default() += 1;
+                    }
+                }
+            }
+        })
+    };
+    // Three kill -9s at random moments while the fan-ins run.
+    for crash in 0..3 {
+        let wait = 100 + rng.below(700);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        println!("kill -9 #{crash} after {wait} ms");
+        broker.kill9().await;
+        broker = BrokerProcess::spawn_on(BIN, nats.url(), &listen, &[]).await;
+    }
+    planner.await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().len() < FAN_INS && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Long enough for any second release to be delivered.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    aggregator.await.unwrap();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    let acked = acked.lock().unwrap().clone();
+    assert_eq!(
+        acked.len(),
+        FAN_INS,
+        "every barrier released; acked: {acked:?}"
+    );
+    assert_eq!(seen.len(), FAN_INS);
+    for (barrier, ids) in &seen {
+        assert_eq!(ids.len(), 1, "barrier {barrier}: one release, got {ids:?}");
+    }
+    for i in 0..FAN_INS {
+        let b = get(&client, "crash", &format!("f{i}")).await;
+        assert_eq!(b.state, pb::BarrierState::Released as i32);
+        assert!(b.release_published);
+    }
+    assert_eq!(broker.terminate().await, Some(0));
 }
