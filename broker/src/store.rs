@@ -8,7 +8,7 @@
 //! deterministic message id, so a retried step is recognised by JetStream
 //! instead of stored twice.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use async_nats::{
     header::{HeaderMap, NATS_MESSAGE_ID},
@@ -590,6 +590,41 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// The payloads of branch results stored at `sequences`, read
+    /// concurrently with direct gets (falling back to the stream leader for
+    /// one a replica has not caught up with). A sequence no longer stored,
+    /// or a result without a payload, is absent from the map.
+    pub async fn branch_payloads(
+        &self,
+        sequences: &[u64],
+    ) -> Result<HashMap<u64, prost_types::Any>, BrokerError> {
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(sequences.iter().copied())
+            .map(|seq| async move {
+                let msg = match self.branches.direct_get(seq).await {
+                    Ok(m) => Some(m),
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
+                        match self.branches.get_raw_message(seq).await {
+                            Ok(m) => Some(m),
+                            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {
+                                None
+                            }
+                            Err(e) => return Err(BrokerError::nats("reading a branch result", e)),
+                        }
+                    }
+                    Err(e) => return Err(BrokerError::nats("reading a branch result", e)),
+                };
+                Ok(msg
+                    .and_then(|m| pb::BranchResult::decode(m.payload).ok())
+                    .and_then(|r| r.payload)
+                    .map(|p| (seq, p)))
+            })
+            .buffer_unordered(32)
+            .try_filter_map(|found| async move { Ok(found) })
+            .try_collect()
+            .await
     }
 
     /// Withdraws a claim this broker made for a handoff it did not store

@@ -318,7 +318,10 @@ pub async fn apply(
             return Ok(None);
         };
         let mut record = result.clone();
-        record.payload = None;
+        if record.payload.take().is_none() {
+            // Nothing to fetch back for the release.
+            record.sequence = 0;
+        }
         let over = b.payload_bytes.saturating_add(size) > budget(broker, &b);
         if over && b.state == pb::BarrierState::Open as i32 {
             record.status = pb::BranchStatus::Failed as i32;
@@ -513,7 +516,7 @@ async fn publish_release(
 ) -> Result<(), BrokerError> {
     let spec = b.spec.clone().unwrap_or_default();
     let mut release = b.release.clone().unwrap_or_default();
-    fill_payloads(broker, run, &spec.barrier_id, &mut release).await?;
+    fill_payloads(broker, &mut release).await?;
     let payload = prost_types::Any::from_msg(&release)
         .map_err(|e| BrokerError::Internal(format!("encoding the release: {e}")))?;
     let depth = release.branches.iter().map(|r| r.depth).max().unwrap_or(0) + 1;
@@ -588,20 +591,18 @@ async fn publish_release(
 /// stored is named in the release's warnings, never dropped silently.
 async fn fill_payloads(
     broker: &Broker,
-    run: &pb::Run,
-    barrier_id: &str,
     release: &mut pb::BarrierRelease,
 ) -> Result<(), BrokerError> {
-    if release.branches.iter().all(|r| r.sequence == 0) {
+    let sequences: Vec<u64> = release
+        .branches
+        .iter()
+        .map(|r| r.sequence)
+        .filter(|&s| s > 0)
+        .collect();
+    if sequences.is_empty() {
         return Ok(());
     }
-    let mut payloads: std::collections::HashMap<u64, prost_types::Any> = broker
-        .store()
-        .branch_results(&run.id, barrier_id)
-        .await?
-        .into_iter()
-        .filter_map(|r| Some((r.sequence, r.payload?)))
-        .collect();
+    let mut payloads = broker.store().branch_payloads(&sequences).await?;
     for branch in &mut release.branches {
         if branch.sequence == 0 {
             continue;
