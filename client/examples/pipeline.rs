@@ -1,6 +1,6 @@
 //! A typed multi-agent pipeline over the handoff broker: a planner fans
-//! an ask out to workers, the workers' results fan back in to an
-//! aggregator, which completes the run.
+//! an ask out to parallel workers, a barrier joins their results, and an
+//! aggregator receives them all at once and completes the run.
 //!
 //! ```text
 //! cargo run -p handoff-client --example pipeline                 # embedded broker
@@ -18,36 +18,49 @@
 //!    its `summary`, a confidence of at least 0.5 and fresh tool results;
 //! 2. it registers the agents with the contract each accepts and the ones
 //!    it emits: planner (Ask -> Subtask), worker (Subtask -> WorkerResult),
-//!    aggregator (WorkerResult -> the run's final `Report`);
+//!    aggregator (accepts WorkerResult: the contract every worker's result
+//!    is checked against when it reaches the aggregator's barrier; it
+//!    completes the run with a `Report`);
 //! 3. it starts a run with a pinned ask and shows the guards at work: a
-//!    `Subtask` without its `instruction` and a `WorkerResult` below the
-//!    minimum confidence are refused at the door (nothing is stored; the
-//!    run's timeline records each refusal as `contract_rejected`);
-//! 4. it hands an `Ask` to the planner. The planner consumes it and fans
-//!    out three `Subtask`s to `worker` (complete-and-handoff, one
-//!    idempotency key per subtask, each marked fan-out); two worker
+//!    `Subtask` without its `instruction`, and a `WorkerResult` below the
+//!    minimum confidence handed straight to the aggregator, are refused at
+//!    the door (nothing is stored; the run's timeline records each refusal
+//!    as `contract_rejected`);
+//! 4. it hands an `Ask` to the planner. The planner consumes it with one
+//!    fan-out, `delivery.fan_out("worker", subtasks).join("aggregator",
+//!    JoinMode::All)`: the broker opens a barrier for the four branches
+//!    (`barrier_opened`), stores one `Subtask` handoff per branch
+//!    (`handoff_accepted` each) and then acks the ask. Two worker
 //!    instances share the worker inbox, decode their deliveries as
-//!    `Subtask` (a typed subscription) and each hands a `WorkerResult` to
-//!    the aggregator; the aggregator collects them by index, acks the
-//!    first two and completes the run with the third (a final handoff
-//!    carrying the `Report`).
+//!    `Subtask` (a typed subscription) and answer each branch to the
+//!    barrier (`branch_arrived` each) with a `WorkerResult`, its
+//!    confidence and its tool result: `Handoff::to_barrier` sent with
+//!    `delivery.handoff`, the builder form of `delivery.to_barrier(&result)`
+//!    (the contract's `min_confidence` refuses a result whose confidence is
+//!    not stated).
+//!    When the last branch arrives the barrier releases exactly one
+//!    handoff to the aggregator (`barrier_released`): a
+//!    `handoff.v1.BarrierRelease`, so the aggregator subscribes untyped
+//!    and decodes it with `delivery.join::<WorkerResult>()`, getting every
+//!    result in branch order. It completes the run with a final handoff
+//!    carrying the `Report`.
 //!
-//! The main task waits for the run's end event, prints the run's timeline
-//! and the report, and exits non-zero unless the run completed.
+//! The main task waits for the run's end event, prints the run's timeline,
+//! the barrier (as `handoffctl barrier show` does) and the report, and
+//! exits non-zero unless the run completed.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     error::Error,
     process::ExitCode,
-    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
 use clap::Parser;
-use futures::StreamExt as _;
+use futures::{Stream, StreamExt as _};
 use handoff_client::{
-    display, pb, AgentConfig, Client, ContractSpec, ErrorKind, Handoff, RunConfig, TypedDelivery,
-    TypedSubscription, WatchFilter,
+    display, pb, AgentConfig, Client, ContractSpec, Delivery, ErrorKind, Handoff, JoinMode,
+    RunConfig, TypedDelivery, WatchFilter,
 };
 use handoff_proto::{
     demo::{Ask, Citation, Report, Subtask, WorkerResult},
@@ -62,9 +75,18 @@ use tokio::{
 type BoxError = Box<dyn Error + Send + Sync>;
 
 /// The ask pinned to the run; every agent sees it verbatim.
-const ASK: &str = "Summarise three quarterly reports into one brief";
-/// The reports the planner splits the ask over: one subtask each.
-const SOURCES: [&str; 3] = ["report-q1.pdf", "report-q2.pdf", "report-q3.pdf"];
+const ASK: &str = "Summarise four quarterly reports into one brief";
+/// The reports the planner splits the ask over: one subtask (one branch)
+/// each.
+const SOURCES: [&str; 4] = [
+    "report-q1.pdf",
+    "report-q2.pdf",
+    "report-q3.pdf",
+    "report-q4.pdf",
+];
+/// How long the barrier waits for every branch before it releases a
+/// failure to the aggregator.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the run may take before the demo gives up.
 const RUN_WAIT: Duration = Duration::from_secs(30);
 /// How long to wait for the last ack event once the run has ended.
@@ -72,7 +94,7 @@ const SETTLE_WAIT: Duration = Duration::from_secs(5);
 
 // ------------------------------------------------------------ main
 
-/// The planner -> workers -> aggregator demo.
+/// The planner -> workers -> barrier -> aggregator demo.
 #[derive(Parser, Debug)]
 struct Args {
     /// Broker to use; without it, handoffd is started in-process.
@@ -169,6 +191,9 @@ async fn demo(addr: &str) -> Result<bool, BoxError> {
             .description("does one subtask")
             .accepts::<Subtask>()
             .emits::<WorkerResult>(),
+        // Accepts WorkerResult: the branch results that reach its barrier
+        // are checked against it. What it receives is the barrier's one
+        // release, a handoff.v1.BarrierRelease carrying them all.
         AgentConfig::new("aggregator")
             .description("merges the results into the brief")
             .accepts::<WorkerResult>(),
@@ -193,7 +218,6 @@ async fn demo(addr: &str) -> Result<bool, BoxError> {
     // Subscribe before handing off, so a failing subscription is reported
     // before any work is queued. Dropping `stop` also stops the agents.
     let (stop, stopped) = watch::channel(false);
-    let collected = Arc::new(Mutex::new(BTreeMap::new()));
     let agents: Vec<JoinHandle<()>> = vec![
         spawn_agent(
             "planner",
@@ -213,13 +237,12 @@ async fn demo(addr: &str) -> Result<bool, BoxError> {
             stopped.clone(),
             |d| worker("worker-2", d),
         ),
+        // Untyped: the release is a BarrierRelease, not a WorkerResult.
         spawn_agent(
             "aggregator",
-            client
-                .subscribe_typed("aggregator", "aggregator-1", 1)
-                .await?,
+            client.subscribe("aggregator", "aggregator-1", 1).await?,
             stopped,
-            move |d| aggregator(collected.clone(), d),
+            aggregator,
         ),
     ];
 
@@ -253,6 +276,15 @@ async fn demo(addr: &str) -> Result<bool, BoxError> {
     let run = resp.run.ok_or("the broker answered without the run")?;
     println!();
     print!("{}", display::run_table(&run, &resp.timeline));
+    let opened = resp
+        .timeline
+        .iter()
+        .find(|e| e.kind == pb::EventKind::BarrierOpened as i32);
+    if let Some(opened) = opened {
+        let barrier = client.get_barrier(&run.id, &opened.barrier_id).await?;
+        println!();
+        print!("{}", display::barrier_table(&barrier));
+    }
     let completed = run.status == pb::RunStatus::Completed as i32;
     if completed {
         if let Some(result) = &run.result {
@@ -290,7 +322,7 @@ async fn show_guards(client: &Client, run_id: &str) -> Result<(), BoxError> {
             Handoff::to(run_id, "worker", &no_instruction)?,
         ),
         (
-            "a WorkerResult with confidence 0.2",
+            "a WorkerResult with confidence 0.2, handed straight to the aggregator",
             Handoff::to(run_id, "aggregator", &unsure)?.confidence(0.2),
         ),
     ];
@@ -364,25 +396,44 @@ async fn wait_settled(client: &Client, run_id: &str) -> Result<(), BoxError> {
 
 // ------------------------------------------------------------ agents
 
+/// A delivery, typed or not, that the agent loop can reject.
+trait AsDelivery {
+    fn as_delivery(&self) -> &Delivery;
+}
+
+impl AsDelivery for Delivery {
+    fn as_delivery(&self) -> &Delivery {
+        self
+    }
+}
+
+impl<T> AsDelivery for TypedDelivery<T> {
+    fn as_delivery(&self) -> &Delivery {
+        self.delivery()
+    }
+}
+
 /// Runs `step` on each delivery of `sub` until `stop` turns true (a step
 /// under way is finished first). A step that fails rejects its delivery,
-/// which fails the run (and the demo says so). A delivery that does not
-/// decode as `T` has already been rejected by the typed subscription.
-fn spawn_agent<T, F, Fut>(
+/// which fails the run, or only its branch for a worker (and the demo says
+/// so). A delivery that does not
+/// decode as a typed subscription's `T` is rejected by the subscription.
+fn spawn_agent<S, D, F, Fut>(
     name: &'static str,
-    mut sub: TypedSubscription<T>,
+    mut sub: S,
     mut stop: watch::Receiver<bool>,
     step: F,
 ) -> JoinHandle<()>
 where
-    T: prost::Message + prost::Name + Default + Clone + Send + 'static,
-    F: Fn(TypedDelivery<T>) -> Fut + Send + 'static,
+    S: Stream<Item = handoff_client::Result<D>> + Unpin + Send + 'static,
+    D: AsDelivery + Clone + Send + 'static,
+    F: Fn(D) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), BoxError>> + Send,
 {
     tokio::spawn(async move {
         loop {
             let next = tokio::select! {
-                next = sub.next_delivery() => next,
+                next = sub.next() => next,
                 _ = stop.wait_for(|stop| *stop) => return,
             };
             let delivery = match next {
@@ -399,7 +450,7 @@ where
             };
             if let Err(e) = step(delivery.clone()).await {
                 eprintln!("[{name}] failed: {e}; rejecting the delivery");
-                if let Err(e) = delivery.reject(e.to_string()).await {
+                if let Err(e) = delivery.as_delivery().reject(e.to_string()).await {
                     eprintln!("[{name}] reject failed: {e}");
                 }
             }
@@ -415,8 +466,12 @@ fn checked(contract: Option<(&str, u32)>, tokens: u64) -> String {
     }
 }
 
-/// Splits the ask into one subtask per source and hands them all to
-/// `worker` from the one delivery (fan-out).
+/// Splits the ask into one subtask per source and fans them out to
+/// `worker`, joined at a barrier that releases to `aggregator` once every
+/// branch has reported. One call: the broker opens the barrier, stores
+/// every branch and then acks the ask. Redone after a crash, the same
+/// fan-out opens the same barrier (its id derives from the subtasks) and
+/// repeats the same branch handoffs, recognised as duplicates.
 async fn planner(delivery: TypedDelivery<Ask>) -> Result<(), BoxError> {
     let ask = delivery.payload();
     println!(
@@ -428,42 +483,45 @@ async fn planner(delivery: TypedDelivery<Ask>) -> Result<(), BoxError> {
         0 => SOURCES.len(),
         n => (n as usize).min(SOURCES.len()),
     };
-    for (i, source) in SOURCES.iter().take(n).enumerate() {
-        let subtask = Subtask {
+    let subtasks = SOURCES
+        .iter()
+        .take(n)
+        .enumerate()
+        .map(|(i, source)| Subtask {
             index: i as u32,
             of: n as u32,
             instruction: format!("Summarise {source} for the brief: {}", ask.question),
             sources: vec![source.to_string()],
-        };
-        // One delivery, several handoffs: each has its own idempotency key
-        // (so a redo after a crash repeats each one, not one for all) and
-        // declares fan-out.
-        let receipt = delivery
-            .handoff(
-                Handoff::to(delivery.run_id(), "worker", &subtask)?
-                    .idempotency_key(format!("subtask-{i}"))
-                    .fan_out(),
-            )
-            .await?;
+        });
+    let fanned = delivery
+        .fan_out("worker", subtasks)
+        .timeout(JOIN_TIMEOUT)
+        .join("aggregator", JoinMode::All)
+        .await?;
+    println!(
+        "[planner] fanned out {n} subtasks to worker; barrier {} joins them for aggregator",
+        fanned.barrier_id
+    );
+    for (key, receipt) in fanned.keys.iter().zip(&fanned.branches) {
         println!(
-            "[planner] fanned out subtask {}/{n} to worker (handoff {}, depth {})",
-            i + 1,
+            "[planner]   branch {key}: handoff {} (depth {}{})",
             short(&receipt.handoff_id),
-            receipt.depth
+            receipt.depth,
+            if receipt.duplicate { ", duplicate" } else { "" }
         );
     }
-    // Fan-out handoffs leave the ask unsettled until every subtask is
-    // stored: a planner that stops half-way is given the ask again.
-    delivery.ack().await?;
     Ok(())
 }
 
-/// Does one subtask and hands its result to the aggregator.
+/// Does one subtask and reports its result to the barrier of its branch.
 async fn worker(instance: &'static str, delivery: TypedDelivery<Subtask>) -> Result<(), BoxError> {
     let task = delivery.payload();
     let pinned = delivery.pinned();
+    let (barrier, key) = delivery
+        .barrier_branch()
+        .ok_or("the subtask came without its barrier branch")?;
     println!(
-        "[{instance}] received subtask {}/{} ({}, attempt {})",
+        "[{instance}] received subtask {}/{} on branch {key} of {barrier} ({}, attempt {})",
         task.index + 1,
         task.of,
         checked(delivery.contract(), delivery.token_count()),
@@ -489,74 +547,67 @@ async fn worker(instance: &'static str, delivery: TypedDelivery<Subtask>) -> Res
         summary: format!("{source}: the points that matter to {audience}"),
         citations: vec![citation.clone()],
     };
+    // The result goes to the barrier of this branch, and is checked there
+    // against the aggregator's contract: WorkerResult wants a stated
+    // confidence of at least 0.5 and fresh tool results, so this uses the
+    // builder behind `delivery.to_barrier(&result)` to state them.
     let receipt = delivery
         .handoff(
-            Handoff::to(delivery.run_id(), "aggregator", &result)?
+            Handoff::to_barrier(delivery.run_id(), barrier, key, &result)?
                 .confidence(0.9)
                 .tool_result("read_pdf", SystemTime::now(), &citation)?,
         )
         .await?;
     println!(
-        "[{instance}] handed result {}/{} to aggregator (depth {})",
-        result.index + 1,
-        result.of,
+        "[{instance}] reported branch {key} to the barrier (handoff {}, depth {})",
+        short(&receipt.handoff_id),
         receipt.depth
     );
     Ok(())
 }
 
-/// Results collected so far, by run and index.
-type Collected = Arc<Mutex<BTreeMap<String, BTreeMap<u32, WorkerResult>>>>;
-
-/// Collects the workers' results by index: acks each until the last one
-/// arrives, then completes the run with the report (a final handoff that
-/// consumes the last delivery). The collection lives in memory: a real
-/// aggregator would keep it in durable state.
-async fn aggregator(
-    collected: Collected,
-    delivery: TypedDelivery<WorkerResult>,
-) -> Result<(), BoxError> {
-    let result = delivery.payload().clone();
-    if result.of == 0 || result.index >= result.of {
-        return Err(format!("result {} of {} is out of range", result.index, result.of).into());
+/// Receives the barrier's one release, with every worker's result in
+/// branch order, and completes the run with the report (a final handoff
+/// that consumes the release). A release that is a failure, or lacks a
+/// branch, fails the step and so the run.
+async fn aggregator(delivery: Delivery) -> Result<(), BoxError> {
+    let join = delivery.join::<WorkerResult>()?;
+    println!(
+        "[aggregator] received the release of barrier {}: {} of {} branches arrived (confidence {})",
+        join.barrier_id,
+        join.results().count(),
+        join.branches.len(),
+        join.confidence
+    );
+    if join.failure || !join.missing.is_empty() || !join.failed.is_empty() {
+        return Err(format!(
+            "the join is incomplete: missing {:?}, failed {:?}; {}",
+            join.missing,
+            join.failed,
+            join.warnings.join("; ")
+        )
+        .into());
     }
-    let report = {
-        let mut all = collected.lock().unwrap_or_else(|p| p.into_inner());
-        let run = all.entry(delivery.run_id().to_string()).or_default();
-        run.insert(result.index, result.clone());
-        let have = run.len() as u32;
-        println!(
-            "[aggregator] received result {}/{} from the workers ({}, confidence {}); {have} of {} in",
-            result.index + 1,
-            result.of,
-            checked(delivery.contract(), delivery.token_count()),
-            delivery.confidence(),
-            result.of
-        );
-        (have == result.of).then(|| Report {
-            answer: format!(
-                "Brief for {}: {have} reports summarised",
-                delivery
-                    .pinned()
-                    .fields
-                    .get("audience")
-                    .map_or("anyone", String::as_str)
-            ),
-            results: run.values().cloned().collect(),
-        })
-    };
-    match report {
-        None => delivery.ack().await?,
-        Some(report) => {
+    let results: Vec<WorkerResult> = join.results().map(|(_, r)| r.clone()).collect();
+    let report = Report {
+        answer: format!(
+            "Brief for {}: {} reports summarised",
             delivery
-                .handoff(Handoff::final_result(delivery.run_id(), &report)?)
-                .await?;
-            println!(
-                "[aggregator] completed the run with a report of {} results",
-                report.results.len()
-            );
-        }
-    }
+                .pinned()
+                .fields
+                .get("audience")
+                .map_or("anyone", String::as_str),
+            results.len()
+        ),
+        results,
+    };
+    delivery
+        .handoff(Handoff::final_result(delivery.run_id(), &report)?)
+        .await?;
+    println!(
+        "[aggregator] completed the run with a report of {} results",
+        report.results.len()
+    );
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use futures::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
+    barrier::FanOut,
     contract::{ContractSpec, RegisteredContract},
     error::{Error, ErrorKind, Result},
     handoff::{Handoff, Receipt},
@@ -112,7 +113,7 @@ impl Client {
         self.inner.clone()
     }
 
-    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+    pub(crate) fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         if let Some(t) = self.request_timeout {
             req.set_timeout(t);
@@ -220,6 +221,54 @@ impl Client {
         payload: &M,
     ) -> Result<Receipt> {
         self.handoff(Handoff::to(run_id, target, payload)?).await
+    }
+
+    /// A fan-out of `items` to `worker_agent` within `run_id`, from outside
+    /// any agent: one branch handoff per item, joined at a barrier. Name
+    /// the agent that receives the joined results, and how they join, with
+    /// [`FanOut::join`]; an item that does not encode is reported there.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: handoff_client::Client, run_id: &str) -> handoff_client::Result<()> {
+    /// use handoff_client::JoinMode;
+    /// use handoff_proto::demo::Subtask;
+    /// let tasks = (0..3).map(|i| Subtask { index: i, of: 3, instruction: format!("part {i}"), ..Default::default() });
+    /// let fanned = client.fan_out(run_id, "worker", tasks).join("aggregator", JoinMode::All).await?;
+    /// println!("barrier {} waits for {} branches", fanned.barrier_id, fanned.branches.len());
+    /// # Ok(()) }
+    /// ```
+    pub fn fan_out<M: prost::Message + prost::Name>(
+        &self,
+        run_id: impl Into<String>,
+        worker_agent: impl Into<String>,
+        items: impl IntoIterator<Item = M>,
+    ) -> FanOut {
+        FanOut::new(
+            self.clone(),
+            None,
+            run_id.into(),
+            worker_agent.into(),
+            String::new(),
+            items,
+        )
+    }
+
+    pub(crate) async fn send_fan_out(&self, req: pb::FanOutRequest) -> Result<pb::FanOutResponse> {
+        Ok(self.raw().fan_out(self.request(req)).await?.into_inner())
+    }
+
+    /// A barrier: its spec, state, the branches that reached it (without
+    /// their payloads), the late ones and its release.
+    pub async fn get_barrier(&self, run_id: &str, barrier_id: &str) -> Result<pb::Barrier> {
+        self.raw()
+            .get_barrier(self.request(pb::GetBarrierRequest {
+                run_id: run_id.to_string(),
+                barrier_id: barrier_id.to_string(),
+            }))
+            .await?
+            .into_inner()
+            .barrier
+            .ok_or_else(|| Error::new(ErrorKind::Other, "the broker answered without the barrier"))
     }
 
     /// Subscribes as `instance` of `agent`, holding at most `max_in_flight`

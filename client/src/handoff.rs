@@ -4,7 +4,8 @@ use std::{collections::HashMap, time::SystemTime};
 
 use crate::{error::Result, pb, Error, ErrorKind};
 
-/// A handoff to send: built with [`Handoff::to`] or [`Handoff::final_result`],
+/// A handoff to send: built with [`Handoff::to`], [`Handoff::final_result`]
+/// or [`Handoff::to_barrier`],
 /// refined with the builder methods, sent with
 /// [`Client::handoff`](crate::Client::handoff) or
 /// [`Delivery::handoff`](crate::Delivery::handoff).
@@ -43,6 +44,41 @@ impl Handoff {
                 ..Default::default()
             },
         })
+    }
+
+    /// A branch result for barrier `barrier_id`, branch `key`, within
+    /// `run_id`: delivered to the barrier instead of an agent, status
+    /// ARRIVED unless [`branch_status`](Handoff::branch_status) says
+    /// otherwise. Sent through [`Delivery::handoff`](crate::Delivery::handoff)
+    /// from a delivery of the branch, `run_id` may be empty, and
+    /// `barrier_id` and `key` may both be empty: they are then the
+    /// delivery's (the barrier and key travel along a branch's chain of
+    /// agents). [`Delivery::to_barrier`](crate::Delivery::to_barrier)
+    /// is the shorthand; use this builder for a confidence, warnings or
+    /// tool results.
+    pub fn to_barrier<M: prost::Message + prost::Name>(
+        run_id: impl Into<String>,
+        barrier_id: impl Into<String>,
+        key: impl Into<String>,
+        result: &M,
+    ) -> Result<Handoff> {
+        Ok(Handoff {
+            req: pb::HandoffRequest {
+                run_id: run_id.into(),
+                to_barrier: true,
+                barrier_id: barrier_id.into(),
+                branch_key: key.into(),
+                payload: Some(encode(result)?),
+                ..Default::default()
+            },
+        })
+    }
+
+    /// The status a branch result reports: ARRIVED (the default), FAILED
+    /// or SKIPPED; add a [`warning`](Handoff::warning) saying why.
+    pub fn branch_status(mut self, status: pb::BranchStatus) -> Self {
+        self.req.branch_status = status as i32;
+        self
     }
 
     /// A handoff from a raw request (for payloads already encoded).
@@ -140,6 +176,12 @@ pub fn decode<M: prost::Message + prost::Name + Default>(any: &prost_types::Any)
             ),
         )
     })
+}
+
+/// The message type named by an `Any` type URL (what follows its last
+/// `/`).
+pub(crate) fn type_name(type_url: &str) -> &str {
+    type_url.rsplit('/').next().unwrap_or(type_url)
 }
 
 /// What the broker answered to an accepted handoff.

@@ -49,6 +49,50 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Fan-out and join: a planner hands one branch per item to a worker
+//! agent and names the agent that receives the joined results. The broker
+//! opens a barrier, and once every branch has reported (or a quorum, or
+//! the timeout) hands the aggregator exactly one release with every
+//! branch's result in branch-key order. See [`FanOut`] and [`Join`].
+//!
+//! ```no_run
+//! # async fn demo(client: handoff_client::Client) -> handoff_client::Result<()> {
+//! use handoff_client::JoinMode;
+//! use handoff_proto::demo::{Ask, Report, Subtask, WorkerResult};
+//! // The planner: consumes its Ask and fans out one Subtask per source.
+//! let mut planner = client.subscribe_typed::<Ask>("planner", "planner-1", 1).await?;
+//! if let Some(ask) = planner.next_delivery().await {
+//!     let ask = ask?;
+//!     let tasks = ["q1.pdf", "q2.pdf", "q3.pdf"].iter().enumerate().map(|(i, source)| Subtask {
+//!         index: i as u32,
+//!         of: 3,
+//!         instruction: format!("summarise {source}"),
+//!         sources: vec![source.to_string()],
+//!     });
+//!     let fanned = ask.fan_out("worker", tasks).join("aggregator", JoinMode::All).await?;
+//!     println!("barrier {} opened", fanned.barrier_id);
+//! }
+//! // A worker: answers its branch to the barrier, not to an agent.
+//! let mut worker = client.subscribe_typed::<Subtask>("worker", "worker-1", 1).await?;
+//! if let Some(task) = worker.next_delivery().await {
+//!     let task = task?;
+//!     let result = WorkerResult { index: task.payload().index, of: 3, summary: "done".into(), ..Default::default() };
+//!     task.to_barrier(&result).await?;
+//! }
+//! // The aggregator: one delivery, the release, with every result.
+//! let mut aggregator = client.subscribe("aggregator", "aggregator-1", 1).await?;
+//! if let Some(release) = aggregator.next_delivery().await {
+//!     let release = release?;
+//!     let join = release.join::<WorkerResult>()?;
+//!     let report = Report {
+//!         answer: format!("{} of {} branches", join.results().count(), join.branches.len()),
+//!         results: join.results().map(|(_, r)| r.clone()).collect(),
+//!     };
+//!     release.handoff(handoff_client::Handoff::final_result(release.run_id(), &report)?).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! Deliveries are at least once on the wire; the SDK recognises a handoff
 //! it already finished and does not hand it to the application again, and
 //! complete-and-handoff ([`Delivery::handoff`]) makes a crashed agent's
@@ -57,6 +101,7 @@
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod barrier;
 mod client;
 mod contract;
 pub mod display;
@@ -64,6 +109,7 @@ mod error;
 mod handoff;
 mod subscription;
 
+pub use barrier::{Branch, FanOut, FanOutReceipt, Join, JoinMode};
 pub use client::{AgentConfig, Client, ConnectOptions, RunConfig, WatchFilter};
 pub use contract::{ContractSpec, RegisteredContract};
 pub use error::{Error, ErrorKind, Result};

@@ -27,8 +27,9 @@ use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
+    barrier::{FanOut, Join},
     error::{Error, ErrorKind, Result},
-    handoff::{decode, Handoff, Receipt},
+    handoff::{decode, type_name, Handoff, Receipt},
     pb, Client,
 };
 
@@ -284,8 +285,12 @@ impl Stream for Subscription {
 
 /// One handoff leased to this instance. Settle it with exactly one of
 /// [`ack`](Delivery::ack), [`nack`](Delivery::nack),
-/// [`reject`](Delivery::reject), or one or more
-/// [`handoff`](Delivery::handoff)s (complete-and-handoff);
+/// [`reject`](Delivery::reject), one or more
+/// [`handoff`](Delivery::handoff)s (complete-and-handoff), a
+/// [`fan_out`](Delivery::fan_out), or on a barrier branch a branch result
+/// ([`to_barrier`](Delivery::to_barrier),
+/// [`skip_branch`](Delivery::skip_branch),
+/// [`fail_branch`](Delivery::fail_branch));
 /// [`extend`](Delivery::extend) while working longer than the lease.
 /// Clones share their state: a handoff made through one clone is known to
 /// the others.
@@ -300,11 +305,15 @@ pub struct Delivery {
 
 /// A handoff made from a delivery.
 struct Made {
-    /// The target agent; empty for a final handoff.
+    /// The target agent; empty for a final handoff, [`TO_BARRIER`] for a
+    /// branch result.
     target: String,
     idempotency_key: String,
     handoff_id: String,
 }
+
+/// The target of a branch result in [`Made`] (no agent name holds a NUL).
+const TO_BARRIER: &str = "\u{0}barrier";
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -491,6 +500,8 @@ impl Delivery {
         req.consumes = self.id().to_string();
         let target = if req.r#final {
             String::new()
+        } else if req.to_barrier {
+            TO_BARRIER.to_string()
         } else {
             req.target_agent.clone()
         };
@@ -500,6 +511,8 @@ impl Delivery {
         {
             let to = if target.is_empty() {
                 "the run's final result".to_string()
+            } else if target == TO_BARRIER {
+                "its barrier".to_string()
             } else {
                 format!("agent {target:?}")
             };
@@ -542,6 +555,156 @@ impl Delivery {
     ) -> Result<Receipt> {
         self.handoff(Handoff::to(self.run_id(), target, payload)?)
             .await
+    }
+
+    // -------------------------------------------------------- barriers
+
+    /// The barrier branch this delivery is on, `(barrier_id, branch_key)`:
+    /// set on a branch handoff of a fan-out and carried along the
+    /// branch's chain of agents; `None` outside any branch (and on a
+    /// barrier's release).
+    pub fn barrier_branch(&self) -> Option<(&str, &str)> {
+        let e = self.envelope();
+        if e.barrier_id.is_empty() || e.branch_key.is_empty() {
+            None
+        } else {
+            Some((e.barrier_id.as_str(), e.branch_key.as_str()))
+        }
+    }
+
+    /// A fan-out that consumes this delivery (a planner splitting its
+    /// input): one branch handoff of each item to `worker_agent`, in this
+    /// delivery's run, from this agent, joined at a barrier named by
+    /// [`FanOut::join`]. The broker acks this delivery once every branch
+    /// is stored, so do not settle it yourself; a planner that stops
+    /// half-way is redelivered its input, and its repeated fan-out opens
+    /// the same barrier and repeats the same branches (recognised as
+    /// duplicates).
+    pub fn fan_out<M: prost::Message + prost::Name>(
+        &self,
+        worker_agent: impl Into<String>,
+        items: impl IntoIterator<Item = M>,
+    ) -> FanOut {
+        FanOut::new(
+            self.shared.client.clone(),
+            Some(self.clone()),
+            self.run_id().to_string(),
+            worker_agent.into(),
+            self.shared.agent.clone(),
+            items,
+        )
+    }
+
+    /// Records the branch handoffs of a fan-out that consumed this
+    /// delivery (the broker settled it): (idempotency key, handoff id).
+    pub(crate) fn fanned_out(
+        &self,
+        worker: &str,
+        made: impl IntoIterator<Item = (String, String)>,
+    ) {
+        self.shared.mark_finished(self.handoff_id());
+        let mut list = lock(&self.made);
+        for (idempotency_key, handoff_id) in made {
+            if !list.iter().any(|m| m.handoff_id == handoff_id) {
+                list.push(Made {
+                    target: worker.to_string(),
+                    idempotency_key,
+                    handoff_id,
+                });
+            }
+        }
+    }
+
+    /// Complete-and-handoff of this branch's `result` to its barrier
+    /// (status ARRIVED): shorthand for
+    /// `self.handoff(Handoff::to_barrier(run, barrier, key, result)?)` with
+    /// this delivery's run, barrier and branch key. Repeating it after a
+    /// crash yields the same branch result, recognised as a duplicate; a
+    /// result that reaches the barrier after its release is recorded as
+    /// late, never released again.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidArgument`] when this delivery is on no branch
+    /// (see [`barrier_branch`](Delivery::barrier_branch)), else those of
+    /// [`Delivery::handoff`].
+    pub async fn to_barrier<M: prost::Message + prost::Name>(&self, result: &M) -> Result<Receipt> {
+        let (barrier_id, key) = self.branch_or_error()?;
+        self.handoff(Handoff::to_barrier(self.run_id(), barrier_id, key, result)?)
+            .await
+    }
+
+    /// Reports this branch SKIPPED (nothing to do), with `reason` as its
+    /// warning and payload (a `google.protobuf.StringValue`). A skipped
+    /// branch counts toward an ALL barrier but not toward a quorum.
+    pub async fn skip_branch(&self, reason: impl Into<String>) -> Result<Receipt> {
+        self.branch_outcome(pb::BranchStatus::Skipped, reason.into())
+            .await
+    }
+
+    /// Reports this branch FAILED, with `reason` as its warning and
+    /// payload (a `google.protobuf.StringValue`): the run goes on, and the
+    /// release lists the branch as failed with its reason (a fail-fast
+    /// barrier releases a failure at once). Use it instead of
+    /// [`reject`](Delivery::reject) when the failure is the branch's
+    /// answer rather than a broken input.
+    pub async fn fail_branch(&self, reason: impl Into<String>) -> Result<Receipt> {
+        self.branch_outcome(pb::BranchStatus::Failed, reason.into())
+            .await
+    }
+
+    async fn branch_outcome(&self, status: pb::BranchStatus, reason: String) -> Result<Receipt> {
+        let (barrier_id, key) = self.branch_or_error()?;
+        let handoff = Handoff::to_barrier(self.run_id(), barrier_id, key, &reason)?
+            .branch_status(status)
+            .warning(reason);
+        self.handoff(handoff).await
+    }
+
+    fn branch_or_error(&self) -> Result<(&str, &str)> {
+        self.barrier_branch().ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "handoff {} is on no barrier branch; use Handoff::to_barrier with the barrier and key",
+                    self.handoff_id()
+                ),
+            )
+        })
+    }
+
+    /// The barrier release this delivery carries, if its payload is a
+    /// `handoff.v1.BarrierRelease`; `None` for any other delivery (and for
+    /// a release that does not decode: [`join`](Delivery::join) says why).
+    pub fn release(&self) -> Option<pb::BarrierRelease> {
+        let any = self.envelope().payload.as_ref()?;
+        if type_name(&any.type_url) != <pb::BarrierRelease as prost::Name>::full_name() {
+            return None;
+        }
+        <pb::BarrierRelease as prost::Message>::decode(any.value.as_slice()).ok()
+    }
+
+    /// The barrier release this delivery carries, with every arrived
+    /// branch's result decoded as `T`, in branch-key order. Settle the
+    /// delivery as any other (a final handoff, a handoff onwards, an ack).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Decode`] when the delivery is not a barrier release,
+    /// or an arrived branch's result is not a `T` (the error names the
+    /// branch key).
+    pub fn join<T: prost::Message + prost::Name + Default>(&self) -> Result<Join<T>> {
+        let release = self.payload::<pb::BarrierRelease>().map_err(|e| {
+            Error::new(
+                ErrorKind::Decode,
+                format!(
+                    "handoff {} is not a barrier release: {}",
+                    self.handoff_id(),
+                    e.message()
+                ),
+            )
+        })?;
+        Join::from_release(release)
     }
 
     /// Rejects this delivery without waiting for the broker's answer.

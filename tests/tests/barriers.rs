@@ -772,3 +772,85 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
     }
     assert_eq!(broker.terminate().await, Some(0));
 }
+
+#[tokio::test]
+async fn sdk_fans_out_joins_and_hands_the_aggregator_typed_results() {
+    use handoff_client::JoinMode;
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    for a in ["planner", "worker", "aggregator"] {
+        client.register_agent(AgentConfig::new(a)).await.unwrap();
+    }
+    let run = client
+        .start_run(RunConfig::new("owner").id("sdk"))
+        .await
+        .unwrap();
+    client
+        .handoff(Handoff::to(&run.id, "planner", &note("ask", 0)).unwrap())
+        .await
+        .unwrap();
+    let mut planner = client.subscribe("planner", "p", 1).await.unwrap();
+    let ask = next_within(&mut planner, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let fanned = ask
+        .fan_out("worker", (0..4).map(|n| note("task", n)))
+        .keys(["a", "b", "c", "d"])
+        .join("aggregator", JoinMode::All)
+        .await
+        .unwrap();
+    assert_eq!(fanned.keys, ["a", "b", "c", "d"]);
+    assert_eq!(fanned.branches.len(), 4);
+    // The planner's delivery was settled by the fan-out: not redelivered.
+    assert!(next_within(&mut planner, Duration::from_millis(700))
+        .await
+        .is_none());
+    let mut workers = client.subscribe("worker", "w", 4).await.unwrap();
+    for _ in 0..4 {
+        let d = next_within(&mut workers, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let task: Note = d.payload().unwrap();
+        let (barrier, key) = d.barrier_branch().unwrap();
+        assert_eq!(barrier, fanned.barrier_id);
+        match key {
+            "b" => d.skip_branch("nothing to summarise").await.unwrap(),
+            "c" => d.fail_branch("source unreadable").await.unwrap(),
+            _ => d.to_barrier(&note("done", task.n * 10)).await.unwrap(),
+        };
+    }
+    let mut agg = client.subscribe("aggregator", "a", 1).await.unwrap();
+    let release = next_within(&mut agg, Duration::from_secs(5)).await.unwrap();
+    let join = release.join::<Note>().unwrap();
+    let keys: Vec<&str> = join.branches.iter().map(|b| b.key.as_str()).collect();
+    assert_eq!(keys, ["a", "b", "c", "d"]);
+    let statuses: Vec<pb::BranchStatus> = join.branches.iter().map(|b| b.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            pb::BranchStatus::Arrived,
+            pb::BranchStatus::Skipped,
+            pb::BranchStatus::Failed,
+            pb::BranchStatus::Arrived
+        ]
+    );
+    let results: Vec<(&str, u32)> = join.results().map(|(k, r)| (k, r.n)).collect();
+    assert_eq!(results, [("a", 0), ("d", 30)]);
+    assert_eq!(
+        (join.skipped.clone(), join.failed.clone()),
+        (vec!["b".to_string()], vec!["c".to_string()])
+    );
+    assert!((join.confidence - 0.5).abs() < 1e-9);
+    assert!(join.branches[2]
+        .warnings
+        .contains(&"source unreadable".to_string()));
+    // Results are typed: reading them as another type names the branch.
+    let err = release.join::<pb::Run>().unwrap_err();
+    assert_eq!(err.kind(), handoff_client::ErrorKind::Decode);
+    assert!(err.message().contains("\"a\""), "{err}");
+    release
+        .handoff(Handoff::final_result("", &note("report", 2)).unwrap())
+        .await
+        .unwrap();
+    let run = client.get_run("sdk").await.unwrap().run.unwrap();
+    assert_eq!(run.status, pb::RunStatus::Completed as i32);
+}

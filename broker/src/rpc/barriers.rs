@@ -101,6 +101,7 @@ async fn open_spec(
                 owner: run.owner.clone(),
                 agent: spec.target_agent.clone(),
                 barrier_id: spec.barrier_id.clone(),
+                reason: describe(&spec),
                 ..Default::default()
             },
             &format!("opened-{}-{}", run.id, spec.barrier_id),
@@ -114,6 +115,31 @@ async fn open_spec(
         barrier: Some(barrier),
         created,
     })
+}
+
+/// "ALL of 4", "QUORUM 2 of 3, fail fast, timeout 20s (release partial)".
+fn describe(spec: &pb::BarrierSpec) -> String {
+    let n = barrier::branch_keys(spec).map(|k| k.len()).unwrap_or(0);
+    let mut text = if spec.mode == pb::BarrierMode::Quorum as i32 {
+        format!("QUORUM {} of {n}", spec.quorum)
+    } else {
+        format!("ALL of {n}")
+    };
+    if spec.fail_fast {
+        text.push_str(", fail fast");
+    }
+    if let Some(t) = spec.timeout.and_then(|d| Duration::try_from(d).ok()) {
+        let policy = if spec.on_timeout == pb::OnTimeout::ReleasePartial as i32 {
+            "release partial"
+        } else {
+            "fail"
+        };
+        text.push_str(&format!(
+            ", timeout {} ({policy})",
+            humantime::format_duration(t)
+        ));
+    }
+    text
 }
 
 /// A barrier's state.

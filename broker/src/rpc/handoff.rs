@@ -240,6 +240,8 @@ async fn accept(
         source_agent: req.source_agent.clone(),
         handoff_id: id.clone(),
         depth,
+        barrier_id,
+        branch_key,
         ..Default::default()
     };
     broker.emit(accepted, &format!("accepted-{id}")).await?;

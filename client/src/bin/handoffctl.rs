@@ -1,8 +1,9 @@
 //! `handoffctl`: the operator's command line for a `handoffd` broker.
 //!
-//! It starts runs, shows a run with its timeline, follows events live,
-//! registers and shows contracts, lists agents and dead letters, all
-//! through the `handoff-client` SDK over the broker's gRPC API. Output is plain text meant for people; the first
+//! It starts runs, shows a run with its timeline or a barrier with its
+//! branches, follows events live, registers and shows contracts, lists
+//! agents and dead letters, all through the `handoff-client` SDK over the
+//! broker's gRPC API. Output is plain text meant for people; the first
 //! line of `run start` is the bare run id so scripts can capture it. Errors
 //! go to stderr as `handoffctl: <error>` with exit code 1; bad usage exits
 //! with 2.
@@ -14,13 +15,13 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use futures::StreamExt as _;
 use handoff_client::{display, pb, Client, ConnectOptions, ContractSpec, RunConfig, WatchFilter};
 use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 
-/// handoffctl: start and inspect runs, follow events, manage contracts,
-/// list agents and dead letters of a handoff broker.
+/// handoffctl: start and inspect runs and barriers, follow events, manage
+/// contracts, list agents and dead letters of a handoff broker.
 #[derive(Parser, Debug)]
 #[command(name = "handoffctl", version, propagate_version = true)]
 struct Cli {
@@ -43,6 +44,9 @@ enum Command {
     /// Start or show runs.
     #[command(subcommand)]
     Run(RunCommand),
+    /// Show barriers (fan-in joins of parallel branches).
+    #[command(subcommand)]
+    Barrier(BarrierCommand),
     /// Follow events live, one line each, until Ctrl-C.
     Tail(TailArgs),
     /// Registered agents.
@@ -64,6 +68,24 @@ enum RunCommand {
         /// The run's id.
         id: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum BarrierCommand {
+    /// Show a barrier: state, mode, target, times, fail-fast, timeout, its
+    /// release, the late branches, and every branch in key order with its
+    /// status, source agent, handoff and warnings.
+    Show(BarrierShowArgs),
+}
+
+#[derive(Args, Debug)]
+struct BarrierShowArgs {
+    /// The barrier: `RUN/BARRIER`, or `BARRIER` with `--run RUN`.
+    #[arg(value_name = "RUN/BARRIER")]
+    barrier: String,
+    /// The run the barrier belongs to.
+    #[arg(long = "run", value_name = "ID")]
+    run_id: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -222,6 +244,9 @@ type Outcome = Result<(), Failure>;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = check_usage(&cli) {
+        e.exit();
+    }
     match dispatch(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(message)) => {
@@ -229,6 +254,28 @@ async fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Usage errors that clap cannot see (they depend on several arguments),
+/// reported like clap's own: on stderr with the usage, exit code 2.
+fn check_usage(cli: &Cli) -> Result<(), clap::Error> {
+    if let Command::Barrier(BarrierCommand::Show(args)) = &cli.command {
+        if let Err(message) = barrier_ref(args) {
+            let mut cmd = Cli::command();
+            cmd.build();
+            let kind = clap::error::ErrorKind::ValueValidation;
+            return Err(
+                match cmd
+                    .find_subcommand_mut("barrier")
+                    .and_then(|c| c.find_subcommand_mut("show"))
+                {
+                    Some(show) => show.error(kind, message),
+                    None => Cli::command().error(kind, message),
+                },
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn dispatch(cli: Cli) -> Outcome {
@@ -239,6 +286,7 @@ async fn dispatch(cli: Cli) -> Outcome {
     let result = match cli.command {
         Command::Run(RunCommand::Start(args)) => run_start(&client, args).await,
         Command::Run(RunCommand::Show { id }) => run_show(&client, &id).await,
+        Command::Barrier(BarrierCommand::Show(args)) => barrier_show(&client, &args).await,
         Command::Tail(args) => tail(&client, args).await,
         Command::Agents(AgentsCommand::List) => agents_list(&client).await,
         Command::Contracts(ContractsCommand::Register(args)) => {
@@ -312,6 +360,50 @@ async fn run_show(client: &Client, id: &str) -> Outcome {
         }
     }
     out(&text)
+}
+
+async fn barrier_show(client: &Client, args: &BarrierShowArgs) -> Outcome {
+    let (run_id, barrier_id) = barrier_ref(args).map_err(Failure)?;
+    let barrier = client.get_barrier(&run_id, &barrier_id).await?;
+    out(&display::barrier_table(&barrier))
+}
+
+/// The run and barrier named by `barrier show`'s arguments.
+fn barrier_ref(args: &BarrierShowArgs) -> Result<(String, String), String> {
+    let (run_id, barrier_id) = match (args.barrier.split_once('/'), &args.run_id) {
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "{:?} names its run and so does --run: give the run once",
+                args.barrier
+            ))
+        }
+        (Some((run_id, barrier_id)), None) => (run_id, barrier_id),
+        (None, Some(run_id)) => (run_id.as_str(), args.barrier.as_str()),
+        (None, None) => {
+            return Err(format!(
+                "no run: write RUN/{0} or {0} --run RUN",
+                args.barrier
+            ))
+        }
+    };
+    check_name("run id", run_id)?;
+    check_name("barrier id", barrier_id)?;
+    Ok((run_id.to_string(), barrier_id.to_string()))
+}
+
+/// Checks a broker name: `[A-Za-z0-9_-]{1,128}`.
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let valid = (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {name:?} is not a name: 1 to 128 of A-Z a-z 0-9 _ -"
+        ))
+    }
 }
 
 async fn tail(client: &Client, args: TailArgs) -> Outcome {
@@ -813,7 +905,6 @@ fn parse_kind(s: &str) -> Result<pb::EventKind, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory as _;
 
     #[test]
     fn cli_is_consistent() {
@@ -907,6 +998,42 @@ mod tests {
         assert!(text.contains("map<string, int64>"), "{text}");
         assert!(text.contains("google.protobuf.Timestamp"), "{text}");
         assert!(compile_proto(&dir.path().join("missing.proto"), &[]).is_err());
+    }
+
+    #[test]
+    fn barrier_references() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["handoffctl", "barrier", "show"].iter().chain(args))
+                .map_err(|e| e.to_string())?;
+            match cli.command {
+                Command::Barrier(BarrierCommand::Show(args)) => barrier_ref(&args),
+                other => Err(format!("parsed as {other:?}")),
+            }
+        };
+        let ok = |run: &str, barrier: &str| Ok((run.to_string(), barrier.to_string()));
+        assert_eq!(parse(&["r1/join-1"]), ok("r1", "join-1"));
+        assert_eq!(parse(&["join-1", "--run", "r1"]), ok("r1", "join-1"));
+        assert_eq!(parse(&["--run", "r1", "join-1"]), ok("r1", "join-1"));
+        for bad in [
+            &["join-1"][..],
+            &["r1/join-1", "--run", "r1"],
+            &["/join-1"],
+            &["r1/"],
+            &["r1/a/b"],
+            &["r 1/join"],
+            &["join.1", "--run", "r1"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse(&[]).is_err());
+        let cli = Cli::try_parse_from(["handoffctl", "barrier", "show", "join-1"]);
+        let usage: Result<(), String> = cli.map_err(|e| e.to_string()).and_then(|cli| {
+            check_usage(&cli).map_err(|e| e.to_string())?;
+            Err("accepted a barrier without its run".to_string())
+        });
+        let message = usage.err().unwrap_or_default();
+        assert!(message.contains("no run"), "{message}");
+        assert!(message.contains("handoffctl barrier show"), "{message}");
     }
 
     #[test]
