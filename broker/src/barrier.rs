@@ -31,9 +31,6 @@ use handoff_proto::pb;
 /// Most branches a barrier may join.
 pub const MAX_BRANCHES: usize = 10_000;
 
-/// Longest name accepted (same rule as the broker's names: `[A-Za-z0-9_-]{1,128}`).
-const MAX_NAME_LEN: usize = 128;
-
 /// Why a [`pb::BarrierSpec`] is refused. Every variant is bad input
 /// (INVALID_ARGUMENT at the gRPC edge).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -163,7 +160,7 @@ pub fn branch_keys(spec: &pb::BarrierSpec) -> Result<Vec<String>, BarrierError> 
         ("barrier_id", &spec.barrier_id),
         ("target_agent", &spec.target_agent),
     ] {
-        if let Some(reason) = name_problem(value) {
+        if let Some(reason) = crate::names::problem(value) {
             return Err(BarrierError::InvalidName {
                 field,
                 value: shorten(value),
@@ -188,7 +185,7 @@ pub fn branch_keys(spec: &pb::BarrierSpec) -> Result<Vec<String>, BarrierError> 
             }
             let mut seen: HashMap<&str, usize> = HashMap::with_capacity(spec.branch_keys.len());
             for (index, key) in spec.branch_keys.iter().enumerate() {
-                if let Some(reason) = name_problem(key) {
+                if let Some(reason) = crate::names::problem(key) {
                     return Err(BarrierError::InvalidBranchKey {
                         index,
                         value: shorten(key),
@@ -660,23 +657,6 @@ fn status_name(status: i32) -> String {
     match pb::BranchStatus::try_from(status) {
         Ok(s) => s.as_str_name().to_string(),
         Err(_) => status.to_string(),
-    }
-}
-
-/// Why `value` is not a valid name (`[A-Za-z0-9_-]{1,128}`), if it is not.
-fn name_problem(value: &str) -> Option<String> {
-    if value.is_empty() {
-        Some("is empty".to_string())
-    } else if value.len() > MAX_NAME_LEN {
-        Some(format!(
-            "is {} characters long; the limit is {MAX_NAME_LEN}",
-            value.chars().count()
-        ))
-    } else {
-        value
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
-            .map(|c| format!("contains {c:?}; allowed are A-Z a-z 0-9 _ -"))
     }
 }
 

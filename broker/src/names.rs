@@ -10,9 +10,9 @@ use crate::error::BrokerError;
 /// Longest name accepted, in bytes (all accepted characters are ASCII).
 pub const MAX_NAME_LEN: usize = 128;
 
-/// Checks `value` as the name of `field`; the error names both.
-pub fn validate(field: &'static str, value: &str) -> Result<(), BrokerError> {
-    let problem = if value.is_empty() {
+/// Why `value` is not a valid name (`[A-Za-z0-9_-]{1,128}`), if it is not.
+pub fn problem(value: &str) -> Option<String> {
+    if value.is_empty() {
         Some("is empty".to_string())
     } else if value.len() > MAX_NAME_LEN {
         Some(format!(
@@ -24,8 +24,12 @@ pub fn validate(field: &'static str, value: &str) -> Result<(), BrokerError> {
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
             .map(|c| format!("contains {c:?}; allowed are A-Z a-z 0-9 _ -"))
-    };
-    match problem {
+    }
+}
+
+/// Checks `value` as the name of `field`; the error names both.
+pub fn validate(field: &'static str, value: &str) -> Result<(), BrokerError> {
+    match problem(value) {
         None => Ok(()),
         Some(reason) => Err(BrokerError::InvalidName {
             field,

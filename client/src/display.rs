@@ -179,8 +179,8 @@ pub fn barrier_table(b: &pb::Barrier) -> String {
     };
     let _ = writeln!(out, "mode: {mode}");
     let _ = writeln!(out, "target: {}", dash(&spec.target_agent));
-    let _ = writeln!(out, "opened: {}", rfc3339(b.opened_at));
-    let _ = writeln!(out, "released: {}", rfc3339(b.released_at));
+    let _ = writeln!(out, "opened: {}", timestamp(b.opened_at));
+    let _ = writeln!(out, "released: {}", timestamp(b.released_at));
     let _ = writeln!(
         out,
         "fail_fast: {}",
@@ -354,8 +354,8 @@ fn dash(s: &str) -> String {
     }
 }
 
-/// An RFC 3339 UTC time, or `-`.
-fn rfc3339(t: Option<prost_types::Timestamp>) -> String {
+/// An RFC 3339 UTC time, or `-` when unset or out of range.
+pub fn timestamp(t: Option<prost_types::Timestamp>) -> String {
     t.and_then(|t| SystemTime::try_from(t).ok())
         .and_then(|t| {
             time::OffsetDateTime::from(t)

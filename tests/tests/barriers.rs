@@ -116,6 +116,38 @@ async fn a_hundred_concurrent_branches_release_once_with_all_in_key_order() {
     let b = get(&client, "r100", "join").await;
     assert_eq!(b.state, pb::BarrierState::Released as i32);
     assert!(b.release_published);
+    // The timeline: opened once, each branch arrived once, released once.
+    let mut watch = client
+        .watch(
+            handoff_client::WatchFilter::all()
+                .run("r100")
+                .from_sequence(1),
+        )
+        .await
+        .unwrap();
+    let mut arrived = std::collections::BTreeSet::new();
+    let mut counts = [0usize; 3];
+    while counts[1] < 100 || counts[2] < 1 {
+        let e = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::StreamExt::next(&mut watch),
+        )
+        .await
+        .expect("the barrier's events")
+        .expect("the watch goes on")
+        .unwrap();
+        match pb::EventKind::try_from(e.kind) {
+            Ok(pb::EventKind::BarrierOpened) => counts[0] += 1,
+            Ok(pb::EventKind::BranchArrived) => {
+                counts[1] += 1;
+                arrived.insert(e.branch_key.clone());
+            }
+            Ok(pb::EventKind::BarrierReleased) => counts[2] += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(counts, [1, 100, 1]);
+    assert_eq!(arrived.len(), 100);
 }
 
 #[tokio::test]

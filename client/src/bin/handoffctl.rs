@@ -329,7 +329,7 @@ async fn run_start(client: &Client, args: StartArgs) -> Outcome {
     out(&format!("{}\n", run.id))?;
     let deadline = run
         .deadline
-        .map(|t| format!("deadline={}", timestamp(Some(t))))
+        .map(|t| format!("deadline={}", display::timestamp(Some(t))))
         .unwrap_or_else(|| "no deadline".to_string());
     let pinned = run.pinned.as_ref().map_or(0, |p| p.fields.len());
     eprintln!(
@@ -595,7 +595,7 @@ async fn contracts_list(client: &Client, message_type: Option<&str>) -> Outcome 
                 c.message_type.clone(),
                 c.version.to_string(),
                 display::compatibility(c.compatibility).to_string(),
-                timestamp(c.registered_at),
+                display::timestamp(c.registered_at),
                 display::rules_summary(c.rules.as_ref()),
             ]
         })
@@ -614,7 +614,7 @@ async fn contracts_show(client: &Client, message_type: &str, version: u32) -> Ou
         c.version,
         display::compatibility(c.compatibility),
         c.fingerprint,
-        timestamp(c.registered_at)
+        display::timestamp(c.registered_at)
     );
     text.push_str(&rules_text(c.rules.as_ref()));
     let pool = DescriptorPool::decode(c.file_descriptor_set.as_slice()).map_err(|e| {
@@ -749,7 +749,7 @@ async fn dead_letters(client: &Client, args: DeadLettersArgs) -> Outcome {
             let env = d.handoff.clone().unwrap_or_default();
             vec![
                 d.sequence.to_string(),
-                timestamp(d.at),
+                display::timestamp(d.at),
                 d.agent.clone(),
                 or_dash(&env.run_id),
                 or_dash(&env.id),
@@ -824,17 +824,6 @@ fn or_dash(s: &str) -> String {
     } else {
         s.to_string()
     }
-}
-
-/// An RFC 3339 UTC time, or `-`.
-fn timestamp(t: Option<prost_types::Timestamp>) -> String {
-    t.and_then(|t| SystemTime::try_from(t).ok())
-        .and_then(|t| {
-            time::OffsetDateTime::from(t)
-                .format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "-".to_string())
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM.
