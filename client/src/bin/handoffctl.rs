@@ -12,7 +12,7 @@ use std::{
     io::{self, IsTerminal as _, Write as _},
     path::{Path, PathBuf},
     process::ExitCode,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use clap::{Args, CommandFactory as _, Parser, Subcommand};
