@@ -1,0 +1,272 @@
+//! `handoff-bench`: the benchmark suite of the handoff broker.
+//!
+//! It starts a `nats-server` (or uses `--nats-url`) and a `handoffd`
+//! process, runs the named scenarios, and measures the same work straight
+//! on JetStream against the same server in the same run, so every figure
+//! comes with a ratio that holds on a noisy machine:
+//!
+//! - `chain`: runs through a 5-hop pipeline of agents that accept a
+//!   contract (1 KiB Subtask payloads): per-hop and end-to-end latency;
+//! - `fanin`: barriers of 10, 100 and 1000 branches (512-byte results,
+//!   checked against the aggregator's contract): release latency (last
+//!   branch sent -> release delivered) and total;
+//! - `throughput`: 1 KiB handoffs from many concurrent producers to four
+//!   acking instances: accepted per second, and accepted-and-delivered;
+//! - `scale`: per-hop latency before and after the broker holds 100,000
+//!   finished runs and 100,000 open barriers;
+//! - `memory`: `handoffd`'s resident memory idle, at its peak under
+//!   `throughput`, and with the open barriers of `scale`.
+//!
+//! Latencies go through HDR histograms. The table goes to stdout (JSON
+//! with `--json`), progress to stderr.
+//!
+//! `cargo run --release -p handoff-bench [-- chain fanin ...]`
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+mod report;
+mod scenarios;
+mod stack;
+
+use report::{Figure, Latency, Row};
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Chain,
+    Fanin,
+    Throughput,
+    Scale,
+    Memory,
+}
+
+/// Benchmarks of handoffd, each next to raw JetStream.
+#[derive(Parser, Debug)]
+#[command(name = "handoff-bench")]
+struct Args {
+    /// Scenarios to run (default: all, in this order).
+    #[arg(value_enum)]
+    scenarios: Vec<Scenario>,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Use this NATS instead of starting a nats-server.
+    #[arg(long, value_name = "URL")]
+    nats_url: Option<String>,
+    /// Runs through the chain.
+    #[arg(long, default_value_t = 1000)]
+    chain_runs: u64,
+    /// Handoffs in the throughput scenario.
+    #[arg(long, default_value_t = 30_000)]
+    throughput_count: u64,
+    /// Concurrent producers in the throughput scenario.
+    #[arg(long, default_value_t = 64)]
+    producers: usize,
+    /// Finished runs and open barriers for the scale scenario.
+    #[arg(long, default_value_t = 100_000)]
+    scale_n: u64,
+}
+
+fn bar(len: u64, prefix: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template("{prefix:>24} [{bar:32}] {pos}/{len} {elapsed}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
+fn latency(h: &hdrhistogram::Histogram<u64>, raw: Option<&hdrhistogram::Histogram<u64>>) -> Figure {
+    Figure::Latency {
+        handoff: Latency::of(h),
+        raw: raw.map(Latency::of),
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("handoff-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), BoxError> {
+    let all = args.scenarios.is_empty();
+    let wants = |s: Scenario| all || args.scenarios.contains(&s);
+    let stack = stack::Stack::start(args.nats_url.clone()).await?;
+    let client = stack.client().await?;
+    let mut rows = Vec::new();
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = stack.broker_rss();
+    scenarios::prepare(&client).await?;
+
+    if wants(Scenario::Chain) {
+        let runs = args.chain_runs;
+        let (hop, e2e) = scenarios::chain(&client, runs, &bar(runs, "chain (handoffd)")).await?;
+        let (raw_hop, raw_e2e) =
+            scenarios::raw_chain(stack.nats_url(), runs, &bar(runs, "chain (JetStream)")).await?;
+        rows.push(Row::new(
+            "chain",
+            "per hop (1 KiB, contract checked)",
+            latency(&hop, Some(&raw_hop)),
+        ));
+        rows.push(Row::new(
+            "chain",
+            "end to end, 5 hops",
+            latency(&e2e, Some(&raw_e2e)),
+        ));
+    }
+
+    if wants(Scenario::Fanin) {
+        for (n, iterations) in [(10u32, 200u64), (100, 100), (1000, 5)] {
+            let (release, total) = scenarios::fanin(
+                &client,
+                n,
+                iterations,
+                &bar(iterations, &format!("fan-in {n} (handoffd)")),
+            )
+            .await?;
+            let (raw_release, raw_total) = scenarios::raw_fanin(
+                stack.nats_url(),
+                n,
+                iterations,
+                &bar(iterations, &format!("fan-in {n} (JetStream)")),
+            )
+            .await?;
+            rows.push(Row::new(
+                "fanin",
+                format!("{n} branches: last branch -> release"),
+                latency(&release, Some(&raw_release)),
+            ));
+            rows.push(Row::new(
+                "fanin",
+                format!("{n} branches: opened -> release"),
+                latency(&total, Some(&raw_total)),
+            ));
+        }
+    }
+
+    let mut peak = None;
+    if wants(Scenario::Throughput) || wants(Scenario::Memory) {
+        let count = args.throughput_count;
+        let sampling = Arc::new(AtomicBool::new(true));
+        let max_rss = Arc::new(AtomicU64::new(0));
+        let sampler = {
+            let (sampling, max_rss) = (sampling.clone(), max_rss.clone());
+            let pid = stack.broker_pid();
+            tokio::spawn(async move {
+                while sampling.load(Ordering::Relaxed) {
+                    if let Some(b) = pid.and_then(stack::rss) {
+                        max_rss.fetch_max(b, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        let (accepted, delivered) = scenarios::throughput(
+            &client,
+            count,
+            args.producers,
+            &bar(count, "throughput (handoffd)"),
+        )
+        .await?;
+        sampling.store(false, Ordering::Relaxed);
+        let _ = sampler.await;
+        peak = Some(max_rss.load(Ordering::Relaxed));
+        let (raw_accepted, raw_delivered) = scenarios::raw_throughput(
+            stack.nats_url(),
+            count,
+            args.producers,
+            &bar(count, "throughput (JetStream)"),
+        )
+        .await?;
+        rows.push(Row::new(
+            "throughput",
+            format!("accepted, {} producers, 1 KiB", args.producers),
+            Figure::Rate {
+                handoff: accepted,
+                raw: Some(raw_accepted),
+            },
+        ));
+        rows.push(Row::new(
+            "throughput",
+            "accepted and delivered (acked by 4 instances)",
+            Figure::Rate {
+                handoff: delivered,
+                raw: Some(raw_delivered),
+            },
+        ));
+    }
+
+    let mut loaded = None;
+    if wants(Scenario::Scale) || wants(Scenario::Memory) {
+        let n = args.scale_n;
+        let runs = (args.chain_runs / 2).max(100);
+        let (before, _) =
+            scenarios::chain(&client, runs, &bar(runs, "scale: chain, empty")).await?;
+        scenarios::populate(&client, n, n, &bar(2 * n, "scale: fill")).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        loaded = stack.broker_rss();
+        let (after, _) = scenarios::chain(&client, runs, &bar(runs, "scale: chain, full")).await?;
+        if wants(Scenario::Scale) {
+            rows.push(Row::new(
+                "scale",
+                "per hop, nothing kept",
+                latency(&before, None),
+            ));
+            rows.push(Row::new(
+                "scale",
+                format!("per hop, {n} finished runs + {n} open barriers"),
+                latency(&after, None),
+            ));
+            let ratio = Latency::of(&after).p50 / Latency::of(&before).p50.max(f64::MIN_POSITIVE);
+            rows.push(Row::new(
+                "scale",
+                "per-hop p50, full / empty",
+                Figure::Ratio {
+                    value: ratio,
+                    of: "p50".into(),
+                },
+            ));
+        }
+    }
+
+    if wants(Scenario::Memory) {
+        for (what, bytes) in [
+            ("handoffd RSS, idle".to_string(), idle),
+            ("handoffd RSS, peak under throughput".to_string(), peak),
+            (
+                format!("handoffd RSS, {} open barriers", args.scale_n),
+                loaded,
+            ),
+        ] {
+            if let Some(bytes) = bytes {
+                rows.push(Row::new("memory", what, Figure::Memory { bytes }));
+            }
+        }
+    }
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", report::table(&rows));
+    }
+    Ok(())
+}

@@ -1,0 +1,576 @@
+//! The scenarios, each measured through `handoffd` and, where there is an
+//! equivalent, straight on JetStream in the same run.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use async_nats::jetstream::{self, consumer::pull, kv, stream};
+use futures::{StreamExt, TryStreamExt};
+use handoff_client::{pb, AgentConfig, Client, ContractSpec, Handoff, RunConfig, Subscription};
+use handoff_proto::{
+    demo::{Subtask, WorkerResult},
+    DEMO_FILE_DESCRIPTOR_SET,
+};
+use hdrhistogram::Histogram;
+use indicatif::ProgressBar;
+
+use crate::{report::histogram, BoxError};
+
+/// Agents of the 5-hop chain.
+const CHAIN: [&str; 5] = ["c0", "c1", "c2", "c3", "c4"];
+/// Concurrent requests when the bench loads the broker.
+const CONCURRENCY: usize = 64;
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Registers the demo contracts (Subtask: instruction required, at most
+/// 4,000 tokens; WorkerResult: summary required) and the agents: the chain
+/// `c0`..`c4` and `sink` accept Subtask, `agg` accepts WorkerResult,
+/// `worker` emits it.
+pub(crate) async fn prepare(client: &Client) -> Result<(), BoxError> {
+    client
+        .register_contract(
+            ContractSpec::of::<Subtask>(DEMO_FILE_DESCRIPTOR_SET)
+                .require("instruction")
+                .max_tokens(4000),
+        )
+        .await?;
+    client
+        .register_contract(
+            ContractSpec::of::<WorkerResult>(DEMO_FILE_DESCRIPTOR_SET).require("summary"),
+        )
+        .await?;
+    for name in CHAIN.iter().chain(&["sink"]) {
+        client
+            .register_agent(
+                AgentConfig::new(*name)
+                    .accepts::<Subtask>()
+                    .emits::<Subtask>(),
+            )
+            .await?;
+    }
+    client
+        .register_agent(AgentConfig::new("agg").accepts::<WorkerResult>())
+        .await?;
+    client
+        .register_agent(AgentConfig::new("worker").emits::<WorkerResult>())
+        .await?;
+    Ok(())
+}
+
+/// A Subtask of about 1 KiB encoded.
+fn subtask() -> Subtask {
+    Subtask {
+        index: 1,
+        of: 1,
+        instruction: "Summarise the section on quarterly revenue for leadership. ".repeat(17),
+        sources: vec!["report-q3.pdf".to_string()],
+    }
+}
+
+/// A WorkerResult of about `size` bytes encoded.
+fn worker_result(size: usize) -> WorkerResult {
+    WorkerResult {
+        index: 1,
+        of: 1,
+        summary: "revenue grew in every region. ".repeat(size / 30 + 1),
+        citations: vec![],
+    }
+}
+
+async fn next(sub: &mut Subscription) -> Result<handoff_client::Delivery, BoxError> {
+    match tokio::time::timeout(WAIT, sub.next_delivery()).await {
+        Ok(Some(d)) => Ok(d?),
+        Ok(None) => Err("subscription ended".into()),
+        Err(_) => Err("no delivery within 60 s".into()),
+    }
+}
+
+/// Per-hop and end-to-end latency of `runs` runs through the 5-hop chain
+/// (a hop: from handing off to the next agent's delivery).
+pub(crate) async fn chain(
+    client: &Client,
+    runs: u64,
+    bar: &ProgressBar,
+) -> Result<(Histogram<u64>, Histogram<u64>), BoxError> {
+    let mut subs = Vec::new();
+    for name in CHAIN {
+        subs.push(client.subscribe(name, "bench", 1).await?);
+    }
+    let payload = subtask();
+    let (mut hop, mut e2e) = (histogram(), histogram());
+    let warmup = 20;
+    for r in 0..runs + warmup {
+        let run = client
+            .start_run(RunConfig::new("bench").max_depth(8))
+            .await?;
+        let start = Instant::now();
+        client
+            .handoff(Handoff::to(&run.id, CHAIN[0], &payload)?)
+            .await?;
+        let mut last = start;
+        for (i, sub) in subs.iter_mut().enumerate() {
+            let d = next(sub).await?;
+            let now = Instant::now();
+            if r >= warmup {
+                hop.record(now.duration_since(last).as_micros() as u64)?;
+            }
+            last = now;
+            match CHAIN.get(i + 1) {
+                Some(to) => {
+                    d.handoff(Handoff::to("", *to, &payload)?).await?;
+                }
+                None => d.ack().await?,
+            }
+        }
+        if r >= warmup {
+            e2e.record(last.duration_since(start).as_micros() as u64)?;
+            bar.inc(1);
+        }
+    }
+    Ok((hop, e2e))
+}
+
+/// The same chain on raw JetStream: publish and await the ack, pull, ack.
+pub(crate) async fn raw_chain(
+    url: &str,
+    runs: u64,
+    bar: &ProgressBar,
+) -> Result<(Histogram<u64>, Histogram<u64>), BoxError> {
+    let js = jetstream::new(async_nats::connect(url).await?);
+    let s = js
+        .create_stream(stream::Config {
+            name: "BENCH_CHAIN".into(),
+            subjects: vec!["bench.chain.>".into()],
+            ..Default::default()
+        })
+        .await?;
+    let mut streams = Vec::new();
+    for i in 0..CHAIN.len() {
+        let consumer = s
+            .create_consumer(pull::Config {
+                durable_name: Some(format!("c{i}")),
+                filter_subject: format!("bench.chain.{i}"),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await?;
+        streams.push(consumer.messages().await?);
+    }
+    let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&subtask()));
+    let (mut hop, mut e2e) = (histogram(), histogram());
+    let warmup = 20;
+    for r in 0..runs + warmup {
+        let start = Instant::now();
+        js.publish("bench.chain.0", payload.clone()).await?.await?;
+        let mut last = start;
+        for (i, messages) in streams.iter_mut().enumerate() {
+            let msg = match tokio::time::timeout(WAIT, messages.next()).await {
+                Ok(Some(m)) => m?,
+                _ => return Err("raw chain: no message".into()),
+            };
+            let now = Instant::now();
+            if r >= warmup {
+                hop.record(now.duration_since(last).as_micros() as u64)?;
+            }
+            last = now;
+            if i + 1 < CHAIN.len() {
+                js.publish(format!("bench.chain.{}", i + 1), payload.clone())
+                    .await?
+                    .await?;
+            }
+            msg.double_ack().await?;
+        }
+        if r >= warmup {
+            e2e.record(last.duration_since(start).as_micros() as u64)?;
+            bar.inc(1);
+        }
+    }
+    Ok((hop, e2e))
+}
+
+fn branch(run: &str, barrier: &str, key: u32, result: &WorkerResult) -> Result<Handoff, BoxError> {
+    Ok(Handoff::from_request(pb::HandoffRequest {
+        run_id: run.to_string(),
+        source_agent: "worker".into(),
+        to_barrier: true,
+        barrier_id: barrier.to_string(),
+        branch_key: key.to_string(),
+        payload: Some(handoff_client::encode(result)?),
+        ..Default::default()
+    }))
+}
+
+/// Fan-in of `n` branches, `iterations` times: release latency (last
+/// branch sent -> release delivered) and total (barrier opened -> release
+/// delivered). Branch results of 512 bytes, checked against the
+/// aggregator's contract.
+pub(crate) async fn fanin(
+    client: &Client,
+    n: u32,
+    iterations: u64,
+    bar: &ProgressBar,
+) -> Result<(Histogram<u64>, Histogram<u64>), BoxError> {
+    let run = client.start_run(RunConfig::new("bench")).await?;
+    let mut agg = client.subscribe("agg", "bench", 1).await?;
+    let result = worker_result(512);
+    let (mut release, mut total) = (histogram(), histogram());
+    let warmup = 2;
+    for it in 0..iterations + warmup {
+        let barrier = format!("n{n}-{it}");
+        let start = Instant::now();
+        client
+            .raw()
+            .open_barrier(pb::OpenBarrierRequest {
+                barrier: Some(pb::BarrierSpec {
+                    run_id: run.id.clone(),
+                    barrier_id: barrier.clone(),
+                    branch_count: n,
+                    target_agent: "agg".into(),
+                    ..Default::default()
+                }),
+            })
+            .await?;
+        futures::stream::iter(0..n - 1)
+            .map(|k| {
+                let client = client.clone();
+                let h = branch(&run.id, &barrier, k, &result);
+                async move { client.handoff(h?).await.map_err(BoxError::from) }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .try_collect::<Vec<_>>()
+            .await?;
+        let last = Instant::now();
+        client
+            .handoff(branch(&run.id, &barrier, n - 1, &result)?)
+            .await?;
+        let d = next(&mut agg).await?;
+        let delivered = Instant::now();
+        let r: pb::BarrierRelease = d.payload()?;
+        if r.barrier_id != barrier || r.branches.len() != n as usize || !r.missing.is_empty() {
+            return Err(format!("unexpected release of {}", r.barrier_id).into());
+        }
+        d.ack().await?;
+        if it >= warmup {
+            release.record(delivered.duration_since(last).as_micros() as u64)?;
+            total.record(delivered.duration_since(start).as_micros() as u64)?;
+            bar.inc(1);
+        }
+    }
+    Ok((release, total))
+}
+
+/// A key/value bucket made the way the broker makes its own (works on
+/// nats-server 2.9).
+async fn bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, BoxError> {
+    js.create_stream(stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await?;
+    Ok(js.get_key_value(name).await?)
+}
+
+/// The same fan-in on raw JetStream: each branch publishes its result and
+/// then increments a counter with compare-and-set; the branch that makes
+/// it `n` publishes the release, which one consumer pulls and acks.
+pub(crate) async fn raw_fanin(
+    url: &str,
+    n: u32,
+    iterations: u64,
+    bar: &ProgressBar,
+) -> Result<(Histogram<u64>, Histogram<u64>), BoxError> {
+    let js = jetstream::new(async_nats::connect(url).await?);
+    let s = js
+        .create_stream(stream::Config {
+            name: format!("BENCH_FAN_{n}"),
+            subjects: vec![format!("bench.fan{n}.>")],
+            ..Default::default()
+        })
+        .await?;
+    let counters = bucket(&js, &format!("bench_fan_{n}")).await?;
+    let mut releases = s
+        .create_consumer(pull::Config {
+            durable_name: Some("release".into()),
+            filter_subject: format!("bench.fan{n}.release.>"),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?;
+    let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&worker_result(512)));
+    let arrive = |it: u64, k: u32| {
+        let (js, counters, payload) = (js.clone(), counters.clone(), payload.clone());
+        async move {
+            js.publish(format!("bench.fan{n}.branch.{it}.{k}"), payload)
+                .await?
+                .await?;
+            let key = format!("f{it}");
+            loop {
+                let (count, written) = match counters.entry(&key).await? {
+                    None => (1u32, counters.create(&key, "1".into()).await.is_ok()),
+                    Some(e) => {
+                        let count = std::str::from_utf8(&e.value)?.parse::<u32>()? + 1;
+                        let ok = counters
+                            .update(&key, count.to_string().into(), e.revision)
+                            .await
+                            .is_ok();
+                        (count, ok)
+                    }
+                };
+                if written {
+                    if count == n {
+                        js.publish(format!("bench.fan{n}.release.{it}"), "released".into())
+                            .await?
+                            .await?;
+                    }
+                    return Ok::<(), BoxError>(());
+                }
+            }
+        }
+    };
+    let (mut release, mut total) = (histogram(), histogram());
+    let warmup = 2;
+    for it in 0..iterations + warmup {
+        let start = Instant::now();
+        futures::stream::iter(0..n - 1)
+            .map(|k| arrive(it, k))
+            .buffer_unordered(CONCURRENCY)
+            .try_collect::<Vec<_>>()
+            .await?;
+        let last = Instant::now();
+        arrive(it, n - 1).await?;
+        let msg = match tokio::time::timeout(WAIT, releases.next()).await {
+            Ok(Some(m)) => m?,
+            _ => return Err("raw fan-in: no release".into()),
+        };
+        let delivered = Instant::now();
+        msg.double_ack().await?;
+        if it >= warmup {
+            release.record(delivered.duration_since(last).as_micros() as u64)?;
+            total.record(delivered.duration_since(start).as_micros() as u64)?;
+            bar.inc(1);
+        }
+    }
+    Ok((release, total))
+}
+
+/// Sustained rate: `producers` tasks hand off `count` 1 KiB Subtasks to
+/// `sink` (contract checked) while 4 instances of `sink` ack them. Returns
+/// accepted per second and accepted-and-delivered (acked) per second.
+pub(crate) async fn throughput(
+    client: &Client,
+    count: u64,
+    producers: usize,
+    bar: &ProgressBar,
+) -> Result<(f64, f64), BoxError> {
+    let run = client.start_run(RunConfig::new("bench")).await?;
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut consumers = Vec::new();
+    for i in 0..4 {
+        let mut sub = client.subscribe("sink", &format!("s{i}"), 256).await?;
+        let acked = acked.clone();
+        consumers.push(tokio::spawn(async move {
+            let mut acks = futures::stream::FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    d = sub.next_delivery() => match d {
+                        Some(Ok(d)) => acks.push(async move { d.ack().await }),
+                        _ => return,
+                    },
+                    Some(r) = acks.next(), if !acks.is_empty() => {
+                        if r.is_ok() {
+                            acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let payload = subtask();
+    let next_index = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..producers {
+        let (client, next_index, run_id, payload, bar) = (
+            client.clone(),
+            next_index.clone(),
+            run.id.clone(),
+            payload.clone(),
+            bar.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while next_index.fetch_add(1, Ordering::Relaxed) < count {
+                client
+                    .handoff(Handoff::to(&run_id, "sink", &payload)?)
+                    .await?;
+                bar.inc(1);
+            }
+            Ok::<(), BoxError>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let accepted = start.elapsed();
+    let deadline = Instant::now() + WAIT;
+    while acked.load(Ordering::Relaxed) < count {
+        if Instant::now() > deadline {
+            return Err("throughput: not every handoff was delivered within 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let delivered = start.elapsed();
+    for c in consumers {
+        c.abort();
+    }
+    Ok((
+        count as f64 / accepted.as_secs_f64(),
+        count as f64 / delivered.as_secs_f64(),
+    ))
+}
+
+/// The same load on raw JetStream: publishers await each ack; four
+/// consumers share one durable pull consumer and ack every message.
+pub(crate) async fn raw_throughput(
+    url: &str,
+    count: u64,
+    producers: usize,
+    bar: &ProgressBar,
+) -> Result<(f64, f64), BoxError> {
+    let js = jetstream::new(async_nats::connect(url).await?);
+    let s = js
+        .create_stream(stream::Config {
+            name: "BENCH_SINK".into(),
+            subjects: vec!["bench.sink".into()],
+            ..Default::default()
+        })
+        .await?;
+    let consumer = s
+        .create_consumer(pull::Config {
+            durable_name: Some("sink".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 4 * 256,
+            ..Default::default()
+        })
+        .await?;
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut consumers = Vec::new();
+    for _ in 0..4 {
+        let mut messages = consumer.messages().await?;
+        let acked = acked.clone();
+        consumers.push(tokio::spawn(async move {
+            let mut acks = futures::stream::FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    m = messages.next() => match m {
+                        Some(Ok(m)) => acks.push(async move { m.double_ack().await }),
+                        _ => return,
+                    },
+                    Some(r) = acks.next(), if !acks.is_empty() => {
+                        if r.is_ok() {
+                            acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&subtask()));
+    let next_index = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..producers {
+        let (js, next_index, payload, bar) =
+            (js.clone(), next_index.clone(), payload.clone(), bar.clone());
+        tasks.push(tokio::spawn(async move {
+            while next_index.fetch_add(1, Ordering::Relaxed) < count {
+                js.publish("bench.sink", payload.clone()).await?.await?;
+                bar.inc(1);
+            }
+            Ok::<(), BoxError>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let accepted = start.elapsed();
+    let deadline = Instant::now() + WAIT;
+    while acked.load(Ordering::Relaxed) < count {
+        if Instant::now() > deadline {
+            return Err("raw throughput: not every message was acked within 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let delivered = start.elapsed();
+    for c in consumers {
+        c.abort();
+    }
+    Ok((
+        count as f64 / accepted.as_secs_f64(),
+        count as f64 / delivered.as_secs_f64(),
+    ))
+}
+
+/// Fills the broker with `runs` finished runs (started, then completed by
+/// a final handoff) and `barriers` open barriers (2 branches each, none
+/// arrived), `CONCURRENCY` requests at a time.
+pub(crate) async fn populate(
+    client: &Client,
+    runs: u64,
+    barriers: u64,
+    bar: &ProgressBar,
+) -> Result<(), BoxError> {
+    let payload = subtask();
+    futures::stream::iter(0..runs)
+        .map(|_| {
+            let (client, payload, bar) = (client.clone(), payload.clone(), bar.clone());
+            async move {
+                let run = client.start_run(RunConfig::new("scale")).await?;
+                client
+                    .handoff(Handoff::final_result(&run.id, &payload)?)
+                    .await?;
+                bar.inc(1);
+                Ok::<(), BoxError>(())
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let run = client.start_run(RunConfig::new("scale")).await?;
+    futures::stream::iter(0..barriers)
+        .map(|i| {
+            let (client, run_id, bar) = (client.clone(), run.id.clone(), bar.clone());
+            async move {
+                client
+                    .raw()
+                    .open_barrier(pb::OpenBarrierRequest {
+                        barrier: Some(pb::BarrierSpec {
+                            run_id,
+                            barrier_id: format!("open-{i}"),
+                            branch_count: 2,
+                            target_agent: "agg".into(),
+                            ..Default::default()
+                        }),
+                    })
+                    .await?;
+                bar.inc(1);
+                Ok::<(), BoxError>(())
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! The system under test: a `nats-server` and a `handoffd` process, both on
+//! free loopback ports, stopped when dropped.
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use handoff_client::Client;
+use handoffd::embedded::{NatsServer, Options};
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+use crate::BoxError;
+
+/// `nats-server` (unless one was given) and `handoffd` against it.
+pub(crate) struct Stack {
+    _nats: Option<NatsServer>,
+    broker: Child,
+    _dir: TempDir,
+    nats_url: String,
+    addr: String,
+}
+
+impl Stack {
+    /// Starts the stack; `nats_url` uses a running NATS instead of starting
+    /// one.
+    pub(crate) async fn start(nats_url: Option<String>) -> Result<Stack, BoxError> {
+        let dir = tempfile::tempdir()?;
+        let (nats, url) = match nats_url {
+            Some(url) => (None, url),
+            None => {
+                let server =
+                    NatsServer::start(Options::new("nats-server", dir.path().join("js"))).await?;
+                let url = server.url().to_string();
+                (Some(server), url)
+            }
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let broker = Command::new(broker_bin()?)
+            .args(["--nats-url", &url, "--listen", &listen])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let addr = format!("http://{listen}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if Client::connect(&addr).await.is_ok() {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err("handoffd did not start within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Stack {
+            _nats: nats,
+            broker,
+            _dir: dir,
+            nats_url: url,
+            addr,
+        })
+    }
+
+    /// A new SDK client to the broker.
+    pub(crate) async fn client(&self) -> Result<Client, BoxError> {
+        Ok(Client::connect(&self.addr).await?)
+    }
+
+    /// The NATS URL, for the raw JetStream baselines.
+    pub(crate) fn nats_url(&self) -> &str {
+        &self.nats_url
+    }
+
+    /// The broker's process id.
+    pub(crate) fn broker_pid(&self) -> Option<u32> {
+        self.broker.id()
+    }
+
+    /// The broker's resident memory in bytes.
+    pub(crate) fn broker_rss(&self) -> Option<u64> {
+        rss(self.broker_pid()?)
+    }
+}
+
+/// Resident memory of process `pid` in bytes, from `/proc`.
+pub(crate) fn rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// `handoffd-bench`, built next to this binary.
+fn broker_bin() -> Result<PathBuf, BoxError> {
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .map(|d| d.join("handoffd-bench"))
+        .ok_or("no directory for handoffd-bench")?;
+    if !bin.exists() {
+        return Err(format!(
+            "{} not found: build the crate's binaries (cargo run --release -p handoff-bench)",
+            bin.display()
+        )
+        .into());
+    }
+    Ok(bin)
+}
