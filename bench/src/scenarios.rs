@@ -366,6 +366,88 @@ pub(crate) async fn raw_fanin(
     Ok((release, total))
 }
 
+/// Acks every item `items` yields, many at a time, counting the acks that
+/// succeed in `acked`, until the stream ends or the task is aborted.
+fn spawn_acker<S, T, E, F, A, AE>(
+    mut items: S,
+    ack: F,
+    acked: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()>
+where
+    S: futures::Stream<Item = Result<T, E>> + Unpin + Send + 'static,
+    T: Send + 'static,
+    E: Send + 'static,
+    F: Fn(T) -> A + Send + 'static,
+    A: std::future::Future<Output = Result<(), AE>> + Send + 'static,
+    AE: Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut acks = futures::stream::FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                item = items.next() => match item {
+                    Some(Ok(item)) => acks.push(ack(item)),
+                    _ => return,
+                },
+                Some(r) = acks.next(), if !acks.is_empty() => {
+                    if r.is_ok() {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Runs `producers` tasks calling `send` until it was called `count` times,
+/// then waits until the consumers acked `count`. Returns sends per second
+/// and acks per second, both from the start; stops the consumers.
+async fn drive<F, Fut>(
+    count: u64,
+    producers: usize,
+    bar: &ProgressBar,
+    acked: &AtomicU64,
+    consumers: Vec<tokio::task::JoinHandle<()>>,
+    send: F,
+) -> Result<(f64, f64), BoxError>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), BoxError>> + Send,
+{
+    let next_index = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..producers {
+        let (send, next_index, bar) = (send.clone(), next_index.clone(), bar.clone());
+        tasks.push(tokio::spawn(async move {
+            while next_index.fetch_add(1, Ordering::Relaxed) < count {
+                send().await?;
+                bar.inc(1);
+            }
+            Ok::<(), BoxError>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let accepted = start.elapsed();
+    let deadline = Instant::now() + WAIT;
+    while acked.load(Ordering::Relaxed) < count {
+        if Instant::now() > deadline {
+            return Err("throughput: not everything sent was acked within 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let delivered = start.elapsed();
+    for c in consumers {
+        c.abort();
+    }
+    Ok((
+        count as f64 / accepted.as_secs_f64(),
+        count as f64 / delivered.as_secs_f64(),
+    ))
+}
+
 /// Sustained rate: `producers` tasks hand off `count` 1 KiB Subtasks to
 /// `sink` (contract checked) while 4 instances of `sink` ack them. Returns
 /// accepted per second and accepted-and-delivered (acked) per second.
@@ -379,66 +461,25 @@ pub(crate) async fn throughput(
     let acked = Arc::new(AtomicU64::new(0));
     let mut consumers = Vec::new();
     for i in 0..4 {
-        let mut sub = client.subscribe("sink", &format!("s{i}"), 256).await?;
-        let acked = acked.clone();
-        consumers.push(tokio::spawn(async move {
-            let mut acks = futures::stream::FuturesUnordered::new();
-            loop {
-                tokio::select! {
-                    d = sub.next_delivery() => match d {
-                        Some(Ok(d)) => acks.push(async move { d.ack().await }),
-                        _ => return,
-                    },
-                    Some(r) = acks.next(), if !acks.is_empty() => {
-                        if r.is_ok() {
-                            acked.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            }
-        }));
+        let sub = client.subscribe("sink", &format!("s{i}"), 256).await?;
+        consumers.push(spawn_acker(
+            sub,
+            |d: handoff_client::Delivery| async move { d.ack().await },
+            acked.clone(),
+        ));
     }
-    let payload = subtask();
-    let next_index = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..producers {
-        let (client, next_index, run_id, payload, bar) = (
+    let (client, run_id, payload) = (client.clone(), run.id, subtask());
+    drive(count, producers, bar, &acked, consumers, move || {
+        let (client, h) = (
             client.clone(),
-            next_index.clone(),
-            run.id.clone(),
-            payload.clone(),
-            bar.clone(),
+            Handoff::to(run_id.as_str(), "sink", &payload),
         );
-        tasks.push(tokio::spawn(async move {
-            while next_index.fetch_add(1, Ordering::Relaxed) < count {
-                client
-                    .handoff(Handoff::to(&run_id, "sink", &payload)?)
-                    .await?;
-                bar.inc(1);
-            }
-            Ok::<(), BoxError>(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let accepted = start.elapsed();
-    let deadline = Instant::now() + WAIT;
-    while acked.load(Ordering::Relaxed) < count {
-        if Instant::now() > deadline {
-            return Err("throughput: not every handoff was delivered within 60 s".into());
+        async move {
+            client.handoff(h?).await?;
+            Ok(())
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let delivered = start.elapsed();
-    for c in consumers {
-        c.abort();
-    }
-    Ok((
-        count as f64 / accepted.as_secs_f64(),
-        count as f64 / delivered.as_secs_f64(),
-    ))
+    })
+    .await
 }
 
 /// The same load on raw JetStream: publishers await each ack; four
@@ -468,59 +509,22 @@ pub(crate) async fn raw_throughput(
     let acked = Arc::new(AtomicU64::new(0));
     let mut consumers = Vec::new();
     for _ in 0..4 {
-        let mut messages = consumer.messages().await?;
-        let acked = acked.clone();
-        consumers.push(tokio::spawn(async move {
-            let mut acks = futures::stream::FuturesUnordered::new();
-            loop {
-                tokio::select! {
-                    m = messages.next() => match m {
-                        Some(Ok(m)) => acks.push(async move { m.double_ack().await }),
-                        _ => return,
-                    },
-                    Some(r) = acks.next(), if !acks.is_empty() => {
-                        if r.is_ok() {
-                            acked.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            }
-        }));
+        let messages = consumer.messages().await?;
+        consumers.push(spawn_acker(
+            messages,
+            |m: jetstream::Message| async move { m.double_ack().await },
+            acked.clone(),
+        ));
     }
     let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&subtask()));
-    let next_index = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..producers {
-        let (js, next_index, payload, bar) =
-            (js.clone(), next_index.clone(), payload.clone(), bar.clone());
-        tasks.push(tokio::spawn(async move {
-            while next_index.fetch_add(1, Ordering::Relaxed) < count {
-                js.publish("bench.sink", payload.clone()).await?.await?;
-                bar.inc(1);
-            }
-            Ok::<(), BoxError>(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let accepted = start.elapsed();
-    let deadline = Instant::now() + WAIT;
-    while acked.load(Ordering::Relaxed) < count {
-        if Instant::now() > deadline {
-            return Err("raw throughput: not every message was acked within 60 s".into());
+    drive(count, producers, bar, &acked, consumers, move || {
+        let (js, payload) = (js.clone(), payload.clone());
+        async move {
+            js.publish("bench.sink", payload).await?.await?;
+            Ok(())
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let delivered = start.elapsed();
-    for c in consumers {
-        c.abort();
-    }
-    Ok((
-        count as f64 / accepted.as_secs_f64(),
-        count as f64 / delivered.as_secs_f64(),
-    ))
+    })
+    .await
 }
 
 /// Fills the broker with `runs` finished runs (started, then completed by
