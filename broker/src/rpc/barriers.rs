@@ -227,17 +227,18 @@ fn budget(broker: &Broker, b: &pb::Barrier) -> u64 {
         0 => 1 << 20,
         n => n,
     } as u64;
-    let per_key: u64 = b
-        .spec
-        .as_ref()
-        .map(|spec| {
-            barrier::branch_keys(spec)
-                .unwrap_or_default()
-                .iter()
-                .map(|k| 3 * k.len() as u64 + 112)
-                .sum()
-        })
-        .unwrap_or(0);
+    // Key lengths, without listing the keys (this runs on every arrival).
+    let per_key: u64 = match b.spec.as_ref() {
+        Some(spec) if !spec.branch_keys.is_empty() => spec
+            .branch_keys
+            .iter()
+            .map(|k| 3 * k.len() as u64 + 112)
+            .sum(),
+        Some(spec) => (0..spec.branch_count.min(barrier::MAX_BRANCHES as u32))
+            .map(|i| 3 * u64::from(i.checked_ilog10().unwrap_or(0) + 1) + 112)
+            .sum(),
+        None => 0,
+    };
     max.saturating_sub(16 * 1024 + per_key)
 }
 
