@@ -31,7 +31,6 @@ struct Inner {
     store: Store,
     agents: DashMap<String, pb::AgentSpec>,
     contracts: Registry,
-    tokenizer: Tokenizer,
     metrics: Arc<Metrics>,
     /// Live deliveries (by delivery id) and the session that holds each, so
     /// that a complete-and-handoff frees the session's slot.
@@ -57,19 +56,13 @@ pub enum RunEnd {
 
 impl Broker {
     /// Wraps an opened store.
-    pub fn new(
-        config: Config,
-        store: Store,
-        draining: watch::Receiver<bool>,
-        tokenizer: Tokenizer,
-    ) -> Broker {
+    pub fn new(config: Config, store: Store, draining: watch::Receiver<bool>) -> Broker {
         Broker {
             inner: Arc::new(Inner {
                 config,
                 store,
                 agents: DashMap::new(),
                 contracts: Registry::default(),
-                tokenizer,
                 metrics: Arc::new(Metrics::default()),
                 leases: DashMap::new(),
                 draining,
@@ -92,9 +85,22 @@ impl Broker {
         &self.inner.contracts
     }
 
-    /// The tokenizer of token budgets.
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.inner.tokenizer
+    /// The tokenizer of token budgets and counts. Its encoding is loaded
+    /// on first use, on the blocking pool (~100 ms, tens of MiB of
+    /// tables), so a broker that never checks a payload against a
+    /// contract never holds it.
+    pub async fn tokenizer(&self) -> Result<Tokenizer, BrokerError> {
+        let name = &self.inner.config.tokenizer;
+        let loaded = match Tokenizer::loaded(name) {
+            Some(loaded) => loaded,
+            None => {
+                let name = name.clone();
+                tokio::task::spawn_blocking(move || Tokenizer::new(&name))
+                    .await
+                    .map_err(|e| BrokerError::Internal(format!("loading the tokenizer: {e}")))?
+            }
+        };
+        loaded.map_err(BrokerError::Internal)
     }
 
     /// The counters.
@@ -225,16 +231,22 @@ impl Broker {
         self.store().publish_event(&event, msg_id).await
     }
 
-    /// Emits an event without waiting for it on the caller's path; a
-    /// failure is logged. Used for events that observe a step already
-    /// made durable (delivered, acked, ...).
-    pub fn emit_detached(&self, event: pb::Event, msg_id: String) {
-        let broker = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = broker.emit(event, &msg_id).await {
-                tracing::warn!(error = %e, msg_id, "event not published");
-            }
-        });
+    /// Emits an event without waiting for JetStream's confirmation (a
+    /// plain publish, still deduplicated by `msg_id`): for events that
+    /// observe a step already made durable (delivered, acked, ...), so
+    /// they cost the caller no round trip and the server no reply. A
+    /// failure to hand it to the connection is logged.
+    pub async fn emit_unconfirmed(&self, mut event: pb::Event, msg_id: String) {
+        if event.at.is_none() {
+            event.at = Some(now());
+        }
+        if let Err(e) = self
+            .store()
+            .publish_event_unconfirmed(&event, &msg_id)
+            .await
+        {
+            tracing::warn!(error = %e, msg_id, "event not published");
+        }
     }
 
     /// Ends a run (compare-and-set, retried on conflict) and tells its

@@ -125,9 +125,7 @@ async fn serve(
         })?;
     let store = Store::open(client.clone(), config).await?;
     let (drain_tx, drain_rx) = watch::channel(false);
-    let tokenizer = crate::contracts::tokens::Tokenizer::new(&config.tokenizer)
-        .map_err(|e| RunError::Serve(format!("tokenizer: {e}")))?;
-    let broker = Broker::new(config.clone(), store, drain_rx, tokenizer);
+    let broker = Broker::new(config.clone(), store, drain_rx);
     let (loaded, watch_from) = broker.load_contracts().await?;
     tracing::debug!(contracts = loaded, "contract versions loaded");
     let metrics_task = match config.metrics_listen {

@@ -275,6 +275,27 @@ impl Store {
         Ok(ack.sequence)
     }
 
+    /// Publishes an event (deduplicated by `msg_id`) as a plain NATS
+    /// message: the events stream stores it, and no confirmation is
+    /// awaited or sent.
+    pub async fn publish_event_unconfirmed(
+        &self,
+        event: &pb::Event,
+        msg_id: &str,
+    ) -> Result<(), BrokerError> {
+        let kind = pb::EventKind::try_from(event.kind).unwrap_or(pb::EventKind::Unspecified);
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, msg_id);
+        self.client
+            .publish_with_headers(
+                event_subject(&event.run_id, kind),
+                headers,
+                event.encode_to_vec().into(),
+            )
+            .await
+            .map_err(|e| BrokerError::nats("publishing", e))
+    }
+
     /// Settles a delivery by its ack subject (`+ACK`, `-NAK`, `+TERM`,
     /// `+WPI`) and waits for JetStream's confirmation.
     pub async fn settle(

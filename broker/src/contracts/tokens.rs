@@ -49,6 +49,17 @@ impl Tokenizer {
         }
     }
 
+    /// The encoding if it is already loaded (or failed to load): `None`
+    /// when [`Tokenizer::new`] would load it now, or for an unknown name.
+    pub fn loaded(encoding: &str) -> Option<Result<Tokenizer, String>> {
+        let index = KNOWN.iter().position(|known| *known == encoding)?;
+        let name = KNOWN[index];
+        LOADED[index].get().map(|loaded| match loaded {
+            Ok(bpe) => Ok(Tokenizer { name, bpe }),
+            Err(e) => Err(e.clone()),
+        })
+    }
+
     /// The encoding's name, e.g. `o200k_base`.
     pub fn encoding(&self) -> &str {
         self.name

@@ -369,10 +369,12 @@ pub async fn apply(
                 if !broker.store().update_barrier(&b, revision).await? {
                     continue;
                 }
-                broker.emit_detached(
-                    branch_event(run, &b, pb::EventKind::BranchLate, &result),
-                    format!("late-{}-{barrier_id}-{key}", run.id),
-                );
+                broker
+                    .emit_unconfirmed(
+                        branch_event(run, &b, pb::EventKind::BranchLate, &result),
+                        format!("late-{}-{barrier_id}-{key}", run.id),
+                    )
+                    .await;
                 return Ok(Some(b));
             }
             Arrival::Counted => {}
@@ -389,10 +391,12 @@ pub async fn apply(
         if !broker.store().update_barrier(&b, revision).await? {
             continue;
         }
-        broker.emit_detached(
-            branch_event(run, &b, pb::EventKind::BranchArrived, &result),
-            format!("arrived-{}-{barrier_id}-{key}", run.id),
-        );
+        broker
+            .emit_unconfirmed(
+                branch_event(run, &b, pb::EventKind::BranchArrived, &result),
+                format!("arrived-{}-{barrier_id}-{key}", run.id),
+            )
+            .await;
         if release.is_some() {
             publish_release(broker, run, &mut b).await?;
         }
@@ -483,27 +487,29 @@ pub async fn fire(
         if !broker.store().update_barrier(&b, revision).await? {
             continue;
         }
-        broker.emit_detached(
-            pb::Event {
-                kind: pb::EventKind::BarrierTimedOut as i32,
-                run_id: run.id.clone(),
-                owner: run.owner.clone(),
-                agent: b
-                    .spec
-                    .as_ref()
-                    .map(|s| s.target_agent.clone())
-                    .unwrap_or_default(),
-                barrier_id: barrier_id.to_string(),
-                reason: b
-                    .release
-                    .as_ref()
-                    .map(|r| r.missing.join(", "))
-                    .map(|m| format!("missing at timeout: {m}"))
-                    .unwrap_or_default(),
-                ..Default::default()
-            },
-            format!("timedout-{run_id}-{barrier_id}"),
-        );
+        broker
+            .emit_unconfirmed(
+                pb::Event {
+                    kind: pb::EventKind::BarrierTimedOut as i32,
+                    run_id: run.id.clone(),
+                    owner: run.owner.clone(),
+                    agent: b
+                        .spec
+                        .as_ref()
+                        .map(|s| s.target_agent.clone())
+                        .unwrap_or_default(),
+                    barrier_id: barrier_id.to_string(),
+                    reason: b
+                        .release
+                        .as_ref()
+                        .map(|r| r.missing.join(", "))
+                        .map(|m| format!("missing at timeout: {m}"))
+                        .unwrap_or_default(),
+                    ..Default::default()
+                },
+                format!("timedout-{run_id}-{barrier_id}"),
+            )
+            .await;
         publish_release(broker, &run, &mut b).await?;
         return Ok(());
     }

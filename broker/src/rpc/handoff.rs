@@ -3,9 +3,11 @@
 //! Order of a complete-and-handoff, chosen so that a crash anywhere leaves
 //! a state a retry repairs: (1) store the new handoff in the target's inbox
 //! under an id derived from the consumed handoff, (2) publish the accepted
-//! event, (3) ack the consumed delivery. A crash before (3) redelivers the
-//! input; the agent's repeated handoff has the same id and JetStream
-//! recognises it, so downstream sees it once.
+//! event and ack the consumed delivery, together, and answer once both
+//! are confirmed. A crash before the ack redelivers the input; the agent's
+//! repeated handoff has the same id and JetStream recognises it, so
+//! downstream sees it once. A failed event publish fails the call, and the
+//! retry (the inbox keeps acked handoffs) publishes it under the same id.
 //!
 //! Before anything is stored, the guards run (see [`guard`]): the source
 //! must declare the contract it emits, the payload must be the target's
@@ -244,8 +246,9 @@ async fn accept(
         branch_key,
         ..Default::default()
     };
-    broker.emit(accepted, &format!("accepted-{id}")).await?;
+    let settles = consumed.filter(|_| !req.fan_out && !req.r#final);
     if req.r#final {
+        broker.emit(accepted, &format!("accepted-{id}")).await?;
         let ended = broker
             .end_run(
                 &run.id,
@@ -261,13 +264,19 @@ async fn accept(
                 status: status_name(ended.status),
             });
         }
-    }
-    if let Some(token) = consumed.filter(|_| !req.fan_out) {
-        if broker.config().faults.skip_consume_ack {
-            tracing::warn!("fault injected: consumed delivery left unacked");
-        } else {
-            ack_consumed(broker, &run, &req.consumes, token).await;
+        if let Some(token) = consumed.filter(|_| !req.fan_out) {
+            settle_after_handoff(broker, &run, &req.consumes, token).await;
         }
+    } else {
+        // The handoff is stored: the event and the ack go out together,
+        // and the call answers once both are confirmed.
+        let msg_id = format!("accepted-{id}");
+        let (published, ()) = tokio::join!(broker.emit(accepted, &msg_id), async {
+            if let Some(token) = settles {
+                settle_after_handoff(broker, &run, &req.consumes, token).await;
+            }
+        });
+        published?;
     }
     if !duplicate {
         broker.metrics().accepted();
@@ -411,11 +420,12 @@ async fn check_target(
         ));
     };
     let version = contract.contract.version;
+    let tokenizer = broker.tokenizer().await?;
     let outcome = if payload.value.len() < BLOCKING_CHECK_BYTES {
         validate::check(
             &contract.message,
             &contract.rules,
-            broker.tokenizer(),
+            &tokenizer,
             &payload.value,
             req.confidence,
             &req.tool_results,
@@ -424,7 +434,6 @@ async fn check_target(
     } else {
         // Tokenizing a large payload takes milliseconds: keep it off the
         // async workers so other RPCs and the NATS connection go on.
-        let tokenizer = broker.tokenizer().clone();
         let value = payload.value.clone();
         let confidence = req.confidence;
         let tool_results = req.tool_results.clone();
@@ -536,6 +545,20 @@ async fn refuse(broker: &Broker, req: &pb::HandoffRequest, r: Refusal) -> Broker
     }
 }
 
+/// Acks the consumed delivery, unless a fault injection keeps it unacked.
+async fn settle_after_handoff(
+    broker: &Broker,
+    run: &pb::Run,
+    delivery_id: &str,
+    token: &pb::DeliveryToken,
+) {
+    if broker.config().faults.skip_consume_ack {
+        tracing::warn!("fault injected: consumed delivery left unacked");
+    } else {
+        ack_consumed(broker, run, delivery_id, token).await;
+    }
+}
+
 /// Loads the handoff a delivery token names, checking it belongs to `run_id`.
 async fn consumed_parent(
     broker: &Broker,
@@ -605,12 +628,9 @@ async fn ack_consumed(
                 handoff_id: token.handoff_id.clone(),
                 ..Default::default()
             };
-            if let Err(e) = broker
-                .emit(event, &format!("acked-{}", token.handoff_id))
-                .await
-            {
-                tracing::warn!(error = %e, "acked event not published");
-            }
+            broker
+                .emit_unconfirmed(event, format!("acked-{}", token.handoff_id))
+                .await;
         }
         Err(e) => {
             tracing::warn!(handoff_id = %token.handoff_id, error = %e, "consumed delivery not acked; it will be redelivered")

@@ -279,7 +279,7 @@ impl Session {
             };
             if pb::RunStatus::try_from(run.status).is_ok_and(|s| s.is_terminal()) {
                 if self.broker.store().settle(&ack_subject, AckKind::Term).await.is_ok() {
-                    self.broker.emit_detached(
+                    self.broker.emit_unconfirmed(
                         pb::Event {
                             kind: pb::EventKind::Discarded as i32,
                             run_id: run.id.clone(),
@@ -290,7 +290,7 @@ impl Session {
                             ..Default::default()
                         },
                         format!("discarded-{}", envelope.id),
-                    );
+                    ).await;
                 }
                 return true;
             }
@@ -335,7 +335,7 @@ impl Session {
                 return false;
             }
             let kind = if attempt > 1 { pb::EventKind::Redelivered } else { pb::EventKind::Delivered };
-            self.broker.emit_detached(
+            self.broker.emit_unconfirmed(
                 pb::Event {
                     kind: kind as i32,
                     run_id: run.id.clone(),
@@ -349,7 +349,7 @@ impl Session {
                     ..Default::default()
                 },
                 format!("{}-{}-{attempt}", kind.token(), envelope.id),
-            );
+            ).await;
             true
         }
         .instrument(span)
@@ -528,22 +528,26 @@ impl Session {
             }
             Settle::Ack => {
                 self.in_flight.lock().await.remove(delivery_id);
-                self.broker.emit_detached(
-                    event(pb::EventKind::Acked, String::new()),
-                    format!("acked-{}", token.handoff_id),
-                );
+                self.broker
+                    .emit_unconfirmed(
+                        event(pb::EventKind::Acked, String::new()),
+                        format!("acked-{}", token.handoff_id),
+                    )
+                    .await;
             }
             Settle::Nack(delay) => {
                 self.in_flight.lock().await.remove(delivery_id);
                 let reason = delay.map(|d| format!("retry in {d:?}")).unwrap_or_default();
-                self.broker.emit_detached(
-                    event(pb::EventKind::Nacked, reason),
-                    format!(
-                        "nacked-{}-{attempt}-{}",
-                        token.handoff_id,
-                        uuid::Uuid::now_v7()
-                    ),
-                );
+                self.broker
+                    .emit_unconfirmed(
+                        event(pb::EventKind::Nacked, reason),
+                        format!(
+                            "nacked-{}-{attempt}-{}",
+                            token.handoff_id,
+                            uuid::Uuid::now_v7()
+                        ),
+                    )
+                    .await;
             }
             Settle::Reject(_) => {
                 self.in_flight.lock().await.remove(delivery_id);
