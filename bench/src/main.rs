@@ -18,7 +18,8 @@
 //!   `throughput`, and with the open barriers of `scale`.
 //!
 //! Latencies go through HDR histograms. The table goes to stdout (JSON
-//! with `--json`), progress to stderr.
+//! with `--json`), progress to stderr; `--plot FILE.png` also draws every
+//! latency distribution, handoffd next to raw JetStream.
 //!
 //! `cargo run --release -p handoff-bench [-- chain fanin ...]`
 
@@ -33,6 +34,7 @@ use std::{
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod plot;
 mod report;
 mod scenarios;
 mod stack;
@@ -60,6 +62,10 @@ struct Args {
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also draw the latency distributions (handoffd and raw JetStream)
+    /// into this PNG file.
+    #[arg(long, value_name = "FILE.png")]
+    plot: Option<std::path::PathBuf>,
     /// Use this NATS instead of starting a nats-server.
     #[arg(long, value_name = "URL")]
     nats_url: Option<String>,
@@ -112,6 +118,18 @@ async fn run(args: Args) -> Result<(), BoxError> {
     let stack = stack::Stack::start(args.nats_url.clone()).await?;
     let client = stack.client().await?;
     let mut rows = Vec::new();
+    let mut panels = Vec::new();
+    let mut panel = |title: String,
+                     handoff: &hdrhistogram::Histogram<u64>,
+                     raw: Option<&hdrhistogram::Histogram<u64>>| {
+        if args.plot.is_some() {
+            panels.push(plot::Panel {
+                title,
+                handoff: handoff.clone(),
+                raw: raw.cloned(),
+            });
+        }
+    };
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = stack.broker_rss();
@@ -122,6 +140,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
         let (hop, e2e) = scenarios::chain(&client, runs, &bar(runs, "chain (handoffd)")).await?;
         let (raw_hop, raw_e2e) =
             scenarios::raw_chain(stack.nats_url(), runs, &bar(runs, "chain (JetStream)")).await?;
+        panel("chain: per hop".into(), &hop, Some(&raw_hop));
+        panel("chain: end to end, 5 hops".into(), &e2e, Some(&raw_e2e));
         rows.push(Row::new(
             "chain",
             "per hop (1 KiB, contract checked)",
@@ -150,6 +170,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 &bar(iterations, &format!("fan-in {n} (JetStream)")),
             )
             .await?;
+            panel(
+                format!("fan-in {n}: last branch -> release"),
+                &release,
+                Some(&raw_release),
+            );
             rows.push(Row::new(
                 "fanin",
                 format!("{n} branches: last branch -> release"),
@@ -226,6 +251,12 @@ async fn run(args: Args) -> Result<(), BoxError> {
         loaded = stack.broker_rss();
         let (after, _) = scenarios::chain(&client, runs, &bar(runs, "scale: chain, full")).await?;
         if wants(Scenario::Scale) {
+            panel("scale: per hop, nothing kept".into(), &before, None);
+            panel(
+                format!("scale: per hop, {n} runs + {n} barriers kept"),
+                &after,
+                None,
+            );
             rows.push(Row::new(
                 "scale",
                 "per hop, nothing kept",
@@ -263,6 +294,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
     }
 
+    if let Some(path) = &args.plot {
+        plot::write(path, &panels)?;
+        eprintln!("latency distributions drawn in {}", path.display());
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
