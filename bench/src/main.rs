@@ -264,7 +264,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             ));
             rows.push(Row::new(
                 "scale",
-                format!("per hop, {n} finished runs + {n} open barriers"),
+                format!("per hop, {n} runs + {n} barriers kept"),
                 latency(&after, None),
             ));
             let ratio = Latency::of(&after).p50 / Latency::of(&before).p50.max(f64::MIN_POSITIVE);

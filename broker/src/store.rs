@@ -41,6 +41,10 @@ pub const CONTRACTS_BUCKET: &str = "handoff_contracts";
 /// Key/value bucket of consumed deliveries: the first handoff made from
 /// each, keyed by the consumed handoff's id.
 pub const CONSUMED_BUCKET: &str = "handoff_consumed";
+
+/// Branch results read at once when a release gathers their payloads:
+/// enough that a 100-branch release takes one round of direct gets.
+const BRANCH_READS: usize = 128;
 /// Durable consumer of the timer stream, shared by every broker replica.
 pub const TIMERS_CONSUMER: &str = "handoff_timers";
 
@@ -73,6 +77,12 @@ pub fn branch_subject(run_id: &str, barrier_id: &str, key: &str) -> String {
 /// Key of a barrier in its bucket.
 pub fn barrier_key(run_id: &str, barrier_id: &str) -> String {
     format!("{run_id}.{barrier_id}")
+}
+
+/// Key of the note that a branch result reached a barrier before it was
+/// opened (names hold no `.`, so it cannot be a barrier's key).
+fn early_key(run_id: &str, barrier_id: &str) -> String {
+    format!("{run_id}.{barrier_id}.early")
 }
 
 /// Subject of an agent's dead letters.
@@ -542,6 +552,33 @@ impl Store {
         }
     }
 
+    /// Notes that a branch result reached a barrier not yet opened, so
+    /// that opening it looks for stored results (idempotent).
+    pub async fn mark_early_branch(
+        &self,
+        run_id: &str,
+        barrier_id: &str,
+    ) -> Result<(), BrokerError> {
+        self.barriers
+            .put(early_key(run_id, barrier_id), Bytes::new())
+            .await
+            .map(|_| ())
+            .map_err(|e| BrokerError::nats("noting an early branch", e))
+    }
+
+    /// Whether a branch result reached this barrier before it was opened.
+    pub async fn has_early_branch(
+        &self,
+        run_id: &str,
+        barrier_id: &str,
+    ) -> Result<bool, BrokerError> {
+        self.barriers
+            .entry(early_key(run_id, barrier_id))
+            .await
+            .map(|e| e.is_some_and(|e| e.operation == kv::Operation::Put))
+            .map_err(|e| BrokerError::nats("reading the barrier", e))
+    }
+
     /// Compare-and-set of a barrier; false when another write came first.
     pub async fn update_barrier(
         &self,
@@ -642,7 +679,7 @@ impl Store {
                     .and_then(|r| r.payload)
                     .map(|p| (seq, p)))
             })
-            .buffer_unordered(32)
+            .buffer_unordered(BRANCH_READS)
             .try_filter_map(|found| async move { Ok(found) })
             .try_collect()
             .await

@@ -797,10 +797,21 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
     for (barrier, ids) in &seen {
         assert_eq!(ids.len(), 1, "barrier {barrier}: one release, got {ids:?}");
     }
+    // A broker killed between publishing a release and marking it
+    // published leaves the mark to the durable release check, due 5 s
+    // after the release: wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     for i in 0..FAN_INS {
-        let b = get(&client, "crash", &format!("f{i}")).await;
+        let mut b = get(&client, "crash", &format!("f{i}")).await;
+        while !b.release_published && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            b = get(&client, "crash", &format!("f{i}")).await;
+        }
         assert_eq!(b.state, pb::BarrierState::Released as i32);
-        assert!(b.release_published);
+        assert!(
+            b.release_published,
+            "barrier f{i}: release never marked published"
+        );
     }
     assert_eq!(broker.terminate().await, Some(0));
 }

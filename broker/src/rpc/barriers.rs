@@ -69,18 +69,20 @@ async fn open_spec(
     broker.agent(&spec.target_agent).await?;
     let fresh = barrier::open(spec.clone(), now());
     let created = broker.store().create_barrier(&fresh).await?;
+    let mut existing = None;
     if !created {
-        let (existing, _) = broker
+        let (current, _) = broker
             .store()
             .barrier(&spec.run_id, &spec.barrier_id)
             .await?
             .ok_or_else(|| BrokerError::Internal("barrier vanished".to_string()))?;
-        if !barrier::same_spec(&existing.spec.clone().unwrap_or_default(), &spec) {
+        if !barrier::same_spec(&current.spec.clone().unwrap_or_default(), &spec) {
             return Err(BrokerError::BarrierExists(format!(
                 "barrier {:?} of run {:?} is already open with another spec",
                 spec.barrier_id, spec.run_id
             )));
         }
+        existing = Some(current);
     }
     if let Some(timeout) = spec.timeout.and_then(|d| Duration::try_from(d).ok()) {
         let due = SystemTime::now() + timeout;
@@ -93,8 +95,9 @@ async fn open_spec(
         )
         .await?;
     }
-    broker
-        .emit(
+    let msg_id = format!("opened-{}-{}", run.id, spec.barrier_id);
+    let (emitted, early) = tokio::join!(
+        broker.emit(
             pb::Event {
                 kind: pb::EventKind::BarrierOpened as i32,
                 run_id: run.id.clone(),
@@ -104,13 +107,27 @@ async fn open_spec(
                 reason: describe(&spec),
                 ..Default::default()
             },
-            &format!("opened-{}-{}", run.id, spec.barrier_id),
-        )
-        .await?;
-    // Branch results that were stored before the barrier existed.
-    let barrier = apply_stored(broker, &run, &spec.barrier_id)
-        .await?
-        .ok_or_else(|| BrokerError::Internal("barrier vanished".to_string()))?;
+            &msg_id,
+        ),
+        // Read after the barrier exists: a branch notes itself before it
+        // looks for its barrier, so either it is noted here or it found
+        // the barrier and counted itself.
+        broker
+            .store()
+            .has_early_branch(&spec.run_id, &spec.barrier_id),
+    );
+    emitted?;
+    let barrier = if early? {
+        // Branch results that were stored before the barrier existed.
+        apply_stored(broker, &run, &spec.barrier_id)
+            .await?
+            .ok_or_else(|| BrokerError::Internal("barrier vanished".to_string()))?
+    } else {
+        match existing {
+            Some(b) => b,
+            None => fresh,
+        }
+    };
     Ok(pb::OpenBarrierResponse {
         barrier: Some(barrier),
         created,
@@ -193,6 +210,14 @@ pub async fn arrive(
                 });
             }
         }
+    } else {
+        // Not open yet (as the caller read it): note the early result
+        // before storing it and looking for the barrier again (see
+        // `open_spec`).
+        broker
+            .store()
+            .mark_early_branch(&run.id, barrier_id)
+            .await?;
     }
     let ack = broker
         .store()
@@ -442,10 +467,11 @@ pub enum Timer {
     ReleaseCheck,
 }
 
-/// Fires a barrier timer. Either kind first applies branch results that
-/// were stored but not applied (their broker died in between) and
-/// re-publishes a release not yet published; a timeout then releases a
-/// barrier that is still open.
+/// Fires a barrier timer. A barrier whose release is out needs nothing
+/// (the usual case of the release check: it costs one read). Otherwise
+/// either kind first applies branch results that were stored but not
+/// applied (their broker died in between) and re-publishes a release not
+/// yet published; a timeout then releases a barrier that is still open.
 pub async fn fire(
     broker: &Broker,
     run_id: &str,
@@ -457,6 +483,13 @@ pub async fn fire(
         Err(BrokerError::RunNotFound(_)) => return Ok(()),
         Err(e) => return Err(e),
     };
+    match broker.store().barrier(run_id, barrier_id).await? {
+        None => return Ok(()),
+        Some((b, _)) if b.state != pb::BarrierState::Open as i32 && b.release_published => {
+            return Ok(())
+        }
+        Some(_) => {}
+    }
     let Some(current) = apply_stored(broker, &run, barrier_id).await? else {
         return Ok(());
     };

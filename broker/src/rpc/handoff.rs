@@ -50,14 +50,14 @@ pub async fn handoff(
         Err(Guarded::Refused(r)) => return Err(refuse(broker, &req, r).await),
         Err(Guarded::Failed(e)) => return Err(e),
     };
-    // The run, the consumed handoff and the claim on the consumed delivery
-    // are independent reads: one round trip for all three.
+    // The run, the consumed handoff, the claim on the consumed delivery and
+    // a named barrier are independent reads: one round trip for all.
     let mine = pb::ConsumeClaim {
         target_agent: req.target_agent.clone(),
         fan_out: req.fan_out,
         handoff_id: id.clone(),
     };
-    let (run, parent, claim) = tokio::join!(
+    let (run, parent, claim, barrier) = tokio::join!(
         broker.run(&req.run_id),
         async {
             match &consumed {
@@ -75,6 +75,17 @@ pub async fn handoff(
                 None => Ok(None),
             }
         },
+        async {
+            if req.to_barrier && !req.barrier_id.is_empty() {
+                broker
+                    .store()
+                    .barrier(&req.run_id, &req.barrier_id)
+                    .await
+                    .map(Some)
+            } else {
+                Ok(None)
+            }
+        },
     );
     let made = match (&claim, &consumed) {
         (Ok(Some(store::Claim::Made(revision))), Some(token)) => {
@@ -90,7 +101,12 @@ pub async fn handoff(
             check_claim(broker, &req, token, &first, &mine, &checked).await?;
         }
         let consumed = consumed.as_ref();
-        accept(broker, &req, consumed, id, checked, run, parent, &stored).await
+        let read = Read {
+            run,
+            parent,
+            barrier: barrier?,
+        };
+        accept(broker, &req, consumed, id, checked, read, &stored).await
     }
     .await;
     if result.is_err() && !stored.load(Ordering::Relaxed) {
@@ -102,19 +118,32 @@ pub async fn handoff(
     result
 }
 
+/// What a handoff read before it is accepted.
+struct Read {
+    run: pb::Run,
+    /// The handoff whose delivery it consumes.
+    parent: Option<pb::HandoffEnvelope>,
+    /// The barrier the request names, when it goes to one (`None`: not
+    /// read; `Some(None)`: not opened yet).
+    barrier: Option<Option<(pb::Barrier, u64)>>,
+}
+
 /// Stores a handoff that passed the guards, in a run that exists; sets
 /// `stored` once it is in the target's inbox.
-#[allow(clippy::too_many_arguments)]
 async fn accept(
     broker: &Broker,
     req: &pb::HandoffRequest,
     consumed: Option<&pb::DeliveryToken>,
     id: String,
     checked: Checked,
-    run: pb::Run,
-    parent: Option<pb::HandoffEnvelope>,
+    read: Read,
     stored: &AtomicBool,
 ) -> Result<pb::HandoffResponse, BrokerError> {
+    let Read {
+        run,
+        parent,
+        barrier,
+    } = read;
     let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
     if status.is_terminal() {
         if req.r#final && run.result_handoff_id == id {
@@ -155,10 +184,10 @@ async fn accept(
     };
     // A branch result reaching an open barrier is checked against the
     // contract of the barrier's target (a failed or skipped report is not).
-    let barrier = if req.to_barrier {
-        broker.store().barrier(&run.id, &barrier_id).await?
-    } else {
-        None
+    let barrier = match barrier {
+        Some(read) if req.to_barrier && barrier_id == req.barrier_id => read,
+        _ if req.to_barrier => broker.store().barrier(&run.id, &barrier_id).await?,
+        _ => None,
     };
     let mut checked = checked;
     if let (Some((b, _)), pb::BranchStatus::Arrived) = (&barrier, branch_status) {
