@@ -56,7 +56,9 @@ enum Scenario {
 #[derive(Parser, Debug)]
 #[command(name = "handoff-bench")]
 struct Args {
-    /// Scenarios to run (default: all, in this order).
+    /// Scenarios to run (default: all; they run as chain, fanin, scale,
+    /// throughput, so the memory held with open barriers is read before
+    /// the throughput peak).
     #[arg(value_enum)]
     scenarios: Vec<Scenario>,
     /// Print the results as JSON instead of a table.
@@ -188,6 +190,45 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
     }
 
+    let mut loaded = None;
+    if wants(Scenario::Scale) || wants(Scenario::Memory) {
+        let n = args.scale_n;
+        let runs = (args.chain_runs / 2).max(100);
+        let (before, _) =
+            scenarios::chain(&client, runs, &bar(runs, "scale: chain, empty")).await?;
+        scenarios::populate(&client, n, n, &bar(2 * n, "scale: fill")).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        loaded = stack.broker_rss();
+        let (after, _) = scenarios::chain(&client, runs, &bar(runs, "scale: chain, full")).await?;
+        if wants(Scenario::Scale) {
+            panel("scale: per hop, nothing kept".into(), &before, None);
+            panel(
+                format!("scale: per hop, {n} runs + {n} barriers kept"),
+                &after,
+                None,
+            );
+            rows.push(Row::new(
+                "scale",
+                "per hop, nothing kept",
+                latency(&before, None),
+            ));
+            rows.push(Row::new(
+                "scale",
+                format!("per hop, {n} runs + {n} barriers kept"),
+                latency(&after, None),
+            ));
+            let ratio = Latency::of(&after).p50 / Latency::of(&before).p50.max(f64::MIN_POSITIVE);
+            rows.push(Row::new(
+                "scale",
+                "per-hop p50, full / empty",
+                Figure::Ratio {
+                    value: ratio,
+                    of: "p50".into(),
+                },
+            ));
+        }
+    }
+
     let mut peak = None;
     if wants(Scenario::Throughput) || wants(Scenario::Memory) {
         let count = args.throughput_count;
@@ -238,45 +279,6 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 raw: Some(raw_delivered),
             },
         ));
-    }
-
-    let mut loaded = None;
-    if wants(Scenario::Scale) || wants(Scenario::Memory) {
-        let n = args.scale_n;
-        let runs = (args.chain_runs / 2).max(100);
-        let (before, _) =
-            scenarios::chain(&client, runs, &bar(runs, "scale: chain, empty")).await?;
-        scenarios::populate(&client, n, n, &bar(2 * n, "scale: fill")).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        loaded = stack.broker_rss();
-        let (after, _) = scenarios::chain(&client, runs, &bar(runs, "scale: chain, full")).await?;
-        if wants(Scenario::Scale) {
-            panel("scale: per hop, nothing kept".into(), &before, None);
-            panel(
-                format!("scale: per hop, {n} runs + {n} barriers kept"),
-                &after,
-                None,
-            );
-            rows.push(Row::new(
-                "scale",
-                "per hop, nothing kept",
-                latency(&before, None),
-            ));
-            rows.push(Row::new(
-                "scale",
-                format!("per hop, {n} runs + {n} barriers kept"),
-                latency(&after, None),
-            ));
-            let ratio = Latency::of(&after).p50 / Latency::of(&before).p50.max(f64::MIN_POSITIVE);
-            rows.push(Row::new(
-                "scale",
-                "per-hop p50, full / empty",
-                Figure::Ratio {
-                    value: ratio,
-                    of: "p50".into(),
-                },
-            ));
-        }
     }
 
     if wants(Scenario::Memory) {
