@@ -467,6 +467,14 @@ pub enum Timer {
     ReleaseCheck,
 }
 
+/// The agent a barrier releases to.
+fn target_of(b: &pb::Barrier) -> String {
+    b.spec
+        .as_ref()
+        .map(|s| s.target_agent.clone())
+        .unwrap_or_default()
+}
+
 /// Fires a barrier timer. A barrier whose release is out needs nothing
 /// (the usual case of the release check: it costs one read). Otherwise
 /// either kind first applies branch results that were stored but not
@@ -526,11 +534,7 @@ pub async fn fire(
                     kind: pb::EventKind::BarrierTimedOut as i32,
                     run_id: run.id.clone(),
                     owner: run.owner.clone(),
-                    agent: b
-                        .spec
-                        .as_ref()
-                        .map(|s| s.target_agent.clone())
-                        .unwrap_or_default(),
+                    agent: target_of(&b),
                     barrier_id: barrier_id.to_string(),
                     reason: b
                         .release
@@ -694,11 +698,7 @@ fn branch_event(
         kind: kind as i32,
         run_id: run.id.clone(),
         owner: run.owner.clone(),
-        agent: b
-            .spec
-            .as_ref()
-            .map(|s| s.target_agent.clone())
-            .unwrap_or_default(),
+        agent: target_of(b),
         source_agent: result.source_agent.clone(),
         handoff_id: result.handoff_id.clone(),
         barrier_id: b
