@@ -256,7 +256,13 @@ impl Subscription {
         }
     }
 
-    /// Settles a delivery by id (for one received in another session).
+    /// Acks a delivery by id, for one received in another session.
+    ///
+    /// This is how to finish an ack whose answer was lost: when
+    /// [`Delivery::ack`] fails because the broker went away, the ack may or
+    /// may not have been applied. Repeat it here, on a new subscription;
+    /// acking an already acked delivery again is confirmed and changes
+    /// nothing.
     pub async fn ack_id(&self, delivery_id: &str) -> Result<()> {
         self.shared
             .send(pb::subscribe_request::Command::Ack(pb::Ack {
@@ -428,6 +434,13 @@ impl Delivery {
     }
 
     /// Done: the handoff will not be delivered again.
+    ///
+    /// An error of kind [`ErrorKind::Closed`], [`ErrorKind::Timeout`] or
+    /// [`ErrorKind::Unavailable`] (the broker went away or did not answer)
+    /// leaves the outcome unknown: the ack may have been applied before
+    /// the answer was lost. Repeat it with [`Subscription::ack_id`] on a new
+    /// subscription; if it was not applied and is not repeated, the
+    /// handoff is delivered again when its lease ends.
     pub async fn ack(&self) -> Result<()> {
         self.shared.mark_finished(self.handoff_id());
         self.shared

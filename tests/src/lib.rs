@@ -6,6 +6,10 @@
 //! runs `handoffd` in-process through the same `run` the binary uses;
 //! [`BrokerProcess`] runs it as a separate process so a test can `kill -9`
 //! it. Everything is cleaned up on drop without panicking.
+//!
+//! Logs: `RUST_LOG` shows those of in-process brokers; with
+//! `HANDOFF_TEST_BROKER_LOG=FILE` every [`BrokerProcess`] appends its log
+//! (JSON lines) to `FILE`.
 
 #![allow(missing_docs)]
 
@@ -210,7 +214,24 @@ impl BrokerProcess {
         .ok()
         .flatten()
         .expect("handoffd did not report serving");
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // HANDOFF_TEST_BROKER_LOG=FILE keeps every broker's log (appended).
+        let mut keep = match std::env::var_os("HANDOFF_TEST_BROKER_LOG") {
+            Some(path) => tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .await
+                .ok(),
+            None => None,
+        };
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(f) = keep.as_mut() {
+                    let _ = f.write_all(format!("{line}\n").as_bytes()).await;
+                }
+            }
+        });
         BrokerProcess { child, addr }
     }
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use handoff_client::{pb, AgentConfig, Client, Handoff, RunConfig};
-use handoff_tests::{next_within, note, stack, Broker, BrokerProcess, Nats, Note};
+use handoff_tests::{kinds, next_within, note, stack, Broker, BrokerProcess, Nats, Note};
 
 fn spec(run: &str, barrier: &str, count: u32) -> pb::BarrierSpec {
     pb::BarrierSpec {
@@ -736,18 +736,36 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
     }
     // The aggregator records every release delivered (its handoff id and
     // inbox sequence: a redelivery repeats both, a second release would
-    // not), and the ones whose ack the broker confirmed.
+    // not), and the ones whose ack the broker confirmed. An ack whose
+    // answer was lost with a killed broker may or may not have been
+    // applied: it is repeated by delivery id through the next
+    // subscription until one is confirmed, as a user would.
     let seen: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
     let acked: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
     let aggregator = {
         let (client, stopped, seen, acked) =
             (client.clone(), stopped.clone(), seen.clone(), acked.clone());
         tokio::spawn(async move {
+            let mut unconfirmed: Vec<(String, String)> = Vec::new();
             while !stopped() {
                 let Ok(mut sub) = client.subscribe("aggregator", "agg", 16).await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
+                let mut still = Vec::new();
+                for (barrier, delivery) in unconfirmed.drain(..) {
+                    match sub.ack_id(&delivery).await {
+                        Ok(()) => {
+                            println!("release of {barrier}: repeated ack confirmed");
+                            *acked.lock().unwrap().entry(barrier).or_default() += 1;
+                        }
+                        Err(e) => {
+                            println!("release of {barrier}: repeated ack failed: {e}");
+                            still.push((barrier, delivery));
+                        }
+                    }
+                }
+                unconfirmed = still;
                 while let Ok(Some(Ok(d))) =
                     tokio::time::timeout(Duration::from_millis(500), sub.next_delivery()).await
                 {
@@ -761,6 +779,9 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
                         .insert(format!("{}@{}", d.handoff_id(), d.raw().sequence));
                     if d.ack().await.is_ok() {
                         *acked.lock().unwrap().entry(release.barrier_id).or_default() += 1;
+                    } else {
+                        println!("release of {}: ack unconfirmed", release.barrier_id);
+                        unconfirmed.push((release.barrier_id, d.id().to_string()));
                     }
                 }
             }
@@ -788,6 +809,38 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
     }
     let seen = seen.lock().unwrap().clone();
     let acked = acked.lock().unwrap().clone();
+    // What a barrier that was not released went through, for the failure.
+    for i in 0..FAN_INS {
+        let id = format!("f{i}");
+        if acked.contains_key(&id) {
+            continue;
+        }
+        let b = get(&client, "crash", &id).await;
+        println!(
+            "barrier {id}: state {}, recorded {:?}, release published {}, seen {:?}",
+            b.state,
+            b.branches.iter().map(|r| &r.key).collect::<Vec<_>>(),
+            b.release_published,
+            seen.get(&id)
+        );
+        let run = client.get_run("crash").await.expect("get run");
+        let release = &b.release_handoff_id;
+        for e in run
+            .timeline
+            .iter()
+            .filter(|e| e.barrier_id == id || !release.is_empty() && &e.handoff_id == release)
+        {
+            println!(
+                "  {} {} agent {} key {:?} attempt {} {}",
+                kinds(std::slice::from_ref(e))[0],
+                e.handoff_id,
+                e.agent,
+                e.branch_key,
+                e.attempt,
+                e.reason
+            );
+        }
+    }
     assert_eq!(
         acked.len(),
         FAN_INS,

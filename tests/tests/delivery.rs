@@ -269,6 +269,50 @@ async fn crash_between_complete_and_ack_is_delivered_downstream_once() {
 }
 
 #[tokio::test]
+async fn an_ack_repeated_by_id_in_a_new_subscription_is_confirmed_and_settles_once() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    client
+        .register_agent(AgentConfig::new("worker").lease(Duration::from_millis(500)))
+        .await
+        .unwrap();
+    let run = client.start_run(RunConfig::new("o")).await.unwrap();
+    client
+        .handoff(Handoff::to(&run.id, "worker", &note("x", 1)).unwrap())
+        .await
+        .unwrap();
+    let mut first = client.subscribe("worker", "a", 1).await.unwrap();
+    let d = next_within(&mut first, Duration::from_secs(5))
+        .await
+        .expect("delivery");
+    d.ack().await.unwrap();
+    drop(first);
+    // A client whose ack answer was lost with its broker cannot tell
+    // whether the ack was applied: it repeats it by id through a new
+    // subscription, and a repeat of an applied ack is confirmed too.
+    let mut second = client.subscribe("worker", "b", 1).await.unwrap();
+    second.ack_id(d.id()).await.unwrap();
+    second.ack_id(d.id()).await.unwrap();
+    assert!(
+        next_within(&mut second, Duration::from_millis(1500))
+            .await
+            .is_none(),
+        "not delivered again (three leases later)"
+    );
+    let acks = client
+        .get_run(&run.id)
+        .await
+        .unwrap()
+        .timeline
+        .iter()
+        .filter(|e| e.kind == pb::EventKind::Acked as i32 && e.handoff_id == d.handoff_id())
+        .count();
+    assert_eq!(acks, 1, "one acked event");
+    // An id that names no delivery is refused, not confirmed.
+    let err = second.ack_id("not-a-delivery").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+}
+
+#[tokio::test]
 async fn nack_with_delay_redelivers_and_extend_keeps_the_lease() {
     let (_nats, _broker, client) = stack(|_| {}).await;
     client
