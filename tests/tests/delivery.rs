@@ -268,11 +268,10 @@ async fn crash_between_complete_and_ack_is_delivered_downstream_once() {
     );
 }
 
-#[tokio::test]
-async fn an_ack_repeated_by_id_in_a_new_subscription_is_confirmed_and_settles_once() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+/// Registers `worker` with `lease`, starts a run and hands it one task.
+async fn one_task_for_worker(client: &handoff_client::Client, lease: Duration) -> pb::Run {
     client
-        .register_agent(AgentConfig::new("worker").lease(Duration::from_millis(500)))
+        .register_agent(AgentConfig::new("worker").lease(lease))
         .await
         .unwrap();
     let run = client.start_run(RunConfig::new("o")).await.unwrap();
@@ -280,6 +279,13 @@ async fn an_ack_repeated_by_id_in_a_new_subscription_is_confirmed_and_settles_on
         .handoff(Handoff::to(&run.id, "worker", &note("x", 1)).unwrap())
         .await
         .unwrap();
+    run
+}
+
+#[tokio::test]
+async fn an_ack_repeated_by_id_in_a_new_subscription_is_confirmed_and_settles_once() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    let run = one_task_for_worker(&client, Duration::from_millis(500)).await;
     let mut first = client.subscribe("worker", "a", 1).await.unwrap();
     let d = next_within(&mut first, Duration::from_secs(5))
         .await
@@ -315,15 +321,7 @@ async fn an_ack_repeated_by_id_in_a_new_subscription_is_confirmed_and_settles_on
 #[tokio::test]
 async fn nack_with_delay_redelivers_and_extend_keeps_the_lease() {
     let (_nats, _broker, client) = stack(|_| {}).await;
-    client
-        .register_agent(AgentConfig::new("worker").lease(Duration::from_millis(600)))
-        .await
-        .unwrap();
-    let run = client.start_run(RunConfig::new("o")).await.unwrap();
-    client
-        .handoff(Handoff::to(&run.id, "worker", &note("x", 1)).unwrap())
-        .await
-        .unwrap();
+    one_task_for_worker(&client, Duration::from_millis(600)).await;
     let mut a = client.subscribe("worker", "a", 1).await.unwrap();
     let d = next_within(&mut a, Duration::from_secs(5))
         .await
