@@ -1,12 +1,149 @@
-//! The broker's error type and its single mapping to gRPC statuses.
+//! The broker's domain error, its stable reasons and the class of each.
 //!
-//! Domain code returns [`BrokerError`]; the gRPC edge turns it into a
-//! [`tonic::Status`] with `From`, choosing the code by tonic's litmus test:
-//! bad input is INVALID_ARGUMENT, a request that cannot succeed in the
-//! current state is FAILED_PRECONDITION, and a NATS outage is UNAVAILABLE
-//! (safe to retry with the same idempotency key).
+//! Nothing here knows gRPC: a [`BrokerError`] names a [`Reason`] (a stable
+//! string such as `SCHEMA_DRIFT` that clients match on), the [`Class`] of
+//! failure it belongs to, the numbers it measured ([`BrokerError::metadata`])
+//! and, for malformed input, the field at fault. The gRPC edge
+//! (`rpc::status`) turns this into a status with `google.rpc.ErrorInfo` and
+//! `google.rpc.BadRequest` details, in one place.
 
-use tonic::{Code, Status};
+use std::fmt;
+
+/// The class of a failure, chosen by tonic's litmus test: bad input is
+/// `InvalidArgument`, a request that cannot succeed in the current state
+/// is `FailedPrecondition`, and a NATS outage is `Unavailable` (safe to
+/// retry with the same idempotency key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// The request is malformed whatever the state.
+    InvalidArgument,
+    /// Something the request names does not exist.
+    NotFound,
+    /// It exists already, or conflicts with what exists.
+    AlreadyExists,
+    /// The request cannot succeed in the current state.
+    FailedPrecondition,
+    /// The caller may not do this.
+    PermissionDenied,
+    /// The request is larger than the broker accepts.
+    OutOfRange,
+    /// NATS is unreachable or the broker is draining.
+    Unavailable,
+    /// A bug or an unexpected answer from the store.
+    Internal,
+}
+
+/// Defines [`Reason`] with its stable string, class and meaning in one
+/// table, so the README's list and the code cannot drift apart.
+macro_rules! reasons {
+    ($($variant:ident => $text:literal, $class:ident, $doc:literal;)*) => {
+        /// A stable, machine-readable reason for a refusal: the
+        /// `google.rpc.ErrorInfo.reason` of the status a client receives.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Reason {
+            $(#[doc = $doc] $variant,)*
+        }
+
+        impl Reason {
+            /// Every reason, in the order of the table.
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant,)*];
+
+            /// The stable string (`SCHEMA_DRIFT`, ...).
+            pub fn as_str(self) -> &'static str {
+                match self { $(Reason::$variant => $text,)* }
+            }
+
+            /// The class (and so the gRPC code) of this reason.
+            pub fn class(self) -> Class {
+                match self { $(Reason::$variant => Class::$class,)* }
+            }
+
+            /// What the reason means, for documentation.
+            pub fn doc(self) -> &'static str {
+                match self { $(Reason::$variant => $doc,)* }
+            }
+        }
+    };
+}
+
+reasons! {
+    InvalidName => "INVALID_NAME", InvalidArgument,
+        "a name (agent, run, owner, instance, barrier, branch key, message type) that is not a valid token";
+    MalformedRequest => "MALFORMED_REQUEST", InvalidArgument,
+        "a missing or malformed field; the field is in the BadRequest details";
+    BadDeliveryId => "BAD_DELIVERY_ID", InvalidArgument,
+        "a delivery id that is not one the broker issued, or that belongs to another agent";
+    InvalidBarrierSpec => "INVALID_BARRIER_SPEC", InvalidArgument,
+        "a barrier spec with bad keys or counts, a quorum outside 1..n, a timeout that is not positive";
+    UnknownBranchKey => "UNKNOWN_BRANCH_KEY", InvalidArgument,
+        "a fan-out branch whose key is not one of the barrier's, or repeats";
+    InvalidContract => "INVALID_CONTRACT", InvalidArgument,
+        "a descriptor set that does not decode or lacks the message, or rules that do not apply to it";
+    PayloadUndecodable => "PAYLOAD_UNDECODABLE", InvalidArgument,
+        "a payload that does not decode as the target's contract";
+    RunNotFound => "RUN_NOT_FOUND", NotFound,
+        "the run does not exist";
+    AgentNotFound => "AGENT_NOT_FOUND", NotFound,
+        "the agent (target, subscriber, fallback or barrier target) is not registered";
+    ContractNotFound => "CONTRACT_NOT_FOUND", NotFound,
+        "the contract, or the version asked for, is not registered";
+    BarrierNotFound => "BARRIER_NOT_FOUND", NotFound,
+        "the barrier does not exist";
+    RunExists => "RUN_EXISTS", AlreadyExists,
+        "the run id is already used by another owner";
+    ContractConflict => "CONTRACT_CONFLICT", AlreadyExists,
+        "the contract version is registered with other content";
+    BarrierConflict => "BARRIER_CONFLICT", AlreadyExists,
+        "the barrier is already open with another spec";
+    RoleConfusion => "ROLE_CONFUSION", AlreadyExists,
+        "the consumed delivery already went to another target without declared fan-out";
+    RunClosed => "RUN_CLOSED", FailedPrecondition,
+        "the run is completed, failed or timed out";
+    DepthCap => "DEPTH_CAP", FailedPrecondition,
+        "the handoff would go deeper than the run's max_depth";
+    PayloadTooLarge => "PAYLOAD_TOO_LARGE", FailedPrecondition,
+        "the payload (or the pinned context) is over max_inline_payload";
+    EnvelopeTooLarge => "ENVELOPE_TOO_LARGE", FailedPrecondition,
+        "the whole handoff envelope is over NATS's max_payload";
+    ContractMismatch => "CONTRACT_MISMATCH", FailedPrecondition,
+        "the payload is of another type than the target accepts, or no registered version is in its range";
+    SchemaDrift => "SCHEMA_DRIFT", FailedPrecondition,
+        "the payload carries fields the contract does not know";
+    MissingRequiredFields => "MISSING_REQUIRED_FIELDS", FailedPrecondition,
+        "required fields of the contract are missing";
+    OverTokenBudget => "OVER_TOKEN_BUDGET", FailedPrecondition,
+        "the payload is over the contract's max_tokens";
+    OverByteBudget => "OVER_BYTE_BUDGET", FailedPrecondition,
+        "the payload is over the contract's max_bytes";
+    LowConfidence => "LOW_CONFIDENCE", FailedPrecondition,
+        "confidence is under the contract's min_confidence, or not stated";
+    StaleToolResult => "STALE_TOOL_RESULT", FailedPrecondition,
+        "a tool result is older than max_tool_result_age, or has no observed_at";
+    IncompatibleContract => "INCOMPATIBLE_CONTRACT", FailedPrecondition,
+        "a new contract version breaks its compatibility mode";
+    VersionGap => "VERSION_GAP", FailedPrecondition,
+        "a contract version that is neither an existing one nor the next";
+    BranchTooLarge => "BRANCH_TOO_LARGE", FailedPrecondition,
+        "a branch result that would take the barrier's release past one NATS message";
+    DeliveryGone => "DELIVERY_GONE", FailedPrecondition,
+        "the consumed delivery's handoff is no longer stored";
+    UndeclaredEmit => "UNDECLARED_EMIT", PermissionDenied,
+        "the source agent sends a contract it does not declare in emits";
+    RequestTooLarge => "REQUEST_TOO_LARGE", OutOfRange,
+        "the request is larger than gRPC accepts (twice max_inline_payload, at least 4 MiB)";
+    NatsUnavailable => "NATS_UNAVAILABLE", Unavailable,
+        "NATS is unreachable; retrying with the same idempotency key is safe";
+    Draining => "DRAINING", Unavailable,
+        "the broker is draining; reconnect to another replica";
+    Internal => "INTERNAL", Internal,
+        "a bug or an unexpected answer from the store";
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Everything a broker operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +159,16 @@ pub enum BrokerError {
         reason: String,
     },
     /// A request that is malformed in another way.
-    #[error("{0}")]
-    Malformed(String),
+    #[error("{message}")]
+    Malformed {
+        /// Why, as a stable reason (an INVALID_ARGUMENT one).
+        reason: Reason,
+        /// The field at fault (a path such as `branches[2].branch_key`),
+        /// empty when the request as a whole is at fault.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The run does not exist.
     #[error("run {0:?} not found")]
     RunNotFound(String),
@@ -101,7 +246,6 @@ pub enum BrokerError {
     /// A version that is neither existing nor the next.
     #[error("{0}")]
     VersionGap(String),
-    /// A handoff refused at the door by a contract guard (`rule`); the
     /// A branch result that would make its barrier's release handoff
     /// larger than one NATS message.
     #[error("branch {key:?} of barrier {barrier:?} is {size} bytes; the release carries {used} bytes of branch results already and fits at most {budget} (the NATS max_payload, less the release's own fields): hand off a smaller result")]
@@ -117,15 +261,16 @@ pub enum BrokerError {
         /// What all branches together may add.
         budget: u64,
     },
-    /// code depends on the guard.
+    /// A handoff refused at the door by a guard: the reason says which,
+    /// the metadata what was measured against what.
     #[error("{message}")]
     Refused {
-        /// The guard: `decode`, `unknown_fields`, `max_tokens`, ...
-        rule: &'static str,
-        /// Its gRPC code.
-        code: Code,
+        /// Which guard refused it.
+        reason: Reason,
         /// What was measured against what.
         message: String,
+        /// The same, as key/value pairs (field paths, counts, budgets).
+        metadata: Vec<(&'static str, String)>,
     },
     /// The barrier does not exist.
     #[error("{0}")]
@@ -136,46 +281,171 @@ pub enum BrokerError {
     /// NATS or JetStream did not answer.
     #[error("NATS unavailable: {0}")]
     Unavailable(String),
+    /// The broker is draining.
+    #[error("{0}")]
+    Draining(String),
     /// A bug or an unexpected answer from the store.
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl BrokerError {
-    /// The gRPC code this error maps to.
-    pub fn code(&self) -> Code {
+    /// A malformed request: `field` is the path of the field at fault.
+    pub fn malformed(field: impl Into<String>, message: impl Into<String>) -> Self {
+        BrokerError::Malformed {
+            reason: Reason::MalformedRequest,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Malformed input with a more precise INVALID_ARGUMENT reason.
+    pub fn invalid(reason: Reason, field: impl Into<String>, message: impl Into<String>) -> Self {
+        BrokerError::Malformed {
+            reason,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The stable reason of this error.
+    pub fn reason(&self) -> Reason {
         use BrokerError::*;
         match self {
-            InvalidName { .. } | Malformed(_) | BadDeliveryId(_) => Code::InvalidArgument,
-            RunNotFound(_) | AgentNotFound(_) | ContractNotFound(_) | BarrierNotFound(_) => {
-                Code::NotFound
+            InvalidName { .. } => Reason::InvalidName,
+            Malformed { reason, .. } | Refused { reason, .. } => *reason,
+            BadDeliveryId(_) => Reason::BadDeliveryId,
+            RunNotFound(_) => Reason::RunNotFound,
+            AgentNotFound(_) => Reason::AgentNotFound,
+            ContractNotFound(_) => Reason::ContractNotFound,
+            BarrierNotFound(_) => Reason::BarrierNotFound,
+            RunExists(_) => Reason::RunExists,
+            ContractConflict(_) => Reason::ContractConflict,
+            BarrierExists(_) => Reason::BarrierConflict,
+            Incompatible { .. } => Reason::IncompatibleContract,
+            VersionGap(_) => Reason::VersionGap,
+            RunClosed { .. } => Reason::RunClosed,
+            DepthExceeded { .. } => Reason::DepthCap,
+            PayloadTooLarge { .. } => Reason::PayloadTooLarge,
+            EnvelopeTooLarge { .. } => Reason::EnvelopeTooLarge,
+            BranchTooLarge { .. } => Reason::BranchTooLarge,
+            DeliveryGone(_) => Reason::DeliveryGone,
+            Unavailable(_) => Reason::NatsUnavailable,
+            Draining(_) => Reason::Draining,
+            Internal(_) => Reason::Internal,
+        }
+    }
+
+    /// The class of this error (what the gRPC code will be).
+    pub fn class(&self) -> Class {
+        self.reason().class()
+    }
+
+    /// The field at fault, for malformed input.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            BrokerError::InvalidName { field, .. } => Some(field),
+            BrokerError::Malformed { field, .. } if !field.is_empty() => Some(field),
+            _ => None,
+        }
+    }
+
+    /// What the error measured or names, as key/value pairs for
+    /// `ErrorInfo.metadata` (numbers as decimal strings).
+    pub fn metadata(&self) -> Vec<(&'static str, String)> {
+        use BrokerError::*;
+        match self {
+            InvalidName { field, value, .. } => {
+                vec![("field", field.to_string()), ("value", value.clone())]
             }
-            RunExists(_) | ContractConflict(_) | BarrierExists(_) => Code::AlreadyExists,
-            Refused { code, .. } => *code,
-            Incompatible { .. }
-            | VersionGap(_)
-            | RunClosed { .. }
-            | DepthExceeded { .. }
-            | PayloadTooLarge { .. }
-            | EnvelopeTooLarge { .. }
-            | BranchTooLarge { .. }
-            | DeliveryGone(_) => Code::FailedPrecondition,
-            Unavailable(_) => Code::Unavailable,
-            Internal(_) => Code::Internal,
+            Malformed { field, .. } if !field.is_empty() => vec![("field", field.clone())],
+            RunNotFound(run) | RunExists(run) => vec![("run_id", run.clone())],
+            AgentNotFound(agent) => vec![("agent", agent.clone())],
+            RunClosed { run, status } => {
+                vec![("run_id", run.clone()), ("status", status.to_string())]
+            }
+            DepthExceeded { depth, max_depth } => vec![
+                ("depth", depth.to_string()),
+                ("max_depth", max_depth.to_string()),
+            ],
+            PayloadTooLarge { size, limit } => {
+                vec![("size", size.to_string()), ("limit", limit.to_string())]
+            }
+            EnvelopeTooLarge { size, max_payload } => vec![
+                ("size", size.to_string()),
+                ("limit", max_payload.to_string()),
+            ],
+            Incompatible {
+                message_type,
+                version,
+                previous,
+                mode,
+                problems,
+            } => vec![
+                ("message_type", message_type.clone()),
+                ("version", version.to_string()),
+                ("previous", previous.to_string()),
+                ("mode", mode.to_string()),
+                ("problems", problems.join("; ")),
+            ],
+            BranchTooLarge {
+                barrier,
+                key,
+                size,
+                used,
+                budget,
+            } => vec![
+                ("barrier_id", barrier.clone()),
+                ("branch_key", key.clone()),
+                ("size", size.to_string()),
+                ("used", used.to_string()),
+                ("limit", budget.to_string()),
+            ],
+            Refused { metadata, .. } => metadata.clone(),
+            _ => Vec::new(),
         }
     }
 
     /// Wraps a NATS error as UNAVAILABLE, keeping its text.
-    pub fn nats(context: &str, err: impl std::fmt::Display) -> Self {
+    pub fn nats(context: &str, err: impl fmt::Display) -> Self {
         BrokerError::Unavailable(format!("{context}: {err}"))
-    }
-}
-
-impl From<BrokerError> for Status {
-    fn from(err: BrokerError) -> Self {
-        Status::new(err.code(), err.to_string())
     }
 }
 
 /// Result alias of the broker.
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_unique_upper_snake_case() {
+        let mut seen = std::collections::HashSet::new();
+        for r in Reason::ALL {
+            let s = r.as_str();
+            assert!(seen.insert(s), "{s} twice");
+            assert!(s.chars().all(|c| c.is_ascii_uppercase() || c == '_'), "{s}");
+            assert!(!r.doc().is_empty());
+        }
+    }
+
+    #[test]
+    fn errors_name_their_reason_class_and_numbers() {
+        let e = BrokerError::DepthExceeded {
+            depth: 6,
+            max_depth: 5,
+        };
+        assert_eq!(e.reason(), Reason::DepthCap);
+        assert_eq!(e.class(), Class::FailedPrecondition);
+        assert_eq!(
+            e.metadata(),
+            vec![("depth", "6".to_string()), ("max_depth", "5".to_string())]
+        );
+        let e = BrokerError::malformed("payload", "payload is required");
+        assert_eq!(e.reason(), Reason::MalformedRequest);
+        assert_eq!(e.class(), Class::InvalidArgument);
+        assert_eq!(e.field(), Some("payload"));
+        assert_eq!(e.to_string(), "payload is required");
+    }
+}

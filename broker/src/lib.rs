@@ -2,32 +2,34 @@
 //! typed and observable, over NATS JetStream.
 //!
 //! The binary is a thin shell around [`run`]; tests call the same function
-//! with their own listener and shutdown signal. Layout:
+//! with their own listener and shutdown signal. The layers, top to bottom
+//! (a request flows down and never back up):
 //!
-//! - [`config`]: layered configuration (defaults, TOML, env, flags);
-//! - [`domain`] and [`names`]: the rules, free of transport;
-//! - [`store`]: the JetStream adapter (streams, consumers, buckets);
-//! - [`contracts`]: typed contracts, their compatibility and the guards;
-//! - [`metrics`]: counters and the Prometheus endpoint;
-//! - [`broker`]: shared state and run transitions;
-//! - [`rpc`]: the gRPC edge, one file per RPC;
-//! - [`timers`]: durable deadlines;
-//! - [`embedded`]: the embedded `nats-server` child;
-//! - [`server`]: serving and draining.
+//! - [`rpc`] and [`timers`]: the adapters that receive work: gRPC requests
+//!   in, statuses with `google.rpc.ErrorInfo` out; due durable timers;
+//! - [`app`]: the use cases (accept a handoff, fan out, arrive at a
+//!   barrier, settle a delivery, end a run, fire a timer), which decide
+//!   and order the writes;
+//! - [`rules`]: names, ids, depth, barrier decisions and typed contracts,
+//!   pure: no tonic, no NATS;
+//! - [`store`]: the storage trait the use cases write through, and its
+//!   JetStream implementation;
+//! - [`error`]: the domain error and its stable reasons.
+//!
+//! Around them: [`config`], [`metrics`], [`embedded`] (the embedded
+//! `nats-server` child), [`telemetry`] and [`server`] (serving and
+//! draining).
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
-pub mod barrier;
-pub mod broker;
+pub mod app;
 pub mod cli;
 pub mod config;
-pub mod contracts;
-pub mod domain;
 pub mod embedded;
 pub mod error;
 pub mod metrics;
-pub mod names;
 pub mod rpc;
+pub mod rules;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -7,19 +7,19 @@
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
-use handoff_proto::{pb::handoff_broker_server::HandoffBrokerServer, FILE_DESCRIPTOR_SET};
+use handoff_proto::{server::handoff_broker_server::HandoffBrokerServer, FILE_DESCRIPTOR_SET};
 use tokio::{
     net::TcpListener,
     sync::{oneshot, watch},
 };
 
 use crate::{
-    broker::Broker,
+    app::Broker,
     config::Config,
     embedded::{self, EmbeddedError, NatsServer},
     error::BrokerError,
     rpc::Service,
-    store::Store,
+    store::JetStream,
     timers,
 };
 
@@ -123,10 +123,13 @@ async fn serve(
             url: nats_url.to_string(),
             reason: e.to_string(),
         })?;
-    let store = Store::open(client.clone(), config).await?;
+    let store = JetStream::open(client.clone(), config).await?;
     let (drain_tx, drain_rx) = watch::channel(false);
-    let broker = Broker::new(config.clone(), store, drain_rx);
-    let (loaded, watch_from) = broker.load_contracts().await?;
+    let broker = Broker::new(config.clone(), std::sync::Arc::new(store.clone()), drain_rx);
+    // Watch contracts from where the load ends, so it does not load them
+    // all again.
+    let watch_from = store.contracts_revision().await? + 1;
+    let loaded = broker.load_contracts().await?;
     tracing::debug!(contracts = loaded, "contract versions loaded");
     let metrics_task = match config.metrics_listen {
         None => None,
@@ -141,18 +144,26 @@ async fn serve(
             )))
         }
     };
-    let timer_task = tokio::spawn(timers::run(broker.clone()));
-    let agents_task = tokio::spawn(watch_agents(broker.clone()));
-    let contracts_task = tokio::spawn(watch_contracts(broker.clone(), watch_from));
+    let timer_task = tokio::spawn(timers::run(broker.clone(), store.clone()));
+    let agents_task = tokio::spawn(watch_agents(broker.clone(), store.clone()));
+    let contracts_task = tokio::spawn(watch_contracts(broker.clone(), store, watch_from));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<HandoffBrokerServer<Service>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions: grpcurl and newer clients speak v1,
+    // Python's grpcio-reflection and older tools only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .map_err(|e| RunError::Serve(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .map_err(|e| RunError::Serve(format!("reflection: {e}")))?;
     let service = HandoffBrokerServer::new(Service::new(broker.clone()))
         .max_decoding_message_size(config.max_inline_payload.saturating_mul(2).max(4 << 20));
@@ -162,7 +173,8 @@ async fn serve(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(service)
         // The listener is the caller's, so set TCP_NODELAY on accepted
         // sockets here: without it small gRPC frames wait on delayed ACKs.
@@ -221,12 +233,12 @@ async fn serve(
 }
 
 /// Keeps the agent cache current with registrations made on any replica.
-async fn watch_agents(broker: Broker) {
+async fn watch_agents(broker: Broker, store: JetStream) {
     use async_nats::jetstream::kv::Operation;
     use futures::StreamExt;
     use prost::Message as _;
     loop {
-        match broker.store().agents.watch_all().await {
+        match store.agents.watch_all().await {
             Ok(mut updates) => {
                 while let Some(entry) = updates.next().await {
                     let Ok(entry) = entry else { break };
@@ -249,12 +261,12 @@ async fn watch_agents(broker: Broker) {
 /// Keeps the contract registry current with versions registered on any
 /// replica (versions are never changed or deleted, only added), from
 /// bucket revision `next` on.
-async fn watch_contracts(broker: Broker, mut next: u64) {
+async fn watch_contracts(broker: Broker, store: JetStream, mut next: u64) {
     use async_nats::jetstream::kv::Operation;
     use futures::StreamExt;
     use prost::Message as _;
     loop {
-        match broker.store().contracts.watch_all_from_revision(next).await {
+        match store.contracts.watch_all_from_revision(next).await {
             Ok(mut updates) => {
                 while let Some(entry) = updates.next().await {
                     let Ok(entry) = entry else { break };
@@ -265,7 +277,7 @@ async fn watch_contracts(broker: Broker, mut next: u64) {
                     let compiled = handoff_proto::pb::Contract::decode(entry.value)
                         .map_err(|e| e.to_string())
                         .and_then(|c| {
-                            crate::contracts::Compiled::new(c).map_err(|e| e.to_string())
+                            crate::rules::contracts::Compiled::new(c).map_err(|e| e.to_string())
                         });
                     match compiled {
                         Ok(c) => broker.contracts().insert(std::sync::Arc::new(c)),

@@ -1,4 +1,6 @@
-//! Durable timers: run deadlines that fire once, on whichever replica is up.
+//! The timer adapter: fires durable timers (run deadlines, barrier
+//! timeouts and release checks) once, on whichever replica is up, by
+//! calling the use cases.
 //!
 //! A timer is a message in the work-queue stream `HANDOFF_TIMERS`, read by
 //! one durable consumer that every replica pulls from. A timer not yet due
@@ -16,68 +18,20 @@ use handoff_proto::pb;
 use prost::Message as _;
 
 use crate::{
-    broker::{Broker, RunEnd},
+    app::{barriers, runs, Broker},
     error::BrokerError,
-    store::TIMERS_CONSUMER,
+    store::jetstream::{JetStream, TIMERS_CONSUMER},
 };
 
 /// Longest single wait handed to JetStream; longer timers are re-checked.
 const MAX_DELAY: Duration = Duration::from_secs(3600);
 
-/// Schedules a run's deadline (idempotent per run).
-pub async fn schedule_deadline(
-    broker: &Broker,
-    run_id: &str,
-    due: prost_types::Timestamp,
-) -> Result<(), BrokerError> {
-    let timer = pb::Timer {
-        run_id: run_id.to_string(),
-        due: Some(due),
-        barrier_id: String::new(),
-    };
-    broker
-        .store()
-        .publish(
-            format!("handoff.v1.timers.run.{run_id}"),
-            &format!("deadline-{run_id}"),
-            timer.encode_to_vec().into(),
-        )
-        .await
-        .map(|_| ())
-}
-
-/// Schedules a barrier's timer: its timeout (`what` = "timeout") or the
-/// check that its release was published ("release"); idempotent per
-/// barrier and kind.
-pub async fn schedule_barrier(
-    broker: &Broker,
-    run_id: &str,
-    barrier_id: &str,
-    due: prost_types::Timestamp,
-    what: &str,
-) -> Result<(), BrokerError> {
-    let timer = pb::Timer {
-        run_id: run_id.to_string(),
-        due: Some(due),
-        barrier_id: barrier_id.to_string(),
-    };
-    broker
-        .store()
-        .publish(
-            format!("handoff.v1.timers.barrier.{run_id}.{barrier_id}.{what}"),
-            &format!("barrier-{what}-{run_id}-{barrier_id}"),
-            timer.encode_to_vec().into(),
-        )
-        .await
-        .map(|_| ())
-}
-
 /// Fires due timers until the broker drains.
-pub async fn run(broker: Broker) {
+pub async fn run(broker: Broker, store: JetStream) {
     let mut backoff = Duration::from_millis(200);
     loop {
         tokio::select! {
-            r = pump(&broker) => {
+            r = pump(&broker, &store) => {
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "timer loop failed; retrying");
                 }
@@ -89,9 +43,8 @@ pub async fn run(broker: Broker) {
     }
 }
 
-async fn pump(broker: &Broker) -> Result<(), BrokerError> {
-    let consumer: async_nats::jetstream::consumer::PullConsumer = broker
-        .store()
+async fn pump(broker: &Broker, store: &JetStream) -> Result<(), BrokerError> {
+    let consumer: async_nats::jetstream::consumer::PullConsumer = store
         .timers
         .get_consumer(TIMERS_CONSUMER)
         .await
@@ -121,29 +74,17 @@ async fn pump(broker: &Broker) -> Result<(), BrokerError> {
             }
             _ if !timer.barrier_id.is_empty() => {
                 let kind = if msg.subject.ends_with(".timeout") {
-                    crate::rpc::barriers::Timer::Timeout
+                    barriers::Timer::Timeout
                 } else {
-                    crate::rpc::barriers::Timer::ReleaseCheck
+                    barriers::Timer::ReleaseCheck
                 };
-                crate::rpc::barriers::fire(broker, &timer.run_id, &timer.barrier_id, kind).await?;
+                barriers::fire(broker, &timer.run_id, &timer.barrier_id, kind).await?;
                 msg.double_ack()
                     .await
                     .map_err(|e| BrokerError::nats("acking a timer", e))?;
             }
             _ => {
-                let reason = format!("deadline {} passed", humantime::format_rfc3339_millis(due));
-                match broker
-                    .end_run(&timer.run_id, RunEnd::TimedOut(reason))
-                    .await
-                {
-                    Ok(run) => {
-                        if run.status == pb::RunStatus::TimedOut as i32 {
-                            tracing::info!(run_id = %run.id, "run timed out");
-                        }
-                    }
-                    Err(BrokerError::RunNotFound(_)) => {}
-                    Err(e) => return Err(e),
-                }
+                runs::time_out(broker, &timer.run_id, due).await?;
                 msg.double_ack()
                     .await
                     .map_err(|e| BrokerError::nats("acking a timer", e))?;

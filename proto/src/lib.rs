@@ -10,6 +10,15 @@ pub mod pb {
     tonic::include_proto!("handoff.v1");
 }
 
+/// The server side of `handoff.v1.HandoffBroker` (its messages are in
+/// [`pb`]), decoding requests with [`codec::ServerCodec`].
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod server {
+    include!(concat!(env!("OUT_DIR"), "/server/handoff.v1.rs"));
+}
+
+pub mod codec;
+
 /// The encoded `FileDescriptorSet` of the API, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("handoff_descriptor");
 

@@ -1,24 +1,26 @@
-//! The gRPC edge: `handoff.v1.HandoffBroker`, one file per RPC.
+//! The gRPC edge: `handoff.v1.HandoffBroker`.
 //!
-//! Each handler opens a span, turns the request into a domain call and maps
-//! the `BrokerError` to a `Status` in one place (`From<BrokerError>`).
-//! Streaming responses are fed by a spawned task through a channel.
+//! Each handler opens a span (with `run_id`, `handoff_id` and `agent` where
+//! the request names them), hands the request to its use case in
+//! [`crate::app`], and maps a [`BrokerError`] to a status in one place
+//! ([`status::to_status`]). The streaming RPCs adapt a use case's stream
+//! or channel ([`subscribe`], [`watch`]). No decision is made here.
 
-pub mod agents;
-pub mod barriers;
-pub mod contracts;
-pub mod handoff;
-pub mod runs;
+pub mod status;
 pub mod subscribe;
 pub mod watch;
 
-use handoff_proto::pb::{self, handoff_broker_server::HandoffBroker};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use std::future::Future;
+
+use futures::stream::BoxStream;
+use handoff_proto::{pb, server::handoff_broker_server::HandoffBroker};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::broker::Broker;
+use crate::{
+    app::{self, Broker},
+    error::BrokerError,
+};
 
 /// The gRPC service.
 pub struct Service {
@@ -34,6 +36,33 @@ impl Service {
 
 type Reply<T> = Result<Response<T>, Status>;
 
+/// Runs a unary use case in `span`, and answers its result or its status.
+async fn unary<T>(
+    span: tracing::Span,
+    call: impl Future<Output = Result<T, BrokerError>>,
+) -> Reply<T> {
+    match call.instrument(span.clone()).await {
+        Ok(v) => Ok(Response::new(v)),
+        Err(e) => {
+            span.in_scope(|| tracing::debug!(reason = %e.reason(), error = %e, "refused"));
+            Err(status::to_status(e))
+        }
+    }
+}
+
+/// The span of one RPC; fields a request does not name stay empty.
+macro_rules! rpc_span {
+    ($name:literal $(, $($rest:tt)+)?) => {
+        tracing::info_span!(
+            $name,
+            run_id = tracing::field::Empty,
+            handoff_id = tracing::field::Empty,
+            agent = tracing::field::Empty,
+            $($($rest)+)?
+        )
+    };
+}
+
 #[tonic::async_trait]
 impl HandoffBroker for Service {
     async fn register_agent(
@@ -41,13 +70,12 @@ impl HandoffBroker for Service {
         req: Request<pb::RegisterAgentRequest>,
     ) -> Reply<pb::RegisterAgentResponse> {
         let req = req.into_inner();
-        let span = tracing::info_span!(
-            "RegisterAgent",
-            agent = req.agent.as_ref().map(|a| a.name.as_str()).unwrap_or("")
+        let span = rpc_span!("RegisterAgent");
+        span.record(
+            "agent",
+            req.agent.as_ref().map(|a| a.name.as_str()).unwrap_or(""),
         );
-        Ok(Response::new(
-            agents::register(&self.broker, req).instrument(span).await?,
-        ))
+        unary(span, app::agents::register(&self.broker, req)).await
     }
 
     async fn register_contract(
@@ -55,122 +83,120 @@ impl HandoffBroker for Service {
         req: Request<pb::RegisterContractRequest>,
     ) -> Reply<pb::RegisterContractResponse> {
         let req = req.into_inner();
-        let span = tracing::info_span!("RegisterContract", message_type = %req.message_type, version = req.version);
-        Ok(Response::new(
-            contracts::register(&self.broker, req)
-                .instrument(span)
-                .await?,
-        ))
+        let span = rpc_span!(
+            "RegisterContract",
+            message_type = %req.message_type,
+            version = req.version
+        );
+        unary(span, app::contracts::register(&self.broker, req)).await
     }
 
     async fn get_contract(
         &self,
         req: Request<pb::GetContractRequest>,
     ) -> Reply<pb::GetContractResponse> {
-        Ok(Response::new(
-            contracts::get(&self.broker, req.into_inner()).await?,
-        ))
+        let req = req.into_inner();
+        let span = rpc_span!("GetContract", message_type = %req.message_type);
+        unary(span, app::contracts::get(&self.broker, req)).await
     }
 
     async fn list_contracts(
         &self,
         req: Request<pb::ListContractsRequest>,
     ) -> Reply<pb::ListContractsResponse> {
-        Ok(Response::new(
-            contracts::list(&self.broker, req.into_inner()).await?,
-        ))
+        let span = rpc_span!("ListContracts");
+        unary(span, app::contracts::list(&self.broker, req.into_inner())).await
     }
 
     async fn open_barrier(
         &self,
         req: Request<pb::OpenBarrierRequest>,
     ) -> Reply<pb::OpenBarrierResponse> {
-        Ok(Response::new(
-            barriers::open(&self.broker, req.into_inner()).await?,
-        ))
+        let req = req.into_inner();
+        let span = rpc_span!("OpenBarrier");
+        if let Some(b) = &req.barrier {
+            span.record("run_id", b.run_id.as_str());
+            span.record("agent", b.target_agent.as_str());
+        }
+        unary(span, app::barriers::open(&self.broker, req)).await
     }
 
     async fn fan_out(&self, req: Request<pb::FanOutRequest>) -> Reply<pb::FanOutResponse> {
-        Ok(Response::new(
-            barriers::fan_out(&self.broker, req.into_inner()).await?,
-        ))
+        let req = req.into_inner();
+        let span = rpc_span!("FanOut");
+        if let Some(b) = &req.barrier {
+            span.record("run_id", b.run_id.as_str());
+            span.record("agent", b.target_agent.as_str());
+        }
+        unary(span, app::fan_out::fan_out(&self.broker, req)).await
     }
 
     async fn get_barrier(
         &self,
         req: Request<pb::GetBarrierRequest>,
     ) -> Reply<pb::GetBarrierResponse> {
-        Ok(Response::new(
-            barriers::get(&self.broker, req.into_inner()).await?,
-        ))
+        let req = req.into_inner();
+        let span = rpc_span!("GetBarrier");
+        span.record("run_id", req.run_id.as_str());
+        unary(span, app::barriers::get(&self.broker, req)).await
     }
 
     async fn list_agents(
         &self,
         _req: Request<pb::ListAgentsRequest>,
     ) -> Reply<pb::ListAgentsResponse> {
-        Ok(Response::new(agents::list(&self.broker).await?))
+        let span = rpc_span!("ListAgents");
+        unary(span, app::agents::list(&self.broker)).await
     }
 
     async fn start_run(&self, req: Request<pb::StartRunRequest>) -> Reply<pb::StartRunResponse> {
         let req = req.into_inner();
-        let span = tracing::info_span!("StartRun", run_id = %req.run_id, owner = %req.owner);
-        Ok(Response::new(
-            runs::start(&self.broker, req).instrument(span).await?,
-        ))
+        let span = rpc_span!("StartRun", owner = %req.owner);
+        span.record("run_id", req.run_id.as_str());
+        unary(span, app::runs::start(&self.broker, req)).await
     }
 
     async fn handoff(&self, req: Request<pb::HandoffRequest>) -> Reply<pb::HandoffResponse> {
         let req = req.into_inner();
-        let span = tracing::info_span!("Handoff", run_id = %req.run_id, source = %req.source_agent, target = %req.target_agent);
-        Ok(Response::new(
-            handoff::handoff(&self.broker, req).instrument(span).await?,
-        ))
+        let span = rpc_span!("Handoff", source = %req.source_agent);
+        span.record("run_id", req.run_id.as_str());
+        span.record("agent", req.target_agent.as_str());
+        let accepted = unary(span.clone(), app::handoff::accept(&self.broker, req)).await;
+        if let Ok(r) = &accepted {
+            span.record("handoff_id", r.get_ref().handoff_id.as_str());
+        }
+        accepted
     }
 
-    type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+    type SubscribeStream = BoxStream<'static, Result<pb::SubscribeResponse, Status>>;
 
     async fn subscribe(
         &self,
         req: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Reply<Self::SubscribeStream> {
-        let mut inbound = req.into_inner();
-        let first = inbound.message().await?;
-        let (agent, instance, max_in_flight) = subscribe::open(&self.broker, first).await?;
-        let (tx, rx) = mpsc::channel(max_in_flight + 16);
-        tokio::spawn(subscribe::run(
-            self.broker.clone(),
-            agent,
-            instance,
-            max_in_flight,
-            inbound,
-            tx,
-        ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        subscribe::subscribe(&self.broker, req.into_inner()).await
     }
 
-    type WatchStream = ReceiverStream<Result<pb::Event, Status>>;
+    type WatchStream = BoxStream<'static, Result<pb::Event, Status>>;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Reply<Self::WatchStream> {
-        let req = req.into_inner();
-        let messages = watch::open(&self.broker, &req).await?;
-        let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(watch::run(self.broker.clone(), req, messages, tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        watch::watch(&self.broker, req.into_inner()).await
     }
 
     async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Reply<pb::GetRunResponse> {
-        Ok(Response::new(
-            runs::get(&self.broker, req.into_inner()).await?,
-        ))
+        let req = req.into_inner();
+        let span = rpc_span!("GetRun");
+        span.record("run_id", req.run_id.as_str());
+        unary(span, app::runs::get(&self.broker, req)).await
     }
 
     async fn list_dead_letters(
         &self,
         req: Request<pb::ListDeadLettersRequest>,
     ) -> Reply<pb::ListDeadLettersResponse> {
-        Ok(Response::new(
-            watch::dead_letters(&self.broker, req.into_inner()).await?,
-        ))
+        let req = req.into_inner();
+        let span = rpc_span!("ListDeadLetters");
+        span.record("agent", req.agent.as_str());
+        unary(span, app::events::dead_letters(&self.broker, req)).await
     }
 }

@@ -19,7 +19,7 @@ use handoff_proto::pb;
 use prost_reflect::{Cardinality, DescriptorPool, Kind, MessageDescriptor};
 use sha2::{Digest, Sha256};
 
-use crate::error::BrokerError;
+use crate::error::{BrokerError, Reason};
 
 /// Longest message type name accepted.
 const MAX_TYPE_NAME: usize = 256;
@@ -78,14 +78,18 @@ pub fn message_of(
     message_type: &str,
 ) -> Result<MessageDescriptor, BrokerError> {
     let pool = DescriptorPool::decode(file_descriptor_set).map_err(|e| {
-        BrokerError::Malformed(format!(
-            "file_descriptor_set is not a valid descriptor set: {e}"
-        ))
+        BrokerError::invalid(
+            Reason::InvalidContract,
+            "file_descriptor_set",
+            format!("file_descriptor_set is not a valid descriptor set: {e}"),
+        )
     })?;
     pool.get_message_by_name(message_type).ok_or_else(|| {
-        BrokerError::Malformed(format!(
-            "file_descriptor_set does not define message {message_type:?}"
-        ))
+        BrokerError::invalid(
+            Reason::InvalidContract,
+            "file_descriptor_set",
+            format!("file_descriptor_set does not define message {message_type:?}"),
+        )
     })
 }
 

@@ -160,7 +160,7 @@ pub fn branch_keys(spec: &pb::BarrierSpec) -> Result<Vec<String>, BarrierError> 
         ("barrier_id", &spec.barrier_id),
         ("target_agent", &spec.target_agent),
     ] {
-        if let Some(reason) = crate::names::problem(value) {
+        if let Some(reason) = crate::rules::names::problem(value) {
             return Err(BarrierError::InvalidName {
                 field,
                 value: shorten(value),
@@ -185,7 +185,7 @@ pub fn branch_keys(spec: &pb::BarrierSpec) -> Result<Vec<String>, BarrierError> 
             }
             let mut seen: HashMap<&str, usize> = HashMap::with_capacity(spec.branch_keys.len());
             for (index, key) in spec.branch_keys.iter().enumerate() {
-                if let Some(reason) = crate::names::problem(key) {
+                if let Some(reason) = crate::rules::names::problem(key) {
                     return Err(BarrierError::InvalidBranchKey {
                         index,
                         value: shorten(key),

@@ -1,5 +1,5 @@
-//! Barriers: `OpenBarrier`, `FanOut`, `GetBarrier`, and the arrival of
-//! branch results.
+//! Barriers: open one, read one, the arrival of branch results, the
+//! exactly-once release, and the barrier timers (timeout, release check).
 //!
 //! A barrier is one key/value entry (`handoff_barriers`, key
 //! `<run>.<barrier>`) changed only by compare-and-set, so replicas racing
@@ -23,10 +23,13 @@ use handoff_proto::pb;
 use prost::Message as _;
 
 use crate::{
-    barrier::{self, Arrival, Decision},
-    broker::{now, status_name, Broker},
-    error::BrokerError,
-    store, timers,
+    app::{now, status_name, Broker},
+    error::{BrokerError, Reason},
+    rules::{
+        barrier::{self, Arrival, Decision},
+        names,
+    },
+    store::TimerKind,
 };
 
 /// How long after a release its publication is checked again.
@@ -34,11 +37,11 @@ const RELEASE_CHECK: Duration = Duration::from_secs(5);
 
 /// The id of a barrier's release handoff.
 pub fn release_id(run_id: &str, barrier_id: &str) -> String {
-    crate::domain::derived_id(&format!("barrier\u{0}{run_id}\u{0}{barrier_id}"))
+    crate::rules::handoff::derived_id(&format!("barrier\u{0}{run_id}\u{0}{barrier_id}"))
 }
 
 fn spec_error(e: barrier::BarrierError) -> BrokerError {
-    BrokerError::Malformed(e.to_string())
+    BrokerError::invalid(Reason::InvalidBarrierSpec, "barrier", e.to_string())
 }
 
 /// Opens a barrier (idempotent for the same spec), applies branch results
@@ -49,11 +52,11 @@ pub async fn open(
 ) -> Result<pb::OpenBarrierResponse, BrokerError> {
     let spec = req
         .barrier
-        .ok_or_else(|| BrokerError::Malformed("barrier is required".to_string()))?;
+        .ok_or_else(|| BrokerError::malformed("barrier", "barrier is required"))?;
     open_spec(broker, spec).await
 }
 
-async fn open_spec(
+pub async fn open_spec(
     broker: &Broker,
     spec: pb::BarrierSpec,
 ) -> Result<pb::OpenBarrierResponse, BrokerError> {
@@ -86,14 +89,15 @@ async fn open_spec(
     }
     if let Some(timeout) = spec.timeout.and_then(|d| Duration::try_from(d).ok()) {
         let due = SystemTime::now() + timeout;
-        timers::schedule_barrier(
-            broker,
-            &spec.run_id,
-            &spec.barrier_id,
-            due.into(),
-            "timeout",
-        )
-        .await?;
+        let timer = pb::Timer {
+            run_id: spec.run_id.clone(),
+            due: Some(due.into()),
+            barrier_id: spec.barrier_id.clone(),
+        };
+        broker
+            .store()
+            .schedule(&timer, TimerKind::BarrierTimeout)
+            .await?;
     }
     let msg_id = format!("opened-{}-{}", run.id, spec.barrier_id);
     let (emitted, early) = tokio::join!(
@@ -164,8 +168,8 @@ pub async fn get(
     broker: &Broker,
     req: pb::GetBarrierRequest,
 ) -> Result<pb::GetBarrierResponse, BrokerError> {
-    crate::names::validate("run_id", &req.run_id)?;
-    crate::names::validate("barrier_id", &req.barrier_id)?;
+    names::validate("run_id", &req.run_id)?;
+    names::validate("barrier_id", &req.barrier_id)?;
     let (barrier, _) = broker
         .store()
         .barrier(&req.run_id, &req.barrier_id)
@@ -219,18 +223,14 @@ pub async fn arrive(
             .mark_early_branch(&run.id, barrier_id)
             .await?;
     }
-    let ack = broker
+    let put = broker
         .store()
-        .publish(
-            store::branch_subject(&run.id, barrier_id, &result.key),
-            &result.handoff_id,
-            result.encode_to_vec().into(),
-        )
+        .put_branch_result(&run.id, barrier_id, &result)
         .await?;
     stored.store(true, Ordering::Relaxed);
-    result.sequence = ack.sequence;
+    result.sequence = put.sequence;
     apply(broker, run, barrier_id, result, current).await?;
-    Ok((ack.sequence, ack.duplicate))
+    Ok((put.sequence, put.duplicate))
 }
 
 /// What a branch result adds to its barrier's release handoff: the result
@@ -248,7 +248,7 @@ fn cost(result: &pb::BranchResult) -> u64 {
 /// NATS message limit less the release's own fields (envelope, lists of
 /// keys, placeholders for missing branches and their warnings).
 fn budget(broker: &Broker, b: &pb::Barrier) -> u64 {
-    let max = match broker.store().client.server_info().max_payload {
+    let max = match broker.store().max_payload() {
         0 => 1 << 20,
         n => n,
     } as u64;
@@ -265,85 +265,6 @@ fn budget(broker: &Broker, b: &pb::Barrier) -> u64 {
         None => 0,
     };
     max.saturating_sub(16 * 1024 + per_key)
-}
-
-/// Opens a barrier and accepts one handoff per branch, each tagged with
-/// the barrier and its key. Branches that consume a delivery fan it out;
-/// that delivery is acked once every branch is stored.
-pub async fn fan_out(
-    broker: &Broker,
-    req: pb::FanOutRequest,
-) -> Result<pb::FanOutResponse, BrokerError> {
-    use futures::{StreamExt, TryStreamExt};
-    let spec = req
-        .barrier
-        .ok_or_else(|| BrokerError::Malformed("barrier is required".to_string()))?;
-    let keys = barrier::branch_keys(&spec).map_err(spec_error)?;
-    if req.branches.is_empty() {
-        return Err(BrokerError::Malformed(
-            "branches is empty: a fan-out hands off at least one branch".to_string(),
-        ));
-    }
-    let known: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
-    let mut seen = std::collections::HashSet::new();
-    let consumes = req.branches[0].consumes.clone();
-    for (i, b) in req.branches.iter().enumerate() {
-        if !known.contains(b.branch_key.as_str()) {
-            return Err(BrokerError::Malformed(format!(
-                "branches[{i}].branch_key {:?} is not a branch of barrier {:?}",
-                b.branch_key, spec.barrier_id
-            )));
-        }
-        if !seen.insert(b.branch_key.as_str()) {
-            return Err(BrokerError::Malformed(format!(
-                "branches[{i}]: branch {:?} appears twice",
-                b.branch_key
-            )));
-        }
-        if !b.run_id.is_empty() && b.run_id != spec.run_id {
-            return Err(BrokerError::Malformed(format!(
-                "branches[{i}] names run {:?}, the barrier's is {:?}",
-                b.run_id, spec.run_id
-            )));
-        }
-        if b.consumes != consumes {
-            return Err(BrokerError::Malformed(
-                "every branch of a fan-out consumes the same delivery (or none)".to_string(),
-            ));
-        }
-        if b.r#final || b.to_barrier || !b.barrier_id.is_empty() && b.barrier_id != spec.barrier_id
-        {
-            return Err(BrokerError::Malformed(format!(
-                "branches[{i}] must be a handoff to an agent, without another barrier"
-            )));
-        }
-    }
-    let opened = open_spec(broker, spec.clone()).await?;
-    let branches: Vec<pb::HandoffRequest> = req
-        .branches
-        .into_iter()
-        .map(|mut b| {
-            b.run_id = spec.run_id.clone();
-            b.barrier_id = spec.barrier_id.clone();
-            if b.idempotency_key.is_empty() {
-                b.idempotency_key = format!("fan-out/{}/{}", spec.barrier_id, b.branch_key);
-            }
-            b.fan_out = !b.consumes.is_empty();
-            b
-        })
-        .collect();
-    let answers: Vec<pb::HandoffResponse> = futures::stream::iter(branches)
-        .map(|b| crate::rpc::handoff::handoff(broker, b))
-        .buffered(16)
-        .try_collect()
-        .await?;
-    if !consumes.is_empty() {
-        crate::rpc::handoff::settle_consumed(broker, &spec.run_id, &consumes).await?;
-    }
-    Ok(pb::FanOutResponse {
-        barrier: opened.barrier,
-        branches: answers,
-    })
 }
 
 /// Applies one branch result to the barrier with compare-and-set, and
@@ -468,7 +389,7 @@ pub enum Timer {
 }
 
 /// The agent a barrier releases to.
-fn target_of(b: &pb::Barrier) -> String {
+pub fn target_of(b: &pb::Barrier) -> String {
     b.spec
         .as_ref()
         .map(|s| s.target_agent.clone())
@@ -563,14 +484,15 @@ async fn prepare_release(
     timed_out: bool,
 ) -> Result<(), BrokerError> {
     let spec = b.spec.clone().unwrap_or_default();
-    timers::schedule_barrier(
-        broker,
-        &run.id,
-        &spec.barrier_id,
-        (SystemTime::now() + RELEASE_CHECK).into(),
-        "release",
-    )
-    .await?;
+    let check = pb::Timer {
+        run_id: run.id.clone(),
+        due: Some((SystemTime::now() + RELEASE_CHECK).into()),
+        barrier_id: spec.barrier_id.clone(),
+    };
+    broker
+        .store()
+        .schedule(&check, TimerKind::ReleaseCheck)
+        .await?;
     let id = release_id(&run.id, &spec.barrier_id);
     let payload = barrier::release(b, failure, timed_out, id, now());
     b.release = Some(payload);
@@ -608,14 +530,7 @@ async fn publish_release(
         barrier_id: spec.barrier_id.clone(),
         ..Default::default()
     };
-    broker
-        .store()
-        .publish(
-            store::inbox_subject(&spec.target_agent),
-            &envelope.id,
-            envelope.encode_to_vec().into(),
-        )
-        .await?;
+    broker.store().put_handoff(&envelope).await?;
     broker
         .emit(
             pb::Event {

@@ -1,13 +1,12 @@
-//! The rules of a handoff, apart from any transport: identity, depth,
-//! request validation, delivery tokens and attempts. Nothing here touches
-//! NATS or tonic, so every rule is unit-tested in isolation.
+//! The rules of one handoff: its id, its depth, request validation,
+//! delivery tokens and attempts.
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use handoff_proto::pb;
 use prost::Message as _;
 use uuid::Uuid;
 
-use crate::{error::BrokerError, names};
+use crate::{error::BrokerError, rules::names};
 
 /// Namespace of the deterministic (v5) handoff ids.
 const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a0c_4a1e_9d3b_4c55_8f1e_2b7d_9e4a_0c31);
@@ -80,21 +79,26 @@ pub fn validate_handoff(
     names::validate_optional("barrier_id", &req.barrier_id)?;
     names::validate_optional("branch_key", &req.branch_key)?;
     if req.r#final && req.to_barrier {
-        return Err(BrokerError::Malformed(
-            "a handoff is either final or to_barrier, not both".to_string(),
+        return Err(BrokerError::malformed(
+            "final",
+            "a handoff is either final or to_barrier, not both",
         ));
     }
     if req.r#final || req.to_barrier {
         if !req.target_agent.is_empty() {
-            return Err(BrokerError::Malformed(format!(
-                "a {} handoff has no target_agent",
-                if req.r#final { "final" } else { "to_barrier" }
-            )));
+            return Err(BrokerError::malformed(
+                "target_agent",
+                format!(
+                    "a {} handoff has no target_agent",
+                    if req.r#final { "final" } else { "to_barrier" }
+                ),
+            ));
         }
     } else {
         if req.target_agent.is_empty() {
-            return Err(BrokerError::Malformed(
-                "target_agent is required unless the handoff is final or to_barrier".to_string(),
+            return Err(BrokerError::malformed(
+                "target_agent",
+                "target_agent is required unless the handoff is final or to_barrier",
             ));
         }
         names::validate("target_agent", &req.target_agent)?;
@@ -103,17 +107,19 @@ pub fn validate_handoff(
         && req.consumes.is_empty()
         && (req.barrier_id.is_empty() || req.branch_key.is_empty())
     {
-        return Err(BrokerError::Malformed(
-            "a to_barrier handoff names barrier_id and branch_key, or consumes a delivery of a branch".to_string(),
+        return Err(BrokerError::malformed(
+            "barrier_id",
+            "a to_barrier handoff names barrier_id and branch_key, or consumes a delivery of a branch",
         ));
     }
     let payload = req
         .payload
         .as_ref()
-        .ok_or_else(|| BrokerError::Malformed("payload is required".to_string()))?;
+        .ok_or_else(|| BrokerError::malformed("payload", "payload is required"))?;
     if payload.type_url.trim().is_empty() {
-        return Err(BrokerError::Malformed(
-            "payload.type_url is required (the payload's message type)".to_string(),
+        return Err(BrokerError::malformed(
+            "payload.type_url",
+            "payload.type_url is required (the payload's message type)",
         ));
     }
     let size = payload.encoded_len();
@@ -125,22 +131,27 @@ pub fn validate_handoff(
     }
     if let Some(c) = req.confidence {
         if !(0.0..=1.0).contains(&c) {
-            return Err(BrokerError::Malformed(format!(
-                "confidence {c} is outside [0, 1]"
-            )));
+            return Err(BrokerError::malformed(
+                "confidence",
+                format!("confidence {c} is outside [0, 1]"),
+            ));
         }
     }
     if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
-        return Err(BrokerError::Malformed(format!(
-            "idempotency_key is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY}",
-            req.idempotency_key.len()
-        )));
+        return Err(BrokerError::malformed(
+            "idempotency_key",
+            format!(
+                "idempotency_key is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY}",
+                req.idempotency_key.len()
+            ),
+        ));
     }
     for (i, t) in req.tool_results.iter().enumerate() {
         if t.tool.is_empty() {
-            return Err(BrokerError::Malformed(format!(
-                "tool_results[{i}].tool is empty"
-            )));
+            return Err(BrokerError::malformed(
+                format!("tool_results[{i}].tool"),
+                format!("tool_results[{i}].tool is empty"),
+            ));
         }
     }
     Ok(())
@@ -151,7 +162,9 @@ pub fn encode_token(token: &pb::DeliveryToken) -> String {
     URL_SAFE_NO_PAD.encode(token.encode_to_vec())
 }
 
-/// Decodes a delivery token; INVALID_ARGUMENT if it is not one.
+/// Decodes a delivery token; INVALID_ARGUMENT if it is not one. Whether
+/// its store reference really names that agent's delivery is the store's
+/// to say ([`crate::store::Store::reference_matches`]).
 pub fn decode_token(s: &str) -> Result<pb::DeliveryToken, BrokerError> {
     let bad = |why: &str| BrokerError::BadDeliveryId(why.to_string());
     if s.is_empty() {
@@ -164,33 +177,15 @@ pub fn decode_token(s: &str) -> Result<pb::DeliveryToken, BrokerError> {
         .map_err(|_| bad("not a token issued by the broker"))?;
     if token.stream_sequence == 0
         || token.handoff_id.is_empty()
+        || token.ack_subject.is_empty()
         || names::validate("agent", &token.agent).is_err()
-        || !ack_subject_matches(&token.ack_subject, &token.agent, token.stream_sequence)
     {
         return Err(bad("not a token issued by the broker"));
     }
     Ok(token)
 }
 
-/// True when `subject` is a JetStream ack subject of `agent`'s inbox
-/// consumer for stream sequence `seq` (both the v1 and the v2 formats).
-fn ack_subject_matches(subject: &str, agent: &str, seq: u64) -> bool {
-    let parts: Vec<&str> = subject.split('.').collect();
-    // v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-    // v2: $JS.ACK.<domain>.<acc>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
-    let at = match parts.len() {
-        9 => 2,
-        11 | 12 => 4,
-        _ => return false,
-    };
-    parts[0] == "$JS"
-        && parts[1] == "ACK"
-        && parts[at] == crate::store::INBOX_STREAM
-        && parts[at + 1] == agent
-        && parts[at + 3].parse::<u64>().ok() == Some(seq)
-}
-
-/// What to do with a message JetStream offers for the `delivered`-th time.
+/// What to do with a message the inbox offers for the `delivered`-th time.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Offer {
     /// Hand it to an instance as attempt `n`.
@@ -212,6 +207,7 @@ pub fn offer(delivered: i64, max_attempts: u32) -> Offer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Reason;
 
     fn req() -> pb::HandoffRequest {
         pb::HandoffRequest {
@@ -259,7 +255,7 @@ mod tests {
         assert_eq!(depth(None, 5, false).ok(), Some(1));
         assert_eq!(depth(Some(4), 5, false).ok(), Some(5));
         let err = depth(Some(5), 5, false).expect_err("over the cap");
-        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(err.reason(), Reason::DepthCap);
         assert!(err.to_string().contains('6') && err.to_string().contains('5'));
         assert_eq!(depth(Some(5), 5, true).ok(), Some(6), "final is not a hop");
     }
@@ -270,22 +266,22 @@ mod tests {
         let mut r = req();
         r.payload = None;
         assert_eq!(
-            validate_handoff(&r, 1024).map_err(|e| e.code()),
-            Err(tonic::Code::InvalidArgument)
+            validate_handoff(&r, 1024).map_err(|e| e.reason()),
+            Err(Reason::MalformedRequest)
         );
         let mut r = req();
         r.confidence = Some(1.5);
         assert_eq!(
-            validate_handoff(&r, 1024).map_err(|e| e.code()),
-            Err(tonic::Code::InvalidArgument)
+            validate_handoff(&r, 1024).map_err(|e| e.field().map(str::to_string)),
+            Err(Some("confidence".to_string()))
         );
         let mut r = req();
         r.confidence = Some(f64::NAN);
         assert!(validate_handoff(&r, 1024).is_err());
         let r = req();
         assert_eq!(
-            validate_handoff(&r, 10).map_err(|e| e.code()),
-            Err(tonic::Code::FailedPrecondition)
+            validate_handoff(&r, 10).map_err(|e| e.reason()),
+            Err(Reason::PayloadTooLarge)
         );
         let mut r = req();
         r.r#final = true;
@@ -295,8 +291,8 @@ mod tests {
         let mut r = req();
         r.target_agent = "a.b".into();
         assert_eq!(
-            validate_handoff(&r, 1024).map_err(|e| e.code()),
-            Err(tonic::Code::InvalidArgument)
+            validate_handoff(&r, 1024).map_err(|e| e.reason()),
+            Err(Reason::InvalidName)
         );
     }
 
@@ -309,27 +305,26 @@ mod tests {
             handoff_id: "h".into(),
         };
         assert_eq!(decode_token(&encode_token(&t)).ok(), Some(t.clone()));
-        for subject in [
-            "$JS.ACK.HANDOFF_TIMERS.worker.1.7.1.0.0",
-            "$JS.ACK.HANDOFF_INBOX.planner.1.7.1.0.0",
-            "$JS.ACK.HANDOFF_INBOX.worker.1.8.1.0.0",
-            "$JS.ACK.x",
-        ] {
-            let forged = pb::DeliveryToken {
-                ack_subject: subject.into(),
+        for forged in [
+            pb::DeliveryToken {
+                stream_sequence: 0,
                 ..t.clone()
-            };
-            assert!(decode_token(&encode_token(&forged)).is_err(), "{subject}");
+            },
+            pb::DeliveryToken {
+                agent: "a.b".into(),
+                ..t.clone()
+            },
+            pb::DeliveryToken {
+                ack_subject: String::new(),
+                ..t.clone()
+            },
+        ] {
+            assert!(decode_token(&encode_token(&forged)).is_err(), "{forged:?}");
         }
-        let v2 = pb::DeliveryToken {
-            ack_subject: "$JS.ACK.dom.acc.HANDOFF_INBOX.worker.1.7.1.0.0.tok".into(),
-            ..t
-        };
-        assert!(decode_token(&encode_token(&v2)).is_ok());
         for bad in ["", "!!", "aGVsbG8"] {
             assert_eq!(
-                decode_token(bad).map_err(|e| e.code()),
-                Err(tonic::Code::InvalidArgument)
+                decode_token(bad).map_err(|e| e.reason()),
+                Err(Reason::BadDeliveryId)
             );
         }
     }

@@ -72,7 +72,7 @@ mod tests {
     fn refuses_subject_syntax_and_sizes() {
         for bad in ["", "a.b", "a*", ">", "a b", "tab\t", "é", &"x".repeat(129)] {
             let err = validate("agent", bad).expect_err(bad);
-            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
+            assert_eq!(err.reason(), crate::error::Reason::InvalidName, "{bad}");
         }
         assert!(validate_optional("agent", "").is_ok());
     }

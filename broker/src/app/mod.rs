@@ -1,10 +1,33 @@
-//! Shared broker state: the store, the configuration, in-memory caches and
-//! the run transitions every RPC relies on.
+//! The use cases: what the broker does for each request and each timer,
+//! deciding and ordering the writes, over the [`Store`] trait.
 //!
-//! The caches are agent specs and compiled contract versions: filled from
-//! their buckets on a miss and kept current by a watch on each bucket, so a
-//! registration on one replica reaches every other. Runs are always read from the bucket and changed
-//! with compare-and-set, so two replicas never both end a run.
+//! One module per use case: [`handoff`] (accept a handoff: validate ->
+//! guard -> commit -> notify), [`fan_out`], [`barriers`] (open, arrive,
+//! release, fire a barrier timer), [`deliveries`] (offer a delivery,
+//! settle it, route an exhausted one), [`runs`] (start, end, read),
+//! [`agents`], [`contracts`] and [`events`]. They call the rules in
+//! [`crate::rules`] and never a transport: the gRPC edge (`rpc/`) and the
+//! timer loop (`timers`) call them.
+//!
+//! [`Broker`] is the handle they share: the store, the configuration and
+//! the caches (agent specs and compiled contract versions, filled from the
+//! store on a miss and kept current by watches, so a registration on one
+//! replica reaches every other). Runs are always read from the store and
+//! changed with compare-and-set, so two replicas never both end a run.
+
+pub mod agents;
+pub mod barriers;
+pub mod contracts;
+pub mod deliveries;
+pub mod events;
+pub mod fan_out;
+pub mod guard;
+pub mod handoff;
+pub mod runs;
+pub mod session;
+
+#[cfg(test)]
+mod tests;
 
 use std::{sync::Arc, time::SystemTime};
 
@@ -14,9 +37,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     config::Config,
-    contracts::{tokens::Tokenizer, Compiled, Registry},
     error::BrokerError,
     metrics::Metrics,
+    rules::contracts::{tokens::Tokenizer, Compiled, Registry},
     store::Store,
 };
 
@@ -28,7 +51,7 @@ pub struct Broker {
 
 struct Inner {
     config: Config,
-    store: Store,
+    store: Arc<dyn Store>,
     agents: DashMap<String, pb::AgentSpec>,
     contracts: Registry,
     metrics: Arc<Metrics>,
@@ -38,25 +61,9 @@ struct Inner {
     draining: watch::Receiver<bool>,
 }
 
-/// How a run ends.
-#[derive(Debug, Clone)]
-pub enum RunEnd {
-    /// A final handoff completed it.
-    Completed {
-        /// The final handoff.
-        handoff_id: String,
-        /// Its payload.
-        result: Option<prost_types::Any>,
-    },
-    /// A delivery was rejected or dead-lettered.
-    Failed(String),
-    /// Its deadline passed.
-    TimedOut(String),
-}
-
 impl Broker {
     /// Wraps an opened store.
-    pub fn new(config: Config, store: Store, draining: watch::Receiver<bool>) -> Broker {
+    pub fn new(config: Config, store: Arc<dyn Store>, draining: watch::Receiver<bool>) -> Broker {
         Broker {
             inner: Arc::new(Inner {
                 config,
@@ -75,9 +82,9 @@ impl Broker {
         &self.inner.config
     }
 
-    /// The JetStream store.
-    pub fn store(&self) -> &Store {
-        &self.inner.store
+    /// The store.
+    pub fn store(&self) -> &dyn Store {
+        self.inner.store.as_ref()
     }
 
     /// Compiled contract versions known to this replica.
@@ -135,28 +142,24 @@ impl Broker {
 
     /// Loads every stored contract version into the registry (at start,
     /// before serving), so that a type missing from the registry is not a
-    /// contract without asking the bucket on every handoff. Returns how
-    /// many were loaded and the bucket revision to watch from, so the watch
-    /// does not load them all again.
-    pub async fn load_contracts(&self) -> Result<(usize, u64), BrokerError> {
-        let revision = self.store().contracts_revision().await?;
-        let keys = self.store().contract_keys().await?;
+    /// contract without asking the store on every handoff. Returns how
+    /// many were loaded.
+    pub async fn load_contracts(&self) -> Result<usize, BrokerError> {
         let mut n = 0;
-        for key in keys {
-            let Some((message_type, version)) = crate::store::parse_contract_key(&key) else {
-                continue;
-            };
-            if let Some(c) = self.store().contract(message_type, version).await? {
+        for (message_type, version) in self.store().contract_versions().await? {
+            if let Some(c) = self.store().contract(&message_type, version).await? {
                 match Compiled::new(c) {
                     Ok(c) => {
                         self.contracts().insert(Arc::new(c));
                         n += 1;
                     }
-                    Err(e) => tracing::warn!(key, error = %e, "stored contract skipped"),
+                    Err(e) => {
+                        tracing::warn!(message_type, version, error = %e, "stored contract skipped")
+                    }
                 }
             }
         }
-        Ok((n, revision + 1))
+        Ok(n)
     }
 
     /// Records that a session holds `delivery_id`; `release` is told when
@@ -176,6 +179,11 @@ impl Broker {
         if let Some((id, tx)) = self.inner.leases.remove(delivery_id) {
             let _ = tx.send(id);
         }
+    }
+
+    /// Whether the broker is draining.
+    pub fn is_draining(&self) -> bool {
+        *self.inner.draining.borrow()
     }
 
     /// Resolves once the broker starts draining.
@@ -247,75 +255,6 @@ impl Broker {
         {
             tracing::warn!(error = %e, msg_id, "event not published");
         }
-    }
-
-    /// Ends a run (compare-and-set, retried on conflict) and tells its
-    /// owner. Returns the run as it ended; if it had already ended, returns
-    /// it unchanged; the end event is re-published (deduplicated) while
-    /// within the dedupe window, so a crash between the two steps cannot
-    /// leave an ended run unannounced.
-    pub async fn end_run(&self, run_id: &str, end: RunEnd) -> Result<pb::Run, BrokerError> {
-        loop {
-            let (mut run, rev) = self.run(run_id).await?;
-            let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
-            if status.is_terminal() {
-                // Re-announce only while JetStream still deduplicates the
-                // end event; past that window the announcement was made.
-                let recent = run
-                    .ended_at
-                    .and_then(|t| SystemTime::try_from(t).ok())
-                    .and_then(|t| SystemTime::now().duration_since(t).ok())
-                    .is_some_and(|age| age < self.config().dedupe_window);
-                if recent {
-                    self.announce_end(&run).await?;
-                }
-                return Ok(run);
-            }
-            run.ended_at = Some(now());
-            match &end {
-                RunEnd::Completed { handoff_id, result } => {
-                    run.status = pb::RunStatus::Completed as i32;
-                    run.result = result.clone();
-                    run.result_handoff_id = handoff_id.clone();
-                }
-                RunEnd::Failed(reason) => {
-                    run.status = pb::RunStatus::Failed as i32;
-                    run.failure = reason.clone();
-                }
-                RunEnd::TimedOut(reason) => {
-                    run.status = pb::RunStatus::TimedOut as i32;
-                    run.failure = reason.clone();
-                }
-            }
-            if self.store().update_run(&run, rev).await? {
-                self.announce_end(&run).await?;
-                return Ok(run);
-            }
-        }
-    }
-
-    /// Publishes the event that tells a run's owner how it ended.
-    pub async fn announce_end(&self, run: &pb::Run) -> Result<(), BrokerError> {
-        let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
-        let kind = match status {
-            pb::RunStatus::Completed => pb::EventKind::RunCompleted,
-            pb::RunStatus::Failed => pb::EventKind::RunFailed,
-            pb::RunStatus::TimedOut => pb::EventKind::RunTimedOut,
-            _ => return Ok(()),
-        };
-        let event = pb::Event {
-            kind: kind as i32,
-            at: run.ended_at,
-            run_id: run.id.clone(),
-            owner: run.owner.clone(),
-            handoff_id: run.result_handoff_id.clone(),
-            reason: run.failure.clone(),
-            run_status: run.status,
-            ..Default::default()
-        };
-        self.emit(event, &format!("end-{}", run.id))
-            .await
-            .map(|_| ())
     }
 }
 

@@ -4,7 +4,11 @@ use std::time::Duration;
 
 use handoff_proto::pb;
 
-use crate::{broker::Broker, contracts, error::BrokerError, names};
+use crate::{
+    app::Broker,
+    error::BrokerError,
+    rules::{contracts, names},
+};
 
 /// Longest lease accepted.
 const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
@@ -19,14 +23,14 @@ pub async fn register(
 ) -> Result<pb::RegisterAgentResponse, BrokerError> {
     let mut spec = req
         .agent
-        .ok_or_else(|| BrokerError::Malformed("agent is required".to_string()))?;
+        .ok_or_else(|| BrokerError::malformed("agent", "agent is required"))?;
     names::validate("agent.name", &spec.name)?;
     names::validate_optional("agent.fallback_agent", &spec.fallback_agent)?;
     if spec.fallback_agent == spec.name {
-        return Err(BrokerError::Malformed(format!(
-            "agent {:?} cannot be its own fallback",
-            spec.name
-        )));
+        return Err(BrokerError::malformed(
+            "agent.fallback_agent",
+            format!("agent {:?} cannot be its own fallback", spec.name),
+        ));
     }
     if !spec.fallback_agent.is_empty() {
         broker
@@ -44,11 +48,12 @@ pub async fn register(
         None => broker.config().default_lease,
         Some(d) => {
             let lease = Duration::try_from(*d)
-                .map_err(|_| BrokerError::Malformed("agent.lease is negative".to_string()))?;
+                .map_err(|_| BrokerError::malformed("agent.lease", "agent.lease is negative"))?;
             if lease < Duration::from_millis(100) || lease > MAX_LEASE {
-                return Err(BrokerError::Malformed(format!(
-                    "agent.lease {lease:?} is outside [100ms, 24h]"
-                )));
+                return Err(BrokerError::malformed(
+                    "agent.lease",
+                    format!("agent.lease {lease:?} is outside [100ms, 24h]"),
+                ));
             }
             lease
         }
@@ -57,10 +62,13 @@ pub async fn register(
         spec.max_attempts = broker.config().default_max_attempts;
     }
     if spec.max_attempts > MAX_ATTEMPTS {
-        return Err(BrokerError::Malformed(format!(
-            "agent.max_attempts {} is over {MAX_ATTEMPTS}",
-            spec.max_attempts
-        )));
+        return Err(BrokerError::malformed(
+            "agent.max_attempts",
+            format!(
+                "agent.max_attempts {} is over {MAX_ATTEMPTS}",
+                spec.max_attempts
+            ),
+        ));
     }
     spec.lease = prost_types::Duration::try_from(lease).ok();
     let max_ack_pending = i64::from(broker.config().max_in_flight)
@@ -68,7 +76,7 @@ pub async fn register(
         .max(10_000);
     broker
         .store()
-        .ensure_agent_consumer(&spec.name, lease, max_ack_pending)
+        .prepare_inbox(&spec.name, lease, max_ack_pending)
         .await?;
     let updated = broker.store().put_agent(&spec).await?;
     broker.cache_agent(spec.clone());
@@ -87,9 +95,10 @@ async fn check_contracts(broker: &Broker, spec: &mut pb::AgentSpec) -> Result<()
         contracts::validate_type_name("agent.accepts.message_type", &accepts.message_type)?;
         let (min, max) = (accepts.min_version, accepts.max_version);
         if max != 0 && min > max {
-            return Err(BrokerError::Malformed(format!(
-                "agent.accepts: min_version {min} is above max_version {max}"
-            )));
+            return Err(BrokerError::malformed(
+                "agent.accepts",
+                format!("agent.accepts: min_version {min} is above max_version {max}"),
+            ));
         }
         let versions = broker.contract_versions(&accepts.message_type).await?;
         if versions.is_empty() {
@@ -125,7 +134,7 @@ async fn check_contracts(broker: &Broker, spec: &mut pb::AgentSpec) -> Result<()
 /// Every registered agent.
 pub async fn list(broker: &Broker) -> Result<pb::ListAgentsResponse, BrokerError> {
     Ok(pb::ListAgentsResponse {
-        agents: broker.store().list_agents().await?,
+        agents: broker.store().agents().await?,
     })
 }
 

@@ -19,6 +19,7 @@ use prost_reflect::{
 };
 
 use super::{kind_name, tokens::Tokenizer};
+use crate::error::Reason;
 
 /// Unknown-field paths listed in a [`Violation`]'s message at most; the
 /// rest are counted.
@@ -83,12 +84,51 @@ impl Violation {
         }
     }
 
-    /// The gRPC status code of the refusal: `INVALID_ARGUMENT` for a payload
-    /// that does not decode, `FAILED_PRECONDITION` for every rule.
-    pub fn code(&self) -> tonic::Code {
+    /// The stable reason of the refusal: `PAYLOAD_UNDECODABLE` (bad input)
+    /// for a payload that does not decode, a FAILED_PRECONDITION reason
+    /// for every rule.
+    pub fn reason(&self) -> Reason {
         match self {
-            Violation::Decode(_) => tonic::Code::InvalidArgument,
-            _ => tonic::Code::FailedPrecondition,
+            Violation::Decode(_) => Reason::PayloadUndecodable,
+            Violation::UnknownFields(_) => Reason::SchemaDrift,
+            Violation::MissingRequired(_) => Reason::MissingRequiredFields,
+            Violation::TooManyTokens { .. } => Reason::OverTokenBudget,
+            Violation::TooManyBytes { .. } => Reason::OverByteBudget,
+            Violation::ConfidenceUnstated { .. } | Violation::LowConfidence { .. } => {
+                Reason::LowConfidence
+            }
+            Violation::ToolResultUndated { .. } | Violation::StaleToolResult { .. } => {
+                Reason::StaleToolResult
+            }
+        }
+    }
+
+    /// What was measured against what, as `ErrorInfo` metadata: field
+    /// paths comma-separated, counts and budgets as decimal numbers, ages
+    /// in milliseconds.
+    pub fn metadata(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Violation::Decode(_) => Vec::new(),
+            Violation::UnknownFields(paths) | Violation::MissingRequired(paths) => {
+                vec![("fields", paths.join(","))]
+            }
+            Violation::TooManyTokens { count, budget } => {
+                vec![("count", count.to_string()), ("budget", budget.to_string())]
+            }
+            Violation::TooManyBytes { size, budget } => {
+                vec![("count", size.to_string()), ("budget", budget.to_string())]
+            }
+            Violation::ConfidenceUnstated { min } => vec![("min_confidence", min.to_string())],
+            Violation::LowConfidence { confidence, min } => vec![
+                ("confidence", confidence.to_string()),
+                ("min_confidence", min.to_string()),
+            ],
+            Violation::ToolResultUndated { tool } => vec![("tool", tool.clone())],
+            Violation::StaleToolResult { tool, age, max } => vec![
+                ("tool", tool.clone()),
+                ("age_ms", age.as_millis().to_string()),
+                ("max_age_ms", max.as_millis().to_string()),
+            ],
         }
     }
 }
@@ -528,6 +568,7 @@ fn is_present(msg: &DynamicMessage, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Class;
 
     use prost::Message as _;
     use prost_reflect::DescriptorPool;
@@ -776,7 +817,7 @@ mod tests {
         );
         assert_eq!(err.to_string(), *text);
         assert_eq!(err.rule(), "decode");
-        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(err.reason(), Reason::PayloadUndecodable);
     }
 
     #[test]
@@ -864,7 +905,12 @@ mod tests {
             "payload carries fields unknown to the contract (schema drift): 7, 11, meta.12, steps[2].9, notes[zed].5"
         );
         assert_eq!(err.rule(), "unknown_fields");
-        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(err.reason(), Reason::SchemaDrift);
+        assert_eq!(err.reason().class(), Class::FailedPrecondition);
+        assert_eq!(
+            err.metadata(),
+            vec![("fields", "7,11,meta.12,steps[2].9,notes[zed].5".to_string())]
+        );
 
         // Only nested.
         let mut payload = full(&v2);
@@ -1020,7 +1066,8 @@ mod tests {
             "payload is 5 bytes; the contract's max_bytes is 4"
         );
         assert_eq!(err.rule(), "max_bytes");
-        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(err.reason(), Reason::OverByteBudget);
+        assert_eq!(err.reason().class(), Class::FailedPrecondition);
 
         let payload = full(&pool).encode_to_vec();
         r.max_tokens = 0;
@@ -1150,7 +1197,8 @@ mod tests {
             "tool result \"web_search\" was observed 2h 3m 1s ago; the contract's max_tool_result_age is 1h"
         );
         assert_eq!(err.rule(), "tool_result_age");
-        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(err.reason(), Reason::StaleToolResult);
+        assert_eq!(err.reason().class(), Class::FailedPrecondition);
 
         // Exactly the max is not stale.
         let edge = tool_result("edge", Some(now - hour));

@@ -11,9 +11,9 @@ use std::{sync::Arc, time::Duration};
 use handoff_proto::pb;
 
 use crate::{
-    broker::{now, Broker},
-    contracts::{self, compat, validate, Compiled},
-    error::BrokerError,
+    app::{now, Broker},
+    error::{BrokerError, Reason},
+    rules::contracts::{self, compat, validate, Compiled},
 };
 
 /// Largest descriptor set accepted, in bytes.
@@ -26,16 +26,20 @@ pub async fn register(
 ) -> Result<pb::RegisterContractResponse, BrokerError> {
     contracts::validate_type_name("message_type", &req.message_type)?;
     if req.file_descriptor_set.is_empty() {
-        return Err(BrokerError::Malformed(
+        return Err(BrokerError::malformed(
+            "file_descriptor_set",
             "file_descriptor_set is required (an encoded google.protobuf.FileDescriptorSet)"
                 .to_string(),
         ));
     }
     if req.file_descriptor_set.len() > MAX_DESCRIPTOR_SET {
-        return Err(BrokerError::Malformed(format!(
-            "file_descriptor_set is {} bytes; the limit is {MAX_DESCRIPTOR_SET}",
-            req.file_descriptor_set.len()
-        )));
+        return Err(BrokerError::malformed(
+            "file_descriptor_set",
+            format!(
+                "file_descriptor_set is {} bytes; the limit is {MAX_DESCRIPTOR_SET}",
+                req.file_descriptor_set.len()
+            ),
+        ));
     }
     let message = contracts::message_of(&req.file_descriptor_set, &req.message_type)?;
     let mode = contracts::mode_of(req.compatibility);
@@ -121,23 +125,28 @@ fn check_rules(
     rules: &pb::ContractRules,
 ) -> Result<(), BrokerError> {
     if let Err(problems) = validate::check_required_paths(message, &rules.required_fields) {
-        return Err(BrokerError::Malformed(format!(
-            "rules.required_fields: {}",
-            problems.join("; ")
-        )));
+        return Err(BrokerError::invalid(
+            Reason::InvalidContract,
+            "rules.required_fields",
+            format!("rules.required_fields: {}", problems.join("; ")),
+        ));
     }
     if let Some(c) = rules.min_confidence {
         if !(0.0..=1.0).contains(&c) {
-            return Err(BrokerError::Malformed(format!(
-                "rules.min_confidence {c} is outside [0, 1]"
-            )));
+            return Err(BrokerError::invalid(
+                Reason::InvalidContract,
+                "rules.min_confidence",
+                format!("rules.min_confidence {c} is outside [0, 1]"),
+            ));
         }
     }
     if let Some(age) = rules.max_tool_result_age {
         match Duration::try_from(age) {
             Ok(d) if !d.is_zero() => {}
             _ => {
-                return Err(BrokerError::Malformed(
+                return Err(BrokerError::invalid(
+                    Reason::InvalidContract,
+                    "rules.max_tool_result_age",
                     "rules.max_tool_result_age must be positive".to_string(),
                 ))
             }
@@ -216,12 +225,10 @@ pub async fn list(
     let mut out = Vec::new();
     let mut keys: Vec<(String, u32)> = broker
         .store()
-        .contract_keys()
+        .contract_versions()
         .await?
-        .iter()
-        .filter_map(|k| crate::store::parse_contract_key(k))
+        .into_iter()
         .filter(|(t, _)| req.message_type.is_empty() || *t == req.message_type)
-        .map(|(t, v)| (t.to_string(), v))
         .collect();
     keys.sort();
     for (t, v) in keys {

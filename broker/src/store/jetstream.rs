@@ -1,4 +1,5 @@
-//! The JetStream adapter: streams, consumers and key/value buckets.
+//! The JetStream implementation of [`Store`]: streams, consumers and
+//! key/value buckets.
 //!
 //! Nothing authoritative lives in broker memory. Handoffs wait in the inbox
 //! stream (one durable pull consumer per agent: explicit ack, ack wait =
@@ -12,12 +13,15 @@ use std::{collections::HashMap, time::Duration};
 
 use async_nats::{
     header::{HeaderMap, NATS_MESSAGE_ID},
-    jetstream::{self, consumer::pull, kv, stream},
+    jetstream::{self, consumer::pull, kv, stream, AckKind},
 };
 use bytes::Bytes;
+use dashmap::DashMap;
+use futures::{stream::BoxStream, StreamExt, TryStreamExt};
 use handoff_proto::pb;
 use prost::Message as _;
 
+use super::{Claim, InboxMessage, Offered, Result, Settlement, Store, Stored, TimerKind};
 use crate::{config::Config, error::BrokerError};
 
 /// Stream of agent inboxes, `handoff.v1.inbox.<agent>`.
@@ -90,18 +94,9 @@ pub fn dead_subject(agent: &str) -> String {
     format!("handoff.v1.dead.{agent}")
 }
 
-/// The first handoff made from a consumed delivery.
-#[derive(Debug)]
-pub enum Claim {
-    /// This request made it, at this revision.
-    Made(u64),
-    /// Another request made it before.
-    Held(pb::ConsumeClaim),
-}
-
 /// Handles to everything the broker keeps in JetStream.
 #[derive(Clone)]
-pub struct Store {
+pub struct JetStream {
     /// The NATS connection.
     pub client: async_nats::Client,
     /// JetStream context.
@@ -127,12 +122,14 @@ pub struct Store {
     /// Consumed deliveries.
     pub consumed: kv::Store,
     ack_timeout: Duration,
+    /// Pull consumers of agents' inboxes, opened once.
+    consumers: DashMap<String, jetstream::consumer::PullConsumer>,
 }
 
-impl Store {
+impl JetStream {
     /// Creates or updates the streams, buckets and timer consumer; safe to
     /// call from every replica at every start.
-    pub async fn open(client: async_nats::Client, cfg: &Config) -> Result<Store, BrokerError> {
+    pub async fn open(client: async_nats::Client, cfg: &Config) -> Result<JetStream, BrokerError> {
         let js = jetstream::new(client.clone());
         check_jetstream(&client).await?;
         let replicas = cfg.replicas;
@@ -237,7 +234,7 @@ impl Store {
                     .map_err(|e| BrokerError::nats("creating the timer consumer", e))?;
             }
         }
-        Ok(Store {
+        Ok(JetStream {
             client,
             js,
             inbox,
@@ -251,6 +248,7 @@ impl Store {
             branches,
             barriers,
             ack_timeout: cfg.connect_timeout.min(Duration::from_secs(5)),
+            consumers: DashMap::new(),
         })
     }
 
@@ -272,8 +270,226 @@ impl Store {
         ack.await.map_err(|e| BrokerError::nats("storing", e))
     }
 
+    /// The latest revision of the contracts bucket (0 when empty).
+    pub async fn contracts_revision(&self) -> Result<u64, BrokerError> {
+        let stream = self
+            .js
+            .get_stream(format!("KV_{CONTRACTS_BUCKET}"))
+            .await
+            .map_err(|e| BrokerError::nats("reading the contracts bucket", e))?;
+        Ok(stream.cached_info().state.last_sequence)
+    }
+
+    /// Reads an inbox message by sequence; `None` if it is gone.
+    async fn inbox_message(
+        &self,
+        seq: u64,
+    ) -> Result<Option<jetstream::message::StreamMessage>, BrokerError> {
+        match self.inbox.get_raw_message(seq).await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(BrokerError::nats("reading the inbox", e)),
+        }
+    }
+
+    /// The pull consumer of an agent, opened once and kept.
+    async fn agent_consumer(
+        &self,
+        agent: &str,
+    ) -> Result<jetstream::consumer::PullConsumer, BrokerError> {
+        if let Some(c) = self.consumers.get(agent) {
+            return Ok(c.clone());
+        }
+        let consumer = self
+            .inbox
+            .get_consumer(agent)
+            .await
+            .map_err(|e| BrokerError::nats("opening the agent's consumer", e))?;
+        self.consumers.insert(agent.to_string(), consumer.clone());
+        Ok(consumer)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for JetStream {
+    fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+
+    fn reference_matches(&self, token: &pb::DeliveryToken) -> bool {
+        ack_subject_matches(&token.ack_subject, &token.agent, token.stream_sequence)
+    }
+
+    async fn put_handoff(&self, envelope: &pb::HandoffEnvelope) -> Result<Stored, BrokerError> {
+        let ack = self
+            .publish(
+                inbox_subject(&envelope.target_agent),
+                &envelope.id,
+                envelope.encode_to_vec().into(),
+            )
+            .await?;
+        Ok(Stored {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    async fn handoff_at(&self, sequence: u64) -> Result<Option<InboxMessage>, BrokerError> {
+        let Some(msg) = self.inbox_message(sequence).await? else {
+            return Ok(None);
+        };
+        let envelope = pb::HandoffEnvelope::decode(msg.payload)
+            .map_err(|e| BrokerError::Internal(format!("stored handoff does not decode: {e}")))?;
+        let agent = msg
+            .subject
+            .as_str()
+            .strip_prefix("handoff.v1.inbox.")
+            .unwrap_or_default()
+            .to_string();
+        Ok(Some(InboxMessage { agent, envelope }))
+    }
+
+    /// Creates the agent's durable pull consumer, or updates its lease.
+    async fn prepare_inbox(
+        &self,
+        agent: &str,
+        lease: Duration,
+        max_ack_pending: i64,
+    ) -> Result<(), BrokerError> {
+        self.consumers.remove(agent);
+        let config = pull::Config {
+            durable_name: Some(agent.to_string()),
+            filter_subject: inbox_subject(agent),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: lease,
+            // Attempts are counted by the broker, which routes a handoff to
+            // the fallback or the dead letter itself; JetStream must keep
+            // offering it until then.
+            max_deliver: -1,
+            max_ack_pending,
+            ..Default::default()
+        };
+        match self.inbox.consumer_info(agent).await {
+            Ok(info)
+                if info.config.ack_wait == lease
+                    && info.config.max_ack_pending == max_ack_pending =>
+            {
+                Ok(())
+            }
+            Ok(_) => self
+                .inbox
+                .update_consumer(config)
+                .await
+                .map(|_| ())
+                .map_err(|e| BrokerError::nats("updating the agent's consumer", e)),
+            Err(_) => self
+                .inbox
+                .create_consumer(config)
+                .await
+                .map(|_| ())
+                .map_err(|e| BrokerError::nats("creating the agent's consumer", e)),
+        }
+    }
+
+    async fn pull(
+        &self,
+        agent: &str,
+        max: usize,
+        expires: Duration,
+    ) -> Result<BoxStream<'static, Result<Offered, BrokerError>>, BrokerError> {
+        let consumer = self.agent_consumer(agent).await?;
+        let batch = consumer
+            .batch()
+            .max_messages(max)
+            .expires(expires)
+            .messages()
+            .await;
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                // The consumer may be gone (deleted, or the stream lost):
+                // open it afresh next time.
+                self.consumers.remove(agent);
+                return Err(BrokerError::nats("pulling deliveries", e));
+            }
+        };
+        Ok(batch
+            .filter_map(|msg| async move {
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => return Some(Err(BrokerError::nats("pulling deliveries", e))),
+                };
+                let (sequence, delivered) = match msg.info() {
+                    Ok(i) => (i.stream_sequence, i.delivered),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "message without JetStream metadata ignored");
+                        return None;
+                    }
+                };
+                let reference = msg.reply.as_ref()?.to_string();
+                Some(Ok(Offered {
+                    sequence,
+                    delivered,
+                    reference,
+                    payload: msg.payload.clone(),
+                }))
+            })
+            .boxed())
+    }
+
+    /// Settles a delivery by its ack subject (`+ACK`, `-NAK`, `+TERM`,
+    /// `+WPI`) and waits for JetStream's confirmation.
+    async fn settle(&self, reference: &str, how: Settlement) -> Result<(), BrokerError> {
+        let kind = match how {
+            Settlement::Ack => AckKind::Ack,
+            Settlement::Nack(delay) => AckKind::Nak(delay),
+            Settlement::Term => AckKind::Term,
+            Settlement::Progress => AckKind::Progress,
+        };
+        let body: Bytes = kind.into();
+        let request = self.client.request(reference.to_string(), body);
+        match tokio::time::timeout(self.ack_timeout, request).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(BrokerError::nats("settling the delivery", e)),
+            Err(_) => Err(BrokerError::Unavailable(
+                "JetStream did not confirm the settlement in time".to_string(),
+            )),
+        }
+    }
+
+    async fn put_dead_letter(&self, letter: &pb::DeadLetter) -> Result<(), BrokerError> {
+        let id = letter
+            .handoff
+            .as_ref()
+            .map(|h| h.id.as_str())
+            .unwrap_or_default();
+        self.publish(
+            dead_subject(&letter.agent),
+            &format!("dead-{id}"),
+            letter.encode_to_vec().into(),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn dead_letters(
+        &self,
+        agent: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<pb::DeadLetter>, BrokerError> {
+        let filter = format!("handoff.v1.dead.{}", agent.unwrap_or("*"));
+        let mut out = Vec::new();
+        for (seq, payload) in read_stream(&self.dead, &filter, limit).await? {
+            if let Ok(mut d) = pb::DeadLetter::decode(payload) {
+                d.sequence = seq;
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
     /// Publishes an event (deduplicated by `msg_id`) and returns its sequence.
-    pub async fn publish_event(&self, event: &pb::Event, msg_id: &str) -> Result<u64, BrokerError> {
+    async fn publish_event(&self, event: &pb::Event, msg_id: &str) -> Result<u64> {
         let kind = pb::EventKind::try_from(event.kind).unwrap_or(pb::EventKind::Unspecified);
         let ack = self
             .publish(
@@ -288,11 +504,7 @@ impl Store {
     /// Publishes an event (deduplicated by `msg_id`) as a plain NATS
     /// message: the events stream stores it, and no confirmation is
     /// awaited or sent.
-    pub async fn publish_event_unconfirmed(
-        &self,
-        event: &pb::Event,
-        msg_id: &str,
-    ) -> Result<(), BrokerError> {
+    async fn publish_event_unconfirmed(&self, event: &pb::Event, msg_id: &str) -> Result<()> {
         let kind = pb::EventKind::try_from(event.kind).unwrap_or(pb::EventKind::Unspecified);
         let mut headers = HeaderMap::new();
         headers.insert(NATS_MESSAGE_ID, msg_id);
@@ -306,38 +518,76 @@ impl Store {
             .map_err(|e| BrokerError::nats("publishing", e))
     }
 
-    /// Settles a delivery by its ack subject (`+ACK`, `-NAK`, `+TERM`,
-    /// `+WPI`) and waits for JetStream's confirmation.
-    pub async fn settle(
-        &self,
-        ack_subject: &str,
-        kind: jetstream::AckKind,
-    ) -> Result<(), BrokerError> {
-        let body: Bytes = kind.into();
-        let request = self.client.request(ack_subject.to_string(), body);
-        match tokio::time::timeout(self.ack_timeout, request).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(BrokerError::nats("settling the delivery", e)),
-            Err(_) => Err(BrokerError::Unavailable(
-                "JetStream did not confirm the settlement in time".to_string(),
-            )),
+    async fn run_events(&self, run_id: &str) -> Result<Vec<pb::Event>, BrokerError> {
+        let filter = format!("handoff.v1.events.{run_id}.>");
+        let mut out = Vec::new();
+        for (seq, payload) in read_stream(&self.events, &filter, usize::MAX).await? {
+            match pb::Event::decode(payload) {
+                Ok(mut e) => {
+                    e.sequence = seq;
+                    out.push(e);
+                }
+                Err(e) => tracing::warn!(seq, error = %e, "undecodable event skipped"),
+            }
         }
+        Ok(out)
     }
 
-    /// Reads an inbox message by sequence; `None` if it is gone.
-    pub async fn inbox_message(
+    async fn watch_events(
         &self,
-        seq: u64,
-    ) -> Result<Option<jetstream::message::StreamMessage>, BrokerError> {
-        match self.inbox.get_raw_message(seq).await {
-            Ok(m) => Ok(Some(m)),
-            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(BrokerError::nats("reading the inbox", e)),
-        }
+        run_id: Option<&str>,
+        kind: Option<pb::EventKind>,
+        from_sequence: u64,
+    ) -> Result<BoxStream<'static, Result<pb::Event, BrokerError>>, BrokerError> {
+        use jetstream::consumer::DeliverPolicy;
+        let filter = format!(
+            "handoff.v1.events.{}.{}",
+            run_id.unwrap_or("*"),
+            kind.map_or("*", |k| k.token())
+        );
+        let deliver_policy = if from_sequence > 0 {
+            DeliverPolicy::ByStartSequence {
+                start_sequence: from_sequence,
+            }
+        } else {
+            DeliverPolicy::New
+        };
+        let consumer = self
+            .events
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: filter,
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BrokerError::nats("watching", e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| BrokerError::nats("watching", e))?;
+        Ok(messages
+            .filter_map(|msg| async move {
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => return Some(Err(BrokerError::nats("watching", e))),
+                };
+                let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                match pb::Event::decode(msg.payload.clone()) {
+                    Ok(mut event) => {
+                        event.sequence = seq;
+                        Some(Ok(event))
+                    }
+                    Err(_) => {
+                        tracing::warn!(seq, "undecodable event skipped");
+                        None
+                    }
+                }
+            })
+            .boxed())
     }
 
     /// Reads a run and its revision.
-    pub async fn run(&self, run_id: &str) -> Result<Option<(pb::Run, u64)>, BrokerError> {
+    async fn run(&self, run_id: &str) -> Result<Option<(pb::Run, u64)>> {
         let entry = self
             .runs
             .entry(run_id)
@@ -354,9 +604,18 @@ impl Store {
         }
     }
 
+    /// Creates a run; `Ok(false)` if one with that id exists.
+    async fn create_run(&self, run: &pb::Run) -> Result<bool> {
+        match self.runs.create(&run.id, run.encode_to_vec().into()).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(BrokerError::nats("creating the run", e)),
+        }
+    }
+
     /// Writes a run if its revision is still `revision`; `Ok(false)` when
     /// another writer got there first.
-    pub async fn update_run(&self, run: &pb::Run, revision: u64) -> Result<bool, BrokerError> {
+    async fn update_run(&self, run: &pb::Run, revision: u64) -> Result<bool> {
         match self
             .runs
             .update(&run.id, run.encode_to_vec().into(), revision)
@@ -368,17 +627,8 @@ impl Store {
         }
     }
 
-    /// Creates a run; `Ok(false)` if one with that id exists.
-    pub async fn create_run(&self, run: &pb::Run) -> Result<bool, BrokerError> {
-        match self.runs.create(&run.id, run.encode_to_vec().into()).await {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(BrokerError::nats("creating the run", e)),
-        }
-    }
-
     /// Reads an agent spec.
-    pub async fn agent(&self, name: &str) -> Result<Option<pb::AgentSpec>, BrokerError> {
+    async fn agent(&self, name: &str) -> Result<Option<pb::AgentSpec>> {
         let value = self
             .agents
             .get(name)
@@ -394,7 +644,7 @@ impl Store {
     }
 
     /// Stores an agent spec; returns whether it existed before.
-    pub async fn put_agent(&self, spec: &pb::AgentSpec) -> Result<bool, BrokerError> {
+    async fn put_agent(&self, spec: &pb::AgentSpec) -> Result<bool> {
         let existed = self.agent(&spec.name).await?.is_some();
         self.agents
             .put(&spec.name, spec.encode_to_vec().into())
@@ -404,8 +654,7 @@ impl Store {
     }
 
     /// Every registered agent, by name.
-    pub async fn list_agents(&self) -> Result<Vec<pb::AgentSpec>, BrokerError> {
-        use futures::TryStreamExt;
+    async fn agents(&self) -> Result<Vec<pb::AgentSpec>> {
         let keys: Vec<String> = match self.agents.keys().await {
             Ok(k) => k
                 .try_collect()
@@ -424,11 +673,7 @@ impl Store {
     }
 
     /// Reads one contract version.
-    pub async fn contract(
-        &self,
-        message_type: &str,
-        version: u32,
-    ) -> Result<Option<pb::Contract>, BrokerError> {
+    async fn contract(&self, message_type: &str, version: u32) -> Result<Option<pb::Contract>> {
         let key = contract_key(message_type, version);
         let value = self
             .contracts
@@ -446,7 +691,7 @@ impl Store {
 
     /// Stores a new contract version unless that version exists; returns
     /// whether it was created (compare-and-set on the version's key).
-    pub async fn create_contract(&self, contract: &pb::Contract) -> Result<bool, BrokerError> {
+    async fn create_contract(&self, contract: &pb::Contract) -> Result<bool> {
         let key = contract_key(&contract.message_type, contract.version);
         match self
             .contracts
@@ -459,35 +704,28 @@ impl Store {
         }
     }
 
-    /// The latest revision of the contracts bucket (0 when empty).
-    pub async fn contracts_revision(&self) -> Result<u64, BrokerError> {
-        let stream = self
-            .js
-            .get_stream(format!("KV_{CONTRACTS_BUCKET}"))
-            .await
-            .map_err(|e| BrokerError::nats("reading the contracts bucket", e))?;
-        Ok(stream.cached_info().state.last_sequence)
-    }
-
-    /// Every stored contract version's key.
-    pub async fn contract_keys(&self) -> Result<Vec<String>, BrokerError> {
-        use futures::TryStreamExt;
-        match self.contracts.keys().await {
+    async fn contract_versions(&self) -> Result<Vec<(String, u32)>, BrokerError> {
+        let keys: Vec<String> = match self.contracts.keys().await {
             Ok(k) => k
                 .try_collect()
                 .await
-                .map_err(|e| BrokerError::nats("listing contracts", e)),
-            Err(e) => Err(BrokerError::nats("listing contracts", e)),
-        }
+                .map_err(|e| BrokerError::nats("listing contracts", e))?,
+            Err(e) => return Err(BrokerError::nats("listing contracts", e)),
+        };
+        Ok(keys
+            .iter()
+            .filter_map(|k| parse_contract_key(k))
+            .map(|(t, v)| (t.to_string(), v))
+            .collect())
     }
 
     /// Records the first handoff made from a consumed delivery, or returns
     /// the one recorded before.
-    pub async fn claim_consumed(
+    async fn claim_consumed(
         &self,
         consumed_handoff: &str,
         claim: &pb::ConsumeClaim,
-    ) -> Result<Claim, BrokerError> {
+    ) -> Result<Claim> {
         match self
             .consumed
             .create(consumed_handoff, claim.encode_to_vec().into())
@@ -512,12 +750,21 @@ impl Store {
         }
     }
 
+    /// Withdraws a claim this broker made for a handoff it did not store
+    /// (only if nothing changed it since). A failure is logged: the claim
+    /// then only refuses other targets for that delivery.
+    async fn release_claim(&self, consumed_handoff: &str, revision: u64) {
+        if let Err(e) = self
+            .consumed
+            .delete_expect_revision(consumed_handoff, Some(revision))
+            .await
+        {
+            tracing::warn!(consumed_handoff, error = %e, "claim on a consumed delivery not withdrawn");
+        }
+    }
+
     /// A barrier and its revision.
-    pub async fn barrier(
-        &self,
-        run_id: &str,
-        barrier_id: &str,
-    ) -> Result<Option<(pb::Barrier, u64)>, BrokerError> {
+    async fn barrier(&self, run_id: &str, barrier_id: &str) -> Result<Option<(pb::Barrier, u64)>> {
         let key = barrier_key(run_id, barrier_id);
         let entry = self
             .barriers
@@ -536,7 +783,7 @@ impl Store {
     }
 
     /// Creates a barrier unless it exists; returns whether it was created.
-    pub async fn create_barrier(&self, barrier: &pb::Barrier) -> Result<bool, BrokerError> {
+    async fn create_barrier(&self, barrier: &pb::Barrier) -> Result<bool> {
         let spec = barrier.spec.clone().unwrap_or_default();
         match self
             .barriers
@@ -552,39 +799,8 @@ impl Store {
         }
     }
 
-    /// Notes that a branch result reached a barrier not yet opened, so
-    /// that opening it looks for stored results (idempotent).
-    pub async fn mark_early_branch(
-        &self,
-        run_id: &str,
-        barrier_id: &str,
-    ) -> Result<(), BrokerError> {
-        self.barriers
-            .put(early_key(run_id, barrier_id), Bytes::new())
-            .await
-            .map(|_| ())
-            .map_err(|e| BrokerError::nats("noting an early branch", e))
-    }
-
-    /// Whether a branch result reached this barrier before it was opened.
-    pub async fn has_early_branch(
-        &self,
-        run_id: &str,
-        barrier_id: &str,
-    ) -> Result<bool, BrokerError> {
-        self.barriers
-            .entry(early_key(run_id, barrier_id))
-            .await
-            .map(|e| e.is_some_and(|e| e.operation == kv::Operation::Put))
-            .map_err(|e| BrokerError::nats("reading the barrier", e))
-    }
-
     /// Compare-and-set of a barrier; false when another write came first.
-    pub async fn update_barrier(
-        &self,
-        barrier: &pb::Barrier,
-        revision: u64,
-    ) -> Result<bool, BrokerError> {
+    async fn update_barrier(&self, barrier: &pb::Barrier, revision: u64) -> Result<bool> {
         let spec = barrier.spec.clone().unwrap_or_default();
         match self
             .barriers
@@ -601,15 +817,52 @@ impl Store {
         }
     }
 
-    /// Every branch result stored for a barrier, in stream order, each
-    /// with its stream sequence (a retried or late branch may appear more
-    /// than once under its key).
-    pub async fn branch_results(
+    /// Notes that a branch result reached a barrier not yet opened, so
+    /// that opening it looks for stored results (idempotent).
+    async fn mark_early_branch(&self, run_id: &str, barrier_id: &str) -> Result<()> {
+        self.barriers
+            .put(early_key(run_id, barrier_id), Bytes::new())
+            .await
+            .map(|_| ())
+            .map_err(|e| BrokerError::nats("noting an early branch", e))
+    }
+
+    /// Whether a branch result reached this barrier before it was opened.
+    async fn has_early_branch(&self, run_id: &str, barrier_id: &str) -> Result<bool> {
+        self.barriers
+            .entry(early_key(run_id, barrier_id))
+            .await
+            .map(|e| e.is_some_and(|e| e.operation == kv::Operation::Put))
+            .map_err(|e| BrokerError::nats("reading the barrier", e))
+    }
+
+    async fn put_branch_result(
         &self,
         run_id: &str,
         barrier_id: &str,
-    ) -> Result<Vec<pb::BranchResult>, BrokerError> {
-        use futures::StreamExt;
+        result: &pb::BranchResult,
+    ) -> Result<Stored, BrokerError> {
+        let ack = self
+            .publish(
+                branch_subject(run_id, barrier_id, &result.key),
+                &result.handoff_id,
+                result.encode_to_vec().into(),
+            )
+            .await?;
+        Ok(Stored {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// Every branch result stored for a barrier, in stream order, each
+    /// with its stream sequence (a retried or late branch may appear more
+    /// than once under its key).
+    async fn branch_results(
+        &self,
+        run_id: &str,
+        barrier_id: &str,
+    ) -> Result<Vec<pb::BranchResult>> {
         let filter = format!("handoff.v1.branches.{run_id}.{barrier_id}.>");
         let consumer = self
             .branches
@@ -654,11 +907,7 @@ impl Store {
     /// concurrently with direct gets (falling back to the stream leader for
     /// one a replica has not caught up with). A sequence no longer stored,
     /// or a result without a payload, is absent from the map.
-    pub async fn branch_payloads(
-        &self,
-        sequences: &[u64],
-    ) -> Result<HashMap<u64, prost_types::Any>, BrokerError> {
-        use futures::{StreamExt, TryStreamExt};
+    async fn branch_payloads(&self, sequences: &[u64]) -> Result<HashMap<u64, prost_types::Any>> {
         futures::stream::iter(sequences.iter().copied())
             .map(|seq| async move {
                 let msg = match self.branches.direct_get(seq).await {
@@ -685,69 +934,25 @@ impl Store {
             .await
     }
 
-    /// Withdraws a claim this broker made for a handoff it did not store
-    /// (only if nothing changed it since). A failure is logged: the claim
-    /// then only refuses other targets for that delivery.
-    pub async fn release_claim(&self, consumed_handoff: &str, revision: u64) {
-        if let Err(e) = self
-            .consumed
-            .delete_expect_revision(consumed_handoff, Some(revision))
-            .await
-        {
-            tracing::warn!(consumed_handoff, error = %e, "claim on a consumed delivery not withdrawn");
-        }
-    }
-
-    /// Creates the agent's durable pull consumer, or updates its lease.
-    pub async fn ensure_agent_consumer(
-        &self,
-        agent: &str,
-        lease: Duration,
-        max_ack_pending: i64,
-    ) -> Result<(), BrokerError> {
-        let config = pull::Config {
-            durable_name: Some(agent.to_string()),
-            filter_subject: inbox_subject(agent),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ack_wait: lease,
-            // Attempts are counted by the broker, which routes a handoff to
-            // the fallback or the dead letter itself; JetStream must keep
-            // offering it until then.
-            max_deliver: -1,
-            max_ack_pending,
-            ..Default::default()
+    async fn schedule(&self, timer: &pb::Timer, kind: TimerKind) -> Result<(), BrokerError> {
+        let (run, barrier) = (&timer.run_id, &timer.barrier_id);
+        let (subject, msg_id) = match kind {
+            TimerKind::RunDeadline => (
+                format!("handoff.v1.timers.run.{run}"),
+                format!("deadline-{run}"),
+            ),
+            TimerKind::BarrierTimeout => (
+                format!("handoff.v1.timers.barrier.{run}.{barrier}.timeout"),
+                format!("barrier-timeout-{run}-{barrier}"),
+            ),
+            TimerKind::ReleaseCheck => (
+                format!("handoff.v1.timers.barrier.{run}.{barrier}.release"),
+                format!("barrier-release-{run}-{barrier}"),
+            ),
         };
-        match self.inbox.consumer_info(agent).await {
-            Ok(info)
-                if info.config.ack_wait == lease
-                    && info.config.max_ack_pending == max_ack_pending =>
-            {
-                Ok(())
-            }
-            Ok(_) => self
-                .inbox
-                .update_consumer(config)
-                .await
-                .map(|_| ())
-                .map_err(|e| BrokerError::nats("updating the agent's consumer", e)),
-            Err(_) => self
-                .inbox
-                .create_consumer(config)
-                .await
-                .map(|_| ())
-                .map_err(|e| BrokerError::nats("creating the agent's consumer", e)),
-        }
-    }
-
-    /// The pull consumer of an agent.
-    pub async fn agent_consumer(
-        &self,
-        agent: &str,
-    ) -> Result<async_nats::jetstream::consumer::PullConsumer, BrokerError> {
-        self.inbox
-            .get_consumer(agent)
+        self.publish(subject, &msg_id, timer.encode_to_vec().into())
             .await
-            .map_err(|e| BrokerError::nats("opening the agent's consumer", e))
+            .map(|_| ())
     }
 }
 
@@ -844,4 +1049,87 @@ async fn ensure_bucket(
     js.get_key_value(&name)
         .await
         .map_err(|e| BrokerError::nats(&format!("opening bucket {name}"), e))
+}
+
+/// True when `subject` is a JetStream ack subject of `agent`'s inbox
+/// consumer for stream sequence `seq` (both the v1 and the v2 formats).
+fn ack_subject_matches(subject: &str, agent: &str, seq: u64) -> bool {
+    let parts: Vec<&str> = subject.split('.').collect();
+    // v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+    // v2: $JS.ACK.<domain>.<acc>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
+    let at = match parts.len() {
+        9 => 2,
+        11 | 12 => 4,
+        _ => return false,
+    };
+    parts[0] == "$JS"
+        && parts[1] == "ACK"
+        && parts[at] == INBOX_STREAM
+        && parts[at + 1] == agent
+        && parts[at + 3].parse::<u64>().ok() == Some(seq)
+}
+
+/// Reads a stream's messages on `filter` from its start, up to `limit`,
+/// with an ordered consumer (nothing is acked or left behind).
+async fn read_stream(
+    stream: &stream::Stream,
+    filter: &str,
+    limit: usize,
+) -> Result<Vec<(u64, Bytes)>, BrokerError> {
+    use jetstream::consumer::DeliverPolicy;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter.to_string(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| BrokerError::nats("reading events", e))?;
+    let pending = consumer.cached_info().num_pending as usize;
+    let want = pending.min(limit);
+    let mut out = Vec::with_capacity(want);
+    if want == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| BrokerError::nats("reading events", e))?;
+    while out.len() < want {
+        let next = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .map_err(|_| BrokerError::Unavailable("reading events timed out".to_string()))?;
+        let Some(msg) = next else { break };
+        let msg = msg.map_err(|e| BrokerError::nats("reading events", e))?;
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        out.push((seq, msg.payload.clone()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_subjects_name_one_inbox_delivery() {
+        assert!(ack_subject_matches(
+            "$JS.ACK.HANDOFF_INBOX.worker.1.7.1.0.0",
+            "worker",
+            7
+        ));
+        for subject in [
+            "$JS.ACK.HANDOFF_TIMERS.worker.1.7.1.0.0",
+            "$JS.ACK.HANDOFF_INBOX.planner.1.7.1.0.0",
+            "$JS.ACK.HANDOFF_INBOX.worker.1.8.1.0.0",
+            "$JS.ACK.x",
+        ] {
+            assert!(!ack_subject_matches(subject, "worker", 7), "{subject}");
+        }
+        assert!(ack_subject_matches(
+            "$JS.ACK.dom.acc.HANDOFF_INBOX.worker.1.7.1.0.0.tok",
+            "worker",
+            7
+        ));
+    }
 }

@@ -1,0 +1,552 @@
+//! Deliveries: what becomes of a handoff the inbox offers to an instance
+//! (delivered, discarded because its run ended, or routed to the fallback
+//! or the dead letter once its attempts are used up), how a delivery is
+//! settled (ack, nack, reject, extend), and the ack of a delivery that a
+//! complete-and-handoff consumed.
+
+use std::time::Duration;
+
+use handoff_proto::pb;
+use prost::Message as _;
+
+use crate::{
+    app::{
+        agents::lease_of,
+        barriers, now,
+        runs::{self, RunEnd},
+        status_name, Broker,
+    },
+    error::BrokerError,
+    rules::handoff::{self as rules, Offer},
+    store::{Offered, Settlement},
+};
+
+/// Decodes a delivery id and checks that the store issued its reference
+/// for that agent's delivery; INVALID_ARGUMENT (`BAD_DELIVERY_ID`)
+/// otherwise.
+pub fn decode(broker: &Broker, delivery_id: &str) -> Result<pb::DeliveryToken, BrokerError> {
+    let token = rules::decode_token(delivery_id)?;
+    if !broker.store().reference_matches(&token) {
+        return Err(BrokerError::BadDeliveryId(
+            "not a token issued by the broker".to_string(),
+        ));
+    }
+    Ok(token)
+}
+
+/// What a session keeps of a delivery it holds.
+#[derive(Debug, Clone)]
+pub struct Held {
+    /// The delivery id (the token the instance settles with).
+    pub delivery_id: String,
+    /// The handoff delivered.
+    pub handoff_id: String,
+    /// Its run and the run's owner.
+    pub run_id: String,
+    /// The run's owner.
+    pub owner: String,
+    /// The agent that handed it off.
+    pub source_agent: String,
+    /// Its depth in the run.
+    pub depth: u32,
+    /// Which attempt this is.
+    pub attempt: u32,
+    /// The barrier branch it belongs to (barrier, key, depth).
+    pub branch: Option<(String, String, u32)>,
+    /// The lease it was given.
+    pub lease: Duration,
+    /// The store's reference that settles it.
+    pub reference: String,
+}
+
+/// What becomes of an offered handoff.
+#[derive(Debug)]
+pub enum Offering {
+    /// Hand it to the instance.
+    Deliver(Box<pb::Delivery>, Box<Held>),
+    /// Nothing for the instance: it was routed to the fallback or the dead
+    /// letter, discarded (its run ended), terminated (not a handoff), or
+    /// left to its lease (the store did not answer).
+    Skip,
+}
+
+/// Decides what becomes of a handoff the inbox offers to an instance of
+/// `agent`: attempts used up -> fallback or dead letter; run gone or ended
+/// -> discarded; otherwise a delivery with the run's pinned context.
+pub async fn offer(broker: &Broker, agent: &pb::AgentSpec, offered: Offered) -> Offering {
+    let Offered {
+        sequence,
+        delivered,
+        reference,
+        payload,
+    } = offered;
+    let envelope = match pb::HandoffEnvelope::decode(payload) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(sequence, error = %e, "inbox message is not a handoff; terminated");
+            let _ = broker.store().settle(&reference, Settlement::Term).await;
+            return Offering::Skip;
+        }
+    };
+    // Re-read the spec so a re-registered lease or attempt count applies.
+    let spec = broker
+        .agent(&agent.name)
+        .await
+        .unwrap_or_else(|_| agent.clone());
+    let attempt = match rules::offer(delivered, spec.max_attempts) {
+        Offer::Deliver(n) => n,
+        Offer::Exhausted => {
+            if let Err(e) = exhaust(broker, &spec, &envelope, &reference, delivered).await {
+                tracing::warn!(error = %e, "routing an exhausted handoff failed; it will be offered again");
+            }
+            return Offering::Skip;
+        }
+    };
+    let run = match broker.run(&envelope.run_id).await {
+        Ok((run, _)) => run,
+        Err(BrokerError::RunNotFound(_)) => {
+            let _ = broker.store().settle(&reference, Settlement::Term).await;
+            return Offering::Skip;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "run lookup failed; delivery left to its lease");
+            return Offering::Skip;
+        }
+    };
+    if pb::RunStatus::try_from(run.status).is_ok_and(|s| s.is_terminal()) {
+        if broker
+            .store()
+            .settle(&reference, Settlement::Term)
+            .await
+            .is_ok()
+        {
+            broker
+                .emit_unconfirmed(
+                    pb::Event {
+                        kind: pb::EventKind::Discarded as i32,
+                        run_id: run.id.clone(),
+                        owner: run.owner.clone(),
+                        agent: spec.name.clone(),
+                        handoff_id: envelope.id.clone(),
+                        reason: format!("run is {}", status_name(run.status)),
+                        ..Default::default()
+                    },
+                    format!("discarded-{}", envelope.id),
+                )
+                .await;
+        }
+        return Offering::Skip;
+    }
+    let lease = lease_of(&spec, broker.config().default_lease);
+    let delivery_id = rules::encode_token(&pb::DeliveryToken {
+        agent: spec.name.clone(),
+        stream_sequence: sequence,
+        ack_subject: reference.clone(),
+        handoff_id: envelope.id.clone(),
+    });
+    let held = Held {
+        delivery_id: delivery_id.clone(),
+        handoff_id: envelope.id.clone(),
+        run_id: run.id.clone(),
+        owner: run.owner.clone(),
+        source_agent: envelope.source_agent.clone(),
+        depth: envelope.depth,
+        attempt,
+        branch: branch_of(&envelope),
+        lease,
+        reference,
+    };
+    let delivery = pb::Delivery {
+        delivery_id,
+        attempt,
+        max_attempts: spec.max_attempts,
+        lease_deadline: Some(prost_types::Timestamp::from(
+            std::time::SystemTime::now() + lease,
+        )),
+        pinned: run.pinned,
+        sequence,
+        handoff: Some(envelope),
+    };
+    Offering::Deliver(Box::new(delivery), Box::new(held))
+}
+
+/// Announces that a delivery reached an instance (`delivered`, or
+/// `redelivered` for a later attempt).
+pub async fn announce_delivered(broker: &Broker, agent: &str, instance: &str, held: &Held) {
+    let kind = if held.attempt > 1 {
+        pb::EventKind::Redelivered
+    } else {
+        pb::EventKind::Delivered
+    };
+    broker
+        .emit_unconfirmed(
+            pb::Event {
+                kind: kind as i32,
+                run_id: held.run_id.clone(),
+                owner: held.owner.clone(),
+                agent: agent.to_string(),
+                instance: instance.to_string(),
+                handoff_id: held.handoff_id.clone(),
+                source_agent: held.source_agent.clone(),
+                attempt: held.attempt,
+                depth: held.depth,
+                ..Default::default()
+            },
+            format!("{}-{}-{}", kind.token(), held.handoff_id, held.attempt),
+        )
+        .await;
+}
+
+/// How an instance settles a delivery.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Done.
+    Ack,
+    /// Retry later (after the delay, if any).
+    Nack(Option<Duration>),
+    /// Terminal failure: fails the run (or the branch).
+    Reject(String),
+    /// Restart the lease.
+    Extend,
+}
+
+/// Settles a delivery of `agent` held by `instance` (`held`: what the
+/// session knows of it; `None` when it was delivered to an earlier
+/// session, after a reconnect). Returns the new lease of an extend.
+pub async fn settle(
+    broker: &Broker,
+    spec: &pb::AgentSpec,
+    instance: &str,
+    delivery_id: &str,
+    held: Option<&Held>,
+    op: &Op,
+) -> Result<Option<Duration>, BrokerError> {
+    let agent = spec.name.as_str();
+    let token = decode(broker, delivery_id)?;
+    if token.agent != agent {
+        return Err(BrokerError::BadDeliveryId(format!(
+            "the delivery belongs to agent {:?}, not {agent:?}",
+            token.agent
+        )));
+    }
+    let (run_id, owner, attempt, branch) = match held {
+        Some(h) => (
+            h.run_id.clone(),
+            h.owner.clone(),
+            h.attempt,
+            h.branch.clone(),
+        ),
+        None => {
+            // Settled through another session (after a reconnect): the
+            // stored handoff says which run it belongs to.
+            let stored = broker
+                .store()
+                .handoff_at(token.stream_sequence)
+                .await?
+                .ok_or_else(|| {
+                    BrokerError::DeliveryGone(
+                        "the delivery's handoff is no longer stored".to_string(),
+                    )
+                })?;
+            let (run, _) = broker.run(&stored.envelope.run_id).await?;
+            (run.id, run.owner, 0, branch_of(&stored.envelope))
+        }
+    };
+    let event = |kind: pb::EventKind, reason: String| pb::Event {
+        kind: kind as i32,
+        run_id: run_id.clone(),
+        owner: owner.clone(),
+        agent: agent.to_string(),
+        instance: instance.to_string(),
+        handoff_id: token.handoff_id.clone(),
+        attempt,
+        reason,
+        ..Default::default()
+    };
+    let how = match op {
+        Op::Ack => Settlement::Ack,
+        Op::Nack(d) => Settlement::Nack(*d),
+        Op::Reject(_) => Settlement::Term,
+        Op::Extend => Settlement::Progress,
+    };
+    if let Op::Reject(reason) = op {
+        // Fail the run before terminating the delivery: a crash in
+        // between redelivers it (and the ended run discards it), where
+        // the other order could leave a terminated delivery and a run
+        // that never ends.
+        let reason = if reason.is_empty() {
+            "rejected"
+        } else {
+            reason.as_str()
+        };
+        let rejected = event(pb::EventKind::Rejected, reason.to_string());
+        broker
+            .emit(rejected, &format!("rejected-{}", token.handoff_id))
+            .await?;
+        let why = format!(
+            "agent {agent} rejected handoff {}: {reason}",
+            token.handoff_id
+        );
+        match &branch {
+            // A rejected branch fails that branch; its barrier decides.
+            Some((barrier_id, key, depth)) => {
+                fail_branch(
+                    broker,
+                    &run_id,
+                    barrier_id,
+                    key,
+                    *depth,
+                    &token.handoff_id,
+                    agent,
+                    why,
+                )
+                .await?;
+            }
+            None => {
+                runs::end(broker, &run_id, RunEnd::Failed(why)).await?;
+            }
+        }
+    }
+    broker.store().settle(&token.ack_subject, how).await?;
+    match op {
+        Op::Extend => {
+            let spec = broker.agent(agent).await.unwrap_or_else(|_| spec.clone());
+            return Ok(Some(lease_of(&spec, broker.config().default_lease)));
+        }
+        Op::Ack => {
+            broker
+                .emit_unconfirmed(
+                    event(pb::EventKind::Acked, String::new()),
+                    format!("acked-{}", token.handoff_id),
+                )
+                .await;
+        }
+        Op::Nack(delay) => {
+            let reason = delay.map(|d| format!("retry in {d:?}")).unwrap_or_default();
+            broker
+                .emit_unconfirmed(
+                    event(pb::EventKind::Nacked, reason),
+                    format!(
+                        "nacked-{}-{attempt}-{}",
+                        token.handoff_id,
+                        uuid::Uuid::now_v7()
+                    ),
+                )
+                .await;
+        }
+        Op::Reject(_) => {}
+    }
+    Ok(None)
+}
+
+/// Returns a delivery for immediate redelivery (its instance went away).
+pub async fn give_back(broker: &Broker, held: &Held) {
+    if let Err(e) = broker
+        .store()
+        .settle(&held.reference, Settlement::Nack(None))
+        .await
+    {
+        tracing::warn!(handoff_id = %held.handoff_id, error = %e, "could not return a delivery; it waits for its lease");
+    }
+}
+
+/// Acks a delivery that a fan-out consumed, once all its handoffs are
+/// stored.
+pub async fn settle_consumed(
+    broker: &Broker,
+    run_id: &str,
+    delivery_id: &str,
+) -> Result<(), BrokerError> {
+    let token = decode(broker, delivery_id)?;
+    let (run, _) = broker.run(run_id).await?;
+    ack_consumed(broker, &run, delivery_id, &token).await;
+    Ok(())
+}
+
+/// Acks the consumed delivery after the new handoff is stored. A failure
+/// is logged, not returned: the new handoff is durable, and a delivery
+/// that stays unacked is redelivered and its repeated handoff recognised.
+pub async fn ack_consumed(
+    broker: &Broker,
+    run: &pb::Run,
+    delivery_id: &str,
+    token: &pb::DeliveryToken,
+) {
+    match broker
+        .store()
+        .settle(&token.ack_subject, Settlement::Ack)
+        .await
+    {
+        Ok(()) => {
+            broker.release_delivery(delivery_id);
+            let event = pb::Event {
+                kind: pb::EventKind::Acked as i32,
+                run_id: run.id.clone(),
+                owner: run.owner.clone(),
+                agent: token.agent.clone(),
+                handoff_id: token.handoff_id.clone(),
+                ..Default::default()
+            };
+            broker
+                .emit_unconfirmed(event, format!("acked-{}", token.handoff_id))
+                .await;
+        }
+        Err(e) => {
+            tracing::warn!(handoff_id = %token.handoff_id, error = %e, "consumed delivery not acked; it will be redelivered")
+        }
+    }
+}
+
+/// Routes a handoff whose attempts are used up: to the agent's fallback if
+/// it has a registered one, else to the dead letter (and the run fails).
+/// Every step is idempotent, so a crash here is repaired when JetStream
+/// offers the message again.
+async fn exhaust(
+    broker: &Broker,
+    spec: &pb::AgentSpec,
+    envelope: &pb::HandoffEnvelope,
+    reference: &str,
+    delivered: i64,
+) -> Result<(), BrokerError> {
+    let attempts = u32::try_from(delivered - 1).unwrap_or(u32::MAX);
+    let owner = broker
+        .run(&envelope.run_id)
+        .await
+        .map(|(r, _)| r.owner)
+        .unwrap_or_default();
+    let reason = format!(
+        "not settled by agent {} after {attempts} attempts",
+        spec.name
+    );
+    let fallback = if spec.fallback_agent.is_empty() {
+        None
+    } else {
+        match broker.agent(&spec.fallback_agent).await {
+            Ok(fb) => Some(fb),
+            Err(BrokerError::AgentNotFound(_)) => None,
+            // Unknown is not absent: retry when the message is offered again.
+            Err(e) => return Err(e),
+        }
+    };
+    match fallback {
+        Some(fb) => {
+            let mut copy = envelope.clone();
+            copy.id = rules::fallback_id(&envelope.id, &fb.name);
+            copy.target_agent = fb.name.clone();
+            copy.fallback_from = spec.name.clone();
+            copy.parent_ids = vec![envelope.id.clone()];
+            broker.store().put_handoff(&copy).await?;
+            broker
+                .emit(
+                    pb::Event {
+                        kind: pb::EventKind::RoutedToFallback as i32,
+                        run_id: envelope.run_id.clone(),
+                        owner,
+                        agent: spec.name.clone(),
+                        handoff_id: envelope.id.clone(),
+                        fallback_agent: fb.name.clone(),
+                        attempt: attempts,
+                        depth: envelope.depth,
+                        reason,
+                        ..Default::default()
+                    },
+                    &format!("fallback-{}", envelope.id),
+                )
+                .await?;
+            tracing::warn!(fallback = %fb.name, attempts, "handoff routed to fallback agent");
+        }
+        None => {
+            let letter = pb::DeadLetter {
+                handoff: Some(envelope.clone()),
+                agent: spec.name.clone(),
+                attempts,
+                reason: reason.clone(),
+                at: Some(now()),
+                sequence: 0,
+            };
+            broker.store().put_dead_letter(&letter).await?;
+            broker
+                .emit(
+                    pb::Event {
+                        kind: pb::EventKind::DeadLettered as i32,
+                        run_id: envelope.run_id.clone(),
+                        owner,
+                        agent: spec.name.clone(),
+                        handoff_id: envelope.id.clone(),
+                        attempt: attempts,
+                        depth: envelope.depth,
+                        reason: reason.clone(),
+                        ..Default::default()
+                    },
+                    &format!("dead-{}", envelope.id),
+                )
+                .await?;
+            let why = format!("handoff {} dead-lettered: {reason}", envelope.id);
+            let ended = match branch_of(envelope) {
+                Some((barrier_id, key, depth)) => {
+                    fail_branch(
+                        broker,
+                        &envelope.run_id,
+                        &barrier_id,
+                        &key,
+                        depth,
+                        &envelope.id,
+                        &spec.name,
+                        why,
+                    )
+                    .await
+                }
+                None => runs::end(broker, &envelope.run_id, RunEnd::Failed(why))
+                    .await
+                    .map(|_| ()),
+            };
+            match ended {
+                Ok(()) | Err(BrokerError::RunNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+            tracing::warn!(attempts, "handoff dead-lettered");
+        }
+    }
+    broker.store().settle(reference, Settlement::Ack).await
+}
+
+/// The barrier branch a handoff belongs to: (barrier, key, depth).
+pub fn branch_of(envelope: &pb::HandoffEnvelope) -> Option<(String, String, u32)> {
+    (!envelope.barrier_id.is_empty() && !envelope.branch_key.is_empty()).then(|| {
+        (
+            envelope.barrier_id.clone(),
+            envelope.branch_key.clone(),
+            envelope.depth,
+        )
+    })
+}
+
+/// Records a branch whose delivery was rejected or dead-lettered as failed
+/// at its barrier (once: its id is derived from the failed handoff).
+#[allow(clippy::too_many_arguments)]
+async fn fail_branch(
+    broker: &Broker,
+    run_id: &str,
+    barrier_id: &str,
+    key: &str,
+    depth: u32,
+    handoff_id: &str,
+    agent: &str,
+    why: String,
+) -> Result<(), BrokerError> {
+    let (run, _) = broker.run(run_id).await?;
+    let result = pb::BranchResult {
+        key: key.to_string(),
+        status: pb::BranchStatus::Failed as i32,
+        handoff_id: rules::derived_id(&format!("failed\u{0}{handoff_id}")),
+        source_agent: agent.to_string(),
+        warnings: vec![why],
+        depth,
+        arrived_at: Some(now()),
+        ..Default::default()
+    };
+    let stored = std::sync::atomic::AtomicBool::new(false);
+    barriers::arrive(broker, &run, barrier_id, result, None, &stored)
+        .await
+        .map(|_| ())
+}

@@ -1,0 +1,101 @@
+//! `FanOut`: open a barrier and accept one handoff per branch in one call
+//! (a chord), so no branch can finish before its barrier exists.
+
+use futures::{StreamExt, TryStreamExt};
+use handoff_proto::pb;
+
+use crate::{
+    app::{barriers, deliveries, handoff, Broker},
+    error::{BrokerError, Reason},
+    rules::barrier,
+};
+
+/// Opens a barrier and accepts one handoff per branch, each tagged with
+/// the barrier and its key. Branches that consume a delivery fan it out;
+/// that delivery is acked once every branch is stored.
+pub async fn fan_out(
+    broker: &Broker,
+    req: pb::FanOutRequest,
+) -> Result<pb::FanOutResponse, BrokerError> {
+    let spec = req
+        .barrier
+        .ok_or_else(|| BrokerError::malformed("barrier", "barrier is required"))?;
+    let keys = barrier::branch_keys(&spec)
+        .map_err(|e| BrokerError::invalid(Reason::InvalidBarrierSpec, "barrier", e.to_string()))?;
+    if req.branches.is_empty() {
+        return Err(BrokerError::malformed(
+            "branches",
+            "branches is empty: a fan-out hands off at least one branch",
+        ));
+    }
+    let known: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+    let mut seen = std::collections::HashSet::new();
+    let consumes = req.branches[0].consumes.clone();
+    for (i, b) in req.branches.iter().enumerate() {
+        if !known.contains(b.branch_key.as_str()) {
+            return Err(BrokerError::invalid(
+                Reason::UnknownBranchKey,
+                format!("branches[{i}].branch_key"),
+                format!(
+                    "branches[{i}].branch_key {:?} is not a branch of barrier {:?}",
+                    b.branch_key, spec.barrier_id
+                ),
+            ));
+        }
+        if !seen.insert(b.branch_key.as_str()) {
+            return Err(BrokerError::invalid(
+                Reason::UnknownBranchKey,
+                format!("branches[{i}].branch_key"),
+                format!("branches[{i}]: branch {:?} appears twice", b.branch_key),
+            ));
+        }
+        if !b.run_id.is_empty() && b.run_id != spec.run_id {
+            return Err(BrokerError::malformed(
+                format!("branches[{i}].run_id"),
+                format!(
+                    "branches[{i}] names run {:?}, the barrier's is {:?}",
+                    b.run_id, spec.run_id
+                ),
+            ));
+        }
+        if b.consumes != consumes {
+            return Err(BrokerError::malformed(
+                format!("branches[{i}].consumes"),
+                "every branch of a fan-out consumes the same delivery (or none)",
+            ));
+        }
+        if b.r#final || b.to_barrier || !b.barrier_id.is_empty() && b.barrier_id != spec.barrier_id
+        {
+            return Err(BrokerError::malformed(
+                format!("branches[{i}]"),
+                format!("branches[{i}] must be a handoff to an agent, without another barrier"),
+            ));
+        }
+    }
+    let opened = barriers::open_spec(broker, spec.clone()).await?;
+    let branches: Vec<pb::HandoffRequest> = req
+        .branches
+        .into_iter()
+        .map(|mut b| {
+            b.run_id = spec.run_id.clone();
+            b.barrier_id = spec.barrier_id.clone();
+            if b.idempotency_key.is_empty() {
+                b.idempotency_key = format!("fan-out/{}/{}", spec.barrier_id, b.branch_key);
+            }
+            b.fan_out = !b.consumes.is_empty();
+            b
+        })
+        .collect();
+    let answers: Vec<pb::HandoffResponse> = futures::stream::iter(branches)
+        .map(|b| handoff::accept(broker, b))
+        .buffered(16)
+        .try_collect()
+        .await?;
+    if !consumes.is_empty() {
+        deliveries::settle_consumed(broker, &spec.run_id, &consumes).await?;
+    }
+    Ok(pb::FanOutResponse {
+        barrier: opened.barrier,
+        branches: answers,
+    })
+}

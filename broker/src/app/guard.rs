@@ -1,0 +1,316 @@
+//! The guards a handoff passes before anything is stored: the source
+//! must declare the contract it emits, the payload must be the target's
+//! contract, decode, carry no unknown field, have every required field and
+//! keep within the budgets; and a consumed delivery must not already have
+//! gone to another target unless every handoff from it declares fan-out.
+//! A refusal is counted, published as a `contract_rejected` event, and
+//! leaves nothing stored.
+
+use std::time::SystemTime;
+
+use handoff_proto::pb;
+
+use crate::{
+    app::Broker,
+    error::{BrokerError, Reason},
+    rules::contracts::{self, validate},
+};
+
+/// Payloads at least this large are checked on the blocking pool.
+const BLOCKING_CHECK_BYTES: usize = 16 * 1024;
+
+/// What the guards measured, for the envelope.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// The contract checked against (empty: the target takes any payload).
+    pub contract_type: String,
+    /// Its version.
+    pub version: u32,
+    /// The payload's token count.
+    pub tokens: u64,
+}
+
+/// A handoff refused by a guard.
+pub struct Refusal {
+    /// The guard's token for events and metrics (`max_tokens`, ...).
+    rule: &'static str,
+    reason: Reason,
+    message: String,
+    metadata: Vec<(&'static str, String)>,
+    contract_type: String,
+    version: u32,
+}
+
+impl Refusal {
+    fn new(rule: &'static str, reason: Reason, message: String) -> Refusal {
+        Refusal {
+            rule,
+            reason,
+            message,
+            metadata: Vec::new(),
+            contract_type: String::new(),
+            version: 0,
+        }
+    }
+}
+
+/// Why the guards stopped a handoff: a refusal (counted and published) or
+/// a failure to check (NATS down, unknown target).
+pub enum Guarded {
+    /// Refused by a guard.
+    Refused(Refusal),
+    /// Could not check.
+    Failed(BrokerError),
+}
+
+impl From<BrokerError> for Guarded {
+    fn from(e: BrokerError) -> Self {
+        Guarded::Failed(e)
+    }
+}
+
+/// The contract guards, all answered from memory once the agent and
+/// contract caches are warm:
+/// 1. a payload whose type is a registered contract may only come from a
+///    source agent that declares it in `emits` (PERMISSION_DENIED);
+/// 2. a target that accepts a contract takes only that type
+///    (FAILED_PRECONDITION), checked against the highest registered
+///    version in its range: decode, unknown fields, required fields,
+///    bytes, tokens, confidence, tool result age.
+pub async fn guard(broker: &Broker, req: &pb::HandoffRequest) -> Result<Checked, Guarded> {
+    let payload = req
+        .payload
+        .as_ref()
+        .ok_or_else(|| Guarded::Failed(BrokerError::malformed("payload", "payload is required")))?;
+    let payload_type = contracts::type_of_url(&payload.type_url);
+    if !req.source_agent.is_empty() && broker.contracts().knows(payload_type) {
+        let declared = match broker.agent(&req.source_agent).await {
+            Ok(source) => source.emits.iter().any(|t| t == payload_type),
+            Err(BrokerError::AgentNotFound(_)) => false,
+            Err(e) => return Err(e.into()),
+        };
+        if !declared {
+            return Err(Guarded::Refused(Refusal {
+                contract_type: payload_type.to_string(),
+                metadata: vec![
+                    ("agent", req.source_agent.clone()),
+                    ("contract_type", payload_type.to_string()),
+                ],
+                ..Refusal::new(
+                    "undeclared_emit",
+                    Reason::UndeclaredEmit,
+                    format!(
+                        "agent {:?} does not declare that it emits {payload_type} (RegisterAgent emits)",
+                        req.source_agent
+                    ),
+                )
+            }));
+        }
+    }
+    if req.r#final || req.to_barrier {
+        return Ok(Checked::default());
+    }
+    check_target(broker, &req.target_agent, req, payload).await
+}
+
+/// The target's contract guard (see [`guard`]): for a handoff to an agent,
+/// and for a branch result reaching an open barrier, whose target agent's
+/// contract applies to every arrived branch.
+pub async fn check_target(
+    broker: &Broker,
+    target: &str,
+    req: &pb::HandoffRequest,
+    payload: &prost_types::Any,
+) -> Result<Checked, Guarded> {
+    let payload_type = contracts::type_of_url(&payload.type_url);
+    let target = broker.agent(target).await?;
+    let Some(accepts) = &target.accepts else {
+        return Ok(Checked::default());
+    };
+    let refusal = |rule, reason, message| {
+        Guarded::Refused(Refusal {
+            contract_type: accepts.message_type.clone(),
+            metadata: vec![
+                ("agent", target.name.clone()),
+                ("contract_type", accepts.message_type.clone()),
+                ("payload_type", payload_type.to_string()),
+            ],
+            ..Refusal::new(rule, reason, message)
+        })
+    };
+    if payload_type != accepts.message_type {
+        return Err(refusal(
+            "contract_mismatch",
+            Reason::ContractMismatch,
+            format!(
+                "agent {:?} accepts {}; the payload is {payload_type}",
+                target.name, accepts.message_type
+            ),
+        ));
+    }
+    let versions = broker.contract_versions(&accepts.message_type).await?;
+    let Some(contract) = contracts::pick(&versions, accepts.min_version, accepts.max_version)
+    else {
+        return Err(refusal(
+            "contract_mismatch",
+            Reason::ContractMismatch,
+            format!(
+                "no registered version of {} is in agent {:?}'s range {}",
+                accepts.message_type,
+                target.name,
+                contracts::range_name(accepts.min_version, accepts.max_version)
+            ),
+        ));
+    };
+    let version = contract.contract.version;
+    let tokenizer = broker.tokenizer().await?;
+    let outcome = if payload.value.len() < BLOCKING_CHECK_BYTES {
+        validate::check(
+            &contract.message,
+            &contract.rules,
+            &tokenizer,
+            &payload.value,
+            req.confidence,
+            &req.tool_results,
+            SystemTime::now(),
+        )
+    } else {
+        // Tokenizing a large payload takes milliseconds: keep it off the
+        // async workers so other RPCs and the NATS connection go on.
+        let value = payload.value.clone();
+        let confidence = req.confidence;
+        let tool_results = req.tool_results.clone();
+        tokio::task::spawn_blocking(move || {
+            validate::check(
+                &contract.message,
+                &contract.rules,
+                &tokenizer,
+                &value,
+                confidence,
+                &tool_results,
+                SystemTime::now(),
+            )
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(format!("contract check failed: {e}")))?
+    };
+    match outcome {
+        Ok(measured) => Ok(Checked {
+            contract_type: accepts.message_type.clone(),
+            version,
+            tokens: measured.tokens,
+        }),
+        Err(v) => Err(Guarded::Refused(Refusal {
+            contract_type: accepts.message_type.clone(),
+            version,
+            metadata: v
+                .metadata()
+                .into_iter()
+                .chain([
+                    ("contract_type", accepts.message_type.clone()),
+                    ("contract_version", version.to_string()),
+                ])
+                .collect(),
+            ..Refusal::new(
+                v.rule(),
+                v.reason(),
+                format!(
+                    "{} (contract {} version {version})",
+                    v, accepts.message_type
+                ),
+            )
+        })),
+    }
+}
+
+/// Given the first handoff made from the consumed delivery, refuses this
+/// one if it goes to another target without both declaring fan-out (role
+/// confusion).
+pub async fn check_claim(
+    broker: &Broker,
+    req: &pb::HandoffRequest,
+    token: &pb::DeliveryToken,
+    first: &pb::ConsumeClaim,
+    mine: &pb::ConsumeClaim,
+    checked: &Checked,
+) -> Result<(), BrokerError> {
+    if first.target_agent == mine.target_agent || (first.fan_out && mine.fan_out) {
+        return Ok(());
+    }
+    let name = |t: &str| {
+        if t.is_empty() {
+            "the run's final result".to_string()
+        } else {
+            format!("agent {t:?}")
+        }
+    };
+    let message = format!(
+        "delivery of handoff {} was already consumed by a handoff to {} (handoff {}); one delivery goes to one target unless every handoff from it declares fan_out",
+        token.handoff_id,
+        name(&first.target_agent),
+        first.handoff_id
+    );
+    Err(refuse(
+        broker,
+        req,
+        Refusal {
+            contract_type: checked.contract_type.clone(),
+            version: checked.version,
+            metadata: vec![
+                ("consumed_handoff_id", token.handoff_id.clone()),
+                ("first_target", first.target_agent.clone()),
+                ("first_handoff_id", first.handoff_id.clone()),
+            ],
+            ..Refusal::new("role_confusion", Reason::RoleConfusion, message)
+        },
+    )
+    .await)
+}
+
+/// Counts a refusal, publishes its `contract_rejected` event (when the run
+/// exists), and turns it into the error the client sees.
+pub async fn refuse(broker: &Broker, req: &pb::HandoffRequest, r: Refusal) -> BrokerError {
+    broker.metrics().rejected(r.rule);
+    tracing::info!(run_id = %req.run_id, source = %req.source_agent, target = %req.target_agent, rule = r.rule, reason = %r.message, "handoff refused");
+    match broker.run(&req.run_id).await {
+        Ok((run, _)) => {
+            let event = pb::Event {
+                kind: pb::EventKind::ContractRejected as i32,
+                run_id: run.id.clone(),
+                owner: run.owner.clone(),
+                agent: req.target_agent.clone(),
+                source_agent: req.source_agent.clone(),
+                reason: r.message.clone(),
+                rule: r.rule.to_string(),
+                contract_type: r.contract_type.clone(),
+                contract_version: r.version,
+                ..Default::default()
+            };
+            // Each refusal is its own event: no dedupe id to share.
+            let msg_id = uuid::Uuid::now_v7().to_string();
+            if let Err(e) = broker.emit(event, &msg_id).await {
+                tracing::warn!(error = %e, "contract_rejected event not published");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "refused handoff names no known run; no event"),
+    }
+    BrokerError::Refused {
+        reason: r.reason,
+        message: r.message,
+        metadata: r.metadata,
+    }
+}
+
+/// Turns the outcome of a guard into the call's result: a refusal is
+/// counted and published ([`refuse`]), a failure to check passes through.
+pub async fn enforce(
+    broker: &Broker,
+    req: &pb::HandoffRequest,
+    outcome: Result<Checked, Guarded>,
+) -> Result<Checked, BrokerError> {
+    match outcome {
+        Ok(c) => Ok(c),
+        Err(Guarded::Refused(r)) => Err(refuse(broker, req, r).await),
+        Err(Guarded::Failed(e)) => Err(e),
+    }
+}

@@ -1,0 +1,361 @@
+//! Accept one handoff: validate -> guard -> read -> commit -> notify.
+//!
+//! Order of a complete-and-handoff, chosen so that a crash anywhere leaves
+//! a state a retry repairs: (1) store the new handoff in the target's inbox
+//! under an id derived from the consumed handoff, (2) publish the accepted
+//! event and ack the consumed delivery, together, and answer once both
+//! are confirmed. A crash before the ack redelivers the input; the agent's
+//! repeated handoff has the same id and the store recognises it, so
+//! downstream sees it once. A failed event publish fails the call, and the
+//! retry (the inbox keeps acked handoffs) publishes it under the same id.
+//!
+//! The guards (see [`guard`]) run before anything is read or stored; a
+//! claim on the consumed delivery is taken with the reads, and withdrawn
+//! if nothing was stored, so a failed step leaves no claim behind.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use handoff_proto::pb;
+use prost::Message as _;
+
+use crate::{
+    app::{
+        barriers, deliveries, guard,
+        guard::Checked,
+        now,
+        runs::{self, RunEnd},
+        status_name, Broker,
+    },
+    error::BrokerError,
+    rules::handoff as rules,
+    store::Claim,
+};
+
+/// Accepts one handoff.
+pub async fn accept(
+    broker: &Broker,
+    req: pb::HandoffRequest,
+) -> Result<pb::HandoffResponse, BrokerError> {
+    // 1. Validate: everything that needs no state.
+    rules::validate_handoff(&req, broker.config().max_inline_payload)?;
+    let consumed = match req.consumes.as_str() {
+        "" => None,
+        token => Some(deliveries::decode(broker, token)?),
+    };
+    let id = rules::handoff_id(&req, consumed.as_ref().map(|t| t.handoff_id.as_str()));
+
+    // 2. Guard: the contracts, answered from memory once caches are warm.
+    let checked = guard::enforce(broker, &req, guard::guard(broker, &req).await).await?;
+
+    // 3. Read: the run, the consumed handoff, the claim on the consumed
+    //    delivery and a named barrier are independent: one round trip.
+    let mine = pb::ConsumeClaim {
+        target_agent: req.target_agent.clone(),
+        fan_out: req.fan_out,
+        handoff_id: id.clone(),
+    };
+    let (run, parent, claim, barrier) = tokio::join!(
+        broker.run(&req.run_id),
+        async {
+            match &consumed {
+                Some(token) => consumed_parent(broker, &req.run_id, token).await.map(Some),
+                None => Ok(None),
+            }
+        },
+        async {
+            match &consumed {
+                Some(token) => broker
+                    .store()
+                    .claim_consumed(&token.handoff_id, &mine)
+                    .await
+                    .map(Some),
+                None => Ok(None),
+            }
+        },
+        async {
+            if req.to_barrier && !req.barrier_id.is_empty() {
+                broker
+                    .store()
+                    .barrier(&req.run_id, &req.barrier_id)
+                    .await
+                    .map(Some)
+            } else {
+                Ok(None)
+            }
+        },
+    );
+    let made = match (&claim, &consumed) {
+        (Ok(Some(Claim::Made(revision))), Some(token)) => {
+            Some((token.handoff_id.clone(), *revision))
+        }
+        _ => None,
+    };
+
+    // 4 and 5. Commit and notify; withdraw this request's claim if nothing
+    //    was stored.
+    let stored = AtomicBool::new(false);
+    let result = async {
+        let (run, _) = run?;
+        let parent = parent?;
+        if let (Some(Claim::Held(first)), Some(token)) = (claim?, &consumed) {
+            guard::check_claim(broker, &req, token, &first, &mine, &checked).await?;
+        }
+        let read = Read {
+            run,
+            parent,
+            barrier: barrier?,
+        };
+        commit(broker, &req, consumed.as_ref(), id, checked, read, &stored).await
+    }
+    .await;
+    if result.is_err() && !stored.load(Ordering::Relaxed) {
+        if let Some((key, revision)) = made {
+            broker.store().release_claim(&key, revision).await;
+        }
+    }
+    result
+}
+
+/// What a handoff read before it is committed.
+struct Read {
+    run: pb::Run,
+    /// The handoff whose delivery it consumes.
+    parent: Option<pb::HandoffEnvelope>,
+    /// The barrier the request names, when it goes to one (`None`: not
+    /// read; `Some(None)`: not opened yet).
+    barrier: Option<Option<(pb::Barrier, u64)>>,
+}
+
+/// Stores a handoff that passed the guards in a run that exists (setting
+/// `stored` once it is durable), then publishes its event and settles the
+/// delivery it consumes.
+async fn commit(
+    broker: &Broker,
+    req: &pb::HandoffRequest,
+    consumed: Option<&pb::DeliveryToken>,
+    id: String,
+    checked: Checked,
+    read: Read,
+    stored: &AtomicBool,
+) -> Result<pb::HandoffResponse, BrokerError> {
+    let Read {
+        run,
+        parent,
+        barrier,
+    } = read;
+    let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
+    if status.is_terminal() {
+        if req.r#final && run.result_handoff_id == id {
+            // A retry of the final handoff that completed this run: make
+            // sure the owner was told (deduplicated), then answer duplicate.
+            runs::announce_end(broker, &run).await?;
+            if let Some(token) = consumed {
+                deliveries::ack_consumed(broker, &run, &req.consumes, token).await;
+            }
+            return Ok(pb::HandoffResponse {
+                handoff_id: id,
+                sequence: 0,
+                duplicate: true,
+                depth: 0,
+            });
+        }
+        return Err(BrokerError::RunClosed {
+            run: run.id.clone(),
+            status: status_name(run.status),
+        });
+    }
+    let depth = rules::depth(parent.as_ref().map(|p| p.depth), run.max_depth, req.r#final)?;
+    // A branch's chain carries its barrier and key from hop to hop.
+    let (barrier_id, branch_key) = match (&parent, req.barrier_id.is_empty()) {
+        (_, false) => (req.barrier_id.clone(), req.branch_key.clone()),
+        (Some(p), true) => (p.barrier_id.clone(), p.branch_key.clone()),
+        (None, true) => (String::new(), String::new()),
+    };
+    if req.to_barrier && (barrier_id.is_empty() || branch_key.is_empty()) {
+        return Err(BrokerError::malformed(
+            "barrier_id",
+            "to_barrier: the consumed delivery belongs to no barrier branch; name barrier_id and branch_key",
+        ));
+    }
+    let branch_status = match pb::BranchStatus::try_from(req.branch_status) {
+        Ok(pb::BranchStatus::Failed) => pb::BranchStatus::Failed,
+        Ok(pb::BranchStatus::Skipped) => pb::BranchStatus::Skipped,
+        _ => pb::BranchStatus::Arrived,
+    };
+    // A branch result reaching an open barrier is checked against the
+    // contract of the barrier's target (a failed or skipped report is not).
+    let barrier = match barrier {
+        Some(read) if req.to_barrier && barrier_id == req.barrier_id => read,
+        _ if req.to_barrier => broker.store().barrier(&run.id, &barrier_id).await?,
+        _ => None,
+    };
+    let mut checked = checked;
+    if let (Some((b, _)), pb::BranchStatus::Arrived) = (&barrier, branch_status) {
+        let target = b.spec.as_ref().map(|s| s.target_agent.as_str());
+        if let (Some(target), Some(payload)) = (target, &req.payload) {
+            if b.state == pb::BarrierState::Open as i32 {
+                let outcome = guard::check_target(broker, target, req, payload).await;
+                checked = guard::enforce(broker, req, outcome).await?;
+            }
+        }
+    }
+    let mut parent_ids = req.parent_ids.clone();
+    if let Some(p) = &parent {
+        if !parent_ids.contains(&p.id) {
+            parent_ids.insert(0, p.id.clone());
+        }
+    }
+    let envelope = pb::HandoffEnvelope {
+        id: id.clone(),
+        run_id: run.id.clone(),
+        source_agent: req.source_agent.clone(),
+        target_agent: req.target_agent.clone(),
+        payload: req.payload.clone(),
+        confidence: req.confidence.unwrap_or(1.0),
+        warnings: req.warnings.clone(),
+        tool_results: req.tool_results.clone(),
+        parent_ids,
+        depth,
+        trace_context: req.trace_context.clone(),
+        idempotency_key: req.idempotency_key.clone(),
+        r#final: req.r#final,
+        created_at: Some(now()),
+        fallback_from: String::new(),
+        contract_type: checked.contract_type.clone(),
+        contract_version: checked.version,
+        token_count: checked.tokens,
+        barrier_id: barrier_id.clone(),
+        branch_key: branch_key.clone(),
+    };
+    let max_payload = broker.store().max_payload();
+    let size = envelope.encoded_len();
+    if max_payload > 0 && size > max_payload {
+        return Err(BrokerError::EnvelopeTooLarge { size, max_payload });
+    }
+
+    // Commit.
+    let (sequence, duplicate) = if req.r#final {
+        (0, false)
+    } else if req.to_barrier {
+        let result = pb::BranchResult {
+            key: branch_key.clone(),
+            status: branch_status as i32,
+            payload: envelope.payload.clone(),
+            handoff_id: id.clone(),
+            source_agent: req.source_agent.clone(),
+            confidence: envelope.confidence,
+            warnings: envelope.warnings.clone(),
+            depth,
+            arrived_at: envelope.created_at,
+            sequence: 0,
+        };
+        barriers::arrive(broker, &run, &barrier_id, result, barrier, stored).await?
+    } else {
+        let put = broker.store().put_handoff(&envelope).await?;
+        stored.store(true, Ordering::Relaxed);
+        (put.sequence, put.duplicate)
+    };
+
+    // Notify.
+    let accepted = pb::Event {
+        kind: pb::EventKind::HandoffAccepted as i32,
+        run_id: run.id.clone(),
+        owner: run.owner.clone(),
+        agent: req.target_agent.clone(),
+        source_agent: req.source_agent.clone(),
+        handoff_id: id.clone(),
+        depth,
+        barrier_id,
+        branch_key,
+        ..Default::default()
+    };
+    let msg_id = format!("accepted-{id}");
+    if req.r#final {
+        broker.emit(accepted, &msg_id).await?;
+        let ended = runs::end(
+            broker,
+            &run.id,
+            RunEnd::Completed {
+                handoff_id: id.clone(),
+                result: req.payload.clone(),
+            },
+        )
+        .await?;
+        if ended.result_handoff_id != id {
+            return Err(BrokerError::RunClosed {
+                run: run.id.clone(),
+                status: status_name(ended.status),
+            });
+        }
+        if let Some(token) = consumed.filter(|_| !req.fan_out) {
+            settle_after_handoff(broker, &run, &req.consumes, token).await;
+        }
+    } else {
+        // The handoff is stored: the event and the ack go out together,
+        // and the call answers once both are confirmed.
+        let settles = consumed.filter(|_| !req.fan_out);
+        let (published, ()) = tokio::join!(broker.emit(accepted, &msg_id), async {
+            if let Some(token) = settles {
+                settle_after_handoff(broker, &run, &req.consumes, token).await;
+            }
+        });
+        published?;
+    }
+    if !duplicate {
+        broker.metrics().accepted();
+    }
+    tracing::debug!(run_id = %run.id, handoff_id = %id, target = %req.target_agent, depth, duplicate, tokens = checked.tokens, "handoff accepted");
+    Ok(pb::HandoffResponse {
+        handoff_id: id,
+        sequence,
+        duplicate,
+        depth,
+    })
+}
+
+/// Acks the consumed delivery, unless a fault injection keeps it unacked.
+async fn settle_after_handoff(
+    broker: &Broker,
+    run: &pb::Run,
+    delivery_id: &str,
+    token: &pb::DeliveryToken,
+) {
+    if broker.config().faults.skip_consume_ack {
+        tracing::warn!("fault injected: consumed delivery left unacked");
+    } else {
+        deliveries::ack_consumed(broker, run, delivery_id, token).await;
+    }
+}
+
+/// Loads the handoff a delivery token names, checking it belongs to `run_id`.
+async fn consumed_parent(
+    broker: &Broker,
+    run_id: &str,
+    token: &pb::DeliveryToken,
+) -> Result<pb::HandoffEnvelope, BrokerError> {
+    let stored = broker
+        .store()
+        .handoff_at(token.stream_sequence)
+        .await?
+        .ok_or_else(|| {
+            BrokerError::DeliveryGone(format!(
+                "the consumed delivery's handoff {} is no longer stored (retention passed)",
+                token.handoff_id
+            ))
+        })?;
+    if stored.envelope.id != token.handoff_id || stored.agent != token.agent {
+        return Err(BrokerError::BadDeliveryId(
+            "it does not match a stored handoff".to_string(),
+        ));
+    }
+    if stored.envelope.run_id != run_id {
+        return Err(BrokerError::malformed(
+            "consumes",
+            format!(
+                "the consumed delivery belongs to run {:?}, not {run_id:?}",
+                stored.envelope.run_id
+            ),
+        ));
+    }
+    Ok(stored.envelope)
+}

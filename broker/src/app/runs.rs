@@ -1,0 +1,212 @@
+//! Runs: start one, end one (completed, failed, timed out) and tell its
+//! owner, read one with its timeline.
+
+use std::time::{Duration, SystemTime};
+
+use handoff_proto::pb;
+use prost::Message as _;
+
+use crate::{
+    app::{now, Broker},
+    error::BrokerError,
+    rules::names,
+    store::TimerKind,
+};
+
+/// How a run ends.
+#[derive(Debug, Clone)]
+pub enum RunEnd {
+    /// A final handoff completed it.
+    Completed {
+        /// The final handoff.
+        handoff_id: String,
+        /// Its payload.
+        result: Option<prost_types::Any>,
+    },
+    /// A delivery was rejected or dead-lettered.
+    Failed(String),
+    /// Its deadline passed.
+    TimedOut(String),
+}
+
+/// Creates a run. Repeating a `StartRun` with the same id and owner answers
+/// the existing run (so a client may retry); another owner is ALREADY_EXISTS.
+pub async fn start(
+    broker: &Broker,
+    req: pb::StartRunRequest,
+) -> Result<pb::StartRunResponse, BrokerError> {
+    let run_id = if req.run_id.is_empty() {
+        uuid::Uuid::now_v7().to_string()
+    } else {
+        names::validate("run_id", &req.run_id)?;
+        req.run_id.clone()
+    };
+    names::validate("owner", &req.owner)?;
+    let max_depth = if req.max_depth == 0 {
+        broker.config().default_max_depth
+    } else {
+        req.max_depth
+    };
+    let pinned = req.pinned.unwrap_or_default();
+    if pinned.encoded_len() > broker.config().max_inline_payload {
+        return Err(BrokerError::PayloadTooLarge {
+            size: pinned.encoded_len(),
+            limit: broker.config().max_inline_payload,
+        });
+    }
+    let deadline = match req.timeout {
+        None => None,
+        Some(t) => {
+            let t = Duration::try_from(t)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| BrokerError::malformed("timeout", "timeout must be positive"))?;
+            let due = SystemTime::now()
+                .checked_add(t)
+                .filter(|_| t <= Duration::from_secs(10 * 365 * 24 * 3600))
+                .ok_or_else(|| BrokerError::malformed("timeout", "timeout is over 10 years"))?;
+            Some(prost_types::Timestamp::from(due))
+        }
+    };
+    let run = pb::Run {
+        id: run_id.clone(),
+        owner: req.owner.clone(),
+        status: pb::RunStatus::Running as i32,
+        created_at: Some(now()),
+        deadline,
+        max_depth,
+        pinned: Some(pinned),
+        ..Default::default()
+    };
+    let run = if broker.store().create_run(&run).await? {
+        run
+    } else {
+        let (existing, _) = broker.run(&run_id).await?;
+        if existing.owner != run.owner {
+            return Err(BrokerError::RunExists(run_id));
+        }
+        existing
+    };
+    if let Some(due) = run.deadline {
+        let timer = pb::Timer {
+            run_id: run.id.clone(),
+            due: Some(due),
+            barrier_id: String::new(),
+        };
+        broker
+            .store()
+            .schedule(&timer, TimerKind::RunDeadline)
+            .await?;
+    }
+    let event = pb::Event {
+        kind: pb::EventKind::RunStarted as i32,
+        run_id: run.id.clone(),
+        owner: run.owner.clone(),
+        run_status: run.status,
+        at: run.created_at,
+        ..Default::default()
+    };
+    broker.emit(event, &format!("start-{}", run.id)).await?;
+    tracing::info!(run_id = %run.id, owner = %run.owner, max_depth, "run started");
+    Ok(pb::StartRunResponse { run: Some(run) })
+}
+
+/// A run with its whole timeline.
+pub async fn get(
+    broker: &Broker,
+    req: pb::GetRunRequest,
+) -> Result<pb::GetRunResponse, BrokerError> {
+    names::validate("run_id", &req.run_id)?;
+    let (run, _) = broker.run(&req.run_id).await?;
+    let timeline = broker.store().run_events(&req.run_id).await?;
+    Ok(pb::GetRunResponse {
+        run: Some(run),
+        timeline,
+    })
+}
+
+/// Ends a run (compare-and-set, retried on conflict) and tells its
+/// owner. Returns the run as it ended; if it had already ended, returns
+/// it unchanged; the end event is re-published (deduplicated) while
+/// within the dedupe window, so a crash between the two steps cannot
+/// leave an ended run unannounced.
+pub async fn end(broker: &Broker, run_id: &str, end: RunEnd) -> Result<pb::Run, BrokerError> {
+    loop {
+        let (mut run, rev) = broker.run(run_id).await?;
+        let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
+        if status.is_terminal() {
+            // Re-announce only while JetStream still deduplicates the
+            // end event; past that window the announcement was made.
+            let recent = run
+                .ended_at
+                .and_then(|t| SystemTime::try_from(t).ok())
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .is_some_and(|age| age < broker.config().dedupe_window);
+            if recent {
+                announce_end(broker, &run).await?;
+            }
+            return Ok(run);
+        }
+        run.ended_at = Some(now());
+        match &end {
+            RunEnd::Completed { handoff_id, result } => {
+                run.status = pb::RunStatus::Completed as i32;
+                run.result = result.clone();
+                run.result_handoff_id = handoff_id.clone();
+            }
+            RunEnd::Failed(reason) => {
+                run.status = pb::RunStatus::Failed as i32;
+                run.failure = reason.clone();
+            }
+            RunEnd::TimedOut(reason) => {
+                run.status = pb::RunStatus::TimedOut as i32;
+                run.failure = reason.clone();
+            }
+        }
+        if broker.store().update_run(&run, rev).await? {
+            announce_end(broker, &run).await?;
+            return Ok(run);
+        }
+    }
+}
+
+/// Publishes the event that tells a run's owner how it ended.
+pub async fn announce_end(broker: &Broker, run: &pb::Run) -> Result<(), BrokerError> {
+    let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
+    let kind = match status {
+        pb::RunStatus::Completed => pb::EventKind::RunCompleted,
+        pb::RunStatus::Failed => pb::EventKind::RunFailed,
+        pb::RunStatus::TimedOut => pb::EventKind::RunTimedOut,
+        _ => return Ok(()),
+    };
+    let event = pb::Event {
+        kind: kind as i32,
+        at: run.ended_at,
+        run_id: run.id.clone(),
+        owner: run.owner.clone(),
+        handoff_id: run.result_handoff_id.clone(),
+        reason: run.failure.clone(),
+        run_status: run.status,
+        ..Default::default()
+    };
+    broker
+        .emit(event, &format!("end-{}", run.id))
+        .await
+        .map(|_| ())
+}
+
+/// Ends a run whose deadline passed (a durable timer fired). A run that
+/// ended first, or no longer exists, is left alone.
+pub async fn time_out(broker: &Broker, run_id: &str, due: SystemTime) -> Result<(), BrokerError> {
+    let reason = format!("deadline {} passed", humantime::format_rfc3339_millis(due));
+    match end(broker, run_id, RunEnd::TimedOut(reason)).await {
+        Ok(run) => {
+            if run.status == pb::RunStatus::TimedOut as i32 {
+                tracing::info!(run_id = %run.id, "run timed out");
+            }
+            Ok(())
+        }
+        Err(BrokerError::RunNotFound(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

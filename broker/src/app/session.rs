@@ -1,0 +1,382 @@
+//! A live subscribe session: one instance of an agent receives deliveries
+//! and settles them.
+//!
+//! A session pulls from the agent's inbox, never holding more than
+//! `max_in_flight` unsettled deliveries (so other instances get the rest),
+//! hands each offer to [`deliveries::offer`], and applies each settle
+//! command with [`deliveries::settle`]. If the instance goes away, its
+//! unsettled deliveries are returned at once; if the broker drains, they
+//! are left to their leases. The session knows no transport: commands
+//! come in as a stream, answers go out on a channel.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use futures::{stream::BoxStream, StreamExt};
+use handoff_proto::pb;
+use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
+
+use crate::{
+    app::{
+        deliveries::{self, Held, Offering, Op},
+        Broker,
+    },
+    error::BrokerError,
+    rules::names,
+};
+
+/// How long one pull waits for handoffs before it asks again.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// What a session tells its instance.
+#[derive(Debug)]
+pub enum Out {
+    /// The session is open, for this agent as registered.
+    Subscribed(pb::AgentSpec),
+    /// A delivery.
+    Delivery(Box<pb::Delivery>),
+    /// The answer to a settle command: the new lease deadline of an
+    /// extend, or why it was refused.
+    Settled {
+        /// The command's request id.
+        request_id: u64,
+        /// The delivery it named.
+        delivery_id: String,
+        /// Its outcome.
+        result: Result<Option<prost_types::Timestamp>, BrokerError>,
+    },
+}
+
+/// A session's answers, or why it ended.
+pub type Outbox = mpsc::Sender<Result<Out, BrokerError>>;
+
+/// What the opening message asked for.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    /// The agent, as registered.
+    pub agent: pb::AgentSpec,
+    /// The instance's name.
+    pub instance: String,
+    /// How many unsettled deliveries it takes at once.
+    pub max_in_flight: usize,
+}
+
+/// Validates the opening message of a session.
+pub async fn open(
+    broker: &Broker,
+    first: Option<pb::SubscribeRequest>,
+) -> Result<Opened, BrokerError> {
+    let open = match first.and_then(|r| r.command) {
+        Some(pb::subscribe_request::Command::Open(o)) => o,
+        _ => {
+            return Err(BrokerError::malformed(
+                "open",
+                "the first Subscribe message must be `open` (agent, instance, max_in_flight)",
+            ))
+        }
+    };
+    names::validate("agent", &open.agent)?;
+    names::validate("instance", &open.instance)?;
+    let cap = broker.config().max_in_flight;
+    if open.max_in_flight > cap {
+        return Err(BrokerError::malformed(
+            "open.max_in_flight",
+            format!(
+                "max_in_flight {} is over the broker's cap {cap}",
+                open.max_in_flight
+            ),
+        ));
+    }
+    let agent = broker.agent_fresh(&open.agent).await?;
+    Ok(Opened {
+        agent,
+        instance: open.instance,
+        max_in_flight: open.max_in_flight.max(1) as usize,
+    })
+}
+
+/// What the session remembers of an unsettled delivery.
+struct InFlight {
+    held: Held,
+    /// When the inbox will offer it again unless extended: past this the
+    /// slot is freed, whatever became of the delivery.
+    expires: tokio::time::Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+struct Session {
+    broker: Broker,
+    agent: pb::AgentSpec,
+    instance: String,
+    in_flight: Mutex<HashMap<String, InFlight>>,
+    tx: Outbox,
+    released: mpsc::UnboundedSender<String>,
+}
+
+/// Runs a session until the instance leaves (`inbound` ends) or the
+/// broker drains.
+pub async fn run(
+    broker: Broker,
+    opened: Opened,
+    mut inbound: BoxStream<'static, pb::SubscribeRequest>,
+    tx: Outbox,
+) {
+    let Opened {
+        agent,
+        instance,
+        max_in_flight,
+    } = opened;
+    let span = tracing::info_span!("subscribe", agent = %agent.name, instance = %instance);
+    async move {
+        let (released, mut released_rx) = mpsc::unbounded_channel();
+        let session = Arc::new(Session {
+            broker: broker.clone(),
+            agent,
+            instance,
+            in_flight: Mutex::new(HashMap::new()),
+            tx,
+            released,
+        });
+        if session
+            .tx
+            .send(Ok(Out::Subscribed(session.agent.clone())))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tracing::info!(max_in_flight, "instance subscribed");
+        let permits = Arc::new(Semaphore::new(max_in_flight));
+        let fetcher = tokio::spawn(fetch_loop(session.clone(), permits).in_current_span());
+        let mut sweep = tokio::time::interval(Duration::from_millis(250));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let drained = loop {
+            tokio::select! {
+                msg = inbound.next() => match msg {
+                    Some(req) => session.command(req).await,
+                    None => break false,
+                },
+                Some(id) = released_rx.recv() => {
+                    // Completed by a handoff that consumed it: free the slot.
+                    session.in_flight.lock().await.remove(&id);
+                }
+                _ = sweep.tick() => session.sweep_expired().await,
+                _ = broker.drained() => break true,
+            }
+        };
+        fetcher.abort();
+        for id in session.in_flight.lock().await.keys() {
+            broker.untrack_delivery(id);
+        }
+        if drained {
+            let _ = session
+                .tx
+                .send(Err(BrokerError::Draining(
+                    "broker is draining; reconnect to another replica".to_string(),
+                )))
+                .await;
+            tracing::info!("session closed for drain; unsettled deliveries stay leased");
+        } else {
+            session.return_all().await;
+            tracing::info!("instance left");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn fetch_loop(session: Arc<Session>, permits: Arc<Semaphore>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match session.fetch_once(&permits).await {
+            Ok(true) => backoff = Duration::from_millis(100),
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "fetch failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+impl Session {
+    /// Pulls as many handoffs as there is room for, and offers each.
+    /// `Ok(false)` when the instance is gone.
+    async fn fetch_once(&self, permits: &Arc<Semaphore>) -> Result<bool, BrokerError> {
+        let Ok(first) = permits.clone().acquire_owned().await else {
+            return Ok(false);
+        };
+        let mut held = vec![first];
+        while let Ok(p) = permits.clone().try_acquire_owned() {
+            held.push(p);
+        }
+        let mut offers = self
+            .broker
+            .store()
+            .pull(&self.agent.name, held.len(), PULL_EXPIRES)
+            .await?;
+        while let Some(offered) = offers.next().await {
+            let offered = offered?;
+            let Some(permit) = held.pop() else {
+                // More than asked for: leave it to its lease.
+                continue;
+            };
+            if !self.offer(offered, permit).await {
+                return Ok(false);
+            }
+            if held.is_empty() {
+                break;
+            }
+        }
+        Ok(!self.tx.is_closed())
+    }
+
+    /// Offers one handoff to the instance. `false` when it is gone.
+    async fn offer(&self, offered: crate::store::Offered, permit: OwnedSemaphorePermit) -> bool {
+        let span = tracing::info_span!(
+            "delivery",
+            agent = %self.agent.name,
+            sequence = offered.sequence,
+            attempt = offered.delivered,
+            run_id = tracing::field::Empty,
+            handoff_id = tracing::field::Empty,
+        );
+        async {
+            let (delivery, held) = match deliveries::offer(&self.broker, &self.agent, offered).await
+            {
+                Offering::Deliver(d, h) => (d, *h),
+                Offering::Skip => return true,
+            };
+            let span = tracing::Span::current();
+            span.record("run_id", held.run_id.as_str());
+            span.record("handoff_id", held.handoff_id.as_str());
+            let id = held.delivery_id.clone();
+            self.broker.track_delivery(&id, self.released.clone());
+            let mut in_flight = self.in_flight.lock().await;
+            // A redelivery to this session supersedes its expired lease.
+            in_flight.retain(|_, f| f.held.handoff_id != held.handoff_id);
+            in_flight.insert(
+                id,
+                InFlight {
+                    held: held.clone(),
+                    expires: tokio::time::Instant::now() + held.lease,
+                    _permit: permit,
+                },
+            );
+            drop(in_flight);
+            if self.tx.send(Ok(Out::Delivery(delivery))).await.is_err() {
+                return false;
+            }
+            deliveries::announce_delivered(&self.broker, &self.agent.name, &self.instance, &held)
+                .await;
+            true
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Applies one settle command and answers it.
+    async fn command(&self, req: pb::SubscribeRequest) {
+        use pb::subscribe_request::Command;
+        let request_id = req.request_id;
+        let (delivery_id, op) = match req.command {
+            Some(Command::Ack(a)) => (a.delivery_id, Ok(Op::Ack)),
+            Some(Command::Nack(n)) => {
+                let delay = n.delay.and_then(|d| Duration::try_from(d).ok());
+                (n.delivery_id, Ok(Op::Nack(delay)))
+            }
+            Some(Command::Reject(r)) => (r.delivery_id, Ok(Op::Reject(r.reason))),
+            Some(Command::Extend(e)) => (e.delivery_id, Ok(Op::Extend)),
+            Some(Command::Open(_)) => (
+                String::new(),
+                Err(BrokerError::malformed("open", "the stream is already open")),
+            ),
+            None => (
+                String::new(),
+                Err(BrokerError::malformed("command", "empty command")),
+            ),
+        };
+        let result = match op {
+            Ok(op) => self.apply(&delivery_id, &op).await,
+            Err(e) => Err(e),
+        };
+        let settled = Out::Settled {
+            request_id,
+            delivery_id,
+            result,
+        };
+        let _ = self.tx.send(Ok(settled)).await;
+    }
+
+    /// Settles one delivery and keeps the session's book of it.
+    async fn apply(
+        &self,
+        delivery_id: &str,
+        op: &Op,
+    ) -> Result<Option<prost_types::Timestamp>, BrokerError> {
+        let held = {
+            let map = self.in_flight.lock().await;
+            map.get(delivery_id).map(|f| f.held.clone())
+        };
+        let span = tracing::info_span!(
+            "settle",
+            agent = %self.agent.name,
+            run_id = held.as_ref().map(|h| h.run_id.as_str()).unwrap_or(""),
+            handoff_id = held.as_ref().map(|h| h.handoff_id.as_str()).unwrap_or(""),
+        );
+        let extended = deliveries::settle(
+            &self.broker,
+            &self.agent,
+            &self.instance,
+            delivery_id,
+            held.as_ref(),
+            op,
+        )
+        .instrument(span)
+        .await?;
+        if let Some(lease) = extended {
+            if let Some(f) = self.in_flight.lock().await.get_mut(delivery_id) {
+                f.expires = tokio::time::Instant::now() + lease;
+            }
+            return Ok(Some(prost_types::Timestamp::from(
+                std::time::SystemTime::now() + lease,
+            )));
+        }
+        self.broker.untrack_delivery(delivery_id);
+        self.in_flight.lock().await.remove(delivery_id);
+        Ok(None)
+    }
+
+    /// Frees the slots of deliveries whose lease has passed: the inbox
+    /// offers them again (maybe to this very session), and a delivery
+    /// completed through another replica never comes back to be settled.
+    async fn sweep_expired(&self) {
+        let now = tokio::time::Instant::now();
+        let grace = Duration::from_millis(100);
+        let mut in_flight = self.in_flight.lock().await;
+        let expired: Vec<String> = in_flight
+            .iter()
+            .filter(|(_, f)| f.expires + grace < now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            in_flight.remove(&id);
+            self.broker.untrack_delivery(&id);
+        }
+    }
+
+    /// Returns every unsettled delivery for immediate redelivery.
+    async fn return_all(&self) {
+        let drained: Vec<InFlight> = self
+            .in_flight
+            .lock()
+            .await
+            .drain()
+            .map(|(_, f)| f)
+            .collect();
+        for f in drained {
+            deliveries::give_back(&self.broker, &f.held).await;
+        }
+    }
+}

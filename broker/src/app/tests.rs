@@ -1,0 +1,426 @@
+//! The use cases against the in-memory store: ids and dedupe, the order of
+//! writes a crash or a failed step leaves behind, the guards, barriers and
+//! settlements. The same behaviour against a real `nats-server` is in the
+//! integration tests.
+
+use std::sync::Arc;
+
+use handoff_proto::pb;
+use tokio::sync::watch;
+
+use super::{deliveries, fan_out, handoff, runs, Broker};
+use crate::{
+    config::Config,
+    error::{BrokerError, Reason},
+    store::{
+        memory::{Memory, Standing},
+        Store,
+    },
+};
+
+struct Fixture {
+    store: Arc<Memory>,
+    broker: Broker,
+    _drain: watch::Sender<bool>,
+}
+
+fn fixture() -> Fixture {
+    fixture_with(Config::default())
+}
+
+fn fixture_with(config: Config) -> Fixture {
+    let store = Arc::new(Memory::new());
+    let (drain, rx) = watch::channel(false);
+    let broker = Broker::new(config, store.clone(), rx);
+    Fixture {
+        store,
+        broker,
+        _drain: drain,
+    }
+}
+
+impl Fixture {
+    /// Another broker replica over the same store.
+    fn replica(&self, config: Config) -> Broker {
+        Broker::new(config, self.store.clone(), self._drain.subscribe())
+    }
+
+    async fn agents(&self, names: &[&str]) {
+        for name in names {
+            let req = pb::RegisterAgentRequest {
+                agent: Some(pb::AgentSpec {
+                    name: name.to_string(),
+                    ..Default::default()
+                }),
+            };
+            super::agents::register(&self.broker, req)
+                .await
+                .expect("register");
+        }
+    }
+
+    async fn run(&self, max_depth: u32) -> String {
+        let req = pb::StartRunRequest {
+            owner: "owner".into(),
+            max_depth,
+            ..Default::default()
+        };
+        runs::start(&self.broker, req)
+            .await
+            .expect("start")
+            .run
+            .expect("run")
+            .id
+    }
+
+    /// Offers the next pending handoff of `agent` and returns its delivery.
+    async fn deliver(&self, agent: &str) -> pb::Delivery {
+        use futures::StreamExt;
+        let spec = self.broker.agent(agent).await.expect("agent");
+        let mut offers = self
+            .store
+            .pull(agent, 1, std::time::Duration::ZERO)
+            .await
+            .expect("pull");
+        let offered = offers.next().await.expect("a pending handoff").expect("ok");
+        match deliveries::offer(&self.broker, &spec, offered).await {
+            deliveries::Offering::Deliver(d, _) => *d,
+            deliveries::Offering::Skip => panic!("offer skipped"),
+        }
+    }
+}
+
+fn payload(text: &str) -> prost_types::Any {
+    prost_types::Any {
+        type_url: "type.googleapis.com/demo.Text".into(),
+        value: text.as_bytes().to_vec(),
+    }
+}
+
+fn to(run: &str, target: &str) -> pb::HandoffRequest {
+    pb::HandoffRequest {
+        run_id: run.into(),
+        target_agent: target.into(),
+        payload: Some(payload("work")),
+        ..Default::default()
+    }
+}
+
+fn consuming(run: &str, source: &str, target: &str, d: &pb::Delivery) -> pb::HandoffRequest {
+    pb::HandoffRequest {
+        source_agent: source.into(),
+        consumes: d.delivery_id.clone(),
+        ..to(run, target)
+    }
+}
+
+fn reason(r: Result<pb::HandoffResponse, BrokerError>) -> Reason {
+    r.expect_err("refused").reason()
+}
+
+#[tokio::test]
+async fn a_retried_handoff_is_stored_once() {
+    let f = fixture();
+    f.agents(&["worker"]).await;
+    let run = f.run(0).await;
+    let req = pb::HandoffRequest {
+        idempotency_key: "task-1".into(),
+        ..to(&run, "worker")
+    };
+    let first = handoff::accept(&f.broker, req.clone())
+        .await
+        .expect("first");
+    let again = handoff::accept(&f.broker, req).await.expect("retry");
+    assert!(!first.duplicate);
+    assert!(again.duplicate);
+    assert_eq!(first.handoff_id, again.handoff_id);
+    assert_eq!(f.store.inbox("worker").len(), 1);
+    assert_eq!(
+        f.store.events(&run, pb::EventKind::HandoffAccepted).len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_redo_after_a_crash_between_store_and_ack_is_the_same_handoff() {
+    let f = fixture();
+    f.agents(&["planner", "worker"]).await;
+    let run = f.run(0).await;
+    handoff::accept(&f.broker, to(&run, "planner"))
+        .await
+        .expect("task");
+    let d = f.deliver("planner").await;
+    // A broker that stores the handoff and dies before acking its input.
+    let crashing = f.replica(Config {
+        faults: crate::config::Faults {
+            skip_consume_ack: true,
+        },
+        ..Config::default()
+    });
+    let first = handoff::accept(&crashing, consuming(&run, "planner", "worker", &d))
+        .await
+        .expect("stored");
+    assert_eq!(f.store.standing(d.sequence), Some(Standing::Leased));
+    // The input comes back (its lease expired) and the agent redoes it.
+    f.store
+        .settle(
+            &deliveries::decode(&f.broker, &d.delivery_id)
+                .expect("token")
+                .ack_subject,
+            crate::store::Settlement::Nack(None),
+        )
+        .await
+        .expect("expire");
+    let redelivered = f.deliver("planner").await;
+    assert_eq!(redelivered.attempt, 2);
+    let redo = handoff::accept(
+        &f.broker,
+        consuming(&run, "planner", "worker", &redelivered),
+    )
+    .await
+    .expect("redo");
+    assert!(redo.duplicate);
+    assert_eq!(redo.handoff_id, first.handoff_id);
+    assert_eq!(f.store.inbox("worker").len(), 1, "downstream sees it once");
+    assert_eq!(f.store.standing(d.sequence), Some(Standing::Acked));
+}
+
+#[tokio::test]
+async fn an_event_lost_after_the_store_is_repaired_by_the_retry() {
+    let f = fixture();
+    f.agents(&["planner", "worker"]).await;
+    let run = f.run(0).await;
+    handoff::accept(&f.broker, to(&run, "planner"))
+        .await
+        .expect("task");
+    let d = f.deliver("planner").await;
+    f.store.fail("publish_event", 1);
+    let failed = handoff::accept(&f.broker, consuming(&run, "planner", "worker", &d)).await;
+    assert_eq!(reason(failed), Reason::NatsUnavailable);
+    assert_eq!(f.store.inbox("worker").len(), 1, "stored before the event");
+    assert!(
+        f.store.events(&run, pb::EventKind::HandoffAccepted).len() == 1,
+        "only the planner's task was announced"
+    );
+    let retry = handoff::accept(&f.broker, consuming(&run, "planner", "worker", &d))
+        .await
+        .expect("retry");
+    assert!(retry.duplicate);
+    assert_eq!(f.store.inbox("worker").len(), 1);
+    assert_eq!(
+        f.store.events(&run, pb::EventKind::HandoffAccepted).len(),
+        2
+    );
+    assert_eq!(f.store.standing(d.sequence), Some(Standing::Acked));
+}
+
+#[tokio::test]
+async fn a_failed_store_leaves_no_claim() {
+    let f = fixture();
+    f.agents(&["planner", "worker", "critic"]).await;
+    let run = f.run(0).await;
+    handoff::accept(&f.broker, to(&run, "planner"))
+        .await
+        .expect("task");
+    let d = f.deliver("planner").await;
+    let consumed = d.handoff.as_ref().expect("handoff").id.clone();
+    f.store.fail("put_handoff", 1);
+    let failed = handoff::accept(&f.broker, consuming(&run, "planner", "worker", &d)).await;
+    assert_eq!(reason(failed), Reason::NatsUnavailable);
+    assert!(f.store.claim(&consumed).is_none(), "claim withdrawn");
+    // The agent may now hand the same input to another target.
+    handoff::accept(&f.broker, consuming(&run, "planner", "critic", &d))
+        .await
+        .expect("another target");
+    assert_eq!(f.store.inbox("critic").len(), 1);
+    assert!(f.store.inbox("worker").is_empty());
+}
+
+#[tokio::test]
+async fn one_delivery_goes_to_one_target() {
+    let f = fixture();
+    f.agents(&["planner", "worker", "critic"]).await;
+    let run = f.run(0).await;
+    handoff::accept(&f.broker, to(&run, "planner"))
+        .await
+        .expect("task");
+    let d = f.deliver("planner").await;
+    handoff::accept(&f.broker, consuming(&run, "planner", "worker", &d))
+        .await
+        .expect("first");
+    let second = handoff::accept(&f.broker, consuming(&run, "planner", "critic", &d)).await;
+    assert_eq!(reason(second), Reason::RoleConfusion);
+    assert!(f.store.inbox("critic").is_empty(), "nothing stored");
+    assert_eq!(
+        f.store.events(&run, pb::EventKind::ContractRejected).len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn depth_cap_and_closed_runs_refuse_before_storing() {
+    let f = fixture();
+    f.agents(&["a", "b"]).await;
+    let run = f.run(1).await;
+    handoff::accept(&f.broker, to(&run, "a"))
+        .await
+        .expect("depth 1");
+    let d = f.deliver("a").await;
+    let deep = handoff::accept(&f.broker, consuming(&run, "a", "b", &d)).await;
+    assert_eq!(reason(deep), Reason::DepthCap);
+    assert!(f.store.inbox("b").is_empty());
+    let done = pb::HandoffRequest {
+        r#final: true,
+        target_agent: String::new(),
+        ..consuming(&run, "a", "", &d)
+    };
+    handoff::accept(&f.broker, done).await.expect("final");
+    let after = handoff::accept(&f.broker, to(&run, "b")).await;
+    assert_eq!(reason(after), Reason::RunClosed);
+    assert_eq!(f.store.events(&run, pb::EventKind::RunCompleted).len(), 1);
+}
+
+#[tokio::test]
+async fn a_fan_out_releases_once_to_its_target() {
+    let f = fixture();
+    f.agents(&["worker", "aggregator"]).await;
+    let run = f.run(0).await;
+    let spec = pb::BarrierSpec {
+        run_id: run.clone(),
+        barrier_id: "join".into(),
+        branch_count: 3,
+        target_agent: "aggregator".into(),
+        ..Default::default()
+    };
+    let branches = (0..3)
+        .map(|i| pb::HandoffRequest {
+            branch_key: i.to_string(),
+            ..to(&run, "worker")
+        })
+        .collect();
+    let req = pb::FanOutRequest {
+        barrier: Some(spec),
+        branches,
+    };
+    fan_out::fan_out(&f.broker, req).await.expect("fan out");
+    let mut results = Vec::new();
+    for _ in 0..3 {
+        let d = f.deliver("worker").await;
+        let r = pb::HandoffRequest {
+            to_barrier: true,
+            ..consuming(&run, "worker", "", &d)
+        };
+        results.push(r.clone());
+        handoff::accept(&f.broker, r).await.expect("branch");
+    }
+    // The last branch repeated: recognised, no second release.
+    let again = handoff::accept(&f.broker, results[2].clone())
+        .await
+        .expect("repeat");
+    assert!(again.duplicate);
+    assert_eq!(f.store.inbox("aggregator").len(), 1);
+    assert_eq!(
+        f.store.events(&run, pb::EventKind::BarrierReleased).len(),
+        1
+    );
+    let (b, _) = f
+        .store
+        .barrier(&run, "join")
+        .await
+        .expect("read")
+        .expect("barrier");
+    assert!(b.release_published);
+}
+
+#[tokio::test]
+async fn a_fan_out_branch_key_the_barrier_lacks_is_refused() {
+    let f = fixture();
+    f.agents(&["worker", "aggregator"]).await;
+    let run = f.run(0).await;
+    let req = pb::FanOutRequest {
+        barrier: Some(pb::BarrierSpec {
+            run_id: run.clone(),
+            barrier_id: "join".into(),
+            branch_keys: vec!["a".into(), "b".into()],
+            target_agent: "aggregator".into(),
+            ..Default::default()
+        }),
+        branches: vec![pb::HandoffRequest {
+            branch_key: "c".into(),
+            ..to(&run, "worker")
+        }],
+    };
+    let err = fan_out::fan_out(&f.broker, req).await.expect_err("refused");
+    assert_eq!(err.reason(), Reason::UnknownBranchKey);
+    assert_eq!(err.field(), Some("branches[0].branch_key"));
+    assert!(f.store.inbox("worker").is_empty());
+}
+
+#[tokio::test]
+async fn a_reject_fails_the_run_before_the_delivery_is_terminated() {
+    let f = fixture();
+    f.agents(&["worker"]).await;
+    let run = f.run(0).await;
+    handoff::accept(&f.broker, to(&run, "worker"))
+        .await
+        .expect("task");
+    let d = f.deliver("worker").await;
+    let spec = f.broker.agent("worker").await.expect("agent");
+    // The run ends first; a failed settlement leaves the delivery to be
+    // redelivered and discarded.
+    f.store.fail("settle", 1);
+    let op = deliveries::Op::Reject("bad input".into());
+    let failed = deliveries::settle(&f.broker, &spec, "w1", &d.delivery_id, None, &op).await;
+    assert_eq!(
+        failed.expect_err("settle failed").reason(),
+        Reason::NatsUnavailable
+    );
+    let (ended, _) = f.broker.run(&run).await.expect("run");
+    assert_eq!(ended.status, pb::RunStatus::Failed as i32);
+    assert_eq!(f.store.standing(d.sequence), Some(Standing::Leased));
+    deliveries::settle(&f.broker, &spec, "w1", &d.delivery_id, None, &op)
+        .await
+        .expect("settled");
+    assert_eq!(f.store.standing(d.sequence), Some(Standing::Terminated));
+    assert_eq!(f.store.events(&run, pb::EventKind::RunFailed).len(), 1);
+}
+
+#[tokio::test]
+async fn a_delivery_of_another_agent_is_refused() {
+    let f = fixture();
+    f.agents(&["worker", "critic"]).await;
+    let run = f.run(0).await;
+    handoff::accept(&f.broker, to(&run, "worker"))
+        .await
+        .expect("task");
+    let d = f.deliver("worker").await;
+    let critic = f.broker.agent("critic").await.expect("agent");
+    let err = deliveries::settle(
+        &f.broker,
+        &critic,
+        "c1",
+        &d.delivery_id,
+        None,
+        &deliveries::Op::Ack,
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(err.reason(), Reason::BadDeliveryId);
+    assert_eq!(f.store.standing(d.sequence), Some(Standing::Leased));
+}
+
+#[tokio::test]
+async fn a_run_ends_once() {
+    let f = fixture();
+    let run = f.run(0).await;
+    let failed = runs::end(&f.broker, &run, runs::RunEnd::Failed("x".into()))
+        .await
+        .expect("end");
+    let again = runs::end(&f.broker, &run, runs::RunEnd::TimedOut("y".into()))
+        .await
+        .expect("ended already");
+    assert_eq!(failed.status, pb::RunStatus::Failed as i32);
+    assert_eq!(again.status, pb::RunStatus::Failed as i32);
+    assert_eq!(f.store.events(&run, pb::EventKind::RunFailed).len(), 1);
+    assert!(f.store.events(&run, pb::EventKind::RunTimedOut).is_empty());
+}

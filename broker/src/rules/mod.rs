@@ -1,0 +1,10 @@
+//! The rules of a handoff, apart from any transport or store: names,
+//! ids, depth, request validation, attempts, barrier decisions and typed
+//! contracts. Nothing here touches NATS or tonic, so every rule is
+//! unit-tested in isolation; the use cases in [`crate::app`] apply them.
+
+pub mod barrier;
+pub mod contracts;
+pub mod handoff;
+pub mod names;
+pub mod watch;

@@ -1,0 +1,527 @@
+//! An in-memory [`Store`] for unit tests of the use cases: the same
+//! contract as JetStream (dedupe by id, compare-and-set by revision,
+//! explicit settlement), no server, and faults that fail a chosen step.
+//! The integration tests keep the real `nats-server`.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Mutex,
+    time::Duration,
+};
+
+use futures::{stream::BoxStream, StreamExt};
+use handoff_proto::pb;
+use prost::Message as _;
+
+use super::{Claim, InboxMessage, Offered, Result, Settlement, Store, Stored, TimerKind};
+use crate::error::BrokerError;
+
+/// Where an inbox entry stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Waiting to be offered.
+    Pending,
+    /// Offered, not settled.
+    Leased,
+    /// Acked.
+    Acked,
+    /// Terminated.
+    Terminated,
+}
+
+#[derive(Debug)]
+struct Entry {
+    agent: String,
+    envelope: pb::HandoffEnvelope,
+    delivered: i64,
+    standing: Standing,
+}
+
+#[derive(Default)]
+struct State {
+    revision: u64,
+    inbox: Vec<Entry>,
+    inbox_ids: HashMap<String, u64>,
+    events: Vec<pb::Event>,
+    event_ids: HashMap<String, u64>,
+    dead: Vec<pb::DeadLetter>,
+    runs: HashMap<String, (pb::Run, u64)>,
+    agents: BTreeMap<String, pb::AgentSpec>,
+    contracts: BTreeMap<(String, u32), pb::Contract>,
+    claims: HashMap<String, (pb::ConsumeClaim, u64)>,
+    barriers: HashMap<String, (pb::Barrier, u64)>,
+    early: HashSet<String>,
+    branches: Vec<(String, pb::BranchResult)>,
+    branch_ids: HashMap<String, u64>,
+    timers: Vec<(pb::Timer, TimerKind)>,
+}
+
+impl State {
+    fn next_revision(&mut self) -> u64 {
+        self.revision += 1;
+        self.revision
+    }
+}
+
+/// The in-memory store.
+#[derive(Default)]
+pub struct Memory {
+    state: Mutex<State>,
+    faults: Mutex<HashMap<&'static str, usize>>,
+}
+
+fn barrier_key(run_id: &str, barrier_id: &str) -> String {
+    format!("{run_id}.{barrier_id}")
+}
+
+fn reference(agent: &str, sequence: u64) -> String {
+    format!("mem.{agent}.{sequence}")
+}
+
+fn parse_reference(reference: &str) -> Option<(&str, u64)> {
+    let rest = reference.strip_prefix("mem.")?;
+    let (agent, seq) = rest.rsplit_once('.')?;
+    Some((agent, seq.parse().ok()?))
+}
+
+impl Memory {
+    /// A new, empty store.
+    pub fn new() -> Memory {
+        Memory::default()
+    }
+
+    /// Makes the next `times` calls of `op` (a trait method's name) fail
+    /// as if NATS were unreachable.
+    pub fn fail(&self, op: &'static str, times: usize) {
+        if let Ok(mut f) = self.faults.lock() {
+            f.insert(op, times);
+        }
+    }
+
+    fn trip(&self, op: &'static str) -> Result<()> {
+        let mut faults = self
+            .faults
+            .lock()
+            .map_err(|_| BrokerError::Internal("poisoned".into()))?;
+        match faults.get_mut(op) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                Err(BrokerError::Unavailable(format!("fault injected in {op}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn state(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        self.state
+            .lock()
+            .map_err(|_| BrokerError::Internal("poisoned".into()))
+    }
+
+    /// The handoffs stored in an agent's inbox, in order, with how each
+    /// stands.
+    pub fn inbox(&self, agent: &str) -> Vec<(pb::HandoffEnvelope, Standing)> {
+        self.state()
+            .map(|s| {
+                s.inbox
+                    .iter()
+                    .filter(|e| e.agent == agent)
+                    .map(|e| (e.envelope.clone(), e.standing))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// How an inbox entry stands.
+    pub fn standing(&self, sequence: u64) -> Option<Standing> {
+        let s = self.state().ok()?;
+        s.inbox
+            .get(usize::try_from(sequence).ok()?.checked_sub(1)?)
+            .map(|e| e.standing)
+    }
+
+    /// The stored events of a run of one kind.
+    pub fn events(&self, run_id: &str, kind: pb::EventKind) -> Vec<pb::Event> {
+        self.state()
+            .map(|s| {
+                s.events
+                    .iter()
+                    .filter(|e| e.run_id == run_id && e.kind == kind as i32)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The claim on a consumed delivery, if any.
+    pub fn claim(&self, consumed_handoff: &str) -> Option<pb::ConsumeClaim> {
+        self.state()
+            .ok()?
+            .claims
+            .get(consumed_handoff)
+            .map(|(c, _)| c.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Memory {
+    fn max_payload(&self) -> usize {
+        1 << 20
+    }
+
+    fn reference_matches(&self, token: &pb::DeliveryToken) -> bool {
+        parse_reference(&token.ack_subject) == Some((&token.agent, token.stream_sequence))
+    }
+
+    async fn put_handoff(&self, envelope: &pb::HandoffEnvelope) -> Result<Stored> {
+        self.trip("put_handoff")?;
+        let mut s = self.state()?;
+        if let Some(&sequence) = s.inbox_ids.get(&envelope.id) {
+            return Ok(Stored {
+                sequence,
+                duplicate: true,
+            });
+        }
+        s.inbox.push(Entry {
+            agent: envelope.target_agent.clone(),
+            envelope: envelope.clone(),
+            delivered: 0,
+            standing: Standing::Pending,
+        });
+        let sequence = s.inbox.len() as u64;
+        s.inbox_ids.insert(envelope.id.clone(), sequence);
+        Ok(Stored {
+            sequence,
+            duplicate: false,
+        })
+    }
+
+    async fn handoff_at(&self, sequence: u64) -> Result<Option<InboxMessage>> {
+        self.trip("handoff_at")?;
+        let s = self.state()?;
+        let index = usize::try_from(sequence)
+            .ok()
+            .and_then(|i| i.checked_sub(1));
+        Ok(index.and_then(|i| s.inbox.get(i)).map(|e| InboxMessage {
+            agent: e.agent.clone(),
+            envelope: e.envelope.clone(),
+        }))
+    }
+
+    async fn prepare_inbox(&self, _agent: &str, _lease: Duration, _max: i64) -> Result<()> {
+        self.trip("prepare_inbox")
+    }
+
+    async fn pull(
+        &self,
+        agent: &str,
+        max: usize,
+        _expires: Duration,
+    ) -> Result<BoxStream<'static, Result<Offered>>> {
+        self.trip("pull")?;
+        let mut s = self.state()?;
+        let mut out = Vec::new();
+        for (i, e) in s.inbox.iter_mut().enumerate() {
+            if out.len() == max {
+                break;
+            }
+            if e.agent == agent && e.standing == Standing::Pending {
+                e.standing = Standing::Leased;
+                e.delivered += 1;
+                let sequence = i as u64 + 1;
+                out.push(Ok(Offered {
+                    sequence,
+                    delivered: e.delivered,
+                    reference: reference(agent, sequence),
+                    payload: e.envelope.encode_to_vec().into(),
+                }));
+            }
+        }
+        Ok(futures::stream::iter(out).boxed())
+    }
+
+    async fn settle(&self, reference: &str, how: Settlement) -> Result<()> {
+        self.trip("settle")?;
+        let (_, sequence) = parse_reference(reference)
+            .ok_or_else(|| BrokerError::Internal(format!("no delivery {reference}")))?;
+        let mut s = self.state()?;
+        let entry = usize::try_from(sequence)
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| s.inbox.get_mut(i))
+            .ok_or_else(|| BrokerError::Internal(format!("no delivery {reference}")))?;
+        match (how, entry.standing) {
+            (_, Standing::Acked | Standing::Terminated) => {}
+            (Settlement::Ack, _) => entry.standing = Standing::Acked,
+            (Settlement::Term, _) => entry.standing = Standing::Terminated,
+            (Settlement::Nack(_), _) => entry.standing = Standing::Pending,
+            (Settlement::Progress, _) => {}
+        }
+        Ok(())
+    }
+
+    async fn put_dead_letter(&self, letter: &pb::DeadLetter) -> Result<()> {
+        self.trip("put_dead_letter")?;
+        let mut s = self.state()?;
+        let id = letter.handoff.as_ref().map(|h| h.id.clone());
+        if !s
+            .dead
+            .iter()
+            .any(|d| d.handoff.as_ref().map(|h| h.id.clone()) == id)
+        {
+            s.dead.push(letter.clone());
+        }
+        Ok(())
+    }
+
+    async fn dead_letters(&self, agent: Option<&str>, limit: usize) -> Result<Vec<pb::DeadLetter>> {
+        let s = self.state()?;
+        Ok(s.dead
+            .iter()
+            .filter(|d| agent.is_none_or(|a| d.agent == a))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn publish_event(&self, event: &pb::Event, msg_id: &str) -> Result<u64> {
+        self.trip("publish_event")?;
+        let mut s = self.state()?;
+        if let Some(&seq) = s.event_ids.get(msg_id) {
+            return Ok(seq);
+        }
+        let mut event = event.clone();
+        event.sequence = s.events.len() as u64 + 1;
+        let seq = event.sequence;
+        s.events.push(event);
+        s.event_ids.insert(msg_id.to_string(), seq);
+        Ok(seq)
+    }
+
+    async fn publish_event_unconfirmed(&self, event: &pb::Event, msg_id: &str) -> Result<()> {
+        self.publish_event(event, msg_id).await.map(|_| ())
+    }
+
+    async fn run_events(&self, run_id: &str) -> Result<Vec<pb::Event>> {
+        let s = self.state()?;
+        Ok(s.events
+            .iter()
+            .filter(|e| e.run_id == run_id)
+            .cloned()
+            .collect())
+    }
+
+    async fn watch_events(
+        &self,
+        run_id: Option<&str>,
+        kind: Option<pb::EventKind>,
+        from_sequence: u64,
+    ) -> Result<BoxStream<'static, Result<pb::Event>>> {
+        let s = self.state()?;
+        let events: Vec<Result<pb::Event>> = s
+            .events
+            .iter()
+            .filter(|e| from_sequence > 0 && e.sequence >= from_sequence)
+            .filter(|e| run_id.is_none_or(|r| e.run_id == r))
+            .filter(|e| kind.is_none_or(|k| e.kind == k as i32))
+            .cloned()
+            .map(Ok)
+            .collect();
+        Ok(futures::stream::iter(events).boxed())
+    }
+
+    async fn run(&self, run_id: &str) -> Result<Option<(pb::Run, u64)>> {
+        self.trip("run")?;
+        Ok(self.state()?.runs.get(run_id).cloned())
+    }
+
+    async fn create_run(&self, run: &pb::Run) -> Result<bool> {
+        self.trip("create_run")?;
+        let mut s = self.state()?;
+        if s.runs.contains_key(&run.id) {
+            return Ok(false);
+        }
+        let rev = s.next_revision();
+        s.runs.insert(run.id.clone(), (run.clone(), rev));
+        Ok(true)
+    }
+
+    async fn update_run(&self, run: &pb::Run, revision: u64) -> Result<bool> {
+        self.trip("update_run")?;
+        let mut s = self.state()?;
+        if s.runs.get(&run.id).map(|(_, r)| *r) != Some(revision) {
+            return Ok(false);
+        }
+        let rev = s.next_revision();
+        s.runs.insert(run.id.clone(), (run.clone(), rev));
+        Ok(true)
+    }
+
+    async fn agent(&self, name: &str) -> Result<Option<pb::AgentSpec>> {
+        self.trip("agent")?;
+        Ok(self.state()?.agents.get(name).cloned())
+    }
+
+    async fn put_agent(&self, spec: &pb::AgentSpec) -> Result<bool> {
+        self.trip("put_agent")?;
+        Ok(self
+            .state()?
+            .agents
+            .insert(spec.name.clone(), spec.clone())
+            .is_some())
+    }
+
+    async fn agents(&self) -> Result<Vec<pb::AgentSpec>> {
+        Ok(self.state()?.agents.values().cloned().collect())
+    }
+
+    async fn contract(&self, message_type: &str, version: u32) -> Result<Option<pb::Contract>> {
+        Ok(self
+            .state()?
+            .contracts
+            .get(&(message_type.to_string(), version))
+            .cloned())
+    }
+
+    async fn create_contract(&self, contract: &pb::Contract) -> Result<bool> {
+        let mut s = self.state()?;
+        let key = (contract.message_type.clone(), contract.version);
+        if s.contracts.contains_key(&key) {
+            return Ok(false);
+        }
+        s.contracts.insert(key, contract.clone());
+        Ok(true)
+    }
+
+    async fn contract_versions(&self) -> Result<Vec<(String, u32)>> {
+        Ok(self.state()?.contracts.keys().cloned().collect())
+    }
+
+    async fn claim_consumed(
+        &self,
+        consumed_handoff: &str,
+        claim: &pb::ConsumeClaim,
+    ) -> Result<Claim> {
+        self.trip("claim_consumed")?;
+        let mut s = self.state()?;
+        if let Some((held, _)) = s.claims.get(consumed_handoff) {
+            return Ok(Claim::Held(held.clone()));
+        }
+        let rev = s.next_revision();
+        s.claims
+            .insert(consumed_handoff.to_string(), (claim.clone(), rev));
+        Ok(Claim::Made(rev))
+    }
+
+    async fn release_claim(&self, consumed_handoff: &str, revision: u64) {
+        if let Ok(mut s) = self.state() {
+            if s.claims.get(consumed_handoff).map(|(_, r)| *r) == Some(revision) {
+                s.claims.remove(consumed_handoff);
+            }
+        }
+    }
+
+    async fn barrier(&self, run_id: &str, barrier_id: &str) -> Result<Option<(pb::Barrier, u64)>> {
+        self.trip("barrier")?;
+        Ok(self
+            .state()?
+            .barriers
+            .get(&barrier_key(run_id, barrier_id))
+            .cloned())
+    }
+
+    async fn create_barrier(&self, barrier: &pb::Barrier) -> Result<bool> {
+        let spec = barrier.spec.clone().unwrap_or_default();
+        let key = barrier_key(&spec.run_id, &spec.barrier_id);
+        let mut s = self.state()?;
+        if s.barriers.contains_key(&key) {
+            return Ok(false);
+        }
+        let rev = s.next_revision();
+        s.barriers.insert(key, (barrier.clone(), rev));
+        Ok(true)
+    }
+
+    async fn update_barrier(&self, barrier: &pb::Barrier, revision: u64) -> Result<bool> {
+        self.trip("update_barrier")?;
+        let spec = barrier.spec.clone().unwrap_or_default();
+        let key = barrier_key(&spec.run_id, &spec.barrier_id);
+        let mut s = self.state()?;
+        if s.barriers.get(&key).map(|(_, r)| *r) != Some(revision) {
+            return Ok(false);
+        }
+        let rev = s.next_revision();
+        s.barriers.insert(key, (barrier.clone(), rev));
+        Ok(true)
+    }
+
+    async fn mark_early_branch(&self, run_id: &str, barrier_id: &str) -> Result<()> {
+        self.state()?.early.insert(barrier_key(run_id, barrier_id));
+        Ok(())
+    }
+
+    async fn has_early_branch(&self, run_id: &str, barrier_id: &str) -> Result<bool> {
+        Ok(self
+            .state()?
+            .early
+            .contains(&barrier_key(run_id, barrier_id)))
+    }
+
+    async fn put_branch_result(
+        &self,
+        run_id: &str,
+        barrier_id: &str,
+        result: &pb::BranchResult,
+    ) -> Result<Stored> {
+        self.trip("put_branch_result")?;
+        let mut s = self.state()?;
+        if let Some(&sequence) = s.branch_ids.get(&result.handoff_id) {
+            return Ok(Stored {
+                sequence,
+                duplicate: true,
+            });
+        }
+        let mut stored = result.clone();
+        stored.sequence = s.branches.len() as u64 + 1;
+        let sequence = stored.sequence;
+        s.branches.push((barrier_key(run_id, barrier_id), stored));
+        s.branch_ids.insert(result.handoff_id.clone(), sequence);
+        Ok(Stored {
+            sequence,
+            duplicate: false,
+        })
+    }
+
+    async fn branch_results(
+        &self,
+        run_id: &str,
+        barrier_id: &str,
+    ) -> Result<Vec<pb::BranchResult>> {
+        let key = barrier_key(run_id, barrier_id);
+        Ok(self
+            .state()?
+            .branches
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
+
+    async fn branch_payloads(&self, sequences: &[u64]) -> Result<HashMap<u64, prost_types::Any>> {
+        let s = self.state()?;
+        Ok(sequences
+            .iter()
+            .filter_map(|&seq| {
+                let i = usize::try_from(seq).ok()?.checked_sub(1)?;
+                let payload = s.branches.get(i)?.1.payload.clone()?;
+                Some((seq, payload))
+            })
+            .collect())
+    }
+
+    async fn schedule(&self, timer: &pb::Timer, kind: TimerKind) -> Result<()> {
+        self.trip("schedule")?;
+        self.state()?.timers.push((timer.clone(), kind));
+        Ok(())
+    }
+}

@@ -1,0 +1,244 @@
+//! The storage the use cases write through: a trait, and its JetStream
+//! implementation ([`jetstream`]).
+//!
+//! The trait speaks of the broker's things (handoffs in inboxes, events,
+//! runs, agents, contracts, claims, barriers and their branch results,
+//! timers), never of subjects or consumers, so the use cases in
+//! [`crate::app`] can be tested against an in-memory implementation
+//! (`memory`, test builds only). Every write that may be repeated carries a
+//! deterministic id, so a retried step is recognised instead of stored
+//! twice; every read-modify-write goes through a revision
+//! (compare-and-set), so two broker replicas never both decide.
+
+pub mod jetstream;
+#[cfg(test)]
+pub mod memory;
+
+use std::{collections::HashMap, time::Duration};
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use handoff_proto::pb;
+
+use crate::error::BrokerError;
+
+pub use jetstream::JetStream;
+
+/// Result of the store.
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
+/// Where a write landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// Its sequence in its stream.
+    pub sequence: u64,
+    /// Whether the store recognised it as a repeat of an earlier write
+    /// with the same id (and stored nothing).
+    pub duplicate: bool,
+}
+
+/// The first handoff made from a consumed delivery.
+#[derive(Debug)]
+pub enum Claim {
+    /// This request made it, at this revision.
+    Made(u64),
+    /// Another request made it before.
+    Held(pb::ConsumeClaim),
+}
+
+/// How a delivery is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Done: never offered again.
+    Ack,
+    /// Offer it again, after the delay if any.
+    Nack(Option<Duration>),
+    /// Never offer it again (rejected, or not a handoff).
+    Term,
+    /// Restart its lease.
+    Progress,
+}
+
+/// A handoff the inbox offers to an agent's instance.
+#[derive(Debug, Clone)]
+pub struct Offered {
+    /// The handoff's sequence in the inbox.
+    pub sequence: u64,
+    /// How many times it has been offered, this time included.
+    pub delivered: i64,
+    /// The store's reference that settles this offer.
+    pub reference: String,
+    /// The encoded `HandoffEnvelope`.
+    pub payload: Bytes,
+}
+
+/// A handoff read back from the inbox.
+#[derive(Debug, Clone)]
+pub struct InboxMessage {
+    /// The agent whose inbox holds it.
+    pub agent: String,
+    /// The handoff.
+    pub envelope: pb::HandoffEnvelope,
+}
+
+/// Which durable timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerKind {
+    /// A run's deadline.
+    RunDeadline,
+    /// A barrier's timeout.
+    BarrierTimeout,
+    /// The check that a barrier's release was published.
+    ReleaseCheck,
+}
+
+/// Everything the broker keeps, and nothing else: the broker's memory
+/// holds caches and live sessions only.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The largest message the store takes, in bytes.
+    fn max_payload(&self) -> usize;
+
+    /// Whether a delivery token's store reference names the delivery of
+    /// `token.agent`'s handoff at `token.stream_sequence` (and nothing
+    /// else the broker stores).
+    fn reference_matches(&self, token: &pb::DeliveryToken) -> bool;
+
+    // ---- inboxes
+
+    /// Stores a handoff in its target's inbox (`envelope.target_agent`),
+    /// deduplicated by `envelope.id`.
+    async fn put_handoff(&self, envelope: &pb::HandoffEnvelope) -> Result<Stored>;
+
+    /// The handoff stored at `sequence` in the inbox, if still kept.
+    async fn handoff_at(&self, sequence: u64) -> Result<Option<InboxMessage>>;
+
+    /// Makes sure the agent's inbox offers its handoffs with this lease.
+    async fn prepare_inbox(&self, agent: &str, lease: Duration, max_pending: i64) -> Result<()>;
+
+    /// Offers up to `max` handoffs of the agent's inbox as they come,
+    /// waiting at most `expires` for them.
+    async fn pull(
+        &self,
+        agent: &str,
+        max: usize,
+        expires: Duration,
+    ) -> Result<BoxStream<'static, Result<Offered>>>;
+
+    /// Settles an offered delivery by its reference, confirmed.
+    async fn settle(&self, reference: &str, how: Settlement) -> Result<()>;
+
+    /// Stores a dead letter (deduplicated by its handoff).
+    async fn put_dead_letter(&self, letter: &pb::DeadLetter) -> Result<()>;
+
+    /// Dead letters of one agent (or all), oldest first, at most `limit`.
+    async fn dead_letters(&self, agent: Option<&str>, limit: usize) -> Result<Vec<pb::DeadLetter>>;
+
+    // ---- events
+
+    /// Stores an event, deduplicated by `msg_id`; returns its sequence.
+    async fn publish_event(&self, event: &pb::Event, msg_id: &str) -> Result<u64>;
+
+    /// Hands an event to the store without waiting for its confirmation.
+    async fn publish_event_unconfirmed(&self, event: &pb::Event, msg_id: &str) -> Result<()>;
+
+    /// Every stored event of a run, oldest first, with its sequence.
+    async fn run_events(&self, run_id: &str) -> Result<Vec<pb::Event>>;
+
+    /// Events of a run (or all) and of a kind (or all) from
+    /// `from_sequence` on (0: only new ones), as they are stored.
+    async fn watch_events(
+        &self,
+        run_id: Option<&str>,
+        kind: Option<pb::EventKind>,
+        from_sequence: u64,
+    ) -> Result<BoxStream<'static, Result<pb::Event>>>;
+
+    // ---- runs
+
+    /// A run and its revision.
+    async fn run(&self, run_id: &str) -> Result<Option<(pb::Run, u64)>>;
+
+    /// Creates a run; `false` if one with that id exists.
+    async fn create_run(&self, run: &pb::Run) -> Result<bool>;
+
+    /// Writes a run if its revision is still `revision`; `false` when
+    /// another writer got there first.
+    async fn update_run(&self, run: &pb::Run, revision: u64) -> Result<bool>;
+
+    // ---- agents
+
+    /// An agent's spec.
+    async fn agent(&self, name: &str) -> Result<Option<pb::AgentSpec>>;
+
+    /// Stores an agent's spec; returns whether it existed before.
+    async fn put_agent(&self, spec: &pb::AgentSpec) -> Result<bool>;
+
+    /// Every registered agent, by name.
+    async fn agents(&self) -> Result<Vec<pb::AgentSpec>>;
+
+    // ---- contracts
+
+    /// One version of a contract.
+    async fn contract(&self, message_type: &str, version: u32) -> Result<Option<pb::Contract>>;
+
+    /// Stores a contract version unless that version exists; returns
+    /// whether it was stored.
+    async fn create_contract(&self, contract: &pb::Contract) -> Result<bool>;
+
+    /// Every stored contract version, as (message type, version).
+    async fn contract_versions(&self) -> Result<Vec<(String, u32)>>;
+
+    // ---- claims on consumed deliveries
+
+    /// Records the first handoff made from a consumed delivery, or returns
+    /// the one recorded before.
+    async fn claim_consumed(
+        &self,
+        consumed_handoff: &str,
+        claim: &pb::ConsumeClaim,
+    ) -> Result<Claim>;
+
+    /// Withdraws a claim made at `revision` for a handoff that was not
+    /// stored (only if nothing changed it since). Logged, not returned.
+    async fn release_claim(&self, consumed_handoff: &str, revision: u64);
+
+    // ---- barriers
+
+    /// A barrier and its revision.
+    async fn barrier(&self, run_id: &str, barrier_id: &str) -> Result<Option<(pb::Barrier, u64)>>;
+
+    /// Creates a barrier unless it exists; returns whether it was created.
+    async fn create_barrier(&self, barrier: &pb::Barrier) -> Result<bool>;
+
+    /// Compare-and-set of a barrier; `false` when another write came first.
+    async fn update_barrier(&self, barrier: &pb::Barrier, revision: u64) -> Result<bool>;
+
+    /// Notes that a branch result reached a barrier not yet opened.
+    async fn mark_early_branch(&self, run_id: &str, barrier_id: &str) -> Result<()>;
+
+    /// Whether a branch result reached this barrier before it was opened.
+    async fn has_early_branch(&self, run_id: &str, barrier_id: &str) -> Result<bool>;
+
+    /// Stores a branch result, deduplicated by `result.handoff_id`.
+    async fn put_branch_result(
+        &self,
+        run_id: &str,
+        barrier_id: &str,
+        result: &pb::BranchResult,
+    ) -> Result<Stored>;
+
+    /// Every branch result stored for a barrier, in order, each with its
+    /// sequence (a retried or late branch may appear more than once).
+    async fn branch_results(&self, run_id: &str, barrier_id: &str)
+        -> Result<Vec<pb::BranchResult>>;
+
+    /// The payloads of the branch results stored at `sequences`; one no
+    /// longer stored, or without a payload, is absent.
+    async fn branch_payloads(&self, sequences: &[u64]) -> Result<HashMap<u64, prost_types::Any>>;
+
+    // ---- timers
+
+    /// Schedules a durable timer (idempotent per run, barrier and kind).
+    async fn schedule(&self, timer: &pb::Timer, kind: TimerKind) -> Result<()>;
+}
