@@ -172,6 +172,9 @@ async fn serve(
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .layer(tower::util::MapResponseLayer::new(
+            crate::rpc::status::explain_transport_status,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

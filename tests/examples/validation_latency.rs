@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use handoff_client::{pb, AgentConfig, Handoff, RunConfig};
 use handoff_proto::{demo::Subtask, DEMO_FILE_DESCRIPTOR_SET};
 use handoff_tests::{Broker, Nats};
-use handoffd::contracts::{message_of, tokens::Tokenizer, validate};
+use handoffd::rules::contracts::{message_of, tokens::Tokenizer, validate};
 use hdrhistogram::Histogram;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -58,6 +58,30 @@ pub fn to_status(err: BrokerError) -> Status {
     Status::with_error_details(code_of(err.class()), message.clone(), details)
 }
 
+/// Adds the details to a status the transport answered on its own: a
+/// request over the size gRPC accepts is OUT_OF_RANGE before any handler
+/// runs, and gets `REQUEST_TOO_LARGE` here, so that every refusal names
+/// its reason. (The broker's handlers never answer OUT_OF_RANGE.)
+pub fn explain_transport_status(
+    mut res: tonic::codegen::http::Response<tonic::body::Body>,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    let headers = res.headers_mut();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"11");
+    if out_of_range && !headers.contains_key("grpc-status-details-bin") {
+        let message = Status::from_header_map(headers)
+            .map(|s| s.message().to_string())
+            .unwrap_or_default();
+        let details = details(Reason::RequestTooLarge, Vec::new(), None);
+        let status = Status::with_error_details(Code::OutOfRange, message, details);
+        if let Err(e) = status.add_header(headers) {
+            tracing::debug!(error = %e, "status details not added");
+        }
+    }
+    res
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,8 @@
 //! Validation of the names that become NATS subject tokens.
 //!
-//! Agent names, run ids, owners, instances and idempotency keys are
-//! `[A-Za-z0-9_-]{1,128}`. Anything else (a `.`, `*`, `>`, whitespace, an
+//! Agent names, run ids, owners, instances, barrier ids and branch keys are
+//! `[A-Za-z0-9_-]{1,128}` (idempotency keys are not names: any characters,
+//! at most 256 bytes, hashed into an id). Anything else (a `.`, `*`, `>`, whitespace, an
 //! empty or over-long name) would change the meaning of a subject, so it is
 //! refused before any work is done.
 
