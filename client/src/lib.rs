@@ -104,7 +104,6 @@
 mod barrier;
 mod client;
 mod contract;
-pub mod display;
 mod error;
 mod handoff;
 mod subscription;
