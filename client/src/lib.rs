@@ -111,7 +111,7 @@ mod subscription;
 pub use barrier::{Branch, FanOut, FanOutReceipt, Join, JoinMode};
 pub use client::{AgentConfig, Client, ConnectOptions, RunConfig, WatchFilter};
 pub use contract::{ContractSpec, RegisteredContract};
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, FieldViolation, Result};
 pub use handoff::{decode, encode, Handoff, Receipt};
 pub use subscription::{Delivery, Subscription, TypedDelivery, TypedSubscription};
 
