@@ -97,6 +97,11 @@
 //! it already finished and does not hand it to the application again, and
 //! complete-and-handoff ([`Delivery::handoff`]) makes a crashed agent's
 //! repeated handoff the same handoff.
+//!
+//! Every call fails with one [`Error`] type: match on [`Error::kind`] for
+//! the class of failure and on [`Error::reason`] (with
+//! [`Error::metadata`]) for the broker's precise cause, never on the
+//! message text.
 
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
