@@ -97,6 +97,11 @@
 //! it already finished and does not hand it to the application again, and
 //! complete-and-handoff ([`Delivery::handoff`]) makes a crashed agent's
 //! repeated handoff the same handoff.
+//!
+//! Every call fails with one [`Error`] type: match on [`Error::kind`] for
+//! the class of failure and on [`Error::reason`] (with
+//! [`Error::metadata`]) for the broker's precise cause, never on the
+//! message text.
 
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
@@ -104,7 +109,6 @@
 mod barrier;
 mod client;
 mod contract;
-pub mod display;
 mod error;
 mod handoff;
 mod subscription;
@@ -112,7 +116,7 @@ mod subscription;
 pub use barrier::{Branch, FanOut, FanOutReceipt, Join, JoinMode};
 pub use client::{AgentConfig, Client, ConnectOptions, RunConfig, WatchFilter};
 pub use contract::{ContractSpec, RegisteredContract};
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, FieldViolation, Result};
 pub use handoff::{decode, encode, Handoff, Receipt};
 pub use subscription::{Delivery, Subscription, TypedDelivery, TypedSubscription};
 

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use crate::pb;
+use handoff_client::pb;
 
 /// A run's status as a word.
 pub fn status(status: i32) -> &'static str {

@@ -17,7 +17,8 @@ use std::{
 
 use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use futures::StreamExt as _;
-use handoff_client::{display, pb, Client, ConnectOptions, ContractSpec, RunConfig, WatchFilter};
+use handoff_client::{pb, Client, ConnectOptions, ContractSpec, RunConfig, WatchFilter};
+use handoffctl::display;
 use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 
 /// handoffctl: start and inspect runs and barriers, follow events, manage

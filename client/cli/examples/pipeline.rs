@@ -3,8 +3,8 @@
 //! aggregator receives them all at once and completes the run.
 //!
 //! ```text
-//! cargo run -p handoff-client --example pipeline                 # embedded broker
-//! cargo run -p handoff-client --example pipeline -- --addr http://127.0.0.1:7233
+//! cargo run -p handoffctl --example pipeline                 # embedded broker
+//! cargo run -p handoffctl --example pipeline -- --addr http://127.0.0.1:7233
 //! ```
 //!
 //! Without `--addr` the example starts `handoffd` in-process on its
@@ -59,13 +59,14 @@ use std::{
 use clap::Parser;
 use futures::{Stream, StreamExt as _};
 use handoff_client::{
-    display, pb, AgentConfig, Client, ContractSpec, Delivery, ErrorKind, Handoff, JoinMode,
-    RunConfig, TypedDelivery, WatchFilter,
+    pb, AgentConfig, Client, ContractSpec, Delivery, ErrorKind, Handoff, JoinMode, RunConfig,
+    TypedDelivery, WatchFilter,
 };
 use handoff_proto::{
     demo::{Ask, Citation, Report, Subtask, WorkerResult},
     DEMO_FILE_DESCRIPTOR_SET,
 };
+use handoffctl::display;
 use tokio::{
     net::TcpListener,
     sync::{oneshot, watch},
