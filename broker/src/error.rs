@@ -449,3 +449,33 @@ mod tests {
         assert_eq!(e.to_string(), "payload is required");
     }
 }
+
+#[cfg(test)]
+mod readme {
+    use super::Reason;
+
+    /// The README's error table lists every reason with its code.
+    #[test]
+    fn the_error_table_lists_every_reason() {
+        let readme = include_str!("../../README.md");
+        let table = readme
+            .split("### Errors")
+            .nth(1)
+            .and_then(|s| s.split("\n\n|").nth(1))
+            .unwrap_or_default();
+        for r in Reason::ALL {
+            let code = match r.class() {
+                super::Class::InvalidArgument => "INVALID_ARGUMENT",
+                super::Class::NotFound => "NOT_FOUND",
+                super::Class::AlreadyExists => "ALREADY_EXISTS",
+                super::Class::FailedPrecondition => "FAILED_PRECONDITION",
+                super::Class::PermissionDenied => "PERMISSION_DENIED",
+                super::Class::OutOfRange => "OUT_OF_RANGE",
+                super::Class::Unavailable => "UNAVAILABLE",
+                super::Class::Internal => "INTERNAL",
+            };
+            let row = format!("| `{code}` | `{}` |", r.as_str());
+            assert!(table.contains(&row), "README error table lacks {row}");
+        }
+    }
+}

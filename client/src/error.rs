@@ -106,8 +106,7 @@ impl Error {
     /// `google.rpc.ErrorInfo` (domain `handoff.v1`) in the status details,
     /// an `UPPER_SNAKE_CASE` word such as `SCHEMA_DRIFT`, `DEPTH_CAP` or
     /// `ROLE_CONFUSION`. `None` when the status carried no `ErrorInfo`
-    /// (older brokers, errors raised by the SDK itself, and the settle
-    /// answers of a subscription, which carry only a code and a message).
+    /// (older brokers, and errors raised by the SDK itself).
     ///
     /// Match on it instead of parsing [`Error::message`]:
     ///
@@ -169,8 +168,14 @@ impl Error {
         }
     }
 
-    pub(crate) fn from_code(code: i32, message: String) -> Error {
-        Error::from(tonic::Status::new(tonic::Code::from(code), message))
+    /// The error of a refused settlement on a subscription: its code,
+    /// message and reason (`BAD_DELIVERY_ID`, ...; empty for none).
+    pub(crate) fn from_settled(code: i32, message: String, reason: String) -> Error {
+        let mut err = Error::from(tonic::Status::new(tonic::Code::from(code), message));
+        if !reason.is_empty() {
+            err.details.get_or_insert_with(Box::default).reason = Some(reason);
+        }
+        err
     }
 }
 
@@ -358,11 +363,25 @@ mod tests {
     }
 
     #[test]
-    fn settle_answers_carry_no_reason() {
-        let err = Error::from_code(Code::FailedPrecondition as i32, "lease expired".to_string());
-        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
-        assert_eq!(err.reason(), None);
-        assert_eq!(err.to_string(), "FailedPrecondition: lease expired");
+    fn settle_answers_carry_their_reason() {
+        let err = Error::from_settled(
+            Code::InvalidArgument as i32,
+            "not a token".to_string(),
+            "BAD_DELIVERY_ID".to_string(),
+        );
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert_eq!(err.reason(), Some("BAD_DELIVERY_ID"));
+        assert_eq!(
+            err.to_string(),
+            "InvalidArgument [BAD_DELIVERY_ID]: not a token"
+        );
+        let old = Error::from_settled(
+            Code::FailedPrecondition as i32,
+            "lease expired".to_string(),
+            String::new(),
+        );
+        assert_eq!(old.reason(), None);
+        assert_eq!(old.to_string(), "FailedPrecondition: lease expired");
     }
 
     #[test]

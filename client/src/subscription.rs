@@ -101,7 +101,8 @@ impl Shared {
             }
         };
         if settled.code != 0 {
-            return Err(Error::from_code(settled.code, settled.message));
+            let (code, message, reason) = (settled.code, settled.message, settled.reason);
+            return Err(Error::from_settled(code, message, reason));
         }
         Ok(settled)
     }
