@@ -5,7 +5,8 @@
 //! readiness from the server's log: no fixed sleeps). [`Broker::start`]
 //! runs `handoffd` in-process through the same `run` the binary uses;
 //! [`BrokerProcess`] runs it as a separate process so a test can `kill -9`
-//! it. Everything is cleaned up on drop without panicking.
+//! it. Everything is cleaned up on drop without panicking. Every address is
+//! bound on port 0 and read back from what was bound, never picked first.
 //!
 //! Logs: `RUST_LOG` shows those of in-process brokers; with
 //! `HANDOFF_TEST_BROKER_LOG=FILE` every [`BrokerProcess`] appends its log
@@ -159,30 +160,24 @@ impl Drop for Broker {
 /// `handoffd` as a separate process (to be killed with SIGKILL).
 pub struct BrokerProcess {
     child: Child,
+    /// The gRPC address it bound, read from its `handoffd serving` line.
     pub addr: SocketAddr,
+    /// The metrics endpoint it bound (with `HANDOFF_METRICS_LISTEN` set),
+    /// read from its `metrics endpoint serving` line.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl BrokerProcess {
-    /// Spawns the daemon binary `bin` against NATS at `nats_url` and waits
-    /// until it logs that it serves.
+    /// Spawns the daemon binary `bin` against NATS at `nats_url`, listening
+    /// on port 0, and waits until it logs that it serves: the addresses it
+    /// bound are read from its log.
     pub async fn spawn(bin: &str, nats_url: &str, extra_env: &[(&str, &str)]) -> BrokerProcess {
-        Self::spawn_on(bin, nats_url, "127.0.0.1:0", extra_env).await
-    }
-
-    /// [`BrokerProcess::spawn`] listening on `listen` (a fixed address lets
-    /// clients reconnect to a restarted broker).
-    pub async fn spawn_on(
-        bin: &str,
-        nats_url: &str,
-        listen: &str,
-        extra_env: &[(&str, &str)],
-    ) -> BrokerProcess {
         let mut cmd = Command::new(bin);
         cmd.args([
             "--nats-url",
             nats_url,
             "--listen",
-            listen,
+            "127.0.0.1:0",
             "--log-format",
             "json",
         ])
@@ -195,17 +190,22 @@ impl BrokerProcess {
         let mut child = cmd.spawn().expect("spawn handoffd");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
+        let mut early = Vec::new();
+        let mut metrics_addr = None;
         let addr = tokio::time::timeout(Duration::from_secs(20), async {
             while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("handoffd serving") {
-                    let addr = line
-                        .split("\"addr\":\"")
-                        .nth(1)
-                        .and_then(|s| s.split('"').next())
-                        .and_then(|s| s.parse::<SocketAddr>().ok());
-                    if let Some(a) = addr {
-                        return Some(a);
+                let addr = log_field(&line, "addr").and_then(|a| a.parse::<SocketAddr>().ok());
+                let serving = match (log_field(&line, "message"), addr) {
+                    (Some("metrics endpoint serving"), Some(a)) => {
+                        metrics_addr = Some(a);
+                        None
                     }
+                    (Some("handoffd serving"), Some(a)) => Some(a),
+                    _ => None,
+                };
+                early.push(line);
+                if serving.is_some() {
+                    return serving;
                 }
             }
             None
@@ -213,7 +213,12 @@ impl BrokerProcess {
         .await
         .ok()
         .flatten()
-        .expect("handoffd did not report serving");
+        .unwrap_or_else(|| {
+            panic!(
+                "handoffd did not report serving; its log:\n{}",
+                early.join("\n")
+            )
+        });
         // HANDOFF_TEST_BROKER_LOG=FILE keeps every broker's log (appended).
         let mut keep = match std::env::var_os("HANDOFF_TEST_BROKER_LOG") {
             Some(path) => tokio::fs::OpenOptions::new()
@@ -226,13 +231,22 @@ impl BrokerProcess {
         };
         tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
+            if let Some(f) = keep.as_mut() {
+                for line in early {
+                    let _ = f.write_all(format!("{line}\n").as_bytes()).await;
+                }
+            }
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(f) = keep.as_mut() {
                     let _ = f.write_all(format!("{line}\n").as_bytes()).await;
                 }
             }
         });
-        BrokerProcess { child, addr }
+        BrokerProcess {
+            child,
+            addr,
+            metrics_addr,
+        }
     }
 
     /// A new SDK client to this process.
@@ -261,6 +275,14 @@ impl BrokerProcess {
             _ => None,
         }
     }
+}
+
+/// The string value of `field` in one JSON log line of `handoffd`
+/// (`"field":"value"`, at any depth), or `None`.
+fn log_field<'a>(line: &'a str, field: &str) -> Option<&'a str> {
+    line.split(&format!("\"{field}\":\""))
+        .nth(1)
+        .and_then(|s| s.split('"').next())
 }
 
 /// Reads events from `stream` until `done` holds for one (returned with
@@ -354,14 +376,6 @@ pub fn compile_proto(files: &[(&str, &str)]) -> Vec<u8> {
     let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
     let fds = protox::compile(names, [dir.path()]).expect("compile proto");
     prost::Message::encode_to_vec(&fds)
-}
-
-/// A free loopback port (bound, read, released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// The body of `GET /metrics` from a broker's metrics endpoint.

@@ -657,9 +657,11 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
     println!("crash timing seed {seed}");
     let mut rng = XorShift(seed);
     let nats = Nats::start().await;
-    let listen = format!("127.0.0.1:{}", handoff_tests::free_port());
-    let mut broker = BrokerProcess::spawn_on(BIN, nats.url(), &listen, &[]).await;
+    let mut broker = BrokerProcess::spawn(BIN, nats.url(), &[]).await;
     let client = broker.client().await;
+    // Each restarted broker binds a new port: every task takes its client
+    // from here, and the latest one is the restarted broker's.
+    let (restarted, current) = tokio::sync::watch::channel(client.clone());
     for a in ["worker", "aggregator"] {
         client
             .register_agent(AgentConfig::new(a).lease(Duration::from_secs(1)))
@@ -679,12 +681,12 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
     // The planner side: 50 fan-ins, each retried until the broker answers
     // (a retry re-opens the same barrier and repeats the same branches).
     let planner = {
-        let client = client.clone();
+        let current = current.clone();
         tokio::spawn(async move {
             use futures::StreamExt;
             futures::stream::iter(0..FAN_INS)
                 .for_each_concurrent(8, |i| {
-                    let client = client.clone();
+                    let current = current.clone();
                     async move {
                         let req = pb::FanOutRequest {
                             barrier: Some(spec("crash", &format!("f{i}"), BRANCHES)),
@@ -699,7 +701,11 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
                                 })
                                 .collect(),
                         };
-                        while client.raw().fan_out(req.clone()).await.is_err() {
+                        loop {
+                            let client = current.borrow().clone();
+                            if client.raw().fan_out(req.clone()).await.is_ok() {
+                                break;
+                            }
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
@@ -711,10 +717,11 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
     // lost in a crash is redone when the delivery comes back.
     let mut workers = Vec::new();
     for w in 0..2 {
-        let client = client.clone();
+        let current = current.clone();
         let stopped = stopped.clone();
         workers.push(tokio::spawn(async move {
             while !stopped() {
+                let client = current.borrow().clone();
                 let Ok(mut sub) = client.subscribe("worker", &format!("w{w}"), 8).await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -743,11 +750,16 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
     let seen: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
     let acked: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
     let aggregator = {
-        let (client, stopped, seen, acked) =
-            (client.clone(), stopped.clone(), seen.clone(), acked.clone());
+        let (current, stopped, seen, acked) = (
+            current.clone(),
+            stopped.clone(),
+            seen.clone(),
+            acked.clone(),
+        );
         tokio::spawn(async move {
             let mut unconfirmed: Vec<(String, String)> = Vec::new();
             while !stopped() {
+                let client = current.borrow().clone();
                 let Ok(mut sub) = client.subscribe("aggregator", "agg", 16).await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -793,8 +805,10 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
         tokio::time::sleep(Duration::from_millis(wait)).await;
         println!("kill -9 #{crash} after {wait} ms");
         broker.kill9().await;
-        broker = BrokerProcess::spawn_on(BIN, nats.url(), &listen, &[]).await;
+        broker = BrokerProcess::spawn(BIN, nats.url(), &[]).await;
+        restarted.send_replace(broker.client().await);
     }
+    let client = broker.client().await;
     planner.await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while acked.lock().unwrap().len() < FAN_INS && std::time::Instant::now() < deadline {

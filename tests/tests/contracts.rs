@@ -1,15 +1,15 @@
 //! Typed contracts: registration (compatibility, idempotency, persistence,
 //! replicas) and the guards every handoff passes at the door.
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 use handoff_client::{pb, AgentConfig, Client, ErrorKind, Handoff, RunConfig, WatchFilter};
 use handoff_tests::{
-    compile_proto, counter, events_until, free_port, next_within, note, scrape, stack, Broker, Nats,
+    compile_proto, counter, events_until, next_within, note, scrape, stack, Broker, BrokerProcess,
+    Nats,
 };
+
+const BIN: &str = env!("CARGO_BIN_EXE_handoffd-under-test");
 
 // ------------------------------------------------------------ payloads
 
@@ -187,8 +187,17 @@ fn tokens(texts: &[&str]) -> u64 {
 
 #[tokio::test]
 async fn every_guard_passes_a_good_handoff_and_refuses_a_bad_one_storing_nothing() {
-    let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let (_nats, _broker, client) = stack(|c| c.metrics_listen = Some(metrics_addr)).await;
+    // A broker process, so the metrics endpoint's address (bound on port
+    // 0) can be read from its log.
+    let nats = Nats::start().await;
+    let broker = BrokerProcess::spawn(
+        BIN,
+        nats.url(),
+        &[("HANDOFF_METRICS_LISTEN", "127.0.0.1:0")],
+    )
+    .await;
+    let metrics_addr = broker.metrics_addr.expect("the metrics endpoint's address");
+    let client = broker.client().await;
     let fds = compile_proto(&[("guard/v1/guard.proto", GUARD_PROTO)]);
     let reg = register(
         &client,
@@ -446,6 +455,7 @@ async fn every_guard_passes_a_good_handoff_and_refuses_a_bad_one_storing_nothing
         .filter(|e| e.kind == pb::EventKind::HandoffAccepted as i32)
         .count();
     assert_eq!(accepted, 1);
+    assert_eq!(broker.terminate().await, Some(0));
 }
 
 #[tokio::test]
