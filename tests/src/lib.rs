@@ -8,6 +8,11 @@
 //! it. Everything is cleaned up on drop without panicking. Every address is
 //! bound on port 0 and read back from what was bound, never picked first.
 //!
+//! Negative checks ("nothing else arrived") rest on evidence, not only on
+//! a quiet timeout: [`settled_inbox`] reads an agent's inbox from JetStream
+//! (what was stored for it, how often its consumer delivered, that nothing
+//! is left to deliver) and [`timeline_when`] reads a run's event log.
+//!
 //! Logs: `RUST_LOG` shows those of in-process brokers; with
 //! `HANDOFF_TEST_BROKER_LOG=FILE` every [`BrokerProcess`] appends its log
 //! (JSON lines) to `FILE`.
@@ -403,4 +408,112 @@ pub fn counter(metrics: &str, series: &str) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// JetStream's own record of one agent's inbox, read from NATS rather than
+/// through the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inbox {
+    /// Handoffs stored for the agent.
+    pub stored: u64,
+    /// Deliveries its consumer made, redeliveries included.
+    pub deliveries: u64,
+    /// Stored handoffs not delivered yet.
+    pub pending: u64,
+    /// Delivered and neither acked nor terminated yet.
+    pub unacked: usize,
+}
+
+/// `agent`'s inbox as JetStream has it now.
+pub async fn inbox(nats_url: &str, agent: &str) -> Inbox {
+    let client = async_nats::connect(nats_url)
+        .await
+        .expect("connect to NATS");
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(handoffd::store::INBOX_STREAM)
+        .await
+        .expect("the inbox stream");
+    let mut subjects = stream
+        .info_with_subjects(format!("handoff.v1.inbox.{agent}"))
+        .await
+        .expect("inbox subjects");
+    let mut stored = 0;
+    while let Some(entry) = subjects.next().await {
+        stored += entry.expect("inbox subject count").1 as u64;
+    }
+    let consumer = stream
+        .consumer_info(agent)
+        .await
+        .expect("the agent's consumer");
+    Inbox {
+        stored,
+        deliveries: consumer.delivered.consumer_sequence,
+        pending: consumer.num_pending,
+        unacked: consumer.num_ack_pending,
+    }
+}
+
+/// `agent`'s inbox once nothing in it is left to deliver (nothing pending,
+/// nothing unacked): from then on nothing arrives for the agent unless a
+/// new handoff is stored for it. Acks are confirmed by JetStream before the
+/// broker answers them, so this is normally true at once; panics if it does
+/// not hold within 10 s.
+pub async fn settled_inbox(nats_url: &str, agent: &str) -> Inbox {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = inbox(nats_url, agent).await;
+        if state.pending == 0 && state.unacked == 0 {
+            return state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{agent}'s inbox never settled: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The timeline of run `run_id` once `ready` holds for it (read again
+/// until then, for at most 10 s; events the broker publishes without
+/// waiting, like `delivered`, may trail the call that caused them).
+pub async fn timeline_when(
+    client: &Client,
+    run_id: &str,
+    ready: impl Fn(&[pb::Event]) -> bool,
+) -> Vec<pb::Event> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let timeline = client.get_run(run_id).await.expect("get run").timeline;
+        if ready(&timeline) {
+            return timeline;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run {run_id}: the timeline never got there: {:?}",
+            kinds(&timeline)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many events in `timeline` are of one of `kinds_` and pass `which`.
+pub fn count(
+    timeline: &[pb::Event],
+    kinds_: &[pb::EventKind],
+    which: impl Fn(&pb::Event) -> bool,
+) -> usize {
+    timeline
+        .iter()
+        .filter(|e| kinds_.iter().any(|k| e.kind == *k as i32) && which(e))
+        .count()
+}
+
+/// Deliveries of handoff `handoff_id` in `timeline`, redeliveries included.
+pub fn deliveries_of(timeline: &[pb::Event], handoff_id: &str) -> usize {
+    count(
+        timeline,
+        &[pb::EventKind::Delivered, pb::EventKind::Redelivered],
+        |e| e.handoff_id == handoff_id,
+    )
 }

@@ -2,8 +2,10 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use handoff_client::{AgentConfig, Handoff, RunConfig};
-use handoff_tests::{next_within, note, BrokerProcess, Nats, Note};
+use handoff_client::{pb, AgentConfig, Handoff, RunConfig};
+use handoff_tests::{
+    count, next_within, note, settled_inbox, timeline_when, BrokerProcess, Nats, Note,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_handoffd-under-test");
 
@@ -55,6 +57,36 @@ async fn kill_9_with_100_undelivered_handoffs_loses_none_and_repeats_none() {
         after.push(d.handoff_id().to_string());
     }
     let after_set: HashSet<_> = after.iter().cloned().collect();
+    // The evidence that nothing more was coming: the inbox holds the 100
+    // handoffs once each and has nothing left to deliver, and the run's
+    // timeline records each delivery to the new instance once.
+    let inbox = settled_inbox(nats.url(), "worker").await;
+    assert_eq!(inbox.stored, 100, "{inbox:?}");
+    let to_after = |t: &[pb::Event], id: &str| {
+        count(
+            t,
+            &[pb::EventKind::Delivered, pb::EventKind::Redelivered],
+            |e| e.instance == "after" && e.handoff_id == id,
+        )
+    };
+    let timeline = timeline_when(&client, &run.id, |t| {
+        after.iter().all(|id| to_after(t, id) > 0)
+    })
+    .await;
+    for id in &after_set {
+        assert_eq!(
+            to_after(&timeline, id),
+            1,
+            "{id} delivered twice after the restart"
+        );
+    }
+    for id in &done {
+        assert_eq!(
+            to_after(&timeline, id),
+            0,
+            "{id} acked before the crash, delivered again"
+        );
+    }
     assert_eq!(
         after.len(),
         after_set.len(),
