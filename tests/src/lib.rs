@@ -13,6 +13,9 @@
 //! (what was stored for it, how often its consumer delivered, that nothing
 //! is left to deliver) and [`timeline_when`] reads a run's event log.
 //!
+//! Tests with random timings take their seed from [`seed`]
+//! (`HANDOFF_TEST_SEED`, else the clock) and print how to replay it.
+//!
 //! Logs: `RUST_LOG` shows those of in-process brokers; with
 //! `HANDOFF_TEST_BROKER_LOG=FILE` every [`BrokerProcess`] appends its log
 //! (JSON lines) to `FILE`.
@@ -408,6 +411,46 @@ pub fn counter(metrics: &str, series: &str) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The seed of a test's random timings: `HANDOFF_TEST_SEED` when set, else
+/// the clock. Printed (shown when the test fails) with the command that
+/// replays it; pass `module_path!()` as `file` (the test file's name) and
+/// the test's function name as `test`.
+pub fn seed(file: &str, test: &str) -> u64 {
+    let seed = match std::env::var("HANDOFF_TEST_SEED") {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("HANDOFF_TEST_SEED={s:?} is not a number")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
+    };
+    println!(
+        "{test}: timing seed {seed}; replay with \
+         HANDOFF_TEST_SEED={seed} cargo test -p handoff-tests --test {file} -- --exact {test}"
+    );
+    seed
+}
+
+/// A small deterministic generator for random timings, from a [`seed`].
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> XorShift {
+        // Zero is xorshift's one fixed point.
+        XorShift(seed | 1)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
 }
 
 /// JetStream's own record of one agent's inbox, read from NATS rather than

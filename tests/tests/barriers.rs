@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use handoff_client::{pb, AgentConfig, Client, Handoff, RunConfig};
 use handoff_tests::{
-    count, deliveries_of, kinds, next_within, note, settled_inbox, stack, timeline_when, Broker,
-    BrokerProcess, Nats, Note,
+    count, deliveries_of, kinds, next_within, note, seed, settled_inbox, stack, timeline_when,
+    Broker, BrokerProcess, Nats, Note, XorShift,
 };
 
 fn spec(run: &str, barrier: &str, count: u32) -> pb::BarrierSpec {
@@ -666,18 +666,6 @@ async fn timeouts_are_durable_and_fire_once_on_whichever_replica_is_up() {
     assert_eq!(b.terminate().await, Some(0));
 }
 
-/// A small deterministic generator for crash timings (the seed is printed).
-struct XorShift(u64);
-
-impl XorShift {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 #[tokio::test]
 async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
     use std::{
@@ -686,13 +674,10 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
     };
     const FAN_INS: usize = 50;
     const BRANCHES: u32 = 4;
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1)
-        | 1;
-    println!("crash timing seed {seed}");
-    let mut rng = XorShift(seed);
+    let mut rng = XorShift::new(seed(
+        module_path!(),
+        "kill_9_during_50_fan_ins_releases_every_barrier_once",
+    ));
     let nats = Nats::start().await;
     let mut broker = BrokerProcess::spawn(BIN, nats.url(), &[]).await;
     let client = broker.client().await;
