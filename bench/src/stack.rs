@@ -1,12 +1,16 @@
 //! The system under test: a `nats-server` and a `handoffd` process, both on
-//! free loopback ports, stopped when dropped.
+//! loopback ports they bind themselves (port 0, read back from their logs),
+//! stopped when dropped.
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use handoff_client::Client;
 use handoffd::embedded::{NatsServer, Options};
 use tempfile::TempDir;
-use tokio::process::{Child, Command};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
 
 use crate::BoxError;
 
@@ -33,29 +37,41 @@ impl Stack {
                 (Some(server), url)
             }
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let listen = format!("127.0.0.1:{port}");
-        let broker = Command::new(broker_bin()?)
-            .args(["--nats-url", &url, "--listen", &listen])
-            .env("RUST_LOG", "warn")
+        // Warnings, and the line that says where it serves.
+        let mut broker = Command::new(broker_bin()?)
+            .args(["--nats-url", &url, "--listen", "127.0.0.1:0"])
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "warn,handoffd::server=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
+        let stderr = broker.stderr.take().ok_or("no stderr pipe to handoffd")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let listen = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("\"message\":\"handoffd serving\"") {
+                    return line
+                        .split("\"addr\":\"")
+                        .nth(1)
+                        .and_then(|s| s.split('"').next())
+                        .map(str::to_string);
+                }
+                pass_on(&line);
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or("handoffd did not report serving within 30 s")?;
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                pass_on(&line);
+            }
+        });
         let addr = format!("http://{listen}");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if Client::connect(&addr).await.is_ok() {
-                break;
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err("handoffd did not start within 30 s".into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         Ok(Stack {
             _nats: nats,
             broker,
@@ -83,6 +99,13 @@ impl Stack {
     /// The broker's resident memory in bytes.
     pub(crate) fn broker_rss(&self) -> Option<u64> {
         rss(self.broker_pid()?)
+    }
+}
+
+/// Shows a log line of the broker unless it is informational.
+fn pass_on(line: &str) {
+    if !line.contains("\"level\":\"INFO\"") {
+        eprintln!("{line}");
     }
 }
 

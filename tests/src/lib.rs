@@ -5,7 +5,16 @@
 //! readiness from the server's log: no fixed sleeps). [`Broker::start`]
 //! runs `handoffd` in-process through the same `run` the binary uses;
 //! [`BrokerProcess`] runs it as a separate process so a test can `kill -9`
-//! it. Everything is cleaned up on drop without panicking.
+//! it. Everything is cleaned up on drop without panicking. Every address is
+//! bound on port 0 and read back from what was bound, never picked first.
+//!
+//! Negative checks ("nothing else arrived") rest on evidence, not only on
+//! a quiet timeout: [`settled_inbox`] reads an agent's inbox from JetStream
+//! (what was stored for it, how often its consumer delivered, that nothing
+//! is left to deliver) and [`timeline_when`] reads a run's event log.
+//!
+//! Tests with random timings take their seed from [`seed`]
+//! (`HANDOFF_TEST_SEED`, else the clock) and print how to replay it.
 //!
 //! Logs: `RUST_LOG` shows those of in-process brokers; with
 //! `HANDOFF_TEST_BROKER_LOG=FILE` every [`BrokerProcess`] appends its log
@@ -159,30 +168,24 @@ impl Drop for Broker {
 /// `handoffd` as a separate process (to be killed with SIGKILL).
 pub struct BrokerProcess {
     child: Child,
+    /// The gRPC address it bound, read from its `handoffd serving` line.
     pub addr: SocketAddr,
+    /// The metrics endpoint it bound (with `HANDOFF_METRICS_LISTEN` set),
+    /// read from its `metrics endpoint serving` line.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl BrokerProcess {
-    /// Spawns the daemon binary `bin` against NATS at `nats_url` and waits
-    /// until it logs that it serves.
+    /// Spawns the daemon binary `bin` against NATS at `nats_url`, listening
+    /// on port 0, and waits until it logs that it serves: the addresses it
+    /// bound are read from its log.
     pub async fn spawn(bin: &str, nats_url: &str, extra_env: &[(&str, &str)]) -> BrokerProcess {
-        Self::spawn_on(bin, nats_url, "127.0.0.1:0", extra_env).await
-    }
-
-    /// [`BrokerProcess::spawn`] listening on `listen` (a fixed address lets
-    /// clients reconnect to a restarted broker).
-    pub async fn spawn_on(
-        bin: &str,
-        nats_url: &str,
-        listen: &str,
-        extra_env: &[(&str, &str)],
-    ) -> BrokerProcess {
         let mut cmd = Command::new(bin);
         cmd.args([
             "--nats-url",
             nats_url,
             "--listen",
-            listen,
+            "127.0.0.1:0",
             "--log-format",
             "json",
         ])
@@ -195,17 +198,22 @@ impl BrokerProcess {
         let mut child = cmd.spawn().expect("spawn handoffd");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
+        let mut early = Vec::new();
+        let mut metrics_addr = None;
         let addr = tokio::time::timeout(Duration::from_secs(20), async {
             while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("handoffd serving") {
-                    let addr = line
-                        .split("\"addr\":\"")
-                        .nth(1)
-                        .and_then(|s| s.split('"').next())
-                        .and_then(|s| s.parse::<SocketAddr>().ok());
-                    if let Some(a) = addr {
-                        return Some(a);
+                let addr = log_field(&line, "addr").and_then(|a| a.parse::<SocketAddr>().ok());
+                let serving = match (log_field(&line, "message"), addr) {
+                    (Some("metrics endpoint serving"), Some(a)) => {
+                        metrics_addr = Some(a);
+                        None
                     }
+                    (Some("handoffd serving"), Some(a)) => Some(a),
+                    _ => None,
+                };
+                early.push(line);
+                if serving.is_some() {
+                    return serving;
                 }
             }
             None
@@ -213,7 +221,12 @@ impl BrokerProcess {
         .await
         .ok()
         .flatten()
-        .expect("handoffd did not report serving");
+        .unwrap_or_else(|| {
+            panic!(
+                "handoffd did not report serving; its log:\n{}",
+                early.join("\n")
+            )
+        });
         // HANDOFF_TEST_BROKER_LOG=FILE keeps every broker's log (appended).
         let mut keep = match std::env::var_os("HANDOFF_TEST_BROKER_LOG") {
             Some(path) => tokio::fs::OpenOptions::new()
@@ -226,13 +239,22 @@ impl BrokerProcess {
         };
         tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
+            if let Some(f) = keep.as_mut() {
+                for line in early {
+                    let _ = f.write_all(format!("{line}\n").as_bytes()).await;
+                }
+            }
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(f) = keep.as_mut() {
                     let _ = f.write_all(format!("{line}\n").as_bytes()).await;
                 }
             }
         });
-        BrokerProcess { child, addr }
+        BrokerProcess {
+            child,
+            addr,
+            metrics_addr,
+        }
     }
 
     /// A new SDK client to this process.
@@ -261,6 +283,14 @@ impl BrokerProcess {
             _ => None,
         }
     }
+}
+
+/// The string value of `field` in one JSON log line of `handoffd`
+/// (`"field":"value"`, at any depth), or `None`.
+fn log_field<'a>(line: &'a str, field: &str) -> Option<&'a str> {
+    line.split(&format!("\"{field}\":\""))
+        .nth(1)
+        .and_then(|s| s.split('"').next())
 }
 
 /// Reads events from `stream` until `done` holds for one (returned with
@@ -356,14 +386,6 @@ pub fn compile_proto(files: &[(&str, &str)]) -> Vec<u8> {
     prost::Message::encode_to_vec(&fds)
 }
 
-/// A free loopback port (bound, read, released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// The body of `GET /metrics` from a broker's metrics endpoint.
 pub async fn scrape(addr: SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -389,4 +411,152 @@ pub fn counter(metrics: &str, series: &str) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The seed of a test's random timings: `HANDOFF_TEST_SEED` when set, else
+/// the clock. Printed (shown when the test fails) with the command that
+/// replays it; pass `module_path!()` as `file` (the test file's name) and
+/// the test's function name as `test`.
+pub fn seed(file: &str, test: &str) -> u64 {
+    let seed = match std::env::var("HANDOFF_TEST_SEED") {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("HANDOFF_TEST_SEED={s:?} is not a number")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
+    };
+    println!(
+        "{test}: timing seed {seed}; replay with \
+         HANDOFF_TEST_SEED={seed} cargo test -p handoff-tests --test {file} -- --exact {test}"
+    );
+    seed
+}
+
+/// A small deterministic generator for random timings, from a [`seed`].
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> XorShift {
+        // Zero is xorshift's one fixed point.
+        XorShift(seed | 1)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// JetStream's own record of one agent's inbox, read from NATS rather than
+/// through the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inbox {
+    /// Handoffs stored for the agent.
+    pub stored: u64,
+    /// Deliveries its consumer made, redeliveries included.
+    pub deliveries: u64,
+    /// Stored handoffs not delivered yet.
+    pub pending: u64,
+    /// Delivered and neither acked nor terminated yet.
+    pub unacked: usize,
+}
+
+/// `agent`'s inbox as JetStream has it now.
+pub async fn inbox(nats_url: &str, agent: &str) -> Inbox {
+    let client = async_nats::connect(nats_url)
+        .await
+        .expect("connect to NATS");
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(handoffd::store::INBOX_STREAM)
+        .await
+        .expect("the inbox stream");
+    let mut subjects = stream
+        .info_with_subjects(format!("handoff.v1.inbox.{agent}"))
+        .await
+        .expect("inbox subjects");
+    let mut stored = 0;
+    while let Some(entry) = subjects.next().await {
+        stored += entry.expect("inbox subject count").1 as u64;
+    }
+    let consumer = stream
+        .consumer_info(agent)
+        .await
+        .expect("the agent's consumer");
+    Inbox {
+        stored,
+        deliveries: consumer.delivered.consumer_sequence,
+        pending: consumer.num_pending,
+        unacked: consumer.num_ack_pending,
+    }
+}
+
+/// `agent`'s inbox once nothing in it is left to deliver (nothing pending,
+/// nothing unacked): from then on nothing arrives for the agent unless a
+/// new handoff is stored for it. Acks are confirmed by JetStream before the
+/// broker answers them, so this is normally true at once; panics if it does
+/// not hold within 10 s.
+pub async fn settled_inbox(nats_url: &str, agent: &str) -> Inbox {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = inbox(nats_url, agent).await;
+        if state.pending == 0 && state.unacked == 0 {
+            return state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{agent}'s inbox never settled: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The timeline of run `run_id` once `ready` holds for it (read again
+/// until then, for at most 10 s; events the broker publishes without
+/// waiting, like `delivered`, may trail the call that caused them).
+pub async fn timeline_when(
+    client: &Client,
+    run_id: &str,
+    ready: impl Fn(&[pb::Event]) -> bool,
+) -> Vec<pb::Event> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let timeline = client.get_run(run_id).await.expect("get run").timeline;
+        if ready(&timeline) {
+            return timeline;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run {run_id}: the timeline never got there: {:?}",
+            kinds(&timeline)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many events in `timeline` are of one of `kinds_` and pass `which`.
+pub fn count(
+    timeline: &[pb::Event],
+    kinds_: &[pb::EventKind],
+    which: impl Fn(&pb::Event) -> bool,
+) -> usize {
+    timeline
+        .iter()
+        .filter(|e| kinds_.iter().any(|k| e.kind == *k as i32) && which(e))
+        .count()
+}
+
+/// Deliveries of handoff `handoff_id` in `timeline`, redeliveries included.
+pub fn deliveries_of(timeline: &[pb::Event], handoff_id: &str) -> usize {
+    count(
+        timeline,
+        &[pb::EventKind::Delivered, pb::EventKind::Redelivered],
+        |e| e.handoff_id == handoff_id,
+    )
 }

@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use handoff_client::{pb, AgentConfig, Client, Handoff, RunConfig};
-use handoff_tests::{kinds, next_within, note, stack, Broker, BrokerProcess, Nats, Note};
+use handoff_tests::{
+    count, deliveries_of, kinds, next_within, note, seed, settled_inbox, stack, timeline_when,
+    Broker, BrokerProcess, Nats, Note, XorShift,
+};
 
 fn spec(run: &str, barrier: &str, count: u32) -> pb::BarrierSpec {
     pb::BarrierSpec {
@@ -68,8 +71,15 @@ async fn setup(client: &Client, run: &str) {
         .unwrap();
 }
 
-/// The one release delivered to the aggregator, acked; asserts no second.
-async fn the_release(sub: &mut handoff_client::Subscription) -> pb::BarrierRelease {
+/// The one release delivered to the aggregator, acked; asserts no second:
+/// none arrives, the run's timeline records one release of the barrier and
+/// one delivery of it, and the aggregator's inbox has nothing left to
+/// deliver.
+async fn the_release(
+    nats: &Nats,
+    client: &Client,
+    sub: &mut handoff_client::Subscription,
+) -> pb::BarrierRelease {
     let d = next_within(sub, Duration::from_secs(10))
         .await
         .expect("the release is delivered");
@@ -79,6 +89,21 @@ async fn the_release(sub: &mut handoff_client::Subscription) -> pb::BarrierRelea
         next_within(sub, Duration::from_millis(700)).await.is_none(),
         "a second release"
     );
+    let timeline =
+        timeline_when(client, d.run_id(), |t| deliveries_of(t, d.handoff_id()) > 0).await;
+    assert_eq!(
+        count(&timeline, &[pb::EventKind::BarrierReleased], |e| {
+            e.barrier_id == release.barrier_id
+        }),
+        1,
+        "one release recorded"
+    );
+    assert_eq!(
+        deliveries_of(&timeline, d.handoff_id()),
+        1,
+        "delivered once"
+    );
+    settled_inbox(nats.url(), "aggregator").await;
     release
 }
 
@@ -93,7 +118,7 @@ fn results(release: &pb::BarrierRelease) -> Vec<u32> {
 
 #[tokio::test]
 async fn a_hundred_concurrent_branches_release_once_with_all_in_key_order() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (nats, _broker, client) = stack(|_| {}).await;
     setup(&client, "r100").await;
     open(&client, spec("r100", "join", 100)).await;
     let mut tasks = Vec::new();
@@ -109,7 +134,7 @@ async fn a_hundred_concurrent_branches_release_once_with_all_in_key_order() {
         t.await.unwrap().unwrap();
     }
     let mut agg = client.subscribe("aggregator", "a", 5).await.unwrap();
-    let release = the_release(&mut agg).await;
+    let release = the_release(&nats, &client, &mut agg).await;
     assert_eq!(results(&release), (0..100).collect::<Vec<_>>());
     assert_eq!(release.confidence, 1.0);
     assert!(release.missing.is_empty() && !release.failure);
@@ -152,7 +177,7 @@ async fn a_hundred_concurrent_branches_release_once_with_all_in_key_order() {
 
 #[tokio::test]
 async fn duplicates_and_late_branches_never_release_twice() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (nats, _broker, client) = stack(|_| {}).await;
     setup(&client, "dup").await;
     let mut s = spec("dup", "join", 0);
     s.branch_keys = vec!["b".into(), "a".into(), "c".into()];
@@ -167,7 +192,7 @@ async fn duplicates_and_late_branches_never_release_twice() {
     // Quorum reached; "c" is late.
     client.handoff(branch("dup", "join", "c", 3)).await.unwrap();
     let mut agg = client.subscribe("aggregator", "a", 5).await.unwrap();
-    let release = the_release(&mut agg).await;
+    let release = the_release(&nats, &client, &mut agg).await;
     // Branch-key order is the spec's: b, a, c.
     assert_eq!(results(&release), [2, 1]);
     assert_eq!(release.missing, ["c"]);
@@ -183,7 +208,7 @@ async fn duplicates_and_late_branches_never_release_twice() {
 
 #[tokio::test]
 async fn a_branch_before_its_barrier_is_held_and_counted() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (nats, _broker, client) = stack(|_| {}).await;
     setup(&client, "early").await;
     client
         .handoff(branch("early", "join", "0", 10))
@@ -196,13 +221,13 @@ async fn a_branch_before_its_barrier_is_held_and_counted() {
     let opened = open(&client, spec("early", "join", 2)).await;
     assert_eq!(opened.state, pb::BarrierState::Released as i32);
     let mut agg = client.subscribe("aggregator", "a", 5).await.unwrap();
-    let release = the_release(&mut agg).await;
+    let release = the_release(&nats, &client, &mut agg).await;
     assert_eq!(results(&release), [10, 11]);
 }
 
 #[tokio::test]
 async fn skipped_failed_and_chained_branches_are_listed_by_key() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (nats, _broker, client) = stack(|_| {}).await;
     setup(&client, "mixed").await;
     client
         .register_agent(AgentConfig::new("reviewer"))
@@ -265,7 +290,7 @@ async fn skipped_failed_and_chained_branches_are_listed_by_key() {
     };
     r.handoff(Handoff::from_request(req)).await.unwrap();
     let mut agg = client.subscribe("aggregator", "a", 5).await.unwrap();
-    let release = the_release(&mut agg).await;
+    let release = the_release(&nats, &client, &mut agg).await;
     let statuses: Vec<i32> = release.branches.iter().map(|b| b.status).collect();
     assert_eq!(
         statuses,
@@ -326,6 +351,14 @@ async fn two_replicas_release_each_barrier_once() {
         v
     };
     assert_eq!(barriers, expected, "each barrier released exactly once");
+    // The evidence: ten releases stored and delivered once each, none left
+    // to deliver, and one release of each barrier in the run's timeline.
+    let inbox = settled_inbox(nats.url(), "aggregator").await;
+    assert_eq!((inbox.stored, inbox.deliveries), (10, 10), "{inbox:?}");
+    let timeline = a.get_run("pair").await.unwrap().timeline;
+    for j in &expected {
+        assert_eq!(barrier_events(&timeline, j).0, 1, "barrier {j}");
+    }
 }
 
 /// The release of `barrier` from a timeline, as (released, timed out) counts.
@@ -344,7 +377,7 @@ fn barrier_events(timeline: &[pb::Event], barrier: &str) -> (usize, usize) {
 
 #[tokio::test]
 async fn quorum_releases_at_the_kth_arrival_and_the_rest_are_late() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (nats, _broker, client) = stack(|_| {}).await;
     setup(&client, "q").await;
     let mut s = spec("q", "join", 5);
     s.mode = pb::BarrierMode::Quorum as i32;
@@ -366,7 +399,7 @@ async fn quorum_releases_at_the_kth_arrival_and_the_rest_are_late() {
         client.handoff(branch("q", "join", key, 1)).await.unwrap();
     }
     let mut agg = client.subscribe("aggregator", "a", 5).await.unwrap();
-    let release = the_release(&mut agg).await;
+    let release = the_release(&nats, &client, &mut agg).await;
     let arrived: Vec<&str> = release
         .branches
         .iter()
@@ -394,7 +427,7 @@ async fn quorum_releases_at_the_kth_arrival_and_the_rest_are_late() {
 
 #[tokio::test]
 async fn fail_fast_releases_a_failure_at_the_first_failed_branch_and_tells_the_owner() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (nats, _broker, client) = stack(|_| {}).await;
     setup(&client, "ff").await;
     let mut owner = client
         .watch(handoff_client::WatchFilter::all().owner("owner"))
@@ -411,7 +444,7 @@ async fn fail_fast_releases_a_failure_at_the_first_failed_branch_and_tells_the_o
     let b = get(&client, "ff", "join").await;
     assert_eq!(b.state, pb::BarrierState::Failed as i32, "released at once");
     let mut agg = client.subscribe("aggregator", "a", 5).await.unwrap();
-    let release = the_release(&mut agg).await;
+    let release = the_release(&nats, &client, &mut agg).await;
     assert!(release.failure && !release.timed_out);
     assert_eq!(release.failed, ["1"]);
     assert_eq!(release.missing, ["2"]);
@@ -443,7 +476,7 @@ async fn fail_fast_releases_a_failure_at_the_first_failed_branch_and_tells_the_o
 
 #[tokio::test]
 async fn barriers_do_not_wait_on_each_other() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (nats, _broker, client) = stack(|_| {}).await;
     setup(&client, "ind").await;
     // A slow join: one of its two branches is still being worked on.
     open(&client, spec("ind", "slow", 2)).await;
@@ -470,7 +503,7 @@ async fn barriers_do_not_wait_on_each_other() {
         pb::BarrierState::Open as i32
     );
     client.handoff(branch("ind", "slow", "1", 1)).await.unwrap();
-    let release = the_release(&mut agg).await;
+    let release = the_release(&nats, &client, &mut agg).await;
     assert_eq!(release.barrier_id, "slow");
     assert_eq!(results(&release), [0, 1]);
 }
@@ -479,7 +512,7 @@ const NOTE_PROTO: &str = "syntax = \"proto3\";\npackage handoff.test;\nmessage N
 
 #[tokio::test]
 async fn branches_meet_the_aggregator_contract_and_the_release_fits_one_message() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (nats, _broker, client) = stack(|_| {}).await;
     client
         .raw()
         .register_contract(pb::RegisterContractRequest {
@@ -544,7 +577,7 @@ async fn branches_meet_the_aggregator_contract_and_the_release_fits_one_message(
     assert_eq!(b.state, pb::BarrierState::Released as i32);
     assert!(b.branches.iter().all(|r| r.payload.is_none()));
     let mut agg = client.subscribe("aggregator", "a", 5).await.unwrap();
-    let release = the_release(&mut agg).await;
+    let release = the_release(&nats, &client, &mut agg).await;
     assert_eq!(results(&release), [0, 1, 2, 3, 4, 5]);
     let texts: Vec<usize> = release
         .branches
@@ -617,7 +650,9 @@ async fn timeouts_are_durable_and_fire_once_on_whichever_replica_is_up() {
             "{id} released before its timeout"
         );
     }
-    // The first broker comes back: nothing fires a second time.
+    // The first broker comes back: nothing fires a second time. A second
+    // firing would store a second release in the aggregator's inbox and
+    // record a second release in the run's timeline.
     let again = BrokerProcess::spawn(BIN, nats.url(), &[]).await;
     assert!(next_within(&mut agg, Duration::from_secs(3))
         .await
@@ -625,20 +660,10 @@ async fn timeouts_are_durable_and_fire_once_on_whichever_replica_is_up() {
     let timeline = cb.get_run("tmo").await.unwrap().timeline;
     assert_eq!(barrier_events(&timeline, "partial"), (1, 1));
     assert_eq!(barrier_events(&timeline, "fail"), (1, 1));
+    let inbox = settled_inbox(nats.url(), "aggregator").await;
+    assert_eq!(inbox.stored, 2, "{inbox:?}");
     assert_eq!(again.terminate().await, Some(0));
     assert_eq!(b.terminate().await, Some(0));
-}
-
-/// A small deterministic generator for crash timings (the seed is printed).
-struct XorShift(u64);
-
-impl XorShift {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 #[tokio::test]
@@ -649,17 +674,16 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
     };
     const FAN_INS: usize = 50;
     const BRANCHES: u32 = 4;
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1)
-        | 1;
-    println!("crash timing seed {seed}");
-    let mut rng = XorShift(seed);
+    let mut rng = XorShift::new(seed(
+        module_path!(),
+        "kill_9_during_50_fan_ins_releases_every_barrier_once",
+    ));
     let nats = Nats::start().await;
-    let listen = format!("127.0.0.1:{}", handoff_tests::free_port());
-    let mut broker = BrokerProcess::spawn_on(BIN, nats.url(), &listen, &[]).await;
+    let mut broker = BrokerProcess::spawn(BIN, nats.url(), &[]).await;
     let client = broker.client().await;
+    // Each restarted broker binds a new port: every task takes its client
+    // from here, and the latest one is the restarted broker's.
+    let (restarted, current) = tokio::sync::watch::channel(client.clone());
     for a in ["worker", "aggregator"] {
         client
             .register_agent(AgentConfig::new(a).lease(Duration::from_secs(1)))
@@ -679,12 +703,12 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
     // The planner side: 50 fan-ins, each retried until the broker answers
     // (a retry re-opens the same barrier and repeats the same branches).
     let planner = {
-        let client = client.clone();
+        let current = current.clone();
         tokio::spawn(async move {
             use futures::StreamExt;
             futures::stream::iter(0..FAN_INS)
                 .for_each_concurrent(8, |i| {
-                    let client = client.clone();
+                    let current = current.clone();
                     async move {
                         let req = pb::FanOutRequest {
                             barrier: Some(spec("crash", &format!("f{i}"), BRANCHES)),
@@ -699,7 +723,11 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
                                 })
                                 .collect(),
                         };
-                        while client.raw().fan_out(req.clone()).await.is_err() {
+                        loop {
+                            let client = current.borrow().clone();
+                            if client.raw().fan_out(req.clone()).await.is_ok() {
+                                break;
+                            }
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
@@ -711,10 +739,11 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
     // lost in a crash is redone when the delivery comes back.
     let mut workers = Vec::new();
     for w in 0..2 {
-        let client = client.clone();
+        let current = current.clone();
         let stopped = stopped.clone();
         workers.push(tokio::spawn(async move {
             while !stopped() {
+                let client = current.borrow().clone();
                 let Ok(mut sub) = client.subscribe("worker", &format!("w{w}"), 8).await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -743,11 +772,16 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
     let seen: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
     let acked: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
     let aggregator = {
-        let (client, stopped, seen, acked) =
-            (client.clone(), stopped.clone(), seen.clone(), acked.clone());
+        let (current, stopped, seen, acked) = (
+            current.clone(),
+            stopped.clone(),
+            seen.clone(),
+            acked.clone(),
+        );
         tokio::spawn(async move {
             let mut unconfirmed: Vec<(String, String)> = Vec::new();
             while !stopped() {
+                let client = current.borrow().clone();
                 let Ok(mut sub) = client.subscribe("aggregator", "agg", 16).await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -793,15 +827,20 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
         tokio::time::sleep(Duration::from_millis(wait)).await;
         println!("kill -9 #{crash} after {wait} ms");
         broker.kill9().await;
-        broker = BrokerProcess::spawn_on(BIN, nats.url(), &listen, &[]).await;
+        broker = BrokerProcess::spawn(BIN, nats.url(), &[]).await;
+        restarted.send_replace(broker.client().await);
     }
+    let client = broker.client().await;
     planner.await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while acked.lock().unwrap().len() < FAN_INS && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Long enough for any second release to be delivered.
+    // Long enough for any second release to be delivered; then the
+    // aggregator's inbox must have nothing left to deliver, so none can
+    // arrive after the aggregator stops.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let aggregator_inbox = settled_inbox(nats.url(), "aggregator").await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     aggregator.await.unwrap();
     for w in workers {
@@ -850,6 +889,21 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
     for (barrier, ids) in &seen {
         assert_eq!(ids.len(), 1, "barrier {barrier}: one release, got {ids:?}");
     }
+    // The evidence besides what the aggregator saw: one release stored per
+    // barrier (a second would be a second inbox message), and one
+    // `barrier_released` per barrier in the run's timeline.
+    assert_eq!(
+        aggregator_inbox.stored, FAN_INS as u64,
+        "{aggregator_inbox:?}"
+    );
+    let timeline = client.get_run("crash").await.unwrap().timeline;
+    for i in 0..FAN_INS {
+        let id = format!("f{i}");
+        assert!(
+            barrier_events(&timeline, &id).0 <= 1,
+            "barrier {id} released twice"
+        );
+    }
     // A broker killed between publishing a release and marking it
     // published leaves the mark to the durable release check, due 5 s
     // after the release: wait for it.
@@ -872,7 +926,7 @@ async fn kill_9_during_50_fan_ins_releases_every_barrier_once() {
 #[tokio::test]
 async fn sdk_fans_out_joins_and_hands_the_aggregator_typed_results() {
     use handoff_client::JoinMode;
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (nats, _broker, client) = stack(|_| {}).await;
     for a in ["planner", "worker", "aggregator"] {
         client.register_agent(AgentConfig::new(a)).await.unwrap();
     }
@@ -896,10 +950,13 @@ async fn sdk_fans_out_joins_and_hands_the_aggregator_typed_results() {
         .unwrap();
     assert_eq!(fanned.keys, ["a", "b", "c", "d"]);
     assert_eq!(fanned.branches.len(), 4);
-    // The planner's delivery was settled by the fan-out: not redelivered.
+    // The planner's delivery was settled by the fan-out: not redelivered,
+    // and its inbox has nothing left to deliver.
     assert!(next_within(&mut planner, Duration::from_millis(700))
         .await
         .is_none());
+    let inbox = settled_inbox(nats.url(), "planner").await;
+    assert_eq!((inbox.stored, inbox.deliveries), (1, 1), "{inbox:?}");
     let mut workers = client.subscribe("worker", "w", 4).await.unwrap();
     for _ in 0..4 {
         let d = next_within(&mut workers, Duration::from_secs(5))

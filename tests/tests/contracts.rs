@@ -1,15 +1,15 @@
 //! Typed contracts: registration (compatibility, idempotency, persistence,
 //! replicas) and the guards every handoff passes at the door.
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 use handoff_client::{pb, AgentConfig, Client, ErrorKind, Handoff, RunConfig, WatchFilter};
 use handoff_tests::{
-    compile_proto, counter, events_until, free_port, next_within, note, scrape, stack, Broker, Nats,
+    compile_proto, counter, events_until, inbox, next_within, note, scrape, settled_inbox, stack,
+    Broker, BrokerProcess, Nats,
 };
+
+const BIN: &str = env!("CARGO_BIN_EXE_handoffd-under-test");
 
 // ------------------------------------------------------------ payloads
 
@@ -187,8 +187,17 @@ fn tokens(texts: &[&str]) -> u64 {
 
 #[tokio::test]
 async fn every_guard_passes_a_good_handoff_and_refuses_a_bad_one_storing_nothing() {
-    let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let (_nats, _broker, client) = stack(|c| c.metrics_listen = Some(metrics_addr)).await;
+    // A broker process, so the metrics endpoint's address (bound on port
+    // 0) can be read from its log.
+    let nats = Nats::start().await;
+    let broker = BrokerProcess::spawn(
+        BIN,
+        nats.url(),
+        &[("HANDOFF_METRICS_LISTEN", "127.0.0.1:0")],
+    )
+    .await;
+    let metrics_addr = broker.metrics_addr.expect("the metrics endpoint's address");
+    let client = broker.client().await;
     let fds = compile_proto(&[("guard/v1/guard.proto", GUARD_PROTO)]);
     let reg = register(
         &client,
@@ -436,7 +445,8 @@ async fn every_guard_passes_a_good_handoff_and_refuses_a_bad_one_storing_nothing
     }
     assert_eq!(counter(&metrics, "handoff_handoffs_accepted_total"), 1);
 
-    // Nothing was stored for a refused handoff: no delivery, no accepted event.
+    // Nothing was stored for a refused handoff: no delivery, no accepted
+    // event, one handoff in the reader's inbox and nothing left to deliver.
     assert!(next_within(&mut reader, Duration::from_millis(500))
         .await
         .is_none());
@@ -446,11 +456,14 @@ async fn every_guard_passes_a_good_handoff_and_refuses_a_bad_one_storing_nothing
         .filter(|e| e.kind == pb::EventKind::HandoffAccepted as i32)
         .count();
     assert_eq!(accepted, 1);
+    let inbox = settled_inbox(nats.url(), "reader").await;
+    assert_eq!((inbox.stored, inbox.deliveries), (1, 1), "{inbox:?}");
+    assert_eq!(broker.terminate().await, Some(0));
 }
 
 #[tokio::test]
 async fn one_delivery_to_two_targets_needs_declared_fan_out() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (nats, _broker, client) = stack(|_| {}).await;
     for a in ["planner", "critic", "worker", "archive"] {
         client.register_agent(AgentConfig::new(a)).await.unwrap();
     }
@@ -535,6 +548,11 @@ async fn one_delivery_to_two_targets_needs_declared_fan_out() {
             .await
             .is_none(),
         "the refused one did not"
+    );
+    let critic = inbox(nats.url(), "critic").await;
+    assert_eq!(
+        critic.stored, 1,
+        "the refused one was not stored: {critic:?}"
     );
     // A handoff refused for another reason does not hold the delivery:
     // here the depth cap refuses the hop, and the final result that
@@ -1035,7 +1053,7 @@ async fn contracts_persist_across_restarts_and_reach_every_replica() {
 
 #[tokio::test]
 async fn a_fan_out_interrupted_half_way_is_redone_and_each_handoff_arrives_once() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (nats, _broker, client) = stack(|_| {}).await;
     client
         .register_agent(AgentConfig::new("planner").lease(Duration::from_millis(500)))
         .await
@@ -1088,10 +1106,20 @@ async fn a_fan_out_interrupted_half_way_is_redone_and_each_handoff_arrives_once(
     }
     got.sort();
     assert_eq!(got, [0, 1, 2]);
-    // The acked input is not redelivered again.
+    // Each subtask was stored once and delivered once, and nothing is left.
+    let workers = settled_inbox(nats.url(), "worker").await;
+    assert_eq!((workers.stored, workers.deliveries), (3, 3), "{workers:?}");
+    // The acked input is not redelivered again: two deliveries (the
+    // attempt that was dropped and the one that was acked), none left.
     assert!(next_within(&mut second, Duration::from_millis(800))
         .await
         .is_none());
+    let planners = settled_inbox(nats.url(), "planner").await;
+    assert_eq!(
+        (planners.stored, planners.deliveries),
+        (1, 2),
+        "{planners:?}"
+    );
 }
 
 #[tokio::test]

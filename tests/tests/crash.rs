@@ -1,14 +1,30 @@
 //! `kill -9` of `handoffd`: nothing accepted is lost, nothing is done twice.
+//!
+//! Where the broker dies (how many deliveries an instance holds, and how
+//! many of those it has acked) comes from a seed: `HANDOFF_TEST_SEED`
+//! replays one.
 
 use std::{collections::HashSet, time::Duration};
 
-use handoff_client::{AgentConfig, Handoff, RunConfig};
-use handoff_tests::{next_within, note, BrokerProcess, Nats, Note};
+use handoff_client::{pb, AgentConfig, Handoff, RunConfig};
+use handoff_tests::{
+    count, next_within, note, seed, settled_inbox, timeline_when, BrokerProcess, Nats, Note,
+    XorShift,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_handoffd-under-test");
 
 #[tokio::test]
 async fn kill_9_with_100_undelivered_handoffs_loses_none_and_repeats_none() {
+    let mut rng = XorShift::new(seed(
+        module_path!(),
+        "kill_9_with_100_undelivered_handoffs_loses_none_and_repeats_none",
+    ));
+    // One instance takes `taken` deliveries, finishes `finished` of them
+    // (acks confirmed) and holds the rest when the broker is killed.
+    let taken = 1 + rng.below(50) as usize;
+    let finished = rng.below(taken as u64 + 1) as usize;
+    println!("the instance takes {taken} deliveries and acks {finished} before the broker dies");
     let nats = Nats::start().await;
     let first = BrokerProcess::spawn(BIN, nats.url(), &[]).await;
     let client = first.client().await;
@@ -26,16 +42,17 @@ async fn kill_9_with_100_undelivered_handoffs_loses_none_and_repeats_none() {
         accepted.insert(r.handoff_id);
     }
     assert_eq!(accepted.len(), 100);
-    // One instance takes 30, finishes 20 (acks confirmed) and holds 10 when
-    // the broker is killed.
-    let mut sub = client.subscribe("worker", "before", 30).await.unwrap();
+    let mut sub = client
+        .subscribe("worker", "before", taken as u32)
+        .await
+        .unwrap();
     let mut done = HashSet::new();
     let mut held = Vec::new();
-    while done.len() + held.len() < 30 {
+    while done.len() + held.len() < taken {
         let d = next_within(&mut sub, Duration::from_secs(5))
             .await
             .expect("delivery before the crash");
-        if done.len() < 20 {
+        if done.len() < finished {
             d.ack().await.unwrap();
             done.insert(d.handoff_id().to_string());
         } else {
@@ -55,6 +72,36 @@ async fn kill_9_with_100_undelivered_handoffs_loses_none_and_repeats_none() {
         after.push(d.handoff_id().to_string());
     }
     let after_set: HashSet<_> = after.iter().cloned().collect();
+    // The evidence that nothing more was coming: the inbox holds the 100
+    // handoffs once each and has nothing left to deliver, and the run's
+    // timeline records each delivery to the new instance once.
+    let inbox = settled_inbox(nats.url(), "worker").await;
+    assert_eq!(inbox.stored, 100, "{inbox:?}");
+    let to_after = |t: &[pb::Event], id: &str| {
+        count(
+            t,
+            &[pb::EventKind::Delivered, pb::EventKind::Redelivered],
+            |e| e.instance == "after" && e.handoff_id == id,
+        )
+    };
+    let timeline = timeline_when(&client, &run.id, |t| {
+        after.iter().all(|id| to_after(t, id) > 0)
+    })
+    .await;
+    for id in &after_set {
+        assert_eq!(
+            to_after(&timeline, id),
+            1,
+            "{id} delivered twice after the restart"
+        );
+    }
+    for id in &done {
+        assert_eq!(
+            to_after(&timeline, id),
+            0,
+            "{id} acked before the crash, delivered again"
+        );
+    }
     assert_eq!(
         after.len(),
         after_set.len(),

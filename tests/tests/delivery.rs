@@ -4,11 +4,14 @@
 use std::{collections::HashMap, time::Duration};
 
 use handoff_client::{pb, AgentConfig, Handoff, RunConfig, WatchFilter};
-use handoff_tests::{events_until, kinds, next_within, note, stack, Note};
+use handoff_tests::{
+    count, deliveries_of, events_until, inbox, kinds, next_within, note, settled_inbox, stack,
+    timeline_when, Note,
+};
 
 #[tokio::test]
 async fn each_handoff_goes_to_exactly_one_of_three_instances_and_ack_ends_it() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (nats, _broker, client) = stack(|_| {}).await;
     client
         .register_agent(AgentConfig::new("worker").lease(Duration::from_millis(800)))
         .await
@@ -66,6 +69,12 @@ async fn each_handoff_goes_to_exactly_one_of_three_instances_and_ack_ends_it() {
         per_instance.iter().filter(|(_, c)| *c > 0).count() >= 2,
         "work spread over instances: {per_instance:?}"
     );
+    // JetStream's record agrees: 30 stored, 30 deliveries, none left; and
+    // the run's timeline records no redelivery.
+    let inbox = settled_inbox(nats.url(), "worker").await;
+    assert_eq!((inbox.stored, inbox.deliveries), (30, 30), "{inbox:?}");
+    let timeline = client.get_run(&run.id).await.unwrap().timeline;
+    assert_eq!(count(&timeline, &[pb::EventKind::Redelivered], |_| true), 0);
 }
 
 #[tokio::test]
@@ -181,7 +190,7 @@ async fn without_fallback_attempts_end_in_the_dead_letter_and_the_run_fails() {
 
 #[tokio::test]
 async fn same_idempotency_key_twice_is_one_delivery() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (nats, _broker, client) = stack(|_| {}).await;
     client
         .register_agent(AgentConfig::new("worker").lease(Duration::from_millis(500)))
         .await
@@ -210,12 +219,14 @@ async fn same_idempotency_key_twice_is_one_delivery() {
             .is_none(),
         "no second delivery"
     );
+    let inbox = settled_inbox(nats.url(), "worker").await;
+    assert_eq!((inbox.stored, inbox.deliveries), (1, 1), "{inbox:?}");
 }
 
 #[tokio::test]
 async fn crash_between_complete_and_ack_is_delivered_downstream_once() {
     // The broker stores the new handoff but "dies" before acking the input.
-    let (_nats, _broker, client) = stack(|c| c.faults.skip_consume_ack = true).await;
+    let (nats, _broker, client) = stack(|c| c.faults.skip_consume_ack = true).await;
     client
         .register_agent(AgentConfig::new("worker").lease(Duration::from_secs(30)))
         .await
@@ -266,6 +277,10 @@ async fn crash_between_complete_and_ack_is_delivered_downstream_once() {
             .is_none(),
         "downstream once"
     );
+    let inbox = settled_inbox(nats.url(), "aggregator").await;
+    assert_eq!((inbox.stored, inbox.deliveries), (1, 1), "{inbox:?}");
+    let timeline = timeline_when(&client, &run.id, |t| deliveries_of(t, &r1.handoff_id) > 0).await;
+    assert_eq!(deliveries_of(&timeline, &r1.handoff_id), 1);
 }
 
 /// Registers `worker` with `lease`, starts a run and hands it one task.
@@ -284,7 +299,7 @@ async fn one_task_for_worker(client: &handoff_client::Client, lease: Duration) -
 
 #[tokio::test]
 async fn an_ack_repeated_by_id_in_a_new_subscription_is_confirmed_and_settles_once() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (nats, _broker, client) = stack(|_| {}).await;
     let run = one_task_for_worker(&client, Duration::from_millis(500)).await;
     let mut first = client.subscribe("worker", "a", 1).await.unwrap();
     let d = next_within(&mut first, Duration::from_secs(5))
@@ -304,6 +319,8 @@ async fn an_ack_repeated_by_id_in_a_new_subscription_is_confirmed_and_settles_on
             .is_none(),
         "not delivered again (three leases later)"
     );
+    let inbox = settled_inbox(nats.url(), "worker").await;
+    assert_eq!((inbox.stored, inbox.deliveries), (1, 1), "{inbox:?}");
     let acks = client
         .get_run(&run.id)
         .await
@@ -320,7 +337,7 @@ async fn an_ack_repeated_by_id_in_a_new_subscription_is_confirmed_and_settles_on
 
 #[tokio::test]
 async fn nack_with_delay_redelivers_and_extend_keeps_the_lease() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (nats, _broker, client) = stack(|_| {}).await;
     one_task_for_worker(&client, Duration::from_millis(600)).await;
     let mut a = client.subscribe("worker", "a", 1).await.unwrap();
     let d = next_within(&mut a, Duration::from_secs(5))
@@ -338,6 +355,11 @@ async fn nack_with_delay_redelivers_and_extend_keeps_the_lease() {
             .is_none(),
         "not redelivered while extended"
     );
+    // JetStream delivered it once and it is still out; no redelivery event.
+    let held = inbox(nats.url(), "worker").await;
+    assert_eq!((held.deliveries, held.unacked), (1, 1), "{held:?}");
+    let timeline = client.get_run(d.run_id()).await.unwrap().timeline;
+    assert_eq!(count(&timeline, &[pb::EventKind::Redelivered], |_| true), 0);
     d.nack(Some(Duration::from_millis(300))).await.unwrap();
     let again = tokio::time::timeout(Duration::from_secs(5), async {
         tokio::select! {

@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use handoff_client::{pb, AgentConfig, Handoff, RunConfig};
-use handoff_tests::{next_within, note, stack, Broker, Nats, Note};
+use handoff_tests::{next_within, note, settled_inbox, stack, Broker, Nats, Note};
 use tonic::Code;
 
 #[tokio::test]
 async fn bad_input_is_refused_precisely_and_changes_nothing() {
-    let (_nats, _broker, client) = stack(|c| c.max_inline_payload = 1024).await;
+    let (nats, _broker, client) = stack(|c| c.max_inline_payload = 1024).await;
     let raw = client.raw();
     client
         .register_agent(AgentConfig::new("worker"))
@@ -132,6 +132,8 @@ async fn bad_input_is_refused_precisely_and_changes_nothing() {
             .is_none(),
         "nothing refused was stored"
     );
+    let inbox = settled_inbox(nats.url(), "worker").await;
+    assert_eq!((inbox.stored, inbox.deliveries), (1, 1), "{inbox:?}");
     let agents = client.list_agents().await.unwrap();
     assert_eq!(
         agents.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
