@@ -474,7 +474,7 @@ pub async fn inbox(nats_url: &str, agent: &str) -> Inbox {
         .expect("connect to NATS");
     let js = async_nats::jetstream::new(client);
     let stream = js
-        .get_stream(handoffd::store::INBOX_STREAM)
+        .get_stream(handoffd::store::jetstream::INBOX_STREAM)
         .await
         .expect("the inbox stream");
     let mut subjects = stream
