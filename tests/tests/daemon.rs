@@ -227,6 +227,7 @@ async fn health_and_reflection_are_served() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
         ServerReflectionRequest,
     };
+    let channel_v1alpha = channel.clone();
     let mut reflection = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),
@@ -250,6 +251,31 @@ async fn health_and_reflection_are_served() {
         names.contains(&"grpc.health.v1.Health".to_string()),
         "{names:?}"
     );
+
+    // The older protocol, the only one Python's grpcio-reflection speaks.
+    use tonic_reflection::pb::v1alpha::{
+        server_reflection_client::ServerReflectionClient as AlphaClient,
+        server_reflection_request::MessageRequest as AlphaRequest,
+        server_reflection_response::MessageResponse as AlphaResponse,
+        ServerReflectionRequest as AlphaReflectionRequest,
+    };
+    let mut alpha = AlphaClient::new(channel_v1alpha);
+    let request = AlphaReflectionRequest {
+        host: String::new(),
+        message_request: Some(AlphaRequest::FileContainingSymbol(
+            "handoff.v1.HandoffBroker".into(),
+        )),
+    };
+    let mut responses = alpha
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .expect("v1alpha is served")
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(AlphaResponse::FileDescriptorResponse(files)) = response.message_response else {
+        panic!("unexpected v1alpha reflection answer: {response:?}");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
 }
 
 #[tokio::test]
