@@ -40,7 +40,8 @@ pub fn release_id(run_id: &str, barrier_id: &str) -> String {
     crate::rules::handoff::derived_id(&format!("barrier\u{0}{run_id}\u{0}{barrier_id}"))
 }
 
-fn spec_error(e: barrier::BarrierError) -> BrokerError {
+/// A barrier spec refused by the rules, as INVALID_BARRIER_SPEC.
+pub fn spec_error(e: barrier::BarrierError) -> BrokerError {
     BrokerError::invalid(Reason::InvalidBarrierSpec, "barrier", e.to_string())
 }
 
@@ -50,12 +51,15 @@ pub async fn open(
     broker: &Broker,
     req: pb::OpenBarrierRequest,
 ) -> Result<pb::OpenBarrierResponse, BrokerError> {
-    let spec = req
-        .barrier
-        .ok_or_else(|| BrokerError::malformed("barrier", "barrier is required"))?;
-    open_spec(broker, spec).await
+    open_spec(broker, required(req.barrier)?).await
 }
 
+/// The barrier spec a request must carry.
+pub fn required(spec: Option<pb::BarrierSpec>) -> Result<pb::BarrierSpec, BrokerError> {
+    spec.ok_or_else(|| BrokerError::malformed("barrier", "barrier is required"))
+}
+
+/// Opens a barrier from its spec (see [`open`]).
 pub async fn open_spec(
     broker: &Broker,
     spec: pb::BarrierSpec,

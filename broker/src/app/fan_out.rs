@@ -17,11 +17,8 @@ pub async fn fan_out(
     broker: &Broker,
     req: pb::FanOutRequest,
 ) -> Result<pb::FanOutResponse, BrokerError> {
-    let spec = req
-        .barrier
-        .ok_or_else(|| BrokerError::malformed("barrier", "barrier is required"))?;
-    let keys = barrier::branch_keys(&spec)
-        .map_err(|e| BrokerError::invalid(Reason::InvalidBarrierSpec, "barrier", e.to_string()))?;
+    let spec = barriers::required(req.barrier)?;
+    let keys = barrier::branch_keys(&spec).map_err(barriers::spec_error)?;
     if req.branches.is_empty() {
         return Err(BrokerError::malformed(
             "branches",

@@ -181,11 +181,6 @@ impl Broker {
         }
     }
 
-    /// Whether the broker is draining.
-    pub fn is_draining(&self) -> bool {
-        *self.inner.draining.borrow()
-    }
-
     /// Resolves once the broker starts draining.
     pub async fn drained(&self) {
         let mut rx = self.inner.draining.clone();

@@ -73,6 +73,14 @@ impl Fixture {
             .id
     }
 
+    /// Hands `agent` a task in `run` and returns its delivery.
+    async fn task_for(&self, run: &str, agent: &str) -> pb::Delivery {
+        handoff::accept(&self.broker, to(run, agent))
+            .await
+            .expect("task");
+        self.deliver(agent).await
+    }
+
     /// Offers the next pending handoff of `agent` and returns its delivery.
     async fn deliver(&self, agent: &str) -> pb::Delivery {
         use futures::StreamExt;
@@ -146,10 +154,7 @@ async fn a_redo_after_a_crash_between_store_and_ack_is_the_same_handoff() {
     let f = fixture();
     f.agents(&["planner", "worker"]).await;
     let run = f.run(0).await;
-    handoff::accept(&f.broker, to(&run, "planner"))
-        .await
-        .expect("task");
-    let d = f.deliver("planner").await;
+    let d = f.task_for(&run, "planner").await;
     // A broker that stores the handoff and dies before acking its input.
     let crashing = f.replica(Config {
         faults: crate::config::Faults {
@@ -190,10 +195,7 @@ async fn an_event_lost_after_the_store_is_repaired_by_the_retry() {
     let f = fixture();
     f.agents(&["planner", "worker"]).await;
     let run = f.run(0).await;
-    handoff::accept(&f.broker, to(&run, "planner"))
-        .await
-        .expect("task");
-    let d = f.deliver("planner").await;
+    let d = f.task_for(&run, "planner").await;
     f.store.fail("publish_event", 1);
     let failed = handoff::accept(&f.broker, consuming(&run, "planner", "worker", &d)).await;
     assert_eq!(reason(failed), Reason::NatsUnavailable);
@@ -219,10 +221,7 @@ async fn a_failed_store_leaves_no_claim() {
     let f = fixture();
     f.agents(&["planner", "worker", "critic"]).await;
     let run = f.run(0).await;
-    handoff::accept(&f.broker, to(&run, "planner"))
-        .await
-        .expect("task");
-    let d = f.deliver("planner").await;
+    let d = f.task_for(&run, "planner").await;
     let consumed = d.handoff.as_ref().expect("handoff").id.clone();
     f.store.fail("put_handoff", 1);
     let failed = handoff::accept(&f.broker, consuming(&run, "planner", "worker", &d)).await;
@@ -241,10 +240,7 @@ async fn one_delivery_goes_to_one_target() {
     let f = fixture();
     f.agents(&["planner", "worker", "critic"]).await;
     let run = f.run(0).await;
-    handoff::accept(&f.broker, to(&run, "planner"))
-        .await
-        .expect("task");
-    let d = f.deliver("planner").await;
+    let d = f.task_for(&run, "planner").await;
     handoff::accept(&f.broker, consuming(&run, "planner", "worker", &d))
         .await
         .expect("first");
@@ -361,10 +357,7 @@ async fn a_reject_fails_the_run_before_the_delivery_is_terminated() {
     let f = fixture();
     f.agents(&["worker"]).await;
     let run = f.run(0).await;
-    handoff::accept(&f.broker, to(&run, "worker"))
-        .await
-        .expect("task");
-    let d = f.deliver("worker").await;
+    let d = f.task_for(&run, "worker").await;
     let spec = f.broker.agent("worker").await.expect("agent");
     // The run ends first; a failed settlement leaves the delivery to be
     // redelivered and discarded.
@@ -390,10 +383,7 @@ async fn a_delivery_of_another_agent_is_refused() {
     let f = fixture();
     f.agents(&["worker", "critic"]).await;
     let run = f.run(0).await;
-    handoff::accept(&f.broker, to(&run, "worker"))
-        .await
-        .expect("task");
-    let d = f.deliver("worker").await;
+    let d = f.task_for(&run, "worker").await;
     let critic = f.broker.agent("critic").await.expect("agent");
     let err = deliveries::settle(
         &f.broker,
