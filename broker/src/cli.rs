@@ -114,6 +114,11 @@ pub fn main() -> ExitCode {
         let shutdown = shutdown_signal();
         match crate::run(config, listener, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e @ crate::RunError::Config(_)) => {
+                tracing::error!("{e}");
+                eprintln!("handoffd: {e}");
+                ExitCode::from(EX_USAGE)
+            }
             Err(e) => {
                 tracing::error!("{e}");
                 eprintln!("handoffd: {e}");

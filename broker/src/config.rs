@@ -105,6 +105,11 @@ pub const KEYS: &[Key] = &[
         doc: "BPE encoding that counts payload tokens for max_tokens: o200k_base, cl100k_base, p50k_base or r50k_base.",
     },
     Key {
+        name: "auth_token_file",
+        default: "",
+        doc: "File holding the bootstrap admin token (a secret of at least 32 characters). Set: every call must be authenticated (bearer token or client certificate). Unset: no auth, and the broker serves only on loopback.",
+    },
+    Key {
         name: "metrics_listen",
         default: "",
         doc: "Address of the Prometheus text endpoint (GET /metrics). Unset: no endpoint.",
@@ -162,6 +167,8 @@ pub struct Config {
     pub tokenizer: String,
     /// Prometheus endpoint address, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// File of the bootstrap admin token; set: calls are authenticated.
+    pub auth_token_file: Option<PathBuf>,
     /// Fault injection for tests; not a configuration key.
     pub faults: Faults,
 }
@@ -321,6 +328,9 @@ impl Config {
             max_in_flight: num("max_in_flight", raw("max_in_flight"), 1, &mut problems),
             tokenizer,
             metrics_listen,
+            auth_token_file: Some(raw("auth_token_file"))
+                .filter(|s| !s.trim().is_empty())
+                .map(PathBuf::from),
             faults: Faults::default(),
         };
         if problems.is_empty() {

@@ -23,6 +23,8 @@ pub enum Class {
     AlreadyExists,
     /// The request cannot succeed in the current state.
     FailedPrecondition,
+    /// The caller did not prove who it is.
+    Unauthenticated,
     /// The caller may not do this.
     PermissionDenied,
     /// The request is larger than the broker accepts.
@@ -127,6 +129,20 @@ reasons! {
         "a branch result that would take the barrier's release past one NATS message";
     DeliveryGone => "DELIVERY_GONE", FailedPrecondition,
         "the consumed delivery's handoff is no longer stored";
+    LeaseSuperseded => "LEASE_SUPERSEDED", FailedPrecondition,
+        "the delivery's lease passed, or it was delivered again: this attempt may no longer settle it";
+    AlreadySettled => "ALREADY_SETTLED", FailedPrecondition,
+        "the delivery was already settled another way (acked, nacked or rejected)";
+    MissingCredentials => "MISSING_CREDENTIALS", Unauthenticated,
+        "the call carries no bearer token and no client certificate";
+    BadCredentials => "BAD_CREDENTIALS", Unauthenticated,
+        "the bearer token is unknown, malformed or wrong, or the certificate names no principal";
+    TokenRevoked => "TOKEN_REVOKED", Unauthenticated,
+        "the bearer token was revoked";
+    NotGranted => "NOT_GRANTED", PermissionDenied,
+        "the principal has no grant for this action on this name (or a deny grant matches)";
+    BadSignature => "BAD_SIGNATURE", PermissionDenied,
+        "a delivery id whose signature does not verify (forged or altered)";
     UndeclaredEmit => "UNDECLARED_EMIT", PermissionDenied,
         "the source agent sends a contract it does not declare in emits";
     RequestTooLarge => "REQUEST_TOO_LARGE", OutOfRange,
@@ -406,6 +422,20 @@ impl BrokerError {
         }
     }
 
+    /// A refusal for who the caller is (or is not): `reason` is one of the
+    /// UNAUTHENTICATED or PERMISSION_DENIED reasons.
+    pub fn denied(
+        reason: Reason,
+        message: impl Into<String>,
+        metadata: Vec<(&'static str, String)>,
+    ) -> Self {
+        BrokerError::Refused {
+            reason,
+            message: message.into(),
+            metadata,
+        }
+    }
+
     /// Wraps a NATS error as UNAVAILABLE, keeping its text.
     pub fn nats(context: &str, err: impl fmt::Display) -> Self {
         BrokerError::Unavailable(format!("{context}: {err}"))
@@ -469,6 +499,7 @@ mod readme {
                 super::Class::NotFound => "NOT_FOUND",
                 super::Class::AlreadyExists => "ALREADY_EXISTS",
                 super::Class::FailedPrecondition => "FAILED_PRECONDITION",
+                super::Class::Unauthenticated => "UNAUTHENTICATED",
                 super::Class::PermissionDenied => "PERMISSION_DENIED",
                 super::Class::OutOfRange => "OUT_OF_RANGE",
                 super::Class::Unavailable => "UNAVAILABLE",

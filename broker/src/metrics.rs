@@ -20,6 +20,7 @@ use tokio::{
 pub struct Metrics {
     accepted: AtomicU64,
     rejected: DashMap<&'static str, AtomicU64>,
+    denied: DashMap<&'static str, AtomicU64>,
 }
 
 impl Metrics {
@@ -32,6 +33,14 @@ impl Metrics {
     pub fn rejected(&self, rule: &'static str) {
         self.rejected
             .entry(rule)
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a call refused for who made it, by reason.
+    pub fn denied(&self, reason: &'static str) {
+        self.denied
+            .entry(reason)
             .or_default()
             .fetch_add(1, Ordering::Relaxed);
     }
@@ -65,6 +74,22 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "handoff_contract_rejections_total{{rule=\"{rule}\"}} {n}"
+            );
+        }
+        out.push_str(
+            "# HELP handoff_access_denied_total Calls refused for who made them, by reason.\n",
+        );
+        out.push_str("# TYPE handoff_access_denied_total counter\n");
+        let mut denied: Vec<_> = self
+            .denied
+            .iter()
+            .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
+            .collect();
+        denied.sort();
+        for (reason, n) in denied {
+            let _ = writeln!(
+                out,
+                "handoff_access_denied_total{{reason=\"{reason}\"}} {n}"
             );
         }
         out
@@ -120,6 +145,7 @@ mod tests {
         m.rejected("max_tokens");
         m.rejected("max_tokens");
         m.rejected("decode");
+        m.denied("NOT_GRANTED");
         assert_eq!(m.rejections(), vec![("decode", 1), ("max_tokens", 2)]);
         let text = m.render();
         assert!(
@@ -128,6 +154,10 @@ mod tests {
         );
         assert!(
             text.contains("handoff_contract_rejections_total{rule=\"max_tokens\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("handoff_access_denied_total{reason=\"NOT_GRANTED\"} 1\n"),
             "{text}"
         );
     }

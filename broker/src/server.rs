@@ -14,7 +14,7 @@ use tokio::{
 };
 
 use crate::{
-    app::Broker,
+    app::{auth::Auth, Broker},
     config::Config,
     embedded::{self, EmbeddedError, NatsServer},
     error::BrokerError,
@@ -43,6 +43,9 @@ pub enum RunError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(String),
+    /// A configured file could not be used.
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// What a started broker tells its caller once it serves.
@@ -125,7 +128,20 @@ async fn serve(
         })?;
     let store = JetStream::open(client.clone(), config).await?;
     let (drain_tx, drain_rx) = watch::channel(false);
-    let broker = Broker::new(config.clone(), std::sync::Arc::new(store.clone()), drain_rx);
+    let auth = match &config.auth_token_file {
+        None => {
+            tracing::warn!(%addr, "no auth configured: every caller may do anything (serve on loopback only)");
+            Auth::disabled()
+        }
+        Some(path) => Auth::required(Some(read_secret(path)?)),
+    };
+    let broker = Broker::with_auth(
+        config.clone(),
+        std::sync::Arc::new(store.clone()),
+        drain_rx,
+        auth,
+    );
+    crate::app::auth::load_keys(&broker).await?;
     // Watch contracts from where the load ends, so it does not load them
     // all again.
     let watch_from = store.contracts_revision().await? + 1;
@@ -233,6 +249,21 @@ async fn serve(
     }
     tracing::info!("handoffd stopped");
     result
+}
+
+/// Reads a secret from a file (trailing whitespace dropped); a missing,
+/// empty or short one is a configuration error.
+fn read_secret(path: &std::path::Path) -> Result<String, RunError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| RunError::Config(format!("auth_token_file {}: {e}", path.display())))?;
+    let secret = text.trim_end().to_string();
+    if secret.chars().count() < 32 {
+        return Err(RunError::Config(format!(
+            "auth_token_file {}: the token must be at least 32 characters",
+            path.display()
+        )));
+    }
+    Ok(secret)
 }
 
 /// Keeps the agent cache current with registrations made on any replica.

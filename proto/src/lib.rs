@@ -58,6 +58,7 @@ impl pb::EventKind {
             K::BarrierReleased => "barrier_released",
             K::BarrierTimedOut => "barrier_timed_out",
             K::BranchLate => "branch_late",
+            K::AccessDenied => "access_denied",
         }
     }
 
@@ -90,6 +91,7 @@ pub const ALL_EVENT_KINDS: &[pb::EventKind] = &[
     pb::EventKind::BarrierReleased,
     pb::EventKind::BarrierTimedOut,
     pb::EventKind::BranchLate,
+    pb::EventKind::AccessDenied,
 ];
 
 impl pb::RunStatus {

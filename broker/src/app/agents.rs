@@ -5,9 +5,12 @@ use std::time::Duration;
 use handoff_proto::pb;
 
 use crate::{
-    app::Broker,
+    app::{
+        auth::{self, Caller},
+        Broker,
+    },
     error::BrokerError,
-    rules::{contracts, names},
+    rules::{contracts, grants::Action, names},
 };
 
 /// Longest lease accepted.
@@ -19,8 +22,10 @@ const MAX_ATTEMPTS: u32 = 1000;
 /// exists with this lease, then stores the spec.
 pub async fn register(
     broker: &Broker,
+    caller: &Caller,
     req: pb::RegisterAgentRequest,
 ) -> Result<pb::RegisterAgentResponse, BrokerError> {
+    auth::require(broker, caller, Action::Admin, "", None).await?;
     let mut spec = req
         .agent
         .ok_or_else(|| BrokerError::malformed("agent", "agent is required"))?;
@@ -132,7 +137,8 @@ async fn check_contracts(broker: &Broker, spec: &mut pb::AgentSpec) -> Result<()
 }
 
 /// Every registered agent.
-pub async fn list(broker: &Broker) -> Result<pb::ListAgentsResponse, BrokerError> {
+pub async fn list(broker: &Broker, caller: &Caller) -> Result<pb::ListAgentsResponse, BrokerError> {
+    auth::require(broker, caller, Action::Read, "", None).await?;
     Ok(pb::ListAgentsResponse {
         agents: broker.store().agents().await?,
     })

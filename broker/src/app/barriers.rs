@@ -23,10 +23,14 @@ use handoff_proto::pb;
 use prost::Message as _;
 
 use crate::{
-    app::{now, status_name, Broker},
+    app::{
+        auth::{self, Caller},
+        now, status_name, Broker,
+    },
     error::{BrokerError, Reason},
     rules::{
         barrier::{self, Arrival, Decision},
+        grants::Action,
         names,
     },
     store::TimerKind,
@@ -49,9 +53,14 @@ pub fn spec_error(e: barrier::BarrierError) -> BrokerError {
 /// that arrived before it, and schedules its timeout.
 pub async fn open(
     broker: &Broker,
+    caller: &Caller,
     req: pb::OpenBarrierRequest,
 ) -> Result<pb::OpenBarrierResponse, BrokerError> {
-    open_spec(broker, required(req.barrier)?).await
+    let spec = required(req.barrier)?;
+    names::validate("barrier.run_id", &spec.run_id)?;
+    let (run, _) = broker.run(&spec.run_id).await?;
+    auth::require(broker, caller, Action::Own, &run.owner, Some(&run)).await?;
+    open_spec(broker, spec).await
 }
 
 /// The barrier spec a request must carry.
@@ -170,10 +179,15 @@ fn describe(spec: &pb::BarrierSpec) -> String {
 /// A barrier's state.
 pub async fn get(
     broker: &Broker,
+    caller: &Caller,
     req: pb::GetBarrierRequest,
 ) -> Result<pb::GetBarrierResponse, BrokerError> {
     names::validate("run_id", &req.run_id)?;
     names::validate("barrier_id", &req.barrier_id)?;
+    if !caller.may(Action::Read, "") {
+        let (run, _) = broker.run(&req.run_id).await?;
+        auth::require(broker, caller, Action::Own, &run.owner, Some(&run)).await?;
+    }
     let (barrier, _) = broker
         .store()
         .barrier(&req.run_id, &req.barrier_id)

@@ -11,9 +11,15 @@ use std::{sync::Arc, time::Duration};
 use handoff_proto::pb;
 
 use crate::{
-    app::{now, Broker},
+    app::{
+        auth::{self, Caller},
+        now, Broker,
+    },
     error::{BrokerError, Reason},
-    rules::contracts::{self, compat, validate, Compiled},
+    rules::{
+        contracts::{self, compat, validate, Compiled},
+        grants::Action,
+    },
 };
 
 /// Largest descriptor set accepted, in bytes.
@@ -22,8 +28,10 @@ const MAX_DESCRIPTOR_SET: usize = 512 * 1024;
 /// Registers a contract version (or answers the identical one).
 pub async fn register(
     broker: &Broker,
+    caller: &Caller,
     req: pb::RegisterContractRequest,
 ) -> Result<pb::RegisterContractResponse, BrokerError> {
+    auth::require(broker, caller, Action::Admin, "", None).await?;
     contracts::validate_type_name("message_type", &req.message_type)?;
     if req.file_descriptor_set.is_empty() {
         return Err(BrokerError::malformed(
@@ -182,8 +190,10 @@ fn answer(c: &Compiled, created: bool) -> pb::RegisterContractResponse {
 /// One version (0: the latest) of a contract.
 pub async fn get(
     broker: &Broker,
+    caller: &Caller,
     req: pb::GetContractRequest,
 ) -> Result<pb::GetContractResponse, BrokerError> {
+    auth::require(broker, caller, Action::Read, "", None).await?;
     contracts::validate_type_name("message_type", &req.message_type)?;
     let versions = broker.contract_versions(&req.message_type).await?;
     let found = if req.version == 0 {
@@ -220,8 +230,10 @@ pub async fn get(
 /// Every version of every contract (or of one), descriptors left out.
 pub async fn list(
     broker: &Broker,
+    caller: &Caller,
     req: pb::ListContractsRequest,
 ) -> Result<pb::ListContractsResponse, BrokerError> {
+    auth::require(broker, caller, Action::Read, "", None).await?;
     let mut out = Vec::new();
     let mut keys: Vec<(String, u32)> = broker
         .store()

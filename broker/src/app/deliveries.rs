@@ -12,26 +12,85 @@ use prost::Message as _;
 use crate::{
     app::{
         agents::lease_of,
-        barriers, now,
+        auth, barriers, now,
         runs::{self, RunEnd},
         status_name, Broker,
     },
     error::BrokerError,
-    rules::handoff::{self as rules, Offer},
+    rules::{
+        handoff::{self as rules, Offer},
+        lease::{self, Ask, Decision},
+    },
     store::{Offered, Settlement},
 };
 
 /// Decodes a delivery id and checks that the store issued its reference
-/// for that agent's delivery; INVALID_ARGUMENT (`BAD_DELIVERY_ID`)
-/// otherwise.
-pub fn decode(broker: &Broker, delivery_id: &str) -> Result<pb::DeliveryToken, BrokerError> {
+/// for that agent's delivery (INVALID_ARGUMENT, `BAD_DELIVERY_ID`) and
+/// that its signature verifies (PERMISSION_DENIED, `BAD_SIGNATURE`).
+pub async fn decode(broker: &Broker, delivery_id: &str) -> Result<pb::DeliveryToken, BrokerError> {
     let token = rules::decode_token(delivery_id)?;
     if !broker.store().reference_matches(&token) {
         return Err(BrokerError::BadDeliveryId(
             "not a token issued by the broker".to_string(),
         ));
     }
+    auth::verify(broker, &token).await?;
     Ok(token)
+}
+
+/// The lease an agent's deliveries get.
+async fn lease_for(broker: &Broker, agent: &str) -> Duration {
+    match broker.agent(agent).await {
+        Ok(spec) => lease_of(&spec, broker.config().default_lease),
+        Err(_) => broker.config().default_lease,
+    }
+}
+
+/// The decision on settling `token`'s attempt as `ask`, from its lease
+/// record as stored now; with the record's revision.
+pub async fn decide(
+    broker: &Broker,
+    token: &pb::DeliveryToken,
+    record: Option<(pb::Lease, u64)>,
+    ask: Ask,
+) -> Result<(Decision, Option<u64>), BrokerError> {
+    let lease = lease_for(broker, &token.agent).await;
+    let revision = record.as_ref().map(|(_, r)| *r);
+    let decision = lease::settle(
+        record.as_ref().map(|(l, _)| l),
+        token,
+        ask,
+        std::time::SystemTime::now(),
+        lease,
+    )?;
+    Ok((decision, revision))
+}
+
+/// Decides and records a settlement of `token`'s attempt: the lease
+/// record moves by compare-and-set (read again if another write came
+/// first). `Repeat` when the same settlement was made before.
+async fn record_settlement(
+    broker: &Broker,
+    token: &pb::DeliveryToken,
+    ask: Ask,
+) -> Result<Decision, BrokerError> {
+    loop {
+        let record = broker
+            .store()
+            .lease(&token.agent, token.stream_sequence)
+            .await?;
+        let (decision, revision) = decide(broker, token, record, ask).await?;
+        let Decision::Proceed(next) = &decision else {
+            return Ok(decision);
+        };
+        if broker
+            .store()
+            .put_lease(&token.agent, token.stream_sequence, next, revision)
+            .await?
+        {
+            return Ok(decision);
+        }
+    }
 }
 
 /// What a session keeps of a delivery it holds.
@@ -73,7 +132,12 @@ pub enum Offering {
 /// Decides what becomes of a handoff the inbox offers to an instance of
 /// `agent`: attempts used up -> fallback or dead letter; run gone or ended
 /// -> discarded; otherwise a delivery with the run's pinned context.
-pub async fn offer(broker: &Broker, agent: &pb::AgentSpec, offered: Offered) -> Offering {
+pub async fn offer(
+    broker: &Broker,
+    agent: &pb::AgentSpec,
+    instance: &str,
+    offered: Offered,
+) -> Offering {
     let Offered {
         sequence,
         delivered,
@@ -138,12 +202,34 @@ pub async fn offer(broker: &Broker, agent: &pb::AgentSpec, offered: Offered) -> 
         return Offering::Skip;
     }
     let lease = lease_of(&spec, broker.config().default_lease);
-    let delivery_id = rules::encode_token(&pb::DeliveryToken {
+    let deadline = prost_types::Timestamp::from(std::time::SystemTime::now() + lease);
+    match take_lease(
+        broker, &spec.name, sequence, attempt, instance, deadline, &reference,
+    )
+    .await
+    {
+        Ok(true) => {}
+        Ok(false) => return Offering::Skip,
+        Err(e) => {
+            tracing::warn!(error = %e, "lease not recorded; delivery left to its lease");
+            return Offering::Skip;
+        }
+    }
+    let mut token = pb::DeliveryToken {
         agent: spec.name.clone(),
         stream_sequence: sequence,
         ack_subject: reference.clone(),
         handoff_id: envelope.id.clone(),
-    });
+        attempt,
+        instance: instance.to_string(),
+        lease_deadline: Some(deadline),
+        ..Default::default()
+    };
+    if let Err(e) = auth::sign(broker, &mut token).await {
+        tracing::warn!(error = %e, "delivery not signed; left to its lease");
+        return Offering::Skip;
+    }
+    let delivery_id = rules::encode_token(&token);
     let held = Held {
         delivery_id: delivery_id.clone(),
         handoff_id: envelope.id.clone(),
@@ -160,14 +246,64 @@ pub async fn offer(broker: &Broker, agent: &pb::AgentSpec, offered: Offered) -> 
         delivery_id,
         attempt,
         max_attempts: spec.max_attempts,
-        lease_deadline: Some(prost_types::Timestamp::from(
-            std::time::SystemTime::now() + lease,
-        )),
+        lease_deadline: Some(deadline),
         pinned: run.pinned,
         sequence,
         handoff: Some(envelope),
     };
     Offering::Deliver(Box::new(delivery), Box::new(held))
+}
+
+/// Records that `instance` holds attempt `attempt` of the inbox message at
+/// `sequence` until `deadline`. `false` when the message must not be
+/// delivered: an earlier attempt's ack was recorded and its ack to the
+/// inbox lost (it is acked now), or another offer recorded it first.
+async fn take_lease(
+    broker: &Broker,
+    agent: &str,
+    sequence: u64,
+    attempt: u32,
+    instance: &str,
+    deadline: prost_types::Timestamp,
+    reference: &str,
+) -> Result<bool, BrokerError> {
+    let next = pb::Lease {
+        attempt,
+        instance: instance.to_string(),
+        deadline: Some(deadline),
+        state: pb::LeaseState::Leased as i32,
+        settled_at: None,
+    };
+    // A first attempt has no record yet: create it without reading.
+    if attempt == 1
+        && broker
+            .store()
+            .put_lease(agent, sequence, &next, None)
+            .await?
+    {
+        return Ok(true);
+    }
+    let record = broker.store().lease(agent, sequence).await?;
+    if let Some((current, _)) = &record {
+        let state = pb::LeaseState::try_from(current.state).unwrap_or(pb::LeaseState::Unspecified);
+        match state {
+            pb::LeaseState::Acked => {
+                broker.store().settle(reference, Settlement::Ack).await?;
+                return Ok(false);
+            }
+            pb::LeaseState::Rejected => {
+                broker.store().settle(reference, Settlement::Term).await?;
+                return Ok(false);
+            }
+            _ if current.attempt >= attempt => return Ok(false),
+            _ => {}
+        }
+    }
+    let revision = record.map(|(_, r)| r);
+    broker
+        .store()
+        .put_lease(agent, sequence, &next, revision)
+        .await
 }
 
 /// Announces that a delivery reached an instance (`delivered`, or
@@ -222,12 +358,51 @@ pub async fn settle(
     op: &Op,
 ) -> Result<Option<Duration>, BrokerError> {
     let agent = spec.name.as_str();
-    let token = decode(broker, delivery_id)?;
+    let token = decode(broker, delivery_id).await?;
     if token.agent != agent {
         return Err(BrokerError::BadDeliveryId(format!(
             "the delivery belongs to agent {:?}, not {agent:?}",
             token.agent
         )));
+    }
+    let ask = match op {
+        Op::Ack => Ask::Ack,
+        Op::Nack(_) => Ask::Nack,
+        Op::Reject(_) => Ask::Reject,
+        Op::Extend => Ask::Extend,
+    };
+    // A rejection fails the run before it is recorded (see below), so it
+    // is decided first and recorded after; every other settlement is
+    // recorded first.
+    let decided = if let Op::Reject(_) = op {
+        let record = broker
+            .store()
+            .lease(&token.agent, token.stream_sequence)
+            .await?;
+        decide(broker, &token, record, ask).await?.0
+    } else {
+        record_settlement(broker, &token, ask).await?
+    };
+    if decided == Decision::Repeat {
+        // The same settlement again (its answer was lost, or it failed
+        // half-way): confirm it; an ack or a rejection is repeated to the
+        // inbox in case it never reached it.
+        match op {
+            Op::Ack => {
+                broker
+                    .store()
+                    .settle(&token.ack_subject, Settlement::Ack)
+                    .await?
+            }
+            Op::Reject(_) => {
+                broker
+                    .store()
+                    .settle(&token.ack_subject, Settlement::Term)
+                    .await?
+            }
+            Op::Nack(_) | Op::Extend => {}
+        }
+        return Ok(None);
     }
     let (run_id, owner, attempt, branch) = match held {
         Some(h) => (
@@ -306,12 +481,12 @@ pub async fn settle(
                 runs::end(broker, &run_id, RunEnd::Failed(why)).await?;
             }
         }
+        record_settlement(broker, &token, ask).await?;
     }
     broker.store().settle(&token.ack_subject, how).await?;
     match op {
         Op::Extend => {
-            let spec = broker.agent(agent).await.unwrap_or_else(|_| spec.clone());
-            return Ok(Some(lease_of(&spec, broker.config().default_lease)));
+            return Ok(Some(lease_for(broker, agent).await));
         }
         Op::Ack => {
             broker
@@ -357,26 +532,30 @@ pub async fn settle_consumed(
     run_id: &str,
     delivery_id: &str,
 ) -> Result<(), BrokerError> {
-    let token = decode(broker, delivery_id)?;
+    let token = decode(broker, delivery_id).await?;
     let (run, _) = broker.run(run_id).await?;
     ack_consumed(broker, &run, delivery_id, &token).await;
     Ok(())
 }
 
-/// Acks the consumed delivery after the new handoff is stored. A failure
-/// is logged, not returned: the new handoff is durable, and a delivery
-/// that stays unacked is redelivered and its repeated handoff recognised.
+/// Acks the consumed delivery after the new handoff is stored: its lease
+/// record and the inbox, together. A failure is logged, not returned: the
+/// new handoff is durable, and a delivery that stays unacked is
+/// redelivered and its repeated handoff recognised.
 pub async fn ack_consumed(
     broker: &Broker,
     run: &pb::Run,
     delivery_id: &str,
     token: &pb::DeliveryToken,
 ) {
-    match broker
-        .store()
-        .settle(&token.ack_subject, Settlement::Ack)
-        .await
-    {
+    let (recorded, acked) = tokio::join!(
+        record_settlement(broker, token, Ask::Ack),
+        broker.store().settle(&token.ack_subject, Settlement::Ack)
+    );
+    if let Err(e) = recorded {
+        tracing::debug!(handoff_id = %token.handoff_id, error = %e, "consumed delivery's lease not recorded as acked");
+    }
+    match acked {
         Ok(()) => {
             broker.release_delivery(delivery_id);
             let event = pb::Event {

@@ -5,9 +5,12 @@ use futures::{StreamExt, TryStreamExt};
 use handoff_proto::pb;
 
 use crate::{
-    app::{barriers, deliveries, handoff, Broker},
+    app::{
+        auth::{self, Caller},
+        barriers, deliveries, handoff, Broker,
+    },
     error::{BrokerError, Reason},
-    rules::barrier,
+    rules::{barrier, grants::Action},
 };
 
 /// Opens a barrier and accepts one handoff per branch, each tagged with
@@ -15,6 +18,7 @@ use crate::{
 /// that delivery is acked once every branch is stored.
 pub async fn fan_out(
     broker: &Broker,
+    caller: &Caller,
     req: pb::FanOutRequest,
 ) -> Result<pb::FanOutResponse, BrokerError> {
     let spec = barriers::required(req.barrier)?;
@@ -69,6 +73,25 @@ pub async fn fan_out(
             ));
         }
     }
+    // Who may: every branch's sender (or the run's owner for a branch
+    // with no source), and the receiver of the delivery they consume,
+    // before the barrier is opened.
+    let (run, _) = broker.run(&spec.run_id).await?;
+    let sources: std::collections::BTreeSet<&str> = req
+        .branches
+        .iter()
+        .map(|b| b.source_agent.as_str())
+        .collect();
+    for source in sources {
+        match source {
+            "" => auth::require(broker, caller, Action::Own, &run.owner, Some(&run)).await?,
+            s => auth::require(broker, caller, Action::SendAs, s, Some(&run)).await?,
+        }
+    }
+    if !consumes.is_empty() {
+        let token = deliveries::decode(broker, &consumes).await?;
+        auth::require(broker, caller, Action::ReceiveAs, &token.agent, Some(&run)).await?;
+    }
     let opened = barriers::open_spec(broker, spec.clone()).await?;
     let branches: Vec<pb::HandoffRequest> = req
         .branches
@@ -84,7 +107,7 @@ pub async fn fan_out(
         })
         .collect();
     let answers: Vec<pb::HandoffResponse> = futures::stream::iter(branches)
-        .map(|b| handoff::accept(broker, b))
+        .map(|b| handoff::accept(broker, caller, b))
         .buffered(16)
         .try_collect()
         .await?;

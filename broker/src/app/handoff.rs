@@ -20,6 +20,7 @@ use prost::Message as _;
 
 use crate::{
     app::{
+        auth::{self, Caller},
         barriers, deliveries, guard,
         guard::Checked,
         now,
@@ -27,20 +28,22 @@ use crate::{
         status_name, Broker,
     },
     error::BrokerError,
-    rules::handoff as rules,
+    rules::{grants::Action, handoff as rules, lease::Ask},
     store::Claim,
 };
 
-/// Accepts one handoff.
+/// Accepts one handoff from `caller`.
 pub async fn accept(
     broker: &Broker,
+    caller: &Caller,
     req: pb::HandoffRequest,
 ) -> Result<pb::HandoffResponse, BrokerError> {
-    // 1. Validate: everything that needs no state.
+    // 1. Validate: everything that needs no state (a consumed delivery's
+    //    id is signed: verified here).
     rules::validate_handoff(&req, broker.config().max_inline_payload)?;
     let consumed = match req.consumes.as_str() {
         "" => None,
-        token => Some(deliveries::decode(broker, token)?),
+        token => Some(deliveries::decode(broker, token).await?),
     };
     let id = rules::handoff_id(&req, consumed.as_ref().map(|t| t.handoff_id.as_str()));
 
@@ -54,7 +57,7 @@ pub async fn accept(
         fan_out: req.fan_out,
         handoff_id: id.clone(),
     };
-    let (run, parent, claim, barrier) = tokio::join!(
+    let (run, parent, claim, barrier, lease) = tokio::join!(
         broker.run(&req.run_id),
         async {
             match &consumed {
@@ -83,6 +86,16 @@ pub async fn accept(
                 Ok(None)
             }
         },
+        async {
+            match &consumed {
+                Some(token) => broker
+                    .store()
+                    .lease(&token.agent, token.stream_sequence)
+                    .await
+                    .map(Some),
+                None => Ok(None),
+            }
+        },
     );
     let made = match (&claim, &consumed) {
         (Ok(Some(Claim::Made(revision))), Some(token)) => {
@@ -96,6 +109,16 @@ pub async fn accept(
     let stored = AtomicBool::new(false);
     let result = async {
         let (run, _) = run?;
+        // Who may: the source's sender, else the run's owner; and the
+        // consumed delivery's receiver, while its attempt holds the lease.
+        match req.source_agent.as_str() {
+            "" => auth::require(broker, caller, Action::Own, &run.owner, Some(&run)).await?,
+            source => auth::require(broker, caller, Action::SendAs, source, Some(&run)).await?,
+        }
+        if let (Some(token), Some(record)) = (&consumed, lease?) {
+            auth::require(broker, caller, Action::ReceiveAs, &token.agent, Some(&run)).await?;
+            deliveries::decide(broker, token, record, Ask::Ack).await?;
+        }
         let parent = parent?;
         if let (Some(Claim::Held(first)), Some(token)) = (claim?, &consumed) {
             guard::check_claim(broker, &req, token, &first, &mine, &checked).await?;

@@ -16,6 +16,7 @@
 //! changed with compare-and-set, so two replicas never both end a run.
 
 pub mod agents;
+pub mod auth;
 pub mod barriers;
 pub mod contracts;
 pub mod deliveries;
@@ -59,11 +60,22 @@ struct Inner {
     /// that a complete-and-handoff frees the session's slot.
     leases: DashMap<String, mpsc::UnboundedSender<String>>,
     draining: watch::Receiver<bool>,
+    auth: auth::Auth,
 }
 
 impl Broker {
-    /// Wraps an opened store.
+    /// Wraps an opened store; every caller may do anything (no auth).
     pub fn new(config: Config, store: Arc<dyn Store>, draining: watch::Receiver<bool>) -> Broker {
+        Broker::with_auth(config, store, draining, auth::Auth::disabled())
+    }
+
+    /// Wraps an opened store, authenticating callers as `auth` says.
+    pub fn with_auth(
+        config: Config,
+        store: Arc<dyn Store>,
+        draining: watch::Receiver<bool>,
+        auth: auth::Auth,
+    ) -> Broker {
         Broker {
             inner: Arc::new(Inner {
                 config,
@@ -73,6 +85,7 @@ impl Broker {
                 metrics: Arc::new(Metrics::default()),
                 leases: DashMap::new(),
                 draining,
+                auth,
             }),
         }
     }
@@ -80,6 +93,11 @@ impl Broker {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// How callers are authenticated, and the caches of it.
+    pub fn auth(&self) -> &auth::Auth {
+        &self.inner.auth
     }
 
     /// The store.

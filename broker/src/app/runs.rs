@@ -7,9 +7,12 @@ use handoff_proto::pb;
 use prost::Message as _;
 
 use crate::{
-    app::{now, Broker},
+    app::{
+        auth::{self, Caller},
+        now, Broker,
+    },
     error::BrokerError,
-    rules::names,
+    rules::{grants::Action, names},
     store::TimerKind,
 };
 
@@ -33,6 +36,7 @@ pub enum RunEnd {
 /// the existing run (so a client may retry); another owner is ALREADY_EXISTS.
 pub async fn start(
     broker: &Broker,
+    caller: &Caller,
     req: pb::StartRunRequest,
 ) -> Result<pb::StartRunResponse, BrokerError> {
     let run_id = if req.run_id.is_empty() {
@@ -42,6 +46,7 @@ pub async fn start(
         req.run_id.clone()
     };
     names::validate("owner", &req.owner)?;
+    auth::require(broker, caller, Action::Own, &req.owner, None).await?;
     let max_depth = if req.max_depth == 0 {
         broker.config().default_max_depth
     } else {
@@ -114,10 +119,14 @@ pub async fn start(
 /// A run with its whole timeline.
 pub async fn get(
     broker: &Broker,
+    caller: &Caller,
     req: pb::GetRunRequest,
 ) -> Result<pb::GetRunResponse, BrokerError> {
     names::validate("run_id", &req.run_id)?;
     let (run, _) = broker.run(&req.run_id).await?;
+    if !caller.may(Action::Read, "") {
+        auth::require(broker, caller, Action::Own, &run.owner, Some(&run)).await?;
+    }
     let timeline = broker.store().run_events(&req.run_id).await?;
     Ok(pb::GetRunResponse {
         run: Some(run),

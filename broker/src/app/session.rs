@@ -18,11 +18,12 @@ use tracing::Instrument;
 
 use crate::{
     app::{
+        auth::{self, Caller},
         deliveries::{self, Held, Offering, Op},
         Broker,
     },
     error::BrokerError,
-    rules::names,
+    rules::{grants::Action, names},
 };
 
 /// How long one pull waits for handoffs before it asks again.
@@ -64,6 +65,7 @@ pub struct Opened {
 /// Validates the opening message of a session.
 pub async fn open(
     broker: &Broker,
+    caller: &Caller,
     first: Option<pb::SubscribeRequest>,
 ) -> Result<Opened, BrokerError> {
     let open = match first.and_then(|r| r.command) {
@@ -77,6 +79,7 @@ pub async fn open(
     };
     names::validate("agent", &open.agent)?;
     names::validate("instance", &open.instance)?;
+    auth::require(broker, caller, Action::ReceiveAs, &open.agent, None).await?;
     let cap = broker.config().max_in_flight;
     if open.max_in_flight > cap {
         return Err(BrokerError::malformed(
@@ -243,8 +246,8 @@ impl Session {
             handoff_id = tracing::field::Empty,
         );
         async {
-            let (delivery, held) = match deliveries::offer(&self.broker, &self.agent, offered).await
-            {
+            let offer = deliveries::offer(&self.broker, &self.agent, &self.instance, offered);
+            let (delivery, held) = match offer.await {
                 Offering::Deliver(d, h) => (d, *h),
                 Offering::Skip => return true,
             };

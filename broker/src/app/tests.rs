@@ -8,7 +8,7 @@ use std::sync::Arc;
 use handoff_proto::pb;
 use tokio::sync::watch;
 
-use super::{deliveries, fan_out, handoff, runs, Broker};
+use super::{auth::Caller, deliveries, fan_out, handoff, runs, Broker};
 use crate::{
     config::Config,
     error::{BrokerError, Reason},
@@ -53,7 +53,7 @@ impl Fixture {
                     ..Default::default()
                 }),
             };
-            super::agents::register(&self.broker, req)
+            super::agents::register(&self.broker, &Caller::local(), req)
                 .await
                 .expect("register");
         }
@@ -65,7 +65,7 @@ impl Fixture {
             max_depth,
             ..Default::default()
         };
-        runs::start(&self.broker, req)
+        runs::start(&self.broker, &Caller::local(), req)
             .await
             .expect("start")
             .run
@@ -75,7 +75,7 @@ impl Fixture {
 
     /// Hands `agent` a task in `run` and returns its delivery.
     async fn task_for(&self, run: &str, agent: &str) -> pb::Delivery {
-        handoff::accept(&self.broker, to(run, agent))
+        handoff::accept(&self.broker, &Caller::local(), to(run, agent))
             .await
             .expect("task");
         self.deliver(agent).await
@@ -91,7 +91,7 @@ impl Fixture {
             .await
             .expect("pull");
         let offered = offers.next().await.expect("a pending handoff").expect("ok");
-        match deliveries::offer(&self.broker, &spec, offered).await {
+        match deliveries::offer(&self.broker, &spec, "i1", offered).await {
             deliveries::Offering::Deliver(d, _) => *d,
             deliveries::Offering::Skip => panic!("offer skipped"),
         }
@@ -135,10 +135,12 @@ async fn a_retried_handoff_is_stored_once() {
         idempotency_key: "task-1".into(),
         ..to(&run, "worker")
     };
-    let first = handoff::accept(&f.broker, req.clone())
+    let first = handoff::accept(&f.broker, &Caller::local(), req.clone())
         .await
         .expect("first");
-    let again = handoff::accept(&f.broker, req).await.expect("retry");
+    let again = handoff::accept(&f.broker, &Caller::local(), req)
+        .await
+        .expect("retry");
     assert!(!first.duplicate);
     assert!(again.duplicate);
     assert_eq!(first.handoff_id, again.handoff_id);
@@ -162,14 +164,19 @@ async fn a_redo_after_a_crash_between_store_and_ack_is_the_same_handoff() {
         },
         ..Config::default()
     });
-    let first = handoff::accept(&crashing, consuming(&run, "planner", "worker", &d))
-        .await
-        .expect("stored");
+    let first = handoff::accept(
+        &crashing,
+        &Caller::local(),
+        consuming(&run, "planner", "worker", &d),
+    )
+    .await
+    .expect("stored");
     assert_eq!(f.store.standing(d.sequence), Some(Standing::Leased));
     // The input comes back (its lease expired) and the agent redoes it.
     f.store
         .settle(
             &deliveries::decode(&f.broker, &d.delivery_id)
+                .await
                 .expect("token")
                 .ack_subject,
             crate::store::Settlement::Nack(None),
@@ -180,6 +187,7 @@ async fn a_redo_after_a_crash_between_store_and_ack_is_the_same_handoff() {
     assert_eq!(redelivered.attempt, 2);
     let redo = handoff::accept(
         &f.broker,
+        &Caller::local(),
         consuming(&run, "planner", "worker", &redelivered),
     )
     .await
@@ -197,16 +205,25 @@ async fn an_event_lost_after_the_store_is_repaired_by_the_retry() {
     let run = f.run(0).await;
     let d = f.task_for(&run, "planner").await;
     f.store.fail("publish_event", 1);
-    let failed = handoff::accept(&f.broker, consuming(&run, "planner", "worker", &d)).await;
+    let failed = handoff::accept(
+        &f.broker,
+        &Caller::local(),
+        consuming(&run, "planner", "worker", &d),
+    )
+    .await;
     assert_eq!(reason(failed), Reason::NatsUnavailable);
     assert_eq!(f.store.inbox("worker").len(), 1, "stored before the event");
     assert!(
         f.store.events(&run, pb::EventKind::HandoffAccepted).len() == 1,
         "only the planner's task was announced"
     );
-    let retry = handoff::accept(&f.broker, consuming(&run, "planner", "worker", &d))
-        .await
-        .expect("retry");
+    let retry = handoff::accept(
+        &f.broker,
+        &Caller::local(),
+        consuming(&run, "planner", "worker", &d),
+    )
+    .await
+    .expect("retry");
     assert!(retry.duplicate);
     assert_eq!(f.store.inbox("worker").len(), 1);
     assert_eq!(
@@ -224,13 +241,22 @@ async fn a_failed_store_leaves_no_claim() {
     let d = f.task_for(&run, "planner").await;
     let consumed = d.handoff.as_ref().expect("handoff").id.clone();
     f.store.fail("put_handoff", 1);
-    let failed = handoff::accept(&f.broker, consuming(&run, "planner", "worker", &d)).await;
+    let failed = handoff::accept(
+        &f.broker,
+        &Caller::local(),
+        consuming(&run, "planner", "worker", &d),
+    )
+    .await;
     assert_eq!(reason(failed), Reason::NatsUnavailable);
     assert!(f.store.claim(&consumed).is_none(), "claim withdrawn");
     // The agent may now hand the same input to another target.
-    handoff::accept(&f.broker, consuming(&run, "planner", "critic", &d))
-        .await
-        .expect("another target");
+    handoff::accept(
+        &f.broker,
+        &Caller::local(),
+        consuming(&run, "planner", "critic", &d),
+    )
+    .await
+    .expect("another target");
     assert_eq!(f.store.inbox("critic").len(), 1);
     assert!(f.store.inbox("worker").is_empty());
 }
@@ -241,10 +267,19 @@ async fn one_delivery_goes_to_one_target() {
     f.agents(&["planner", "worker", "critic"]).await;
     let run = f.run(0).await;
     let d = f.task_for(&run, "planner").await;
-    handoff::accept(&f.broker, consuming(&run, "planner", "worker", &d))
-        .await
-        .expect("first");
-    let second = handoff::accept(&f.broker, consuming(&run, "planner", "critic", &d)).await;
+    handoff::accept(
+        &f.broker,
+        &Caller::local(),
+        consuming(&run, "planner", "worker", &d),
+    )
+    .await
+    .expect("first");
+    let second = handoff::accept(
+        &f.broker,
+        &Caller::local(),
+        consuming(&run, "planner", "critic", &d),
+    )
+    .await;
     assert_eq!(reason(second), Reason::RoleConfusion);
     assert!(f.store.inbox("critic").is_empty(), "nothing stored");
     assert_eq!(
@@ -258,11 +293,11 @@ async fn depth_cap_and_closed_runs_refuse_before_storing() {
     let f = fixture();
     f.agents(&["a", "b"]).await;
     let run = f.run(1).await;
-    handoff::accept(&f.broker, to(&run, "a"))
+    handoff::accept(&f.broker, &Caller::local(), to(&run, "a"))
         .await
         .expect("depth 1");
     let d = f.deliver("a").await;
-    let deep = handoff::accept(&f.broker, consuming(&run, "a", "b", &d)).await;
+    let deep = handoff::accept(&f.broker, &Caller::local(), consuming(&run, "a", "b", &d)).await;
     assert_eq!(reason(deep), Reason::DepthCap);
     assert!(f.store.inbox("b").is_empty());
     let done = pb::HandoffRequest {
@@ -270,8 +305,10 @@ async fn depth_cap_and_closed_runs_refuse_before_storing() {
         target_agent: String::new(),
         ..consuming(&run, "a", "", &d)
     };
-    handoff::accept(&f.broker, done).await.expect("final");
-    let after = handoff::accept(&f.broker, to(&run, "b")).await;
+    handoff::accept(&f.broker, &Caller::local(), done)
+        .await
+        .expect("final");
+    let after = handoff::accept(&f.broker, &Caller::local(), to(&run, "b")).await;
     assert_eq!(reason(after), Reason::RunClosed);
     assert_eq!(f.store.events(&run, pb::EventKind::RunCompleted).len(), 1);
 }
@@ -298,7 +335,9 @@ async fn a_fan_out_releases_once_to_its_target() {
         barrier: Some(spec),
         branches,
     };
-    fan_out::fan_out(&f.broker, req).await.expect("fan out");
+    fan_out::fan_out(&f.broker, &Caller::local(), req)
+        .await
+        .expect("fan out");
     let mut results = Vec::new();
     for _ in 0..3 {
         let d = f.deliver("worker").await;
@@ -307,10 +346,12 @@ async fn a_fan_out_releases_once_to_its_target() {
             ..consuming(&run, "worker", "", &d)
         };
         results.push(r.clone());
-        handoff::accept(&f.broker, r).await.expect("branch");
+        handoff::accept(&f.broker, &Caller::local(), r)
+            .await
+            .expect("branch");
     }
     // The last branch repeated: recognised, no second release.
-    let again = handoff::accept(&f.broker, results[2].clone())
+    let again = handoff::accept(&f.broker, &Caller::local(), results[2].clone())
         .await
         .expect("repeat");
     assert!(again.duplicate);
@@ -346,7 +387,9 @@ async fn a_fan_out_branch_key_the_barrier_lacks_is_refused() {
             ..to(&run, "worker")
         }],
     };
-    let err = fan_out::fan_out(&f.broker, req).await.expect_err("refused");
+    let err = fan_out::fan_out(&f.broker, &Caller::local(), req)
+        .await
+        .expect_err("refused");
     assert_eq!(err.reason(), Reason::UnknownBranchKey);
     assert_eq!(err.field(), Some("branches[0].branch_key"));
     assert!(f.store.inbox("worker").is_empty());
@@ -413,4 +456,330 @@ async fn a_run_ends_once() {
     assert_eq!(again.status, pb::RunStatus::Failed as i32);
     assert_eq!(f.store.events(&run, pb::EventKind::RunFailed).len(), 1);
     assert!(f.store.events(&run, pb::EventKind::RunTimedOut).is_empty());
+}
+
+// ---------------------------------------------------------------- leases
+
+/// The token inside a delivery id.
+fn token_of(d: &pb::Delivery) -> pb::DeliveryToken {
+    crate::rules::handoff::decode_token(&d.delivery_id).expect("token")
+}
+
+/// Lets the inbox offer a delivery again, as when its lease passes.
+async fn expire(f: &Fixture, d: &pb::Delivery) {
+    f.store
+        .settle(
+            &token_of(d).ack_subject,
+            crate::store::Settlement::Nack(None),
+        )
+        .await
+        .expect("expire");
+}
+
+#[tokio::test]
+async fn a_superseded_attempt_may_not_settle() {
+    let f = fixture();
+    f.agents(&["worker"]).await;
+    let run = f.run(0).await;
+    let first = f.task_for(&run, "worker").await;
+    expire(&f, &first).await;
+    let second = f.deliver("worker").await;
+    assert_eq!(second.attempt, 2);
+    let spec = f.broker.agent("worker").await.expect("agent");
+    let ops = [
+        deliveries::Op::Ack,
+        deliveries::Op::Nack(None),
+        deliveries::Op::Reject("late".into()),
+        deliveries::Op::Extend,
+    ];
+    for op in &ops {
+        let err = deliveries::settle(&f.broker, &spec, "a", &first.delivery_id, None, op)
+            .await
+            .expect_err("superseded");
+        assert_eq!(err.reason(), Reason::LeaseSuperseded, "{op:?}");
+    }
+    let (r, _) = f.broker.run(&run).await.expect("run");
+    assert_eq!(r.status, pb::RunStatus::Running as i32, "not failed");
+    assert_eq!(f.store.standing(first.sequence), Some(Standing::Leased));
+    assert!(f.store.events(&run, pb::EventKind::Rejected).is_empty());
+    // The attempt that holds the lease settles it.
+    deliveries::settle(&f.broker, &spec, "b", &second.delivery_id, None, &ops[0])
+        .await
+        .expect("ack");
+    assert_eq!(f.store.standing(first.sequence), Some(Standing::Acked));
+}
+
+#[tokio::test]
+async fn a_settled_attempt_repeats_only_the_same_settlement() {
+    let f = fixture();
+    f.agents(&["worker"]).await;
+    let run = f.run(0).await;
+    let d = f.task_for(&run, "worker").await;
+    let spec = f.broker.agent("worker").await.expect("agent");
+    let ack = deliveries::Op::Ack;
+    deliveries::settle(&f.broker, &spec, "w", &d.delivery_id, None, &ack)
+        .await
+        .expect("ack");
+    deliveries::settle(&f.broker, &spec, "w", &d.delivery_id, None, &ack)
+        .await
+        .expect("the same ack again is confirmed");
+    let reject = deliveries::Op::Reject("after the fact".into());
+    let err = deliveries::settle(&f.broker, &spec, "w", &d.delivery_id, None, &reject)
+        .await
+        .expect_err("settled");
+    assert_eq!(err.reason(), Reason::AlreadySettled);
+    let (r, _) = f.broker.run(&run).await.expect("run");
+    assert_eq!(r.status, pb::RunStatus::Running as i32);
+    assert_eq!(f.store.events(&run, pb::EventKind::Acked).len(), 1);
+}
+
+#[tokio::test]
+async fn an_altered_delivery_id_is_refused_and_changes_nothing() {
+    let f = fixture();
+    f.agents(&["worker"]).await;
+    let run = f.run(0).await;
+    let d = f.task_for(&run, "worker").await;
+    let spec = f.broker.agent("worker").await.expect("agent");
+    let mut altered = token_of(&d);
+    altered.signature[0] ^= 1;
+    let mut later = token_of(&d);
+    later.attempt = 5;
+    for forged in [altered, later] {
+        let id = crate::rules::handoff::encode_token(&forged);
+        let err = deliveries::settle(&f.broker, &spec, "w", &id, None, &deliveries::Op::Ack)
+            .await
+            .expect_err("forged");
+        assert_eq!(err.reason(), Reason::BadSignature);
+        let consume = consuming(
+            &run,
+            "worker",
+            "worker",
+            &pb::Delivery {
+                delivery_id: id,
+                ..d.clone()
+            },
+        );
+        let refused = handoff::accept(&f.broker, &Caller::local(), consume).await;
+        assert_eq!(reason(refused), Reason::BadSignature);
+    }
+    assert_eq!(f.store.standing(d.sequence), Some(Standing::Leased));
+    assert_eq!(f.store.inbox("worker").len(), 1, "nothing stored");
+}
+
+#[tokio::test]
+async fn a_complete_and_handoff_by_a_superseded_attempt_stores_nothing() {
+    let f = fixture();
+    f.agents(&["planner", "worker"]).await;
+    let run = f.run(0).await;
+    let first = f.task_for(&run, "planner").await;
+    expire(&f, &first).await;
+    let _second = f.deliver("planner").await;
+    let late = handoff::accept(
+        &f.broker,
+        &Caller::local(),
+        consuming(&run, "planner", "worker", &first),
+    )
+    .await;
+    assert_eq!(reason(late), Reason::LeaseSuperseded);
+    assert!(f.store.inbox("worker").is_empty());
+    let consumed = first.handoff.as_ref().expect("handoff").id.clone();
+    assert!(f.store.claim(&consumed).is_none(), "no claim left behind");
+}
+
+// ---------------------------------------------------------------- auth
+
+const BOOTSTRAP: &str = "bootstrap-token-bootstrap-token-0001";
+
+fn secured() -> Fixture {
+    let store = Arc::new(Memory::new());
+    let (drain, rx) = watch::channel(false);
+    let broker = Broker::with_auth(
+        Config::default(),
+        store.clone(),
+        rx,
+        super::auth::Auth::required(Some(BOOTSTRAP.to_string())),
+    );
+    Fixture {
+        store,
+        broker,
+        _drain: drain,
+    }
+}
+
+fn bearer(token: &str) -> super::auth::Credentials {
+    super::auth::Credentials {
+        bearer: Some(token.to_string()),
+        certificate: None,
+    }
+}
+
+async fn caller(f: &Fixture, token: &str) -> Result<Caller, BrokerError> {
+    super::auth::authenticate(&f.broker, &bearer(token)).await
+}
+
+/// A principal with `grants` and a token for it.
+async fn principal(f: &Fixture, name: &str, grants: &[&str]) -> String {
+    let admin = caller(f, BOOTSTRAP).await.expect("bootstrap");
+    let principal = pb::Principal {
+        name: name.into(),
+        grants: grants
+            .iter()
+            .map(|g| crate::rules::grants::parse(g).expect("grant"))
+            .collect(),
+    };
+    super::auth::put_principal(
+        &f.broker,
+        &admin,
+        pb::PutPrincipalRequest {
+            principal: Some(principal),
+        },
+    )
+    .await
+    .expect("principal");
+    super::auth::create_token(
+        &f.broker,
+        &admin,
+        pb::CreateTokenRequest {
+            principal: name.into(),
+            description: String::new(),
+        },
+    )
+    .await
+    .expect("token")
+    .secret
+}
+
+#[tokio::test]
+async fn callers_prove_who_they_are() {
+    let f = secured();
+    let none = super::auth::authenticate(&f.broker, &super::auth::Credentials::default()).await;
+    assert_eq!(none.expect_err("none").reason(), Reason::MissingCredentials);
+    assert_eq!(
+        caller(&f, "hot_nope_nope")
+            .await
+            .expect_err("unknown")
+            .reason(),
+        Reason::BadCredentials
+    );
+    let token = principal(&f, "svc", &["read"]).await;
+    assert_eq!(caller(&f, &token).await.expect("valid").principal, "svc");
+    let wrong = format!("{}x", &token[..token.len() - 1]);
+    assert_eq!(
+        caller(&f, &wrong).await.expect_err("wrong").reason(),
+        Reason::BadCredentials
+    );
+    let id = token
+        .strip_prefix("hot_")
+        .and_then(|t| t.split_once('_'))
+        .map(|(id, _)| id.to_string())
+        .expect("id");
+    let admin = caller(&f, BOOTSTRAP).await.expect("bootstrap");
+    super::auth::revoke_token(&f.broker, &admin, pb::RevokeTokenRequest { id })
+        .await
+        .expect("revoke");
+    assert_eq!(
+        caller(&f, &token).await.expect_err("revoked").reason(),
+        Reason::TokenRevoked
+    );
+    assert_eq!(
+        f.store.events("_", pb::EventKind::AccessDenied).len(),
+        4,
+        "every refusal is an event"
+    );
+}
+
+#[tokio::test]
+async fn grants_decide_and_a_refusal_stores_nothing() {
+    let f = secured();
+    let admin = caller(&f, BOOTSTRAP).await.expect("bootstrap");
+    for name in ["planner", "worker"] {
+        let req = pb::RegisterAgentRequest {
+            agent: Some(pb::AgentSpec {
+                name: name.into(),
+                ..Default::default()
+            }),
+        };
+        super::agents::register(&f.broker, &admin, req)
+            .await
+            .expect("agent");
+    }
+    let alice = caller(
+        &f,
+        &principal(&f, "alice", &["own alice", "send_as planner"]).await,
+    )
+    .await
+    .expect("alice");
+    let mallory = caller(
+        &f,
+        &principal(
+            &f,
+            "mallory",
+            &["own mallory", "send_as *", "!send_as planner"],
+        )
+        .await,
+    )
+    .await
+    .expect("mallory");
+    let start = |owner: &str| pb::StartRunRequest {
+        owner: owner.into(),
+        ..Default::default()
+    };
+    let err = runs::start(&f.broker, &alice, start("bob"))
+        .await
+        .expect_err("not alice's");
+    assert_eq!(err.reason(), Reason::NotGranted);
+    let run = runs::start(&f.broker, &alice, start("alice"))
+        .await
+        .expect("own run")
+        .run
+        .expect("run")
+        .id;
+    let as_planner = pb::HandoffRequest {
+        source_agent: "planner".into(),
+        ..to(&run, "worker")
+    };
+    handoff::accept(&f.broker, &alice, as_planner.clone())
+        .await
+        .expect("alice sends as planner");
+    assert_eq!(
+        reason(handoff::accept(&f.broker, &mallory, as_planner).await),
+        Reason::NotGranted,
+        "deny wins over send_as *"
+    );
+    assert_eq!(
+        reason(handoff::accept(&f.broker, &mallory, to(&run, "worker")).await),
+        Reason::NotGranted,
+        "no source: needs own on the run's owner"
+    );
+    let done = pb::HandoffRequest {
+        r#final: true,
+        target_agent: String::new(),
+        ..to(&run, "")
+    };
+    assert_eq!(
+        reason(handoff::accept(&f.broker, &mallory, done).await),
+        Reason::NotGranted,
+        "completing another owner's run"
+    );
+    assert_eq!(f.store.inbox("worker").len(), 1, "only alice's handoff");
+    let err = super::agents::register(
+        &f.broker,
+        &alice,
+        pb::RegisterAgentRequest {
+            agent: Some(pb::AgentSpec {
+                name: "worker".into(),
+                max_attempts: 1,
+                ..Default::default()
+            }),
+        },
+    )
+    .await
+    .expect_err("not admin");
+    assert_eq!(err.reason(), Reason::NotGranted);
+    assert_ne!(
+        f.broker.agent("worker").await.expect("agent").max_attempts,
+        1,
+        "the stored agent is unchanged"
+    );
+    assert_eq!(f.store.events(&run, pb::EventKind::AccessDenied).len(), 3);
 }

@@ -6,6 +6,7 @@
 //! ([`status::to_status`]). The streaming RPCs adapt a use case's stream
 //! or channel ([`subscribe`], [`watch`]). No decision is made here.
 
+pub mod credentials;
 pub mod status;
 pub mod subscribe;
 pub mod watch;
@@ -18,7 +19,11 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::{
-    app::{self, Broker},
+    app::{
+        self,
+        auth::{self, Caller},
+        Broker,
+    },
     error::BrokerError,
 };
 
@@ -35,6 +40,17 @@ impl Service {
 }
 
 type Reply<T> = Result<Response<T>, Status>;
+
+impl Service {
+    /// Who makes the call, from its bearer token or client certificate
+    /// (UNAUTHENTICATED when auth is configured and neither proves it).
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let creds = credentials::of(req);
+        auth::authenticate(&self.broker, &creds)
+            .await
+            .map_err(status::to_status)
+    }
+}
 
 /// Runs a unary use case in `span`, and answers its result or its status.
 async fn unary<T>(
@@ -69,99 +85,114 @@ impl HandoffBroker for Service {
         &self,
         req: Request<pb::RegisterAgentRequest>,
     ) -> Reply<pb::RegisterAgentResponse> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let span = rpc_span!("RegisterAgent");
         span.record(
             "agent",
             req.agent.as_ref().map(|a| a.name.as_str()).unwrap_or(""),
         );
-        unary(span, app::agents::register(&self.broker, req)).await
+        unary(span, app::agents::register(&self.broker, &caller, req)).await
     }
 
     async fn register_contract(
         &self,
         req: Request<pb::RegisterContractRequest>,
     ) -> Reply<pb::RegisterContractResponse> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let span = rpc_span!(
             "RegisterContract",
             message_type = %req.message_type,
             version = req.version
         );
-        unary(span, app::contracts::register(&self.broker, req)).await
+        unary(span, app::contracts::register(&self.broker, &caller, req)).await
     }
 
     async fn get_contract(
         &self,
         req: Request<pb::GetContractRequest>,
     ) -> Reply<pb::GetContractResponse> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let span = rpc_span!("GetContract", message_type = %req.message_type);
-        unary(span, app::contracts::get(&self.broker, req)).await
+        unary(span, app::contracts::get(&self.broker, &caller, req)).await
     }
 
     async fn list_contracts(
         &self,
         req: Request<pb::ListContractsRequest>,
     ) -> Reply<pb::ListContractsResponse> {
+        let caller = self.caller(&req).await?;
         let span = rpc_span!("ListContracts");
-        unary(span, app::contracts::list(&self.broker, req.into_inner())).await
+        let call = app::contracts::list(&self.broker, &caller, req.into_inner());
+        unary(span, call).await
     }
 
     async fn open_barrier(
         &self,
         req: Request<pb::OpenBarrierRequest>,
     ) -> Reply<pb::OpenBarrierResponse> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let span = rpc_span!("OpenBarrier");
         if let Some(b) = &req.barrier {
             span.record("run_id", b.run_id.as_str());
             span.record("agent", b.target_agent.as_str());
         }
-        unary(span, app::barriers::open(&self.broker, req)).await
+        unary(span, app::barriers::open(&self.broker, &caller, req)).await
     }
 
     async fn fan_out(&self, req: Request<pb::FanOutRequest>) -> Reply<pb::FanOutResponse> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let span = rpc_span!("FanOut");
         if let Some(b) = &req.barrier {
             span.record("run_id", b.run_id.as_str());
             span.record("agent", b.target_agent.as_str());
         }
-        unary(span, app::fan_out::fan_out(&self.broker, req)).await
+        unary(span, app::fan_out::fan_out(&self.broker, &caller, req)).await
     }
 
     async fn get_barrier(
         &self,
         req: Request<pb::GetBarrierRequest>,
     ) -> Reply<pb::GetBarrierResponse> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let span = rpc_span!("GetBarrier");
         span.record("run_id", req.run_id.as_str());
-        unary(span, app::barriers::get(&self.broker, req)).await
+        unary(span, app::barriers::get(&self.broker, &caller, req)).await
     }
 
     async fn list_agents(
         &self,
-        _req: Request<pb::ListAgentsRequest>,
+        req: Request<pb::ListAgentsRequest>,
     ) -> Reply<pb::ListAgentsResponse> {
+        let caller = self.caller(&req).await?;
         let span = rpc_span!("ListAgents");
-        unary(span, app::agents::list(&self.broker)).await
+        unary(span, app::agents::list(&self.broker, &caller)).await
     }
 
     async fn start_run(&self, req: Request<pb::StartRunRequest>) -> Reply<pb::StartRunResponse> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let span = rpc_span!("StartRun", owner = %req.owner);
         span.record("run_id", req.run_id.as_str());
-        unary(span, app::runs::start(&self.broker, req)).await
+        unary(span, app::runs::start(&self.broker, &caller, req)).await
     }
 
     async fn handoff(&self, req: Request<pb::HandoffRequest>) -> Reply<pb::HandoffResponse> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let span = rpc_span!("Handoff", source = %req.source_agent);
         span.record("run_id", req.run_id.as_str());
         span.record("agent", req.target_agent.as_str());
-        let accepted = unary(span.clone(), app::handoff::accept(&self.broker, req)).await;
+        let accepted = unary(
+            span.clone(),
+            app::handoff::accept(&self.broker, &caller, req),
+        )
+        .await;
         if let Ok(r) = &accepted {
             span.record("handoff_id", r.get_ref().handoff_id.as_str());
         }
@@ -174,29 +205,99 @@ impl HandoffBroker for Service {
         &self,
         req: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Reply<Self::SubscribeStream> {
-        subscribe::subscribe(&self.broker, req.into_inner()).await
+        let caller = self.caller(&req).await?;
+        subscribe::subscribe(&self.broker, &caller, req.into_inner()).await
     }
 
     type WatchStream = BoxStream<'static, Result<pb::Event, Status>>;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Reply<Self::WatchStream> {
-        watch::watch(&self.broker, req.into_inner()).await
+        let caller = self.caller(&req).await?;
+        watch::watch(&self.broker, &caller, req.into_inner()).await
     }
 
     async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Reply<pb::GetRunResponse> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let span = rpc_span!("GetRun");
         span.record("run_id", req.run_id.as_str());
-        unary(span, app::runs::get(&self.broker, req)).await
+        unary(span, app::runs::get(&self.broker, &caller, req)).await
     }
 
     async fn list_dead_letters(
         &self,
         req: Request<pb::ListDeadLettersRequest>,
     ) -> Reply<pb::ListDeadLettersResponse> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let span = rpc_span!("ListDeadLetters");
         span.record("agent", req.agent.as_str());
-        unary(span, app::events::dead_letters(&self.broker, req)).await
+        unary(span, app::events::dead_letters(&self.broker, &caller, req)).await
+    }
+
+    async fn put_principal(
+        &self,
+        req: Request<pb::PutPrincipalRequest>,
+    ) -> Reply<pb::PutPrincipalResponse> {
+        let caller = self.caller(&req).await?;
+        let span = rpc_span!("PutPrincipal", principal = %caller.principal);
+        unary(
+            span,
+            auth::put_principal(&self.broker, &caller, req.into_inner()),
+        )
+        .await
+    }
+
+    async fn list_principals(
+        &self,
+        req: Request<pb::ListPrincipalsRequest>,
+    ) -> Reply<pb::ListPrincipalsResponse> {
+        let caller = self.caller(&req).await?;
+        let span = rpc_span!("ListPrincipals", principal = %caller.principal);
+        unary(span, auth::list_principals(&self.broker, &caller)).await
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Reply<pb::CreateTokenResponse> {
+        let caller = self.caller(&req).await?;
+        let span = rpc_span!("CreateToken", principal = %caller.principal);
+        unary(
+            span,
+            auth::create_token(&self.broker, &caller, req.into_inner()),
+        )
+        .await
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<pb::ListTokensRequest>,
+    ) -> Reply<pb::ListTokensResponse> {
+        let caller = self.caller(&req).await?;
+        let span = rpc_span!("ListTokens", principal = %caller.principal);
+        unary(span, auth::list_tokens(&self.broker, &caller)).await
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Reply<pb::RevokeTokenResponse> {
+        let caller = self.caller(&req).await?;
+        let span = rpc_span!("RevokeToken", principal = %caller.principal);
+        unary(
+            span,
+            auth::revoke_token(&self.broker, &caller, req.into_inner()),
+        )
+        .await
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        req: Request<pb::RotateSigningKeyRequest>,
+    ) -> Reply<pb::RotateSigningKeyResponse> {
+        let caller = self.caller(&req).await?;
+        let span = rpc_span!("RotateSigningKey", principal = %caller.principal);
+        unary(span, auth::rotate_signing_key(&self.broker, &caller)).await
     }
 }

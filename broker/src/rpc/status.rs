@@ -21,6 +21,7 @@ pub fn code_of(class: Class) -> Code {
         Class::NotFound => Code::NotFound,
         Class::AlreadyExists => Code::AlreadyExists,
         Class::FailedPrecondition => Code::FailedPrecondition,
+        Class::Unauthenticated => Code::Unauthenticated,
         Class::PermissionDenied => Code::PermissionDenied,
         Class::OutOfRange => Code::OutOfRange,
         Class::Unavailable => Code::Unavailable,

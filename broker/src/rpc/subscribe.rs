@@ -9,6 +9,7 @@ use tonic::{Response, Status, Streaming};
 
 use crate::{
     app::{
+        auth::Caller,
         session::{self, Out},
         Broker,
     },
@@ -19,10 +20,13 @@ use crate::{
 /// task; deliveries and settlements flow back through a channel.
 pub async fn subscribe(
     broker: &Broker,
+    caller: &Caller,
     mut inbound: Streaming<pb::SubscribeRequest>,
 ) -> Result<Response<BoxStream<'static, Result<pb::SubscribeResponse, Status>>>, Status> {
     let first = inbound.message().await?;
-    let opened = session::open(broker, first).await.map_err(to_status)?;
+    let opened = session::open(broker, caller, first)
+        .await
+        .map_err(to_status)?;
     let (tx, rx) = mpsc::channel(opened.max_in_flight + 16);
     // The instance's commands until its stream ends or breaks.
     let commands = inbound

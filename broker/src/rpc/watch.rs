@@ -8,7 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status};
 
 use crate::{
-    app::{events, Broker},
+    app::{auth::Caller, events, Broker},
     error::BrokerError,
     rpc::status::to_status,
 };
@@ -17,9 +17,12 @@ use crate::{
 /// stored afterwards is missed) and feeds it from a spawned task.
 pub async fn watch(
     broker: &Broker,
+    caller: &Caller,
     req: pb::WatchRequest,
 ) -> Result<Response<BoxStream<'static, Result<pb::Event, Status>>>, Status> {
-    let mut events = events::watch(broker, req).await.map_err(to_status)?;
+    let mut events = events::watch(broker, caller, req)
+        .await
+        .map_err(to_status)?;
     let (tx, rx) = mpsc::channel::<Result<pb::Event, Status>>(256);
     let broker = broker.clone();
     tokio::spawn(async move {

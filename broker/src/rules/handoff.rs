@@ -303,6 +303,7 @@ mod tests {
             stream_sequence: 7,
             ack_subject: "$JS.ACK.HANDOFF_INBOX.worker.1.7.1.0.0".into(),
             handoff_id: "h".into(),
+            ..Default::default()
         };
         assert_eq!(decode_token(&encode_token(&t)).ok(), Some(t.clone()));
         for forged in [

@@ -5,6 +5,8 @@
 
 pub mod barrier;
 pub mod contracts;
+pub mod grants;
 pub mod handoff;
+pub mod lease;
 pub mod names;
 pub mod watch;

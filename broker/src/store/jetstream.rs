@@ -46,6 +46,18 @@ pub const CONTRACTS_BUCKET: &str = "handoff_contracts";
 /// each, keyed by the consumed handoff's id.
 pub const CONSUMED_BUCKET: &str = "handoff_consumed";
 
+/// Key/value bucket of delivery leases, keyed `<agent>.<sequence>`.
+pub const LEASES_BUCKET: &str = "handoff_leases";
+/// Key/value bucket of the delivery-token signing keys (key `delivery`).
+pub const KEYS_BUCKET: &str = "handoff_keys";
+/// Key/value bucket of principals and their grants.
+pub const PRINCIPALS_BUCKET: &str = "handoff_principals";
+/// Key/value bucket of API tokens (secrets as SHA-256 digests).
+pub const TOKENS_BUCKET: &str = "handoff_tokens";
+/// How long a lease record is kept: longer than the longest lease (24 h),
+/// so a settlement is always judged against its record.
+const LEASE_RECORD_AGE: Duration = Duration::from_secs(48 * 3600);
+
 /// Branch results read at once when a release gathers their payloads:
 /// enough that a 100-branch release takes one round of direct gets.
 const BRANCH_READS: usize = 128;
@@ -121,6 +133,14 @@ pub struct JetStream {
     pub contracts: kv::Store,
     /// Consumed deliveries.
     pub consumed: kv::Store,
+    /// Delivery leases.
+    pub leases: kv::Store,
+    /// Signing keys.
+    pub keys: kv::Store,
+    /// Principals.
+    pub principals: kv::Store,
+    /// API tokens.
+    pub tokens: kv::Store,
     ack_timeout: Duration,
     /// Pull consumers of agents' inboxes, opened once.
     consumers: DashMap<String, jetstream::consumer::PullConsumer>,
@@ -209,6 +229,10 @@ impl JetStream {
         // A claim matters as long as the consumed handoff can be consumed,
         // that is while the inbox keeps it.
         let consumed = ensure_bucket(&js, bucket(CONSUMED_BUCKET, cfg.retention)).await?;
+        let leases = ensure_bucket(&js, bucket(LEASES_BUCKET, LEASE_RECORD_AGE)).await?;
+        let keys = ensure_bucket(&js, bucket(KEYS_BUCKET, Duration::ZERO)).await?;
+        let principals = ensure_bucket(&js, bucket(PRINCIPALS_BUCKET, Duration::ZERO)).await?;
+        let tokens = ensure_bucket(&js, bucket(TOKENS_BUCKET, Duration::ZERO)).await?;
         // Timers not yet due wait as pending (negatively acknowledged with a
         // delay), so the consumer must allow any number of them pending.
         let timer_consumer = pull::Config {
@@ -245,6 +269,10 @@ impl JetStream {
             runs,
             contracts,
             consumed,
+            leases,
+            keys,
+            principals,
+            tokens,
             branches,
             barriers,
             ack_timeout: cfg.connect_timeout.min(Duration::from_secs(5)),
@@ -290,6 +318,47 @@ impl JetStream {
             Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(BrokerError::nats("reading the inbox", e)),
         }
+    }
+
+    /// Writes `value` under `key`: creates it when `revision` is `None`
+    /// (`false` if it exists), else compare-and-set (`false` when another
+    /// writer came first).
+    async fn write(
+        bucket: &kv::Store,
+        key: &str,
+        value: Bytes,
+        revision: Option<u64>,
+    ) -> Result<bool, BrokerError> {
+        match revision {
+            None => match bucket.create(key, value).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(BrokerError::nats("writing to the store", e)),
+            },
+            Some(rev) => match bucket.update(key, value, rev).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                Err(e) => Err(BrokerError::nats("writing to the store", e)),
+            },
+        }
+    }
+
+    /// Every value of a bucket that decodes as `T`.
+    async fn all<T: prost::Message + Default>(bucket: &kv::Store) -> Result<Vec<T>, BrokerError> {
+        let keys: Vec<String> = match bucket.keys().await {
+            Ok(k) => k
+                .try_collect()
+                .await
+                .map_err(|e| BrokerError::nats("listing", e))?,
+            Err(e) => return Err(BrokerError::nats("listing", e)),
+        };
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some((v, _)) = read::<T>(bucket, &k).await? {
+                out.push(v);
+            }
+        }
+        Ok(out)
     }
 
     /// The pull consumer of an agent, opened once and kept.
@@ -934,6 +1003,82 @@ impl Store for JetStream {
             .await
     }
 
+    async fn lease(&self, agent: &str, sequence: u64) -> Result<Option<(pb::Lease, u64)>> {
+        read(&self.leases, &format!("{agent}.{sequence}")).await
+    }
+
+    async fn put_lease(
+        &self,
+        agent: &str,
+        sequence: u64,
+        lease: &pb::Lease,
+        revision: Option<u64>,
+    ) -> Result<bool> {
+        let key = format!("{agent}.{sequence}");
+        Self::write(&self.leases, &key, lease.encode_to_vec().into(), revision).await
+    }
+
+    async fn signing_keys(&self) -> Result<Option<(pb::SigningKeys, u64)>> {
+        read(&self.keys, "delivery").await
+    }
+
+    async fn put_signing_keys(
+        &self,
+        keys: &pb::SigningKeys,
+        revision: Option<u64>,
+    ) -> Result<bool> {
+        Self::write(
+            &self.keys,
+            "delivery",
+            keys.encode_to_vec().into(),
+            revision,
+        )
+        .await
+    }
+
+    async fn principal(&self, name: &str) -> Result<Option<pb::Principal>> {
+        Ok(read(&self.principals, name).await?.map(|(p, _)| p))
+    }
+
+    async fn put_principal(&self, principal: &pb::Principal) -> Result<bool> {
+        let existed = self.principal(&principal.name).await?.is_some();
+        self.principals
+            .put(&principal.name, principal.encode_to_vec().into())
+            .await
+            .map_err(|e| BrokerError::nats("storing the principal", e))?;
+        Ok(existed)
+    }
+
+    async fn principals(&self) -> Result<Vec<pb::Principal>> {
+        let mut out: Vec<pb::Principal> = Self::all(&self.principals).await?;
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<(pb::ApiToken, u64)>> {
+        read(&self.tokens, id).await
+    }
+
+    async fn put_token(&self, token: &pb::ApiToken, revision: Option<u64>) -> Result<bool> {
+        Self::write(
+            &self.tokens,
+            &token.id,
+            token.encode_to_vec().into(),
+            revision,
+        )
+        .await
+    }
+
+    async fn tokens(&self) -> Result<Vec<pb::ApiToken>> {
+        let mut out: Vec<pb::ApiToken> = Self::all(&self.tokens).await?;
+        out.sort_by(|a, b| {
+            a.created_at
+                .map(|t| (t.seconds, t.nanos))
+                .cmp(&b.created_at.map(|t| (t.seconds, t.nanos)))
+        });
+        Ok(out)
+    }
+
     async fn schedule(&self, timer: &pb::Timer, kind: TimerKind) -> Result<(), BrokerError> {
         let (run, barrier) = (&timer.run_id, &timer.barrier_id);
         let (subject, msg_id) = match kind {
@@ -1049,6 +1194,24 @@ async fn ensure_bucket(
     js.get_key_value(&name)
         .await
         .map_err(|e| BrokerError::nats(&format!("opening bucket {name}"), e))
+}
+
+/// Reads a protobuf value and its revision from a bucket (`None` when
+/// absent or deleted).
+async fn read<T: prost::Message + Default>(
+    bucket: &kv::Store,
+    key: &str,
+) -> Result<Option<(T, u64)>, BrokerError> {
+    let entry = bucket
+        .entry(key)
+        .await
+        .map_err(|e| BrokerError::nats("reading the store", e))?;
+    match entry {
+        Some(e) if e.operation == kv::Operation::Put => T::decode(e.value)
+            .map(|v| Some((v, e.revision)))
+            .map_err(|err| BrokerError::Internal(format!("stored {key} does not decode: {err}"))),
+        _ => Ok(None),
+    }
 }
 
 /// True when `subject` is a JetStream ack subject of `agent`'s inbox

@@ -54,6 +54,10 @@ struct State {
     branches: Vec<(String, pb::BranchResult)>,
     branch_ids: HashMap<String, u64>,
     timers: Vec<(pb::Timer, TimerKind)>,
+    leases: HashMap<String, (pb::Lease, u64)>,
+    keys: Option<(pb::SigningKeys, u64)>,
+    principals: BTreeMap<String, pb::Principal>,
+    tokens: BTreeMap<String, (pb::ApiToken, u64)>,
 }
 
 impl State {
@@ -516,6 +520,90 @@ impl Store for Memory {
                 let payload = s.branches.get(i)?.1.payload.clone()?;
                 Some((seq, payload))
             })
+            .collect())
+    }
+
+    async fn lease(&self, agent: &str, sequence: u64) -> Result<Option<(pb::Lease, u64)>> {
+        self.trip("lease")?;
+        Ok(self
+            .state()?
+            .leases
+            .get(&format!("{agent}.{sequence}"))
+            .cloned())
+    }
+
+    async fn put_lease(
+        &self,
+        agent: &str,
+        sequence: u64,
+        lease: &pb::Lease,
+        revision: Option<u64>,
+    ) -> Result<bool> {
+        self.trip("put_lease")?;
+        let mut s = self.state()?;
+        let key = format!("{agent}.{sequence}");
+        if s.leases.get(&key).map(|(_, r)| *r) != revision {
+            return Ok(false);
+        }
+        let rev = s.next_revision();
+        s.leases.insert(key, (lease.clone(), rev));
+        Ok(true)
+    }
+
+    async fn signing_keys(&self) -> Result<Option<(pb::SigningKeys, u64)>> {
+        Ok(self.state()?.keys.clone())
+    }
+
+    async fn put_signing_keys(
+        &self,
+        keys: &pb::SigningKeys,
+        revision: Option<u64>,
+    ) -> Result<bool> {
+        let mut s = self.state()?;
+        if s.keys.as_ref().map(|(_, r)| *r) != revision {
+            return Ok(false);
+        }
+        let rev = s.next_revision();
+        s.keys = Some((keys.clone(), rev));
+        Ok(true)
+    }
+
+    async fn principal(&self, name: &str) -> Result<Option<pb::Principal>> {
+        Ok(self.state()?.principals.get(name).cloned())
+    }
+
+    async fn put_principal(&self, principal: &pb::Principal) -> Result<bool> {
+        Ok(self
+            .state()?
+            .principals
+            .insert(principal.name.clone(), principal.clone())
+            .is_some())
+    }
+
+    async fn principals(&self) -> Result<Vec<pb::Principal>> {
+        Ok(self.state()?.principals.values().cloned().collect())
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<(pb::ApiToken, u64)>> {
+        Ok(self.state()?.tokens.get(id).cloned())
+    }
+
+    async fn put_token(&self, token: &pb::ApiToken, revision: Option<u64>) -> Result<bool> {
+        let mut s = self.state()?;
+        if s.tokens.get(&token.id).map(|(_, r)| *r) != revision {
+            return Ok(false);
+        }
+        let rev = s.next_revision();
+        s.tokens.insert(token.id.clone(), (token.clone(), rev));
+        Ok(true)
+    }
+
+    async fn tokens(&self) -> Result<Vec<pb::ApiToken>> {
+        Ok(self
+            .state()?
+            .tokens
+            .values()
+            .map(|(t, _)| t.clone())
             .collect())
     }
 
