@@ -112,7 +112,7 @@ async fn malformed_input_names_its_field() {
         .unary(
             tonic::Request::new(vec![0xff_u8, 0xff, 0xff, 0xff]),
             "/handoff.v1.HandoffBroker/StartRun".parse().expect("path"),
-            BytesCodec::default(),
+            BytesCodec,
         )
         .await;
     raw_refused(garbage, Code::InvalidArgument, "MALFORMED_REQUEST");
