@@ -27,6 +27,9 @@ pub struct Args {
     /// Log format: text or json [default: text].
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Serve without auth even on a listen address that is not loopback.
+    #[arg(long)]
+    pub insecure: bool,
     /// Print every configuration key with its default and exit.
     #[arg(long)]
     pub print_config_keys: bool,
@@ -57,8 +60,20 @@ pub fn load(args: &Args) -> Result<Config, Vec<String>> {
             values.insert(k.to_string(), v.clone());
         }
     }
+    if args.insecure {
+        values.insert("insecure".to_string(), "true".to_string());
+    }
     match Config::from_layers(&values) {
-        Ok(c) if problems.is_empty() => Ok(c),
+        // Then the files the keys name (certificates, keys, secrets), so
+        // one round reports those too.
+        Ok(c) if problems.is_empty() => {
+            let files = crate::tls::check_files(&c);
+            if files.is_empty() {
+                Ok(c)
+            } else {
+                Err(files)
+            }
+        }
         Ok(_) => Err(problems),
         Err(p) => {
             problems.extend(p);

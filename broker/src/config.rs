@@ -105,14 +105,74 @@ pub const KEYS: &[Key] = &[
         doc: "BPE encoding that counts payload tokens for max_tokens: o200k_base, cl100k_base, p50k_base or r50k_base.",
     },
     Key {
-        name: "auth_token_file",
-        default: "",
-        doc: "File holding the bootstrap admin token (a secret of at least 32 characters). Set: every call must be authenticated (bearer token or client certificate). Unset: no auth, and the broker serves only on loopback.",
-    },
-    Key {
         name: "metrics_listen",
         default: "",
         doc: "Address of the Prometheus text endpoint (GET /metrics). Unset: no endpoint.",
+    },
+    Key {
+        name: "tls_cert",
+        default: "",
+        doc: "PEM file of the server's certificate chain; with tls_key, gRPC is served over TLS only. Unset: plaintext.",
+    },
+    Key {
+        name: "tls_key",
+        default: "",
+        doc: "PEM file of the server certificate's private key. Under systemd, LoadCredential= puts it in $CREDENTIALS_DIRECTORY (/run/credentials/handoffd.service/).",
+    },
+    Key {
+        name: "tls_client_ca",
+        default: "",
+        doc: "PEM file of the CA whose client certificates are accepted (mTLS; needs tls_cert). Clients without a certificate may still connect and present a token.",
+    },
+    Key {
+        name: "auth_token_file",
+        default: "",
+        doc: "File holding the bootstrap admin token, at least 32 characters (systemd: LoadCredential=, in $CREDENTIALS_DIRECTORY). This or tls_client_ca set: every call must be authenticated (bearer token or client certificate).",
+    },
+    Key {
+        name: "insecure",
+        default: "false",
+        doc: "Serve without auth on a listen address that is not loopback (refused otherwise).",
+    },
+    Key {
+        name: "nats_user",
+        default: "",
+        doc: "NATS user name; its password is read from nats_password_file.",
+    },
+    Key {
+        name: "nats_password_file",
+        default: "",
+        doc: "File holding the NATS password of nats_user (systemd: LoadCredential=, in $CREDENTIALS_DIRECTORY).",
+    },
+    Key {
+        name: "nats_token_file",
+        default: "",
+        doc: "File holding a NATS authentication token (systemd: LoadCredential=, in $CREDENTIALS_DIRECTORY).",
+    },
+    Key {
+        name: "nats_nkey_seed_file",
+        default: "",
+        doc: "File holding a NATS NKey seed, SU... (systemd: LoadCredential=, in $CREDENTIALS_DIRECTORY).",
+    },
+    Key {
+        name: "nats_creds_file",
+        default: "",
+        doc: "NATS credentials file: user JWT and NKey seed, from nsc (systemd: LoadCredential=, in $CREDENTIALS_DIRECTORY).",
+    },
+    Key {
+        name: "nats_tls_ca",
+        default: "",
+        doc: "PEM file of the CA that signed the NATS servers' certificates; set: TLS to NATS is required.",
+    },
+    Key {
+        name: "nats_tls_cert",
+        default: "",
+        doc: "PEM file of the broker's client certificate for NATS (with nats_tls_key).",
+    },
+    Key {
+        name: "nats_tls_key",
+        default: "",
+        doc: "PEM file of the private key of nats_tls_cert (systemd: LoadCredential=, in $CREDENTIALS_DIRECTORY).",
     },
 ];
 
@@ -167,10 +227,49 @@ pub struct Config {
     pub tokenizer: String,
     /// Prometheus endpoint address, if any.
     pub metrics_listen: Option<SocketAddr>,
-    /// File of the bootstrap admin token; set: calls are authenticated.
+    /// TLS to clients: the server's certificate chain and key, if set.
+    pub tls: Option<TlsFiles>,
+    /// CA of accepted client certificates (mTLS), if set.
+    pub tls_client_ca: Option<PathBuf>,
+    /// File of the bootstrap admin API token, if set.
     pub auth_token_file: Option<PathBuf>,
+    /// Serve without auth on a non-loopback address.
+    pub insecure: bool,
+    /// How the broker authenticates to NATS, and TLS to NATS.
+    pub nats_auth: NatsAuth,
     /// Fault injection for tests; not a configuration key.
     pub faults: Faults,
+}
+
+/// A certificate chain and its private key, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key.
+    pub key: PathBuf,
+}
+
+/// The broker's NATS credentials and TLS settings: paths of files, read
+/// when the broker connects, so no secret sits in the TOML or the
+/// environment. At most one of user/password, token, NKey seed and
+/// credentials file is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsAuth {
+    /// User name (its password in `password_file`).
+    pub user: Option<String>,
+    /// File of the password of `user`.
+    pub password_file: Option<PathBuf>,
+    /// File of an authentication token.
+    pub token_file: Option<PathBuf>,
+    /// File of an NKey seed.
+    pub nkey_seed_file: Option<PathBuf>,
+    /// Credentials file (JWT and seed).
+    pub creds_file: Option<PathBuf>,
+    /// CA of the NATS servers' certificates; set: TLS is required.
+    pub tls_ca: Option<PathBuf>,
+    /// The broker's client certificate and key for NATS.
+    pub tls_client: Option<TlsFiles>,
 }
 
 /// Faults a test can inject to reproduce crashes at exact points.
@@ -291,6 +390,87 @@ impl Config {
             },
         };
         let nats_url = Some(raw("nats_url")).filter(|s| !s.trim().is_empty());
+        let path = |name: &str| -> Option<PathBuf> {
+            Some(raw(name))
+                .filter(|s| !s.trim().is_empty())
+                .map(PathBuf::from)
+        };
+        let pair = |cert: &str, key: &str, problems: &mut Vec<String>| -> Option<TlsFiles> {
+            match (path(cert), path(key)) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                (None, None) => None,
+                (Some(_), None) => {
+                    problems.push(format!("{cert} is set without {key}: set both or neither"));
+                    None
+                }
+                (None, Some(_)) => {
+                    problems.push(format!("{key} is set without {cert}: set both or neither"));
+                    None
+                }
+            }
+        };
+        let tls = pair("tls_cert", "tls_key", &mut problems);
+        let tls_client_ca = path("tls_client_ca");
+        if tls_client_ca.is_some() && tls.is_none() {
+            problems.push(
+                "tls_client_ca: client certificates need TLS; set tls_cert and tls_key too"
+                    .to_string(),
+            );
+        }
+        let insecure = match raw("insecure").trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" | "" => false,
+            other => {
+                problems.push(format!("insecure: {other:?} is neither true nor false"));
+                false
+            }
+        };
+        let nats_auth = NatsAuth {
+            user: Some(raw("nats_user")).filter(|s| !s.trim().is_empty()),
+            password_file: path("nats_password_file"),
+            token_file: path("nats_token_file"),
+            nkey_seed_file: path("nats_nkey_seed_file"),
+            creds_file: path("nats_creds_file"),
+            tls_ca: path("nats_tls_ca"),
+            tls_client: pair("nats_tls_cert", "nats_tls_key", &mut problems),
+        };
+        match (&nats_auth.user, &nats_auth.password_file) {
+            (Some(_), None) => {
+                problems.push("nats_user is set without nats_password_file".to_string())
+            }
+            (None, Some(_)) => {
+                problems.push("nats_password_file is set without nats_user".to_string())
+            }
+            _ => {}
+        }
+        let methods: Vec<&str> = [
+            ("nats_user", nats_auth.user.is_some()),
+            ("nats_token_file", nats_auth.token_file.is_some()),
+            ("nats_nkey_seed_file", nats_auth.nkey_seed_file.is_some()),
+            ("nats_creds_file", nats_auth.creds_file.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect();
+        if methods.len() > 1 {
+            problems.push(format!(
+                "{} are all set: NATS takes one way to authenticate",
+                methods.join(", ")
+            ));
+        }
+        if nats_url.is_none() && nats_auth != NatsAuth::default() {
+            problems.push(
+                "nats_user, nats_*_file and nats_tls_* apply to nats_url, which is unset: the embedded nats-server uses a password handoffd generates at each start"
+                    .to_string(),
+            );
+        }
+        let auth_token_file = path("auth_token_file");
+        let auth_configured = auth_token_file.is_some() || tls_client_ca.is_some();
+        if !auth_configured && !insecure && !listen.ip().is_loopback() {
+            problems.push(format!(
+                "listen {listen} is not loopback and no auth is configured (auth_token_file or tls_client_ca); pass --insecure to serve anyway"
+            ));
+        }
         if retention < dedupe_window {
             problems.push("retention: must be at least dedupe_window".to_string());
         }
@@ -328,9 +508,11 @@ impl Config {
             max_in_flight: num("max_in_flight", raw("max_in_flight"), 1, &mut problems),
             tokenizer,
             metrics_listen,
-            auth_token_file: Some(raw("auth_token_file"))
-                .filter(|s| !s.trim().is_empty())
-                .map(PathBuf::from),
+            tls,
+            tls_client_ca,
+            auth_token_file,
+            insecure,
+            nats_auth,
             faults: Faults::default(),
         };
         if problems.is_empty() {
@@ -338,6 +520,13 @@ impl Config {
         } else {
             Err(problems)
         }
+    }
+
+    /// Whether clients must authenticate: `auth_token_file` or
+    /// `tls_client_ca` is set. Without it the broker serves on loopback
+    /// only (unless `insecure`), and warns.
+    pub fn auth_configured(&self) -> bool {
+        self.auth_token_file.is_some() || self.tls_client_ca.is_some()
     }
 
     /// Reads a TOML file into raw values (every value rendered as a string).
@@ -403,6 +592,63 @@ mod tests {
         v.insert("colour".into(), "blue".into());
         let problems = Config::from_layers(&v).expect_err("bad config");
         assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    #[test]
+    fn no_auth_is_refused_off_loopback_unless_insecure() {
+        let mut v = BTreeMap::new();
+        v.insert("listen".into(), "0.0.0.0:7233".into());
+        let problems = Config::from_layers(&v).expect_err("refused");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("0.0.0.0:7233"), "{problems:?}");
+
+        v.insert("insecure".into(), "true".into());
+        let c = Config::from_layers(&v).expect("insecure serves");
+        assert!(c.insecure && !c.auth_configured());
+
+        v.remove("insecure");
+        v.insert(
+            "auth_token_file".into(),
+            "/run/credentials/x/auth-token".into(),
+        );
+        let c = Config::from_layers(&v).expect("auth configured");
+        assert!(c.auth_configured());
+
+        let c = Config::default();
+        assert!(c.listen.ip().is_loopback() && !c.auth_configured() && !c.insecure);
+    }
+
+    #[test]
+    fn tls_and_nats_credentials_are_checked_together() {
+        let mut v = BTreeMap::new();
+        v.insert("nats_url".into(), "tls://nats-1:4222".into());
+        v.insert("tls_cert".into(), "/etc/handoffd/cert.pem".into());
+        v.insert("tls_client_ca".into(), "/etc/handoffd/ca.pem".into());
+        v.insert("nats_user".into(), "handoffd".into());
+        v.insert("nats_token_file".into(), "/run/t".into());
+        v.insert("nats_tls_key".into(), "/run/k".into());
+        v.insert("insecure".into(), "maybe".into());
+        let problems = Config::from_layers(&v).expect_err("bad config");
+        // tls_cert without tls_key, tls_client_ca without TLS, user without
+        // password, two ways to authenticate, nats_tls_key without its
+        // certificate, and the bad bool.
+        assert_eq!(problems.len(), 6, "{problems:?}");
+
+        let mut v = BTreeMap::new();
+        v.insert("nats_url".into(), "tls://nats-1:4222".into());
+        v.insert("tls_cert".into(), "/c".into());
+        v.insert("tls_key".into(), "/k".into());
+        v.insert("tls_client_ca".into(), "/ca".into());
+        v.insert("nats_user".into(), "handoffd".into());
+        v.insert("nats_password_file".into(), "/p".into());
+        let c = Config::from_layers(&v).expect("valid");
+        assert!(c.auth_configured());
+        assert_eq!(c.tls.map(|t| t.key), Some(PathBuf::from("/k")));
+        assert_eq!(c.nats_auth.user.as_deref(), Some("handoffd"));
+
+        v.remove("nats_url");
+        let problems = Config::from_layers(&v).expect_err("embedded takes no credentials");
+        assert_eq!(problems.len(), 1, "{problems:?}");
     }
 
     #[test]

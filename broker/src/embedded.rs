@@ -6,6 +6,12 @@
 //! stops it on exit. A pid file next to the store lets the next start stop
 //! a server orphaned by a `kill -9` of its parent. The test helper uses the
 //! same type to run its servers.
+//!
+//! The broker's embedded server requires a user ([`Credentials::generate`]:
+//! `handoffd` with a password drawn at each start), so no other local
+//! process can write into the inboxes. The password reaches the child in a
+//! configuration file of mode 0600 in the store directory, never on its
+//! command line, where `ps` would show it.
 
 use std::{
     path::{Path, PathBuf},
@@ -43,6 +49,39 @@ pub enum EmbeddedError {
     },
 }
 
+/// A user and password the server requires of every client.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name.
+    pub user: String,
+    /// Password.
+    pub password: String,
+}
+
+impl Credentials {
+    /// The user `handoffd` with a fresh random password: two v4 UUIDs (244
+    /// random bits from the operating system), as 64 hex digits.
+    pub fn generate() -> Credentials {
+        Credentials {
+            user: "handoffd".to_string(),
+            password: format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            ),
+        }
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
 /// Options of a server to start.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -58,6 +97,8 @@ pub struct Options {
     pub jetstream: bool,
     /// Time allowed to become ready.
     pub ready_timeout: Duration,
+    /// Require this user of every client (`None`: no auth).
+    pub credentials: Option<Credentials>,
 }
 
 impl Options {
@@ -70,6 +111,7 @@ impl Options {
             extra_args: Vec::new(),
             jetstream: true,
             ready_timeout: Duration::from_secs(10),
+            credentials: None,
         }
     }
 }
@@ -80,6 +122,7 @@ pub struct NatsServer {
     child: Child,
     url: String,
     pid_file: PathBuf,
+    credentials: Option<Credentials>,
 }
 
 impl NatsServer {
@@ -97,6 +140,16 @@ impl NatsServer {
             opts.port.to_string()
         };
         let mut cmd = Command::new(&opts.bin);
+        if let Some(credentials) = &opts.credentials {
+            let file = opts.store_dir.join("nats-server.conf");
+            write_private(&file, &auth_config(credentials)).map_err(|source| {
+                EmbeddedError::Io {
+                    path: file.clone(),
+                    source,
+                }
+            })?;
+            cmd.arg("-c").arg(&file);
+        }
         cmd.arg("-a")
             .arg("127.0.0.1")
             .arg("-p")
@@ -174,12 +227,18 @@ impl NatsServer {
             child,
             url: format!("nats://127.0.0.1:{port}"),
             pid_file,
+            credentials: opts.credentials,
         })
     }
 
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The user and password the server requires, if any.
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.credentials.as_ref()
     }
 
     /// Stops the server gracefully (SIGTERM), killing it after `grace`.
@@ -196,6 +255,35 @@ impl NatsServer {
         }
         let _ = std::fs::remove_file(&self.pid_file);
     }
+}
+
+/// The server configuration that requires `credentials`. The password is
+/// hex digits (see [`Credentials::generate`]); quotes and backslashes are
+/// escaped anyway, so any password stays one string.
+fn auth_config(credentials: &Credentials) -> String {
+    let quote = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    format!(
+        "# Written by handoffd at each start; the password changes every time.\nauthorization {{\n  user: \"{}\"\n  password: \"{}\"\n}}\n",
+        quote(&credentials.user),
+        quote(&credentials.password)
+    )
+}
+
+/// Writes `text` to `path`, readable by its owner only (mode 0600, also
+/// when the file already existed with another mode).
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::{
+        io::Write as _, os::unix::fs::OpenOptionsExt as _, os::unix::fs::PermissionsExt as _,
+    };
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
 }
 
 /// Stops a server left running by a previous broker that was killed, if

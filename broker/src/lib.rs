@@ -17,8 +17,9 @@
 //! - [`error`]: the domain error and its stable reasons.
 //!
 //! Around them: [`config`], [`metrics`], [`embedded`] (the embedded
-//! `nats-server` child), [`telemetry`] and [`server`] (serving and
-//! draining).
+//! `nats-server` child), [`telemetry`], [`tls`] (TLS to clients and the
+//! principal of a client certificate) and [`server`] (serving, NATS
+//! credentials, draining).
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
@@ -34,6 +35,7 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod timers;
+pub mod tls;
 
 pub use config::Config;
 pub use error::BrokerError;

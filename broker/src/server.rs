@@ -4,8 +4,20 @@
 //! (or starts the embedded server), opens the store, serves gRPC on the
 //! given listener until `shutdown` resolves, then drains under
 //! `drain_timeout`. The binary and the tests call the same function.
+//!
+//! Transport security lives here too: TLS (and mTLS) to clients from
+//! [`crate::tls`], the broker's NATS credentials and TLS from the
+//! configuration's files, and the generated password of the embedded
+//! server. A NATS that refuses the credentials (or the TLS handshake) at
+//! start is fatal and reported; other failures to reach NATS are retried
+//! until `connect_timeout`, and once connected the client reconnects for
+//! ever.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use handoff_proto::{server::handoff_broker_server::HandoffBrokerServer, FILE_DESCRIPTOR_SET};
 use tokio::{
@@ -16,11 +28,12 @@ use tokio::{
 use crate::{
     app::{auth::Auth, Broker},
     config::Config,
-    embedded::{self, EmbeddedError, NatsServer},
+    embedded::{self, Credentials, EmbeddedError, NatsServer},
     error::BrokerError,
     rpc::Service,
     store::JetStream,
     timers,
+    tls::{self, FileError},
 };
 
 /// Why the broker could not run.
@@ -29,6 +42,30 @@ pub enum RunError {
     /// The embedded nats-server could not start.
     #[error(transparent)]
     Embedded(#[from] EmbeddedError),
+    /// A file named by the configuration (certificate, key, secret)
+    /// cannot be used.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// NATS refused the broker's credentials.
+    #[error(
+        "NATS at {url} refused the broker's credentials (authorization violation): check {keys}"
+    )]
+    NatsAuth {
+        /// The URL tried.
+        url: String,
+        /// The configuration keys that hold the credentials.
+        keys: String,
+    },
+    /// The TLS handshake with NATS failed (or TLS could not be set up).
+    #[error(
+        "TLS to NATS at {url} failed: {reason}; check nats_tls_ca, nats_tls_cert and nats_tls_key"
+    )]
+    NatsTls {
+        /// The URL tried.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// NATS could not be reached.
     #[error("cannot connect to NATS at {url}: {reason}")]
     Connect {
@@ -76,12 +113,17 @@ pub async fn run_with(
     let addr = listener
         .local_addr()
         .map_err(|e| RunError::Serve(format!("listener: {e}")))?;
+    // Every file first: a bad key or certificate stops the start before
+    // anything is spawned.
+    let client_tls = tls::server_config(&config)?;
+    let nats_secrets = NatsSecrets::read(&config)?;
     let embedded = match &config.nats_url {
         Some(_) => None,
         None => {
             let mut opts =
                 embedded::Options::new(&config.nats_server_bin, config.data_dir.join("nats"));
             opts.ready_timeout = config.connect_timeout;
+            opts.credentials = Some(Credentials::generate());
             let server = NatsServer::start(opts).await?;
             tracing::info!(url = server.url(), store = %config.data_dir.join("nats").display(), "embedded nats-server started");
             Some(server)
@@ -92,7 +134,21 @@ pub async fn run_with(
         .clone()
         .or_else(|| embedded.as_ref().map(|s| s.url().to_string()))
         .unwrap_or_default();
-    let result = serve(&config, &nats_url, addr, listener, shutdown, ready).await;
+    let nats_secrets = match embedded.as_ref().and_then(NatsServer::credentials) {
+        Some(c) => NatsSecrets::embedded(c),
+        None => nats_secrets,
+    };
+    let result = serve(
+        &config,
+        &nats_url,
+        &nats_secrets,
+        client_tls,
+        addr,
+        listener,
+        shutdown,
+        ready,
+    )
+    .await;
     if let Some(server) = embedded {
         server.stop(Duration::from_secs(10)).await;
         tracing::info!("embedded nats-server stopped");
@@ -100,40 +156,194 @@ pub async fn run_with(
     result
 }
 
+/// How the broker authenticates to NATS: the secrets read once from the
+/// configured files (or the embedded server's generated password), and the
+/// TLS files, which async-nats reads at each connection.
+#[derive(Default)]
+struct NatsSecrets {
+    user_password: Option<(String, String)>,
+    token: Option<String>,
+    nkey_seed: Option<String>,
+    creds: Option<String>,
+    tls_ca: Option<std::path::PathBuf>,
+    tls_client: Option<crate::config::TlsFiles>,
+    /// The configuration keys that hold the credentials, for errors.
+    keys: String,
+}
+
+impl NatsSecrets {
+    /// Reads the configured files; every one is checked.
+    fn read(config: &Config) -> Result<NatsSecrets, FileError> {
+        let auth = &config.nats_auth;
+        let mut secrets = NatsSecrets {
+            tls_ca: auth.tls_ca.clone(),
+            tls_client: auth.tls_client.clone(),
+            keys: "the NATS credentials (nats_user, nats_password_file, nats_token_file, nats_nkey_seed_file or nats_creds_file)".to_string(),
+            ..NatsSecrets::default()
+        };
+        if let (Some(user), Some(path)) = (&auth.user, &auth.password_file) {
+            let password = tls::read_secret("nats_password_file", path)?;
+            secrets.user_password = Some((user.clone(), password));
+            secrets.keys = "nats_user and nats_password_file".to_string();
+        }
+        if let Some(path) = &auth.token_file {
+            secrets.token = Some(tls::read_secret("nats_token_file", path)?);
+            secrets.keys = "nats_token_file".to_string();
+        }
+        if let Some(path) = &auth.nkey_seed_file {
+            secrets.nkey_seed = Some(tls::read_secret("nats_nkey_seed_file", path)?);
+            secrets.keys = "nats_nkey_seed_file".to_string();
+        }
+        if let Some(path) = &auth.creds_file {
+            let creds = tls::read_secret("nats_creds_file", path)?;
+            // Parse now, so a malformed file is a configuration error.
+            async_nats::ConnectOptions::with_credentials(&creds).map_err(|e| FileError {
+                key: "nats_creds_file",
+                path: path.clone(),
+                reason: format!("is not a NATS credentials file ({e})"),
+            })?;
+            secrets.creds = Some(creds);
+            secrets.keys = "nats_creds_file".to_string();
+        }
+        if let Some(ca) = &auth.tls_ca {
+            tls::read_certificates("nats_tls_ca", ca)?;
+        }
+        if let Some(files) = &auth.tls_client {
+            tls::read_certificates("nats_tls_cert", &files.cert)?;
+            tls::read_private_key("nats_tls_key", &files.key)?;
+        }
+        Ok(secrets)
+    }
+
+    /// The embedded server's generated user and password.
+    fn embedded(credentials: &Credentials) -> NatsSecrets {
+        NatsSecrets {
+            user_password: Some((credentials.user.clone(), credentials.password.clone())),
+            keys: "the embedded nats-server's generated password (another process may have replaced <data_dir>/nats/nats-server.conf)".to_string(),
+            ..NatsSecrets::default()
+        }
+    }
+
+    /// Connect options with these credentials.
+    fn options(&self) -> Result<async_nats::ConnectOptions, std::io::Error> {
+        let mut opts = async_nats::ConnectOptions::new();
+        if let Some((user, password)) = &self.user_password {
+            opts = opts.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &self.token {
+            opts = opts.token(token.clone());
+        }
+        if let Some(seed) = &self.nkey_seed {
+            opts = opts.nkey(seed.clone());
+        }
+        if let Some(creds) = &self.creds {
+            opts = opts.credentials(creds)?;
+        }
+        if let Some(ca) = &self.tls_ca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some(files) = &self.tls_client {
+            opts = opts
+                .add_client_certificate(files.cert.clone(), files.key.clone())
+                .require_tls(true);
+        }
+        Ok(opts)
+    }
+}
+
+/// Connects to NATS, retrying until `connect_timeout` while it cannot be
+/// reached. A refusal of the credentials or a failed TLS handshake is
+/// returned at once: retrying would not help. Once connected, the client
+/// reconnects for ever.
+async fn connect_nats(
+    config: &Config,
+    url: &str,
+    secrets: &NatsSecrets,
+) -> Result<async_nats::Client, RunError> {
+    use async_nats::ConnectErrorKind;
+    let deadline = Instant::now() + config.connect_timeout;
+    loop {
+        let opts = secrets
+            .options()
+            .map_err(|e| RunError::Connect {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })?
+            .name("handoffd")
+            .connection_timeout(config.connect_timeout)
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                tracing::info!(%event, "NATS connection");
+            });
+        let left = deadline.saturating_duration_since(Instant::now());
+        let error = match tokio::time::timeout(left, opts.connect(url)).await {
+            Ok(Ok(client)) => return Ok(client),
+            Ok(Err(e)) => e,
+            Err(_) => {
+                return Err(RunError::Connect {
+                    url: url.to_string(),
+                    reason: format!("no answer within {:?}", config.connect_timeout),
+                })
+            }
+        };
+        match error.kind() {
+            ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+                tracing::debug!(error = %error, "NATS refused the credentials");
+                return Err(RunError::NatsAuth {
+                    url: url.to_string(),
+                    keys: secrets.keys.clone(),
+                });
+            }
+            ConnectErrorKind::Tls => {
+                return Err(RunError::NatsTls {
+                    url: url.to_string(),
+                    reason: error.to_string(),
+                })
+            }
+            ConnectErrorKind::ServerParse => {
+                return Err(RunError::Connect {
+                    url: url.to_string(),
+                    reason: error.to_string(),
+                })
+            }
+            _ => {}
+        }
+        if Instant::now() + CONNECT_RETRY >= deadline {
+            return Err(RunError::Connect {
+                url: url.to_string(),
+                reason: format!("{error} (retried for {:?})", config.connect_timeout),
+            });
+        }
+        tracing::debug!(error = %error, "NATS not reachable yet; retrying");
+        tokio::time::sleep(CONNECT_RETRY).await;
+    }
+}
+
+/// Pause between attempts to reach NATS at start.
+const CONNECT_RETRY: Duration = Duration::from_millis(250);
+
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     config: &Config,
     nats_url: &str,
+    nats_secrets: &NatsSecrets,
+    client_tls: Option<tonic::transport::ServerTlsConfig>,
     addr: SocketAddr,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     ready: Option<oneshot::Sender<Ready>>,
 ) -> Result<(), RunError> {
-    let client = async_nats::ConnectOptions::new()
-        .name("handoffd")
-        .connection_timeout(config.connect_timeout)
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .event_callback(|event| async move {
-            tracing::info!(%event, "NATS connection");
-        });
-    let client = tokio::time::timeout(config.connect_timeout, client.connect(nats_url))
-        .await
-        .map_err(|_| RunError::Connect {
-            url: nats_url.to_string(),
-            reason: format!("no answer within {:?}", config.connect_timeout),
-        })?
-        .map_err(|e| RunError::Connect {
-            url: nats_url.to_string(),
-            reason: e.to_string(),
-        })?;
+    let client = connect_nats(config, nats_url, nats_secrets).await?;
     let store = JetStream::open(client.clone(), config).await?;
     let (drain_tx, drain_rx) = watch::channel(false);
-    let auth = match &config.auth_token_file {
-        None => {
-            tracing::warn!(%addr, "no auth configured: every caller may do anything (serve on loopback only)");
-            Auth::disabled()
-        }
-        Some(path) => Auth::required(Some(read_secret(path)?)),
+    let auth = if config.auth_configured() {
+        let bootstrap = match &config.auth_token_file {
+            Some(path) => Some(read_secret(path)?),
+            None => None,
+        };
+        Auth::required(bootstrap)
+    } else {
+        Auth::disabled()
     };
     let broker = Broker::with_auth(
         config.clone(),
@@ -185,7 +395,29 @@ async fn serve(
         .max_decoding_message_size(config.max_inline_payload.saturating_mul(2).max(4 << 20));
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    let scheme = if let Some(tls) = client_tls {
+        // tonic runs the TLS handshake on every connection the incoming
+        // stream yields, so the caller's listener serves TLS too; the peer's
+        // verified certificates reach handlers as `request.peer_certs()`.
+        builder = builder.tls_config(tls).map_err(|e| {
+            RunError::Serve(format!(
+                "tls_cert, tls_key, tls_client_ca: {}",
+                error_chain(&e)
+            ))
+        })?;
+        "https"
+    } else {
+        "http"
+    };
+    if !config.auth_configured() {
+        if addr.ip().is_loopback() {
+            tracing::warn!(%addr, "serving unauthenticated: no auth_token_file or tls_client_ca is configured, so any local process can act as any agent");
+        } else {
+            tracing::warn!(%addr, "serving unauthenticated on a non-loopback address (insecure): anyone who reaches it can act as any agent");
+        }
+    }
+    let server = builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .layer(tower::util::MapResponseLayer::new(
@@ -204,7 +436,7 @@ async fn serve(
             },
         );
     let mut server = std::pin::pin!(server);
-    tracing::info!(%addr, nats = nats_url, "handoffd serving");
+    tracing::info!(%addr, scheme, nats = nats_url, "handoffd serving");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(tx) = ready {
         let _ = tx.send(Ready {
@@ -264,6 +496,18 @@ fn read_secret(path: &std::path::Path) -> Result<String, RunError> {
         )));
     }
     Ok(secret)
+}
+
+/// An error with its sources, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Keeps the agent cache current with registrations made on any replica.

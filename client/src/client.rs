@@ -1,9 +1,13 @@
 //! [`Client`]: a cloneable handle to one broker.
 
-use std::time::Duration;
+use std::{fmt, time::Duration};
 
 use futures::{Stream, StreamExt};
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{interceptor::InterceptedService, Interceptor},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
 
 use crate::{
     barrier::FanOut,
@@ -14,12 +18,39 @@ use crate::{
     subscription::{Subscription, TypedSubscription},
 };
 
+/// The generated gRPC client over the SDK's channel: every call it makes
+/// carries the [`BearerToken`] of the [`ConnectOptions`] it came from.
+pub type RawClient = HandoffBrokerClient<InterceptedService<Channel, BearerToken>>;
+
 /// Options for connecting; finish with [`ConnectOptions::connect`].
-#[derive(Debug, Clone)]
+///
+/// Plaintext by default. [`tls`](ConnectOptions::tls) trusts a CA and
+/// speaks TLS (the address may then be written `https://host:port` or bare
+/// `host:port`); [`identity`](ConnectOptions::identity) adds a client
+/// certificate (mTLS); [`token`](ConnectOptions::token) sends
+/// `authorization: Bearer <token>` on every call, streams included.
+///
+/// ```no_run
+/// # async fn demo() -> handoff_client::Result<()> {
+/// # let (ca, cert, key) = (Vec::<u8>::new(), Vec::<u8>::new(), Vec::<u8>::new());
+/// use handoff_client::ConnectOptions;
+/// let client = ConnectOptions::new()
+///     .tls(ca)
+///     .identity(cert, key)
+///     .token("hot_...")
+///     .connect("https://broker.example:7233")
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
 pub struct ConnectOptions {
     connect_timeout: Duration,
     request_timeout: Option<Duration>,
     lazy: bool,
+    tls_ca: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    domain_name: Option<String>,
+    token: Option<String>,
 }
 
 impl Default for ConnectOptions {
@@ -28,12 +59,31 @@ impl Default for ConnectOptions {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Some(Duration::from_secs(30)),
             lazy: false,
+            tls_ca: None,
+            identity: None,
+            domain_name: None,
+            token: None,
         }
     }
 }
 
+impl fmt::Debug for ConnectOptions {
+    // The client key and the token stay out of logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("lazy", &self.lazy)
+            .field("tls_ca", &self.tls_ca.is_some())
+            .field("identity", &self.identity.is_some())
+            .field("domain_name", &self.domain_name)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
 impl ConnectOptions {
-    /// Defaults: 5 s to connect, 30 s per unary request.
+    /// Defaults: 5 s to connect, 30 s per unary request, plaintext, no token.
     pub fn new() -> Self {
         Self::default()
     }
@@ -57,15 +107,61 @@ impl ConnectOptions {
         self
     }
 
-    /// Connects to a broker at `addr` (`http://127.0.0.1:7233` or `127.0.0.1:7233`).
+    /// Speak TLS and trust the broker's certificate if this CA (PEM) issued
+    /// it. A bare `host:port` address then means `https://host:port`. An
+    /// `https://` address without this option trusts the system's roots.
+    pub fn tls(mut self, ca_pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca = Some(ca_pem.into());
+        self
+    }
+
+    /// Present this client certificate chain and key (PEM) in the TLS
+    /// handshake (mTLS); the broker names the caller from it. Implies TLS.
+    pub fn identity(mut self, cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        self.identity = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// The name to verify the broker's certificate against, when it is not
+    /// the address's host (e.g. connecting by IP to a certificate for
+    /// `broker.internal`). Implies TLS.
+    pub fn domain_name(mut self, name: impl Into<String>) -> Self {
+        self.domain_name = Some(name.into());
+        self
+    }
+
+    /// Send `authorization: Bearer <token>` on every call, including the
+    /// `Subscribe` and `Watch` streams.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Connects to a broker at `addr` (`http://127.0.0.1:7233`,
+    /// `https://broker:7233` or `host:port`).
+    ///
+    /// An address written `http://` with TLS options is refused with
+    /// [`ErrorKind::InvalidArgument`] rather than sent in plaintext.
     pub async fn connect(self, addr: impl AsRef<str>) -> Result<Client> {
         let addr = addr.as_ref();
+        let wants_tls =
+            self.tls_ca.is_some() || self.identity.is_some() || self.domain_name.is_some();
         let uri = if addr.contains("://") {
             addr.to_string()
+        } else if wants_tls {
+            format!("https://{addr}")
         } else {
             format!("http://{addr}")
         };
-        let endpoint = Endpoint::from_shared(uri.clone())
+        let https = uri.starts_with("https://");
+        if wants_tls && !https {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("{addr:?} is a plaintext address but TLS options are set: write https://"),
+            ));
+        }
+        let token = BearerToken::new(self.token.as_deref())?;
+        let mut endpoint = Endpoint::from_shared(uri.clone())
             .map_err(|e| {
                 Error::new(
                     ErrorKind::InvalidArgument,
@@ -76,18 +172,37 @@ impl ConnectOptions {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_while_idle(true);
+        if https {
+            let mut tls = ClientTlsConfig::new().timeout(self.connect_timeout);
+            tls = match self.tls_ca {
+                Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
+                None => tls.with_native_roots(),
+            };
+            if let Some((cert, key)) = self.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(name) = self.domain_name {
+                tls = tls.domain_name(name);
+            }
+            endpoint = endpoint.tls_config(tls).map_err(|e| {
+                Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("TLS options: {}", error_chain(&e)),
+                )
+            })?;
+        }
         let channel = if self.lazy {
             endpoint.connect_lazy()
         } else {
             endpoint.connect().await.map_err(|e| {
                 Error::new(
                     ErrorKind::Connect,
-                    format!("cannot reach the broker at {uri}: {e}"),
+                    format!("cannot reach the broker at {uri}: {}", error_chain(&e)),
                 )
             })?
         };
         Ok(Client {
-            inner: HandoffBrokerClient::new(channel)
+            inner: HandoffBrokerClient::new(InterceptedService::new(channel, token))
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
             request_timeout: self.request_timeout,
@@ -95,10 +210,74 @@ impl ConnectOptions {
     }
 }
 
-/// A handle to a broker. Cheap to clone; clones share one connection.
+/// An error with its sources, on one line (tonic's transport errors say
+/// little on their own).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The interceptor that puts `authorization: Bearer <token>` on every
+/// request of a [`Client`] (none if no token was given). Its `Debug`
+/// does not show the token.
+#[derive(Clone, Default)]
+pub struct BearerToken {
+    header: Option<MetadataValue<Ascii>>,
+}
+
+impl BearerToken {
+    fn new(token: Option<&str>) -> Result<BearerToken> {
+        let header = match token {
+            None => None,
+            Some(token) => {
+                let mut value = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+                    .map_err(|_| {
+                        Error::new(
+                            ErrorKind::InvalidArgument,
+                            "the token holds characters a gRPC header cannot carry",
+                        )
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        Ok(BearerToken { header })
+    }
+}
+
+impl fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BearerToken")
+            .field("set", &self.header.is_some())
+            .finish()
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(header) = &self.header {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A handle to a broker. Cheap to clone; clones share one connection (and
+/// its TLS session and token).
 #[derive(Clone, Debug)]
 pub struct Client {
-    inner: HandoffBrokerClient<Channel>,
+    inner: RawClient,
     request_timeout: Option<Duration>,
 }
 
@@ -108,8 +287,9 @@ impl Client {
         ConnectOptions::new().connect(addr).await
     }
 
-    /// The generated gRPC client, for anything the SDK does not wrap.
-    pub fn raw(&self) -> HandoffBrokerClient<Channel> {
+    /// The generated gRPC client, for anything the SDK does not wrap (its
+    /// calls carry the token too).
+    pub fn raw(&self) -> RawClient {
         self.inner.clone()
     }
 
@@ -556,5 +736,56 @@ mod tests {
             ]
         );
         assert_eq!(AgentConfig::new("any").spec().accepts, None);
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use super::*;
+
+    fn authorization(token: &BearerToken) -> Option<String> {
+        let mut token = token.clone();
+        let request = match token.call(tonic::Request::new(())) {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
+    #[test]
+    fn the_token_goes_with_every_request_as_a_bearer() {
+        let token = BearerToken::new(Some("hot_abc\n")).expect("valid token");
+        assert_eq!(authorization(&token).as_deref(), Some("Bearer hot_abc"));
+        assert_eq!(authorization(&BearerToken::default()), None);
+        assert!(!format!("{token:?}").contains("hot_abc"));
+        let err = BearerToken::new(Some("bad\u{7}token")).expect_err("control character");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let opts = ConnectOptions::new()
+            .token("hot_secret")
+            .identity("CERT", "PRIVATE KEY");
+        let text = format!("{opts:?}");
+        assert!(
+            !text.contains("hot_secret") && !text.contains("PRIVATE KEY"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn tls_options_refuse_a_plaintext_address() {
+        let err = ConnectOptions::new()
+            .tls("CA")
+            .lazy(true)
+            .connect("http://127.0.0.1:1")
+            .await
+            .expect_err("plaintext with TLS options");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     }
 }

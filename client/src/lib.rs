@@ -114,7 +114,9 @@ mod handoff;
 mod subscription;
 
 pub use barrier::{Branch, FanOut, FanOutReceipt, Join, JoinMode};
-pub use client::{AgentConfig, Client, ConnectOptions, RunConfig, WatchFilter};
+pub use client::{
+    AgentConfig, BearerToken, Client, ConnectOptions, RawClient, RunConfig, WatchFilter,
+};
 pub use contract::{ContractSpec, RegisteredContract};
 pub use error::{Error, ErrorKind, FieldViolation, Result};
 pub use handoff::{decode, encode, Handoff, Receipt};

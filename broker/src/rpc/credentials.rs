@@ -4,7 +4,7 @@
 
 use tonic::Request;
 
-use crate::app::auth::Credentials;
+use crate::{app::auth::Credentials, tls::principal_of_certificate};
 
 /// The credentials of a request.
 pub fn of<T>(req: &Request<T>) -> Credentials {
@@ -19,9 +19,16 @@ pub fn of<T>(req: &Request<T>) -> Credentials {
                 .then(|| token.trim().to_string())
         })
         .filter(|t| !t.is_empty());
+    // The leaf of a client certificate the TLS handshake verified
+    // against `tls_client_ca`.
+    let certificate = req.peer_certs().and_then(|chain| {
+        chain
+            .first()
+            .and_then(|leaf| principal_of_certificate(leaf))
+    });
     Credentials {
         bearer,
-        certificate: None,
+        certificate,
     }
 }
 

@@ -36,6 +36,41 @@ struct Cli {
     )]
     addr: String,
 
+    /// API token, sent as `authorization: Bearer <token>` on every call.
+    #[arg(
+        long,
+        global = true,
+        env = "HANDOFF_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
+
+    /// PEM file of the CA that issued the broker's certificate: speak TLS
+    /// (a bare `host:port` then means `https://`).
+    #[arg(long, global = true, env = "HANDOFF_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+
+    /// PEM file of a client certificate for mTLS (with --key).
+    #[arg(
+        long,
+        global = true,
+        env = "HANDOFF_CERT",
+        value_name = "FILE",
+        requires = "key"
+    )]
+    cert: Option<PathBuf>,
+
+    /// PEM file of the private key of --cert.
+    #[arg(
+        long,
+        global = true,
+        env = "HANDOFF_KEY",
+        value_name = "FILE",
+        requires = "cert"
+    )]
+    key: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -279,11 +314,26 @@ fn check_usage(cli: &Cli) -> Result<(), clap::Error> {
     Ok(())
 }
 
+/// The connection options the global flags ask for.
+fn connect_options(cli: &Cli) -> Result<ConnectOptions, Failure> {
+    let read = |flag: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| Failure(format!("{flag} {}: {e}", path.display())))
+    };
+    let mut options = ConnectOptions::new().connect_timeout(Duration::from_secs(5));
+    if let Some(ca) = &cli.ca {
+        options = options.tls(read("--ca", ca)?);
+    }
+    if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
+        options = options.identity(read("--cert", cert)?, read("--key", key)?);
+    }
+    if let Some(token) = &cli.token {
+        options = options.token(token.as_str());
+    }
+    Ok(options)
+}
+
 async fn dispatch(cli: Cli) -> Outcome {
-    let client = ConnectOptions::new()
-        .connect_timeout(Duration::from_secs(5))
-        .connect(&cli.addr)
-        .await?;
+    let client = connect_options(&cli)?.connect(&cli.addr).await?;
     let result = match cli.command {
         Command::Run(RunCommand::Start(args)) => run_start(&client, args).await,
         Command::Run(RunCommand::Show { id }) => run_show(&client, &id).await,
