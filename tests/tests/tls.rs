@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use handoff_client::{AgentConfig, Client, ConnectOptions, ErrorKind, Handoff, RunConfig};
+use handoff_client::{pb, AgentConfig, Client, ConnectOptions, ErrorKind, Handoff, RunConfig};
 use handoff_tests::{next_within, note, Broker, Nats, Note};
 use handoffd::{
     config::{NatsAuth, TlsFiles},
@@ -127,17 +127,62 @@ async fn tls_broker() -> TlsBroker {
     let cert = write(dir.path(), "server.pem", &server.cert);
     let key = write(dir.path(), "server-key.pem", &server.key);
     let client_ca = write(dir.path(), "ca.pem", &ca.pem);
+    let admin_token = write(dir.path(), "admin-token", ADMIN);
     let nats = Nats::start().await;
     let broker = Broker::start(nats.url(), |c| {
         c.tls = Some(TlsFiles { cert, key });
         c.tls_client_ca = Some(client_ca);
+        c.auth_token_file = Some(admin_token);
     })
     .await;
-    TlsBroker {
+    let t = TlsBroker {
         _nats: nats,
         broker,
         _dir: dir,
         ca,
+    };
+    // With a client CA, calls are authenticated: the principal the tests'
+    // certificates name may administer and read.
+    let admin = t.admin().await;
+    let mut raw = admin.raw();
+    for (name, grants) in [
+        (
+            "planner",
+            vec![pb::GrantAction::Admin, pb::GrantAction::Read],
+        ),
+        ("reader", vec![pb::GrantAction::Read]),
+    ] {
+        raw.put_principal(pb::PutPrincipalRequest {
+            principal: Some(pb::Principal {
+                name: name.into(),
+                grants: grants
+                    .into_iter()
+                    .map(|action| pb::Grant {
+                        action: action as i32,
+                        pattern: String::new(),
+                        deny: false,
+                    })
+                    .collect(),
+            }),
+        })
+        .await
+        .unwrap();
+    }
+    t
+}
+
+/// The bootstrap admin token of [`tls_broker`].
+const ADMIN: &str = "tls-tests-bootstrap-admin-token-000000001";
+
+impl TlsBroker {
+    /// A client with the bootstrap admin token (over TLS, no certificate).
+    async fn admin(&self) -> Client {
+        ConnectOptions::new()
+            .tls(self.ca.pem.clone())
+            .token(ADMIN)
+            .connect(format!("https://localhost:{}", self.broker.addr.port()))
+            .await
+            .unwrap()
     }
 }
 
@@ -170,9 +215,10 @@ async fn mtls_accepts_certificates_of_the_configured_ca_only() {
         .await
         .expect("served over mTLS");
 
-    // No certificate at all: still served (a token will be its credential).
+    // No certificate at all: still served, with a token as its credential.
     let bare = ConnectOptions::new()
         .tls(t.ca.pem.clone())
+        .token(ADMIN)
         .connect(format!("localhost:{}", t.broker.addr.port()))
         .await
         .expect("TLS without a client certificate");
@@ -212,6 +258,51 @@ async fn mtls_accepts_certificates_of_the_configured_ca_only() {
         ),
         "{plain:?}"
     );
+}
+
+#[tokio::test]
+async fn a_client_certificate_is_the_principal_it_names() {
+    let t = tls_broker().await;
+    let addr = format!("https://localhost:{}", t.broker.addr.port());
+    let as_principal = |leaf: Leaf| {
+        ConnectOptions::new()
+            .tls(t.ca.pem.clone())
+            .identity(leaf.cert, leaf.key)
+            .connect(addr.clone())
+    };
+    // A certificate naming "reader" (by URI SAN): read is granted, admin
+    // is not.
+    let reader = as_principal(t.ca.client("reader")).await.unwrap();
+    reader.list_agents().await.expect("reader reads");
+    let err = reader
+        .register_agent(AgentConfig::new("worker"))
+        .await
+        .expect_err("reader may not register");
+    assert_eq!(err.reason(), Some("NOT_GRANTED"));
+    assert_eq!(
+        err.metadata().get("principal").map(String::as_str),
+        Some("reader")
+    );
+    // By common name when there is no URI SAN.
+    let by_cn =
+        t.ca.issue("planner", vec![], ExtendedKeyUsagePurpose::ClientAuth);
+    let planner = as_principal(by_cn).await.unwrap();
+    planner
+        .register_agent(AgentConfig::new("worker"))
+        .await
+        .expect("planner administers");
+    // A certificate from the CA naming no registered principal.
+    let nobody = as_principal(t.ca.client("nobody")).await.unwrap();
+    let err = nobody.list_agents().await.expect_err("unknown principal");
+    assert_eq!(err.reason(), Some("BAD_CREDENTIALS"));
+    // Neither certificate nor token: unauthenticated.
+    let bare = ConnectOptions::new()
+        .tls(t.ca.pem.clone())
+        .connect(addr.clone())
+        .await
+        .unwrap();
+    let err = bare.list_agents().await.expect_err("no credentials");
+    assert_eq!(err.reason(), Some("MISSING_CREDENTIALS"));
 }
 
 #[tokio::test]

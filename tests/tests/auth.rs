@@ -1,0 +1,478 @@
+//! Only the right agent acts: authenticated callers, grants, and leases
+//! that cannot be forged or outlived, against a real broker and
+//! `nats-server`. Every refusal is checked by code and reason, and by what
+//! it left behind (the run's timeline, the agent's inbox).
+
+use std::time::Duration;
+
+use handoff_client::{
+    pb, AgentConfig, Client, ConnectOptions, ContractSpec, Error, Handoff, RunConfig,
+};
+use handoff_proto::{demo::Subtask, DEMO_FILE_DESCRIPTOR_SET};
+use handoff_tests::{inbox, next_within, note, Broker, Nats};
+use tonic::Code;
+
+const BOOTSTRAP: &str = "bootstrap-admin-token-for-the-auth-tests-0001";
+
+struct Secured {
+    nats: Nats,
+    broker: Broker,
+    admin: Client,
+    _dir: tempfile::TempDir,
+}
+
+/// A broker whose calls must be authenticated, its bootstrap admin, and
+/// agents `planner` and `worker` (lease `lease`).
+async fn secured(lease: Duration) -> Secured {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("admin-token");
+    std::fs::write(&file, format!("{BOOTSTRAP}\n")).expect("token file");
+    let broker = Broker::start(nats.url(), |c| c.auth_token_file = Some(file)).await;
+    let admin = connect(&broker, Some(BOOTSTRAP)).await;
+    for name in ["planner", "worker"] {
+        admin
+            .register_agent(AgentConfig::new(name).lease(lease).max_attempts(10))
+            .await
+            .expect("agent");
+    }
+    Secured {
+        nats,
+        broker,
+        admin,
+        _dir: dir,
+    }
+}
+
+async fn connect(broker: &Broker, token: Option<&str>) -> Client {
+    let mut opts = ConnectOptions::new();
+    if let Some(t) = token {
+        opts = opts.token(t);
+    }
+    opts.connect(format!("http://{}", broker.addr))
+        .await
+        .expect("connect")
+}
+
+/// A principal with these grants, and a client holding a token for it.
+async fn principal(
+    s: &Secured,
+    name: &str,
+    grants: &[(pb::GrantAction, &str, bool)],
+) -> (Client, pb::ApiToken) {
+    let mut raw = s.admin.raw();
+    let grants = grants
+        .iter()
+        .map(|(action, pattern, deny)| pb::Grant {
+            action: *action as i32,
+            pattern: pattern.to_string(),
+            deny: *deny,
+        })
+        .collect();
+    raw.put_principal(pb::PutPrincipalRequest {
+        principal: Some(pb::Principal {
+            name: name.into(),
+            grants,
+        }),
+    })
+    .await
+    .expect("principal");
+    let created = raw
+        .create_token(pb::CreateTokenRequest {
+            principal: name.into(),
+            description: format!("{name} in a test"),
+        })
+        .await
+        .expect("token")
+        .into_inner();
+    (
+        connect(&s.broker, Some(&created.secret)).await,
+        created.token.expect("token"),
+    )
+}
+
+#[track_caller]
+fn refused<T: std::fmt::Debug>(r: Result<T, Error>, code: Code, reason: &str) -> Error {
+    let err = r.expect_err(reason);
+    assert_eq!(err.code(), Some(code), "{reason}: {err}");
+    assert_eq!(err.reason(), Some(reason), "{err}");
+    err
+}
+
+fn count(timeline: &[pb::Event], kind: pb::EventKind) -> usize {
+    timeline.iter().filter(|e| e.kind == kind as i32).count()
+}
+
+use pb::GrantAction::{Own, Read, ReceiveAs, SendAs};
+
+#[tokio::test]
+async fn calls_without_valid_credentials_are_unauthenticated() {
+    let s = secured(Duration::from_secs(5)).await;
+    let anonymous = connect(&s.broker, None).await;
+    refused(
+        anonymous.list_agents().await,
+        Code::Unauthenticated,
+        "MISSING_CREDENTIALS",
+    );
+    let wrong = connect(&s.broker, Some("hot_0000_not-a-secret")).await;
+    refused(
+        wrong.list_agents().await,
+        Code::Unauthenticated,
+        "BAD_CREDENTIALS",
+    );
+    let (reader, token) = principal(&s, "reader", &[(Read, "", false)]).await;
+    reader.list_agents().await.expect("a valid token reads");
+    s.admin
+        .raw()
+        .revoke_token(pb::RevokeTokenRequest {
+            id: token.id.clone(),
+        })
+        .await
+        .expect("revoke");
+    refused(
+        reader.list_agents().await,
+        Code::Unauthenticated,
+        "TOKEN_REVOKED",
+    );
+    // A stream is refused the same way.
+    refused(
+        anonymous.subscribe("worker", "w1", 1).await,
+        Code::Unauthenticated,
+        "MISSING_CREDENTIALS",
+    );
+    let listed = s
+        .admin
+        .raw()
+        .list_tokens(pb::ListTokensRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .tokens;
+    assert!(
+        listed.iter().all(|t| t.secret_sha256.is_empty()),
+        "digests are never listed"
+    );
+    assert!(listed
+        .iter()
+        .any(|t| t.id == token.id && t.revoked_at.is_some()));
+}
+
+#[tokio::test]
+async fn grants_decide_who_sends_receives_owns_and_administers() {
+    let s = secured(Duration::from_secs(5)).await;
+    let (alice, _) = principal(
+        &s,
+        "alice",
+        &[(Own, "alice", false), (SendAs, "planner", false)],
+    )
+    .await;
+    let (mallory, _) = principal(
+        &s,
+        "mallory",
+        &[
+            (Own, "mallory", false),
+            (SendAs, "*", false),
+            (SendAs, "planner", true),
+            (ReceiveAs, "planner", false),
+        ],
+    )
+    .await;
+    let run = alice
+        .start_run(RunConfig::new("alice"))
+        .await
+        .expect("alice's run")
+        .id;
+    refused(
+        alice.start_run(RunConfig::new("bob")).await,
+        Code::PermissionDenied,
+        "NOT_GRANTED",
+    );
+
+    // 2: subscribing as an agent without receive_as.
+    refused(
+        mallory.subscribe("worker", "m1", 1).await,
+        Code::PermissionDenied,
+        "NOT_GRANTED",
+    );
+
+    // 3: a source without send_as (deny wins over send_as *); no source
+    // on a run one does not own; completing another owner's run.
+    let as_planner = Handoff::to(&run, "worker", &note("task", 1))
+        .expect("handoff")
+        .from_agent("planner");
+    let err = refused(
+        mallory.handoff(as_planner).await,
+        Code::PermissionDenied,
+        "NOT_GRANTED",
+    );
+    assert_eq!(
+        err.metadata().get("action").map(String::as_str),
+        Some("send_as")
+    );
+    refused(
+        mallory
+            .handoff(Handoff::to(&run, "worker", &note("task", 1)).expect("handoff"))
+            .await,
+        Code::PermissionDenied,
+        "NOT_GRANTED",
+    );
+    refused(
+        mallory
+            .handoff(Handoff::final_result(&run, &note("done", 1)).expect("final"))
+            .await,
+        Code::PermissionDenied,
+        "NOT_GRANTED",
+    );
+    let timeline = s.admin.get_run(&run).await.expect("run").timeline;
+    assert_eq!(
+        count(&timeline, pb::EventKind::HandoffAccepted),
+        0,
+        "nothing stored"
+    );
+    assert_eq!(count(&timeline, pb::EventKind::AccessDenied), 3);
+    assert_eq!(inbox(s.nats.url(), "worker").await.stored, 0);
+    let run_now = s.admin.get_run(&run).await.expect("run").run.expect("run");
+    assert_eq!(run_now.status, pb::RunStatus::Running as i32);
+
+    // Alice may: she sends as planner and owns the run.
+    alice
+        .handoff(
+            Handoff::to(&run, "worker", &note("task", 1))
+                .expect("handoff")
+                .from_agent("planner"),
+        )
+        .await
+        .expect("granted");
+    assert_eq!(inbox(s.nats.url(), "worker").await.stored, 1);
+
+    // 4: registering an agent or a contract without admin.
+    refused(
+        alice
+            .register_agent(AgentConfig::new("worker").lease(Duration::from_millis(100)))
+            .await,
+        Code::PermissionDenied,
+        "NOT_GRANTED",
+    );
+    refused(
+        alice
+            .register_contract(ContractSpec::of::<Subtask>(DEMO_FILE_DESCRIPTOR_SET))
+            .await,
+        Code::PermissionDenied,
+        "NOT_GRANTED",
+    );
+    let worker = s
+        .admin
+        .list_agents()
+        .await
+        .expect("agents")
+        .into_iter()
+        .find(|a| a.name == "worker")
+        .expect("worker");
+    assert_eq!(
+        worker.lease.map(|d| d.seconds),
+        Some(5),
+        "the stored agent is unchanged"
+    );
+    assert!(s
+        .admin
+        .list_contracts(None)
+        .await
+        .expect("contracts")
+        .is_empty());
+
+    // Reading another owner's run needs read or own.
+    refused(
+        mallory.get_run(&run).await,
+        Code::PermissionDenied,
+        "NOT_GRANTED",
+    );
+    let metrics_like = s.admin.get_run(&run).await.expect("run").timeline;
+    assert!(count(&metrics_like, pb::EventKind::AccessDenied) >= 3);
+}
+
+#[tokio::test]
+async fn a_delivery_id_cannot_be_forged_altered_or_used_by_another_agent() {
+    let s = secured(Duration::from_secs(10)).await;
+    let (worker_svc, _) = principal(&s, "worker-svc", &[(ReceiveAs, "worker", false)]).await;
+    let (planner_svc, _) = principal(&s, "planner-svc", &[(ReceiveAs, "planner", false)]).await;
+    let run = s
+        .admin
+        .start_run(RunConfig::new("ops"))
+        .await
+        .expect("run")
+        .id;
+    s.admin
+        .handoff(Handoff::to(&run, "worker", &note("task", 1)).expect("handoff"))
+        .await
+        .expect("task");
+    let mut held = worker_svc.subscribe("worker", "w1", 1).await.expect("sub");
+    let d = next_within(&mut held, Duration::from_secs(5))
+        .await
+        .expect("delivered");
+    let planner_sub = planner_svc
+        .subscribe("planner", "p1", 1)
+        .await
+        .expect("sub");
+
+    // Another agent's session.
+    refused(
+        planner_sub.ack_id(d.id()).await,
+        Code::InvalidArgument,
+        "BAD_DELIVERY_ID",
+    );
+    // A forged id.
+    let other = worker_svc.subscribe("worker", "w2", 1).await.expect("sub");
+    refused(
+        other.ack_id("aGFuZG9mZi1mb3JnZXJ5").await,
+        Code::InvalidArgument,
+        "BAD_DELIVERY_ID",
+    );
+    // The real id altered by one byte (its attempt: 1 -> 3).
+    let mut token = decode(d.id());
+    token.attempt = 3;
+    refused(
+        other.ack_id(&encode(&token)).await,
+        Code::PermissionDenied,
+        "BAD_SIGNATURE",
+    );
+    let mut token = decode(d.id());
+    if let Some(b) = token.signature.first_mut() {
+        *b ^= 0x01;
+    }
+    refused(
+        other.ack_id(&encode(&token)).await,
+        Code::PermissionDenied,
+        "BAD_SIGNATURE",
+    );
+    // The delivery is still held by its instance, which settles it.
+    let timeline = s.admin.get_run(&run).await.expect("run").timeline;
+    assert_eq!(count(&timeline, pb::EventKind::Acked), 0);
+    d.ack().await.expect("its holder acks");
+    let timeline = s.admin.get_run(&run).await.expect("run").timeline;
+    assert_eq!(count(&timeline, pb::EventKind::Acked), 1);
+    assert_eq!(count(&timeline, pb::EventKind::Delivered), 1);
+}
+
+fn decode(id: &str) -> pb::DeliveryToken {
+    use base64::Engine as _;
+    use prost::Message as _;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(id)
+        .expect("base64");
+    pb::DeliveryToken::decode(bytes.as_slice()).expect("token")
+}
+
+fn encode(token: &pb::DeliveryToken) -> String {
+    use base64::Engine as _;
+    use prost::Message as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.encode_to_vec())
+}
+
+#[tokio::test]
+async fn an_outlived_lease_settles_nothing_and_its_successor_does() {
+    let lease = Duration::from_secs(1);
+    let s = secured(lease).await;
+    let (worker_svc, _) = principal(&s, "worker-svc", &[(ReceiveAs, "worker", false)]).await;
+    let run = s
+        .admin
+        .start_run(RunConfig::new("ops"))
+        .await
+        .expect("run")
+        .id;
+    let mut a = worker_svc.subscribe("worker", "a", 1).await.expect("a");
+    s.admin
+        .handoff(Handoff::to(&run, "worker", &note("task", 1)).expect("handoff"))
+        .await
+        .expect("task");
+    let first = next_within(&mut a, Duration::from_secs(5))
+        .await
+        .expect("A's attempt");
+    assert_eq!(first.attempt(), 1);
+    // B waits with a pull outstanding while A holds its only slot, so the
+    // redelivery after A's lease goes to B.
+    let mut b = worker_svc.subscribe("worker", "b", 1).await.expect("b");
+    let second = next_within(&mut b, Duration::from_secs(10))
+        .await
+        .expect("B's attempt after A's lease passed");
+    assert_eq!(second.attempt(), 2);
+    assert_eq!(second.handoff_id(), first.handoff_id());
+
+    refused(
+        first.ack().await,
+        Code::FailedPrecondition,
+        "LEASE_SUPERSEDED",
+    );
+    refused(
+        first.nack(None).await,
+        Code::FailedPrecondition,
+        "LEASE_SUPERSEDED",
+    );
+    refused(
+        first.reject("too late").await,
+        Code::FailedPrecondition,
+        "LEASE_SUPERSEDED",
+    );
+    refused(
+        first.extend().await,
+        Code::FailedPrecondition,
+        "LEASE_SUPERSEDED",
+    );
+    let timeline = s.admin.get_run(&run).await.expect("run").timeline;
+    assert_eq!(count(&timeline, pb::EventKind::Rejected), 0);
+    assert_eq!(count(&timeline, pb::EventKind::Acked), 0);
+    let status = s
+        .admin
+        .get_run(&run)
+        .await
+        .expect("run")
+        .run
+        .expect("run")
+        .status;
+    assert_eq!(
+        status,
+        pb::RunStatus::Running as i32,
+        "the run is not failed"
+    );
+
+    second.ack().await.expect("B's ack settles it");
+    let timeline = s.admin.get_run(&run).await.expect("run").timeline;
+    assert_eq!(count(&timeline, pb::EventKind::Acked), 1);
+    let state = inbox(s.nats.url(), "worker").await;
+    assert_eq!((state.pending, state.unacked), (0, 0), "settled once");
+}
+
+#[tokio::test]
+async fn a_reject_after_an_ack_is_already_settled() {
+    let s = secured(Duration::from_secs(10)).await;
+    let (worker_svc, _) = principal(&s, "worker-svc", &[(ReceiveAs, "worker", false)]).await;
+    let run = s
+        .admin
+        .start_run(RunConfig::new("ops"))
+        .await
+        .expect("run")
+        .id;
+    s.admin
+        .handoff(Handoff::to(&run, "worker", &note("task", 1)).expect("handoff"))
+        .await
+        .expect("task");
+    let mut sub = worker_svc.subscribe("worker", "w1", 1).await.expect("sub");
+    let d = next_within(&mut sub, Duration::from_secs(5))
+        .await
+        .expect("delivered");
+    d.ack().await.expect("ack");
+    // The repeated ack (an answer lost) is confirmed; a reject is not.
+    sub.ack_id(d.id()).await.expect("the same ack again");
+    refused(
+        d.reject("changed my mind").await,
+        Code::FailedPrecondition,
+        "ALREADY_SETTLED",
+    );
+    let got = s.admin.get_run(&run).await.expect("run");
+    assert_eq!(
+        got.run.expect("run").status,
+        pb::RunStatus::Running as i32,
+        "the run is not failed"
+    );
+    assert_eq!(count(&got.timeline, pb::EventKind::Rejected), 0);
+    assert_eq!(count(&got.timeline, pb::EventKind::Acked), 1);
+}
