@@ -68,6 +68,10 @@ struct Args {
     /// into this PNG file.
     #[arg(long, value_name = "FILE.png")]
     plot: Option<std::path::PathBuf>,
+    /// Run the broker with auth: every call carries a bearer token and is
+    /// checked against its grants.
+    #[arg(long)]
+    auth: bool,
     /// Use this NATS instead of starting a nats-server.
     #[arg(long, value_name = "URL")]
     nats_url: Option<String>,
@@ -117,7 +121,7 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> Result<(), BoxError> {
     let all = args.scenarios.is_empty();
     let wants = |s: Scenario| all || args.scenarios.contains(&s);
-    let stack = stack::Stack::start(args.nats_url.clone()).await?;
+    let stack = stack::Stack::start(args.nats_url.clone(), args.auth).await?;
     let client = stack.client().await?;
     let mut rows = Vec::new();
     let mut panels = Vec::new();

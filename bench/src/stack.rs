@@ -4,7 +4,7 @@
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
-use handoff_client::Client;
+use handoff_client::{Client, ConnectOptions};
 use handoffd::embedded::{NatsServer, Options};
 use tempfile::TempDir;
 use tokio::{
@@ -21,12 +21,16 @@ pub(crate) struct Stack {
     _dir: TempDir,
     nats_url: String,
     addr: String,
+    token: Option<String>,
 }
+
+/// The bootstrap admin token of a stack started with auth.
+const BENCH_TOKEN: &str = "handoff-bench-bootstrap-admin-token-000001";
 
 impl Stack {
     /// Starts the stack; `nats_url` uses a running NATS instead of starting
-    /// one.
-    pub(crate) async fn start(nats_url: Option<String>) -> Result<Stack, BoxError> {
+    /// one; `auth` makes every call authenticated (a bearer token).
+    pub(crate) async fn start(nats_url: Option<String>, auth: bool) -> Result<Stack, BoxError> {
         let dir = tempfile::tempdir()?;
         let (nats, url) = match nats_url {
             Some(url) => (None, url),
@@ -37,8 +41,14 @@ impl Stack {
                 (Some(server), url)
             }
         };
+        let token_file = dir.path().join("admin-token");
+        std::fs::write(&token_file, BENCH_TOKEN)?;
         // Warnings, and the line that says where it serves.
-        let mut broker = Command::new(broker_bin()?)
+        let mut command = Command::new(broker_bin()?);
+        if auth {
+            command.env("HANDOFF_AUTH_TOKEN_FILE", &token_file);
+        }
+        let mut broker = command
             .args(["--nats-url", &url, "--listen", "127.0.0.1:0"])
             .args(["--log-format", "json"])
             .env("RUST_LOG", "warn,handoffd::server=info")
@@ -78,12 +88,17 @@ impl Stack {
             _dir: dir,
             nats_url: url,
             addr,
+            token: auth.then(|| BENCH_TOKEN.to_string()),
         })
     }
 
     /// A new SDK client to the broker.
     pub(crate) async fn client(&self) -> Result<Client, BoxError> {
-        Ok(Client::connect(&self.addr).await?)
+        let mut options = ConnectOptions::new();
+        if let Some(token) = &self.token {
+            options = options.token(token.as_str());
+        }
+        Ok(options.connect(&self.addr).await?)
     }
 
     /// The NATS URL, for the raw JetStream baselines.

@@ -106,6 +106,7 @@
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod admin;
 mod barrier;
 mod client;
 mod contract;
@@ -113,6 +114,7 @@ mod error;
 mod handoff;
 mod subscription;
 
+pub use admin::{parse_grant, NewToken};
 pub use barrier::{Branch, FanOut, FanOutReceipt, Join, JoinMode};
 pub use client::{
     AgentConfig, BearerToken, Client, ConnectOptions, RawClient, RunConfig, WatchFilter,

@@ -624,7 +624,7 @@ async fn principal(f: &Fixture, name: &str, grants: &[&str]) -> String {
         name: name.into(),
         grants: grants
             .iter()
-            .map(|g| crate::rules::grants::parse(g).expect("grant"))
+            .map(|g| crate::rules::grants::tests::g(g))
             .collect(),
     };
     super::auth::put_principal(

@@ -17,7 +17,9 @@ use std::{
 
 use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use futures::StreamExt as _;
-use handoff_client::{pb, Client, ConnectOptions, ContractSpec, RunConfig, WatchFilter};
+use handoff_client::{
+    parse_grant, pb, Client, ConnectOptions, ContractSpec, RunConfig, WatchFilter,
+};
 use handoffctl::display;
 use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 
@@ -93,6 +95,63 @@ enum Command {
     Contracts(ContractsCommand),
     /// Handoffs that ran out of attempts without a fallback.
     DeadLetters(DeadLettersArgs),
+    /// Principals (people and services) and their grants (admin).
+    #[command(subcommand)]
+    Principals(PrincipalsCommand),
+    /// API tokens: create, list, revoke (admin).
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+    /// The key that signs delivery leases (admin).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PrincipalsCommand {
+    /// Store a principal with its grants, replacing the ones it had.
+    Set {
+        /// The principal's name (a client certificate names it by CN or
+        /// by a `handoff://principal/<name>` URI SAN).
+        name: String,
+        /// A grant: `send_as AGENT`, `receive_as AGENT`, `own OWNER`,
+        /// `read` or `admin`; patterns take `*`; a leading `!` denies.
+        /// Repeat for several.
+        #[arg(long = "grant", value_name = "GRANT")]
+        grants: Vec<String>,
+    },
+    /// List principals and their grants.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokensCommand {
+    /// Issue a token for a principal (stored first with `principals set`,
+    /// or here with --grant); prints the bearer token once.
+    Create {
+        /// The principal the token authenticates.
+        #[arg(long)]
+        principal: String,
+        /// Grants to store for the principal first (as `principals set`).
+        #[arg(long = "grant", value_name = "GRANT")]
+        grants: Vec<String>,
+        /// What the token is for.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token: it authenticates nobody from now on.
+    Revoke {
+        /// The token's id (from `tokens list`).
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Add a new signing key; deliveries signed with the old ones stay
+    /// valid until their leases end.
+    Rotate,
 }
 
 #[derive(Subcommand, Debug)]
@@ -351,6 +410,29 @@ async fn dispatch(cli: Cli) -> Outcome {
             version,
         }) => contracts_show(&client, &message_type, version.unwrap_or(0)).await,
         Command::DeadLetters(args) => dead_letters(&client, args).await,
+        Command::Principals(PrincipalsCommand::Set { name, grants }) => {
+            principals_set(&client, &name, &grants).await
+        }
+        Command::Principals(PrincipalsCommand::List) => principals_list(&client).await,
+        Command::Tokens(TokensCommand::Create {
+            principal,
+            grants,
+            description,
+        }) => tokens_create(&client, &principal, &grants, &description).await,
+        Command::Tokens(TokensCommand::List) => tokens_list(&client).await,
+        Command::Tokens(TokensCommand::Revoke { id }) => {
+            let token = client.revoke_token(&id).await?;
+            out(&format!(
+                "revoked token {} of {}\n",
+                token.id, token.principal
+            ))
+        }
+        Command::Keys(KeysCommand::Rotate) => {
+            let id = client.rotate_signing_key().await?;
+            out(&format!(
+                "signing key {id} in use; earlier keys still verify\n"
+            ))
+        }
     };
     match result {
         // The reader went away (`handoffctl tail | head`): not an error.
@@ -503,6 +585,92 @@ async fn tail(client: &Client, args: TailArgs) -> Outcome {
             None => return Err(Failure("the broker ended the event stream".to_string())),
         }
     }
+}
+
+fn grants_of(texts: &[String]) -> Result<Vec<pb::Grant>, Failure> {
+    texts
+        .iter()
+        .map(|t| parse_grant(t).map_err(|e| Failure(format!("--grant {t:?}: {}", e.message()))))
+        .collect()
+}
+
+fn grant_text(g: &pb::Grant) -> String {
+    let action = match pb::GrantAction::try_from(g.action) {
+        Ok(pb::GrantAction::SendAs) => "send_as",
+        Ok(pb::GrantAction::ReceiveAs) => "receive_as",
+        Ok(pb::GrantAction::Own) => "own",
+        Ok(pb::GrantAction::Read) => "read",
+        Ok(pb::GrantAction::Admin) => "admin",
+        _ => "?",
+    };
+    let deny = if g.deny { "!" } else { "" };
+    if g.pattern.is_empty() {
+        format!("{deny}{action}")
+    } else {
+        format!("{deny}{action} {}", g.pattern)
+    }
+}
+
+async fn principals_set(client: &Client, name: &str, grants: &[String]) -> Outcome {
+    let updated = client.put_principal(name, grants_of(grants)?).await?;
+    let verb = if updated { "updated" } else { "stored" };
+    out(&format!(
+        "principal {name} {verb} with {} grants\n",
+        grants.len()
+    ))
+}
+
+async fn principals_list(client: &Client) -> Outcome {
+    let rows = client
+        .list_principals()
+        .await?
+        .iter()
+        .map(|p| {
+            let grants: Vec<String> = p.grants.iter().map(grant_text).collect();
+            vec![p.name.clone(), or_dash(&grants.join(", "))]
+        })
+        .collect();
+    out(&table(&["PRINCIPAL", "GRANTS"], rows))
+}
+
+async fn tokens_create(
+    client: &Client,
+    principal: &str,
+    grants: &[String],
+    description: &str,
+) -> Outcome {
+    if !grants.is_empty() {
+        client.put_principal(principal, grants_of(grants)?).await?;
+    }
+    let created = client.create_token(principal, description).await?;
+    eprintln!(
+        "token {} for {principal}: keep it secret, it is not shown again",
+        created.token.id
+    );
+    out(&format!("{}\n", created.secret))
+}
+
+async fn tokens_list(client: &Client) -> Outcome {
+    let rows = client
+        .list_tokens()
+        .await?
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.clone(),
+                t.principal.clone(),
+                display::timestamp(t.created_at),
+                t.revoked_at
+                    .map(|r| display::timestamp(Some(r)))
+                    .unwrap_or_else(|| "-".to_string()),
+                or_dash(&t.description),
+            ]
+        })
+        .collect();
+    out(&table(
+        &["ID", "PRINCIPAL", "CREATED", "REVOKED", "DESCRIPTION"],
+        rows,
+    ))
 }
 
 async fn agents_list(client: &Client) -> Outcome {
