@@ -46,8 +46,22 @@ async fn lease_for(broker: &Broker, agent: &str) -> Duration {
     }
 }
 
+/// The lease of a first attempt that nothing recorded yet: what its
+/// signed token says. A first delivery writes no record (it costs the hop
+/// nothing); a redelivery, or a settlement, writes one.
+fn first_attempt(token: &pb::DeliveryToken) -> Option<pb::Lease> {
+    (token.attempt == 1).then(|| pb::Lease {
+        attempt: 1,
+        instance: token.instance.clone(),
+        deadline: token.lease_deadline,
+        state: pb::LeaseState::Leased as i32,
+        settled_at: None,
+    })
+}
+
 /// The decision on settling `token`'s attempt as `ask`, from its lease
-/// record as stored now; with the record's revision.
+/// record as stored now (`None`: none yet); with the record's revision
+/// (`None`: to be created).
 pub async fn decide(
     broker: &Broker,
     token: &pb::DeliveryToken,
@@ -56,8 +70,12 @@ pub async fn decide(
 ) -> Result<(Decision, Option<u64>), BrokerError> {
     let lease = lease_for(broker, &token.agent).await;
     let revision = record.as_ref().map(|(_, r)| *r);
+    let current = match record {
+        Some((l, _)) => Some(l),
+        None => first_attempt(token),
+    };
     let decision = lease::settle(
-        record.as_ref().map(|(l, _)| l),
+        current.as_ref(),
         token,
         ask,
         std::time::SystemTime::now(),
@@ -68,12 +86,27 @@ pub async fn decide(
 
 /// Decides and records a settlement of `token`'s attempt: the lease
 /// record moves by compare-and-set (read again if another write came
-/// first). `Repeat` when the same settlement was made before.
+/// first). `Repeat` when the same settlement was made before. A first
+/// attempt's record is created without reading it first.
 async fn record_settlement(
     broker: &Broker,
     token: &pb::DeliveryToken,
     ask: Ask,
 ) -> Result<Decision, BrokerError> {
+    if token.attempt == 1 {
+        // Only when nothing is recorded yet; anything else (a refusal as
+        // judged from the token alone included) is decided on the record.
+        if let Ok((Decision::Proceed(next), None)) = decide(broker, token, None, ask).await {
+            let decision = Decision::Proceed(next.clone());
+            if broker
+                .store()
+                .put_lease(&token.agent, token.stream_sequence, &next, None)
+                .await?
+            {
+                return Ok(decision);
+            }
+        }
+    }
     loop {
         let record = broker
             .store()
@@ -254,8 +287,8 @@ pub async fn offer(
     Offering::Deliver(Box::new(delivery), Box::new(held))
 }
 
-/// Records that `instance` holds attempt `attempt` of the inbox message at
-/// `sequence` until `deadline`. `false` when the message must not be
+/// Records that `instance` holds attempt `attempt` (a redelivery) of the
+/// inbox message at `sequence` until `deadline`. `false` when the message must not be
 /// delivered: an earlier attempt's ack was recorded and its ack to the
 /// inbox lost (it is acked now), or another offer recorded it first.
 async fn take_lease(
@@ -267,6 +300,11 @@ async fn take_lease(
     deadline: prost_types::Timestamp,
     reference: &str,
 ) -> Result<bool, BrokerError> {
+    // A first attempt writes no record: its signed token is its lease
+    // until it is settled or delivered again.
+    if attempt == 1 {
+        return Ok(true);
+    }
     let next = pb::Lease {
         attempt,
         instance: instance.to_string(),
@@ -274,15 +312,6 @@ async fn take_lease(
         state: pb::LeaseState::Leased as i32,
         settled_at: None,
     };
-    // A first attempt has no record yet: create it without reading.
-    if attempt == 1
-        && broker
-            .store()
-            .put_lease(agent, sequence, &next, None)
-            .await?
-    {
-        return Ok(true);
-    }
     let record = broker.store().lease(agent, sequence).await?;
     if let Some((current, _)) = &record {
         let state = pb::LeaseState::try_from(current.state).unwrap_or(pb::LeaseState::Unspecified);

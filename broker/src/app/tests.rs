@@ -783,3 +783,39 @@ async fn grants_decide_and_a_refusal_stores_nothing() {
     );
     assert_eq!(f.store.events(&run, pb::EventKind::AccessDenied).len(), 3);
 }
+
+#[tokio::test]
+async fn extends_keep_a_first_attempt_past_its_signed_deadline() {
+    let f = fixture();
+    let req = pb::RegisterAgentRequest {
+        agent: Some(pb::AgentSpec {
+            name: "worker".into(),
+            lease: prost_types::Duration::try_from(std::time::Duration::from_millis(300)).ok(),
+            ..Default::default()
+        }),
+    };
+    super::agents::register(&f.broker, &Caller::local(), req)
+        .await
+        .expect("agent");
+    let run = f.run(0).await;
+    let d = f.task_for(&run, "worker").await;
+    let spec = f.broker.agent("worker").await.expect("agent");
+    let extend = deliveries::Op::Extend;
+    for _ in 0..4 {
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        deliveries::settle(&f.broker, &spec, "w", &d.delivery_id, None, &extend)
+            .await
+            .expect("extended (600 ms past the token's own deadline by the end)");
+    }
+    deliveries::settle(
+        &f.broker,
+        &spec,
+        "w",
+        &d.delivery_id,
+        None,
+        &deliveries::Op::Ack,
+    )
+    .await
+    .expect("acked within the extended lease");
+    assert_eq!(f.store.standing(d.sequence), Some(Standing::Acked));
+}
