@@ -207,6 +207,48 @@ async fn duplicates_and_late_branches_never_release_twice() {
 }
 
 #[tokio::test]
+async fn no_branch_result_is_dropped_silently() {
+    let (nats, _broker, client) = stack(|_| {}).await;
+    setup(&client, "silent").await;
+    open(&client, spec("silent", "join", 2)).await;
+    // A key the barrier does not have: refused, nothing stored.
+    let typo = client.handoff(branch("silent", "join", "2", 9)).await;
+    let err = typo.expect_err("unknown key");
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
+    assert_eq!(err.reason(), Some("UNKNOWN_BRANCH_KEY"));
+    assert_eq!(err.field_violations()[0].field, "branch_key");
+    let first = client
+        .handoff(branch("silent", "join", "0", 1))
+        .await
+        .unwrap();
+    // A second, different result for the key that arrived: answered as a
+    // duplicate of the first, with its id; the release carries the first.
+    let mut other = branch("silent", "join", "0", 7).request().clone();
+    other.idempotency_key = "another-attempt".into();
+    let second = client.handoff(Handoff::from_request(other)).await.unwrap();
+    assert!(second.duplicate);
+    assert_eq!(second.handoff_id, first.handoff_id);
+    client
+        .handoff(branch("silent", "join", "1", 2))
+        .await
+        .unwrap();
+    let mut agg = client.subscribe("aggregator", "a", 5).await.unwrap();
+    let release = the_release(&nats, &client, &mut agg).await;
+    assert_eq!(
+        results(&release),
+        [1, 2],
+        "nothing of the typo or the second result"
+    );
+    // Evidence in the stream: two branch results stored, not four.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut stream = js.get_stream("HANDOFF_BRANCHES").await.unwrap();
+    let stored = stream.info().await.unwrap().state.messages;
+    assert_eq!(stored, 2);
+    let b = get(&client, "silent", "join").await;
+    assert!(b.late.is_empty());
+}
+
+#[tokio::test]
 async fn a_branch_before_its_barrier_is_held_and_counted() {
     let (nats, _broker, client) = stack(|_| {}).await;
     setup(&client, "early").await;

@@ -203,13 +203,28 @@ pub async fn get(
     })
 }
 
+/// How a branch result was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arrived {
+    /// Its sequence in the branch stream.
+    pub sequence: u64,
+    /// Whether it repeated a result the barrier has already.
+    pub duplicate: bool,
+    /// The handoff id of the result the barrier holds for the key, when it
+    /// is another one than this (a second, different result).
+    pub first: Option<String>,
+}
+
 /// Stores a branch result durably (setting `stored`), then applies it to
 /// its barrier if the barrier is open yet. `current` is the barrier as the
 /// caller read it (saves a read; a stale one only costs a retry).
-/// Idempotent: the same handoff id stores once and counts once. A result
-/// that would take an open barrier's release past one NATS message is
-/// refused before it is stored. Returns the stream sequence and whether
-/// the result was a duplicate.
+/// Idempotent: the same handoff id stores once and counts once. Refused
+/// before anything is stored: a key the barrier does not have
+/// (`UNKNOWN_BRANCH_KEY`; a result for a barrier not opened yet is held
+/// until it opens), and a result that would take an open barrier's
+/// release past one NATS message. A second, different result for a key
+/// that arrived is answered as a duplicate of the first (its handoff id in
+/// [`Arrived::first`]) and stored nowhere.
 pub async fn arrive(
     broker: &Broker,
     run: &pb::Run,
@@ -217,10 +232,31 @@ pub async fn arrive(
     mut result: pb::BranchResult,
     current: Option<(pb::Barrier, u64)>,
     stored: &AtomicBool,
-) -> Result<(u64, bool), BrokerError> {
+) -> Result<Arrived, BrokerError> {
     if let Some((b, _)) = &current {
-        let recorded = b.branches.iter().any(|r| r.key == result.key);
-        if b.state == pb::BarrierState::Open as i32 && !recorded {
+        if !b
+            .spec
+            .as_ref()
+            .is_some_and(|spec| barrier::has_key(spec, &result.key))
+        {
+            return Err(BrokerError::invalid(
+                Reason::UnknownBranchKey,
+                "branch_key",
+                format!(
+                    "branch {:?} is not a branch of barrier {barrier_id:?}",
+                    result.key
+                ),
+            ));
+        }
+        let first = b.branches.iter().find(|r| r.key == result.key);
+        if let Some(first) = first.filter(|f| f.handoff_id != result.handoff_id) {
+            return Ok(Arrived {
+                sequence: first.sequence,
+                duplicate: true,
+                first: Some(first.handoff_id.clone()),
+            });
+        }
+        if b.state == pb::BarrierState::Open as i32 && first.is_none() {
             let (size, budget) = (cost(&result), budget(broker, b));
             if b.payload_bytes.saturating_add(size) > budget {
                 return Err(BrokerError::BranchTooLarge {
@@ -248,7 +284,11 @@ pub async fn arrive(
     stored.store(true, Ordering::Relaxed);
     result.sequence = put.sequence;
     apply(broker, run, barrier_id, result, current).await?;
-    Ok((put.sequence, put.duplicate))
+    Ok(Arrived {
+        sequence: put.sequence,
+        duplicate: put.duplicate,
+        first: None,
+    })
 }
 
 /// What a branch result adds to its barrier's release handoff: the result
@@ -321,11 +361,34 @@ pub async fn apply(
                 "result of {size} bytes refused: the release would exceed one NATS message"
             ));
         }
+        let first = b
+            .branches
+            .iter()
+            .find(|r| r.key == key)
+            .map(|r| r.handoff_id.clone());
         let arrival = barrier::arrive(&mut b, record);
         match arrival {
             Arrival::Duplicate | Arrival::UnknownKey => {
-                if let Arrival::UnknownKey = arrival {
-                    tracing::warn!(run_id = %run.id, barrier_id, key, "branch result for a key the barrier does not have");
+                // Never silently: a result stored before the barrier could
+                // refuse it (it was not open yet, or a second result raced
+                // the first) is announced as not counted.
+                let why = match (&arrival, first) {
+                    (Arrival::UnknownKey, _) => Some("not a branch of this barrier".to_string()),
+                    (_, Some(first)) if first != result.handoff_id => {
+                        Some(format!("branch {key} arrived already (handoff {first})"))
+                    }
+                    _ => None,
+                };
+                if let Some(why) = why {
+                    tracing::warn!(run_id = %run.id, barrier_id, key, reason = %why, "branch result not counted");
+                    let mut event = branch_event(run, &b, pb::EventKind::BranchLate, &result);
+                    event.reason = format!("not counted: {why}");
+                    broker
+                        .emit_unconfirmed(
+                            event,
+                            format!("uncounted-{}-{barrier_id}-{}", run.id, result.handoff_id),
+                        )
+                        .await;
                 }
                 return Ok(Some(b));
             }

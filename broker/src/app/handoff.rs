@@ -272,7 +272,21 @@ async fn commit(
             arrived_at: envelope.created_at,
             sequence: 0,
         };
-        barriers::arrive(broker, &run, &barrier_id, result, barrier, stored).await?
+        let arrived = barriers::arrive(broker, &run, &barrier_id, result, barrier, stored).await?;
+        if let Some(first) = arrived.first {
+            // A second, different result for an arrived branch: the answer
+            // is the first one's.
+            if let Some(token) = consumed.filter(|_| !req.fan_out) {
+                settle_after_handoff(broker, &run, &req.consumes, token).await;
+            }
+            return Ok(pb::HandoffResponse {
+                handoff_id: first,
+                sequence: arrived.sequence,
+                duplicate: true,
+                depth,
+            });
+        }
+        (arrived.sequence, arrived.duplicate)
     } else {
         let put = broker.store().put_handoff(&envelope).await?;
         stored.store(true, Ordering::Relaxed);

@@ -523,6 +523,11 @@ pub fn same_spec(a: &pb::BarrierSpec, b: &pb::BarrierSpec) -> bool {
 // ------------------------------------------------------------ internals
 
 /// Position of `key` in branch-key order, if it is one of the spec's keys.
+/// Whether `key` is one of the barrier's branches.
+pub fn has_key(spec: &pb::BarrierSpec, key: &str) -> bool {
+    position_of(spec, key).is_some()
+}
+
 fn position_of(spec: &pb::BarrierSpec, key: &str) -> Option<usize> {
     if spec.branch_keys.is_empty() {
         count_position(key, count_of(spec))
