@@ -65,6 +65,11 @@ pub const KEYS: &[Key] = &[
         doc: "Deliveries before fallback or dead letter, for agents that do not set it.",
     },
     Key {
+        name: "default_run_timeout",
+        default: "24h",
+        doc: "Deadline of a run that sets no timeout (a run has none only when it asks for no_timeout).",
+    },
+    Key {
         name: "default_max_depth",
         default: "5",
         doc: "Sequential hops allowed in a run that does not set max_depth.",
@@ -211,6 +216,8 @@ pub struct Config {
     pub default_max_attempts: u32,
     /// Default run max depth.
     pub default_max_depth: u32,
+    /// Deadline of a run that sets no timeout.
+    pub default_run_timeout: Duration,
     /// Inline payload limit in bytes.
     pub max_inline_payload: usize,
     /// JetStream duplicate window.
@@ -342,6 +349,7 @@ impl Config {
             }
         }
         let default_lease = dur("default_lease", &mut problems);
+        let default_run_timeout = dur("default_run_timeout", &mut problems);
         let dedupe_window = dur("dedupe_window", &mut problems);
         let retention = dur("retention", &mut problems);
         let drain_timeout = dur("drain_timeout", &mut problems);
@@ -483,6 +491,7 @@ impl Config {
             log_level: raw("log_level"),
             replicas,
             default_lease,
+            default_run_timeout,
             default_max_attempts: num(
                 "default_max_attempts",
                 raw("default_max_attempts"),

@@ -633,9 +633,19 @@ impl RunConfig {
         self
     }
 
-    /// Time budget of the whole run.
+    /// Time budget of the whole run (default: the broker's
+    /// `default_run_timeout`).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.req.timeout = prost_types::Duration::try_from(timeout).ok();
+        self.req.no_timeout = false;
+        self
+    }
+
+    /// No deadline at all. Without it (or [`RunConfig::timeout`]) the run
+    /// ends timed out at the broker's `default_run_timeout`.
+    pub fn no_timeout(mut self) -> Self {
+        self.req.timeout = None;
+        self.req.no_timeout = true;
         self
     }
 

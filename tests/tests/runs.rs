@@ -263,3 +263,56 @@ async fn final_handoff_completes_the_run_and_deadline_times_out_another() {
         pb::RunStatus::Completed as i32
     );
 }
+
+#[tokio::test]
+async fn a_run_without_a_timeout_ends_at_the_default_one() {
+    let (_nats, _broker, client) = stack(|c| c.default_run_timeout = Duration::from_secs(1)).await;
+    let mut owner = client
+        .watch(WatchFilter::all().owner("erin"))
+        .await
+        .unwrap();
+    let open_ended = client
+        .start_run(RunConfig::new("erin").no_timeout())
+        .await
+        .unwrap();
+    assert!(
+        open_ended.deadline.is_none(),
+        "no deadline when asked for none"
+    );
+    let run = client.start_run(RunConfig::new("erin")).await.unwrap();
+    assert!(run.deadline.is_some(), "the default deadline");
+    let ended = events_until(&mut owner, Duration::from_secs(15), |e| {
+        e.kind == pb::EventKind::RunTimedOut as i32
+    })
+    .await;
+    let timed_out: Vec<&str> = ended
+        .iter()
+        .filter(|e| e.kind == pb::EventKind::RunTimedOut as i32)
+        .map(|e| e.run_id.as_str())
+        .collect();
+    assert_eq!(timed_out, [run.id.as_str()]);
+    assert_eq!(
+        client.get_run(&run.id).await.unwrap().run.unwrap().status,
+        pb::RunStatus::TimedOut as i32
+    );
+    // The open-ended run has no deadline to fire: running, and nothing in
+    // its timeline but its start.
+    let open = client.get_run(&open_ended.id).await.unwrap();
+    assert_eq!(open.run.unwrap().status, pb::RunStatus::Running as i32);
+    assert_eq!(kinds(&open.timeline), ["run_started"]);
+    // Both at once is malformed.
+    let raw = client
+        .raw()
+        .start_run(pb::StartRunRequest {
+            owner: "erin".into(),
+            timeout: Some(prost_types::Duration {
+                seconds: 5,
+                nanos: 0,
+            }),
+            no_timeout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(raw.code(), tonic::Code::InvalidArgument);
+}

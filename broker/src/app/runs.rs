@@ -59,9 +59,18 @@ pub async fn start(
             limit: broker.config().max_inline_payload,
         });
     }
-    let deadline = match req.timeout {
-        None => None,
-        Some(t) => {
+    let deadline = match (req.timeout, req.no_timeout) {
+        (Some(_), true) => {
+            return Err(BrokerError::malformed(
+                "no_timeout",
+                "a run has a timeout or no_timeout, not both",
+            ))
+        }
+        (None, true) => None,
+        (None, false) => Some(prost_types::Timestamp::from(
+            SystemTime::now() + broker.config().default_run_timeout,
+        )),
+        (Some(t), false) => {
             let t = Duration::try_from(t)
                 .ok()
                 .filter(|d| !d.is_zero())

@@ -193,9 +193,12 @@ struct StartArgs {
     #[arg(long)]
     id: Option<String>,
     /// Time budget of the whole run, e.g. `90s`, `10m`, `1h 30m`
-    /// (default: no deadline).
+    /// (default: the broker's `default_run_timeout`).
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     timeout: Option<Duration>,
+    /// No deadline at all.
+    #[arg(long, conflicts_with = "timeout")]
+    no_timeout: bool,
     /// Sequential hops allowed (default: the broker's `default_max_depth`).
     #[arg(long, value_name = "N")]
     max_depth: Option<u32>,
@@ -445,6 +448,9 @@ async fn run_start(client: &Client, args: StartArgs) -> Outcome {
     let mut config = RunConfig::new(args.owner);
     if let Some(id) = args.id {
         config = config.id(id);
+    }
+    if args.no_timeout {
+        config = config.no_timeout();
     }
     if let Some(timeout) = args.timeout {
         config = config.timeout(timeout);
