@@ -18,7 +18,7 @@ use handoff_proto::pb;
 use prost::Message as _;
 
 use crate::{
-    app::{barriers, runs, Broker},
+    app::{barriers, deliveries, runs, Broker},
     error::BrokerError,
     store::jetstream::{JetStream, TIMERS_CONSUMER},
 };
@@ -71,6 +71,12 @@ async fn pump(broker: &Broker, store: &JetStream) -> Result<(), BrokerError> {
                 msg.ack_with(AckKind::Nak(Some(left.min(MAX_DELAY))))
                     .await
                     .map_err(|e| BrokerError::nats("rescheduling a timer", e))?;
+            }
+            _ if !timer.agent.is_empty() => {
+                deliveries::queue_wait_passed(broker, &timer.agent, timer.sequence).await?;
+                msg.double_ack()
+                    .await
+                    .map_err(|e| BrokerError::nats("acking a timer", e))?;
             }
             _ if !timer.barrier_id.is_empty() => {
                 let kind = if msg.subject.ends_with(".timeout") {

@@ -544,6 +544,14 @@ impl AgentConfig {
         self
     }
 
+    /// How long a handoff may wait for an instance to take it: past that
+    /// it goes to the fallback agent, else to the dead letter (and its run
+    /// fails, its owner told), even if no instance ever connects.
+    pub fn max_queue_wait(mut self, wait: Duration) -> Self {
+        self.spec.max_queue_wait = prost_types::Duration::try_from(wait).ok();
+        self
+    }
+
     /// Agent that receives handoffs this one could not finish.
     pub fn fallback(mut self, agent: impl Into<String>) -> Self {
         self.spec.fallback_agent = agent.into();

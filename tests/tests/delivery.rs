@@ -414,3 +414,71 @@ async fn complete_and_handoff_frees_the_instance_for_its_next_delivery() {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_handoff_no_instance_takes_within_max_queue_wait_is_dead_lettered_or_falls_back() {
+    let (nats, _broker, client) = stack(|_| {}).await;
+    let wait = Duration::from_secs(2);
+    client
+        .register_agent(AgentConfig::new("idle").max_queue_wait(wait))
+        .await
+        .unwrap();
+    client
+        .register_agent(AgentConfig::new("backup"))
+        .await
+        .unwrap();
+    client
+        .register_agent(
+            AgentConfig::new("covered")
+                .max_queue_wait(wait)
+                .fallback("backup"),
+        )
+        .await
+        .unwrap();
+    let run = client.start_run(RunConfig::new("carol")).await.unwrap();
+    let mut owner = client
+        .watch(WatchFilter::all().owner("carol").from_sequence(1))
+        .await
+        .unwrap();
+    // No instance of "idle" ever connects.
+    let lost = client
+        .handoff(Handoff::to(&run.id, "idle", &note("nobody home", 1)).unwrap())
+        .await
+        .unwrap();
+    let seen = events_until(&mut owner, Duration::from_secs(15), |e| {
+        e.kind == pb::EventKind::RunFailed as i32
+    })
+    .await;
+    let k = kinds(&seen);
+    assert!(k.contains(&"dead_lettered"), "{k:?}");
+    let letters = client.dead_letters("idle", 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].handoff.as_ref().unwrap().id, lost.handoff_id);
+    assert_eq!(letters[0].attempts, 0, "never taken");
+    // Withdrawn from the inbox: nothing left for an instance that comes late.
+    let state = inbox(nats.url(), "idle").await;
+    assert_eq!((state.pending, state.deliveries), (0, 0), "{state:?}");
+
+    // With a fallback, the fallback receives it instead.
+    let run2 = client.start_run(RunConfig::new("carol")).await.unwrap();
+    let routed = client
+        .handoff(Handoff::to(&run2.id, "covered", &note("covered", 2)).unwrap())
+        .await
+        .unwrap();
+    let mut backup = client.subscribe("backup", "b1", 1).await.unwrap();
+    let d = next_within(&mut backup, Duration::from_secs(15))
+        .await
+        .expect("the fallback's delivery");
+    assert_eq!(d.envelope().fallback_from, "covered");
+    assert_eq!(d.envelope().parent_ids, [routed.handoff_id.clone()]);
+    d.ack().await.unwrap();
+    let timeline = client.get_run(&run2.id).await.unwrap().timeline;
+    assert_eq!(
+        count(&timeline, &[pb::EventKind::RoutedToFallback], |_| true),
+        1
+    );
+    assert_eq!(
+        client.get_run(&run2.id).await.unwrap().run.unwrap().status,
+        pb::RunStatus::Running as i32
+    );
+}

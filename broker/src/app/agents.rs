@@ -63,6 +63,17 @@ pub async fn register(
             lease
         }
     };
+    if let Some(d) = spec.max_queue_wait {
+        match Duration::try_from(d) {
+            Ok(w) if w >= Duration::from_millis(100) && w <= MAX_LEASE * 7 => {}
+            _ => {
+                return Err(BrokerError::malformed(
+                    "agent.max_queue_wait",
+                    "agent.max_queue_wait is outside [100ms, 7d]",
+                ))
+            }
+        }
+    }
     if spec.max_attempts == 0 {
         spec.max_attempts = broker.config().default_max_attempts;
     }

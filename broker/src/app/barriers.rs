@@ -106,6 +106,7 @@ pub async fn open_spec(
             run_id: spec.run_id.clone(),
             due: Some(due.into()),
             barrier_id: spec.barrier_id.clone(),
+            ..Default::default()
         };
         broker
             .store()
@@ -569,6 +570,7 @@ async fn prepare_release(
         run_id: run.id.clone(),
         due: Some((SystemTime::now() + RELEASE_CHECK).into()),
         barrier_id: spec.barrier_id.clone(),
+        ..Default::default()
     };
     broker
         .store()

@@ -617,15 +617,60 @@ async fn exhaust(
     delivered: i64,
 ) -> Result<(), BrokerError> {
     let attempts = u32::try_from(delivered - 1).unwrap_or(u32::MAX);
+    let reason = format!(
+        "not settled by agent {} after {attempts} attempts",
+        spec.name
+    );
+    route_away(broker, spec, envelope, attempts, reason).await?;
+    broker.store().settle(reference, Settlement::Ack).await
+}
+
+/// A handoff no instance took within the agent's `max_queue_wait` (a
+/// durable timer fired): routed to the fallback or the dead letter, and
+/// withdrawn from the inbox. One an instance took is left alone.
+pub async fn queue_wait_passed(
+    broker: &Broker,
+    agent: &str,
+    sequence: u64,
+) -> Result<(), BrokerError> {
+    if broker.store().was_delivered(agent, sequence).await? {
+        return Ok(());
+    }
+    let Some(stored) = broker.store().handoff_at(sequence).await? else {
+        return Ok(());
+    };
+    let spec = match broker.agent(agent).await {
+        Ok(spec) => spec,
+        Err(BrokerError::AgentNotFound(_)) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let waited = spec
+        .max_queue_wait
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or_default();
+    let reason = format!(
+        "not taken by any instance of agent {agent} within max_queue_wait {}",
+        humantime::format_duration(waited)
+    );
+    route_away(broker, &spec, &stored.envelope, 0, reason).await?;
+    broker.store().withdraw_handoff(sequence).await
+}
+
+/// Routes a handoff away from `spec`'s agent: to its registered fallback,
+/// else to the dead letter (and its run, or its barrier branch, fails).
+/// Every step is idempotent.
+async fn route_away(
+    broker: &Broker,
+    spec: &pb::AgentSpec,
+    envelope: &pb::HandoffEnvelope,
+    attempts: u32,
+    reason: String,
+) -> Result<(), BrokerError> {
     let owner = broker
         .run(&envelope.run_id)
         .await
         .map(|(r, _)| r.owner)
         .unwrap_or_default();
-    let reason = format!(
-        "not settled by agent {} after {attempts} attempts",
-        spec.name
-    );
     let fallback = if spec.fallback_agent.is_empty() {
         None
     } else {
@@ -715,7 +760,7 @@ async fn exhaust(
             tracing::warn!(attempts, "handoff dead-lettered");
         }
     }
-    broker.store().settle(reference, Settlement::Ack).await
+    Ok(())
 }
 
 /// The barrier branch a handoff belongs to: (barrier, key, depth).

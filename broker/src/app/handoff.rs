@@ -29,7 +29,7 @@ use crate::{
     },
     error::BrokerError,
     rules::{grants::Action, handoff as rules, lease::Ask},
-    store::Claim,
+    store::{Claim, TimerKind},
 };
 
 /// Accepts one handoff from `caller`.
@@ -290,6 +290,7 @@ async fn commit(
     } else {
         let put = broker.store().put_handoff(&envelope).await?;
         stored.store(true, Ordering::Relaxed);
+        schedule_queue_wait(broker, &run, &req.target_agent, put.sequence).await?;
         (put.sequence, put.duplicate)
     };
 
@@ -348,6 +349,33 @@ async fn commit(
         duplicate,
         depth,
     })
+}
+
+/// Schedules the end of the target's `max_queue_wait` for a handoff just
+/// stored (idempotent: a retry schedules the same timer).
+async fn schedule_queue_wait(
+    broker: &Broker,
+    run: &pb::Run,
+    target: &str,
+    sequence: u64,
+) -> Result<(), BrokerError> {
+    let wait = match broker.agent(target).await {
+        Ok(spec) => spec
+            .max_queue_wait
+            .and_then(|d| std::time::Duration::try_from(d).ok()),
+        Err(_) => None,
+    };
+    let Some(wait) = wait else {
+        return Ok(());
+    };
+    let timer = pb::Timer {
+        run_id: run.id.clone(),
+        due: Some((std::time::SystemTime::now() + wait).into()),
+        agent: target.to_string(),
+        sequence,
+        ..Default::default()
+    };
+    broker.store().schedule(&timer, TimerKind::QueueWait).await
 }
 
 /// Acks the consumed delivery, unless a fault injection keeps it unacked.

@@ -106,6 +106,7 @@ pub async fn start(
             run_id: run.id.clone(),
             due: Some(due),
             barrier_id: String::new(),
+            ..Default::default()
         };
         broker
             .store()

@@ -819,3 +819,31 @@ async fn extends_keep_a_first_attempt_past_its_signed_deadline() {
     .expect("acked within the extended lease");
     assert_eq!(f.store.standing(d.sequence), Some(Standing::Acked));
 }
+
+#[tokio::test]
+async fn a_handoff_taken_within_max_queue_wait_is_left_alone() {
+    let f = fixture();
+    f.agents(&["worker", "idle"]).await;
+    let run = f.run(0).await;
+    let taken = f.task_for(&run, "worker").await;
+    deliveries::queue_wait_passed(&f.broker, "worker", taken.sequence)
+        .await
+        .expect("fired");
+    assert_eq!(f.store.standing(taken.sequence), Some(Standing::Leased));
+    assert!(f.store.events(&run, pb::EventKind::DeadLettered).is_empty());
+    // One nobody took is dead-lettered and withdrawn, once.
+    let waiting = handoff::accept(&f.broker, &Caller::local(), to(&run, "idle"))
+        .await
+        .expect("stored");
+    for _ in 0..2 {
+        deliveries::queue_wait_passed(&f.broker, "idle", waiting.sequence)
+            .await
+            .expect("fired");
+    }
+    assert_eq!(
+        f.store.standing(waiting.sequence),
+        Some(Standing::Terminated)
+    );
+    assert_eq!(f.store.events(&run, pb::EventKind::DeadLettered).len(), 1);
+    assert_eq!(f.store.events(&run, pb::EventKind::RunFailed).len(), 1);
+}

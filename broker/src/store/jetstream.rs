@@ -460,6 +460,32 @@ impl Store for JetStream {
         }
     }
 
+    async fn was_delivered(&self, agent: &str, sequence: u64) -> Result<bool, BrokerError> {
+        // The consumer delivers in stream order: what it delivered last
+        // bounds what it delivered at all.
+        let mut consumer = self.agent_consumer(agent).await?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| BrokerError::nats("reading the agent's consumer", e))?;
+        Ok(info.delivered.stream_sequence >= sequence)
+    }
+
+    async fn withdraw_handoff(&self, sequence: u64) -> Result<(), BrokerError> {
+        use jetstream::stream::DeleteMessageErrorKind;
+        match self.inbox.delete_message(sequence).await {
+            Ok(_) => Ok(()),
+            Err(e) => match e.kind() {
+                DeleteMessageErrorKind::JetStream(js)
+                    if js.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND =>
+                {
+                    Ok(())
+                }
+                _ => Err(BrokerError::nats("withdrawing a handoff", e)),
+            },
+        }
+    }
+
     async fn pull(
         &self,
         agent: &str,
@@ -1093,6 +1119,10 @@ impl Store for JetStream {
             TimerKind::ReleaseCheck => (
                 format!("handoff.v1.timers.barrier.{run}.{barrier}.release"),
                 format!("barrier-release-{run}-{barrier}"),
+            ),
+            TimerKind::QueueWait => (
+                format!("handoff.v1.timers.queue.{}.{}", timer.agent, timer.sequence),
+                format!("queue-{}-{}", timer.agent, timer.sequence),
             ),
         };
         self.publish(subject, &msg_id, timer.encode_to_vec().into())

@@ -212,6 +212,27 @@ impl Store for Memory {
         }))
     }
 
+    async fn was_delivered(&self, _agent: &str, sequence: u64) -> Result<bool> {
+        let s = self.state()?;
+        let index = usize::try_from(sequence)
+            .ok()
+            .and_then(|i| i.checked_sub(1));
+        Ok(index
+            .and_then(|i| s.inbox.get(i))
+            .is_some_and(|e| e.delivered > 0))
+    }
+
+    async fn withdraw_handoff(&self, sequence: u64) -> Result<()> {
+        let mut s = self.state()?;
+        let index = usize::try_from(sequence)
+            .ok()
+            .and_then(|i| i.checked_sub(1));
+        if let Some(e) = index.and_then(|i| s.inbox.get_mut(i)) {
+            e.standing = Standing::Terminated;
+        }
+        Ok(())
+    }
+
     async fn prepare_inbox(&self, _agent: &str, _lease: Duration, _max: i64) -> Result<()> {
         self.trip("prepare_inbox")
     }

@@ -90,6 +90,8 @@ pub enum TimerKind {
     BarrierTimeout,
     /// The check that a barrier's release was published.
     ReleaseCheck,
+    /// The end of a handoff's `max_queue_wait`.
+    QueueWait,
 }
 
 /// Everything the broker keeps, and nothing else: the broker's memory
@@ -112,6 +114,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// The handoff stored at `sequence` in the inbox, if still kept.
     async fn handoff_at(&self, sequence: u64) -> Result<Option<InboxMessage>>;
+
+    /// Whether the agent's inbox has offered the handoff at `sequence` to
+    /// an instance at least once.
+    async fn was_delivered(&self, agent: &str, sequence: u64) -> Result<bool>;
+
+    /// Removes a handoff no instance took from the inbox (it was routed
+    /// elsewhere); one already gone is fine.
+    async fn withdraw_handoff(&self, sequence: u64) -> Result<()>;
 
     /// Makes sure the agent's inbox offers its handoffs with this lease.
     async fn prepare_inbox(&self, agent: &str, lease: Duration, max_pending: i64) -> Result<()>;
