@@ -91,6 +91,33 @@ async fn principal(
     )
 }
 
+/// A run with one task for `worker`, delivered to an instance of
+/// `worker_svc`: the run, the subscription and the delivery.
+async fn task_for_worker(
+    s: &Secured,
+    worker_svc: &Client,
+) -> (
+    String,
+    handoff_client::Subscription,
+    handoff_client::Delivery,
+) {
+    let run = s
+        .admin
+        .start_run(RunConfig::new("ops"))
+        .await
+        .expect("run")
+        .id;
+    s.admin
+        .handoff(Handoff::to(&run, "worker", &note("task", 1)).expect("handoff"))
+        .await
+        .expect("task");
+    let mut sub = worker_svc.subscribe("worker", "w1", 1).await.expect("sub");
+    let d = next_within(&mut sub, Duration::from_secs(5))
+        .await
+        .expect("delivered");
+    (run, sub, d)
+}
+
 #[track_caller]
 fn refused<T: std::fmt::Debug>(r: Result<T, Error>, code: Code, reason: &str) -> Error {
     let err = r.expect_err(reason);
@@ -295,20 +322,7 @@ async fn a_delivery_id_cannot_be_forged_altered_or_used_by_another_agent() {
     let s = secured(Duration::from_secs(10)).await;
     let (worker_svc, _) = principal(&s, "worker-svc", &[(ReceiveAs, "worker", false)]).await;
     let (planner_svc, _) = principal(&s, "planner-svc", &[(ReceiveAs, "planner", false)]).await;
-    let run = s
-        .admin
-        .start_run(RunConfig::new("ops"))
-        .await
-        .expect("run")
-        .id;
-    s.admin
-        .handoff(Handoff::to(&run, "worker", &note("task", 1)).expect("handoff"))
-        .await
-        .expect("task");
-    let mut held = worker_svc.subscribe("worker", "w1", 1).await.expect("sub");
-    let d = next_within(&mut held, Duration::from_secs(5))
-        .await
-        .expect("delivered");
+    let (run, _held, d) = task_for_worker(&s, &worker_svc).await;
     let planner_sub = planner_svc
         .subscribe("planner", "p1", 1)
         .await
@@ -445,20 +459,7 @@ async fn an_outlived_lease_settles_nothing_and_its_successor_does() {
 async fn a_reject_after_an_ack_is_already_settled() {
     let s = secured(Duration::from_secs(10)).await;
     let (worker_svc, _) = principal(&s, "worker-svc", &[(ReceiveAs, "worker", false)]).await;
-    let run = s
-        .admin
-        .start_run(RunConfig::new("ops"))
-        .await
-        .expect("run")
-        .id;
-    s.admin
-        .handoff(Handoff::to(&run, "worker", &note("task", 1)).expect("handoff"))
-        .await
-        .expect("task");
-    let mut sub = worker_svc.subscribe("worker", "w1", 1).await.expect("sub");
-    let d = next_within(&mut sub, Duration::from_secs(5))
-        .await
-        .expect("delivered");
+    let (run, sub, d) = task_for_worker(&s, &worker_svc).await;
     d.ack().await.expect("ack");
     // The repeated ack (an answer lost) is confirmed; a reject is not.
     sub.ack_id(d.id()).await.expect("the same ack again");

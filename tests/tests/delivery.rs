@@ -470,7 +470,10 @@ async fn a_handoff_no_instance_takes_within_max_queue_wait_is_dead_lettered_or_f
         .await
         .expect("the fallback's delivery");
     assert_eq!(d.envelope().fallback_from, "covered");
-    assert_eq!(d.envelope().parent_ids, std::slice::from_ref(&routed.handoff_id));
+    assert_eq!(
+        d.envelope().parent_ids,
+        std::slice::from_ref(&routed.handoff_id)
+    );
     d.ack().await.unwrap();
     let timeline = client.get_run(&run2.id).await.unwrap().timeline;
     assert_eq!(

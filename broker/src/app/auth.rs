@@ -159,20 +159,14 @@ async fn who(broker: &Broker, creds: &Credentials) -> Result<Caller, BrokerError
 
 /// The principal of the bootstrap token: every grant.
 fn bootstrap_admin() -> Caller {
-    let all = [
-        Action::SendAs,
-        Action::ReceiveAs,
-        Action::Own,
-        Action::Read,
-        Action::Admin,
-    ]
-    .into_iter()
-    .map(|action| pb::Grant {
-        action: action as i32,
-        pattern: "*".to_string(),
-        deny: false,
-    })
-    .collect();
+    let all = grants::ACTIONS
+        .iter()
+        .map(|&action| pb::Grant {
+            action: action as i32,
+            pattern: "*".to_string(),
+            deny: false,
+        })
+        .collect();
     Caller::with_grants("admin", all)
 }
 
@@ -242,26 +236,6 @@ pub async fn require(
     if caller.may(action, name) {
         return Ok(());
     }
-    Err(deny(
-        broker,
-        not_granted(caller, action, name),
-        &caller.principal,
-        run,
-    )
-    .await)
-}
-
-/// Requires one of several (action, name) pairs.
-pub async fn require_any(
-    broker: &Broker,
-    caller: &Caller,
-    options: &[(Action, &str)],
-    run: Option<&pb::Run>,
-) -> Result<(), BrokerError> {
-    if options.iter().any(|(a, n)| caller.may(*a, n)) {
-        return Ok(());
-    }
-    let (action, name) = options.first().copied().unwrap_or((Action::Admin, ""));
     Err(deny(
         broker,
         not_granted(caller, action, name),

@@ -12,6 +12,15 @@ use crate::{error::BrokerError, rules::names};
 /// An action a grant covers.
 pub type Action = pb::GrantAction;
 
+/// Every action.
+pub const ACTIONS: [Action; 5] = [
+    Action::SendAs,
+    Action::ReceiveAs,
+    Action::Own,
+    Action::Read,
+    Action::Admin,
+];
+
 /// Whether `pattern` matches `name`: `*` stands for any run of characters
 /// (none included); every other character stands for itself.
 pub fn matches(pattern: &str, name: &str) -> bool {
@@ -103,16 +112,10 @@ pub(crate) mod tests {
             None => (false, text),
         };
         let (action, pattern) = text.split_once(' ').unwrap_or((text, ""));
-        let action = [
-            Action::SendAs,
-            Action::ReceiveAs,
-            Action::Own,
-            Action::Read,
-            Action::Admin,
-        ]
-        .into_iter()
-        .find(|a| action_name(*a) == action)
-        .expect("an action");
+        let action = ACTIONS
+            .into_iter()
+            .find(|a| action_name(*a) == action)
+            .expect("an action");
         pb::Grant {
             action: action as i32,
             pattern: pattern.to_string(),
