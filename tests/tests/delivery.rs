@@ -485,3 +485,77 @@ async fn a_handoff_no_instance_takes_within_max_queue_wait_is_dead_lettered_or_f
         pb::RunStatus::Running as i32
     );
 }
+
+#[tokio::test]
+async fn a_redo_after_the_dedupe_window_is_still_the_same_handoff() {
+    // The dedupe window is 2 s and the lease 5 s: the input comes back
+    // after the window closed, and the redo (with other content) must
+    // still be recognised, from the claim on the consumed delivery.
+    let (nats, _broker, client) = stack(|c| {
+        c.faults.skip_consume_ack = true;
+        c.dedupe_window = Duration::from_secs(2);
+    })
+    .await;
+    client
+        .register_agent(AgentConfig::new("worker").lease(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    client
+        .register_agent(AgentConfig::new("aggregator"))
+        .await
+        .unwrap();
+    let run = client.start_run(RunConfig::new("o")).await.unwrap();
+    client
+        .handoff(Handoff::to(&run.id, "worker", &note("input", 1)).unwrap())
+        .await
+        .unwrap();
+    let mut w = client.subscribe("worker", "w1", 1).await.unwrap();
+    let d1 = next_within(&mut w, Duration::from_secs(5))
+        .await
+        .expect("input");
+    let started = std::time::Instant::now();
+    let r1 = d1
+        .handoff(Handoff::to("", "aggregator", &note("result", 1)).unwrap())
+        .await
+        .unwrap();
+    assert!(!r1.duplicate);
+    // The input was stored downstream but never acked. The instance
+    // crashes; another one takes the input 7 s later, when the window has
+    // long closed.
+    drop(w);
+    tokio::time::sleep(Duration::from_secs(7).saturating_sub(started.elapsed())).await;
+    let mut w2 = client.subscribe("worker", "w2", 1).await.unwrap();
+    let d2 = next_within(&mut w2, Duration::from_secs(15))
+        .await
+        .expect("input redelivered");
+    assert_eq!(d2.attempt(), 2);
+    let r2 = d2
+        .handoff(
+            Handoff::to("", "aggregator", &note("a different result", 2))
+                .unwrap()
+                .idempotency_key("redo"),
+        )
+        .await
+        .unwrap();
+    assert!(r2.duplicate, "answered from the claim, after the window");
+    assert_eq!(r2.handoff_id, r1.handoff_id);
+    assert_eq!(r2.sequence, r1.sequence);
+    d2.ack().await.unwrap();
+    let mut agg = client.subscribe("aggregator", "a", 10).await.unwrap();
+    let got = next_within(&mut agg, Duration::from_secs(5))
+        .await
+        .expect("downstream");
+    assert_eq!(got.handoff_id(), r1.handoff_id);
+    assert_eq!(got.payload::<Note>().unwrap().n, 1, "the first result");
+    got.ack().await.unwrap();
+    let inbox = settled_inbox(nats.url(), "aggregator").await;
+    assert_eq!((inbox.stored, inbox.deliveries), (1, 1), "{inbox:?}");
+    let timeline = client.get_run(&run.id).await.unwrap().timeline;
+    let accepted = timeline
+        .iter()
+        .filter(|e| {
+            e.kind == pb::EventKind::HandoffAccepted as i32 && e.handoff_id == r1.handoff_id
+        })
+        .count();
+    assert_eq!(accepted, 1, "announced once");
+}

@@ -56,6 +56,9 @@ pub async fn accept(
         target_agent: req.target_agent.clone(),
         fan_out: req.fan_out,
         handoff_id: id.clone(),
+        attempt: consumed.as_ref().map_or(0, |t| t.attempt),
+        stored: Vec::new(),
+        stored_at: None,
     };
     let (run, parent, claim, barrier, lease) = tokio::join!(
         broker.run(&req.run_id),
@@ -97,7 +100,7 @@ pub async fn accept(
             }
         },
     );
-    let made = match (&claim, &consumed) {
+    let mut made = match (&claim, &consumed) {
         (Ok(Some(Claim::Made(revision))), Some(token)) => {
             Some((token.handoff_id.clone(), *revision))
         }
@@ -120,15 +123,65 @@ pub async fn accept(
             deliveries::decide(broker, token, record, Ask::Ack).await?;
         }
         let parent = parent?;
-        if let (Some(Claim::Held(first)), Some(token)) = (claim?, &consumed) {
-            guard::check_claim(broker, &req, token, &first, &mine, &checked).await?;
+        if let (Some(Claim::Held(first, revision)), Some(token)) = (claim?, &consumed) {
+            if let Some(receipt) = stored_receipt(&first, &req, &id) {
+                // A redo (or a retry) of what this delivery stored: the
+                // claim answers it, however long ago, whatever its content.
+                // Within the dedupe window its event is published again
+                // (deduplicated), in case the first call failed on it.
+                let recent = first
+                    .stored_at
+                    .and_then(|t| std::time::SystemTime::try_from(t).ok())
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age < broker.config().dedupe_window);
+                if recent {
+                    let (barrier_id, branch_key) = branch_of(&req, parent.as_ref());
+                    let event = accepted_event(&run, &req, &receipt, barrier_id, branch_key);
+                    broker
+                        .emit(event, &format!("accepted-{}", receipt.handoff_id))
+                        .await?;
+                }
+                settle_after_handoff(broker, &run, &req.consumes, token).await;
+                return Ok(pb::HandoffResponse {
+                    duplicate: true,
+                    ..receipt
+                });
+            }
+            if first.stored.is_empty() && first.attempt < token.attempt {
+                // Left by an earlier attempt that stored nothing (it died
+                // between claiming and storing): the redo takes it over.
+                let taken = broker
+                    .store()
+                    .update_claim(&token.handoff_id, &mine, revision)
+                    .await?;
+                match taken {
+                    Some(next) => made = Some((token.handoff_id.clone(), next)),
+                    None => {
+                        return Err(BrokerError::Unavailable(
+                            "the consumed delivery's claim changed meanwhile; retry".to_string(),
+                        ))
+                    }
+                }
+            } else {
+                guard::check_claim(broker, &req, token, &first, &mine, &checked).await?;
+            }
         }
         let read = Read {
             run,
             parent,
             barrier: barrier?,
         };
-        commit(broker, &req, consumed.as_ref(), id, checked, read, &stored).await
+        commit(
+            broker,
+            &req,
+            consumed.as_ref(),
+            mine,
+            id,
+            checked,
+            read,
+            &stored,
+        )
+        .await
     }
     .await;
     if result.is_err() && !stored.load(Ordering::Relaxed) {
@@ -137,6 +190,116 @@ pub async fn accept(
         }
     }
     result
+}
+
+/// The barrier branch a handoff is on: the one it names, else the one of
+/// the delivery it consumes (a branch's chain carries it hop to hop).
+fn branch_of(req: &pb::HandoffRequest, parent: Option<&pb::HandoffEnvelope>) -> (String, String) {
+    match (parent, req.barrier_id.is_empty()) {
+        (_, false) => (req.barrier_id.clone(), req.branch_key.clone()),
+        (Some(p), true) => (p.barrier_id.clone(), p.branch_key.clone()),
+        (None, true) => (String::new(), String::new()),
+    }
+}
+
+/// The `handoff_accepted` event of a stored handoff.
+fn accepted_event(
+    run: &pb::Run,
+    req: &pb::HandoffRequest,
+    receipt: &pb::HandoffResponse,
+    barrier_id: String,
+    branch_key: String,
+) -> pb::Event {
+    pb::Event {
+        kind: pb::EventKind::HandoffAccepted as i32,
+        run_id: run.id.clone(),
+        owner: run.owner.clone(),
+        agent: req.target_agent.clone(),
+        source_agent: req.source_agent.clone(),
+        handoff_id: receipt.handoff_id.clone(),
+        depth: receipt.depth,
+        barrier_id,
+        branch_key,
+        ..Default::default()
+    }
+}
+
+/// The receipt a claim holds for this request: its own stored handoff, or,
+/// for a single handoff from the delivery (no fan-out) to the same target,
+/// the one stored first, whatever the redo's content.
+fn stored_receipt(
+    claim: &pb::ConsumeClaim,
+    req: &pb::HandoffRequest,
+    id: &str,
+) -> Option<pb::HandoffResponse> {
+    if let Some(own) = claim.stored.iter().find(|r| r.handoff_id == id) {
+        return Some(own.clone());
+    }
+    let single = !claim.fan_out && !req.fan_out;
+    let same = claim.target_agent == req.target_agent;
+    (single && same)
+        .then(|| claim.stored.first().cloned())
+        .flatten()
+}
+
+/// Records in the consumed delivery's claim what was stored from it, so a
+/// redo is recognised for as long as the claim is kept. A failure is
+/// logged: the dedupe window still recognises a redo within it.
+async fn record_receipt(
+    broker: &Broker,
+    token: &pb::DeliveryToken,
+    mine: pb::ConsumeClaim,
+    receipt: pb::HandoffResponse,
+) {
+    let store = broker.store();
+    for _ in 0..5 {
+        let current = match store.claim(&token.handoff_id).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "receipt not recorded in the claim");
+                return;
+            }
+        };
+        let (mut claim, revision) = match current {
+            Some(c) => c,
+            None => {
+                let mut fresh = mine.clone();
+                fresh.stored.push(receipt.clone());
+                fresh.stored_at = Some(now());
+                match store.claim_consumed(&token.handoff_id, &fresh).await {
+                    Ok(Claim::Made(_)) => return,
+                    Ok(Claim::Held(c, r)) => (c, r),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "receipt not recorded in the claim");
+                        return;
+                    }
+                }
+            }
+        };
+        if claim
+            .stored
+            .iter()
+            .any(|r| r.handoff_id == receipt.handoff_id)
+        {
+            return;
+        }
+        claim.stored.push(receipt.clone());
+        if claim.stored_at.is_none() {
+            claim.stored_at = Some(now());
+        }
+        match store
+            .update_claim(&token.handoff_id, &claim, revision)
+            .await
+        {
+            Ok(Some(_)) => return,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "receipt not recorded in the claim");
+                return;
+            }
+        }
+    }
+    tracing::warn!(handoff_id = %receipt.handoff_id, "receipt not recorded: the claim kept changing");
 }
 
 /// What a handoff read before it is committed.
@@ -152,10 +315,12 @@ struct Read {
 /// Stores a handoff that passed the guards in a run that exists (setting
 /// `stored` once it is durable), then publishes its event and settles the
 /// delivery it consumes.
+#[allow(clippy::too_many_arguments)]
 async fn commit(
     broker: &Broker,
     req: &pb::HandoffRequest,
     consumed: Option<&pb::DeliveryToken>,
+    mine: pb::ConsumeClaim,
     id: String,
     checked: Checked,
     read: Read,
@@ -188,12 +353,7 @@ async fn commit(
         });
     }
     let depth = rules::depth(parent.as_ref().map(|p| p.depth), run.max_depth, req.r#final)?;
-    // A branch's chain carries its barrier and key from hop to hop.
-    let (barrier_id, branch_key) = match (&parent, req.barrier_id.is_empty()) {
-        (_, false) => (req.barrier_id.clone(), req.branch_key.clone()),
-        (Some(p), true) => (p.barrier_id.clone(), p.branch_key.clone()),
-        (None, true) => (String::new(), String::new()),
-    };
+    let (barrier_id, branch_key) = branch_of(req, parent.as_ref());
     if req.to_barrier && (barrier_id.is_empty() || branch_key.is_empty()) {
         return Err(BrokerError::malformed(
             "barrier_id",
@@ -294,19 +454,20 @@ async fn commit(
         (put.sequence, put.duplicate)
     };
 
-    // Notify.
-    let accepted = pb::Event {
-        kind: pb::EventKind::HandoffAccepted as i32,
-        run_id: run.id.clone(),
-        owner: run.owner.clone(),
-        agent: req.target_agent.clone(),
-        source_agent: req.source_agent.clone(),
+    // Notify: the event, the ack of the consumed delivery and the receipt
+    // in its claim go out together.
+    let receipt = pb::HandoffResponse {
         handoff_id: id.clone(),
+        sequence,
+        duplicate: false,
         depth,
-        barrier_id,
-        branch_key,
-        ..Default::default()
     };
+    let remember = async {
+        if let Some(token) = consumed {
+            record_receipt(broker, token, mine, receipt.clone()).await;
+        }
+    };
+    let accepted = accepted_event(&run, req, &receipt, barrier_id, branch_key);
     let msg_id = format!("accepted-{id}");
     if req.r#final {
         broker.emit(accepted, &msg_id).await?;
@@ -325,6 +486,7 @@ async fn commit(
                 status: status_name(ended.status),
             });
         }
+        remember.await;
         if let Some(token) = consumed.filter(|_| !req.fan_out) {
             settle_after_handoff(broker, &run, &req.consumes, token).await;
         }
@@ -332,11 +494,15 @@ async fn commit(
         // The handoff is stored: the event and the ack go out together,
         // and the call answers once both are confirmed.
         let settles = consumed.filter(|_| !req.fan_out);
-        let (published, ()) = tokio::join!(broker.emit(accepted, &msg_id), async {
-            if let Some(token) = settles {
-                settle_after_handoff(broker, &run, &req.consumes, token).await;
-            }
-        });
+        let (published, (), ()) = tokio::join!(
+            broker.emit(accepted, &msg_id),
+            async {
+                if let Some(token) = settles {
+                    settle_after_handoff(broker, &run, &req.consumes, token).await;
+                }
+            },
+            remember
+        );
         published?;
     }
     if !duplicate {

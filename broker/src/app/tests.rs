@@ -248,7 +248,7 @@ async fn a_failed_store_leaves_no_claim() {
     )
     .await;
     assert_eq!(reason(failed), Reason::NatsUnavailable);
-    assert!(f.store.claim(&consumed).is_none(), "claim withdrawn");
+    assert!(f.store.claimed(&consumed).is_none(), "claim withdrawn");
     // The agent may now hand the same input to another target.
     handoff::accept(
         &f.broker,
@@ -583,7 +583,7 @@ async fn a_complete_and_handoff_by_a_superseded_attempt_stores_nothing() {
     assert_eq!(reason(late), Reason::LeaseSuperseded);
     assert!(f.store.inbox("worker").is_empty());
     let consumed = first.handoff.as_ref().expect("handoff").id.clone();
-    assert!(f.store.claim(&consumed).is_none(), "no claim left behind");
+    assert!(f.store.claimed(&consumed).is_none(), "no claim left behind");
 }
 
 // ---------------------------------------------------------------- auth
@@ -846,4 +846,79 @@ async fn a_handoff_taken_within_max_queue_wait_is_left_alone() {
     );
     assert_eq!(f.store.events(&run, pb::EventKind::DeadLettered).len(), 1);
     assert_eq!(f.store.events(&run, pb::EventKind::RunFailed).len(), 1);
+}
+
+// ---------------------------------------------------------------- claims
+
+#[tokio::test]
+async fn a_redo_is_recognised_after_the_dedupe_window_whatever_its_content() {
+    let f = fixture();
+    f.agents(&["planner", "worker"]).await;
+    let run = f.run(0).await;
+    let d = f.task_for(&run, "planner").await;
+    let crashing = f.replica(Config {
+        faults: crate::config::Faults {
+            skip_consume_ack: true,
+        },
+        ..Config::default()
+    });
+    let first = handoff::accept(
+        &crashing,
+        &Caller::local(),
+        consuming(&run, "planner", "worker", &d),
+    )
+    .await
+    .expect("stored, input left unacked");
+    // The dedupe window passes; the input comes back; the agent redoes its
+    // work, with other content this time.
+    f.store.forget_ids();
+    expire(&f, &d).await;
+    let again = f.deliver("planner").await;
+    let mut redo = consuming(&run, "planner", "worker", &again);
+    redo.payload = Some(payload("different words"));
+    redo.idempotency_key = "another".into();
+    let answer = handoff::accept(&f.broker, &Caller::local(), redo)
+        .await
+        .expect("answered");
+    assert!(answer.duplicate);
+    assert_eq!(answer.handoff_id, first.handoff_id);
+    assert_eq!(answer.sequence, first.sequence);
+    assert_eq!(f.store.inbox("worker").len(), 1, "downstream sees it once");
+    assert_eq!(f.store.standing(d.sequence), Some(Standing::Acked));
+}
+
+#[tokio::test]
+async fn a_claim_left_by_a_crash_before_the_store_does_not_refuse_the_redo() {
+    let f = fixture();
+    f.agents(&["planner", "worker", "critic"]).await;
+    let run = f.run(0).await;
+    let d = f.task_for(&run, "planner").await;
+    // The broker dies between claiming and storing: nothing stored, and
+    // the claim is never withdrawn.
+    f.store.fail("put_handoff", 1);
+    f.store.fail("release_claim", 1);
+    let died = handoff::accept(
+        &f.broker,
+        &Caller::local(),
+        consuming(&run, "planner", "worker", &d),
+    )
+    .await;
+    assert_eq!(reason(died), Reason::NatsUnavailable);
+    let consumed = d.handoff.as_ref().expect("handoff").id.clone();
+    assert!(f.store.claimed(&consumed).is_some(), "the claim was left");
+    // The redo (the next attempt) chooses another target: accepted.
+    expire(&f, &d).await;
+    let again = f.deliver("planner").await;
+    handoff::accept(
+        &f.broker,
+        &Caller::local(),
+        consuming(&run, "planner", "critic", &again),
+    )
+    .await
+    .expect("the redo takes the claim over");
+    assert_eq!(f.store.inbox("critic").len(), 1);
+    assert!(f.store.inbox("worker").is_empty());
+    let claim = f.store.claimed(&consumed).expect("claim");
+    assert_eq!(claim.target_agent, "critic");
+    assert_eq!(claim.stored.len(), 1);
 }

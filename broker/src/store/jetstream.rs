@@ -828,15 +828,8 @@ impl Store for JetStream {
         {
             Ok(revision) => Ok(Claim::Made(revision)),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                let value = self
-                    .consumed
-                    .get(consumed_handoff)
-                    .await
-                    .map_err(|e| BrokerError::nats("reading the consumed delivery", e))?;
-                match value {
-                    Some(v) => pb::ConsumeClaim::decode(v).map(Claim::Held).map_err(|e| {
-                        BrokerError::Internal(format!("stored claim does not decode: {e}"))
-                    }),
+                match self.claim(consumed_handoff).await? {
+                    Some((held, revision)) => Ok(Claim::Held(held, revision)),
                     // Withdrawn or expired between the two calls: try again.
                     None => Box::pin(self.claim_consumed(consumed_handoff, claim)).await,
                 }
@@ -848,6 +841,30 @@ impl Store for JetStream {
     /// Withdraws a claim this broker made for a handoff it did not store
     /// (only if nothing changed it since). A failure is logged: the claim
     /// then only refuses other targets for that delivery.
+    async fn claim(
+        &self,
+        consumed_handoff: &str,
+    ) -> Result<Option<(pb::ConsumeClaim, u64)>, BrokerError> {
+        read(&self.consumed, consumed_handoff).await
+    }
+
+    async fn update_claim(
+        &self,
+        consumed_handoff: &str,
+        claim: &pb::ConsumeClaim,
+        revision: u64,
+    ) -> Result<Option<u64>, BrokerError> {
+        match self
+            .consumed
+            .update(consumed_handoff, claim.encode_to_vec().into(), revision)
+            .await
+        {
+            Ok(next) => Ok(Some(next)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(BrokerError::nats("updating the claim", e)),
+        }
+    }
+
     async fn release_claim(&self, consumed_handoff: &str, revision: u64) {
         if let Err(e) = self
             .consumed

@@ -157,8 +157,17 @@ impl Memory {
             .unwrap_or_default()
     }
 
+    /// Forgets which ids were stored, as JetStream does when its dedupe
+    /// window passes (the stored handoffs stay).
+    pub fn forget_ids(&self) {
+        if let Ok(mut s) = self.state() {
+            s.inbox_ids.clear();
+            s.branch_ids.clear();
+        }
+    }
+
     /// The claim on a consumed delivery, if any.
-    pub fn claim(&self, consumed_handoff: &str) -> Option<pb::ConsumeClaim> {
+    pub fn claimed(&self, consumed_handoff: &str) -> Option<pb::ConsumeClaim> {
         self.state()
             .ok()?
             .claims
@@ -429,8 +438,8 @@ impl Store for Memory {
     ) -> Result<Claim> {
         self.trip("claim_consumed")?;
         let mut s = self.state()?;
-        if let Some((held, _)) = s.claims.get(consumed_handoff) {
-            return Ok(Claim::Held(held.clone()));
+        if let Some((held, revision)) = s.claims.get(consumed_handoff) {
+            return Ok(Claim::Held(held.clone(), *revision));
         }
         let rev = s.next_revision();
         s.claims
@@ -438,7 +447,30 @@ impl Store for Memory {
         Ok(Claim::Made(rev))
     }
 
+    async fn claim(&self, consumed_handoff: &str) -> Result<Option<(pb::ConsumeClaim, u64)>> {
+        Ok(self.state()?.claims.get(consumed_handoff).cloned())
+    }
+
+    async fn update_claim(
+        &self,
+        consumed_handoff: &str,
+        claim: &pb::ConsumeClaim,
+        revision: u64,
+    ) -> Result<Option<u64>> {
+        let mut s = self.state()?;
+        if s.claims.get(consumed_handoff).map(|(_, r)| *r) != Some(revision) {
+            return Ok(None);
+        }
+        let rev = s.next_revision();
+        s.claims
+            .insert(consumed_handoff.to_string(), (claim.clone(), rev));
+        Ok(Some(rev))
+    }
+
     async fn release_claim(&self, consumed_handoff: &str, revision: u64) {
+        if self.trip("release_claim").is_err() {
+            return;
+        }
         if let Ok(mut s) = self.state() {
             if s.claims.get(consumed_handoff).map(|(_, r)| *r) == Some(revision) {
                 s.claims.remove(consumed_handoff);

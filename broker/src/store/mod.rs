@@ -42,8 +42,8 @@ pub struct Stored {
 pub enum Claim {
     /// This request made it, at this revision.
     Made(u64),
-    /// Another request made it before.
-    Held(pb::ConsumeClaim),
+    /// Another request made it before; at this revision.
+    Held(pb::ConsumeClaim, u64),
 }
 
 /// How a delivery is settled.
@@ -208,6 +208,18 @@ pub trait Store: Send + Sync + 'static {
         consumed_handoff: &str,
         claim: &pb::ConsumeClaim,
     ) -> Result<Claim>;
+
+    /// The claim on a consumed delivery, and its revision.
+    async fn claim(&self, consumed_handoff: &str) -> Result<Option<(pb::ConsumeClaim, u64)>>;
+
+    /// Rewrites a claim if its revision is still `revision`; the new
+    /// revision, or `None` when another writer came first.
+    async fn update_claim(
+        &self,
+        consumed_handoff: &str,
+        claim: &pb::ConsumeClaim,
+        revision: u64,
+    ) -> Result<Option<u64>>;
 
     /// Withdraws a claim made at `revision` for a handoff that was not
     /// stored (only if nothing changed it since). Logged, not returned.
