@@ -123,6 +123,8 @@ reasons! {
         "a tool result is older than max_tool_result_age, or has no observed_at";
     IncompatibleContract => "INCOMPATIBLE_CONTRACT", FailedPrecondition,
         "a new contract version breaks its compatibility mode";
+    CompatibilityModeFixed => "COMPATIBILITY_MODE_FIXED", FailedPrecondition,
+        "a contract version asks for another compatibility mode than the contract's (set by version 1 or SetCompatibility)";
     VersionGap => "VERSION_GAP", FailedPrecondition,
         "a contract version that is neither an existing one nor the next";
     BranchTooLarge => "BRANCH_TOO_LARGE", FailedPrecondition,
@@ -262,6 +264,19 @@ pub enum BrokerError {
     /// A version that is neither existing nor the next.
     #[error("{0}")]
     VersionGap(String),
+    /// A new version asks for another compatibility mode than the
+    /// contract's, which only `SetCompatibility` changes.
+    #[error("{message_type} is checked under {stored} compatibility (its mode since version 1 or the last SetCompatibility); version {version} asks for {requested}: leave compatibility unset, or change the mode with SetCompatibility first")]
+    ModeFixed {
+        /// The contract.
+        message_type: String,
+        /// The version refused.
+        version: u32,
+        /// The contract's mode.
+        stored: &'static str,
+        /// The mode asked for.
+        requested: &'static str,
+    },
     /// A branch result that would make its barrier's release handoff
     /// larger than one NATS message.
     #[error("branch {key:?} of barrier {barrier:?} is {size} bytes; the release carries {used} bytes of branch results already and fits at most {budget} (the NATS max_payload, less the release's own fields): hand off a smaller result")]
@@ -340,6 +355,7 @@ impl BrokerError {
             BarrierExists(_) => Reason::BarrierConflict,
             Incompatible { .. } => Reason::IncompatibleContract,
             VersionGap(_) => Reason::VersionGap,
+            ModeFixed { .. } => Reason::CompatibilityModeFixed,
             RunClosed { .. } => Reason::RunClosed,
             DepthExceeded { .. } => Reason::DepthCap,
             PayloadTooLarge { .. } => Reason::PayloadTooLarge,
@@ -403,6 +419,17 @@ impl BrokerError {
                 ("previous", previous.to_string()),
                 ("mode", mode.to_string()),
                 ("problems", problems.join("; ")),
+            ],
+            ModeFixed {
+                message_type,
+                version,
+                stored,
+                requested,
+            } => vec![
+                ("message_type", message_type.clone()),
+                ("version", version.to_string()),
+                ("stored_mode", stored.to_string()),
+                ("requested_mode", requested.to_string()),
             ],
             BranchTooLarge {
                 barrier,

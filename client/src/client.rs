@@ -321,6 +321,32 @@ impl Client {
         })
     }
 
+    /// Changes the compatibility mode a contract's next versions are
+    /// checked under (`mode`: NONE, BACKWARD, FORWARD or FULL), giving the
+    /// `reason` recorded with the change. The mode is set by version 1 and
+    /// fixed otherwise: registering a later version under another mode is
+    /// refused with `COMPATIBILITY_MODE_FIXED`. Needs the `admin` grant;
+    /// the change is published as a `contract_mode_changed` event on run
+    /// `_`. Setting the mode the contract already has changes nothing
+    /// (`changed` is then false). The answer's contract is the latest
+    /// version (without descriptors), its `compatibility` the new mode.
+    pub async fn set_compatibility(
+        &self,
+        message_type: &str,
+        mode: pb::Compatibility,
+        reason: &str,
+    ) -> Result<pb::SetCompatibilityResponse> {
+        Ok(self
+            .raw()
+            .set_compatibility(self.request(pb::SetCompatibilityRequest {
+                message_type: message_type.to_string(),
+                compatibility: mode as i32,
+                reason: reason.to_string(),
+            }))
+            .await?
+            .into_inner())
+    }
+
     /// One version of a contract (`version` 0: the latest), with its
     /// descriptor set.
     pub async fn get_contract(&self, message_type: &str, version: u32) -> Result<pb::Contract> {

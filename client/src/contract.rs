@@ -59,8 +59,11 @@ impl ContractSpec {
         self
     }
 
-    /// How this version must relate to the one before it (default:
-    /// BACKWARD).
+    /// The contract's compatibility mode: how each version must relate to
+    /// the one before it. Version 1 sets it (default: BACKWARD); a later
+    /// version is always checked under the contract's mode, so leave it
+    /// unset there (naming another mode is refused with
+    /// `COMPATIBILITY_MODE_FIXED`; see [`crate::Client::set_compatibility`]).
     pub fn compatibility(mut self, compatibility: pb::Compatibility) -> Self {
         self.req.compatibility = compatibility as i32;
         self

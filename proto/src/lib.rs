@@ -59,6 +59,7 @@ impl pb::EventKind {
             K::BarrierTimedOut => "barrier_timed_out",
             K::BranchLate => "branch_late",
             K::AccessDenied => "access_denied",
+            K::ContractModeChanged => "contract_mode_changed",
         }
     }
 
@@ -92,6 +93,7 @@ pub const ALL_EVENT_KINDS: &[pb::EventKind] = &[
     pb::EventKind::BarrierTimedOut,
     pb::EventKind::BranchLate,
     pb::EventKind::AccessDenied,
+    pb::EventKind::ContractModeChanged,
 ];
 
 impl pb::RunStatus {

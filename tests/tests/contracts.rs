@@ -1241,3 +1241,143 @@ async fn typed_sdk_registers_from_rust_types_and_decodes_deliveries() {
     let status = client.get_run(&other.id).await.unwrap().run.unwrap().status;
     assert_eq!(status, pb::RunStatus::Failed as i32);
 }
+
+// ------------------------------------------------------ compatibility mode
+
+#[tokio::test]
+async fn the_compatibility_mode_is_fixed_at_version_one_and_changed_only_by_an_admin_call() {
+    use handoff_client::ContractSpec;
+
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    let package = "fixed.v1";
+    let message_type = "fixed.v1.M";
+    let v1 = schema(package, "message M { string a = 1; int32 b = 2; }");
+    // Field 2 changes type: a break under every mode but NONE.
+    let broken = schema(package, "message M { string a = 1; string b = 2; }");
+    let spec = |fds: &[u8], mode: Option<pb::Compatibility>| {
+        let spec = ContractSpec::named(message_type, fds.to_vec());
+        match mode {
+            Some(m) => spec.compatibility(m),
+            None => spec,
+        }
+    };
+    let versions = || async {
+        client
+            .list_contracts(Some(message_type))
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| (c.version, c.compatibility))
+            .collect::<Vec<_>>()
+    };
+    let first = client
+        .register_contract(spec(&v1, Some(pb::Compatibility::Backward)))
+        .await
+        .unwrap();
+    assert!(first.created);
+
+    // Whoever registers v2 cannot pick NONE to let the break through.
+    let err = client
+        .register_contract(spec(&broken, Some(pb::Compatibility::None)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert_eq!(err.reason(), Some("COMPATIBILITY_MODE_FIXED"), "{err}");
+    let meta = err.metadata();
+    assert_eq!(
+        meta.get("stored_mode").map(String::as_str),
+        Some("BACKWARD")
+    );
+    assert_eq!(meta.get("requested_mode").map(String::as_str), Some("NONE"));
+    assert_eq!(
+        meta.get("message_type").map(String::as_str),
+        Some(message_type)
+    );
+    assert!(err.to_string().contains("BACKWARD"), "{err}");
+    assert_eq!(versions().await, [(1, pb::Compatibility::Backward as i32)]);
+
+    // Unset on v2: checked under v1's BACKWARD, so the break is refused.
+    let err = client
+        .register_contract(spec(&broken, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), Some("INCOMPATIBLE_CONTRACT"), "{err}");
+    assert_eq!(
+        err.metadata().get("mode").map(String::as_str),
+        Some("BACKWARD")
+    );
+    // The same content again, mode unset: still a no-op.
+    let again = client.register_contract(spec(&v1, None)).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(versions().await, [(1, pb::Compatibility::Backward as i32)]);
+
+    // The explicit admin call changes the mode for the next versions.
+    let changed = client
+        .set_compatibility(message_type, pb::Compatibility::None, "b becomes a label")
+        .await
+        .unwrap();
+    assert!(changed.changed);
+    assert_eq!(changed.previous, pb::Compatibility::Backward as i32);
+    let again = client
+        .set_compatibility(message_type, pb::Compatibility::None, "b becomes a label")
+        .await
+        .unwrap();
+    assert!(!again.changed, "the same mode again changes nothing");
+    let err = client
+        .set_compatibility(message_type, pb::Compatibility::Unspecified, "why")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    let err = client
+        .set_compatibility("fixed.v1.Missing", pb::Compatibility::None, "why")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+
+    // Now BACKWARD is the mode a request may not name, and the break
+    // registers under NONE.
+    let err = client
+        .register_contract(spec(&broken, Some(pb::Compatibility::Backward)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), Some("COMPATIBILITY_MODE_FIXED"), "{err}");
+    assert_eq!(
+        err.metadata().get("stored_mode").map(String::as_str),
+        Some("NONE")
+    );
+    let v2 = client.register_contract(spec(&broken, None)).await.unwrap();
+    assert!(v2.created);
+    assert_eq!(v2.contract.version, 2);
+    assert_eq!(
+        versions().await,
+        [
+            (1, pb::Compatibility::Backward as i32),
+            (2, pb::Compatibility::None as i32)
+        ]
+    );
+
+    // The change is an event on run `_`: who, from what to what, why.
+    let mut events = client
+        .watch(
+            WatchFilter::all()
+                .run("_")
+                .kinds([pb::EventKind::ContractModeChanged])
+                .from_sequence(1),
+        )
+        .await
+        .unwrap();
+    let seen = events_until(&mut events, Duration::from_secs(5), |e| {
+        e.contract_type == message_type
+    })
+    .await;
+    let changes: Vec<&pb::Event> = seen
+        .iter()
+        .filter(|e| e.contract_type == message_type)
+        .collect();
+    assert_eq!(changes.len(), 1, "{seen:?}");
+    let e = changes[0];
+    assert_eq!(e.kind, pb::EventKind::ContractModeChanged as i32);
+    assert_eq!(e.run_id, "_");
+    assert_eq!(e.reason, "BACKWARD -> NONE: b becomes a label");
+    assert!(!e.agent.is_empty());
+}

@@ -922,3 +922,290 @@ async fn a_claim_left_by_a_crash_before_the_store_does_not_refuse_the_redo() {
     assert_eq!(claim.target_agent, "critic");
     assert_eq!(claim.stored.len(), 1);
 }
+
+// ------------------------------------------------------ contract modes
+
+/// An encoded descriptor set of package `mode.v1` with `body`.
+fn mode_schema(body: &str) -> Vec<u8> {
+    use prost::Message;
+    use protox::file::{File, FileResolver};
+
+    struct Source(String);
+    impl FileResolver for Source {
+        fn open_file(&self, name: &str) -> Result<File, protox::Error> {
+            if name == "m.proto" {
+                File::from_source(name, &self.0)
+            } else {
+                Err(protox::Error::file_not_found(name))
+            }
+        }
+    }
+    let source = format!("syntax = \"proto3\";\npackage mode.v1;\n{body}\n");
+    let mut compiler = protox::Compiler::with_file_resolver(Source(source));
+    compiler.include_imports(true);
+    compiler.open_file("m.proto").expect("compile m.proto");
+    compiler.file_descriptor_set().encode_to_vec()
+}
+
+const MODE_V1: &str = "message M { string a = 1; int32 b = 2; }";
+/// Field 2 changes type: breaks BACKWARD, FORWARD and FULL.
+const MODE_BREAK: &str = "message M { string a = 1; string b = 2; }";
+/// Field 3 added: compatible under every mode.
+const MODE_GROWN: &str = "message M { string a = 1; int32 b = 2; string c = 3; }";
+
+async fn register_mode(
+    f: &Fixture,
+    body: &str,
+    mode: pb::Compatibility,
+) -> Result<pb::RegisterContractResponse, BrokerError> {
+    let req = pb::RegisterContractRequest {
+        message_type: "mode.v1.M".into(),
+        compatibility: mode as i32,
+        file_descriptor_set: mode_schema(body),
+        ..Default::default()
+    };
+    super::contracts::register(&f.broker, &Caller::local(), req).await
+}
+
+async fn stored_versions(f: &Fixture) -> Vec<(u32, i32)> {
+    let mut v: Vec<(u32, i32)> = Vec::new();
+    for (t, n) in f.store.contract_versions().await.expect("versions") {
+        let c = f
+            .store
+            .contract(&t, n)
+            .await
+            .expect("read")
+            .expect("stored");
+        v.push((c.version, c.compatibility));
+    }
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn a_later_version_cannot_pick_another_compatibility_mode() {
+    let f = fixture();
+    let v1 = register_mode(&f, MODE_V1, pb::Compatibility::Backward)
+        .await
+        .expect("v1");
+    assert!(v1.created);
+    // v2 asks for NONE to slip a break through: refused, nothing stored.
+    let err = register_mode(&f, MODE_BREAK, pb::Compatibility::None)
+        .await
+        .expect_err("another mode");
+    assert_eq!(err.reason(), Reason::CompatibilityModeFixed);
+    let meta: std::collections::HashMap<_, _> = err.metadata().into_iter().collect();
+    assert_eq!(meta["stored_mode"], "BACKWARD");
+    assert_eq!(meta["requested_mode"], "NONE");
+    assert_eq!(meta["message_type"], "mode.v1.M");
+    assert!(err.to_string().contains("BACKWARD") && err.to_string().contains("NONE"));
+    // Even a compatible change may not ask for another mode.
+    let err = register_mode(&f, MODE_GROWN, pb::Compatibility::Full)
+        .await
+        .expect_err("another mode");
+    assert_eq!(err.reason(), Reason::CompatibilityModeFixed);
+    assert_eq!(
+        stored_versions(&f).await,
+        [(1, pb::Compatibility::Backward as i32)]
+    );
+    // Unset: checked under v1's mode, so the break is refused as such.
+    let err = register_mode(&f, MODE_BREAK, pb::Compatibility::Unspecified)
+        .await
+        .expect_err("break under BACKWARD");
+    assert_eq!(err.reason(), Reason::IncompatibleContract);
+    assert!(err.to_string().contains("BACKWARD"), "{err}");
+    // The same content again, with the mode unset or named: a no-op.
+    for mode in [pb::Compatibility::Unspecified, pb::Compatibility::Backward] {
+        let again = register_mode(&f, MODE_V1, mode).await.expect("again");
+        assert!(!again.created);
+    }
+    // A compatible change, unset or naming the stored mode: stored under it.
+    let v2 = register_mode(&f, MODE_GROWN, pb::Compatibility::Unspecified)
+        .await
+        .expect("v2");
+    assert!(v2.created);
+    let v2 = v2.contract.expect("contract");
+    assert_eq!(v2.version, 2);
+    assert_eq!(v2.compatibility, pb::Compatibility::Backward as i32);
+}
+
+#[tokio::test]
+async fn version_one_sets_the_mode() {
+    let f = fixture();
+    register_mode(&f, MODE_V1, pb::Compatibility::None)
+        .await
+        .expect("v1 under NONE");
+    // Unset on v2 means NONE: the break is accepted, and carries NONE.
+    let v2 = register_mode(&f, MODE_BREAK, pb::Compatibility::Unspecified)
+        .await
+        .expect("break under NONE")
+        .contract
+        .expect("contract");
+    assert_eq!(v2.compatibility, pb::Compatibility::None as i32);
+    let err = register_mode(&f, MODE_GROWN, pb::Compatibility::Backward)
+        .await
+        .expect_err("tightening needs SetCompatibility too");
+    assert_eq!(err.reason(), Reason::CompatibilityModeFixed);
+}
+
+fn set_mode(mode: pb::Compatibility, reason: &str) -> pb::SetCompatibilityRequest {
+    pb::SetCompatibilityRequest {
+        message_type: "mode.v1.M".into(),
+        compatibility: mode as i32,
+        reason: reason.into(),
+    }
+}
+
+#[tokio::test]
+async fn set_compatibility_changes_the_mode_of_the_next_versions_and_is_an_event() {
+    let f = fixture();
+    // No contract yet: nothing to change.
+    let err = super::contracts::set_compatibility(
+        &f.broker,
+        &Caller::local(),
+        set_mode(pb::Compatibility::None, "why"),
+    )
+    .await
+    .expect_err("no contract");
+    assert_eq!(err.reason(), Reason::ContractNotFound);
+    register_mode(&f, MODE_V1, pb::Compatibility::Backward)
+        .await
+        .expect("v1");
+    // Bad input: a mode and a reason are required.
+    for (req, field) in [
+        (
+            set_mode(pb::Compatibility::Unspecified, "why"),
+            "compatibility",
+        ),
+        (set_mode(pb::Compatibility::None, "  "), "reason"),
+    ] {
+        let err = super::contracts::set_compatibility(&f.broker, &Caller::local(), req)
+            .await
+            .expect_err("malformed");
+        assert_eq!(err.field(), Some(field), "{err}");
+    }
+    // Without the admin grant: refused, nothing recorded.
+    let err = super::contracts::set_compatibility(
+        &f.broker,
+        &Caller::with_grants("worker-svc", Vec::new()),
+        set_mode(pb::Compatibility::None, "why"),
+    )
+    .await
+    .expect_err("not admin");
+    assert_eq!(err.reason(), Reason::NotGranted);
+    assert!(f
+        .store
+        .contract_mode("mode.v1.M")
+        .await
+        .expect("read")
+        .is_none());
+
+    let changed = super::contracts::set_compatibility(
+        &f.broker,
+        &Caller::local(),
+        set_mode(pb::Compatibility::None, "v2 renumbers b"),
+    )
+    .await
+    .expect("changed");
+    assert!(changed.changed);
+    assert_eq!(changed.previous, pb::Compatibility::Backward as i32);
+    let latest = changed.contract.expect("contract");
+    assert_eq!(
+        (latest.version, latest.compatibility),
+        (1, pb::Compatibility::None as i32)
+    );
+    assert!(latest.file_descriptor_set.is_empty());
+    let events = f.store.events("_", pb::EventKind::ContractModeChanged);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].contract_type, "mode.v1.M");
+    assert_eq!(events[0].agent, "local");
+    assert_eq!(events[0].reason, "BACKWARD -> NONE: v2 renumbers b");
+    // Again: a no-op, no second event.
+    let again = super::contracts::set_compatibility(
+        &f.broker,
+        &Caller::local(),
+        set_mode(pb::Compatibility::None, "v2 renumbers b"),
+    )
+    .await
+    .expect("again");
+    assert!(!again.changed);
+    assert_eq!(
+        f.store
+            .events("_", pb::EventKind::ContractModeChanged)
+            .len(),
+        1
+    );
+
+    // The next version is checked under NONE (unset, or naming it); asking
+    // for v1's BACKWARD is now the refused one.
+    let err = register_mode(&f, MODE_BREAK, pb::Compatibility::Backward)
+        .await
+        .expect_err("stored is NONE now");
+    assert_eq!(err.reason(), Reason::CompatibilityModeFixed);
+    assert_eq!(
+        err.metadata()
+            .into_iter()
+            .find(|(k, _)| *k == "stored_mode")
+            .map(|(_, v)| v),
+        Some("NONE".to_string())
+    );
+    let v2 = register_mode(&f, MODE_BREAK, pb::Compatibility::Unspecified)
+        .await
+        .expect("break under NONE")
+        .contract
+        .expect("contract");
+    assert_eq!(
+        (v2.version, v2.compatibility),
+        (2, pb::Compatibility::None as i32)
+    );
+    // Re-registering v1's content names v1 (stored under BACKWARD): a no-op.
+    let v1 = super::contracts::register(
+        &f.broker,
+        &Caller::local(),
+        pb::RegisterContractRequest {
+            message_type: "mode.v1.M".into(),
+            version: 1,
+            file_descriptor_set: mode_schema(MODE_V1),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("v1 again");
+    assert!(!v1.created);
+
+    // Back to FULL: recorded once more, from NONE.
+    super::contracts::set_compatibility(
+        &f.broker,
+        &Caller::local(),
+        set_mode(pb::Compatibility::Full, "readers pinned"),
+    )
+    .await
+    .expect("full");
+    let events = f.store.events("_", pb::EventKind::ContractModeChanged);
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1].reason, "NONE -> FULL: readers pinned");
+    let err = register_mode(&f, MODE_V1, pb::Compatibility::Unspecified)
+        .await
+        .expect_err("v3 reverting b breaks FULL");
+    assert_eq!(err.reason(), Reason::IncompatibleContract);
+}
+
+#[tokio::test]
+async fn a_mode_changed_on_one_replica_holds_on_another() {
+    let f = fixture();
+    register_mode(&f, MODE_V1, pb::Compatibility::Backward)
+        .await
+        .expect("v1");
+    let other = f.replica(Config::default());
+    super::contracts::set_compatibility(
+        &other,
+        &Caller::local(),
+        set_mode(pb::Compatibility::None, "migration"),
+    )
+    .await
+    .expect("changed on the other replica");
+    let v2 = register_mode(&f, MODE_BREAK, pb::Compatibility::Unspecified)
+        .await
+        .expect("NONE here too");
+    assert!(v2.created);
+}

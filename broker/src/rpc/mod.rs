@@ -129,6 +129,20 @@ impl HandoffBroker for Service {
         unary(span, call).await
     }
 
+    async fn set_compatibility(
+        &self,
+        req: Request<pb::SetCompatibilityRequest>,
+    ) -> Reply<pb::SetCompatibilityResponse> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let span = rpc_span!("SetCompatibility", message_type = %req.message_type);
+        unary(
+            span,
+            app::contracts::set_compatibility(&self.broker, &caller, req),
+        )
+        .await
+    }
+
     async fn open_barrier(
         &self,
         req: Request<pb::OpenBarrierRequest>,

@@ -42,6 +42,9 @@ pub const BRANCHES_STREAM: &str = "HANDOFF_BRANCHES";
 pub const BARRIERS_BUCKET: &str = "handoff_barriers";
 /// Key/value bucket of contract versions, keyed `<message type>.<version>`.
 pub const CONTRACTS_BUCKET: &str = "handoff_contracts";
+/// Key/value bucket of contracts' compatibility modes as changed by
+/// `SetCompatibility`, keyed by message type.
+pub const CONTRACT_MODES_BUCKET: &str = "handoff_contract_modes";
 /// Key/value bucket of consumed deliveries: the first handoff made from
 /// each, keyed by the consumed handoff's id.
 pub const CONSUMED_BUCKET: &str = "handoff_consumed";
@@ -131,6 +134,8 @@ pub struct JetStream {
     pub runs: kv::Store,
     /// Contract versions.
     pub contracts: kv::Store,
+    /// Contracts' compatibility modes, once changed.
+    pub contract_modes: kv::Store,
     /// Consumed deliveries.
     pub consumed: kv::Store,
     /// Delivery leases.
@@ -225,6 +230,8 @@ impl JetStream {
         let agents = ensure_bucket(&js, bucket(AGENTS_BUCKET, Duration::ZERO)).await?;
         let runs = ensure_bucket(&js, bucket(RUNS_BUCKET, Duration::ZERO)).await?;
         let contracts = ensure_bucket(&js, bucket(CONTRACTS_BUCKET, Duration::ZERO)).await?;
+        let contract_modes =
+            ensure_bucket(&js, bucket(CONTRACT_MODES_BUCKET, Duration::ZERO)).await?;
         let barriers = ensure_bucket(&js, bucket(BARRIERS_BUCKET, cfg.retention)).await?;
         // A claim matters as long as the consumed handoff can be consumed,
         // that is while the inbox keeps it.
@@ -268,6 +275,7 @@ impl JetStream {
             agents,
             runs,
             contracts,
+            contract_modes,
             consumed,
             leases,
             keys,
@@ -812,6 +820,24 @@ impl Store for JetStream {
             .filter_map(|k| parse_contract_key(k))
             .map(|(t, v)| (t.to_string(), v))
             .collect())
+    }
+
+    async fn contract_mode(&self, message_type: &str) -> Result<Option<(pb::ContractMode, u64)>> {
+        read(&self.contract_modes, message_type).await
+    }
+
+    async fn put_contract_mode(
+        &self,
+        mode: &pb::ContractMode,
+        revision: Option<u64>,
+    ) -> Result<bool> {
+        Self::write(
+            &self.contract_modes,
+            &mode.message_type,
+            mode.encode_to_vec().into(),
+            revision,
+        )
+        .await
     }
 
     /// Records the first handoff made from a consumed delivery, or returns

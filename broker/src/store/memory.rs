@@ -48,6 +48,7 @@ struct State {
     runs: HashMap<String, (pb::Run, u64)>,
     agents: BTreeMap<String, pb::AgentSpec>,
     contracts: BTreeMap<(String, u32), pb::Contract>,
+    contract_modes: HashMap<String, (pb::ContractMode, u64)>,
     claims: HashMap<String, (pb::ConsumeClaim, u64)>,
     barriers: HashMap<String, (pb::Barrier, u64)>,
     early: HashSet<String>,
@@ -600,6 +601,27 @@ impl Store for Memory {
         }
         let rev = s.next_revision();
         s.leases.insert(key, (lease.clone(), rev));
+        Ok(true)
+    }
+
+    async fn contract_mode(&self, message_type: &str) -> Result<Option<(pb::ContractMode, u64)>> {
+        self.trip("contract_mode")?;
+        Ok(self.state()?.contract_modes.get(message_type).cloned())
+    }
+
+    async fn put_contract_mode(
+        &self,
+        mode: &pb::ContractMode,
+        revision: Option<u64>,
+    ) -> Result<bool> {
+        self.trip("put_contract_mode")?;
+        let mut s = self.state()?;
+        if s.contract_modes.get(&mode.message_type).map(|(_, r)| *r) != revision {
+            return Ok(false);
+        }
+        let rev = s.next_revision();
+        s.contract_modes
+            .insert(mode.message_type.clone(), (mode.clone(), rev));
         Ok(true)
     }
 

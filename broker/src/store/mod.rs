@@ -199,6 +199,19 @@ pub trait Store: Send + Sync + 'static {
     /// Every stored contract version, as (message type, version).
     async fn contract_versions(&self) -> Result<Vec<(String, u32)>>;
 
+    /// A contract's compatibility mode as `SetCompatibility` last set it,
+    /// and its revision (`None`: never changed, version 1's mode holds).
+    async fn contract_mode(&self, message_type: &str) -> Result<Option<(pb::ContractMode, u64)>>;
+
+    /// Writes a contract's mode: creates it when `revision` is `None`
+    /// (`false` if one exists), else compare-and-set; `false` when another
+    /// writer came first.
+    async fn put_contract_mode(
+        &self,
+        mode: &pb::ContractMode,
+        revision: Option<u64>,
+    ) -> Result<bool>;
+
     // ---- claims on consumed deliveries
 
     /// Records the first handoff made from a consumed delivery, or returns

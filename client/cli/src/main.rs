@@ -259,6 +259,19 @@ enum ContractsCommand {
         #[arg(long, value_name = "N")]
         version: Option<u32>,
     },
+    /// Change the compatibility mode the contract's next versions are
+    /// checked under (admin); the change is recorded as an event with the
+    /// reason.
+    SetCompatibility {
+        /// Full name of the message type (`acme.research.v1.Subtask`).
+        message_type: String,
+        /// The new mode: none, backward, forward or full.
+        #[arg(long, value_parser = parse_compatibility, value_name = "MODE")]
+        mode: pb::Compatibility,
+        /// Why the mode changes (recorded with the change).
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -291,7 +304,9 @@ struct RegisterContractArgs {
     /// identical).
     #[arg(long, value_name = "N")]
     version: Option<u32>,
-    /// How this version must relate to the previous one (default: backward).
+    /// The contract's compatibility mode, set by version 1 (default:
+    /// backward); a later version is checked under the contract's mode and
+    /// may only repeat it (change it with `contracts set-compatibility`).
     #[arg(long, value_parser = parse_compatibility, value_name = "MODE")]
     compatibility: Option<pb::Compatibility>,
     /// A field path that must be present (`ask.text`); repeatable.
@@ -412,6 +427,11 @@ async fn dispatch(cli: Cli) -> Outcome {
             message_type,
             version,
         }) => contracts_show(&client, &message_type, version.unwrap_or(0)).await,
+        Command::Contracts(ContractsCommand::SetCompatibility {
+            message_type,
+            mode,
+            reason,
+        }) => contracts_set_compatibility(&client, &message_type, mode, &reason).await,
         Command::DeadLetters(args) => dead_letters(&client, args).await,
         Command::Principals(PrincipalsCommand::Set { name, grants }) => {
             principals_set(&client, &name, &grants).await
@@ -829,6 +849,27 @@ async fn contracts_list(client: &Client, message_type: Option<&str>) -> Outcome 
         &["TYPE", "VERSION", "COMPATIBILITY", "REGISTERED", "RULES"],
         rows,
     ))
+}
+
+async fn contracts_set_compatibility(
+    client: &Client,
+    message_type: &str,
+    mode: pb::Compatibility,
+    reason: &str,
+) -> Outcome {
+    let resp = client.set_compatibility(message_type, mode, reason).await?;
+    let latest = resp.contract.map_or(0, |c| c.version);
+    let previous = display::compatibility(resp.previous);
+    let now = display::compatibility(mode as i32);
+    if resp.changed {
+        out(&format!(
+            "{message_type} compatibility {previous} -> {now} (latest version {latest}; the next is checked under {now})\n"
+        ))
+    } else {
+        out(&format!(
+            "{message_type} compatibility is already {now} (unchanged)\n"
+        ))
+    }
 }
 
 async fn contracts_show(client: &Client, message_type: &str, version: u32) -> Outcome {
