@@ -14,10 +14,12 @@
 //! results, in branch-key order.
 //!
 //! A fan-out without an explicit [`barrier_id`](FanOut::barrier_id) gets
-//! a deterministic one, derived from what it hands out, so a planner that
-//! retries (or is redelivered its input and redoes the work) re-opens the
-//! same barrier and repeats the same branch handoffs, which the broker
-//! recognises, instead of starting a second join.
+//! a deterministic one: derived from the delivery it consumes (a
+//! planner's input), so a planner that is redelivered its input and redoes
+//! the work, even with other items, meets the barrier of its first
+//! fan-out and the broker answers with that fan-out's branches; or, with
+//! no delivery consumed, from what it hands out, so a retry repeats the
+//! same branch handoffs. Either way there is never a second join.
 
 use std::time::{Duration, SystemTime};
 
@@ -104,9 +106,12 @@ impl FanOut {
     }
 
     /// Names the barrier (default: `join-` and 16 hex digits of a hash of
-    /// the run, the consumed delivery's handoff, the worker, the
-    /// aggregator, the mode, the keys and the encoded items, so the same
-    /// fan-out repeated opens the same barrier).
+    /// the run, the consumed delivery's handoff, the worker and the
+    /// aggregator, so a planner that redoes its fan-out after a crash, even
+    /// with other items, meets the barrier it opened first and the broker
+    /// answers with the first fan-out; without a consumed delivery, of the
+    /// run, the worker, the aggregator, the mode, the keys and the encoded
+    /// items, so the same fan-out repeated opens the same barrier).
     pub fn barrier_id(mut self, barrier_id: impl Into<String>) -> Self {
         self.barrier_id = Some(barrier_id.into());
         self
@@ -324,6 +329,10 @@ impl FanOut {
         );
         h.field(self.worker.as_bytes());
         h.field(aggregator.as_bytes());
+        if self.delivery.is_some() {
+            // Identified by the delivery it consumes, not by its content.
+            return format!("join-{:016x}", h.finish());
+        }
         match mode {
             JoinMode::All => h.field(b"all"),
             JoinMode::Quorum(k) => {

@@ -91,6 +91,27 @@ pub async fn fan_out(
     if !consumes.is_empty() {
         let token = deliveries::decode(broker, &consumes).await?;
         auth::require(broker, caller, Action::ReceiveAs, &token.agent, Some(&run)).await?;
+        // A redo of a fan-out from this delivery (its items may differ): the
+        // first one's barrier and branches answer it.
+        if let Some((claim, _)) = broker.store().claim(&token.handoff_id).await? {
+            if claim.fan_out && !claim.barrier_id.is_empty() && !claim.stored.is_empty() {
+                let barrier = broker
+                    .store()
+                    .barrier(&run.id, &claim.barrier_id)
+                    .await?
+                    .map(|(b, _)| b);
+                deliveries::settle_consumed(broker, &run.id, &consumes).await?;
+                let branches = claim
+                    .stored
+                    .into_iter()
+                    .map(|r| pb::HandoffResponse {
+                        duplicate: true,
+                        ..r
+                    })
+                    .collect();
+                return Ok(pb::FanOutResponse { barrier, branches });
+            }
+        }
     }
     let opened = barriers::open_spec(broker, spec.clone()).await?;
     let branches: Vec<pb::HandoffRequest> = req

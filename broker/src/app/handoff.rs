@@ -59,6 +59,11 @@ pub async fn accept(
         attempt: consumed.as_ref().map_or(0, |t| t.attempt),
         stored: Vec::new(),
         stored_at: None,
+        barrier_id: if req.fan_out {
+            req.barrier_id.clone()
+        } else {
+            String::new()
+        },
     };
     let (run, parent, claim, barrier, lease) = tokio::join!(
         broker.run(&req.run_id),

@@ -1209,3 +1209,53 @@ async fn a_mode_changed_on_one_replica_holds_on_another() {
         .expect("NONE here too");
     assert!(v2.created);
 }
+
+#[tokio::test]
+async fn a_fan_out_redone_with_other_items_is_answered_with_the_first() {
+    let f = fixture();
+    f.agents(&["planner", "worker", "aggregator"]).await;
+    let run = f.run(0).await;
+    let d = f.task_for(&run, "planner").await;
+    let fan_out = |d: &pb::Delivery, n: u32| pb::FanOutRequest {
+        barrier: Some(pb::BarrierSpec {
+            run_id: run.clone(),
+            barrier_id: "join-of-the-input".into(),
+            branch_count: n,
+            target_agent: "aggregator".into(),
+            ..Default::default()
+        }),
+        branches: (0..n)
+            .map(|i| pb::HandoffRequest {
+                branch_key: i.to_string(),
+                payload: Some(payload(&format!("item {i} of {n}"))),
+                ..consuming(&run, "planner", "worker", d)
+            })
+            .collect(),
+    };
+    // The broker dies after storing the branches, before acking the input
+    // (neither its lease record nor the ack gets written).
+    f.store.fail("put_lease", 1);
+    f.store.fail("settle", 1);
+    let first = fan_out::fan_out(&f.broker, &Caller::local(), fan_out(&d, 2))
+        .await
+        .expect("first fan-out");
+    f.store.forget_ids();
+    expire(&f, &d).await;
+    let again = f.deliver("planner").await;
+    let redo = fan_out::fan_out(&f.broker, &Caller::local(), fan_out(&again, 3))
+        .await
+        .expect("answered");
+    let ids = |r: &pb::FanOutResponse| -> Vec<String> {
+        r.branches.iter().map(|b| b.handoff_id.clone()).collect()
+    };
+    assert_eq!(ids(&redo), ids(&first), "the first fan-out's branches");
+    assert!(redo.branches.iter().all(|b| b.duplicate));
+    assert_eq!(
+        redo.barrier
+            .as_ref()
+            .map(|b| b.spec.clone().unwrap_or_default().branch_count),
+        Some(2),
+        "the first barrier"
+    );
+    assert_eq!(f.store.inbox("worker").len(), 2, "no third branch");
+}
