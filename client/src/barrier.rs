@@ -276,6 +276,14 @@ impl FanOut {
             .unwrap_or_default();
         let keys: Vec<String> = req.branches.iter().map(|b| b.branch_key.clone()).collect();
         let resp = self.client.send_fan_out(req).await?;
+        // A redo is answered with the first fan-out: its barrier's keys.
+        let keys = match resp.barrier.as_ref().and_then(|b| b.spec.as_ref()) {
+            Some(spec) if !spec.branch_keys.is_empty() => spec.branch_keys.clone(),
+            Some(spec) if spec.branch_count > 0 => {
+                (0..spec.branch_count).map(|i| i.to_string()).collect()
+            }
+            _ => keys,
+        };
         let branches: Vec<Receipt> = resp.branches.into_iter().map(Receipt::from).collect();
         if let Some(delivery) = &self.delivery {
             // The broker acked the consumed delivery after the last branch.

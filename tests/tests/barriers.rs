@@ -1049,3 +1049,69 @@ async fn sdk_fans_out_joins_and_hands_the_aggregator_typed_results() {
     let run = client.get_run("sdk").await.unwrap().run.unwrap();
     assert_eq!(run.status, pb::RunStatus::Completed as i32);
 }
+
+#[tokio::test]
+async fn a_fan_out_redone_after_the_dedupe_window_with_other_items_releases_the_first_once() {
+    use handoff_client::JoinMode;
+    // The broker stores the branches but dies before acking the planner's
+    // input; the planner's redo comes 7 s later, past the 2 s window, and
+    // (an LLM) plans other items.
+    let (nats, _broker, client) = stack(|c| {
+        c.faults.skip_consume_ack = true;
+        c.dedupe_window = Duration::from_secs(2);
+    })
+    .await;
+    client
+        .register_agent(AgentConfig::new("planner").lease(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    for a in ["worker", "aggregator"] {
+        client.register_agent(AgentConfig::new(a)).await.unwrap();
+    }
+    let run = client.start_run(RunConfig::new("owner")).await.unwrap();
+    client
+        .handoff(Handoff::to(&run.id, "planner", &note("ask", 0)).unwrap())
+        .await
+        .unwrap();
+    let mut planner = client.subscribe("planner", "p1", 1).await.unwrap();
+    let ask = next_within(&mut planner, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let first = ask
+        .fan_out("worker", (0..2).map(|n| note("first plan", n)))
+        .join("aggregator", JoinMode::All)
+        .await
+        .unwrap();
+    drop(planner);
+    tokio::time::sleep(Duration::from_secs(7).saturating_sub(started.elapsed())).await;
+    let mut planner = client.subscribe("planner", "p2", 1).await.unwrap();
+    let again = next_within(&mut planner, Duration::from_secs(10))
+        .await
+        .expect("the input comes back");
+    assert_eq!(again.attempt(), 2);
+    let redo = again
+        .fan_out("worker", (0..3).map(|n| note("second plan", n + 10)))
+        .join("aggregator", JoinMode::All)
+        .await
+        .unwrap();
+    assert_eq!(redo.barrier_id, first.barrier_id, "one barrier");
+    let ids = |r: &handoff_client::FanOutReceipt| -> Vec<String> {
+        r.branches.iter().map(|b| b.handoff_id.clone()).collect()
+    };
+    assert_eq!(ids(&redo), ids(&first), "the first branches");
+    assert!(redo.branches.iter().all(|b| b.duplicate));
+    let mut workers = client.subscribe("worker", "w", 4).await.unwrap();
+    for _ in 0..2 {
+        let d = next_within(&mut workers, Duration::from_secs(5))
+            .await
+            .expect("a branch");
+        let task: Note = d.payload().unwrap();
+        d.to_barrier(&note("done", task.n)).await.unwrap();
+    }
+    let mut agg = client.subscribe("aggregator", "a", 5).await.unwrap();
+    let release = the_release(&nats, &client, &mut agg).await;
+    assert_eq!(results(&release), [0, 1], "the first plan's results");
+    let workers_inbox = settled_inbox(nats.url(), "worker").await;
+    assert_eq!(workers_inbox.stored, 2, "no branch of the second plan");
+}

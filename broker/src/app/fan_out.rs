@@ -133,7 +133,11 @@ pub async fn fan_out(
         .try_collect()
         .await?;
     if !consumes.is_empty() {
-        deliveries::settle_consumed(broker, &spec.run_id, &consumes).await?;
+        if broker.config().faults.skip_consume_ack {
+            tracing::warn!("fault injected: consumed delivery left unacked");
+        } else {
+            deliveries::settle_consumed(broker, &spec.run_id, &consumes).await?;
+        }
     }
     Ok(pb::FanOutResponse {
         barrier: opened.barrier,
