@@ -128,11 +128,13 @@ pub async fn fan_out(
         })
         .collect();
     let answers: Vec<pb::HandoffResponse> = futures::stream::iter(branches)
-        .map(|b| handoff::accept(broker, caller, b))
+        .map(|b| handoff::accept_as(broker, caller, b, handoff::Receipts::Caller))
         .buffered(16)
         .try_collect()
         .await?;
     if !consumes.is_empty() {
+        let token = deliveries::decode(broker, &consumes).await?;
+        record_fan_out(broker, &token, &spec.barrier_id, &answers).await;
         if broker.config().faults.skip_consume_ack {
             tracing::warn!("fault injected: consumed delivery left unacked");
         } else {
@@ -143,4 +145,64 @@ pub async fn fan_out(
         barrier: opened.barrier,
         branches: answers,
     })
+}
+
+/// Records a fan-out's barrier and branch receipts in the consumed
+/// delivery's claim, together, so a redo is answered with them. A failure
+/// is logged: a redo then opens the same barrier and repeats the same
+/// branches, recognised within the dedupe window.
+async fn record_fan_out(
+    broker: &Broker,
+    token: &pb::DeliveryToken,
+    barrier_id: &str,
+    answers: &[pb::HandoffResponse],
+) {
+    let store = broker.store();
+    let update = |claim: &mut pb::ConsumeClaim| {
+        claim.fan_out = true;
+        claim.barrier_id = barrier_id.to_string();
+        for a in answers {
+            if !claim.stored.iter().any(|r| r.handoff_id == a.handoff_id) {
+                claim.stored.push(pb::HandoffResponse {
+                    duplicate: false,
+                    ..a.clone()
+                });
+            }
+        }
+        if claim.stored_at.is_none() {
+            claim.stored_at = Some(crate::app::now());
+        }
+    };
+    for _ in 0..20 {
+        let written = match store.claim(&token.handoff_id).await {
+            Ok(Some((mut claim, revision))) => {
+                update(&mut claim);
+                store
+                    .update_claim(&token.handoff_id, &claim, revision)
+                    .await
+                    .map(|r| r.is_some())
+            }
+            Ok(None) => {
+                let mut claim = pb::ConsumeClaim {
+                    attempt: token.attempt,
+                    ..Default::default()
+                };
+                update(&mut claim);
+                store
+                    .claim_consumed(&token.handoff_id, &claim)
+                    .await
+                    .map(|c| matches!(c, crate::store::Claim::Made(_)))
+            }
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(true) => return,
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "fan-out not recorded in the claim");
+                return;
+            }
+        }
+    }
+    tracing::warn!(barrier_id, "fan-out not recorded: the claim kept changing");
 }

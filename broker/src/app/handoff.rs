@@ -38,6 +38,26 @@ pub async fn accept(
     caller: &Caller,
     req: pb::HandoffRequest,
 ) -> Result<pb::HandoffResponse, BrokerError> {
+    accept_as(broker, caller, req, Receipts::Each).await
+}
+
+/// Who records what a consumed delivery stored into its claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receipts {
+    /// Each handoff records its own receipt.
+    Each,
+    /// The caller records them together (a fan-out, once every branch is
+    /// stored).
+    Caller,
+}
+
+/// Accepts one handoff; `receipts` says who records its receipt.
+pub async fn accept_as(
+    broker: &Broker,
+    caller: &Caller,
+    req: pb::HandoffRequest,
+    receipts: Receipts,
+) -> Result<pb::HandoffResponse, BrokerError> {
     // 1. Validate: everything that needs no state (a consumed delivery's
     //    id is signed: verified here).
     rules::validate_handoff(&req, broker.config().max_inline_payload)?;
@@ -111,6 +131,9 @@ pub async fn accept(
         }
         _ => None,
     };
+    // The claim as this request knows it, to record the receipt into
+    // without reading it again.
+    let mut known = made.as_ref().map(|(_, rev)| (mine.clone(), *rev));
 
     // 4 and 5. Commit and notify; withdraw this request's claim if nothing
     //    was stored.
@@ -160,7 +183,10 @@ pub async fn accept(
                     .update_claim(&token.handoff_id, &mine, revision)
                     .await?;
                 match taken {
-                    Some(next) => made = Some((token.handoff_id.clone(), next)),
+                    Some(next) => {
+                        made = Some((token.handoff_id.clone(), next));
+                        known = Some((mine.clone(), next));
+                    }
                     None => {
                         return Err(BrokerError::Unavailable(
                             "the consumed delivery's claim changed meanwhile; retry".to_string(),
@@ -169,6 +195,7 @@ pub async fn accept(
                 }
             } else {
                 guard::check_claim(broker, &req, token, &first, &mine, &checked).await?;
+                known = Some((first, revision));
             }
         }
         let read = Read {
@@ -179,8 +206,11 @@ pub async fn accept(
         commit(
             broker,
             &req,
+            consumed
+                .as_ref()
+                .filter(|_| receipts == Receipts::Each)
+                .map(|_| (mine, known)),
             consumed.as_ref(),
-            mine,
             id,
             checked,
             read,
@@ -248,17 +278,22 @@ fn stored_receipt(
 }
 
 /// Records in the consumed delivery's claim what was stored from it, so a
-/// redo is recognised for as long as the claim is kept. A failure is
-/// logged: the dedupe window still recognises a redo within it.
+/// redo is recognised for as long as the claim is kept: into the claim as
+/// this request knows it (one write), read again only if it changed. A
+/// failure is logged: the dedupe window still recognises a redo within it.
 async fn record_receipt(
     broker: &Broker,
     token: &pb::DeliveryToken,
-    mine: pb::ConsumeClaim,
+    (mine, mut known): (pb::ConsumeClaim, Option<(pb::ConsumeClaim, u64)>),
     receipt: pb::HandoffResponse,
 ) {
     let store = broker.store();
-    for _ in 0..5 {
-        let current = match store.claim(&token.handoff_id).await {
+    for _ in 0..20 {
+        let current = match known.take() {
+            Some(k) => Ok(Some(k)),
+            None => store.claim(&token.handoff_id).await,
+        };
+        let current = match current {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "receipt not recorded in the claim");
@@ -324,8 +359,8 @@ struct Read {
 async fn commit(
     broker: &Broker,
     req: &pb::HandoffRequest,
+    claim: Option<(pb::ConsumeClaim, Option<(pb::ConsumeClaim, u64)>)>,
     consumed: Option<&pb::DeliveryToken>,
-    mine: pb::ConsumeClaim,
     id: String,
     checked: Checked,
     read: Read,
@@ -468,8 +503,8 @@ async fn commit(
         depth,
     };
     let remember = async {
-        if let Some(token) = consumed {
-            record_receipt(broker, token, mine, receipt.clone()).await;
+        if let (Some(token), Some(claim)) = (consumed, claim) {
+            record_receipt(broker, token, claim, receipt.clone()).await;
         }
     };
     let accepted = accepted_event(&run, req, &receipt, barrier_id, branch_key);
