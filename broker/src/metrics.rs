@@ -21,6 +21,7 @@ pub struct Metrics {
     accepted: AtomicU64,
     rejected: DashMap<&'static str, AtomicU64>,
     denied: DashMap<&'static str, AtomicU64>,
+    events_dropped: AtomicU64,
 }
 
 impl Metrics {
@@ -35,6 +36,11 @@ impl Metrics {
             .entry(rule)
             .or_default()
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an event given up after its retries.
+    pub fn event_dropped(&self) {
+        self.events_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a call refused for who made it, by reason.
@@ -76,6 +82,15 @@ impl Metrics {
                 "handoff_contract_rejections_total{{rule=\"{rule}\"}} {n}"
             );
         }
+        out.push_str(
+            "# HELP handoff_events_dropped_total Events given up after retrying to store them.\n",
+        );
+        out.push_str("# TYPE handoff_events_dropped_total counter\n");
+        let _ = writeln!(
+            out,
+            "handoff_events_dropped_total {}",
+            self.events_dropped.load(Ordering::Relaxed)
+        );
         out.push_str(
             "# HELP handoff_access_denied_total Calls refused for who made them, by reason.\n",
         );

@@ -370,6 +370,7 @@ async fn serve(
             )))
         }
     };
+    let outbox_task = broker.start_outbox();
     let timer_task = tokio::spawn(timers::run(broker.clone(), store.clone()));
     let agents_task = tokio::spawn(watch_agents(broker.clone(), store.clone()));
     let contracts_task = tokio::spawn(watch_contracts(broker.clone(), store, watch_from));
@@ -446,6 +447,7 @@ async fn serve(
     }
     tokio::select! {
         r = &mut server => {
+            outbox_task.abort();
             timer_task.abort();
             agents_task.abort();
             contracts_task.abort();
@@ -470,6 +472,9 @@ async fn serve(
             Ok(())
         }
     };
+    // Events of the last steps: stored before exit, within a bound.
+    broker.flush_events(Duration::from_secs(2)).await;
+    outbox_task.abort();
     timer_task.abort();
     agents_task.abort();
     contracts_task.abort();

@@ -559,3 +559,60 @@ async fn a_redo_after_the_dedupe_window_is_still_the_same_handoff() {
         .count();
     assert_eq!(accepted, 1, "announced once");
 }
+
+#[tokio::test]
+async fn events_of_acks_made_while_the_events_stream_is_unavailable_are_stored_later() {
+    let (nats, _broker, client) = stack(|_| {}).await;
+    client
+        .register_agent(AgentConfig::new("worker"))
+        .await
+        .unwrap();
+    let run = client.start_run(RunConfig::new("o")).await.unwrap();
+    for n in 0..5 {
+        client
+            .handoff(Handoff::to(&run.id, "worker", &note("task", n)).unwrap())
+            .await
+            .unwrap();
+    }
+    let mut sub = client.subscribe("worker", "w", 5).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(
+            next_within(&mut sub, Duration::from_secs(5))
+                .await
+                .expect("delivery"),
+        );
+    }
+    timeline_when(&client, &run.id, |t| {
+        count(t, &[pb::EventKind::Delivered], |_| true) == 5
+    })
+    .await;
+    // The events stream stops taking events (its subjects moved away):
+    // every publish to it fails, as when JetStream is unavailable.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut stream = js.get_stream("HANDOFF_EVENTS").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    let subjects = config.subjects.clone();
+    config.subjects = vec!["handoff.v1.paused.>".into()];
+    js.update_stream(config.clone()).await.unwrap();
+    let before = stream.info().await.unwrap().state.messages;
+    for d in &held {
+        d.ack().await.expect("the ack itself succeeds");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = stream.info().await.unwrap().state.messages;
+    assert_eq!(during, before, "nothing stored while the stream is away");
+    config.subjects = subjects;
+    js.update_stream(config).await.unwrap();
+    // Retried until stored: every ack's event, once.
+    let after = timeline_when(&client, &run.id, |t| {
+        count(t, &[pb::EventKind::Acked], |_| true) == 5
+    })
+    .await;
+    for d in &held {
+        let acked = count(&after, &[pb::EventKind::Acked], |e| {
+            e.handoff_id == d.handoff_id()
+        });
+        assert_eq!(acked, 1, "{}", d.handoff_id());
+    }
+}

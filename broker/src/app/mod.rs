@@ -24,6 +24,7 @@ pub mod events;
 pub mod fan_out;
 pub mod guard;
 pub mod handoff;
+pub mod outbox;
 pub mod runs;
 pub mod session;
 
@@ -61,6 +62,7 @@ struct Inner {
     leases: DashMap<String, mpsc::UnboundedSender<String>>,
     draining: watch::Receiver<bool>,
     auth: auth::Auth,
+    outbox: std::sync::OnceLock<outbox::Outbox>,
 }
 
 impl Broker {
@@ -86,6 +88,7 @@ impl Broker {
                 leases: DashMap::new(),
                 draining,
                 auth,
+                outbox: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -261,12 +264,41 @@ impl Broker {
         if event.at.is_none() {
             event.at = Some(now());
         }
-        if let Err(e) = self
-            .store()
-            .publish_event_unconfirmed(&event, &msg_id)
-            .await
-        {
-            tracing::warn!(error = %e, msg_id, "event not published");
+        if let Some(outbox) = self.outbox() {
+            if outbox.send(event.clone(), msg_id.clone()) {
+                return;
+            }
+        }
+        // No outbox (a broker without its tasks, in tests): stored now.
+        if let Err(e) = self.store().publish_event(&event, &msg_id).await {
+            self.metrics().event_dropped();
+            tracing::error!(error = %e, msg_id, "event not stored");
+        }
+    }
+
+    /// Starts the outbox that stores events with confirmation and
+    /// retries (see [`outbox`]); returns its task.
+    pub fn start_outbox(&self) -> tokio::task::JoinHandle<()> {
+        let (outbox, rx) = outbox::channel();
+        let _ = self.inner.outbox.set(outbox);
+        tokio::spawn(outbox::run(self.clone(), rx))
+    }
+
+    /// The outbox, once started.
+    pub fn outbox(&self) -> Option<&outbox::Outbox> {
+        self.inner.outbox.get()
+    }
+
+    /// Waits (at most `limit`) until every event handed to the outbox is
+    /// stored or given up.
+    pub async fn flush_events(&self, limit: std::time::Duration) {
+        let Some(outbox) = self.outbox() else { return };
+        let deadline = tokio::time::Instant::now() + limit;
+        while outbox.waiting() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if outbox.waiting() > 0 {
+            tracing::warn!(events = outbox.waiting(), "events not stored before exit");
         }
     }
 }

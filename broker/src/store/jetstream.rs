@@ -604,21 +604,33 @@ impl Store for JetStream {
         Ok(ack.sequence)
     }
 
-    /// Publishes an event (deduplicated by `msg_id`) as a plain NATS
-    /// message: the events stream stores it, and no confirmation is
-    /// awaited or sent.
-    async fn publish_event_unconfirmed(&self, event: &pb::Event, msg_id: &str) -> Result<()> {
-        let kind = pb::EventKind::try_from(event.kind).unwrap_or(pb::EventKind::Unspecified);
-        let mut headers = HeaderMap::new();
-        headers.insert(NATS_MESSAGE_ID, msg_id);
-        self.client
-            .publish_with_headers(
-                event_subject(&event.run_id, kind),
-                headers,
-                event.encode_to_vec().into(),
-            )
-            .await
-            .map_err(|e| BrokerError::nats("publishing", e))
+    async fn publish_events(&self, events: &[(pb::Event, String)]) -> Vec<Result<u64>> {
+        // Send every one, then await the confirmations together.
+        let mut acks = Vec::with_capacity(events.len());
+        for (event, msg_id) in events {
+            let kind = pb::EventKind::try_from(event.kind).unwrap_or(pb::EventKind::Unspecified);
+            let mut headers = HeaderMap::new();
+            headers.insert(NATS_MESSAGE_ID, msg_id.as_str());
+            acks.push(
+                self.js
+                    .publish_with_headers(
+                        event_subject(&event.run_id, kind),
+                        headers,
+                        event.encode_to_vec().into(),
+                    )
+                    .await,
+            );
+        }
+        let confirm = acks.into_iter().map(|sent| async move {
+            match sent {
+                Ok(ack) => ack
+                    .await
+                    .map(|a| a.sequence)
+                    .map_err(|e| BrokerError::nats("storing an event", e)),
+                Err(e) => Err(BrokerError::nats("publishing an event", e)),
+            }
+        });
+        futures::future::join_all(confirm).await
     }
 
     async fn run_events(&self, run_id: &str) -> Result<Vec<pb::Event>, BrokerError> {

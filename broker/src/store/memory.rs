@@ -333,8 +333,12 @@ impl Store for Memory {
         Ok(seq)
     }
 
-    async fn publish_event_unconfirmed(&self, event: &pb::Event, msg_id: &str) -> Result<()> {
-        self.publish_event(event, msg_id).await.map(|_| ())
+    async fn publish_events(&self, events: &[(pb::Event, String)]) -> Vec<Result<u64>> {
+        let mut out = Vec::with_capacity(events.len());
+        for (event, msg_id) in events {
+            out.push(self.publish_event(event, msg_id).await);
+        }
+        out
     }
 
     async fn run_events(&self, run_id: &str) -> Result<Vec<pb::Event>> {

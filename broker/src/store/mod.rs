@@ -149,8 +149,9 @@ pub trait Store: Send + Sync + 'static {
     /// Stores an event, deduplicated by `msg_id`; returns its sequence.
     async fn publish_event(&self, event: &pb::Event, msg_id: &str) -> Result<u64>;
 
-    /// Hands an event to the store without waiting for its confirmation.
-    async fn publish_event_unconfirmed(&self, event: &pb::Event, msg_id: &str) -> Result<()>;
+    /// Stores events, each deduplicated by its message id: sent together,
+    /// then confirmed together; one result per event, in order.
+    async fn publish_events(&self, events: &[(pb::Event, String)]) -> Vec<Result<u64>>;
 
     /// Every stored event of a run, oldest first, with its sequence.
     async fn run_events(&self, run_id: &str) -> Result<Vec<pb::Event>>;
