@@ -285,6 +285,10 @@ pub struct Faults {
     /// Store a complete-and-handoff but skip acking the consumed delivery,
     /// as if the broker died between the two steps.
     pub skip_consume_ack: bool,
+    /// Claim the consumed delivery of a complete-and-handoff, then fail
+    /// before storing anything and leave the claim, as if the broker died
+    /// between the two steps.
+    pub die_after_claim: bool,
 }
 
 impl Default for Config {

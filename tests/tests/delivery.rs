@@ -616,3 +616,56 @@ async fn events_of_acks_made_while_the_events_stream_is_unavailable_are_stored_l
         assert_eq!(acked, 1, "{}", d.handoff_id());
     }
 }
+
+#[tokio::test]
+async fn a_claim_left_by_a_broker_that_died_before_storing_refuses_no_redo() {
+    let nats = handoff_tests::Nats::start().await;
+    let healthy = handoff_tests::Broker::start(nats.url(), |_| {}).await;
+    let dying = handoff_tests::Broker::start(nats.url(), |c| c.faults.die_after_claim = true).await;
+    let client = healthy.client().await;
+    let through_dying = dying.client().await;
+    for a in ["planner", "worker", "critic"] {
+        client.register_agent(AgentConfig::new(a)).await.unwrap();
+    }
+    let run = client.start_run(RunConfig::new("o")).await.unwrap();
+    client
+        .handoff(Handoff::to(&run.id, "planner", &note("ask", 0)).unwrap())
+        .await
+        .unwrap();
+    let mut p1 = client.subscribe("planner", "p1", 1).await.unwrap();
+    let d1 = next_within(&mut p1, Duration::from_secs(5))
+        .await
+        .expect("input");
+    // The complete-and-handoff reaches a broker that claims the input and
+    // dies before storing anything.
+    let mut to_worker = Handoff::to(&run.id, "worker", &note("plan a", 1))
+        .unwrap()
+        .from_agent("planner")
+        .request()
+        .clone();
+    to_worker.consumes = d1.id().to_string();
+    let died = through_dying
+        .handoff(Handoff::from_request(to_worker))
+        .await
+        .expect_err("the broker died");
+    assert_eq!(died.code(), Some(tonic::Code::Unavailable));
+    // The planner crashes too; its input comes back, and its redo picks
+    // another target.
+    drop(p1);
+    let mut p2 = client.subscribe("planner", "p2", 1).await.unwrap();
+    let d2 = next_within(&mut p2, Duration::from_secs(5))
+        .await
+        .expect("input redelivered");
+    assert_eq!(d2.attempt(), 2);
+    let redo = d2
+        .handoff(Handoff::to("", "critic", &note("plan b", 2)).unwrap())
+        .await
+        .expect("the left claim refuses no redo");
+    assert!(!redo.duplicate);
+    assert_eq!(inbox(nats.url(), "critic").await.stored, 1);
+    assert_eq!(
+        inbox(nats.url(), "worker").await.stored,
+        0,
+        "nothing of plan a"
+    );
+}

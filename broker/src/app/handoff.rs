@@ -198,6 +198,13 @@ pub async fn accept_as(
                 known = Some((first, revision));
             }
         }
+        if consumed.is_some() && broker.config().faults.die_after_claim {
+            tracing::warn!("fault injected: the broker dies between claiming and storing");
+            made = None;
+            return Err(BrokerError::Unavailable(
+                "fault injected: died between claiming and storing".to_string(),
+            ));
+        }
         let read = Read {
             run,
             parent,

@@ -161,6 +161,7 @@ async fn a_redo_after_a_crash_between_store_and_ack_is_the_same_handoff() {
     let crashing = f.replica(Config {
         faults: crate::config::Faults {
             skip_consume_ack: true,
+            ..Default::default()
         },
         ..Config::default()
     });
@@ -859,6 +860,7 @@ async fn a_redo_is_recognised_after_the_dedupe_window_whatever_its_content() {
     let crashing = f.replica(Config {
         faults: crate::config::Faults {
             skip_consume_ack: true,
+            ..Default::default()
         },
         ..Config::default()
     });
