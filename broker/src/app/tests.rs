@@ -40,6 +40,18 @@ fn fixture_with(config: Config) -> Fixture {
 }
 
 impl Fixture {
+    /// A replica that stores a complete-and-handoff and dies before it
+    /// acks the consumed delivery.
+    fn crashing_before_the_ack(&self) -> Broker {
+        self.replica(Config {
+            faults: crate::config::Faults {
+                skip_consume_ack: true,
+                ..Default::default()
+            },
+            ..Config::default()
+        })
+    }
+
     /// Another broker replica over the same store.
     fn replica(&self, config: Config) -> Broker {
         Broker::new(config, self.store.clone(), self._drain.subscribe())
@@ -158,13 +170,7 @@ async fn a_redo_after_a_crash_between_store_and_ack_is_the_same_handoff() {
     let run = f.run(0).await;
     let d = f.task_for(&run, "planner").await;
     // A broker that stores the handoff and dies before acking its input.
-    let crashing = f.replica(Config {
-        faults: crate::config::Faults {
-            skip_consume_ack: true,
-            ..Default::default()
-        },
-        ..Config::default()
-    });
+    let crashing = f.crashing_before_the_ack();
     let first = handoff::accept(
         &crashing,
         &Caller::local(),
@@ -857,13 +863,7 @@ async fn a_redo_is_recognised_after_the_dedupe_window_whatever_its_content() {
     f.agents(&["planner", "worker"]).await;
     let run = f.run(0).await;
     let d = f.task_for(&run, "planner").await;
-    let crashing = f.replica(Config {
-        faults: crate::config::Faults {
-            skip_consume_ack: true,
-            ..Default::default()
-        },
-        ..Config::default()
-    });
+    let crashing = f.crashing_before_the_ack();
     let first = handoff::accept(
         &crashing,
         &Caller::local(),
