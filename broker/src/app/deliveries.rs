@@ -570,13 +570,18 @@ pub async fn settle_consumed(
 /// Acks the consumed delivery after the new handoff is stored: its lease
 /// record and the inbox, together. A failure is logged, not returned: the
 /// new handoff is durable, and a delivery that stays unacked is
-/// redelivered and its repeated handoff recognised.
+/// redelivered and its repeated handoff recognised. (The fault
+/// `skip_consume_ack` leaves it unacked, as a broker that died here would.)
 pub async fn ack_consumed(
     broker: &Broker,
     run: &pb::Run,
     delivery_id: &str,
     token: &pb::DeliveryToken,
 ) {
+    if broker.config().faults.skip_consume_ack {
+        tracing::warn!("fault injected: consumed delivery left unacked");
+        return;
+    }
     let (recorded, acked) = tokio::join!(
         record_settlement(broker, token, Ask::Ack),
         broker.store().settle(&token.ack_subject, Settlement::Ack)

@@ -135,11 +135,7 @@ pub async fn fan_out(
     if !consumes.is_empty() {
         let token = deliveries::decode(broker, &consumes).await?;
         record_fan_out(broker, &token, &spec.barrier_id, &answers).await;
-        if broker.config().faults.skip_consume_ack {
-            tracing::warn!("fault injected: consumed delivery left unacked");
-        } else {
-            deliveries::settle_consumed(broker, &spec.run_id, &consumes).await?;
-        }
+        deliveries::settle_consumed(broker, &spec.run_id, &consumes).await?;
     }
     Ok(pb::FanOutResponse {
         barrier: opened.barrier,

@@ -169,7 +169,7 @@ pub async fn accept_as(
                         .emit(event, &format!("accepted-{}", receipt.handoff_id))
                         .await?;
                 }
-                settle_after_handoff(broker, &run, &req.consumes, token).await;
+                deliveries::ack_consumed(broker, &run, &req.consumes, token).await;
                 return Ok(pb::HandoffResponse {
                     duplicate: true,
                     ..receipt
@@ -484,7 +484,7 @@ async fn commit(
             // A second, different result for an arrived branch: the answer
             // is the first one's.
             if let Some(token) = consumed.filter(|_| !req.fan_out) {
-                settle_after_handoff(broker, &run, &req.consumes, token).await;
+                deliveries::ack_consumed(broker, &run, &req.consumes, token).await;
             }
             return Ok(pb::HandoffResponse {
                 handoff_id: first,
@@ -535,7 +535,7 @@ async fn commit(
         }
         remember.await;
         if let Some(token) = consumed.filter(|_| !req.fan_out) {
-            settle_after_handoff(broker, &run, &req.consumes, token).await;
+            deliveries::ack_consumed(broker, &run, &req.consumes, token).await;
         }
     } else {
         // The handoff is stored: the event and the ack go out together,
@@ -545,7 +545,7 @@ async fn commit(
             broker.emit(accepted, &msg_id),
             async {
                 if let Some(token) = settles {
-                    settle_after_handoff(broker, &run, &req.consumes, token).await;
+                    deliveries::ack_consumed(broker, &run, &req.consumes, token).await;
                 }
             },
             remember
@@ -589,20 +589,6 @@ async fn schedule_queue_wait(
         ..Default::default()
     };
     broker.store().schedule(&timer, TimerKind::QueueWait).await
-}
-
-/// Acks the consumed delivery, unless a fault injection keeps it unacked.
-async fn settle_after_handoff(
-    broker: &Broker,
-    run: &pb::Run,
-    delivery_id: &str,
-    token: &pb::DeliveryToken,
-) {
-    if broker.config().faults.skip_consume_ack {
-        tracing::warn!("fault injected: consumed delivery left unacked");
-    } else {
-        deliveries::ack_consumed(broker, run, delivery_id, token).await;
-    }
 }
 
 /// Loads the handoff a delivery token names, checking it belongs to `run_id`.
