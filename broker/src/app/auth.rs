@@ -68,11 +68,6 @@ impl Auth {
             ..Auth::disabled()
         }
     }
-
-    /// Whether calls are authenticated.
-    pub fn enabled(&self) -> bool {
-        self.enabled
-    }
 }
 
 /// What a call presents.
