@@ -13,6 +13,9 @@
 //! (what was stored for it, how often its consumer delivered, that nothing
 //! is left to deliver) and [`timeline_when`] reads a run's event log.
 //!
+//! [`Cluster`] (module [`cluster`]) runs three `nats-server` processes as
+//! one JetStream cluster, for replication and failover tests.
+//!
 //! Tests with random timings take their seed from [`seed`]
 //! (`HANDOFF_TEST_SEED`, else the clock) and print how to replay it.
 //!
@@ -22,7 +25,9 @@
 
 #![allow(missing_docs)]
 
+pub mod cluster;
 pub mod load;
+pub use cluster::{Cluster, ClusterError};
 
 use std::{
     net::SocketAddr,
