@@ -38,8 +38,9 @@ pub struct Call {
 pub struct Produced {
     /// Ids of the accepted plain handoffs.
     pub handoffs: Vec<String>,
-    /// Barrier ids of the fan-ins whose three branches were all accepted.
-    pub barriers: Vec<String>,
+    /// Run and barrier ids of the fan-ins whose three branches were all
+    /// accepted.
+    pub barriers: Vec<(String, String)>,
     /// Every attempt of every call.
     pub calls: Vec<Call>,
 }
@@ -343,7 +344,7 @@ async fn produce(
                     .idempotency_key(format!("{barrier_id}-{key}"));
                 until_accepted!(&mut out.calls, client.handoff(branch.clone()));
             }
-            out.barriers.push(barrier_id);
+            out.barriers.push((run_id.clone(), barrier_id));
         } else {
             let handoff = Handoff::to(&run_id, "worker", &note("job", step))
                 .expect("encode")
@@ -422,4 +423,96 @@ async fn consume(
             }
         }
     }
+}
+
+/// What [`verify`] found.
+#[derive(Debug)]
+pub struct Verdict {
+    /// Accepted handoffs never delivered (always 0 once verified).
+    pub lost: usize,
+    /// Accepted handoffs delivered more than once (after an ack that did
+    /// not reach the broker, or a lease that passed during an outage).
+    pub delivered_again: usize,
+    /// The longest window in which calls failed and none succeeded.
+    pub longest_gap: Duration,
+    /// Failed attempts.
+    pub failed_calls: usize,
+}
+
+/// Checks, on the evidence of JetStream (through `nats_url`) and the run
+/// timelines (through `client`), that nothing accepted was lost or done
+/// twice: every accepted handoff stored once, delivered, and acked (its
+/// inbox has nothing left to deliver); every fan-in released exactly once
+/// (one release stored and delivered, one `barrier_released` event).
+/// Panics on the first violation; prints and returns the figures.
+pub async fn verify(
+    client: &Client,
+    nats_url: &str,
+    produced: &Produced,
+    consumed: &Consumed,
+) -> Verdict {
+    use std::collections::HashSet;
+    let accepted: HashSet<&String> = produced.handoffs.iter().collect();
+    assert_eq!(accepted.len(), produced.handoffs.len(), "ids are unique");
+    let worker = crate::settled_inbox(nats_url, "worker").await;
+    let lost = accepted
+        .iter()
+        .filter(|id| !consumed.deliveries.contains_key(**id))
+        .count();
+    assert_eq!(
+        lost, 0,
+        "accepted handoffs never delivered; inbox {worker:?}"
+    );
+    assert_eq!(
+        worker.stored as usize,
+        accepted.len(),
+        "each accepted handoff stored once: {worker:?}"
+    );
+    let aggregator = crate::settled_inbox(nats_url, "aggregator").await;
+    assert_eq!(
+        aggregator.stored as usize,
+        produced.barriers.len(),
+        "one release stored per fan-in: {aggregator:?}"
+    );
+    for (_, barrier) in &produced.barriers {
+        assert!(
+            consumed.releases.contains_key(barrier),
+            "the release of {barrier} was delivered"
+        );
+    }
+    let runs: HashSet<&String> = produced.barriers.iter().map(|(r, _)| r).collect();
+    for run in runs {
+        let barriers: Vec<&String> = produced
+            .barriers
+            .iter()
+            .filter(|(r, _)| r == run)
+            .map(|(_, b)| b)
+            .collect();
+        let released = |t: &[pb::Event], b: &str| {
+            crate::count(t, &[pb::EventKind::BarrierReleased], |e| e.barrier_id == b)
+        };
+        let timeline =
+            crate::timeline_when(client, run, |t| barriers.iter().all(|b| released(t, b) > 0))
+                .await;
+        for b in &barriers {
+            assert_eq!(released(&timeline, b), 1, "{b} released exactly once");
+        }
+    }
+    let verdict = Verdict {
+        lost,
+        delivered_again: consumed.deliveries.values().filter(|n| **n > 1).count(),
+        longest_gap: produced.longest_gap(),
+        failed_calls: produced.failures().len(),
+    };
+    println!(
+        "{} handoffs and {} fan-ins accepted: lost {}, delivered again {} ({} acks failed and were retried), every fan-in released once; {} attempts failed, the longest window without a successful call {:.2} s",
+        accepted.len(),
+        produced.barriers.len(),
+        verdict.lost,
+        verdict.delivered_again,
+        consumed.failed_acks,
+        verdict.failed_calls,
+        verdict.longest_gap.as_secs_f64()
+    );
+    verdict
 }

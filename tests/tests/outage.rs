@@ -12,9 +12,7 @@ use std::{
 };
 
 use handoff_client::{pb, AgentConfig, Handoff, RunConfig};
-use handoff_tests::{
-    count, inbox, load, next_within, note, settled_inbox, timeline_when, Broker, Nats,
-};
+use handoff_tests::{inbox, load, next_within, note, settled_inbox, Broker, Nats};
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
 };
@@ -72,7 +70,7 @@ async fn a_nats_restart_under_load_is_ridden_out_and_loses_nothing() {
         (back - killed).as_secs_f64()
     );
     // Served again without a restart of the broker: more is accepted.
-    let before = load_progress(&load);
+    let before = load.progress().0;
     load.accepted_at_least(before + 40).await;
     let (produced, consumed) = load.finish(nats.url()).await;
 
@@ -101,12 +99,8 @@ async fn a_nats_restart_under_load_is_ridden_out_and_loses_nothing() {
         .max()
         .unwrap_or_default();
     println!(
-        "{} handoffs and {} fan-ins accepted; {} attempts failed, the slowest answered in {:.2} s; longest window without a successful call: {:.2} s",
-        produced.handoffs.len(),
-        produced.barriers.len(),
-        failures.len(),
-        slowest.as_secs_f64(),
-        produced.longest_gap().as_secs_f64()
+        "the slowest failed call answered in {:.2} s (nats_timeout {bound:?})",
+        slowest.as_secs_f64()
     );
 
     // Health: NOT_SERVING while NATS was down, SERVING after.
@@ -130,83 +124,7 @@ async fn a_nats_restart_under_load_is_ridden_out_and_loses_nothing() {
         "SERVING before the outage"
     );
 
-    check_nothing_lost(&client, nats.url(), &produced, &consumed).await;
-}
-
-/// The plain handoffs and fan-ins accepted so far.
-fn load_progress(load: &load::Load) -> usize {
-    load.progress().0
-}
-
-/// Every accepted handoff was stored once and delivered (acked: the inbox
-/// has nothing left), and every fan-in released exactly once.
-async fn check_nothing_lost(
-    client: &handoff_client::Client,
-    nats_url: &str,
-    produced: &load::Produced,
-    consumed: &load::Consumed,
-) {
-    let accepted: HashSet<&String> = produced.handoffs.iter().collect();
-    assert_eq!(accepted.len(), produced.handoffs.len());
-    let now = inbox(nats_url, "worker").await;
-    for id in &accepted {
-        assert!(
-            consumed.deliveries.contains_key(*id),
-            "accepted handoff {id} never delivered; the inbox: {now:?}"
-        );
-    }
-    let worker = settled_inbox(nats_url, "worker").await;
-    assert_eq!(
-        worker.stored as usize,
-        accepted.len(),
-        "each accepted handoff stored once: {worker:?}"
-    );
-    let aggregator = settled_inbox(nats_url, "aggregator").await;
-    assert_eq!(
-        aggregator.stored as usize,
-        produced.barriers.len(),
-        "one release stored per fan-in: {aggregator:?}"
-    );
-    for barrier in &produced.barriers {
-        assert!(
-            consumed.releases.contains_key(barrier),
-            "the release of {barrier} was delivered"
-        );
-    }
-    let runs: HashSet<String> = produced
-        .barriers
-        .iter()
-        .filter_map(|b| b.strip_prefix('b')?.split('x').next())
-        .map(|p| format!("load-{p}"))
-        .collect();
-    for run in runs {
-        let barriers: Vec<&String> = produced
-            .barriers
-            .iter()
-            .filter(|b| format!("load-{}", &b[1..b.find('x').unwrap_or(1)]) == run)
-            .collect();
-        let released = |t: &[pb::Event], b: &str| {
-            count(t, &[pb::EventKind::BarrierReleased], |e| e.barrier_id == b)
-        };
-        let timeline = timeline_when(client, &run, |t| {
-            barriers.iter().all(|b| released(t, b) > 0)
-        })
-        .await;
-        for b in &barriers {
-            assert_eq!(released(&timeline, b), 1, "{b} released exactly once");
-        }
-    }
-    let repeated: Vec<(&String, &u32)> = consumed
-        .deliveries
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .collect();
-    println!(
-        "lost 0 of {}; {} handoffs delivered again after an ack that did not reach the broker ({} failed acks)",
-        accepted.len(),
-        repeated.len(),
-        consumed.failed_acks
-    );
+    load::verify(&client, nats.url(), &produced, &consumed).await;
 }
 
 #[tokio::test]
@@ -299,4 +217,23 @@ async fn two_replicas_free_each_others_slots_at_once() {
         (worker.stored, worker.deliveries),
         (jobs as u64, jobs as u64)
     );
+}
+
+#[tokio::test]
+async fn replicas_a_single_server_cannot_hold_stop_the_start_with_a_clear_error() {
+    let nats = Nats::start().await;
+    let mut config = handoff_tests::test_config(nats.url());
+    config.replicas = 3;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let started = tokio::time::timeout(
+        Duration::from_secs(30),
+        handoffd::run(config, listener, std::future::pending()),
+    )
+    .await
+    .expect("the start ends");
+    let error = started.expect_err("refused").to_string();
+    println!("{error}");
+    assert!(error.contains("cannot hold replicas = 3"), "{error}");
 }

@@ -1261,9 +1261,13 @@ async fn ensure_stream(
                 || current.num_replicas != config.num_replicas
                 || current.allow_direct != config.allow_direct
             {
+                let rescaled = current.num_replicas != config.num_replicas;
                 js.update_stream(config)
                     .await
                     .map_err(|e| placement(&format!("updating stream {name}"), replicas, e))?;
+                if rescaled {
+                    await_replicas(js, &name, replicas).await?;
+                }
             }
             js.get_stream(&name)
                 .await
@@ -1273,6 +1277,58 @@ async fn ensure_stream(
             .create_stream(config)
             .await
             .map_err(|e| placement(&format!("creating stream {name}"), replicas, e)),
+    }
+}
+
+/// How long a stream whose replicas changed may take to elect a leader and
+/// bring its new replicas up to date.
+const RESCALE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until stream `name`, just given `replicas` replicas, has a leader
+/// and that many replicas, all current: until then its reads and writes
+/// time out.
+async fn await_replicas(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+) -> Result<(), BrokerError> {
+    let deadline = tokio::time::Instant::now() + RESCALE_TIMEOUT;
+    loop {
+        let last = match js.get_stream(name).await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) => {
+                    let followers = info
+                        .cluster
+                        .as_ref()
+                        .map(|c| {
+                            c.replicas
+                                .iter()
+                                .filter(|p| p.current && !p.offline)
+                                .count()
+                        })
+                        .unwrap_or(0);
+                    let led = info.cluster.as_ref().is_some_and(|c| c.leader.is_some());
+                    if info.config.num_replicas == replicas
+                        && (replicas == 1 || (led && followers + 1 == replicas))
+                    {
+                        tracing::info!(stream = name, replicas, "stream replicated");
+                        return Ok(());
+                    }
+                    format!(
+                        "{} of {replicas} replicas current",
+                        followers + usize::from(led)
+                    )
+                }
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(BrokerError::Unavailable(format!(
+                "stream {name} did not reach replicas = {replicas} within {RESCALE_TIMEOUT:?} ({last})"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -1343,12 +1399,16 @@ async fn ensure_bucket(
                 || current.allow_direct
                 || current.max_age != stream.max_age
             {
+                let rescaled = current.num_replicas != replicas;
                 current.num_replicas = replicas;
                 current.allow_direct = false;
                 current.max_age = stream.max_age;
                 js.update_stream(current)
                     .await
                     .map_err(|e| placement(&format!("updating bucket {name}"), replicas, e))?;
+                if rescaled {
+                    await_replicas(js, &stream.name, replicas).await?;
+                }
             }
         }
         Err(_) => {
