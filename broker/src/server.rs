@@ -663,3 +663,18 @@ async fn watch_contracts(broker: Broker, store: JetStream, mut next: u64) {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnection_starts_at_once_and_backs_off_to_the_configured_pause() {
+        let max = Duration::from_millis(250);
+        let delays: Vec<u128> = (1..=8)
+            .map(|n| reconnect_delay(n, max).as_millis())
+            .collect();
+        assert_eq!(delays, [0, 10, 20, 40, 80, 160, 250, 250]);
+        assert_eq!(reconnect_delay(usize::MAX, max), max);
+    }
+}
