@@ -26,6 +26,8 @@ pub enum State {
 #[derive(Clone)]
 pub struct Link {
     tx: Arc<watch::Sender<State>>,
+    /// Connections made so far (each reconnection counts).
+    connections: Arc<watch::Sender<u64>>,
 }
 
 impl Default for Link {
@@ -39,16 +41,33 @@ impl Link {
     pub fn new() -> Link {
         Link {
             tx: Arc::new(watch::Sender::new(State::Up)),
+            connections: Arc::new(watch::Sender::new(0)),
         }
     }
 
     /// The client connected (or reconnected).
     pub fn up(&self) {
+        self.connections.send_modify(|n| *n += 1);
         self.tx.send_if_modified(|s| {
             let changed = *s != State::Up;
             *s = State::Up;
             changed
         });
+    }
+
+    /// Connections made so far: compare with [`Link::reconnected_since`].
+    pub fn connections(&self) -> u64 {
+        *self.connections.borrow()
+    }
+
+    /// Resolves once the client has connected again after `connections`
+    /// were counted: whatever it had asked of the server before (a pull
+    /// waiting for messages) may be gone with the old connection.
+    pub async fn reconnected_since(&self, connections: u64) {
+        let mut rx = self.connections.subscribe();
+        if rx.wait_for(|n| *n > connections).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// The client lost its connection.
@@ -122,5 +141,22 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(waiting.is_finished(), "answered within the bound");
         assert!(matches!(link.state(), State::Down(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconnection_is_told_to_whoever_waits_for_it() {
+        let link = Link::new();
+        link.up();
+        let seen = link.connections();
+        let waiting = tokio::spawn({
+            let link = link.clone();
+            async move { link.reconnected_since(seen).await }
+        });
+        link.down();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished(), "down is not yet reconnected");
+        link.up();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(waiting.is_finished());
     }
 }

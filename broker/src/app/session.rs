@@ -214,13 +214,23 @@ impl Session {
         while let Ok(p) = permits.clone().try_acquire_owned() {
             held.push(p);
         }
+        let link = self.broker.link().clone();
+        let connections = link.connections();
         let mut offers = self
             .broker
             .store()
             .pull(&self.agent.name, held.len(), PULL_EXPIRES)
             .await?;
-        while let Some(offered) = offers.next().await {
-            let offered = offered?;
+        loop {
+            // A reconnection may have lost the pull with the old
+            // connection's server: pull again rather than wait it out.
+            let offered = tokio::select! {
+                next = offers.next() => match next {
+                    Some(offered) => offered?,
+                    None => break,
+                },
+                _ = link.reconnected_since(connections) => break,
+            };
             let Some(permit) = held.pop() else {
                 // More than asked for: leave it to its lease.
                 continue;

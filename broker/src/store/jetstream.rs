@@ -64,8 +64,6 @@ const LEASE_RECORD_AGE: Duration = Duration::from_secs(48 * 3600);
 /// Branch results read at once when a release gathers their payloads:
 /// enough that a 100-branch release takes one round of direct gets.
 const BRANCH_READS: usize = 128;
-/// Idle heartbeat of a pull that waits for handoffs.
-const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 /// Durable consumer of the timer stream, shared by every broker replica.
 pub const TIMERS_CONSUMER: &str = "handoff_timers";
 
@@ -509,13 +507,10 @@ impl Store for JetStream {
         expires: Duration,
     ) -> Result<BoxStream<'static, Result<Offered, BrokerError>>, BrokerError> {
         let consumer = self.agent_consumer(agent).await?;
-        // Heartbeats while the pull waits: a pull lost with its server (a
-        // restart, a node lost) ends within two of them, not at `expires`.
         let batch = consumer
             .batch()
             .max_messages(max)
             .expires(expires)
-            .heartbeat(PULL_HEARTBEAT.min(expires / 2))
             .messages()
             .await;
         let batch = match batch {
