@@ -22,7 +22,7 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "nats_url",
         default: "",
-        doc: "NATS server(s), comma-separated. Unset: start an embedded nats-server child.",
+        doc: "NATS server(s), comma-separated (nats://, tls://; a host without a scheme is nats://). The broker starts from any one that answers and reconnects to any of them. Unset: start an embedded nats-server child.",
     },
     Key {
         name: "nats_server_bin",
@@ -98,6 +98,16 @@ pub const KEYS: &[Key] = &[
         name: "connect_timeout",
         default: "10s",
         doc: "Time allowed to reach NATS (and the embedded server to start).",
+    },
+    Key {
+        name: "nats_timeout",
+        default: "5s",
+        doc: "Longest a call waits on an unreachable NATS (or on one JetStream request) before it answers UNAVAILABLE with reason NATS_UNAVAILABLE.",
+    },
+    Key {
+        name: "nats_reconnect_delay",
+        default: "250ms",
+        doc: "Longest pause between attempts to reconnect to NATS (the first attempts follow at once, then back off to this).",
     },
     Key {
         name: "max_in_flight",
@@ -228,6 +238,10 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// NATS connect timeout.
     pub connect_timeout: Duration,
+    /// Bound of a call's wait on NATS.
+    pub nats_timeout: Duration,
+    /// Longest pause between reconnection attempts.
+    pub nats_reconnect_delay: Duration,
     /// Cap on max_in_flight per Subscribe.
     pub max_in_flight: u32,
     /// BPE encoding for token budgets.
@@ -358,6 +372,8 @@ impl Config {
         let retention = dur("retention", &mut problems);
         let drain_timeout = dur("drain_timeout", &mut problems);
         let connect_timeout = dur("connect_timeout", &mut problems);
+        let nats_timeout = dur("nats_timeout", &mut problems);
+        let nats_reconnect_delay = dur("nats_reconnect_delay", &mut problems);
         let listen = match raw("listen").parse::<SocketAddr>() {
             Ok(a) => a,
             Err(e) => {
@@ -402,6 +418,9 @@ impl Config {
             },
         };
         let nats_url = Some(raw("nats_url")).filter(|s| !s.trim().is_empty());
+        if let Some(Err(e)) = nats_url.as_deref().map(nats_servers) {
+            problems.push(format!("nats_url: {e}"));
+        }
         let path = |name: &str| -> Option<PathBuf> {
             Some(raw(name))
                 .filter(|s| !s.trim().is_empty())
@@ -518,6 +537,8 @@ impl Config {
             retention,
             drain_timeout,
             connect_timeout,
+            nats_timeout,
+            nats_reconnect_delay,
             max_in_flight: num("max_in_flight", raw("max_in_flight"), 1, &mut problems),
             tokenizer,
             metrics_listen,
@@ -577,6 +598,22 @@ impl Config {
             .filter_map(|k| get(&env_var(k.name)).map(|v| (k.name.to_string(), v)))
             .collect()
     }
+}
+
+/// The servers of a `nats_url` list: comma-separated URLs, each checked
+/// (a malformed one is named with what is wrong with it).
+pub fn nats_servers(list: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    let mut servers = Vec::new();
+    for url in list.split(',').map(str::trim) {
+        if url.is_empty() {
+            return Err(format!("{list:?} has an empty entry; write comma-separated URLs such as \"tls://nats-1:4222,tls://nats-2:4222\""));
+        }
+        match url.parse::<async_nats::ServerAddr>() {
+            Ok(addr) => servers.push(addr),
+            Err(e) => return Err(format!("{url:?} is not a NATS URL ({e})")),
+        }
+    }
+    Ok(servers)
 }
 
 /// The environment variable of a key.
@@ -662,6 +699,34 @@ mod tests {
         v.remove("nats_url");
         let problems = Config::from_layers(&v).expect_err("embedded takes no credentials");
         assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    #[test]
+    fn nats_url_takes_a_list_and_names_a_bad_entry() {
+        let mut v = BTreeMap::new();
+        v.insert(
+            "nats_url".into(),
+            "tls://nats-1:4222, tls://nats-2:4222,nats-3:4222".into(),
+        );
+        let c = Config::from_layers(&v).expect("a list of three");
+        let servers = nats_servers(c.nats_url.as_deref().unwrap_or_default()).expect("parses");
+        assert_eq!(servers.len(), 3);
+        assert!(servers[0].tls_required() && !servers[2].tls_required());
+        assert_eq!(servers[2].port(), 4222);
+
+        for (bad, named) in [
+            ("nats://a:4222,nats://b:port", "nats://b:port"),
+            ("nats://a:4222,,nats://b:4222", "empty entry"),
+            ("http://a:4222", "http://a:4222"),
+        ] {
+            v.insert("nats_url".into(), bad.into());
+            let problems = Config::from_layers(&v).expect_err(bad);
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(
+                problems[0].starts_with("nats_url: ") && problems[0].contains(named),
+                "{problems:?}"
+            );
+        }
     }
 
     #[test]

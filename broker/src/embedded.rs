@@ -241,6 +241,13 @@ impl NatsServer {
         self.credentials.as_ref()
     }
 
+    /// Kills the server (SIGKILL: no shutdown, no flush) and waits for it.
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        let _ = std::fs::remove_file(&self.pid_file);
+    }
+
     /// Stops the server gracefully (SIGTERM), killing it after `grace`.
     pub async fn stop(mut self, grace: Duration) {
         if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {

@@ -28,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod embedded;
 pub mod error;
+pub mod link;
 pub mod metrics;
 pub mod rpc;
 pub mod rules;

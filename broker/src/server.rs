@@ -30,6 +30,7 @@ use crate::{
     config::Config,
     embedded::{self, Credentials, EmbeddedError, NatsServer},
     error::BrokerError,
+    link::{Link, State as LinkState},
     rpc::Service,
     store::JetStream,
     timers,
@@ -251,18 +252,26 @@ impl NatsSecrets {
     }
 }
 
-/// Connects to NATS, retrying until `connect_timeout` while it cannot be
-/// reached. A refusal of the credentials or a failed TLS handshake is
-/// returned at once: retrying would not help. Once connected, the client
-/// reconnects for ever.
+/// Connects to NATS, retrying until `connect_timeout` while none of the
+/// servers can be reached (each attempt tries every server of the list, so
+/// one that is down at start does not stop the broker). A refusal of the
+/// credentials or a failed TLS handshake is returned at once: retrying
+/// would not help. Once connected, the client reconnects for ever, to any
+/// server of the list or of the cluster, pausing at most
+/// `nats_reconnect_delay` between attempts; `link` follows the connection.
 async fn connect_nats(
     config: &Config,
     url: &str,
     secrets: &NatsSecrets,
+    link: &Link,
 ) -> Result<async_nats::Client, RunError> {
     use async_nats::ConnectErrorKind;
+    let servers =
+        crate::config::nats_servers(url).map_err(|e| RunError::Config(format!("nats_url: {e}")))?;
     let deadline = Instant::now() + config.connect_timeout;
+    let max_delay = config.nats_reconnect_delay;
     loop {
+        let link = link.clone();
         let opts = secrets
             .options()
             .map_err(|e| RunError::Connect {
@@ -270,13 +279,28 @@ async fn connect_nats(
                 reason: e.to_string(),
             })?
             .name("handoffd")
-            .connection_timeout(config.connect_timeout)
+            .connection_timeout(config.connect_timeout.min(config.nats_timeout))
+            .request_timeout(Some(config.nats_timeout))
             .max_reconnects(None)
-            .event_callback(|event| async move {
-                tracing::info!(%event, "NATS connection");
+            .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, max_delay))
+            .event_callback(move |event| {
+                let link = link.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            link.up();
+                            tracing::info!(%event, "NATS connection");
+                        }
+                        async_nats::Event::Disconnected => {
+                            link.down();
+                            tracing::warn!(%event, "NATS connection lost; reconnecting");
+                        }
+                        _ => tracing::info!(%event, "NATS connection"),
+                    }
+                }
             });
         let left = deadline.saturating_duration_since(Instant::now());
-        let error = match tokio::time::timeout(left, opts.connect(url)).await {
+        let error = match tokio::time::timeout(left, opts.connect(servers.clone())).await {
             Ok(Ok(client)) => return Ok(client),
             Ok(Err(e)) => e,
             Err(_) => {
@@ -319,6 +343,17 @@ async fn connect_nats(
     }
 }
 
+/// The pause before reconnection attempt `attempts` (counted from 1 over
+/// every server tried): none for the first, then doubling from 10 ms up
+/// to `max`.
+fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let doublings = u32::try_from(attempts - 2).unwrap_or(u32::MAX).min(16);
+    Duration::from_millis(10u64 << doublings).min(max)
+}
+
 /// Pause between attempts to reach NATS at start.
 const CONNECT_RETRY: Duration = Duration::from_millis(250);
 
@@ -333,7 +368,8 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
     ready: Option<oneshot::Sender<Ready>>,
 ) -> Result<(), RunError> {
-    let client = connect_nats(config, nats_url, nats_secrets).await?;
+    let link = Link::new();
+    let client = connect_nats(config, nats_url, nats_secrets, &link).await?;
     let store = JetStream::open(client.clone(), config).await?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let auth = if config.auth_configured() {
@@ -345,11 +381,12 @@ async fn serve(
     } else {
         Auth::disabled()
     };
-    let broker = Broker::with_auth(
+    let broker = Broker::with_link(
         config.clone(),
         std::sync::Arc::new(store.clone()),
         drain_rx,
         auth,
+        link.clone(),
     );
     crate::app::auth::load_keys(&broker).await?;
     // Watch contracts from where the load ends, so it does not load them
@@ -373,12 +410,18 @@ async fn serve(
     let outbox_task = broker.start_outbox();
     let timer_task = tokio::spawn(timers::run(broker.clone(), store.clone()));
     let agents_task = tokio::spawn(watch_agents(broker.clone(), store.clone()));
+    let settled_task = tokio::spawn(follow_settlements(broker.clone()));
     let contracts_task = tokio::spawn(watch_contracts(broker.clone(), store, watch_from));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<HandoffBrokerServer<Service>>()
         .await;
+    let health_task = tokio::spawn(follow_link(
+        link.clone(),
+        health_reporter.clone(),
+        broker.clone(),
+    ));
     // Reflection in both versions: grpcurl and newer clients speak v1,
     // Python's grpcio-reflection and older tools only v1alpha.
     let reflection = || {
@@ -451,6 +494,8 @@ async fn serve(
             timer_task.abort();
             agents_task.abort();
             contracts_task.abort();
+            settled_task.abort();
+            health_task.abort();
             if let Some(t) = &metrics_task {
                 t.abort();
             }
@@ -460,6 +505,7 @@ async fn serve(
     }
     tracing::info!(grace = ?config.drain_timeout, "draining: no new connections; finishing in-flight RPCs");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    health_task.abort();
     health_reporter
         .set_not_serving::<HandoffBrokerServer<Service>>()
         .await;
@@ -478,6 +524,7 @@ async fn serve(
     timer_task.abort();
     agents_task.abort();
     contracts_task.abort();
+    settled_task.abort();
     if let Some(t) = &metrics_task {
         t.abort();
     }
@@ -513,6 +560,47 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// Health follows the link to NATS: NOT_SERVING (the broker's service and
+/// the server as a whole) while NATS is unreachable, SERVING once it is
+/// back, until the broker drains.
+async fn follow_link(link: Link, reporter: tonic_health::server::HealthReporter, broker: Broker) {
+    use tonic_health::ServingStatus;
+    let mut states = link.watch();
+    let service = <HandoffBrokerServer<Service> as tonic::server::NamedService>::NAME;
+    loop {
+        let state = *states.borrow_and_update();
+        let status = match state {
+            LinkState::Up => ServingStatus::Serving,
+            LinkState::Down(_) => ServingStatus::NotServing,
+        };
+        if broker.draining() {
+            return;
+        }
+        reporter.set_service_status("", status).await;
+        reporter.set_service_status(service, status).await;
+        if states.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Frees the slots of this replica's sessions whose deliveries were
+/// settled through another replica.
+async fn follow_settlements(broker: Broker) {
+    use futures::StreamExt;
+    loop {
+        match broker.store().settled_announcements().await {
+            Ok(mut slots) => {
+                while let Some(slot) = slots.next().await {
+                    broker.release_slot(&slot);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listening for settlements failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Keeps the agent cache current with registrations made on any replica.

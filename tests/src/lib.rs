@@ -26,6 +26,7 @@
 #![allow(missing_docs)]
 
 pub mod cluster;
+pub mod load;
 pub use cluster::{Cluster, ClusterError};
 
 use std::{
@@ -59,8 +60,8 @@ pub fn init_logs() {
 /// A `nats-server` with JetStream on a random loopback port.
 pub struct Nats {
     // Killed on drop (kill_on_drop) before the store directory is removed.
-    _server: NatsServer,
-    _dir: TempDir,
+    server: Option<NatsServer>,
+    dir: TempDir,
     url: String,
 }
 
@@ -74,10 +75,34 @@ impl Nats {
             .expect("nats-server must be installed (apt-get install -y nats-server)");
         let url = server.url().to_string();
         Nats {
-            _server: server,
-            _dir: dir,
+            server: Some(server),
+            dir,
             url,
         }
+    }
+
+    /// `kill -9` of the server: its clients see the connection drop.
+    pub async fn kill9(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.kill().await;
+        }
+    }
+
+    /// Starts the server again (after [`Nats::kill9`]) on the same port
+    /// with the same store.
+    pub async fn restart(&mut self) {
+        self.kill9().await;
+        let port = self
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .expect("the port of the URL");
+        let mut opts = Options::new("nats-server", self.dir.path().join("js"));
+        opts.port = port;
+        let server = NatsServer::start(opts).await.expect("nats-server restarts");
+        assert_eq!(server.url(), self.url, "restarted on the same port");
+        self.server = Some(server);
     }
 
     /// `nats://127.0.0.1:<port>`.

@@ -310,3 +310,23 @@ async fn systemd_is_told_ready_and_stopping() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn a_malformed_nats_url_in_the_list_exits_64_naming_it() {
+    let out = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--nats-url",
+            "nats://127.0.0.1:4222,nats://127.0.0.1:notaport,nats://127.0.0.1:4224",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nats_url") && err.contains("nats://127.0.0.1:notaport"),
+        "{err}"
+    );
+}

@@ -126,11 +126,20 @@ async fn record_settlement(
     }
 }
 
+/// The name of one attempt of a delivery (`<agent>.<sequence>.<attempt>`):
+/// what replicas tell each other when it is settled. Unlike the delivery
+/// id it is no credential, so it may travel on a plain NATS subject.
+pub fn slot(agent: &str, sequence: u64, attempt: u32) -> String {
+    format!("{agent}.{sequence}.{attempt}")
+}
+
 /// What a session keeps of a delivery it holds.
 #[derive(Debug, Clone)]
 pub struct Held {
     /// The delivery id (the token the instance settles with).
     pub delivery_id: String,
+    /// The delivery's slot ([`slot`]), by which any replica names it.
+    pub slot: String,
     /// The handoff delivered.
     pub handoff_id: String,
     /// Its run and the run's owner.
@@ -265,6 +274,7 @@ pub async fn offer(
     let delivery_id = rules::encode_token(&token);
     let held = Held {
         delivery_id: delivery_id.clone(),
+        slot: slot(&spec.name, sequence, attempt),
         handoff_id: envelope.id.clone(),
         run_id: run.id.clone(),
         owner: run.owner.clone(),
@@ -513,6 +523,11 @@ pub async fn settle(
         record_settlement(broker, &token, ask).await?;
     }
     broker.store().settle(&token.ack_subject, how).await?;
+    if held.is_none() && !matches!(op, Op::Extend) {
+        // Held by an earlier session, maybe on another replica: free its
+        // slot there.
+        broker.release_delivery(&token).await;
+    }
     match op {
         Op::Extend => {
             return Ok(Some(lease_for(broker, agent).await));
@@ -563,7 +578,7 @@ pub async fn settle_consumed(
 ) -> Result<(), BrokerError> {
     let token = decode(broker, delivery_id).await?;
     let (run, _) = broker.run(run_id).await?;
-    ack_consumed(broker, &run, delivery_id, &token).await;
+    ack_consumed(broker, &run, &token).await;
     Ok(())
 }
 
@@ -572,12 +587,7 @@ pub async fn settle_consumed(
 /// new handoff is durable, and a delivery that stays unacked is
 /// redelivered and its repeated handoff recognised. (The fault
 /// `skip_consume_ack` leaves it unacked, as a broker that died here would.)
-pub async fn ack_consumed(
-    broker: &Broker,
-    run: &pb::Run,
-    delivery_id: &str,
-    token: &pb::DeliveryToken,
-) {
+pub async fn ack_consumed(broker: &Broker, run: &pb::Run, token: &pb::DeliveryToken) {
     if broker.config().faults.skip_consume_ack {
         tracing::warn!("fault injected: consumed delivery left unacked");
         return;
@@ -591,7 +601,7 @@ pub async fn ack_consumed(
     }
     match acked {
         Ok(()) => {
-            broker.release_delivery(delivery_id);
+            broker.release_delivery(token).await;
             let event = pb::Event {
                 kind: pb::EventKind::Acked as i32,
                 run_id: run.id.clone(),

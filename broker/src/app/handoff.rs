@@ -169,7 +169,7 @@ pub async fn accept_as(
                         .emit(event, &format!("accepted-{}", receipt.handoff_id))
                         .await?;
                 }
-                deliveries::ack_consumed(broker, &run, &req.consumes, token).await;
+                deliveries::ack_consumed(broker, &run, token).await;
                 return Ok(pb::HandoffResponse {
                     duplicate: true,
                     ..receipt
@@ -385,7 +385,7 @@ async fn commit(
             // sure the owner was told (deduplicated), then answer duplicate.
             runs::announce_end(broker, &run).await?;
             if let Some(token) = consumed {
-                deliveries::ack_consumed(broker, &run, &req.consumes, token).await;
+                deliveries::ack_consumed(broker, &run, token).await;
             }
             return Ok(pb::HandoffResponse {
                 handoff_id: id,
@@ -484,7 +484,7 @@ async fn commit(
             // A second, different result for an arrived branch: the answer
             // is the first one's.
             if let Some(token) = consumed.filter(|_| !req.fan_out) {
-                deliveries::ack_consumed(broker, &run, &req.consumes, token).await;
+                deliveries::ack_consumed(broker, &run, token).await;
             }
             return Ok(pb::HandoffResponse {
                 handoff_id: first,
@@ -535,7 +535,7 @@ async fn commit(
         }
         remember.await;
         if let Some(token) = consumed.filter(|_| !req.fan_out) {
-            deliveries::ack_consumed(broker, &run, &req.consumes, token).await;
+            deliveries::ack_consumed(broker, &run, token).await;
         }
     } else {
         // The handoff is stored: the event and the ack go out together,
@@ -545,7 +545,7 @@ async fn commit(
             broker.emit(accepted, &msg_id),
             async {
                 if let Some(token) = settles {
-                    deliveries::ack_consumed(broker, &run, &req.consumes, token).await;
+                    deliveries::ack_consumed(broker, &run, token).await;
                 }
             },
             remember

@@ -40,6 +40,7 @@ use tokio::sync::{mpsc, watch};
 use crate::{
     config::Config,
     error::BrokerError,
+    link::Link,
     metrics::Metrics,
     rules::contracts::{tokens::Tokenizer, Compiled, Registry},
     store::Store,
@@ -57,12 +58,14 @@ struct Inner {
     agents: DashMap<String, pb::AgentSpec>,
     contracts: Registry,
     metrics: Arc<Metrics>,
-    /// Live deliveries (by delivery id) and the session that holds each, so
-    /// that a complete-and-handoff frees the session's slot.
-    leases: DashMap<String, mpsc::UnboundedSender<String>>,
+    /// Live deliveries held by this replica's sessions, by slot: the
+    /// delivery id and the session's channel, so that a settlement made
+    /// elsewhere frees the session's slot.
+    leases: DashMap<String, (String, mpsc::UnboundedSender<String>)>,
     draining: watch::Receiver<bool>,
     auth: auth::Auth,
     outbox: std::sync::OnceLock<outbox::Outbox>,
+    link: Link,
 }
 
 impl Broker {
@@ -78,6 +81,17 @@ impl Broker {
         draining: watch::Receiver<bool>,
         auth: auth::Auth,
     ) -> Broker {
+        Broker::with_link(config, store, draining, auth, Link::new())
+    }
+
+    /// Wraps an opened store whose NATS connection reports to `link`.
+    pub fn with_link(
+        config: Config,
+        store: Arc<dyn Store>,
+        draining: watch::Receiver<bool>,
+        auth: auth::Auth,
+        link: Link,
+    ) -> Broker {
         Broker {
             inner: Arc::new(Inner {
                 config,
@@ -89,6 +103,7 @@ impl Broker {
                 draining,
                 auth,
                 outbox: std::sync::OnceLock::new(),
+                link,
             }),
         }
     }
@@ -101,6 +116,29 @@ impl Broker {
     /// How callers are authenticated, and the caches of it.
     pub fn auth(&self) -> &auth::Auth {
         &self.inner.auth
+    }
+
+    /// The state of the link to NATS.
+    pub fn link(&self) -> &Link {
+        &self.inner.link
+    }
+
+    /// Runs `call`, unless NATS stays unreachable for `nats_timeout` while
+    /// it runs: then it is abandoned (every use case is safe to stop
+    /// between two steps, as a crash would) and answers UNAVAILABLE.
+    pub async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, BrokerError>>,
+    ) -> Result<T, BrokerError> {
+        let bound = self.inner.config.nats_timeout;
+        tokio::select! {
+            biased;
+            done = call => done,
+            _ = self.inner.link.outage(bound) => Err(BrokerError::Unavailable(format!(
+                "NATS has been unreachable for {}",
+                humantime::format_duration(bound)
+            ))),
+        }
     }
 
     /// The store.
@@ -183,23 +221,45 @@ impl Broker {
         Ok(n)
     }
 
-    /// Records that a session holds `delivery_id`; `release` is told when
-    /// the delivery is settled outside the session (complete-and-handoff).
-    pub fn track_delivery(&self, delivery_id: &str, release: mpsc::UnboundedSender<String>) {
-        self.inner.leases.insert(delivery_id.to_string(), release);
+    /// Records that a session holds a delivery; `release` is told its
+    /// delivery id when the delivery is settled outside the session (a
+    /// complete-and-handoff, or a settlement through another session or
+    /// replica).
+    pub fn track_delivery(&self, held: &deliveries::Held, release: mpsc::UnboundedSender<String>) {
+        self.inner
+            .leases
+            .insert(held.slot.clone(), (held.delivery_id.clone(), release));
     }
 
-    /// Forgets a delivery the session settled itself.
-    pub fn untrack_delivery(&self, delivery_id: &str) {
-        self.inner.leases.remove(delivery_id);
+    /// Forgets a delivery the session settled itself (by its slot).
+    pub fn untrack_delivery(&self, slot: &str) {
+        self.inner.leases.remove(slot);
     }
 
-    /// Tells the session holding `delivery_id` (on this replica) that it
-    /// was settled by a complete-and-handoff.
-    pub fn release_delivery(&self, delivery_id: &str) {
-        if let Some((id, tx)) = self.inner.leases.remove(delivery_id) {
-            let _ = tx.send(id);
+    /// Frees the slot of the session holding the delivery `token` names,
+    /// on this replica or, told through the store, on any other.
+    pub async fn release_delivery(&self, token: &pb::DeliveryToken) {
+        let slot = deliveries::slot(&token.agent, token.stream_sequence, token.attempt);
+        if !self.release_slot(&slot) {
+            self.inner.store.announce_settled(&token.agent, &slot).await;
         }
+    }
+
+    /// Frees the slot of the session on this replica holding the delivery
+    /// `slot` names; `false` when no session here holds it.
+    pub fn release_slot(&self, slot: &str) -> bool {
+        match self.inner.leases.remove(slot) {
+            Some((_, (delivery_id, tx))) => {
+                let _ = tx.send(delivery_id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether the broker is draining.
+    pub fn draining(&self) -> bool {
+        *self.inner.draining.borrow()
     }
 
     /// Resolves once the broker starts draining.

@@ -168,8 +168,8 @@ pub async fn run(
             }
         };
         fetcher.abort();
-        for id in session.in_flight.lock().await.keys() {
-            broker.untrack_delivery(id);
+        for f in session.in_flight.lock().await.values() {
+            broker.untrack_delivery(&f.held.slot);
         }
         if drained {
             let _ = session
@@ -255,10 +255,16 @@ impl Session {
             span.record("run_id", held.run_id.as_str());
             span.record("handoff_id", held.handoff_id.as_str());
             let id = held.delivery_id.clone();
-            self.broker.track_delivery(&id, self.released.clone());
+            self.broker.track_delivery(&held, self.released.clone());
             let mut in_flight = self.in_flight.lock().await;
             // A redelivery to this session supersedes its expired lease.
-            in_flight.retain(|_, f| f.held.handoff_id != held.handoff_id);
+            in_flight.retain(|_, f| {
+                let superseded = f.held.handoff_id == held.handoff_id;
+                if superseded {
+                    self.broker.untrack_delivery(&f.held.slot);
+                }
+                !superseded
+            });
             in_flight.insert(
                 id,
                 InFlight {
@@ -346,7 +352,9 @@ impl Session {
                 std::time::SystemTime::now() + lease,
             )));
         }
-        self.broker.untrack_delivery(delivery_id);
+        if let Some(h) = &held {
+            self.broker.untrack_delivery(&h.slot);
+        }
         self.in_flight.lock().await.remove(delivery_id);
         Ok(None)
     }
@@ -364,8 +372,9 @@ impl Session {
             .map(|(id, _)| id.clone())
             .collect();
         for id in expired {
-            in_flight.remove(&id);
-            self.broker.untrack_delivery(&id);
+            if let Some(f) = in_flight.remove(&id) {
+                self.broker.untrack_delivery(&f.held.slot);
+            }
         }
     }
 

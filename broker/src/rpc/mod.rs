@@ -46,22 +46,26 @@ impl Service {
     /// (UNAUTHENTICATED when auth is configured and neither proves it).
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let creds = credentials::of(req);
-        auth::authenticate(&self.broker, &creds)
+        self.broker
+            .bounded(auth::authenticate(&self.broker, &creds))
             .await
             .map_err(status::to_status)
     }
-}
 
-/// Runs a unary use case in `span`, and answers its result or its status.
-async fn unary<T>(
-    span: tracing::Span,
-    call: impl Future<Output = Result<T, BrokerError>>,
-) -> Reply<T> {
-    match call.instrument(span.clone()).await {
-        Ok(v) => Ok(Response::new(v)),
-        Err(e) => {
-            span.in_scope(|| tracing::debug!(reason = %e.reason(), error = %e, "refused"));
-            Err(status::to_status(e))
+    /// Runs a unary use case in `span` (abandoned with UNAVAILABLE when
+    /// NATS stays unreachable for `nats_timeout`), and answers its result
+    /// or its status.
+    async fn unary<T>(
+        &self,
+        span: tracing::Span,
+        call: impl Future<Output = Result<T, BrokerError>>,
+    ) -> Reply<T> {
+        match self.broker.bounded(call).instrument(span.clone()).await {
+            Ok(v) => Ok(Response::new(v)),
+            Err(e) => {
+                span.in_scope(|| tracing::debug!(reason = %e.reason(), error = %e, "refused"));
+                Err(status::to_status(e))
+            }
         }
     }
 }
@@ -92,7 +96,8 @@ impl HandoffBroker for Service {
             "agent",
             req.agent.as_ref().map(|a| a.name.as_str()).unwrap_or(""),
         );
-        unary(span, app::agents::register(&self.broker, &caller, req)).await
+        self.unary(span, app::agents::register(&self.broker, &caller, req))
+            .await
     }
 
     async fn register_contract(
@@ -106,7 +111,8 @@ impl HandoffBroker for Service {
             message_type = %req.message_type,
             version = req.version
         );
-        unary(span, app::contracts::register(&self.broker, &caller, req)).await
+        self.unary(span, app::contracts::register(&self.broker, &caller, req))
+            .await
     }
 
     async fn get_contract(
@@ -116,7 +122,8 @@ impl HandoffBroker for Service {
         let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let span = rpc_span!("GetContract", message_type = %req.message_type);
-        unary(span, app::contracts::get(&self.broker, &caller, req)).await
+        self.unary(span, app::contracts::get(&self.broker, &caller, req))
+            .await
     }
 
     async fn list_contracts(
@@ -126,7 +133,7 @@ impl HandoffBroker for Service {
         let caller = self.caller(&req).await?;
         let span = rpc_span!("ListContracts");
         let call = app::contracts::list(&self.broker, &caller, req.into_inner());
-        unary(span, call).await
+        self.unary(span, call).await
     }
 
     async fn set_compatibility(
@@ -136,7 +143,7 @@ impl HandoffBroker for Service {
         let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let span = rpc_span!("SetCompatibility", message_type = %req.message_type);
-        unary(
+        self.unary(
             span,
             app::contracts::set_compatibility(&self.broker, &caller, req),
         )
@@ -154,7 +161,8 @@ impl HandoffBroker for Service {
             span.record("run_id", b.run_id.as_str());
             span.record("agent", b.target_agent.as_str());
         }
-        unary(span, app::barriers::open(&self.broker, &caller, req)).await
+        self.unary(span, app::barriers::open(&self.broker, &caller, req))
+            .await
     }
 
     async fn fan_out(&self, req: Request<pb::FanOutRequest>) -> Reply<pb::FanOutResponse> {
@@ -165,7 +173,8 @@ impl HandoffBroker for Service {
             span.record("run_id", b.run_id.as_str());
             span.record("agent", b.target_agent.as_str());
         }
-        unary(span, app::fan_out::fan_out(&self.broker, &caller, req)).await
+        self.unary(span, app::fan_out::fan_out(&self.broker, &caller, req))
+            .await
     }
 
     async fn get_barrier(
@@ -176,7 +185,8 @@ impl HandoffBroker for Service {
         let req = req.into_inner();
         let span = rpc_span!("GetBarrier");
         span.record("run_id", req.run_id.as_str());
-        unary(span, app::barriers::get(&self.broker, &caller, req)).await
+        self.unary(span, app::barriers::get(&self.broker, &caller, req))
+            .await
     }
 
     async fn list_agents(
@@ -185,7 +195,8 @@ impl HandoffBroker for Service {
     ) -> Reply<pb::ListAgentsResponse> {
         let caller = self.caller(&req).await?;
         let span = rpc_span!("ListAgents");
-        unary(span, app::agents::list(&self.broker, &caller)).await
+        self.unary(span, app::agents::list(&self.broker, &caller))
+            .await
     }
 
     async fn start_run(&self, req: Request<pb::StartRunRequest>) -> Reply<pb::StartRunResponse> {
@@ -193,7 +204,8 @@ impl HandoffBroker for Service {
         let req = req.into_inner();
         let span = rpc_span!("StartRun", owner = %req.owner);
         span.record("run_id", req.run_id.as_str());
-        unary(span, app::runs::start(&self.broker, &caller, req)).await
+        self.unary(span, app::runs::start(&self.broker, &caller, req))
+            .await
     }
 
     async fn handoff(&self, req: Request<pb::HandoffRequest>) -> Reply<pb::HandoffResponse> {
@@ -202,11 +214,12 @@ impl HandoffBroker for Service {
         let span = rpc_span!("Handoff", source = %req.source_agent);
         span.record("run_id", req.run_id.as_str());
         span.record("agent", req.target_agent.as_str());
-        let accepted = unary(
-            span.clone(),
-            app::handoff::accept(&self.broker, &caller, req),
-        )
-        .await;
+        let accepted = self
+            .unary(
+                span.clone(),
+                app::handoff::accept(&self.broker, &caller, req),
+            )
+            .await;
         if let Ok(r) = &accepted {
             span.record("handoff_id", r.get_ref().handoff_id.as_str());
         }
@@ -235,7 +248,8 @@ impl HandoffBroker for Service {
         let req = req.into_inner();
         let span = rpc_span!("GetRun");
         span.record("run_id", req.run_id.as_str());
-        unary(span, app::runs::get(&self.broker, &caller, req)).await
+        self.unary(span, app::runs::get(&self.broker, &caller, req))
+            .await
     }
 
     async fn list_dead_letters(
@@ -246,7 +260,8 @@ impl HandoffBroker for Service {
         let req = req.into_inner();
         let span = rpc_span!("ListDeadLetters");
         span.record("agent", req.agent.as_str());
-        unary(span, app::events::dead_letters(&self.broker, &caller, req)).await
+        self.unary(span, app::events::dead_letters(&self.broker, &caller, req))
+            .await
     }
 
     async fn put_principal(
@@ -255,7 +270,7 @@ impl HandoffBroker for Service {
     ) -> Reply<pb::PutPrincipalResponse> {
         let caller = self.caller(&req).await?;
         let span = rpc_span!("PutPrincipal", principal = %caller.principal);
-        unary(
+        self.unary(
             span,
             auth::put_principal(&self.broker, &caller, req.into_inner()),
         )
@@ -268,7 +283,8 @@ impl HandoffBroker for Service {
     ) -> Reply<pb::ListPrincipalsResponse> {
         let caller = self.caller(&req).await?;
         let span = rpc_span!("ListPrincipals", principal = %caller.principal);
-        unary(span, auth::list_principals(&self.broker, &caller)).await
+        self.unary(span, auth::list_principals(&self.broker, &caller))
+            .await
     }
 
     async fn create_token(
@@ -277,7 +293,7 @@ impl HandoffBroker for Service {
     ) -> Reply<pb::CreateTokenResponse> {
         let caller = self.caller(&req).await?;
         let span = rpc_span!("CreateToken", principal = %caller.principal);
-        unary(
+        self.unary(
             span,
             auth::create_token(&self.broker, &caller, req.into_inner()),
         )
@@ -290,7 +306,8 @@ impl HandoffBroker for Service {
     ) -> Reply<pb::ListTokensResponse> {
         let caller = self.caller(&req).await?;
         let span = rpc_span!("ListTokens", principal = %caller.principal);
-        unary(span, auth::list_tokens(&self.broker, &caller)).await
+        self.unary(span, auth::list_tokens(&self.broker, &caller))
+            .await
     }
 
     async fn revoke_token(
@@ -299,7 +316,7 @@ impl HandoffBroker for Service {
     ) -> Reply<pb::RevokeTokenResponse> {
         let caller = self.caller(&req).await?;
         let span = rpc_span!("RevokeToken", principal = %caller.principal);
-        unary(
+        self.unary(
             span,
             auth::revoke_token(&self.broker, &caller, req.into_inner()),
         )
@@ -312,6 +329,7 @@ impl HandoffBroker for Service {
     ) -> Reply<pb::RotateSigningKeyResponse> {
         let caller = self.caller(&req).await?;
         let span = rpc_span!("RotateSigningKey", principal = %caller.principal);
-        unary(span, auth::rotate_signing_key(&self.broker, &caller)).await
+        self.unary(span, auth::rotate_signing_key(&self.broker, &caller))
+            .await
     }
 }

@@ -24,7 +24,8 @@ pub async fn subscribe(
     mut inbound: Streaming<pb::SubscribeRequest>,
 ) -> Result<Response<BoxStream<'static, Result<pb::SubscribeResponse, Status>>>, Status> {
     let first = inbound.message().await?;
-    let opened = session::open(broker, caller, first)
+    let opened = broker
+        .bounded(session::open(broker, caller, first))
         .await
         .map_err(to_status)?;
     let (tx, rx) = mpsc::channel(opened.max_in_flight + 16);

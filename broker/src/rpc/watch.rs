@@ -20,7 +20,8 @@ pub async fn watch(
     caller: &Caller,
     req: pb::WatchRequest,
 ) -> Result<Response<BoxStream<'static, Result<pb::Event, Status>>>, Status> {
-    let mut events = events::watch(broker, caller, req)
+    let mut events = broker
+        .bounded(events::watch(broker, caller, req))
         .await
         .map_err(to_status)?;
     let (tx, rx) = mpsc::channel::<Result<pb::Event, Status>>(256);

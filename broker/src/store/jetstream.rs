@@ -64,6 +64,8 @@ const LEASE_RECORD_AGE: Duration = Duration::from_secs(48 * 3600);
 /// Branch results read at once when a release gathers their payloads:
 /// enough that a 100-branch release takes one round of direct gets.
 const BRANCH_READS: usize = 128;
+/// Idle heartbeat of a pull that waits for handoffs.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 /// Durable consumer of the timer stream, shared by every broker replica.
 pub const TIMERS_CONSUMER: &str = "handoff_timers";
 
@@ -102,6 +104,11 @@ pub fn barrier_key(run_id: &str, barrier_id: &str) -> String {
 /// opened (names hold no `.`, so it cannot be a barrier's key).
 fn early_key(run_id: &str, barrier_id: &str) -> String {
     format!("{run_id}.{barrier_id}.early")
+}
+
+/// Subject on which replicas announce settled deliveries of an agent.
+pub fn settled_subject(agent: &str) -> String {
+    format!("handoff.v1.settled.{agent}")
 }
 
 /// Subject of an agent's dead letters.
@@ -155,7 +162,8 @@ impl JetStream {
     /// Creates or updates the streams, buckets and timer consumer; safe to
     /// call from every replica at every start.
     pub async fn open(client: async_nats::Client, cfg: &Config) -> Result<JetStream, BrokerError> {
-        let js = jetstream::new(client.clone());
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(cfg.nats_timeout);
         check_jetstream(&client).await?;
         let replicas = cfg.replicas;
         let base =
@@ -283,7 +291,7 @@ impl JetStream {
             tokens,
             branches,
             barriers,
-            ack_timeout: cfg.connect_timeout.min(Duration::from_secs(5)),
+            ack_timeout: cfg.nats_timeout,
             consumers: DashMap::new(),
         })
     }
@@ -501,10 +509,13 @@ impl Store for JetStream {
         expires: Duration,
     ) -> Result<BoxStream<'static, Result<Offered, BrokerError>>, BrokerError> {
         let consumer = self.agent_consumer(agent).await?;
+        // Heartbeats while the pull waits: a pull lost with its server (a
+        // restart, a node lost) ends within two of them, not at `expires`.
         let batch = consumer
             .batch()
             .max_messages(max)
             .expires(expires)
+            .heartbeat(PULL_HEARTBEAT.min(expires / 2))
             .messages()
             .await;
         let batch = match batch {
@@ -558,6 +569,30 @@ impl Store for JetStream {
                 "JetStream did not confirm the settlement in time".to_string(),
             )),
         }
+    }
+
+    /// A plain NATS publish on `handoff.v1.settled.<agent>` (kept by no
+    /// stream): every replica listens.
+    async fn announce_settled(&self, agent: &str, slot: &str) {
+        let subject = settled_subject(agent);
+        if let Err(e) = self
+            .client
+            .publish(subject, Bytes::copy_from_slice(slot.as_bytes()))
+            .await
+        {
+            tracing::debug!(slot, error = %e, "settlement not announced; the slot frees at its lease");
+        }
+    }
+
+    async fn settled_announcements(&self) -> Result<BoxStream<'static, String>> {
+        let subscription = self
+            .client
+            .subscribe(settled_subject("*"))
+            .await
+            .map_err(|e| BrokerError::nats("listening for settlements", e))?;
+        Ok(subscription
+            .filter_map(|msg| async move { String::from_utf8(msg.payload.to_vec()).ok() })
+            .boxed())
     }
 
     async fn put_dead_letter(&self, letter: &pb::DeadLetter) -> Result<(), BrokerError> {
@@ -1212,6 +1247,7 @@ async fn ensure_stream(
     config: stream::Config,
 ) -> Result<stream::Stream, BrokerError> {
     let name = config.name.clone();
+    let replicas = config.num_replicas;
     match js.get_stream(&name).await {
         Ok(mut s) => {
             let current = s
@@ -1223,11 +1259,11 @@ async fn ensure_stream(
             if current.duplicate_window != config.duplicate_window
                 || current.max_age != config.max_age
                 || current.num_replicas != config.num_replicas
-                || !current.allow_direct
+                || current.allow_direct != config.allow_direct
             {
                 js.update_stream(config)
                     .await
-                    .map_err(|e| BrokerError::nats(&format!("updating stream {name}"), e))?;
+                    .map_err(|e| placement(&format!("updating stream {name}"), replicas, e))?;
             }
             js.get_stream(&name)
                 .await
@@ -1236,28 +1272,58 @@ async fn ensure_stream(
         Err(_) => js
             .create_stream(config)
             .await
-            .map_err(|e| BrokerError::nats(&format!("creating stream {name}"), e)),
+            .map_err(|e| placement(&format!("creating stream {name}"), replicas, e)),
+    }
+}
+
+/// A failure to create or update a stream, with what to do when the
+/// cluster cannot hold the configured replicas.
+fn placement(context: &str, replicas: usize, err: impl std::fmt::Display) -> BrokerError {
+    let text = err.to_string();
+    let cannot_hold = [
+        "10074",
+        "10023",
+        "10005",
+        "insufficient resources",
+        "no suitable peers",
+        "replicas > 1 not supported",
+    ]
+    .iter()
+    .any(|m| text.contains(m));
+    if cannot_hold {
+        BrokerError::Unavailable(format!(
+            "{context}: the NATS JetStream cluster cannot hold replicas = {replicas} ({text}); \
+             replicas needs that many JetStream servers in one cluster: set replicas to at most their number"
+        ))
+    } else {
+        BrokerError::nats(context, err)
     }
 }
 
 /// Creates a key/value bucket's backing stream the way KV clients expect
 /// it (so it works on nats-server 2.9, whose account info newer clients
-/// cannot parse), then opens the bucket.
+/// cannot parse), or brings an existing one to the configured replicas,
+/// then opens the bucket.
+///
+/// Direct gets are off: a bucket is read from its stream's leader, which
+/// has every write acknowledged before the read, so no replica of the
+/// broker decides on a value a lagging follower still holds.
 async fn ensure_bucket(
     js: &jetstream::Context,
     config: kv::Config,
 ) -> Result<kv::Store, BrokerError> {
     let name = config.bucket.clone();
+    let replicas = config.num_replicas.max(1);
     let stream = stream::Config {
         name: format!("KV_{name}"),
         subjects: vec![format!("$KV.{name}.>")],
         max_messages_per_subject: config.history.max(1),
         max_age: config.max_age,
         storage: config.storage,
-        num_replicas: config.num_replicas.max(1),
+        num_replicas: replicas,
         allow_rollup: true,
         deny_delete: true,
-        allow_direct: true,
+        allow_direct: false,
         max_messages: -1,
         max_bytes: -1,
         max_message_size: -1,
@@ -1265,14 +1331,36 @@ async fn ensure_bucket(
         duplicate_window: Duration::from_secs(120),
         ..Default::default()
     };
-    if js.get_stream(&stream.name).await.is_err() {
-        if let Err(create) = js.create_stream(stream.clone()).await {
-            // Another replica may have created it in the meantime.
-            if js.get_stream(&stream.name).await.is_err() {
-                return Err(BrokerError::nats(
-                    &format!("creating bucket {name}"),
-                    create,
-                ));
+    match js.get_stream(&stream.name).await {
+        Ok(mut existing) => {
+            let mut current = existing
+                .info()
+                .await
+                .map_err(|e| BrokerError::nats(&format!("reading bucket {name}"), e))?
+                .config
+                .clone();
+            if current.num_replicas != replicas
+                || current.allow_direct
+                || current.max_age != stream.max_age
+            {
+                current.num_replicas = replicas;
+                current.allow_direct = false;
+                current.max_age = stream.max_age;
+                js.update_stream(current)
+                    .await
+                    .map_err(|e| placement(&format!("updating bucket {name}"), replicas, e))?;
+            }
+        }
+        Err(_) => {
+            if let Err(create) = js.create_stream(stream.clone()).await {
+                // Another replica may have created it in the meantime.
+                if js.get_stream(&stream.name).await.is_err() {
+                    return Err(placement(
+                        &format!("creating bucket {name}"),
+                        replicas,
+                        create,
+                    ));
+                }
             }
         }
     }

@@ -69,10 +69,21 @@ impl State {
 }
 
 /// The in-memory store.
-#[derive(Default)]
 pub struct Memory {
     state: Mutex<State>,
     faults: Mutex<HashMap<&'static str, usize>>,
+    /// Settlement announcements, to every broker over this store.
+    settled: tokio::sync::broadcast::Sender<String>,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Memory {
+            state: Mutex::default(),
+            faults: Mutex::default(),
+            settled: tokio::sync::broadcast::channel(1024).0,
+        }
+    }
 }
 
 fn barrier_key(run_id: &str, barrier_id: &str) -> String {
@@ -293,6 +304,24 @@ impl Store for Memory {
             (Settlement::Progress, _) => {}
         }
         Ok(())
+    }
+
+    async fn announce_settled(&self, _agent: &str, slot: &str) {
+        let _ = self.settled.send(slot.to_string());
+    }
+
+    async fn settled_announcements(&self) -> Result<BoxStream<'static, String>> {
+        let rx = self.settled.subscribe();
+        Ok(futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(slot) => return Some((slot, rx)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .boxed())
     }
 
     async fn put_dead_letter(&self, letter: &pb::DeadLetter) -> Result<()> {

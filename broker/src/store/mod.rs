@@ -138,6 +138,15 @@ pub trait Store: Send + Sync + 'static {
     /// Settles an offered delivery by its reference, confirmed.
     async fn settle(&self, reference: &str, how: Settlement) -> Result<()>;
 
+    /// Tells every broker replica that the delivery in `slot` of `agent`'s
+    /// inbox was settled, so the session holding it frees its slot at
+    /// once. Best effort: a replica that misses it frees the slot when the
+    /// lease passes.
+    async fn announce_settled(&self, agent: &str, slot: &str);
+
+    /// The slots announced settled by any replica, as they come.
+    async fn settled_announcements(&self) -> Result<BoxStream<'static, String>>;
+
     /// Stores a dead letter (deduplicated by its handoff).
     async fn put_dead_letter(&self, letter: &pb::DeadLetter) -> Result<()>;
 
