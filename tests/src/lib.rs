@@ -221,11 +221,19 @@ impl BrokerProcess {
             "json",
         ])
         .env("RUST_LOG", "info")
-        .envs(extra_env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .envs(extra_env.iter().copied());
+        BrokerProcess::spawn_command(cmd).await
+    }
+
+    /// Spawns the daemon as `cmd` says (its arguments, environment and
+    /// directory; its configuration must make it log JSON at level info or
+    /// more) and waits until it logs that it serves: the addresses it bound
+    /// are read from its log.
+    pub async fn spawn_command(mut cmd: Command) -> BrokerProcess {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
         let mut child = cmd.spawn().expect("spawn handoffd");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
