@@ -5,7 +5,6 @@
 //! replicas free each other's delivery slots at once.
 
 use std::{
-    collections::HashSet,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -155,7 +154,7 @@ async fn a_broker_starts_from_any_server_of_its_list() {
 #[tokio::test]
 async fn two_replicas_free_each_others_slots_at_once() {
     // A lease far longer than the test: a slot freed only by its lease
-    // would stall the instance for 60 s.
+    // would stall an instance for 60 s.
     let lease = Duration::from_secs(60);
     let nats = Nats::start().await;
     let a = Broker::start(nats.url(), |_| {}).await;
@@ -168,49 +167,79 @@ async fn two_replicas_free_each_others_slots_at_once() {
             .expect("register");
     }
     let run = via_a.start_run(RunConfig::new("o")).await.expect("run");
-    let jobs = 8;
+    let jobs = 16;
     for i in 0..jobs {
         via_a
             .handoff(Handoff::to(&run.id, "worker", &note("job", i)).expect("encode"))
             .await
             .expect("accepted");
     }
-    // One instance, one delivery at a time, on replica A. Each delivery is
-    // completed by a handoff to `sink`, alternately through B and A.
-    let mut sub = via_a
-        .subscribe("worker", "one", 1)
-        .await
-        .expect("subscribe");
-    let mut waits = Vec::new();
-    let mut done = HashSet::new();
-    let mut last = Instant::now();
-    for i in 0..jobs {
-        let d = next_within(&mut sub, Duration::from_secs(20))
-            .await
-            .expect("the next delivery comes before the lease of the last one ends");
-        waits.push(last.elapsed());
-        assert!(done.insert(d.handoff_id().to_string()), "delivered again");
-        let client = if i % 2 == 0 { &via_b } else { &via_a };
-        let next = Handoff::from_request(pb::HandoffRequest {
-            run_id: run.id.clone(),
-            source_agent: "worker".into(),
-            target_agent: "sink".into(),
-            consumes: d.id().to_string(),
-            payload: Some(handoff_client::encode(&note("done", i)).expect("encode")),
-            ..Default::default()
-        });
-        client.handoff(next).await.expect("complete-and-handoff");
-        last = Instant::now();
-    }
-    let slowest = waits.iter().max().copied().unwrap_or_default();
+    // Two instances taking one delivery at a time, one on each replica.
+    // Each completes its delivery by a handoff to `sink` made through the
+    // other replica, so every slot is freed by a settlement made elsewhere.
+    let taken = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let instance = |sub_client: handoff_client::Client, other: handoff_client::Client, name| {
+        let run_id = run.id.clone();
+        let taken = taken.clone();
+        tokio::spawn(async move {
+            use std::sync::atomic::Ordering;
+            let mut sub = sub_client
+                .subscribe("worker", name, 1)
+                .await
+                .expect("subscribe");
+            let mut waits = Vec::new();
+            let mut done = Vec::new();
+            let mut last = Instant::now();
+            while taken.load(Ordering::SeqCst) < jobs {
+                let Some(d) = next_within(&mut sub, Duration::from_millis(200)).await else {
+                    assert!(
+                        last.elapsed() < Duration::from_secs(20),
+                        "{name}: no delivery for 20 s while jobs were left"
+                    );
+                    continue;
+                };
+                taken.fetch_add(1, Ordering::SeqCst);
+                waits.push(last.elapsed());
+                done.push(d.handoff_id().to_string());
+                let next = Handoff::from_request(pb::HandoffRequest {
+                    run_id: run_id.clone(),
+                    source_agent: "worker".into(),
+                    target_agent: "sink".into(),
+                    consumes: d.id().to_string(),
+                    payload: Some(handoff_client::encode(&note("done", 0)).expect("encode")),
+                    ..Default::default()
+                });
+                other.handoff(next).await.expect("complete-and-handoff");
+                last = Instant::now();
+            }
+            (done, waits)
+        })
+    };
+    let on_a = instance(via_a.clone(), via_b.clone(), "on-a");
+    let on_b = instance(via_b.clone(), via_a.clone(), "on-b");
+    let (done_a, waits_a) = on_a.await.expect("instance on A");
+    let (done_b, waits_b) = on_b.await.expect("instance on B");
+    let mut all: Vec<String> = done_a.iter().chain(&done_b).cloned().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), jobs as usize, "every job done once");
+    assert_eq!(done_a.len() + done_b.len(), jobs as usize, "none twice");
+    let slowest = waits_a
+        .iter()
+        .chain(&waits_b)
+        .max()
+        .copied()
+        .unwrap_or_default();
     println!(
-        "{jobs} deliveries to a max_in_flight = 1 instance, completed through either replica: the longest wait for the next was {:.3} s (lease {} s)",
+        "{jobs} deliveries to two max_in_flight = 1 instances on two replicas, each completed through the other replica: {} and {} taken, the longest wait for the next was {:.3} s (lease {} s)",
+        done_a.len(),
+        done_b.len(),
         slowest.as_secs_f64(),
         lease.as_secs()
     );
     assert!(
         slowest < Duration::from_secs(20),
-        "a delivery waited for a lease: {waits:?}"
+        "a delivery waited for a lease: {waits_a:?} {waits_b:?}"
     );
     let worker = settled_inbox(nats.url(), "worker").await;
     assert_eq!(
