@@ -25,6 +25,7 @@
 
 #![allow(missing_docs)]
 
+pub mod certs;
 pub mod cluster;
 pub mod load;
 pub use cluster::{Cluster, ClusterError};

@@ -25,17 +25,16 @@
 use std::{
     collections::BTreeMap,
     io::Read as _,
-    net::{IpAddr, Ipv4Addr},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use handoff_client::{pb, AgentConfig, ConnectOptions, ErrorKind, Handoff, RunConfig};
-use handoff_tests::{cluster::NodePlan, next_within, note, BrokerProcess, Cluster, Note};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+use handoff_tests::{
+    certs::{Ca, ExtendedKeyUsagePurpose, SanType},
+    cluster::NodePlan,
+    next_within, note, BrokerProcess, Cluster, Note,
 };
 use tokio::process::Command;
 
@@ -107,63 +106,6 @@ fn install(path: &Path, text: &str, mode: u32) {
     }
     std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("mode");
-}
-
-/// A certificate authority.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-/// A certificate and its key, as PEM.
-struct Leaf {
-    cert: String,
-    key: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().expect("CA key");
-        let cert = params.self_signed(&key).expect("CA certificate");
-        Ca {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    fn issue(&self, cn: &str, sans: Vec<SanType>, usages: Vec<ExtendedKeyUsagePurpose>) -> Leaf {
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.subject_alt_names = sans;
-        params.extended_key_usages = usages;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("certificate");
-        Leaf {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-
-    /// A certificate for host `name`, reached at 127.0.0.1 in the test.
-    fn host(&self, name: &str, usages: Vec<ExtendedKeyUsagePurpose>) -> Leaf {
-        self.issue(
-            name,
-            vec![
-                SanType::DnsName(name.try_into().expect("DNS name")),
-                SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-            ],
-            usages,
-        )
-    }
 }
 
 /// The `[Service]` settings of a systemd unit that the test acts on.
