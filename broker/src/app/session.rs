@@ -317,7 +317,9 @@ impl Session {
             ),
         };
         let result = match op {
-            Ok(op) => self.apply(&delivery_id, &op).await,
+            // Bounded like a unary call: a settlement while NATS is down
+            // answers UNAVAILABLE within nats_timeout (repeating it is safe).
+            Ok(op) => self.broker.bounded(self.apply(&delivery_id, &op)).await,
             Err(e) => Err(e),
         };
         let settled = Out::Settled {
