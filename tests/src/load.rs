@@ -93,6 +93,8 @@ pub struct Load {
     producers: Vec<JoinHandle<Produced>>,
     consumers: Vec<JoinHandle<Consumed>>,
     finished: watch::Sender<bool>,
+    /// A broker of the load, for reading barriers.
+    addr: SocketAddr,
     /// Accepted so far (plain handoffs, fan-ins), for progress checks.
     progress: watch::Receiver<(usize, usize)>,
 }
@@ -174,6 +176,7 @@ impl Load {
             producers: producer_tasks,
             consumers: consumer_tasks,
             finished: finished_tx,
+            addr: addrs[0],
             progress,
         }
     }
@@ -206,6 +209,30 @@ impl Load {
             produced.calls.append(&mut one.calls);
         }
         let deadline = Instant::now() + Duration::from_secs(60);
+        // Every fan-in's release published (one whose broker call failed
+        // after the decision is published by its release check, 5 s on).
+        let client = connect(self.addr).await;
+        for (run_id, barrier_id) in &produced.barriers {
+            loop {
+                let barrier = client
+                    .raw()
+                    .get_barrier(pb::GetBarrierRequest {
+                        run_id: run_id.clone(),
+                        barrier_id: barrier_id.clone(),
+                    })
+                    .await
+                    .ok()
+                    .and_then(|r| r.into_inner().barrier);
+                if barrier.as_ref().is_some_and(|b| b.release_published) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{run_id}/{barrier_id} never published its release: {barrier:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         loop {
             let worker = crate::inbox(nats_url, "worker").await;
             let aggregator = crate::inbox(nats_url, "aggregator").await;

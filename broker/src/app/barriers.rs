@@ -380,6 +380,13 @@ pub async fn apply(
                     }
                     _ => None,
                 };
+                if why.is_none() && b.state != pb::BarrierState::Open as i32 && !b.release_published
+                {
+                    // The same branch again, after a call that decided the
+                    // release and failed before publishing it (NATS lost
+                    // its answer): publish now rather than at the check.
+                    publish_release(broker, run, &mut b).await?;
+                }
                 if let Some(why) = why {
                     tracing::warn!(run_id = %run.id, barrier_id, key, reason = %why, "branch result not counted");
                     let mut event = branch_event(run, &b, pb::EventKind::BranchLate, &result);

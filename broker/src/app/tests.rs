@@ -8,7 +8,7 @@ use std::sync::Arc;
 use handoff_proto::pb;
 use tokio::sync::watch;
 
-use super::{auth::Caller, deliveries, fan_out, handoff, runs, Broker};
+use super::{auth::Caller, barriers, deliveries, fan_out, handoff, runs, Broker};
 use crate::{
     config::Config,
     error::{BrokerError, Reason},
@@ -367,6 +367,58 @@ async fn a_fan_out_releases_once_to_its_target() {
         f.store.events(&run, pb::EventKind::BarrierReleased).len(),
         1
     );
+    let (b, _) = f
+        .store
+        .barrier(&run, "join")
+        .await
+        .expect("read")
+        .expect("barrier");
+    assert!(b.release_published);
+}
+
+#[tokio::test]
+async fn a_release_decided_but_not_published_is_published_by_the_retried_branch() {
+    let f = fixture();
+    f.agents(&["worker", "aggregator"]).await;
+    let run = f.run(0).await;
+    let spec = pb::BarrierSpec {
+        run_id: run.clone(),
+        barrier_id: "join".into(),
+        branch_count: 2,
+        target_agent: "aggregator".into(),
+        ..Default::default()
+    };
+    barriers::open(
+        &f.broker,
+        &Caller::local(),
+        pb::OpenBarrierRequest {
+            barrier: Some(spec),
+        },
+    )
+    .await
+    .expect("open");
+    let branch = |key: &str| pb::HandoffRequest {
+        to_barrier: true,
+        barrier_id: "join".into(),
+        branch_key: key.into(),
+        idempotency_key: format!("branch-{key}"),
+        ..to(&run, "")
+    };
+    handoff::accept(&f.broker, &Caller::local(), branch("0"))
+        .await
+        .expect("first branch");
+    // The last branch decides the release; storing the release fails (as
+    // when NATS loses the answer), so the call fails after the decision.
+    f.store.fail("put_handoff", 1);
+    assert!(handoff::accept(&f.broker, &Caller::local(), branch("1"))
+        .await
+        .is_err());
+    assert!(f.store.inbox("aggregator").is_empty());
+    // Its retry publishes the release at once, not at the release check.
+    handoff::accept(&f.broker, &Caller::local(), branch("1"))
+        .await
+        .expect("the retried branch");
+    assert_eq!(f.store.inbox("aggregator").len(), 1);
     let (b, _) = f
         .store
         .barrier(&run, "join")
