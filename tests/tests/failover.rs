@@ -106,3 +106,64 @@ async fn raising_replicas_replicates_every_existing_stream_and_bucket() {
     let agents = client.list_agents().await.expect("agents");
     assert_eq!(agents.len(), 2, "the state kept through the change");
 }
+
+#[tokio::test]
+async fn concurrent_branches_on_a_cluster_release_once_with_every_branch() {
+    use handoff_client::{pb, Handoff};
+    let cluster = Cluster::start().await;
+    let broker = Broker::start(&cluster.urls_joined(), |c| c.replicas = 3).await;
+    let client = broker.client().await;
+    load::register_agents(&client, LEASE).await;
+    client
+        .start_run(handoff_client::RunConfig::new("o").id("wide"))
+        .await
+        .expect("run");
+    let branches = 40u32;
+    client
+        .raw()
+        .open_barrier(pb::OpenBarrierRequest {
+            barrier: Some(pb::BarrierSpec {
+                run_id: "wide".into(),
+                barrier_id: "join".into(),
+                branch_count: branches,
+                mode: pb::BarrierMode::All as i32,
+                target_agent: "aggregator".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("open");
+    // Every branch at once: their compare-and-set writes of the barrier
+    // race on its leader.
+    let calls = (0..branches).map(|i| {
+        let client = client.clone();
+        async move {
+            let branch =
+                Handoff::to_barrier("wide", "join", i.to_string(), &handoff_tests::note("r", i))
+                    .expect("encode")
+                    .from_agent("worker")
+                    .idempotency_key(format!("join-{i}"));
+            client.handoff(branch).await
+        }
+    });
+    for r in futures::future::join_all(calls).await {
+        r.expect("branch accepted");
+    }
+    let mut sub = client
+        .subscribe("aggregator", "a", 1)
+        .await
+        .expect("subscribe");
+    let d = handoff_tests::next_within(&mut sub, Duration::from_secs(30))
+        .await
+        .expect("the release");
+    let release: pb::BarrierRelease = d.payload().expect("a release");
+    d.ack().await.expect("ack");
+    assert_eq!(
+        release.branches.len(),
+        branches as usize,
+        "every branch in the release"
+    );
+    assert!(release.missing.is_empty() && !release.failure);
+    let inbox = handoff_tests::settled_inbox(&cluster.url(0), "aggregator").await;
+    assert_eq!(inbox.stored, 1, "one release");
+}

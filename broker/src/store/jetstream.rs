@@ -61,6 +61,9 @@ pub const TOKENS_BUCKET: &str = "handoff_tokens";
 /// so a settlement is always judged against its record.
 const LEASE_RECORD_AGE: Duration = Duration::from_secs(48 * 3600);
 
+/// Stripes of the per-key turns at compare-and-set writes.
+const TURNS: usize = 512;
+
 /// Branch results read at once when a release gathers their payloads:
 /// enough that a 100-branch release takes one round of direct gets.
 const BRANCH_READS: usize = 128;
@@ -152,6 +155,8 @@ pub struct JetStream {
     /// API tokens.
     pub tokens: kv::Store,
     ack_timeout: Duration,
+    /// This replica's turns at compare-and-set writes, by key (striped).
+    turns: std::sync::Arc<Vec<tokio::sync::Mutex<()>>>,
     /// Pull consumers of agents' inboxes, opened once.
     consumers: DashMap<String, jetstream::consumer::PullConsumer>,
 }
@@ -163,6 +168,13 @@ impl JetStream {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(cfg.nats_timeout);
         check_jetstream(&client).await?;
+        let info = client.server_info();
+        if info.cluster.is_some() && cfg.replicas > 1 && !serializes_races(&info.version) {
+            tracing::warn!(
+                version = %info.version,
+                "this nats-server does not serialize compare-and-set writes that race on a replicated stream (nats-server#4320, fixed in 2.9.21): this handoffd takes turns at its own writes to a key, but several handoffd replicas on this cluster could both decide on one barrier or run; run nats-server 2.9.21 or newer"
+            );
+        }
         let replicas = cfg.replicas;
         let base =
             |name: &str, subjects: &str, retention: stream::RetentionPolicy| stream::Config {
@@ -290,6 +302,7 @@ impl JetStream {
             branches,
             barriers,
             ack_timeout: cfg.nats_timeout,
+            turns: std::sync::Arc::new((0..TURNS).map(|_| tokio::sync::Mutex::new(())).collect()),
             consumers: DashMap::new(),
         })
     }
@@ -338,11 +351,13 @@ impl JetStream {
     /// (`false` if it exists), else compare-and-set (`false` when another
     /// writer came first).
     async fn write(
+        &self,
         bucket: &kv::Store,
         key: &str,
         value: Bytes,
         revision: Option<u64>,
     ) -> Result<bool, BrokerError> {
+        let _turn = self.turn(bucket, key).await;
         match revision {
             None => match bucket.create(key, value).await {
                 Ok(_) => Ok(true),
@@ -355,6 +370,22 @@ impl JetStream {
                 Err(e) => Err(BrokerError::nats("writing to the store", e)),
             },
         }
+    }
+
+    /// Waits for this replica's turn to compare-and-set `key` of `bucket`:
+    /// one write per key at a time. A clustered nats-server before 2.9.21
+    /// checks the expected revision before replicating the write, not as
+    /// part of it, so two concurrent writes expecting the same revision may
+    /// both be stored (nats-server#4320); taking turns keeps one replica's
+    /// own concurrent writes to a key (branches racing on one barrier)
+    /// from ever being concurrent.
+    async fn turn(&self, bucket: &kv::Store, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        bucket.name.hash(&mut hasher);
+        key.hash(&mut hasher);
+        let stripe = (hasher.finish() % self.turns.len() as u64) as usize;
+        self.turns[stripe].lock().await
     }
 
     /// Every value of a bucket that decodes as `T`.
@@ -751,6 +782,7 @@ impl Store for JetStream {
 
     /// Creates a run; `Ok(false)` if one with that id exists.
     async fn create_run(&self, run: &pb::Run) -> Result<bool> {
+        let _turn = self.turn(&self.runs, &run.id).await;
         match self.runs.create(&run.id, run.encode_to_vec().into()).await {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
@@ -761,6 +793,7 @@ impl Store for JetStream {
     /// Writes a run if its revision is still `revision`; `Ok(false)` when
     /// another writer got there first.
     async fn update_run(&self, run: &pb::Run, revision: u64) -> Result<bool> {
+        let _turn = self.turn(&self.runs, &run.id).await;
         match self
             .runs
             .update(&run.id, run.encode_to_vec().into(), revision)
@@ -838,6 +871,7 @@ impl Store for JetStream {
     /// whether it was created (compare-and-set on the version's key).
     async fn create_contract(&self, contract: &pb::Contract) -> Result<bool> {
         let key = contract_key(&contract.message_type, contract.version);
+        let _turn = self.turn(&self.contracts, &key).await;
         match self
             .contracts
             .create(&key, contract.encode_to_vec().into())
@@ -873,7 +907,7 @@ impl Store for JetStream {
         mode: &pb::ContractMode,
         revision: Option<u64>,
     ) -> Result<bool> {
-        Self::write(
+        self.write(
             &self.contract_modes,
             &mode.message_type,
             mode.encode_to_vec().into(),
@@ -889,11 +923,13 @@ impl Store for JetStream {
         consumed_handoff: &str,
         claim: &pb::ConsumeClaim,
     ) -> Result<Claim> {
-        match self
-            .consumed
-            .create(consumed_handoff, claim.encode_to_vec().into())
-            .await
-        {
+        let created = {
+            let _turn = self.turn(&self.consumed, consumed_handoff).await;
+            self.consumed
+                .create(consumed_handoff, claim.encode_to_vec().into())
+                .await
+        };
+        match created {
             Ok(revision) => Ok(Claim::Made(revision)),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 match self.claim(consumed_handoff).await? {
@@ -922,6 +958,7 @@ impl Store for JetStream {
         claim: &pb::ConsumeClaim,
         revision: u64,
     ) -> Result<Option<u64>, BrokerError> {
+        let _turn = self.turn(&self.consumed, consumed_handoff).await;
         match self
             .consumed
             .update(consumed_handoff, claim.encode_to_vec().into(), revision)
@@ -934,6 +971,7 @@ impl Store for JetStream {
     }
 
     async fn release_claim(&self, consumed_handoff: &str, revision: u64) {
+        let _turn = self.turn(&self.consumed, consumed_handoff).await;
         if let Err(e) = self
             .consumed
             .delete_expect_revision(consumed_handoff, Some(revision))
@@ -965,12 +1003,11 @@ impl Store for JetStream {
     /// Creates a barrier unless it exists; returns whether it was created.
     async fn create_barrier(&self, barrier: &pb::Barrier) -> Result<bool> {
         let spec = barrier.spec.clone().unwrap_or_default();
+        let key = barrier_key(&spec.run_id, &spec.barrier_id);
+        let _turn = self.turn(&self.barriers, &key).await;
         match self
             .barriers
-            .create(
-                barrier_key(&spec.run_id, &spec.barrier_id),
-                barrier.encode_to_vec().into(),
-            )
+            .create(key.as_str(), barrier.encode_to_vec().into())
             .await
         {
             Ok(_) => Ok(true),
@@ -982,13 +1019,11 @@ impl Store for JetStream {
     /// Compare-and-set of a barrier; false when another write came first.
     async fn update_barrier(&self, barrier: &pb::Barrier, revision: u64) -> Result<bool> {
         let spec = barrier.spec.clone().unwrap_or_default();
+        let key = barrier_key(&spec.run_id, &spec.barrier_id);
+        let _turn = self.turn(&self.barriers, &key).await;
         match self
             .barriers
-            .update(
-                barrier_key(&spec.run_id, &spec.barrier_id),
-                barrier.encode_to_vec().into(),
-                revision,
-            )
+            .update(key.as_str(), barrier.encode_to_vec().into(), revision)
             .await
         {
             Ok(_) => Ok(true),
@@ -1126,7 +1161,8 @@ impl Store for JetStream {
         revision: Option<u64>,
     ) -> Result<bool> {
         let key = format!("{agent}.{sequence}");
-        Self::write(&self.leases, &key, lease.encode_to_vec().into(), revision).await
+        self.write(&self.leases, &key, lease.encode_to_vec().into(), revision)
+            .await
     }
 
     async fn signing_keys(&self) -> Result<Option<(pb::SigningKeys, u64)>> {
@@ -1138,7 +1174,7 @@ impl Store for JetStream {
         keys: &pb::SigningKeys,
         revision: Option<u64>,
     ) -> Result<bool> {
-        Self::write(
+        self.write(
             &self.keys,
             "delivery",
             keys.encode_to_vec().into(),
@@ -1171,7 +1207,7 @@ impl Store for JetStream {
     }
 
     async fn put_token(&self, token: &pb::ApiToken, revision: Option<u64>) -> Result<bool> {
-        Self::write(
+        self.write(
             &self.tokens,
             &token.id,
             token.encode_to_vec().into(),
@@ -1214,6 +1250,21 @@ impl Store for JetStream {
             .await
             .map(|_| ())
     }
+}
+
+/// Whether nats-server `version` checks a write's expected revision as
+/// part of replicating it (2.9.21 and later), so that of two racing
+/// compare-and-set writes on a replicated stream only one is stored.
+fn serializes_races(version: &str) -> bool {
+    let mut parts = version
+        .split(['.', '-', '+'])
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    let (major, minor, patch) = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    (major, minor, patch) >= (2, 9, 21)
 }
 
 /// Refuses a NATS without JetStream with a message that says what to do.
@@ -1501,6 +1552,23 @@ async fn read_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn racing_writes_are_serialized_from_2_9_21() {
+        for old in ["2.9.10", "2.9.20", "2.8.4", "1.4.1"] {
+            assert!(!serializes_races(old), "{old}");
+        }
+        for new in [
+            "2.9.21",
+            "2.9.25",
+            "2.10.0",
+            "2.11.8",
+            "2.10.4-beta.1",
+            "3.0.0",
+        ] {
+            assert!(serializes_races(new), "{new}");
+        }
+    }
 
     #[test]
     fn ack_subjects_name_one_inbox_delivery() {
