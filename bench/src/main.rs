@@ -1,9 +1,11 @@
 //! `handoff-bench`: the benchmark suite of the handoff broker.
 //!
-//! It starts a `nats-server` (or uses `--nats-url`) and a `handoffd`
-//! process, runs the named scenarios, and measures the same work straight
-//! on JetStream against the same server in the same run, so every figure
-//! comes with a ratio that holds on a noisy machine:
+//! It starts a `nats-server` (or uses `--nats-url`, or with `--cluster`
+//! starts a three-node JetStream cluster and keeps everything in three
+//! replicas) and a `handoffd` process, runs the named scenarios, and
+//! measures the same work straight on JetStream against the same server in
+//! the same run, so every figure comes with a ratio that holds on a noisy
+//! machine:
 //!
 //! - `chain`: runs through a 5-hop pipeline of agents that accept a
 //!   contract (1 KiB Subtask payloads): per-hop and end-to-end latency;
@@ -73,8 +75,13 @@ struct Args {
     #[arg(long)]
     auth: bool,
     /// Use this NATS instead of starting a nats-server.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", conflicts_with = "cluster")]
     nats_url: Option<String>,
+    /// Start a three-node JetStream cluster instead of one nats-server:
+    /// handoffd gets every node's URL and keeps its streams and buckets in
+    /// three replicas, and so do the raw JetStream baselines.
+    #[arg(long)]
+    cluster: bool,
     /// Runs through the chain.
     #[arg(long, default_value_t = 1000)]
     chain_runs: u64,
@@ -121,7 +128,21 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> Result<(), BoxError> {
     let all = args.scenarios.is_empty();
     let wants = |s: Scenario| all || args.scenarios.contains(&s);
-    let stack = stack::Stack::start(args.nats_url.clone(), args.auth).await?;
+    let nats = match (&args.nats_url, args.cluster) {
+        (Some(url), _) => stack::Nats::Url(url.clone()),
+        (None, true) => {
+            // The cluster helper logs through tracing; keep those lines
+            // (errors only, unless RUST_LOG says more) off stdout, where
+            // the table or the JSON goes.
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .try_init();
+            stack::Nats::Cluster
+        }
+        (None, false) => stack::Nats::Single,
+    };
+    let stack = stack::Stack::start(nats, args.auth).await?;
     let client = stack.client().await?;
     let mut rows = Vec::new();
     let mut panels = Vec::new();
@@ -144,8 +165,13 @@ async fn run(args: Args) -> Result<(), BoxError> {
     if wants(Scenario::Chain) {
         let runs = args.chain_runs;
         let (hop, e2e) = scenarios::chain(&client, runs, &bar(runs, "chain (handoffd)")).await?;
-        let (raw_hop, raw_e2e) =
-            scenarios::raw_chain(stack.nats_url(), runs, &bar(runs, "chain (JetStream)")).await?;
+        let (raw_hop, raw_e2e) = scenarios::raw_chain(
+            stack.nats_url(),
+            stack.replicas(),
+            runs,
+            &bar(runs, "chain (JetStream)"),
+        )
+        .await?;
         panel("chain: per hop".into(), &hop, Some(&raw_hop));
         panel("chain: end to end, 5 hops".into(), &e2e, Some(&raw_e2e));
         rows.push(Row::new(
@@ -171,6 +197,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             .await?;
             let (raw_release, raw_total) = scenarios::raw_fanin(
                 stack.nats_url(),
+                stack.replicas(),
                 n,
                 iterations,
                 &bar(iterations, &format!("fan-in {n} (JetStream)")),
@@ -262,6 +289,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         peak = Some(max_rss.load(Ordering::Relaxed));
         let (raw_accepted, raw_delivered) = scenarios::raw_throughput(
             stack.nats_url(),
+            stack.replicas(),
             count,
             args.producers,
             &bar(count, "throughput (JetStream)"),
