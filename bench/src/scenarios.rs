@@ -278,7 +278,10 @@ pub(crate) async fn fanin(
 }
 
 /// A key/value bucket made the way the broker makes its own (works on
-/// nats-server 2.9), in `replicas` replicas.
+/// nats-server 2.9), in `replicas` replicas. On a cluster it is read from
+/// its stream's leader, as the broker's are (direct gets could answer from
+/// a lagging follower); on one server, which has no follower, by direct
+/// gets.
 async fn bucket(
     js: &jetstream::Context,
     name: &str,
@@ -291,7 +294,7 @@ async fn bucket(
         max_messages_per_subject: 1,
         allow_rollup: true,
         deny_delete: true,
-        allow_direct: true,
+        allow_direct: replicas == 1,
         discard: stream::DiscardPolicy::New,
         ..Default::default()
     })
