@@ -141,6 +141,13 @@ impl Stack {
         self.replicas
     }
 
+    /// The version of the NATS server the raw baselines connect to.
+    pub(crate) async fn nats_version(&self) -> Result<String, BoxError> {
+        let first = self.nats_url.split(',').next().unwrap_or_default();
+        let client = async_nats::connect(first).await?;
+        Ok(client.server_info().version)
+    }
+
     /// The broker's process id.
     pub(crate) fn broker_pid(&self) -> Option<u32> {
         self.broker.id()
