@@ -1,9 +1,11 @@
 //! `handoff-bench`: the benchmark suite of the handoff broker.
 //!
-//! It starts a `nats-server` (or uses `--nats-url`) and a `handoffd`
-//! process, runs the named scenarios, and measures the same work straight
-//! on JetStream against the same server in the same run, so every figure
-//! comes with a ratio that holds on a noisy machine:
+//! It starts a `nats-server` (or uses `--nats-url`, or with `--cluster`
+//! starts a three-node JetStream cluster and keeps everything in three
+//! replicas) and a `handoffd` process, runs the named scenarios, and
+//! measures the same work straight on JetStream against the same server in
+//! the same run, so every figure comes with a ratio that holds on a noisy
+//! machine:
 //!
 //! - `chain`: runs through a 5-hop pipeline of agents that accept a
 //!   contract (1 KiB Subtask payloads): per-hop and end-to-end latency;
@@ -73,8 +75,13 @@ struct Args {
     #[arg(long)]
     auth: bool,
     /// Use this NATS instead of starting a nats-server.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", conflicts_with = "cluster")]
     nats_url: Option<String>,
+    /// Start a three-node JetStream cluster instead of one nats-server:
+    /// handoffd gets every node's URL and keeps its streams and buckets in
+    /// three replicas, and so do the raw JetStream baselines.
+    #[arg(long)]
+    cluster: bool,
     /// Runs through the chain.
     #[arg(long, default_value_t = 1000)]
     chain_runs: u64,
@@ -106,6 +113,22 @@ fn latency(h: &hdrhistogram::Histogram<u64>, raw: Option<&hdrhistogram::Histogra
     }
 }
 
+/// Whether a clustered nats-server of this version (`2.9.10`) checks a
+/// write's expected last sequence in the replicated write itself, so that
+/// of concurrent compare-and-set writes with the same revision only one
+/// succeeds: from 2.9.21 on.
+fn serializes_concurrent_cas(version: &str) -> bool {
+    let parts: Vec<u64> = version
+        .split(|c: char| !c.is_ascii_digit())
+        .take(3)
+        .map(|p| p.parse().unwrap_or(0))
+        .collect();
+    match parts[..] {
+        [major, minor, patch] => (major, minor, patch) >= (2, 9, 21),
+        _ => true,
+    }
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -121,7 +144,21 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> Result<(), BoxError> {
     let all = args.scenarios.is_empty();
     let wants = |s: Scenario| all || args.scenarios.contains(&s);
-    let stack = stack::Stack::start(args.nats_url.clone(), args.auth).await?;
+    let nats = match (&args.nats_url, args.cluster) {
+        (Some(url), _) => stack::Nats::Url(url.clone()),
+        (None, true) => {
+            // The cluster helper logs through tracing; keep those lines
+            // (errors only, unless RUST_LOG says more) off stdout, where
+            // the table or the JSON goes.
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .try_init();
+            stack::Nats::Cluster
+        }
+        (None, false) => stack::Nats::Single,
+    };
+    let stack = stack::Stack::start(nats, args.auth).await?;
     let client = stack.client().await?;
     let mut rows = Vec::new();
     let mut panels = Vec::new();
@@ -144,8 +181,13 @@ async fn run(args: Args) -> Result<(), BoxError> {
     if wants(Scenario::Chain) {
         let runs = args.chain_runs;
         let (hop, e2e) = scenarios::chain(&client, runs, &bar(runs, "chain (handoffd)")).await?;
-        let (raw_hop, raw_e2e) =
-            scenarios::raw_chain(stack.nats_url(), runs, &bar(runs, "chain (JetStream)")).await?;
+        let (raw_hop, raw_e2e) = scenarios::raw_chain(
+            stack.nats_url(),
+            stack.replicas(),
+            runs,
+            &bar(runs, "chain (JetStream)"),
+        )
+        .await?;
         panel("chain: per hop".into(), &hop, Some(&raw_hop));
         panel("chain: end to end, 5 hops".into(), &e2e, Some(&raw_e2e));
         rows.push(Row::new(
@@ -160,7 +202,19 @@ async fn run(args: Args) -> Result<(), BoxError> {
         ));
     }
 
-    if wants(Scenario::Fanin) {
+    let mut fanin = wants(Scenario::Fanin);
+    if fanin && args.cluster {
+        let version = stack.nats_version().await?;
+        if !serializes_concurrent_cas(&version) {
+            eprintln!(
+                "fanin skipped: on a cluster of nats-server {version}, compare-and-set writes \
+                 made at the same time can all succeed (fixed in 2.9.21, nats-server#4319), so \
+                 barriers and the raw counters lose branches and never release"
+            );
+            fanin = false;
+        }
+    }
+    if fanin {
         for (n, iterations) in [(10u32, 200u64), (100, 100), (1000, 5)] {
             let (release, total) = scenarios::fanin(
                 &client,
@@ -171,6 +225,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             .await?;
             let (raw_release, raw_total) = scenarios::raw_fanin(
                 stack.nats_url(),
+                stack.replicas(),
                 n,
                 iterations,
                 &bar(iterations, &format!("fan-in {n} (JetStream)")),
@@ -262,6 +317,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         peak = Some(max_rss.load(Ordering::Relaxed));
         let (raw_accepted, raw_delivered) = scenarios::raw_throughput(
             stack.nats_url(),
+            stack.replicas(),
             count,
             args.producers,
             &bar(count, "throughput (JetStream)"),
@@ -310,4 +366,18 @@ async fn run(args: Args) -> Result<(), BoxError> {
         print!("{}", report::table(&rows));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::serializes_concurrent_cas;
+
+    #[test]
+    fn concurrent_compare_and_set_is_serialized_from_2_9_21() {
+        assert!(!serializes_concurrent_cas("2.9.10"));
+        assert!(!serializes_concurrent_cas("2.9.20"));
+        assert!(serializes_concurrent_cas("2.9.21"));
+        assert!(serializes_concurrent_cas("2.10.0-beta.1"));
+        assert!(serializes_concurrent_cas("2.11.4"));
+    }
 }

@@ -135,17 +135,30 @@ pub(crate) async fn chain(
     Ok((hop, e2e))
 }
 
-/// The same chain on raw JetStream: publish and await the ack, pull, ack.
+/// JetStream at `url` (one URL, or several comma-separated: the nodes of a
+/// cluster, one of which the client picks as the broker does).
+async fn connect(url: &str) -> Result<jetstream::Context, BoxError> {
+    let servers = url
+        .split(',')
+        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(jetstream::new(async_nats::connect(servers).await?))
+}
+
+/// The same chain on raw JetStream: publish and await the ack, pull, ack;
+/// the stream kept in `replicas` replicas, as the broker keeps its own.
 pub(crate) async fn raw_chain(
     url: &str,
+    replicas: usize,
     runs: u64,
     bar: &ProgressBar,
 ) -> Result<(Histogram<u64>, Histogram<u64>), BoxError> {
-    let js = jetstream::new(async_nats::connect(url).await?);
+    let js = connect(url).await?;
     let s = js
         .create_stream(stream::Config {
             name: "BENCH_CHAIN".into(),
             subjects: vec!["bench.chain.>".into()],
+            num_replicas: replicas,
             ..Default::default()
         })
         .await?;
@@ -265,15 +278,23 @@ pub(crate) async fn fanin(
 }
 
 /// A key/value bucket made the way the broker makes its own (works on
-/// nats-server 2.9).
-async fn bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, BoxError> {
+/// nats-server 2.9), in `replicas` replicas. On a cluster it is read from
+/// its stream's leader, as the broker's are (direct gets could answer from
+/// a lagging follower); on one server, which has no follower, by direct
+/// gets.
+async fn bucket(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+) -> Result<kv::Store, BoxError> {
     js.create_stream(stream::Config {
         name: format!("KV_{name}"),
         subjects: vec![format!("$KV.{name}.>")],
+        num_replicas: replicas,
         max_messages_per_subject: 1,
         allow_rollup: true,
         deny_delete: true,
-        allow_direct: true,
+        allow_direct: replicas == 1,
         discard: stream::DiscardPolicy::New,
         ..Default::default()
     })
@@ -286,19 +307,21 @@ async fn bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, BoxErr
 /// it `n` publishes the release, which one consumer pulls and acks.
 pub(crate) async fn raw_fanin(
     url: &str,
+    replicas: usize,
     n: u32,
     iterations: u64,
     bar: &ProgressBar,
 ) -> Result<(Histogram<u64>, Histogram<u64>), BoxError> {
-    let js = jetstream::new(async_nats::connect(url).await?);
+    let js = connect(url).await?;
     let s = js
         .create_stream(stream::Config {
             name: format!("BENCH_FAN_{n}"),
             subjects: vec![format!("bench.fan{n}.>")],
+            num_replicas: replicas,
             ..Default::default()
         })
         .await?;
-    let counters = bucket(&js, &format!("bench_fan_{n}")).await?;
+    let counters = bucket(&js, &format!("bench_fan_{n}"), replicas).await?;
     let mut releases = s
         .create_consumer(pull::Config {
             durable_name: Some("release".into()),
@@ -483,18 +506,21 @@ pub(crate) async fn throughput(
 }
 
 /// The same load on raw JetStream: publishers await each ack; four
-/// consumers share one durable pull consumer and ack every message.
+/// consumers share one durable pull consumer and ack every message; the
+/// stream kept in `replicas` replicas.
 pub(crate) async fn raw_throughput(
     url: &str,
+    replicas: usize,
     count: u64,
     producers: usize,
     bar: &ProgressBar,
 ) -> Result<(f64, f64), BoxError> {
-    let js = jetstream::new(async_nats::connect(url).await?);
+    let js = connect(url).await?;
     let s = js
         .create_stream(stream::Config {
             name: "BENCH_SINK".into(),
             subjects: vec!["bench.sink".into()],
+            num_replicas: replicas,
             ..Default::default()
         })
         .await?;

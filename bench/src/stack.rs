@@ -1,10 +1,11 @@
-//! The system under test: a `nats-server` and a `handoffd` process, both on
-//! loopback ports they bind themselves (port 0, read back from their logs),
-//! stopped when dropped.
+//! The system under test: a `nats-server` (or a three-node JetStream
+//! cluster) and a `handoffd` process, all on loopback ports they bind
+//! themselves (port 0, read back from their logs), stopped when dropped.
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use handoff_client::{Client, ConnectOptions};
+use handoff_tests::Cluster;
 use handoffd::embedded::{NatsServer, Options};
 use tempfile::TempDir;
 use tokio::{
@@ -18,27 +19,49 @@ use crate::BoxError;
 pub(crate) struct Stack {
     _nats: Option<NatsServer>,
     broker: Child,
+    /// The three-node cluster of `--cluster`, kept for the whole run.
+    _cluster: Option<Cluster>,
     _dir: TempDir,
     nats_url: String,
+    replicas: usize,
     addr: String,
     token: Option<String>,
 }
+
+/// Where the stack's NATS comes from.
+pub(crate) enum Nats {
+    /// A `nats-server` the stack starts.
+    Single,
+    /// A running NATS at this URL.
+    Url(String),
+    /// A three-node JetStream cluster the stack starts; the broker and the
+    /// raw baselines keep everything in three replicas.
+    Cluster,
+}
+
+/// Replicas of streams and buckets on a three-node cluster.
+const CLUSTER_REPLICAS: usize = 3;
 
 /// The bootstrap admin token of a stack started with auth.
 const BENCH_TOKEN: &str = "handoff-bench-bootstrap-admin-token-000001";
 
 impl Stack {
-    /// Starts the stack; `nats_url` uses a running NATS instead of starting
-    /// one; `auth` makes every call authenticated (a bearer token).
-    pub(crate) async fn start(nats_url: Option<String>, auth: bool) -> Result<Stack, BoxError> {
+    /// Starts the stack on `nats`; `auth` makes every call authenticated
+    /// (a bearer token).
+    pub(crate) async fn start(nats: Nats, auth: bool) -> Result<Stack, BoxError> {
         let dir = tempfile::tempdir()?;
-        let (nats, url) = match nats_url {
-            Some(url) => (None, url),
-            None => {
+        let (server, cluster, url, replicas) = match nats {
+            Nats::Url(url) => (None, None, url, 1),
+            Nats::Single => {
                 let server =
                     NatsServer::start(Options::new("nats-server", dir.path().join("js"))).await?;
                 let url = server.url().to_string();
-                (Some(server), url)
+                (Some(server), None, url, 1)
+            }
+            Nats::Cluster => {
+                let cluster = Cluster::try_start().await?;
+                let url = cluster.urls_joined();
+                (None, Some(cluster), url, CLUSTER_REPLICAS)
             }
         };
         let token_file = dir.path().join("admin-token");
@@ -47,6 +70,9 @@ impl Stack {
         let mut command = Command::new(broker_bin()?);
         if auth {
             command.env("HANDOFF_AUTH_TOKEN_FILE", &token_file);
+        }
+        if cluster.is_some() {
+            command.env("HANDOFF_REPLICAS", replicas.to_string());
         }
         let mut broker = command
             .args(["--nats-url", &url, "--listen", "127.0.0.1:0"])
@@ -83,10 +109,12 @@ impl Stack {
         });
         let addr = format!("http://{listen}");
         Ok(Stack {
-            _nats: nats,
+            _nats: server,
             broker,
+            _cluster: cluster,
             _dir: dir,
             nats_url: url,
+            replicas,
             addr,
             token: auth.then(|| BENCH_TOKEN.to_string()),
         })
@@ -101,9 +129,23 @@ impl Stack {
         Ok(options.connect(&self.addr).await?)
     }
 
-    /// The NATS URL, for the raw JetStream baselines.
+    /// The NATS URL (on a cluster, every node's, comma-separated), for the
+    /// raw JetStream baselines.
     pub(crate) fn nats_url(&self) -> &str {
         &self.nats_url
+    }
+
+    /// The replicas the broker keeps its streams and buckets in, for the
+    /// raw JetStream baselines to keep theirs alike.
+    pub(crate) fn replicas(&self) -> usize {
+        self.replicas
+    }
+
+    /// The version of the NATS server the raw baselines connect to.
+    pub(crate) async fn nats_version(&self) -> Result<String, BoxError> {
+        let first = self.nats_url.split(',').next().unwrap_or_default();
+        let client = async_nats::connect(first).await?;
+        Ok(client.server_info().version)
     }
 
     /// The broker's process id.
