@@ -64,6 +64,35 @@ const LEASE_RECORD_AGE: Duration = Duration::from_secs(48 * 3600);
 /// Stripes of the per-key turns at compare-and-set writes.
 const TURNS: usize = 512;
 
+/// The last key a stripe of turns wrote, and the revision it wrote.
+#[derive(Default)]
+struct LastWrite(Option<(String, u64)>);
+
+/// A turn at compare-and-set writes to one key (see `JetStream::turn`).
+struct Turn<'a> {
+    /// `None` when writes need no turns.
+    last: Option<tokio::sync::MutexGuard<'a, LastWrite>>,
+    key: String,
+}
+
+impl Turn<'_> {
+    /// Whether this replica wrote the key past `revision` since the caller
+    /// read it: a write expecting `revision` would be refused.
+    fn stale(&self, revision: u64) -> bool {
+        matches!(
+            self.last.as_deref(),
+            Some(LastWrite(Some((key, written)))) if *key == self.key && *written > revision
+        )
+    }
+
+    /// Records a write of the key that stored `revision`.
+    fn wrote(&mut self, revision: u64) {
+        if let Some(last) = self.last.as_deref_mut() {
+            last.0 = Some((self.key.clone(), revision));
+        }
+    }
+}
+
 /// Branch results read at once when a release gathers their payloads:
 /// enough that a 100-branch release takes one round of direct gets.
 const BRANCH_READS: usize = 128;
@@ -156,7 +185,10 @@ pub struct JetStream {
     pub tokens: kv::Store,
     ack_timeout: Duration,
     /// This replica's turns at compare-and-set writes, by key (striped).
-    turns: std::sync::Arc<Vec<tokio::sync::Mutex<()>>>,
+    turns: std::sync::Arc<Vec<tokio::sync::Mutex<LastWrite>>>,
+    /// Whether writes take turns: on a cluster of nats-server before
+    /// 2.9.21 (a single server, or a newer cluster, serializes them).
+    take_turns: bool,
     /// Pull consumers of agents' inboxes, opened once.
     consumers: DashMap<String, jetstream::consumer::PullConsumer>,
 }
@@ -169,7 +201,8 @@ impl JetStream {
         js.set_timeout(cfg.nats_timeout);
         check_jetstream(&client).await?;
         let info = client.server_info();
-        if info.cluster.is_some() && cfg.replicas > 1 && !serializes_races(&info.version) {
+        let take_turns = info.cluster.is_some() && !serializes_races(&info.version);
+        if take_turns && cfg.replicas > 1 {
             tracing::warn!(
                 version = %info.version,
                 "this nats-server does not serialize compare-and-set writes that race on a replicated stream (nats-server#4320, fixed in 2.9.21): this handoffd takes turns at its own writes to a key, but several handoffd replicas on this cluster could both decide on one barrier or run; run nats-server 2.9.21 or newer"
@@ -302,7 +335,12 @@ impl JetStream {
             branches,
             barriers,
             ack_timeout: cfg.nats_timeout,
-            turns: std::sync::Arc::new((0..TURNS).map(|_| tokio::sync::Mutex::new(())).collect()),
+            turns: std::sync::Arc::new(
+                (0..TURNS)
+                    .map(|_| tokio::sync::Mutex::new(LastWrite::default()))
+                    .collect(),
+            ),
+            take_turns,
             consumers: DashMap::new(),
         })
     }
@@ -357,15 +395,22 @@ impl JetStream {
         value: Bytes,
         revision: Option<u64>,
     ) -> Result<bool, BrokerError> {
-        let _turn = self.turn(bucket, key).await;
+        let mut turn = self.turn(bucket, key).await;
         match revision {
             None => match bucket.create(key, value).await {
-                Ok(_) => Ok(true),
+                Ok(written) => {
+                    turn.wrote(written);
+                    Ok(true)
+                }
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
                 Err(e) => Err(BrokerError::nats("writing to the store", e)),
             },
+            Some(rev) if turn.stale(rev) => Ok(false),
             Some(rev) => match bucket.update(key, value, rev).await {
-                Ok(_) => Ok(true),
+                Ok(written) => {
+                    turn.wrote(written);
+                    Ok(true)
+                }
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
                 Err(e) => Err(BrokerError::nats("writing to the store", e)),
             },
@@ -378,14 +423,25 @@ impl JetStream {
     /// part of it, so two concurrent writes expecting the same revision may
     /// both be stored (nats-server#4320); taking turns keeps one replica's
     /// own concurrent writes to a key (branches racing on one barrier)
-    /// from ever being concurrent.
-    async fn turn(&self, bucket: &kv::Store, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+    /// from ever being concurrent. A single server, or a cluster of 2.9.21
+    /// or later, needs no turns, and gets none.
+    ///
+    /// A writer whose turn comes after another wrote the key from the
+    /// revision it expected learns that it lost without a round trip
+    /// ([`Turn::stale`]): otherwise writers queued on a hot key (the
+    /// branches of a wide barrier) would each spend a round trip, in turn,
+    /// on a write bound to fail.
+    async fn turn(&self, bucket: &kv::Store, key: &str) -> Turn<'_> {
         use std::hash::{Hash, Hasher};
+        let name = format!("{}/{key}", bucket.name);
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        bucket.name.hash(&mut hasher);
-        key.hash(&mut hasher);
+        name.hash(&mut hasher);
         let stripe = (hasher.finish() % self.turns.len() as u64) as usize;
-        self.turns[stripe].lock().await
+        let last = match self.take_turns {
+            true => Some(self.turns[stripe].lock().await),
+            false => None,
+        };
+        Turn { last, key: name }
     }
 
     /// Every value of a bucket that decodes as `T`.
@@ -793,13 +849,19 @@ impl Store for JetStream {
     /// Writes a run if its revision is still `revision`; `Ok(false)` when
     /// another writer got there first.
     async fn update_run(&self, run: &pb::Run, revision: u64) -> Result<bool> {
-        let _turn = self.turn(&self.runs, &run.id).await;
+        let mut turn = self.turn(&self.runs, &run.id).await;
+        if turn.stale(revision) {
+            return Ok(false);
+        }
         match self
             .runs
             .update(&run.id, run.encode_to_vec().into(), revision)
             .await
         {
-            Ok(_) => Ok(true),
+            Ok(written) => {
+                turn.wrote(written);
+                Ok(true)
+            }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
             Err(e) => Err(BrokerError::nats("updating the run", e)),
         }
@@ -958,13 +1020,19 @@ impl Store for JetStream {
         claim: &pb::ConsumeClaim,
         revision: u64,
     ) -> Result<Option<u64>, BrokerError> {
-        let _turn = self.turn(&self.consumed, consumed_handoff).await;
+        let mut turn = self.turn(&self.consumed, consumed_handoff).await;
+        if turn.stale(revision) {
+            return Ok(None);
+        }
         match self
             .consumed
             .update(consumed_handoff, claim.encode_to_vec().into(), revision)
             .await
         {
-            Ok(next) => Ok(Some(next)),
+            Ok(next) => {
+                turn.wrote(next);
+                Ok(Some(next))
+            }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
             Err(e) => Err(BrokerError::nats("updating the claim", e)),
         }
@@ -1020,13 +1088,19 @@ impl Store for JetStream {
     async fn update_barrier(&self, barrier: &pb::Barrier, revision: u64) -> Result<bool> {
         let spec = barrier.spec.clone().unwrap_or_default();
         let key = barrier_key(&spec.run_id, &spec.barrier_id);
-        let _turn = self.turn(&self.barriers, &key).await;
+        let mut turn = self.turn(&self.barriers, &key).await;
+        if turn.stale(revision) {
+            return Ok(false);
+        }
         match self
             .barriers
             .update(key.as_str(), barrier.encode_to_vec().into(), revision)
             .await
         {
-            Ok(_) => Ok(true),
+            Ok(written) => {
+                turn.wrote(written);
+                Ok(true)
+            }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
             Err(e) => Err(BrokerError::nats("updating the barrier", e)),
         }
