@@ -54,6 +54,10 @@ pub struct Consumed {
     pub releases: HashMap<String, u32>,
     /// Acks that failed and were retried.
     pub failed_acks: u32,
+    /// Subscribe streams that ended or broke and were opened again.
+    pub broken_streams: u32,
+    /// Why the last of them broke.
+    pub last_stream_error: Option<String>,
 }
 
 impl Produced {
@@ -202,8 +206,12 @@ impl Load {
     pub async fn finish(self, nats_url: &str) -> (Produced, Consumed) {
         let _ = self.stop.send(true);
         let mut produced = Produced::default();
+        eprintln!("load: stopping the producers");
         for p in self.producers {
-            let mut one = p.await.expect("producer");
+            let mut one = tokio::time::timeout(Duration::from_secs(120), p)
+                .await
+                .expect("a producer stops within 120 s")
+                .expect("producer");
             produced.handoffs.append(&mut one.handoffs);
             produced.barriers.append(&mut one.barriers);
             produced.calls.append(&mut one.calls);
@@ -214,13 +222,14 @@ impl Load {
         let client = connect(self.addr).await;
         for (run_id, barrier_id) in &produced.barriers {
             loop {
-                let barrier = client
-                    .raw()
-                    .get_barrier(pb::GetBarrierRequest {
-                        run_id: run_id.clone(),
-                        barrier_id: barrier_id.clone(),
-                    })
+                let mut raw = client.raw();
+                let read = raw.get_barrier(pb::GetBarrierRequest {
+                    run_id: run_id.clone(),
+                    barrier_id: barrier_id.clone(),
+                });
+                let barrier = tokio::time::timeout(Duration::from_secs(45), read)
                     .await
+                    .expect("GetBarrier answers within 45 s")
                     .ok()
                     .and_then(|r| r.into_inner().barrier);
                 if barrier.as_ref().is_some_and(|b| b.release_published) {
@@ -247,9 +256,13 @@ impl Load {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let _ = self.finished.send(true);
+        eprintln!("load: producers done, inboxes settled; waiting for the consumers");
         let mut consumed = Consumed::default();
         for c in self.consumers {
-            let one = c.await.expect("consumer");
+            let one = tokio::time::timeout(Duration::from_secs(120), c)
+                .await
+                .expect("a consumer stops within 120 s")
+                .expect("consumer");
             for (id, n) in one.deliveries {
                 *consumed.deliveries.entry(id).or_default() += n;
             }
@@ -257,6 +270,10 @@ impl Load {
                 *consumed.releases.entry(id).or_default() += n;
             }
             consumed.failed_acks += one.failed_acks;
+            consumed.broken_streams += one.broken_streams;
+            if one.last_stream_error.is_some() {
+                consumed.last_stream_error = one.last_stream_error;
+            }
         }
         (produced, consumed)
     }
@@ -268,7 +285,22 @@ async fn attempt<T>(
     call: impl std::future::Future<Output = handoff_client::Result<T>>,
 ) -> Option<T> {
     let start = Instant::now();
-    let result = call.await;
+    // Longer than the broker's own bound on a call (6 x nats_timeout): a
+    // call that outlasts it hung, and fails the test.
+    let result = match tokio::time::timeout(Duration::from_secs(45), call).await {
+        Ok(r) => r,
+        Err(_) => {
+            calls.push(Call {
+                start,
+                end: Instant::now(),
+                failed: Some((
+                    tonic::Code::DeadlineExceeded,
+                    "no answer in 45 s".to_string(),
+                )),
+            });
+            return None;
+        }
+    };
     let end = Instant::now();
     match result {
         Ok(v) => {
@@ -403,9 +435,24 @@ async fn consume(
 ) -> Consumed {
     let mut out = Consumed::default();
     let mut quiet_since: Option<Instant> = None;
+    // Once the load is finished (the inboxes are settled: nothing more
+    // comes), a consumer ends after `quiet` without a delivery, whether
+    // its stream is open or broken.
+    let done = |quiet_since: &mut Option<Instant>| {
+        *finished.borrow() && quiet_since.get_or_insert_with(Instant::now).elapsed() > quiet
+    };
     'session: loop {
+        if done(&mut quiet_since) {
+            return out;
+        }
         let client = connect(addr).await;
-        let mut sub = match client.subscribe(agent, &instance, max_in_flight).await {
+        let subscribed = tokio::time::timeout(
+            Duration::from_secs(45),
+            client.subscribe(agent, &instance, max_in_flight),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{instance}: Subscribe had no answer in 45 s"));
+        let mut sub = match subscribed {
             Ok(s) => s,
             Err(_) => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -417,13 +464,18 @@ async fn consume(
             let delivery = match next {
                 Ok(Some(Ok(d))) => d,
                 // The stream ended or broke: open another.
-                Ok(Some(Err(_))) | Ok(None) => continue 'session,
+                Ok(Some(Err(e))) => {
+                    out.broken_streams += 1;
+                    out.last_stream_error = Some(e.to_string());
+                    continue 'session;
+                }
+                Ok(None) => {
+                    out.broken_streams += 1;
+                    continue 'session;
+                }
                 Err(_) => {
-                    if *finished.borrow() {
-                        let since = *quiet_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() > quiet {
-                            return out;
-                        }
+                    if done(&mut quiet_since) {
+                        return out;
                     }
                     continue;
                 }
@@ -438,7 +490,12 @@ async fn consume(
                     .or_default() += 1;
             }
             let mut tries = 0;
-            while let Err(e) = delivery.ack().await {
+            loop {
+                let acked = tokio::time::timeout(Duration::from_secs(45), delivery.ack()).await;
+                let Ok(acked) = acked else {
+                    panic!("{instance}: an ack had no answer in 45 s");
+                };
+                let Err(e) = acked else { break };
                 out.failed_acks += 1;
                 tries += 1;
                 // A delivery superseded or gone is redelivered or done:
@@ -532,12 +589,14 @@ pub async fn verify(
         failed_calls: produced.failures().len(),
     };
     println!(
-        "{} handoffs and {} fan-ins accepted: lost {}, delivered again {} ({} acks failed and were retried), every fan-in released once; {} attempts failed, the longest window without a successful call {:.2} s",
+        "{} handoffs and {} fan-ins accepted: lost {}, delivered again {} ({} acks failed and were retried, {} Subscribe streams broke and were opened again: {:?}), every fan-in released once; {} attempts failed, the longest window without a successful call {:.2} s",
         accepted.len(),
         produced.barriers.len(),
         verdict.lost,
         verdict.delivered_again,
         consumed.failed_acks,
+        consumed.broken_streams,
+        consumed.last_stream_error,
         verdict.failed_calls,
         verdict.longest_gap.as_secs_f64()
     );

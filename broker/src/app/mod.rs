@@ -46,6 +46,10 @@ use crate::{
     store::Store,
 };
 
+/// How many times `nats_timeout` a call may take in all before it is
+/// abandoned as stalled.
+pub const STALLED: u32 = 6;
+
 /// A cheap, cloneable handle to the broker's state.
 #[derive(Clone)]
 pub struct Broker {
@@ -124,13 +128,18 @@ impl Broker {
     }
 
     /// Runs `call`, unless NATS stays unreachable for `nats_timeout` while
-    /// it runs: then it is abandoned (every use case is safe to stop
-    /// between two steps, as a crash would) and answers UNAVAILABLE.
+    /// it runs, or the call as a whole outlasts [`STALLED`] times
+    /// `nats_timeout` (each of its NATS requests is bounded by
+    /// `nats_timeout`, so only NATS stalling mid-way, as while streams
+    /// elect leaders, makes a call that long): then it is abandoned (every
+    /// use case is safe to stop between two steps, as a crash would) and
+    /// answers UNAVAILABLE. A call never hangs.
     pub async fn bounded<T>(
         &self,
         call: impl std::future::Future<Output = Result<T, BrokerError>>,
     ) -> Result<T, BrokerError> {
         let bound = self.inner.config.nats_timeout;
+        let stalled = bound.saturating_mul(STALLED);
         tokio::select! {
             biased;
             done = call => done,
@@ -138,6 +147,13 @@ impl Broker {
                 "NATS has been unreachable for {}",
                 humantime::format_duration(bound)
             ))),
+            _ = tokio::time::sleep(stalled) => {
+                tracing::warn!(after = ?stalled, "call abandoned: NATS stalled it");
+                Err(BrokerError::Unavailable(format!(
+                    "NATS did not complete the call within {}",
+                    humantime::format_duration(stalled)
+                )))
+            }
         }
     }
 

@@ -1172,7 +1172,12 @@ impl Store for JetStream {
             .await
             .map_err(|e| BrokerError::nats("reading branch results", e))?;
         while pending > 0 {
-            let Some(msg) = messages.next().await else {
+            let next = tokio::time::timeout(self.ack_timeout, messages.next())
+                .await
+                .map_err(|_| {
+                    BrokerError::Unavailable("reading branch results timed out".to_string())
+                })?;
+            let Some(msg) = next else {
                 break;
             };
             let msg = msg.map_err(|e| BrokerError::nats("reading branch results", e))?;
