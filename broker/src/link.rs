@@ -6,20 +6,17 @@
 //! UNAVAILABLE within `nats_timeout` instead of hanging. The client
 //! reconnects by itself; nothing here restarts anything.
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
-/// Whether NATS is reachable, and since when it is not.
+/// Whether NATS is reachable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     /// Connected.
     Up,
-    /// Disconnected since this time.
-    Down(SystemTime),
+    /// Disconnected.
+    Down,
 }
 
 /// A cheap, cloneable handle on the link state.
@@ -72,12 +69,10 @@ impl Link {
 
     /// The client lost its connection.
     pub fn down(&self) {
-        self.tx.send_if_modified(|s| match s {
-            State::Up => {
-                *s = State::Down(SystemTime::now());
-                true
-            }
-            State::Down(_) => false,
+        self.tx.send_if_modified(|s| {
+            let changed = *s != State::Down;
+            *s = State::Down;
+            changed
         });
     }
 
@@ -140,7 +135,7 @@ mod tests {
         assert!(!waiting.is_finished());
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(waiting.is_finished(), "answered within the bound");
-        assert!(matches!(link.state(), State::Down(_)));
+        assert_eq!(link.state(), State::Down);
     }
 
     #[tokio::test(start_paused = true)]

@@ -573,7 +573,7 @@ async fn follow_link(link: Link, reporter: tonic_health::server::HealthReporter,
         let state = *states.borrow_and_update();
         let status = match state {
             LinkState::Up => ServingStatus::Serving,
-            LinkState::Down(_) => ServingStatus::NotServing,
+            LinkState::Down => ServingStatus::NotServing,
         };
         if broker.draining() {
             return;

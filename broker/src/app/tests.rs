@@ -320,18 +320,24 @@ async fn depth_cap_and_closed_runs_refuse_before_storing() {
     assert_eq!(f.store.events(&run, pb::EventKind::RunCompleted).len(), 1);
 }
 
+/// Barrier `join` of `run`, of `branches` branches, released to
+/// `aggregator`.
+fn join(run: &str, branches: u32) -> pb::BarrierSpec {
+    pb::BarrierSpec {
+        run_id: run.to_string(),
+        barrier_id: "join".into(),
+        branch_count: branches,
+        target_agent: "aggregator".into(),
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
 async fn a_fan_out_releases_once_to_its_target() {
     let f = fixture();
     f.agents(&["worker", "aggregator"]).await;
     let run = f.run(0).await;
-    let spec = pb::BarrierSpec {
-        run_id: run.clone(),
-        barrier_id: "join".into(),
-        branch_count: 3,
-        target_agent: "aggregator".into(),
-        ..Default::default()
-    };
+    let spec = join(&run, 3);
     let branches = (0..3)
         .map(|i| pb::HandoffRequest {
             branch_key: i.to_string(),
@@ -381,13 +387,7 @@ async fn a_release_decided_but_not_published_is_published_by_the_retried_branch(
     let f = fixture();
     f.agents(&["worker", "aggregator"]).await;
     let run = f.run(0).await;
-    let spec = pb::BarrierSpec {
-        run_id: run.clone(),
-        barrier_id: "join".into(),
-        branch_count: 2,
-        target_agent: "aggregator".into(),
-        ..Default::default()
-    };
+    let spec = join(&run, 2);
     barriers::open(
         &f.broker,
         &Caller::local(),
@@ -435,11 +435,8 @@ async fn a_fan_out_branch_key_the_barrier_lacks_is_refused() {
     let run = f.run(0).await;
     let req = pb::FanOutRequest {
         barrier: Some(pb::BarrierSpec {
-            run_id: run.clone(),
-            barrier_id: "join".into(),
             branch_keys: vec!["a".into(), "b".into()],
-            target_agent: "aggregator".into(),
-            ..Default::default()
+            ..join(&run, 0)
         }),
         branches: vec![pb::HandoffRequest {
             branch_key: "c".into(),
