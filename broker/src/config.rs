@@ -80,6 +80,21 @@ pub const KEYS: &[Key] = &[
         doc: "Largest payload carried inline, in bytes; larger ones are refused.",
     },
     Key {
+        name: "max_state_value_bytes",
+        default: "65536",
+        doc: "Largest encoded value of one run-state key, in bytes; a delta over it is refused (STATE_TOO_LARGE).",
+    },
+    Key {
+        name: "max_state_bytes",
+        default: "262144",
+        doc: "Largest run-state document (keys and encoded values), in bytes; a delta over it is refused (STATE_TOO_LARGE).",
+    },
+    Key {
+        name: "state_cache_bytes",
+        default: "67108864",
+        doc: "Memory this replica spends caching run-state revisions, in bytes.",
+    },
+    Key {
         name: "dedupe_window",
         default: "15m",
         doc: "How long an idempotency key (or a consumed delivery) is recognised.",
@@ -230,6 +245,12 @@ pub struct Config {
     pub default_run_timeout: Duration,
     /// Inline payload limit in bytes.
     pub max_inline_payload: usize,
+    /// Largest encoded value of one run-state key.
+    pub max_state_value_bytes: usize,
+    /// Largest run-state document.
+    pub max_state_bytes: usize,
+    /// Memory spent caching run-state revisions.
+    pub state_cache_bytes: usize,
     /// JetStream duplicate window.
     pub dedupe_window: Duration,
     /// Stream retention.
@@ -531,6 +552,19 @@ impl Config {
                 "max_inline_payload",
                 raw("max_inline_payload"),
                 1,
+                &mut problems,
+            ),
+            max_state_value_bytes: num(
+                "max_state_value_bytes",
+                raw("max_state_value_bytes"),
+                1,
+                &mut problems,
+            ),
+            max_state_bytes: num("max_state_bytes", raw("max_state_bytes"), 1, &mut problems),
+            state_cache_bytes: num(
+                "state_cache_bytes",
+                raw("state_cache_bytes"),
+                0,
                 &mut problems,
             ),
             dedupe_window,

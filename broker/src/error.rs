@@ -29,6 +29,8 @@ pub enum Class {
     PermissionDenied,
     /// The request is larger than the broker accepts.
     OutOfRange,
+    /// A concurrent write came first: read again and retry.
+    Aborted,
     /// NATS is unreachable or the broker is draining.
     Unavailable,
     /// A bug or an unexpected answer from the store.
@@ -133,6 +135,18 @@ reasons! {
         "the consumed delivery's handoff is no longer stored";
     LeaseSuperseded => "LEASE_SUPERSEDED", FailedPrecondition,
         "the delivery's lease passed, or it was delivered again: this attempt may no longer settle it";
+    PinnedKey => "PINNED_KEY", FailedPrecondition,
+        "a state delta that changes or removes a key the run pinned at StartRun";
+    StateTooLarge => "STATE_TOO_LARGE", FailedPrecondition,
+        "a state value or the whole run state over its limit (max_state_value_bytes, max_state_bytes); nothing truncated";
+    StateTypeMismatch => "STATE_TYPE_MISMATCH", FailedPrecondition,
+        "an append to a key that holds no list, or a merge into one that holds no struct";
+    DroppedField => "DROPPED_FIELD", FailedPrecondition,
+        "a payload field the target's contract says to carry (ContractRules.carry) held a value in the consumed payload and is empty in this one";
+    StateConflict => "STATE_CONFLICT", Aborted,
+        "a state delta from a base_revision older than the last change of a key it replaces or removes; read the state again and retry";
+    StateRevisionNotFound => "STATE_REVISION_NOT_FOUND", NotFound,
+        "GetState for a revision the run's state never had, or a run without state";
     AlreadySettled => "ALREADY_SETTLED", FailedPrecondition,
         "the delivery was already settled another way (acked, nacked or rejected)";
     MissingCredentials => "MISSING_CREDENTIALS", Unauthenticated,
@@ -529,6 +543,7 @@ mod readme {
                 super::Class::Unauthenticated => "UNAUTHENTICATED",
                 super::Class::PermissionDenied => "PERMISSION_DENIED",
                 super::Class::OutOfRange => "OUT_OF_RANGE",
+                super::Class::Aborted => "ABORTED",
                 super::Class::Unavailable => "UNAVAILABLE",
                 super::Class::Internal => "INTERNAL",
             };

@@ -43,6 +43,21 @@ impl Metrics {
         self.events_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a payload field dropped on the edge `source` -> `target`.
+    pub fn dropped_field(&self, _source: &str, _target: &str, _field: &str) {}
+
+    /// Counts a handoff from `agent` asking for a key the run state held.
+    pub fn stale_reask(&self, _agent: &str) {}
+
+    /// Records a judge's score of a run of `pipeline`.
+    pub fn intent_score(&self, _pipeline: &str, _score: f64) {}
+
+    /// Counts a run of `pipeline` whose judge scored it under its threshold.
+    pub fn intent_drift(&self, _pipeline: &str) {}
+
+    /// Records how many handoffs a run of `pipeline` took to end (`outcome`).
+    pub fn run_resolved(&self, _pipeline: &str, _outcome: &str, _handoffs: u64) {}
+
     /// Counts a call refused for who made it, by reason.
     pub fn denied(&self, reason: &'static str) {
         self.denied

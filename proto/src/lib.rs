@@ -18,6 +18,7 @@ pub mod server {
 }
 
 pub mod codec;
+pub mod digest;
 
 /// The encoded `FileDescriptorSet` of the API, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("handoff_descriptor");
@@ -60,6 +61,8 @@ impl pb::EventKind {
             K::BranchLate => "branch_late",
             K::AccessDenied => "access_denied",
             K::ContractModeChanged => "contract_mode_changed",
+            K::IntentScored => "intent_scored",
+            K::IntentDrift => "intent_drift",
         }
     }
 
@@ -94,6 +97,8 @@ pub const ALL_EVENT_KINDS: &[pb::EventKind] = &[
     pb::EventKind::BranchLate,
     pb::EventKind::AccessDenied,
     pb::EventKind::ContractModeChanged,
+    pb::EventKind::IntentScored,
+    pb::EventKind::IntentDrift,
 ];
 
 impl pb::RunStatus {

@@ -133,6 +133,11 @@ async fn check_contracts(broker: &Broker, spec: &mut pb::AgentSpec) -> Result<()
             )));
         }
     }
+    spec.reads.sort();
+    spec.reads.dedup();
+    for key in &spec.reads {
+        crate::rules::state::validate_key("agent.reads", key)?;
+    }
     spec.emits.sort();
     spec.emits.dedup();
     for t in &spec.emits {

@@ -25,7 +25,7 @@ use prost::Message as _;
 use crate::{
     app::{
         auth::{self, Caller},
-        now, status_name, Broker,
+        now, state, status_name, Broker,
     },
     error::{BrokerError, Reason},
     rules::{
@@ -618,6 +618,10 @@ async fn publish_release(
         depth,
         created_at: b.released_at,
         barrier_id: spec.barrier_id.clone(),
+        // The aggregator sees the state every branch's delta made.
+        state_revision: state::latest(broker, &run.id)
+            .await?
+            .map_or(0, |r| r.revision),
         ..Default::default()
     };
     broker.store().put_handoff(&envelope).await?;

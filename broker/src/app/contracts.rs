@@ -289,6 +289,13 @@ fn check_rules(
             format!("rules.required_fields: {}", problems.join("; ")),
         ));
     }
+    if let Err(problems) = crate::rules::contracts::dropped::check_carry(message, &rules.carry) {
+        return Err(BrokerError::invalid(
+            Reason::InvalidContract,
+            "rules.carry",
+            format!("rules.carry: {}", problems.join("; ")),
+        ));
+    }
     if let Some(c) = rules.min_confidence {
         if !(0.0..=1.0).contains(&c) {
             return Err(BrokerError::invalid(

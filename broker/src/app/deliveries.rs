@@ -14,7 +14,7 @@ use crate::{
         agents::lease_of,
         auth, barriers, now,
         runs::{self, RunEnd},
-        status_name, Broker,
+        state, status_name, Broker,
     },
     error::BrokerError,
     rules::{
@@ -219,7 +219,8 @@ pub async fn offer(
             return Offering::Skip;
         }
     };
-    if pb::RunStatus::try_from(run.status).is_ok_and(|s| s.is_terminal()) {
+    // A judge's request is the one delivery a completed run still makes.
+    if pb::RunStatus::try_from(run.status).is_ok_and(|s| s.is_terminal()) && !envelope.judge {
         if broker
             .store()
             .settle(&reference, Settlement::Term)
@@ -285,6 +286,7 @@ pub async fn offer(
         lease,
         reference,
     };
+    let (state, pinned_digest) = state::for_delivery(broker, &run, &envelope, &spec.reads).await;
     let delivery = pb::Delivery {
         delivery_id,
         attempt,
@@ -293,6 +295,8 @@ pub async fn offer(
         pinned: run.pinned,
         sequence,
         handoff: Some(envelope),
+        state,
+        pinned_digest,
     };
     Offering::Deliver(Box::new(delivery), Box::new(held))
 }

@@ -314,3 +314,93 @@ pub async fn enforce(
         Err(Guarded::Failed(e)) => Err(e),
     }
 }
+
+/// Signal 1: the payload fields dropped on the edge from the consumed
+/// handoff `parent` to this one (both types must be registered contracts:
+/// the names come from their schemas). A drop of a field the checked
+/// contract says to carry (`ContractRules.carry`) is refused with
+/// DROPPED_FIELD; the others are returned, for the event and the metrics.
+pub async fn check_carry(
+    broker: &Broker,
+    req: &pb::HandoffRequest,
+    parent: &pb::HandoffEnvelope,
+    checked: &Checked,
+) -> Result<Vec<String>, BrokerError> {
+    let (Some(out), Some(input)) = (req.payload.as_ref(), parent.payload.as_ref()) else {
+        return Ok(Vec::new());
+    };
+    let out_type = contracts::type_of_url(&out.type_url);
+    let in_type = contracts::type_of_url(&input.type_url);
+    // Answered from the registry alone (loaded at start and kept current):
+    // an unregistered type costs no read.
+    let version = |ty: &str, v: u32| {
+        let versions = broker.contracts().versions(ty)?;
+        versions
+            .iter()
+            .find(|c| c.contract.version == v)
+            .or(versions.last())
+            .cloned()
+    };
+    let checked_here = checked.contract_type == out_type;
+    let (Some(outgoing), Some(consumed)) = (
+        version(out_type, if checked_here { checked.version } else { 0 }),
+        version(in_type, parent.contract_version),
+    ) else {
+        return Ok(Vec::new());
+    };
+    let dropped = if out.value.len() + input.value.len() < BLOCKING_CHECK_BYTES {
+        contracts::dropped::dropped_fields(
+            &consumed.message,
+            &input.value,
+            &outgoing.message,
+            &out.value,
+        )
+    } else {
+        let (c, o) = (consumed.clone(), outgoing.clone());
+        let (iv, ov) = (input.value.clone(), out.value.clone());
+        tokio::task::spawn_blocking(move || {
+            contracts::dropped::dropped_fields(&c.message, &iv, &o.message, &ov)
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(format!("comparing payloads failed: {e}")))?
+    };
+    let carried: Vec<&String> = if checked_here {
+        dropped
+            .iter()
+            .filter(|f| outgoing.rules.carry.contains(f))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if carried.is_empty() {
+        return Ok(dropped);
+    }
+    let fields = carried
+        .iter()
+        .map(|f| f.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let message = format!(
+        "field {} held a value in the consumed handoff {} and is empty here; contract {} version {} says to carry it (rules.carry)",
+        carried.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(", "),
+        parent.id,
+        checked.contract_type,
+        checked.version
+    );
+    Err(refuse(
+        broker,
+        req,
+        Refusal {
+            contract_type: checked.contract_type.clone(),
+            version: checked.version,
+            metadata: vec![
+                ("fields", fields),
+                ("source", req.source_agent.clone()),
+                ("target", req.target_agent.clone()),
+                ("consumed_handoff_id", parent.id.clone()),
+            ],
+            ..Refusal::new("carry", Reason::DroppedField, message)
+        },
+    )
+    .await)
+}

@@ -23,12 +23,12 @@ use crate::{
         auth::{self, Caller},
         barriers, deliveries, guard,
         guard::Checked,
-        now,
+        judge, now,
         runs::{self, RunEnd},
-        status_name, Broker,
+        state, status_name, Broker,
     },
     error::BrokerError,
-    rules::{grants::Action, handoff as rules, lease::Ask},
+    rules::{grants::Action, handoff as rules, lease::Ask, state as state_rules},
     store::{Claim, TimerKind},
 };
 
@@ -61,6 +61,12 @@ pub async fn accept_as(
     // 1. Validate: everything that needs no state (a consumed delivery's
     //    id is signed: verified here).
     rules::validate_handoff(&req, broker.config().max_inline_payload)?;
+    if let Some(delta) = &req.state_delta {
+        state_rules::validate_delta(delta)?;
+    }
+    for key in &req.asks_for {
+        state_rules::validate_key("asks_for", key)?;
+    }
     let consumed = match req.consumes.as_str() {
         "" => None,
         token => Some(deliveries::decode(broker, token).await?),
@@ -379,6 +385,12 @@ async fn commit(
         barrier,
     } = read;
     let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
+    if let (Some(token), Some(p)) = (consumed, parent.as_ref().filter(|p| p.judge)) {
+        // The judge's verdict on a completed run.
+        if p.run_id == run.id {
+            return judge::record(broker, &run, req, token, id).await;
+        }
+    }
     if status.is_terminal() {
         if req.r#final && run.result_handoff_id == id {
             // A retry of the final handoff that completed this run: make
@@ -392,6 +404,7 @@ async fn commit(
                 sequence: 0,
                 duplicate: true,
                 depth: 0,
+                ..Default::default()
             });
         }
         return Err(BrokerError::RunClosed {
@@ -429,6 +442,12 @@ async fn commit(
             }
         }
     }
+    // Signal 1: payload fields dropped on this edge; the target's contract
+    // may refuse dropping some (`carry`).
+    let dropped = match &parent {
+        Some(p) => guard::check_carry(broker, req, p, &checked).await?,
+        None => Vec::new(),
+    };
     let mut parent_ids = req.parent_ids.clone();
     if let Some(p) = &parent {
         if !parent_ids.contains(&p.id) {
@@ -456,12 +475,31 @@ async fn commit(
         token_count: checked.tokens,
         barrier_id: barrier_id.clone(),
         branch_key: branch_key.clone(),
+        state_revision: 0,
+        asks_for: req.asks_for.clone(),
+        judge: false,
     };
     let max_payload = broker.store().max_payload();
-    let size = envelope.encoded_len();
+    // The state revision is set below: room for its 11 bytes.
+    let size = envelope.encoded_len() + 11;
     if max_payload > 0 && size > max_payload {
         return Err(BrokerError::EnvelopeTooLarge { size, max_payload });
     }
+    // The state: the delta is applied once, with this handoff (every guard
+    // has passed: a refused handoff changes nothing); signal 2: keys asked
+    // for that the state already held.
+    let applied = state::apply(
+        broker,
+        &run,
+        &id,
+        &req.source_agent,
+        req.state_delta.as_ref(),
+        !req.asks_for.is_empty(),
+    )
+    .await?;
+    let mut envelope = envelope;
+    envelope.state_revision = applied.revision;
+    let answers = state_rules::answers(applied.before.as_deref(), &req.asks_for);
 
     // Commit.
     let (sequence, duplicate) = if req.r#final {
@@ -491,6 +529,7 @@ async fn commit(
                 sequence: arrived.sequence,
                 duplicate: true,
                 depth,
+                ..Default::default()
             });
         }
         (arrived.sequence, arrived.duplicate)
@@ -508,13 +547,20 @@ async fn commit(
         sequence,
         duplicate: false,
         depth,
+        state_revision: applied.revision,
+        ..Default::default()
     };
     let remember = async {
         if let (Some(token), Some(claim)) = (consumed, claim) {
             record_receipt(broker, token, claim, receipt.clone()).await;
         }
     };
-    let accepted = accepted_event(&run, req, &receipt, barrier_id, branch_key);
+    let mut accepted = accepted_event(&run, req, &receipt, barrier_id, branch_key);
+    accepted.state_change = applied.change.clone();
+    accepted.dropped_fields = dropped.clone();
+    let mut reasks: Vec<String> = answers.keys().cloned().collect();
+    reasks.sort();
+    accepted.reasks = reasks;
     let msg_id = format!("accepted-{id}");
     if req.r#final {
         broker.emit(accepted, &msg_id).await?;
@@ -554,6 +600,19 @@ async fn commit(
     }
     if !duplicate {
         broker.metrics().accepted();
+        let target = if req.r#final {
+            ""
+        } else {
+            req.target_agent.as_str()
+        };
+        for field in &dropped {
+            broker
+                .metrics()
+                .dropped_field(&req.source_agent, target, field);
+        }
+        for _ in &answers {
+            broker.metrics().stale_reask(&req.source_agent);
+        }
     }
     tracing::debug!(run_id = %run.id, handoff_id = %id, target = %req.target_agent, depth, duplicate, tokens = checked.tokens, "handoff accepted");
     Ok(pb::HandoffResponse {
@@ -561,6 +620,9 @@ async fn commit(
         sequence,
         duplicate,
         depth,
+        state_revision: applied.revision,
+        answers,
+        dropped_fields: dropped,
     })
 }
 

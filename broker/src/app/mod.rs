@@ -24,9 +24,11 @@ pub mod events;
 pub mod fan_out;
 pub mod guard;
 pub mod handoff;
+pub mod judge;
 pub mod outbox;
 pub mod runs;
 pub mod session;
+pub mod state;
 
 #[cfg(test)]
 mod tests;
@@ -70,6 +72,7 @@ struct Inner {
     auth: auth::Auth,
     outbox: std::sync::OnceLock<outbox::Outbox>,
     link: Link,
+    states: state::Cache,
 }
 
 impl Broker {
@@ -108,6 +111,7 @@ impl Broker {
                 auth,
                 outbox: std::sync::OnceLock::new(),
                 link,
+                states: state::Cache::default(),
             }),
         }
     }
@@ -120,6 +124,11 @@ impl Broker {
     /// How callers are authenticated, and the caches of it.
     pub fn auth(&self) -> &auth::Auth {
         &self.inner.auth
+    }
+
+    /// The run-state revisions this replica has read or written.
+    pub fn states(&self) -> &state::Cache {
+        &self.inner.states
     }
 
     /// The state of the link to NATS.

@@ -9,7 +9,7 @@ use prost::Message as _;
 use crate::{
     app::{
         auth::{self, Caller},
-        now, Broker,
+        judge, now, state, Broker,
     },
     error::BrokerError,
     rules::{grants::Action, names},
@@ -82,6 +82,17 @@ pub async fn start(
             Some(prost_types::Timestamp::from(due))
         }
     };
+    names::validate_optional("pipeline", &req.pipeline)?;
+    if let Some(judge) = &req.judge {
+        names::validate("judge.agent", &judge.agent)?;
+        if !(0.0..=1.0).contains(&judge.threshold) {
+            return Err(BrokerError::malformed(
+                "judge.threshold",
+                format!("judge.threshold {} is outside [0, 1]", judge.threshold),
+            ));
+        }
+    }
+    let seed = state::seed(broker, &run_id, req.state.as_ref())?;
     let run = pb::Run {
         id: run_id.clone(),
         owner: req.owner.clone(),
@@ -90,6 +101,9 @@ pub async fn start(
         deadline,
         max_depth,
         pinned: Some(pinned),
+        pipeline: req.pipeline.clone(),
+        judge: req.judge.clone(),
+        has_state: seed.is_some(),
         ..Default::default()
     };
     let run = if broker.store().create_run(&run).await? {
@@ -101,6 +115,11 @@ pub async fn start(
         }
         existing
     };
+    // The seed is stored after the run that says it has one (a retried
+    // StartRun stores it if the first stopped in between).
+    if let (Some(seed), true) = (seed, run.has_state) {
+        state::store_seed(broker, seed).await?;
+    }
     if let Some(due) = run.deadline {
         let timer = pb::Timer {
             run_id: run.id.clone(),
@@ -119,6 +138,7 @@ pub async fn start(
         owner: run.owner.clone(),
         run_status: run.status,
         at: run.created_at,
+        pipeline: run.pipeline.clone(),
         ..Default::default()
     };
     broker.emit(event, &format!("start-{}", run.id)).await?;
@@ -138,10 +158,46 @@ pub async fn get(
         auth::require(broker, caller, Action::Own, &run.owner, Some(&run)).await?;
     }
     let timeline = broker.store().run_events(&req.run_id).await?;
+    let mut run = run;
+    if run.stats.is_none() {
+        run.stats = Some(stats_of(&timeline));
+    }
     Ok(pb::GetRunResponse {
         run: Some(run),
         timeline,
     })
+}
+
+/// What it took to get a run where it is (signal 4), from its timeline.
+pub fn stats_of(timeline: &[pb::Event]) -> pb::RunStats {
+    let mut stats = pb::RunStats::default();
+    let mut accepted = std::collections::HashSet::new();
+    for e in timeline {
+        match pb::EventKind::try_from(e.kind) {
+            Ok(pb::EventKind::HandoffAccepted) if accepted.insert(e.handoff_id.as_str()) => {
+                stats.handoffs += 1;
+                stats.hops = stats.hops.max(e.depth);
+                stats.reasks += u32::from(!e.reasks.is_empty());
+                stats.dropped_fields += u32::try_from(e.dropped_fields.len()).unwrap_or(u32::MAX);
+            }
+            Ok(pb::EventKind::BarrierReleased) if accepted.insert(e.handoff_id.as_str()) => {
+                stats.handoffs += 1;
+                stats.hops = stats.hops.max(e.depth);
+            }
+            Ok(pb::EventKind::Redelivered) => stats.redeliveries += 1,
+            _ => {}
+        }
+    }
+    stats
+}
+
+/// The label of a run's pipeline.
+pub fn pipeline_of(run: &pb::Run) -> &str {
+    if run.pipeline.is_empty() {
+        "default"
+    } else {
+        &run.pipeline
+    }
 }
 
 /// Ends a run (compare-and-set, retried on conflict) and tells its
@@ -150,6 +206,9 @@ pub async fn get(
 /// within the dedupe window, so a crash between the two steps cannot
 /// leave an ended run unannounced.
 pub async fn end(broker: &Broker, run_id: &str, end: RunEnd) -> Result<pb::Run, BrokerError> {
+    // What it took, counted once before the compare-and-set loop (the
+    // events of the handoffs that led here are stored before it).
+    let mut stats = None;
     loop {
         let (mut run, rev) = broker.run(run_id).await?;
         let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
@@ -166,6 +225,10 @@ pub async fn end(broker: &Broker, run_id: &str, end: RunEnd) -> Result<pb::Run, 
             }
             return Ok(run);
         }
+        if stats.is_none() {
+            stats = Some(stats_of(&broker.store().run_events(run_id).await?));
+        }
+        run.stats = stats.clone();
         run.ended_at = Some(now());
         match &end {
             RunEnd::Completed { handoff_id, result } => {
@@ -183,10 +246,24 @@ pub async fn end(broker: &Broker, run_id: &str, end: RunEnd) -> Result<pb::Run, 
             }
         }
         if broker.store().update_run(&run, rev).await? {
+            broker.states().forget(&run.id);
+            let outcome = match status_of(&run) {
+                pb::RunStatus::Completed => "completed",
+                pb::RunStatus::Failed => "failed",
+                _ => "timed_out",
+            };
+            let handoffs = run.stats.as_ref().map_or(0, |s| s.handoffs);
+            broker
+                .metrics()
+                .run_resolved(pipeline_of(&run), outcome, u64::from(handoffs));
             announce_end(broker, &run).await?;
             return Ok(run);
         }
     }
+}
+
+fn status_of(run: &pb::Run) -> pb::RunStatus {
+    pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified)
 }
 
 /// Publishes the event that tells a run's owner how it ended.
@@ -206,12 +283,14 @@ pub async fn announce_end(broker: &Broker, run: &pb::Run) -> Result<(), BrokerEr
         handoff_id: run.result_handoff_id.clone(),
         reason: run.failure.clone(),
         run_status: run.status,
+        pipeline: run.pipeline.clone(),
         ..Default::default()
     };
-    broker
-        .emit(event, &format!("end-{}", run.id))
-        .await
-        .map(|_| ())
+    broker.emit(event, &format!("end-{}", run.id)).await?;
+    if kind == pb::EventKind::RunCompleted {
+        judge::ask(broker, run).await?;
+    }
+    Ok(())
 }
 
 /// Ends a run whose deadline passed (a durable timer fired). A run that

@@ -189,6 +189,15 @@ impl HandoffBroker for Service {
             .await
     }
 
+    async fn get_state(&self, req: Request<pb::GetStateRequest>) -> Reply<pb::GetStateResponse> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let span = rpc_span!("GetState");
+        span.record("run_id", req.run_id.as_str());
+        self.unary(span, app::state::get(&self.broker, &caller, req))
+            .await
+    }
+
     async fn list_agents(
         &self,
         req: Request<pb::ListAgentsRequest>,

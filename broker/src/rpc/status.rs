@@ -24,6 +24,7 @@ pub fn code_of(class: Class) -> Code {
         Class::Unauthenticated => Code::Unauthenticated,
         Class::PermissionDenied => Code::PermissionDenied,
         Class::OutOfRange => Code::OutOfRange,
+        Class::Aborted => Code::Aborted,
         Class::Unavailable => Code::Unavailable,
         Class::Internal => Code::Internal,
     }

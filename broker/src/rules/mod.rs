@@ -9,4 +9,5 @@ pub mod grants;
 pub mod handoff;
 pub mod lease;
 pub mod names;
+pub mod state;
 pub mod watch;

@@ -49,6 +49,10 @@ pub const CONTRACT_MODES_BUCKET: &str = "handoff_contract_modes";
 /// each, keyed by the consumed handoff's id.
 pub const CONSUMED_BUCKET: &str = "handoff_consumed";
 
+/// Key/value bucket of run states: each revision under `<run>.<revision>`
+/// (created once, never changed), and the latest known under `<run>.head`.
+pub const STATE_BUCKET: &str = "handoff_state";
+
 /// Key/value bucket of delivery leases, keyed `<agent>.<sequence>`.
 pub const LEASES_BUCKET: &str = "handoff_leases";
 /// Key/value bucket of the delivery-token signing keys (key `delivery`).
@@ -165,6 +169,8 @@ pub struct JetStream {
     pub branches: stream::Stream,
     /// Barriers.
     pub barriers: kv::Store,
+    /// Run states.
+    pub state: kv::Store,
     /// Agent specs.
     pub agents: kv::Store,
     /// Runs.
@@ -284,6 +290,7 @@ impl JetStream {
         let contract_modes =
             ensure_bucket(&js, bucket(CONTRACT_MODES_BUCKET, Duration::ZERO)).await?;
         let barriers = ensure_bucket(&js, bucket(BARRIERS_BUCKET, cfg.retention)).await?;
+        let state = ensure_bucket(&js, bucket(STATE_BUCKET, cfg.retention)).await?;
         // A claim matters as long as the consumed handoff can be consumed,
         // that is while the inbox keeps it.
         let consumed = ensure_bucket(&js, bucket(CONSUMED_BUCKET, cfg.retention)).await?;
@@ -333,6 +340,7 @@ impl JetStream {
             principals,
             tokens,
             branches,
+            state,
             barriers,
             ack_timeout: cfg.nats_timeout,
             turns: std::sync::Arc::new(
@@ -1066,6 +1074,65 @@ impl Store for JetStream {
             }
             _ => Ok(None),
         }
+    }
+
+    async fn state_record(&self, run_id: &str, revision: u64) -> Result<Option<pb::StateRecord>> {
+        let key = format!("{run_id}.{revision}");
+        let entry = self
+            .state
+            .entry(&key)
+            .await
+            .map_err(|e| BrokerError::nats("reading the run state", e))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let record = pb::StateRecord::decode(e.value).map_err(|err| {
+                    BrokerError::Internal(format!("stored run state {key} does not decode: {err}"))
+                })?;
+                Ok(Some(record))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn create_state_record(&self, record: &pb::StateRecord) -> Result<bool> {
+        let key = format!("{}.{}", record.run_id, record.revision);
+        let _turn = self.turn(&self.state, &key).await;
+        match self
+            .state
+            .create(key.as_str(), record.encode_to_vec().into())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(BrokerError::nats("storing the run state", e)),
+        }
+    }
+
+    async fn state_head(&self, run_id: &str) -> Result<u64> {
+        let key = format!("{run_id}.head");
+        let entry = self
+            .state
+            .entry(&key)
+            .await
+            .map_err(|e| BrokerError::nats("reading the run state's head", e))?;
+        Ok(match entry {
+            Some(e) if e.operation == kv::Operation::Put => std::str::from_utf8(&e.value)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0),
+            _ => 0,
+        })
+    }
+
+    async fn set_state_head(&self, run_id: &str, revision: u64) -> Result<()> {
+        self.state
+            .put(
+                format!("{run_id}.head"),
+                revision.to_string().into_bytes().into(),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| BrokerError::nats("recording the run state's head", e))
     }
 
     /// Creates a barrier unless it exists; returns whether it was created.

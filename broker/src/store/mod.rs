@@ -282,6 +282,23 @@ pub trait Store: Send + Sync + 'static {
     /// longer stored, or without a payload, is absent.
     async fn branch_payloads(&self, sequences: &[u64]) -> Result<HashMap<u64, prost_types::Any>>;
 
+    // ---- run state
+
+    /// One revision of a run's state.
+    async fn state_record(&self, run_id: &str, revision: u64) -> Result<Option<pb::StateRecord>>;
+
+    /// Stores a revision of a run's state unless that revision exists;
+    /// `false` when another writer made it first (revisions are
+    /// compare-and-set: each is created once and never changed).
+    async fn create_state_record(&self, record: &pb::StateRecord) -> Result<bool>;
+
+    /// The latest revision recorded as the head of a run's state (0: none);
+    /// it may lag behind revisions created since.
+    async fn state_head(&self, run_id: &str) -> Result<u64>;
+
+    /// Records `revision` as the head of a run's state.
+    async fn set_state_head(&self, run_id: &str, revision: u64) -> Result<()>;
+
     // ---- leases
 
     /// The lease record of the inbox message at `sequence` of `agent`, and

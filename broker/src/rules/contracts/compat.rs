@@ -300,29 +300,8 @@ fn resolve(root: &MessageDescriptor, path: &str) -> Option<Vec<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::contracts::testing::pool;
     use prost_reflect::DescriptorPool;
-    use protox::file::{File, FileResolver};
-
-    /// A resolver serving a single in-memory file named `t.proto`.
-    struct Source(String);
-
-    impl FileResolver for Source {
-        fn open_file(&self, name: &str) -> Result<File, protox::Error> {
-            if name == "t.proto" {
-                File::from_source(name, &self.0)
-            } else {
-                Err(protox::Error::file_not_found(name))
-            }
-        }
-    }
-
-    fn pool(source: &str) -> DescriptorPool {
-        let mut compiler = protox::Compiler::with_file_resolver(Source(source.to_owned()));
-        compiler.include_imports(true);
-        compiler.open_file("t.proto").expect("compile t.proto");
-        DescriptorPool::from_file_descriptor_set(compiler.file_descriptor_set())
-            .expect("descriptor pool")
-    }
 
     const ROOT: &str = "acme.v1.Subtask";
 

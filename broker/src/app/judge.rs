@@ -1,0 +1,152 @@
+//! Signal 3's judge: when a run with a judge completes, its judge agent
+//! receives a `JudgeRequest` (the pinned ask and the final result) as an
+//! ordinary delivery, and answers with a final handoff that consumes it and
+//! carries a `JudgeVerdict`. The score is recorded on the run (`GetRun`),
+//! published as `intent_scored`, and as `intent_drift` under the threshold.
+//!
+//! The request is the one handoff a completed run still delivers; the
+//! verdict is the one handoff a completed run still accepts, and only from
+//! the delivery of its request.
+
+use handoff_proto::pb;
+use prost::Message as _;
+
+use crate::{
+    app::{deliveries, now, runs::pipeline_of, Broker},
+    error::BrokerError,
+    rules::{contracts::type_of_url, handoff as rules},
+};
+
+/// The message type of a judge's answer.
+const VERDICT: &str = "handoff.v1.JudgeVerdict";
+
+/// Hands the run's judge (if it has one) its `JudgeRequest`; repeated
+/// calls store it once.
+pub async fn ask(broker: &Broker, run: &pb::Run) -> Result<(), BrokerError> {
+    let Some(judge) = run.judge.as_ref().filter(|j| !j.agent.is_empty()) else {
+        return Ok(());
+    };
+    if run.intent.is_some() {
+        return Ok(());
+    }
+    let request = pb::JudgeRequest {
+        run_id: run.id.clone(),
+        pipeline: pipeline_of(run).to_string(),
+        pinned: run.pinned.clone(),
+        result: run.result.clone(),
+        threshold: judge.threshold,
+    };
+    let payload = prost_types::Any::from_msg(&request)
+        .map_err(|e| BrokerError::Internal(format!("encoding the judge request: {e}")))?;
+    let envelope = pb::HandoffEnvelope {
+        id: rules::derived_id(&format!("judge\u{0}{}", run.id)),
+        run_id: run.id.clone(),
+        target_agent: judge.agent.clone(),
+        payload: Some(payload),
+        confidence: 1.0,
+        parent_ids: vec![run.result_handoff_id.clone()],
+        depth: 1,
+        created_at: Some(now()),
+        judge: true,
+        ..Default::default()
+    };
+    let max_payload = broker.store().max_payload();
+    if max_payload > 0 && envelope.encoded_len() > max_payload {
+        tracing::warn!(run_id = %run.id, size = envelope.encoded_len(), "the judge request is larger than NATS takes; the run is not judged");
+        return Ok(());
+    }
+    broker.store().put_handoff(&envelope).await?;
+    Ok(())
+}
+
+/// Records a judge's verdict: `req` is a final handoff consuming the
+/// delivery of `parent`, a judge request of `run`.
+pub async fn record(
+    broker: &Broker,
+    run: &pb::Run,
+    req: &pb::HandoffRequest,
+    token: &pb::DeliveryToken,
+    id: String,
+) -> Result<pb::HandoffResponse, BrokerError> {
+    let payload = req.payload.as_ref();
+    let verdict = payload
+        .filter(|p| type_of_url(&p.type_url) == VERDICT)
+        .and_then(|p| pb::JudgeVerdict::decode(p.value.as_slice()).ok())
+        .ok_or_else(|| {
+            BrokerError::malformed(
+                "payload",
+                format!("a judge answers its request with a final handoff carrying a {VERDICT}"),
+            )
+        })?;
+    if !req.r#final {
+        return Err(BrokerError::malformed(
+            "final",
+            "a judge answers its request with a final handoff",
+        ));
+    }
+    if !(0.0..=1.0).contains(&verdict.score) {
+        return Err(BrokerError::malformed(
+            "payload",
+            format!("the judge's score {} is outside [0, 1]", verdict.score),
+        ));
+    }
+    let threshold = run.judge.as_ref().map_or(0.0, |j| j.threshold);
+    let drift = verdict.score < threshold;
+    let mut duplicate = false;
+    loop {
+        let (mut current, revision) = broker.run(&run.id).await?;
+        if current.intent.is_some() {
+            duplicate = true;
+            break;
+        }
+        current.intent = Some(pb::IntentScore {
+            score: verdict.score,
+            reason: verdict.reason.clone(),
+            judge_agent: req.source_agent.clone(),
+            at: Some(now()),
+            drift,
+        });
+        if broker.store().update_run(&current, revision).await? {
+            broker
+                .metrics()
+                .intent_score(pipeline_of(run), verdict.score);
+            if drift {
+                broker.metrics().intent_drift(pipeline_of(run));
+            }
+            break;
+        }
+    }
+    let event = |kind: pb::EventKind| pb::Event {
+        kind: kind as i32,
+        run_id: run.id.clone(),
+        owner: run.owner.clone(),
+        agent: req.source_agent.clone(),
+        handoff_id: id.clone(),
+        reason: verdict.reason.clone(),
+        intent_score: verdict.score,
+        pipeline: run.pipeline.clone(),
+        ..Default::default()
+    };
+    broker
+        .emit(
+            event(pb::EventKind::IntentScored),
+            &format!("scored-{}", run.id),
+        )
+        .await?;
+    if drift {
+        broker
+            .emit(
+                event(pb::EventKind::IntentDrift),
+                &format!("drift-{}", run.id),
+            )
+            .await?;
+    }
+    deliveries::ack_consumed(broker, run, token).await;
+    Ok(pb::HandoffResponse {
+        handoff_id: id,
+        sequence: 0,
+        duplicate,
+        depth: 0,
+        ..Default::default()
+    })
+}

@@ -1,0 +1,389 @@
+//! The shared run state: seeded by `StartRun`, changed only by the deltas
+//! handoffs carry, read by deliveries and `GetState`.
+//!
+//! Each revision is its own record, created once with compare-and-set
+//! (`<run>.<revision>`): a delta is applied to the latest revision and
+//! written as the next one; when another writer made that revision first,
+//! the delta is checked again against it (disjoint keys merge, a replaced
+//! key changed since the delta's base is ABORTED). A revision remembers the
+//! handoffs that made the latest ones, so a retried handoff finds its
+//! revision instead of applying its delta twice. Records never change, so
+//! this replica caches them freely, within a byte budget.
+//!
+//! The delta is written before its handoff is stored: a refused handoff
+//! (every guard runs before) changes nothing; a handoff whose store fails
+//! after its delta was written answers UNAVAILABLE, and its retry finds
+//! the revision it made and stores the handoff with it.
+
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
+};
+
+use dashmap::DashMap;
+use handoff_proto::pb;
+use prost::Message as _;
+
+use crate::{
+    app::{
+        auth::{self, Caller},
+        deliveries, now, Broker,
+    },
+    error::{BrokerError, Reason},
+    rules::{
+        grants::Action,
+        names,
+        state::{self as rules, Limits},
+    },
+};
+
+/// How many times a delta is tried against a state that keeps changing.
+const ATTEMPTS: usize = 32;
+
+/// Records this replica keeps, within a byte budget.
+#[derive(Default)]
+pub struct Cache {
+    /// The latest revision known, by run.
+    heads: DashMap<String, Arc<pb::StateRecord>>,
+    /// Past revisions read, by run and revision.
+    past: DashMap<(String, u64), Arc<pb::StateRecord>>,
+    bytes: AtomicUsize,
+}
+
+impl Cache {
+    /// Keeps the cache within `budget` bytes: past the budget it starts
+    /// over (records are immutable: nothing is lost but a read).
+    fn keep(&self, record: &pb::StateRecord, budget: usize) {
+        let size = record.encoded_len() + 64;
+        if self.bytes.fetch_add(size, Ordering::Relaxed) + size > budget {
+            self.heads.clear();
+            self.past.clear();
+            self.bytes.store(size, Ordering::Relaxed);
+        }
+    }
+
+    fn head(&self, run_id: &str) -> Option<Arc<pb::StateRecord>> {
+        self.heads.get(run_id).map(|r| r.clone())
+    }
+
+    fn set_head(&self, record: Arc<pb::StateRecord>, budget: usize) {
+        let newer = self
+            .heads
+            .get(&record.run_id)
+            .is_none_or(|h| h.revision < record.revision);
+        if newer {
+            self.keep(&record, budget);
+            self.heads.insert(record.run_id.clone(), record);
+        }
+    }
+
+    /// Forgets a run's records (it ended).
+    pub fn forget(&self, run_id: &str) {
+        self.heads.remove(run_id);
+        self.past.retain(|(run, _), _| run != run_id);
+    }
+
+    /// How many runs have a cached head (for tests and figures).
+    pub fn runs(&self) -> usize {
+        self.heads.len()
+    }
+}
+
+fn limits(broker: &Broker) -> Limits {
+    Limits {
+        value_bytes: broker.config().max_state_value_bytes,
+        document_bytes: broker.config().max_state_bytes,
+    }
+}
+
+/// The state `StartRun` seeds (revision 1), checked; `None` for a run
+/// started without state.
+pub fn seed(
+    broker: &Broker,
+    run_id: &str,
+    seed: Option<&pb::StateSeed>,
+) -> Result<Option<pb::StateRecord>, BrokerError> {
+    match seed {
+        None => Ok(None),
+        Some(s) => rules::seed(run_id, s, limits(broker), now()).map(Some),
+    }
+}
+
+/// Stores the seed of a run just created (a retried `StartRun` finds it
+/// stored).
+pub async fn store_seed(broker: &Broker, record: pb::StateRecord) -> Result<(), BrokerError> {
+    broker.store().create_state_record(&record).await?;
+    broker.store().set_state_head(&record.run_id, 1).await?;
+    broker
+        .states()
+        .set_head(Arc::new(record), broker.config().state_cache_bytes);
+    Ok(())
+}
+
+/// The latest revision of a run's state (`None`: it has none): from the
+/// cached or recorded head, then forward while newer revisions exist.
+pub async fn latest(
+    broker: &Broker,
+    run_id: &str,
+) -> Result<Option<Arc<pb::StateRecord>>, BrokerError> {
+    let store = broker.store();
+    let mut current = match broker.states().head(run_id) {
+        Some(r) => Some(r),
+        None => match store.state_head(run_id).await? {
+            0 => None,
+            n => store.state_record(run_id, n).await?.map(Arc::new),
+        },
+    };
+    loop {
+        let next = current.as_ref().map_or(1, |r| r.revision + 1);
+        match store.state_record(run_id, next).await? {
+            Some(r) => current = Some(Arc::new(r)),
+            None => break,
+        }
+    }
+    if let Some(r) = &current {
+        broker
+            .states()
+            .set_head(r.clone(), broker.config().state_cache_bytes);
+    }
+    Ok(current)
+}
+
+/// One revision of a run's state.
+pub async fn at(
+    broker: &Broker,
+    run_id: &str,
+    revision: u64,
+) -> Result<Option<Arc<pb::StateRecord>>, BrokerError> {
+    let cache = broker.states();
+    if let Some(head) = cache.head(run_id).filter(|h| h.revision == revision) {
+        return Ok(Some(head));
+    }
+    let key = (run_id.to_string(), revision);
+    if let Some(r) = cache.past.get(&key) {
+        return Ok(Some(r.clone()));
+    }
+    let record = broker
+        .store()
+        .state_record(run_id, revision)
+        .await?
+        .map(Arc::new);
+    if let Some(r) = &record {
+        cache.keep(r, broker.config().state_cache_bytes);
+        cache.past.insert(key, r.clone());
+    }
+    Ok(record)
+}
+
+/// What a handoff did to the run state.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The revision it hands over (0: the run has no state).
+    pub revision: u64,
+    /// What its delta changed (`None`: it carried none).
+    pub change: Option<pb::StateChange>,
+    /// The state before its delta, for the keys it asks for.
+    pub before: Option<Arc<pb::StateRecord>>,
+}
+
+/// Applies a handoff's delta (if any) to its run's state, or finds the
+/// revision a retry of it made; for a handoff without a delta, the revision
+/// it hands over is the latest.
+pub async fn apply(
+    broker: &Broker,
+    run: &pb::Run,
+    handoff_id: &str,
+    source_agent: &str,
+    delta: Option<&pb::StateDelta>,
+    asks: bool,
+) -> Result<Applied, BrokerError> {
+    let delta = delta.filter(|d| !rules::is_empty(d));
+    let Some(delta) = delta else {
+        if !run.has_state && !asks {
+            return Ok(Applied::default());
+        }
+        let head = latest(broker, &run.id).await?;
+        return Ok(Applied {
+            revision: head.as_ref().map_or(0, |h| h.revision),
+            change: None,
+            before: head,
+        });
+    };
+    for _ in 0..ATTEMPTS {
+        let head = latest(broker, &run.id).await?;
+        if let Some(revision) = head.as_ref().and_then(|h| rules::applied(h, handoff_id)) {
+            // A retry: its delta made this revision already.
+            let made = at(broker, &run.id, revision).await?;
+            let before = match revision {
+                1 => None,
+                n => at(broker, &run.id, n - 1).await?,
+            };
+            return Ok(Applied {
+                revision,
+                change: made.and_then(|m| m.change.clone()),
+                before,
+            });
+        }
+        let next = rules::apply(
+            &run.id,
+            head.as_deref(),
+            delta,
+            handoff_id,
+            source_agent,
+            limits(broker),
+            now(),
+        )?;
+        let max_payload = broker.store().max_payload();
+        if max_payload > 0 && next.encoded_len() > max_payload {
+            return Err(BrokerError::Refused {
+                reason: Reason::StateTooLarge,
+                message: format!(
+                    "the run state's next revision would be {} bytes with its delta; NATS takes at most {max_payload} (max_payload): lower max_state_bytes or send a smaller delta",
+                    next.encoded_len()
+                ),
+                metadata: vec![
+                    ("key", String::new()),
+                    ("size", next.encoded_len().to_string()),
+                    ("limit", max_payload.to_string()),
+                ],
+            });
+        }
+        if broker.store().create_state_record(&next).await? {
+            let revision = next.revision;
+            let change = next.change.clone();
+            let (head_written, marked) =
+                tokio::join!(broker.store().set_state_head(&run.id, revision), async {
+                    if run.has_state {
+                        Ok(())
+                    } else {
+                        mark_has_state(broker, &run.id).await
+                    }
+                });
+            if let Err(e) = head_written {
+                // Readers find newer revisions past the head anyway.
+                tracing::debug!(error = %e, "run state head not recorded");
+            }
+            marked?;
+            broker
+                .states()
+                .set_head(Arc::new(next), broker.config().state_cache_bytes);
+            return Ok(Applied {
+                revision,
+                change,
+                before: head,
+            });
+        }
+        // Another writer made that revision first: check against it.
+        broker.states().heads.remove(&run.id);
+    }
+    Err(BrokerError::Unavailable(format!(
+        "the state of run {:?} kept changing under {ATTEMPTS} attempts; retry",
+        run.id
+    )))
+}
+
+/// Records on the run that it has state (its first delta), so handoffs
+/// without a delta hand over its latest revision.
+async fn mark_has_state(broker: &Broker, run_id: &str) -> Result<(), BrokerError> {
+    for _ in 0..ATTEMPTS {
+        let (mut run, revision) = broker.run(run_id).await?;
+        if run.has_state {
+            return Ok(());
+        }
+        run.has_state = true;
+        if broker.store().update_run(&run, revision).await? {
+            return Ok(());
+        }
+    }
+    Err(BrokerError::Unavailable(format!(
+        "run {run_id:?} kept changing; retry"
+    )))
+}
+
+/// The state a delivery of `envelope` carries, for an agent that reads
+/// `reads` (empty: everything), and the intent digest of the run.
+pub async fn for_delivery(
+    broker: &Broker,
+    run: &pb::Run,
+    envelope: &pb::HandoffEnvelope,
+    reads: &[String],
+) -> (Option<pb::RunState>, String) {
+    let state = match envelope.state_revision {
+        0 => None,
+        revision => match at(broker, &run.id, revision).await {
+            Ok(Some(record)) => Some(rules::view(&record, reads)),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, run_id = %run.id, revision, "run state not read for a delivery");
+                None
+            }
+        },
+    };
+    let digest = handoff_proto::digest::intent_digest(run.pinned.as_ref(), state.as_ref());
+    (state, digest)
+}
+
+/// `GetState`: a run's state at a revision (0: the latest).
+pub async fn get(
+    broker: &Broker,
+    caller: &Caller,
+    req: pb::GetStateRequest,
+) -> Result<pb::GetStateResponse, BrokerError> {
+    names::validate("run_id", &req.run_id)?;
+    let (run, _) = broker.run(&req.run_id).await?;
+    if req.delivery_id.is_empty() {
+        if !caller.may(Action::Read, "") {
+            auth::require(broker, caller, Action::Own, &run.owner, Some(&run)).await?;
+        }
+    } else {
+        // An agent working in the run: the delivery it holds is signed by
+        // the broker, and must be of this run.
+        let token = deliveries::decode(broker, &req.delivery_id).await?;
+        auth::require(broker, caller, Action::ReceiveAs, &token.agent, Some(&run)).await?;
+        let of_run = broker
+            .store()
+            .handoff_at(token.stream_sequence)
+            .await?
+            .is_some_and(|m| m.envelope.id == token.handoff_id && m.envelope.run_id == run.id);
+        if !of_run {
+            return Err(BrokerError::BadDeliveryId(format!(
+                "it is not a delivery of run {:?}",
+                run.id
+            )));
+        }
+    }
+    let latest = latest(broker, &run.id).await?;
+    let latest_revision = latest.as_ref().map_or(0, |l| l.revision);
+    let record = match req.revision {
+        0 => latest,
+        n if n <= latest_revision => at(broker, &run.id, n).await?,
+        _ => None,
+    };
+    let Some(record) = record else {
+        return Err(BrokerError::Refused {
+            reason: Reason::StateRevisionNotFound,
+            message: if latest_revision == 0 {
+                format!("run {:?} has no state", run.id)
+            } else {
+                format!(
+                    "run {:?} has no state revision {}; its latest is {latest_revision}",
+                    run.id, req.revision
+                )
+            },
+            metadata: vec![
+                ("run_id", run.id.clone()),
+                ("revision", req.revision.to_string()),
+                ("latest_revision", latest_revision.to_string()),
+            ],
+        });
+    };
+    Ok(pb::GetStateResponse {
+        state: Some(rules::view(&record, &[])),
+        handoff_id: record.handoff_id.clone(),
+        source_agent: record.source_agent.clone(),
+        at: record.at,
+        delta: record.delta.clone(),
+        change: record.change.clone(),
+        latest_revision,
+    })
+}
