@@ -516,6 +516,29 @@ impl Client {
         Ok(stream.map(|r| r.map_err(Error::from)))
     }
 
+    /// A run's state at `revision` (0: the latest), with the handoff that
+    /// made that revision (callers with `read`, or the run's owner).
+    pub async fn get_state(&self, run_id: &str, revision: u64) -> Result<pb::GetStateResponse> {
+        let req = pb::GetStateRequest {
+            run_id: run_id.to_string(),
+            revision,
+            delivery_id: String::new(),
+        };
+        Ok(self.raw().get_state(self.request(req)).await?.into_inner())
+    }
+
+    /// The latest state of the run `delivery` belongs to, read as the agent
+    /// that holds it (no `read` grant needed): after a `STATE_CONFLICT`,
+    /// say.
+    pub async fn get_state_for(&self, delivery: &crate::Delivery) -> Result<pb::GetStateResponse> {
+        let req = pb::GetStateRequest {
+            run_id: delivery.run_id().to_string(),
+            revision: 0,
+            delivery_id: delivery.id().to_string(),
+        };
+        Ok(self.raw().get_state(self.request(req)).await?.into_inner())
+    }
+
     /// A run with its timeline.
     pub async fn get_run(&self, run_id: &str) -> Result<pb::GetRunResponse> {
         Ok(self
@@ -581,6 +604,13 @@ impl AgentConfig {
     /// Agent that receives handoffs this one could not finish.
     pub fn fallback(mut self, agent: impl Into<String>) -> Self {
         self.spec.fallback_agent = agent.into();
+        self
+    }
+
+    /// Run-state keys this agent reads: its deliveries carry only these
+    /// (and the pinned ones). Default: the whole state.
+    pub fn reads(mut self, keys: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.spec.reads.extend(keys.into_iter().map(Into::into));
         self
     }
 
@@ -686,6 +716,57 @@ impl RunConfig {
     /// Sequential hops allowed (default: the broker's, 5).
     pub fn max_depth(mut self, depth: u32) -> Self {
         self.req.max_depth = depth;
+        self
+    }
+
+    /// The pipeline the run belongs to (a label for its metrics).
+    pub fn pipeline(mut self, pipeline: impl Into<String>) -> Self {
+        self.req.pipeline = pipeline.into();
+        self
+    }
+
+    /// An initial value of the run state.
+    pub fn state(mut self, key: impl Into<String>, value: impl Into<crate::state::Value>) -> Self {
+        self.req
+            .state
+            .get_or_insert_with(Default::default)
+            .values
+            .insert(key.into(), value.into());
+        self
+    }
+
+    /// An initial value of the run state that no delta may change or
+    /// remove.
+    pub fn pin_state(self, key: impl Into<String>, value: impl Into<crate::state::Value>) -> Self {
+        let key = key.into();
+        let mut this = self.state(key.clone(), value);
+        this.req
+            .state
+            .get_or_insert_with(Default::default)
+            .pinned_keys
+            .push(key);
+        this
+    }
+
+    /// How a run-state key combines with what deltas write to it (default:
+    /// replace).
+    pub fn policy(mut self, key: impl Into<String>, policy: pb::MergePolicy) -> Self {
+        self.req
+            .state
+            .get_or_insert_with(Default::default)
+            .policies
+            .insert(key.into(), policy as i32);
+        self
+    }
+
+    /// A judge agent asked, when the run completes, to score the result
+    /// against the pinned ask; a score under `threshold` emits
+    /// `intent_drift`.
+    pub fn judge(mut self, agent: impl Into<String>, threshold: f64) -> Self {
+        self.req.judge = Some(pb::JudgeSpec {
+            agent: agent.into(),
+            threshold,
+        });
         self
     }
 

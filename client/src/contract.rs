@@ -105,6 +105,14 @@ impl ContractSpec {
         self
     }
 
+    /// A top-level field that must be carried over: a handoff consuming a
+    /// delivery whose payload has a value in a field of this name, leaving
+    /// it empty, is refused (`DROPPED_FIELD`).
+    pub fn carry(mut self, field: impl Into<String>) -> Self {
+        self.rules().carry.push(field.into());
+        self
+    }
+
     /// The request as it will be sent.
     pub fn request(&self) -> &pb::RegisterContractRequest {
         &self.req

@@ -25,6 +25,10 @@ pub enum ErrorKind {
     /// The broker or NATS is unavailable; retrying with the same
     /// idempotency key is safe (UNAVAILABLE).
     Unavailable,
+    /// A concurrent change came first (ABORTED): a state delta's base
+    /// revision is stale for the keys in the error's metadata; read the
+    /// state again, redo the delta, and retry.
+    Conflict,
     /// No answer in time.
     Timeout,
     /// The broker could not be reached at all.
@@ -203,7 +207,8 @@ impl From<tonic::Status> for Error {
             Code::AlreadyExists => ErrorKind::AlreadyExists,
             Code::FailedPrecondition | Code::ResourceExhausted => ErrorKind::FailedPrecondition,
             Code::PermissionDenied | Code::Unauthenticated => ErrorKind::PermissionDenied,
-            Code::Unavailable | Code::Aborted => ErrorKind::Unavailable,
+            Code::Unavailable => ErrorKind::Unavailable,
+            Code::Aborted => ErrorKind::Conflict,
             Code::DeadlineExceeded => ErrorKind::Timeout,
             Code::Cancelled => ErrorKind::Closed,
             _ => ErrorKind::Other,

@@ -152,6 +152,21 @@ impl Handoff {
         self
     }
 
+    /// Changes to the run state, applied atomically with this handoff (a
+    /// refused handoff changes nothing).
+    pub fn state_delta(mut self, delta: crate::StateDelta) -> Self {
+        self.req.state_delta = Some(delta.into_proto());
+        self
+    }
+
+    /// Asks for a run-state key (a question to the target, an owner or a
+    /// human). If the run state already holds it, the broker counts a stale
+    /// re-ask and answers the value in [`Receipt::answers`].
+    pub fn asks_for(mut self, key: impl Into<String>) -> Self {
+        self.req.asks_for.push(key.into());
+        self
+    }
+
     /// The request as it will be sent.
     pub fn request(&self) -> &pb::HandoffRequest {
         &self.req
@@ -185,7 +200,7 @@ pub(crate) fn type_name(type_url: &str) -> &str {
 }
 
 /// What the broker answered to an accepted handoff.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Receipt {
     /// The handoff's id.
     pub handoff_id: String,
@@ -195,6 +210,14 @@ pub struct Receipt {
     pub duplicate: bool,
     /// Its depth in the run.
     pub depth: u32,
+    /// The run-state revision the handoff hands over (0: the run has no
+    /// state).
+    pub state_revision: u64,
+    /// The keys it asked for that the run state already held, with their
+    /// values: use them instead of asking.
+    pub answers: HashMap<String, crate::state::Value>,
+    /// Payload fields the broker saw dropped on this edge.
+    pub dropped_fields: Vec<String>,
 }
 
 impl From<pb::HandoffResponse> for Receipt {
@@ -204,6 +227,9 @@ impl From<pb::HandoffResponse> for Receipt {
             sequence: r.sequence,
             duplicate: r.duplicate,
             depth: r.depth,
+            state_revision: r.state_revision,
+            answers: r.answers,
+            dropped_fields: r.dropped_fields,
         }
     }
 }

@@ -112,6 +112,7 @@ mod client;
 mod contract;
 mod error;
 mod handoff;
+pub mod state;
 mod subscription;
 
 pub use admin::{parse_grant, NewToken};
@@ -122,6 +123,7 @@ pub use client::{
 pub use contract::{ContractSpec, RegisteredContract};
 pub use error::{Error, ErrorKind, FieldViolation, Result};
 pub use handoff::{decode, encode, Handoff, Receipt};
+pub use state::StateDelta;
 pub use subscription::{Delivery, Subscription, TypedDelivery, TypedSubscription};
 
 /// The `handoff.v1` protobuf messages and gRPC stubs.

@@ -334,6 +334,12 @@ impl std::fmt::Debug for Delivery {
 
 impl Delivery {
     fn new(inner: pb::Delivery, shared: Arc<Shared>) -> Delivery {
+        if !crate::state::intent_intact(&inner) {
+            tracing::warn!(
+                handoff_id = inner.handoff.as_ref().map_or("", |h| h.id.as_str()),
+                "the delivery's pinned context does not match its intent digest"
+            );
+        }
         Delivery {
             inner,
             shared,
@@ -417,6 +423,62 @@ impl Delivery {
         self.inner
             .lease_deadline
             .and_then(|t| SystemTime::try_from(t).ok())
+    }
+
+    /// The run state this handoff hands over (or only the keys the agent
+    /// declared it reads, and the pinned ones); `None` when the run has no
+    /// state.
+    pub fn state(&self) -> Option<&pb::RunState> {
+        self.inner.state.as_ref()
+    }
+
+    /// The run-state revision this delivery carries (0: no state).
+    pub fn state_revision(&self) -> u64 {
+        self.inner.state.as_ref().map_or(0, |s| s.revision)
+    }
+
+    /// One value of the run state this delivery carries.
+    pub fn state_value(&self, key: &str) -> Option<&crate::state::Value> {
+        self.inner.state.as_ref().and_then(|s| s.values.get(key))
+    }
+
+    /// A string value of the run state this delivery carries.
+    pub fn state_str(&self, key: &str) -> Option<&str> {
+        self.state_value(key).and_then(crate::state::as_str)
+    }
+
+    /// An empty delta based on the revision this delivery carries, for the
+    /// handoffs made from it.
+    pub fn state_delta(&self) -> crate::StateDelta {
+        crate::StateDelta::based_on(self.state_revision())
+    }
+
+    /// Whether the pinned context and pinned state keys are what the broker
+    /// attached (the intent digest matches); the SDK logs a warning when not.
+    pub fn intent_intact(&self) -> bool {
+        crate::state::intent_intact(&self.inner)
+    }
+
+    /// The request this delivery carries when the agent is a run's judge:
+    /// the run's pinned ask and its final result, to score.
+    pub fn judge_request(&self) -> Option<pb::JudgeRequest> {
+        if self.envelope().judge {
+            self.payload().ok()
+        } else {
+            None
+        }
+    }
+
+    /// Answers a judge request: `score` in [0, 1] (how well the result
+    /// still answers the pinned ask) and why. The broker records it on the
+    /// run and emits `intent_drift` under the run's threshold.
+    pub async fn judge(&self, score: f64, reason: impl Into<String>) -> Result<Receipt> {
+        let verdict = pb::JudgeVerdict {
+            score,
+            reason: reason.into(),
+        };
+        self.handoff(Handoff::final_result(self.run_id(), &verdict)?)
+            .await
     }
 
     /// The raw delivery message.

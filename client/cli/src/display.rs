@@ -100,6 +100,24 @@ pub fn event_line(e: &pb::Event) -> String {
             contract_name(&e.contract_type, e.contract_version)
         );
     }
+    if let Some(c) = &e.state_change {
+        let _ = write!(detail, "state=r{}", c.revision);
+        for (sign, keys) in [("+", &c.added), ("~", &c.changed), ("-", &c.removed)] {
+            for k in keys {
+                let _ = write!(detail, " {sign}{k}");
+            }
+        }
+        detail.push(' ');
+    }
+    if !e.dropped_fields.is_empty() {
+        let _ = write!(detail, "dropped={} ", e.dropped_fields.join(","));
+    }
+    if !e.reasks.is_empty() {
+        let _ = write!(detail, "reasks={} ", e.reasks.join(","));
+    }
+    if matches!(kind_of, Some(K::IntentScored | K::IntentDrift)) {
+        let _ = write!(detail, "score={:.2} ", e.intent_score);
+    }
     if !e.reason.is_empty() {
         let _ = write!(detail, "reason={:?}", e.reason);
     }
@@ -137,6 +155,28 @@ pub fn run_table(run: &pb::Run, timeline: &[pb::Event]) -> String {
     }
     if !run.failure.is_empty() {
         let _ = writeln!(out, "failure: {}", run.failure);
+    }
+    if let Some(st) = &run.stats {
+        let pipeline = if run.pipeline.is_empty() {
+            "default"
+        } else {
+            &run.pipeline
+        };
+        let _ = writeln!(
+            out,
+            "pipeline={pipeline}  handoffs={}  hops={}  redeliveries={}  reasks={}  dropped_fields={}",
+            st.handoffs, st.hops, st.redeliveries, st.reasks, st.dropped_fields
+        );
+    }
+    if let Some(i) = &run.intent {
+        let _ = writeln!(
+            out,
+            "intent score={:.2}{} judge={} reason={:?}",
+            i.score,
+            if i.drift { " (drift)" } else { "" },
+            i.judge_agent,
+            i.reason
+        );
     }
     let _ = writeln!(
         out,
@@ -696,5 +736,86 @@ branches:
         assert_eq!(compatibility(pb::Compatibility::Full as i32), "full");
         assert_eq!(contract_name("a.B", 0), "a.B");
         assert_eq!(contract_name("a.B", 3), "a.B@v3");
+    }
+}
+
+/// A run state revision as `handoffctl state show` prints it: the revision,
+/// the handoff that made it and what it changed, then every key with its
+/// value as JSON (pinned keys marked).
+pub fn state_table(resp: &pb::GetStateResponse) -> String {
+    let mut out = String::new();
+    let Some(state) = &resp.state else {
+        return "no state\n".to_string();
+    };
+    let _ = writeln!(
+        out,
+        "run {}  revision {} of {}",
+        state.run_id, state.revision, resp.latest_revision
+    );
+    if resp.handoff_id.is_empty() {
+        let _ = writeln!(out, "made by: StartRun (seed)");
+    } else {
+        let _ = writeln!(
+            out,
+            "made by: handoff {} from {} at {}",
+            resp.handoff_id,
+            if resp.source_agent.is_empty() {
+                "the owner"
+            } else {
+                &resp.source_agent
+            },
+            timestamp(resp.at)
+        );
+    }
+    if let Some(c) = &resp.change {
+        let _ = writeln!(
+            out,
+            "added: {}  changed: {}  removed: {}",
+            list(&c.added),
+            list(&c.changed),
+            list(&c.removed)
+        );
+    }
+    let mut keys: Vec<_> = state.values.iter().collect();
+    keys.sort_by(|a, b| a.0.cmp(b.0));
+    for (k, v) in keys {
+        let pin = if state.pinned_keys.contains(k) {
+            " (pinned)"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "{k}{pin} = {}", json(v));
+    }
+    out
+}
+
+fn list(keys: &[String]) -> String {
+    if keys.is_empty() {
+        "-".to_string()
+    } else {
+        keys.join(",")
+    }
+}
+
+/// A state value as JSON text.
+pub fn json(v: &prost_types::Value) -> String {
+    use prost_types::value::Kind;
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => "null".to_string(),
+        Some(Kind::NumberValue(n)) => format!("{n}"),
+        Some(Kind::StringValue(s)) => format!("{s:?}"),
+        Some(Kind::BoolValue(b)) => format!("{b}"),
+        Some(Kind::ListValue(l)) => format!(
+            "[{}]",
+            l.values.iter().map(json).collect::<Vec<_>>().join(", ")
+        ),
+        Some(Kind::StructValue(st)) => format!(
+            "{{{}}}",
+            st.fields
+                .iter()
+                .map(|(k, v)| format!("{k:?}: {}", json(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }

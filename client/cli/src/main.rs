@@ -85,6 +85,9 @@ enum Command {
     /// Show barriers (fan-in joins of parallel branches).
     #[command(subcommand)]
     Barrier(BarrierCommand),
+    /// Show a run's shared state.
+    #[command(subcommand)]
+    State(StateCommand),
     /// Follow events live, one line each, until Ctrl-C.
     Tail(TailArgs),
     /// Registered agents.
@@ -162,6 +165,19 @@ enum RunCommand {
     Show {
         /// The run's id.
         id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StateCommand {
+    /// Show a run's state at its latest revision or at `--rev N`, and the
+    /// handoff that made it.
+    Show {
+        /// The run's id.
+        run: String,
+        /// The revision (default: the latest).
+        #[arg(long)]
+        rev: Option<u64>,
     },
 }
 
@@ -414,6 +430,10 @@ async fn dispatch(cli: Cli) -> Outcome {
     let result = match cli.command {
         Command::Run(RunCommand::Start(args)) => run_start(&client, args).await,
         Command::Run(RunCommand::Show { id }) => run_show(&client, &id).await,
+        Command::State(StateCommand::Show { run, rev }) => {
+            let resp = client.get_state(&run, rev.unwrap_or(0)).await?;
+            out(&display::state_table(&resp))
+        }
         Command::Barrier(BarrierCommand::Show(args)) => barrier_show(&client, &args).await,
         Command::Tail(args) => tail(&client, args).await,
         Command::Agents(AgentsCommand::List) => agents_list(&client).await,

@@ -1,0 +1,708 @@
+//! Shared run state and the handoff signals: deltas applied once with their
+//! handoff, conflicts on a stale base, merge policies, pinned keys, `reads`,
+//! every past revision; dropped fields and `carry`; re-asks answered from
+//! state; the judge's score; handoffs per resolved run.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use handoff_client::{
+    pb, state, AgentConfig, Client, ContractSpec, ErrorKind, Handoff, RunConfig, StateDelta,
+};
+use handoff_tests::{compile_proto, count, next_within, note, stack, timeline_when};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn s(v: &str) -> state::Value {
+    v.into()
+}
+
+async fn value(client: &Client, run: &str, revision: u64, key: &str) -> Option<state::Value> {
+    let resp = client.get_state(run, revision).await.expect("get state");
+    resp.state.and_then(|st| st.values.get(key).cloned())
+}
+
+async fn revision(client: &Client, run: &str) -> u64 {
+    client
+        .get_state(run, 0)
+        .await
+        .expect("get state")
+        .state
+        .map_or(0, |st| st.revision)
+}
+
+#[tokio::test]
+async fn a_delta_is_applied_once_with_its_handoff_and_not_at_all_when_refused() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    client
+        .register_agent(AgentConfig::new("worker"))
+        .await
+        .expect("agent");
+    let run = client
+        .start_run(RunConfig::new("olga").max_depth(1).state("city", "Oslo"))
+        .await
+        .expect("run");
+    assert_eq!(revision(&client, &run.id).await, 1);
+
+    // Applied with its handoff; a retry (same idempotency key) applies
+    // nothing more.
+    let send = || {
+        Handoff::to(&run.id, "worker", &note("book", 1))
+            .expect("handoff")
+            .idempotency_key("k1")
+            .state_delta(StateDelta::based_on(1).set("nights", 2.0))
+    };
+    let first = client.handoff(send()).await.expect("first");
+    assert_eq!(first.state_revision, 2);
+    let again = client.handoff(send()).await.expect("retry");
+    assert!(again.duplicate);
+    assert_eq!(again.state_revision, 2);
+    assert_eq!(revision(&client, &run.id).await, 2);
+    assert_eq!(value(&client, &run.id, 0, "nights").await, Some(2.0.into()));
+
+    // Refused (over the run's depth cap): nothing changes.
+    let mut sub = client
+        .subscribe("worker", "w1", 1)
+        .await
+        .expect("subscribe");
+    let d = next_within(&mut sub, WAIT).await.expect("delivery");
+    assert_eq!(d.state_revision(), 2);
+    assert_eq!(d.state_str("city"), Some("Oslo"));
+    let err = d
+        .handoff(
+            Handoff::to(&run.id, "worker", &note("deeper", 2))
+                .expect("handoff")
+                .state_delta(d.state_delta().set("city", "Rome")),
+        )
+        .await
+        .expect_err("over the depth cap");
+    assert_eq!(err.reason(), Some("DEPTH_CAP"), "{err}");
+    // A delta that breaks a rule of the state itself is refused whole: the
+    // valid key in it is not applied either.
+    let err = client
+        .handoff(
+            Handoff::to(&run.id, "worker", &note("big", 3))
+                .expect("handoff")
+                .state_delta(
+                    StateDelta::new()
+                        .set("ok", "fine")
+                        .set("huge", "x".repeat(70 * 1024)),
+                ),
+        )
+        .await
+        .expect_err("over max_state_value_bytes");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    assert_eq!(err.reason(), Some("STATE_TOO_LARGE"), "{err}");
+    assert_eq!(err.metadata().get("key").map(String::as_str), Some("huge"));
+    assert_eq!(revision(&client, &run.id).await, 2);
+    assert_eq!(value(&client, &run.id, 0, "city").await, Some(s("Oslo")));
+    assert_eq!(value(&client, &run.id, 0, "ok").await, None);
+    // The timeline holds the one accepted handoff, with its change.
+    let timeline = client.get_run(&run.id).await.expect("run").timeline;
+    let accepted: Vec<_> = timeline
+        .iter()
+        .filter(|e| e.kind == pb::EventKind::HandoffAccepted as i32)
+        .collect();
+    assert_eq!(accepted.len(), 1);
+    let change = accepted[0].state_change.clone().expect("state change");
+    assert_eq!(change.revision, 2);
+    assert_eq!(change.added, vec!["nights".to_string()]);
+}
+
+#[tokio::test]
+async fn a_stale_base_on_one_key_loses_to_the_winner_and_disjoint_keys_both_apply() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    client
+        .register_agent(AgentConfig::new("worker"))
+        .await
+        .expect("agent");
+    let run = client
+        .start_run(RunConfig::new("olga").state("city", "Oslo"))
+        .await
+        .expect("run");
+    let send = |key: &str, value: &str, n: u32| {
+        Handoff::to(&run.id, "worker", &note(value, n))
+            .expect("handoff")
+            .state_delta(StateDelta::based_on(1).set(key, value))
+    };
+    // The same key from the same base, at once: one wins.
+    let (a, b) = tokio::join!(
+        client.handoff(send("city", "Rome", 1)),
+        client.handoff(send("city", "Lima", 2))
+    );
+    let (won, lost) = match (a, b) {
+        (Ok(w), Err(l)) => (w, l),
+        (Err(l), Ok(w)) => (w, l),
+        other => panic!("exactly one must win: {other:?}"),
+    };
+    assert_eq!(won.state_revision, 2);
+    assert_eq!(lost.kind(), ErrorKind::Conflict, "{lost}");
+    assert_eq!(lost.code(), Some(tonic::Code::Aborted));
+    assert_eq!(lost.reason(), Some("STATE_CONFLICT"));
+    assert_eq!(
+        lost.metadata().get("keys").map(String::as_str),
+        Some("city")
+    );
+    assert_eq!(revision(&client, &run.id).await, 2);
+
+    // Different keys from the same (now stale) base: both apply.
+    let (a, b) = tokio::join!(
+        client.handoff(send("date", "May", 3)),
+        client.handoff(send("budget", "low", 4))
+    );
+    let revisions: BTreeSet<u64> = [a.expect("a").state_revision, b.expect("b").state_revision]
+        .into_iter()
+        .collect();
+    assert_eq!(revisions, [3, 4].into_iter().collect());
+    let latest = client.get_state(&run.id, 0).await.expect("state");
+    let values = latest.state.expect("state").values;
+    assert_eq!(values.get("date"), Some(&s("May")));
+    assert_eq!(values.get("budget"), Some(&s("low")));
+    assert!(matches!(
+        values.get("city").and_then(state::as_str),
+        Some("Rome" | "Lima")
+    ));
+    // The loser, read again and retried from the latest base, applies.
+    let retried = client
+        .handoff(
+            Handoff::to(&run.id, "worker", &note("again", 5))
+                .expect("handoff")
+                .state_delta(StateDelta::based_on(latest.latest_revision).set("city", "Quito")),
+        )
+        .await
+        .expect("retried");
+    assert_eq!(retried.state_revision, 5);
+}
+
+#[tokio::test]
+async fn append_and_merge_policies_combine_and_pinned_keys_never_change() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    client
+        .register_agent(AgentConfig::new("worker"))
+        .await
+        .expect("agent");
+    let run = client
+        .start_run(
+            RunConfig::new("olga")
+                .pin_state("order_id", "A-1")
+                .policy("notes", pb::MergePolicy::Append)
+                .policy("profile", pb::MergePolicy::Merge),
+        )
+        .await
+        .expect("run");
+    let send = |delta: StateDelta, n: u32| {
+        Handoff::to(&run.id, "worker", &note("x", n))
+            .expect("handoff")
+            .state_delta(delta)
+    };
+    // Appends from the same base combine, in order.
+    for (n, v) in ["one", "two"].iter().enumerate() {
+        client
+            .handoff(send(StateDelta::based_on(1).set("notes", *v), n as u32))
+            .await
+            .expect("append");
+    }
+    client
+        .handoff(send(StateDelta::new().append("notes", [s("three")]), 7))
+        .await
+        .expect("explicit append");
+    let notes = value(&client, &run.id, 0, "notes").await.expect("notes");
+    let items: Vec<&str> = state::as_list(&notes)
+        .expect("a list")
+        .iter()
+        .filter_map(state::as_str)
+        .collect();
+    assert_eq!(items, vec!["one", "two", "three"]);
+    // Merges combine key by key.
+    let fields = |k: &str, v: &str| {
+        state::Value::from(std::collections::BTreeMap::from([(k.to_string(), s(v))]))
+    };
+    client
+        .handoff(send(
+            StateDelta::based_on(1).set("profile", fields("name", "Ann")),
+            8,
+        ))
+        .await
+        .expect("merge");
+    client
+        .handoff(send(
+            StateDelta::based_on(1).merge("profile", [("city".to_string(), s("Oslo"))]),
+            9,
+        ))
+        .await
+        .expect("merge again");
+    let profile = value(&client, &run.id, 0, "profile")
+        .await
+        .expect("profile");
+    let keys: Vec<&String> = state::as_struct(&profile)
+        .expect("a struct")
+        .keys()
+        .collect();
+    assert_eq!(keys, vec!["city", "name"]);
+    // An append to a key that holds no list is refused.
+    let err = client
+        .handoff(send(StateDelta::new().append("profile", [s("x")]), 10))
+        .await
+        .expect_err("not a list");
+    assert_eq!(err.reason(), Some("STATE_TYPE_MISMATCH"), "{err}");
+
+    // A pinned key: neither changed nor removed, and the run state keeps it.
+    let before = revision(&client, &run.id).await;
+    for delta in [
+        StateDelta::new().set("order_id", "B-2"),
+        StateDelta::new().unset("order_id"),
+        StateDelta::new().append("order_id", [s("x")]),
+    ] {
+        let err = client.handoff(send(delta, 11)).await.expect_err("pinned");
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+        assert_eq!(err.reason(), Some("PINNED_KEY"), "{err}");
+        assert_eq!(
+            err.metadata().get("keys").map(String::as_str),
+            Some("order_id")
+        );
+    }
+    assert_eq!(revision(&client, &run.id).await, before);
+    assert_eq!(value(&client, &run.id, 0, "order_id").await, Some(s("A-1")));
+}
+
+#[tokio::test]
+async fn reads_limits_what_a_delivery_carries_and_every_past_revision_is_kept() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    client
+        .register_agent(AgentConfig::new("narrow").reads(["city"]))
+        .await
+        .expect("agent");
+    client
+        .register_agent(AgentConfig::new("wide"))
+        .await
+        .expect("agent");
+    let run = client
+        .start_run(
+            RunConfig::new("olga")
+                .ask("plan a trip")
+                .pin_state("order_id", "A-1")
+                .state("city", "Oslo")
+                .state("card", "4111"),
+        )
+        .await
+        .expect("run");
+    let mut receipts = Vec::new();
+    for (n, (key, v)) in [
+        ("nights", "2"),
+        ("city", "Rome"),
+        ("hotel", "H"),
+        ("city", "Lima"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let target = if n % 2 == 0 { "narrow" } else { "wide" };
+        let receipt = client
+            .handoff(
+                Handoff::to(&run.id, target, &note(v, n as u32))
+                    .expect("handoff")
+                    .state_delta(StateDelta::new().set(key, v)),
+            )
+            .await
+            .expect("handoff");
+        receipts.push((receipt, key, v));
+    }
+    // Every revision: the seed, then one per delta, each with its handoff.
+    let seed = client.get_state(&run.id, 1).await.expect("seed");
+    assert_eq!(seed.handoff_id, "");
+    assert_eq!(
+        seed.state.expect("state").values.get("city"),
+        Some(&s("Oslo"))
+    );
+    for (i, (receipt, key, v)) in receipts.iter().enumerate() {
+        let rev = i as u64 + 2;
+        assert_eq!(receipt.state_revision, rev);
+        let at = client.get_state(&run.id, rev).await.expect("revision");
+        assert_eq!(at.handoff_id, receipt.handoff_id);
+        assert_eq!(at.latest_revision, 5);
+        assert_eq!(at.state.expect("state").values.get(*key), Some(&s(v)));
+    }
+    assert_eq!(value(&client, &run.id, 3, "city").await, Some(s("Rome")));
+    assert_eq!(value(&client, &run.id, 4, "city").await, Some(s("Rome")));
+    assert_eq!(value(&client, &run.id, 5, "city").await, Some(s("Lima")));
+    let err = client
+        .get_state(&run.id, 6)
+        .await
+        .expect_err("no revision 6");
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert_eq!(err.reason(), Some("STATE_REVISION_NOT_FOUND"));
+
+    // The narrow agent's deliveries carry the key it reads and the pinned
+    // one; the wide one's carry everything, each at its handoff's revision.
+    let mut narrow = client
+        .subscribe("narrow", "n1", 2)
+        .await
+        .expect("subscribe");
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let d = next_within(&mut narrow, WAIT).await.expect("delivery");
+        let keys: BTreeSet<String> = d.state().expect("state").values.keys().cloned().collect();
+        assert_eq!(
+            keys,
+            ["city", "order_id"].map(String::from).into_iter().collect()
+        );
+        assert!(d.intent_intact());
+        seen.push((d.state_revision(), d.state_str("city").map(str::to_string)));
+        d.ack().await.expect("ack");
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![(2, Some("Oslo".to_string())), (4, Some("Rome".to_string()))]
+    );
+    let mut wide = client.subscribe("wide", "w1", 1).await.expect("subscribe");
+    let d = next_within(&mut wide, WAIT).await.expect("delivery");
+    let keys: BTreeSet<String> = d.state().expect("state").values.keys().cloned().collect();
+    assert!(keys.contains("card") && keys.contains("nights") && keys.contains("city"));
+    assert_eq!(d.pinned().ask, "plan a trip");
+    assert!(d.intent_intact());
+    assert_eq!(
+        d.raw().pinned_digest,
+        state::intent_digest(d.raw().pinned.as_ref(), d.raw().state.as_ref())
+    );
+}
+
+// ------------------------------------------------------------ signals
+
+mod shop {
+    /// `shop.v1.Lookup`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(crate) struct Lookup {
+        #[prost(string, tag = "1")]
+        pub(crate) order_id: String,
+        #[prost(string, tag = "2")]
+        pub(crate) query: String,
+    }
+    impl prost::Name for Lookup {
+        const NAME: &'static str = "Lookup";
+        const PACKAGE: &'static str = "shop.v1";
+    }
+    /// `shop.v1.Answer` and `shop.v1.StrictAnswer` (same fields).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(crate) struct Answer {
+        #[prost(string, tag = "1")]
+        pub(crate) order_id: String,
+        #[prost(string, tag = "2")]
+        pub(crate) text: String,
+    }
+    impl prost::Name for Answer {
+        const NAME: &'static str = "Answer";
+        const PACKAGE: &'static str = "shop.v1";
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(crate) struct StrictAnswer {
+        #[prost(string, tag = "1")]
+        pub(crate) order_id: String,
+        #[prost(string, tag = "2")]
+        pub(crate) text: String,
+    }
+    impl prost::Name for StrictAnswer {
+        const NAME: &'static str = "StrictAnswer";
+        const PACKAGE: &'static str = "shop.v1";
+    }
+    pub(crate) const PROTO: &str = r#"
+syntax = "proto3";
+package shop.v1;
+message Lookup { string order_id = 1; string query = 2; }
+message Answer { string order_id = 1; string text = 2; }
+message StrictAnswer { string order_id = 1; string text = 2; }
+"#;
+}
+
+#[tokio::test]
+async fn a_field_dropped_on_an_edge_is_reported_and_refused_where_the_contract_carries_it() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    let fds = compile_proto(&[("shop/v1/shop.proto", shop::PROTO)]);
+    for spec in [
+        ContractSpec::of::<shop::Lookup>(fds.clone()),
+        ContractSpec::of::<shop::Answer>(fds.clone()),
+        ContractSpec::of::<shop::StrictAnswer>(fds.clone()).carry("order_id"),
+    ] {
+        client.register_contract(spec).await.expect("contract");
+    }
+    // An unknown carry field is refused at registration.
+    let err = client
+        .register_contract(ContractSpec::of::<shop::StrictAnswer>(fds).carry("nope"))
+        .await
+        .expect_err("unknown carry field");
+    assert_eq!(err.reason(), Some("INVALID_CONTRACT"), "{err}");
+    client
+        .register_agent(
+            AgentConfig::new("a")
+                .accepts::<shop::Lookup>()
+                .emits::<shop::Lookup>(),
+        )
+        .await
+        .expect("a");
+    client
+        .register_agent(
+            AgentConfig::new("b")
+                .accepts::<shop::Lookup>()
+                .emits::<shop::Answer>()
+                .emits::<shop::StrictAnswer>(),
+        )
+        .await
+        .expect("b");
+    client
+        .register_agent(AgentConfig::new("c").accepts::<shop::Answer>())
+        .await
+        .expect("c");
+    client
+        .register_agent(AgentConfig::new("strict").accepts::<shop::StrictAnswer>())
+        .await
+        .expect("strict");
+    let run = client.start_run(RunConfig::new("olga")).await.expect("run");
+    let lookup = |order_id: &str| shop::Lookup {
+        order_id: order_id.to_string(),
+        query: "where is it".to_string(),
+    };
+    client
+        .handoff(Handoff::to(&run.id, "a", &lookup("A-1")).expect("handoff"))
+        .await
+        .expect("owner -> a");
+    // A carries order_id on: nothing dropped.
+    let mut a = client.subscribe("a", "a1", 1).await.expect("subscribe");
+    let d = next_within(&mut a, WAIT).await.expect("a's delivery");
+    let kept = d
+        .handoff(Handoff::to(&run.id, "b", &lookup("A-1")).expect("handoff"))
+        .await
+        .expect("a -> b");
+    assert!(kept.dropped_fields.is_empty());
+    // B drops it: to a contract that carries it, refused; to one that does
+    // not, accepted and reported.
+    let mut b = client.subscribe("b", "b1", 1).await.expect("subscribe");
+    let d = next_within(&mut b, WAIT).await.expect("b's delivery");
+    let answer = |order_id: &str| shop::Answer {
+        order_id: order_id.to_string(),
+        text: "on its way".to_string(),
+    };
+    let strict = shop::StrictAnswer {
+        order_id: String::new(),
+        text: "on its way".to_string(),
+    };
+    let err = d
+        .handoff(Handoff::to(&run.id, "strict", &strict).expect("handoff"))
+        .await
+        .expect_err("carry refuses the drop");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    assert_eq!(err.reason(), Some("DROPPED_FIELD"), "{err}");
+    assert_eq!(
+        err.metadata().get("fields").map(String::as_str),
+        Some("order_id")
+    );
+    let dropped = d
+        .handoff(Handoff::to(&run.id, "c", &answer("")).expect("handoff"))
+        .await
+        .expect("b -> c, dropping order_id");
+    assert_eq!(dropped.dropped_fields, vec!["order_id".to_string()]);
+    let timeline = timeline_when(&client, &run.id, |t| {
+        count(t, &[pb::EventKind::HandoffAccepted], |_| true) == 3
+    })
+    .await;
+    let edges: Vec<(String, String, Vec<String>)> = timeline
+        .iter()
+        .filter(|e| e.kind == pb::EventKind::HandoffAccepted as i32)
+        .map(|e| {
+            (
+                e.source_agent.clone(),
+                e.agent.clone(),
+                e.dropped_fields.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        edges,
+        vec![
+            (String::new(), "a".to_string(), vec![]),
+            ("a".to_string(), "b".to_string(), vec![]),
+            (
+                "b".to_string(),
+                "c".to_string(),
+                vec!["order_id".to_string()]
+            ),
+        ]
+    );
+    assert_eq!(
+        count(&timeline, &[pb::EventKind::ContractRejected], |e| e.rule
+            == "carry"),
+        1
+    );
+    let stats = client
+        .get_run(&run.id)
+        .await
+        .expect("run")
+        .run
+        .and_then(|r| r.stats)
+        .expect("stats");
+    assert_eq!(stats.dropped_fields, 1);
+}
+
+#[tokio::test]
+async fn a_reask_for_a_key_the_state_holds_is_counted_and_answered_from_state() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    client
+        .register_agent(AgentConfig::new("human"))
+        .await
+        .expect("agent");
+    let run = client
+        .start_run(RunConfig::new("olga").state("city", "Oslo"))
+        .await
+        .expect("run");
+    let receipt = client
+        .handoff(
+            Handoff::to(&run.id, "human", &note("which city and budget?", 1))
+                .expect("handoff")
+                .from_agent("planner")
+                .asks_for("city")
+                .asks_for("budget"),
+        )
+        .await
+        .expect("handoff");
+    assert_eq!(receipt.answers.len(), 1);
+    assert_eq!(receipt.answers.get("city"), Some(&s("Oslo")));
+    let timeline = client.get_run(&run.id).await.expect("run").timeline;
+    let accepted = timeline
+        .iter()
+        .find(|e| e.kind == pb::EventKind::HandoffAccepted as i32)
+        .expect("accepted");
+    assert_eq!(accepted.reasks, vec!["city".to_string()]);
+    let stats = client
+        .get_run(&run.id)
+        .await
+        .expect("run")
+        .run
+        .and_then(|r| r.stats)
+        .expect("stats");
+    assert_eq!(stats.reasks, 1);
+    // Asking for a key the state does not hold is no re-ask.
+    let fresh = client
+        .handoff(
+            Handoff::to(&run.id, "human", &note("budget?", 2))
+                .expect("handoff")
+                .asks_for("budget"),
+        )
+        .await
+        .expect("handoff");
+    assert!(fresh.answers.is_empty());
+}
+
+/// A three-hop run of `pipeline` with a judge answering `score`; returns
+/// the run as it ended and its timeline once the judge's events are in.
+async fn judged_run(client: &Client, pipeline: &str, score: f64) -> (pb::Run, Vec<pb::Event>) {
+    let run = client
+        .start_run(
+            RunConfig::new("olga")
+                .pipeline(pipeline)
+                .ask("find a quiet hotel in Oslo")
+                .judge("judge", 0.7),
+        )
+        .await
+        .expect("run");
+    client
+        .handoff(Handoff::to(&run.id, "planner", &note("plan", 1)).expect("handoff"))
+        .await
+        .expect("owner -> planner");
+    let mut planner = client
+        .subscribe("planner", "p1", 1)
+        .await
+        .expect("subscribe");
+    let d = next_within(&mut planner, WAIT)
+        .await
+        .expect("planner's delivery");
+    d.handoff(Handoff::to(&run.id, "writer", &note("draft", 2)).expect("handoff"))
+        .await
+        .expect("planner -> writer");
+    let mut writer = client
+        .subscribe("writer", "w1", 1)
+        .await
+        .expect("subscribe");
+    let d = next_within(&mut writer, WAIT)
+        .await
+        .expect("writer's delivery");
+    d.handoff(Handoff::final_result(&run.id, &note("Hotel Quiet, Oslo", 3)).expect("final"))
+        .await
+        .expect("writer: final");
+    let mut judge = client.subscribe("judge", "j1", 1).await.expect("subscribe");
+    let d = next_within(&mut judge, WAIT)
+        .await
+        .expect("the judge's request");
+    let request = d.judge_request().expect("a judge request");
+    assert_eq!(request.run_id, run.id);
+    assert_eq!(request.pipeline, pipeline);
+    assert_eq!(
+        request.pinned.map(|p| p.ask).as_deref(),
+        Some("find a quiet hotel in Oslo")
+    );
+    let result: handoff_tests::Note =
+        handoff_client::decode(&request.result.expect("the result")).expect("a note");
+    assert_eq!(result.text, "Hotel Quiet, Oslo");
+    d.judge(score, "checked against the ask")
+        .await
+        .expect("verdict");
+    let timeline = timeline_when(client, &run.id, |t| {
+        count(t, &[pb::EventKind::IntentScored], |_| true) == 1
+    })
+    .await;
+    let run = client
+        .get_run(&run.id)
+        .await
+        .expect("run")
+        .run
+        .expect("run");
+    (run, timeline)
+}
+
+#[tokio::test]
+async fn the_judges_score_is_recorded_drift_is_emitted_under_the_threshold_and_runs_count_their_handoffs(
+) {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    for agent in ["planner", "writer", "judge"] {
+        client
+            .register_agent(AgentConfig::new(agent))
+            .await
+            .expect("agent");
+    }
+    let (low, timeline) = judged_run(&client, "travel", 0.4).await;
+    assert_eq!(low.status, pb::RunStatus::Completed as i32);
+    let intent = low.intent.expect("scored");
+    assert!((intent.score - 0.4).abs() < 1e-9);
+    assert!(intent.drift);
+    assert_eq!(intent.judge_agent, "judge");
+    assert_eq!(count(&timeline, &[pb::EventKind::IntentDrift], |_| true), 1);
+    let stats = low.stats.expect("stats");
+    assert_eq!((stats.handoffs, stats.hops, stats.redeliveries), (3, 3, 0));
+
+    let (high, timeline) = judged_run(&client, "travel", 0.9).await;
+    let intent = high.intent.expect("scored");
+    assert!(!intent.drift);
+    // The evidence of no drift: the run's whole timeline, after its score.
+    assert_eq!(count(&timeline, &[pb::EventKind::IntentDrift], |_| true), 0);
+    assert_eq!(
+        count(&timeline, &[pb::EventKind::IntentScored], |e| (e
+            .intent_score
+            - 0.9)
+            .abs()
+            < 1e-9),
+        1
+    );
+
+    // A second verdict changes nothing; a score outside [0, 1] is refused.
+    let err = client
+        .handoff(
+            Handoff::final_result(
+                &high.id,
+                &pb::JudgeVerdict {
+                    score: 0.1,
+                    reason: String::new(),
+                },
+            )
+            .expect("final"),
+        )
+        .await
+        .expect_err("the run is closed to anything but its judge's delivery");
+    assert_eq!(err.reason(), Some("RUN_CLOSED"), "{err}");
+}
