@@ -14,10 +14,14 @@
 //!   branch sent -> release delivered) and total;
 //! - `throughput`: 1 KiB handoffs from many concurrent producers to four
 //!   acking instances: accepted per second, and accepted-and-delivered;
+//!   The chain runs twice: plain, and with a 1 KiB run-state delta on
+//!   every handoff (runs with state);
 //! - `scale`: per-hop latency before and after the broker holds 100,000
 //!   finished runs and 100,000 open barriers;
+//! - `state`: 100,000 runs holding state (seeded, then one delta each);
 //! - `memory`: `handoffd`'s resident memory idle, at its peak under
-//!   `throughput`, and with the open barriers of `scale`.
+//!   `throughput`, with the open barriers of `scale`, and with the runs
+//!   holding state of `state`.
 //!
 //! Latencies go through HDR histograms. The table goes to stdout (JSON
 //! with `--json`), progress to stderr; `--plot FILE.png` also draws every
@@ -51,6 +55,7 @@ enum Scenario {
     Fanin,
     Throughput,
     Scale,
+    State,
     Memory,
 }
 
@@ -94,6 +99,9 @@ struct Args {
     /// Finished runs and open barriers for the scale scenario.
     #[arg(long, default_value_t = 100_000)]
     scale_n: u64,
+    /// Runs holding state for the state scenario.
+    #[arg(long, default_value_t = 100_000)]
+    state_runs: u64,
 }
 
 fn bar(len: u64, prefix: &str) -> ProgressBar {
@@ -180,7 +188,15 @@ async fn run(args: Args) -> Result<(), BoxError> {
 
     if wants(Scenario::Chain) {
         let runs = args.chain_runs;
-        let (hop, e2e) = scenarios::chain(&client, runs, &bar(runs, "chain (handoffd)")).await?;
+        let (hop, e2e) =
+            scenarios::chain(&client, runs, None, &bar(runs, "chain (handoffd)")).await?;
+        let (state_hop, _) = scenarios::chain(
+            &client,
+            runs,
+            Some(1024),
+            &bar(runs, "chain with state (handoffd)"),
+        )
+        .await?;
         let (raw_hop, raw_e2e) = scenarios::raw_chain(
             stack.nats_url(),
             stack.replicas(),
@@ -199,6 +215,25 @@ async fn run(args: Args) -> Result<(), BoxError> {
             "chain",
             "end to end, 5 hops",
             latency(&e2e, Some(&raw_e2e)),
+        ));
+        panel(
+            "chain: per hop, 1 KiB state delta".into(),
+            &state_hop,
+            Some(&raw_hop),
+        );
+        rows.push(Row::new(
+            "chain",
+            "per hop with a 1 KiB state delta",
+            latency(&state_hop, Some(&raw_hop)),
+        ));
+        let ratio = Latency::of(&state_hop).p50 / Latency::of(&hop).p50.max(f64::MIN_POSITIVE);
+        rows.push(Row::new(
+            "chain",
+            "per-hop p50, with state delta / without",
+            Figure::Ratio {
+                value: ratio,
+                of: "p50".into(),
+            },
         ));
     }
 
@@ -254,11 +289,12 @@ async fn run(args: Args) -> Result<(), BoxError> {
         let n = args.scale_n;
         let runs = (args.chain_runs / 2).max(100);
         let (before, _) =
-            scenarios::chain(&client, runs, &bar(runs, "scale: chain, empty")).await?;
+            scenarios::chain(&client, runs, None, &bar(runs, "scale: chain, empty")).await?;
         scenarios::populate(&client, n, n, &bar(2 * n, "scale: fill")).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         loaded = stack.broker_rss();
-        let (after, _) = scenarios::chain(&client, runs, &bar(runs, "scale: chain, full")).await?;
+        let (after, _) =
+            scenarios::chain(&client, runs, None, &bar(runs, "scale: chain, full")).await?;
         if wants(Scenario::Scale) {
             panel("scale: per hop, nothing kept".into(), &before, None);
             panel(
@@ -286,6 +322,14 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 },
             ));
         }
+    }
+
+    let mut stateful = None;
+    if wants(Scenario::State) || wants(Scenario::Memory) {
+        let n = args.state_runs;
+        scenarios::populate_state(&client, n, &bar(n, "state: runs holding state")).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stateful = stack.broker_rss();
     }
 
     let mut peak = None;
@@ -348,6 +392,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
             (
                 format!("handoffd RSS, {} open barriers", args.scale_n),
                 loaded,
+            ),
+            (
+                format!("handoffd RSS, {} runs holding state", args.state_runs),
+                stateful,
             ),
         ] {
             if let Some(bytes) = bytes {

@@ -11,7 +11,9 @@ use std::{
 
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use futures::{StreamExt, TryStreamExt};
-use handoff_client::{pb, AgentConfig, Client, ContractSpec, Handoff, RunConfig, Subscription};
+use handoff_client::{
+    pb, AgentConfig, Client, ContractSpec, Handoff, RunConfig, StateDelta, Subscription,
+};
 use handoff_proto::{
     demo::{Subtask, WorkerResult},
     DEMO_FILE_DESCRIPTOR_SET,
@@ -92,9 +94,14 @@ async fn next(sub: &mut Subscription) -> Result<handoff_client::Delivery, BoxErr
 
 /// Per-hop and end-to-end latency of `runs` runs through the 5-hop chain
 /// (a hop: from handing off to the next agent's delivery).
+///
+/// With `delta`, each run starts with a state and every handoff carries a
+/// state delta writing `delta` bytes to a key of its own, based on the
+/// revision its delivery carried.
 pub(crate) async fn chain(
     client: &Client,
     runs: u64,
+    delta: Option<usize>,
     bar: &ProgressBar,
 ) -> Result<(Histogram<u64>, Histogram<u64>), BoxError> {
     let mut subs = Vec::new();
@@ -105,12 +112,20 @@ pub(crate) async fn chain(
     let (mut hop, mut e2e) = (histogram(), histogram());
     let warmup = 20;
     for r in 0..runs + warmup {
-        let run = client
-            .start_run(RunConfig::new("bench").max_depth(8))
-            .await?;
+        let mut config = RunConfig::new("bench").max_depth(8);
+        if delta.is_some() {
+            config = config.pin_state("order_id", "A-1");
+        }
+        let run = client.start_run(config).await?;
+        let with_delta = |h: Handoff, base: u64, hop: usize| match delta {
+            Some(size) => {
+                h.state_delta(StateDelta::based_on(base).set(format!("hop{hop}"), "x".repeat(size)))
+            }
+            None => h,
+        };
         let start = Instant::now();
         client
-            .handoff(Handoff::to(&run.id, CHAIN[0], &payload)?)
+            .handoff(with_delta(Handoff::to(&run.id, CHAIN[0], &payload)?, 1, 0))
             .await?;
         let mut last = start;
         for (i, sub) in subs.iter_mut().enumerate() {
@@ -122,7 +137,9 @@ pub(crate) async fn chain(
             last = now;
             match CHAIN.get(i + 1) {
                 Some(to) => {
-                    d.handoff(Handoff::to("", *to, &payload)?).await?;
+                    let next =
+                        with_delta(Handoff::to("", *to, &payload)?, d.state_revision(), i + 1);
+                    d.handoff(next).await?;
                 }
                 None => d.ack().await?,
             }
@@ -556,6 +573,46 @@ pub(crate) async fn raw_throughput(
 /// Fills the broker with `runs` finished runs (started, then completed by
 /// a final handoff) and `barriers` open barriers (2 branches each, none
 /// arrived), `CONCURRENCY` requests at a time.
+/// `runs` runs, each started with a state of three keys (about 200 bytes)
+/// and then changed by one handoff carrying a 256-byte delta (to an agent
+/// no instance serves, so the handoffs wait in its inbox).
+pub(crate) async fn populate_state(
+    client: &Client,
+    runs: u64,
+    bar: &ProgressBar,
+) -> Result<(), BoxError> {
+    client
+        .register_agent(AgentConfig::new("state-sink"))
+        .await?;
+    let payload = subtask();
+    futures::stream::iter(0..runs)
+        .map(|i| {
+            let (client, payload, bar) = (client.clone(), payload.clone(), bar.clone());
+            async move {
+                let run = client
+                    .start_run(
+                        RunConfig::new("state")
+                            .pin_state("order_id", format!("A-{i}"))
+                            .state("customer", "ACME Corporation, purchasing department")
+                            .state("notes", "the customer prefers delivery on weekday mornings"),
+                    )
+                    .await?;
+                client
+                    .handoff(
+                        Handoff::to(&run.id, "state-sink", &payload)?
+                            .state_delta(StateDelta::based_on(1).set("summary", "y".repeat(256))),
+                    )
+                    .await?;
+                bar.inc(1);
+                Ok::<(), BoxError>(())
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(())
+}
+
 pub(crate) async fn populate(
     client: &Client,
     runs: u64,
