@@ -99,6 +99,7 @@ fn guard_rules() -> pb::ContractRules {
             seconds: 60,
             nanos: 0,
         }),
+        carry: Vec::new(),
     }
 }
 
