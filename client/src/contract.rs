@@ -164,6 +164,7 @@ mod tests {
             .max_bytes(4096)
             .min_confidence(0.5)
             .max_tool_result_age(Duration::from_secs(90))
+            .carry("order_id")
             .into_request();
         assert_eq!(req.message_type, "acme.v1.Thing");
         assert_eq!(req.file_descriptor_set, vec![1, 2, 3]);
@@ -180,6 +181,7 @@ mod tests {
                     seconds: 90,
                     nanos: 0
                 }),
+                carry: vec!["order_id".to_string()],
             })
         );
     }

@@ -46,6 +46,7 @@ fn rules() -> pb::ContractRules {
             seconds: 3600,
             nanos: 0,
         }),
+        carry: Vec::new(),
     }
 }
 

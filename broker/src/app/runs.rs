@@ -228,7 +228,7 @@ pub async fn end(broker: &Broker, run_id: &str, end: RunEnd) -> Result<pb::Run, 
         if stats.is_none() {
             stats = Some(stats_of(&broker.store().run_events(run_id).await?));
         }
-        run.stats = stats.clone();
+        run.stats = stats;
         run.ended_at = Some(now());
         match &end {
             RunEnd::Completed { handoff_id, result } => {

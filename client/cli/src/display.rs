@@ -476,10 +476,94 @@ pub fn rules_summary(rules: Option<&pb::ContractRules>) -> String {
             .unwrap_or_else(|_| "invalid".to_string());
         parts.push(format!("max_tool_result_age={age}"));
     }
+    if !r.carry.is_empty() {
+        parts.push(format!("carry={}", r.carry.join(",")));
+    }
     if parts.is_empty() {
         "-".to_string()
     } else {
         parts.join(" ")
+    }
+}
+
+/// A run state revision as `handoffctl state show` prints it: the revision,
+/// the handoff that made it and what it changed, then every key with its
+/// value as JSON (pinned keys marked).
+pub fn state_table(resp: &pb::GetStateResponse) -> String {
+    let mut out = String::new();
+    let Some(state) = &resp.state else {
+        return "no state\n".to_string();
+    };
+    let _ = writeln!(
+        out,
+        "run {}  revision {} of {}",
+        state.run_id, state.revision, resp.latest_revision
+    );
+    if resp.handoff_id.is_empty() {
+        let _ = writeln!(out, "made by: StartRun (seed)");
+    } else {
+        let _ = writeln!(
+            out,
+            "made by: handoff {} from {} at {}",
+            resp.handoff_id,
+            if resp.source_agent.is_empty() {
+                "the owner"
+            } else {
+                &resp.source_agent
+            },
+            timestamp(resp.at)
+        );
+    }
+    if let Some(c) = &resp.change {
+        let _ = writeln!(
+            out,
+            "added: {}  changed: {}  removed: {}",
+            list(&c.added),
+            list(&c.changed),
+            list(&c.removed)
+        );
+    }
+    let mut keys: Vec<_> = state.values.iter().collect();
+    keys.sort_by(|a, b| a.0.cmp(b.0));
+    for (k, v) in keys {
+        let pin = if state.pinned_keys.contains(k) {
+            " (pinned)"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "{k}{pin} = {}", json(v));
+    }
+    out
+}
+
+fn list(keys: &[String]) -> String {
+    if keys.is_empty() {
+        "-".to_string()
+    } else {
+        keys.join(",")
+    }
+}
+
+/// A state value as JSON text.
+pub fn json(v: &prost_types::Value) -> String {
+    use prost_types::value::Kind;
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => "null".to_string(),
+        Some(Kind::NumberValue(n)) => format!("{n}"),
+        Some(Kind::StringValue(s)) => format!("{s:?}"),
+        Some(Kind::BoolValue(b)) => format!("{b}"),
+        Some(Kind::ListValue(l)) => format!(
+            "[{}]",
+            l.values.iter().map(json).collect::<Vec<_>>().join(", ")
+        ),
+        Some(Kind::StructValue(st)) => format!(
+            "{{{}}}",
+            st.fields
+                .iter()
+                .map(|(k, v)| format!("{k:?}: {}", json(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -728,94 +812,14 @@ branches:
                 seconds: 3600,
                 nanos: 0,
             }),
+            carry: vec!["order_id".into()],
         };
         assert_eq!(
             rules_summary(Some(&rules)),
-            "required=a,b.c max_tokens=200 min_confidence=0.5 max_tool_result_age=1h"
+            "required=a,b.c max_tokens=200 min_confidence=0.5 max_tool_result_age=1h carry=order_id"
         );
         assert_eq!(compatibility(pb::Compatibility::Full as i32), "full");
         assert_eq!(contract_name("a.B", 0), "a.B");
         assert_eq!(contract_name("a.B", 3), "a.B@v3");
-    }
-}
-
-/// A run state revision as `handoffctl state show` prints it: the revision,
-/// the handoff that made it and what it changed, then every key with its
-/// value as JSON (pinned keys marked).
-pub fn state_table(resp: &pb::GetStateResponse) -> String {
-    let mut out = String::new();
-    let Some(state) = &resp.state else {
-        return "no state\n".to_string();
-    };
-    let _ = writeln!(
-        out,
-        "run {}  revision {} of {}",
-        state.run_id, state.revision, resp.latest_revision
-    );
-    if resp.handoff_id.is_empty() {
-        let _ = writeln!(out, "made by: StartRun (seed)");
-    } else {
-        let _ = writeln!(
-            out,
-            "made by: handoff {} from {} at {}",
-            resp.handoff_id,
-            if resp.source_agent.is_empty() {
-                "the owner"
-            } else {
-                &resp.source_agent
-            },
-            timestamp(resp.at)
-        );
-    }
-    if let Some(c) = &resp.change {
-        let _ = writeln!(
-            out,
-            "added: {}  changed: {}  removed: {}",
-            list(&c.added),
-            list(&c.changed),
-            list(&c.removed)
-        );
-    }
-    let mut keys: Vec<_> = state.values.iter().collect();
-    keys.sort_by(|a, b| a.0.cmp(b.0));
-    for (k, v) in keys {
-        let pin = if state.pinned_keys.contains(k) {
-            " (pinned)"
-        } else {
-            ""
-        };
-        let _ = writeln!(out, "{k}{pin} = {}", json(v));
-    }
-    out
-}
-
-fn list(keys: &[String]) -> String {
-    if keys.is_empty() {
-        "-".to_string()
-    } else {
-        keys.join(",")
-    }
-}
-
-/// A state value as JSON text.
-pub fn json(v: &prost_types::Value) -> String {
-    use prost_types::value::Kind;
-    match &v.kind {
-        None | Some(Kind::NullValue(_)) => "null".to_string(),
-        Some(Kind::NumberValue(n)) => format!("{n}"),
-        Some(Kind::StringValue(s)) => format!("{s:?}"),
-        Some(Kind::BoolValue(b)) => format!("{b}"),
-        Some(Kind::ListValue(l)) => format!(
-            "[{}]",
-            l.values.iter().map(json).collect::<Vec<_>>().join(", ")
-        ),
-        Some(Kind::StructValue(st)) => format!(
-            "{{{}}}",
-            st.fields
-                .iter()
-                .map(|(k, v)| format!("{k:?}: {}", json(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
     }
 }

@@ -340,6 +340,10 @@ struct RegisterContractArgs {
     /// Oldest tool result accepted, e.g. `10m`, `1h`.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     max_tool_result_age: Option<Duration>,
+    /// A top-level field a handoff must carry over from the payload it
+    /// consumes (repeatable): dropping it is refused (DROPPED_FIELD).
+    #[arg(long = "carry", value_name = "FIELD")]
+    carry: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -803,6 +807,9 @@ async fn contracts_register(client: &Client, args: RegisterContractArgs) -> Outc
     }
     if let Some(age) = args.max_tool_result_age {
         spec = spec.max_tool_result_age(age);
+    }
+    for field in &args.carry {
+        spec = spec.carry(field.clone());
     }
     let registered = client.register_contract(spec).await?;
     let c = &registered.contract;
