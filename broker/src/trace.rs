@@ -229,7 +229,7 @@ impl SendSpan {
             Ok(r) => {
                 self.span
                     .record("messaging.message.id", r.handoff_id.as_str());
-                self.span.record("handoff.depth", r.depth);
+                self.span.record("handoff.depth", i64::from(r.depth));
                 self.span.record("handoff.duplicate", r.duplicate);
             }
             Err(status) => {
