@@ -58,6 +58,14 @@ impl Got {
     fn attr(&self, key: &str) -> Option<String> {
         attr(&self.span.attributes, key)
     }
+    /// An integer attribute (none when absent or of another type).
+    fn int_attr(&self, key: &str) -> Option<i64> {
+        let kv = self.span.attributes.iter().find(|kv| kv.key == key)?;
+        match kv.value.as_ref()?.value.as_ref()? {
+            Value::IntValue(i) => Some(*i),
+            _ => None,
+        }
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -216,6 +224,16 @@ async fn one_trace_follows_a_run_from_the_callers_span_through_every_agent() {
     let send_c = by_name("send c");
     let send_final = by_name("send (final)");
 
+    for s in [&send_a, &send_b, &send_c, &send_final] {
+        println!(
+            "{:<14} kind {:?} trace {} span {} parent {}",
+            s.name(),
+            SpanKind::try_from(s.span.kind).unwrap_or(SpanKind::Unspecified),
+            s.trace_id(),
+            s.span_id(),
+            s.parent_id()
+        );
+    }
     // One trace, the caller's; each send a child of the one before it.
     for s in [&send_a, &send_b, &send_c, &send_final] {
         assert_eq!(s.trace_id(), CALLER_TRACE, "{}", s.name());
@@ -265,6 +283,11 @@ async fn one_trace_follows_a_run_from_the_callers_span_through_every_agent() {
         [Some("a".into()), Some("b".into()), Some("c".into()), None]
     );
     assert_eq!(send_final.attr("handoff.final").as_deref(), Some("true"));
+    let depths: Vec<Option<i64>> = [&send_a, &send_b, &send_c]
+        .iter()
+        .map(|s| s.int_attr("handoff.depth"))
+        .collect();
+    assert_eq!(depths, [Some(1), Some(2), Some(3)]);
 
     // Each delivery carried its producer span's context, not the caller's.
     for (agent, producer) in [("a", &send_a), ("b", &send_b), ("c", &send_c)] {
@@ -278,7 +301,10 @@ async fn one_trace_follows_a_run_from_the_callers_span_through_every_agent() {
     // The exporter stopped with the broker.
     let deadline = Instant::now() + Duration::from_secs(5);
     while exporter_threads() > 0 {
-        assert!(Instant::now() < deadline, "the exporter thread outlived the broker");
+        assert!(
+            Instant::now() < deadline,
+            "the exporter thread outlived the broker"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -322,10 +348,8 @@ async fn a_traceparent_header_is_continued_and_a_malformed_one_starts_a_new_trac
         idempotency_key: "both".into(),
         ..payload.clone()
     };
-    both.trace_context.insert(
-        "traceparent".into(),
-        traceparent(CALLER_TRACE, CALLER_SPAN),
-    );
+    both.trace_context
+        .insert("traceparent".into(), traceparent(CALLER_TRACE, CALLER_SPAN));
     client
         .raw()
         .handoff(with_header(both, &traceparent(header_trace, header_span)))
@@ -356,7 +380,8 @@ async fn a_traceparent_header_is_continued_and_a_malformed_one_starts_a_new_trac
     let spans = collector
         .spans_when(|s| s.iter().filter(|g| g.name() == "send a").count() >= 3)
         .await;
-    let of = |trace: &str| -> Vec<&Got> { spans.iter().filter(|g| g.trace_id() == trace).collect() };
+    let of =
+        |trace: &str| -> Vec<&Got> { spans.iter().filter(|g| g.trace_id() == trace).collect() };
     let header = of(header_trace);
     assert_eq!(header.len(), 1, "{spans:?}");
     assert_eq!(header[0].parent_id(), header_span);
