@@ -160,6 +160,19 @@ fn exporter_threads() -> usize {
         .count()
 }
 
+/// Waits until no exporter thread is left (a stopped broker's exits once
+/// its spans are flushed); panics after 5 s.
+async fn exporter_stopped() {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while exporter_threads() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the exporter thread outlived the broker"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn next(sub: &mut handoff_client::Subscription) -> Delivery {
     next_within(sub, Duration::from_secs(5))
         .await
@@ -298,15 +311,7 @@ async fn one_trace_follows_a_run_from_the_callers_span_through_every_agent() {
         );
     }
 
-    // The exporter stopped with the broker.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while exporter_threads() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the exporter thread outlived the broker"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    exporter_stopped().await;
 }
 
 #[tokio::test]
@@ -410,6 +415,7 @@ async fn a_traceparent_header_is_continued_and_a_malformed_one_starts_a_new_trac
         };
         assert_eq!(producer.trace_id(), expected_trace, "{key}");
     }
+    exporter_stopped().await;
 }
 
 #[tokio::test]
@@ -436,4 +442,31 @@ async fn with_no_otlp_endpoint_no_span_is_made_and_no_exporter_runs() {
     d.ack().await.unwrap();
     assert_eq!(exporter_threads(), 0, "no exporter thread");
     broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_otlp_endpoint_exits_64_naming_the_key() {
+    const BIN: &str = env!("CARGO_BIN_EXE_handoffd-under-test");
+    for (flag, env) in [
+        (Some("grpc://127.0.0.1:4317"), None),
+        (None, Some("127.0.0.1:4317")),
+    ] {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--nats-url",
+            "nats://127.0.0.1:4222",
+        ]);
+        if let Some(url) = flag {
+            cmd.args(["--otlp-endpoint", url]);
+        }
+        if let Some(url) = env {
+            cmd.env("HANDOFF_OTLP_ENDPOINT", url);
+        }
+        let out = cmd.output().await.unwrap();
+        assert_eq!(out.status.code(), Some(64), "{flag:?} {env:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("otlp_endpoint"), "{err}");
+    }
 }
