@@ -27,6 +27,9 @@ pub struct Args {
     /// Log format: text or json [default: text].
     #[arg(long)]
     pub log_format: Option<String>,
+    /// OTLP/gRPC collector for traces (http://host:4317); unset: no traces.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
     /// Serve without auth even on a listen address that is not loopback.
     #[arg(long)]
     pub insecure: bool,
@@ -54,6 +57,7 @@ pub fn load(args: &Args) -> Result<Config, Vec<String>> {
         ("listen", &args.listen),
         ("data_dir", &args.data_dir),
         ("log_format", &args.log_format),
+        ("otlp_endpoint", &args.otlp_endpoint),
     ];
     for (k, v) in flags {
         if let Some(v) = v {

@@ -140,6 +140,11 @@ pub const KEYS: &[Key] = &[
         doc: "Address of the Prometheus text endpoint (GET /metrics). Unset: no endpoint.",
     },
     Key {
+        name: "otlp_endpoint",
+        default: "",
+        doc: "OTLP/gRPC collector the broker exports its traces to (http://host:4317, or https:// verified against the system's roots): a send span per handoff, continuing the caller's W3C trace context. Unset: no spans, no exporter.",
+    },
+    Key {
         name: "tls_cert",
         default: "",
         doc: "PEM file of the server's certificate chain; with tls_key, gRPC is served over TLS only. Unset: plaintext.",
@@ -269,6 +274,9 @@ pub struct Config {
     pub tokenizer: String,
     /// Prometheus endpoint address, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// OTLP/gRPC collector URL for traces, if any (checked: `http` or
+    /// `https`, with a host).
+    pub otlp_endpoint: Option<String>,
     /// TLS to clients: the server's certificate chain and key, if set.
     pub tls: Option<TlsFiles>,
     /// CA of accepted client certificates (mTLS), if set.
@@ -438,6 +446,16 @@ impl Config {
                 }
             },
         };
+        let otlp_endpoint = match raw("otlp_endpoint").trim() {
+            "" => None,
+            url => match otlp_endpoint(url) {
+                Ok(()) => Some(url.to_string()),
+                Err(e) => {
+                    problems.push(format!("otlp_endpoint: {e}"));
+                    None
+                }
+            },
+        };
         let nats_url = Some(raw("nats_url")).filter(|s| !s.trim().is_empty());
         if let Some(Err(e)) = nats_url.as_deref().map(nats_servers) {
             problems.push(format!("nats_url: {e}"));
@@ -576,6 +594,7 @@ impl Config {
             max_in_flight: num("max_in_flight", raw("max_in_flight"), 1, &mut problems),
             tokenizer,
             metrics_listen,
+            otlp_endpoint,
             tls,
             tls_client_ca,
             auth_token_file,
@@ -648,6 +667,36 @@ pub fn nats_servers(list: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
         }
     }
     Ok(servers)
+}
+
+/// Checks an `otlp_endpoint`: an absolute `http` or `https` URL with a
+/// host and no path (the exporter adds the gRPC method's own).
+pub fn otlp_endpoint(url: &str) -> Result<(), String> {
+    let uri = url
+        .parse::<tonic::codegen::http::Uri>()
+        .map_err(|e| format!("{url:?} is not a URL ({e}); write e.g. \"http://127.0.0.1:4317\""))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        Some(other) => {
+            return Err(format!(
+                "{url:?}: the scheme {other:?} is neither http nor https (OTLP over gRPC)"
+            ))
+        }
+        None => {
+            return Err(format!(
+                "{url:?} has no scheme; write e.g. \"http://127.0.0.1:4317\""
+            ))
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{url:?} has no host"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "{url:?} has a path; give the collector's address only (http://host:port)"
+        ));
+    }
+    Ok(())
 }
 
 /// The environment variable of a key.
@@ -761,6 +810,40 @@ mod tests {
                 "{problems:?}"
             );
         }
+    }
+
+    #[test]
+    fn otlp_endpoint_is_off_by_default_and_a_malformed_one_is_named() {
+        assert!(Config::default().otlp_endpoint.is_none());
+        let mut v = BTreeMap::new();
+        for good in [
+            "http://127.0.0.1:4317",
+            "https://collector.example:4317",
+            "http://[::1]:4317/",
+        ] {
+            v.insert("otlp_endpoint".into(), good.into());
+            let c = Config::from_layers(&v).expect(good);
+            assert_eq!(c.otlp_endpoint.as_deref(), Some(good));
+        }
+        for bad in [
+            "127.0.0.1:4317",
+            "grpc://127.0.0.1:4317",
+            "http://",
+            "http://127.0.0.1:4317/v1/traces",
+            "http://exa mple:4317",
+        ] {
+            v.insert("otlp_endpoint".into(), bad.into());
+            let problems = Config::from_layers(&v).expect_err(bad);
+            assert_eq!(problems.len(), 1, "{bad}: {problems:?}");
+            assert!(problems[0].starts_with("otlp_endpoint: "), "{problems:?}");
+        }
+        let got = Config::read_env(|k| {
+            (k == "HANDOFF_OTLP_ENDPOINT").then(|| "http://127.0.0.1:4317".to_string())
+        });
+        assert_eq!(
+            got.get("otlp_endpoint").map(String::as_str),
+            Some("http://127.0.0.1:4317")
+        );
     }
 
     #[test]

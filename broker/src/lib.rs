@@ -17,7 +17,8 @@
 //! - [`error`]: the domain error and its stable reasons.
 //!
 //! Around them: [`config`], [`metrics`], [`embedded`] (the embedded
-//! `nats-server` child), [`telemetry`], [`tls`] (TLS to clients and the
+//! `nats-server` child), [`telemetry`] (logs), [`trace`] (OpenTelemetry
+//! spans of handoffs, exported over OTLP), [`tls`] (TLS to clients and the
 //! principal of a client certificate) and [`server`] (serving, NATS
 //! credentials, draining).
 
@@ -37,6 +38,7 @@ pub mod store;
 pub mod telemetry;
 pub mod timers;
 pub mod tls;
+pub mod trace;
 
 pub use config::Config;
 pub use error::BrokerError;

@@ -35,6 +35,7 @@ use crate::{
     store::JetStream,
     timers,
     tls::{self, FileError},
+    trace::Traces,
 };
 
 /// Why the broker could not run.
@@ -118,6 +119,7 @@ pub async fn run_with(
     // anything is spawned.
     let client_tls = tls::server_config(&config)?;
     let nats_secrets = NatsSecrets::read(&config)?;
+    let traces = Traces::start(&config).map_err(|e| RunError::Config(e.to_string()))?;
     let embedded = match &config.nats_url {
         Some(_) => None,
         None => {
@@ -144,12 +146,17 @@ pub async fn run_with(
         &nats_url,
         &nats_secrets,
         client_tls,
+        traces.clone(),
         addr,
         listener,
         shutdown,
         ready,
     )
     .await;
+    // The spans of the last handoffs: exported before exit, within a bound.
+    if let Some(traces) = traces {
+        traces.shutdown(Duration::from_secs(5)).await;
+    }
     if let Some(server) = embedded {
         server.stop(Duration::from_secs(10)).await;
         tracing::info!("embedded nats-server stopped");
@@ -363,6 +370,7 @@ async fn serve(
     nats_url: &str,
     nats_secrets: &NatsSecrets,
     client_tls: Option<tonic::transport::ServerTlsConfig>,
+    traces: Option<Traces>,
     addr: SocketAddr,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
@@ -435,7 +443,7 @@ async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| RunError::Serve(format!("reflection: {e}")))?;
-    let service = HandoffBrokerServer::new(Service::new(broker.clone()))
+    let service = HandoffBrokerServer::new(Service::with_traces(broker.clone(), traces))
         .max_decoding_message_size(config.max_inline_payload.saturating_mul(2).max(4 << 20));
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

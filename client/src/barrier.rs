@@ -224,6 +224,11 @@ impl FanOut {
             .as_ref()
             .map(|d| d.id().to_string())
             .unwrap_or_default();
+        // Every branch continues the consumed delivery's trace.
+        let mut trace_context = std::collections::HashMap::new();
+        if let Some(d) = &self.delivery {
+            d.continue_trace(&mut trace_context);
+        }
         let branches = items
             .iter()
             .zip(&keys)
@@ -237,6 +242,7 @@ impl FanOut {
                 idempotency_key: branch_idempotency_key(&barrier_id, key),
                 fan_out: !consumes.is_empty(),
                 consumes: consumes.clone(),
+                trace_context: trace_context.clone(),
                 ..Default::default()
             })
             .collect();

@@ -146,7 +146,12 @@ impl Handoff {
         self
     }
 
-    /// Sets trace-propagation fields (`traceparent`, ...).
+    /// Sets trace-propagation fields (W3C `traceparent`, `tracestate`,
+    /// ...). A broker with traces on makes its `send` span a child of the
+    /// `traceparent` given here (else of the call's `traceparent` gRPC
+    /// header), and stores the handoff with the `send` span's context.
+    /// Without one, [`Delivery::handoff`](crate::Delivery::handoff) fills
+    /// in the consumed delivery's.
     pub fn trace_context(mut self, fields: HashMap<String, String>) -> Self {
         self.req.trace_context = fields;
         self
@@ -167,10 +172,37 @@ impl Handoff {
         self
     }
 
+    /// Sets the W3C `traceparent` (`00-<trace id>-<span id>-<flags>`) the
+    /// handoff continues: the caller's current span, so the broker's
+    /// `send` span joins the caller's trace. Other trace-context fields
+    /// are kept.
+    pub fn traceparent(mut self, traceparent: impl Into<String>) -> Self {
+        self.req
+            .trace_context
+            .retain(|k, _| !k.eq_ignore_ascii_case(TRACEPARENT));
+        self.req
+            .trace_context
+            .insert(TRACEPARENT.to_string(), traceparent.into());
+        self
+    }
+
     /// The request as it will be sent.
     pub fn request(&self) -> &pb::HandoffRequest {
         &self.req
     }
+}
+
+/// The W3C field naming the parent span.
+pub(crate) const TRACEPARENT: &str = "traceparent";
+/// The W3C field of vendor trace state that travels with a traceparent.
+pub(crate) const TRACESTATE: &str = "tracestate";
+
+/// The value of `key` in trace-context `fields`, whatever its case.
+pub(crate) fn field<'a>(fields: &'a HashMap<String, String>, key: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, v)| v.as_str())
 }
 
 /// Packs a message as a `google.protobuf.Any`.
@@ -273,5 +305,21 @@ mod tests {
         assert_eq!(decode::<demo::Subtask>(&payload).ok(), Some(task));
         let err = decode::<demo::Ask>(&payload).err().map(|e| e.kind());
         assert_eq!(err, Some(ErrorKind::Decode));
+    }
+
+    #[test]
+    fn traceparent_replaces_only_the_traceparent() {
+        let mut fields = HashMap::new();
+        fields.insert("TraceParent".to_string(), "old".to_string());
+        fields.insert("tracestate".to_string(), "k=v".to_string());
+        let h = Handoff::to("run-1", "worker", &demo::Citation::default())
+            .map(|h| h.trace_context(fields).traceparent("new"));
+        let req = match h {
+            Ok(h) => h.req,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(req.trace_context.len(), 2, "{:?}", req.trace_context);
+        assert_eq!(field(&req.trace_context, TRACEPARENT), Some("new"));
+        assert_eq!(field(&req.trace_context, TRACESTATE), Some("k=v"));
     }
 }

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     barrier::{FanOut, Join},
     error::{Error, ErrorKind, Result},
-    handoff::{decode, type_name, Handoff, Receipt},
+    handoff::{decode, field, type_name, Handoff, Receipt, TRACEPARENT, TRACESTATE},
     pb, Client,
 };
 
@@ -418,6 +418,22 @@ impl Delivery {
         self.envelope().depth
     }
 
+    /// The trace context the handoff was created in (W3C `traceparent`
+    /// and `tracestate`, and any other propagation fields the sender set).
+    /// With traces on, the broker stores its `send` span's context here;
+    /// [`Delivery::handoff`] passes it on, so the next handoff continues
+    /// the same trace. Empty when no one traced the handoff.
+    pub fn trace_context(&self) -> &HashMap<String, String> {
+        &self.envelope().trace_context
+    }
+
+    /// The W3C `traceparent` of [`trace_context`](Delivery::trace_context)
+    /// (`00-<trace id>-<span id>-<flags>`), if any: the parent to give a
+    /// span that processes this delivery.
+    pub fn traceparent(&self) -> Option<&str> {
+        field(self.trace_context(), TRACEPARENT)
+    }
+
     /// When the lease ends unless extended.
     pub fn lease_deadline(&self) -> Option<SystemTime> {
         self.inner
@@ -565,11 +581,18 @@ impl Delivery {
     /// A second handoff with the same target and key as one already made
     /// from this delivery is refused here ([`ErrorKind::InvalidArgument`])
     /// rather than answered as a silent duplicate.
+    ///
+    /// The handoff continues this delivery's trace: unless `next` sets a
+    /// `traceparent` of its own (through
+    /// [`Handoff::trace_context`] or [`Handoff::traceparent`], say the
+    /// context of the agent's own processing span), it carries this
+    /// delivery's [`trace_context`](Delivery::trace_context).
     pub async fn handoff(&self, next: Handoff) -> Result<Receipt> {
         let mut req = next.req;
         if req.run_id.is_empty() {
             req.run_id = self.run_id().to_string();
         }
+        self.continue_trace(&mut req.trace_context);
         if req.source_agent.is_empty() {
             req.source_agent = self.shared.agent.clone();
         }
@@ -631,6 +654,19 @@ impl Delivery {
     ) -> Result<Receipt> {
         self.handoff(Handoff::to(self.run_id(), target, payload)?)
             .await
+    }
+
+    /// Fills `fields` (a new handoff's trace context) with this
+    /// delivery's W3C fields, unless it names a `traceparent` already.
+    pub(crate) fn continue_trace(&self, fields: &mut HashMap<String, String>) {
+        if field(fields, TRACEPARENT).is_some() {
+            return;
+        }
+        for key in [TRACEPARENT, TRACESTATE] {
+            if let Some(value) = field(self.trace_context(), key) {
+                fields.insert(key.to_string(), value.to_string());
+            }
+        }
     }
 
     // -------------------------------------------------------- barriers

@@ -25,17 +25,29 @@ use crate::{
         Broker,
     },
     error::BrokerError,
+    trace::{SendSpan, Traces},
 };
 
 /// The gRPC service.
 pub struct Service {
     broker: Broker,
+    /// Spans of handoffs, when `otlp_endpoint` is set.
+    traces: Option<Traces>,
 }
 
 impl Service {
     /// A service over a broker.
     pub fn new(broker: Broker) -> Service {
-        Service { broker }
+        Service {
+            broker,
+            traces: None,
+        }
+    }
+
+    /// A service over a broker that makes a `send` span of every handoff
+    /// (see [`crate::trace`]).
+    pub fn with_traces(broker: Broker, traces: Option<Traces>) -> Service {
+        Service { broker, traces }
     }
 }
 
@@ -167,14 +179,47 @@ impl HandoffBroker for Service {
 
     async fn fan_out(&self, req: Request<pb::FanOutRequest>) -> Reply<pb::FanOutResponse> {
         let caller = self.caller(&req).await?;
-        let req = req.into_inner();
+        let (metadata, _, mut req) = req.into_parts();
         let span = rpc_span!("FanOut");
         if let Some(b) = &req.barrier {
             span.record("run_id", b.run_id.as_str());
             span.record("agent", b.target_agent.as_str());
         }
-        self.unary(span, app::fan_out::fan_out(&self.broker, &caller, req))
-            .await
+        let run_id = req.barrier.as_ref().map(|b| b.run_id.clone());
+        let sends: Vec<SendSpan> = match &self.traces {
+            Some(traces) => req
+                .branches
+                .iter_mut()
+                .map(|b| {
+                    // The branch is tagged with the barrier's run and id
+                    // by the use case; name them in the span already.
+                    let mut named = b.clone();
+                    if let (true, Some(run)) = (named.run_id.is_empty(), &run_id) {
+                        named.run_id = run.clone();
+                    }
+                    if let (true, Some(spec)) = (named.barrier_id.is_empty(), &req.barrier) {
+                        named.barrier_id = spec.barrier_id.clone();
+                    }
+                    let send = traces.send(&mut named, &metadata);
+                    b.trace_context = named.trace_context;
+                    send
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let answered = self
+            .unary(span, app::fan_out::fan_out(&self.broker, &caller, req))
+            .await;
+        for (i, send) in sends.into_iter().enumerate() {
+            match &answered {
+                Ok(r) => match r.get_ref().branches.get(i) {
+                    Some(b) => send.end(Ok(b)),
+                    None => drop(send),
+                },
+                Err(status) => send.end(Err(status)),
+            }
+        }
+        answered
     }
 
     async fn get_barrier(
@@ -219,10 +264,20 @@ impl HandoffBroker for Service {
 
     async fn handoff(&self, req: Request<pb::HandoffRequest>) -> Reply<pb::HandoffResponse> {
         let caller = self.caller(&req).await?;
-        let req = req.into_inner();
-        let span = rpc_span!("Handoff", source = %req.source_agent);
+        let (metadata, _, mut req) = req.into_parts();
+        let span = rpc_span!(
+            "Handoff",
+            source = %req.source_agent,
+            trace_id = tracing::field::Empty
+        );
         span.record("run_id", req.run_id.as_str());
         span.record("agent", req.target_agent.as_str());
+        // The send span stores its own context in the request's
+        // trace_context, so the envelope carries it to the target.
+        let send = self.traces.as_ref().map(|t| t.send(&mut req, &metadata));
+        if let Some(send) = &send {
+            span.record("trace_id", send.trace_id().as_str());
+        }
         let accepted = self
             .unary(
                 span.clone(),
@@ -231,6 +286,9 @@ impl HandoffBroker for Service {
             .await;
         if let Ok(r) = &accepted {
             span.record("handoff_id", r.get_ref().handoff_id.as_str());
+        }
+        if let Some(send) = send {
+            send.end(accepted.as_ref().map(Response::get_ref));
         }
         accepted
     }
