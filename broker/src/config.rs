@@ -140,6 +140,11 @@ pub const KEYS: &[Key] = &[
         doc: "Address of the Prometheus text endpoint (GET /metrics). Unset: no endpoint.",
     },
     Key {
+        name: "pipeline_judges",
+        default: "",
+        doc: "Judge agents by pipeline, comma-separated `pipeline=agent:threshold` (e.g. `travel=judge:0.7`): a run of that pipeline started without a judge of its own gets this one.",
+    },
+    Key {
         name: "otlp_endpoint",
         default: "",
         doc: "OTLP/gRPC collector the broker exports its traces to (http://host:4317, or https:// verified against the system's roots): a send span per handoff, continuing the caller's W3C trace context. Unset: no spans, no exporter.",
@@ -277,6 +282,8 @@ pub struct Config {
     /// OTLP/gRPC collector URL for traces, if any (checked: `http` or
     /// `https`, with a host).
     pub otlp_endpoint: Option<String>,
+    /// Judge agents by pipeline: (agent, threshold).
+    pub pipeline_judges: std::collections::HashMap<String, (String, f64)>,
     /// TLS to clients: the server's certificate chain and key, if set.
     pub tls: Option<TlsFiles>,
     /// CA of accepted client certificates (mTLS), if set.
@@ -456,6 +463,13 @@ impl Config {
                 }
             },
         };
+        let pipeline_judges = match pipeline_judges(&raw("pipeline_judges")) {
+            Ok(j) => j,
+            Err(e) => {
+                problems.push(format!("pipeline_judges: {e}"));
+                Default::default()
+            }
+        };
         let nats_url = Some(raw("nats_url")).filter(|s| !s.trim().is_empty());
         if let Some(Err(e)) = nats_url.as_deref().map(nats_servers) {
             problems.push(format!("nats_url: {e}"));
@@ -595,6 +609,7 @@ impl Config {
             tokenizer,
             metrics_listen,
             otlp_endpoint,
+            pipeline_judges,
             tls,
             tls_client_ca,
             auth_token_file,
@@ -667,6 +682,38 @@ pub fn nats_servers(list: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
         }
     }
     Ok(servers)
+}
+
+/// Parses `pipeline_judges`: comma-separated `pipeline=agent:threshold`,
+/// names as agent names, the threshold in [0, 1].
+pub fn pipeline_judges(
+    text: &str,
+) -> Result<std::collections::HashMap<String, (String, f64)>, String> {
+    let mut out = std::collections::HashMap::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let bad = || format!("{item:?} is not pipeline=agent:threshold (e.g. travel=judge:0.7)");
+        let (pipeline, judge) = item.split_once('=').ok_or_else(bad)?;
+        let (agent, threshold) = judge.split_once(':').ok_or_else(bad)?;
+        let (pipeline, agent) = (pipeline.trim(), agent.trim());
+        for name in [pipeline, agent] {
+            if let Some(p) = crate::rules::names::problem(name) {
+                return Err(format!("{item:?}: {name:?} {p}"));
+            }
+        }
+        let threshold: f64 = threshold
+            .trim()
+            .parse()
+            .ok()
+            .filter(|t| (0.0..=1.0).contains(t))
+            .ok_or_else(|| format!("{item:?}: the threshold must be a number in [0, 1]"))?;
+        if out
+            .insert(pipeline.to_string(), (agent.to_string(), threshold))
+            .is_some()
+        {
+            return Err(format!("pipeline {pipeline:?} is given twice"));
+        }
+    }
+    Ok(out)
 }
 
 /// Checks an `otlp_endpoint`: an absolute `http` or `https` URL with a
@@ -809,6 +856,23 @@ mod tests {
                 problems[0].starts_with("nats_url: ") && problems[0].contains(named),
                 "{problems:?}"
             );
+        }
+    }
+
+    #[test]
+    fn pipeline_judges_parse_and_refuse_what_is_malformed() {
+        let j = pipeline_judges("travel=judge:0.7, support = qa : 0.5").expect("parses");
+        assert_eq!(j.get("travel"), Some(&("judge".to_string(), 0.7)));
+        assert_eq!(j.get("support"), Some(&("qa".to_string(), 0.5)));
+        assert!(pipeline_judges("").expect("empty").is_empty());
+        for bad in [
+            "travel",
+            "travel=judge",
+            "travel=judge:2",
+            "a.b=judge:0.5",
+            "t=j:0.1,t=k:0.2",
+        ] {
+            assert!(pipeline_judges(bad).is_err(), "{bad}");
         }
     }
 

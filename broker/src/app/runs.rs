@@ -93,6 +93,17 @@ pub async fn start(
         }
     }
     let seed = state::seed(broker, &run_id, req.state.as_ref())?;
+    // A judge of the run's own, else its pipeline's (`pipeline_judges`).
+    let judge = req.judge.clone().or_else(|| {
+        broker
+            .config()
+            .pipeline_judges
+            .get(&req.pipeline)
+            .map(|(agent, threshold)| pb::JudgeSpec {
+                agent: agent.clone(),
+                threshold: *threshold,
+            })
+    });
     let run = pb::Run {
         id: run_id.clone(),
         owner: req.owner.clone(),
@@ -102,7 +113,7 @@ pub async fn start(
         max_depth,
         pinned: Some(pinned),
         pipeline: req.pipeline.clone(),
-        judge: req.judge.clone(),
+        judge,
         has_state: seed.is_some(),
         ..Default::default()
     };
