@@ -401,10 +401,9 @@ async fn serve(
                 .await
                 .map_err(|e| RunError::Serve(format!("metrics_listen {addr}: {e}")))?;
             tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "metrics endpoint serving");
-            Some(tokio::spawn(crate::metrics::serve(
-                listener,
-                broker.metrics().clone(),
-            )))
+            let serving = tokio::spawn(crate::metrics::serve(listener, broker.metrics().clone()));
+            let pending = tokio::spawn(crate::app::session::report_pending(broker.clone()));
+            Some(MetricsTasks { serving, pending })
         }
     };
     let outbox_task = broker.start_outbox();
@@ -533,6 +532,20 @@ async fn serve(
     }
     tracing::info!("handoffd stopped");
     result
+}
+
+/// The tasks of the metrics endpoint: the HTTP server, and the poll that
+/// keeps `handoff_pending` current.
+struct MetricsTasks {
+    serving: tokio::task::JoinHandle<()>,
+    pending: tokio::task::JoinHandle<()>,
+}
+
+impl MetricsTasks {
+    fn abort(&self) {
+        self.serving.abort();
+        self.pending.abort();
+    }
 }
 
 /// Reads a secret from a file (trailing whitespace dropped); a missing,

@@ -553,7 +553,7 @@ async fn commit(
         published?;
     }
     if !duplicate {
-        broker.metrics().accepted();
+        guard::count_accepted(broker, req);
     }
     tracing::debug!(run_id = %run.id, handoff_id = %id, target = %req.target_agent, depth, duplicate, tokens = checked.tokens, "handoff accepted");
     Ok(pb::HandoffResponse {

@@ -209,11 +209,16 @@ impl HandoffBroker for Service {
     }
 
     async fn handoff(&self, req: Request<pb::HandoffRequest>) -> Reply<pb::HandoffResponse> {
+        let started = std::time::Instant::now();
         let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let span = rpc_span!("Handoff", source = %req.source_agent);
         span.record("run_id", req.run_id.as_str());
         span.record("agent", req.target_agent.as_str());
+        // Labelled only once accepted: a refused call's target may be any
+        // string.
+        let target = crate::metrics::target_label(&req.target_agent, req.r#final, req.to_barrier)
+            .to_string();
         let accepted = self
             .unary(
                 span.clone(),
@@ -222,6 +227,9 @@ impl HandoffBroker for Service {
             .await;
         if let Ok(r) = &accepted {
             span.record("handoff_id", r.get_ref().handoff_id.as_str());
+            self.broker
+                .metrics()
+                .handoff_call(&target, started.elapsed());
         }
         accepted
     }
