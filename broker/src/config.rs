@@ -137,7 +137,7 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "metrics_listen",
         default: "",
-        doc: "Address of the Prometheus text endpoint (GET /metrics). Unset: no endpoint.",
+        doc: "Address of the metrics endpoint (GET /metrics, OpenMetrics text for Prometheus). Unset: no endpoint.",
     },
     Key {
         name: "pipeline_judges",

@@ -1,166 +1,749 @@
-//! Counters, and the Prometheus text endpoint that exposes them
-//! (`metrics_listen`, `GET /metrics`).
+//! The broker's metrics, and the endpoint that exposes them
+//! (`metrics_listen`, `GET /metrics`, OpenMetrics text).
 //!
-//! Counters live in this replica's memory: each replica reports its own,
-//! and Prometheus sums them.
+//! The families are [`prometheus_client`]'s, encoded by its OpenMetrics
+//! text encoder, and served by axum: a maintained encoder and a real HTTP
+//! server (keep-alive, requests split across reads, concurrent scrapes)
+//! rather than hand-written ones.
+//!
+//! Every value lives in this replica's memory: each replica reports its
+//! own, and Prometheus sums them (`sum by (agent) (...)`). The exception
+//! is `handoff_pending`, the backlog of an agent's inbox as JetStream
+//! counts it, which every replica with a session of that agent reports
+//! alike: aggregate it with `max`, not `sum`.
+//!
+//! Labels are agents, pipelines, rules, reasons, tools and fields, never
+//! run ids (one series per run would grow without bound). Label values
+//! come from requests, so they are bounded here: a value is cut to
+//! [`MAX_LABEL_BYTES`] bytes, and once a family holds [`MAX_SERIES`] label
+//! sets, a new one is counted under [`OTHER`] in every label instead.
 
 use std::{
-    fmt::Write as _,
-    sync::atomic::{AtomicU64, Ordering},
+    borrow::Cow,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
 };
 
-use dashmap::DashMap;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
+use axum::{
+    http::{header, StatusCode},
+    response::IntoResponse,
+    routing::get,
+    Router,
 };
+use prometheus_client::{
+    collector::Collector,
+    encoding::{text, DescriptorEncoder, EncodeMetric},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+use tokio::net::TcpListener;
 
-/// The broker's counters.
-#[derive(Default)]
+/// The longest label value kept, in bytes; longer ones are cut (at a
+/// character boundary).
+pub const MAX_LABEL_BYTES: usize = 128;
+
+/// The most label sets one metric family keeps; past it, new label sets
+/// are folded into one whose every value is [`OTHER`].
+pub const MAX_SERIES: usize = 1000;
+
+/// The label value of series folded past [`MAX_SERIES`].
+pub const OTHER: &str = "_other";
+
+/// The `agent` label of a final handoff (it has no target agent).
+pub const FINAL: &str = "_final";
+
+/// The `agent` label of a branch result handed to its barrier without a
+/// target agent.
+pub const BARRIER: &str = "_barrier";
+
+/// The content type of the exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Buckets of the latency histograms, in seconds: 1 ms to an hour.
+const SECONDS: [f64; 20] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+/// Buckets of tool-result ages, in seconds: a second to a day.
+const AGES: [f64; 13] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
+];
+
+/// Buckets of handoffs per resolved run.
+const HOPS: [f64; 10] = [1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0, 55.0, 89.0];
+
+/// Buckets of intent scores: 0.1 to 1.0 in steps of 0.1.
+fn score_buckets() -> impl Iterator<Item = f64> {
+    (1..=10).map(|i| f64::from(i) / 10.0)
+}
+
+/// A label set: the family's label names with this series' values.
+type Labels = Vec<(&'static str, String)>;
+
+/// A metric family whose label values are bounded (see the module doc).
+struct Capped<M, C = fn() -> M> {
+    names: &'static [&'static str],
+    family: Family<Labels, M, C>,
+    /// How many label sets the family holds, counted under the lock that
+    /// creates them (creation is rare: once per label set).
+    series: Mutex<usize>,
+}
+
+impl<M, C> Capped<M, C>
+where
+    M: Clone,
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    /// The series for `values` (one per label name, in order), folded into
+    /// [`OTHER`] when the family is full.
+    fn with(&self, values: &[&str]) -> M {
+        let labels: Labels = self
+            .names
+            .iter()
+            .zip(values.iter().chain(std::iter::repeat(&"")))
+            .map(|(name, value)| (*name, label_value(value).into_owned()))
+            .collect();
+        if let Some(m) = self.family.get(&labels) {
+            return m.clone();
+        }
+        let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        if self.family.get(&labels).is_none() {
+            if *series >= MAX_SERIES {
+                let other: Labels = self.names.iter().map(|n| (*n, OTHER.to_string())).collect();
+                if self.family.get(&other).is_none() {
+                    *series += 1;
+                }
+                return self.family.get_or_create_owned(&other);
+            }
+            *series += 1;
+        }
+        self.family.get_or_create_owned(&labels)
+    }
+
+    /// The value series `values` would be folded into, if any exists.
+    fn get(&self, values: &[&str]) -> Option<M> {
+        let labels: Labels = self
+            .names
+            .iter()
+            .zip(values.iter())
+            .map(|(name, value)| (*name, label_value(value).into_owned()))
+            .collect();
+        self.family.get(&labels).map(|m| m.clone())
+    }
+
+    /// Forgets the series of `values`.
+    fn remove(&self, values: &[&str]) {
+        let labels: Labels = self
+            .names
+            .iter()
+            .zip(values.iter())
+            .map(|(name, value)| (*name, label_value(value).into_owned()))
+            .collect();
+        let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        if self.family.remove(&labels) {
+            *series = series.saturating_sub(1);
+        }
+    }
+}
+
+/// A label value as exposed: cut to [`MAX_LABEL_BYTES`] bytes, then
+/// escaped for the text format (`\`, `"` and line feeds; the encoder
+/// writes label values verbatim, and tool and field names are free text).
+fn label_value(value: &str) -> Cow<'_, str> {
+    let mut end = value.len().min(MAX_LABEL_BYTES);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = &value[..end];
+    if !cut.contains(['\\', '"', '\n']) {
+        return Cow::Borrowed(cut);
+    }
+    let mut out = String::with_capacity(cut.len() + 8);
+    for c in cut.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The `agent` label of a handoff's target: the agent, or [`FINAL`] for a
+/// final handoff, or [`BARRIER`] for a branch result with no target.
+pub fn target_label(target_agent: &str, is_final: bool, to_barrier: bool) -> &str {
+    if is_final {
+        FINAL
+    } else if target_agent.is_empty() && to_barrier {
+        BARRIER
+    } else {
+        target_agent
+    }
+}
+
+type Histograms = Capped<Histogram, fn() -> Histogram>;
+
+/// One family as exposed: its name (without `_total` or the unit, which
+/// the encoder appends), its help, its unit, and its series.
+struct Described {
+    name: &'static str,
+    help: &'static str,
+    unit: Option<Unit>,
+    metric: Box<dyn EncodeMetric + Send + Sync>,
+}
+
+/// Every family, described (`# HELP`, `# TYPE`) even while it has no
+/// series: the registry leaves out empty families, and a dashboard or a
+/// scrape check should find every family from the start.
+struct Families(Vec<Described>);
+
+impl std::fmt::Debug for Families {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|d| d.name))
+            .finish()
+    }
+}
+
+impl Collector for Families {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for d in &self.0 {
+            let series = encoder.encode_descriptor(
+                d.name,
+                d.help,
+                d.unit.as_ref(),
+                d.metric.metric_type(),
+            )?;
+            d.metric.encode(series)?;
+        }
+        Ok(())
+    }
+}
+
+/// Registers a bounded counter family; `name` without `_total`, which
+/// the encoder appends.
+fn counters(
+    registry: &mut Vec<Described>,
+    name: &'static str,
+    help: &'static str,
+    names: &'static [&'static str],
+) -> Capped<Counter> {
+    let family = Family::<Labels, Counter>::default();
+    registry.push(Described {
+        name,
+        help,
+        unit: None,
+        metric: Box::new(family.clone()),
+    });
+    Capped {
+        names,
+        family,
+        series: Mutex::new(0),
+    }
+}
+
+/// Registers a bounded histogram family.
+fn histograms(
+    registry: &mut Vec<Described>,
+    name: &'static str,
+    help: &'static str,
+    unit: Option<Unit>,
+    names: &'static [&'static str],
+    buckets: fn() -> Histogram,
+) -> Histograms {
+    let family = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(buckets);
+    registry.push(Described {
+        name,
+        help,
+        unit,
+        metric: Box::new(family.clone()),
+    });
+    Capped {
+        names,
+        family,
+        series: Mutex::new(0),
+    }
+}
+
+/// Registers a bounded gauge family.
+fn gauges(
+    registry: &mut Vec<Described>,
+    name: &'static str,
+    help: &'static str,
+    names: &'static [&'static str],
+) -> Capped<Gauge> {
+    let family = Family::<Labels, Gauge>::default();
+    registry.push(Described {
+        name,
+        help,
+        unit: None,
+        metric: Box::new(family.clone()),
+    });
+    Capped {
+        names,
+        family,
+        series: Mutex::new(0),
+    }
+}
+
+const AGENT: &[&str] = &["agent"];
+
+/// The broker's metrics (see the module doc for the series and labels).
 pub struct Metrics {
-    accepted: AtomicU64,
-    rejected: DashMap<&'static str, AtomicU64>,
-    denied: DashMap<&'static str, AtomicU64>,
-    events_dropped: AtomicU64,
+    registry: Registry,
+    accepted: Capped<Counter>,
+    deliveries: Capped<Counter>,
+    acked: Capped<Counter>,
+    nacked: Capped<Counter>,
+    redelivered: Capped<Counter>,
+    rejected: Capped<Counter>,
+    dead_lettered: Capped<Counter>,
+    contract_rejections: Capped<Counter>,
+    denied: Capped<Counter>,
+    events_dropped: Counter,
+    call: Histograms,
+    queue_wait: Histograms,
+    processing: Histograms,
+    barrier_wait: Histograms,
+    barrier_release: Histograms,
+    in_flight: Capped<Gauge>,
+    pending: Capped<Gauge>,
+    dropped_fields: Capped<Counter>,
+    stale_reasks: Capped<Counter>,
+    intent_score: Histograms,
+    intent_drift: Capped<Counter>,
+    run_handoffs: Histograms,
+    tool_result_age: Histograms,
+    stale_tool_results: Capped<Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 impl Metrics {
-    /// Counts an accepted handoff.
-    pub fn accepted(&self) {
-        self.accepted.fetch_add(1, Ordering::Relaxed);
+    /// Every family, registered and empty.
+    pub fn new() -> Metrics {
+        let mut r = Vec::new();
+        let seconds = || Histogram::new(SECONDS);
+        let accepted = counters(
+            &mut r,
+            "handoff_handoffs_accepted",
+            "Handoffs durably accepted, by target agent (_final: a run's result; _barrier: a branch result to its barrier).",
+            AGENT,
+        );
+        let deliveries = counters(
+            &mut r,
+            "handoff_deliveries",
+            "Deliveries to an instance, redeliveries included, by agent.",
+            AGENT,
+        );
+        let acked = counters(
+            &mut r,
+            "handoff_acked",
+            "Deliveries acked (by the instance, or by a handoff that consumed them), by agent.",
+            AGENT,
+        );
+        let nacked = counters(
+            &mut r,
+            "handoff_nacked",
+            "Deliveries nacked by the instance (retry later), by agent.",
+            AGENT,
+        );
+        let redelivered = counters(
+            &mut r,
+            "handoff_redelivered",
+            "Deliveries of a later attempt (after a nack or an expired lease), by agent.",
+            AGENT,
+        );
+        let rejected = counters(
+            &mut r,
+            "handoff_rejected",
+            "Deliveries rejected by the instance (terminal failure), by agent.",
+            AGENT,
+        );
+        let dead_lettered = counters(
+            &mut r,
+            "handoff_dead_lettered",
+            "Handoffs sent to the dead letter, by the agent that did not settle them.",
+            AGENT,
+        );
+        let contract_rejections = counters(
+            &mut r,
+            "handoff_contract_rejections",
+            "Handoffs refused at the door, by guard.",
+            &["rule"],
+        );
+        let denied = counters(
+            &mut r,
+            "handoff_access_denied",
+            "Calls refused for who made them, by reason.",
+            &["reason"],
+        );
+        let events_dropped = Counter::default();
+        r.push(Described {
+            name: "handoff_events_dropped",
+            help: "Events given up after retrying to store them.",
+            unit: None,
+            metric: Box::new(events_dropped.clone()),
+        });
+        let call = histograms(
+            &mut r,
+            "handoff_handoff_call",
+            "Latency of accepted Handoff calls, at the gRPC edge, by target agent.",
+            Some(Unit::Seconds),
+            AGENT,
+            seconds,
+        );
+        let queue_wait = histograms(
+            &mut r,
+            "handoff_queue_wait",
+            "From a handoff's creation to its first delivery, by agent.",
+            Some(Unit::Seconds),
+            AGENT,
+            seconds,
+        );
+        let processing = histograms(
+            &mut r,
+            "handoff_processing",
+            "From a delivery to its ack, nack or rejection, by agent.",
+            Some(Unit::Seconds),
+            AGENT,
+            seconds,
+        );
+        let barrier_wait = histograms(
+            &mut r,
+            "handoff_barrier_wait",
+            "From a barrier's opening to its release, by the barrier's target agent.",
+            Some(Unit::Seconds),
+            AGENT,
+            seconds,
+        );
+        let barrier_release = histograms(
+            &mut r,
+            "handoff_barrier_release",
+            "From the last branch arrival to the release handoff stored, by the barrier's target agent.",
+            Some(Unit::Seconds),
+            AGENT,
+            seconds,
+        );
+        let in_flight = gauges(
+            &mut r,
+            "handoff_in_flight",
+            "Deliveries held by instances connected to this replica, by agent.",
+            AGENT,
+        );
+        let pending = gauges(
+            &mut r,
+            "handoff_pending",
+            "Handoffs waiting in an agent's inbox as JetStream last counted them (reported by every replica with a session of the agent: aggregate with max).",
+            AGENT,
+        );
+        let dropped_fields = counters(
+            &mut r,
+            "handoff_dropped_fields",
+            "State or payload fields dropped on an edge, by source agent, target agent and field.",
+            &["source", "target", "field"],
+        );
+        let stale_reasks = counters(
+            &mut r,
+            "handoff_stale_state_reasks",
+            "Handoffs asking for a state key the run already holds, by agent.",
+            AGENT,
+        );
+        let intent_score = histograms(
+            &mut r,
+            "handoff_intent_score",
+            "Intent preservation scores at run completion, by pipeline.",
+            None,
+            &["pipeline"],
+            || Histogram::new(score_buckets()),
+        );
+        let intent_drift = counters(
+            &mut r,
+            "handoff_intent_drift",
+            "Hops whose pinned-context digest no longer matched, by pipeline.",
+            &["pipeline"],
+        );
+        let run_handoffs = histograms(
+            &mut r,
+            "handoff_run_handoffs",
+            "Handoffs per resolved run, by pipeline and outcome.",
+            None,
+            &["pipeline", "outcome"],
+            || Histogram::new(HOPS),
+        );
+        let tool_result_age = histograms(
+            &mut r,
+            "handoff_tool_result_age",
+            "Age of each tool result of an accepted handoff at acceptance, by tool.",
+            Some(Unit::Seconds),
+            &["tool"],
+            || Histogram::new(AGES),
+        );
+        let stale_tool_results = counters(
+            &mut r,
+            "handoff_stale_tool_results",
+            "Handoffs refused by max_tool_result_age, by the offending tool.",
+            &["tool"],
+        );
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Families(r)));
+        Metrics {
+            registry,
+            accepted,
+            deliveries,
+            acked,
+            nacked,
+            redelivered,
+            rejected,
+            dead_lettered,
+            contract_rejections,
+            denied,
+            events_dropped,
+            call,
+            queue_wait,
+            processing,
+            barrier_wait,
+            barrier_release,
+            in_flight,
+            pending,
+            dropped_fields,
+            stale_reasks,
+            intent_score,
+            intent_drift,
+            run_handoffs,
+            tool_result_age,
+            stale_tool_results,
+        }
+    }
+
+    /// Counts an accepted handoff to `agent` (see [`target_label`]).
+    pub fn accepted(&self, agent: &str) {
+        self.accepted.with(&[agent]).inc();
+    }
+
+    /// Counts a delivery to an instance of `agent`: attempt 1 is a first
+    /// delivery, later ones are also counted as redeliveries.
+    pub fn delivered(&self, agent: &str, attempt: u32) {
+        self.deliveries.with(&[agent]).inc();
+        if attempt > 1 {
+            self.redelivered.with(&[agent]).inc();
+        }
+    }
+
+    /// Counts an acked delivery of `agent`.
+    pub fn acked(&self, agent: &str) {
+        self.acked.with(&[agent]).inc();
+    }
+
+    /// Counts a nacked delivery of `agent`.
+    pub fn nacked(&self, agent: &str) {
+        self.nacked.with(&[agent]).inc();
+    }
+
+    /// Counts a delivery of `agent` rejected by its instance.
+    pub fn delivery_rejected(&self, agent: &str) {
+        self.rejected.with(&[agent]).inc();
+    }
+
+    /// Counts a handoff of `agent` sent to the dead letter.
+    pub fn dead_lettered(&self, agent: &str) {
+        self.dead_lettered.with(&[agent]).inc();
     }
 
     /// Counts a handoff refused by the contract guard `rule`.
     pub fn rejected(&self, rule: &'static str) {
-        self.rejected
-            .entry(rule)
-            .or_default()
-            .fetch_add(1, Ordering::Relaxed);
+        self.contract_rejections.with(&[rule]).inc();
     }
 
     /// Counts an event given up after its retries.
     pub fn event_dropped(&self) {
-        self.events_dropped.fetch_add(1, Ordering::Relaxed);
+        self.events_dropped.inc();
     }
-
-    /// Counts a payload field dropped on the edge `source` -> `target`.
-    pub fn dropped_field(&self, _source: &str, _target: &str, _field: &str) {}
-
-    /// Counts a handoff from `agent` asking for a key the run state held.
-    pub fn stale_reask(&self, _agent: &str) {}
-
-    /// Records a judge's score of a run of `pipeline`.
-    pub fn intent_score(&self, _pipeline: &str, _score: f64) {}
-
-    /// Counts a run of `pipeline` whose judge scored it under its threshold.
-    pub fn intent_drift(&self, _pipeline: &str) {}
-
-    /// Records how many handoffs a run of `pipeline` took to end (`outcome`).
-    pub fn run_resolved(&self, _pipeline: &str, _outcome: &str, _handoffs: u64) {}
 
     /// Counts a call refused for who made it, by reason.
     pub fn denied(&self, reason: &'static str) {
-        self.denied
-            .entry(reason)
-            .or_default()
-            .fetch_add(1, Ordering::Relaxed);
+        self.denied.with(&[reason]).inc();
     }
 
-    /// Refusals by rule, sorted by rule.
-    pub fn rejections(&self) -> Vec<(&'static str, u64)> {
-        let mut out: Vec<_> = self
-            .rejected
-            .iter()
-            .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
-            .collect();
-        out.sort();
-        out
+    /// Records the latency of an accepted Handoff call to `agent` (see
+    /// [`target_label`]).
+    pub fn handoff_call(&self, agent: &str, took: Duration) {
+        self.call.with(&[agent]).observe(took.as_secs_f64());
     }
 
-    /// The counters in the Prometheus text format.
-    pub fn render(&self) -> String {
+    /// Records how long a handoff to `agent` waited from its creation to
+    /// its first delivery.
+    pub fn queue_wait(&self, agent: &str, waited: Duration) {
+        self.queue_wait.with(&[agent]).observe(waited.as_secs_f64());
+    }
+
+    /// Records how long an instance of `agent` held a delivery before it
+    /// acked, nacked or rejected it.
+    pub fn processing(&self, agent: &str, took: Duration) {
+        self.processing.with(&[agent]).observe(took.as_secs_f64());
+    }
+
+    /// Records how long a barrier releasing to `agent` stayed open.
+    pub fn barrier_wait(&self, agent: &str, open: Duration) {
+        self.barrier_wait.with(&[agent]).observe(open.as_secs_f64());
+    }
+
+    /// Records the time from a barrier's last branch arrival to its
+    /// release handoff being stored.
+    pub fn barrier_release(&self, agent: &str, took: Duration) {
+        self.barrier_release
+            .with(&[agent])
+            .observe(took.as_secs_f64());
+    }
+
+    /// One more delivery of `agent` held by an instance on this replica.
+    pub fn in_flight_inc(&self, agent: &str) {
+        self.in_flight.with(&[agent]).inc();
+    }
+
+    /// One delivery of `agent` fewer held on this replica.
+    pub fn in_flight_dec(&self, agent: &str) {
+        self.in_flight.with(&[agent]).dec();
+    }
+
+    /// Sets the number of handoffs waiting in `agent`'s inbox.
+    pub fn set_pending(&self, agent: &str, pending: u64) {
+        self.pending
+            .with(&[agent])
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+    }
+
+    /// Stops reporting `agent`'s inbox (no session of it here any more).
+    pub fn forget_pending(&self, agent: &str) {
+        self.pending.remove(&[agent]);
+    }
+
+    /// Counts a field dropped on the edge `source` -> `target`: counter
+    /// `handoff_dropped_fields_total{source,target,field}`.
+    pub fn dropped_field(&self, source: &str, target: &str, field: &str) {
+        self.dropped_fields.with(&[source, target, field]).inc();
+    }
+
+    /// Counts a handoff to `agent` that asked for a state key its run
+    /// already holds: counter `handoff_stale_state_reasks_total{agent}`.
+    pub fn stale_reask(&self, agent: &str) {
+        self.stale_reasks.with(&[agent]).inc();
+    }
+
+    /// Records an intent preservation score (0 to 1) of a run of
+    /// `pipeline`: histogram `handoff_intent_score{pipeline}`, buckets 0.1
+    /// to 1.0 by 0.1. A score that is not a number is ignored.
+    pub fn intent_score(&self, pipeline: &str, score: f64) {
+        if score.is_finite() {
+            self.intent_score.with(&[pipeline]).observe(score);
+        }
+    }
+
+    /// Counts a hop of `pipeline` whose pinned context drifted: counter
+    /// `handoff_intent_drift_total{pipeline}`.
+    pub fn intent_drift(&self, pipeline: &str) {
+        self.intent_drift.with(&[pipeline]).inc();
+    }
+
+    /// Records how many handoffs a resolved run of `pipeline` took, by
+    /// `outcome` (completed, failed, timed out): histogram
+    /// `handoff_run_handoffs{pipeline,outcome}`, buckets 1 to 89
+    /// (Fibonacci).
+    pub fn run_resolved(&self, pipeline: &str, outcome: &str, handoffs: u64) {
+        self.run_handoffs
+            .with(&[pipeline, outcome])
+            .observe(handoffs as f64);
+    }
+
+    /// Records the age of a `tool` result at the acceptance of the handoff
+    /// carrying it: histogram `handoff_tool_result_age_seconds{tool}`. A
+    /// negative age (a clock ahead) counts as 0.
+    pub fn tool_result_age(&self, tool: &str, age_seconds: f64) {
+        if age_seconds.is_nan() {
+            return;
+        }
+        self.tool_result_age
+            .with(&[tool])
+            .observe(age_seconds.max(0.0));
+    }
+
+    /// Records the ages of tool results observed at `observed` times, at
+    /// `now` (results without a time are skipped).
+    pub fn tool_result_ages<'a>(
+        &self,
+        results: impl IntoIterator<Item = (&'a str, Option<SystemTime>)>,
+        now: SystemTime,
+    ) {
+        for (tool, observed) in results {
+            let Some(observed) = observed else { continue };
+            let age = match now.duration_since(observed) {
+                Ok(d) => d.as_secs_f64(),
+                Err(_) => 0.0,
+            };
+            self.tool_result_age(tool, age);
+        }
+    }
+
+    /// Counts a handoff refused by `max_tool_result_age` for `tool`'s
+    /// result: counter `handoff_stale_tool_results_total{tool}`.
+    pub fn stale_tool_result(&self, tool: &str) {
+        self.stale_tool_results.with(&[tool]).inc();
+    }
+
+    /// Deliveries of `agent` held on this replica now.
+    pub fn in_flight(&self, agent: &str) -> i64 {
+        self.in_flight.get(&[agent]).map_or(0, |g| g.get())
+    }
+
+    /// Every family in the OpenMetrics text format, ending in `# EOF`.
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
-        out.push_str("# HELP handoff_handoffs_accepted_total Handoffs durably accepted.\n");
-        out.push_str("# TYPE handoff_handoffs_accepted_total counter\n");
-        let _ = writeln!(
-            out,
-            "handoff_handoffs_accepted_total {}",
-            self.accepted.load(Ordering::Relaxed)
-        );
-        out.push_str(
-            "# HELP handoff_contract_rejections_total Handoffs refused at the door, by guard.\n",
-        );
-        out.push_str("# TYPE handoff_contract_rejections_total counter\n");
-        for (rule, n) in self.rejections() {
-            let _ = writeln!(
-                out,
-                "handoff_contract_rejections_total{{rule=\"{rule}\"}} {n}"
-            );
-        }
-        out.push_str(
-            "# HELP handoff_events_dropped_total Events given up after retrying to store them.\n",
-        );
-        out.push_str("# TYPE handoff_events_dropped_total counter\n");
-        let _ = writeln!(
-            out,
-            "handoff_events_dropped_total {}",
-            self.events_dropped.load(Ordering::Relaxed)
-        );
-        out.push_str(
-            "# HELP handoff_access_denied_total Calls refused for who made them, by reason.\n",
-        );
-        out.push_str("# TYPE handoff_access_denied_total counter\n");
-        let mut denied: Vec<_> = self
-            .denied
-            .iter()
-            .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
-            .collect();
-        denied.sort();
-        for (reason, n) in denied {
-            let _ = writeln!(
-                out,
-                "handoff_access_denied_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
-        out
+        text::encode(&mut out, &self.registry)?;
+        Ok(out)
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped. A
-/// minimal HTTP/1.1 responder: one request per connection.
-pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
-    loop {
-        let Ok((mut socket, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut len = 0;
-            // Read until the end of the request head (or a full buffer).
-            while len < buf.len() {
-                match socket.read(&mut buf[len..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => len += n,
+/// The router of the metrics endpoint: `GET /metrics`, and 404 for
+/// anything else.
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    match metrics.render() {
+                        Ok(body) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], body)
+                            .into_response(),
+                        Err(_) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "metrics could not be encoded\n",
+                        )
+                            .into_response(),
+                    }
                 }
-                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let first = head.lines().next().unwrap_or("");
-            let (status, body) = if first.starts_with("GET /metrics ") {
-                ("200 OK", metrics.render())
-            } else {
-                ("404 Not Found", "not found; try GET /metrics\n".to_string())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(response.as_bytes()).await;
-            let _ = socket.shutdown().await;
-        });
+            }),
+        )
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found; try GET /metrics\n") })
+}
+
+/// Serves the metrics endpoint on `listener` until the task is dropped
+/// (or the listener fails, which is logged).
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    if let Err(e) = axum::serve(listener, router(metrics)).await {
+        tracing::error!(error = %e, "metrics endpoint stopped");
     }
 }
 
@@ -169,17 +752,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_counters_by_rule() {
+    fn renders_counters_by_label_with_total_once() {
         let m = Metrics::default();
-        m.accepted();
+        m.accepted("b");
         m.rejected("max_tokens");
         m.rejected("max_tokens");
         m.rejected("decode");
         m.denied("NOT_GRANTED");
-        assert_eq!(m.rejections(), vec![("decode", 1), ("max_tokens", 2)]);
-        let text = m.render();
+        let text = m.render().unwrap();
         assert!(
-            text.contains("handoff_handoffs_accepted_total 1\n"),
+            text.contains("handoff_handoffs_accepted_total{agent=\"b\"} 1\n"),
             "{text}"
         );
         assert!(
@@ -187,8 +769,125 @@ mod tests {
             "{text}"
         );
         assert!(
+            text.contains("handoff_contract_rejections_total{rule=\"decode\"} 1\n"),
+            "{text}"
+        );
+        assert!(
             text.contains("handoff_access_denied_total{reason=\"NOT_GRANTED\"} 1\n"),
             "{text}"
         );
+        assert!(text.contains("handoff_events_dropped_total 0\n"), "{text}");
+        assert!(!text.contains("_total_total"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn every_family_is_described_before_any_value() {
+        let text = Metrics::default().render().unwrap();
+        for family in [
+            "handoff_handoffs_accepted counter",
+            "handoff_deliveries counter",
+            "handoff_acked counter",
+            "handoff_nacked counter",
+            "handoff_redelivered counter",
+            "handoff_rejected counter",
+            "handoff_dead_lettered counter",
+            "handoff_contract_rejections counter",
+            "handoff_access_denied counter",
+            "handoff_events_dropped counter",
+            "handoff_handoff_call_seconds histogram",
+            "handoff_queue_wait_seconds histogram",
+            "handoff_processing_seconds histogram",
+            "handoff_barrier_wait_seconds histogram",
+            "handoff_barrier_release_seconds histogram",
+            "handoff_in_flight gauge",
+            "handoff_pending gauge",
+            "handoff_dropped_fields counter",
+            "handoff_stale_state_reasks counter",
+            "handoff_intent_score histogram",
+            "handoff_intent_drift counter",
+            "handoff_run_handoffs histogram",
+            "handoff_tool_result_age_seconds histogram",
+            "handoff_stale_tool_results counter",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family}\n")),
+                "{family}\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn label_values_are_cut_escaped_and_folded_past_the_cap() {
+        let m = Metrics::default();
+        let long = "é".repeat(100); // 200 bytes
+        m.stale_tool_result(&long);
+        m.stale_tool_result("say \"hi\"\\\nnow");
+        let text = m.render().unwrap();
+        let cut = "é".repeat(64);
+        assert!(
+            text.contains(&format!(
+                "handoff_stale_tool_results_total{{tool=\"{cut}\"}} 1\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"handoff_stale_tool_results_total{tool="say \"hi\"\\\nnow"} 1"#),
+            "{text}"
+        );
+
+        for i in 0..MAX_SERIES + 5 {
+            m.dropped_field("a", "b", &format!("f{i}"));
+        }
+        m.dropped_field("a", "b", "f0");
+        let text = m.render().unwrap();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("handoff_dropped_fields_total{"))
+            .count();
+        assert_eq!(series, MAX_SERIES + 1, "the cap and one _other series");
+        assert!(text.contains(
+            "handoff_dropped_fields_total{source=\"_other\",target=\"_other\",field=\"_other\"} 5\n"
+        ));
+        assert!(text
+            .contains("handoff_dropped_fields_total{source=\"a\",target=\"b\",field=\"f0\"} 2\n"));
+    }
+
+    #[test]
+    fn signal_histograms_use_their_buckets() {
+        let m = Metrics::default();
+        m.intent_score("p", 0.75);
+        m.intent_score("p", f64::NAN);
+        m.run_resolved("p", "completed", 4);
+        m.tool_result_age("web", -3.0);
+        let text = m.render().unwrap();
+        for (le, n) in [("0.7", 0), ("0.8", 1), ("1.0", 1)] {
+            let line = format!("handoff_intent_score_bucket{{le=\"{le}\",pipeline=\"p\"}} {n}\n");
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
+        assert!(
+            text.contains("handoff_intent_score_count{pipeline=\"p\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "handoff_run_handoffs_bucket{le=\"3.0\",pipeline=\"p\",outcome=\"completed\"} 0\n"
+            ) && text.contains(
+                "handoff_run_handoffs_bucket{le=\"5.0\",pipeline=\"p\",outcome=\"completed\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("handoff_tool_result_age_seconds_sum{tool=\"web\"} 0.0\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn targets_name_final_and_barrier_handoffs() {
+        assert_eq!(target_label("b", false, false), "b");
+        assert_eq!(target_label("", true, false), FINAL);
+        assert_eq!(target_label("", false, true), BARRIER);
+        assert_eq!(target_label("agg", false, true), "agg");
     }
 }

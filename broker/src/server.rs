@@ -94,6 +94,8 @@ pub struct Ready {
     pub addr: SocketAddr,
     /// The NATS URL in use (the embedded server's, if started).
     pub nats_url: String,
+    /// The metrics endpoint's address, when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Runs the broker until `shutdown` resolves.
@@ -402,17 +404,17 @@ async fn serve(
     let watch_from = store.contracts_revision().await? + 1;
     let loaded = broker.load_contracts().await?;
     tracing::debug!(contracts = loaded, "contract versions loaded");
-    let metrics_task = match config.metrics_listen {
-        None => None,
+    let (metrics_task, metrics_addr) = match config.metrics_listen {
+        None => (None, None),
         Some(addr) => {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| RunError::Serve(format!("metrics_listen {addr}: {e}")))?;
-            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "metrics endpoint serving");
-            Some(tokio::spawn(crate::metrics::serve(
-                listener,
-                broker.metrics().clone(),
-            )))
+            let bound = listener.local_addr().unwrap_or(addr);
+            tracing::info!(addr = %bound, "metrics endpoint serving");
+            let serving = tokio::spawn(crate::metrics::serve(listener, broker.metrics().clone()));
+            let pending = tokio::spawn(crate::app::session::report_pending(broker.clone()));
+            (Some(MetricsTasks { serving, pending }), Some(bound))
         }
     };
     let outbox_task = broker.start_outbox();
@@ -494,6 +496,7 @@ async fn serve(
         let _ = tx.send(Ready {
             addr,
             nats_url: nats_url.to_string(),
+            metrics_addr,
         });
     }
     tokio::select! {
@@ -541,6 +544,20 @@ async fn serve(
     }
     tracing::info!("handoffd stopped");
     result
+}
+
+/// The tasks of the metrics endpoint: the HTTP server, and the poll that
+/// keeps `handoff_pending` current.
+struct MetricsTasks {
+    serving: tokio::task::JoinHandle<()>,
+    pending: tokio::task::JoinHandle<()>,
+}
+
+impl MetricsTasks {
+    fn abort(&self) {
+        self.serving.abort();
+        self.pending.abort();
+    }
 }
 
 /// Reads a secret from a file (trailing whitespace dropped); a missing,

@@ -135,6 +135,8 @@ pub fn test_config(nats_url: &str) -> Config {
 /// `handoffd` running in-process.
 pub struct Broker {
     pub addr: SocketAddr,
+    /// The metrics endpoint's address (with `metrics_listen` set).
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), handoffd::RunError>>>,
 }
@@ -164,6 +166,7 @@ impl Broker {
         };
         Broker {
             addr: ready.addr,
+            metrics_addr: ready.metrics_addr,
             shutdown: Some(stop_tx),
             task: Some(task),
         }
@@ -426,22 +429,352 @@ pub fn compile_proto(files: &[(&str, &str)]) -> Vec<u8> {
     prost::Message::encode_to_vec(&fds)
 }
 
-/// The body of `GET /metrics` from a broker's metrics endpoint.
-pub async fn scrape(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// One HTTP response, as read by [`http_get`] and [`http_exchange`].
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// The `content-type` header, if any.
+    pub content_type: Option<String>,
+    /// The body (de-chunked).
+    pub body: String,
+}
+
+/// `GET path` on a fresh connection (closed after the answer).
+pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
     let mut socket = tokio::net::TcpStream::connect(addr)
         .await
         .expect("metrics endpoint");
-    socket
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
-        .await
-        .expect("request");
-    let mut text = String::new();
-    socket.read_to_string(&mut text).await.expect("response");
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text.split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default()
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+    http_exchange(&mut socket, &[request.as_bytes()]).await
+}
+
+/// Writes a request in `parts` (flushed one by one, 50 ms apart, to
+/// split it across reads) on `socket` and reads one response: its head,
+/// then a body of `content-length` bytes, chunked, or up to the close. The
+/// connection stays usable for the next request unless it was closed.
+pub async fn http_exchange(socket: &mut tokio::net::TcpStream, parts: &[&[u8]]) -> HttpResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        socket.write_all(part).await.expect("request");
+        socket.flush().await.expect("flush");
+    }
+    let deadline = Duration::from_secs(10);
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(deadline, socket.read(&mut chunk))
+            .await
+            .expect("response head in time")
+            .expect("read");
+        assert!(n > 0, "connection closed before a response head: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut rest = buf[head_end..].to_vec();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {head}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut read_more = async |rest: &mut Vec<u8>| -> bool {
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout(deadline, socket.read(&mut chunk))
+            .await
+            .expect("response body in time")
+            .expect("read");
+        rest.extend_from_slice(&chunk[..n]);
+        n > 0
+    };
+    let body = if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        while rest.len() < len {
+            assert!(read_more(&mut rest).await, "body cut short");
+        }
+        rest.truncate(len);
+        rest
+    } else if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        let mut body = Vec::new();
+        loop {
+            let line_end = loop {
+                if let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                assert!(read_more(&mut rest).await, "chunk cut short");
+            };
+            let size = usize::from_str_radix(
+                String::from_utf8_lossy(&rest[..line_end])
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim(),
+                16,
+            )
+            .expect("chunk size");
+            while rest.len() < line_end + 2 + size + 2 {
+                assert!(read_more(&mut rest).await, "chunk cut short");
+            }
+            body.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
+            rest.drain(..line_end + 2 + size + 2);
+            if size == 0 {
+                break body;
+            }
+        }
+    } else {
+        while read_more(&mut rest).await {}
+        rest
+    };
+    HttpResponse {
+        status,
+        content_type: header("content-type"),
+        body: String::from_utf8(body).expect("a UTF-8 body"),
+    }
+}
+
+/// The body of `GET /metrics` from a broker's metrics endpoint (which
+/// must answer 200 with the OpenMetrics content type).
+pub async fn scrape(addr: SocketAddr) -> String {
+    let r = http_get(addr, "/metrics").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.content_type.as_deref(),
+        Some(handoffd::metrics::CONTENT_TYPE),
+        "{r:?}"
+    );
+    r.body
+}
+
+/// A scrape of `addr`, parsed (panics if it does not parse).
+pub async fn scrape_parsed(addr: SocketAddr) -> Exposition {
+    let text = scrape(addr).await;
+    Exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+/// A metrics exposition (OpenMetrics or Prometheus text), parsed.
+#[derive(Debug, Clone, Default)]
+pub struct Exposition {
+    /// The families described (`# TYPE`), by name: their type, help and
+    /// unit.
+    pub families: std::collections::BTreeMap<String, MetricFamily>,
+    /// Every sample, in order.
+    pub samples: Vec<Sample>,
+    /// Whether it ended with `# EOF` (OpenMetrics).
+    pub eof: bool,
+}
+
+/// A family's description.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricFamily {
+    /// `counter`, `gauge`, `histogram`, ...
+    pub kind: String,
+    /// Its `# HELP` text.
+    pub help: Option<String>,
+    /// Its `# UNIT`.
+    pub unit: Option<String>,
+}
+
+/// One sample line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The sample's name (`handoff_acked_total`, `..._bucket`).
+    pub name: String,
+    /// Its labels, unescaped.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Its value.
+    pub value: f64,
+}
+
+/// Why an exposition does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("line {line}: {why}: {text:?}")]
+pub struct ParseError {
+    /// The line, from 1.
+    pub line: usize,
+    /// What is wrong.
+    pub why: &'static str,
+    /// The line's text.
+    pub text: String,
+}
+
+impl Exposition {
+    /// Parses an exposition: `# HELP`, `# TYPE`, `# UNIT`, `# EOF` and
+    /// sample lines (`name{label="value",...} value [timestamp]`), label
+    /// values unescaped. Anything after `# EOF`, a sample without a
+    /// family, or a family described twice is an error.
+    pub fn parse(text: &str) -> Result<Exposition, ParseError> {
+        let mut out = Exposition::default();
+        for (i, line) in text.lines().enumerate() {
+            let err = |why| ParseError {
+                line: i + 1,
+                why,
+                text: line.to_string(),
+            };
+            if out.eof {
+                return Err(err("text after # EOF"));
+            }
+            if line == "# EOF" {
+                out.eof = true;
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# ") {
+                let (keyword, rest) = rest.split_once(' ').ok_or_else(|| err("bare comment"))?;
+                let (name, value) = rest.split_once(' ').unwrap_or((rest, ""));
+                match keyword {
+                    "TYPE" => {
+                        let family = out.families.entry(name.to_string()).or_default();
+                        if !family.kind.is_empty() {
+                            return Err(err("family described twice"));
+                        }
+                        family.kind = value.to_string();
+                    }
+                    "HELP" => {
+                        out.families.entry(name.to_string()).or_default().help =
+                            Some(value.to_string())
+                    }
+                    "UNIT" => {
+                        out.families.entry(name.to_string()).or_default().unit =
+                            Some(value.to_string())
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            if line.trim().is_empty() {
+                continue;
+            }
+            let sample = parse_sample(line).ok_or_else(|| err("not a sample"))?;
+            if out.family_of(&sample.name).is_none() {
+                return Err(err("sample of no described family"));
+            }
+            out.samples.push(sample);
+        }
+        Ok(out)
+    }
+
+    /// The family a sample name belongs to (`x_total` -> counter `x`,
+    /// `x_bucket` / `x_sum` / `x_count` -> histogram `x`, or `x` itself).
+    pub fn family_of(&self, sample: &str) -> Option<&str> {
+        if let Some((name, _)) = self.families.get_key_value(sample) {
+            return Some(name);
+        }
+        for suffix in ["_total", "_bucket", "_sum", "_count", "_created", "_info"] {
+            if let Some(base) = sample.strip_suffix(suffix) {
+                if let Some((name, _)) = self.families.get_key_value(base) {
+                    return Some(name);
+                }
+            }
+        }
+        None
+    }
+
+    /// The value of the sample `name` whose labels are exactly `labels`.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let want: std::collections::BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.samples
+            .iter()
+            .find(|s| s.name == name && s.labels == want)
+            .map(|s| s.value)
+    }
+
+    /// [`Exposition::get`], 0 when the sample is absent (a counter or a
+    /// histogram not touched yet for these labels).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels).unwrap_or(0.0)
+    }
+
+    /// The samples named `name`.
+    pub fn series(&self, name: &str) -> Vec<&Sample> {
+        self.samples.iter().filter(|s| s.name == name).collect()
+    }
+}
+
+/// One sample line, or `None`.
+fn parse_sample(line: &str) -> Option<Sample> {
+    let name_end = line.find(['{', ' '])?;
+    let name = &line[..name_end];
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    {
+        return None;
+    }
+    let mut labels = std::collections::BTreeMap::new();
+    let mut rest = &line[name_end..];
+    if let Some(r) = rest.strip_prefix('{') {
+        let mut chars = r.char_indices().peekable();
+        let end;
+        loop {
+            // label name
+            let start = chars.peek()?.0;
+            if r[start..].starts_with('}') {
+                end = start + 1;
+                break;
+            }
+            let eq = r[start..].find('=')? + start;
+            let key = r[start..eq].trim_start_matches(',').to_string();
+            while chars.peek()?.0 <= eq {
+                chars.next();
+            }
+            if chars.next()?.1 != '"' {
+                return None;
+            }
+            let mut value = String::new();
+            loop {
+                let (_, c) = chars.next()?;
+                match c {
+                    '"' => break,
+                    '\\' => match chars.next()?.1 {
+                        'n' => value.push('\n'),
+                        '"' => value.push('"'),
+                        '\\' => value.push('\\'),
+                        _ => return None,
+                    },
+                    c => value.push(c),
+                }
+            }
+            labels.insert(key, value);
+            match chars.peek()?.1 {
+                ',' => {
+                    chars.next();
+                }
+                '}' => {}
+                _ => return None,
+            }
+        }
+        rest = &r[end..];
+    }
+    let value = rest.split_whitespace().next()?;
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().ok()?,
+    };
+    Some(Sample {
+        name: name.to_string(),
+        labels,
+        value,
+    })
 }
 
 /// The value of one counter line (`name{labels}`) in a metrics body, 0

@@ -444,7 +444,22 @@ async fn every_guard_passes_a_good_handoff_and_refuses_a_bad_one_storing_nothing
         let series = format!("handoff_contract_rejections_total{{rule=\"{rule}\"}}");
         assert_eq!(counter(&metrics, &series), n, "{series}\n{metrics}");
     }
-    assert_eq!(counter(&metrics, "handoff_handoffs_accepted_total"), 1);
+    assert_eq!(
+        counter(
+            &metrics,
+            "handoff_handoffs_accepted_total{agent=\"reader\"}"
+        ),
+        1
+    );
+    // The refusal by max_tool_result_age names its tool.
+    assert_eq!(
+        counter(
+            &metrics,
+            "handoff_stale_tool_results_total{tool=\"price_lookup\"}"
+        ),
+        1,
+        "{metrics}"
+    );
 
     // Nothing was stored for a refused handoff: no delivery, no accepted
     // event, one handoff in the reader's inbox and nothing left to deliver.

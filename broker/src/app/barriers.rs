@@ -625,6 +625,7 @@ async fn publish_release(
         ..Default::default()
     };
     broker.store().put_handoff(&envelope).await?;
+    let stored_at = SystemTime::now();
     broker
         .emit(
             pb::Event {
@@ -658,11 +659,32 @@ async fn publish_release(
         }
         current.release_published = true;
         if broker.store().update_barrier(&current, revision).await? {
+            observe_release(broker, &current, stored_at);
             *b = current;
             break;
         }
     }
     Ok(())
+}
+
+/// Records a barrier's release once, by the broker that marked it
+/// published: how long it stayed open, and (unless it timed out) the time
+/// from its last branch arrival to the release handoff stored.
+fn observe_release(broker: &Broker, b: &pb::Barrier, stored_at: SystemTime) {
+    let at = |t: Option<prost_types::Timestamp>| t.and_then(|t| SystemTime::try_from(t).ok());
+    let target = target_of(b);
+    if let (Some(opened), Some(released)) = (at(b.opened_at), at(b.released_at)) {
+        if let Ok(open) = released.duration_since(opened) {
+            broker.metrics().barrier_wait(&target, open);
+        }
+    }
+    let timed_out = b.release.as_ref().is_some_and(|r| r.timed_out);
+    let last = b.branches.iter().filter_map(|r| at(r.arrived_at)).max();
+    if let (false, Some(last)) = (timed_out, last) {
+        if let Ok(took) = stored_at.duration_since(last) {
+            broker.metrics().barrier_release(&target, took);
+        }
+    }
 }
 
 /// Puts each recorded branch's payload back into the release, from the

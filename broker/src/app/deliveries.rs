@@ -158,6 +158,13 @@ pub struct Held {
     pub lease: Duration,
     /// The store's reference that settles it.
     pub reference: String,
+    /// The agent it was delivered to.
+    pub agent: String,
+    /// When it was handed to the instance (for `handoff_processing_seconds`).
+    pub delivered_at: std::time::Instant,
+    /// How long the handoff waited from its creation to this delivery
+    /// (for `handoff_queue_wait_seconds`); `None` if it carries no time.
+    pub queued: Option<Duration>,
 }
 
 /// What becomes of an offered handoff.
@@ -285,6 +292,12 @@ pub async fn offer(
         branch: branch_of(&envelope),
         lease,
         reference,
+        agent: spec.name.clone(),
+        delivered_at: std::time::Instant::now(),
+        queued: envelope
+            .created_at
+            .and_then(|t| std::time::SystemTime::try_from(t).ok())
+            .and_then(|t| std::time::SystemTime::now().duration_since(t).ok()),
     };
     let (state, pinned_digest) = state::for_delivery(broker, &run, &envelope, &spec.reads).await;
     let delivery = pb::Delivery {
@@ -350,8 +363,13 @@ async fn take_lease(
 }
 
 /// Announces that a delivery reached an instance (`delivered`, or
-/// `redelivered` for a later attempt).
+/// `redelivered` for a later attempt), and counts it; the queue wait of a
+/// first attempt is recorded.
 pub async fn announce_delivered(broker: &Broker, agent: &str, instance: &str, held: &Held) {
+    broker.metrics().delivered(agent, held.attempt);
+    if let (1, Some(queued)) = (held.attempt, held.queued) {
+        broker.metrics().queue_wait(agent, queued);
+    }
     let kind = if held.attempt > 1 {
         pb::EventKind::Redelivered
     } else {
@@ -527,6 +545,9 @@ pub async fn settle(
         record_settlement(broker, &token, ask).await?;
     }
     broker.store().settle(&token.ack_subject, how).await?;
+    if let (Some(h), false) = (held, matches!(op, Op::Extend)) {
+        broker.metrics().processing(agent, h.delivered_at.elapsed());
+    }
     if held.is_none() && !matches!(op, Op::Extend) {
         // Held by an earlier session, maybe on another replica: free its
         // slot there.
@@ -537,6 +558,7 @@ pub async fn settle(
             return Ok(Some(lease_for(broker, agent).await));
         }
         Op::Ack => {
+            broker.metrics().acked(agent);
             broker
                 .emit_unconfirmed(
                     event(pb::EventKind::Acked, String::new()),
@@ -545,6 +567,7 @@ pub async fn settle(
                 .await;
         }
         Op::Nack(delay) => {
+            broker.metrics().nacked(agent);
             let reason = delay.map(|d| format!("retry in {d:?}")).unwrap_or_default();
             broker
                 .emit_unconfirmed(
@@ -557,7 +580,7 @@ pub async fn settle(
                 )
                 .await;
         }
-        Op::Reject(_) => {}
+        Op::Reject(_) => broker.metrics().delivery_rejected(agent),
     }
     Ok(None)
 }
@@ -600,11 +623,19 @@ pub async fn ack_consumed(broker: &Broker, run: &pb::Run, token: &pb::DeliveryTo
         record_settlement(broker, token, Ask::Ack),
         broker.store().settle(&token.ack_subject, Settlement::Ack)
     );
-    if let Err(e) = recorded {
-        tracing::debug!(handoff_id = %token.handoff_id, error = %e, "consumed delivery's lease not recorded as acked");
-    }
+    // Counted once: a repeated handoff acks its consumed delivery again.
+    let first = match &recorded {
+        Ok(decision) => *decision != Decision::Repeat,
+        Err(e) => {
+            tracing::debug!(handoff_id = %token.handoff_id, error = %e, "consumed delivery's lease not recorded as acked");
+            false
+        }
+    };
     match acked {
         Ok(()) => {
+            if first {
+                broker.metrics().acked(&token.agent);
+            }
             broker.release_delivery(token).await;
             let event = pb::Event {
                 kind: pb::EventKind::Acked as i32,
@@ -776,6 +807,7 @@ async fn route_away(
                 Ok(()) | Err(BrokerError::RunNotFound(_)) => {}
                 Err(e) => return Err(e),
             }
+            broker.metrics().dead_lettered(&spec.name);
             tracing::warn!(attempts, "handoff dead-lettered");
         }
     }

@@ -39,6 +39,8 @@ pub struct Refusal {
     metadata: Vec<(&'static str, String)>,
     contract_type: String,
     version: u32,
+    /// The tool whose result `max_tool_result_age` refused.
+    stale_tool: Option<String>,
 }
 
 impl Refusal {
@@ -50,6 +52,7 @@ impl Refusal {
             metadata: Vec::new(),
             contract_type: String::new(),
             version: 0,
+            stale_tool: None,
         }
     }
 }
@@ -203,6 +206,11 @@ pub async fn check_target(
         Err(v) => Err(Guarded::Refused(Refusal {
             contract_type: accepts.message_type.clone(),
             version,
+            stale_tool: match &v {
+                validate::Violation::StaleToolResult { tool, .. }
+                | validate::Violation::ToolResultUndated { tool } => Some(tool.clone()),
+                _ => None,
+            },
             metadata: v
                 .metadata()
                 .into_iter()
@@ -271,6 +279,9 @@ pub async fn check_claim(
 /// exists), and turns it into the error the client sees.
 pub async fn refuse(broker: &Broker, req: &pb::HandoffRequest, r: Refusal) -> BrokerError {
     broker.metrics().rejected(r.rule);
+    if let Some(tool) = &r.stale_tool {
+        broker.metrics().stale_tool_result(tool);
+    }
     tracing::info!(run_id = %req.run_id, source = %req.source_agent, target = %req.target_agent, rule = r.rule, reason = %r.message, "handoff refused");
     match broker.run(&req.run_id).await {
         Ok((run, _)) => {
@@ -403,4 +414,20 @@ pub async fn check_carry(
         },
     )
     .await)
+}
+
+/// Counts a handoff just accepted (`handoff_handoffs_accepted_total`, by
+/// target) and records the age of each of its dated tool results
+/// (`handoff_tool_result_age_seconds{tool}`), the measure behind
+/// `max_tool_result_age`.
+pub fn count_accepted(broker: &Broker, req: &pb::HandoffRequest) {
+    let target = crate::metrics::target_label(&req.target_agent, req.r#final, req.to_barrier);
+    broker.metrics().accepted(target);
+    broker.metrics().tool_result_ages(
+        req.tool_results.iter().map(|t| {
+            let observed = t.observed_at.and_then(|at| SystemTime::try_from(at).ok());
+            (t.tool.as_str(), observed)
+        }),
+        SystemTime::now(),
+    );
 }

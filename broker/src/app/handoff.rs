@@ -599,12 +599,8 @@ async fn commit(
         published?;
     }
     if !duplicate {
-        broker.metrics().accepted();
-        let target = if req.r#final {
-            ""
-        } else {
-            req.target_agent.as_str()
-        };
+        guard::count_accepted(broker, req);
+        let target = crate::metrics::target_label(&req.target_agent, req.r#final, req.to_barrier);
         for field in &dropped {
             broker
                 .metrics()

@@ -64,10 +64,12 @@ struct Inner {
     agents: DashMap<String, pb::AgentSpec>,
     contracts: Registry,
     metrics: Arc<Metrics>,
-    /// Live deliveries held by this replica's sessions, by slot: the
-    /// delivery id and the session's channel, so that a settlement made
-    /// elsewhere frees the session's slot.
-    leases: DashMap<String, (String, mpsc::UnboundedSender<String>)>,
+    /// Live deliveries held by this replica's sessions, by slot: what
+    /// the session holds, so that a settlement made elsewhere frees the
+    /// session's slot (and is timed).
+    leases: DashMap<String, Tracked>,
+    /// Live subscribe sessions on this replica, by agent.
+    sessions: DashMap<String, usize>,
     draining: watch::Receiver<bool>,
     auth: auth::Auth,
     outbox: std::sync::OnceLock<outbox::Outbox>,
@@ -107,6 +109,7 @@ impl Broker {
                 contracts: Registry::default(),
                 metrics: Arc::new(Metrics::default()),
                 leases: DashMap::new(),
+                sessions: DashMap::new(),
                 draining,
                 auth,
                 outbox: std::sync::OnceLock::new(),
@@ -194,7 +197,7 @@ impl Broker {
         loaded.map_err(BrokerError::Internal)
     }
 
-    /// The counters.
+    /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
     }
@@ -251,14 +254,28 @@ impl Broker {
     /// complete-and-handoff, or a settlement through another session or
     /// replica).
     pub fn track_delivery(&self, held: &deliveries::Held, release: mpsc::UnboundedSender<String>) {
-        self.inner
+        let tracked = Tracked {
+            delivery_id: held.delivery_id.clone(),
+            agent: held.agent.clone(),
+            delivered_at: held.delivered_at,
+            release,
+        };
+        if self
+            .inner
             .leases
-            .insert(held.slot.clone(), (held.delivery_id.clone(), release));
+            .insert(held.slot.clone(), tracked)
+            .is_none()
+        {
+            self.metrics().in_flight_inc(&held.agent);
+        }
     }
 
-    /// Forgets a delivery the session settled itself (by its slot).
+    /// Forgets a delivery the session settled itself, or gave up on (by
+    /// its slot).
     pub fn untrack_delivery(&self, slot: &str) {
-        self.inner.leases.remove(slot);
+        if let Some((_, t)) = self.inner.leases.remove(slot) {
+            self.metrics().in_flight_dec(&t.agent);
+        }
     }
 
     /// Frees the slot of the session holding the delivery `token` names,
@@ -271,15 +288,50 @@ impl Broker {
     }
 
     /// Frees the slot of the session on this replica holding the delivery
-    /// `slot` names; `false` when no session here holds it.
+    /// `slot` names (it was settled outside that session: its processing
+    /// time ends here); `false` when no session here holds it.
     pub fn release_slot(&self, slot: &str) -> bool {
         match self.inner.leases.remove(slot) {
-            Some((_, (delivery_id, tx))) => {
-                let _ = tx.send(delivery_id);
+            Some((_, t)) => {
+                self.metrics().in_flight_dec(&t.agent);
+                self.metrics()
+                    .processing(&t.agent, t.delivered_at.elapsed());
+                let _ = t.release.send(t.delivery_id);
                 true
             }
             None => false,
         }
+    }
+
+    /// Counts a live subscribe session of `agent` on this replica.
+    pub fn session_opened(&self, agent: &str) {
+        *self.inner.sessions.entry(agent.to_string()).or_default() += 1;
+    }
+
+    /// Counts a session of `agent` that ended; the agent's backlog is no
+    /// longer reported by this replica once its last session ends.
+    pub fn session_closed(&self, agent: &str) {
+        let last = match self.inner.sessions.get_mut(agent) {
+            Some(mut n) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+            None => false,
+        };
+        if last {
+            self.inner.sessions.remove_if(agent, |_, n| *n == 0);
+            self.metrics().forget_pending(agent);
+        }
+    }
+
+    /// Agents with a live session on this replica.
+    pub fn session_agents(&self) -> Vec<String> {
+        self.inner
+            .sessions
+            .iter()
+            .filter(|e| *e.value() > 0)
+            .map(|e| e.key().clone())
+            .collect()
     }
 
     /// Whether the broker is draining.
@@ -386,6 +438,14 @@ impl Broker {
             tracing::warn!(events = outbox.waiting(), "events not stored before exit");
         }
     }
+}
+
+/// A delivery held by a session on this replica.
+struct Tracked {
+    delivery_id: String,
+    agent: String,
+    delivered_at: std::time::Instant,
+    release: mpsc::UnboundedSender<String>,
 }
 
 /// The current time as a protobuf timestamp.

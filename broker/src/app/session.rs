@@ -29,6 +29,10 @@ use crate::{
 /// How long one pull waits for handoffs before it asks again.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 
+/// How often [`report_pending`] reads the backlog of the agents with a
+/// live session on this replica.
+pub const PENDING_POLL: Duration = Duration::from_secs(5);
+
 /// What a session tells its instance.
 #[derive(Debug)]
 pub enum Out {
@@ -149,6 +153,7 @@ pub async fn run(
             return;
         }
         tracing::info!(max_in_flight, "instance subscribed");
+        let _live = Live::new(&broker, &session.agent.name);
         let permits = Arc::new(Semaphore::new(max_in_flight));
         let fetcher = tokio::spawn(fetch_loop(session.clone(), permits).in_current_span());
         let mut sweep = tokio::time::interval(Duration::from_millis(250));
@@ -186,6 +191,51 @@ pub async fn run(
     }
     .instrument(span)
     .await
+}
+
+/// Counts a live session of an agent on this replica while it lives
+/// (whichever way the session ends, or is dropped).
+struct Live {
+    broker: Broker,
+    agent: String,
+}
+
+impl Live {
+    fn new(broker: &Broker, agent: &str) -> Live {
+        broker.session_opened(agent);
+        Live {
+            broker: broker.clone(),
+            agent: agent.to_string(),
+        }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.broker.session_closed(&self.agent);
+    }
+}
+
+/// Keeps `handoff_pending` current: every [`PENDING_POLL`], the number of
+/// handoffs waiting in the inbox of each agent with a live session on
+/// this replica, as its JetStream consumer counts them (one consumer-info
+/// request per agent; agents without a session here are not reported by
+/// this replica). Runs until the task is dropped; started only when the
+/// metrics endpoint is.
+pub async fn report_pending(broker: Broker) {
+    let mut tick = tokio::time::interval(PENDING_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for agent in broker.session_agents() {
+            match broker.store().inbox_pending(&agent).await {
+                Ok(n) => broker.metrics().set_pending(&agent, n),
+                Err(e) => {
+                    tracing::debug!(agent, error = %e, "inbox backlog not read");
+                }
+            }
+        }
+    }
 }
 
 async fn fetch_loop(session: Arc<Session>, permits: Arc<Semaphore>) {

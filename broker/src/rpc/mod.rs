@@ -263,6 +263,7 @@ impl HandoffBroker for Service {
     }
 
     async fn handoff(&self, req: Request<pb::HandoffRequest>) -> Reply<pb::HandoffResponse> {
+        let started = std::time::Instant::now();
         let caller = self.caller(&req).await?;
         let (metadata, _, mut req) = req.into_parts();
         let span = rpc_span!(
@@ -278,6 +279,10 @@ impl HandoffBroker for Service {
         if let Some(send) = &send {
             span.record("trace_id", send.trace_id().as_str());
         }
+        // Labelled only once accepted: a refused call's target may be any
+        // string.
+        let target = crate::metrics::target_label(&req.target_agent, req.r#final, req.to_barrier)
+            .to_string();
         let accepted = self
             .unary(
                 span.clone(),
@@ -286,6 +291,9 @@ impl HandoffBroker for Service {
             .await;
         if let Ok(r) = &accepted {
             span.record("handoff_id", r.get_ref().handoff_id.as_str());
+            self.broker
+                .metrics()
+                .handoff_call(&target, started.elapsed());
         }
         if let Some(send) = send {
             send.end(accepted.as_ref().map(Response::get_ref));

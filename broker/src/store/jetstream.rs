@@ -580,6 +580,15 @@ impl Store for JetStream {
         Ok(info.delivered.stream_sequence >= sequence)
     }
 
+    async fn inbox_pending(&self, agent: &str) -> Result<u64, BrokerError> {
+        let mut consumer = self.agent_consumer(agent).await?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| BrokerError::nats("reading the agent's consumer", e))?;
+        Ok(info.num_pending)
+    }
+
     async fn withdraw_handoff(&self, sequence: u64) -> Result<(), BrokerError> {
         use jetstream::stream::DeleteMessageErrorKind;
         match self.inbox.delete_message(sequence).await {

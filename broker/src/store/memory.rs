@@ -245,6 +245,14 @@ impl Store for Memory {
             .is_some_and(|e| e.delivered > 0))
     }
 
+    async fn inbox_pending(&self, agent: &str) -> Result<u64> {
+        let s = self.state()?;
+        Ok(s.inbox
+            .iter()
+            .filter(|e| e.agent == agent && e.standing == Standing::Pending && e.delivered == 0)
+            .count() as u64)
+    }
+
     async fn withdraw_handoff(&self, sequence: u64) -> Result<()> {
         let mut s = self.state()?;
         let index = usize::try_from(sequence)

@@ -119,6 +119,10 @@ pub trait Store: Send + Sync + 'static {
     /// an instance at least once.
     async fn was_delivered(&self, agent: &str, sequence: u64) -> Result<bool>;
 
+    /// How many handoffs wait in the agent's inbox, not yet offered to
+    /// any instance (the consumer's pending count).
+    async fn inbox_pending(&self, agent: &str) -> Result<u64>;
+
     /// Removes a handoff no instance took from the inbox (it was routed
     /// elsewhere); one already gone is fine.
     async fn withdraw_handoff(&self, sequence: u64) -> Result<()>;
