@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, time::Duration};
 use handoff_client::{
     pb, state, AgentConfig, Client, ContractSpec, ErrorKind, Handoff, RunConfig, StateDelta,
 };
-use handoff_tests::{compile_proto, count, next_within, note, stack, timeline_when};
+use handoff_tests::{compile_proto, count, next_within, note, scrape_parsed, stack, timeline_when};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -415,7 +415,9 @@ message StrictAnswer { string order_id = 1; string text = 2; }
 
 #[tokio::test]
 async fn a_field_dropped_on_an_edge_is_reported_and_refused_where_the_contract_carries_it() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (_nats, broker, client) =
+        stack(|c| c.metrics_listen = Some(([127, 0, 0, 1], 0).into())).await;
+    let metrics = broker.metrics_addr.expect("the metrics endpoint");
     let fds = compile_proto(&[("shop/v1/shop.proto", shop::PROTO)]);
     for spec in [
         ContractSpec::of::<shop::Lookup>(fds.clone()),
@@ -539,11 +541,33 @@ async fn a_field_dropped_on_an_edge_is_reported_and_refused_where_the_contract_c
         .and_then(|r| r.stats)
         .expect("stats");
     assert_eq!(stats.dropped_fields, 1);
+    // ... and counted by edge and field, never by run: the accepted drop;
+    // the refused one is a contract rejection by rule `carry`.
+    let scraped = scrape_parsed(metrics).await;
+    let dropped = |source: &str, target: &str| {
+        scraped.value(
+            "handoff_dropped_fields_total",
+            &[
+                ("field", "order_id"),
+                ("source", source),
+                ("target", target),
+            ],
+        )
+    };
+    assert_eq!(dropped("b", "c"), 1.0);
+    assert_eq!(dropped("a", "b"), 0.0);
+    assert_eq!(scraped.series("handoff_dropped_fields_total").len(), 1);
+    assert_eq!(
+        scraped.value("handoff_contract_rejections_total", &[("rule", "carry")]),
+        1.0
+    );
 }
 
 #[tokio::test]
 async fn a_reask_for_a_key_the_state_holds_is_counted_and_answered_from_state() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (_nats, broker, client) =
+        stack(|c| c.metrics_listen = Some(([127, 0, 0, 1], 0).into())).await;
+    let metrics = broker.metrics_addr.expect("the metrics endpoint");
     client
         .register_agent(AgentConfig::new("human"))
         .await
@@ -588,6 +612,12 @@ async fn a_reask_for_a_key_the_state_holds_is_counted_and_answered_from_state() 
         .await
         .expect("handoff");
     assert!(fresh.answers.is_empty());
+    let scraped = scrape_parsed(metrics).await;
+    assert_eq!(
+        scraped.value("handoff_stale_state_reasks_total", &[("agent", "planner")]),
+        1.0
+    );
+    assert_eq!(scraped.series("handoff_stale_state_reasks_total").len(), 1);
 }
 
 /// A three-hop run of `pipeline` with a judge answering `score`; returns
@@ -659,7 +689,9 @@ async fn judged_run(client: &Client, pipeline: &str, score: f64) -> (pb::Run, Ve
 #[tokio::test]
 async fn the_judges_score_is_recorded_drift_is_emitted_under_the_threshold_and_runs_count_their_handoffs(
 ) {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (_nats, broker, client) =
+        stack(|c| c.metrics_listen = Some(([127, 0, 0, 1], 0).into())).await;
+    let metrics = broker.metrics_addr.expect("the metrics endpoint");
     for agent in ["planner", "writer", "judge"] {
         client
             .register_agent(AgentConfig::new(agent))
@@ -705,4 +737,15 @@ async fn the_judges_score_is_recorded_drift_is_emitted_under_the_threshold_and_r
         .await
         .expect_err("the run is closed to anything but its judge's delivery");
     assert_eq!(err.reason(), Some("RUN_CLOSED"), "{err}");
+
+    // Per pipeline: two scores (one under the threshold), and two
+    // completed runs of three handoffs each.
+    let scraped = scrape_parsed(metrics).await;
+    let travel = [("pipeline", "travel")];
+    assert_eq!(scraped.value("handoff_intent_score_count", &travel), 2.0);
+    assert!((scraped.value("handoff_intent_score_sum", &travel) - 1.3).abs() < 1e-9);
+    assert_eq!(scraped.value("handoff_intent_drift_total", &travel), 1.0);
+    let completed = [("outcome", "completed"), ("pipeline", "travel")];
+    assert_eq!(scraped.value("handoff_run_handoffs_count", &completed), 2.0);
+    assert_eq!(scraped.value("handoff_run_handoffs_sum", &completed), 6.0);
 }
