@@ -222,38 +222,16 @@ impl Collector for Families {
     }
 }
 
-/// Registers a bounded counter family; `name` without `_total`, which
-/// the encoder appends.
-fn counters(
+/// Registers `family`, bounded to `names`' label sets.
+fn register<M, C>(
     registry: &mut Vec<Described>,
-    name: &'static str,
-    help: &'static str,
+    (name, help, unit): (&'static str, &'static str, Option<Unit>),
     names: &'static [&'static str],
-) -> Capped<Counter> {
-    let family = Family::<Labels, Counter>::default();
-    registry.push(Described {
-        name,
-        help,
-        unit: None,
-        metric: Box::new(family.clone()),
-    });
-    Capped {
-        names,
-        family,
-        series: Mutex::new(0),
-    }
-}
-
-/// Registers a bounded histogram family.
-fn histograms(
-    registry: &mut Vec<Described>,
-    name: &'static str,
-    help: &'static str,
-    unit: Option<Unit>,
-    names: &'static [&'static str],
-    buckets: fn() -> Histogram,
-) -> Histograms {
-    let family = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(buckets);
+    family: Family<Labels, M, C>,
+) -> Capped<M, C>
+where
+    Family<Labels, M, C>: EncodeMetric + Clone + Send + Sync + 'static,
+{
     registry.push(Described {
         name,
         help,
@@ -267,6 +245,30 @@ fn histograms(
     }
 }
 
+/// Registers a bounded counter family; `name` without `_total`, which
+/// the encoder appends.
+fn counters(
+    registry: &mut Vec<Described>,
+    name: &'static str,
+    help: &'static str,
+    names: &'static [&'static str],
+) -> Capped<Counter> {
+    register(registry, (name, help, None), names, Family::default())
+}
+
+/// Registers a bounded histogram family.
+fn histograms(
+    registry: &mut Vec<Described>,
+    name: &'static str,
+    help: &'static str,
+    unit: Option<Unit>,
+    names: &'static [&'static str],
+    buckets: fn() -> Histogram,
+) -> Histograms {
+    let family = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(buckets);
+    register(registry, (name, help, unit), names, family)
+}
+
 /// Registers a bounded gauge family.
 fn gauges(
     registry: &mut Vec<Described>,
@@ -274,18 +276,7 @@ fn gauges(
     help: &'static str,
     names: &'static [&'static str],
 ) -> Capped<Gauge> {
-    let family = Family::<Labels, Gauge>::default();
-    registry.push(Described {
-        name,
-        help,
-        unit: None,
-        metric: Box::new(family.clone()),
-    });
-    Capped {
-        names,
-        family,
-        series: Mutex::new(0),
-    }
+    register(registry, (name, help, None), names, Family::default())
 }
 
 const AGENT: &[&str] = &["agent"];

@@ -381,29 +381,25 @@ mod shop {
         const NAME: &'static str = "Lookup";
         const PACKAGE: &'static str = "shop.v1";
     }
-    /// `shop.v1.Answer` and `shop.v1.StrictAnswer` (same fields).
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(crate) struct Answer {
-        #[prost(string, tag = "1")]
-        pub(crate) order_id: String,
-        #[prost(string, tag = "2")]
-        pub(crate) text: String,
+    /// `shop.v1.Answer` and `shop.v1.StrictAnswer`: the same fields, one
+    /// contract with `carry` and one without.
+    macro_rules! answer {
+        ($name:ident) => {
+            #[derive(Clone, PartialEq, prost::Message)]
+            pub(crate) struct $name {
+                #[prost(string, tag = "1")]
+                pub(crate) order_id: String,
+                #[prost(string, tag = "2")]
+                pub(crate) text: String,
+            }
+            impl prost::Name for $name {
+                const NAME: &'static str = stringify!($name);
+                const PACKAGE: &'static str = "shop.v1";
+            }
+        };
     }
-    impl prost::Name for Answer {
-        const NAME: &'static str = "Answer";
-        const PACKAGE: &'static str = "shop.v1";
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(crate) struct StrictAnswer {
-        #[prost(string, tag = "1")]
-        pub(crate) order_id: String,
-        #[prost(string, tag = "2")]
-        pub(crate) text: String,
-    }
-    impl prost::Name for StrictAnswer {
-        const NAME: &'static str = "StrictAnswer";
-        const PACKAGE: &'static str = "shop.v1";
-    }
+    answer!(Answer);
+    answer!(StrictAnswer);
     pub(crate) const PROTO: &str = r#"
 syntax = "proto3";
 package shop.v1;
