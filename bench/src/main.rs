@@ -324,12 +324,25 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
     }
 
-    let mut stateful = None;
     if wants(Scenario::State) || wants(Scenario::Memory) {
         let n = args.state_runs;
+        let before = stack.broker_rss();
         scenarios::populate_state(&client, n, &bar(n, "state: runs holding state")).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        stateful = stack.broker_rss();
+        for (what, bytes) in [
+            (
+                "handoffd RSS, before the runs with state".to_string(),
+                before,
+            ),
+            (
+                format!("handoffd RSS, {n} runs holding state"),
+                stack.broker_rss(),
+            ),
+        ] {
+            if let Some(bytes) = bytes {
+                rows.push(Row::new("state", what, Figure::Memory { bytes }));
+            }
+        }
     }
 
     let mut peak = None;
@@ -392,10 +405,6 @@ async fn run(args: Args) -> Result<(), BoxError> {
             (
                 format!("handoffd RSS, {} open barriers", args.scale_n),
                 loaded,
-            ),
-            (
-                format!("handoffd RSS, {} runs holding state", args.state_runs),
-                stateful,
             ),
         ] {
             if let Some(bytes) = bytes {
