@@ -91,8 +91,8 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         name: "state_cache_bytes",
-        default: "67108864",
-        doc: "Memory this replica spends caching run-state revisions, in bytes.",
+        default: "16777216",
+        doc: "Memory this replica spends caching run-state revisions, in bytes (0: no cache).",
     },
     Key {
         name: "dedupe_window",

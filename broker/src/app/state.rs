@@ -51,15 +51,22 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Keeps the cache within `budget` bytes: past the budget it starts
-    /// over (records are immutable: nothing is lost but a read).
-    fn keep(&self, record: &pb::StateRecord, budget: usize) {
-        let size = record.encoded_len() + 64;
+    /// Whether `record` may be cached within `budget` bytes; past the
+    /// budget the cache starts over (records are immutable: nothing is
+    /// lost but a read). A budget of 0 caches nothing.
+    fn admit(&self, record: &pb::StateRecord, budget: usize) -> bool {
+        // A decoded record takes about three times its encoded size (maps,
+        // strings and `Value`s each allocate), plus the cache's own entry.
+        let size = 3 * record.encoded_len() + 256;
+        if size > budget {
+            return false;
+        }
         if self.bytes.fetch_add(size, Ordering::Relaxed) + size > budget {
             self.heads.clear();
             self.past.clear();
             self.bytes.store(size, Ordering::Relaxed);
         }
+        true
     }
 
     fn head(&self, run_id: &str) -> Option<Arc<pb::StateRecord>> {
@@ -71,21 +78,15 @@ impl Cache {
             .heads
             .get(&record.run_id)
             .is_none_or(|h| h.revision < record.revision);
-        if newer {
-            self.keep(&record, budget);
+        if newer && self.admit(&record, budget) {
             self.heads.insert(record.run_id.clone(), record);
         }
     }
 
-    /// Forgets a run's records (it ended).
+    /// Forgets a run's latest revision (it ended); its past revisions
+    /// leave with the budget.
     pub fn forget(&self, run_id: &str) {
         self.heads.remove(run_id);
-        self.past.retain(|(run, _), _| run != run_id);
-    }
-
-    /// How many runs have a cached head (for tests and figures).
-    pub fn runs(&self) -> usize {
-        self.heads.len()
     }
 }
 
@@ -168,8 +169,10 @@ pub async fn at(
         .state_record(run_id, revision)
         .await?
         .map(Arc::new);
-    if let Some(r) = &record {
-        cache.keep(r, broker.config().state_cache_bytes);
+    if let Some(r) = record
+        .as_ref()
+        .filter(|r| cache.admit(r, broker.config().state_cache_bytes))
+    {
         cache.past.insert(key, r.clone());
     }
     Ok(record)
@@ -386,4 +389,36 @@ pub async fn get(
         change: record.change.clone(),
         latest_revision,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(run: &str, revision: u64) -> Arc<pb::StateRecord> {
+        Arc::new(pb::StateRecord {
+            run_id: run.to_string(),
+            revision,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn the_cache_keeps_the_newest_head_within_its_budget_and_nothing_at_zero() {
+        let cache = Cache::default();
+        cache.set_head(record("r", 1), 0);
+        assert!(cache.head("r").is_none(), "a budget of 0 caches nothing");
+        let budget = 4 * (3 * record("r", 1).encoded_len() + 256);
+        cache.set_head(record("r", 2), budget);
+        cache.set_head(record("r", 1), budget);
+        assert_eq!(cache.head("r").map(|h| h.revision), Some(2), "never older");
+        for run in ["a", "b", "c", "d"] {
+            cache.set_head(record(run, 1), budget);
+        }
+        // Past the budget it started over: the first entries are gone.
+        assert!(cache.head("r").is_none());
+        assert!(cache.head("d").is_some());
+        cache.forget("d");
+        assert!(cache.head("d").is_none());
+    }
 }

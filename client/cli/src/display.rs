@@ -596,6 +596,50 @@ mod tests {
     }
 
     #[test]
+    fn an_accepted_handoff_shows_its_state_delta_dropped_fields_and_reasks() {
+        let e = pb::Event {
+            sequence: 9,
+            kind: pb::EventKind::HandoffAccepted as i32,
+            agent: "c".to_string(),
+            source_agent: "b".to_string(),
+            depth: 3,
+            state_change: Some(pb::StateChange {
+                revision: 4,
+                added: vec!["nights".into()],
+                changed: vec!["city".into()],
+                removed: vec!["draft".into()],
+            }),
+            dropped_fields: vec!["order_id".into()],
+            reasks: vec!["budget".into()],
+            ..Default::default()
+        };
+        let line = event_line(&e);
+        assert!(
+            line.ends_with("depth=3 state=r4 +nights ~city -draft dropped=order_id reasks=budget"),
+            "{line}"
+        );
+        let state = pb::GetStateResponse {
+            state: Some(pb::RunState {
+                run_id: "r1".into(),
+                revision: 2,
+                values: [("order_id".to_string(), prost_types::Value::from("A-1"))].into(),
+                pinned_keys: vec!["order_id".into()],
+                ..Default::default()
+            }),
+            handoff_id: "h1".into(),
+            source_agent: "a".into(),
+            latest_revision: 3,
+            ..Default::default()
+        };
+        let table = state_table(&state);
+        assert!(
+            table.starts_with("run r1  revision 2 of 3\nmade by: handoff h1 from a"),
+            "{table}"
+        );
+        assert!(table.contains("order_id (pinned) = \"A-1\""), "{table}");
+    }
+
+    #[test]
     fn barrier_events_name_the_barrier_and_branch() {
         let opened = pb::Event {
             sequence: 10,
