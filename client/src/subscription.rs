@@ -450,7 +450,7 @@ impl Delivery {
 
     /// The run-state revision this delivery carries (0: no state).
     pub fn state_revision(&self) -> u64 {
-        self.inner.state.as_ref().map_or(0, |s| s.revision)
+        self.envelope().state_revision
     }
 
     /// One value of the run state this delivery carries.

@@ -745,3 +745,57 @@ async fn the_judges_score_is_recorded_drift_is_emitted_under_the_threshold_and_r
     assert_eq!(scraped.value("handoff_run_handoffs_count", &completed), 2.0);
     assert_eq!(scraped.value("handoff_run_handoffs_sum", &completed), 6.0);
 }
+
+#[tokio::test]
+async fn a_branch_its_barrier_refuses_changes_no_state() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    client
+        .register_agent(AgentConfig::new("agg"))
+        .await
+        .expect("agent");
+    let run = client
+        .start_run(RunConfig::new("olga").state("city", "Oslo"))
+        .await
+        .expect("run");
+    client
+        .raw()
+        .open_barrier(pb::OpenBarrierRequest {
+            barrier: Some(pb::BarrierSpec {
+                run_id: run.id.clone(),
+                barrier_id: "join".into(),
+                branch_keys: vec!["a".into(), "b".into()],
+                target_agent: "agg".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("barrier");
+    let branch = |key: &str, n: u32| {
+        Handoff::to_barrier(&run.id, "join", key, &note("result", n))
+            .expect("branch")
+            .from_agent("worker")
+            .state_delta(StateDelta::new().append("found", [s(key)]))
+    };
+    let err = client
+        .handoff(branch("c", 1))
+        .await
+        .expect_err("no branch c");
+    assert_eq!(err.reason(), Some("UNKNOWN_BRANCH_KEY"), "{err}");
+    assert_eq!(revision(&client, &run.id).await, 1);
+    assert_eq!(value(&client, &run.id, 0, "found").await, None);
+    // The branches it has apply, and the release hands over both deltas.
+    for (n, key) in ["a", "b"].iter().enumerate() {
+        client.handoff(branch(key, n as u32)).await.expect("branch");
+    }
+    let mut agg = client.subscribe("agg", "g1", 1).await.expect("subscribe");
+    let release = next_within(&mut agg, WAIT).await.expect("the release");
+    assert_eq!(release.state_revision(), 3);
+    let found = release.state_value("found").expect("found");
+    let mut keys: Vec<&str> = state::as_list(found)
+        .expect("a list")
+        .iter()
+        .filter_map(state::as_str)
+        .collect();
+    keys.sort();
+    assert_eq!(keys, vec!["a", "b"]);
+}

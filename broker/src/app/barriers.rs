@@ -234,40 +234,9 @@ pub async fn arrive(
     current: Option<(pb::Barrier, u64)>,
     stored: &AtomicBool,
 ) -> Result<Arrived, BrokerError> {
-    if let Some((b, _)) = &current {
-        if !b
-            .spec
-            .as_ref()
-            .is_some_and(|spec| barrier::has_key(spec, &result.key))
-        {
-            return Err(BrokerError::invalid(
-                Reason::UnknownBranchKey,
-                "branch_key",
-                format!(
-                    "branch {:?} is not a branch of barrier {barrier_id:?}",
-                    result.key
-                ),
-            ));
-        }
-        let first = b.branches.iter().find(|r| r.key == result.key);
-        if let Some(first) = first.filter(|f| f.handoff_id != result.handoff_id) {
-            return Ok(Arrived {
-                sequence: first.sequence,
-                duplicate: true,
-                first: Some(first.handoff_id.clone()),
-            });
-        }
-        if b.state == pb::BarrierState::Open as i32 && first.is_none() {
-            let (size, budget) = (cost(&result), budget(broker, b));
-            if b.payload_bytes.saturating_add(size) > budget {
-                return Err(BrokerError::BranchTooLarge {
-                    barrier: barrier_id.to_string(),
-                    key: result.key,
-                    size,
-                    used: b.payload_bytes,
-                    budget,
-                });
-            }
+    if let Some(b) = current.as_ref().map(|(b, _)| b) {
+        if let Some(answer) = check_arrival(broker, barrier_id, &result, b)? {
+            return Ok(answer);
         }
     } else {
         // Not open yet (as the caller read it): note the early result
@@ -290,6 +259,57 @@ pub async fn arrive(
         duplicate: put.duplicate,
         first: None,
     })
+}
+
+/// What `arrive` decides from the barrier as read, before anything is
+/// stored: a key the barrier does not have is refused
+/// (`UNKNOWN_BRANCH_KEY`), a result that would take an open barrier's
+/// release past one NATS message is refused (`BRANCH_TOO_LARGE`), and a
+/// second, different result for an arrived key is answered with the first
+/// (`Some`). `None`: the result may arrive. The handoff use case asks it
+/// before applying the handoff's state delta, so a refused branch changes
+/// no state.
+pub fn check_arrival(
+    broker: &Broker,
+    barrier_id: &str,
+    result: &pb::BranchResult,
+    b: &pb::Barrier,
+) -> Result<Option<Arrived>, BrokerError> {
+    if !b
+        .spec
+        .as_ref()
+        .is_some_and(|spec| barrier::has_key(spec, &result.key))
+    {
+        return Err(BrokerError::invalid(
+            Reason::UnknownBranchKey,
+            "branch_key",
+            format!(
+                "branch {:?} is not a branch of barrier {barrier_id:?}",
+                result.key
+            ),
+        ));
+    }
+    let first = b.branches.iter().find(|r| r.key == result.key);
+    if let Some(first) = first.filter(|f| f.handoff_id != result.handoff_id) {
+        return Ok(Some(Arrived {
+            sequence: first.sequence,
+            duplicate: true,
+            first: Some(first.handoff_id.clone()),
+        }));
+    }
+    if b.state == pb::BarrierState::Open as i32 && first.is_none() {
+        let (size, budget) = (cost(result), budget(broker, b));
+        if b.payload_bytes.saturating_add(size) > budget {
+            return Err(BrokerError::BranchTooLarge {
+                barrier: barrier_id.to_string(),
+                key: result.key.clone(),
+                size,
+                used: b.payload_bytes,
+                budget,
+            });
+        }
+    }
+    Ok(None)
 }
 
 /// What a branch result adds to its barrier's release handoff: the result

@@ -299,7 +299,14 @@ pub async fn offer(
             .and_then(|t| std::time::SystemTime::try_from(t).ok())
             .and_then(|t| std::time::SystemTime::now().duration_since(t).ok()),
     };
-    let (state, pinned_digest) = state::for_delivery(broker, &run, &envelope, &spec.reads).await;
+    let (state, pinned_digest) =
+        match state::for_delivery(broker, &run, &envelope, &spec.reads).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "run state not read; delivery left to its lease");
+                return Offering::Skip;
+            }
+        };
     let delivery = pb::Delivery {
         delivery_id,
         attempt,

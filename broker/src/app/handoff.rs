@@ -485,6 +485,25 @@ async fn commit(
     if max_payload > 0 && size > max_payload {
         return Err(BrokerError::EnvelopeTooLarge { size, max_payload });
     }
+    // A branch result the barrier (as read) refuses, or answers with
+    // another result for its key, is decided before the state changes.
+    let branch = req.to_barrier.then(|| pb::BranchResult {
+        key: branch_key.clone(),
+        status: branch_status as i32,
+        payload: envelope.payload.clone(),
+        handoff_id: id.clone(),
+        source_agent: req.source_agent.clone(),
+        confidence: envelope.confidence,
+        warnings: envelope.warnings.clone(),
+        depth,
+        arrived_at: envelope.created_at,
+        sequence: 0,
+    });
+    if let (Some(result), Some((b, _))) = (&branch, &barrier) {
+        if let Some(arrived) = barriers::check_arrival(broker, &barrier_id, result, b)? {
+            return Ok(answer_first(broker, &run, req, consumed, arrived, depth).await);
+        }
+    }
     // The state: the delta is applied once, with this handoff (every guard
     // has passed: a refused handoff changes nothing); signal 2: keys asked
     // for that the state already held.
@@ -504,33 +523,10 @@ async fn commit(
     // Commit.
     let (sequence, duplicate) = if req.r#final {
         (0, false)
-    } else if req.to_barrier {
-        let result = pb::BranchResult {
-            key: branch_key.clone(),
-            status: branch_status as i32,
-            payload: envelope.payload.clone(),
-            handoff_id: id.clone(),
-            source_agent: req.source_agent.clone(),
-            confidence: envelope.confidence,
-            warnings: envelope.warnings.clone(),
-            depth,
-            arrived_at: envelope.created_at,
-            sequence: 0,
-        };
+    } else if let Some(result) = branch {
         let arrived = barriers::arrive(broker, &run, &barrier_id, result, barrier, stored).await?;
-        if let Some(first) = arrived.first {
-            // A second, different result for an arrived branch: the answer
-            // is the first one's.
-            if let Some(token) = consumed.filter(|_| !req.fan_out) {
-                deliveries::ack_consumed(broker, &run, token).await;
-            }
-            return Ok(pb::HandoffResponse {
-                handoff_id: first,
-                sequence: arrived.sequence,
-                duplicate: true,
-                depth,
-                ..Default::default()
-            });
+        if arrived.first.is_some() {
+            return Ok(answer_first(broker, &run, req, consumed, arrived, depth).await);
         }
         (arrived.sequence, arrived.duplicate)
     } else {
@@ -620,6 +616,28 @@ async fn commit(
         answers,
         dropped_fields: dropped,
     })
+}
+
+/// The answer to a second, different result for an arrived branch: the
+/// first one's (the consumed delivery is settled, as by the first).
+async fn answer_first(
+    broker: &Broker,
+    run: &pb::Run,
+    req: &pb::HandoffRequest,
+    consumed: Option<&pb::DeliveryToken>,
+    arrived: barriers::Arrived,
+    depth: u32,
+) -> pb::HandoffResponse {
+    if let Some(token) = consumed.filter(|_| !req.fan_out) {
+        deliveries::ack_consumed(broker, run, token).await;
+    }
+    pb::HandoffResponse {
+        handoff_id: arrived.first.unwrap_or_default(),
+        sequence: arrived.sequence,
+        duplicate: true,
+        depth,
+        ..Default::default()
+    }
 }
 
 /// Schedules the end of the target's `max_queue_wait` for a handoff just

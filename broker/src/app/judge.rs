@@ -90,40 +90,55 @@ pub async fn record(
             format!("the judge's score {} is outside [0, 1]", verdict.score),
         ));
     }
+    // Only the run's judge answers (not a fallback its request went to).
+    let judge = run
+        .judge
+        .as_ref()
+        .map(|j| j.agent.as_str())
+        .unwrap_or_default();
+    if token.agent != judge {
+        return Err(BrokerError::malformed(
+            "consumes",
+            format!(
+                "only run {:?}'s judge {judge:?} scores it; this delivery went to {:?}",
+                run.id, token.agent
+            ),
+        ));
+    }
     let threshold = run.judge.as_ref().map_or(0.0, |j| j.threshold);
-    let drift = verdict.score < threshold;
     let mut duplicate = false;
-    loop {
+    let recorded = loop {
         let (mut current, revision) = broker.run(&run.id).await?;
-        if current.intent.is_some() {
+        if let Some(first) = current.intent {
             duplicate = true;
-            break;
+            break first;
         }
-        current.intent = Some(pb::IntentScore {
+        let score = pb::IntentScore {
             score: verdict.score,
             reason: verdict.reason.clone(),
-            judge_agent: req.source_agent.clone(),
+            judge_agent: token.agent.clone(),
             at: Some(now()),
-            drift,
-        });
+            drift: verdict.score < threshold,
+        };
+        current.intent = Some(score.clone());
         if broker.store().update_run(&current, revision).await? {
-            broker
-                .metrics()
-                .intent_score(pipeline_of(run), verdict.score);
-            if drift {
+            broker.metrics().intent_score(pipeline_of(run), score.score);
+            if score.drift {
                 broker.metrics().intent_drift(pipeline_of(run));
             }
-            break;
+            break score;
         }
-    }
+    };
+    // The events tell what was recorded: a repeated verdict changes
+    // nothing, whatever its score.
     let event = |kind: pb::EventKind| pb::Event {
         kind: kind as i32,
         run_id: run.id.clone(),
         owner: run.owner.clone(),
-        agent: req.source_agent.clone(),
+        agent: recorded.judge_agent.clone(),
         handoff_id: id.clone(),
-        reason: verdict.reason.clone(),
-        intent_score: verdict.score,
+        reason: recorded.reason.clone(),
+        intent_score: recorded.score,
         pipeline: run.pipeline.clone(),
         ..Default::default()
     };
@@ -133,7 +148,7 @@ pub async fn record(
             &format!("scored-{}", run.id),
         )
         .await?;
-    if drift {
+    if recorded.drift {
         broker
             .emit(
                 event(pb::EventKind::IntentDrift),

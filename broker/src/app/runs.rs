@@ -117,6 +117,14 @@ pub async fn start(
         has_state: seed.is_some(),
         ..Default::default()
     };
+    // The seed is stored before the run that says it has one, so no
+    // handoff finds the run without its state; only for a run not there
+    // yet (a retried StartRun finds both).
+    if let Some(seed) = seed {
+        if broker.store().run(&run_id).await?.is_none() {
+            state::store_seed(broker, seed).await?;
+        }
+    }
     let run = if broker.store().create_run(&run).await? {
         run
     } else {
@@ -126,11 +134,6 @@ pub async fn start(
         }
         existing
     };
-    // The seed is stored after the run that says it has one (a retried
-    // StartRun stores it if the first stopped in between).
-    if let (Some(seed), true) = (seed, run.has_state) {
-        state::store_seed(broker, seed).await?;
-    }
     if let Some(due) = run.deadline {
         let timer = pb::Timer {
             run_id: run.id.clone(),
@@ -237,7 +240,14 @@ pub async fn end(broker: &Broker, run_id: &str, end: RunEnd) -> Result<pb::Run, 
             return Ok(run);
         }
         if stats.is_none() {
-            stats = Some(stats_of(&broker.store().run_events(run_id).await?));
+            // What it took is a figure, not a condition of the end.
+            stats = match broker.store().run_events(run_id).await {
+                Ok(timeline) => Some(stats_of(&timeline)),
+                Err(e) => {
+                    tracing::warn!(error = %e, run_id, "run stats not counted");
+                    None
+                }
+            };
         }
         run.stats = stats;
         run.ended_at = Some(now());

@@ -110,14 +110,15 @@ pub fn seed(
     }
 }
 
-/// Stores the seed of a run just created (a retried `StartRun` finds it
-/// stored).
+/// Stores the seed of a run about to be created (a retried `StartRun`
+/// finds it stored and changes nothing).
 pub async fn store_seed(broker: &Broker, record: pb::StateRecord) -> Result<(), BrokerError> {
-    broker.store().create_state_record(&record).await?;
-    broker.store().set_state_head(&record.run_id, 1).await?;
-    broker
-        .states()
-        .set_head(Arc::new(record), broker.config().state_cache_bytes);
+    if broker.store().create_state_record(&record).await? {
+        broker.store().set_state_head(&record.run_id, 1).await?;
+        broker
+            .states()
+            .set_head(Arc::new(record), broker.config().state_cache_bytes);
+    }
     Ok(())
 }
 
@@ -214,6 +215,12 @@ pub async fn apply(
     };
     for _ in 0..ATTEMPTS {
         let head = latest(broker, &run.id).await?;
+        if run.has_state && head.is_none() {
+            return Err(BrokerError::Internal(format!(
+                "run {:?} has state, but none of its revisions is stored",
+                run.id
+            )));
+        }
         if let Some(revision) = head.as_ref().and_then(|h| rules::applied(h, handoff_id)) {
             // A retry: its delta made this revision already.
             let made = at(broker, &run.id, revision).await?;
@@ -305,25 +312,28 @@ async fn mark_has_state(broker: &Broker, run_id: &str) -> Result<(), BrokerError
 
 /// The state a delivery of `envelope` carries, for an agent that reads
 /// `reads` (empty: everything), and the intent digest of the run.
+/// A revision that cannot be read fails the offer (the delivery waits for
+/// its next one): no delivery goes out without the state it hands over.
 pub async fn for_delivery(
     broker: &Broker,
     run: &pb::Run,
     envelope: &pb::HandoffEnvelope,
     reads: &[String],
-) -> (Option<pb::RunState>, String) {
+) -> Result<(Option<pb::RunState>, String), BrokerError> {
     let state = match envelope.state_revision {
         0 => None,
-        revision => match at(broker, &run.id, revision).await {
-            Ok(Some(record)) => Some(rules::view(&record, reads)),
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(error = %e, run_id = %run.id, revision, "run state not read for a delivery");
-                None
+        revision => match at(broker, &run.id, revision).await? {
+            Some(record) => Some(rules::view(&record, reads)),
+            None => {
+                return Err(BrokerError::Internal(format!(
+                    "revision {revision} of run {:?}'s state is not stored",
+                    run.id
+                )))
             }
         },
     };
     let digest = handoff_proto::digest::intent_digest(run.pinned.as_ref(), state.as_ref());
-    (state, digest)
+    Ok((state, digest))
 }
 
 /// `GetState`: a run's state at a revision (0: the latest).

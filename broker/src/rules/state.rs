@@ -15,8 +15,11 @@ use crate::error::{BrokerError, Reason};
 pub const MAX_KEY_LEN: usize = 256;
 
 /// How many recent deltas a revision remembers, so a retried handoff is
-/// recognised instead of applied twice.
-pub const RECENT: usize = 32;
+/// recognised instead of applied twice: a retry is recognised while fewer
+/// than this many other deltas landed in its run since its first attempt
+/// (a handoff that consumes a delivery is recognised for ever, by the
+/// delivery's claim, before its delta is looked at).
+pub const RECENT: usize = 64;
 
 /// Size limits of a run's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -473,12 +476,13 @@ fn check_sizes<'a>(
     Ok(())
 }
 
-/// The size of a state document: its keys and encoded values.
+/// The size of a state document: its keys and encoded values, and the keys
+/// removed (kept, with when, for conflict checks).
 pub fn document_size(record: &pb::StateRecord) -> usize {
     record
         .entries
         .iter()
-        .filter_map(|(k, e)| e.value.as_ref().map(|v| k.len() + v.encoded_len()))
+        .map(|(k, e)| k.len() + e.value.as_ref().map_or(8, |v| v.encoded_len()))
         .sum()
 }
 

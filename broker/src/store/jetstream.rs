@@ -290,7 +290,8 @@ impl JetStream {
         let contract_modes =
             ensure_bucket(&js, bucket(CONTRACT_MODES_BUCKET, Duration::ZERO)).await?;
         let barriers = ensure_bucket(&js, bucket(BARRIERS_BUCKET, cfg.retention)).await?;
-        let state = ensure_bucket(&js, bucket(STATE_BUCKET, cfg.retention)).await?;
+        // Kept as long as runs are: a run may outlive any retention.
+        let state = ensure_bucket(&js, bucket(STATE_BUCKET, Duration::ZERO)).await?;
         // A claim matters as long as the consumed handoff can be consumed,
         // that is while the inbox keeps it.
         let consumed = ensure_bucket(&js, bucket(CONSUMED_BUCKET, cfg.retention)).await?;
