@@ -437,12 +437,24 @@ async fn consume(
     let mut quiet_since: Option<Instant> = None;
     // Once the load is finished (the inboxes are settled: nothing more
     // comes), a consumer ends after `quiet` without a delivery, whether
-    // its stream is open or broken.
-    let done = |quiet_since: &mut Option<Instant>| {
-        *finished.borrow() && quiet_since.get_or_insert_with(Instant::now).elapsed() > quiet
+    // its stream is open or broken; one still given deliveries a minute
+    // after that says which (the verdict then judges them) and ends.
+    let mut finished_at: Option<Instant> = None;
+    let mut late: Vec<(String, u32)> = Vec::new();
+    let mut done = |quiet_since: &mut Option<Instant>, late: &[(String, u32)]| {
+        if !*finished.borrow() {
+            return false;
+        }
+        if finished_at.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(60) {
+            eprintln!(
+                "load: {instance}: still given deliveries a minute after the inboxes settled: {late:?}"
+            );
+            return true;
+        }
+        quiet_since.get_or_insert_with(Instant::now).elapsed() > quiet
     };
     'session: loop {
-        if done(&mut quiet_since) {
+        if done(&mut quiet_since, &late) {
             return out;
         }
         let client = connect(addr).await;
@@ -474,13 +486,19 @@ async fn consume(
                     continue 'session;
                 }
                 Err(_) => {
-                    if done(&mut quiet_since) {
+                    if done(&mut quiet_since, &late) {
                         return out;
                     }
                     continue;
                 }
             };
             quiet_since = None;
+            if *finished.borrow() {
+                late.push((delivery.handoff_id().to_string(), delivery.attempt()));
+                if done(&mut quiet_since, &late) {
+                    return out;
+                }
+            }
             if agent == "aggregator" {
                 let release: pb::BarrierRelease = delivery.payload().expect("a BarrierRelease");
                 *out.releases.entry(release.barrier_id).or_default() += 1;
