@@ -24,6 +24,7 @@ from typing import IO, Any, TypeVar
 import pytest
 
 from handoff import Client
+from handoff.demo.v1.demo_pb2 import Ask, Report, Subtask, WorkerResult
 
 REPO = Path(__file__).resolve().parents[3]
 T = TypeVar("T")
@@ -189,6 +190,7 @@ def broker(nats: Nats) -> Iterator[Broker]:
 async def client(broker: Broker) -> AsyncIterator[Client]:
     """A client of the session's broker."""
     c = await Client.connect(broker.addr)
+    await register_contracts(c)
     try:
         yield c
     finally:
@@ -215,3 +217,12 @@ async def until(check: Callable[[], Awaitable[Any]], timeout: float = WAIT) -> A
             await asyncio.sleep(0.1)
 
     return await bounded(loop(), timeout)
+
+
+async def register_contracts(client: Client) -> None:
+    """The demo contracts (the same content again is a no-op): a Subtask needs
+    an instruction and fits in 200 tokens."""
+    await client.register_contract(Ask)
+    await client.register_contract(Subtask, require=["instruction"], max_tokens=200)
+    await client.register_contract(WorkerResult)
+    await client.register_contract(Report)
