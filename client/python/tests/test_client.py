@@ -266,7 +266,8 @@ async def test_state_deltas_conflicts_history_and_answers(client: Client) -> Non
         assert d.state_revision == 2 and d.state["city"] == "Rome"
         assert d.state_delta().base_revision == 2
         with pytest.raises(ConflictError):
-            await d.handoff(agent, Subtask(instruction="y"), state_delta=d.state_delta().unset("extra"))
+            delta = d.state_delta().unset("extra")
+            await d.handoff(agent, Subtask(instruction="y"), state_delta=delta)
         assert (await d.get_state())["extra"] == {"k": 1}
         await d.ack()
 
@@ -356,7 +357,10 @@ async def test_complete_and_handoff_continues_the_trace(client: Client) -> None:
     run = await client.start_run("tests")
     parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     await client.handoff(
-        run.id, a, Subtask(instruction="x"), trace_context={"traceparent": parent, "tracestate": "k=v"}
+        run.id,
+        a,
+        Subtask(instruction="x"),
+        trace_context={"traceparent": parent, "tracestate": "k=v"},
     )
     async with await client.subscribe(a, "i1") as sub:
         d = await take(sub)

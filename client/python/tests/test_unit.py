@@ -201,7 +201,9 @@ def test_join_decodes_branches_in_order() -> None:
         run_id="r",
         barrier_id="b",
         branches=[
-            pb.BranchResult(key="0", status=pb.BRANCH_STATUS_ARRIVED, payload=pack(WorkerResult(index=0))),
+            pb.BranchResult(
+                key="0", status=pb.BRANCH_STATUS_ARRIVED, payload=pack(WorkerResult(index=0))
+            ),
             pb.BranchResult(key="1", status=pb.BRANCH_STATUS_MISSING),
             pb.BranchResult(
                 key="2",

@@ -220,6 +220,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []
+        self.ready = asyncio.Event()
+        """Set once every agent is registered and subscribed."""
 
     def stop(self) -> None:
         """Stops taking deliveries; `run` returns once running handlers finished
@@ -254,12 +256,17 @@ class Worker:
                     sub = await self.client.subscribe(h.name, f"{self.prefix}-{h.name}-{i}", 1)
                     self._subs.append(sub)
                     loops.append(loop.create_task(self._instance(h, sub)))
+            self.ready.set()
             await self._stop.wait()
             await self._drain(loops)
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             for sub in self._subs:
+                # Deliveries that came in during the drain go back now.
+                for d in sub.pending():
+                    with contextlib.suppress(HandoffError):
+                        await d.nack()
                 await sub.close()
             self._subs.clear()
 
