@@ -1,0 +1,629 @@
+"""`Client`: one connection to a broker, shared by everything made from it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, TypeVar
+
+import grpc
+import grpc.aio
+from google.protobuf.message import Message
+
+from ._barrier import ALL, FanOutReceipt, JoinMode, fan_out_request, receipt_keys
+from ._contract import Compatibility, RegisteredContract, contract_request, full_name
+from ._errors import ErrorKind, HandoffError, error, from_rpc_error
+from ._handoff import Receipt, ToolResult, build_request
+from ._rpc import Stub
+from ._state import RunState, StateDelta
+from ._subscription import Subscription
+from ._values import JsonValue, Seconds, to_duration, to_value
+from .v1 import handoff_pb2 as pb
+
+R = TypeVar("R")
+Q = TypeVar("Q", bound=Message)
+
+MergePolicy = Literal["REPLACE", "APPEND", "MERGE"]
+"""How a run-state key combines with what deltas write to it."""
+
+_POLICIES: dict[str, pb.MergePolicy.ValueType] = {
+    "REPLACE": pb.MERGE_POLICY_REPLACE,
+    "APPEND": pb.MERGE_POLICY_APPEND,
+    "MERGE": pb.MERGE_POLICY_MERGE,
+}
+
+# How many finished handoff ids a client remembers (per process).
+_REMEMBERED = 65_536
+_MAX_MESSAGE = 64 << 20
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS to the broker: the CA that issued its certificate (PEM; `None`: the
+    system's roots), a client certificate chain and key for mTLS, and the name
+    to verify the broker's certificate against when it is not the host."""
+
+    ca: bytes | None = None
+    """PEM of the CA to trust."""
+    cert: bytes | None = None
+    """PEM of the client certificate chain (mTLS)."""
+    key: bytes | None = None
+    """PEM of the client certificate's key (mTLS)."""
+    domain_name: str | None = None
+    """Name to verify the broker's certificate against."""
+
+    def __repr__(self) -> str:
+        # The key stays out of logs.
+        return (
+            f"TlsConfig(ca={self.ca is not None}, cert={self.cert is not None}, "
+            f"key={'<redacted>' if self.key else None}, domain_name={self.domain_name!r})"
+        )
+
+
+def _target(addr: str, wants_tls: bool) -> tuple[str, bool]:
+    """The gRPC target of `addr` and whether it speaks TLS."""
+    if "://" in addr:
+        scheme, rest = addr.split("://", 1)
+        scheme = scheme.lower()
+        if scheme not in ("http", "https"):
+            raise error(ErrorKind.INVALID_ARGUMENT, f"{addr!r} is not a broker address")
+        if scheme == "http" and wants_tls:
+            raise error(
+                ErrorKind.INVALID_ARGUMENT,
+                f"{addr!r} is a plaintext address but TLS options are set: write https://",
+            )
+        return rest.rstrip("/"), scheme == "https"
+    return addr, wants_tls
+
+
+def new_run_id() -> str:
+    """A fresh time-ordered run id (a UUIDv7)."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return str(uuid.UUID(int=value))
+
+
+class Client:
+    """A connection to one broker; cheap to share between tasks.
+
+    Example::
+
+        async with await Client.connect("127.0.0.1:7233") as client:
+            await client.register_agent("worker", accepts=Subtask, emits=[WorkerResult])
+            run = await client.start_run("me", ask="Summarise the report")
+            await client.handoff(run.id, "worker", Subtask(instruction="page 1"))
+    """
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        token: str | None = None,
+        request_timeout: float | None = 30.0,
+    ) -> None:
+        """Wraps an open channel; use `Client.connect` instead."""
+        self._channel = channel
+        self._stub = Stub(channel)
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token.strip()}"),) if token else ()
+        )
+        self._request_timeout = request_timeout
+        self._finished: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    @classmethod
+    async def connect(
+        cls,
+        addr: str,
+        *,
+        token: str | None = None,
+        tls: bytes | TlsConfig | None = None,
+        connect_timeout: Seconds = 5.0,
+        request_timeout: Seconds | None = 30.0,
+    ) -> Client:
+        """Connects to the broker at `addr` (`127.0.0.1:7233`, `http://...`,
+        `https://...`).
+
+        `token` is sent as `authorization: Bearer <token>` on every call, streams
+        included. `tls` is the CA (PEM bytes) to trust, or a `TlsConfig` with a
+        client certificate for mTLS; a bare `host:port` then speaks TLS. An
+        `https://` address without `tls` trusts the system's roots. Raises
+        `ConnectError` when the broker cannot be reached within `connect_timeout`.
+
+        Example::
+
+            client = await Client.connect("broker:7233", tls=open("ca.pem", "rb").read(),
+                                          token=os.environ["HANDOFF_TOKEN"])
+        """
+        if isinstance(tls, bytes):
+            tls = TlsConfig(ca=tls)
+        target, secure = _target(addr, tls is not None)
+        if token is not None and any(c in token.strip() for c in "\r\n\0"):
+            raise error(ErrorKind.INVALID_ARGUMENT, "the token holds characters a header cannot")
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        if secure:
+            tls = tls or TlsConfig()
+            if tls.domain_name:
+                options.append(("grpc.ssl_target_name_override", tls.domain_name))
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
+            )
+            channel = grpc.aio.secure_channel(target, creds, options=options)
+        else:
+            channel = grpc.aio.insecure_channel(target, options=options)
+        from ._values import seconds
+
+        try:
+            await asyncio.wait_for(channel.channel_ready(), seconds(connect_timeout))
+        except (asyncio.TimeoutError, grpc.RpcError) as e:
+            await channel.close()
+            raise error(ErrorKind.CONNECT, f"cannot reach the broker at {addr}: {e!r}") from e
+        timeout = None if request_timeout is None else seconds(request_timeout)
+        return cls(channel, token=token, request_timeout=timeout)
+
+    async def close(self) -> None:
+        """Closes the connection (subscriptions and watches on it end)."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------ plumbing
+
+    async def _call(
+        self,
+        fn: grpc.aio.UnaryUnaryMultiCallable[Q, R],
+        request: Q,
+    ) -> R:
+        try:
+            call: Awaitable[R] = fn(
+                request, metadata=self._metadata, timeout=self._request_timeout
+            )
+            return await call
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def _mark_finished(self, agent: str, handoff_id: str) -> None:
+        key = (agent, handoff_id)
+        self._finished[key] = None
+        self._finished.move_to_end(key)
+        while len(self._finished) > _REMEMBERED:
+            self._finished.popitem(last=False)
+
+    def _is_finished(self, agent: str, handoff_id: str) -> bool:
+        return (agent, handoff_id) in self._finished
+
+    # ------------------------------------------------------------ contracts, agents
+
+    async def register_contract(
+        self,
+        message_class: type[Message],
+        *,
+        version: int = 0,
+        compatibility: Compatibility | None = None,
+        require: Iterable[str] = (),
+        max_tokens: int = 0,
+        max_bytes: int = 0,
+        min_confidence: float | None = None,
+        max_tool_result_age: Seconds | None = None,
+        carry: Iterable[str] = (),
+    ) -> RegisteredContract:
+        """Registers `message_class` as a contract, with its rules; its descriptors
+        are taken from the class (its file and every file it imports).
+        Registering the same content again is a no-op (`created` is False).
+
+        Example::
+
+            await client.register_contract(Subtask, require=["instruction"], max_tokens=500)
+        """
+        req = contract_request(
+            message_class,
+            version=version,
+            compatibility=compatibility,
+            require=require,
+            max_tokens=max_tokens,
+            max_bytes=max_bytes,
+            min_confidence=min_confidence,
+            max_tool_result_age=max_tool_result_age,
+            carry=carry,
+        )
+        resp = await self._call(self._stub.register_contract, req)
+        return RegisteredContract(contract=resp.contract, created=resp.created)
+
+    async def register_agent(
+        self,
+        name: str,
+        *,
+        accepts: type[Message] | str | None = None,
+        accepts_versions: tuple[int, int] = (0, 0),
+        emits: Iterable[type[Message] | str] = (),
+        lease: Seconds | None = None,
+        max_attempts: int = 0,
+        fallback: str | None = None,
+        reads: Iterable[str] = (),
+        max_queue_wait: Seconds | None = None,
+        description: str = "",
+    ) -> pb.AgentSpec:
+        """Declares (or updates) an agent: the contract it accepts (registered
+        first), the ones it emits, its lease, attempts, fallback and the run-state
+        keys it reads. Returns the spec as stored, defaults filled in.
+
+        Example::
+
+            await client.register_agent("worker", accepts=Subtask, emits=[WorkerResult],
+                                        lease=timedelta(seconds=60), max_attempts=3)
+        """
+        spec = pb.AgentSpec(
+            name=name,
+            max_attempts=max_attempts,
+            fallback_agent=fallback or "",
+            description=description,
+            emits=list(dict.fromkeys(full_name(e) for e in emits)),
+            reads=list(reads),
+        )
+        if accepts is not None:
+            spec.accepts.message_type = full_name(accepts)
+            spec.accepts.min_version, spec.accepts.max_version = accepts_versions
+        if lease is not None:
+            spec.lease.CopyFrom(to_duration(lease))
+        if max_queue_wait is not None:
+            spec.max_queue_wait.CopyFrom(to_duration(max_queue_wait))
+        resp = await self._call(
+            self._stub.register_agent,
+            pb.RegisterAgentRequest(agent=spec),
+        )
+        return resp.agent
+
+    async def list_agents(self) -> list[pb.AgentSpec]:
+        """Every registered agent."""
+        resp = await self._call(self._stub.list_agents, pb.ListAgentsRequest())
+        return list(resp.agents)
+
+    # ------------------------------------------------------------ runs
+
+    async def start_run(
+        self,
+        owner: str,
+        *,
+        run_id: str | None = None,
+        ask: str | None = None,
+        pinned: Mapping[str, str] | None = None,
+        timeout: Seconds | None = None,
+        no_timeout: bool = False,
+        max_depth: int = 0,
+        pipeline: str | None = None,
+        state: Mapping[str, JsonValue] | None = None,
+        pinned_state: Mapping[str, JsonValue] | None = None,
+        policies: Mapping[str, MergePolicy] | None = None,
+        judge: tuple[str, float] | None = None,
+    ) -> pb.Run:
+        """Starts a run owned by `owner` (told when it completes, fails or times
+        out). `ask` and `pinned` reach every delivery unchanged; `state` seeds the
+        run state, `pinned_state` seeds keys no delta may change, `policies` sets
+        per-key merge policies, `judge` is `(agent, threshold)`. Repeating it with
+        the same `run_id` and owner answers the same run.
+
+        Example::
+
+            run = await client.start_run("me", ask="Book a trip", pinned_state={"order": "A-1"},
+                                         state={"notes": []}, policies={"notes": "APPEND"})
+        """
+        req = pb.StartRunRequest(
+            run_id=run_id or new_run_id(),
+            owner=owner,
+            max_depth=max_depth,
+            no_timeout=no_timeout,
+            pipeline=pipeline or "",
+        )
+        if ask is not None or pinned:
+            req.pinned.ask = ask or ""
+            req.pinned.fields.update(dict(pinned or {}))
+        if timeout is not None:
+            req.timeout.CopyFrom(to_duration(timeout))
+        if state or pinned_state or policies:
+            for key, value in {**(state or {}), **(pinned_state or {})}.items():
+                req.state.values[key].CopyFrom(to_value(value))
+            req.state.pinned_keys.extend(pinned_state or {})
+            for key, policy in (policies or {}).items():
+                mode = _POLICIES.get(policy.upper())
+                if mode is None:
+                    raise error(
+                        ErrorKind.INVALID_ARGUMENT,
+                        f"merge policy {policy!r} is not one of {sorted(_POLICIES)}",
+                    )
+                req.state.policies[key] = mode
+        if judge is not None:
+            req.judge.agent, req.judge.threshold = judge
+        resp = await self._call(self._stub.start_run, req)
+        return resp.run
+
+    async def get_run(self, run_id: str) -> pb.GetRunResponse:
+        """A run (status, owner, pinned context, result, stats) and its timeline."""
+        return await self._call(
+            self._stub.get_run,
+            pb.GetRunRequest(run_id=run_id),
+        )
+
+    async def get_state(
+        self, run_id: str, revision: int = 0, *, delivery_id: str | None = None
+    ) -> RunState:
+        """A run's state at `revision` (0: the latest), with the handoff that made
+        it. `delivery_id` reads it as the agent holding that delivery of the run.
+
+        Example::
+
+            state = await client.get_state(run.id)
+            print(state.revision, state.values["city"])
+        """
+        req = pb.GetStateRequest(run_id=run_id, revision=revision, delivery_id=delivery_id or "")
+        resp = await self._call(self._stub.get_state, req)
+        return RunState.from_proto(resp)
+
+    async def dead_letters(self, agent: str = "", limit: int = 0) -> list[pb.DeadLetter]:
+        """Dead letters of `agent` (empty: every agent), oldest first."""
+        req = pb.ListDeadLettersRequest(agent=agent, limit=limit)
+        resp = await self._call(self._stub.list_dead_letters, req)
+        return list(resp.dead_letters)
+
+    # ------------------------------------------------------------ handoffs
+
+    async def handoff(
+        self,
+        run_id: str,
+        target: str | None,
+        payload: Message,
+        *,
+        idempotency_key: str | None = None,
+        final: bool = False,
+        confidence: float | None = None,
+        tool_results: Iterable[ToolResult] = (),
+        warnings: Iterable[str] = (),
+        state_delta: StateDelta | None = None,
+        asks_for: Iterable[str] = (),
+        source_agent: str | None = None,
+        parents: Iterable[str] = (),
+        trace_context: Mapping[str, str] | None = None,
+        consumes: str | None = None,
+        fan_out: bool = False,
+    ) -> Receipt:
+        """Hands `payload` to agent `target` within `run_id` (or, with `final`,
+        completes the run with it); accepted means durably stored. Retrying with
+        the same `idempotency_key` answers the first handoff (`duplicate`).
+
+        From a delivery, prefer `Delivery.handoff` (complete-and-handoff); this
+        is the call an adapter makes when it manages deliveries itself
+        (`consumes` names the delivery the handoff completes).
+
+        Example::
+
+            receipt = await client.handoff(run.id, "worker", task, idempotency_key="task-1")
+        """
+        req = build_request(
+            run_id,
+            target,
+            payload,
+            source_agent=source_agent,
+            idempotency_key=idempotency_key,
+            final=final,
+            confidence=confidence,
+            tool_results=tool_results,
+            warnings=warnings,
+            state_delta=state_delta,
+            asks_for=asks_for,
+            parents=parents,
+            trace_context=trace_context,
+            consumes=consumes,
+            fan_out=fan_out,
+        )
+        return await self._send_handoff(req)
+
+    async def _send_handoff(self, req: pb.HandoffRequest) -> Receipt:
+        resp = await self._call(self._stub.handoff, req)
+        return Receipt.from_proto(resp)
+
+    async def fan_out(
+        self,
+        run_id: str,
+        worker_agent: str,
+        items: Sequence[Message],
+        *,
+        aggregator: str,
+        mode: JoinMode = ALL,
+        keys: Sequence[str] | None = None,
+        barrier_id: str | None = None,
+        timeout: Seconds | None = None,
+        release_partial: bool = False,
+        fail_fast: bool = False,
+        source_agent: str | None = None,
+    ) -> FanOutReceipt:
+        """One branch handoff of each item to `worker_agent`, joined at a barrier
+        that releases to `aggregator` (`ALL`, or `quorum(k)`), in one call. From
+        a delivery, use `Delivery.fan_out`. Repeating the same fan-out answers the
+        same barrier and branches (`duplicate`).
+
+        Example::
+
+            fanned = await client.fan_out(run.id, "worker", tasks, aggregator="aggregator")
+        """
+        req = fan_out_request(
+            run_id=run_id,
+            worker=worker_agent,
+            aggregator=aggregator,
+            items=items,
+            source_agent=source_agent or "",
+            consumes=None,
+            consumed_handoff_id=None,
+            trace_context={},
+            mode=mode,
+            keys=keys,
+            barrier_id=barrier_id,
+            timeout=timeout,
+            release_partial=release_partial,
+            fail_fast=fail_fast,
+        )
+        return await self._send_fan_out(req)
+
+    async def _send_fan_out(self, req: pb.FanOutRequest) -> FanOutReceipt:
+        sent = [b.branch_key for b in req.branches]
+        resp = await self._call(self._stub.fan_out, req)
+        keys = receipt_keys(resp, sent)
+        branches = [Receipt.from_proto(b) for b in resp.branches]
+        if len(branches) != len(keys):
+            raise error(
+                ErrorKind.OTHER,
+                f"the broker answered {len(branches)} branch handoffs for {len(keys)} branches",
+            )
+        return FanOutReceipt(
+            barrier_id=req.barrier.barrier_id, keys=keys, branches=branches, barrier=resp.barrier
+        )
+
+    async def get_barrier(self, run_id: str, barrier_id: str) -> pb.Barrier:
+        """A barrier: its spec, state, the branches that reached it, its release."""
+        req = pb.GetBarrierRequest(run_id=run_id, barrier_id=barrier_id)
+        resp = await self._call(self._stub.get_barrier, req)
+        return resp.barrier
+
+    # ------------------------------------------------------------ streams
+
+    async def subscribe(self, agent: str, instance: str, max_in_flight: int = 1) -> Subscription:
+        """Subscribes as `instance` of `agent`, holding at most `max_in_flight`
+        unsettled deliveries; an async iterator of `Delivery`.
+
+        Example::
+
+            async with await client.subscribe("worker", "worker-1") as deliveries:
+                async for delivery in deliveries:
+                    task = delivery.payload(Subtask)
+                    await delivery.handoff("aggregator", work_on(task))
+        """
+        return await Subscription.open(self, agent, instance, max_in_flight)
+
+    def watch(
+        self,
+        *,
+        run_id: str | None = None,
+        agent: str | None = None,
+        owner: str | None = None,
+        kinds: Iterable[pb.EventKind.ValueType | str] = (),
+        from_sequence: int = 0,
+    ) -> Watch:
+        """Events matching every filter given, live (and from `from_sequence` when
+        set: 0 means new events only). `kinds` are `pb.EVENT_KIND_*` values or
+        names (`"handoff_accepted"`). The iterator is resumable: its
+        `next_sequence` is where to start again, and it reconnects by itself
+        when the broker drains.
+
+        Example::
+
+            async for event in client.watch(run_id=run.id, kinds=["run_completed"]):
+                print(event.sequence, event.kind)
+                break
+        """
+        req = pb.WatchRequest(
+            run_id=run_id or "",
+            agent=agent or "",
+            owner=owner or "",
+            kinds=[_event_kind(k) for k in kinds],
+            from_sequence=from_sequence,
+        )
+        return Watch(self, req)
+
+
+def _event_kind(kind: pb.EventKind.ValueType | str) -> pb.EventKind.ValueType:
+    if isinstance(kind, int):
+        return kind
+    name = kind.upper()
+    if not name.startswith("EVENT_KIND_"):
+        name = "EVENT_KIND_" + name
+    try:
+        return pb.EventKind.Value(name)
+    except ValueError:
+        raise error(ErrorKind.INVALID_ARGUMENT, f"{kind!r} is not an event kind") from None
+
+
+class Watch:
+    """An async iterator of `pb.Event`s (from `Client.watch`), resumable from
+    `next_sequence`. Close it with `close()` or by leaving an `async with`."""
+
+    _RETRIES = 3
+
+    def __init__(self, client: Client, req: pb.WatchRequest) -> None:
+        self._client = client
+        self._req = req
+        self._call: grpc.aio.UnaryStreamCall[pb.WatchRequest, pb.Event] | None = None
+        self._closed = False
+        self.next_sequence = req.from_sequence
+        """The sequence to resume from: one past the last event received (0
+        before any, when the watch started with new events only)."""
+
+    def __aiter__(self) -> AsyncIterator[pb.Event]:
+        return self
+
+    async def __anext__(self) -> pb.Event:
+        retries = 0
+        while not self._closed:
+            if self._call is None:
+                req = pb.WatchRequest()
+                req.CopyFrom(self._req)
+                req.from_sequence = self.next_sequence
+                self._call = self._client._stub.watch(req, metadata=self._client._metadata)
+            try:
+                event = await self._call.read()
+            except grpc.RpcError as e:
+                self._call = None
+                err: HandoffError = from_rpc_error(e)
+                if self._closed:
+                    break
+                if err.kind is ErrorKind.UNAVAILABLE and retries < self._RETRIES:
+                    retries += 1
+                    await asyncio.sleep(0.2 * retries)
+                    continue
+                raise err from None
+            if event is grpc.aio.EOF:
+                self._call = None
+                break
+            assert isinstance(event, pb.Event)
+            self.next_sequence = event.sequence + 1
+            return event
+        raise StopAsyncIteration
+
+    async def close(self) -> None:
+        """Ends the watch."""
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    async def __aenter__(self) -> Watch:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,1 @@
+"""The demo contracts (`handoff.demo.v1`), generated at build time."""

@@ -1,0 +1,1 @@
+"""The demo contracts: `Ask`, `Subtask`, `WorkerResult`, `Citation`, `Report` (in `demo_pb2`)."""
