@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use handoff_client::{pb, AgentConfig, Client, Handoff, RunConfig};
+use handoff_client::{pb, AgentConfig, Client, ErrorKind, Handoff, RunConfig};
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::note;
@@ -440,6 +440,7 @@ async fn consume(
     // its stream is open or broken; one still given deliveries a minute
     // after that says which (the verdict then judges them) and ends.
     let mut finished_at: Option<Instant> = None;
+    let mut unconfirmed: Option<String> = None;
     let mut late: Vec<(String, u32)> = Vec::new();
     let mut done = |quiet_since: &mut Option<Instant>, late: &[(String, u32)]| {
         if !*finished.borrow() {
@@ -471,6 +472,19 @@ async fn consume(
                 continue 'session;
             }
         };
+        // An ack whose session went silent is repeated here, as the SDK
+        // says: applied or not, it is confirmed (or refused) on this one.
+        if let Some(id) = unconfirmed.take() {
+            match tokio::time::timeout(Duration::from_secs(45), sub.ack_id(&id)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if e.code() == Some(tonic::Code::FailedPrecondition) => {}
+                _ => {
+                    out.failed_acks += 1;
+                    unconfirmed = Some(id);
+                    continue 'session;
+                }
+            }
+        }
         loop {
             let next = tokio::time::timeout(Duration::from_millis(500), sub.next_delivery()).await;
             let delivery = match next {
@@ -516,6 +530,12 @@ async fn consume(
                 let Err(e) = acked else { break };
                 out.failed_acks += 1;
                 tries += 1;
+                // No answer on this session (it went silent, or closed):
+                // the outcome is unknown; repeat the ack on a new one.
+                if matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Closed) {
+                    unconfirmed = Some(delivery.id().to_string());
+                    continue 'session;
+                }
                 // A delivery superseded or gone is redelivered or done:
                 // stop retrying it.
                 if tries > 50 || e.code() == Some(tonic::Code::FailedPrecondition) {
