@@ -11,23 +11,23 @@ import pytest
 
 pytest.importorskip("langgraph")
 
-from langchain_core.messages import AIMessage  # noqa: E402
-from langgraph.graph import END, START, StateGraph  # noqa: E402
-from langgraph.graph.message import add_messages  # noqa: E402
-from langgraph.types import Command, Overwrite  # noqa: E402
+from langchain_core.messages import AIMessage
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+from langgraph.types import Command, Overwrite
 
-from handoff import Client, Worker  # noqa: E402
-from handoff._values import from_value  # noqa: E402
-from handoff.adapters.langgraph import (  # noqa: E402
+from handoff import Client, Worker
+from handoff._values import from_value
+from handoff.adapters.langgraph import (
     command_to_delta,
     graph_agent,
     handoff_node,
     state_delta,
 )
-from handoff.demo.v1.demo_pb2 import Report, Subtask  # noqa: E402
-from handoff.v1 import handoff_pb2 as pb  # noqa: E402
+from handoff.demo.v1.demo_pb2 import Report, Subtask
+from handoff.v1 import handoff_pb2 as pb
 
-from .conftest import WAIT, bounded, uniq, until  # noqa: E402
+from .conftest import WAIT, bounded, uniq, until
 
 
 class Trip(TypedDict, total=False):
