@@ -62,7 +62,7 @@ from .._errors import ErrorKind, error
 from .._handoff import Final, Handoff, Receipt
 from .._state import StateDelta
 from .._subscription import Delivery
-from .._values import JsonValue
+from .._values import JsonValue, Seconds
 from .._worker import AgentHandler, Context, Outcome, agent
 
 try:
@@ -394,7 +394,7 @@ def graph_agent(
     result: type[Message] | None = None,
     to_input: Callable[[P, Context], dict[str, Any]] | None = None,
     keys: Iterable[str] | None = None,
-    lease: float | None = None,
+    lease: Seconds | None = None,
     max_attempts: int = 0,
     fallback: str | None = None,
     reads: Sequence[str] = (),

@@ -111,7 +111,11 @@ def contract_model(contract: type[Message]) -> type[BaseModel]:
 
 
 def _model(
-    desc: Any, made: dict[str, type[BaseModel]], path: tuple[str, ...]
+    # A message descriptor (`Any`: the stubs type `DESCRIPTOR` as a union of the
+    # pure-Python and upb descriptor classes).
+    desc: Any,
+    made: dict[str, type[BaseModel]],
+    path: tuple[str, ...],
 ) -> type[BaseModel]:
     if desc.full_name in made:
         return made[desc.full_name]
