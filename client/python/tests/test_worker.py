@@ -92,6 +92,7 @@ async def test_the_lease_is_extended_while_a_handler_runs(client: Client) -> Non
     worker = Worker(client, [slow])
     running = asyncio.create_task(worker.run(instances=2, handle_signals=False))
     try:
+        await bounded(worker.ready.wait())  # the agent is registered before the handoff
         run = await client.start_run("tests")
         await client.handoff(run.id, name, Subtask(instruction="x"))
         got = await collect(client, down, 1)

@@ -1,0 +1,221 @@
+"""The LangGraph adapter against a real broker: a node that hands the graph's
+state off, `Command(update=...)` as a delta, a compiled graph as a broker agent."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+from typing import Annotated, Any, TypedDict
+
+import pytest
+
+pytest.importorskip("langgraph")
+
+from langchain_core.messages import AIMessage
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+from langgraph.types import Command, Overwrite
+
+from handoff import Client, Worker
+from handoff._values import from_value
+from handoff.adapters.langgraph import (
+    command_to_delta,
+    graph_agent,
+    handoff_node,
+    state_delta,
+)
+from handoff.demo.v1.demo_pb2 import Report, Subtask
+from handoff.v1 import handoff_pb2 as pb
+
+from .conftest import WAIT, bounded, uniq, until
+
+
+class Trip(TypedDict, total=False):
+    instruction: str
+    city: str
+    notes: Annotated[list[str], operator.add]
+    answer: str
+
+
+class Chat(TypedDict):
+    messages: Annotated[list[Any], add_messages]
+    topic: str
+
+
+def test_command_update_maps_to_set_and_append() -> None:
+    delta = command_to_delta(Command(update={"city": "Rome", "notes": ["booked"]}), Trip)
+    d = delta.to_proto()
+    assert {k: from_value(v) for k, v in d.set.items()} == {"city": "Rome"}
+    assert {k: [from_value(x) for x in v.values] for k, v in d.append.items()} == {
+        "notes": ["booked"]
+    }
+    assert delta.base_revision is None
+
+    # An Overwrite of a reducer key sets it; a plain update dict works as a Command.
+    over = command_to_delta({"notes": Overwrite(["only"])}, Trip, base_revision=4).to_proto()
+    assert list(over.append) == [] and from_value(over.set["notes"]) == ["only"]
+    assert over.base_revision == 4
+
+    # add_messages appends; messages become JSON through model_dump.
+    chat = command_to_delta(
+        Command(update={"messages": [AIMessage(content="hi")], "topic": "t"}), Chat
+    ).to_proto()
+    (msg,) = [from_value(x) for x in chat.append["messages"].values]
+    assert isinstance(msg, dict) and msg["content"] == "hi" and msg["type"] == "ai"
+    assert from_value(chat.set["topic"]) == "t"
+
+
+def test_state_diff_appends_the_new_items_and_sets_changed_keys() -> None:
+    before = {"city": "Rome", "notes": ["a"], "answer": "x"}
+    after = {"city": "Oslo", "notes": ["a", "b", "c"], "answer": "x", "instruction": "go"}
+    d = state_delta(Trip, before, after, exclude=["instruction"], base_revision=7).to_proto()
+    assert {k: from_value(v) for k, v in d.set.items()} == {"city": "Oslo"}
+    assert [from_value(x) for x in d.append["notes"].values] == ["b", "c"]
+    assert d.base_revision == 7
+    # A reducer key that was rewritten, not extended, is set.
+    d2 = state_delta(Trip, {"notes": ["a"]}, {"notes": ["z"]}).to_proto()
+    assert from_value(d2.set["notes"]) == ["z"] and not d2.append
+
+
+async def test_handoff_node_stores_a_durable_handoff_with_the_graph_state(
+    client: Client,
+) -> None:
+    writer, planner = uniq("writer"), uniq("planner")
+    await client.register_agent(writer, accepts=Subtask)
+    await client.register_agent(planner, emits=[Subtask])
+    run = await client.start_run("tests", ask="plan a trip", state={"budget": 100})
+
+    async def plan(state: Trip) -> dict[str, Any]:
+        return {"city": "Rome", "notes": ["picked Rome"]}
+
+    builder = StateGraph(Trip)
+    builder.add_node("plan", plan)
+    builder.add_node(
+        "to_writer",
+        handoff_node(
+            writer,
+            lambda s: Subtask(instruction=f"write about {s['city']}"),
+            graph=builder,
+            client=client,
+            run_id=run.id,
+            keys=["city", "notes"],
+            source_agent=planner,
+            receipt_key="answer",
+        ),
+    )
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", "to_writer")
+    graph = builder.compile()
+
+    out = await bounded(graph.ainvoke({"instruction": "go", "notes": []}))
+    handoff_id = out["answer"]
+    assert handoff_id
+
+    async with await client.subscribe(writer, "w1") as sub:
+        d = await sub.next(WAIT)
+        assert d is not None, "no delivery in time"
+        assert d.handoff_id == handoff_id and d.source_agent == planner
+        assert d.payload(Subtask).instruction == "write about Rome"
+        await d.ack()
+
+    state = await client.get_state(run.id)
+    assert state.handoff_id == handoff_id
+    assert state.values == {"budget": 100, "city": "Rome", "notes": ["picked Rome"]}
+
+
+async def test_a_graph_runs_as_a_broker_agent_and_completes_the_run(client: Client) -> None:
+    name = uniq("graph-agent")
+
+    async def plan(state: Trip) -> dict[str, Any]:
+        seen = len(state.get("notes", []))
+        return {
+            "city": "Rome",
+            "notes": [f"planned {state['instruction']}"],
+            "answer": f"{state['instruction']} in Rome after {seen} note(s)",
+        }
+
+    builder = StateGraph(Trip)
+    builder.add_node("plan", plan)
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", END)
+    planner = graph_agent(builder.compile(), name, accepts=Subtask, result=Report, lease=30)
+
+    worker = Worker(client, [planner])
+    running = asyncio.create_task(worker.run(handle_signals=False))
+    try:
+        await bounded(worker.ready.wait())
+        run = await client.start_run(
+            "tests", ask="a trip", state={"notes": ["seed"]}, pinned_state={"order": "A-1"}
+        )
+        sent = await client.handoff(run.id, name, Subtask(instruction="a weekend"))
+
+        async def completed() -> pb.GetRunResponse | None:
+            got = await client.get_run(run.id)
+            return got if got.run.status == pb.RUN_STATUS_COMPLETED else None
+
+        got = await until(completed)
+        report = Report()
+        assert got.run.result.Unpack(report)
+        assert report.answer == "a weekend in Rome after 1 note(s)"
+
+        state = await client.get_state(run.id)
+        # The graph's changes, as a delta on the delivery's revision: city set,
+        # one note appended; the payload's field and the pinned key untouched.
+        assert state.values == {
+            "notes": ["seed", "planned a weekend"],
+            "city": "Rome",
+            "answer": "a weekend in Rome after 1 note(s)",
+            "order": "A-1",
+        }
+        assert state.revision == sent.state_revision + 1
+        assert state.source_agent == name
+    finally:
+        worker.stop()
+        await bounded(running)
+
+
+async def test_a_graph_agent_hands_off_through_its_handoff_node(client: Client) -> None:
+    name, writer = uniq("graph-agent"), uniq("writer")
+    await client.register_agent(writer, accepts=Subtask)
+
+    async def plan(state: Trip) -> dict[str, Any]:
+        return {"city": "Oslo", "notes": ["cold"]}
+
+    builder = StateGraph(Trip)
+    builder.add_node("plan", plan)
+    builder.add_node(
+        "to_writer",
+        handoff_node(writer, lambda s: Subtask(instruction=s["city"]), graph=builder),
+    )
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", "to_writer")
+    planner = graph_agent(
+        builder.compile(),
+        name,
+        accepts=Subtask,
+        emits=[Subtask],
+        route=lambda out, ctx: Report(answer="unused: the node handed off"),
+    )
+
+    worker = Worker(client, [planner])
+    running = asyncio.create_task(worker.run(handle_signals=False))
+    try:
+        await bounded(worker.ready.wait())
+        run = await client.start_run("tests", state={"notes": ["seed"]})
+        first = await client.handoff(run.id, name, Subtask(instruction="plan"))
+        async with await client.subscribe(writer, "w1") as sub:
+            d = await sub.next(WAIT)
+            assert d is not None, "no delivery in time"
+            assert d.payload(Subtask).instruction == "Oslo"
+            assert d.source_agent == name and d.depth == first.depth + 1
+            assert d.state == {"notes": ["seed", "cold"], "city": "Oslo"}
+            await d.ack()
+        state = await client.get_state(run.id)
+        assert state.values == {"notes": ["seed", "cold"], "city": "Oslo"}
+        # The node's handoff was the complete-and-handoff: the run is still
+        # running and the planner's delivery is not redelivered.
+        assert (await client.get_run(run.id)).run.status == pb.RUN_STATUS_RUNNING
+        assert await client.dead_letters(name) == []
+    finally:
+        worker.stop()
+        await bounded(running)
