@@ -99,7 +99,9 @@ def start_nats(store: Path) -> Nats:
     """nats-server with JetStream on a random loopback port, its store in `store`."""
     binary = shutil.which("nats-server")
     if binary is None:
-        pytest.skip("nats-server is not on PATH")
+        # A missing server fails the suite: a skipped broker test proves
+        # nothing (./dev test installs nats-server first).
+        pytest.fail("nats-server is not on PATH: install it (./dev test does)", pytrace=False)
     proc = subprocess.Popen(
         [binary, "-js", "-a", "127.0.0.1", "-p", "-1", "-sd", str(store)],
         stdin=subprocess.DEVNULL,
@@ -131,7 +133,10 @@ def start_broker(nats_url: str, extra_env: dict[str, str] | None = None) -> Brok
     for the address it bound."""
     binary = Path(os.environ.get("HANDOFF_BIN", REPO / "target" / "debug" / "handoffd"))
     if not binary.is_file():
-        pytest.skip(f"no broker binary at {binary} (set HANDOFF_BIN)")
+        pytest.fail(
+            f"no broker binary at {binary}: build it (cargo build -p handoffd) or set HANDOFF_BIN",
+            pytrace=False,
+        )
     env = dict(os.environ)
     env.update(
         {
