@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run -p handoffctl --example pipeline                 # embedded broker
 //! cargo run -p handoffctl --example pipeline -- --addr http://127.0.0.1:7233
+//! cargo run -p handoffctl --example pipeline -- --addr http://127.0.0.1:7233 --external-workers
 //! ```
 //!
 //! Without `--addr` the example starts `handoffd` in-process on its
@@ -44,6 +45,12 @@
 //!    and decodes it with `delivery.join::<WorkerResult>()`, getting every
 //!    result in branch order. It completes the run with a final handoff
 //!    carrying the `Report`.
+//!
+//! With `--external-workers` the example runs no worker instance: it
+//! registers everything as above and runs the planner and the aggregator,
+//! and the subtasks wait in the worker inbox for instances of another
+//! program (the Python worker of `client/python/examples/demo.py`) to
+//! take them.
 //!
 //! The main task waits for the run's end event, prints the run's timeline,
 //! the barrier (as `handoffctl barrier show` does) and the report, and
@@ -101,6 +108,10 @@ struct Args {
     /// Broker to use; without it, handoffd is started in-process.
     #[arg(long, value_name = "ADDR")]
     addr: Option<String>,
+    /// Run no worker instance: the subtasks wait in the worker inbox for
+    /// instances of another program (registered here all the same).
+    #[arg(long)]
+    external_workers: bool,
 }
 
 #[tokio::main]
@@ -125,7 +136,7 @@ async fn main() -> ExitCode {
         },
     };
 
-    let outcome = demo(&addr).await;
+    let outcome = demo(&addr, !args.external_workers).await;
 
     let mut code = match outcome {
         Ok(true) => ExitCode::SUCCESS,
@@ -178,8 +189,9 @@ async fn register_contracts(client: &Client) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// Runs the pipeline once; `Ok(true)` if the run completed.
-async fn demo(addr: &str) -> Result<bool, BoxError> {
+/// Runs the pipeline once, with two worker instances of its own if
+/// `workers`; `Ok(true)` if the run completed.
+async fn demo(addr: &str, workers: bool) -> Result<bool, BoxError> {
     let client = Client::connect(addr).await?;
 
     register_contracts(&client).await?;
@@ -219,33 +231,37 @@ async fn demo(addr: &str) -> Result<bool, BoxError> {
     // Subscribe before handing off, so a failing subscription is reported
     // before any work is queued. Dropping `stop` also stops the agents.
     let (stop, stopped) = watch::channel(false);
-    let agents: Vec<JoinHandle<()>> = vec![
+    let mut agents: Vec<JoinHandle<()>> = vec![
         spawn_agent(
             "planner",
             client.subscribe_typed("planner", "planner-1", 1).await?,
             stopped.clone(),
             planner,
         ),
-        spawn_agent(
-            "worker-1",
-            client.subscribe_typed("worker", "worker-1", 1).await?,
-            stopped.clone(),
-            |d| worker("worker-1", d),
-        ),
-        spawn_agent(
-            "worker-2",
-            client.subscribe_typed("worker", "worker-2", 1).await?,
-            stopped.clone(),
-            |d| worker("worker-2", d),
-        ),
         // Untyped: the release is a BarrierRelease, not a WorkerResult.
         spawn_agent(
             "aggregator",
             client.subscribe("aggregator", "aggregator-1", 1).await?,
-            stopped,
+            stopped.clone(),
             aggregator,
         ),
     ];
+    if workers {
+        agents.push(spawn_agent(
+            "worker-1",
+            client.subscribe_typed("worker", "worker-1", 1).await?,
+            stopped.clone(),
+            |d| worker("worker-1", d),
+        ));
+        agents.push(spawn_agent(
+            "worker-2",
+            client.subscribe_typed("worker", "worker-2", 1).await?,
+            stopped,
+            |d| worker("worker-2", d),
+        ));
+    } else {
+        println!("no worker instance here: the subtasks wait for instances of another program");
+    }
 
     let ask = Ask {
         question: ASK.to_string(),
