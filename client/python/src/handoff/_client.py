@@ -9,7 +9,6 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Literal, TypeVar
 
 import grpc
@@ -17,6 +16,7 @@ import grpc.aio
 from google.protobuf.message import Message
 
 from ._barrier import ALL, FanOutReceipt, JoinMode, fan_out_request, receipt_keys
+from ._closing import Closing
 from ._contract import Compatibility, RegisteredContract, contract_request, full_name
 from ._errors import ErrorKind, HandoffError, error, from_rpc_error
 from ._handoff import Receipt, ToolResult, build_request
@@ -94,7 +94,7 @@ def new_run_id() -> str:
     return str(uuid.UUID(int=value))
 
 
-class Client:
+class Client(Closing):
     """A connection to one broker; cheap to share between tasks.
 
     Example::
@@ -179,17 +179,6 @@ class Client:
     async def close(self) -> None:
         """Closes the connection (subscriptions and watches on it end)."""
         await self._channel.close()
-
-    async def __aenter__(self) -> Client:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # ------------------------------------------------------------ plumbing
 
@@ -564,7 +553,7 @@ def _event_kind(kind: pb.EventKind.ValueType | str) -> pb.EventKind.ValueType:
         raise error(ErrorKind.INVALID_ARGUMENT, f"{kind!r} is not an event kind") from None
 
 
-class Watch:
+class Watch(Closing):
     """An async iterator of `pb.Event`s (from `Client.watch`), resumable from
     `next_sequence`. Close it with `close()` or by leaving an `async with`."""
 
@@ -617,13 +606,3 @@ class Watch:
             self._call.cancel()
             self._call = None
 
-    async def __aenter__(self) -> Watch:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

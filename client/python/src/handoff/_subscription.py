@@ -15,7 +15,6 @@ import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -24,6 +23,7 @@ from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 
 from ._barrier import ALL, FanOutReceipt, Join, JoinMode, fan_out_request
+from ._closing import Closing
 from ._errors import ErrorKind, HandoffError, error, from_rpc_error, from_settled
 from ._handoff import Receipt, ToolResult, build_request, continue_trace, trace_field
 from ._state import StateDelta, intent_intact
@@ -43,7 +43,7 @@ SETTLE_TIMEOUT = 15.0
 _END = object()
 
 
-class Subscription:
+class Subscription(Closing):
     """An async iterator of `Delivery` for one agent instance (from
     `Client.subscribe`). Closing it ends the stream; the broker then returns
     its unsettled deliveries to the agent's other instances at once.
@@ -224,17 +224,6 @@ class Subscription:
                 await asyncio.wait_for(asyncio.shield(self._reader), 5)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 self._reader.cancel()
-
-    async def __aenter__(self) -> Subscription:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def __repr__(self) -> str:
         return f"Subscription(agent={self.agent_name!r}, instance={self.instance!r})"
