@@ -21,6 +21,15 @@ async fn value(client: &Client, run: &str, revision: u64, key: &str) -> Option<s
     resp.state.and_then(|st| st.values.get(key).cloned())
 }
 
+/// Registers `agent` (taking any payload) and starts a run as `config` says.
+async fn agent_and_run(client: &Client, agent: &str, config: RunConfig) -> pb::Run {
+    client
+        .register_agent(AgentConfig::new(agent))
+        .await
+        .expect("agent");
+    client.start_run(config).await.expect("run")
+}
+
 async fn revision(client: &Client, run: &str) -> u64 {
     client
         .get_state(run, 0)
@@ -33,14 +42,12 @@ async fn revision(client: &Client, run: &str) -> u64 {
 #[tokio::test]
 async fn a_delta_is_applied_once_with_its_handoff_and_not_at_all_when_refused() {
     let (_nats, _broker, client) = stack(|_| {}).await;
-    client
-        .register_agent(AgentConfig::new("worker"))
-        .await
-        .expect("agent");
-    let run = client
-        .start_run(RunConfig::new("olga").max_depth(1).state("city", "Oslo"))
-        .await
-        .expect("run");
+    let run = agent_and_run(
+        &client,
+        "worker",
+        RunConfig::new("olga").max_depth(1).state("city", "Oslo"),
+    )
+    .await;
     assert_eq!(revision(&client, &run.id).await, 1);
 
     // Applied with its handoff; a retry (same idempotency key) applies
@@ -111,14 +118,12 @@ async fn a_delta_is_applied_once_with_its_handoff_and_not_at_all_when_refused() 
 #[tokio::test]
 async fn a_stale_base_on_one_key_loses_to_the_winner_and_disjoint_keys_both_apply() {
     let (_nats, _broker, client) = stack(|_| {}).await;
-    client
-        .register_agent(AgentConfig::new("worker"))
-        .await
-        .expect("agent");
-    let run = client
-        .start_run(RunConfig::new("olga").state("city", "Oslo"))
-        .await
-        .expect("run");
+    let run = agent_and_run(
+        &client,
+        "worker",
+        RunConfig::new("olga").state("city", "Oslo"),
+    )
+    .await;
     let send = |key: &str, value: &str, n: u32| {
         Handoff::to(&run.id, "worker", &note(value, n))
             .expect("handoff")
@@ -176,19 +181,15 @@ async fn a_stale_base_on_one_key_loses_to_the_winner_and_disjoint_keys_both_appl
 #[tokio::test]
 async fn append_and_merge_policies_combine_and_pinned_keys_never_change() {
     let (_nats, _broker, client) = stack(|_| {}).await;
-    client
-        .register_agent(AgentConfig::new("worker"))
-        .await
-        .expect("agent");
-    let run = client
-        .start_run(
-            RunConfig::new("olga")
-                .pin_state("order_id", "A-1")
-                .policy("notes", pb::MergePolicy::Append)
-                .policy("profile", pb::MergePolicy::Merge),
-        )
-        .await
-        .expect("run");
+    let run = agent_and_run(
+        &client,
+        "worker",
+        RunConfig::new("olga")
+            .pin_state("order_id", "A-1")
+            .policy("notes", pb::MergePolicy::Append)
+            .policy("profile", pb::MergePolicy::Merge),
+    )
+    .await;
     let send = |delta: StateDelta, n: u32| {
         Handoff::to(&run.id, "worker", &note("x", n))
             .expect("handoff")
@@ -271,20 +272,16 @@ async fn reads_limits_what_a_delivery_carries_and_every_past_revision_is_kept() 
         .register_agent(AgentConfig::new("narrow").reads(["city"]))
         .await
         .expect("agent");
-    client
-        .register_agent(AgentConfig::new("wide"))
-        .await
-        .expect("agent");
-    let run = client
-        .start_run(
-            RunConfig::new("olga")
-                .ask("plan a trip")
-                .pin_state("order_id", "A-1")
-                .state("city", "Oslo")
-                .state("card", "4111"),
-        )
-        .await
-        .expect("run");
+    let run = agent_and_run(
+        &client,
+        "wide",
+        RunConfig::new("olga")
+            .ask("plan a trip")
+            .pin_state("order_id", "A-1")
+            .state("city", "Oslo")
+            .state("card", "4111"),
+    )
+    .await;
     let mut receipts = Vec::new();
     for (n, (key, v)) in [
         ("nights", "2"),
@@ -564,14 +561,12 @@ async fn a_reask_for_a_key_the_state_holds_is_counted_and_answered_from_state() 
     let (_nats, broker, client) =
         stack(|c| c.metrics_listen = Some(([127, 0, 0, 1], 0).into())).await;
     let metrics = broker.metrics_addr.expect("the metrics endpoint");
-    client
-        .register_agent(AgentConfig::new("human"))
-        .await
-        .expect("agent");
-    let run = client
-        .start_run(RunConfig::new("olga").state("city", "Oslo"))
-        .await
-        .expect("run");
+    let run = agent_and_run(
+        &client,
+        "human",
+        RunConfig::new("olga").state("city", "Oslo"),
+    )
+    .await;
     let receipt = client
         .handoff(
             Handoff::to(&run.id, "human", &note("which city and budget?", 1))
@@ -749,14 +744,7 @@ async fn the_judges_score_is_recorded_drift_is_emitted_under_the_threshold_and_r
 #[tokio::test]
 async fn a_branch_its_barrier_refuses_changes_no_state() {
     let (_nats, _broker, client) = stack(|_| {}).await;
-    client
-        .register_agent(AgentConfig::new("agg"))
-        .await
-        .expect("agent");
-    let run = client
-        .start_run(RunConfig::new("olga").state("city", "Oslo"))
-        .await
-        .expect("run");
+    let run = agent_and_run(&client, "agg", RunConfig::new("olga").state("city", "Oslo")).await;
     client
         .raw()
         .open_barrier(pb::OpenBarrierRequest {
