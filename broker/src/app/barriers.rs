@@ -1,26 +1,39 @@
 //! Barriers: open one, read one, the arrival of branch results, the
 //! exactly-once release, and the barrier timers (timeout, release check).
 //!
-//! A barrier is one key/value entry (`handoff_barriers`, key
-//! `<run>.<barrier>`) changed only by compare-and-set, so replicas racing
-//! on the last branch agree on one release. A branch result is first
-//! stored in the `HANDOFF_BRANCHES` stream (deduplicated by its handoff
-//! id), then applied to the entry; a result that arrives before its barrier
-//! is opened stays in the stream and is applied when the barrier opens.
+//! A barrier is kept in two parts (see [`crate::rules::barrier`]): each
+//! branch result is its key's record in the `HANDOFF_BRANCHES` stream
+//! (deduplicated by its handoff id; the stream keeps only a key's first
+//! result), and a small header (`handoff_barriers`, key
+//! `<run>.<barrier>`: spec, state, one bit per counted branch, counts)
+//! changed only by compare-and-set, so replicas racing on the last branch
+//! agree on one release. An arrival costs the same whatever the width:
+//! one record, and one header write shared with every arrival this
+//! replica counts at the same time (they are counted together, in one
+//! compare-and-set). A result that arrives before its barrier is opened
+//! stays in the stream and is counted when the barrier opens.
 //!
 //! Release is exactly once: the compare-and-set that moves the barrier to
-//! RELEASED (or FAILED) also stores the release payload; the winner then
-//! publishes the release handoff under a deterministic id (deduplicated by
-//! JetStream) and marks it published. A durable timer scheduled before the
-//! compare-and-set re-publishes a release whose broker died in between.
+//! RELEASED (or FAILED) decides it; the winner then reads the counted
+//! records back, publishes the release handoff under a deterministic id
+//! (deduplicated by JetStream) and marks it published. A durable timer
+//! scheduled before the compare-and-set re-publishes a release whose
+//! broker died in between; the records being immutable, the release it
+//! builds is the same.
 
 use std::{
-    sync::atomic::{AtomicBool, Ordering},
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, SystemTime},
 };
 
+use dashmap::DashMap;
 use handoff_proto::pb;
 use prost::Message as _;
+use tokio::sync::oneshot;
 
 use crate::{
     app::{
@@ -29,12 +42,65 @@ use crate::{
     },
     error::{BrokerError, Reason},
     rules::{
-        barrier::{self, Arrival, Decision},
+        barrier::{self, Arrival, Decision, KeyIndex},
         grants::Action,
         names,
     },
-    store::TimerKind,
+    store::{BranchPut, TimerKind},
 };
+
+/// A spec larger than this keeps its branch keys in their own entry, out
+/// of the header every arrival rewrites.
+const SPEC_INLINE: usize = 2048;
+
+/// Key indexes this replica keeps at most (a spec never changes, so any
+/// can be dropped and read again).
+const INDEXES: usize = 4096;
+
+/// Queues of arrivals waiting to be counted (by hash of the barrier).
+const STRIPES: usize = 64;
+
+/// What this replica keeps for barriers: the key index of each barrier it
+/// met, and the arrivals waiting to be counted.
+pub struct Local {
+    indexes: DashMap<String, Arc<Joined>>,
+    stripes: Vec<Mutex<Stripe>>,
+}
+
+impl Default for Local {
+    fn default() -> Self {
+        Local {
+            indexes: DashMap::new(),
+            stripes: (0..STRIPES)
+                .map(|_| Mutex::new(Stripe::default()))
+                .collect(),
+        }
+    }
+}
+
+/// A barrier's whole spec and its key index.
+struct Joined {
+    spec: pb::BarrierSpec,
+    index: KeyIndex,
+    /// Bytes the release keeps for its own fields (see [`budget`]).
+    reserve: u64,
+}
+
+/// Arrivals of one stripe waiting to be counted, and whether a task is
+/// counting them.
+#[derive(Default)]
+struct Stripe {
+    queue: Vec<Pending>,
+    draining: bool,
+}
+
+/// An arrival waiting to be counted.
+struct Pending {
+    run: pb::Run,
+    barrier_id: String,
+    record: pb::BranchResult,
+    done: oneshot::Sender<Result<Option<pb::Barrier>, BrokerError>>,
+}
 
 /// How long after a release its publication is checked again.
 const RELEASE_CHECK: Duration = Duration::from_secs(5);
@@ -68,12 +134,25 @@ pub fn required(spec: Option<pb::BarrierSpec>) -> Result<pb::BarrierSpec, Broker
     spec.ok_or_else(|| BrokerError::malformed("barrier", "barrier is required"))
 }
 
-/// Opens a barrier from its spec (see [`open`]).
+/// Opens a barrier from its spec (see [`open`]). A spec whose keys do not
+/// fit in one NATS message (with room for the entry's framing) is refused
+/// as INVALID_BARRIER_SPEC.
 pub async fn open_spec(
     broker: &Broker,
     spec: pb::BarrierSpec,
 ) -> Result<pb::OpenBarrierResponse, BrokerError> {
     barrier::branch_keys(&spec).map_err(spec_error)?;
+    let limit = max_message(broker).saturating_sub(1024);
+    if spec.encoded_len() > limit {
+        return Err(BrokerError::invalid(
+            Reason::InvalidBarrierSpec,
+            "barrier.branch_keys",
+            format!(
+                "the barrier's spec is {} bytes with its branch keys; at most {limit} fit in one NATS message: use shorter keys or branch_count",
+                spec.encoded_len()
+            ),
+        ));
+    }
     let (run, _) = broker.run(&spec.run_id).await?;
     let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
     if status.is_terminal() {
@@ -83,7 +162,14 @@ pub async fn open_spec(
         });
     }
     broker.agent(&spec.target_agent).await?;
-    let fresh = barrier::open(spec.clone(), now());
+    let mut fresh = barrier::open(spec.clone(), now());
+    if spec.encoded_len() > SPEC_INLINE {
+        broker.store().create_barrier_keys(&spec).await?;
+        if let Some(s) = fresh.spec.as_mut() {
+            s.branch_keys.clear();
+        }
+        fresh.keys_apart = true;
+    }
     let created = broker.store().create_barrier(&fresh).await?;
     let mut existing = None;
     if !created {
@@ -92,7 +178,8 @@ pub async fn open_spec(
             .barrier(&spec.run_id, &spec.barrier_id)
             .await?
             .ok_or_else(|| BrokerError::Internal("barrier vanished".to_string()))?;
-        if !barrier::same_spec(&current.spec.clone().unwrap_or_default(), &spec) {
+        let joined = joined(broker, &current).await?;
+        if !barrier::same_spec(&joined.spec, &spec) {
             return Err(BrokerError::BarrierExists(format!(
                 "barrier {:?} of run {:?} is already open with another spec",
                 spec.barrier_id, spec.run_id
@@ -137,14 +224,14 @@ pub async fn open_spec(
     emitted?;
     let barrier = if early? {
         // Branch results that were stored before the barrier existed.
-        apply_stored(broker, &run, &spec.barrier_id)
+        let header = apply_stored(broker, &run, &spec.barrier_id)
             .await?
-            .ok_or_else(|| BrokerError::Internal("barrier vanished".to_string()))?
+            .ok_or_else(|| BrokerError::Internal("barrier vanished".to_string()))?;
+        filled(broker, header).await?
     } else {
-        match existing {
-            Some(b) => b,
-            None => fresh,
-        }
+        let mut header = existing.unwrap_or(fresh);
+        header.spec = Some(spec);
+        header
     };
     Ok(pb::OpenBarrierResponse {
         barrier: Some(barrier),
@@ -152,9 +239,17 @@ pub async fn open_spec(
     })
 }
 
+/// The NATS message limit (1 MiB when the server does not say).
+fn max_message(broker: &Broker) -> usize {
+    match broker.store().max_payload() {
+        0 => 1 << 20,
+        n => n,
+    }
+}
+
 /// "ALL of 4", "QUORUM 2 of 3, fail fast, timeout 20s (release partial)".
 fn describe(spec: &pb::BarrierSpec) -> String {
-    let n = barrier::branch_keys(spec).map(|k| k.len()).unwrap_or(0);
+    let n = KeyIndex::of(spec).len();
     let mut text = if spec.mode == pb::BarrierMode::Quorum as i32 {
         format!("QUORUM {} of {n}", spec.quorum)
     } else {
@@ -177,6 +272,66 @@ fn describe(spec: &pb::BarrierSpec) -> String {
     text
 }
 
+/// The whole spec and key index of a barrier, from this replica's cache,
+/// else from its header or (keys apart) its keys entry.
+async fn joined(broker: &Broker, header: &pb::Barrier) -> Result<Arc<Joined>, BrokerError> {
+    let spec = header.spec.clone().unwrap_or_default();
+    let key = format!("{}.{}", spec.run_id, spec.barrier_id);
+    let local = broker.barrier_local();
+    if let Some(found) = local.indexes.get(&key) {
+        return Ok(found.clone());
+    }
+    let spec = if header.keys_apart {
+        broker
+            .store()
+            .barrier_keys(&spec.run_id, &spec.barrier_id)
+            .await?
+            .ok_or_else(|| {
+                BrokerError::Internal(format!("the branch keys of barrier {key} are not stored"))
+            })?
+    } else {
+        spec
+    };
+    let index = KeyIndex::of(&spec);
+    // Key lengths, once: what the release's lists of keys take.
+    let reserve = index.keys().map(|k| 3 * k.len() as u64 + 112).sum();
+    let found = Arc::new(Joined {
+        spec,
+        index,
+        reserve,
+    });
+    if local.indexes.len() >= INDEXES {
+        local.indexes.clear();
+    }
+    local.indexes.insert(key, found.clone());
+    Ok(found)
+}
+
+/// A barrier header with what is read from its records: the whole spec,
+/// the counted branches (without payloads), the late keys and, once
+/// released, the whole release (without payloads).
+async fn filled(broker: &Broker, mut header: pb::Barrier) -> Result<pb::Barrier, BrokerError> {
+    let joined = joined(broker, &header).await?;
+    let spec = joined.spec.clone();
+    let records = broker
+        .store()
+        .branch_results(&spec.run_id, &spec.barrier_id)
+        .await?;
+    header.late = barrier::late_keys(&header, &joined.index, &records);
+    let mut counted = barrier::counted_branches(&header, &joined.index, records);
+    for r in &mut counted {
+        r.payload = None;
+    }
+    if header.state != pb::BarrierState::Open as i32 {
+        let release =
+            barrier::release_payload(&header, &joined.index, counted.clone(), false, false);
+        header.release = Some(release);
+    }
+    header.branches = counted;
+    header.spec = Some(spec);
+    Ok(header)
+}
+
 /// A barrier's state.
 pub async fn get(
     broker: &Broker,
@@ -189,7 +344,7 @@ pub async fn get(
         let (run, _) = broker.run(&req.run_id).await?;
         auth::require(broker, caller, Action::Own, &run.owner, Some(&run)).await?;
     }
-    let (barrier, _) = broker
+    let (header, _) = broker
         .store()
         .barrier(&req.run_id, &req.barrier_id)
         .await?
@@ -200,7 +355,7 @@ pub async fn get(
             ))
         })?;
     Ok(pb::GetBarrierResponse {
-        barrier: Some(barrier),
+        barrier: Some(filled(broker, header).await?),
     })
 }
 
@@ -216,15 +371,15 @@ pub struct Arrived {
     pub first: Option<String>,
 }
 
-/// Stores a branch result durably (setting `stored`), then applies it to
-/// its barrier if the barrier is open yet. `current` is the barrier as the
-/// caller read it (saves a read; a stale one only costs a retry).
-/// Idempotent: the same handoff id stores once and counts once. Refused
-/// before anything is stored: a key the barrier does not have
+/// Stores a branch result as its key's record (setting `stored`), then
+/// counts it in its barrier if the barrier is open yet. `current` is the
+/// barrier as the caller read it (saves a read; a stale one only costs a
+/// retry). Idempotent: the same handoff id stores once and counts once.
+/// Refused before anything is stored: a key the barrier does not have
 /// (`UNKNOWN_BRANCH_KEY`; a result for a barrier not opened yet is held
 /// until it opens), and a result that would take an open barrier's
-/// release past one NATS message. A second, different result for a key
-/// that arrived is answered as a duplicate of the first (its handoff id in
+/// release past its budget. A second, different result for a key that
+/// has one is answered as a duplicate of the first (its handoff id in
 /// [`Arrived::first`]) and stored nowhere.
 pub async fn arrive(
     broker: &Broker,
@@ -234,8 +389,9 @@ pub async fn arrive(
     current: Option<(pb::Barrier, u64)>,
     stored: &AtomicBool,
 ) -> Result<Arrived, BrokerError> {
+    barrier::normalise(&mut result);
     if let Some(b) = current.as_ref().map(|(b, _)| b) {
-        if let Some(answer) = check_arrival(broker, barrier_id, &result, b)? {
+        if let Some(answer) = check_arrival(broker, &run.id, barrier_id, &result, b).await? {
             return Ok(answer);
         }
     } else {
@@ -247,13 +403,39 @@ pub async fn arrive(
             .mark_early_branch(&run.id, barrier_id)
             .await?;
     }
-    let put = broker
+    let put = match broker
         .store()
         .put_branch_result(&run.id, barrier_id, &result)
-        .await?;
+        .await?
+    {
+        BranchPut::Stored(put) => put,
+        BranchPut::Taken(first) => {
+            // Another result for the key won the race to its record.
+            let why = format!(
+                "branch {} arrived already (handoff {})",
+                result.key, first.handoff_id
+            );
+            tracing::warn!(run_id = %run.id, barrier_id, key = %result.key, reason = %why, "branch result not counted");
+            if let Some((b, _)) = &current {
+                let mut event = branch_event(run, b, pb::EventKind::BranchLate, &result);
+                event.reason = format!("not counted: {why}");
+                broker
+                    .emit_unconfirmed(
+                        event,
+                        format!("uncounted-{}-{barrier_id}-{}", run.id, result.handoff_id),
+                    )
+                    .await;
+            }
+            return Ok(Arrived {
+                sequence: first.sequence,
+                duplicate: true,
+                first: Some(first.handoff_id),
+            });
+        }
+    };
     stored.store(true, Ordering::Relaxed);
     result.sequence = put.sequence;
-    apply(broker, run, barrier_id, result, current).await?;
+    count(broker, run, barrier_id, vec![result]).await?;
     Ok(Arrived {
         sequence: put.sequence,
         duplicate: put.duplicate,
@@ -264,22 +446,20 @@ pub async fn arrive(
 /// What `arrive` decides from the barrier as read, before anything is
 /// stored: a key the barrier does not have is refused
 /// (`UNKNOWN_BRANCH_KEY`), a result that would take an open barrier's
-/// release past one NATS message is refused (`BRANCH_TOO_LARGE`), and a
-/// second, different result for an arrived key is answered with the first
+/// release past its budget is refused (`BRANCH_TOO_LARGE`), and a second,
+/// different result for a counted key is answered with the first
 /// (`Some`). `None`: the result may arrive. The handoff use case asks it
 /// before applying the handoff's state delta, so a refused branch changes
 /// no state.
-pub fn check_arrival(
+pub async fn check_arrival(
     broker: &Broker,
+    run_id: &str,
     barrier_id: &str,
     result: &pb::BranchResult,
     b: &pb::Barrier,
 ) -> Result<Option<Arrived>, BrokerError> {
-    if !b
-        .spec
-        .as_ref()
-        .is_some_and(|spec| barrier::has_key(spec, &result.key))
-    {
+    let joined = joined(broker, b).await?;
+    let Some(position) = joined.index.position(&result.key) else {
         return Err(BrokerError::invalid(
             Reason::UnknownBranchKey,
             "branch_key",
@@ -288,17 +468,23 @@ pub fn check_arrival(
                 result.key
             ),
         ));
+    };
+    if barrier::is_counted(b, position) {
+        let first = broker
+            .store()
+            .branch_result(run_id, barrier_id, &result.key)
+            .await?;
+        if let Some(first) = first.filter(|f| f.handoff_id != result.handoff_id) {
+            return Ok(Some(Arrived {
+                sequence: first.sequence,
+                duplicate: true,
+                first: Some(first.handoff_id),
+            }));
+        }
+        return Ok(None);
     }
-    let first = b.branches.iter().find(|r| r.key == result.key);
-    if let Some(first) = first.filter(|f| f.handoff_id != result.handoff_id) {
-        return Ok(Some(Arrived {
-            sequence: first.sequence,
-            duplicate: true,
-            first: Some(first.handoff_id.clone()),
-        }));
-    }
-    if b.state == pb::BarrierState::Open as i32 && first.is_none() {
-        let (size, budget) = (cost(result), budget(broker, b));
+    if b.state == pb::BarrierState::Open as i32 {
+        let (size, budget) = (cost(result), budget(broker, &joined));
         if b.payload_bytes.saturating_add(size) > budget {
             return Err(BrokerError::BranchTooLarge {
                 barrier: barrier_id.to_string(),
@@ -326,165 +512,235 @@ fn cost(result: &pb::BranchResult) -> u64 {
 /// How many bytes of branch results a barrier's release may carry: the
 /// NATS message limit less the release's own fields (envelope, lists of
 /// keys, placeholders for missing branches and their warnings).
-fn budget(broker: &Broker, b: &pb::Barrier) -> u64 {
-    let max = match broker.store().max_payload() {
-        0 => 1 << 20,
-        n => n,
-    } as u64;
-    // Key lengths, without listing the keys (this runs on every arrival).
-    let per_key: u64 = match b.spec.as_ref() {
-        Some(spec) if !spec.branch_keys.is_empty() => spec
-            .branch_keys
-            .iter()
-            .map(|k| 3 * k.len() as u64 + 112)
-            .sum(),
-        Some(spec) => (0..spec.branch_count.min(barrier::MAX_BRANCHES as u32))
-            .map(|i| 3 * u64::from(i.checked_ilog10().unwrap_or(0) + 1) + 112)
-            .sum(),
-        None => 0,
-    };
-    max.saturating_sub(16 * 1024 + per_key)
+fn budget(broker: &Broker, joined: &Joined) -> u64 {
+    (max_message(broker) as u64).saturating_sub(16 * 1024 + joined.reserve)
 }
 
-/// Applies one branch result to the barrier with compare-and-set, and
-/// releases it when it is satisfied. `None` when the barrier is not open
-/// yet (the result waits in the branch stream). The barrier keeps the
-/// result without its payload (which stays in the branch stream under
-/// `result.sequence`); a result that no longer fits in the release (two
-/// racing past the check in [`arrive`]) is recorded as failed, saying so.
-pub async fn apply(
+/// Counts stored branch records in their barrier and releases it when it
+/// is satisfied; returns the header as it then stands (`None`: the
+/// barrier is not open yet, and the records wait in the stream). The
+/// records go to this replica's queue of arrivals, and a task counts what
+/// the queue holds for one barrier with one compare-and-set; it is not
+/// cancelled with the caller, so a record it took is always counted.
+async fn count(
     broker: &Broker,
     run: &pb::Run,
     barrier_id: &str,
-    result: pb::BranchResult,
-    mut current: Option<(pb::Barrier, u64)>,
+    records: Vec<pb::BranchResult>,
 ) -> Result<Option<pb::Barrier>, BrokerError> {
-    let key = result.key.clone();
-    let size = cost(&result);
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (&run.id, barrier_id).hash(&mut hasher);
+    let stripe = (hasher.finish() % STRIPES as u64) as usize;
+    let mut answers = Vec::with_capacity(records.len());
+    let spawn = {
+        let mut queue = broker.barrier_local().stripes[stripe]
+            .lock()
+            .map_err(|_| BrokerError::Internal("a barrier queue is poisoned".to_string()))?;
+        for record in records {
+            let (done, answer) = oneshot::channel();
+            answers.push(answer);
+            queue.queue.push(Pending {
+                run: run.clone(),
+                barrier_id: barrier_id.to_string(),
+                record,
+                done,
+            });
+        }
+        !std::mem::replace(&mut queue.draining, true)
+    };
+    if spawn {
+        let broker = broker.clone();
+        tokio::spawn(async move { drain(&broker, stripe).await });
+    }
+    let mut latest = None;
+    for answer in answers {
+        latest = answer
+            .await
+            .map_err(|_| BrokerError::Internal("a branch was not counted".to_string()))??;
+    }
+    Ok(latest)
+}
+
+/// Counts the queued arrivals of a stripe, one barrier at a time, until
+/// the queue is empty.
+async fn drain(broker: &Broker, stripe: usize) {
     loop {
-        let read = match current.take() {
-            Some(c) => Some(c),
-            None => broker.store().barrier(&run.id, barrier_id).await?,
+        let batch = {
+            let Ok(mut queue) = broker.barrier_local().stripes[stripe].lock() else {
+                return;
+            };
+            if queue.queue.is_empty() {
+                queue.draining = false;
+                return;
+            }
+            std::mem::take(&mut queue.queue)
         };
-        let Some((mut b, revision)) = read else {
+        let mut groups: Vec<(String, Vec<Pending>)> = Vec::new();
+        let mut at: HashMap<String, usize> = HashMap::new();
+        for pending in batch {
+            let key = format!("{}.{}", pending.run.id, pending.barrier_id);
+            match at.get(&key) {
+                Some(&i) => groups[i].1.push(pending),
+                None => {
+                    at.insert(key.clone(), groups.len());
+                    groups.push((key, vec![pending]));
+                }
+            }
+        }
+        for (_, group) in groups {
+            let Some(first) = group.first() else {
+                continue;
+            };
+            let (run, barrier_id) = (first.run.clone(), first.barrier_id.clone());
+            let (records, dones): (Vec<pb::BranchResult>, Vec<_>) =
+                group.into_iter().map(|p| (p.record, p.done)).unzip();
+            let outcome = commit(broker, &run, &barrier_id, &records).await;
+            for done in dones {
+                let answer = match &outcome {
+                    Ok(b) => Ok(b.clone()),
+                    Err(BrokerError::Internal(m)) => Err(BrokerError::Internal(m.clone())),
+                    Err(e) => Err(BrokerError::Unavailable(e.to_string())),
+                };
+                let _ = done.send(answer);
+            }
+        }
+    }
+}
+
+/// Counts `records` (stored results of one barrier) in the header with one
+/// compare-and-set, retried from a fresh read when another write came
+/// first; then announces each arrival and publishes the release if this
+/// write decided it.
+async fn commit(
+    broker: &Broker,
+    run: &pb::Run,
+    barrier_id: &str,
+    records: &[pb::BranchResult],
+) -> Result<Option<pb::Barrier>, BrokerError> {
+    loop {
+        let Some((mut b, revision)) = broker.store().barrier(&run.id, barrier_id).await? else {
             return Ok(None);
         };
-        let mut record = result.clone();
-        if record.payload.take().is_none() {
-            // Nothing to fetch back for the release.
-            record.sequence = 0;
-        }
-        let over = b.payload_bytes.saturating_add(size) > budget(broker, &b);
-        if over && b.state == pb::BarrierState::Open as i32 {
-            record.status = pb::BranchStatus::Failed as i32;
-            record.sequence = 0;
-            record.warnings.push(format!(
-                "result of {size} bytes refused: the release would exceed one NATS message"
-            ));
-        }
-        let first = b
-            .branches
+        let joined = joined(broker, &b).await?;
+        let arrivals: Vec<Arrival> = records
             .iter()
-            .find(|r| r.key == key)
-            .map(|r| r.handoff_id.clone());
-        let arrival = barrier::arrive(&mut b, record);
-        match arrival {
-            Arrival::Duplicate | Arrival::UnknownKey => {
-                // Never silently: a result stored before the barrier could
-                // refuse it (it was not open yet, or a second result raced
-                // the first) is announced as not counted.
-                let why = match (&arrival, first) {
-                    (Arrival::UnknownKey, _) => Some("not a branch of this barrier".to_string()),
-                    (_, Some(first)) if first != result.handoff_id => {
-                        Some(format!("branch {key} arrived already (handoff {first})"))
-                    }
-                    _ => None,
-                };
-                if why.is_none() && b.state != pb::BarrierState::Open as i32 && !b.release_published
-                {
-                    // The same branch again, after a call that decided the
-                    // release and failed before publishing it (NATS lost
-                    // its answer): publish now rather than at the check.
-                    publish_release(broker, run, &mut b).await?;
+            .map(|r| {
+                let arrival = barrier::arrive(&mut b, &joined.index, r);
+                if arrival == Arrival::Counted {
+                    b.payload_bytes = b.payload_bytes.saturating_add(cost(r));
                 }
-                if let Some(why) = why {
-                    tracing::warn!(run_id = %run.id, barrier_id, key, reason = %why, "branch result not counted");
-                    let mut event = branch_event(run, &b, pb::EventKind::BranchLate, &result);
-                    event.reason = format!("not counted: {why}");
-                    broker
-                        .emit_unconfirmed(
-                            event,
-                            format!("uncounted-{}-{barrier_id}-{}", run.id, result.handoff_id),
-                        )
-                        .await;
-                }
-                return Ok(Some(b));
-            }
-            Arrival::Late => {
-                if !broker.store().update_barrier(&b, revision).await? {
-                    continue;
-                }
-                broker
-                    .emit_unconfirmed(
-                        branch_event(run, &b, pb::EventKind::BranchLate, &result),
-                        format!("late-{}-{barrier_id}-{key}", run.id),
-                    )
-                    .await;
-                return Ok(Some(b));
-            }
-            Arrival::Counted => {}
-        }
-        if !over {
-            b.payload_bytes = b.payload_bytes.saturating_add(size);
-        }
+                arrival
+            })
+            .collect();
+        let changed = arrivals.contains(&Arrival::Counted);
         let release = match barrier::decide(&b, false) {
-            Decision::Wait => None,
-            Decision::Release { failure, timed_out } => {
-                Some(prepare_release(broker, run, &mut b, failure, timed_out).await?)
+            Decision::Release { failure, timed_out } if changed => {
+                prepare_release(broker, run, &mut b, failure, timed_out).await?;
+                true
             }
+            _ => false,
         };
-        if !broker.store().update_barrier(&b, revision).await? {
+        if changed && !broker.store().update_barrier(&b, revision).await? {
             continue;
         }
-        broker
-            .emit_unconfirmed(
-                branch_event(run, &b, pb::EventKind::BranchArrived, &result),
-                format!("arrived-{}-{barrier_id}-{key}", run.id),
-            )
-            .await;
-        if release.is_some() {
+        for (record, arrival) in records.iter().zip(&arrivals) {
+            announce(broker, run, &b, record, *arrival).await;
+        }
+        let unpublished = b.state != pb::BarrierState::Open as i32 && !b.release_published;
+        if release || (unpublished && arrivals.contains(&Arrival::Duplicate)) {
+            // A release decided here; or the same branch again after a
+            // call that decided the release and failed before publishing
+            // it (NATS lost its answer): publish now rather than at the
+            // check.
             publish_release(broker, run, &mut b).await?;
         }
         return Ok(Some(b));
     }
 }
 
-/// Applies every stored branch result of a barrier (those that arrived
-/// before it was opened, or whose broker died between storing and
-/// applying them). Returns the barrier as it then stands.
+/// The event of one arrival: counted, late, or not counted (never
+/// silently).
+async fn announce(
+    broker: &Broker,
+    run: &pb::Run,
+    b: &pb::Barrier,
+    record: &pb::BranchResult,
+    arrival: Arrival,
+) {
+    let barrier_id = b
+        .spec
+        .as_ref()
+        .map(|s| s.barrier_id.as_str())
+        .unwrap_or_default();
+    let key = &record.key;
+    match arrival {
+        Arrival::Counted => {
+            broker
+                .emit_unconfirmed(
+                    branch_event(run, b, pb::EventKind::BranchArrived, record),
+                    format!("arrived-{}-{barrier_id}-{key}", run.id),
+                )
+                .await
+        }
+        Arrival::Late => {
+            broker
+                .emit_unconfirmed(
+                    branch_event(run, b, pb::EventKind::BranchLate, record),
+                    format!("late-{}-{barrier_id}-{key}", run.id),
+                )
+                .await
+        }
+        Arrival::UnknownKey => {
+            // Stored before the barrier could refuse it (it was not open
+            // yet).
+            tracing::warn!(run_id = %run.id, barrier_id, key, "branch result not counted: not a branch of this barrier");
+            let mut event = branch_event(run, b, pb::EventKind::BranchLate, record);
+            event.reason = "not counted: not a branch of this barrier".to_string();
+            broker
+                .emit_unconfirmed(
+                    event,
+                    format!("uncounted-{}-{barrier_id}-{}", run.id, record.handoff_id),
+                )
+                .await
+        }
+        Arrival::Duplicate => {}
+    }
+}
+
+/// Counts every stored record of a barrier not counted yet (those that
+/// arrived before it was opened, or whose broker died between storing and
+/// counting them). Returns the header as it then stands.
 async fn apply_stored(
     broker: &Broker,
     run: &pb::Run,
     barrier_id: &str,
 ) -> Result<Option<pb::Barrier>, BrokerError> {
-    let Some((mut latest, _)) = broker.store().barrier(&run.id, barrier_id).await? else {
+    let Some((latest, _)) = broker.store().barrier(&run.id, barrier_id).await? else {
         return Ok(None);
     };
-    let done: std::collections::HashSet<String> = latest
-        .branches
-        .iter()
-        .map(|r| r.key.clone())
-        .chain(latest.late.iter().cloned())
-        .collect();
-    for result in broker.store().branch_results(&run.id, barrier_id).await? {
-        if done.contains(&result.key) {
-            continue;
-        }
-        if let Some(b) = apply(broker, run, barrier_id, result, None).await? {
-            latest = b;
-        }
+    if latest.state != pb::BarrierState::Open as i32 {
+        return Ok(Some(latest));
     }
-    Ok(Some(latest))
+    let joined = joined(broker, &latest).await?;
+    let waiting: Vec<pb::BranchResult> = broker
+        .store()
+        .branch_results(&run.id, barrier_id)
+        .await?
+        .into_iter()
+        .filter(|r| {
+            joined
+                .index
+                .position(&r.key)
+                .is_none_or(|p| !barrier::is_counted(&latest, p))
+        })
+        .collect();
+    if waiting.is_empty() {
+        return Ok(Some(latest));
+    }
+    Ok(count(broker, run, barrier_id, waiting)
+        .await?
+        .or(Some(latest)))
 }
 
 /// Which durable barrier timer fired.
@@ -507,8 +763,8 @@ pub fn target_of(b: &pb::Barrier) -> String {
 
 /// Fires a barrier timer. A barrier whose release is out needs nothing
 /// (the usual case of the release check: it costs one read). Otherwise
-/// either kind first applies branch results that were stored but not
-/// applied (their broker died in between) and re-publishes a release not
+/// either kind first counts branch results that were stored but not
+/// counted (their broker died in between) and re-publishes a release not
 /// yet published; a timeout then releases a barrier that is still open.
 pub async fn fire(
     broker: &Broker,
@@ -558,6 +814,11 @@ pub async fn fire(
         if !broker.store().update_barrier(&b, revision).await? {
             continue;
         }
+        let joined = joined(broker, &b).await?;
+        let missing: Vec<String> = (0..joined.index.len())
+            .filter(|&p| !barrier::is_counted(&b, p))
+            .map(|p| joined.index.key(p))
+            .collect();
         broker
             .emit_unconfirmed(
                 pb::Event {
@@ -566,12 +827,7 @@ pub async fn fire(
                     owner: run.owner.clone(),
                     agent: target_of(&b),
                     barrier_id: barrier_id.to_string(),
-                    reason: b
-                        .release
-                        .as_ref()
-                        .map(|r| r.missing.join(", "))
-                        .map(|m| format!("missing at timeout: {m}"))
-                        .unwrap_or_default(),
+                    reason: format!("missing at timeout: {}", missing.join(", ")),
                     ..Default::default()
                 },
                 format!("timedout-{run_id}-{barrier_id}"),
@@ -592,33 +848,46 @@ async fn prepare_release(
     failure: bool,
     timed_out: bool,
 ) -> Result<(), BrokerError> {
-    let spec = b.spec.clone().unwrap_or_default();
+    let barrier_id = b
+        .spec
+        .as_ref()
+        .map(|s| s.barrier_id.clone())
+        .unwrap_or_default();
     let check = pb::Timer {
         run_id: run.id.clone(),
         due: Some((SystemTime::now() + RELEASE_CHECK).into()),
-        barrier_id: spec.barrier_id.clone(),
+        barrier_id: barrier_id.clone(),
         ..Default::default()
     };
     broker
         .store()
         .schedule(&check, TimerKind::ReleaseCheck)
         .await?;
-    let id = release_id(&run.id, &spec.barrier_id);
-    let payload = barrier::release(b, failure, timed_out, id, now());
-    b.release = Some(payload);
+    barrier::release(
+        b,
+        failure,
+        timed_out,
+        release_id(&run.id, &barrier_id),
+        now(),
+    );
     Ok(())
 }
 
-/// Publishes the release handoff (deduplicated by its id), announces it
-/// and marks it published.
+/// Builds the release handoff from the counted records, publishes it
+/// (deduplicated by its id), announces it and marks it published.
 async fn publish_release(
     broker: &Broker,
     run: &pb::Run,
     b: &mut pb::Barrier,
 ) -> Result<(), BrokerError> {
-    let spec = b.spec.clone().unwrap_or_default();
-    let mut release = b.release.clone().unwrap_or_default();
-    fill_payloads(broker, &mut release).await?;
+    let joined = joined(broker, b).await?;
+    let spec = &joined.spec;
+    let records = broker
+        .store()
+        .branch_results(&run.id, &spec.barrier_id)
+        .await?;
+    let counted = barrier::counted_branches(b, &joined.index, records);
+    let release = barrier::release_payload(b, &joined.index, counted, false, false);
     let payload = prost_types::Any::from_msg(&release)
         .map_err(|e| BrokerError::Internal(format!("encoding the release: {e}")))?;
     let depth = release.branches.iter().map(|r| r.depth).max().unwrap_or(0) + 1;
@@ -699,44 +968,11 @@ fn observe_release(broker: &Broker, b: &pb::Barrier, stored_at: SystemTime) {
         }
     }
     let timed_out = b.release.as_ref().is_some_and(|r| r.timed_out);
-    let last = b.branches.iter().filter_map(|r| at(r.arrived_at)).max();
-    if let (false, Some(last)) = (timed_out, last) {
+    if let (false, Some(last)) = (timed_out, at(b.last_arrival_at)) {
         if let Ok(took) = stored_at.duration_since(last) {
             broker.metrics().barrier_release(&target, took);
         }
     }
-}
-
-/// Puts each recorded branch's payload back into the release, from the
-/// branch stream (the barrier entry keeps none). A payload no longer
-/// stored is named in the release's warnings, never dropped silently.
-async fn fill_payloads(
-    broker: &Broker,
-    release: &mut pb::BarrierRelease,
-) -> Result<(), BrokerError> {
-    let sequences: Vec<u64> = release
-        .branches
-        .iter()
-        .map(|r| r.sequence)
-        .filter(|&s| s > 0)
-        .collect();
-    if sequences.is_empty() {
-        return Ok(());
-    }
-    let mut payloads = broker.store().branch_payloads(&sequences).await?;
-    for branch in &mut release.branches {
-        if branch.sequence == 0 {
-            continue;
-        }
-        match payloads.remove(&branch.sequence) {
-            Some(p) => branch.payload = Some(p),
-            None => release.warnings.push(format!(
-                "branch {} result (handoff {}) is no longer stored; released without its payload",
-                branch.key, branch.handoff_id
-            )),
-        }
-    }
-    Ok(())
 }
 
 fn branch_event(

@@ -500,7 +500,9 @@ async fn commit(
         sequence: 0,
     });
     if let (Some(result), Some((b, _))) = (&branch, &barrier) {
-        if let Some(arrived) = barriers::check_arrival(broker, &barrier_id, result, b)? {
+        if let Some(arrived) =
+            barriers::check_arrival(broker, &run.id, &barrier_id, result, b).await?
+        {
             return Ok(answer_first(broker, &run, req, consumed, arrived, depth).await);
         }
     }

@@ -75,6 +75,7 @@ struct Inner {
     outbox: std::sync::OnceLock<outbox::Outbox>,
     link: Link,
     states: state::Cache,
+    barriers: barriers::Local,
 }
 
 impl Broker {
@@ -115,6 +116,7 @@ impl Broker {
                 outbox: std::sync::OnceLock::new(),
                 link,
                 states: state::Cache::default(),
+                barriers: barriers::Local::default(),
             }),
         }
     }
@@ -132,6 +134,12 @@ impl Broker {
     /// The run-state revisions this replica has read or written.
     pub fn states(&self) -> &state::Cache {
         &self.inner.states
+    }
+
+    /// What this replica keeps for barriers (key indexes, arrivals being
+    /// counted).
+    pub fn barrier_local(&self) -> &barriers::Local {
+        &self.inner.barriers
     }
 
     /// The state of the link to NATS.

@@ -1,23 +1,30 @@
 //! The rules of a barrier: joining parallel branches into one release.
 //!
-//! The broker keeps each barrier as a [`pb::Barrier`] in a key/value entry
-//! and changes it with compare-and-set: read the entry, apply one of the
-//! functions below, write it back if it changed. The functions are
-//! therefore pure (no NATS, no clock, no I/O), deterministic and
-//! idempotent: applying the same arrival twice changes nothing the second
+//! The broker keeps a barrier in two parts: a small header (a
+//! [`pb::Barrier`] holding the spec, the state, one bit per counted branch
+//! and the counts by status), changed with compare-and-set, and one record
+//! per branch key (the key's first result, stored once). An arrival costs
+//! the same whatever the width: its record is written once, and the
+//! header, whose size grows by one bit per branch, once. The functions
+//! below are pure (no NATS, no clock, no I/O), deterministic and
+//! idempotent: counting the same key twice changes nothing the second
 //! time, and a barrier that has released never changes its verdict.
 //!
 //! - [`branch_keys`] checks a spec and lists its branch keys;
+//! - [`KeyIndex`] finds a key's position in branch-key order;
 //! - [`open`] makes a new open barrier;
-//! - [`arrive`] records one branch result;
+//! - [`normalise`] fixes a result's status before it is stored;
+//! - [`arrive`] counts one branch result in the header;
 //! - [`decide`] says whether an open barrier releases now;
-//! - [`release`] closes it and builds the [`pb::BarrierRelease`] payload;
+//! - [`release`] closes it;
+//! - [`counted_branches`], [`late_keys`] and [`release_payload`] read the
+//!   records back: the counted results in order, the late keys, and the
+//!   [`pb::BarrierRelease`] payload;
 //! - [`same_spec`] recognises an idempotent re-open.
 //!
 //! Branch-key order is the order of the spec's `branch_keys` for named
-//! branches and numeric order ("2" before "10") for `branch_count`.
-//! Recorded branches are kept in that order, and the release lists every
-//! branch in it.
+//! branches and numeric order ("2" before "10") for `branch_count`; the
+//! release lists every branch in it.
 //!
 //! Specs are validated with [`branch_keys`] before a barrier is opened; the
 //! other functions still accept any stored barrier without panicking (an
@@ -247,50 +254,93 @@ pub fn branch_keys(spec: &pb::BarrierSpec) -> Result<Vec<String>, BarrierError> 
     Ok(keys)
 }
 
+/// A validated spec's branch keys, indexed: the position of a key in
+/// branch-key order, and the key at a position, in constant time. Built
+/// once per barrier (the spec never changes) and shared by its arrivals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyIndex {
+    /// Named keys in spec order, with their positions; empty for a count.
+    named: Vec<String>,
+    positions: HashMap<String, usize>,
+    /// Number of branches.
+    len: usize,
+}
+
+impl KeyIndex {
+    /// The index of `spec`'s keys (named keys, or "0".."n-1" for a count
+    /// capped at [`MAX_BRANCHES`]).
+    pub fn of(spec: &pb::BarrierSpec) -> Self {
+        if spec.branch_keys.is_empty() {
+            return KeyIndex {
+                named: Vec::new(),
+                positions: HashMap::new(),
+                len: count_of(spec),
+            };
+        }
+        let mut positions = HashMap::with_capacity(spec.branch_keys.len());
+        for (i, key) in spec.branch_keys.iter().enumerate() {
+            positions.entry(key.clone()).or_insert(i);
+        }
+        KeyIndex {
+            named: spec.branch_keys.clone(),
+            positions,
+            len: spec.branch_keys.len(),
+        }
+    }
+
+    /// Number of branches.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the spec has no branch (a corrupt one).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Position of `key` in branch-key order, if it is one of the keys.
+    pub fn position(&self, key: &str) -> Option<usize> {
+        if self.named.is_empty() {
+            count_position(key, self.len)
+        } else {
+            self.positions.get(key).copied()
+        }
+    }
+
+    /// The key at `position` (`position < len`).
+    pub fn key(&self, position: usize) -> String {
+        match self.named.get(position) {
+            Some(k) => k.clone(),
+            None => position.to_string(),
+        }
+    }
+
+    /// Every key in branch-key order.
+    pub fn keys(&self) -> impl Iterator<Item = String> + '_ {
+        (0..self.len).map(|i| self.key(i))
+    }
+}
+
 /// A new open barrier for `spec` (kept as given), opened at `now`, with no
-/// branch recorded. Validate the spec with [`branch_keys`] first.
+/// branch counted. Validate the spec with [`branch_keys`] first.
 pub fn open(spec: pb::BarrierSpec, now: prost_types::Timestamp) -> pb::Barrier {
+    let expected = KeyIndex::of(&spec).len();
     pb::Barrier {
         spec: Some(spec),
         state: pb::BarrierState::Open as i32,
-        branches: Vec::new(),
         opened_at: Some(now),
+        counted: vec![0; expected.div_ceil(8)],
+        expected: u32::try_from(expected).unwrap_or(u32::MAX),
         ..Default::default()
     }
 }
 
-/// Applies one branch result to the barrier.
-///
-/// The status is ARRIVED, FAILED or SKIPPED; UNSPECIFIED is recorded as
-/// ARRIVED. Any other status (MISSING, or a value this broker does not
-/// know) is recorded as FAILED with a warning saying so, so that a
-/// malformed report can never count toward a release as a success.
-///
-/// - key not in the spec: unchanged, [`Arrival::UnknownKey`];
-/// - key recorded already (before or after the release): unchanged,
-///   [`Arrival::Duplicate`] (first writer wins, whatever the content);
-/// - barrier no longer open (released or failed): the key is appended to
-///   `late` unless it is there already, [`Arrival::Late`];
-/// - otherwise the result is recorded in `branches`, kept in branch-key
-///   order, [`Arrival::Counted`].
-pub fn arrive(barrier: &mut pb::Barrier, mut result: pb::BranchResult) -> Arrival {
-    let Some(spec) = barrier.spec.as_ref() else {
-        return Arrival::UnknownKey;
-    };
-    let Some(position) = position_of(spec, &result.key) else {
-        return Arrival::UnknownKey;
-    };
-    if barrier.branches.iter().any(|b| b.key == result.key) {
-        return Arrival::Duplicate;
-    }
-    if barrier.state != pb::BarrierState::Open as i32 {
-        if !barrier.late.contains(&result.key) {
-            barrier.late.push(result.key);
-        }
-        return Arrival::Late;
-    }
-
-    let status = status_of(result.status);
+/// Normalises a branch result's status before it is stored: UNSPECIFIED
+/// is ARRIVED; ARRIVED, FAILED and SKIPPED stay; anything else (MISSING,
+/// or a value this broker does not know) becomes FAILED with a warning
+/// saying so, so that a malformed report can never count toward a
+/// release as a success.
+pub fn normalise(result: &mut pb::BranchResult) {
     if !matches!(
         pb::BranchStatus::try_from(result.status),
         Ok(pb::BranchStatus::Unspecified
@@ -303,18 +353,57 @@ pub fn arrive(barrier: &mut pb::Barrier, mut result: pb::BranchResult) -> Arriva
             status_name(result.status)
         ));
     }
-    result.status = status as i32;
+    result.status = status_of(result.status) as i32;
+}
 
-    let at = insertion_point(spec, &barrier.branches, position);
-    barrier.branches.insert(at, result);
+/// Counts one branch result (already stored as its key's record) in the
+/// barrier's header. Constant time and size, whatever the width.
+///
+/// - key not in the spec: unchanged, [`Arrival::UnknownKey`];
+/// - key counted already: unchanged, [`Arrival::Duplicate`];
+/// - barrier no longer open (released or failed): unchanged,
+///   [`Arrival::Late`] (the record stays, not counted);
+/// - otherwise its bit is set, its status counted and `last_arrival_at`
+///   moved: [`Arrival::Counted`].
+pub fn arrive(barrier: &mut pb::Barrier, index: &KeyIndex, result: &pb::BranchResult) -> Arrival {
+    let Some(position) = index.position(&result.key) else {
+        return Arrival::UnknownKey;
+    };
+    if is_counted(barrier, position) {
+        return Arrival::Duplicate;
+    }
+    if barrier.state != pb::BarrierState::Open as i32 {
+        return Arrival::Late;
+    }
+    let byte = position / 8;
+    if barrier.counted.len() <= byte {
+        barrier.counted.resize(byte + 1, 0);
+    }
+    barrier.counted[byte] |= 1 << (position % 8);
+    match status_of(result.status) {
+        pb::BranchStatus::Failed => barrier.failed += 1,
+        pb::BranchStatus::Skipped => barrier.skipped += 1,
+        _ => barrier.arrived += 1,
+    }
+    if result.arrived_at.is_some() {
+        barrier.last_arrival_at = result.arrived_at;
+    }
     Arrival::Counted
+}
+
+/// Whether the branch at `position` is counted.
+pub fn is_counted(barrier: &pb::Barrier, position: usize) -> bool {
+    barrier
+        .counted
+        .get(position / 8)
+        .is_some_and(|b| b & (1 << (position % 8)) != 0)
 }
 
 /// Whether an OPEN barrier releases now; any other barrier: [`Decision::Wait`].
 ///
 /// In this order:
 /// - `fail_fast` and a FAILED branch: `Release { failure: true }`;
-/// - ALL: every branch recorded (arrived, failed or skipped):
+/// - ALL: every branch counted (arrived, failed or skipped):
 ///   `Release { failure: false }`;
 /// - QUORUM k: k branches ARRIVED: `Release { failure: false }`; so many
 ///   failed or skipped that k can no longer be reached:
@@ -331,10 +420,15 @@ pub fn decide(barrier: &pb::Barrier, timed_out: bool) -> Decision {
     let Some(spec) = barrier.spec.as_ref() else {
         return Decision::Wait;
     };
-    let expected = expected_of(spec);
-    let counts = Counts::of(&barrier.branches);
+    let expected = expected_of(barrier);
+    let (arrived, failed, skipped) = (
+        barrier.arrived as usize,
+        barrier.failed as usize,
+        barrier.skipped as usize,
+    );
+    let recorded = arrived + failed + skipped;
 
-    if spec.fail_fast && counts.failed > 0 {
+    if spec.fail_fast && failed > 0 {
         return Decision::Release {
             failure: true,
             timed_out: false,
@@ -343,14 +437,14 @@ pub fn decide(barrier: &pb::Barrier, timed_out: bool) -> Decision {
     match mode_of(spec) {
         pb::BarrierMode::Quorum => {
             let quorum = quorum_of(spec);
-            if counts.arrived >= quorum {
+            if arrived >= quorum {
                 return Decision::Release {
                     failure: false,
                     timed_out: false,
                 };
             }
-            let outstanding = expected.saturating_sub(counts.recorded());
-            if counts.arrived.saturating_add(outstanding) < quorum {
+            let outstanding = expected.saturating_sub(recorded);
+            if arrived.saturating_add(outstanding) < quorum {
                 return Decision::Release {
                     failure: true,
                     timed_out: false,
@@ -358,7 +452,7 @@ pub fn decide(barrier: &pb::Barrier, timed_out: bool) -> Decision {
             }
         }
         pb::BarrierMode::All | pb::BarrierMode::Unspecified => {
-            if counts.recorded() >= expected {
+            if recorded >= expected {
                 return Decision::Release {
                     failure: false,
                     timed_out: false,
@@ -375,38 +469,24 @@ pub fn decide(barrier: &pb::Barrier, timed_out: bool) -> Decision {
     Decision::Wait
 }
 
-/// Closes the barrier and builds its release payload.
-///
-/// An OPEN barrier becomes RELEASED (FAILED when `decision_failure`), with
-/// `released_at = now`, `release_handoff_id`, and the payload kept in
-/// `release` (`release_published` is left to the caller). A barrier that
-/// is no longer open is left as it is (the first release wins) and its
-/// kept `release` is returned; without one, a payload is built from its
-/// branches and the flags given.
-///
-/// The payload lists every branch in branch-key order (recorded ones as
-/// recorded, the others with status MISSING and no payload), the
-/// `missing`, `failed` and `skipped` keys in branch-key order, confidence =
-/// ARRIVED branches / expected branches (0 without branches), and
-/// warnings: one line per failed branch (`branch k failed: w1; w2`, or
-/// `branch k failed` without warnings) and, when timed out, one per
-/// missing branch (`branch k missing at timeout`), together in branch-key
-/// order; then for QUORUM one line `released at quorum k of n` (or
-/// `quorum k of n not reached: a arrived` when fewer than k arrived).
+/// Closes the barrier: an OPEN barrier becomes RELEASED (FAILED when
+/// `decision_failure`), with `released_at = now`, `release_handoff_id`,
+/// and in `release` what the release was decided with (its flags and
+/// confidence, no lists: [`release_payload`] builds those from the
+/// records). A barrier that is no longer open is left as it is: the first
+/// release wins.
 pub fn release(
     barrier: &mut pb::Barrier,
     decision_failure: bool,
     timed_out: bool,
     release_handoff_id: String,
     now: prost_types::Timestamp,
-) -> pb::BarrierRelease {
+) {
     if barrier.state != pb::BarrierState::Open as i32 {
-        if let Some(kept) = &barrier.release {
-            return kept.clone();
-        }
-        return release_payload(barrier, decision_failure, timed_out);
+        return;
     }
-    let payload = release_payload(barrier, decision_failure, timed_out);
+    let spec = barrier.spec.clone().unwrap_or_default();
+    let expected = expected_of(barrier);
     barrier.state = if decision_failure {
         pb::BarrierState::Failed as i32
     } else {
@@ -414,36 +494,113 @@ pub fn release(
     };
     barrier.released_at = Some(now);
     barrier.release_handoff_id = release_handoff_id;
-    barrier.release = Some(payload.clone());
-    payload
+    barrier.release = Some(pb::BarrierRelease {
+        run_id: spec.run_id,
+        barrier_id: spec.barrier_id,
+        failure: decision_failure,
+        timed_out,
+        confidence: if expected == 0 {
+            0.0
+        } else {
+            f64::from(barrier.arrived) / expected as f64
+        },
+        ..Default::default()
+    });
 }
 
-/// The release payload of `barrier` (see [`release`]).
-fn release_payload(
+/// The branch results the barrier counted, in branch-key order, from its
+/// key records (any order; a key's first record is the one kept).
+pub fn counted_branches(
     barrier: &pb::Barrier,
+    index: &KeyIndex,
+    records: impl IntoIterator<Item = pb::BranchResult>,
+) -> Vec<pb::BranchResult> {
+    let mut by_position: Vec<(usize, pb::BranchResult)> = Vec::new();
+    let mut seen = vec![false; index.len()];
+    for record in records {
+        let Some(position) = index.position(&record.key) else {
+            continue;
+        };
+        if is_counted(barrier, position) && !seen[position] {
+            seen[position] = true;
+            by_position.push((position, record));
+        }
+    }
+    by_position.sort_by_key(|(p, _)| *p);
+    by_position.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Keys whose result came once the barrier was no longer open (a record
+/// that was not counted), in branch-key order; none while it is open.
+pub fn late_keys<'a>(
+    barrier: &pb::Barrier,
+    index: &KeyIndex,
+    records: impl IntoIterator<Item = &'a pb::BranchResult>,
+) -> Vec<String> {
+    if barrier.state == pb::BarrierState::Open as i32 {
+        return Vec::new();
+    }
+    let mut late: Vec<usize> = records
+        .into_iter()
+        .filter_map(|r| index.position(&r.key))
+        .filter(|&p| !is_counted(barrier, p))
+        .collect();
+    late.sort_unstable();
+    late.dedup();
+    late.into_iter().map(|p| index.key(p)).collect()
+}
+
+/// The release payload of a released barrier (see [`release`]), from the
+/// records of its counted branches ([`counted_branches`], in branch-key
+/// order). For a barrier still open (a corrupt call), the flags given.
+///
+/// The payload lists every branch in branch-key order (counted ones as
+/// recorded, the others with status MISSING and no payload), the
+/// `missing`, `failed` and `skipped` keys in branch-key order, confidence =
+/// ARRIVED branches / expected branches (0 without branches), and
+/// warnings: one line per failed branch (`branch k failed: w1; w2`, or
+/// `branch k failed` without warnings) and, when timed out, one per
+/// missing branch (`branch k missing at timeout`), together in branch-key
+/// order; then for QUORUM one line `released at quorum k of n` (or
+/// `quorum k of n not reached: a arrived` when fewer than k arrived). A
+/// counted branch whose record is gone is released without payload and
+/// named in a warning.
+pub fn release_payload(
+    barrier: &pb::Barrier,
+    index: &KeyIndex,
+    counted: Vec<pb::BranchResult>,
     decision_failure: bool,
     timed_out: bool,
 ) -> pb::BarrierRelease {
     let no_spec = pb::BarrierSpec::default();
     let spec = barrier.spec.as_ref().unwrap_or(&no_spec);
-    let keys = keys_of(spec);
-    let mut recorded: HashMap<&str, &pb::BranchResult> =
-        HashMap::with_capacity(barrier.branches.len());
-    for branch in &barrier.branches {
-        recorded.entry(branch.key.as_str()).or_insert(branch);
-    }
-
+    let (failure, timed_out) = match &barrier.release {
+        Some(kept) => (kept.failure, kept.timed_out),
+        None => (decision_failure, timed_out),
+    };
     let mut out = pb::BarrierRelease {
         run_id: spec.run_id.clone(),
         barrier_id: spec.barrier_id.clone(),
-        branches: Vec::with_capacity(keys.len()),
-        failure: decision_failure,
+        branches: Vec::with_capacity(index.len()),
+        failure,
         timed_out,
         ..Default::default()
     };
+    let mut counted = counted.into_iter().peekable();
     let mut arrived = 0usize;
-    for key in &keys {
-        match recorded.get(key.as_str()) {
+    for position in 0..index.len() {
+        let key = index.key(position);
+        let record = counted
+            .next_if(|r| index.position(&r.key) == Some(position))
+            .or_else(|| {
+                is_counted(barrier, position).then(|| pb::BranchResult {
+                    key: key.clone(),
+                    status: pb::BranchStatus::Failed as i32,
+                    warnings: vec!["the branch's result is no longer stored".to_string()],
+                    ..Default::default()
+                })
+            });
+        match record {
             Some(branch) => {
                 match status_of(branch.status) {
                     pb::BranchStatus::Failed => {
@@ -457,7 +614,7 @@ fn release_payload(
                     pb::BranchStatus::Skipped => out.skipped.push(key.clone()),
                     _ => arrived += 1,
                 }
-                out.branches.push((*branch).clone());
+                out.branches.push(branch);
             }
             None => {
                 out.missing.push(key.clone());
@@ -466,7 +623,7 @@ fn release_payload(
                         .push(format!("branch {key} missing at timeout"));
                 }
                 out.branches.push(pb::BranchResult {
-                    key: key.clone(),
+                    key,
                     status: pb::BranchStatus::Missing as i32,
                     ..Default::default()
                 });
@@ -476,22 +633,21 @@ fn release_payload(
     if mode_of(spec) == pb::BarrierMode::Quorum {
         let quorum = quorum_of(spec);
         out.warnings.push(if arrived >= quorum {
-            format!("released at quorum {quorum} of {}", keys.len())
+            format!("released at quorum {quorum} of {}", index.len())
         } else {
             format!(
                 "quorum {quorum} of {} not reached: {arrived} arrived",
-                keys.len()
+                index.len()
             )
         });
     }
-    out.confidence = if keys.is_empty() {
+    out.confidence = if index.is_empty() {
         0.0
     } else {
-        arrived as f64 / keys.len() as f64
+        arrived as f64 / index.len() as f64
     };
     out
 }
-
 /// Whether two specs describe the same barrier (for an idempotent
 /// re-open): equal field by field after normalising defaults (mode
 /// UNSPECIFIED = ALL, on_timeout UNSPECIFIED = FAIL).
@@ -522,17 +678,13 @@ pub fn same_spec(a: &pb::BarrierSpec, b: &pb::BarrierSpec) -> bool {
 
 // ------------------------------------------------------------ internals
 
-/// Position of `key` in branch-key order, if it is one of the spec's keys.
-/// Whether `key` is one of the barrier's branches.
+/// Whether `key` is one of the barrier's branches (a scan of named keys:
+/// use a [`KeyIndex`] where it runs per arrival).
 pub fn has_key(spec: &pb::BarrierSpec, key: &str) -> bool {
-    position_of(spec, key).is_some()
-}
-
-fn position_of(spec: &pb::BarrierSpec, key: &str) -> Option<usize> {
     if spec.branch_keys.is_empty() {
-        count_position(key, count_of(spec))
+        count_position(key, count_of(spec)).is_some()
     } else {
-        spec.branch_keys.iter().position(|k| k == key)
+        spec.branch_keys.iter().any(|k| k == key)
     }
 }
 
@@ -548,67 +700,17 @@ fn count_position(key: &str, n: usize) -> Option<usize> {
     key.parse::<usize>().ok().filter(|i| *i < n)
 }
 
-/// Where a branch at `position` goes in `branches` (kept in branch-key
-/// order by [`arrive`]): after every recorded branch that comes before it.
-fn insertion_point(
-    spec: &pb::BarrierSpec,
-    branches: &[pb::BranchResult],
-    position: usize,
-) -> usize {
-    if spec.branch_keys.is_empty() {
-        let n = count_of(spec);
-        branches.partition_point(|b| count_position(&b.key, n).unwrap_or(usize::MAX) < position)
-    } else {
-        // `branches` is a subsequence of the keys: walk both once, with
-        // string comparisons only (no map to build per arrival).
-        let mut at = 0;
-        for key in spec.branch_keys.iter().take(position) {
-            if branches.get(at).is_some_and(|b| b.key == *key) {
-                at += 1;
-            }
-        }
-        at
+/// How many branches the barrier joins (its header's `expected`, or its
+/// spec's count for a header without one).
+fn expected_of(barrier: &pb::Barrier) -> usize {
+    if barrier.expected > 0 {
+        return barrier.expected as usize;
     }
-}
-
-/// How many branches the spec joins.
-fn expected_of(spec: &pb::BarrierSpec) -> usize {
-    if spec.branch_keys.is_empty() {
-        count_of(spec)
-    } else {
-        spec.branch_keys.len()
-    }
-}
-
-/// Recorded branches by status.
-struct Counts {
-    arrived: usize,
-    failed: usize,
-    skipped: usize,
-}
-
-impl Counts {
-    /// Counts the recorded branches (as kept by [`arrive`]: known keys,
-    /// each once).
-    fn of(branches: &[pb::BranchResult]) -> Self {
-        let mut counts = Counts {
-            arrived: 0,
-            failed: 0,
-            skipped: 0,
-        };
-        for branch in branches {
-            match status_of(branch.status) {
-                pb::BranchStatus::Failed => counts.failed += 1,
-                pb::BranchStatus::Skipped => counts.skipped += 1,
-                _ => counts.arrived += 1,
-            }
-        }
-        counts
-    }
-
-    fn recorded(&self) -> usize {
-        self.arrived + self.failed + self.skipped
-    }
+    barrier
+        .spec
+        .as_ref()
+        .map(|s| KeyIndex::of(s).len())
+        .unwrap_or(0)
 }
 
 /// The branch count, capped at [`MAX_BRANCHES`] (a validated spec is within).
@@ -616,15 +718,6 @@ fn count_of(spec: &pb::BarrierSpec) -> usize {
     usize::try_from(spec.branch_count)
         .unwrap_or(usize::MAX)
         .min(MAX_BRANCHES)
-}
-
-/// Every key of a (validated) spec in branch-key order.
-fn keys_of(spec: &pb::BarrierSpec) -> Vec<String> {
-    if spec.branch_keys.is_empty() {
-        (0..count_of(spec)).map(|i| i.to_string()).collect()
-    } else {
-        spec.branch_keys.clone()
-    }
 }
 
 /// The mode, UNSPECIFIED and unknown values counting as ALL.
@@ -726,9 +819,75 @@ mod tests {
         }
     }
 
-    fn opened(spec: pb::BarrierSpec) -> pb::Barrier {
+    /// A barrier header with its key records, as the broker keeps them: a
+    /// key's first result is its record (stored even when late), and the
+    /// header counts it.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Sim {
+        b: pb::Barrier,
+        index: KeyIndex,
+        records: Vec<pb::BranchResult>,
+    }
+
+    impl std::ops::Deref for Sim {
+        type Target = pb::Barrier;
+        fn deref(&self) -> &pb::Barrier {
+            &self.b
+        }
+    }
+
+    impl Sim {
+        fn branches(&self) -> Vec<pb::BranchResult> {
+            counted_branches(&self.b, &self.index, self.records.clone())
+        }
+
+        fn late(&self) -> Vec<String> {
+            late_keys(&self.b, &self.index, &self.records)
+        }
+    }
+
+    fn open(spec: pb::BarrierSpec, now: prost_types::Timestamp) -> Sim {
+        Sim {
+            index: KeyIndex::of(&spec),
+            b: super::open(spec, now),
+            records: Vec::new(),
+        }
+    }
+
+    fn opened(spec: pb::BarrierSpec) -> Sim {
         assert!(branch_keys(&spec).is_ok(), "{spec:?}");
         open(spec, ts(1))
+    }
+
+    fn arrive(sim: &mut Sim, mut result: pb::BranchResult) -> Arrival {
+        normalise(&mut result);
+        if sim.index.position(&result.key).is_none() {
+            return super::arrive(&mut sim.b, &sim.index, &result);
+        }
+        let record = match sim.records.iter().find(|r| r.key == result.key) {
+            Some(first) => first.clone(),
+            None => {
+                sim.records.push(result.clone());
+                result
+            }
+        };
+        super::arrive(&mut sim.b, &sim.index, &record)
+    }
+
+    fn decide(sim: &Sim, timed_out: bool) -> Decision {
+        super::decide(&sim.b, timed_out)
+    }
+
+    fn release(
+        sim: &mut Sim,
+        failure: bool,
+        timed_out: bool,
+        id: String,
+        now: prost_types::Timestamp,
+    ) -> pb::BarrierRelease {
+        super::release(&mut sim.b, failure, timed_out, id, now);
+        let counted = sim.branches();
+        release_payload(&sim.b, &sim.index, counted, failure, timed_out)
     }
 
     fn keys(branches: &[pb::BranchResult]) -> Vec<&str> {
@@ -979,7 +1138,7 @@ mod tests {
         for key in ["10", "2", "11", "0"] {
             assert_eq!(arrive(&mut barrier, result(key, ARRIVED)), Arrival::Counted);
         }
-        assert_eq!(keys(&barrier.branches), ["0", "2", "10", "11"]);
+        assert_eq!(keys(&barrier.branches()), ["0", "2", "10", "11"]);
         for bad in ["12", "02", "+2", "-1", "", "1.0", "99999999999999999999999"] {
             assert_eq!(
                 arrive(&mut barrier, result(bad, ARRIVED)),
@@ -987,7 +1146,7 @@ mod tests {
                 "{bad}"
             );
         }
-        assert_eq!(barrier.branches.len(), 4);
+        assert_eq!(barrier.branches().len(), 4);
     }
 
     #[test]
@@ -1001,8 +1160,8 @@ mod tests {
         let before = barrier.clone();
         assert_eq!(arrive(&mut barrier, second), Arrival::Duplicate);
         assert_eq!(barrier, before);
-        assert_eq!(barrier.branches[0].handoff_id, "h-a");
-        assert_eq!(barrier.branches[0].status, ARRIVED as i32);
+        assert_eq!(barrier.branches()[0].handoff_id, "h-a");
+        assert_eq!(barrier.branches()[0].status, ARRIVED as i32);
 
         // Unknown key: unchanged.
         assert_eq!(
@@ -1015,8 +1174,8 @@ mod tests {
         release(&mut barrier, false, false, "rel".into(), ts(2));
         assert_eq!(arrive(&mut barrier, result("b", ARRIVED)), Arrival::Late);
         assert_eq!(arrive(&mut barrier, result("b", FAILED)), Arrival::Late);
-        assert_eq!(barrier.late, ["b"]);
-        assert_eq!(barrier.branches.len(), 1);
+        assert_eq!(barrier.late(), ["b"]);
+        assert_eq!(barrier.branches().len(), 1);
         // A redelivery of a branch counted before the release is a duplicate.
         assert_eq!(
             arrive(&mut barrier, result("a", ARRIVED)),
@@ -1026,7 +1185,7 @@ mod tests {
             arrive(&mut barrier, result("z", ARRIVED)),
             Arrival::UnknownKey
         );
-        assert_eq!(barrier.late, ["b"]);
+        assert_eq!(barrier.late(), ["b"]);
     }
 
     #[test]
@@ -1037,15 +1196,15 @@ mod tests {
         let mut odd = result("2", ARRIVED);
         odd.status = 42;
         arrive(&mut barrier, odd);
-        assert_eq!(barrier.branches[0].status, ARRIVED as i32);
-        assert_eq!(barrier.branches[1].status, FAILED as i32);
+        assert_eq!(barrier.branches()[0].status, ARRIVED as i32);
+        assert_eq!(barrier.branches()[1].status, FAILED as i32);
         assert_eq!(
-            barrier.branches[1].warnings,
+            barrier.branches()[1].warnings,
             ["branch reported status BRANCH_STATUS_MISSING; recorded as failed"]
         );
-        assert_eq!(barrier.branches[2].status, FAILED as i32);
+        assert_eq!(barrier.branches()[2].status, FAILED as i32);
         assert_eq!(
-            barrier.branches[2].warnings,
+            barrier.branches()[2].warnings,
             ["branch reported status 42; recorded as failed"]
         );
     }
@@ -1106,8 +1265,8 @@ mod tests {
         assert!(out.branches[3].payload.is_none());
 
         assert_eq!(arrive(&mut barrier, result("3", ARRIVED)), Arrival::Late);
-        assert_eq!(barrier.late, ["3"]);
-        assert_eq!(barrier.branches.len(), 4);
+        assert_eq!(barrier.late(), ["3"]);
+        assert_eq!(barrier.branches().len(), 4);
     }
 
     #[test]
@@ -1266,7 +1425,7 @@ mod tests {
             });
             assert_eq!(arrive(&mut barrier, r), Arrival::Counted);
         }
-        assert_eq!(keys(&barrier.branches), order);
+        assert_eq!(keys(&barrier.branches()), order);
         assert_eq!(decide(&barrier, false), RELEASE_OK);
         let out = release(&mut barrier, false, false, "rel".into(), ts(2));
         assert_eq!(keys(&out.branches), order);
@@ -1290,7 +1449,7 @@ mod tests {
             result("4", ARRIVED),
             result("2", ARRIVED),
         ];
-        let run = |barrier: &mut pb::Barrier| -> Vec<pb::BarrierRelease> {
+        let run = |barrier: &mut Sim| -> Vec<pb::BarrierRelease> {
             let mut releases = Vec::new();
             for step in &steps {
                 arrive(barrier, step.clone());
@@ -1307,7 +1466,7 @@ mod tests {
         let second = run(&mut barrier);
         assert!(second.is_empty());
         assert_eq!(barrier, once);
-        assert_eq!(barrier.late, ["2"]);
+        assert_eq!(barrier.late(), ["2"]);
 
         // Each step applied twice in a row gives the same barrier as once.
         let mut a = opened(counted(5));
@@ -1324,7 +1483,14 @@ mod tests {
         let again = release(&mut released, true, true, "other".into(), ts(99));
         assert_eq!(released, once);
         assert_eq!(Some(&again), first.first());
-        assert_eq!(once.release.as_ref(), first.first());
+        assert_eq!(
+            once.release
+                .as_ref()
+                .map(|r| (r.failure, r.timed_out, r.confidence)),
+            first
+                .first()
+                .map(|r| (r.failure, r.timed_out, r.confidence))
+        );
         assert_eq!(once.release_handoff_id, "rel");
     }
 
@@ -1359,15 +1525,22 @@ mod tests {
 
     #[test]
     fn corrupt_barriers_do_not_panic() {
-        let mut empty = pb::Barrier::default();
+        let mut empty = Sim {
+            b: pb::Barrier::default(),
+            index: KeyIndex::of(&pb::BarrierSpec::default()),
+            records: Vec::new(),
+        };
         assert_eq!(
             arrive(&mut empty, result("0", ARRIVED)),
             Arrival::UnknownKey
         );
         assert_eq!(decide(&empty, true), Decision::Wait);
-        let mut no_spec = pb::Barrier {
-            state: pb::BarrierState::Open as i32,
-            ..Default::default()
+        let mut no_spec = Sim {
+            b: pb::Barrier {
+                state: pb::BarrierState::Open as i32,
+                ..Default::default()
+            },
+            ..empty.clone()
         };
         assert_eq!(decide(&no_spec, true), Decision::Wait);
         let out = release(&mut no_spec, false, true, "rel".into(), ts(1));
@@ -1401,7 +1574,7 @@ mod tests {
             },
             ts(1),
         );
-        dup.branches.push(result("zz", ARRIVED));
+        dup.records.push(result("zz", ARRIVED));
         assert_eq!(arrive(&mut dup, result("b", ARRIVED)), Arrival::Counted);
         assert_eq!(arrive(&mut dup, result("a", ARRIVED)), Arrival::Counted);
         assert_eq!(arrive(&mut dup, result("a", ARRIVED)), Arrival::Duplicate);

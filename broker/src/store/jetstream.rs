@@ -9,7 +9,7 @@
 //! deterministic message id, so a retried step is recognised by JetStream
 //! instead of stored twice.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use async_nats::{
     header::{HeaderMap, NATS_MESSAGE_ID},
@@ -21,7 +21,9 @@ use futures::{stream::BoxStream, StreamExt, TryStreamExt};
 use handoff_proto::pb;
 use prost::Message as _;
 
-use super::{Claim, InboxMessage, Offered, Result, Settlement, Store, Stored, TimerKind};
+use super::{
+    BranchPut, Claim, InboxMessage, Offered, Result, Settlement, Store, Stored, TimerKind,
+};
 use crate::{config::Config, error::BrokerError};
 
 /// Stream of agent inboxes, `handoff.v1.inbox.<agent>`.
@@ -97,9 +99,6 @@ impl Turn<'_> {
     }
 }
 
-/// Branch results read at once when a release gathers their payloads:
-/// enough that a 100-branch release takes one round of direct gets.
-const BRANCH_READS: usize = 128;
 /// Durable consumer of the timer stream, shared by every broker replica.
 pub const TIMERS_CONSUMER: &str = "handoff_timers";
 
@@ -132,6 +131,11 @@ pub fn branch_subject(run_id: &str, barrier_id: &str, key: &str) -> String {
 /// Key of a barrier in its bucket.
 pub fn barrier_key(run_id: &str, barrier_id: &str) -> String {
     format!("{run_id}.{barrier_id}")
+}
+
+/// Key of a barrier's whole spec, when its header leaves the keys out.
+fn barrier_keys_key(run_id: &str, barrier_id: &str) -> String {
+    format!("{run_id}.{barrier_id}.keys")
 }
 
 /// Key of the note that a branch result reached a barrier before it was
@@ -1161,6 +1165,29 @@ impl Store for JetStream {
         }
     }
 
+    async fn create_barrier_keys(&self, spec: &pb::BarrierSpec) -> Result<()> {
+        let key = barrier_keys_key(&spec.run_id, &spec.barrier_id);
+        match self
+            .barriers
+            .create(key.as_str(), spec.encode_to_vec().into())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(BrokerError::nats("storing the barrier's keys", e)),
+        }
+    }
+
+    async fn barrier_keys(
+        &self,
+        run_id: &str,
+        barrier_id: &str,
+    ) -> Result<Option<pb::BarrierSpec>> {
+        read(&self.barriers, &barrier_keys_key(run_id, barrier_id))
+            .await
+            .map(|found| found.map(|(spec, _)| spec))
+    }
+
     /// Compare-and-set of a barrier; false when another write came first.
     async fn update_barrier(&self, barrier: &pb::Barrier, revision: u64) -> Result<bool> {
         let spec = barrier.spec.clone().unwrap_or_default();
@@ -1202,23 +1229,78 @@ impl Store for JetStream {
             .map_err(|e| BrokerError::nats("reading the barrier", e))
     }
 
+    /// Published with the handoff id as message id (a retry is
+    /// deduplicated) and an expected last sequence of 0 on the key's
+    /// subject, so the stream itself keeps only a key's first result.
     async fn put_branch_result(
         &self,
         run_id: &str,
         barrier_id: &str,
         result: &pb::BranchResult,
-    ) -> Result<Stored, BrokerError> {
-        let ack = self
-            .publish(
-                branch_subject(run_id, barrier_id, &result.key),
-                &result.handoff_id,
-                result.encode_to_vec().into(),
-            )
-            .await?;
-        Ok(Stored {
-            sequence: ack.sequence,
-            duplicate: ack.duplicate,
-        })
+    ) -> Result<BranchPut, BrokerError> {
+        let subject = branch_subject(run_id, barrier_id, &result.key);
+        let message = jetstream::message::PublishMessage::build()
+            .payload(result.encode_to_vec().into())
+            .message_id(&result.handoff_id)
+            .expected_last_subject_sequence(0);
+        let sent = self
+            .js
+            .send_publish(subject.clone(), message)
+            .await
+            .map_err(|e| BrokerError::nats("publishing a branch result", e))?;
+        match sent.await {
+            Ok(ack) => Ok(BranchPut::Stored(Stored {
+                sequence: ack.sequence,
+                duplicate: ack.duplicate,
+            })),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                let first = self
+                    .branch_result(run_id, barrier_id, &result.key)
+                    .await?
+                    .ok_or_else(|| {
+                        BrokerError::Unavailable(format!(
+                            "branch {} has a result that cannot be read back yet",
+                            result.key
+                        ))
+                    })?;
+                if first.handoff_id == result.handoff_id {
+                    Ok(BranchPut::Stored(Stored {
+                        sequence: first.sequence,
+                        duplicate: true,
+                    }))
+                } else {
+                    Ok(BranchPut::Taken(first))
+                }
+            }
+            Err(e) => Err(BrokerError::nats("storing a branch result", e)),
+        }
+    }
+
+    async fn branch_result(
+        &self,
+        run_id: &str,
+        barrier_id: &str,
+        key: &str,
+    ) -> Result<Option<pb::BranchResult>, BrokerError> {
+        let subject = branch_subject(run_id, barrier_id, key);
+        let msg = match self
+            .branches
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(None)
+            }
+            Err(e) => return Err(BrokerError::nats("reading a branch result", e)),
+        };
+        let mut result = pb::BranchResult::decode(msg.payload).map_err(|e| {
+            BrokerError::Internal(format!(
+                "stored branch result {subject} does not decode: {e}"
+            ))
+        })?;
+        result.sequence = msg.sequence;
+        Ok(Some(result))
     }
 
     /// Every branch result stored for a barrier, in stream order, each
@@ -1272,37 +1354,6 @@ impl Store for JetStream {
             }
         }
         Ok(out)
-    }
-
-    /// The payloads of branch results stored at `sequences`, read
-    /// concurrently with direct gets (falling back to the stream leader for
-    /// one a replica has not caught up with). A sequence no longer stored,
-    /// or a result without a payload, is absent from the map.
-    async fn branch_payloads(&self, sequences: &[u64]) -> Result<HashMap<u64, prost_types::Any>> {
-        futures::stream::iter(sequences.iter().copied())
-            .map(|seq| async move {
-                let msg = match self.branches.direct_get(seq).await {
-                    Ok(m) => Some(m),
-                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
-                        match self.branches.get_raw_message(seq).await {
-                            Ok(m) => Some(m),
-                            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {
-                                None
-                            }
-                            Err(e) => return Err(BrokerError::nats("reading a branch result", e)),
-                        }
-                    }
-                    Err(e) => return Err(BrokerError::nats("reading a branch result", e)),
-                };
-                Ok(msg
-                    .and_then(|m| pb::BranchResult::decode(m.payload).ok())
-                    .and_then(|r| r.payload)
-                    .map(|p| (seq, p)))
-            })
-            .buffer_unordered(BRANCH_READS)
-            .try_filter_map(|found| async move { Ok(found) })
-            .try_collect()
-            .await
     }
 
     async fn lease(&self, agent: &str, sequence: u64) -> Result<Option<(pb::Lease, u64)>> {

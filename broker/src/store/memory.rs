@@ -13,7 +13,9 @@ use futures::{stream::BoxStream, StreamExt};
 use handoff_proto::pb;
 use prost::Message as _;
 
-use super::{Claim, InboxMessage, Offered, Result, Settlement, Store, Stored, TimerKind};
+use super::{
+    BranchPut, Claim, InboxMessage, Offered, Result, Settlement, Store, Stored, TimerKind,
+};
 use crate::error::BrokerError;
 
 /// Where an inbox entry stands.
@@ -56,6 +58,7 @@ struct State {
     early: HashSet<String>,
     branches: Vec<(String, pb::BranchResult)>,
     branch_ids: HashMap<String, u64>,
+    barrier_keys: HashMap<String, pb::BarrierSpec>,
     timers: Vec<(pb::Timer, TimerKind)>,
     leases: HashMap<String, (pb::Lease, u64)>,
     keys: Option<(pb::SigningKeys, u64)>,
@@ -574,6 +577,26 @@ impl Store for Memory {
         Ok(true)
     }
 
+    async fn create_barrier_keys(&self, spec: &pb::BarrierSpec) -> Result<()> {
+        self.state()?
+            .barrier_keys
+            .entry(barrier_key(&spec.run_id, &spec.barrier_id))
+            .or_insert_with(|| spec.clone());
+        Ok(())
+    }
+
+    async fn barrier_keys(
+        &self,
+        run_id: &str,
+        barrier_id: &str,
+    ) -> Result<Option<pb::BarrierSpec>> {
+        Ok(self
+            .state()?
+            .barrier_keys
+            .get(&barrier_key(run_id, barrier_id))
+            .cloned())
+    }
+
     async fn update_barrier(&self, barrier: &pb::Barrier, revision: u64) -> Result<bool> {
         self.trip("update_barrier")?;
         let spec = barrier.spec.clone().unwrap_or_default();
@@ -604,24 +627,47 @@ impl Store for Memory {
         run_id: &str,
         barrier_id: &str,
         result: &pb::BranchResult,
-    ) -> Result<Stored> {
+    ) -> Result<BranchPut> {
         self.trip("put_branch_result")?;
         let mut s = self.state()?;
+        let key = barrier_key(run_id, barrier_id);
         if let Some(&sequence) = s.branch_ids.get(&result.handoff_id) {
-            return Ok(Stored {
+            return Ok(BranchPut::Stored(Stored {
                 sequence,
                 duplicate: true,
-            });
+            }));
+        }
+        if let Some((_, first)) = s
+            .branches
+            .iter()
+            .find(|(k, r)| *k == key && r.key == result.key)
+        {
+            return Ok(BranchPut::Taken(first.clone()));
         }
         let mut stored = result.clone();
         stored.sequence = s.branches.len() as u64 + 1;
         let sequence = stored.sequence;
-        s.branches.push((barrier_key(run_id, barrier_id), stored));
+        s.branches.push((key, stored));
         s.branch_ids.insert(result.handoff_id.clone(), sequence);
-        Ok(Stored {
+        Ok(BranchPut::Stored(Stored {
             sequence,
             duplicate: false,
-        })
+        }))
+    }
+
+    async fn branch_result(
+        &self,
+        run_id: &str,
+        barrier_id: &str,
+        key: &str,
+    ) -> Result<Option<pb::BranchResult>> {
+        let barrier = barrier_key(run_id, barrier_id);
+        Ok(self
+            .state()?
+            .branches
+            .iter()
+            .find(|(k, r)| *k == barrier && r.key == key)
+            .map(|(_, r)| r.clone()))
     }
 
     async fn branch_results(
@@ -636,18 +682,6 @@ impl Store for Memory {
             .iter()
             .filter(|(k, _)| *k == key)
             .map(|(_, r)| r.clone())
-            .collect())
-    }
-
-    async fn branch_payloads(&self, sequences: &[u64]) -> Result<HashMap<u64, prost_types::Any>> {
-        let s = self.state()?;
-        Ok(sequences
-            .iter()
-            .filter_map(|&seq| {
-                let i = usize::try_from(seq).ok()?.checked_sub(1)?;
-                let payload = s.branches.get(i)?.1.payload.clone()?;
-                Some((seq, payload))
-            })
             .collect())
     }
 

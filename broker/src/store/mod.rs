@@ -14,7 +14,7 @@ pub mod jetstream;
 #[cfg(test)]
 pub mod memory;
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
@@ -35,6 +35,16 @@ pub struct Stored {
     /// Whether the store recognised it as a repeat of an earlier write
     /// with the same id (and stored nothing).
     pub duplicate: bool,
+}
+
+/// How a branch result was stored as its key's record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BranchPut {
+    /// It is the key's record (`duplicate`: stored before, by the same
+    /// handoff).
+    Stored(Stored),
+    /// The key's record is another handoff's result: this one.
+    Taken(pb::BranchResult),
 }
 
 /// The first handoff made from a consumed delivery.
@@ -257,8 +267,18 @@ pub trait Store: Send + Sync + 'static {
     /// A barrier and its revision.
     async fn barrier(&self, run_id: &str, barrier_id: &str) -> Result<Option<(pb::Barrier, u64)>>;
 
-    /// Creates a barrier unless it exists; returns whether it was created.
+    /// Creates a barrier's header unless it exists; returns whether it was
+    /// created. A header with `keys_apart` is created after its keys
+    /// ([`Store::create_barrier_keys`]).
     async fn create_barrier(&self, barrier: &pb::Barrier) -> Result<bool>;
+
+    /// Stores the whole spec of a barrier whose header leaves its keys out,
+    /// unless a spec is stored for it already (the first one stays).
+    async fn create_barrier_keys(&self, spec: &pb::BarrierSpec) -> Result<()>;
+
+    /// The whole spec stored by [`Store::create_barrier_keys`].
+    async fn barrier_keys(&self, run_id: &str, barrier_id: &str)
+        -> Result<Option<pb::BarrierSpec>>;
 
     /// Compare-and-set of a barrier; `false` when another write came first.
     async fn update_barrier(&self, barrier: &pb::Barrier, revision: u64) -> Result<bool>;
@@ -269,22 +289,29 @@ pub trait Store: Send + Sync + 'static {
     /// Whether a branch result reached this barrier before it was opened.
     async fn has_early_branch(&self, run_id: &str, barrier_id: &str) -> Result<bool>;
 
-    /// Stores a branch result, deduplicated by `result.handoff_id`.
+    /// Stores a branch result as its key's record: the first result for a
+    /// key is the one kept. The same handoff's result again is recognised
+    /// (`duplicate`); another handoff's result for a key that has one is
+    /// not stored, and the kept one is returned.
     async fn put_branch_result(
         &self,
         run_id: &str,
         barrier_id: &str,
         result: &pb::BranchResult,
-    ) -> Result<Stored>;
+    ) -> Result<BranchPut>;
 
-    /// Every branch result stored for a barrier, in order, each with its
-    /// sequence (a retried or late branch may appear more than once).
+    /// The record of one branch key (with its sequence), if it has one.
+    async fn branch_result(
+        &self,
+        run_id: &str,
+        barrier_id: &str,
+        key: &str,
+    ) -> Result<Option<pb::BranchResult>>;
+
+    /// Every branch record of a barrier, each with its sequence and
+    /// payload, in the order they were stored.
     async fn branch_results(&self, run_id: &str, barrier_id: &str)
         -> Result<Vec<pb::BranchResult>>;
-
-    /// The payloads of the branch results stored at `sequences`; one no
-    /// longer stored, or without a payload, is absent.
-    async fn branch_payloads(&self, sequences: &[u64]) -> Result<HashMap<u64, prost_types::Any>>;
 
     // ---- run state
 
