@@ -79,6 +79,8 @@ reasons! {
         "a delivery id that is not one the broker issued, or that belongs to another agent";
     InvalidBarrierSpec => "INVALID_BARRIER_SPEC", InvalidArgument,
         "a barrier spec with bad keys or counts, a quorum outside 1..n, a timeout that is not positive";
+    TooManyBranches => "TOO_MANY_BRANCHES", InvalidArgument,
+        "a barrier with more branches than the broker's cap (10,000)";
     UnknownBranchKey => "UNKNOWN_BRANCH_KEY", InvalidArgument,
         "a fan-out branch whose key is not one of the barrier's, or repeats";
     InvalidContract => "INVALID_CONTRACT", InvalidArgument,
@@ -291,6 +293,14 @@ pub enum BrokerError {
         /// The mode asked for.
         requested: &'static str,
     },
+    /// A barrier spec with more branches than a barrier may join.
+    #[error("the barrier has {count} branches; a barrier joins at most {limit}")]
+    TooManyBranches {
+        /// Branches asked for.
+        count: usize,
+        /// The cap.
+        limit: usize,
+    },
     /// A branch result that would make its barrier's release handoff
     /// larger than one NATS message.
     #[error("branch {key:?} of barrier {barrier:?} is {size} bytes; the release carries {used} bytes of branch results already and fits at most {budget} (the NATS max_payload, less the release's own fields): hand off a smaller result")]
@@ -375,6 +385,7 @@ impl BrokerError {
             PayloadTooLarge { .. } => Reason::PayloadTooLarge,
             EnvelopeTooLarge { .. } => Reason::EnvelopeTooLarge,
             BranchTooLarge { .. } => Reason::BranchTooLarge,
+            TooManyBranches { .. } => Reason::TooManyBranches,
             DeliveryGone(_) => Reason::DeliveryGone,
             Unavailable(_) => Reason::NatsUnavailable,
             Draining(_) => Reason::Draining,
@@ -445,6 +456,9 @@ impl BrokerError {
                 ("stored_mode", stored.to_string()),
                 ("requested_mode", requested.to_string()),
             ],
+            TooManyBranches { count, limit } => {
+                vec![("count", count.to_string()), ("limit", limit.to_string())]
+            }
             BranchTooLarge {
                 barrier,
                 key,

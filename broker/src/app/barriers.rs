@@ -110,9 +110,16 @@ pub fn release_id(run_id: &str, barrier_id: &str) -> String {
     crate::rules::handoff::derived_id(&format!("barrier\u{0}{run_id}\u{0}{barrier_id}"))
 }
 
-/// A barrier spec refused by the rules, as INVALID_BARRIER_SPEC.
+/// A barrier spec refused by the rules: TOO_MANY_BRANCHES over the cap,
+/// else INVALID_BARRIER_SPEC.
 pub fn spec_error(e: barrier::BarrierError) -> BrokerError {
-    BrokerError::invalid(Reason::InvalidBarrierSpec, "barrier", e.to_string())
+    match e {
+        barrier::BarrierError::TooManyBranches { count } => BrokerError::TooManyBranches {
+            count,
+            limit: barrier::MAX_BRANCHES,
+        },
+        e => BrokerError::invalid(Reason::InvalidBarrierSpec, "barrier", e.to_string()),
+    }
 }
 
 /// Opens a barrier (idempotent for the same spec), applies branch results
