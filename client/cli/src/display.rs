@@ -762,7 +762,7 @@ mod tests {
                 ..Default::default()
             }),
             release_published: true,
-            payload_bytes: 0,
+            ..Default::default()
         };
         let text = barrier_table(&b);
         let expected = "\
