@@ -327,10 +327,15 @@ fn cost(result: &pb::BranchResult) -> u64 {
 /// NATS message limit less the release's own fields (envelope, lists of
 /// keys, placeholders for missing branches and their warnings).
 fn budget(broker: &Broker, b: &pb::Barrier) -> u64 {
-    let max = match broker.store().max_payload() {
-        0 => 1 << 20,
-        n => n,
-    } as u64;
+    // A release over one NATS message goes by reference
+    // (`payloads::externalize`): it may be as large as any payload.
+    let max = broker
+        .config()
+        .max_payload_size
+        .max(match broker.store().max_payload() {
+            0 => 1 << 20,
+            n => n,
+        }) as u64;
     // Key lengths, without listing the keys (this runs on every arrival).
     let per_key: u64 = match b.spec.as_ref() {
         Some(spec) if !spec.branch_keys.is_empty() => spec
@@ -622,7 +627,7 @@ async fn publish_release(
     let payload = prost_types::Any::from_msg(&release)
         .map_err(|e| BrokerError::Internal(format!("encoding the release: {e}")))?;
     let depth = release.branches.iter().map(|r| r.depth).max().unwrap_or(0) + 1;
-    let envelope = pb::HandoffEnvelope {
+    let mut envelope = pb::HandoffEnvelope {
         id: b.release_handoff_id.clone(),
         run_id: run.id.clone(),
         target_agent: spec.target_agent.clone(),
@@ -644,6 +649,7 @@ async fn publish_release(
             .map_or(0, |r| r.revision),
         ..Default::default()
     };
+    crate::app::payloads::externalize(broker, &mut envelope).await?;
     broker.store().put_handoff(&envelope).await?;
     let stored_at = SystemTime::now();
     broker

@@ -13,7 +13,9 @@ use futures::{stream::BoxStream, StreamExt};
 use handoff_proto::pb;
 use prost::Message as _;
 
-use super::{Claim, InboxMessage, Offered, Result, Settlement, Store, Stored, TimerKind};
+use super::{
+    Claim, InboxMessage, Offered, PayloadInfo, Result, Settlement, Store, Stored, TimerKind,
+};
 use crate::error::BrokerError;
 
 /// Where an inbox entry stands.
@@ -58,6 +60,8 @@ struct State {
     branch_ids: HashMap<String, u64>,
     timers: Vec<(pb::Timer, TimerKind)>,
     leases: HashMap<String, (pb::Lease, u64)>,
+    /// Payloads kept by reference, by name.
+    payloads: HashMap<String, (bytes::Bytes, PayloadInfo)>,
     keys: Option<(pb::SigningKeys, u64)>,
     principals: BTreeMap<String, pb::Principal>,
     tokens: BTreeMap<String, (pb::ApiToken, u64)>,
@@ -754,6 +758,31 @@ impl Store for Memory {
             .values()
             .map(|(t, _)| t.clone())
             .collect())
+    }
+
+    async fn put_payload(&self, name: &str, value: bytes::Bytes) -> Result<PayloadInfo> {
+        self.trip("put_payload")?;
+        let info = PayloadInfo {
+            size: value.len() as u64,
+            sha256: super::sha256_hex(&value),
+            stored_at: Some(std::time::SystemTime::now()),
+        };
+        let mut state = self.state()?;
+        let kept = state
+            .payloads
+            .entry(name.to_string())
+            .or_insert((value, info));
+        Ok(kept.1.clone())
+    }
+
+    async fn payload_info(&self, name: &str) -> Result<Option<PayloadInfo>> {
+        self.trip("payload_info")?;
+        Ok(self.state()?.payloads.get(name).map(|(_, i)| i.clone()))
+    }
+
+    async fn get_payload(&self, name: &str) -> Result<Option<bytes::Bytes>> {
+        self.trip("get_payload")?;
+        Ok(self.state()?.payloads.get(name).map(|(v, _)| v.clone()))
     }
 
     async fn schedule(&self, timer: &pb::Timer, kind: TimerKind) -> Result<()> {
