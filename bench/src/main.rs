@@ -21,7 +21,10 @@
 //! - `state`: 100,000 runs holding state (seeded, then one delta each);
 //! - `memory`: `handoffd`'s resident memory idle, at its peak under
 //!   `throughput`, with the open barriers of `scale`, and with the runs
-//!   holding state of `state`.
+//!   holding state of `state`;
+//! - `payload`: 1 MiB and 16 MiB handoffs stored by reference, submit ->
+//!   delivered with the payload fetched and checked, next to a raw
+//!   object-store put and get (see `payload.rs`).
 //!
 //! Latencies go through HDR histograms. The table goes to stdout (JSON
 //! with `--json`), progress to stderr; `--plot FILE.png` also draws every
@@ -40,6 +43,7 @@ use std::{
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod payload;
 mod plot;
 mod report;
 mod scenarios;
@@ -57,6 +61,7 @@ enum Scenario {
     Scale,
     State,
     Memory,
+    Payload,
 }
 
 /// Benchmarks of handoffd, each next to raw JetStream.
@@ -396,6 +401,27 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 raw: Some(raw_delivered),
             },
         ));
+    }
+
+    if wants(Scenario::Payload) {
+        for &(size, label, count) in payload::SIZES {
+            let progress = bar(count, &format!("payload {label}"));
+            let (h, raw) = payload::run(
+                &client,
+                stack.nats_url(),
+                stack.replicas(),
+                size,
+                count,
+                &progress,
+            )
+            .await?;
+            panel(format!("payload: {label} end to end"), &h, Some(&raw));
+            rows.push(Row::new(
+                "payload",
+                format!("{label}: submit -> delivered, resolved (raw: put+get)"),
+                latency(&h, Some(&raw)),
+            ));
+        }
     }
 
     if wants(Scenario::Memory) {

@@ -77,7 +77,12 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "max_inline_payload",
         default: "262144",
-        doc: "Largest payload carried inline, in bytes; larger ones are refused.",
+        doc: "Largest payload carried inline in a handoff envelope, in bytes; larger ones (up to max_payload_size) are stored in the handoff_payloads object store and the envelope carries a reference.",
+    },
+    Key {
+        name: "max_payload_size",
+        default: "67108864",
+        doc: "Largest payload accepted, in bytes (the encoded Any, type URL included); larger ones are refused (PAYLOAD_TOO_LARGE). gRPC requests may be this large plus 4 MiB.",
     },
     Key {
         name: "max_state_value_bytes",
@@ -253,8 +258,11 @@ pub struct Config {
     pub default_max_depth: u32,
     /// Deadline of a run that sets no timeout.
     pub default_run_timeout: Duration,
-    /// Inline payload limit in bytes.
+    /// Inline payload limit in bytes: larger payloads go by reference.
     pub max_inline_payload: usize,
+    /// Largest payload accepted in bytes (by reference above the inline
+    /// limit).
+    pub max_payload_size: usize,
     /// Largest encoded value of one run-state key.
     pub max_state_value_bytes: usize,
     /// Largest run-state document.
@@ -558,6 +566,23 @@ impl Config {
         if retention < dedupe_window {
             problems.push("retention: must be at least dedupe_window".to_string());
         }
+        let max_inline_payload = num(
+            "max_inline_payload",
+            raw("max_inline_payload"),
+            1,
+            &mut problems,
+        );
+        let max_payload_size = num(
+            "max_payload_size",
+            raw("max_payload_size"),
+            1usize,
+            &mut problems,
+        );
+        if max_payload_size < max_inline_payload {
+            problems.push(format!(
+                "max_payload_size: {max_payload_size} is under max_inline_payload ({max_inline_payload})"
+            ));
+        }
         let config = Config {
             nats_url,
             nats_server_bin: PathBuf::from(raw("nats_server_bin")),
@@ -580,12 +605,8 @@ impl Config {
                 1,
                 &mut problems,
             ),
-            max_inline_payload: num(
-                "max_inline_payload",
-                raw("max_inline_payload"),
-                1,
-                &mut problems,
-            ),
+            max_inline_payload,
+            max_payload_size,
             max_state_value_bytes: num(
                 "max_state_value_bytes",
                 raw("max_state_value_bytes"),

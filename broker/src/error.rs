@@ -95,6 +95,8 @@ reasons! {
         "the contract, or the version asked for, is not registered";
     BarrierNotFound => "BARRIER_NOT_FOUND", NotFound,
         "the barrier does not exist";
+    PayloadNotFound => "PAYLOAD_NOT_FOUND", NotFound,
+        "a payload reference names no stored object (never stored, or expired with retention)";
     RunExists => "RUN_EXISTS", AlreadyExists,
         "the run id is already used by another owner";
     ContractConflict => "CONTRACT_CONFLICT", AlreadyExists,
@@ -108,7 +110,7 @@ reasons! {
     DepthCap => "DEPTH_CAP", FailedPrecondition,
         "the handoff would go deeper than the run's max_depth";
     PayloadTooLarge => "PAYLOAD_TOO_LARGE", FailedPrecondition,
-        "the payload (or the pinned context) is over max_inline_payload";
+        "the payload is over max_payload_size (or the pinned context over max_inline_payload)";
     EnvelopeTooLarge => "ENVELOPE_TOO_LARGE", FailedPrecondition,
         "the whole handoff envelope is over NATS's max_payload";
     ContractMismatch => "CONTRACT_MISMATCH", FailedPrecondition,
@@ -133,6 +135,8 @@ reasons! {
         "a contract version that is neither an existing one nor the next";
     BranchTooLarge => "BRANCH_TOO_LARGE", FailedPrecondition,
         "a branch result that would take the barrier's release past one NATS message";
+    PayloadDigestMismatch => "PAYLOAD_DIGEST_MISMATCH", FailedPrecondition,
+        "a payload reference whose size or SHA-256 is not the stored object's";
     DeliveryGone => "DELIVERY_GONE", FailedPrecondition,
         "the consumed delivery's handoff is no longer stored";
     LeaseSuperseded => "LEASE_SUPERSEDED", FailedPrecondition,
@@ -164,7 +168,7 @@ reasons! {
     UndeclaredEmit => "UNDECLARED_EMIT", PermissionDenied,
         "the source agent sends a contract it does not declare in emits";
     RequestTooLarge => "REQUEST_TOO_LARGE", OutOfRange,
-        "the request is larger than gRPC accepts (twice max_inline_payload, at least 4 MiB)";
+        "the request is larger than gRPC accepts (max_payload_size plus 4 MiB)";
     NatsUnavailable => "NATS_UNAVAILABLE", Unavailable,
         "NATS is unreachable; retrying with the same idempotency key is safe";
     Draining => "DRAINING", Unavailable,
@@ -228,13 +232,38 @@ pub enum BrokerError {
         /// The run's cap.
         max_depth: u32,
     },
-    /// The payload is larger than the inline limit.
-    #[error("payload is {size} bytes; the inline limit is {limit} bytes (max_inline_payload)")]
+    /// The payload is larger than the broker accepts.
+    #[error(
+        "payload is {size} bytes; the limit is {limit} bytes ({setting}); nothing is truncated"
+    )]
     PayloadTooLarge {
         /// Encoded payload size.
         size: usize,
         /// The configured limit.
         limit: usize,
+        /// The configuration key of the limit.
+        setting: &'static str,
+    },
+    /// A payload reference names no stored object.
+    #[error("payload {name:?} is not stored (never stored, or expired with retention)")]
+    PayloadNotFound {
+        /// The object's name.
+        name: String,
+    },
+    /// A payload reference whose size or digest is not the stored
+    /// object's.
+    #[error("payload {name:?} is {stored_size} bytes with SHA-256 {stored_sha256}; the reference says {size} bytes with SHA-256 {sha256}")]
+    PayloadDigestMismatch {
+        /// The object's name.
+        name: String,
+        /// The size the reference states.
+        size: u64,
+        /// The digest the reference states.
+        sha256: String,
+        /// The stored object's size.
+        stored_size: u64,
+        /// The stored object's digest.
+        stored_sha256: String,
     },
     /// The whole envelope (payload, warnings, tool results...) is larger
     /// than NATS accepts.
@@ -383,6 +412,8 @@ impl BrokerError {
             RunClosed { .. } => Reason::RunClosed,
             DepthExceeded { .. } => Reason::DepthCap,
             PayloadTooLarge { .. } => Reason::PayloadTooLarge,
+            PayloadNotFound { .. } => Reason::PayloadNotFound,
+            PayloadDigestMismatch { .. } => Reason::PayloadDigestMismatch,
             EnvelopeTooLarge { .. } => Reason::EnvelopeTooLarge,
             BranchTooLarge { .. } => Reason::BranchTooLarge,
             TooManyBranches { .. } => Reason::TooManyBranches,
@@ -425,9 +456,29 @@ impl BrokerError {
                 ("depth", depth.to_string()),
                 ("max_depth", max_depth.to_string()),
             ],
-            PayloadTooLarge { size, limit } => {
-                vec![("size", size.to_string()), ("limit", limit.to_string())]
-            }
+            PayloadTooLarge {
+                size,
+                limit,
+                setting,
+            } => vec![
+                ("size", size.to_string()),
+                ("limit", limit.to_string()),
+                ("setting", setting.to_string()),
+            ],
+            PayloadNotFound { name } => vec![("name", name.clone())],
+            PayloadDigestMismatch {
+                name,
+                size,
+                sha256,
+                stored_size,
+                stored_sha256,
+            } => vec![
+                ("name", name.clone()),
+                ("size", size.to_string()),
+                ("sha256", sha256.clone()),
+                ("stored_size", stored_size.to_string()),
+                ("stored_sha256", stored_sha256.clone()),
+            ],
             EnvelopeTooLarge { size, max_payload } => vec![
                 ("size", size.to_string()),
                 ("limit", max_payload.to_string()),

@@ -38,6 +38,10 @@ use crate::{
     trace::Traces,
 };
 
+/// What a gRPC request may hold besides its payload (envelope fields,
+/// tool results, state delta): requests up to `max_payload_size` plus
+/// this are decoded, larger ones are OUT_OF_RANGE (`REQUEST_TOO_LARGE`).
+pub const REQUEST_OVERHEAD: usize = 4 << 20;
 /// Why the broker could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -446,7 +450,7 @@ async fn serve(
         .build_v1alpha()
         .map_err(|e| RunError::Serve(format!("reflection: {e}")))?;
     let service = HandoffBrokerServer::new(Service::with_traces(broker.clone(), traces))
-        .max_decoding_message_size(config.max_inline_payload.saturating_mul(2).max(4 << 20));
+        .max_decoding_message_size(config.max_payload_size.saturating_add(REQUEST_OVERHEAD));
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let mut builder = tonic::transport::Server::builder();

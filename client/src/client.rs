@@ -203,8 +203,8 @@ impl ConnectOptions {
         };
         Ok(Client {
             inner: HandoffBrokerClient::new(InterceptedService::new(channel, token))
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
+                .max_decoding_message_size(crate::payload::MAX_MESSAGE)
+                .max_encoding_message_size(crate::payload::MAX_MESSAGE),
             request_timeout: self.request_timeout,
         })
     }

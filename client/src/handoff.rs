@@ -81,6 +81,29 @@ impl Handoff {
         self
     }
 
+    /// A handoff to `target` within `run_id` of a payload the broker
+    /// already stores by reference, as a delivery received it
+    /// ([`Delivery::payload_ref`](crate::Delivery::payload_ref)): the
+    /// payload is not uploaded again. The broker checks that the reference
+    /// names a stored payload of this run with its size and digest, and
+    /// checks the target's contract on the whole payload.
+    /// [`Delivery::forward_to`](crate::Delivery::forward_to) is the
+    /// shorthand from a delivery.
+    pub fn forward(
+        run_id: impl Into<String>,
+        target: impl Into<String>,
+        reference: &pb::PayloadRef,
+    ) -> Handoff {
+        Handoff {
+            req: pb::HandoffRequest {
+                run_id: run_id.into(),
+                target_agent: target.into(),
+                payload_ref: Some(reference.clone()),
+                ..Default::default()
+            },
+        }
+    }
+
     /// A handoff from a raw request (for payloads already encoded).
     pub fn from_request(req: pb::HandoffRequest) -> Handoff {
         Handoff { req }

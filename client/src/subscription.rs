@@ -191,6 +191,33 @@ impl Subscription {
                     }
                 };
                 match next.message {
+                    Some(pb::subscribe_response::Message::Delivery(d))
+                        if crate::payload::has_references(&d) =>
+                    {
+                        // A payload by reference: fetched (and checked)
+                        // apart, so this reader goes on carrying answers.
+                        let (shared, tx) = (reader.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            let mut d = d;
+                            let finished = d
+                                .handoff
+                                .as_ref()
+                                .is_some_and(|h| shared.is_finished(&h.id));
+                            if finished {
+                                // As below: acked again, quietly, unread.
+                                let _ = Delivery::new(d, shared.clone()).ack().await;
+                                return;
+                            }
+                            let failed =
+                                crate::payload::resolve(&shared.client, &mut d).await.err();
+                            let mut delivery = Delivery::new(d, shared.clone());
+                            if let Some(e) = failed {
+                                tracing::warn!(handoff_id = %delivery.handoff_id(), error = %e, "a payload by reference could not be fetched");
+                                delivery.unresolved = Some(Arc::new(e));
+                            }
+                            let _ = tx.send(Ok(delivery)).await;
+                        });
+                    }
                     Some(pb::subscribe_response::Message::Delivery(d)) => {
                         let delivery = Delivery::new(d, reader.clone());
                         if reader.is_finished(delivery.handoff_id()) {
@@ -308,6 +335,8 @@ pub struct Delivery {
     /// Handoffs already made from this delivery: (target, idempotency key)
     /// and the handoff's id.
     made: Arc<Mutex<Vec<Made>>>,
+    /// Why a payload it carries by reference could not be fetched.
+    unresolved: Option<Arc<Error>>,
 }
 
 /// A handoff made from a delivery.
@@ -344,6 +373,7 @@ impl Delivery {
             inner,
             shared,
             made: Arc::default(),
+            unresolved: None,
         }
     }
 
@@ -502,14 +532,55 @@ impl Delivery {
         &self.inner
     }
 
-    /// The payload decoded as `M` (its type is checked).
+    /// The payload decoded as `M` (its type is checked). A payload the
+    /// broker stores by reference was fetched and checked against its
+    /// size and digest before the delivery was handed out, and decodes
+    /// here as an inline one.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Decode`] when the payload is not an `M`; the error of
+    /// the fetch (kind `NotFound` with reason `PAYLOAD_NOT_FOUND` for an
+    /// expired payload, `Decode` for one that does not match its
+    /// reference) when a payload by reference could not be fetched.
     pub fn payload<M: prost::Message + prost::Name + Default>(&self) -> Result<M> {
+        if let Some(e) = &self.unresolved {
+            return Err(e.as_ref().clone());
+        }
         let any = self
             .envelope()
             .payload
             .as_ref()
             .ok_or_else(|| Error::new(ErrorKind::Decode, "the delivery has no payload"))?;
         decode(any)
+    }
+
+    /// The reference of the payload when the broker stores it by
+    /// reference (it is over the broker's `max_inline_payload`); `None`
+    /// for an inline payload. Hand it on with [`Handoff::forward`] (or
+    /// [`forward_to`](Delivery::forward_to)) to pass the payload to the
+    /// next agent without uploading it again.
+    pub fn payload_ref(&self) -> Option<&pb::PayloadRef> {
+        self.envelope().payload_ref.as_ref()
+    }
+
+    /// Complete-and-handoff of this delivery's payload, unchanged, to
+    /// `target`: by reference when it came by reference (nothing is
+    /// uploaded again), else inline.
+    pub async fn forward_to(&self, target: &str) -> Result<Receipt> {
+        let next = match (self.payload_ref(), &self.envelope().payload) {
+            (Some(r), _) => Handoff::forward(self.run_id(), target, r),
+            (None, Some(any)) => Handoff::from_request(pb::HandoffRequest {
+                run_id: self.run_id().to_string(),
+                target_agent: target.to_string(),
+                payload: Some(any.clone()),
+                ..Default::default()
+            }),
+            (None, None) => {
+                return Err(Error::new(ErrorKind::Decode, "the delivery has no payload"))
+            }
+        };
+        self.handoff(next).await
     }
 
     /// Done: the handoff will not be delivered again.

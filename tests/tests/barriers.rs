@@ -554,7 +554,9 @@ const NOTE_PROTO: &str = "syntax = \"proto3\";\npackage handoff.test;\nmessage N
 
 #[tokio::test]
 async fn branches_meet_the_aggregator_contract_and_the_release_fits_one_message() {
-    let (nats, _broker, client) = stack(|_| {}).await;
+    // The branch budget is the largest payload (a release over one NATS
+    // message goes by reference): 1 MiB here, one NATS message.
+    let (nats, _broker, client) = stack(|c| c.max_payload_size = 1 << 20).await;
     client
         .raw()
         .register_contract(pb::RegisterContractRequest {

@@ -9,7 +9,11 @@ use tonic::Code;
 
 #[tokio::test]
 async fn bad_input_is_refused_precisely_and_changes_nothing() {
-    let (nats, _broker, client) = stack(|c| c.max_inline_payload = 1024).await;
+    let (nats, _broker, client) = stack(|c| {
+        c.max_inline_payload = 1024;
+        c.max_payload_size = 1024;
+    })
+    .await;
     let raw = client.raw();
     client
         .register_agent(AgentConfig::new("worker"))

@@ -55,7 +55,7 @@ async fn run(client: &Client) -> String {
 
 #[tokio::test]
 async fn malformed_input_names_its_field() {
-    let (_nats, _broker, client) = stack(|_| {}).await;
+    let (_nats, _broker, client) = stack(|c| c.max_payload_size = 1 << 20).await;
     let mut raw = client.raw();
     client
         .register_agent(AgentConfig::new("worker"))
@@ -117,14 +117,14 @@ async fn malformed_input_names_its_field() {
         .await;
     raw_refused(garbage, Code::InvalidArgument, "MALFORMED_REQUEST");
 
-    // A request over the size gRPC accepts (twice max_inline_payload, at
-    // least 4 MiB).
+    // A request over the size gRPC accepts (max_payload_size, here 1 MiB,
+    // plus 4 MiB).
     let huge = pb::HandoffRequest {
         run_id: run_id.clone(),
         target_agent: "worker".into(),
         payload: Some(prost_types::Any {
             type_url: "type.googleapis.com/x.Y".into(),
-            value: vec![7; 5 << 20],
+            value: vec![7; 6 << 20],
         }),
         ..Default::default()
     };
@@ -473,7 +473,11 @@ async fn contract_guards_name_the_rule_and_the_numbers() {
 
 #[tokio::test]
 async fn state_refusals_leave_nothing_stored() {
-    let (nats, _broker, client) = stack(|c| c.max_inline_payload = 700_000).await;
+    let (nats, _broker, client) = stack(|c| {
+        c.max_inline_payload = 700_000;
+        c.max_payload_size = 700_000;
+    })
+    .await;
     for name in ["a", "b", "c", "aggregator"] {
         client
             .register_agent(AgentConfig::new(name))
@@ -528,7 +532,8 @@ async fn state_refusals_leave_nothing_stored() {
         Some("b")
     );
 
-    // Too large: the payload for max_inline_payload, the envelope for NATS.
+    // Too large: the payload for max_payload_size, the envelope for NATS
+    // (what it holds besides its payload, which would go by reference).
     let err = refused(
         client
             .handoff(Handoff::to(&run2, "b", &note(&"x".repeat(800_000), 1)).expect("handoff"))
@@ -544,7 +549,7 @@ async fn state_refusals_leave_nothing_stored() {
         .expect("handoff")
         .request()
         .clone();
-    near.warnings = vec!["w".repeat(600_000)];
+    near.warnings = vec!["w".repeat(600_000), "v".repeat(600_000)];
     refused(
         client.handoff(Handoff::from_request(near)).await,
         Code::FailedPrecondition,

@@ -517,10 +517,14 @@ fn cost(result: &pb::BranchResult) -> u64 {
 }
 
 /// How many bytes of branch results a barrier's release may carry: the
-/// NATS message limit less the release's own fields (envelope, lists of
-/// keys, placeholders for missing branches and their warnings).
+/// largest payload (`max_payload_size`, or one NATS message if larger)
+/// less the release's own fields (envelope, lists of keys, placeholders
+/// for missing branches and their warnings).
 fn budget(broker: &Broker, joined: &Joined) -> u64 {
-    (max_message(broker) as u64).saturating_sub(16 * 1024 + joined.reserve)
+    // A release over one NATS message goes by reference
+    // (`payloads::externalize`): it may be as large as any payload.
+    let max = broker.config().max_payload_size.max(max_message(broker)) as u64;
+    max.saturating_sub(16 * 1024 + joined.reserve)
 }
 
 /// Counts stored branch records in their barrier and releases it when it
@@ -898,7 +902,7 @@ async fn publish_release(
     let payload = prost_types::Any::from_msg(&release)
         .map_err(|e| BrokerError::Internal(format!("encoding the release: {e}")))?;
     let depth = release.branches.iter().map(|r| r.depth).max().unwrap_or(0) + 1;
-    let envelope = pb::HandoffEnvelope {
+    let mut envelope = pb::HandoffEnvelope {
         id: b.release_handoff_id.clone(),
         run_id: run.id.clone(),
         target_agent: spec.target_agent.clone(),
@@ -920,6 +924,7 @@ async fn publish_release(
             .map_or(0, |r| r.revision),
         ..Default::default()
     };
+    crate::app::payloads::externalize(broker, &mut envelope).await?;
     broker.store().put_handoff(&envelope).await?;
     let stored_at = SystemTime::now();
     broker

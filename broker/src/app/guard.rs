@@ -337,11 +337,16 @@ pub async fn check_carry(
     parent: &pb::HandoffEnvelope,
     checked: &Checked,
 ) -> Result<Vec<String>, BrokerError> {
-    let (Some(out), Some(input)) = (req.payload.as_ref(), parent.payload.as_ref()) else {
+    let Some(out) = req.payload.as_ref() else {
         return Ok(Vec::new());
     };
+    let in_type_url = match (&parent.payload, &parent.payload_ref) {
+        (Some(p), _) => p.type_url.as_str(),
+        (None, Some(r)) => r.type_url.as_str(),
+        (None, None) => return Ok(Vec::new()),
+    };
     let out_type = contracts::type_of_url(&out.type_url);
-    let in_type = contracts::type_of_url(&input.type_url);
+    let in_type = contracts::type_of_url(in_type_url);
     // Answered from the registry alone (loaded at start and kept current):
     // an unregistered type costs no read.
     let version = |ty: &str, v: u32| {
@@ -359,16 +364,19 @@ pub async fn check_carry(
     ) else {
         return Ok(Vec::new());
     };
-    let dropped = if out.value.len() + input.value.len() < BLOCKING_CHECK_BYTES {
-        contracts::dropped::dropped_fields(
-            &consumed.message,
-            &input.value,
-            &outgoing.message,
-            &out.value,
-        )
+    // The consumed payload, whole: fetched when it came by reference.
+    let input: std::borrow::Cow<'_, [u8]> = match (&parent.payload, &parent.payload_ref) {
+        (Some(p), _) => std::borrow::Cow::Borrowed(&p.value),
+        (None, Some(r)) => {
+            std::borrow::Cow::Owned(crate::app::payloads::fetch(broker, r).await?.into())
+        }
+        (None, None) => return Ok(Vec::new()),
+    };
+    let dropped = if out.value.len() + input.len() < BLOCKING_CHECK_BYTES {
+        contracts::dropped::dropped_fields(&consumed.message, &input, &outgoing.message, &out.value)
     } else {
         let (c, o) = (consumed.clone(), outgoing.clone());
-        let (iv, ov) = (input.value.clone(), out.value.clone());
+        let (iv, ov) = (input.into_owned(), out.value.clone());
         tokio::task::spawn_blocking(move || {
             contracts::dropped::dropped_fields(&c.message, &iv, &o.message, &ov)
         })

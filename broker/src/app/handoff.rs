@@ -23,7 +23,7 @@ use crate::{
         auth::{self, Caller},
         barriers, deliveries, guard,
         guard::Checked,
-        judge, now,
+        judge, now, payloads,
         runs::{self, RunEnd},
         state, status_name, Broker,
     },
@@ -55,12 +55,15 @@ pub enum Receipts {
 pub async fn accept_as(
     broker: &Broker,
     caller: &Caller,
-    req: pb::HandoffRequest,
+    mut req: pb::HandoffRequest,
     receipts: Receipts,
 ) -> Result<pb::HandoffResponse, BrokerError> {
     // 1. Validate: everything that needs no state (a consumed delivery's
-    //    id is signed: verified here).
-    rules::validate_handoff(&req, broker.config().max_inline_payload)?;
+    //    id is signed: verified here); a payload by reference is fetched
+    //    and checked against its size and digest, so the guards see it
+    //    whole.
+    rules::validate_handoff(&req, broker.config().max_payload_size)?;
+    let forwarded = payloads::resolve_request(broker, &mut req).await?;
     if let Some(delta) = &req.state_delta {
         state_rules::validate_delta(delta)?;
     }
@@ -215,6 +218,7 @@ pub async fn accept_as(
             run,
             parent,
             barrier: barrier?,
+            forwarded,
         };
         commit(
             broker,
@@ -363,6 +367,8 @@ struct Read {
     /// The barrier the request names, when it goes to one (`None`: not
     /// read; `Some(None)`: not opened yet).
     barrier: Option<Option<(pb::Barrier, u64)>>,
+    /// The verified reference the request's payload came by, if any.
+    forwarded: Option<pb::PayloadRef>,
 }
 
 /// Stores a handoff that passed the guards in a run that exists (setting
@@ -383,6 +389,7 @@ async fn commit(
         run,
         parent,
         barrier,
+        forwarded,
     } = read;
     let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
     if let (Some(token), Some(p)) = (consumed, parent.as_ref().filter(|p| p.judge)) {
@@ -454,7 +461,7 @@ async fn commit(
             parent_ids.insert(0, p.id.clone());
         }
     }
-    let envelope = pb::HandoffEnvelope {
+    let mut envelope = pb::HandoffEnvelope {
         id: id.clone(),
         run_id: run.id.clone(),
         source_agent: req.source_agent.clone(),
@@ -478,9 +485,24 @@ async fn commit(
         state_revision: 0,
         asks_for: req.asks_for.clone(),
         judge: false,
+        payload_ref: None,
     };
     let max_payload = broker.store().max_payload();
-    // The state revision is set below: room for its 11 bytes.
+    // The state revision is set below: room for its 11 bytes. What the
+    // envelope holds besides its payload must fit before the payload is
+    // stored by reference (a reference takes at most 512 bytes).
+    let payload_len = envelope
+        .payload
+        .as_ref()
+        .map_or(0, |p| prost::encoding::message::encoded_len(5, p));
+    let bare = envelope.encoded_len() - payload_len + 11;
+    if max_payload > 0 && bare + 512 > max_payload {
+        return Err(BrokerError::EnvelopeTooLarge {
+            size: bare,
+            max_payload,
+        });
+    }
+    payloads::externalize_known(broker, &mut envelope, forwarded.as_ref()).await?;
     let size = envelope.encoded_len() + 11;
     if max_payload > 0 && size > max_payload {
         return Err(BrokerError::EnvelopeTooLarge { size, max_payload });
@@ -491,6 +513,7 @@ async fn commit(
         key: branch_key.clone(),
         status: branch_status as i32,
         payload: envelope.payload.clone(),
+        payload_ref: envelope.payload_ref.clone(),
         handoff_id: id.clone(),
         source_agent: req.source_agent.clone(),
         confidence: envelope.confidence,
@@ -518,7 +541,6 @@ async fn commit(
         !req.asks_for.is_empty(),
     )
     .await?;
-    let mut envelope = envelope;
     envelope.state_revision = applied.revision;
     let answers = state_rules::answers(applied.before.as_deref(), &req.asks_for);
 
@@ -567,7 +589,8 @@ async fn commit(
             &run.id,
             RunEnd::Completed {
                 handoff_id: id.clone(),
-                result: req.payload.clone(),
+                result: envelope.payload.clone(),
+                result_ref: envelope.payload_ref.clone(),
             },
         )
         .await?;

@@ -26,6 +26,7 @@ pub mod guard;
 pub mod handoff;
 pub mod judge;
 pub mod outbox;
+pub mod payloads;
 pub mod runs;
 pub mod session;
 pub mod state;

@@ -23,8 +23,10 @@ pub enum RunEnd {
     Completed {
         /// The final handoff.
         handoff_id: String,
-        /// Its payload.
+        /// Its payload, when inline.
         result: Option<prost_types::Any>,
+        /// Its payload, when stored by reference.
+        result_ref: Option<pb::PayloadRef>,
     },
     /// A delivery was rejected or dead-lettered.
     Failed(String),
@@ -57,6 +59,7 @@ pub async fn start(
         return Err(BrokerError::PayloadTooLarge {
             size: pinned.encoded_len(),
             limit: broker.config().max_inline_payload,
+            setting: "max_inline_payload",
         });
     }
     let deadline = match (req.timeout, req.no_timeout) {
@@ -252,9 +255,14 @@ pub async fn end(broker: &Broker, run_id: &str, end: RunEnd) -> Result<pb::Run, 
         run.stats = stats;
         run.ended_at = Some(now());
         match &end {
-            RunEnd::Completed { handoff_id, result } => {
+            RunEnd::Completed {
+                handoff_id,
+                result,
+                result_ref,
+            } => {
                 run.status = pb::RunStatus::Completed as i32;
                 run.result = result.clone();
+                run.result_ref = result_ref.clone();
                 run.result_handoff_id = handoff_id.clone();
             }
             RunEnd::Failed(reason) => {

@@ -7,6 +7,7 @@
 //! or channel ([`subscribe`], [`watch`]). No decision is made here.
 
 pub mod credentials;
+pub mod payload;
 pub mod status;
 pub mod subscribe;
 pub mod watch;
@@ -309,6 +310,21 @@ impl HandoffBroker for Service {
     ) -> Reply<Self::SubscribeStream> {
         let caller = self.caller(&req).await?;
         subscribe::subscribe(&self.broker, &caller, req.into_inner()).await
+    }
+
+    type GetPayloadStream = BoxStream<'static, Result<pb::PayloadChunk, Status>>;
+
+    async fn get_payload(
+        &self,
+        req: Request<pb::GetPayloadRequest>,
+    ) -> Reply<Self::GetPayloadStream> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let span = rpc_span!("GetPayload", name = %req.name);
+        span.record("run_id", req.run_id.as_str());
+        payload::get_payload(&self.broker, &caller, req)
+            .instrument(span)
+            .await
     }
 
     type WatchStream = BoxStream<'static, Result<pb::Event, Status>>;

@@ -69,10 +69,75 @@ pub fn depth(
     Ok(depth)
 }
 
-/// Checks everything about a handoff request that needs no state.
+/// The name of the object that holds a payload of run `run_id` whose
+/// value has SHA-256 `sha256` (hex): content-addressed within its run, so
+/// the same payload handed off again in a run is stored once, and a
+/// reference names the run it belongs to.
+pub fn payload_name(run_id: &str, sha256: &str) -> String {
+    format!("{run_id}/{sha256}")
+}
+
+/// Checks a payload reference of run `run_id`: a name of that run's, a
+/// type URL, a hex SHA-256.
+pub fn validate_ref(run_id: &str, r: &pb::PayloadRef) -> Result<(), BrokerError> {
+    let Some(digest) = r
+        .name
+        .strip_prefix(run_id)
+        .and_then(|n| n.strip_prefix('/'))
+    else {
+        return Err(BrokerError::malformed(
+            "payload_ref.name",
+            format!(
+                "payload_ref {:?} is not a payload of run {run_id:?}: a handoff may reference only payloads of its own run",
+                r.name
+            ),
+        ));
+    };
+    let hex = |d: &str| {
+        d.len() == 64
+            && d.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if !hex(digest) {
+        return Err(BrokerError::malformed(
+            "payload_ref.name",
+            format!("payload_ref {:?} is not <run_id>/<sha256>", r.name),
+        ));
+    }
+    if !hex(&r.sha256) {
+        return Err(BrokerError::malformed(
+            "payload_ref.sha256",
+            "payload_ref.sha256 is the lowercase hex SHA-256 of the payload (64 characters)",
+        ));
+    }
+    if r.type_url.trim().is_empty() {
+        return Err(BrokerError::malformed(
+            "payload_ref.type_url",
+            "payload_ref.type_url is required (the payload's message type)",
+        ));
+    }
+    Ok(())
+}
+
+/// The encoded size of the `Any` a reference stands for (type URL and
+/// value), as a payload's size is measured.
+pub fn ref_encoded_len(r: &pb::PayloadRef) -> usize {
+    let value = usize::try_from(r.size).unwrap_or(usize::MAX);
+    prost_types::Any {
+        type_url: r.type_url.clone(),
+        value: Vec::new(),
+    }
+    .encoded_len()
+    .saturating_add(value)
+    .saturating_add(prost::length_delimiter_len(value) + 1)
+}
+
+/// Checks everything about a handoff request that needs no state; a
+/// payload (or the one a `payload_ref` names) over `max_payload_size` is
+/// refused.
 pub fn validate_handoff(
     req: &pb::HandoffRequest,
-    max_inline_payload: usize,
+    max_payload_size: usize,
 ) -> Result<(), BrokerError> {
     names::validate("run_id", &req.run_id)?;
     names::validate_optional("source_agent", &req.source_agent)?;
@@ -112,21 +177,33 @@ pub fn validate_handoff(
             "a to_barrier handoff names barrier_id and branch_key, or consumes a delivery of a branch",
         ));
     }
-    let payload = req
-        .payload
-        .as_ref()
-        .ok_or_else(|| BrokerError::malformed("payload", "payload is required"))?;
-    if payload.type_url.trim().is_empty() {
-        return Err(BrokerError::malformed(
-            "payload.type_url",
-            "payload.type_url is required (the payload's message type)",
-        ));
-    }
-    let size = payload.encoded_len();
-    if size > max_inline_payload {
+    let size = match (&req.payload, &req.payload_ref) {
+        (Some(_), Some(_)) => {
+            return Err(BrokerError::malformed(
+                "payload_ref",
+                "a handoff carries payload or payload_ref, not both",
+            ))
+        }
+        (None, None) => return Err(BrokerError::malformed("payload", "payload is required")),
+        (Some(payload), None) => {
+            if payload.type_url.trim().is_empty() {
+                return Err(BrokerError::malformed(
+                    "payload.type_url",
+                    "payload.type_url is required (the payload's message type)",
+                ));
+            }
+            payload.encoded_len()
+        }
+        (None, Some(r)) => {
+            validate_ref(&req.run_id, r)?;
+            ref_encoded_len(r)
+        }
+    };
+    if size > max_payload_size {
         return Err(BrokerError::PayloadTooLarge {
             size,
-            limit: max_inline_payload,
+            limit: max_payload_size,
+            setting: "max_payload_size",
         });
     }
     if let Some(c) = req.confidence {

@@ -22,7 +22,8 @@ use handoff_proto::pb;
 use prost::Message as _;
 
 use super::{
-    BranchPut, Claim, InboxMessage, Offered, Result, Settlement, Store, Stored, TimerKind,
+    BranchPut, Claim, InboxMessage, Offered, PayloadInfo, Result, Settlement, Store, Stored,
+    TimerKind,
 };
 use crate::{config::Config, error::BrokerError};
 
@@ -63,6 +64,10 @@ pub const KEYS_BUCKET: &str = "handoff_keys";
 pub const PRINCIPALS_BUCKET: &str = "handoff_principals";
 /// Key/value bucket of API tokens (secrets as SHA-256 digests).
 pub const TOKENS_BUCKET: &str = "handoff_tokens";
+/// Object store of payloads kept by reference (`<run_id>/<sha256>`).
+pub const PAYLOADS_BUCKET: &str = "handoff_payloads";
+/// Chunk size of stored payloads (each chunk is one NATS message).
+const PAYLOAD_CHUNK: usize = 512 * 1024;
 /// How long a lease record is kept: longer than the longest lease (24 h),
 /// so a settlement is always judged against its record.
 const LEASE_RECORD_AGE: Duration = Duration::from_secs(48 * 3600);
@@ -193,6 +198,10 @@ pub struct JetStream {
     pub principals: kv::Store,
     /// API tokens.
     pub tokens: kv::Store,
+    /// Payloads kept by reference.
+    pub payloads: async_nats::jetstream::object_store::ObjectStore,
+    /// How long payloads (and handoffs) are kept.
+    retention: Duration,
     ack_timeout: Duration,
     /// This replica's turns at compare-and-set writes, by key (striped).
     turns: std::sync::Arc<Vec<tokio::sync::Mutex<LastWrite>>>,
@@ -303,6 +312,33 @@ impl JetStream {
         let keys = ensure_bucket(&js, bucket(KEYS_BUCKET, Duration::ZERO)).await?;
         let principals = ensure_bucket(&js, bucket(PRINCIPALS_BUCKET, Duration::ZERO)).await?;
         let tokens = ensure_bucket(&js, bucket(TOKENS_BUCKET, Duration::ZERO)).await?;
+        // Payloads by reference expire with the handoffs that name them
+        // (`retention`). The stream is made the way object store clients
+        // expect it (created here, as the buckets are, so that it works on
+        // nats-server 2.9).
+        ensure_stream(
+            &js,
+            stream::Config {
+                name: format!("OBJ_{PAYLOADS_BUCKET}"),
+                subjects: vec![
+                    format!("$O.{PAYLOADS_BUCKET}.C.>"),
+                    format!("$O.{PAYLOADS_BUCKET}.M.>"),
+                ],
+                max_age: cfg.retention,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                discard: stream::DiscardPolicy::New,
+                allow_rollup: true,
+                allow_direct: replicas == 1,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let payloads = js
+            .get_object_store(PAYLOADS_BUCKET)
+            .await
+            .map_err(|e| BrokerError::nats("opening the payload object store", e))?;
         // Timers not yet due wait as pending (negatively acknowledged with a
         // delay), so the consumer must allow any number of them pending.
         let timer_consumer = pull::Config {
@@ -347,6 +383,8 @@ impl JetStream {
             branches,
             state,
             barriers,
+            payloads,
+            retention: cfg.retention,
             ack_timeout: cfg.nats_timeout,
             turns: std::sync::Arc::new(
                 (0..TURNS)
@@ -1433,6 +1471,63 @@ impl Store for JetStream {
         Ok(out)
     }
 
+    async fn put_payload(&self, name: &str, value: Bytes) -> Result<PayloadInfo> {
+        if let Some(kept) = self.payload_info(name).await? {
+            let young = kept
+                .stored_at
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age < self.retention / 2);
+            if young && kept.size == value.len() as u64 {
+                return Ok(kept);
+            }
+        }
+        let chunk = match self.client.server_info().max_payload {
+            0 => PAYLOAD_CHUNK,
+            max => PAYLOAD_CHUNK.min(max.saturating_sub(4096).max(4096)),
+        };
+        let meta = async_nats::jetstream::object_store::ObjectMetadata {
+            name: name.to_string(),
+            chunk_size: Some(chunk),
+            ..Default::default()
+        };
+        let mut reader = std::io::Cursor::new(value);
+        let info = self
+            .payloads
+            .put(meta, &mut reader)
+            .await
+            .map_err(|e| BrokerError::nats(&format!("storing payload {name}"), e))?;
+        Ok(payload_info(&info))
+    }
+
+    async fn payload_info(&self, name: &str) -> Result<Option<PayloadInfo>> {
+        use async_nats::jetstream::object_store::InfoErrorKind;
+        match self.payloads.info(name).await {
+            Ok(info) if info.deleted => Ok(None),
+            Ok(info) => Ok(Some(payload_info(&info))),
+            Err(e) if e.kind() == InfoErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BrokerError::nats(&format!("reading payload {name}"), e)),
+        }
+    }
+
+    async fn get_payload(&self, name: &str) -> Result<Option<Bytes>> {
+        use async_nats::jetstream::object_store::GetErrorKind;
+        use tokio::io::AsyncReadExt as _;
+        let mut object = match self.payloads.get(name).await {
+            Ok(o) => o,
+            Err(e) if e.kind() == GetErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(BrokerError::nats(&format!("reading payload {name}"), e)),
+        };
+        if object.info().deleted {
+            return Ok(None);
+        }
+        let mut value = Vec::with_capacity(object.info().size);
+        object
+            .read_to_end(&mut value)
+            .await
+            .map_err(|e| BrokerError::nats(&format!("reading payload {name}"), e))?;
+        Ok(Some(Bytes::from(value)))
+    }
+
     async fn schedule(&self, timer: &pb::Timer, kind: TimerKind) -> Result<(), BrokerError> {
         let (run, barrier) = (&timer.run_id, &timer.barrier_id);
         let (subject, msg_id) = match kind {
@@ -1493,6 +1588,29 @@ async fn check_jetstream(client: &async_nats::Client) -> Result<(), BrokerError>
         )));
     }
     Ok(())
+}
+
+/// A stored object's size, hex SHA-256 and time, from its info (whose
+/// digest reads `SHA-256=<base64url>`).
+fn payload_info(info: &async_nats::jetstream::object_store::ObjectInfo) -> PayloadInfo {
+    use base64::Engine as _;
+    let sha256 = info
+        .digest
+        .as_deref()
+        .and_then(|d| d.strip_prefix("SHA-256="))
+        .and_then(|b| {
+            base64::engine::general_purpose::URL_SAFE
+                .decode(b)
+                .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(b))
+                .ok()
+        })
+        .map(|raw| raw.iter().map(|b| format!("{b:02x}")).collect())
+        .unwrap_or_default();
+    PayloadInfo {
+        size: info.size as u64,
+        sha256,
+        stored_at: info.modified.map(std::time::SystemTime::from),
+    }
 }
 
 async fn ensure_stream(

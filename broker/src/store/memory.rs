@@ -14,7 +14,8 @@ use handoff_proto::pb;
 use prost::Message as _;
 
 use super::{
-    BranchPut, Claim, InboxMessage, Offered, Result, Settlement, Store, Stored, TimerKind,
+    BranchPut, Claim, InboxMessage, Offered, PayloadInfo, Result, Settlement, Store, Stored,
+    TimerKind,
 };
 use crate::error::BrokerError;
 
@@ -61,6 +62,8 @@ struct State {
     barrier_keys: HashMap<String, pb::BarrierSpec>,
     timers: Vec<(pb::Timer, TimerKind)>,
     leases: HashMap<String, (pb::Lease, u64)>,
+    /// Payloads kept by reference, by name.
+    payloads: HashMap<String, (bytes::Bytes, PayloadInfo)>,
     keys: Option<(pb::SigningKeys, u64)>,
     principals: BTreeMap<String, pb::Principal>,
     tokens: BTreeMap<String, (pb::ApiToken, u64)>,
@@ -788,6 +791,31 @@ impl Store for Memory {
             .values()
             .map(|(t, _)| t.clone())
             .collect())
+    }
+
+    async fn put_payload(&self, name: &str, value: bytes::Bytes) -> Result<PayloadInfo> {
+        self.trip("put_payload")?;
+        let info = PayloadInfo {
+            size: value.len() as u64,
+            sha256: super::sha256_hex(&value),
+            stored_at: Some(std::time::SystemTime::now()),
+        };
+        let mut state = self.state()?;
+        let kept = state
+            .payloads
+            .entry(name.to_string())
+            .or_insert((value, info));
+        Ok(kept.1.clone())
+    }
+
+    async fn payload_info(&self, name: &str) -> Result<Option<PayloadInfo>> {
+        self.trip("payload_info")?;
+        Ok(self.state()?.payloads.get(name).map(|(_, i)| i.clone()))
+    }
+
+    async fn get_payload(&self, name: &str) -> Result<Option<bytes::Bytes>> {
+        self.trip("get_payload")?;
+        Ok(self.state()?.payloads.get(name).map(|(v, _)| v.clone()))
     }
 
     async fn schedule(&self, timer: &pb::Timer, kind: TimerKind) -> Result<()> {

@@ -14,7 +14,7 @@ pub mod jetstream;
 #[cfg(test)]
 pub mod memory;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
@@ -23,6 +23,17 @@ use handoff_proto::pb;
 use crate::error::BrokerError;
 
 pub use jetstream::JetStream;
+
+/// Lowercase hex SHA-256 of `value`.
+pub fn sha256_hex(value: &[u8]) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(value);
+    let mut hex = String::with_capacity(64);
+    for b in digest.iter() {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    hex
+}
 
 /// Result of the store.
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
@@ -89,6 +100,17 @@ pub struct InboxMessage {
     pub agent: String,
     /// The handoff.
     pub envelope: pb::HandoffEnvelope,
+}
+
+/// A payload kept by reference, as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadInfo {
+    /// Bytes of the payload's value.
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the value.
+    pub sha256: String,
+    /// When it was stored (it expires `retention` later).
+    pub stored_at: Option<SystemTime>,
 }
 
 /// Which durable timer.
@@ -374,6 +396,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every API token, oldest first.
     async fn tokens(&self) -> Result<Vec<pb::ApiToken>>;
+
+    // ---- payloads by reference
+
+    /// Stores a payload's value under `name` (`<run_id>/<sha256>`, so the
+    /// same name is the same content): an object of that name kept for
+    /// less than half of `retention` is kept as it is, an older one is
+    /// stored again so it outlives the handoff that names it now.
+    async fn put_payload(&self, name: &str, value: Bytes) -> Result<PayloadInfo>;
+
+    /// The size and digest of the payload stored under `name`, if kept.
+    async fn payload_info(&self, name: &str) -> Result<Option<PayloadInfo>>;
+
+    /// The value of the payload stored under `name`, if kept (checked
+    /// against its digest as it is read).
+    async fn get_payload(&self, name: &str) -> Result<Option<Bytes>>;
 
     // ---- timers
 

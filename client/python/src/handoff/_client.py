@@ -13,6 +13,7 @@ from typing import Literal, TypeVar
 
 import grpc
 import grpc.aio
+from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from ._barrier import ALL, FanOutReceipt, JoinMode, fan_out_request, receipt_keys
@@ -20,6 +21,7 @@ from ._closing import Closing
 from ._contract import Compatibility, RegisteredContract, contract_request, full_name
 from ._errors import ErrorKind, HandoffError, error, from_rpc_error
 from ._handoff import Receipt, ToolResult, build_request
+from ._payload import check, sha256_hex
 from ._rpc import Stub
 from ._state import RunState, StateDelta
 from ._subscription import Subscription
@@ -40,7 +42,9 @@ _POLICIES: dict[str, pb.MergePolicy.ValueType] = {
 
 # How many finished handoff ids a client remembers (per process).
 _REMEMBERED = 65_536
-_MAX_MESSAGE = 64 << 20
+# The broker's default max_payload_size (64 MiB) and room for the rest of a
+# request.
+_MAX_MESSAGE = (64 << 20) + (4 << 20)
 
 
 @dataclass(frozen=True)
@@ -370,6 +374,43 @@ class Client(Closing):
         req = pb.GetStateRequest(run_id=run_id, revision=revision, delivery_id=delivery_id or "")
         resp = await self._call(self._stub.get_state, req)
         return RunState.from_proto(resp)
+
+    async def get_payload(
+        self, run_id: str, reference: pb.PayloadRef, *, delivery_id: str = ""
+    ) -> any_pb2.Any:
+        """The payload `reference` names, fetched in chunks (`GetPayload`) and
+        checked against the reference's size and SHA-256 (`DecodeError` when it
+        does not match; `NotFoundError` with reason `PAYLOAD_NOT_FOUND` once it
+        expired with the broker's `retention`). `delivery_id` reads it as the
+        agent holding that delivery of the run; without it the caller needs the
+        `read` grant or to own the run. Deliveries come with their references
+        resolved already: this is for references read elsewhere (a run's
+        `result_ref`, say).
+
+        Example::
+
+            run = await client.get_run(run_id)
+            if run.run.HasField("result_ref"):
+                result = await client.get_payload(run_id, run.run.result_ref)
+        """
+        req = pb.GetPayloadRequest(run_id=run_id, name=reference.name, delivery_id=delivery_id)
+        chunks: list[bytes] = []
+        try:
+            call = self._stub.get_payload(
+                req, metadata=self._metadata, timeout=self._request_timeout
+            )
+            async for chunk in call:
+                chunks.append(chunk.data)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        value = b"".join(chunks)
+        check(reference, value, await sha256_hex(value))
+        return any_pb2.Any(type_url=reference.type_url, value=value)
+
+    async def _fetch_for_delivery(
+        self, run_id: str, reference: pb.PayloadRef, delivery_id: str
+    ) -> any_pb2.Any:
+        return await self.get_payload(run_id, reference, delivery_id=delivery_id)
 
     async def dead_letters(self, agent: str = "", limit: int = 0) -> list[pb.DeadLetter]:
         """Dead letters of `agent` (empty: every agent), oldest first."""

@@ -50,6 +50,11 @@ class Stub:
         self.list_dead_letters = unary(
             "ListDeadLetters", pb.ListDeadLettersRequest, pb.ListDeadLettersResponse
         )
+        self.get_payload: grpc.aio.UnaryStreamMultiCallable[
+            pb.GetPayloadRequest, pb.PayloadChunk
+        ] = channel.unary_stream(
+            SERVICE + "GetPayload", _serialize, pb.PayloadChunk.FromString
+        )
         self.watch: grpc.aio.UnaryStreamMultiCallable[pb.WatchRequest, pb.Event] = (
             channel.unary_stream(SERVICE + "Watch", _serialize, pb.Event.FromString)
         )

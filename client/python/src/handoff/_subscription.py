@@ -26,6 +26,7 @@ from ._barrier import ALL, FanOutReceipt, Join, JoinMode, fan_out_request
 from ._closing import Closing
 from ._errors import ErrorKind, HandoffError, error, from_rpc_error, from_settled
 from ._handoff import Receipt, ToolResult, build_request, continue_trace, trace_field
+from ._payload import has_references, resolve
 from ._state import StateDelta, intent_intact
 from ._values import JsonValue, Seconds, from_timestamp, from_values, to_duration, unpack
 from .v1 import handoff_pb2 as pb
@@ -119,7 +120,11 @@ class Subscription(Closing):
                 if not isinstance(resp, pb.SubscribeResponse):
                     break  # EOF
                 which = resp.WhichOneof("message")
-                if which == "delivery":
+                if which == "delivery" and has_references(resp.delivery):
+                    # A payload by reference: fetched (and checked) apart, so
+                    # this reader goes on carrying the broker's answers.
+                    self._spawn(self._resolve(resp.delivery))
+                elif which == "delivery":
                     delivery = Delivery(resp.delivery, self)
                     if self._client._is_finished(self.agent_name, delivery.handoff_id):
                         # Finished here already: its ack was lost. Ack it
@@ -144,6 +149,22 @@ class Subscription(Closing):
                     fut.set_exception(error(ErrorKind.CLOSED, closed))
             self._pending.clear()
             self._deliveries.put_nowait(_END)
+
+    async def _resolve(self, raw: pb.Delivery) -> None:
+        if self._client._is_finished(self.agent_name, raw.handoff.id):
+            await Delivery(raw, self)._ack_quietly()
+            return
+        failed = await resolve(self._client._fetch_for_delivery, raw)
+        delivery = Delivery(raw, self)
+        if failed is not None:
+            log.warning(
+                "a payload by reference of handoff %s could not be fetched: %s",
+                raw.handoff.id,
+                failed,
+            )
+            delivery._unresolved = failed
+        if not self._ended:
+            self._deliveries.put_nowait(delivery)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -269,6 +290,7 @@ class Delivery:
         self._made: list[_Made] = []
         self._settled = False
         self._state: dict[str, JsonValue] | None = None
+        self._unresolved: HandoffError | None = None
         if not intent_intact(raw):
             log.warning(
                 "the pinned context of handoff %s does not match its intent digest",
@@ -404,10 +426,45 @@ class Delivery:
 
     def payload(self, cls: type[M]) -> M:
         """The payload decoded as `cls` (its type is checked); `DecodeError` when
-        it is another type."""
+        it is another type. A payload the broker stores by reference was fetched
+        and checked against its size and digest before the delivery was handed
+        out, and decodes here as an inline one; when it could not be fetched,
+        the fetch's error is raised here (`NotFoundError`, reason
+        `PAYLOAD_NOT_FOUND`, once it expired)."""
+        if self._unresolved is not None:
+            raise self._unresolved
         if not self.raw.handoff.HasField("payload"):
             raise error(ErrorKind.DECODE, "the delivery has no payload")
         return unpack(self.raw.handoff.payload, cls)
+
+    @property
+    def payload_ref(self) -> pb.PayloadRef | None:
+        """The payload's reference when the broker stores it by reference (over
+        its `max_inline_payload`); `None` for an inline payload. `forward_to`
+        hands it on without uploading it again."""
+        h = self.raw.handoff
+        return h.payload_ref if h.HasField("payload_ref") else None
+
+    async def forward_to(self, target: str, *, idempotency_key: str | None = None) -> Receipt:
+        """Complete-and-handoff of this delivery's payload, unchanged, to
+        `target`: by reference when it came by reference (nothing is uploaded
+        again; the broker checks the reference and the target's contract),
+        else inline.
+
+        Example::
+
+            await delivery.forward_to("summariser")
+        """
+        req = pb.HandoffRequest(
+            run_id=self.run_id, target_agent=target, idempotency_key=idempotency_key or ""
+        )
+        if self.payload_ref is not None:
+            req.payload_ref.CopyFrom(self.payload_ref)
+        elif self.raw.handoff.HasField("payload"):
+            req.payload.CopyFrom(self.raw.handoff.payload)
+        else:
+            raise error(ErrorKind.DECODE, "the delivery has no payload")
+        return await self.send(req)
 
     def is_release(self) -> bool:
         """Whether the payload is a barrier's `BarrierRelease`."""
