@@ -134,7 +134,7 @@ reasons! {
     VersionGap => "VERSION_GAP", FailedPrecondition,
         "a contract version that is neither an existing one nor the next";
     BranchTooLarge => "BRANCH_TOO_LARGE", FailedPrecondition,
-        "a branch result that would take the barrier's release past one NATS message";
+        "a branch result that would take the barrier's release past max_payload_size";
     PayloadDigestMismatch => "PAYLOAD_DIGEST_MISMATCH", FailedPrecondition,
         "a payload reference whose size or SHA-256 is not the stored object's";
     DeliveryGone => "DELIVERY_GONE", FailedPrecondition,
@@ -330,9 +330,9 @@ pub enum BrokerError {
         /// The cap.
         limit: usize,
     },
-    /// A branch result that would make its barrier's release handoff
-    /// larger than one NATS message.
-    #[error("branch {key:?} of barrier {barrier:?} is {size} bytes; the release carries {used} bytes of branch results already and fits at most {budget} (the NATS max_payload, less the release's own fields): hand off a smaller result")]
+    /// A branch result that would take its barrier's release past the
+    /// largest payload.
+    #[error("branch {key:?} of barrier {barrier:?} is {size} bytes; the release carries {used} bytes of branch results already and fits at most {budget} (max_payload_size, less the release's own fields): hand off a smaller result")]
     BranchTooLarge {
         /// The barrier.
         barrier: String,
