@@ -59,6 +59,12 @@ impl Auth {
         }
     }
 
+    /// Whether callers are authenticated (else every caller may do
+    /// anything).
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// Every call must be authenticated; `bootstrap` is the admin token
     /// read from `auth_token_file`, if any.
     pub fn required(bootstrap: Option<String>) -> Auth {

@@ -63,6 +63,15 @@ pub async fn accept_as(
     //    and checked against its size and digest, so the guards see it
     //    whole.
     rules::validate_handoff(&req, broker.config().max_payload_size)?;
+    if req.payload_ref.is_some() && broker.auth().enabled() {
+        // Before fetching a referenced payload (up to max_payload_size):
+        // the caller may send as the source, or own the run.
+        let (run, _) = broker.run(&req.run_id).await?;
+        match req.source_agent.as_str() {
+            "" => auth::require(broker, caller, Action::Own, &run.owner, Some(&run)).await?,
+            source => auth::require(broker, caller, Action::SendAs, source, Some(&run)).await?,
+        }
+    }
     let forwarded = payloads::resolve_request(broker, &mut req).await?;
     if let Some(delta) = &req.state_delta {
         state_rules::validate_delta(delta)?;
