@@ -9,9 +9,12 @@
 //!
 //! - `chain`: runs through a 5-hop pipeline of agents that accept a
 //!   contract (1 KiB Subtask payloads): per-hop and end-to-end latency;
-//! - `fanin`: barriers of 10, 100 and 1000 branches (512-byte results,
-//!   checked against the aggregator's contract): release latency (last
-//!   branch sent -> release delivered) and total;
+//! - `fanin`: barriers of 10, 100, 1000 and 10,000 branches (512-byte
+//!   results, checked against the aggregator's contract; `--fanin-widths`
+//!   picks the widths and how many barriers of each, e.g. `1000x20,10000`):
+//!   release latency (last branch sent -> release delivered) and total
+//!   (opened -> release delivered), p50/p99 across the barriers; a width
+//!   handoffd fails is reported as failed, next to raw JetStream;
 //! - `throughput`: 1 KiB handoffs from many concurrent producers to four
 //!   acking instances: accepted per second, and accepted-and-delivered;
 //!   The chain runs twice: plain, and with a 1 KiB run-state delta on
@@ -59,13 +62,56 @@ enum Scenario {
     Memory,
 }
 
+/// One fan-in width of `--fanin-widths`: `BRANCHES` or
+/// `BRANCHESxBARRIERS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Width {
+    branches: u32,
+    barriers: u64,
+}
+
+impl Width {
+    /// Barriers measured at `branches` when `--fanin-widths` does not say:
+    /// enough for a p99 up to 1000 branches, a few beyond.
+    fn default_barriers(branches: u32) -> u64 {
+        match branches {
+            0..=10 => 200,
+            11..=100 => 100,
+            101..=1000 => 20,
+            _ => 3,
+        }
+    }
+}
+
+fn parse_width(text: &str) -> Result<Width, String> {
+    let (branches, barriers) = match text.split_once('x') {
+        Some((b, n)) => (b, Some(n)),
+        None => (text, None),
+    };
+    let branches: u32 = branches
+        .trim()
+        .parse()
+        .map_err(|e| format!("{branches:?}: {e}"))?;
+    if branches < 2 {
+        return Err("a fan-in needs at least 2 branches".into());
+    }
+    let barriers = match barriers {
+        Some(n) => n.trim().parse().map_err(|e| format!("{n:?}: {e}"))?,
+        None => Width::default_barriers(branches),
+    };
+    if barriers == 0 {
+        return Err("measure at least one barrier".into());
+    }
+    Ok(Width { branches, barriers })
+}
+
 /// Benchmarks of handoffd, each next to raw JetStream.
 #[derive(Parser, Debug)]
 #[command(name = "handoff-bench")]
 struct Args {
     /// Scenarios to run (default: all; they run as chain, fanin, scale,
-    /// throughput, so the memory held with open barriers is read before
-    /// the throughput peak).
+    /// state, throughput, so the memory held with open barriers is
+    /// read before the throughput peak).
     #[arg(value_enum)]
     scenarios: Vec<Scenario>,
     /// Print the results as JSON instead of a table.
@@ -90,6 +136,16 @@ struct Args {
     /// Runs through the chain.
     #[arg(long, default_value_t = 1000)]
     chain_runs: u64,
+    /// Fan-in widths, comma-separated, each `BRANCHES` or
+    /// `BRANCHESxBARRIERS` (default barriers: 200 at 10 branches, 100 at
+    /// 100, 20 at 1000, 3 beyond).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = parse_width,
+        default_value = "10,100,1000,10000"
+    )]
+    fanin_widths: Vec<Width>,
     /// Handoffs in the throughput scenario.
     #[arg(long, default_value_t = 30_000)]
     throughput_count: u64,
@@ -250,14 +306,18 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
     }
     if fanin {
-        for (n, iterations) in [(10u32, 200u64), (100, 100), (1000, 5)] {
-            let (release, total) = scenarios::fanin(
+        for &Width {
+            branches: n,
+            barriers: iterations,
+        } in &args.fanin_widths
+        {
+            let handoff = scenarios::fanin(
                 &client,
                 n,
                 iterations,
                 &bar(iterations, &format!("fan-in {n} (handoffd)")),
             )
-            .await?;
+            .await;
             let (raw_release, raw_total) = scenarios::raw_fanin(
                 stack.nats_url(),
                 stack.replicas(),
@@ -266,10 +326,35 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 &bar(iterations, &format!("fan-in {n} (JetStream)")),
             )
             .await?;
+            let (release, total) = match handoff {
+                Ok(figures) => figures,
+                Err(e) => {
+                    eprintln!("fan-in {n} (handoffd) failed: {e}");
+                    for (what, raw) in [
+                        ("last branch -> release", &raw_release),
+                        ("opened -> release", &raw_total),
+                    ] {
+                        rows.push(Row::new(
+                            "fanin",
+                            format!("{n} branches: {what}"),
+                            Figure::Failed {
+                                error: e.to_string(),
+                                raw: Some(Latency::of(raw)),
+                            },
+                        ));
+                    }
+                    continue;
+                }
+            };
             panel(
                 format!("fan-in {n}: last branch -> release"),
                 &release,
                 Some(&raw_release),
+            );
+            panel(
+                format!("fan-in {n}: opened -> release"),
+                &total,
+                Some(&raw_total),
             );
             rows.push(Row::new(
                 "fanin",
