@@ -15,6 +15,14 @@
 //!   release latency (last branch sent -> release delivered) and total
 //!   (opened -> release delivered), p50/p99 across the barriers; a width
 //!   handoffd fails is reported as failed, next to raw JetStream;
+//! - `chord`: 100 tasks fanned out in one `FanOut` call to 2 instances of
+//!   a worker agent with 4 deliveries in flight each, every worker
+//!   answering into the barrier (complete-and-handoff), then the
+//!   aggregator: submit -> the aggregator has the release; raw JetStream
+//!   does the same shape with a work queue, the aggregator counting the
+//!   results off their stream (and, as a second baseline, the workers
+//!   counting them with compare-and-set and the last one publishing a
+//!   release, as the raw fan-in does);
 //! - `throughput`: 1 KiB handoffs from many concurrent producers to four
 //!   acking instances: accepted per second, and accepted-and-delivered;
 //!   The chain runs twice: plain, and with a 1 KiB run-state delta on
@@ -43,6 +51,7 @@ use std::{
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod chord;
 mod plot;
 mod report;
 mod scenarios;
@@ -56,6 +65,7 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 enum Scenario {
     Chain,
     Fanin,
+    Chord,
     Throughput,
     Scale,
     State,
@@ -109,8 +119,8 @@ fn parse_width(text: &str) -> Result<Width, String> {
 #[derive(Parser, Debug)]
 #[command(name = "handoff-bench")]
 struct Args {
-    /// Scenarios to run (default: all; they run as chain, fanin, scale,
-    /// state, throughput, so the memory held with open barriers is
+    /// Scenarios to run (default: all; they run as chain, fanin, chord,
+    /// scale, state, throughput, so the memory held with open barriers is
     /// read before the throughput peak).
     #[arg(value_enum)]
     scenarios: Vec<Scenario>,
@@ -146,6 +156,12 @@ struct Args {
         default_value = "10,100,1000,10000"
     )]
     fanin_widths: Vec<Width>,
+    /// Chords measured (after 3 warm-up chords).
+    #[arg(long, default_value_t = 30)]
+    chord_repeats: u64,
+    /// Tasks (branches) of each chord.
+    #[arg(long, default_value_t = 100)]
+    chord_tasks: u32,
     /// Handoffs in the throughput scenario.
     #[arg(long, default_value_t = 30_000)]
     throughput_count: u64,
@@ -241,6 +257,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = stack.broker_rss();
     scenarios::prepare(&client).await?;
+    chord::prepare(&client).await?;
 
     if wants(Scenario::Chain) {
         let runs = args.chain_runs;
@@ -367,6 +384,49 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 latency(&total, Some(&raw_total)),
             ));
         }
+    }
+
+    if wants(Scenario::Chord) {
+        let repeats = args.chord_repeats;
+        let shape = chord::Shape {
+            tasks: args.chord_tasks,
+            workers: 2,
+            in_flight: 4,
+        };
+        let took = chord::chord(&client, shape, repeats, &bar(repeats, "chord (handoffd)")).await?;
+        let raw = chord::raw_chord(
+            stack.nats_url(),
+            stack.replicas(),
+            shape,
+            chord::RawCount::Consumer,
+            repeats,
+            &bar(repeats, "chord (JetStream)"),
+        )
+        .await?;
+        let raw_cas = chord::raw_chord(
+            stack.nats_url(),
+            stack.replicas(),
+            shape,
+            chord::RawCount::CompareAndSet,
+            repeats,
+            &bar(repeats, "chord (JetStream, CAS)"),
+        )
+        .await?;
+        panel(
+            format!("chord: {} tasks, submit -> release", shape.tasks),
+            &took,
+            Some(&raw),
+        );
+        rows.push(Row::new(
+            "chord",
+            format!("{} tasks, 2 workers x 4: submit -> release", shape.tasks),
+            latency(&took, Some(&raw)),
+        ));
+        rows.push(Row::new(
+            "chord",
+            "the same, raw counting by compare-and-set",
+            latency(&took, Some(&raw_cas)),
+        ));
     }
 
     let mut loaded = None;
