@@ -32,7 +32,13 @@
 //! - `state`: 100,000 runs holding state (seeded, then one delta each);
 //! - `memory`: `handoffd`'s resident memory idle, at its peak under
 //!   `throughput`, with the open barriers of `scale`, and with the runs
-//!   holding state of `state`.
+//!   holding state of `state`;
+//! - `soak` (only when named: it lasts `--soak-minutes`, 10 by default):
+//!   an open-loop load at half the accepted-and-delivered capacity
+//!   (`throughput`'s figure when it ran, else measured first), with
+//!   handoffd's RSS and the accepted -> delivered p50/p99 of every minute,
+//!   printed as its own table (and drawn with `--plot`), and whether the
+//!   last minute's RSS is within 10% of the second's.
 //!
 //! Latencies go through HDR histograms. The table goes to stdout (JSON
 //! with `--json`), progress to stderr; `--plot FILE.png` also draws every
@@ -55,6 +61,7 @@ mod chord;
 mod plot;
 mod report;
 mod scenarios;
+mod soak;
 mod stack;
 
 use report::{Figure, Latency, Row};
@@ -70,6 +77,7 @@ enum Scenario {
     Scale,
     State,
     Memory,
+    Soak,
 }
 
 /// One fan-in width of `--fanin-widths`: `BRANCHES` or
@@ -119,9 +127,10 @@ fn parse_width(text: &str) -> Result<Width, String> {
 #[derive(Parser, Debug)]
 #[command(name = "handoff-bench")]
 struct Args {
-    /// Scenarios to run (default: all; they run as chain, fanin, chord,
-    /// scale, state, throughput, so the memory held with open barriers is
-    /// read before the throughput peak).
+    /// Scenarios to run (default: all but soak; they run as chain, fanin,
+    /// chord, scale, state, throughput, soak, so the memory held with open
+    /// barriers is read before the throughput peak, and the soak runs at
+    /// half the throughput just measured).
     #[arg(value_enum)]
     scenarios: Vec<Scenario>,
     /// Print the results as JSON instead of a table.
@@ -162,6 +171,13 @@ struct Args {
     /// Tasks (branches) of each chord.
     #[arg(long, default_value_t = 100)]
     chord_tasks: u32,
+    /// Minutes of the soak.
+    #[arg(long, default_value_t = 10)]
+    soak_minutes: u32,
+    /// Handoffs per second of the soak (default: half the measured
+    /// accepted-and-delivered throughput).
+    #[arg(long)]
+    soak_rate: Option<f64>,
     /// Handoffs in the throughput scenario.
     #[arg(long, default_value_t = 30_000)]
     throughput_count: u64,
@@ -223,7 +239,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), BoxError> {
     let all = args.scenarios.is_empty();
-    let wants = |s: Scenario| all || args.scenarios.contains(&s);
+    let wants = |s: Scenario| (all && s != Scenario::Soak) || args.scenarios.contains(&s);
     let nats = match (&args.nats_url, args.cluster) {
         (Some(url), _) => stack::Nats::Url(url.clone()),
         (None, true) => {
@@ -491,6 +507,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     }
 
     let mut peak = None;
+    let mut capacity = None;
     if wants(Scenario::Throughput) || wants(Scenario::Memory) {
         let count = args.throughput_count;
         let sampling = Arc::new(AtomicBool::new(true));
@@ -517,6 +534,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         sampling.store(false, Ordering::Relaxed);
         let _ = sampler.await;
         peak = Some(max_rss.load(Ordering::Relaxed));
+        capacity = Some(delivered);
         let (raw_accepted, raw_delivered) = scenarios::raw_throughput(
             stack.nats_url(),
             stack.replicas(),
@@ -558,14 +576,60 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
     }
 
+    let mut soaked = None;
+    if wants(Scenario::Soak) {
+        let capacity = match (args.soak_rate, capacity) {
+            (Some(rate), _) => 2.0 * rate,
+            (None, Some(c)) => c,
+            (None, None) => {
+                let count = args.throughput_count;
+                scenarios::throughput(
+                    &client,
+                    count,
+                    args.producers,
+                    &bar(count, "soak: capacity"),
+                )
+                .await?
+                .1
+            }
+        };
+        let rate = capacity / 2.0;
+        let minutes = args.soak_minutes.max(1);
+        let expected = (rate * 60.0 * f64::from(minutes)) as u64;
+        let s = soak::soak(
+            &client,
+            rate,
+            capacity,
+            minutes,
+            stack.broker_pid(),
+            &bar(expected, &format!("soak at {rate:.0}/s")),
+        )
+        .await?;
+        rows.extend(s.rows());
+        soaked = Some(s);
+    }
+
     if let Some(path) = &args.plot {
-        plot::write(path, &panels)?;
-        eprintln!("latency distributions drawn in {}", path.display());
+        if !panels.is_empty() {
+            plot::write(path, &panels)?;
+            eprintln!("latency distributions drawn in {}", path.display());
+        }
+        if let Some(s) = &soaked {
+            let path = soak::plot_path(path, panels.is_empty());
+            s.plot(&path)?;
+            eprintln!(
+                "soak RSS and latency per minute drawn in {}",
+                path.display()
+            );
+        }
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", report::table(&rows));
+        if let Some(s) = &soaked {
+            print!("\n{}", s.table());
+        }
     }
     Ok(())
 }
