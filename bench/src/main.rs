@@ -636,7 +636,29 @@ async fn run(args: Args) -> Result<(), BoxError> {
 
 #[cfg(test)]
 mod tests {
-    use super::serializes_concurrent_cas;
+    use super::{parse_width, serializes_concurrent_cas, Width};
+
+    #[test]
+    fn fanin_widths_name_their_barriers_or_take_the_default() {
+        assert_eq!(
+            parse_width("1000"),
+            Ok(Width {
+                branches: 1000,
+                barriers: 20
+            })
+        );
+        assert_eq!(
+            parse_width("10000x2"),
+            Ok(Width {
+                branches: 10_000,
+                barriers: 2
+            })
+        );
+        assert_eq!(parse_width("10").map(|w| w.barriers), Ok(200));
+        assert!(parse_width("1").is_err());
+        assert!(parse_width("100x0").is_err());
+        assert!(parse_width("many").is_err());
+    }
 
     #[test]
     fn concurrent_compare_and_set_is_serialized_from_2_9_21() {

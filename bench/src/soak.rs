@@ -445,3 +445,40 @@ pub(crate) fn plot_path(path: &Path, alone: bool) -> PathBuf {
         .unwrap_or_else(|| "bench".into());
     path.with_file_name(format!("{stem}-soak.png"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minute(rss: Option<u64>) -> Minute {
+        Minute {
+            sent: 0,
+            missed: 0,
+            errors: 0,
+            latency: histogram(),
+            rss,
+        }
+    }
+
+    #[test]
+    fn rss_drift_compares_the_last_minute_with_the_second() {
+        let soak = |rss: &[Option<u64>]| Soak {
+            rate: 1.0,
+            capacity: 2.0,
+            minutes: rss.iter().map(|r| minute(*r)).collect(),
+        };
+        assert_eq!(
+            soak(&[Some(50), Some(100), Some(120), Some(105)]).rss_drift(),
+            Some(1.05)
+        );
+        assert_eq!(soak(&[Some(100)]).rss_drift(), None);
+        assert_eq!(soak(&[Some(100), None]).rss_drift(), None);
+    }
+
+    #[test]
+    fn the_soak_plot_goes_beside_the_latency_plot() {
+        let path = Path::new("/tmp/run.png");
+        assert_eq!(plot_path(path, true), PathBuf::from("/tmp/run.png"));
+        assert_eq!(plot_path(path, false), PathBuf::from("/tmp/run-soak.png"));
+    }
+}
