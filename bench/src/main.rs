@@ -25,6 +25,9 @@
 //!   release, as the raw fan-in does);
 //! - `throughput`: 1 KiB handoffs from many concurrent producers to four
 //!   acking instances: accepted per second, and accepted-and-delivered;
+//!   next to raw JetStream, and to raw JetStream doing per message the
+//!   NATS reads and writes handoffd does per handoff (the floor the
+//!   storage design sets, see `floor.rs`);
 //!   The chain runs twice: plain, and with a 1 KiB run-state delta on
 //!   every handoff (runs with state);
 //! - `scale`: per-hop latency before and after the broker holds 100,000
@@ -58,6 +61,7 @@ use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod chord;
+mod floor;
 mod plot;
 mod report;
 mod scenarios;
@@ -557,6 +561,30 @@ async fn run(args: Args) -> Result<(), BoxError> {
             Figure::Rate {
                 handoff: delivered,
                 raw: Some(raw_delivered),
+            },
+        ));
+        let (floor_accepted, floor_delivered) = floor::raw_floor(
+            stack.nats_url(),
+            stack.replicas(),
+            count,
+            args.producers,
+            &bar(count, "throughput (JetStream, handoffd's NATS operations)"),
+        )
+        .await?;
+        rows.push(Row::new(
+            "throughput",
+            "accepted; raw doing handoffd's NATS operations",
+            Figure::Rate {
+                handoff: accepted,
+                raw: Some(floor_accepted),
+            },
+        ));
+        rows.push(Row::new(
+            "throughput",
+            "accepted and delivered; the same",
+            Figure::Rate {
+                handoff: delivered,
+                raw: Some(floor_delivered),
             },
         ));
     }

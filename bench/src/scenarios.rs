@@ -454,7 +454,7 @@ where
 /// Runs `producers` tasks calling `send` until it was called `count` times,
 /// then waits until the consumers acked `count`. Returns sends per second
 /// and acks per second, both from the start; stops the consumers.
-async fn drive<F, Fut>(
+pub(crate) async fn drive<F, Fut>(
     count: u64,
     producers: usize,
     bar: &ProgressBar,
