@@ -9,11 +9,25 @@
 //!
 //! - `chain`: runs through a 5-hop pipeline of agents that accept a
 //!   contract (1 KiB Subtask payloads): per-hop and end-to-end latency;
-//! - `fanin`: barriers of 10, 100 and 1000 branches (512-byte results,
-//!   checked against the aggregator's contract): release latency (last
-//!   branch sent -> release delivered) and total;
+//! - `fanin`: barriers of 10, 100, 1000 and 10,000 branches (512-byte
+//!   results, checked against the aggregator's contract; `--fanin-widths`
+//!   picks the widths and how many barriers of each, e.g. `1000x20,10000`):
+//!   release latency (last branch sent -> release delivered) and total
+//!   (opened -> release delivered), p50/p99 across the barriers; a width
+//!   handoffd fails is reported as failed, next to raw JetStream;
+//! - `chord`: 100 tasks fanned out in one `FanOut` call to 2 instances of
+//!   a worker agent with 4 deliveries in flight each, every worker
+//!   answering into the barrier (complete-and-handoff), then the
+//!   aggregator: submit -> the aggregator has the release; raw JetStream
+//!   does the same shape with a work queue, the aggregator counting the
+//!   results off their stream (and, as a second baseline, the workers
+//!   counting them with compare-and-set and the last one publishing a
+//!   release, as the raw fan-in does);
 //! - `throughput`: 1 KiB handoffs from many concurrent producers to four
 //!   acking instances: accepted per second, and accepted-and-delivered;
+//!   next to raw JetStream, and to raw JetStream doing per message the
+//!   NATS reads and writes handoffd does per handoff (the floor the
+//!   storage design sets, see `floor.rs`);
 //!   The chain runs twice: plain, and with a 1 KiB run-state delta on
 //!   every handoff (runs with state);
 //! - `scale`: per-hop latency before and after the broker holds 100,000
@@ -25,6 +39,12 @@
 //! - `payload`: 1 MiB and 16 MiB handoffs stored by reference, submit ->
 //!   delivered with the payload fetched and checked, next to a raw
 //!   object-store put and get (see `payload.rs`).
+//! - `soak` (only when named: it lasts `--soak-minutes`, 10 by default):
+//!   an open-loop load at half the accepted-and-delivered capacity
+//!   (`throughput`'s figure when it ran, else measured first), with
+//!   handoffd's RSS and the accepted -> delivered p50/p99 of every minute,
+//!   printed as its own table (and drawn with `--plot`), and whether the
+//!   last minute's RSS is within 10% of the second's.
 //!
 //! Latencies go through HDR histograms. The table goes to stdout (JSON
 //! with `--json`), progress to stderr; `--plot FILE.png` also draws every
@@ -43,10 +63,13 @@ use std::{
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod chord;
+mod floor;
 mod payload;
 mod plot;
 mod report;
 mod scenarios;
+mod soak;
 mod stack;
 
 use report::{Figure, Latency, Row};
@@ -57,20 +80,66 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 enum Scenario {
     Chain,
     Fanin,
+    Chord,
     Throughput,
     Scale,
     State,
     Memory,
     Payload,
+    Soak,
+}
+
+/// One fan-in width of `--fanin-widths`: `BRANCHES` or
+/// `BRANCHESxBARRIERS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Width {
+    branches: u32,
+    barriers: u64,
+}
+
+impl Width {
+    /// Barriers measured at `branches` when `--fanin-widths` does not say:
+    /// enough for a p99 up to 1000 branches, a few beyond.
+    fn default_barriers(branches: u32) -> u64 {
+        match branches {
+            0..=10 => 200,
+            11..=100 => 100,
+            101..=1000 => 20,
+            _ => 3,
+        }
+    }
+}
+
+fn parse_width(text: &str) -> Result<Width, String> {
+    let (branches, barriers) = match text.split_once('x') {
+        Some((b, n)) => (b, Some(n)),
+        None => (text, None),
+    };
+    let branches: u32 = branches
+        .trim()
+        .parse()
+        .map_err(|e| format!("{branches:?}: {e}"))?;
+    if branches < 2 {
+        return Err("a fan-in needs at least 2 branches".into());
+    }
+    let barriers = match barriers {
+        Some(n) => n.trim().parse().map_err(|e| format!("{n:?}: {e}"))?,
+        None => Width::default_barriers(branches),
+    };
+    if barriers == 0 {
+        return Err("measure at least one barrier".into());
+    }
+    Ok(Width { branches, barriers })
 }
 
 /// Benchmarks of handoffd, each next to raw JetStream.
 #[derive(Parser, Debug)]
 #[command(name = "handoff-bench")]
 struct Args {
-    /// Scenarios to run (default: all; they run as chain, fanin, scale,
-    /// throughput, so the memory held with open barriers is read before
-    /// the throughput peak).
+    /// Scenarios to run (default: all but soak; they run as chain, fanin,
+    /// chord, scale, state, throughput, soak, so the memory held with open
+    /// barriers is read before the throughput peak, and the soak runs at
+    /// half the throughput just measured).
     #[arg(value_enum)]
     scenarios: Vec<Scenario>,
     /// Print the results as JSON instead of a table.
@@ -95,6 +164,29 @@ struct Args {
     /// Runs through the chain.
     #[arg(long, default_value_t = 1000)]
     chain_runs: u64,
+    /// Fan-in widths, comma-separated, each `BRANCHES` or
+    /// `BRANCHESxBARRIERS` (default barriers: 200 at 10 branches, 100 at
+    /// 100, 20 at 1000, 3 beyond).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = parse_width,
+        default_value = "10,100,1000,10000"
+    )]
+    fanin_widths: Vec<Width>,
+    /// Chords measured (after 3 warm-up chords).
+    #[arg(long, default_value_t = 30)]
+    chord_repeats: u64,
+    /// Tasks (branches) of each chord.
+    #[arg(long, default_value_t = 100)]
+    chord_tasks: u32,
+    /// Minutes of the soak.
+    #[arg(long, default_value_t = 10)]
+    soak_minutes: u32,
+    /// Handoffs per second of the soak (default: half the measured
+    /// accepted-and-delivered throughput).
+    #[arg(long)]
+    soak_rate: Option<f64>,
     /// Handoffs in the throughput scenario.
     #[arg(long, default_value_t = 30_000)]
     throughput_count: u64,
@@ -156,7 +248,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), BoxError> {
     let all = args.scenarios.is_empty();
-    let wants = |s: Scenario| all || args.scenarios.contains(&s);
+    let wants = |s: Scenario| (all && s != Scenario::Soak) || args.scenarios.contains(&s);
     let nats = match (&args.nats_url, args.cluster) {
         (Some(url), _) => stack::Nats::Url(url.clone()),
         (None, true) => {
@@ -190,6 +282,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = stack.broker_rss();
     scenarios::prepare(&client).await?;
+    chord::prepare(&client).await?;
 
     if wants(Scenario::Chain) {
         let runs = args.chain_runs;
@@ -255,14 +348,18 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
     }
     if fanin {
-        for (n, iterations) in [(10u32, 200u64), (100, 100), (1000, 5)] {
-            let (release, total) = scenarios::fanin(
+        for &Width {
+            branches: n,
+            barriers: iterations,
+        } in &args.fanin_widths
+        {
+            let handoff = scenarios::fanin(
                 &client,
                 n,
                 iterations,
                 &bar(iterations, &format!("fan-in {n} (handoffd)")),
             )
-            .await?;
+            .await;
             let (raw_release, raw_total) = scenarios::raw_fanin(
                 stack.nats_url(),
                 stack.replicas(),
@@ -271,10 +368,35 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 &bar(iterations, &format!("fan-in {n} (JetStream)")),
             )
             .await?;
+            let (release, total) = match handoff {
+                Ok(figures) => figures,
+                Err(e) => {
+                    eprintln!("fan-in {n} (handoffd) failed: {e}");
+                    for (what, raw) in [
+                        ("last branch -> release", &raw_release),
+                        ("opened -> release", &raw_total),
+                    ] {
+                        rows.push(Row::new(
+                            "fanin",
+                            format!("{n} branches: {what}"),
+                            Figure::Failed {
+                                error: e.to_string(),
+                                raw: Some(Latency::of(raw)),
+                            },
+                        ));
+                    }
+                    continue;
+                }
+            };
             panel(
                 format!("fan-in {n}: last branch -> release"),
                 &release,
                 Some(&raw_release),
+            );
+            panel(
+                format!("fan-in {n}: opened -> release"),
+                &total,
+                Some(&raw_total),
             );
             rows.push(Row::new(
                 "fanin",
@@ -287,6 +409,49 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 latency(&total, Some(&raw_total)),
             ));
         }
+    }
+
+    if wants(Scenario::Chord) {
+        let repeats = args.chord_repeats;
+        let shape = chord::Shape {
+            tasks: args.chord_tasks,
+            workers: 2,
+            in_flight: 4,
+        };
+        let took = chord::chord(&client, shape, repeats, &bar(repeats, "chord (handoffd)")).await?;
+        let raw = chord::raw_chord(
+            stack.nats_url(),
+            stack.replicas(),
+            shape,
+            chord::RawCount::Consumer,
+            repeats,
+            &bar(repeats, "chord (JetStream)"),
+        )
+        .await?;
+        let raw_cas = chord::raw_chord(
+            stack.nats_url(),
+            stack.replicas(),
+            shape,
+            chord::RawCount::CompareAndSet,
+            repeats,
+            &bar(repeats, "chord (JetStream, CAS)"),
+        )
+        .await?;
+        panel(
+            format!("chord: {} tasks, submit -> release", shape.tasks),
+            &took,
+            Some(&raw),
+        );
+        rows.push(Row::new(
+            "chord",
+            format!("{} tasks, 2 workers x 4: submit -> release", shape.tasks),
+            latency(&took, Some(&raw)),
+        ));
+        rows.push(Row::new(
+            "chord",
+            "the same, raw counting by compare-and-set",
+            latency(&took, Some(&raw_cas)),
+        ));
     }
 
     let mut loaded = None;
@@ -351,6 +516,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     }
 
     let mut peak = None;
+    let mut capacity = None;
     if wants(Scenario::Throughput) || wants(Scenario::Memory) {
         let count = args.throughput_count;
         let sampling = Arc::new(AtomicBool::new(true));
@@ -377,6 +543,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         sampling.store(false, Ordering::Relaxed);
         let _ = sampler.await;
         peak = Some(max_rss.load(Ordering::Relaxed));
+        capacity = Some(delivered);
         let (raw_accepted, raw_delivered) = scenarios::raw_throughput(
             stack.nats_url(),
             stack.replicas(),
@@ -399,6 +566,30 @@ async fn run(args: Args) -> Result<(), BoxError> {
             Figure::Rate {
                 handoff: delivered,
                 raw: Some(raw_delivered),
+            },
+        ));
+        let (floor_accepted, floor_delivered) = floor::raw_floor(
+            stack.nats_url(),
+            stack.replicas(),
+            count,
+            args.producers,
+            &bar(count, "throughput (JetStream, handoffd's NATS operations)"),
+        )
+        .await?;
+        rows.push(Row::new(
+            "throughput",
+            "accepted; raw doing handoffd's NATS operations",
+            Figure::Rate {
+                handoff: accepted,
+                raw: Some(floor_accepted),
+            },
+        ));
+        rows.push(Row::new(
+            "throughput",
+            "accepted and delivered; the same",
+            Figure::Rate {
+                handoff: delivered,
+                raw: Some(floor_delivered),
             },
         ));
     }
@@ -439,21 +630,89 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
     }
 
+    let mut soaked = None;
+    if wants(Scenario::Soak) {
+        let capacity = match (args.soak_rate, capacity) {
+            (Some(rate), _) => 2.0 * rate,
+            (None, Some(c)) => c,
+            (None, None) => {
+                let count = args.throughput_count;
+                scenarios::throughput(
+                    &client,
+                    count,
+                    args.producers,
+                    &bar(count, "soak: capacity"),
+                )
+                .await?
+                .1
+            }
+        };
+        let rate = capacity / 2.0;
+        let minutes = args.soak_minutes.max(1);
+        let expected = (rate * 60.0 * f64::from(minutes)) as u64;
+        let s = soak::soak(
+            &client,
+            rate,
+            capacity,
+            minutes,
+            stack.broker_pid(),
+            &bar(expected, &format!("soak at {rate:.0}/s")),
+        )
+        .await?;
+        rows.extend(s.rows());
+        soaked = Some(s);
+    }
+
     if let Some(path) = &args.plot {
-        plot::write(path, &panels)?;
-        eprintln!("latency distributions drawn in {}", path.display());
+        if !panels.is_empty() {
+            plot::write(path, &panels)?;
+            eprintln!("latency distributions drawn in {}", path.display());
+        }
+        if let Some(s) = &soaked {
+            let path = soak::plot_path(path, panels.is_empty());
+            s.plot(&path)?;
+            eprintln!(
+                "soak RSS and latency per minute drawn in {}",
+                path.display()
+            );
+        }
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", report::table(&rows));
+        if let Some(s) = &soaked {
+            print!("\n{}", s.table());
+        }
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::serializes_concurrent_cas;
+    use super::{parse_width, serializes_concurrent_cas, Width};
+
+    #[test]
+    fn fanin_widths_name_their_barriers_or_take_the_default() {
+        assert_eq!(
+            parse_width("1000"),
+            Ok(Width {
+                branches: 1000,
+                barriers: 20
+            })
+        );
+        assert_eq!(
+            parse_width("10000x2"),
+            Ok(Width {
+                branches: 10_000,
+                barriers: 2
+            })
+        );
+        assert_eq!(parse_width("10").map(|w| w.barriers), Ok(200));
+        assert!(parse_width("1").is_err());
+        assert!(parse_width("100x0").is_err());
+        assert!(parse_width("many").is_err());
+    }
 
     #[test]
     fn concurrent_compare_and_set_is_serialized_from_2_9_21() {

@@ -50,6 +50,9 @@ pub(crate) enum Figure {
     Memory { bytes: u64 },
     /// A ratio of two measurements of handoffd itself.
     Ratio { value: f64, of: String },
+    /// handoffd failed the work (the error), next to raw JetStream's
+    /// latency for the same work when it has one.
+    Failed { error: String, raw: Option<Latency> },
 }
 
 /// A row of the result table.
@@ -112,6 +115,12 @@ pub(crate) fn table(rows: &[Row]) -> String {
                 writeln!(out, "{lead} {:>9.1} MiB", *bytes as f64 / (1024.0 * 1024.0))
             }
             Figure::Ratio { value, of } => writeln!(out, "{lead} {value:>9.2}x   ({of})"),
+            Figure::Failed { error, raw } => {
+                let raw = raw.as_ref().map_or(String::new(), |raw| {
+                    format!("   raw {:.3} / {:.3} ms", raw.p50, raw.p99)
+                });
+                writeln!(out, "{lead} failed: {error}{raw}")
+            }
         };
     }
     out.push_str("latencies in ms\n");

@@ -26,8 +26,9 @@ use crate::{report::histogram, BoxError};
 /// Agents of the 5-hop chain.
 const CHAIN: [&str; 5] = ["c0", "c1", "c2", "c3", "c4"];
 /// Concurrent requests when the bench loads the broker.
-const CONCURRENCY: usize = 64;
-const WAIT: Duration = Duration::from_secs(60);
+pub(crate) const CONCURRENCY: usize = 64;
+/// How long a scenario waits for one delivery or release.
+pub(crate) const WAIT: Duration = Duration::from_secs(60);
 
 /// Registers the demo contracts (Subtask: instruction required, at most
 /// 4,000 tokens; WorkerResult: summary required) and the agents: the chain
@@ -65,7 +66,7 @@ pub(crate) async fn prepare(client: &Client) -> Result<(), BoxError> {
 }
 
 /// A Subtask of about 1 KiB encoded.
-fn subtask() -> Subtask {
+pub(crate) fn subtask() -> Subtask {
     Subtask {
         index: 1,
         of: 1,
@@ -75,7 +76,7 @@ fn subtask() -> Subtask {
 }
 
 /// A WorkerResult of about `size` bytes encoded.
-fn worker_result(size: usize) -> WorkerResult {
+pub(crate) fn worker_result(size: usize) -> WorkerResult {
     WorkerResult {
         index: 1,
         of: 1,
@@ -84,7 +85,8 @@ fn worker_result(size: usize) -> WorkerResult {
     }
 }
 
-async fn next(sub: &mut Subscription) -> Result<handoff_client::Delivery, BoxError> {
+/// The next delivery of `sub`, waiting at most [`WAIT`].
+pub(crate) async fn next(sub: &mut Subscription) -> Result<handoff_client::Delivery, BoxError> {
     match tokio::time::timeout(WAIT, sub.next_delivery()).await {
         Ok(Some(d)) => Ok(d?),
         Ok(None) => Err("subscription ended".into()),
@@ -154,7 +156,7 @@ pub(crate) async fn chain(
 
 /// JetStream at `url` (one URL, or several comma-separated: the nodes of a
 /// cluster, one of which the client picks as the broker does).
-async fn connect(url: &str) -> Result<jetstream::Context, BoxError> {
+pub(crate) async fn connect(url: &str) -> Result<jetstream::Context, BoxError> {
     let servers = url
         .split(',')
         .map(|u| u.trim().parse::<async_nats::ServerAddr>())
@@ -223,6 +225,16 @@ pub(crate) async fn raw_chain(
     Ok((hop, e2e))
 }
 
+/// Barriers run before the measured ones: two, or one from 5,000
+/// branches up, where a barrier takes seconds.
+fn fanin_warmup(n: u32) -> u64 {
+    if n >= 5000 {
+        1
+    } else {
+        2
+    }
+}
+
 fn branch(run: &str, barrier: &str, key: u32, result: &WorkerResult) -> Result<Handoff, BoxError> {
     Ok(Handoff::from_request(pb::HandoffRequest {
         run_id: run.to_string(),
@@ -249,7 +261,7 @@ pub(crate) async fn fanin(
     let mut agg = client.subscribe("agg", "bench", 1).await?;
     let result = worker_result(512);
     let (mut release, mut total) = (histogram(), histogram());
-    let warmup = 2;
+    let warmup = fanin_warmup(n);
     for it in 0..iterations + warmup {
         let barrier = format!("n{n}-{it}");
         let start = Instant::now();
@@ -299,7 +311,7 @@ pub(crate) async fn fanin(
 /// its stream's leader, as the broker's are (direct gets could answer from
 /// a lagging follower); on one server, which has no follower, by direct
 /// gets.
-async fn bucket(
+pub(crate) async fn bucket(
     js: &jetstream::Context,
     name: &str,
     replicas: usize,
@@ -381,7 +393,7 @@ pub(crate) async fn raw_fanin(
         }
     };
     let (mut release, mut total) = (histogram(), histogram());
-    let warmup = 2;
+    let warmup = fanin_warmup(n);
     for it in 0..iterations + warmup {
         let start = Instant::now();
         futures::stream::iter(0..n - 1)
@@ -408,7 +420,7 @@ pub(crate) async fn raw_fanin(
 
 /// Acks every item `items` yields, many at a time, counting the acks that
 /// succeed in `acked`, until the stream ends or the task is aborted.
-fn spawn_acker<S, T, E, F, A, AE>(
+pub(crate) fn spawn_acker<S, T, E, F, A, AE>(
     mut items: S,
     ack: F,
     acked: Arc<AtomicU64>,
@@ -442,7 +454,7 @@ where
 /// Runs `producers` tasks calling `send` until it was called `count` times,
 /// then waits until the consumers acked `count`. Returns sends per second
 /// and acks per second, both from the start; stops the consumers.
-async fn drive<F, Fut>(
+pub(crate) async fn drive<F, Fut>(
     count: u64,
     producers: usize,
     bar: &ProgressBar,
