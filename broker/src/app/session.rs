@@ -360,10 +360,9 @@ impl Session {
                 next = offers.next(), if pulling => match next {
                     Some(offered) => {
                         let offered = offered?;
-                        match held.pop() {
-                            Some(permit) => prepared.push_back(self.prepare(offered, permit)),
-                            // More than asked for: leave it to its lease.
-                            None => {}
+                        // More than asked for: left to its lease.
+                        if let Some(permit) = held.pop() {
+                            prepared.push_back(self.prepare(offered, permit));
                         }
                         pulling = !held.is_empty();
                     }

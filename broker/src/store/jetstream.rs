@@ -1307,7 +1307,7 @@ impl Store for JetStream {
                         duplicate: true,
                     }))
                 } else {
-                    Ok(BranchPut::Taken(first))
+                    Ok(BranchPut::Taken(Box::new(first)))
                 }
             }
             Err(e) => Err(BrokerError::nats("storing a branch result", e)),

@@ -645,7 +645,7 @@ impl Store for Memory {
             .iter()
             .find(|(k, r)| *k == key && r.key == result.key)
         {
-            return Ok(BranchPut::Taken(first.clone()));
+            return Ok(BranchPut::Taken(Box::new(first.clone())));
         }
         let mut stored = result.clone();
         stored.sequence = s.branches.len() as u64 + 1;

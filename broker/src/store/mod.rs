@@ -55,7 +55,7 @@ pub enum BranchPut {
     /// handoff).
     Stored(Stored),
     /// The key's record is another handoff's result: this one.
-    Taken(pb::BranchResult),
+    Taken(Box<pb::BranchResult>),
 }
 
 /// The first handoff made from a consumed delivery.
