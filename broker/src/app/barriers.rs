@@ -60,11 +60,25 @@ const INDEXES: usize = 4096;
 /// Queues of arrivals waiting to be counted (by hash of the barrier).
 const STRIPES: usize = 64;
 
+/// Bytes of branch records this replica keeps for the releases it may
+/// publish, over every open barrier (past it, the cache starts over).
+const RECORDS_BYTES: usize = 64 << 20;
+
+/// Records a release reads one by one, rather than the whole stream, when
+/// the cache lacks them.
+const MISSING_READS: usize = 64;
+
 /// What this replica keeps for barriers: the key index of each barrier it
 /// met, and the arrivals waiting to be counted.
 pub struct Local {
     indexes: DashMap<String, Arc<Joined>>,
     stripes: Vec<Mutex<Stripe>>,
+    /// The branch records this replica stored, by barrier and key, until
+    /// the barrier's release is out: a release reads them from here
+    /// rather than from the stream (those stored through another
+    /// replica, or dropped with the cache, are read from the stream).
+    records: DashMap<String, HashMap<String, pb::BranchResult>>,
+    records_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for Local {
@@ -74,6 +88,37 @@ impl Default for Local {
             stripes: (0..STRIPES)
                 .map(|_| Mutex::new(Stripe::default()))
                 .collect(),
+            records: DashMap::new(),
+            records_bytes: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Local {
+    /// Keeps stored records of barrier `key` for its release.
+    fn keep(&self, key: &str, records: &[pb::BranchResult]) {
+        let size: usize = records.iter().map(|r| r.encoded_len() + 64).sum();
+        if self.records_bytes.fetch_add(size, Ordering::Relaxed) + size > RECORDS_BYTES {
+            // Bounded: start over (releases read what is missing from the
+            // stream).
+            self.records.clear();
+            self.records_bytes.store(size, Ordering::Relaxed);
+        }
+        let mut kept = self.records.entry(key.to_string()).or_default();
+        for r in records {
+            kept.entry(r.key.clone()).or_insert_with(|| r.clone());
+        }
+    }
+
+    /// Forgets the records of barrier `key` (its release is out).
+    fn forget(&self, key: &str) {
+        if let Some((_, kept)) = self.records.remove(key) {
+            let size: usize = kept.values().map(|r| r.encoded_len() + 64).sum();
+            let _ = self
+                .records_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(size))
+                });
         }
     }
 }
@@ -540,6 +585,9 @@ async fn count(
     records: Vec<pb::BranchResult>,
 ) -> Result<Option<pb::Barrier>, BrokerError> {
     use std::hash::{Hash, Hasher};
+    broker
+        .barrier_local()
+        .keep(&format!("{}.{barrier_id}", run.id), &records);
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     (&run.id, barrier_id).hash(&mut hasher);
     let stripe = (hasher.finish() % STRIPES as u64) as usize;
@@ -893,10 +941,7 @@ async fn publish_release(
 ) -> Result<(), BrokerError> {
     let joined = joined(broker, b).await?;
     let spec = &joined.spec;
-    let records = broker
-        .store()
-        .branch_results(&run.id, &spec.barrier_id)
-        .await?;
+    let records = counted_records(broker, run, b, &joined).await?;
     let counted = barrier::counted_branches(b, &joined.index, records);
     let release = barrier::release_payload(b, &joined.index, counted, false, false);
     let payload = prost_types::Any::from_msg(&release)
@@ -924,7 +969,8 @@ async fn publish_release(
             .map_or(0, |r| r.revision),
         ..Default::default()
     };
-    crate::app::payloads::externalize(broker, &mut envelope).await?;
+    // Inline up to one NATS message; a larger release goes by reference.
+    crate::app::payloads::externalize_built(broker, &mut envelope).await?;
     broker.store().put_handoff(&envelope).await?;
     let stored_at = SystemTime::now();
     broker
@@ -965,7 +1011,50 @@ async fn publish_release(
             break;
         }
     }
+    broker
+        .barrier_local()
+        .forget(&format!("{}.{}", run.id, spec.barrier_id));
     Ok(())
+}
+
+/// The records of the branches a barrier counted: those this replica
+/// keeps, and the others read from the stream (one by one when few are
+/// missing, else all of them).
+async fn counted_records(
+    broker: &Broker,
+    run: &pb::Run,
+    b: &pb::Barrier,
+    joined: &Joined,
+) -> Result<Vec<pb::BranchResult>, BrokerError> {
+    let barrier_id = &joined.spec.barrier_id;
+    let key = format!("{}.{barrier_id}", run.id);
+    let (mut found, missing) = {
+        let kept = broker.barrier_local().records.get(&key);
+        let mut found = Vec::new();
+        let mut missing = Vec::new();
+        for position in (0..joined.index.len()).filter(|&p| barrier::is_counted(b, p)) {
+            let branch = joined.index.key(position);
+            match kept.as_ref().and_then(|k| k.get(&branch)) {
+                Some(r) => found.push(r.clone()),
+                None => missing.push(branch),
+            }
+        }
+        (found, missing)
+    };
+    if missing.is_empty() {
+        return Ok(found);
+    }
+    if missing.len() > MISSING_READS {
+        return broker.store().branch_results(&run.id, barrier_id).await;
+    }
+    let read = futures::future::try_join_all(
+        missing
+            .iter()
+            .map(|branch| broker.store().branch_result(&run.id, barrier_id, branch)),
+    )
+    .await?;
+    found.extend(read.into_iter().flatten());
+    Ok(found)
 }
 
 /// Records a barrier's release once, by the broker that marked it

@@ -118,11 +118,31 @@ pub async fn externalize_known(
     envelope: &mut pb::HandoffEnvelope,
     known: Option<&pb::PayloadRef>,
 ) -> Result<(), BrokerError> {
+    let inline = broker.config().max_inline_payload;
+    externalize_over(broker, envelope, known, inline).await
+}
+
+/// Moves a payload the broker built itself (a barrier's release) into the
+/// object store only when the envelope would not fit in one NATS message:
+/// `max_inline_payload` bounds what callers send inline, not this.
+pub async fn externalize_built(
+    broker: &Broker,
+    envelope: &mut pb::HandoffEnvelope,
+) -> Result<(), BrokerError> {
+    externalize_over(broker, envelope, None, usize::MAX).await
+}
+
+async fn externalize_over(
+    broker: &Broker,
+    envelope: &mut pb::HandoffEnvelope,
+    known: Option<&pb::PayloadRef>,
+    inline: usize,
+) -> Result<(), BrokerError> {
     let Some(payload) = envelope.payload.as_ref() else {
         return Ok(());
     };
     let max_payload = broker.store().max_payload();
-    let over_inline = payload.encoded_len() > broker.config().max_inline_payload;
+    let over_inline = payload.encoded_len() > inline;
     let over_nats =
         max_payload > 0 && envelope.encoded_len().saturating_add(ENVELOPE_SLACK) > max_payload;
     if !over_inline && !over_nats {
