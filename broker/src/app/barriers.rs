@@ -79,6 +79,10 @@ pub struct Local {
     /// replica, or dropped with the cache, are read from the stream).
     records: DashMap<String, HashMap<String, pb::BranchResult>>,
     records_bytes: std::sync::atomic::AtomicUsize,
+    /// The header this replica last wrote for each open barrier, with its
+    /// revision: the next count starts from it instead of reading it (a
+    /// write from another replica only fails the compare-and-set).
+    headers: DashMap<String, (pb::Barrier, u64)>,
 }
 
 impl Default for Local {
@@ -90,6 +94,7 @@ impl Default for Local {
                 .collect(),
             records: DashMap::new(),
             records_bytes: std::sync::atomic::AtomicUsize::new(0),
+            headers: DashMap::new(),
         }
     }
 }
@@ -677,8 +682,15 @@ async fn commit(
     barrier_id: &str,
     records: &[pb::BranchResult],
 ) -> Result<Option<pb::Barrier>, BrokerError> {
+    let key = format!("{}.{barrier_id}", run.id);
+    let local = broker.barrier_local();
+    let mut written = local.headers.remove(&key).map(|(_, h)| h);
     loop {
-        let Some((mut b, revision)) = broker.store().barrier(&run.id, barrier_id).await? else {
+        let read = match written.take() {
+            Some(h) => Some(h),
+            None => broker.store().barrier(&run.id, barrier_id).await?,
+        };
+        let Some((mut b, revision)) = read else {
             return Ok(None);
         };
         let joined = joined(broker, &b).await?;
@@ -700,8 +712,17 @@ async fn commit(
             }
             _ => false,
         };
-        if changed && !broker.store().update_barrier(&b, revision).await? {
-            continue;
+        if changed {
+            match broker.store().update_barrier_at(&b, revision).await? {
+                Some(next) if b.state == pb::BarrierState::Open as i32 => {
+                    if local.headers.len() >= INDEXES {
+                        local.headers.clear();
+                    }
+                    local.headers.insert(key.clone(), (b.clone(), next));
+                }
+                Some(_) => {}
+                None => continue,
+            }
         }
         for (record, arrival) in records.iter().zip(&arrivals) {
             announce(broker, run, &b, record, *arrival).await;
@@ -941,7 +962,12 @@ async fn publish_release(
 ) -> Result<(), BrokerError> {
     let joined = joined(broker, b).await?;
     let spec = &joined.spec;
-    let records = counted_records(broker, run, b, &joined).await?;
+    // The aggregator sees the state every branch's delta made.
+    let (records, state) = tokio::join!(
+        counted_records(broker, run, b, &joined),
+        state::latest(broker, &run.id)
+    );
+    let (records, state_revision) = (records?, state?.map_or(0, |r| r.revision));
     let counted = barrier::counted_branches(b, &joined.index, records);
     let release = barrier::release_payload(b, &joined.index, counted, false, false);
     let payload = prost_types::Any::from_msg(&release)
@@ -963,10 +989,7 @@ async fn publish_release(
         depth,
         created_at: b.released_at,
         barrier_id: spec.barrier_id.clone(),
-        // The aggregator sees the state every branch's delta made.
-        state_revision: state::latest(broker, &run.id)
-            .await?
-            .map_or(0, |r| r.revision),
+        state_revision,
         ..Default::default()
     };
     // Inline up to one NATS message; a larger release goes by reference.

@@ -215,8 +215,8 @@ pub async fn offer(
             return Offering::Skip;
         }
     };
-    let run = match broker.run(&envelope.run_id).await {
-        Ok((run, _)) => run,
+    let run = match broker.run_recent(&envelope.run_id).await {
+        Ok(run) => run,
         Err(BrokerError::RunNotFound(_)) => {
             let _ = broker.store().settle(&reference, Settlement::Term).await;
             return Offering::Skip;

@@ -429,6 +429,14 @@ impl JetStream {
         &self,
         seq: u64,
     ) -> Result<Option<jetstream::message::StreamMessage>, BrokerError> {
+        // A direct get (answered by any replica, without the stream API);
+        // a replica that has not caught up with `seq` answers not found,
+        // so that answer is asked of the leader again.
+        match self.inbox.direct_get(seq).await {
+            Ok(m) => return Ok(Some(m)),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
+            Err(e) => return Err(BrokerError::nats("reading the inbox", e)),
+        }
         match self.inbox.get_raw_message(seq).await {
             Ok(m) => Ok(Some(m)),
             Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
@@ -1227,12 +1235,12 @@ impl Store for JetStream {
     }
 
     /// Compare-and-set of a barrier; false when another write came first.
-    async fn update_barrier(&self, barrier: &pb::Barrier, revision: u64) -> Result<bool> {
+    async fn update_barrier_at(&self, barrier: &pb::Barrier, revision: u64) -> Result<Option<u64>> {
         let spec = barrier.spec.clone().unwrap_or_default();
         let key = barrier_key(&spec.run_id, &spec.barrier_id);
         let mut turn = self.turn(&self.barriers, &key).await;
         if turn.stale(revision) {
-            return Ok(false);
+            return Ok(None);
         }
         match self
             .barriers
@@ -1241,9 +1249,9 @@ impl Store for JetStream {
         {
             Ok(written) => {
                 turn.wrote(written);
-                Ok(true)
+                Ok(Some(written))
             }
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
             Err(e) => Err(BrokerError::nats("updating the barrier", e)),
         }
     }

@@ -600,17 +600,17 @@ impl Store for Memory {
             .cloned())
     }
 
-    async fn update_barrier(&self, barrier: &pb::Barrier, revision: u64) -> Result<bool> {
+    async fn update_barrier_at(&self, barrier: &pb::Barrier, revision: u64) -> Result<Option<u64>> {
         self.trip("update_barrier")?;
         let spec = barrier.spec.clone().unwrap_or_default();
         let key = barrier_key(&spec.run_id, &spec.barrier_id);
         let mut s = self.state()?;
         if s.barriers.get(&key).map(|(_, r)| *r) != Some(revision) {
-            return Ok(false);
+            return Ok(None);
         }
         let rev = s.next_revision();
         s.barriers.insert(key, (barrier.clone(), rev));
-        Ok(true)
+        Ok(Some(rev))
     }
 
     async fn mark_early_branch(&self, run_id: &str, barrier_id: &str) -> Result<()> {

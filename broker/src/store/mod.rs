@@ -303,7 +303,13 @@ pub trait Store: Send + Sync + 'static {
         -> Result<Option<pb::BarrierSpec>>;
 
     /// Compare-and-set of a barrier; `false` when another write came first.
-    async fn update_barrier(&self, barrier: &pb::Barrier, revision: u64) -> Result<bool>;
+    async fn update_barrier(&self, barrier: &pb::Barrier, revision: u64) -> Result<bool> {
+        Ok(self.update_barrier_at(barrier, revision).await?.is_some())
+    }
+
+    /// Compare-and-set of a barrier; the new revision, or `None` when
+    /// another write came first.
+    async fn update_barrier_at(&self, barrier: &pb::Barrier, revision: u64) -> Result<Option<u64>>;
 
     /// Notes that a branch result reached a barrier not yet opened.
     async fn mark_early_branch(&self, run_id: &str, barrier_id: &str) -> Result<()>;
