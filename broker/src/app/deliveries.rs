@@ -178,9 +178,13 @@ pub enum Offering {
     Skip,
 }
 
+/// How soon a handoff whose run was not found is offered again.
+const RUN_NOT_SEEN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Decides what becomes of a handoff the inbox offers to an instance of
-/// `agent`: attempts used up -> fallback or dead letter; run gone or ended
-/// -> discarded; otherwise a delivery with the run's pinned context.
+/// `agent`: attempts used up -> fallback or dead letter; run ended ->
+/// discarded; run not found -> offered again shortly; otherwise a
+/// delivery with the run's pinned context.
 pub async fn offer(
     broker: &Broker,
     agent: &pb::AgentSpec,
@@ -218,7 +222,16 @@ pub async fn offer(
     let run = match broker.run_recent(&envelope.run_id).await {
         Ok(run) => run,
         Err(BrokerError::RunNotFound(_)) => {
-            let _ = broker.store().settle(&reference, Settlement::Term).await;
+            // Runs are never deleted and a handoff is accepted only for an
+            // existing run, so this is a read that did not see it (a
+            // stream leader changing): offered again shortly, never
+            // dropped; a run truly gone ends in the dead letters once its
+            // attempts are spent.
+            tracing::warn!(run_id = %envelope.run_id, sequence, "the handoff's run was not found; offered again");
+            let _ = broker
+                .store()
+                .settle(&reference, Settlement::Nack(Some(RUN_NOT_SEEN)))
+                .await;
             return Offering::Skip;
         }
         Err(e) => {
