@@ -181,6 +181,19 @@ pub enum Offering {
 /// How soon a handoff whose run was not found is offered again.
 const RUN_NOT_SEEN: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Gives an offer that failed on the way (a read or write that did not
+/// answer) back to the inbox, to be offered again after [`RUN_NOT_SEEN`]
+/// rather than when its lease passes.
+async fn again_soon(broker: &Broker, reference: &str) {
+    if let Err(e) = broker
+        .store()
+        .settle(reference, Settlement::Nack(Some(RUN_NOT_SEEN)))
+        .await
+    {
+        tracing::warn!(error = %e, "offer not given back; it is offered again when its lease passes");
+    }
+}
+
 /// Decides what becomes of a handoff the inbox offers to an instance of
 /// `agent`: attempts used up -> fallback or dead letter; run ended ->
 /// discarded; run not found -> offered again shortly; otherwise a
@@ -219,8 +232,8 @@ pub async fn offer(
             return Offering::Skip;
         }
     };
-    let run = match broker.run_recent(&envelope.run_id).await {
-        Ok(run) => run,
+    let run = match broker.run(&envelope.run_id).await {
+        Ok((run, _)) => run,
         Err(BrokerError::RunNotFound(_)) => {
             // Runs are never deleted and a handoff is accepted only for an
             // existing run, so this is a read that did not see it (a
@@ -235,7 +248,8 @@ pub async fn offer(
             return Offering::Skip;
         }
         Err(e) => {
-            tracing::warn!(error = %e, "run lookup failed; delivery left to its lease");
+            tracing::warn!(error = %e, "run lookup failed; offered again shortly");
+            again_soon(broker, &reference).await;
             return Offering::Skip;
         }
     };
@@ -274,7 +288,8 @@ pub async fn offer(
         Ok(true) => {}
         Ok(false) => return Offering::Skip,
         Err(e) => {
-            tracing::warn!(error = %e, "lease not recorded; delivery left to its lease");
+            tracing::warn!(error = %e, "lease not recorded; offered again shortly");
+            again_soon(broker, &reference).await;
             return Offering::Skip;
         }
     }
@@ -289,7 +304,8 @@ pub async fn offer(
         ..Default::default()
     };
     if let Err(e) = auth::sign(broker, &mut token).await {
-        tracing::warn!(error = %e, "delivery not signed; left to its lease");
+        tracing::warn!(error = %e, "delivery not signed; offered again shortly");
+        again_soon(broker, &token.ack_subject).await;
         return Offering::Skip;
     }
     let delivery_id = rules::encode_token(&token);
@@ -316,7 +332,8 @@ pub async fn offer(
         match state::for_delivery(broker, &run, &envelope, &spec.reads).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "run state not read; delivery left to its lease");
+                tracing::warn!(error = %e, "run state not read; offered again shortly");
+                again_soon(broker, &held.reference).await;
                 return Offering::Skip;
             }
         };

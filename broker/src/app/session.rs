@@ -9,17 +9,9 @@
 //! are left to their leases. The session knows no transport: commands
 //! come in as a stream, answers go out on a channel.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use futures::{
-    future::BoxFuture,
-    stream::{BoxStream, FuturesOrdered, FuturesUnordered},
-    FutureExt, StreamExt,
-};
+use futures::{stream::BoxStream, StreamExt};
 use handoff_proto::pb;
 use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
@@ -166,20 +158,12 @@ pub async fn run(
         let fetcher = tokio::spawn(fetch_loop(session.clone(), permits).in_current_span());
         let mut sweep = tokio::time::interval(Duration::from_millis(250));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Settlements run concurrently (each one waits on NATS), up to the
-        // session's in-flight bound; those of one delivery run in the
-        // order they came (an extend, then its ack).
-        let mut settling = Settling::default();
-        let most = max_in_flight.max(MIN_SETTLING);
         let drained = loop {
             tokio::select! {
-                msg = inbound.next(), if settling.running.len() < most => match msg {
-                    Some(req) => settling.start(&session, req),
+                msg = inbound.next() => match msg {
+                    Some(req) => session.command(req).await,
                     None => break false,
                 },
-                Some(id) = settling.running.next(), if !settling.running.is_empty() => {
-                    settling.finished(&session, id);
-                }
                 Some(id) = released_rx.recv() => {
                     // Completed by a handoff that consumed it: free the slot.
                     session.in_flight.lock().await.remove(&id);
@@ -188,11 +172,6 @@ pub async fn run(
                 _ = broker.drained() => break true,
             }
         };
-        // Settlements already asked for are answered, whichever way the
-        // session ends.
-        while let Some(id) = settling.running.next().await {
-            settling.finished(&session, id);
-        }
         fetcher.abort();
         for f in session.in_flight.lock().await.values() {
             broker.untrack_delivery(&f.held.slot);
@@ -212,64 +191,6 @@ pub async fn run(
     }
     .instrument(span)
     .await
-}
-
-/// Settlements always allowed to run at once, whatever `max_in_flight`.
-const MIN_SETTLING: usize = 16;
-
-/// The settle commands of a session being applied, and those waiting for
-/// an earlier command on the same delivery.
-#[derive(Default)]
-struct Settling {
-    running: FuturesUnordered<BoxFuture<'static, String>>,
-    waiting: HashMap<String, VecDeque<pb::SubscribeRequest>>,
-}
-
-impl Settling {
-    /// Starts `req`, or queues it behind a command on the same delivery.
-    fn start(&mut self, session: &Arc<Session>, req: pb::SubscribeRequest) {
-        let id = delivery_of(&req);
-        if let Some(queue) = self.waiting.get_mut(&id) {
-            queue.push_back(req);
-            return;
-        }
-        self.waiting.insert(id.clone(), VecDeque::new());
-        self.spawn(session, req, id);
-    }
-
-    /// A command on delivery `id` finished: starts the next one queued.
-    fn finished(&mut self, session: &Arc<Session>, id: String) {
-        match self.waiting.get_mut(&id).and_then(VecDeque::pop_front) {
-            Some(next) => self.spawn(session, next, id),
-            None => {
-                self.waiting.remove(&id);
-            }
-        }
-    }
-
-    fn spawn(&mut self, session: &Arc<Session>, req: pb::SubscribeRequest, id: String) {
-        let session = session.clone();
-        self.running.push(
-            async move {
-                session.command(req).await;
-                id
-            }
-            .in_current_span()
-            .boxed(),
-        );
-    }
-}
-
-/// The delivery a settle command names ("" for one that names none).
-fn delivery_of(req: &pb::SubscribeRequest) -> String {
-    use pb::subscribe_request::Command;
-    match &req.command {
-        Some(Command::Ack(a)) => a.delivery_id.clone(),
-        Some(Command::Nack(n)) => n.delivery_id.clone(),
-        Some(Command::Reject(r)) => r.delivery_id.clone(),
-        Some(Command::Extend(e)) => e.delivery_id.clone(),
-        _ => String::new(),
-    }
 }
 
 /// Counts a live session of an agent on this replica while it lives
@@ -350,45 +271,32 @@ impl Session {
             .store()
             .pull(&self.agent.name, held.len(), PULL_EXPIRES)
             .await?;
-        // Each offer is prepared (run read, lease, token) as soon as it is
-        // pulled, concurrently with the others, and delivered in the order
-        // the inbox gave them.
-        let mut prepared = FuturesOrdered::new();
-        let mut pulling = true;
-        while pulling || !prepared.is_empty() {
-            tokio::select! {
-                next = offers.next(), if pulling => match next {
-                    Some(offered) => {
-                        let offered = offered?;
-                        // More than asked for: left to its lease.
-                        if let Some(permit) = held.pop() {
-                            prepared.push_back(self.prepare(offered, permit));
-                        }
-                        pulling = !held.is_empty();
-                    }
-                    None => pulling = false,
+        loop {
+            // A reconnection may have lost the pull with the old
+            // connection's server: pull again rather than wait it out.
+            let offered = tokio::select! {
+                next = offers.next() => match next {
+                    Some(offered) => offered?,
+                    None => break,
                 },
-                Some((offering, permit, span)) = prepared.next(), if !prepared.is_empty() => {
-                    if !self.deliver(offering, permit).instrument(span).await {
-                        return Ok(false);
-                    }
-                }
-                // A reconnection may have lost the pull with the old
-                // connection's server: pull again rather than wait it out.
-                _ = link.reconnected_since(connections), if pulling => pulling = false,
+                _ = link.reconnected_since(connections) => break,
+            };
+            let Some(permit) = held.pop() else {
+                // More than asked for: leave it to its lease.
+                continue;
+            };
+            if !self.offer(offered, permit).await {
+                return Ok(false);
+            }
+            if held.is_empty() {
+                break;
             }
         }
         Ok(!self.tx.is_closed())
     }
 
-    /// Prepares the offer of one handoff to the instance (see
-    /// [`deliveries::offer`]).
-    fn prepare(
-        &self,
-        offered: crate::store::Offered,
-        permit: OwnedSemaphorePermit,
-    ) -> impl std::future::Future<Output = (Offering, OwnedSemaphorePermit, tracing::Span)> + '_
-    {
+    /// Offers one handoff to the instance. `false` when it is gone.
+    async fn offer(&self, offered: crate::store::Offered, permit: OwnedSemaphorePermit) -> bool {
         let span = tracing::info_span!(
             "delivery",
             agent = %self.agent.name,
@@ -397,46 +305,44 @@ impl Session {
             run_id = tracing::field::Empty,
             handoff_id = tracing::field::Empty,
         );
-        let offer = deliveries::offer(&self.broker, &self.agent, &self.instance, offered)
-            .instrument(span.clone());
-        async move { (offer.await, permit, span) }
-    }
-
-    /// Delivers one prepared offer to the instance. `false` when it is
-    /// gone.
-    async fn deliver(&self, offering: Offering, permit: OwnedSemaphorePermit) -> bool {
-        let (delivery, held) = match offering {
-            Offering::Deliver(d, h) => (d, *h),
-            Offering::Skip => return true,
-        };
-        let span = tracing::Span::current();
-        span.record("run_id", held.run_id.as_str());
-        span.record("handoff_id", held.handoff_id.as_str());
-        let id = held.delivery_id.clone();
-        self.broker.track_delivery(&held, self.released.clone());
-        let mut in_flight = self.in_flight.lock().await;
-        // A redelivery to this session supersedes its expired lease.
-        in_flight.retain(|_, f| {
-            let superseded = f.held.handoff_id == held.handoff_id;
-            if superseded {
-                self.broker.untrack_delivery(&f.held.slot);
+        async {
+            let offer = deliveries::offer(&self.broker, &self.agent, &self.instance, offered);
+            let (delivery, held) = match offer.await {
+                Offering::Deliver(d, h) => (d, *h),
+                Offering::Skip => return true,
+            };
+            let span = tracing::Span::current();
+            span.record("run_id", held.run_id.as_str());
+            span.record("handoff_id", held.handoff_id.as_str());
+            let id = held.delivery_id.clone();
+            self.broker.track_delivery(&held, self.released.clone());
+            let mut in_flight = self.in_flight.lock().await;
+            // A redelivery to this session supersedes its expired lease.
+            in_flight.retain(|_, f| {
+                let superseded = f.held.handoff_id == held.handoff_id;
+                if superseded {
+                    self.broker.untrack_delivery(&f.held.slot);
+                }
+                !superseded
+            });
+            in_flight.insert(
+                id,
+                InFlight {
+                    held: held.clone(),
+                    expires: tokio::time::Instant::now() + held.lease,
+                    _permit: permit,
+                },
+            );
+            drop(in_flight);
+            if self.tx.send(Ok(Out::Delivery(delivery))).await.is_err() {
+                return false;
             }
-            !superseded
-        });
-        in_flight.insert(
-            id,
-            InFlight {
-                held: held.clone(),
-                expires: tokio::time::Instant::now() + held.lease,
-                _permit: permit,
-            },
-        );
-        drop(in_flight);
-        if self.tx.send(Ok(Out::Delivery(delivery))).await.is_err() {
-            return false;
+            deliveries::announce_delivered(&self.broker, &self.agent.name, &self.instance, &held)
+                .await;
+            true
         }
-        deliveries::announce_delivered(&self.broker, &self.agent.name, &self.instance, &held).await;
-        true
+        .instrument(span)
+        .await
     }
 
     /// Applies one settle command and answers it.
