@@ -63,6 +63,32 @@ async fn document_agent(client: &Client, agent: &str) {
         .expect("agent");
 }
 
+/// Registers the aggregator, starts a run and opens barrier `join` of it
+/// with the branches of `branches` (its other fields are filled in).
+async fn barrier_run(client: &Client, branches: pb::BarrierSpec) -> pb::Run {
+    client
+        .register_agent(AgentConfig::new("aggregator"))
+        .await
+        .expect("agent");
+    let run = client
+        .start_run(RunConfig::new("owner"))
+        .await
+        .expect("run");
+    client
+        .raw()
+        .open_barrier(pb::OpenBarrierRequest {
+            barrier: Some(pb::BarrierSpec {
+                run_id: run.id.clone(),
+                barrier_id: "join".into(),
+                target_agent: "aggregator".into(),
+                ..branches
+            }),
+        })
+        .await
+        .expect("open");
+    run
+}
+
 fn hex_sha256(bytes: &[u8]) -> String {
     sha2::Sha256::digest(bytes)
         .iter()
@@ -300,27 +326,14 @@ async fn a_delivered_reference_is_forwarded_to_the_next_hop_and_checked_there() 
 #[tokio::test]
 async fn a_release_of_50_branches_of_100_kib_is_delivered_intact_through_join() {
     let (_nats, _broker, client) = stack(|_| {}).await;
-    client
-        .register_agent(AgentConfig::new("aggregator"))
-        .await
-        .expect("agent");
-    let run = client
-        .start_run(RunConfig::new("owner"))
-        .await
-        .expect("run");
-    client
-        .raw()
-        .open_barrier(pb::OpenBarrierRequest {
-            barrier: Some(pb::BarrierSpec {
-                run_id: run.id.clone(),
-                barrier_id: "join".into(),
-                branch_count: 50,
-                target_agent: "aggregator".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("open");
+    let run = barrier_run(
+        &client,
+        pb::BarrierSpec {
+            branch_count: 50,
+            ..Default::default()
+        },
+    )
+    .await;
     let mut sent = Vec::new();
     for i in 0..50u64 {
         let doc = document(&format!("part {i}"), 100 << 10, 100 + i);
@@ -351,27 +364,14 @@ async fn a_release_of_50_branches_of_100_kib_is_delivered_intact_through_join() 
 #[tokio::test]
 async fn join_resolves_a_branch_whose_payload_is_a_reference() {
     let (_nats, _broker, client) = stack(|_| {}).await;
-    client
-        .register_agent(AgentConfig::new("aggregator"))
-        .await
-        .expect("agent");
-    let run = client
-        .start_run(RunConfig::new("owner"))
-        .await
-        .expect("run");
-    client
-        .raw()
-        .open_barrier(pb::OpenBarrierRequest {
-            barrier: Some(pb::BarrierSpec {
-                run_id: run.id.clone(),
-                barrier_id: "join".into(),
-                branch_keys: vec!["large".into(), "small".into()],
-                target_agent: "aggregator".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("open");
+    let run = barrier_run(
+        &client,
+        pb::BarrierSpec {
+            branch_keys: vec!["large".into(), "small".into()],
+            ..Default::default()
+        },
+    )
+    .await;
     let large = document("large", 3 << 20, 8);
     let small = document("small", 10, 9);
     for (key, doc) in [("large", &large), ("small", &small)] {
