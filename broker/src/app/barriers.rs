@@ -572,7 +572,7 @@ fn cost(result: &pb::BranchResult) -> u64 {
 /// for missing branches and their warnings).
 fn budget(broker: &Broker, joined: &Joined) -> u64 {
     // A release over one NATS message goes by reference
-    // (`payloads::externalize`): it may be as large as any payload.
+    // (`payloads::externalize_built`): it may be as large as any payload.
     let max = broker.config().max_payload_size.max(max_message(broker)) as u64;
     max.saturating_sub(16 * 1024 + joined.reserve)
 }

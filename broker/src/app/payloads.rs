@@ -104,15 +104,8 @@ fn check(r: &pb::PayloadRef, info: &PayloadInfo) -> Result<(), BrokerError> {
 /// and SHA-256 that let the SDKs verify what they fetch) instead. An
 /// envelope that fits is left as it is. Idempotent: the object's name is
 /// the run and the payload's digest, so a retry stores nothing new.
-pub async fn externalize(
-    broker: &Broker,
-    envelope: &mut pb::HandoffEnvelope,
-) -> Result<(), BrokerError> {
-    externalize_known(broker, envelope, None).await
-}
-
-/// [`externalize`], reusing `known` (a verified reference to this very
-/// payload, as a forwarded one) instead of storing the payload again.
+/// `known`, a verified reference to this very payload (a forwarded one),
+/// is reused instead of storing the payload again.
 pub async fn externalize_known(
     broker: &Broker,
     envelope: &mut pb::HandoffEnvelope,
