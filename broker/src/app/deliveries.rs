@@ -232,8 +232,8 @@ pub async fn offer(
             return Offering::Skip;
         }
     };
-    let run = match broker.run(&envelope.run_id).await {
-        Ok((run, _)) => run,
+    let run = match broker.run_recent(&envelope.run_id).await {
+        Ok(run) => run,
         Err(BrokerError::RunNotFound(_)) => {
             // Runs are never deleted and a handoff is accepted only for an
             // existing run, so this is a read that did not see it (a

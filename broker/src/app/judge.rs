@@ -122,6 +122,7 @@ pub async fn record(
         };
         current.intent = Some(score.clone());
         if broker.store().update_run(&current, revision).await? {
+            broker.forget_run(&current.id);
             broker.metrics().intent_score(pipeline_of(run), score.score);
             if score.drift {
                 broker.metrics().intent_drift(pipeline_of(run));

@@ -53,6 +53,13 @@ use crate::{
 /// abandoned as stalled.
 pub const STALLED: u32 = 6;
 
+/// How long the delivery path trusts a run it read (see
+/// [`Broker::run_recent`]).
+const RUN_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs the delivery path keeps at most.
+const RECENT_RUNS: usize = 65_536;
+
 /// A cheap, cloneable handle to the broker's state.
 #[derive(Clone)]
 pub struct Broker {
@@ -77,6 +84,8 @@ struct Inner {
     link: Link,
     states: state::Cache,
     barriers: barriers::Local,
+    /// Runs read on the delivery path, with when: see [`Broker::run_recent`].
+    recent_runs: DashMap<String, (pb::Run, std::time::Instant)>,
 }
 
 impl Broker {
@@ -118,6 +127,7 @@ impl Broker {
                 link,
                 states: state::Cache::default(),
                 barriers: barriers::Local::default(),
+                recent_runs: DashMap::new(),
             }),
         }
     }
@@ -390,6 +400,39 @@ impl Broker {
             .run(run_id)
             .await?
             .ok_or_else(|| BrokerError::RunNotFound(run_id.to_string()))
+    }
+
+    /// A run as read at most [`RUN_FRESH`] ago, for the delivery path: a
+    /// run's fields other than its status never change, and a run this
+    /// replica ends is forgotten at once ([`Broker::forget_run`]), so the
+    /// only staleness is a run ended on another replica within that time,
+    /// whose handoff may then be delivered (the agent's next handoff is
+    /// refused RUN_CLOSED) rather than discarded. Ended runs are not kept.
+    pub async fn run_recent(&self, run_id: &str) -> Result<pb::Run, BrokerError> {
+        if let Some(found) = self.inner.recent_runs.get(run_id) {
+            if found.1.elapsed() < RUN_FRESH {
+                return Ok(found.0.clone());
+            }
+        }
+        let (run, _) = self.run(run_id).await?;
+        let ended = pb::RunStatus::try_from(run.status).is_ok_and(|s| s.is_terminal());
+        if ended {
+            self.inner.recent_runs.remove(run_id);
+        } else {
+            if self.inner.recent_runs.len() >= RECENT_RUNS {
+                self.inner.recent_runs.clear();
+            }
+            self.inner
+                .recent_runs
+                .insert(run_id.to_string(), (run.clone(), std::time::Instant::now()));
+        }
+        Ok(run)
+    }
+
+    /// Drops a run from [`Broker::run_recent`]'s memory (this replica
+    /// changed it).
+    pub fn forget_run(&self, run_id: &str) {
+        self.inner.recent_runs.remove(run_id);
     }
 
     /// Publishes an event, deduplicated by `msg_id`; the owner and time

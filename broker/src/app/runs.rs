@@ -275,6 +275,7 @@ pub async fn end(broker: &Broker, run_id: &str, end: RunEnd) -> Result<pb::Run, 
             }
         }
         if broker.store().update_run(&run, rev).await? {
+            broker.forget_run(&run.id);
             broker.states().forget(&run.id);
             let outcome = match status_of(&run) {
                 pb::RunStatus::Completed => "completed",

@@ -9,11 +9,19 @@
 //! are left to their leases. The session knows no transport: commands
 //! come in as a stream, answers go out on a channel.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
 
-use futures::{stream::BoxStream, StreamExt};
+use futures::{
+    future::BoxFuture,
+    stream::{BoxStream, FuturesOrdered, FuturesUnordered},
+    FutureExt, StreamExt,
+};
 use handoff_proto::pb;
-use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::{
@@ -115,7 +123,12 @@ struct Session {
     broker: Broker,
     agent: pb::AgentSpec,
     instance: String,
-    in_flight: Mutex<HashMap<String, InFlight>>,
+    /// The unsettled deliveries. A plain mutex, held only for a few
+    /// map operations and never across an await: a session's settlements
+    /// and offers run on tasks of their own, and an async lock here could
+    /// be granted to one of them while the task that polls it waits for
+    /// the same lock (the session would stall for good).
+    in_flight: std::sync::Mutex<HashMap<String, InFlight>>,
     tx: Outbox,
     released: mpsc::UnboundedSender<String>,
 }
@@ -140,7 +153,7 @@ pub async fn run(
             broker: broker.clone(),
             agent,
             instance,
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: std::sync::Mutex::new(HashMap::new()),
             tx,
             released,
         });
@@ -158,22 +171,35 @@ pub async fn run(
         let fetcher = tokio::spawn(fetch_loop(session.clone(), permits).in_current_span());
         let mut sweep = tokio::time::interval(Duration::from_millis(250));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Settlements run concurrently (each one waits on NATS), up to the
+        // session's in-flight bound; those of one delivery run in the
+        // order they came (an extend, then its ack).
+        let mut settling = Settling::default();
+        let most = max_in_flight.max(MIN_SETTLING);
         let drained = loop {
             tokio::select! {
-                msg = inbound.next() => match msg {
-                    Some(req) => session.command(req).await,
+                msg = inbound.next(), if settling.running.len() < most => match msg {
+                    Some(req) => settling.start(&session, req),
                     None => break false,
                 },
+                Some(id) = settling.running.next(), if !settling.running.is_empty() => {
+                    settling.finished(&session, id);
+                }
                 Some(id) = released_rx.recv() => {
                     // Completed by a handoff that consumed it: free the slot.
-                    session.in_flight.lock().await.remove(&id);
+                    session.book().remove(&id);
                 }
-                _ = sweep.tick() => session.sweep_expired().await,
+                _ = sweep.tick() => session.sweep_expired(),
                 _ = broker.drained() => break true,
             }
         };
+        // Settlements already asked for are answered, whichever way the
+        // session ends.
+        while let Some(id) = settling.running.next().await {
+            settling.finished(&session, id);
+        }
         fetcher.abort();
-        for f in session.in_flight.lock().await.values() {
+        for f in session.book().values() {
             broker.untrack_delivery(&f.held.slot);
         }
         if drained {
@@ -191,6 +217,68 @@ pub async fn run(
     }
     .instrument(span)
     .await
+}
+
+/// Settlements always allowed to run at once, whatever `max_in_flight`.
+const MIN_SETTLING: usize = 16;
+
+/// The settle commands of a session being applied, and those waiting for
+/// an earlier command on the same delivery.
+#[derive(Default)]
+struct Settling {
+    running: FuturesUnordered<BoxFuture<'static, String>>,
+    waiting: HashMap<String, VecDeque<pb::SubscribeRequest>>,
+}
+
+impl Settling {
+    /// Starts `req`, or queues it behind a command on the same delivery.
+    fn start(&mut self, session: &Arc<Session>, req: pb::SubscribeRequest) {
+        let id = delivery_of(&req);
+        if let Some(queue) = self.waiting.get_mut(&id) {
+            queue.push_back(req);
+            return;
+        }
+        self.waiting.insert(id.clone(), VecDeque::new());
+        self.spawn(session, req, id);
+    }
+
+    /// A command on delivery `id` finished: starts the next one queued.
+    fn finished(&mut self, session: &Arc<Session>, id: String) {
+        match self.waiting.get_mut(&id).and_then(VecDeque::pop_front) {
+            Some(next) => self.spawn(session, next, id),
+            None => {
+                self.waiting.remove(&id);
+            }
+        }
+    }
+
+    /// Runs `req` on a task of its own: it makes progress whatever the
+    /// session's loop is waiting for.
+    fn spawn(&mut self, session: &Arc<Session>, req: pb::SubscribeRequest, id: String) {
+        let session = session.clone();
+        let task = tokio::spawn(async move { session.command(req).await }.in_current_span());
+        self.running.push(
+            async move {
+                if let Err(e) = task.await {
+                    tracing::error!(error = %e, delivery_id = %id, "a settlement did not finish");
+                }
+                id
+            }
+            .boxed(),
+        );
+    }
+}
+
+/// The delivery a settle command names ("" for one that names none).
+fn delivery_of(req: &pb::SubscribeRequest) -> String {
+    use pb::subscribe_request::Command;
+    match &req.command {
+        Some(Command::Ack(a)) => a.delivery_id.clone(),
+        Some(Command::Nack(n)) => n.delivery_id.clone(),
+        Some(Command::Reject(r)) => r.delivery_id.clone(),
+        Some(Command::Extend(e)) => e.delivery_id.clone(),
+        _ => String::new(),
+    }
 }
 
 /// Counts a live session of an agent on this replica while it lives
@@ -254,9 +342,16 @@ async fn fetch_loop(session: Arc<Session>, permits: Arc<Semaphore>) {
 }
 
 impl Session {
+    /// The book of unsettled deliveries (see [`Session::in_flight`]).
+    fn book(&self) -> std::sync::MutexGuard<'_, HashMap<String, InFlight>> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Pulls as many handoffs as there is room for, and offers each.
     /// `Ok(false)` when the instance is gone.
-    async fn fetch_once(&self, permits: &Arc<Semaphore>) -> Result<bool, BrokerError> {
+    async fn fetch_once(self: &Arc<Self>, permits: &Arc<Semaphore>) -> Result<bool, BrokerError> {
         let Ok(first) = permits.clone().acquire_owned().await else {
             return Ok(false);
         };
@@ -271,32 +366,46 @@ impl Session {
             .store()
             .pull(&self.agent.name, held.len(), PULL_EXPIRES)
             .await?;
-        loop {
-            // A reconnection may have lost the pull with the old
-            // connection's server: pull again rather than wait it out.
-            let offered = tokio::select! {
-                next = offers.next() => match next {
-                    Some(offered) => offered?,
-                    None => break,
+        // Each offer is prepared (run read, lease, token) as soon as it is
+        // pulled, concurrently with the others, and delivered in the order
+        // the inbox gave them.
+        let mut prepared = FuturesOrdered::new();
+        let mut pulling = true;
+        while pulling || !prepared.is_empty() {
+            tokio::select! {
+                next = offers.next(), if pulling => match next {
+                    Some(offered) => {
+                        let offered = offered?;
+                        // More than asked for: left to its lease.
+                        if let Some(permit) = held.pop() {
+                            prepared.push_back(self.prepare(offered, permit));
+                        }
+                        pulling = !held.is_empty();
+                    }
+                    None => pulling = false,
                 },
-                _ = link.reconnected_since(connections) => break,
-            };
-            let Some(permit) = held.pop() else {
-                // More than asked for: leave it to its lease.
-                continue;
-            };
-            if !self.offer(offered, permit).await {
-                return Ok(false);
-            }
-            if held.is_empty() {
-                break;
+                Some((offering, permit, span)) = prepared.next(), if !prepared.is_empty() => {
+                    if !self.deliver(offering, permit).instrument(span).await {
+                        return Ok(false);
+                    }
+                }
+                // A reconnection may have lost the pull with the old
+                // connection's server: pull again rather than wait it out.
+                _ = link.reconnected_since(connections), if pulling => pulling = false,
             }
         }
         Ok(!self.tx.is_closed())
     }
 
-    /// Offers one handoff to the instance. `false` when it is gone.
-    async fn offer(&self, offered: crate::store::Offered, permit: OwnedSemaphorePermit) -> bool {
+    /// Prepares the offer of one handoff to the instance (see
+    /// [`deliveries::offer`]) on a task of its own, so that it makes
+    /// progress while the fetcher waits to deliver an earlier one.
+    fn prepare(
+        self: &Arc<Self>,
+        offered: crate::store::Offered,
+        permit: OwnedSemaphorePermit,
+    ) -> impl std::future::Future<Output = (Offering, OwnedSemaphorePermit, tracing::Span)> + 'static
+    {
         let span = tracing::info_span!(
             "delivery",
             agent = %self.agent.name,
@@ -305,18 +414,36 @@ impl Session {
             run_id = tracing::field::Empty,
             handoff_id = tracing::field::Empty,
         );
-        async {
-            let offer = deliveries::offer(&self.broker, &self.agent, &self.instance, offered);
-            let (delivery, held) = match offer.await {
-                Offering::Deliver(d, h) => (d, *h),
-                Offering::Skip => return true,
-            };
-            let span = tracing::Span::current();
-            span.record("run_id", held.run_id.as_str());
-            span.record("handoff_id", held.handoff_id.as_str());
-            let id = held.delivery_id.clone();
-            self.broker.track_delivery(&held, self.released.clone());
-            let mut in_flight = self.in_flight.lock().await;
+        let session = self.clone();
+        let task = tokio::spawn(
+            async move {
+                deliveries::offer(&session.broker, &session.agent, &session.instance, offered).await
+            }
+            .instrument(span.clone()),
+        );
+        async move {
+            let offering = task.await.unwrap_or_else(|e| {
+                tracing::error!(parent: &span, error = %e, "an offer was not prepared; left to its lease");
+                Offering::Skip
+            });
+            (offering, permit, span)
+        }
+    }
+
+    /// Delivers one prepared offer to the instance. `false` when it is
+    /// gone.
+    async fn deliver(&self, offering: Offering, permit: OwnedSemaphorePermit) -> bool {
+        let (delivery, held) = match offering {
+            Offering::Deliver(d, h) => (d, *h),
+            Offering::Skip => return true,
+        };
+        let span = tracing::Span::current();
+        span.record("run_id", held.run_id.as_str());
+        span.record("handoff_id", held.handoff_id.as_str());
+        let id = held.delivery_id.clone();
+        self.broker.track_delivery(&held, self.released.clone());
+        {
+            let mut in_flight = self.book();
             // A redelivery to this session supersedes its expired lease.
             in_flight.retain(|_, f| {
                 let superseded = f.held.handoff_id == held.handoff_id;
@@ -333,16 +460,12 @@ impl Session {
                     _permit: permit,
                 },
             );
-            drop(in_flight);
-            if self.tx.send(Ok(Out::Delivery(delivery))).await.is_err() {
-                return false;
-            }
-            deliveries::announce_delivered(&self.broker, &self.agent.name, &self.instance, &held)
-                .await;
-            true
         }
-        .instrument(span)
-        .await
+        if self.tx.send(Ok(Out::Delivery(delivery))).await.is_err() {
+            return false;
+        }
+        deliveries::announce_delivered(&self.broker, &self.agent.name, &self.instance, &held).await;
+        true
     }
 
     /// Applies one settle command and answers it.
@@ -386,10 +509,7 @@ impl Session {
         delivery_id: &str,
         op: &Op,
     ) -> Result<Option<prost_types::Timestamp>, BrokerError> {
-        let held = {
-            let map = self.in_flight.lock().await;
-            map.get(delivery_id).map(|f| f.held.clone())
-        };
+        let held = { self.book().get(delivery_id).map(|f| f.held.clone()) };
         let span = tracing::info_span!(
             "settle",
             agent = %self.agent.name,
@@ -407,7 +527,7 @@ impl Session {
         .instrument(span)
         .await?;
         if let Some(lease) = extended {
-            if let Some(f) = self.in_flight.lock().await.get_mut(delivery_id) {
+            if let Some(f) = self.book().get_mut(delivery_id) {
                 f.expires = tokio::time::Instant::now() + lease;
             }
             return Ok(Some(prost_types::Timestamp::from(
@@ -417,17 +537,17 @@ impl Session {
         if let Some(h) = &held {
             self.broker.untrack_delivery(&h.slot);
         }
-        self.in_flight.lock().await.remove(delivery_id);
+        self.book().remove(delivery_id);
         Ok(None)
     }
 
     /// Frees the slots of deliveries whose lease has passed: the inbox
     /// offers them again (maybe to this very session), and a delivery
     /// completed through another replica never comes back to be settled.
-    async fn sweep_expired(&self) {
+    fn sweep_expired(&self) {
         let now = tokio::time::Instant::now();
         let grace = Duration::from_millis(100);
-        let mut in_flight = self.in_flight.lock().await;
+        let mut in_flight = self.book();
         let expired: Vec<String> = in_flight
             .iter()
             .filter(|(_, f)| f.expires + grace < now)
@@ -442,13 +562,7 @@ impl Session {
 
     /// Returns every unsettled delivery for immediate redelivery.
     async fn return_all(&self) {
-        let drained: Vec<InFlight> = self
-            .in_flight
-            .lock()
-            .await
-            .drain()
-            .map(|(_, f)| f)
-            .collect();
+        let drained: Vec<InFlight> = self.book().drain().map(|(_, f)| f).collect();
         for f in drained {
             deliveries::give_back(&self.broker, &f.held).await;
         }

@@ -302,6 +302,7 @@ async fn mark_has_state(broker: &Broker, run_id: &str) -> Result<(), BrokerError
         }
         run.has_state = true;
         if broker.store().update_run(&run, revision).await? {
+            broker.forget_run(&run.id);
             return Ok(());
         }
     }
