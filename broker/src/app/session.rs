@@ -123,11 +123,12 @@ struct Session {
     broker: Broker,
     agent: pb::AgentSpec,
     instance: String,
-    /// The unsettled deliveries. A plain mutex, held only for a few
-    /// map operations and never across an await: a session's settlements
-    /// and offers run on tasks of their own, and an async lock here could
-    /// be granted to one of them while the task that polls it waits for
-    /// the same lock (the session would stall for good).
+    /// The unsettled deliveries. A plain mutex, held only for a few map
+    /// operations and never across an await. It was an async lock once,
+    /// and a settlement future the session loop polls could be granted it
+    /// while the loop itself waited for it in a `select!` arm: the loop
+    /// then never polled that settlement again, and the session stalled
+    /// for good. The loop's arms must not await.
     in_flight: std::sync::Mutex<HashMap<String, InFlight>>,
     tx: Outbox,
     released: mpsc::UnboundedSender<String>,
@@ -252,18 +253,16 @@ impl Settling {
         }
     }
 
-    /// Runs `req` on a task of its own: it makes progress whatever the
-    /// session's loop is waiting for.
+    /// Runs `req` as a future of the session loop (polled by its
+    /// `select!`, whose arms never await).
     fn spawn(&mut self, session: &Arc<Session>, req: pb::SubscribeRequest, id: String) {
         let session = session.clone();
-        let task = tokio::spawn(async move { session.command(req).await }.in_current_span());
         self.running.push(
             async move {
-                if let Err(e) = task.await {
-                    tracing::error!(error = %e, delivery_id = %id, "a settlement did not finish");
-                }
+                session.command(req).await;
                 id
             }
+            .in_current_span()
             .boxed(),
         );
     }
@@ -398,8 +397,9 @@ impl Session {
     }
 
     /// Prepares the offer of one handoff to the instance (see
-    /// [`deliveries::offer`]) on a task of its own, so that it makes
-    /// progress while the fetcher waits to deliver an earlier one.
+    /// [`deliveries::offer`]) on a task of its own: it makes progress
+    /// while the fetcher waits to deliver an earlier one, and nothing it
+    /// holds waits on the fetcher polling it.
     fn prepare(
         self: &Arc<Self>,
         offered: crate::store::Offered,
