@@ -15,19 +15,47 @@
 //!   does);
 //! - ack: create a lease record (a key/value create), ack the message and
 //!   await the confirmation, store an `acked` event in the background.
+//!
+//! And per hop of a chain (`raw_chain_floor`), as a delivery and a
+//! complete-and-handoff do:
+//! - delivery: create the lease record, store a `delivered` event in the
+//!   background (the run was read less than a second before: the broker's
+//!   delivery path keeps it that long);
+//! - complete-and-handoff: together, read the run, read the consumed
+//!   message by sequence, create the consumed handoff's claim and read its
+//!   lease; then store the next message and await its ack; then together
+//!   store the `accepted` event, update the lease record and ack the
+//!   consumed message, and record the receipt in the claim (a
+//!   compare-and-set update); an `acked` event in the background.
 
 use std::{
     future::IntoFuture,
     sync::{atomic::AtomicU64, Arc},
+    time::Instant,
 };
 
 use async_nats::jetstream::{self, consumer::pull, stream};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 
 use crate::{
-    scenarios::{bucket, connect, drive, spawn_acker, subtask},
+    report::histogram,
+    scenarios::{bucket, connect, drive, spawn_acker, subtask, CHAIN, WAIT},
     BoxError,
 };
+
+/// The stream of the floors' events.
+async fn events_stream(js: &jetstream::Context, replicas: usize) -> Result<(), BoxError> {
+    js.create_stream(stream::Config {
+        name: "BENCH_FLOOR_EVENTS".into(),
+        subjects: vec!["bench.floor.events.>".into()],
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}
 
 /// Stores an event with a message id; with `confirm`, awaits the ack,
 /// otherwise confirms it in the background.
@@ -73,13 +101,7 @@ pub(crate) async fn raw_floor(
             ..Default::default()
         })
         .await?;
-    js.create_stream(stream::Config {
-        name: "BENCH_FLOOR_EVENTS".into(),
-        subjects: vec!["bench.floor.events.>".into()],
-        num_replicas: replicas,
-        ..Default::default()
-    })
-    .await?;
+    events_stream(&js, replicas).await?;
     let runs = bucket(&js, "bench_floor_runs", replicas).await?;
     let leases = bucket(&js, "bench_floor_leases", replicas).await?;
     // A run of about the size of the broker's.
@@ -157,4 +179,147 @@ pub(crate) async fn raw_floor(
         }
     })
     .await
+}
+
+/// The chain's floor: `raw_chain` with, per hop, the NATS calls a delivery
+/// and a complete-and-handoff make in handoffd, in the same order and with
+/// the same concurrency (see the module docs). Hop and end to end as in
+/// `raw_chain`: from one delivery to the next.
+pub(crate) async fn raw_chain_floor(
+    url: &str,
+    replicas: usize,
+    runs: u64,
+    bar: &ProgressBar,
+) -> Result<(Histogram<u64>, Histogram<u64>), BoxError> {
+    let js = connect(url).await?;
+    let chain = js
+        .create_stream(stream::Config {
+            name: "BENCH_FLOOR_CHAIN".into(),
+            subjects: vec!["bench.floor.chain.>".into()],
+            num_replicas: replicas,
+            allow_direct: replicas == 1,
+            ..Default::default()
+        })
+        .await?;
+    events_stream(&js, replicas).await?;
+    let run_bucket = bucket(&js, "bench_floor_runs", replicas).await?;
+    let claims = bucket(&js, "bench_floor_claims", replicas).await?;
+    let leases = bucket(&js, "bench_floor_hop_leases", replicas).await?;
+    run_bucket
+        .put("run", bytes::Bytes::from(vec![b'r'; 200]))
+        .await?;
+    let mut streams = Vec::new();
+    for i in 0..CHAIN.len() {
+        let consumer = chain
+            .create_consumer(pull::Config {
+                durable_name: Some(format!("f{i}")),
+                filter_subject: format!("bench.floor.chain.{i}"),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await?;
+        streams.push(consumer.messages().await?);
+    }
+    let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&subtask()));
+    // Events, lease records and claims of about the size of the broker's.
+    let small = bytes::Bytes::from(vec![b'e'; 160]);
+    let publish = |subject: String, id: String| {
+        js.send_publish(
+            subject,
+            jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(id),
+        )
+    };
+    let (mut hop, mut e2e) = (histogram(), histogram());
+    let warmup = 20;
+    for r in 0..runs + warmup {
+        let start = Instant::now();
+        run_bucket.entry("run").await?;
+        publish("bench.floor.chain.0".into(), format!("{r}-0"))
+            .await?
+            .await?;
+        event(&js, "accepted", format!("{r}-0"), small.clone(), true).await?;
+        let mut last = start;
+        for (i, messages) in streams.iter_mut().enumerate() {
+            let msg = match tokio::time::timeout(WAIT, messages.next()).await {
+                Ok(Some(m)) => m?,
+                _ => return Err("raw chain floor: no message".into()),
+            };
+            let sequence = msg.info()?.stream_sequence;
+            let id = format!("{r}-{i}");
+            let lease_key = format!("f{i}.{sequence}");
+            leases.create(&lease_key, small.clone()).await?;
+            event(&js, "delivered", id.clone(), small.clone(), false).await?;
+            let now = Instant::now();
+            if r >= warmup {
+                hop.record(now.duration_since(last).as_micros() as u64)?;
+            }
+            last = now;
+            let (lease, claimed) = if i + 1 < CHAIN.len() {
+                let parent = async {
+                    match replicas {
+                        1 => chain
+                            .direct_get(sequence)
+                            .await
+                            .map(|_| ())
+                            .map_err(BoxError::from),
+                        _ => chain
+                            .get_raw_message(sequence)
+                            .await
+                            .map(|_| ())
+                            .map_err(BoxError::from),
+                    }
+                };
+                let (run, parent, claim, lease) = tokio::join!(
+                    run_bucket.entry("run"),
+                    parent,
+                    claims.create(&id, small.clone()),
+                    leases.entry(&lease_key),
+                );
+                run?;
+                parent?;
+                let next = format!("{r}-{}", i + 1);
+                publish(format!("bench.floor.chain.{}", i + 1), next.clone())
+                    .await?
+                    .await?;
+                (lease?, Some((claim?, next)))
+            } else {
+                (leases.entry(&lease_key).await?, None)
+            };
+            let revision = lease.map_or(0, |e| e.revision);
+            let (accepted, recorded, acked, receipt) = tokio::join!(
+                async {
+                    match &claimed {
+                        Some((_, next)) => {
+                            event(&js, "accepted", next.clone(), small.clone(), true).await
+                        }
+                        None => Ok(()),
+                    }
+                },
+                leases.update(&lease_key, small.clone(), revision),
+                msg.double_ack(),
+                async {
+                    match &claimed {
+                        Some((claim, _)) => claims
+                            .update(&id, small.clone(), *claim)
+                            .await
+                            .map(|_| ())
+                            .map_err(BoxError::from),
+                        None => Ok(()),
+                    }
+                },
+            );
+            accepted?;
+            recorded?;
+            acked?;
+            receipt?;
+            event(&js, "acked", id, small.clone(), false).await?;
+        }
+        if r >= warmup {
+            e2e.record(last.duration_since(start).as_micros() as u64)?;
+            bar.inc(1);
+        }
+    }
+    Ok((hop, e2e))
 }

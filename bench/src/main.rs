@@ -302,6 +302,13 @@ async fn run(args: Args) -> Result<(), BoxError> {
             &bar(runs, "chain (JetStream)"),
         )
         .await?;
+        let (floor_hop, _) = floor::raw_chain_floor(
+            stack.nats_url(),
+            stack.replicas(),
+            runs,
+            &bar(runs, "chain (JetStream, handoffd's NATS operations)"),
+        )
+        .await?;
         panel("chain: per hop".into(), &hop, Some(&raw_hop));
         panel("chain: end to end, 5 hops".into(), &e2e, Some(&raw_e2e));
         rows.push(Row::new(
@@ -313,6 +320,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
             "chain",
             "end to end, 5 hops",
             latency(&e2e, Some(&raw_e2e)),
+        ));
+        rows.push(Row::new(
+            "chain",
+            "per hop; raw doing handoffd's NATS operations",
+            latency(&hop, Some(&floor_hop)),
         ));
         panel(
             "chain: per hop, 1 KiB state delta".into(),

@@ -24,7 +24,7 @@ use indicatif::ProgressBar;
 use crate::{report::histogram, BoxError};
 
 /// Agents of the 5-hop chain.
-const CHAIN: [&str; 5] = ["c0", "c1", "c2", "c3", "c4"];
+pub(crate) const CHAIN: [&str; 5] = ["c0", "c1", "c2", "c3", "c4"];
 /// Concurrent requests when the bench loads the broker.
 pub(crate) const CONCURRENCY: usize = 64;
 /// How long a scenario waits for one delivery or release.
