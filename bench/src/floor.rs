@@ -41,7 +41,7 @@ use indicatif::ProgressBar;
 
 use crate::{
     report::histogram,
-    scenarios::{bucket, connect, drive, spawn_acker, subtask, CHAIN, WAIT},
+    scenarios::{bucket, chain_consumers, connect, drive, spawn_acker, subtask, CHAIN, WAIT},
     BoxError,
 };
 
@@ -208,18 +208,7 @@ pub(crate) async fn raw_chain_floor(
     run_bucket
         .put("run", bytes::Bytes::from(vec![b'r'; 200]))
         .await?;
-    let mut streams = Vec::new();
-    for i in 0..CHAIN.len() {
-        let consumer = chain
-            .create_consumer(pull::Config {
-                durable_name: Some(format!("f{i}")),
-                filter_subject: format!("bench.floor.chain.{i}"),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ..Default::default()
-            })
-            .await?;
-        streams.push(consumer.messages().await?);
-    }
+    let mut streams = chain_consumers(&chain, "f", "bench.floor.chain").await?;
     let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&subtask()));
     // Events, lease records and claims of about the size of the broker's.
     let small = bytes::Bytes::from(vec![b'e'; 160]);

@@ -164,6 +164,28 @@ pub(crate) async fn connect(url: &str) -> Result<jetstream::Context, BoxError> {
     Ok(jetstream::new(async_nats::connect(servers).await?))
 }
 
+/// One pull consumer per agent of the chain on stream `s`, durable
+/// `<durable>N` on subject `<subject>.N`, each as a stream of messages.
+pub(crate) async fn chain_consumers(
+    s: &stream::Stream,
+    durable: &str,
+    subject: &str,
+) -> Result<Vec<pull::Stream>, BoxError> {
+    let mut streams = Vec::new();
+    for i in 0..CHAIN.len() {
+        let consumer = s
+            .create_consumer(pull::Config {
+                durable_name: Some(format!("{durable}{i}")),
+                filter_subject: format!("{subject}.{i}"),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await?;
+        streams.push(consumer.messages().await?);
+    }
+    Ok(streams)
+}
+
 /// The same chain on raw JetStream: publish and await the ack, pull, ack;
 /// the stream kept in `replicas` replicas, as the broker keeps its own.
 pub(crate) async fn raw_chain(
@@ -181,18 +203,7 @@ pub(crate) async fn raw_chain(
             ..Default::default()
         })
         .await?;
-    let mut streams = Vec::new();
-    for i in 0..CHAIN.len() {
-        let consumer = s
-            .create_consumer(pull::Config {
-                durable_name: Some(format!("c{i}")),
-                filter_subject: format!("bench.chain.{i}"),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ..Default::default()
-            })
-            .await?;
-        streams.push(consumer.messages().await?);
-    }
+    let mut streams = chain_consumers(&s, "c", "bench.chain").await?;
     let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&subtask()));
     let (mut hop, mut e2e) = (histogram(), histogram());
     let warmup = 20;
