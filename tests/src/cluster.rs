@@ -60,6 +60,10 @@ pub const CLUSTER_NAME: &str = "handoff-test";
 const NODES: usize = 3;
 /// Starts tried when a reserved route port was taken in between.
 const START_ATTEMPTS: usize = 3;
+/// Restarts tried when one of the node's ports was taken while it was
+/// down, and the pause between them.
+const RESTART_ATTEMPTS: usize = 20;
+const RESTART_PAUSE: Duration = Duration::from_millis(500);
 /// Time allowed for a server to log that it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Time allowed for the cluster to form, elect, or catch up: JetStream's
@@ -403,9 +407,26 @@ impl Cluster {
         args.extend(["-p".to_string(), node.client_port.to_string()]);
         let log = node.log.clone();
         log.push(format!("---- restarted by the test helper: {args:?}"));
-        let started = spawn(&self.bin, &args, node.name.clone(), &log)
-            .await
-            .and_then(|s| s.expecting_route_port(node.route_port, &log))?;
+        // While the node was down, one of its ports may have become the
+        // local end of a short-lived connection (a monitoring poll, a
+        // client's reconnect attempt): it is free again soon, so try again.
+        let mut attempt = 1;
+        let started = loop {
+            let result = spawn(&self.bin, &args, node.name.clone(), &log)
+                .await
+                .and_then(|s| s.expecting_route_port(node.route_port, &log));
+            match result {
+                Err(ClusterError::PortTaken { .. }) if attempt < RESTART_ATTEMPTS => {
+                    log.push(format!(
+                        "---- a port was taken; restart attempt {} in {RESTART_PAUSE:?}",
+                        attempt + 1
+                    ));
+                    attempt += 1;
+                    tokio::time::sleep(RESTART_PAUSE).await;
+                }
+                other => break other?,
+            }
+        };
         if started.name != node.name || started.client_port != node.client_port {
             return Err(ClusterError::Node {
                 node: node.name.clone(),
