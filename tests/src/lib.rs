@@ -121,6 +121,19 @@ pub async fn stack(tweak: impl FnOnce(&mut Config)) -> (Nats, Broker, Client) {
     (nats, broker, client)
 }
 
+/// Registers `agent` (no contract) and starts a run with `config`.
+pub async fn agent_and_run(
+    client: &Client,
+    agent: &str,
+    config: handoff_client::RunConfig,
+) -> pb::Run {
+    client
+        .register_agent(handoff_client::AgentConfig::new(agent))
+        .await
+        .expect("agent");
+    client.start_run(config).await.expect("run")
+}
+
 /// A broker configuration for tests: short timeouts, given NATS.
 pub fn test_config(nats_url: &str) -> Config {
     Config {

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use handoff_client::{pb, AgentConfig, Client, ContractSpec, ErrorKind, Handoff, RunConfig};
-use handoff_tests::{compile_proto, next_within, stack, XorShift};
+use handoff_tests::{agent_and_run, compile_proto, next_within, stack, XorShift};
 use sha2::Digest as _;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -66,14 +66,7 @@ async fn document_agent(client: &Client, agent: &str) {
 /// Registers the aggregator, starts a run and opens barrier `join` of it
 /// with the branches of `branches` (its other fields are filled in).
 async fn barrier_run(client: &Client, branches: pb::BarrierSpec) -> pb::Run {
-    client
-        .register_agent(AgentConfig::new("aggregator"))
-        .await
-        .expect("agent");
-    let run = client
-        .start_run(RunConfig::new("owner"))
-        .await
-        .expect("run");
+    let run = agent_and_run(client, "aggregator", RunConfig::new("owner")).await;
     client
         .raw()
         .open_barrier(pb::OpenBarrierRequest {
@@ -151,14 +144,7 @@ async fn a_16_mib_payload_is_checked_whole_and_delivered_intact() {
 #[tokio::test]
 async fn a_payload_over_max_payload_size_is_refused_naming_both_sizes() {
     let (_nats, _broker, client) = stack(|c| c.max_payload_size = 1 << 20).await;
-    client
-        .register_agent(AgentConfig::new("reader"))
-        .await
-        .expect("agent");
-    let run = client
-        .start_run(RunConfig::new("owner"))
-        .await
-        .expect("run");
+    let run = agent_and_run(&client, "reader", RunConfig::new("owner")).await;
     let big = document("too big", 2 << 20, 3);
     let size = prost_types::Any::from_msg(&big)
         .map(|a| prost::Message::encoded_len(&a))

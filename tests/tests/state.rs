@@ -8,7 +8,9 @@ use std::{collections::BTreeSet, time::Duration};
 use handoff_client::{
     pb, state, AgentConfig, Client, ContractSpec, ErrorKind, Handoff, RunConfig, StateDelta,
 };
-use handoff_tests::{compile_proto, count, next_within, note, scrape_parsed, stack, timeline_when};
+use handoff_tests::{
+    agent_and_run, compile_proto, count, next_within, note, scrape_parsed, stack, timeline_when,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -22,14 +24,6 @@ async fn value(client: &Client, run: &str, revision: u64, key: &str) -> Option<s
 }
 
 /// Registers `agent` (taking any payload) and starts a run as `config` says.
-async fn agent_and_run(client: &Client, agent: &str, config: RunConfig) -> pb::Run {
-    client
-        .register_agent(AgentConfig::new(agent))
-        .await
-        .expect("agent");
-    client.start_run(config).await.expect("run")
-}
-
 async fn revision(client: &Client, run: &str) -> u64 {
     client
         .get_state(run, 0)
