@@ -239,9 +239,13 @@ pub fn encode_token(token: &pb::DeliveryToken) -> String {
     URL_SAFE_NO_PAD.encode(token.encode_to_vec())
 }
 
-/// Decodes a delivery token; INVALID_ARGUMENT if it is not one. Whether
-/// its store reference really names that agent's delivery is the store's
-/// to say ([`crate::store::Store::reference_matches`]).
+/// Decodes a delivery token; INVALID_ARGUMENT if it is not one, or not in
+/// the one encoding the broker issues (protobuf's canonical encoding, in
+/// unpadded URL-safe base64): the signature covers that encoding, so an id
+/// with an extra field, fields in another order or other base64 is not
+/// the one issued, and anything keyed by the id string cannot be
+/// sidestepped. Whether its store reference really names that agent's
+/// delivery is the store's to say ([`crate::store::Store::reference_matches`]).
 pub fn decode_token(s: &str) -> Result<pb::DeliveryToken, BrokerError> {
     let bad = |why: &str| BrokerError::BadDeliveryId(why.to_string());
     if s.is_empty() {
@@ -258,6 +262,9 @@ pub fn decode_token(s: &str) -> Result<pb::DeliveryToken, BrokerError> {
         || names::validate("agent", &token.agent).is_err()
     {
         return Err(bad("not a token issued by the broker"));
+    }
+    if encode_token(&token) != s {
+        return Err(bad("not in the encoding the broker issues"));
     }
     Ok(token)
 }
@@ -403,6 +410,45 @@ mod tests {
             assert_eq!(
                 decode_token(bad).map_err(|e| e.reason()),
                 Err(Reason::BadDeliveryId)
+            );
+        }
+        // The same fields in other encodings: an unknown field appended,
+        // the fields in another order, padded base64.
+        let canonical = t.encode_to_vec();
+        let mut extra = canonical.clone();
+        extra.extend_from_slice(&[0xF8, 0x06, 0x01]); // field 111, varint 1
+        let mut reordered = pb::DeliveryToken {
+            handoff_id: t.handoff_id.clone(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        reordered.extend(
+            pb::DeliveryToken {
+                handoff_id: String::new(),
+                ..t.clone()
+            }
+            .encode_to_vec(),
+        );
+        assert_eq!(
+            pb::DeliveryToken::decode(reordered.as_slice()).ok(),
+            Some(t.clone()),
+            "the same token"
+        );
+        // Padded base64 (a length a multiple of 3 has no padding).
+        let padded = base64::engine::general_purpose::URL_SAFE.encode(&canonical);
+        let padded = (padded != encode_token(&t)).then_some(padded);
+        for id in [
+            Some(URL_SAFE_NO_PAD.encode(&extra)),
+            Some(URL_SAFE_NO_PAD.encode(&reordered)),
+            padded,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            assert_eq!(
+                decode_token(&id).map_err(|e| e.reason()),
+                Err(Reason::BadDeliveryId),
+                "{id}"
             );
         }
     }
