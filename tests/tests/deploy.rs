@@ -201,7 +201,7 @@ fn nats_host(plan: &NodePlan<'_>, ca: &Ca, hash: &str) -> Vec<String> {
             "listen: 0.0.0.0:6222",
             format!("listen: 127.0.0.1:{}", plan.route_port()),
         ),
-        sub("http_port: 8222", "http_port: -1"),
+        sub("http: 127.0.0.1:8222", "http: 127.0.0.1:-1"),
         sub("\"/etc/nats/", format!("\"{}/etc/nats/", host.display())),
         sub(
             "\"/var/lib/nats\"",
