@@ -6,15 +6,23 @@
 //! confirmed, and gives one up only after [`GIVE_UP`], counting it in
 //! `handoff_events_dropped_total` with a log line. Every event carries a
 //! deterministic message id, so a retry never stores it twice.
+//!
+//! The outbox is bounded (`outbox_capacity` events, those waiting for a
+//! retry included): when it is full, a step that emits an event waits up
+//! to [`FULL_WAIT`] for room (backpressure), then the event is dropped and
+//! counted the same way.
 
 use std::{
     collections::VecDeque,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use handoff_proto::pb;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::app::Broker;
 
@@ -22,6 +30,8 @@ use crate::app::Broker;
 const BATCH: usize = 256;
 /// How long an event is retried before it is given up.
 pub const GIVE_UP: Duration = Duration::from_secs(120);
+/// How long an emitter waits for room in a full outbox.
+pub const FULL_WAIT: Duration = Duration::from_secs(1);
 
 /// An event waiting to be stored.
 #[derive(Debug)]
@@ -29,32 +39,59 @@ pub struct Pending {
     event: pb::Event,
     msg_id: String,
     since: Instant,
+    /// Its room in the outbox, given back once it is stored or given up.
+    _room: OwnedSemaphorePermit,
 }
 
 /// The sending side, kept by the broker.
 #[derive(Debug)]
 pub struct Outbox {
-    tx: mpsc::UnboundedSender<Pending>,
+    tx: mpsc::Sender<Pending>,
+    /// Room for events handed over and not yet stored or given up.
+    room: Arc<Semaphore>,
     /// Events handed over and not yet stored or given up.
     waiting: AtomicUsize,
 }
 
+/// What became of an event handed to the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Taken: it will be stored (or given up after retries).
+    Taken,
+    /// The outbox stayed full for [`FULL_WAIT`]: dropped.
+    Full,
+    /// The outbox task is gone.
+    Closed,
+}
+
 impl Outbox {
-    /// Hands an event over; `false` when the outbox task is gone.
-    pub fn send(&self, event: pb::Event, msg_id: String) -> bool {
+    /// Hands an event over, waiting up to [`FULL_WAIT`] for room.
+    pub async fn send(&self, event: pb::Event, msg_id: String) -> Sent {
+        let permit = match self.room.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return Sent::Closed,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                match tokio::time::timeout(FULL_WAIT, self.room.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) => return Sent::Closed,
+                    Err(_) => return Sent::Full,
+                }
+            }
+        };
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        let sent = self
-            .tx
-            .send(Pending {
-                event,
-                msg_id,
-                since: Instant::now(),
-            })
-            .is_ok();
-        if !sent {
+        let pending = Pending {
+            event,
+            msg_id,
+            since: Instant::now(),
+            _room: permit,
+        };
+        // Never waits: every pending event holds a permit, and the channel
+        // has room for as many as there are permits.
+        if self.tx.try_send(pending).is_err() {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Sent::Closed;
         }
-        sent
+        Sent::Taken
     }
 
     /// Events handed over and not yet stored or given up.
@@ -67,12 +104,15 @@ impl Outbox {
     }
 }
 
-/// A new outbox and the receiving end its task reads.
-pub fn channel() -> (Outbox, mpsc::UnboundedReceiver<Pending>) {
-    let (tx, rx) = mpsc::unbounded_channel();
+/// A new outbox holding at most `capacity` events, and the receiving end
+/// its task reads.
+pub fn channel(capacity: usize) -> (Outbox, mpsc::Receiver<Pending>) {
+    let capacity = capacity.clamp(1, Semaphore::MAX_PERMITS);
+    let (tx, rx) = mpsc::channel(capacity);
     (
         Outbox {
             tx,
+            room: Arc::new(Semaphore::new(capacity)),
             waiting: AtomicUsize::new(0),
         },
         rx,
@@ -81,7 +121,7 @@ pub fn channel() -> (Outbox, mpsc::UnboundedReceiver<Pending>) {
 
 /// Publishes what the outbox receives until every sender is gone and
 /// nothing is left to retry.
-pub async fn run(broker: Broker, mut rx: mpsc::UnboundedReceiver<Pending>) {
+pub async fn run(broker: Broker, mut rx: mpsc::Receiver<Pending>) {
     let mut retry: VecDeque<Pending> = VecDeque::new();
     let mut backoff = Duration::from_millis(50);
     loop {

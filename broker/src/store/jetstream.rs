@@ -242,6 +242,10 @@ impl JetStream {
                     cfg.retention
                 },
                 allow_direct: true,
+                // Bounded: nothing stored is discarded to make room (a
+                // write past the limit is refused), except events below.
+                max_bytes: cfg.stream_max_bytes,
+                discard: stream::DiscardPolicy::New,
                 ..Default::default()
             };
         let inbox = ensure_stream(
@@ -253,13 +257,19 @@ impl JetStream {
             ),
         )
         .await?;
+        // Events are the record of what happened, not the work: past their
+        // limit the oldest go, so a flood of events never stops handoffs.
         let events = ensure_stream(
             &js,
-            base(
-                EVENTS_STREAM,
-                "handoff.v1.events.>",
-                stream::RetentionPolicy::Limits,
-            ),
+            stream::Config {
+                max_bytes: cfg.events_max_bytes,
+                discard: stream::DiscardPolicy::Old,
+                ..base(
+                    EVENTS_STREAM,
+                    "handoff.v1.events.>",
+                    stream::RetentionPolicy::Limits,
+                )
+            },
         )
         .await?;
         let dead = ensure_stream(
@@ -293,6 +303,7 @@ impl JetStream {
             bucket: name.to_string(),
             history: 1,
             max_age,
+            max_bytes: cfg.stream_max_bytes,
             storage: stream::StorageType::File,
             num_replicas: replicas,
             ..Default::default()
@@ -325,6 +336,7 @@ impl JetStream {
                     format!("$O.{PAYLOADS_BUCKET}.M.>"),
                 ],
                 max_age: cfg.retention,
+                max_bytes: cfg.stream_max_bytes,
                 storage: stream::StorageType::File,
                 num_replicas: replicas,
                 discard: stream::DiscardPolicy::New,
@@ -1639,6 +1651,8 @@ async fn ensure_stream(
                 || current.max_age != config.max_age
                 || current.num_replicas != config.num_replicas
                 || current.allow_direct != config.allow_direct
+                || current.max_bytes != config.max_bytes
+                || current.discard != config.discard
             {
                 let rescaled = current.num_replicas != config.num_replicas;
                 js.update_stream(config)
@@ -1715,6 +1729,11 @@ async fn await_replicas(
 /// cluster cannot hold the configured replicas.
 fn placement(context: &str, replicas: usize, err: impl std::fmt::Display) -> BrokerError {
     let text = err.to_string();
+    if text.contains("10047") || text.contains("insufficient storage") {
+        return BrokerError::Unavailable(format!(
+            "{context}: JetStream cannot reserve the stream's byte limit ({text}); every stream and bucket reserves stream_max_bytes (events_max_bytes for the events) on each server, and together they must fit the server's max_file_store: lower them, or give JetStream more storage"
+        ));
+    }
     let cannot_hold = [
         "10074",
         "10023",
@@ -1763,7 +1782,7 @@ async fn ensure_bucket(
         deny_delete: true,
         allow_direct: replicas == 1,
         max_messages: -1,
-        max_bytes: -1,
+        max_bytes: config.max_bytes,
         max_message_size: -1,
         discard: stream::DiscardPolicy::New,
         duplicate_window: Duration::from_secs(120),
@@ -1780,11 +1799,13 @@ async fn ensure_bucket(
             if current.num_replicas != replicas
                 || current.allow_direct != stream.allow_direct
                 || current.max_age != stream.max_age
+                || current.max_bytes != stream.max_bytes
             {
                 let rescaled = current.num_replicas != replicas;
                 current.num_replicas = replicas;
                 current.allow_direct = stream.allow_direct;
                 current.max_age = stream.max_age;
+                current.max_bytes = stream.max_bytes;
                 js.update_stream(current)
                     .await
                     .map_err(|e| placement(&format!("updating bucket {name}"), replicas, e))?;
