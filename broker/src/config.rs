@@ -142,7 +142,7 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "metrics_listen",
         default: "",
-        doc: "Address of the metrics endpoint (GET /metrics, OpenMetrics text for Prometheus). Unset: no endpoint.",
+        doc: "Address of the metrics endpoint (GET /metrics, OpenMetrics text for Prometheus). Unset: no endpoint. Off loopback it needs auth: every scrape presents a bearer token of a principal with read, in clear over plain HTTP, so it also needs --insecure.",
     },
     Key {
         name: "pipeline_judges",
@@ -177,7 +177,22 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "insecure",
         default: "false",
-        doc: "Serve without auth on a listen address that is not loopback (refused otherwise).",
+        doc: "Serve without auth on a listen address that is not loopback, bearer tokens off loopback without TLS, or the metrics endpoint off loopback (each refused otherwise).",
+    },
+    Key {
+        name: "outbox_capacity",
+        default: "65536",
+        doc: "Events waiting to be stored that a replica holds at most; past it, the steps that emit them wait up to a second, then the event is dropped and counted (handoff_events_dropped_total).",
+    },
+    Key {
+        name: "events_max_bytes",
+        default: "1073741824",
+        doc: "Byte limit of the events stream (HANDOFF_EVENTS); past it the oldest events are discarded.",
+    },
+    Key {
+        name: "stream_max_bytes",
+        default: "1073741824",
+        doc: "Byte limit of every other stream and bucket the broker creates (inboxes, branches, dead letters, timers, payloads, runs, state, leases, ...: 16 of them); past it new writes are refused (UNAVAILABLE), nothing stored is discarded. JetStream reserves every limit on each server: their sum must fit its max_file_store.",
     },
     Key {
         name: "nats_user",
@@ -283,6 +298,12 @@ pub struct Config {
     pub nats_reconnect_delay: Duration,
     /// Cap on max_in_flight per Subscribe.
     pub max_in_flight: u32,
+    /// Events a replica holds waiting to be stored, at most.
+    pub outbox_capacity: usize,
+    /// Byte limit of the events stream.
+    pub events_max_bytes: i64,
+    /// Byte limit of every other stream and bucket.
+    pub stream_max_bytes: i64,
     /// BPE encoding for token budgets.
     pub tokenizer: String,
     /// Prometheus endpoint address, if any.
@@ -563,6 +584,22 @@ impl Config {
                 "listen {listen} is not loopback and no auth is configured (auth_token_file or tls_client_ca); pass --insecure to serve anyway"
             ));
         }
+        if auth_configured && tls.is_none() && !insecure && !listen.ip().is_loopback() {
+            problems.push(format!(
+                "listen {listen} is not loopback and serves without TLS: bearer tokens would cross the network in clear; set tls_cert and tls_key, or pass --insecure"
+            ));
+        }
+        if let Some(metrics) = metrics_listen.filter(|m| !m.ip().is_loopback()) {
+            if !auth_configured {
+                problems.push(format!(
+                    "metrics_listen {metrics} is not loopback and no auth is configured: scrapes off loopback must present a bearer token; configure auth_token_file, or serve metrics on loopback"
+                ));
+            } else if !insecure {
+                problems.push(format!(
+                    "metrics_listen {metrics} is not loopback: its scrapes present bearer tokens over plain HTTP; serve it on loopback (behind a TLS proxy), or pass --insecure"
+                ));
+            }
+        }
         if retention < dedupe_window {
             problems.push("retention: must be at least dedupe_window".to_string());
         }
@@ -627,6 +664,19 @@ impl Config {
             nats_timeout,
             nats_reconnect_delay,
             max_in_flight: num("max_in_flight", raw("max_in_flight"), 1, &mut problems),
+            outbox_capacity: num("outbox_capacity", raw("outbox_capacity"), 1, &mut problems),
+            events_max_bytes: num(
+                "events_max_bytes",
+                raw("events_max_bytes"),
+                1 << 20,
+                &mut problems,
+            ),
+            stream_max_bytes: num(
+                "stream_max_bytes",
+                raw("stream_max_bytes"),
+                1 << 20,
+                &mut problems,
+            ),
             tokenizer,
             metrics_listen,
             otlp_endpoint,
@@ -812,8 +862,28 @@ mod tests {
             "auth_token_file".into(),
             "/run/credentials/x/auth-token".into(),
         );
-        let c = Config::from_layers(&v).expect("auth configured");
+        let problems = Config::from_layers(&v).expect_err("bearer tokens in clear");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("TLS"), "{problems:?}");
+        v.insert("tls_cert".into(), "/etc/handoffd/cert.pem".into());
+        v.insert("tls_key".into(), "/etc/handoffd/key.pem".into());
+        let c = Config::from_layers(&v).expect("auth configured, over TLS");
         assert!(c.auth_configured());
+
+        // The metrics endpoint off loopback: scrapes present tokens in
+        // clear, so only with insecure (and never without auth).
+        v.insert("metrics_listen".into(), "0.0.0.0:9464".into());
+        let problems = Config::from_layers(&v).expect_err("metrics in clear");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("metrics_listen"), "{problems:?}");
+        v.insert("insecure".into(), "true".into());
+        Config::from_layers(&v).expect("insecure metrics with auth");
+        v.remove("auth_token_file");
+        v.remove("tls_cert");
+        v.remove("tls_key");
+        let problems = Config::from_layers(&v).expect_err("metrics without auth");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        v.remove("insecure");
 
         let c = Config::default();
         assert!(c.listen.ip().is_loopback() && !c.auth_configured() && !c.insecure);

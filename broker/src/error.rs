@@ -163,6 +163,8 @@ reasons! {
         "the bearer token was revoked";
     NotGranted => "NOT_GRANTED", PermissionDenied,
         "the principal has no grant for this action on this name (or a deny grant matches)";
+    BootstrapInUse => "BOOTSTRAP_IN_USE", FailedPrecondition,
+        "the bootstrap token cannot disable itself: disable it with an admin API token";
     BadSignature => "BAD_SIGNATURE", PermissionDenied,
         "a delivery id whose signature does not verify (forged or altered)";
     UndeclaredEmit => "UNDECLARED_EMIT", PermissionDenied,

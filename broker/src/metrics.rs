@@ -293,6 +293,8 @@ pub struct Metrics {
     dead_lettered: Capped<Counter>,
     contract_rejections: Capped<Counter>,
     denied: Capped<Counter>,
+    unauthenticated: Capped<Counter>,
+    denials_unrecorded: Counter,
     events_dropped: Counter,
     call: Histograms,
     queue_wait: Histograms,
@@ -381,6 +383,19 @@ impl Metrics {
             "Calls refused for who made them, by reason.",
             &["reason"],
         );
+        let unauthenticated = counters(
+            &mut r,
+            "handoff_unauthenticated",
+            "Calls refused for carrying no valid credentials, by reason and peer address (never stored as events).",
+            &["reason", "peer"],
+        );
+        let denials_unrecorded = Counter::default();
+        r.push(Described {
+            name: "handoff_access_denied_unrecorded",
+            help: "access_denied events not stored because their principal was over its rate.",
+            unit: None,
+            metric: Box::new(denials_unrecorded.clone()),
+        });
         let events_dropped = Counter::default();
         r.push(Described {
             name: "handoff_events_dropped",
@@ -501,6 +516,8 @@ impl Metrics {
             dead_lettered,
             contract_rejections,
             denied,
+            unauthenticated,
+            denials_unrecorded,
             events_dropped,
             call,
             queue_wait,
@@ -566,6 +583,18 @@ impl Metrics {
     /// Counts a call refused for who made it, by reason.
     pub fn denied(&self, reason: &'static str) {
         self.denied.with(&[reason]).inc();
+    }
+
+    /// Counts a call refused for carrying no valid credentials, by reason
+    /// and peer address.
+    pub fn unauthenticated(&self, reason: &'static str, peer: &str) {
+        self.unauthenticated.with(&[reason, peer]).inc();
+    }
+
+    /// Counts an `access_denied` event not stored (its principal was over
+    /// its rate).
+    pub fn denial_unrecorded(&self) {
+        self.denials_unrecorded.inc();
     }
 
     /// Records the latency of an accepted Handoff call to `agent` (see
@@ -706,15 +735,42 @@ impl Metrics {
     }
 }
 
+/// Who may scrape: whether the bearer token a request presents (if any)
+/// allows reading the metrics.
+pub type Gate =
+    Arc<dyn Fn(Option<String>) -> futures::future::BoxFuture<'static, bool> + Send + Sync>;
+
+/// The bearer token of a request's `authorization` header.
+fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
 /// The router of the metrics endpoint: `GET /metrics`, and 404 for
-/// anything else.
-pub fn router(metrics: Arc<Metrics>) -> Router {
+/// anything else. With a `gate`, a scrape it does not let through is
+/// answered 401.
+pub fn router(metrics: Arc<Metrics>, gate: Option<Gate>) -> Router {
     Router::new()
         .route(
             "/metrics",
-            get(move || {
+            get(move |headers: axum::http::HeaderMap| {
                 let metrics = metrics.clone();
+                let gate = gate.clone();
                 async move {
+                    if let Some(gate) = gate {
+                        if !gate(bearer(&headers)).await {
+                            return (
+                                StatusCode::UNAUTHORIZED,
+                                [(header::WWW_AUTHENTICATE, "Bearer")],
+                                "a bearer token of a principal with read is required\n",
+                            )
+                                .into_response();
+                        }
+                    }
                     match metrics.render() {
                         Ok(body) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], body)
                             .into_response(),
@@ -731,9 +787,10 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
 }
 
 /// Serves the metrics endpoint on `listener` until the task is dropped
-/// (or the listener fails, which is logged).
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    if let Err(e) = axum::serve(listener, router(metrics)).await {
+/// (or the listener fails, which is logged); with a `gate`, only the
+/// scrapes it lets through.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, gate: Option<Gate>) {
+    if let Err(e) = axum::serve(listener, router(metrics, gate)).await {
         tracing::error!(error = %e, "metrics endpoint stopped");
     }
 }

@@ -403,6 +403,7 @@ async fn serve(
         link.clone(),
     );
     crate::app::auth::load_keys(&broker).await?;
+    crate::app::auth::load_bootstrap(&broker).await?;
     // Watch contracts from where the load ends, so it does not load them
     // all again.
     let watch_from = store.contracts_revision().await? + 1;
@@ -416,7 +417,30 @@ async fn serve(
                 .map_err(|e| RunError::Serve(format!("metrics_listen {addr}: {e}")))?;
             let bound = listener.local_addr().unwrap_or(addr);
             tracing::info!(addr = %bound, "metrics endpoint serving");
-            let serving = tokio::spawn(crate::metrics::serve(listener, broker.metrics().clone()));
+            // Off loopback, a scrape needs a bearer token of a principal
+            // with read (the config refuses it without auth).
+            let gate: Option<crate::metrics::Gate> =
+                (!bound.ip().is_loopback() && broker.auth().enabled()).then(|| {
+                    let broker = broker.clone();
+                    let gate: crate::metrics::Gate = std::sync::Arc::new(move |bearer| {
+                        let broker = broker.clone();
+                        Box::pin(async move {
+                            let creds = crate::app::auth::Credentials {
+                                bearer,
+                                ..Default::default()
+                            };
+                            crate::app::auth::authenticate(&broker, &creds)
+                                .await
+                                .is_ok_and(|c| c.may(crate::rules::grants::Action::Read, ""))
+                        })
+                    });
+                    gate
+                });
+            let serving = tokio::spawn(crate::metrics::serve(
+                listener,
+                broker.metrics().clone(),
+                gate,
+            ));
             let pending = tokio::spawn(crate::app::session::report_pending(broker.clone()));
             (Some(MetricsTasks { serving, pending }), Some(bound))
         }
@@ -424,6 +448,7 @@ async fn serve(
     let outbox_task = broker.start_outbox();
     let timer_task = tokio::spawn(timers::run(broker.clone(), store.clone()));
     let agents_task = tokio::spawn(watch_agents(broker.clone(), store.clone()));
+    let auth_task = tokio::spawn(watch_auth(broker.clone(), store.clone()));
     let settled_task = tokio::spawn(follow_settlements(broker.clone()));
     let contracts_task = tokio::spawn(watch_contracts(broker.clone(), store, watch_from));
 
@@ -508,6 +533,7 @@ async fn serve(
             outbox_task.abort();
             timer_task.abort();
             agents_task.abort();
+            auth_task.abort();
             contracts_task.abort();
             settled_task.abort();
             health_task.abort();
@@ -538,6 +564,7 @@ async fn serve(
     outbox_task.abort();
     timer_task.abort();
     agents_task.abort();
+    auth_task.abort();
     contracts_task.abort();
     settled_task.abort();
     if let Some(t) = &metrics_task {
@@ -653,6 +680,59 @@ async fn watch_agents(broker: Broker, store: JetStream) {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "agent watch failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Keeps this replica's authentication caches current with changes made
+/// on any replica: a token revoked or a principal's grants changed drops
+/// the verified credentials and wakes the live checks of open streams
+/// (which end within a moment if they no longer hold); a signing key
+/// rotated out stops verifying here at once; the bootstrap token disabled
+/// stops authenticating.
+async fn watch_auth(broker: Broker, store: JetStream) {
+    use async_nats::jetstream::kv::Operation;
+    use futures::StreamExt;
+    use prost::Message as _;
+    if !broker.auth().enabled() {
+        return;
+    }
+    loop {
+        let watched = tokio::try_join!(
+            store.tokens.watch_all(),
+            store.principals.watch_all(),
+            store.keys.watch_all()
+        );
+        match watched {
+            Ok((tokens, principals, keys)) => {
+                // Whatever happened while no watch ran.
+                broker.auth().changed();
+                let mut changes = futures::stream::select_all([
+                    tokens.map(|e| (0, e)).boxed(),
+                    principals.map(|e| (1, e)).boxed(),
+                    keys.map(|e| (2, e)).boxed(),
+                ]);
+                while let Some((bucket, entry)) = changes.next().await {
+                    let Ok(entry) = entry else { break };
+                    match bucket {
+                        2 if entry.operation == Operation::Put => {
+                            match handoff_proto::pb::SigningKeys::decode(entry.value) {
+                                Ok(keys) => broker.auth().keys_record(keys),
+                                Err(e) => tracing::warn!(error = %e, "stored signing keys do not decode"),
+                            }
+                        }
+                        0 if entry.key == crate::app::auth::BOOTSTRAP_ID => {
+                            let token = (entry.operation == Operation::Put)
+                                .then(|| handoff_proto::pb::ApiToken::decode(entry.value).ok())
+                                .flatten();
+                            broker.auth().bootstrap_record(token.as_ref());
+                        }
+                        _ => broker.auth().changed(),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "watch of tokens, principals and keys failed; retrying"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -25,7 +25,7 @@ pub async fn register(
     caller: &Caller,
     req: pb::RegisterAgentRequest,
 ) -> Result<pb::RegisterAgentResponse, BrokerError> {
-    auth::require(broker, caller, Action::Admin, "", None).await?;
+    auth::require(broker, caller, Action::Admin, "").await?;
     let mut spec = req
         .agent
         .ok_or_else(|| BrokerError::malformed("agent", "agent is required"))?;
@@ -154,7 +154,7 @@ async fn check_contracts(broker: &Broker, spec: &mut pb::AgentSpec) -> Result<()
 
 /// Every registered agent.
 pub async fn list(broker: &Broker, caller: &Caller) -> Result<pb::ListAgentsResponse, BrokerError> {
-    auth::require(broker, caller, Action::Read, "", None).await?;
+    auth::require(broker, caller, Action::Read, "").await?;
     Ok(pb::ListAgentsResponse {
         agents: broker.store().agents().await?,
     })

@@ -1,23 +1,43 @@
 //! Who calls, and whether they may: authentication of a caller from its
-//! credentials, the authorization of each use case, the principals and
-//! API tokens an admin manages, and the keys that sign delivery tokens.
+//! credentials, the grants each use case requires, the principals and API
+//! tokens an admin manages, the keys that sign delivery tokens, and the
+//! live check that ends an open stream once its credentials stop allowing
+//! it.
 //!
 //! With no auth configured (a broker on loopback for development) every
 //! caller is [`Caller::local`] and may do anything. With auth, a call
 //! carries a bearer token (an API token issued by [`create_token`], or the
 //! bootstrap admin token from `auth_token_file`) or a client certificate
 //! that names a principal; the principal's grants decide (see
-//! [`crate::rules::grants`]). Every refusal is counted by reason and
-//! published as an `access_denied` event.
+//! [`crate::rules::grants`]). Whether a caller may act in or read a given
+//! run is [`crate::app::access`]'s to say.
+//!
+//! Refusals are cheap and bounded: a call without valid credentials is
+//! counted (`handoff_unauthenticated_total{reason,peer}`) and logged at
+//! debug level, never stored; a refused authenticated principal is counted
+//! and published as an `access_denied` event on `handoff.v1.events._`, at
+//! most [`DENIAL_EVENTS`] per principal per [`DENIAL_WINDOW`] (the rest
+//! are counted in `handoff_access_denied_unrecorded_total`).
+//!
+//! Every replica keeps its caches (verified tokens, principals, signing
+//! keys, whether the bootstrap token is disabled) current by watching the
+//! buckets they come from; each change bumps [`Auth::changes`], which
+//! wakes the live checks of open streams.
 
 use std::{
-    sync::RwLock,
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, RwLock,
+    },
     time::{Duration, Instant},
 };
 
 use dashmap::DashMap;
 use handoff_proto::pb;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq as _;
+use tokio::sync::{oneshot, watch};
 
 use crate::{
     app::{now, Broker},
@@ -28,10 +48,15 @@ use crate::{
     },
 };
 
-/// How long a verified bearer token is trusted before the store is asked
-/// again (a revocation on another replica takes at most this long; on the
-/// replica that revokes it, at once).
-const TOKEN_CACHE: Duration = Duration::from_secs(2);
+/// How long a verified bearer token or certificate principal is trusted
+/// before the store is asked again. Every replica also drops its cache as
+/// soon as its watch of the tokens and principals buckets sees a change,
+/// so this bounds only a replica whose watch is broken.
+const AUTH_CACHE: Duration = Duration::from_secs(1);
+
+/// How often a live check re-authenticates an open stream when nothing
+/// woke it earlier.
+const RECHECK: Duration = Duration::from_millis(500);
 
 /// Signing keys kept after a rotation: the newest signs, all verify, so a
 /// lease signed before a rotation stays valid.
@@ -40,12 +65,31 @@ const KEPT_KEYS: usize = 3;
 /// The prefix of the API tokens this broker issues.
 const TOKEN_PREFIX: &str = "hot_";
 
+/// The id under which the bootstrap token's revocation is stored in the
+/// tokens bucket (no issued token has this id: theirs are hex).
+pub const BOOTSTRAP_ID: &str = "bootstrap";
+
+/// `access_denied` events stored per principal within [`DENIAL_WINDOW`].
+pub const DENIAL_EVENTS: u32 = 10;
+
+/// The window of [`DENIAL_EVENTS`].
+pub const DENIAL_WINDOW: Duration = Duration::from_secs(10);
+
+/// Principals whose denials are being rate-limited at once (past this the
+/// table starts over, which can only let a few more events through).
+const DENIAL_TABLE: usize = 10_000;
+
 /// How this broker authenticates callers, and its caches.
 pub struct Auth {
     enabled: bool,
     bootstrap: Option<String>,
-    verified: DashMap<String, (Caller, Instant, String)>,
+    bootstrap_disabled: AtomicBool,
+    /// Verified credentials (`t:<token>` or `c:<principal>`): the caller
+    /// and when.
+    verified: DashMap<String, (Caller, Instant)>,
     keys: RwLock<Option<pb::SigningKeys>>,
+    changes: watch::Sender<u64>,
+    denials: DashMap<String, (Instant, u32)>,
 }
 
 impl Auth {
@@ -54,8 +98,11 @@ impl Auth {
         Auth {
             enabled: false,
             bootstrap: None,
+            bootstrap_disabled: AtomicBool::new(false),
             verified: DashMap::new(),
             keys: RwLock::new(None),
+            changes: watch::channel(0).0,
+            denials: DashMap::new(),
         }
     }
 
@@ -74,6 +121,30 @@ impl Auth {
             ..Auth::disabled()
         }
     }
+
+    /// Forgets every verified credential and wakes the live checks: a
+    /// token, principal or the bootstrap token changed (here, or on
+    /// another replica as its bucket's watch tells).
+    pub fn changed(&self) {
+        self.verified.clear();
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Takes a stored bootstrap token record (its revocation) into account.
+    pub fn bootstrap_record(&self, token: Option<&pb::ApiToken>) {
+        let disabled = token.is_some_and(|t| t.revoked_at.is_some());
+        if self.bootstrap_disabled.swap(disabled, Ordering::SeqCst) != disabled {
+            self.changed();
+        }
+    }
+
+    /// Replaces the cached signing keys (a rotation seen by the watch of
+    /// the keys bucket): a key rotated out stops verifying here at once.
+    pub fn keys_record(&self, keys: pb::SigningKeys) {
+        if let Ok(mut slot) = self.keys.write() {
+            *slot = Some(keys);
+        }
+    }
 }
 
 /// What a call presents.
@@ -83,6 +154,8 @@ pub struct Credentials {
     pub bearer: Option<String>,
     /// The principal named by the verified client certificate.
     pub certificate: Option<String>,
+    /// The peer's address, for counting refusals.
+    pub peer: Option<IpAddr>,
 }
 
 /// Who calls.
@@ -92,6 +165,7 @@ pub struct Caller {
     pub principal: String,
     grants: Vec<pb::Grant>,
     unrestricted: bool,
+    bootstrap: bool,
 }
 
 impl Caller {
@@ -101,6 +175,7 @@ impl Caller {
             principal: "local".to_string(),
             grants: Vec::new(),
             unrestricted: true,
+            bootstrap: false,
         }
     }
 
@@ -110,6 +185,7 @@ impl Caller {
             principal: principal.into(),
             grants,
             unrestricted: false,
+            bootstrap: false,
         }
     }
 
@@ -119,7 +195,8 @@ impl Caller {
     }
 }
 
-/// Authenticates a call. A refusal is counted and announced.
+/// Authenticates a call. A refusal is counted (by reason and peer) and
+/// logged at debug level; nothing is stored.
 pub async fn authenticate(broker: &Broker, creds: &Credentials) -> Result<Caller, BrokerError> {
     let auth = broker.auth();
     if !auth.enabled {
@@ -127,7 +204,16 @@ pub async fn authenticate(broker: &Broker, creds: &Credentials) -> Result<Caller
     }
     match who(broker, creds).await {
         Ok(caller) => Ok(caller),
-        Err(e) => Err(deny(broker, e, "", None).await),
+        Err(e) if e.class() == crate::error::Class::Unauthenticated => {
+            let peer = creds.peer.map(|p| p.to_string());
+            broker.metrics().denied(e.reason().as_str());
+            broker
+                .metrics()
+                .unauthenticated(e.reason().as_str(), peer.as_deref().unwrap_or("unknown"));
+            tracing::debug!(peer = ?creds.peer, reason = %e.reason(), "call without valid credentials refused");
+            Err(e)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -135,27 +221,58 @@ async fn who(broker: &Broker, creds: &Credentials) -> Result<Caller, BrokerError
     let auth = broker.auth();
     if let Some(token) = &creds.bearer {
         if let Some(boot) = &auth.bootstrap {
-            if constant_time_eq(token.as_bytes(), boot.as_bytes()) {
+            if bool::from(token.as_bytes().ct_eq(boot.as_bytes())) {
+                if auth.bootstrap_disabled.load(Ordering::SeqCst) {
+                    return Err(BrokerError::denied(
+                        Reason::TokenRevoked,
+                        "the bootstrap token was disabled; use an admin API token",
+                        vec![("token_id", BOOTSTRAP_ID.to_string())],
+                    ));
+                }
                 return Ok(bootstrap_admin());
             }
         }
         return api_token(broker, token).await;
     }
     if let Some(name) = &creds.certificate {
-        return match broker.store().principal(name).await? {
-            Some(p) => Ok(Caller::with_grants(p.name, p.grants)),
-            None => Err(BrokerError::denied(
-                Reason::BadCredentials,
-                format!("the client certificate names principal {name:?}, which is not registered"),
-                vec![("principal", name.clone())],
-            )),
-        };
+        return certificate(broker, name).await;
     }
     Err(BrokerError::denied(
         Reason::MissingCredentials,
         "this broker requires a bearer token (authorization: Bearer ...) or a client certificate",
         Vec::new(),
     ))
+}
+
+/// The principal a verified client certificate names: its name must be a
+/// valid principal name, and registered.
+async fn certificate(broker: &Broker, name: &str) -> Result<Caller, BrokerError> {
+    if names::problem(name).is_some() {
+        return Err(BrokerError::denied(
+            Reason::BadCredentials,
+            "the client certificate names no valid principal ([A-Za-z0-9_-]{1,128})",
+            Vec::new(),
+        ));
+    }
+    let key = format!("c:{name}");
+    let cache = &broker.auth().verified;
+    if let Some(hit) = cache.get(&key) {
+        if hit.1.elapsed() < AUTH_CACHE {
+            return Ok(hit.0.clone());
+        }
+    }
+    match broker.store().principal(name).await? {
+        Some(p) => {
+            let caller = Caller::with_grants(p.name, p.grants);
+            cache.insert(key, (caller.clone(), Instant::now()));
+            Ok(caller)
+        }
+        None => Err(BrokerError::denied(
+            Reason::BadCredentials,
+            format!("the client certificate names principal {name:?}, which is not registered"),
+            vec![("principal", name.to_string())],
+        )),
+    }
 }
 
 /// The principal of the bootstrap token: every grant.
@@ -168,7 +285,10 @@ fn bootstrap_admin() -> Caller {
             deny: false,
         })
         .collect();
-    Caller::with_grants("admin", all)
+    Caller {
+        bootstrap: true,
+        ..Caller::with_grants("admin", all)
+    }
 }
 
 fn bad_token() -> BrokerError {
@@ -180,11 +300,12 @@ fn bad_token() -> BrokerError {
 }
 
 /// `hot_<id>_<secret>`: checked against the stored digest of the secret,
-/// cached for [`TOKEN_CACHE`].
+/// cached for [`AUTH_CACHE`] (and until a change is seen).
 async fn api_token(broker: &Broker, token: &str) -> Result<Caller, BrokerError> {
+    let key = format!("t:{token}");
     let cache = &broker.auth().verified;
-    if let Some(hit) = cache.get(token) {
-        if hit.1.elapsed() < TOKEN_CACHE {
+    if let Some(hit) = cache.get(&key) {
+        if hit.1.elapsed() < AUTH_CACHE {
             return Ok(hit.0.clone());
         }
     }
@@ -192,12 +313,12 @@ async fn api_token(broker: &Broker, token: &str) -> Result<Caller, BrokerError> 
         .strip_prefix(TOKEN_PREFIX)
         .and_then(|rest| rest.split_once('_'))
         .ok_or_else(bad_token)?;
-    if names::problem(id).is_some() {
+    if names::problem(id).is_some() || id == BOOTSTRAP_ID {
         return Err(bad_token());
     }
     let (stored, _) = broker.store().token(id).await?.ok_or_else(bad_token)?;
     let digest = Sha256::digest(secret.as_bytes());
-    if !constant_time_eq(&digest, &stored.secret_sha256) {
+    if !bool::from(digest.as_slice().ct_eq(&stored.secret_sha256)) {
         return Err(bad_token());
     }
     if stored.revoked_at.is_some() {
@@ -214,39 +335,26 @@ async fn api_token(broker: &Broker, token: &str) -> Result<Caller, BrokerError> 
         .map(|p| p.grants)
         .unwrap_or_default();
     let caller = Caller::with_grants(stored.principal, grants);
-    cache.insert(
-        token.to_string(),
-        (caller.clone(), Instant::now(), id.to_string()),
-    );
+    cache.insert(key, (caller.clone(), Instant::now()));
     Ok(caller)
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Requires that `caller` may `action` on `name`; `run` names the run the
-/// call is about (for the `access_denied` event).
+/// Requires that `caller` may `action` on `name` (a refusal is counted
+/// and announced, see [`deny`]).
 pub async fn require(
     broker: &Broker,
     caller: &Caller,
     action: Action,
     name: &str,
-    run: Option<&pb::Run>,
 ) -> Result<(), BrokerError> {
     if caller.may(action, name) {
         return Ok(());
     }
-    Err(deny(
-        broker,
-        not_granted(caller, action, name),
-        &caller.principal,
-        run,
-    )
-    .await)
+    Err(deny(broker, not_granted(caller, action, name), &caller.principal).await)
 }
 
-fn not_granted(caller: &Caller, action: Action, name: &str) -> BrokerError {
+/// The refusal of `action` on `name` for `caller`.
+pub fn not_granted(caller: &Caller, action: Action, name: &str) -> BrokerError {
     let what = grants::action_name(action);
     let message = if name.is_empty() || matches!(action, Action::Read | Action::Admin) {
         format!("principal {:?} may not {what}", caller.principal)
@@ -264,22 +372,24 @@ fn not_granted(caller: &Caller, action: Action, name: &str) -> BrokerError {
     )
 }
 
-/// Counts a refusal by reason and publishes its `access_denied` event
-/// (on the run's subject when the call is about a run, else on `_`);
-/// returns the error.
-pub async fn deny(
-    broker: &Broker,
-    err: BrokerError,
-    principal: &str,
-    run: Option<&pb::Run>,
-) -> BrokerError {
+/// Counts a refusal of an authenticated principal by reason and publishes
+/// its `access_denied` event on `handoff.v1.events._.access_denied` (never
+/// in a run's timeline), at most [`DENIAL_EVENTS`] per principal per
+/// [`DENIAL_WINDOW`]; returns the error.
+pub async fn deny(broker: &Broker, err: BrokerError, principal: &str) -> BrokerError {
     let reason = err.reason();
     broker.metrics().denied(reason.as_str());
+    if !broker.auth().enabled {
+        return err;
+    }
+    if !denial_recorded(broker.auth(), principal) {
+        broker.metrics().denial_unrecorded();
+        return err;
+    }
     tracing::info!(principal, reason = %reason, error = %err, "call refused");
     let event = pb::Event {
         kind: pb::EventKind::AccessDenied as i32,
-        run_id: run.map_or("_".to_string(), |r| r.id.clone()),
-        owner: run.map(|r| r.owner.clone()).unwrap_or_default(),
+        run_id: "_".to_string(),
         agent: principal.to_string(),
         reason: format!("{reason}: {err}"),
         ..Default::default()
@@ -290,6 +400,225 @@ pub async fn deny(
     err
 }
 
+/// Whether a denial of `principal` may be stored now (its window's count
+/// is under [`DENIAL_EVENTS`]), counting it.
+fn denial_recorded(auth: &Auth, principal: &str) -> bool {
+    if auth.denials.len() >= DENIAL_TABLE {
+        auth.denials.clear();
+    }
+    let mut entry = auth
+        .denials
+        .entry(principal.to_string())
+        .or_insert((Instant::now(), 0));
+    if entry.0.elapsed() >= DENIAL_WINDOW {
+        *entry = (Instant::now(), 0);
+    }
+    entry.1 += 1;
+    entry.1 <= DENIAL_EVENTS
+}
+
+// ---------------------------------------------------------- live checks
+
+/// What an open stream must go on being allowed.
+#[derive(Debug, Clone)]
+pub enum Standing {
+    /// Receive as this agent (a Subscribe stream).
+    ReceiveAs(String),
+    /// Read everything, or own this owner (a Watch stream; `None`: only
+    /// `read` allows it).
+    Watch(Option<String>),
+}
+
+impl Standing {
+    /// Whether `caller` holds it, or the refusal.
+    pub fn check(&self, caller: &Caller) -> Result<(), BrokerError> {
+        match self {
+            Standing::ReceiveAs(agent) if caller.may(Action::ReceiveAs, agent) => Ok(()),
+            Standing::ReceiveAs(agent) => Err(not_granted(caller, Action::ReceiveAs, agent)),
+            Standing::Watch(_) if caller.may(Action::Read, "") => Ok(()),
+            Standing::Watch(Some(owner)) if caller.may(Action::Own, owner) => Ok(()),
+            Standing::Watch(_) => Err(not_granted(caller, Action::Read, "")),
+        }
+    }
+}
+
+/// Why a live check ended a stream.
+#[derive(Debug, Clone)]
+struct Ended {
+    reason: Reason,
+    message: String,
+}
+
+impl Ended {
+    fn error(&self) -> BrokerError {
+        BrokerError::denied(self.reason, self.message.clone(), Vec::new())
+    }
+}
+
+/// The live check of one open stream: a task re-authenticates its
+/// credentials and re-checks its standing whenever a token, principal or
+/// the bootstrap token changes (on any replica) and every [`RECHECK`];
+/// once they no longer hold, [`Live::ended`] resolves with the refusal and
+/// [`Live::check`] refuses at once, from memory.
+pub struct Live {
+    ended: Arc<Mutex<Option<Ended>>>,
+    valid: Arc<AtomicBool>,
+    rx: Option<oneshot::Receiver<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Live {
+    /// Starts the live check of a stream opened with `creds` (none
+    /// without auth).
+    pub fn start(broker: &Broker, creds: Credentials, standing: Standing) -> Live {
+        let ended = Arc::new(Mutex::new(None));
+        let valid = Arc::new(AtomicBool::new(true));
+        if !broker.auth().enabled {
+            return Live {
+                ended,
+                valid,
+                rx: None,
+                task: None,
+            };
+        }
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(watchdog(
+            broker.clone(),
+            creds,
+            standing,
+            ended.clone(),
+            valid.clone(),
+            tx,
+        ));
+        Live {
+            ended,
+            valid,
+            rx: Some(rx),
+            task: Some(task),
+        }
+    }
+
+    /// Refuses at once if the stream's credentials no longer hold (no
+    /// store read: as the live check last found them).
+    pub fn check(&self) -> Result<(), BrokerError> {
+        if self.valid.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        Err(self.refusal())
+    }
+
+    fn refusal(&self) -> BrokerError {
+        let ended = self
+            .ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match ended {
+            Some(e) => e.error(),
+            None => BrokerError::denied(
+                Reason::NotGranted,
+                "the stream's credentials no longer allow it",
+                Vec::new(),
+            ),
+        }
+    }
+
+    /// A cheap handle that answers [`Live::check`] from another task.
+    pub fn checker(&self) -> LiveCheck {
+        LiveCheck {
+            ended: self.ended.clone(),
+            valid: self.valid.clone(),
+        }
+    }
+
+    /// Resolves with the refusal once the credentials no longer hold
+    /// (never, without auth).
+    pub async fn ended(&mut self) -> BrokerError {
+        match self.rx.as_mut() {
+            Some(rx) => {
+                let _ = rx.await;
+                self.rx = None;
+                self.refusal()
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// [`Live::check`], from another task.
+#[derive(Clone)]
+pub struct LiveCheck {
+    ended: Arc<Mutex<Option<Ended>>>,
+    valid: Arc<AtomicBool>,
+}
+
+impl LiveCheck {
+    /// See [`Live::check`].
+    pub fn check(&self) -> Result<(), BrokerError> {
+        if self.valid.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let ended = self
+            .ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        Err(ended.map_or_else(
+            || BrokerError::denied(Reason::NotGranted, "the stream's credentials no longer allow it", Vec::new()),
+            |e| e.error(),
+        ))
+    }
+}
+
+async fn watchdog(
+    broker: Broker,
+    creds: Credentials,
+    standing: Standing,
+    ended: Arc<Mutex<Option<Ended>>>,
+    valid: Arc<AtomicBool>,
+    tx: oneshot::Sender<()>,
+) {
+    let mut changes = broker.auth().changes.subscribe();
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() {
+                // No more change notices (the broker is going away): the
+                // periodic check goes on.
+                tokio::time::sleep(RECHECK).await;
+            },
+            _ = tokio::time::sleep(RECHECK) => {}
+        }
+        let refusal = match who(&broker, &creds).await {
+            Ok(caller) => standing.check(&caller).err(),
+            // A store that does not answer leaves the stream as it was:
+            // the next check decides.
+            Err(e) if e.class() == crate::error::Class::Unavailable => None,
+            Err(e) => Some(e),
+        };
+        if let Some(e) = refusal {
+            broker.metrics().denied(e.reason().as_str());
+            tracing::info!(reason = %e.reason(), error = %e, "stream ended: its credentials no longer allow it");
+            if let Ok(mut slot) = ended.lock() {
+                *slot = Some(Ended {
+                    reason: e.reason(),
+                    message: e.to_string(),
+                });
+            }
+            valid.store(false, Ordering::SeqCst);
+            let _ = tx.send(());
+            return;
+        }
+    }
+}
+
 // ---------------------------------------------------------- administration
 
 /// Stores a principal and its grants (admin).
@@ -298,13 +627,13 @@ pub async fn put_principal(
     caller: &Caller,
     req: pb::PutPrincipalRequest,
 ) -> Result<pb::PutPrincipalResponse, BrokerError> {
-    require(broker, caller, Action::Admin, "", None).await?;
+    require(broker, caller, Action::Admin, "").await?;
     let principal = req
         .principal
         .ok_or_else(|| BrokerError::malformed("principal", "principal is required"))?;
     grants::validate(&principal)?;
     let updated = broker.store().put_principal(&principal).await?;
-    broker.auth().verified.clear();
+    broker.auth().changed();
     tracing::info!(principal = %principal.name, grants = principal.grants.len(), updated, "principal stored");
     Ok(pb::PutPrincipalResponse {
         principal: Some(principal),
@@ -317,7 +646,7 @@ pub async fn list_principals(
     broker: &Broker,
     caller: &Caller,
 ) -> Result<pb::ListPrincipalsResponse, BrokerError> {
-    require(broker, caller, Action::Admin, "", None).await?;
+    require(broker, caller, Action::Admin, "").await?;
     Ok(pb::ListPrincipalsResponse {
         principals: broker.store().principals().await?,
     })
@@ -330,7 +659,7 @@ pub async fn create_token(
     caller: &Caller,
     req: pb::CreateTokenRequest,
 ) -> Result<pb::CreateTokenResponse, BrokerError> {
-    require(broker, caller, Action::Admin, "", None).await?;
+    require(broker, caller, Action::Admin, "").await?;
     names::validate("principal", &req.principal)?;
     if broker.store().principal(&req.principal).await?.is_none() {
         return Err(BrokerError::malformed(
@@ -369,7 +698,7 @@ pub async fn list_tokens(
     broker: &Broker,
     caller: &Caller,
 ) -> Result<pb::ListTokensResponse, BrokerError> {
-    require(broker, caller, Action::Admin, "", None).await?;
+    require(broker, caller, Action::Admin, "").await?;
     let tokens = broker
         .store()
         .tokens()
@@ -383,15 +712,21 @@ pub async fn list_tokens(
     Ok(pb::ListTokensResponse { tokens })
 }
 
-/// Revokes a token (admin); at once on this replica, within
-/// [`TOKEN_CACHE`] on the others.
+/// Revokes a token (admin); at once on this replica, and on the others as
+/// soon as their watch of the tokens bucket sees it. The id `bootstrap`
+/// disables the bootstrap token of `auth_token_file` on every replica,
+/// for good: only an admin that did not authenticate with it may (create
+/// an admin token first, so the broker keeps an administrator).
 pub async fn revoke_token(
     broker: &Broker,
     caller: &Caller,
     req: pb::RevokeTokenRequest,
 ) -> Result<pb::RevokeTokenResponse, BrokerError> {
-    require(broker, caller, Action::Admin, "", None).await?;
+    require(broker, caller, Action::Admin, "").await?;
     names::validate("id", &req.id)?;
+    if req.id == BOOTSTRAP_ID {
+        return disable_bootstrap(broker, caller).await;
+    }
     loop {
         let (mut token, revision) = broker
             .store()
@@ -404,7 +739,7 @@ pub async fn revoke_token(
                 continue;
             }
         }
-        broker.auth().verified.retain(|_, v| v.2 != req.id);
+        broker.auth().changed();
         tracing::info!(token_id = %req.id, "token revoked");
         return Ok(pb::RevokeTokenResponse {
             token: Some(pb::ApiToken {
@@ -415,13 +750,58 @@ pub async fn revoke_token(
     }
 }
 
+/// Stores the bootstrap token's revocation (see [`revoke_token`]).
+async fn disable_bootstrap(
+    broker: &Broker,
+    caller: &Caller,
+) -> Result<pb::RevokeTokenResponse, BrokerError> {
+    if caller.bootstrap {
+        return Err(BrokerError::Refused {
+            reason: Reason::BootstrapInUse,
+            message: "the bootstrap token cannot disable itself: create an admin principal and token (handoffctl principals set ... --grant admin; handoffctl tokens create ...) and disable it with that token".to_string(),
+            metadata: vec![("token_id", BOOTSTRAP_ID.to_string())],
+        });
+    }
+    let token = loop {
+        let current = broker.store().token(BOOTSTRAP_ID).await?;
+        if let Some((t, _)) = current.as_ref().filter(|(t, _)| t.revoked_at.is_some()) {
+            break t.clone();
+        }
+        let token = pb::ApiToken {
+            id: BOOTSTRAP_ID.to_string(),
+            principal: "admin".to_string(),
+            description: format!("bootstrap token disabled by {}", caller.principal),
+            created_at: Some(now()),
+            revoked_at: Some(now()),
+            ..Default::default()
+        };
+        if broker
+            .store()
+            .put_token(&token, current.map(|(_, r)| r))
+            .await?
+        {
+            break token;
+        }
+    };
+    broker.auth().bootstrap_record(Some(&token));
+    tracing::info!(by = %caller.principal, "bootstrap token disabled");
+    Ok(pb::RevokeTokenResponse { token: Some(token) })
+}
+
+/// Loads whether the bootstrap token is disabled, at start.
+pub async fn load_bootstrap(broker: &Broker) -> Result<(), BrokerError> {
+    let record = broker.store().token(BOOTSTRAP_ID).await?;
+    broker.auth().bootstrap_record(record.as_ref().map(|(t, _)| t));
+    Ok(())
+}
+
 /// Adds a new signing key (admin); the newest signs, the previous ones
 /// keep verifying leases signed before.
 pub async fn rotate_signing_key(
     broker: &Broker,
     caller: &Caller,
 ) -> Result<pb::RotateSigningKeyResponse, BrokerError> {
-    require(broker, caller, Action::Admin, "", None).await?;
+    require(broker, caller, Action::Admin, "").await?;
     loop {
         let current = broker.store().signing_keys().await?;
         let revision = current.as_ref().map(|(_, r)| *r);
@@ -450,9 +830,7 @@ fn new_key() -> Result<pb::SigningKey, BrokerError> {
 }
 
 fn set_keys(broker: &Broker, keys: pb::SigningKeys) {
-    if let Ok(mut slot) = broker.auth().keys.write() {
-        *slot = Some(keys);
-    }
+    broker.auth().keys_record(keys);
 }
 
 fn cached_keys(broker: &Broker) -> Option<pb::SigningKeys> {

@@ -37,7 +37,8 @@ use tokio::sync::oneshot;
 
 use crate::{
     app::{
-        auth::{self, Caller},
+        access,
+        auth::Caller,
         now, state, status_name, Broker,
     },
     error::{BrokerError, Reason},
@@ -181,8 +182,8 @@ pub async fn open(
 ) -> Result<pb::OpenBarrierResponse, BrokerError> {
     let spec = required(req.barrier)?;
     names::validate("barrier.run_id", &spec.run_id)?;
-    let (run, _) = broker.run(&spec.run_id).await?;
-    auth::require(broker, caller, Action::Own, &run.owner, Some(&run)).await?;
+    let run = broker.store().run(&spec.run_id).await?.map(|(r, _)| r);
+    access::may_act(broker, caller, &spec.run_id, run.as_ref(), None).await?;
     open_spec(broker, spec).await
 }
 
@@ -398,8 +399,7 @@ pub async fn get(
     names::validate("run_id", &req.run_id)?;
     names::validate("barrier_id", &req.barrier_id)?;
     if !caller.may(Action::Read, "") {
-        let (run, _) = broker.run(&req.run_id).await?;
-        auth::require(broker, caller, Action::Own, &run.owner, Some(&run)).await?;
+        access::read(broker, caller, &req.run_id, "").await?;
     }
     let (header, _) = broker
         .store()

@@ -38,7 +38,7 @@ pub async fn register(
     caller: &Caller,
     req: pb::RegisterContractRequest,
 ) -> Result<pb::RegisterContractResponse, BrokerError> {
-    auth::require(broker, caller, Action::Admin, "", None).await?;
+    auth::require(broker, caller, Action::Admin, "").await?;
     contracts::validate_type_name("message_type", &req.message_type)?;
     if req.file_descriptor_set.is_empty() {
         return Err(BrokerError::malformed(
@@ -194,7 +194,7 @@ pub async fn set_compatibility(
     caller: &Caller,
     req: pb::SetCompatibilityRequest,
 ) -> Result<pb::SetCompatibilityResponse, BrokerError> {
-    auth::require(broker, caller, Action::Admin, "", None).await?;
+    auth::require(broker, caller, Action::Admin, "").await?;
     contracts::validate_type_name("message_type", &req.message_type)?;
     let mode = requested_mode(req.compatibility).ok_or_else(|| {
         BrokerError::malformed(
@@ -350,7 +350,7 @@ pub async fn get(
     caller: &Caller,
     req: pb::GetContractRequest,
 ) -> Result<pb::GetContractResponse, BrokerError> {
-    auth::require(broker, caller, Action::Read, "", None).await?;
+    auth::require(broker, caller, Action::Read, "").await?;
     contracts::validate_type_name("message_type", &req.message_type)?;
     let versions = broker.contract_versions(&req.message_type).await?;
     let found = if req.version == 0 {
@@ -390,7 +390,7 @@ pub async fn list(
     caller: &Caller,
     req: pb::ListContractsRequest,
 ) -> Result<pb::ListContractsResponse, BrokerError> {
-    auth::require(broker, caller, Action::Read, "", None).await?;
+    auth::require(broker, caller, Action::Read, "").await?;
     let mut out = Vec::new();
     let mut keys: Vec<(String, u32)> = broker
         .store()

@@ -5,12 +5,9 @@ use futures::{StreamExt, TryStreamExt};
 use handoff_proto::pb;
 
 use crate::{
-    app::{
-        auth::{self, Caller},
-        barriers, deliveries, handoff, Broker,
-    },
+    app::{access, auth::Caller, barriers, deliveries, handoff, Broker},
     error::{BrokerError, Reason},
-    rules::{barrier, grants::Action},
+    rules::barrier,
 };
 
 /// Opens a barrier and accepts one handoff per branch, each tagged with
@@ -73,46 +70,64 @@ pub async fn fan_out(
             ));
         }
     }
-    // Who may: every branch's sender (or the run's owner for a branch
-    // with no source), and the receiver of the delivery they consume,
-    // before the barrier is opened.
-    let (run, _) = broker.run(&spec.run_id).await?;
-    let sources: std::collections::BTreeSet<&str> = req
-        .branches
-        .iter()
-        .map(|b| b.source_agent.as_str())
-        .collect();
-    for source in sources {
-        match source {
-            "" => auth::require(broker, caller, Action::Own, &run.owner, Some(&run)).await?,
-            s => auth::require(broker, caller, Action::SendAs, s, Some(&run)).await?,
-        }
-    }
-    if !consumes.is_empty() {
-        let token = deliveries::decode(broker, &consumes).await?;
-        auth::require(broker, caller, Action::ReceiveAs, &token.agent, Some(&run)).await?;
-        // A redo of a fan-out from this delivery (its items may differ): the
-        // first one's barrier and branches answer it.
-        if let Some((claim, _)) = broker.store().claim(&token.handoff_id).await? {
-            if claim.fan_out && !claim.barrier_id.is_empty() && !claim.stored.is_empty() {
-                let barrier = broker
-                    .store()
-                    .barrier(&run.id, &claim.barrier_id)
-                    .await?
-                    .map(|(b, _)| b);
-                deliveries::settle_consumed(broker, &run.id, &consumes).await?;
-                let branches = claim
-                    .stored
-                    .into_iter()
-                    .map(|r| pb::HandoffResponse {
-                        duplicate: true,
-                        ..r
-                    })
-                    .collect();
-                return Ok(pb::FanOutResponse { barrier, branches });
+    // Who may (see `access`): every branch's sender, and the run's owner
+    // or the holder of the live delivery the branches consume, before
+    // the barrier is opened or anything is checked against a contract.
+    let token = match consumes.as_str() {
+        "" => None,
+        id => Some(deliveries::decode(broker, id).await?),
+    };
+    access::precheck(
+        broker,
+        caller,
+        &spec.run_id,
+        req.branches.iter().map(|b| b.source_agent.as_str()),
+        token.as_ref(),
+    )
+    .await?;
+    let (run, record, claim) = tokio::join!(
+        broker.store().run(&spec.run_id),
+        async {
+            match &token {
+                Some(t) => broker.store().lease(&t.agent, t.stream_sequence).await.map(Some),
+                None => Ok(None),
             }
+        },
+        async {
+            match &token {
+                Some(t) => broker.store().claim(&t.handoff_id).await,
+                None => Ok(None),
+            }
+        },
+    );
+    let run = run?.map(|(r, _)| r);
+    if let (Some(run), Some((claim, _))) = (run.as_ref(), claim?) {
+        // A redo of a fan-out from this delivery (its items may differ),
+        // even once the delivery is settled: the first one's barrier and
+        // branches answer it.
+        if claim.fan_out && !claim.barrier_id.is_empty() && !claim.stored.is_empty() {
+            let barrier = broker
+                .store()
+                .barrier(&run.id, &claim.barrier_id)
+                .await?
+                .map(|(b, _)| b);
+            deliveries::settle_consumed(broker, &run.id, &consumes).await?;
+            let branches = claim
+                .stored
+                .into_iter()
+                .map(|r| pb::HandoffResponse {
+                    duplicate: true,
+                    ..r
+                })
+                .collect();
+            return Ok(pb::FanOutResponse { barrier, branches });
         }
     }
+    let lives = match (&token, record?) {
+        (Some(t), Some(record)) => Some(access::lease_lives(broker, t, record).await),
+        _ => None,
+    };
+    access::may_act(broker, caller, &spec.run_id, run.as_ref(), lives).await?;
     let opened = barriers::open_spec(broker, spec.clone()).await?;
     let branches: Vec<pb::HandoffRequest> = req
         .branches
@@ -132,9 +147,8 @@ pub async fn fan_out(
         .buffered(16)
         .try_collect()
         .await?;
-    if !consumes.is_empty() {
-        let token = deliveries::decode(broker, &consumes).await?;
-        record_fan_out(broker, &token, &spec.barrier_id, &answers).await;
+    if let Some(token) = &token {
+        record_fan_out(broker, token, &spec.barrier_id, &answers).await;
         deliveries::settle_consumed(broker, &spec.run_id, &consumes).await?;
     }
     Ok(pb::FanOutResponse {

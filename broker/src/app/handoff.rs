@@ -20,7 +20,8 @@ use prost::Message as _;
 
 use crate::{
     app::{
-        auth::{self, Caller},
+        access,
+        auth::Caller,
         barriers, deliveries, guard,
         guard::Checked,
         judge, now, payloads,
@@ -28,7 +29,7 @@ use crate::{
         state, status_name, Broker,
     },
     error::BrokerError,
-    rules::{grants::Action, handoff as rules, lease::Ask, state as state_rules},
+    rules::{handoff as rules, state as state_rules},
     store::{Claim, TimerKind},
 };
 
@@ -58,21 +59,10 @@ pub async fn accept_as(
     mut req: pb::HandoffRequest,
     receipts: Receipts,
 ) -> Result<pb::HandoffResponse, BrokerError> {
-    // 1. Validate: everything that needs no state (a consumed delivery's
-    //    id is signed: verified here); a payload by reference is fetched
-    //    and checked against its size and digest, so the guards see it
-    //    whole.
+    // 1. Validate what needs no state and reveals nothing (names, sizes,
+    //    the delta's shape); a consumed delivery's id is signed: verified
+    //    here, from memory.
     rules::validate_handoff(&req, broker.config().max_payload_size)?;
-    if req.payload_ref.is_some() && broker.auth().enabled() {
-        // Before fetching a referenced payload (up to max_payload_size):
-        // the caller may send as the source, or own the run.
-        let (run, _) = broker.run(&req.run_id).await?;
-        match req.source_agent.as_str() {
-            "" => auth::require(broker, caller, Action::Own, &run.owner, Some(&run)).await?,
-            source => auth::require(broker, caller, Action::SendAs, source, Some(&run)).await?,
-        }
-    }
-    let forwarded = payloads::resolve_request(broker, &mut req).await?;
     if let Some(delta) = &req.state_delta {
         state_rules::validate_delta(delta)?;
     }
@@ -83,13 +73,21 @@ pub async fn accept_as(
         "" => None,
         token => Some(deliveries::decode(broker, token).await?),
     };
+    // 2. Authorize what memory can: the source, the consumed delivery's
+    //    agent and run (see `access`).
+    access::precheck(
+        broker,
+        caller,
+        &req.run_id,
+        [req.source_agent.as_str()],
+        consumed.as_ref(),
+    )
+    .await?;
     let id = rules::handoff_id(&req, consumed.as_ref().map(|t| t.handoff_id.as_str()));
 
-    // 2. Guard: the contracts, answered from memory once caches are warm.
-    let checked = guard::enforce(broker, &req, guard::guard(broker, &req).await).await?;
-
-    // 3. Read: the run, the consumed handoff, the claim on the consumed
-    //    delivery and a named barrier are independent: one round trip.
+    // 3. Read: the run, the consumed handoff and its lease, the claim on
+    //    the consumed delivery and a named barrier are independent: one
+    //    round trip.
     let mine = pb::ConsumeClaim {
         target_agent: req.target_agent.clone(),
         fan_out: req.fan_out,
@@ -104,7 +102,7 @@ pub async fn accept_as(
         },
     };
     let (run, parent, claim, barrier, lease) = tokio::join!(
-        broker.run(&req.run_id),
+        broker.store().run(&req.run_id),
         async {
             match &consumed {
                 Some(token) => consumed_parent(broker, &req.run_id, token).await.map(Some),
@@ -153,28 +151,26 @@ pub async fn accept_as(
     // without reading it again.
     let mut known = made.as_ref().map(|(_, rev)| (mine.clone(), *rev));
 
-    // 4 and 5. Commit and notify; withdraw this request's claim if nothing
-    //    was stored.
+    // 4 to 7. Authorize, resolve the payload, guard, commit and notify;
+    //    withdraw this request's claim if nothing was stored.
     let stored = AtomicBool::new(false);
     let result = async {
-        let (run, _) = run?;
-        // Who may: the source's sender, else the run's owner; and the
-        // consumed delivery's receiver, while its attempt holds the lease.
-        match req.source_agent.as_str() {
-            "" => auth::require(broker, caller, Action::Own, &run.owner, Some(&run)).await?,
-            source => auth::require(broker, caller, Action::SendAs, source, Some(&run)).await?,
-        }
-        if let (Some(token), Some(record)) = (&consumed, lease?) {
-            auth::require(broker, caller, Action::ReceiveAs, &token.agent, Some(&run)).await?;
-            deliveries::decide(broker, token, record, Ask::Ack).await?;
-        }
-        let parent = parent?;
-        if let (Some(Claim::Held(first, revision)), Some(token)) = (claim?, &consumed) {
-            if let Some(receipt) = stored_receipt(&first, &req, &id) {
+        let run = run?.map(|(r, _)| r);
+        let lives = match (&consumed, lease?) {
+            (Some(token), Some(record)) => Some(access::lease_lives(broker, token, record).await),
+            _ => None,
+        };
+        let claim = claim?;
+        if let (Some(Claim::Held(first, _)), Some(token), Some(run)) =
+            (&claim, &consumed, run.as_ref())
+        {
+            if let Some(receipt) = stored_receipt(first, &req, &id) {
                 // A redo (or a retry) of what this delivery stored: the
-                // claim answers it, however long ago, whatever its content.
-                // Within the dedupe window its event is published again
-                // (deduplicated), in case the first call failed on it.
+                // claim answers it, however long ago, whatever its content,
+                // even once the delivery is settled. Within the dedupe
+                // window its event is published again (deduplicated), in
+                // case the first call failed on it.
+                let parent = parent?;
                 let recent = first
                     .stored_at
                     .and_then(|t| std::time::SystemTime::try_from(t).ok())
@@ -182,17 +178,32 @@ pub async fn accept_as(
                     .is_some_and(|age| age < broker.config().dedupe_window);
                 if recent {
                     let (barrier_id, branch_key) = branch_of(&req, parent.as_ref());
-                    let event = accepted_event(&run, &req, &receipt, barrier_id, branch_key);
+                    let event = accepted_event(run, &req, &receipt, barrier_id, branch_key);
                     broker
                         .emit(event, &format!("accepted-{}", receipt.handoff_id))
                         .await?;
                 }
-                deliveries::ack_consumed(broker, &run, token).await;
+                deliveries::ack_consumed(broker, run, token).await;
                 return Ok(pb::HandoffResponse {
                     duplicate: true,
                     ..receipt
                 });
             }
+        }
+        // Who may: the run's owner, or the holder of a live delivery of
+        // the run; nothing about the run or the target is checked, read
+        // or written for anyone else.
+        access::may_act(broker, caller, &req.run_id, run.as_ref(), lives).await?;
+        let Some(run) = run else {
+            return Err(BrokerError::RunNotFound(req.run_id.clone()));
+        };
+        let parent = parent?;
+        // A payload by reference is fetched and checked against its size
+        // and digest, so the guards see it whole.
+        let forwarded = payloads::resolve_request(broker, &mut req).await?;
+        // The contract guards, answered from memory once caches are warm.
+        let checked = guard::enforce(broker, &req, guard::guard(broker, &req).await).await?;
+        if let (Some(Claim::Held(first, revision)), Some(token)) = (claim, &consumed) {
             if first.stored.is_empty() && first.attempt < token.attempt {
                 // Left by an earlier attempt that stored nothing (it died
                 // between claiming and storing): the redo takes it over.

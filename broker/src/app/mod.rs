@@ -15,6 +15,7 @@
 //! replica reaches every other). Runs are always read from the store and
 //! changed with compare-and-set, so two replicas never both end a run.
 
+pub mod access;
 pub mod agents;
 pub mod auth;
 pub mod barriers;
@@ -454,8 +455,14 @@ impl Broker {
             event.at = Some(now());
         }
         if let Some(outbox) = self.outbox() {
-            if outbox.send(event.clone(), msg_id.clone()) {
-                return;
+            match outbox.send(event.clone(), msg_id.clone()).await {
+                outbox::Sent::Taken => return,
+                outbox::Sent::Full => {
+                    self.metrics().event_dropped();
+                    tracing::warn!(msg_id, "event dropped: the outbox stayed full (outbox_capacity)");
+                    return;
+                }
+                outbox::Sent::Closed => {}
             }
         }
         // No outbox (a broker without its tasks, in tests): stored now.
@@ -468,7 +475,7 @@ impl Broker {
     /// Starts the outbox that stores events with confirmation and
     /// retries (see [`outbox`]); returns its task.
     pub fn start_outbox(&self) -> tokio::task::JoinHandle<()> {
-        let (outbox, rx) = outbox::channel();
+        let (outbox, rx) = outbox::channel(self.config().outbox_capacity);
         let _ = self.inner.outbox.set(outbox);
         tokio::spawn(outbox::run(self.clone(), rx))
     }

@@ -16,7 +16,7 @@ use handoff_proto::pb;
 use prost::Message as _;
 
 use crate::{
-    app::{auth::Caller, state, Broker},
+    app::{access, auth::Caller, Broker},
     error::BrokerError,
     rules::{handoff as rules, names},
     store::{sha256_hex, PayloadInfo},
@@ -204,8 +204,7 @@ pub async fn get(
     req: pb::GetPayloadRequest,
 ) -> Result<(pb::PayloadRef, Bytes), BrokerError> {
     names::validate("run_id", &req.run_id)?;
-    let (run, _) = broker.run(&req.run_id).await?;
-    state::authorize_read(broker, caller, &run, &req.delivery_id).await?;
+    let run = access::read(broker, caller, &req.run_id, &req.delivery_id).await?;
     let of_run = req
         .name
         .strip_prefix(run.id.as_str())

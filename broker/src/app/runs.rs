@@ -8,6 +8,7 @@ use prost::Message as _;
 
 use crate::{
     app::{
+        access,
         auth::{self, Caller},
         judge, now, state, Broker,
     },
@@ -48,7 +49,7 @@ pub async fn start(
         req.run_id.clone()
     };
     names::validate("owner", &req.owner)?;
-    auth::require(broker, caller, Action::Own, &req.owner, None).await?;
+    auth::require(broker, caller, Action::Own, &req.owner).await?;
     let max_depth = if req.max_depth == 0 {
         broker.config().default_max_depth
     } else {
@@ -170,10 +171,7 @@ pub async fn get(
     req: pb::GetRunRequest,
 ) -> Result<pb::GetRunResponse, BrokerError> {
     names::validate("run_id", &req.run_id)?;
-    let (run, _) = broker.run(&req.run_id).await?;
-    if !caller.may(Action::Read, "") {
-        auth::require(broker, caller, Action::Own, &run.owner, Some(&run)).await?;
-    }
+    let run = access::read(broker, caller, &req.run_id, "").await?;
     let timeline = broker.store().run_events(&req.run_id).await?;
     let mut run = run;
     if run.stats.is_none() {

@@ -6,8 +6,12 @@
 //! hands each offer to [`deliveries::offer`], and applies each settle
 //! command with [`deliveries::settle`]. If the instance goes away, its
 //! unsettled deliveries are returned at once; if the broker drains, they
-//! are left to their leases. The session knows no transport: commands
-//! come in as a stream, answers go out on a channel.
+//! are left to their leases. If its credentials stop allowing it to
+//! receive as its agent (a revoked token, a grant taken away: see
+//! [`auth::Live`]), its settlements and deliveries are refused at once,
+//! the session ends with the refusal and its unsettled deliveries are
+//! returned. The session knows no transport: commands come in as a
+//! stream, answers go out on a channel.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -91,7 +95,7 @@ pub async fn open(
     };
     names::validate("agent", &open.agent)?;
     names::validate("instance", &open.instance)?;
-    auth::require(broker, caller, Action::ReceiveAs, &open.agent, None).await?;
+    auth::require(broker, caller, Action::ReceiveAs, &open.agent).await?;
     let cap = broker.config().max_in_flight;
     if open.max_in_flight > cap {
         return Err(BrokerError::malformed(
@@ -130,15 +134,28 @@ struct Session {
     /// then never polled that settlement again, and the session stalled
     /// for good. The loop's arms must not await.
     in_flight: std::sync::Mutex<HashMap<String, InFlight>>,
+    /// Whether the session's credentials still allow it.
+    live: auth::LiveCheck,
     tx: Outbox,
     released: mpsc::UnboundedSender<String>,
 }
 
-/// Runs a session until the instance leaves (`inbound` ends) or the
-/// broker drains.
+/// How a session ended.
+enum Ending {
+    /// The instance left: its deliveries are returned.
+    Left,
+    /// The broker drains: its deliveries stay leased.
+    Drained,
+    /// Its credentials no longer allow it: its deliveries are returned.
+    Refused(BrokerError),
+}
+
+/// Runs a session until the instance leaves (`inbound` ends), the broker
+/// drains, or `live` finds its credentials no longer allow it.
 pub async fn run(
     broker: Broker,
     opened: Opened,
+    mut live: auth::Live,
     mut inbound: BoxStream<'static, pb::SubscribeRequest>,
     tx: Outbox,
 ) {
@@ -155,6 +172,7 @@ pub async fn run(
             agent,
             instance,
             in_flight: std::sync::Mutex::new(HashMap::new()),
+            live: live.checker(),
             tx,
             released,
         });
@@ -177,11 +195,11 @@ pub async fn run(
         // order they came (an extend, then its ack).
         let mut settling = Settling::default();
         let most = max_in_flight.max(MIN_SETTLING);
-        let drained = loop {
+        let ending = loop {
             tokio::select! {
                 msg = inbound.next(), if settling.running.len() < most => match msg {
                     Some(req) => settling.start(&session, req),
-                    None => break false,
+                    None => break Ending::Left,
                 },
                 Some(id) = settling.running.next(), if !settling.running.is_empty() => {
                     settling.finished(&session, id);
@@ -191,7 +209,8 @@ pub async fn run(
                     session.book().remove(&id);
                 }
                 _ = sweep.tick() => session.sweep_expired(),
-                _ = broker.drained() => break true,
+                _ = broker.drained() => break Ending::Drained,
+                refused = live.ended() => break Ending::Refused(refused),
             }
         };
         // Settlements already asked for are answered, whichever way the
@@ -203,17 +222,25 @@ pub async fn run(
         for f in session.book().values() {
             broker.untrack_delivery(&f.held.slot);
         }
-        if drained {
-            let _ = session
-                .tx
-                .send(Err(BrokerError::Draining(
-                    "broker is draining; reconnect to another replica".to_string(),
-                )))
-                .await;
-            tracing::info!("session closed for drain; unsettled deliveries stay leased");
-        } else {
-            session.return_all().await;
-            tracing::info!("instance left");
+        match ending {
+            Ending::Drained => {
+                let _ = session
+                    .tx
+                    .send(Err(BrokerError::Draining(
+                        "broker is draining; reconnect to another replica".to_string(),
+                    )))
+                    .await;
+                tracing::info!("session closed for drain; unsettled deliveries stay leased");
+            }
+            Ending::Left => {
+                session.return_all().await;
+                tracing::info!("instance left");
+            }
+            Ending::Refused(refused) => {
+                session.return_all().await;
+                let _ = session.tx.send(Err(refused)).await;
+                tracing::info!("session ended: its credentials no longer allow it");
+            }
         }
     }
     .instrument(span)
@@ -437,6 +464,12 @@ impl Session {
             Offering::Deliver(d, h) => (d, *h),
             Offering::Skip => return true,
         };
+        if self.live.check().is_err() {
+            // Not for an instance whose credentials no longer allow it:
+            // back to the inbox, for another one.
+            deliveries::give_back(&self.broker, &held).await;
+            return false;
+        }
         let span = tracing::Span::current();
         span.record("run_id", held.run_id.as_str());
         span.record("handoff_id", held.handoff_id.as_str());
@@ -489,7 +522,7 @@ impl Session {
                 Err(BrokerError::malformed("command", "empty command")),
             ),
         };
-        let result = match op {
+        let result = match op.and_then(|op| self.live.check().map(|()| op)) {
             // Bounded like a unary call: a settlement while NATS is down
             // answers UNAVAILABLE within nats_timeout (repeating it is safe).
             Ok(op) => self.broker.bounded(self.apply(&delivery_id, &op)).await,

@@ -25,13 +25,9 @@ use handoff_proto::pb;
 use prost::Message as _;
 
 use crate::{
-    app::{
-        auth::{self, Caller},
-        deliveries, now, Broker,
-    },
+    app::{access, auth::Caller, now, Broker},
     error::{BrokerError, Reason},
     rules::{
-        grants::Action,
         names,
         state::{self as rules, Limits},
     },
@@ -337,39 +333,6 @@ pub async fn for_delivery(
     Ok((state, digest))
 }
 
-/// Who may read what a run holds (its state, its payloads by reference):
-/// a principal with `read`, the run's owner, or an agent presenting a
-/// delivery of the run it receives (`delivery_id`, signed by the broker).
-pub async fn authorize_read(
-    broker: &Broker,
-    caller: &Caller,
-    run: &pb::Run,
-    delivery_id: &str,
-) -> Result<(), BrokerError> {
-    if delivery_id.is_empty() {
-        if !caller.may(Action::Read, "") {
-            auth::require(broker, caller, Action::Own, &run.owner, Some(run)).await?;
-        }
-        return Ok(());
-    }
-    // An agent working in the run: the delivery it holds is signed by the
-    // broker, and must be of this run.
-    let token = deliveries::decode(broker, delivery_id).await?;
-    auth::require(broker, caller, Action::ReceiveAs, &token.agent, Some(run)).await?;
-    let of_run = broker
-        .store()
-        .handoff_at(token.stream_sequence)
-        .await?
-        .is_some_and(|m| m.envelope.id == token.handoff_id && m.envelope.run_id == run.id);
-    if !of_run {
-        return Err(BrokerError::BadDeliveryId(format!(
-            "it is not a delivery of run {:?}",
-            run.id
-        )));
-    }
-    Ok(())
-}
-
 /// `GetState`: a run's state at a revision (0: the latest).
 pub async fn get(
     broker: &Broker,
@@ -377,8 +340,7 @@ pub async fn get(
     req: pb::GetStateRequest,
 ) -> Result<pb::GetStateResponse, BrokerError> {
     names::validate("run_id", &req.run_id)?;
-    let (run, _) = broker.run(&req.run_id).await?;
-    authorize_read(broker, caller, &run, &req.delivery_id).await?;
+    let run = access::read(broker, caller, &req.run_id, &req.delivery_id).await?;
     let latest = latest(broker, &run.id).await?;
     let latest_revision = latest.as_ref().map_or(0, |l| l.revision);
     let record = match req.revision {

@@ -274,10 +274,16 @@ async fn one_delivery_goes_to_one_target() {
     f.agents(&["planner", "worker", "critic"]).await;
     let run = f.run(0).await;
     let d = f.task_for(&run, "planner").await;
+    // A fan-out handoff leaves the delivery unsettled; a single handoff to
+    // another target from it is role confusion.
     handoff::accept(
         &f.broker,
         &Caller::local(),
-        consuming(&run, "planner", "worker", &d),
+        pb::HandoffRequest {
+            fan_out: true,
+            idempotency_key: "w".into(),
+            ..consuming(&run, "planner", "worker", &d)
+        },
     )
     .await
     .expect("first");
@@ -293,6 +299,23 @@ async fn one_delivery_goes_to_one_target() {
         f.store.events(&run, pb::EventKind::ContractRejected).len(),
         1
     );
+    // A single handoff settles the delivery: the id consumes nothing more.
+    let e = f.task_for(&run, "planner").await;
+    handoff::accept(
+        &f.broker,
+        &Caller::local(),
+        consuming(&run, "planner", "worker", &e),
+    )
+    .await
+    .expect("single");
+    let after = handoff::accept(
+        &f.broker,
+        &Caller::local(),
+        consuming(&run, "planner", "critic", &e),
+    )
+    .await;
+    assert_eq!(reason(after), Reason::AlreadySettled);
+    assert!(f.store.inbox("critic").is_empty(), "nothing stored");
 }
 
 #[tokio::test]
@@ -665,7 +688,7 @@ fn secured() -> Fixture {
 fn bearer(token: &str) -> super::auth::Credentials {
     super::auth::Credentials {
         bearer: Some(token.to_string()),
-        certificate: None,
+        ..Default::default()
     }
 }
 
@@ -737,11 +760,19 @@ async fn callers_prove_who_they_are() {
         caller(&f, &token).await.expect_err("revoked").reason(),
         Reason::TokenRevoked
     );
-    assert_eq!(
-        f.store.events("_", pb::EventKind::AccessDenied).len(),
-        4,
-        "every refusal is an event"
+    assert!(
+        f.store.events("_", pb::EventKind::AccessDenied).is_empty(),
+        "a call without valid credentials stores nothing"
     );
+    let text = f.broker.metrics().render().expect("metrics");
+    for (reason, n) in [
+        ("MISSING_CREDENTIALS", 1),
+        ("BAD_CREDENTIALS", 2),
+        ("TOKEN_REVOKED", 1),
+    ] {
+        let series = format!("handoff_unauthenticated_total{{reason=\"{reason}\",peer=\"unknown\"}} {n}\n");
+        assert!(text.contains(&series), "{series} in {text}");
+    }
 }
 
 #[tokio::test]
@@ -804,8 +835,17 @@ async fn grants_decide_and_a_refusal_stores_nothing() {
     );
     assert_eq!(
         reason(handoff::accept(&f.broker, &mallory, to(&run, "worker")).await),
-        Reason::NotGranted,
-        "no source: needs own on the run's owner"
+        Reason::RunNotFound,
+        "no right to the run: as if it did not exist"
+    );
+    let as_herself = pb::HandoffRequest {
+        source_agent: "worker".into(),
+        ..to(&run, "worker")
+    };
+    assert_eq!(
+        reason(handoff::accept(&f.broker, &mallory, as_herself).await),
+        Reason::RunNotFound,
+        "send_as is no right to a run"
     );
     let done = pb::HandoffRequest {
         r#final: true,
@@ -814,7 +854,7 @@ async fn grants_decide_and_a_refusal_stores_nothing() {
     };
     assert_eq!(
         reason(handoff::accept(&f.broker, &mallory, done).await),
-        Reason::NotGranted,
+        Reason::RunNotFound,
         "completing another owner's run"
     );
     assert_eq!(f.store.inbox("worker").len(), 1, "only alice's handoff");
@@ -837,7 +877,15 @@ async fn grants_decide_and_a_refusal_stores_nothing() {
         1,
         "the stored agent is unchanged"
     );
-    assert_eq!(f.store.events(&run, pb::EventKind::AccessDenied).len(), 3);
+    assert!(
+        f.store.events(&run, pb::EventKind::AccessDenied).is_empty(),
+        "nothing in the run's timeline"
+    );
+    assert_eq!(
+        f.store.events("_", pb::EventKind::AccessDenied).len(),
+        6,
+        "each refusal of a principal, on `_`"
+    );
 }
 
 #[tokio::test]

@@ -29,6 +29,7 @@ pub fn of<T>(req: &Request<T>) -> Credentials {
     Credentials {
         bearer,
         certificate,
+        peer: req.remote_addr().map(|a| a.ip()),
     }
 }
 

@@ -58,9 +58,13 @@ impl Service {
     /// Who makes the call, from its bearer token or client certificate
     /// (UNAUTHENTICATED when auth is configured and neither proves it).
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        let creds = credentials::of(req);
+        self.authenticate(&credentials::of(req)).await
+    }
+
+    /// Who presents `creds` (see [`Service::caller`]).
+    async fn authenticate(&self, creds: &auth::Credentials) -> Result<Caller, Status> {
         self.broker
-            .bounded(auth::authenticate(&self.broker, &creds))
+            .bounded(auth::authenticate(&self.broker, creds))
             .await
             .map_err(status::to_status)
     }
@@ -308,8 +312,9 @@ impl HandoffBroker for Service {
         &self,
         req: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Reply<Self::SubscribeStream> {
-        let caller = self.caller(&req).await?;
-        subscribe::subscribe(&self.broker, &caller, req.into_inner()).await
+        let creds = credentials::of(&req);
+        let caller = self.authenticate(&creds).await?;
+        subscribe::subscribe(&self.broker, &caller, creds, req.into_inner()).await
     }
 
     type GetPayloadStream = BoxStream<'static, Result<pb::PayloadChunk, Status>>;
@@ -330,8 +335,9 @@ impl HandoffBroker for Service {
     type WatchStream = BoxStream<'static, Result<pb::Event, Status>>;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Reply<Self::WatchStream> {
-        let caller = self.caller(&req).await?;
-        watch::watch(&self.broker, &caller, req.into_inner()).await
+        let creds = credentials::of(&req);
+        let caller = self.authenticate(&creds).await?;
+        watch::watch(&self.broker, &caller, creds, req.into_inner()).await
     }
 
     async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Reply<pb::GetRunResponse> {

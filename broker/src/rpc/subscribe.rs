@@ -9,7 +9,7 @@ use tonic::{Response, Status, Streaming};
 
 use crate::{
     app::{
-        auth::Caller,
+        auth::{self, Caller, Credentials},
         session::{self, Out},
         Broker,
     },
@@ -21,6 +21,7 @@ use crate::{
 pub async fn subscribe(
     broker: &Broker,
     caller: &Caller,
+    creds: Credentials,
     mut inbound: Streaming<pb::SubscribeRequest>,
 ) -> Result<Response<BoxStream<'static, Result<pb::SubscribeResponse, Status>>>, Status> {
     let first = inbound.message().await?;
@@ -28,13 +29,20 @@ pub async fn subscribe(
         .bounded(session::open(broker, caller, first))
         .await
         .map_err(to_status)?;
+    // The session ends once its credentials stop allowing it to receive
+    // as its agent (a revoked token, a grant taken away).
+    let live = auth::Live::start(
+        broker,
+        creds,
+        auth::Standing::ReceiveAs(opened.agent.name.clone()),
+    );
     let (tx, rx) = mpsc::channel(opened.max_in_flight + 16);
     // The instance's commands until its stream ends or breaks.
     let commands = inbound
         .take_while(|m| std::future::ready(m.is_ok()))
         .filter_map(|m| std::future::ready(m.ok()))
         .boxed();
-    tokio::spawn(session::run(broker.clone(), opened, commands, tx));
+    tokio::spawn(session::run(broker.clone(), opened, live, commands, tx));
     let out = ReceiverStream::new(rx)
         .map(|m| m.map(response).map_err(to_status))
         .boxed();

@@ -1,5 +1,6 @@
-//! `Watch`: streams the events a use case selects until the client leaves
-//! or the broker drains.
+//! `Watch`: streams the events a use case selects until the client leaves,
+//! the broker drains, or the caller's credentials stop allowing it (a
+//! revoked token, a grant taken away: see [`auth::Live`]).
 
 use futures::{stream::BoxStream, StreamExt};
 use handoff_proto::pb;
@@ -8,7 +9,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status};
 
 use crate::{
-    app::{auth::Caller, events, Broker},
+    app::{
+        auth::{self, Caller, Credentials},
+        events, Broker,
+    },
     error::BrokerError,
     rpc::status::to_status,
 };
@@ -18,12 +22,14 @@ use crate::{
 pub async fn watch(
     broker: &Broker,
     caller: &Caller,
+    creds: Credentials,
     req: pb::WatchRequest,
 ) -> Result<Response<BoxStream<'static, Result<pb::Event, Status>>>, Status> {
-    let mut events = broker
+    let (mut events, standing) = broker
         .bounded(events::watch(broker, caller, req))
         .await
         .map_err(to_status)?;
+    let mut live = auth::Live::start(broker, creds, standing);
     let (tx, rx) = mpsc::channel::<Result<pb::Event, Status>>(256);
     let broker = broker.clone();
     tokio::spawn(async move {
@@ -31,6 +37,10 @@ pub async fn watch(
             let next = tokio::select! {
                 e = events.next() => e,
                 _ = tx.closed() => return,
+                refused = live.ended() => {
+                    let _ = tx.send(Err(to_status(refused))).await;
+                    return;
+                }
                 _ = broker.drained() => {
                     let draining = BrokerError::Draining(
                         "broker is draining; resume from the last sequence".to_string(),
@@ -41,6 +51,10 @@ pub async fn watch(
             };
             match next {
                 Some(Ok(event)) => {
+                    if let Err(refused) = live.check() {
+                        let _ = tx.send(Err(to_status(refused))).await;
+                        return;
+                    }
                     if tx.send(Ok(event)).await.is_err() {
                         return;
                     }

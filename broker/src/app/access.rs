@@ -1,0 +1,168 @@
+//! Who may act in a run, and who may read one: the one rule that every
+//! path writing into a run, or reading what a run holds, goes through.
+//!
+//! **Acting** in a run (a handoff, a final result, a branch result, a
+//! state delta, a fan-out, a barrier, a judge's verdict) needs a right to
+//! that run: the caller has `own` on the run's owner, or it consumes a
+//! delivery of that run that it receives (`receive_as` the delivery's
+//! agent) while that delivery's lease lives. `send_as` only decides which
+//! source the caller may name, never which run it may act in.
+//!
+//! **Reading** a run (its timeline, state, barriers, payloads) needs
+//! `read`, `own` on its owner, or a live delivery of it.
+//!
+//! A caller with none of these is answered as if the run did not exist
+//! (NOT_FOUND, `RUN_NOT_FOUND`), whether it exists or not, so run ids
+//! cannot be probed; a caller with `read` (who may see the run anyway) is
+//! told it may not act (PERMISSION_DENIED, `NOT_GRANTED`). Everything a
+//! caller may learn is decided here before any contract check, payload
+//! fetch or write, so a refused caller learns nothing about the run or the
+//! target and leaves nothing in the run's timeline.
+//!
+//! The checks come in two steps so that they cost no round trip of their
+//! own: [`precheck`] from memory (the sources, the consumed delivery's
+//! agent and run, from its signed token), then [`may_act`] / [`read`] on
+//! what the use case reads anyway (the run, the delivery's lease record).
+
+use handoff_proto::pb;
+
+use crate::{
+    app::{
+        auth::{self, Caller},
+        deliveries, Broker,
+    },
+    error::BrokerError,
+    rules::grants::Action,
+};
+
+/// What can be refused before anything is read: every source the caller
+/// names needs `send_as`; a consumed delivery needs `receive_as` its agent
+/// and must be of run `run_id` (its signed token says which).
+pub async fn precheck<'a>(
+    broker: &Broker,
+    caller: &Caller,
+    run_id: &str,
+    sources: impl IntoIterator<Item = &'a str>,
+    consumed: Option<&pb::DeliveryToken>,
+) -> Result<(), BrokerError> {
+    let mut sources: Vec<&str> = sources.into_iter().filter(|s| !s.is_empty()).collect();
+    sources.sort_unstable();
+    sources.dedup();
+    for source in sources {
+        auth::require(broker, caller, Action::SendAs, source).await?;
+    }
+    if let Some(token) = consumed {
+        auth::require(broker, caller, Action::ReceiveAs, &token.agent).await?;
+        if !token.run_id.is_empty() && token.run_id != run_id {
+            return Err(BrokerError::malformed(
+                "consumes",
+                format!(
+                    "the consumed delivery belongs to run {:?}, not {run_id:?}",
+                    token.run_id
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a consumed delivery's lease lives, from its lease record as
+/// read (`None`: none recorded): `Err` with `ALREADY_SETTLED` or
+/// `LEASE_SUPERSEDED` once it was settled, delivered again or its lease
+/// passed.
+pub async fn lease_lives(
+    broker: &Broker,
+    token: &pb::DeliveryToken,
+    record: Option<(pb::Lease, u64)>,
+) -> Result<(), BrokerError> {
+    deliveries::live(broker, token, record).await
+}
+
+/// The right to act in `run` (read as `run`: `None` when it does not
+/// exist), for a caller that passed [`precheck`]; `consumed` is whether the
+/// delivery it consumes (if any) holds its lease ([`lease_lives`]).
+///
+/// A consumed delivery whose lease is gone is refused with its lease's
+/// reason, whoever the caller: a delivery id is a capability only while
+/// its lease lives. Otherwise the caller may act if it owns the run or
+/// holds the live delivery; else it is answered as [`hidden`] says.
+pub async fn may_act(
+    broker: &Broker,
+    caller: &Caller,
+    run_id: &str,
+    run: Option<&pb::Run>,
+    consumed: Option<Result<(), BrokerError>>,
+) -> Result<(), BrokerError> {
+    let Some(run) = run else {
+        return Err(BrokerError::RunNotFound(run_id.to_string()));
+    };
+    match consumed {
+        Some(Err(gone)) => Err(gone),
+        Some(Ok(())) => Ok(()),
+        None if caller.may(Action::Own, &run.owner) => Ok(()),
+        None => Err(hidden(broker, caller, run).await),
+    }
+}
+
+/// The refusal of a caller without a right to `run`: NOT_GRANTED to one
+/// that may read every run, else RUN_NOT_FOUND, the same answer as for a
+/// run that does not exist. Counted and announced as a denial either way.
+pub async fn hidden(broker: &Broker, caller: &Caller, run: &pb::Run) -> BrokerError {
+    let refused = auth::not_granted(caller, Action::Own, &run.owner);
+    let refused = auth::deny(broker, refused, &caller.principal).await;
+    if caller.may(Action::Read, "") {
+        refused
+    } else {
+        BrokerError::RunNotFound(run.id.clone())
+    }
+}
+
+/// Reads run `run_id` for a caller that wants to see what it holds: with
+/// `read`, `own` on its owner, or (`delivery_id`) a live delivery of the
+/// run that it receives. Anyone else is answered RUN_NOT_FOUND, as for a
+/// run that does not exist.
+pub async fn read(
+    broker: &Broker,
+    caller: &Caller,
+    run_id: &str,
+    delivery_id: &str,
+) -> Result<pb::Run, BrokerError> {
+    if delivery_id.is_empty() {
+        let run = broker.store().run(run_id).await?;
+        let Some((run, _)) = run else {
+            return Err(BrokerError::RunNotFound(run_id.to_string()));
+        };
+        if caller.may(Action::Read, "") || caller.may(Action::Own, &run.owner) {
+            return Ok(run);
+        }
+        let refused = auth::not_granted(caller, Action::Own, &run.owner);
+        auth::deny(broker, refused, &caller.principal).await;
+        return Err(BrokerError::RunNotFound(run_id.to_string()));
+    }
+    // An agent working in the run: the delivery it holds is signed by the
+    // broker, of this run, and its lease lives.
+    let token = deliveries::decode(broker, delivery_id).await?;
+    auth::require(broker, caller, Action::ReceiveAs, &token.agent).await?;
+    let (run, record, of_run) = tokio::join!(
+        broker.store().run(run_id),
+        broker.store().lease(&token.agent, token.stream_sequence),
+        async {
+            if token.run_id.is_empty() {
+                // A token signed before deliveries named their run.
+                broker.store().handoff_at(token.stream_sequence).await.map(|m| {
+                    m.is_some_and(|m| m.envelope.id == token.handoff_id && m.envelope.run_id == run_id)
+                })
+            } else {
+                Ok(token.run_id == run_id)
+            }
+        }
+    );
+    if !of_run? {
+        return Err(BrokerError::BadDeliveryId(format!(
+            "it is not a delivery of run {run_id:?}"
+        )));
+    }
+    lease_lives(broker, &token, record?).await?;
+    run?.map(|(r, _)| r)
+        .ok_or_else(|| BrokerError::RunNotFound(run_id.to_string()))
+}
