@@ -719,7 +719,9 @@ async fn watch_auth(broker: Broker, store: JetStream) {
                         2 if entry.operation == Operation::Put => {
                             match handoff_proto::pb::SigningKeys::decode(entry.value) {
                                 Ok(keys) => broker.auth().keys_record(keys),
-                                Err(e) => tracing::warn!(error = %e, "stored signing keys do not decode"),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "stored signing keys do not decode")
+                                }
                             }
                         }
                         0 if entry.key == crate::app::auth::BOOTSTRAP_ID => {
@@ -732,7 +734,9 @@ async fn watch_auth(broker: Broker, store: JetStream) {
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "watch of tokens, principals and keys failed; retrying"),
+            Err(e) => {
+                tracing::warn!(error = %e, "watch of tokens, principals and keys failed; retrying")
+            }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

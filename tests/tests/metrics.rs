@@ -30,6 +30,8 @@ const FAMILIES: &[(&str, &str)] = &[
     ("handoff_dead_lettered", "counter"),
     ("handoff_contract_rejections", "counter"),
     ("handoff_access_denied", "counter"),
+    ("handoff_unauthenticated", "counter"),
+    ("handoff_access_denied_unrecorded", "counter"),
     ("handoff_events_dropped", "counter"),
     ("handoff_handoff_call_seconds", "histogram"),
     ("handoff_queue_wait_seconds", "histogram"),

@@ -221,6 +221,18 @@ async fn a_client_certificate_is_the_principal_it_names() {
     let nobody = as_principal(t.ca.client("nobody")).await.unwrap();
     let err = nobody.list_agents().await.expect_err("unknown principal");
     assert_eq!(err.reason(), Some("BAD_CREDENTIALS"));
+    // A certificate whose name cannot be a principal's: unauthenticated,
+    // whatever is registered.
+    for name in ["a*b", ">", "two words"] {
+        let odd = as_principal(t.ca.client(name)).await.unwrap();
+        let err = odd.list_agents().await.expect_err("no valid principal");
+        assert_eq!(
+            err.code(),
+            Some(tonic::Code::Unauthenticated),
+            "{name}: {err}"
+        );
+        assert_eq!(err.reason(), Some("BAD_CREDENTIALS"), "{name}");
+    }
     // Neither certificate nor token: unauthenticated.
     let bare = ConnectOptions::new()
         .tls(t.ca.pem.clone())

@@ -149,9 +149,15 @@ pub async fn read(
         async {
             if token.run_id.is_empty() {
                 // A token signed before deliveries named their run.
-                broker.store().handoff_at(token.stream_sequence).await.map(|m| {
-                    m.is_some_and(|m| m.envelope.id == token.handoff_id && m.envelope.run_id == run_id)
-                })
+                broker
+                    .store()
+                    .handoff_at(token.stream_sequence)
+                    .await
+                    .map(|m| {
+                        m.is_some_and(|m| {
+                            m.envelope.id == token.handoff_id && m.envelope.run_id == run_id
+                        })
+                    })
             } else {
                 Ok(token.run_id == run_id)
             }

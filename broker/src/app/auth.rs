@@ -572,7 +572,13 @@ impl LiveCheck {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         Err(ended.map_or_else(
-            || BrokerError::denied(Reason::NotGranted, "the stream's credentials no longer allow it", Vec::new()),
+            || {
+                BrokerError::denied(
+                    Reason::NotGranted,
+                    "the stream's credentials no longer allow it",
+                    Vec::new(),
+                )
+            },
             |e| e.error(),
         ))
     }
@@ -791,7 +797,9 @@ async fn disable_bootstrap(
 /// Loads whether the bootstrap token is disabled, at start.
 pub async fn load_bootstrap(broker: &Broker) -> Result<(), BrokerError> {
     let record = broker.store().token(BOOTSTRAP_ID).await?;
-    broker.auth().bootstrap_record(record.as_ref().map(|(t, _)| t));
+    broker
+        .auth()
+        .bootstrap_record(record.as_ref().map(|(t, _)| t));
     Ok(())
 }
 

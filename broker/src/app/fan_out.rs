@@ -89,7 +89,11 @@ pub async fn fan_out(
         broker.store().run(&spec.run_id),
         async {
             match &token {
-                Some(t) => broker.store().lease(&t.agent, t.stream_sequence).await.map(Some),
+                Some(t) => broker
+                    .store()
+                    .lease(&t.agent, t.stream_sequence)
+                    .await
+                    .map(Some),
                 None => Ok(None),
             }
         },

@@ -1,4 +1,5 @@
-//! Accept one handoff: validate -> guard -> read -> commit -> notify.
+//! Accept one handoff: validate -> authorize -> read -> authorize (the
+//! right to the run) -> guard -> commit -> notify.
 //!
 //! Order of a complete-and-handoff, chosen so that a crash anywhere leaves
 //! a state a retry repairs: (1) store the new handoff in the target's inbox
@@ -9,9 +10,15 @@
 //! downstream sees it once. A failed event publish fails the call, and the
 //! retry (the inbox keeps acked handoffs) publishes it under the same id.
 //!
-//! The guards (see [`guard`]) run before anything is read or stored; a
-//! claim on the consumed delivery is taken with the reads, and withdrawn
-//! if nothing was stored, so a failed step leaves no claim behind.
+//! Who may act in the run is decided first (see [`access`]): what memory
+//! can (the source, the consumed delivery's agent and run) before any
+//! read, the rest (the run's owner, the consumed delivery's lease) on the
+//! reads the handoff makes anyway. Only then are a payload by reference
+//! fetched and the guards (see [`guard`]) run, so a refused caller learns
+//! nothing of the target and leaves nothing behind. A claim on the
+//! consumed delivery is taken with the reads (by a caller that receives
+//! as its agent), and withdrawn if nothing was stored, so a failed step
+//! leaves no claim behind.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

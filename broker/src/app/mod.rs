@@ -459,7 +459,10 @@ impl Broker {
                 outbox::Sent::Taken => return,
                 outbox::Sent::Full => {
                     self.metrics().event_dropped();
-                    tracing::warn!(msg_id, "event dropped: the outbox stayed full (outbox_capacity)");
+                    tracing::warn!(
+                        msg_id,
+                        "event dropped: the outbox stayed full (outbox_capacity)"
+                    );
                     return;
                 }
                 outbox::Sent::Closed => {}

@@ -770,7 +770,8 @@ async fn callers_prove_who_they_are() {
         ("BAD_CREDENTIALS", 2),
         ("TOKEN_REVOKED", 1),
     ] {
-        let series = format!("handoff_unauthenticated_total{{reason=\"{reason}\",peer=\"unknown\"}} {n}\n");
+        let series =
+            format!("handoff_unauthenticated_total{{reason=\"{reason}\",peer=\"unknown\"}} {n}\n");
         assert!(text.contains(&series), "{series} in {text}");
     }
 }
