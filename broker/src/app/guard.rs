@@ -233,7 +233,7 @@ pub async fn check_target(
 
 /// Given the first handoff made from the consumed delivery, refuses this
 /// one if it goes to another target without both declaring fan-out (role
-/// confusion).
+/// confusion): counted and published like every guard's refusal.
 pub async fn check_claim(
     broker: &Broker,
     req: &pb::HandoffRequest,
@@ -242,8 +242,31 @@ pub async fn check_claim(
     mine: &pb::ConsumeClaim,
     checked: &Checked,
 ) -> Result<(), BrokerError> {
-    if first.target_agent == mine.target_agent || (first.fan_out && mine.fan_out) {
+    let Some((message, metadata)) = role_confusion(token, first, mine) else {
         return Ok(());
+    };
+    Err(refuse(
+        broker,
+        req,
+        Refusal {
+            contract_type: checked.contract_type.clone(),
+            version: checked.version,
+            metadata,
+            ..Refusal::new("role_confusion", Reason::RoleConfusion, message)
+        },
+    )
+    .await)
+}
+
+/// Why a handoff from the consumed delivery would be role confusion (see
+/// [`check_claim`]): its message and metadata; `None` when it is not.
+pub fn role_confusion(
+    token: &pb::DeliveryToken,
+    first: &pb::ConsumeClaim,
+    mine: &pb::ConsumeClaim,
+) -> Option<(String, Vec<(&'static str, String)>)> {
+    if first.target_agent == mine.target_agent || (first.fan_out && mine.fan_out) {
+        return None;
     }
     let name = |t: &str| {
         if t.is_empty() {
@@ -258,21 +281,12 @@ pub async fn check_claim(
         name(&first.target_agent),
         first.handoff_id
     );
-    Err(refuse(
-        broker,
-        req,
-        Refusal {
-            contract_type: checked.contract_type.clone(),
-            version: checked.version,
-            metadata: vec![
-                ("consumed_handoff_id", token.handoff_id.clone()),
-                ("first_target", first.target_agent.clone()),
-                ("first_handoff_id", first.handoff_id.clone()),
-            ],
-            ..Refusal::new("role_confusion", Reason::RoleConfusion, message)
-        },
-    )
-    .await)
+    let metadata = vec![
+        ("consumed_handoff_id", token.handoff_id.clone()),
+        ("first_target", first.target_agent.clone()),
+        ("first_handoff_id", first.handoff_id.clone()),
+    ];
+    Some((message, metadata))
 }
 
 /// Counts a refusal, publishes its `contract_rejected` event (when the run

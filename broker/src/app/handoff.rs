@@ -190,10 +190,28 @@ pub async fn accept_as(
                         .emit(event, &format!("accepted-{}", receipt.handoff_id))
                         .await?;
                 }
-                deliveries::ack_consumed(broker, run, token).await;
+                // A fan-out handoff leaves the delivery to its agent's ack.
+                if !req.fan_out {
+                    deliveries::ack_consumed(broker, run, token).await;
+                }
                 return Ok(pb::HandoffResponse {
                     duplicate: true,
                     ..receipt
+                });
+            }
+        }
+        if let (Some(Err(_)), Some(Claim::Held(first, _)), Some(token)) =
+            (&lives, &claim, &consumed)
+        {
+            // A delivery already consumed by a handoff to another target:
+            // that is the cause to name, rather than the settlement it
+            // made (nothing is checked or published for a delivery whose
+            // lease is gone).
+            if let Some((message, metadata)) = guard::role_confusion(token, first, &mine) {
+                return Err(BrokerError::Refused {
+                    reason: crate::error::Reason::RoleConfusion,
+                    message,
+                    metadata,
                 });
             }
         }

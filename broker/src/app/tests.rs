@@ -299,7 +299,8 @@ async fn one_delivery_goes_to_one_target() {
         f.store.events(&run, pb::EventKind::ContractRejected).len(),
         1
     );
-    // A single handoff settles the delivery: the id consumes nothing more.
+    // A single handoff settles the delivery: another target is still
+    // told that cause (and nothing is published for it).
     let e = f.task_for(&run, "planner").await;
     handoff::accept(
         &f.broker,
@@ -314,8 +315,12 @@ async fn one_delivery_goes_to_one_target() {
         consuming(&run, "planner", "critic", &e),
     )
     .await;
-    assert_eq!(reason(after), Reason::AlreadySettled);
+    assert_eq!(reason(after), Reason::RoleConfusion);
     assert!(f.store.inbox("critic").is_empty(), "nothing stored");
+    assert_eq!(
+        f.store.events(&run, pb::EventKind::ContractRejected).len(),
+        1
+    );
 }
 
 #[tokio::test]
