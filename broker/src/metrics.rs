@@ -799,6 +799,31 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, gate: Option<Ga
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_gate_lets_through_only_the_scrapes_it_allows() {
+        use tower::ServiceExt as _;
+        let gate: Gate = Arc::new(|bearer: Option<String>| {
+            Box::pin(async move { bearer.as_deref() == Some("good") })
+        });
+        let router = router(Arc::new(Metrics::default()), Some(gate));
+        let scrape = |auth: Option<&'static str>| {
+            let mut req = axum::http::Request::get("/metrics");
+            if let Some(a) = auth {
+                req = req.header(header::AUTHORIZATION, a);
+            }
+            req.body(axum::body::Body::empty()).expect("request")
+        };
+        for (auth, status) in [
+            (None, StatusCode::UNAUTHORIZED),
+            (Some("Bearer bad"), StatusCode::UNAUTHORIZED),
+            (Some("Basic good"), StatusCode::UNAUTHORIZED),
+            (Some("Bearer good"), StatusCode::OK),
+        ] {
+            let answer = router.clone().oneshot(scrape(auth)).await.expect("answer");
+            assert_eq!(answer.status(), status, "{auth:?}");
+        }
+    }
+
     #[test]
     fn renders_counters_by_label_with_total_once() {
         let m = Metrics::default();

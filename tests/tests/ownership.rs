@@ -1205,3 +1205,72 @@ async fn a_rotated_out_key_is_refused_by_a_replica_that_had_cached_it() {
     );
     refused(d.ack().await, Code::PermissionDenied, "BAD_SIGNATURE");
 }
+
+// ------------------------------------------------------------ bootstrap
+
+#[tokio::test]
+async fn the_bootstrap_token_is_disabled_by_an_admin_token_for_good_on_every_replica() {
+    let s = secured(Duration::from_secs(10)).await;
+    let b = s.replica().await;
+    let boot_on_b = connect(&b, Some(BOOTSTRAP)).await;
+    boot_on_b
+        .list_agents()
+        .await
+        .expect("the bootstrap token works on B");
+    // It cannot disable itself: that would leave no administrator.
+    refused(
+        s.admin
+            .raw()
+            .revoke_token(pb::RevokeTokenRequest {
+                id: "bootstrap".into(),
+            })
+            .await
+            .map_err(Error::from),
+        Code::FailedPrecondition,
+        "BOOTSTRAP_IN_USE",
+    );
+    s.admin.list_agents().await.expect("still works");
+    // An admin token disables it, on every replica.
+    let (ops, _) = principal(&s, "ops", &[(pb::GrantAction::Admin, "", false)]).await;
+    ops.raw()
+        .revoke_token(pb::RevokeTokenRequest {
+            id: "bootstrap".into(),
+        })
+        .await
+        .expect("an admin token disables the bootstrap token");
+    refused(
+        s.admin.list_agents().await,
+        Code::Unauthenticated,
+        "TOKEN_REVOKED",
+    );
+    let start = Instant::now();
+    loop {
+        match boot_on_b.list_agents().await {
+            Ok(_) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(2),
+                    "B still takes the bootstrap token after 2 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Some(Code::Unauthenticated), "{e}");
+                assert_eq!(e.reason(), Some("TOKEN_REVOKED"), "{e}");
+                break;
+            }
+        }
+    }
+    // For good: a replica started afterwards, with the same token file,
+    // refuses it too; the admin token goes on working.
+    b.stop().await;
+    let c = s.replica().await;
+    refused(
+        connect(&c, Some(BOOTSTRAP)).await.list_agents().await,
+        Code::Unauthenticated,
+        "TOKEN_REVOKED",
+    );
+    ops.raw()
+        .list_principals(pb::ListPrincipalsRequest {})
+        .await
+        .expect("the admin token works");
+}
