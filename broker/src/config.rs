@@ -187,12 +187,12 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "events_max_bytes",
         default: "1073741824",
-        doc: "Byte limit of the events stream (HANDOFF_EVENTS); past it the oldest events are discarded.",
+        doc: "Byte limit of the events stream (HANDOFF_EVENTS), at least 1048576 (-1: none); past it the oldest events are discarded.",
     },
     Key {
         name: "stream_max_bytes",
         default: "1073741824",
-        doc: "Byte limit of every other stream and bucket the broker creates (inboxes, branches, dead letters, timers, payloads, runs, state, leases, ...: 16 of them); past it new writes are refused (UNAVAILABLE), nothing stored is discarded. JetStream reserves every limit on each server: their sum must fit its max_file_store.",
+        doc: "Byte limit of every other stream and bucket the broker creates (inboxes, branches, dead letters, timers, payloads, runs, state, leases, ...: 16 of them); past it new writes are refused (UNAVAILABLE), nothing stored is discarded; at least 1048576 (-1: none). JetStream reserves every limit on each server: their sum must fit its max_file_store. An existing stream that holds more than its new limit keeps its old one (with a warning).",
     },
     Key {
         name: "nats_user",
@@ -431,6 +431,19 @@ impl Config {
                 }
             }
         }
+        // A stream's byte limit: at least 1 MiB, or -1 for none.
+        fn byte_limit(name: &str, v: String, problems: &mut Vec<String>) -> i64 {
+            match v.trim().parse::<i64>() {
+                Ok(-1) => -1,
+                Ok(n) if n >= 1 << 20 => n,
+                _ => {
+                    problems.push(format!(
+                        "{name}: {v:?} is not a byte count of at least 1048576 (or -1: no limit)"
+                    ));
+                    1 << 30
+                }
+            }
+        }
         let default_lease = dur("default_lease", &mut problems);
         let default_run_timeout = dur("default_run_timeout", &mut problems);
         let dedupe_window = dur("dedupe_window", &mut problems);
@@ -665,16 +678,14 @@ impl Config {
             nats_reconnect_delay,
             max_in_flight: num("max_in_flight", raw("max_in_flight"), 1, &mut problems),
             outbox_capacity: num("outbox_capacity", raw("outbox_capacity"), 1, &mut problems),
-            events_max_bytes: num(
+            events_max_bytes: byte_limit(
                 "events_max_bytes",
                 raw("events_max_bytes"),
-                1 << 20,
                 &mut problems,
             ),
-            stream_max_bytes: num(
+            stream_max_bytes: byte_limit(
                 "stream_max_bytes",
                 raw("stream_max_bytes"),
-                1 << 20,
                 &mut problems,
             ),
             tokenizer,

@@ -706,7 +706,18 @@ async fn watch_auth(broker: Broker, store: JetStream) {
         );
         match watched {
             Ok((tokens, principals, keys)) => {
-                // Whatever happened while no watch ran.
+                // Whatever happened before the watches began (at start, or
+                // while they were down): read again now that no change
+                // can slip between the read and the watch.
+                let reloaded = tokio::try_join!(
+                    crate::app::auth::load_keys(&broker),
+                    crate::app::auth::load_bootstrap(&broker)
+                );
+                if let Err(e) = reloaded {
+                    tracing::warn!(error = %e, "signing keys and bootstrap token not read again; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
                 broker.auth().changed();
                 let mut changes = futures::stream::select_all([
                     tokens.map(|e| (0, e)).boxed(),
@@ -725,9 +736,21 @@ async fn watch_auth(broker: Broker, store: JetStream) {
                             }
                         }
                         0 if entry.key == crate::app::auth::BOOTSTRAP_ID => {
-                            let token = (entry.operation == Operation::Put)
-                                .then(|| handoff_proto::pb::ApiToken::decode(entry.value).ok())
-                                .flatten();
+                            let token = match entry.operation {
+                                Operation::Put => Some(
+                                    handoff_proto::pb::ApiToken::decode(entry.value)
+                                        .unwrap_or_else(|e| {
+                                            // Fail closed: a record that does
+                                            // not decode keeps it disabled.
+                                            tracing::warn!(error = %e, "the bootstrap token's record does not decode; it stays disabled");
+                                            handoff_proto::pb::ApiToken {
+                                                revoked_at: Some(crate::app::now()),
+                                                ..Default::default()
+                                            }
+                                        }),
+                                ),
+                                Operation::Delete | Operation::Purge => None,
+                            };
                             broker.auth().bootstrap_record(token.as_ref());
                         }
                         _ => broker.auth().changed(),

@@ -117,6 +117,32 @@ pub async fn hidden(broker: &Broker, caller: &Caller, run: &pb::Run) -> BrokerEr
     }
 }
 
+/// Checks that a delivery belongs to run `run_id` (BAD_DELIVERY_ID if
+/// not): from its signed token, or, for a token signed before deliveries
+/// named their run, from the stored handoff it delivers.
+pub async fn delivery_of_run(
+    broker: &Broker,
+    token: &pb::DeliveryToken,
+    run_id: &str,
+) -> Result<(), BrokerError> {
+    let of_run = if token.run_id.is_empty() {
+        broker
+            .store()
+            .handoff_at(token.stream_sequence)
+            .await?
+            .is_some_and(|m| m.envelope.id == token.handoff_id && m.envelope.run_id == run_id)
+    } else {
+        token.run_id == run_id
+    };
+    if of_run {
+        Ok(())
+    } else {
+        Err(BrokerError::BadDeliveryId(format!(
+            "it is not a delivery of run {run_id:?}"
+        )))
+    }
+}
+
 /// Reads run `run_id` for a caller that wants to see what it holds: with
 /// `read`, `own` on its owner, or (`delivery_id`) a live delivery of the
 /// run that it receives. Anyone else is answered RUN_NOT_FOUND, as for a
@@ -146,28 +172,9 @@ pub async fn read(
     let (run, record, of_run) = tokio::join!(
         broker.store().run(run_id),
         broker.store().lease(&token.agent, token.stream_sequence),
-        async {
-            if token.run_id.is_empty() {
-                // A token signed before deliveries named their run.
-                broker
-                    .store()
-                    .handoff_at(token.stream_sequence)
-                    .await
-                    .map(|m| {
-                        m.is_some_and(|m| {
-                            m.envelope.id == token.handoff_id && m.envelope.run_id == run_id
-                        })
-                    })
-            } else {
-                Ok(token.run_id == run_id)
-            }
-        }
+        delivery_of_run(broker, &token, run_id)
     );
-    if !of_run? {
-        return Err(BrokerError::BadDeliveryId(format!(
-            "it is not a delivery of run {run_id:?}"
-        )));
-    }
+    of_run?;
     lease_lives(broker, &token, record?).await?;
     run?.map(|(r, _)| r)
         .ok_or_else(|| BrokerError::RunNotFound(run_id.to_string()))

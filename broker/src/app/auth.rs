@@ -55,8 +55,8 @@ use crate::{
 const AUTH_CACHE: Duration = Duration::from_secs(1);
 
 /// How often a live check re-authenticates an open stream when nothing
-/// woke it earlier.
-const RECHECK: Duration = Duration::from_millis(500);
+/// woke it earlier (a change seen by the watches wakes it at once).
+const RECHECK: Duration = Duration::from_secs(1);
 
 /// Signing keys kept after a rotation: the newest signs, all verify, so a
 /// lease signed before a rotation stays valid.
@@ -126,8 +126,24 @@ impl Auth {
     /// token, principal or the bootstrap token changed (here, or on
     /// another replica as its bucket's watch tells).
     pub fn changed(&self) {
-        self.verified.clear();
+        // The count first: a read made before it is then not cached after
+        // the clear (see `remember`).
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        self.verified.clear();
+    }
+
+    /// How many changes were seen so far (see [`Auth::changed`]).
+    fn generation(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
+    /// Caches a verified credential read while the change count was
+    /// `seen`, unless a change came meanwhile (what was read may predate
+    /// it).
+    fn remember(&self, key: String, caller: &Caller, seen: u64) {
+        if self.generation() == seen {
+            self.verified.insert(key, (caller.clone(), Instant::now()));
+        }
     }
 
     /// Takes a stored bootstrap token record (its revocation) into account.
@@ -261,10 +277,11 @@ async fn certificate(broker: &Broker, name: &str) -> Result<Caller, BrokerError>
             return Ok(hit.0.clone());
         }
     }
+    let seen = broker.auth().generation();
     match broker.store().principal(name).await? {
         Some(p) => {
             let caller = Caller::with_grants(p.name, p.grants);
-            cache.insert(key, (caller.clone(), Instant::now()));
+            broker.auth().remember(key, &caller, seen);
             Ok(caller)
         }
         None => Err(BrokerError::denied(
@@ -316,6 +333,7 @@ async fn api_token(broker: &Broker, token: &str) -> Result<Caller, BrokerError> 
     if names::problem(id).is_some() || id == BOOTSTRAP_ID {
         return Err(bad_token());
     }
+    let seen = broker.auth().generation();
     let (stored, _) = broker.store().token(id).await?.ok_or_else(bad_token)?;
     let digest = Sha256::digest(secret.as_bytes());
     if !bool::from(digest.as_slice().ct_eq(&stored.secret_sha256)) {
@@ -335,7 +353,7 @@ async fn api_token(broker: &Broker, token: &str) -> Result<Caller, BrokerError> 
         .map(|p| p.grants)
         .unwrap_or_default();
     let caller = Caller::with_grants(stored.principal, grants);
-    cache.insert(key, (caller.clone(), Instant::now()));
+    broker.auth().remember(key, &caller, seen);
     Ok(caller)
 }
 

@@ -105,7 +105,22 @@ pub async fn fan_out(
         },
     );
     let run = run?.map(|(r, _)| r);
-    if let (Some(run), Some((claim, _))) = (run.as_ref(), claim?) {
+    let claim = claim?;
+    let record = record?;
+    if let (Some(token), Some(run)) = (&token, run.as_ref()) {
+        // A delivery signed before deliveries named their run: its run is
+        // the stored handoff's.
+        if token.run_id.is_empty() {
+            access::delivery_of_run(broker, token, &run.id).await?;
+        }
+    }
+    let unrecorded = match (&token, &record) {
+        (Some(t), Some(r)) => {
+            handoff::unrecorded_redo(t, r.as_ref(), claim.as_ref().map(|(c, _)| c))
+        }
+        _ => false,
+    };
+    if let (Some(run), Some((claim, _))) = (run.as_ref(), claim) {
         // A redo of a fan-out from this delivery (its items may differ),
         // even once the delivery is settled: the first one's barrier and
         // branches answer it.
@@ -127,7 +142,11 @@ pub async fn fan_out(
             return Ok(pb::FanOutResponse { barrier, branches });
         }
     }
-    let lives = match (&token, record?) {
+    let lives = match (&token, record) {
+        // A redo of a fan-out this attempt stored and acked without
+        // recording it (see `handoff::unrecorded_redo`): its branches are
+        // recognised by their ids.
+        (Some(_), Some(_)) if unrecorded => Some(Ok(())),
         (Some(t), Some(record)) => Some(access::lease_lives(broker, t, record).await),
         _ => None,
     };

@@ -163,11 +163,23 @@ pub async fn accept_as(
     let stored = AtomicBool::new(false);
     let result = async {
         let run = run?.map(|(r, _)| r);
+        let claim = claim?;
         let lives = match (&consumed, lease?) {
-            (Some(token), Some(record)) => Some(access::lease_lives(broker, token, record).await),
+            (Some(token), Some(record)) => {
+                let held = match &claim {
+                    Some(Claim::Held(first, _)) => Some(first),
+                    _ => None,
+                };
+                let unrecorded = unrecorded_redo(token, record.as_ref(), held);
+                let lives = access::lease_lives(broker, token, record).await;
+                // A redo of a handoff this very attempt stored and acked,
+                // whose receipt never reached the claim (its write failed,
+                // or the broker died between the ack and it): the store
+                // recognises it below, and the receipt is recorded then.
+                Some(if unrecorded { Ok(()) } else { lives })
+            }
             _ => None,
         };
-        let claim = claim?;
         if let (Some(Claim::Held(first, _)), Some(token), Some(run)) =
             (&claim, &consumed, run.as_ref())
         {
@@ -190,8 +202,10 @@ pub async fn accept_as(
                         .emit(event, &format!("accepted-{}", receipt.handoff_id))
                         .await?;
                 }
-                // A fan-out handoff leaves the delivery to its agent's ack.
-                if !req.fan_out {
+                // A fan-out handoff leaves the delivery to its agent's ack;
+                // one whose lease is gone was settled already (or is
+                // another attempt's to settle).
+                if !req.fan_out && matches!(lives, Some(Ok(()))) {
                     deliveries::ack_consumed(broker, run, token).await;
                 }
                 return Ok(pb::HandoffResponse {
@@ -287,6 +301,24 @@ pub async fn accept_as(
         }
     }
     result
+}
+
+/// Whether a handoff consuming `token` is a redo of what that very attempt
+/// stored and acked without recording its receipt: the lease says this
+/// attempt acked it, and the claim, taken by this attempt, records nothing.
+/// (A claim whose storing failed is withdrawn, and an attempt acks its
+/// delivery only once something is stored.)
+pub fn unrecorded_redo(
+    token: &pb::DeliveryToken,
+    record: Option<&(pb::Lease, u64)>,
+    claim: Option<&pb::ConsumeClaim>,
+) -> bool {
+    let acked = record.is_some_and(|(l, _)| {
+        l.attempt == token.attempt && l.state == pb::LeaseState::Acked as i32
+    });
+    let unrecorded =
+        claim.is_some_and(|first| first.attempt == token.attempt && first.stored.is_empty());
+    acked && unrecorded
 }
 
 /// The barrier branch a handoff is on: the one it names, else the one of

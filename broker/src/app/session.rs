@@ -237,8 +237,8 @@ pub async fn run(
                 tracing::info!("instance left");
             }
             Ending::Refused(refused) => {
-                session.return_all().await;
                 let _ = session.tx.send(Err(refused)).await;
+                session.return_all().await;
                 tracing::info!("session ended: its credentials no longer allow it");
             }
         }
@@ -412,6 +412,13 @@ impl Session {
                 },
                 Some((offering, permit, span)) = prepared.next(), if !prepared.is_empty() => {
                     if !self.deliver(offering, permit).instrument(span).await {
+                        // The offers prepared behind it go back to the
+                        // inbox rather than wait out their leases.
+                        while let Some((rest, _, _)) = prepared.next().await {
+                            if let Offering::Deliver(_, held) = rest {
+                                deliveries::give_back(&self.broker, &held).await;
+                            }
+                        }
                         return Ok(false);
                     }
                 }

@@ -651,6 +651,52 @@ async fn an_altered_delivery_id_is_refused_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn a_retry_whose_receipt_was_never_recorded_is_recognised_after_the_ack() {
+    let f = fixture();
+    f.agents(&["planner", "worker"]).await;
+    let run = f.run(0).await;
+    let d = f.task_for(&run, "planner").await;
+    let req = consuming(&run, "planner", "worker", &d);
+    let first = handoff::accept(&f.broker, &Caller::local(), req.clone())
+        .await
+        .expect("stored and acked");
+    assert_eq!(f.store.standing(d.sequence), Some(Standing::Acked));
+    // As if the receipt's write had failed after the store and the ack.
+    let consumed = d.handoff.as_ref().expect("handoff").id.clone();
+    let (mut claim, revision) = f
+        .store
+        .claim(&consumed)
+        .await
+        .expect("read")
+        .expect("claimed");
+    claim.stored.clear();
+    f.store
+        .update_claim(&consumed, &claim, revision)
+        .await
+        .expect("write")
+        .expect("written");
+    let again = handoff::accept(&f.broker, &Caller::local(), req)
+        .await
+        .expect("the retry is recognised, not refused");
+    assert_eq!(again.handoff_id, first.handoff_id);
+    assert!(again.duplicate);
+    assert_eq!(f.store.inbox("worker").len(), 1, "stored once");
+    assert_eq!(
+        f.store.claimed(&consumed).map(|c| c.stored.len()),
+        Some(1),
+        "and its receipt is recorded now"
+    );
+    // Another target from the settled delivery is still refused.
+    let other = handoff::accept(
+        &f.broker,
+        &Caller::local(),
+        consuming(&run, "planner", "planner", &d),
+    )
+    .await;
+    assert_eq!(reason(other), Reason::RoleConfusion);
+}
+
+#[tokio::test]
 async fn a_complete_and_handoff_by_a_superseded_attempt_stores_nothing() {
     let f = fixture();
     f.agents(&["planner", "worker"]).await;

@@ -1639,14 +1639,15 @@ async fn ensure_stream(
 ) -> Result<stream::Stream, BrokerError> {
     let name = config.name.clone();
     let replicas = config.num_replicas;
+    let mut config = config;
     match js.get_stream(&name).await {
         Ok(mut s) => {
-            let current = s
+            let info = s
                 .info()
                 .await
-                .map_err(|e| BrokerError::nats("reading stream info", e))?
-                .config
-                .clone();
+                .map_err(|e| BrokerError::nats("reading stream info", e))?;
+            let current = info.config.clone();
+            config.max_bytes = byte_limit(&name, config.max_bytes, &current, info.state.bytes);
             if current.duplicate_window != config.duplicate_window
                 || current.max_age != config.max_age
                 || current.num_replicas != config.num_replicas
@@ -1671,6 +1672,26 @@ async fn ensure_stream(
             .await
             .map_err(|e| placement(&format!("creating stream {name}"), replicas, e)),
     }
+}
+
+/// The byte limit to give an existing stream that holds `stored` bytes:
+/// the configured one, unless that is no more than what it holds (a limit
+/// lowered under the stored size would, on nats-server before 2.11,
+/// discard its oldest messages, and on later ones refuse every write): then
+/// its current limit stays, with a warning naming the key to raise.
+fn byte_limit(name: &str, wanted: i64, current: &stream::Config, stored: u64) -> i64 {
+    let fits = wanted <= 0 || u64::try_from(wanted).is_ok_and(|w| w > stored);
+    if fits || current.max_bytes == wanted {
+        return wanted;
+    }
+    tracing::warn!(
+        stream = name,
+        stored,
+        wanted,
+        kept = current.max_bytes,
+        "the stream holds more than its configured byte limit (stream_max_bytes or events_max_bytes): its limit stays as it was; raise the key"
+    );
+    current.max_bytes
 }
 
 /// How long a stream whose replicas changed may take to elect a leader and
@@ -1790,12 +1811,16 @@ async fn ensure_bucket(
     };
     match js.get_stream(&stream.name).await {
         Ok(mut existing) => {
-            let mut current = existing
+            let info = existing
                 .info()
                 .await
-                .map_err(|e| BrokerError::nats(&format!("reading bucket {name}"), e))?
-                .config
-                .clone();
+                .map_err(|e| BrokerError::nats(&format!("reading bucket {name}"), e))?;
+            let mut current = info.config.clone();
+            let max_bytes = byte_limit(&stream.name, stream.max_bytes, &current, info.state.bytes);
+            let stream = stream::Config {
+                max_bytes,
+                ..stream.clone()
+            };
             if current.num_replicas != replicas
                 || current.allow_direct != stream.allow_direct
                 || current.max_age != stream.max_age
