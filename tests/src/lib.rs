@@ -28,6 +28,7 @@
 pub mod certs;
 pub mod cluster;
 pub mod load;
+pub mod secured;
 pub use cluster::{Cluster, ClusterError};
 
 use std::{

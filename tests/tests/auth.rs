@@ -5,91 +5,13 @@
 
 use std::time::Duration;
 
-use handoff_client::{
-    pb, AgentConfig, Client, ConnectOptions, ContractSpec, Error, Handoff, RunConfig,
-};
+use handoff_client::{pb, AgentConfig, Client, ContractSpec, Handoff, RunConfig};
 use handoff_proto::{demo::Subtask, DEMO_FILE_DESCRIPTOR_SET};
-use handoff_tests::{inbox, next_within, note, Broker, Nats};
+use handoff_tests::{
+    inbox, next_within, note,
+    secured::{connect, count, decode_token as decode, encode_token as encode, refused, Secured},
+};
 use tonic::Code;
-
-const BOOTSTRAP: &str = "bootstrap-admin-token-for-the-auth-tests-0001";
-
-struct Secured {
-    nats: Nats,
-    broker: Broker,
-    admin: Client,
-    _dir: tempfile::TempDir,
-}
-
-/// A broker whose calls must be authenticated, its bootstrap admin, and
-/// agents `planner` and `worker` (lease `lease`).
-async fn secured(lease: Duration) -> Secured {
-    let nats = Nats::start().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let file = dir.path().join("admin-token");
-    std::fs::write(&file, format!("{BOOTSTRAP}\n")).expect("token file");
-    let broker = Broker::start(nats.url(), |c| c.auth_token_file = Some(file)).await;
-    let admin = connect(&broker, Some(BOOTSTRAP)).await;
-    for name in ["planner", "worker"] {
-        admin
-            .register_agent(AgentConfig::new(name).lease(lease).max_attempts(10))
-            .await
-            .expect("agent");
-    }
-    Secured {
-        nats,
-        broker,
-        admin,
-        _dir: dir,
-    }
-}
-
-async fn connect(broker: &Broker, token: Option<&str>) -> Client {
-    let mut opts = ConnectOptions::new();
-    if let Some(t) = token {
-        opts = opts.token(t);
-    }
-    opts.connect(format!("http://{}", broker.addr))
-        .await
-        .expect("connect")
-}
-
-/// A principal with these grants, and a client holding a token for it.
-async fn principal(
-    s: &Secured,
-    name: &str,
-    grants: &[(pb::GrantAction, &str, bool)],
-) -> (Client, pb::ApiToken) {
-    let mut raw = s.admin.raw();
-    let grants = grants
-        .iter()
-        .map(|(action, pattern, deny)| pb::Grant {
-            action: *action as i32,
-            pattern: pattern.to_string(),
-            deny: *deny,
-        })
-        .collect();
-    raw.put_principal(pb::PutPrincipalRequest {
-        principal: Some(pb::Principal {
-            name: name.into(),
-            grants,
-        }),
-    })
-    .await
-    .expect("principal");
-    let created = raw
-        .create_token(pb::CreateTokenRequest {
-            principal: name.into(),
-            description: format!("{name} in a test"),
-        })
-        .await
-        .expect("token")
-        .into_inner();
-    (
-        connect(&s.broker, Some(&created.secret)).await,
-        created.token.expect("token"),
-    )
-}
 
 /// A run with one task for `worker`, delivered to an instance of
 /// `worker_svc`: the run, the subscription and the delivery.
@@ -118,23 +40,11 @@ async fn task_for_worker(
     (run, sub, d)
 }
 
-#[track_caller]
-fn refused<T: std::fmt::Debug>(r: Result<T, Error>, code: Code, reason: &str) -> Error {
-    let err = r.expect_err(reason);
-    assert_eq!(err.code(), Some(code), "{reason}: {err}");
-    assert_eq!(err.reason(), Some(reason), "{err}");
-    err
-}
-
-fn count(timeline: &[pb::Event], kind: pb::EventKind) -> usize {
-    timeline.iter().filter(|e| e.kind == kind as i32).count()
-}
-
 use pb::GrantAction::{Own, Read, ReceiveAs, SendAs};
 
 #[tokio::test]
 async fn calls_without_valid_credentials_are_unauthenticated() {
-    let s = secured(Duration::from_secs(5)).await;
+    let s = Secured::start(Duration::from_secs(5), |_| {}).await;
     let anonymous = connect(&s.broker, None).await;
     refused(
         anonymous.list_agents().await,
@@ -147,7 +57,7 @@ async fn calls_without_valid_credentials_are_unauthenticated() {
         Code::Unauthenticated,
         "BAD_CREDENTIALS",
     );
-    let (reader, token) = principal(&s, "reader", &[(Read, "", false)]).await;
+    let (reader, token) = s.principal("reader", &[(Read, "", false)]).await;
     reader.list_agents().await.expect("a valid token reads");
     s.admin
         .raw()
@@ -186,24 +96,24 @@ async fn calls_without_valid_credentials_are_unauthenticated() {
 
 #[tokio::test]
 async fn grants_decide_who_sends_receives_owns_and_administers() {
-    let s = secured(Duration::from_secs(5)).await;
-    let (alice, _) = principal(
-        &s,
-        "alice",
-        &[(Own, "alice", false), (SendAs, "planner", false)],
-    )
-    .await;
-    let (mallory, _) = principal(
-        &s,
-        "mallory",
-        &[
-            (Own, "mallory", false),
-            (SendAs, "*", false),
-            (SendAs, "planner", true),
-            (ReceiveAs, "planner", false),
-        ],
-    )
-    .await;
+    let s = Secured::start(Duration::from_secs(5), |_| {}).await;
+    let (alice, _) = s
+        .principal(
+            "alice",
+            &[(Own, "alice", false), (SendAs, "planner", false)],
+        )
+        .await;
+    let (mallory, _) = s
+        .principal(
+            "mallory",
+            &[
+                (Own, "mallory", false),
+                (SendAs, "*", false),
+                (SendAs, "planner", true),
+                (ReceiveAs, "planner", false),
+            ],
+        )
+        .await;
     let run = alice
         .start_run(RunConfig::new("alice"))
         .await
@@ -321,9 +231,13 @@ async fn grants_decide_who_sends_receives_owns_and_administers() {
 
 #[tokio::test]
 async fn a_delivery_id_cannot_be_forged_altered_or_used_by_another_agent() {
-    let s = secured(Duration::from_secs(10)).await;
-    let (worker_svc, _) = principal(&s, "worker-svc", &[(ReceiveAs, "worker", false)]).await;
-    let (planner_svc, _) = principal(&s, "planner-svc", &[(ReceiveAs, "planner", false)]).await;
+    let s = Secured::start(Duration::from_secs(10), |_| {}).await;
+    let (worker_svc, _) = s
+        .principal("worker-svc", &[(ReceiveAs, "worker", false)])
+        .await;
+    let (planner_svc, _) = s
+        .principal("planner-svc", &[(ReceiveAs, "planner", false)])
+        .await;
     let (run, _held, d) = task_for_worker(&s, &worker_svc).await;
     let planner_sub = planner_svc
         .subscribe("planner", "p1", 1)
@@ -369,26 +283,13 @@ async fn a_delivery_id_cannot_be_forged_altered_or_used_by_another_agent() {
     assert_eq!(count(&timeline, pb::EventKind::Delivered), 1);
 }
 
-fn decode(id: &str) -> pb::DeliveryToken {
-    use base64::Engine as _;
-    use prost::Message as _;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(id)
-        .expect("base64");
-    pb::DeliveryToken::decode(bytes.as_slice()).expect("token")
-}
-
-fn encode(token: &pb::DeliveryToken) -> String {
-    use base64::Engine as _;
-    use prost::Message as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.encode_to_vec())
-}
-
 #[tokio::test]
 async fn an_outlived_lease_settles_nothing_and_its_successor_does() {
     let lease = Duration::from_secs(1);
-    let s = secured(lease).await;
-    let (worker_svc, _) = principal(&s, "worker-svc", &[(ReceiveAs, "worker", false)]).await;
+    let s = Secured::start(lease, |_| {}).await;
+    let (worker_svc, _) = s
+        .principal("worker-svc", &[(ReceiveAs, "worker", false)])
+        .await;
     let run = s
         .admin
         .start_run(RunConfig::new("ops"))
@@ -459,8 +360,10 @@ async fn an_outlived_lease_settles_nothing_and_its_successor_does() {
 
 #[tokio::test]
 async fn a_reject_after_an_ack_is_already_settled() {
-    let s = secured(Duration::from_secs(10)).await;
-    let (worker_svc, _) = principal(&s, "worker-svc", &[(ReceiveAs, "worker", false)]).await;
+    let s = Secured::start(Duration::from_secs(10), |_| {}).await;
+    let (worker_svc, _) = s
+        .principal("worker-svc", &[(ReceiveAs, "worker", false)])
+        .await;
     let (run, sub, d) = task_for_worker(&s, &worker_svc).await;
     d.ack().await.expect("ack");
     // The repeated ack (an answer lost) is confirmed; a reject is not.

@@ -8,184 +8,30 @@
 //! changed" by what the broker and JetStream hold: the run's timeline, its
 //! state revision, its barriers, the inboxes and the events stream.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use handoff_client::{
-    pb, AgentConfig, Client, ConnectOptions, ContractSpec, Delivery, Error, Handoff, JoinMode,
-    RunConfig, StateDelta, Subscription, WatchFilter,
+    pb, AgentConfig, Client, ContractSpec, Delivery, Error, Handoff, JoinMode, RunConfig,
+    StateDelta, Subscription, WatchFilter,
 };
 use handoff_proto::{demo::Subtask, DEMO_FILE_DESCRIPTOR_SET};
 use handoff_tests::{
-    deliveries_of, events_until, inbox, kinds, next_within, note, scrape_parsed, timeline_when,
-    Broker, Nats,
+    deliveries_of, events_until, inbox, kinds, next_within, note, scrape_parsed,
+    secured::{connect, count, decode_token, id_bytes, id_of, refused, Secured, BOOTSTRAP},
+    timeline_when, Broker,
 };
 use handoffd::store::jetstream::EVENTS_STREAM;
 use tonic::Code;
 
 use pb::GrantAction::{Own, Read, ReceiveAs, SendAs};
 
-const BOOTSTRAP: &str = "bootstrap-admin-token-for-the-ownership-tests-01";
-
 /// A run id no run has.
 const MISSING_RUN: &str = "0190f0e2-dead-7000-8000-00000000beef";
-
-struct Secured {
-    nats: Nats,
-    broker: Broker,
-    admin: Client,
-    token_file: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-/// A broker whose calls must be authenticated (`tweak` applied to its
-/// config), its bootstrap admin, and agents `planner` and `worker` (lease
-/// `lease`).
-async fn secured_with(lease: Duration, tweak: impl FnOnce(&mut handoffd::Config)) -> Secured {
-    let nats = Nats::start().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let token_file = dir.path().join("admin-token");
-    std::fs::write(&token_file, format!("{BOOTSTRAP}\n")).expect("token file");
-    let file = token_file.clone();
-    let broker = Broker::start(nats.url(), |c| {
-        c.auth_token_file = Some(file);
-        tweak(c);
-    })
-    .await;
-    let admin = connect(&broker, Some(BOOTSTRAP)).await;
-    for name in ["planner", "worker"] {
-        admin
-            .register_agent(AgentConfig::new(name).lease(lease).max_attempts(10))
-            .await
-            .expect("agent");
-    }
-    Secured {
-        nats,
-        broker,
-        admin,
-        token_file,
-        _dir: dir,
-    }
-}
-
-async fn secured(lease: Duration) -> Secured {
-    secured_with(lease, |_| {}).await
-}
-
-impl Secured {
-    /// A second replica on the same NATS, with the same bootstrap token.
-    async fn replica(&self) -> Broker {
-        let file = self.token_file.clone();
-        Broker::start(self.nats.url(), |c| c.auth_token_file = Some(file)).await
-    }
-}
-
-async fn connect(broker: &Broker, token: Option<&str>) -> Client {
-    let mut opts = ConnectOptions::new();
-    if let Some(t) = token {
-        opts = opts.token(t);
-    }
-    opts.connect(format!("http://{}", broker.addr))
-        .await
-        .expect("connect")
-}
-
-fn grants(grants: &[(pb::GrantAction, &str, bool)]) -> Vec<pb::Grant> {
-    grants
-        .iter()
-        .map(|(action, pattern, deny)| pb::Grant {
-            action: *action as i32,
-            pattern: pattern.to_string(),
-            deny: *deny,
-        })
-        .collect()
-}
-
-/// Sets principal `name`'s grants (through the admin's broker).
-async fn put_principal(s: &Secured, name: &str, granted: &[(pb::GrantAction, &str, bool)]) {
-    s.admin
-        .raw()
-        .put_principal(pb::PutPrincipalRequest {
-            principal: Some(pb::Principal {
-                name: name.into(),
-                grants: grants(granted),
-            }),
-        })
-        .await
-        .expect("principal");
-}
-
-/// A principal with these grants, and a token for it: the bearer secret
-/// and the token as stored.
-async fn principal_token(
-    s: &Secured,
-    name: &str,
-    granted: &[(pb::GrantAction, &str, bool)],
-) -> (String, pb::ApiToken) {
-    put_principal(s, name, granted).await;
-    let created = s
-        .admin
-        .raw()
-        .create_token(pb::CreateTokenRequest {
-            principal: name.into(),
-            description: format!("{name} in a test"),
-        })
-        .await
-        .expect("token")
-        .into_inner();
-    (created.secret, created.token.expect("token"))
-}
-
-/// A principal with these grants, and a client of the first broker
-/// holding a token for it.
-async fn principal(
-    s: &Secured,
-    name: &str,
-    granted: &[(pb::GrantAction, &str, bool)],
-) -> (Client, pb::ApiToken) {
-    let (secret, token) = principal_token(s, name, granted).await;
-    (connect(&s.broker, Some(&secret)).await, token)
-}
-
-#[track_caller]
-fn refused<T: std::fmt::Debug>(r: Result<T, Error>, code: Code, reason: &str) -> Error {
-    let err = r.expect_err(reason);
-    assert_eq!(err.code(), Some(code), "{reason}: {err}");
-    assert_eq!(err.reason(), Some(reason), "{err}");
-    err
-}
-
-fn count(timeline: &[pb::Event], kind: pb::EventKind) -> usize {
-    timeline.iter().filter(|e| e.kind == kind as i32).count()
-}
 
 /// A timeline as (sequence, kind) pairs: what "the same events" compares.
 fn events_of(timeline: &[pb::Event]) -> Vec<(u64, i32)> {
     timeline.iter().map(|e| (e.sequence, e.kind)).collect()
-}
-
-fn decode(id: &str) -> pb::DeliveryToken {
-    use base64::Engine as _;
-    use prost::Message as _;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(id)
-        .expect("base64");
-    pb::DeliveryToken::decode(bytes.as_slice()).expect("token")
-}
-
-fn encode_bytes(bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-fn raw_bytes(id: &str) -> Vec<u8> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(id)
-        .expect("base64")
 }
 
 /// The events stream, read from NATS rather than through the broker.
@@ -360,17 +206,17 @@ async fn snapshot(
 
 #[tokio::test]
 async fn sending_as_agents_is_no_right_to_act_in_another_owners_run() {
-    let s = secured(Duration::from_secs(10)).await;
-    let (stranger, _) = principal(
-        &s,
-        "stranger",
-        &[
-            (SendAs, "planner", false),
-            (SendAs, "worker", false),
-            (ReceiveAs, "worker", false),
-        ],
-    )
-    .await;
+    let s = Secured::start(Duration::from_secs(10), |_| {}).await;
+    let (stranger, _) = s
+        .principal(
+            "stranger",
+            &[
+                (SendAs, "planner", false),
+                (SendAs, "worker", false),
+                (ReceiveAs, "worker", false),
+            ],
+        )
+        .await;
     let run = s
         .admin
         .start_run(RunConfig::new("alice").state("topic", "ownership"))
@@ -453,7 +299,7 @@ async fn sending_as_agents_is_no_right_to_act_in_another_owners_run() {
 
 #[tokio::test]
 async fn a_stranger_learns_nothing_of_the_targets_contract() {
-    let s = secured(Duration::from_secs(10)).await;
+    let s = Secured::start(Duration::from_secs(10), |_| {}).await;
     s.admin
         .register_contract(ContractSpec::of::<Subtask>(DEMO_FILE_DESCRIPTOR_SET))
         .await
@@ -471,10 +317,10 @@ async fn a_stranger_learns_nothing_of_the_targets_contract() {
         (SendAs, "worker", false),
         (ReceiveAs, "worker", false),
     ];
-    let (stranger, _) = principal(&s, "stranger", &same).await;
+    let (stranger, _) = s.principal("stranger", &same).await;
     let mut with_read = same.to_vec();
     with_read.push((Read, "", false));
-    let (auditor, _) = principal(&s, "auditor", &with_read).await;
+    let (auditor, _) = s.principal("auditor", &with_read).await;
     let run = s
         .admin
         .start_run(RunConfig::new("alice"))
@@ -598,8 +444,9 @@ async fn streams_end_when(
     code: Code,
     reason: &str,
 ) {
-    let (secret, token) =
-        principal_token(s, name, &[(ReceiveAs, agent, false), (Read, "", false)]).await;
+    let (secret, token) = s
+        .principal_token(name, &[(ReceiveAs, agent, false), (Read, "", false)])
+        .await;
     let on_b = connect(b, Some(&secret)).await;
     let mut sub = on_b.subscribe(agent, "on-b", 1).await.expect("sub on B");
     let mut watch = on_b.watch(WatchFilter::all()).await.expect("watch on B");
@@ -695,7 +542,7 @@ async fn streams_end_when(
 
 #[tokio::test]
 async fn revoked_tokens_and_removed_grants_end_open_streams_on_every_replica_within_2s() {
-    let s = secured(Duration::from_secs(30)).await;
+    let s = Secured::start(Duration::from_secs(30), |_| {}).await;
     let b = s.replica().await;
     streams_end_when(
         &s,
@@ -721,7 +568,8 @@ async fn revoked_tokens_and_removed_grants_end_open_streams_on_every_replica_wit
         "ungranted",
         "planner",
         async |_: &pb::ApiToken| {
-            put_principal(&s, "ungranted", &[(SendAs, "planner", false)]).await
+            s.put_principal("ungranted", &[(SendAs, "planner", false)])
+                .await
         },
         Code::PermissionDenied,
         "NOT_GRANTED",
@@ -744,7 +592,7 @@ fn rss_kib() -> u64 {
 
 #[tokio::test]
 async fn ten_thousand_calls_with_a_wrong_token_are_counted_not_stored() {
-    let s = secured_with(Duration::from_secs(10), |c| {
+    let s = Secured::start(Duration::from_secs(10), |c| {
         c.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"))
     })
     .await;
@@ -826,7 +674,7 @@ async fn state_for(c: &Client, run: &str, delivery_id: &str) -> Result<u64, Erro
 
 #[tokio::test]
 async fn a_settled_or_outlived_delivery_id_is_no_capability() {
-    let s = secured(Duration::from_secs(10)).await;
+    let s = Secured::start(Duration::from_secs(10), |_| {}).await;
     s.admin
         .register_agent(
             AgentConfig::new("courier")
@@ -835,16 +683,16 @@ async fn a_settled_or_outlived_delivery_id_is_no_capability() {
         )
         .await
         .expect("courier");
-    let (worker_svc, _) = principal(
-        &s,
-        "worker-svc",
-        &[
-            (ReceiveAs, "worker", false),
-            (ReceiveAs, "courier", false),
-            (SendAs, "worker", false),
-        ],
-    )
-    .await;
+    let (worker_svc, _) = s
+        .principal(
+            "worker-svc",
+            &[
+                (ReceiveAs, "worker", false),
+                (ReceiveAs, "courier", false),
+                (SendAs, "worker", false),
+            ],
+        )
+        .await;
     let run = s
         .admin
         .start_run(RunConfig::new("ops").state("topic", "capabilities"))
@@ -997,13 +845,13 @@ async fn a_settled_or_outlived_delivery_id_is_no_capability() {
 
 #[tokio::test]
 async fn a_delivery_id_in_another_encoding_is_refused_and_the_genuine_one_settles() {
-    let s = secured(Duration::from_secs(10)).await;
-    let (worker_svc, _) = principal(
-        &s,
-        "worker-svc",
-        &[(ReceiveAs, "worker", false), (SendAs, "worker", false)],
-    )
-    .await;
+    let s = Secured::start(Duration::from_secs(10), |_| {}).await;
+    let (worker_svc, _) = s
+        .principal(
+            "worker-svc",
+            &[(ReceiveAs, "worker", false), (SendAs, "worker", false)],
+        )
+        .await;
     let run = s
         .admin
         .start_run(RunConfig::new("ops").state("topic", "encodings"))
@@ -1018,12 +866,12 @@ async fn a_delivery_id_in_another_encoding_is_refused_and_the_genuine_one_settle
     let d: Delivery = next_within(&mut sub, Duration::from_secs(5))
         .await
         .expect("delivered");
-    let genuine = decode(d.id());
+    let genuine = decode_token(d.id());
 
     // An unknown field (111, varint 1) appended.
-    let mut appended = raw_bytes(d.id());
+    let mut appended = id_bytes(d.id());
     appended.extend_from_slice(&[0xF8, 0x06, 0x01]);
-    let appended = encode_bytes(&appended);
+    let appended = id_of(&appended);
     // The same fields in another order: handoff_id first.
     let reordered = {
         use prost::Message as _;
@@ -1037,11 +885,11 @@ async fn a_delivery_id_in_another_encoding_is_refused_and_the_genuine_one_settle
         };
         let mut bytes = head.encode_to_vec();
         bytes.extend(tail.encode_to_vec());
-        encode_bytes(&bytes)
+        id_of(&bytes)
     };
     for (what, id) in [("appended", &appended), ("reordered", &reordered)] {
         assert_ne!(id.as_str(), d.id(), "{what}");
-        assert_eq!(decode(id), genuine, "{what}: the same token's fields");
+        assert_eq!(decode_token(id), genuine, "{what}: the same token's fields");
         refused(
             sub.ack_id(id).await,
             Code::InvalidArgument,
@@ -1092,8 +940,8 @@ async fn watch_refusal(c: &Client, run: &str) -> Result<(), Error> {
 
 #[tokio::test]
 async fn foreign_and_missing_runs_answer_alike() {
-    let s = secured(Duration::from_secs(10)).await;
-    let (bob, _) = principal(&s, "bob", &[(Own, "bob", false)]).await;
+    let s = Secured::start(Duration::from_secs(10), |_| {}).await;
+    let (bob, _) = s.principal("bob", &[(Own, "bob", false)]).await;
     let run = s
         .admin
         .start_run(RunConfig::new("alice").state("topic", "private"))
@@ -1136,9 +984,11 @@ async fn foreign_and_missing_runs_answer_alike() {
 
 #[tokio::test]
 async fn a_rotated_out_key_is_refused_by_a_replica_that_had_cached_it() {
-    let s = secured(Duration::from_secs(30)).await;
+    let s = Secured::start(Duration::from_secs(30), |_| {}).await;
     let b = s.replica().await;
-    let (secret, _) = principal_token(&s, "worker-svc", &[(ReceiveAs, "worker", false)]).await;
+    let (secret, _) = s
+        .principal_token("worker-svc", &[(ReceiveAs, "worker", false)])
+        .await;
     let on_a = connect(&s.broker, Some(&secret)).await;
     let on_b = connect(&b, Some(&secret)).await;
     let run = s
@@ -1155,7 +1005,7 @@ async fn a_rotated_out_key_is_refused_by_a_replica_that_had_cached_it() {
     let d = next_within(&mut sub, Duration::from_secs(5))
         .await
         .expect("delivered");
-    let original_key = decode(d.id()).key_id;
+    let original_key = decode_token(d.id()).key_id;
     // B verifies it (and holds the keys it verified it with).
     assert_eq!(
         state_for(&on_b, &run, d.id()).await.expect("B verifies it"),
@@ -1210,7 +1060,7 @@ async fn a_rotated_out_key_is_refused_by_a_replica_that_had_cached_it() {
 
 #[tokio::test]
 async fn the_bootstrap_token_is_disabled_by_an_admin_token_for_good_on_every_replica() {
-    let s = secured(Duration::from_secs(10)).await;
+    let s = Secured::start(Duration::from_secs(10), |_| {}).await;
     let b = s.replica().await;
     let boot_on_b = connect(&b, Some(BOOTSTRAP)).await;
     boot_on_b
@@ -1231,7 +1081,9 @@ async fn the_bootstrap_token_is_disabled_by_an_admin_token_for_good_on_every_rep
     );
     s.admin.list_agents().await.expect("still works");
     // An admin token disables it, on every replica.
-    let (ops, _) = principal(&s, "ops", &[(pb::GrantAction::Admin, "", false)]).await;
+    let (ops, _) = s
+        .principal("ops", &[(pb::GrantAction::Admin, "", false)])
+        .await;
     ops.raw()
         .revoke_token(pb::RevokeTokenRequest {
             id: "bootstrap".into(),
