@@ -479,8 +479,7 @@ impl Ended {
 /// once they no longer hold, [`Live::ended`] resolves with the refusal and
 /// [`Live::check`] refuses at once, from memory.
 pub struct Live {
-    ended: Arc<Mutex<Option<Ended>>>,
-    valid: Arc<AtomicBool>,
+    state: LiveCheck,
     rx: Option<oneshot::Receiver<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -489,28 +488,21 @@ impl Live {
     /// Starts the live check of a stream opened with `creds` (none
     /// without auth).
     pub fn start(broker: &Broker, creds: Credentials, standing: Standing) -> Live {
-        let ended = Arc::new(Mutex::new(None));
-        let valid = Arc::new(AtomicBool::new(true));
+        let state = LiveCheck {
+            ended: Arc::new(Mutex::new(None)),
+            valid: Arc::new(AtomicBool::new(true)),
+        };
         if !broker.auth().enabled {
             return Live {
-                ended,
-                valid,
+                state,
                 rx: None,
                 task: None,
             };
         }
         let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(watchdog(
-            broker.clone(),
-            creds,
-            standing,
-            ended.clone(),
-            valid.clone(),
-            tx,
-        ));
+        let task = tokio::spawn(watchdog(broker.clone(), creds, standing, state.clone(), tx));
         Live {
-            ended,
-            valid,
+            state,
             rx: Some(rx),
             task: Some(task),
         }
@@ -519,34 +511,12 @@ impl Live {
     /// Refuses at once if the stream's credentials no longer hold (no
     /// store read: as the live check last found them).
     pub fn check(&self) -> Result<(), BrokerError> {
-        if self.valid.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        Err(self.refusal())
-    }
-
-    fn refusal(&self) -> BrokerError {
-        let ended = self
-            .ended
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        match ended {
-            Some(e) => e.error(),
-            None => BrokerError::denied(
-                Reason::NotGranted,
-                "the stream's credentials no longer allow it",
-                Vec::new(),
-            ),
-        }
+        self.state.check()
     }
 
     /// A cheap handle that answers [`Live::check`] from another task.
     pub fn checker(&self) -> LiveCheck {
-        LiveCheck {
-            ended: self.ended.clone(),
-            valid: self.valid.clone(),
-        }
+        self.state.clone()
     }
 
     /// Resolves with the refusal once the credentials no longer hold
@@ -556,7 +526,7 @@ impl Live {
             Some(rx) => {
                 let _ = rx.await;
                 self.rx = None;
-                self.refusal()
+                self.state.refusal()
             }
             None => std::future::pending().await,
         }
@@ -584,21 +554,35 @@ impl LiveCheck {
         if self.valid.load(Ordering::SeqCst) {
             return Ok(());
         }
+        Err(self.refusal())
+    }
+
+    /// Why the credentials no longer hold.
+    fn refusal(&self) -> BrokerError {
         let ended = self
             .ended
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        Err(ended.map_or_else(
-            || {
-                BrokerError::denied(
-                    Reason::NotGranted,
-                    "the stream's credentials no longer allow it",
-                    Vec::new(),
-                )
-            },
-            |e| e.error(),
-        ))
+        match ended {
+            Some(e) => e.error(),
+            None => BrokerError::denied(
+                Reason::NotGranted,
+                "the stream's credentials no longer allow it",
+                Vec::new(),
+            ),
+        }
+    }
+
+    /// Records that the credentials no longer hold, and why.
+    fn end(&self, e: &BrokerError) {
+        if let Ok(mut slot) = self.ended.lock() {
+            *slot = Some(Ended {
+                reason: e.reason(),
+                message: e.to_string(),
+            });
+        }
+        self.valid.store(false, Ordering::SeqCst);
     }
 }
 
@@ -606,8 +590,7 @@ async fn watchdog(
     broker: Broker,
     creds: Credentials,
     standing: Standing,
-    ended: Arc<Mutex<Option<Ended>>>,
-    valid: Arc<AtomicBool>,
+    state: LiveCheck,
     tx: oneshot::Sender<()>,
 ) {
     let mut changes = broker.auth().changes.subscribe();
@@ -630,13 +613,7 @@ async fn watchdog(
         if let Some(e) = refusal {
             broker.metrics().denied(e.reason().as_str());
             tracing::info!(reason = %e.reason(), error = %e, "stream ended: its credentials no longer allow it");
-            if let Ok(mut slot) = ended.lock() {
-                *slot = Some(Ended {
-                    reason: e.reason(),
-                    message: e.to_string(),
-                });
-            }
-            valid.store(false, Ordering::SeqCst);
+            state.end(&e);
             let _ = tx.send(());
             return;
         }
