@@ -32,7 +32,7 @@ use crate::{
         deliveries, Broker,
     },
     error::BrokerError,
-    rules::grants::Action,
+    rules::{grants::Action, lease::Ask},
 };
 
 /// What can be refused before anything is read: every source the caller
@@ -75,7 +75,34 @@ pub async fn lease_lives(
     token: &pb::DeliveryToken,
     record: Option<(pb::Lease, u64)>,
 ) -> Result<(), BrokerError> {
-    deliveries::live(broker, token, record).await
+    deliveries::decide(broker, token, record, Ask::Extend)
+        .await
+        .map(|_| ())
+}
+
+/// The right a consumed delivery gives (the `consumed` of [`may_act`]):
+/// its lease lives ([`lease_lives`]), or the request is a redo of what
+/// that very attempt stored and acked without recording its receipt in
+/// the delivery's claim (`claim`, as read): the lease says this attempt
+/// acked it, and the claim, taken by this attempt, records nothing. (A
+/// claim whose storing failed is withdrawn, and an attempt acks its
+/// delivery only once something is stored.) Such a redo goes on to be
+/// recognised by the ids of what it stored.
+pub async fn consumed_right(
+    broker: &Broker,
+    token: &pb::DeliveryToken,
+    record: Option<(pb::Lease, u64)>,
+    claim: Option<&pb::ConsumeClaim>,
+) -> Result<(), BrokerError> {
+    let acked = record.as_ref().is_some_and(|(l, _)| {
+        l.attempt == token.attempt && l.state == pb::LeaseState::Acked as i32
+    });
+    let unrecorded =
+        claim.is_some_and(|first| first.attempt == token.attempt && first.stored.is_empty());
+    if acked && unrecorded {
+        return Ok(());
+    }
+    lease_lives(broker, token, record).await
 }
 
 /// The right to act in `run` (read as `run`: `None` when it does not

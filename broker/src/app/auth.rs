@@ -137,6 +137,13 @@ impl Auth {
         *self.changes.borrow()
     }
 
+    /// A credential verified less than [`AUTH_CACHE`] ago (and since the
+    /// last change).
+    fn cached(&self, key: &str) -> Option<Caller> {
+        let hit = self.verified.get(key)?;
+        (hit.1.elapsed() < AUTH_CACHE).then(|| hit.0.clone())
+    }
+
     /// Caches a verified credential read while the change count was
     /// `seen`, unless a change came meanwhile (what was read may predate
     /// it).
@@ -271,11 +278,8 @@ async fn certificate(broker: &Broker, name: &str) -> Result<Caller, BrokerError>
         ));
     }
     let key = format!("c:{name}");
-    let cache = &broker.auth().verified;
-    if let Some(hit) = cache.get(&key) {
-        if hit.1.elapsed() < AUTH_CACHE {
-            return Ok(hit.0.clone());
-        }
+    if let Some(caller) = broker.auth().cached(&key) {
+        return Ok(caller);
     }
     let seen = broker.auth().generation();
     match broker.store().principal(name).await? {
@@ -320,11 +324,8 @@ fn bad_token() -> BrokerError {
 /// cached for [`AUTH_CACHE`] (and until a change is seen).
 async fn api_token(broker: &Broker, token: &str) -> Result<Caller, BrokerError> {
     let key = format!("t:{token}");
-    let cache = &broker.auth().verified;
-    if let Some(hit) = cache.get(&key) {
-        if hit.1.elapsed() < AUTH_CACHE {
-            return Ok(hit.0.clone());
-        }
+    if let Some(caller) = broker.auth().cached(&key) {
+        return Ok(caller);
     }
     let (id, secret) = token
         .strip_prefix(TOKEN_PREFIX)

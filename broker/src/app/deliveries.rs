@@ -84,18 +84,6 @@ pub async fn decide(
     Ok((decision, revision))
 }
 
-/// Whether `token`'s attempt still holds its lease, from its lease record
-/// as stored now (`None`: none yet): refused `ALREADY_SETTLED` once it
-/// was settled, `LEASE_SUPERSEDED` once it was delivered again or its
-/// lease passed (less the [`lease::margin`]).
-pub async fn live(
-    broker: &Broker,
-    token: &pb::DeliveryToken,
-    record: Option<(pb::Lease, u64)>,
-) -> Result<(), BrokerError> {
-    decide(broker, token, record, Ask::Extend).await.map(|_| ())
-}
-
 /// Decides and records a settlement of `token`'s attempt: the lease
 /// record moves by compare-and-set (read again if another write came
 /// first). `Repeat` when the same settlement was made before. A first

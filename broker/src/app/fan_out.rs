@@ -114,11 +114,14 @@ pub async fn fan_out(
             access::delivery_of_run(broker, token, &run.id).await?;
         }
     }
-    let unrecorded = match (&token, &record) {
-        (Some(t), Some(r)) => {
-            handoff::unrecorded_redo(t, r.as_ref(), claim.as_ref().map(|(c, _)| c))
+    let lives = match (&token, record) {
+        // (A redo of a fan-out this attempt stored and acked without
+        // recording it: its branches are recognised by their ids.)
+        (Some(t), Some(record)) => {
+            let held = claim.as_ref().map(|(c, _)| c);
+            Some(access::consumed_right(broker, t, record, held).await)
         }
-        _ => false,
+        _ => None,
     };
     if let (Some(run), Some((claim, _))) = (run.as_ref(), claim) {
         // A redo of a fan-out from this delivery (its items may differ),
@@ -142,14 +145,6 @@ pub async fn fan_out(
             return Ok(pb::FanOutResponse { barrier, branches });
         }
     }
-    let lives = match (&token, record) {
-        // A redo of a fan-out this attempt stored and acked without
-        // recording it (see `handoff::unrecorded_redo`): its branches are
-        // recognised by their ids.
-        (Some(_), Some(_)) if unrecorded => Some(Ok(())),
-        (Some(t), Some(record)) => Some(access::lease_lives(broker, t, record).await),
-        _ => None,
-    };
     access::may_act(broker, caller, &spec.run_id, run.as_ref(), lives).await?;
     let opened = barriers::open_spec(broker, spec.clone()).await?;
     let branches: Vec<pb::HandoffRequest> = req

@@ -166,17 +166,13 @@ pub async fn accept_as(
         let claim = claim?;
         let lives = match (&consumed, lease?) {
             (Some(token), Some(record)) => {
+                // (A redo whose receipt never reached the claim is
+                // recognised below by the store, and its receipt recorded.)
                 let held = match &claim {
                     Some(Claim::Held(first, _)) => Some(first),
                     _ => None,
                 };
-                let unrecorded = unrecorded_redo(token, record.as_ref(), held);
-                let lives = access::lease_lives(broker, token, record).await;
-                // A redo of a handoff this very attempt stored and acked,
-                // whose receipt never reached the claim (its write failed,
-                // or the broker died between the ack and it): the store
-                // recognises it below, and the receipt is recorded then.
-                Some(if unrecorded { Ok(()) } else { lives })
+                Some(access::consumed_right(broker, token, record, held).await)
             }
             _ => None,
         };
@@ -301,24 +297,6 @@ pub async fn accept_as(
         }
     }
     result
-}
-
-/// Whether a handoff consuming `token` is a redo of what that very attempt
-/// stored and acked without recording its receipt: the lease says this
-/// attempt acked it, and the claim, taken by this attempt, records nothing.
-/// (A claim whose storing failed is withdrawn, and an attempt acks its
-/// delivery only once something is stored.)
-pub fn unrecorded_redo(
-    token: &pb::DeliveryToken,
-    record: Option<&(pb::Lease, u64)>,
-    claim: Option<&pb::ConsumeClaim>,
-) -> bool {
-    let acked = record.is_some_and(|(l, _)| {
-        l.attempt == token.attempt && l.state == pb::LeaseState::Acked as i32
-    });
-    let unrecorded =
-        claim.is_some_and(|first| first.attempt == token.attempt && first.stored.is_empty());
-    acked && unrecorded
 }
 
 /// The barrier branch a handoff is on: the one it names, else the one of
