@@ -596,11 +596,19 @@ pub async fn verify(
         produced.barriers.len(),
         "one release stored per fan-in: {aggregator:?}"
     );
-    for (_, barrier) in &produced.barriers {
-        assert!(
-            consumed.releases.contains_key(barrier),
-            "the release of {barrier} was delivered"
-        );
+    for (run, barrier) in &produced.barriers {
+        if consumed.releases.contains_key(barrier) {
+            continue;
+        }
+        // Say what the run recorded, so that the failure can be told apart
+        // (a dead letter after attempts ran out, a release never stored).
+        let timeline = client.get_run(run).await.map(|r| r.timeline);
+        let kinds: Vec<String> = timeline
+            .iter()
+            .flatten()
+            .map(|e| format!("{:?} {} {} {}", e.kind(), e.agent, e.handoff_id, e.reason))
+            .collect();
+        panic!("the release of {run}/{barrier} was never delivered; its run recorded {kinds:#?}");
     }
     let runs: HashSet<&String> = produced.barriers.iter().map(|(r, _)| r).collect();
     for run in runs {
