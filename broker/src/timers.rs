@@ -1,6 +1,6 @@
 //! The timer adapter: fires durable timers (run deadlines, barrier
-//! timeouts and release checks) once, on whichever replica is up, by
-//! calling the use cases.
+//! timeouts and release checks, queue waits, run purges) once, on
+//! whichever replica is up, by calling the use cases.
 //!
 //! A timer is a message in the work-queue stream `HANDOFF_TIMERS`, read by
 //! one durable consumer that every replica pulls from. A timer not yet due
@@ -71,6 +71,12 @@ async fn pump(broker: &Broker, store: &JetStream) -> Result<(), BrokerError> {
                 msg.ack_with(AckKind::Nak(Some(left.min(MAX_DELAY))))
                     .await
                     .map_err(|e| BrokerError::nats("rescheduling a timer", e))?;
+            }
+            _ if msg.subject.starts_with("handoff.v1.timers.purge.") => {
+                runs::purge(broker, &timer.run_id).await?;
+                msg.double_ack()
+                    .await
+                    .map_err(|e| BrokerError::nats("acking a timer", e))?;
             }
             _ if !timer.agent.is_empty() => {
                 deliveries::queue_wait_passed(broker, &timer.agent, timer.sequence).await?;

@@ -63,6 +63,7 @@ impl pb::EventKind {
             K::ContractModeChanged => "contract_mode_changed",
             K::IntentScored => "intent_scored",
             K::IntentDrift => "intent_drift",
+            K::RunPurged => "run_purged",
         }
     }
 
@@ -99,6 +100,7 @@ pub const ALL_EVENT_KINDS: &[pb::EventKind] = &[
     pb::EventKind::ContractModeChanged,
     pb::EventKind::IntentScored,
     pb::EventKind::IntentDrift,
+    pb::EventKind::RunPurged,
 ];
 
 impl pb::RunStatus {

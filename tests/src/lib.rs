@@ -178,6 +178,7 @@ impl Broker {
             Ok(r) => r,
             Err(_) => panic!("broker failed to start: {:?}", task.await),
         };
+        keep_inboxes(nats_url).await;
         Broker {
             addr: ready.addr,
             metrics_addr: ready.metrics_addr,
@@ -240,7 +241,9 @@ impl BrokerProcess {
         ])
         .env("RUST_LOG", "info")
         .envs(extra_env.iter().copied());
-        BrokerProcess::spawn_command(cmd).await
+        let broker = BrokerProcess::spawn_command(cmd).await;
+        keep_inboxes(nats_url).await;
+        broker
     }
 
     /// Spawns the daemon as `cmd` says (its arguments, environment and
@@ -854,7 +857,65 @@ pub struct Inbox {
     pub unacked: usize,
 }
 
-/// `agent`'s inbox as JetStream has it now.
+/// The consumer that keeps every handoff stored in an inbox (see
+/// [`keep_inboxes`]).
+pub const INBOX_WITNESS: &str = "test_witness";
+
+/// Makes the inbox stream keep every handoff stored in it, acked or not,
+/// so that a test can count what was stored ([`inbox`]): a durable
+/// consumer on every inbox subject that never takes anything. (Without it
+/// an acked handoff leaves its inbox.) [`Broker::start`] calls it once
+/// the broker made its streams; [`forget_inboxes`] undoes it.
+pub async fn keep_inboxes(nats_url: &str) {
+    // A cluster's test brokers are given every server, comma-separated.
+    let servers: Vec<async_nats::ServerAddr> = nats_url
+        .split(',')
+        .map(|url| url.trim().parse().expect("a NATS URL"))
+        .collect();
+    // A NATS that asks for credentials or TLS of its clients is left as
+    // it is: `inbox` then refuses to count.
+    let connect = async_nats::connect(servers);
+    let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(5), connect).await else {
+        return;
+    };
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(handoffd::store::jetstream::INBOX_STREAM)
+        .await
+        .expect("the inbox stream");
+    stream
+        .get_or_create_consumer(
+            INBOX_WITNESS,
+            async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some(INBOX_WITNESS.to_string()),
+                filter_subject: "handoff.v1.inbox.>".to_string(),
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("the inbox witness");
+}
+
+/// Undoes [`keep_inboxes`]: acked handoffs leave their inbox again, as
+/// they do in production.
+pub async fn forget_inboxes(nats_url: &str) {
+    let client = async_nats::connect(nats_url)
+        .await
+        .expect("connect to NATS");
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(handoffd::store::jetstream::INBOX_STREAM)
+        .await
+        .expect("the inbox stream");
+    stream
+        .delete_consumer(INBOX_WITNESS)
+        .await
+        .expect("the inbox witness removed");
+}
+
+/// What `agent`'s inbox stored (every handoff, acked or not, once
+/// [`keep_inboxes`] made it keep them) and how its consumer stands.
 pub async fn inbox(nats_url: &str, agent: &str) -> Inbox {
     let client = async_nats::connect(nats_url)
         .await
@@ -876,6 +937,10 @@ pub async fn inbox(nats_url: &str, agent: &str) -> Inbox {
         .consumer_info(agent)
         .await
         .expect("the agent's consumer");
+    assert!(
+        stream.consumer_info(INBOX_WITNESS).await.is_ok(),
+        "the inbox keeps only unacked handoffs: call keep_inboxes before handing off to count them"
+    );
     Inbox {
         stored,
         deliveries: consumer.delivered.consumer_sequence,

@@ -8,7 +8,8 @@
 //! are confirmed. A crash before the ack redelivers the input; the agent's
 //! repeated handoff has the same id and the store recognises it, so
 //! downstream sees it once. A failed event publish fails the call, and the
-//! retry (the inbox keeps acked handoffs) publishes it under the same id.
+//! retry, recognised by the claim on the consumed delivery, publishes it
+//! under the same id.
 //!
 //! Who may act in the run is decided first (see [`access`]): what memory
 //! can (the source, the consumed delivery's agent and run) before any
@@ -185,7 +186,13 @@ pub async fn accept_as(
                 // even once the delivery is settled. Within the dedupe
                 // window its event is published again (deduplicated), in
                 // case the first call failed on it.
-                let parent = parent?;
+                // The consumed handoff left its inbox once acked: then
+                // the event published again names the branch the request
+                // names (it is deduplicated against the first anyway).
+                let parent = match parent {
+                    Err(BrokerError::DeliveryGone(_)) => None,
+                    other => other?,
+                };
                 let recent = first
                     .stored_at
                     .and_then(|t| std::time::SystemTime::try_from(t).ok())

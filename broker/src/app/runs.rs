@@ -315,9 +315,54 @@ pub async fn announce_end(broker: &Broker, run: &pb::Run) -> Result<(), BrokerEr
         ..Default::default()
     };
     broker.emit(event, &format!("end-{}", run.id)).await?;
+    schedule_purge(broker, run).await?;
     if kind == pb::EventKind::RunCompleted {
         judge::ask(broker, run).await?;
     }
+    Ok(())
+}
+
+/// Schedules the purge of an ended run, `retention` after its end
+/// (deduplicated: a re-announced end schedules nothing more).
+async fn schedule_purge(broker: &Broker, run: &pb::Run) -> Result<(), BrokerError> {
+    let ended = run
+        .ended_at
+        .and_then(|t| SystemTime::try_from(t).ok())
+        .unwrap_or_else(SystemTime::now);
+    let timer = pb::Timer {
+        run_id: run.id.clone(),
+        due: Some((ended + broker.config().retention).into()),
+        ..Default::default()
+    };
+    broker.store().schedule(&timer, TimerKind::RunPurge).await
+}
+
+/// Removes an ended run, `retention` after its end (a durable timer
+/// fired): its `run_purged` event is stored first, then everything kept
+/// by the run's id is removed, the run record last, so a purge that
+/// stops half-way is done again when its timer comes back. A run that
+/// no longer exists is left alone.
+pub async fn purge(broker: &Broker, run_id: &str) -> Result<(), BrokerError> {
+    let Some((run, _)) = broker.store().run(run_id).await? else {
+        return Ok(());
+    };
+    let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
+    if !status.is_terminal() {
+        tracing::warn!(run_id, "purge of a run that has not ended skipped");
+        return Ok(());
+    }
+    let event = pb::Event {
+        kind: pb::EventKind::RunPurged as i32,
+        run_id: run.id.clone(),
+        owner: run.owner.clone(),
+        run_status: run.status,
+        pipeline: run.pipeline.clone(),
+        ..Default::default()
+    };
+    let sequence = broker.emit(event, &format!("purged-{}", run.id)).await?;
+    broker.store().purge_run(&run.id, sequence).await?;
+    broker.forget_run(&run.id);
+    tracing::info!(run_id, "run purged");
     Ok(())
 }
 

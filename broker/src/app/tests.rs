@@ -348,6 +348,60 @@ async fn depth_cap_and_closed_runs_refuse_before_storing() {
     assert_eq!(f.store.events(&run, pb::EventKind::RunCompleted).len(), 1);
 }
 
+#[tokio::test]
+async fn an_ended_run_is_purged_retention_after_its_end_with_its_event_first() {
+    use crate::store::TimerKind;
+    let f = fixture();
+    f.agents(&["a"]).await;
+    let run = f.run(5).await;
+    let open = f.run(5).await;
+    let d = f.task_for(&run, "a").await;
+    // Not ended: a purge leaves it alone.
+    runs::purge(&f.broker, &run).await.expect("purge");
+    assert!(f.store.run(&run).await.expect("read").is_some());
+    let done = pb::HandoffRequest {
+        r#final: true,
+        target_agent: String::new(),
+        ..consuming(&run, "a", "", &d)
+    };
+    handoff::accept(&f.broker, &Caller::local(), done)
+        .await
+        .expect("final");
+    let (ended, _) = f.store.run(&run).await.expect("read").expect("the run");
+    let purges: Vec<pb::Timer> = f
+        .store
+        .timers(&run)
+        .into_iter()
+        .filter(|(_, kind)| *kind == TimerKind::RunPurge)
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(purges.len(), 1, "one purge scheduled");
+    let due = std::time::SystemTime::try_from(purges[0].due.expect("due")).expect("a time");
+    let end = std::time::SystemTime::try_from(ended.ended_at.expect("ended")).expect("a time");
+    assert_eq!(due, end + f.broker.config().retention);
+
+    runs::purge(&f.broker, &run).await.expect("purge");
+    runs::purge(&f.broker, &run)
+        .await
+        .expect("a purge repeated");
+    assert!(f.store.run(&run).await.expect("read").is_none());
+    let left = f.store.run_events(&run).await.expect("events");
+    let kinds: Vec<i32> = left.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![pb::EventKind::RunPurged as i32],
+        "only run_purged"
+    );
+    assert!(f
+        .store
+        .timers(&run)
+        .iter()
+        .all(|(_, kind)| *kind == TimerKind::RunPurge));
+    // Another run is untouched.
+    assert!(f.store.run(&open).await.expect("read").is_some());
+    assert!(!f.store.run_events(&open).await.expect("events").is_empty());
+}
+
 /// Barrier `join` of `run`, of `branches` branches, released to
 /// `aggregator`.
 fn join(run: &str, branches: u32) -> pb::BarrierSpec {

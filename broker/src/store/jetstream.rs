@@ -9,7 +9,7 @@
 //! deterministic message id, so a retried step is recognised by JetStream
 //! instead of stored twice.
 
-use std::time::Duration;
+use std::{future::IntoFuture, time::Duration};
 
 use async_nats::{
     header::{HeaderMap, NATS_MESSAGE_ID},
@@ -68,9 +68,21 @@ pub const TOKENS_BUCKET: &str = "handoff_tokens";
 pub const PAYLOADS_BUCKET: &str = "handoff_payloads";
 /// Chunk size of stored payloads (each chunk is one NATS message).
 const PAYLOAD_CHUNK: usize = 512 * 1024;
-/// How long a lease record is kept: longer than the longest lease (24 h),
-/// so a settlement is always judged against its record.
+/// The lease bucket's age limit: longer than any record lives (the
+/// longest lease, 24 h, and LEASE_RECORD_GRACE), so it only bounds a
+/// record written without its own expiry.
 const LEASE_RECORD_AGE: Duration = Duration::from_secs(48 * 3600);
+
+/// How long a lease record outlives its lease's deadline. JetStream
+/// offers an unsettled delivery again one lease after it last offered it,
+/// so by then the delivery is settled in JetStream or offered again, and
+/// what the record still answers is a settlement repeated because its
+/// answer was lost. The one case it does not cover: an ack recorded by a
+/// replica that stopped before JetStream confirmed it, on an agent that
+/// no instance pulls from for longer than this after the lease: that
+/// handoff is offered once more (a complete-and-handoff redone then is
+/// still recognised by its claim).
+const LEASE_RECORD_GRACE: Duration = Duration::from_secs(60);
 
 /// Durable consumer of the timer stream, shared by every broker replica.
 pub const TIMERS_CONSUMER: &str = "handoff_timers";
@@ -203,12 +215,17 @@ impl JetStream {
                 discard: stream::DiscardPolicy::New,
                 ..Default::default()
             };
+        // A handoff leaves its inbox once its agent's consumer acked it
+        // (interest retention): what a settled handoff must still answer
+        // is kept elsewhere (its events, the claim on it, its lease record
+        // for a short while). Every agent's consumer is created when the
+        // agent is registered, before anything can be handed to it.
         let inbox = ensure_stream(
             &js,
             base(
                 INBOX_STREAM,
                 "handoff.v1.inbox.>",
-                stream::RetentionPolicy::Limits,
+                stream::RetentionPolicy::Interest,
             ),
         )
         .await?;
@@ -274,7 +291,9 @@ impl JetStream {
         // A claim matters as long as the consumed handoff can be consumed,
         // that is while the inbox keeps it.
         let consumed = ensure_bucket(&js, bucket(CONSUMED_BUCKET, cfg.retention)).await?;
-        let leases = ensure_bucket(&js, bucket(LEASES_BUCKET, LEASE_RECORD_AGE)).await?;
+        // Each lease record expires on its own (see `put_lease`); the
+        // bucket's age limit only bounds a record written without one.
+        let leases = ensure_bucket_with(&js, bucket(LEASES_BUCKET, LEASE_RECORD_AGE), true).await?;
         let keys = ensure_bucket(&js, bucket(KEYS_BUCKET, Duration::ZERO)).await?;
         let principals = ensure_bucket(&js, bucket(PRINCIPALS_BUCKET, Duration::ZERO)).await?;
         let tokens = ensure_bucket(&js, bucket(TOKENS_BUCKET, Duration::ZERO)).await?;
@@ -297,7 +316,7 @@ impl JetStream {
                 discard: stream::DiscardPolicy::New,
                 allow_rollup: true,
                 allow_direct: replicas == 1,
-                duplicate_window: Duration::from_secs(120),
+                duplicate_window: dedupe_window_within(cfg.retention),
                 ..Default::default()
             },
         )
@@ -373,6 +392,29 @@ impl JetStream {
             .await
             .map_err(|e| BrokerError::nats("publishing", e))?;
         ack.await.map_err(|e| BrokerError::nats("storing", e))
+    }
+
+    /// What every stream and bucket of the broker holds: (name, bytes,
+    /// messages, byte limit), from one listing of JetStream's streams.
+    pub async fn usage(&self) -> Result<Vec<(String, u64, u64, i64)>, BrokerError> {
+        let mut streams = self.js.streams();
+        let mut out = Vec::new();
+        while let Some(info) = streams.next().await {
+            let info = info.map_err(|e| BrokerError::nats("listing streams", e))?;
+            let name = &info.config.name;
+            let ours = name.starts_with("HANDOFF_")
+                || name.starts_with("KV_handoff_")
+                || name.starts_with("OBJ_handoff_");
+            if ours {
+                out.push((
+                    name.clone(),
+                    info.state.bytes,
+                    info.state.messages,
+                    info.config.max_bytes,
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// The latest revision of the contracts bucket (0 when empty).
@@ -854,6 +896,54 @@ impl Store for JetStream {
     }
 
     /// Reads an agent spec.
+    async fn purge_run(&self, run_id: &str, keep_events_from: u64) -> Result<()> {
+        let state = self.js.get_stream_no_info(format!("KV_{STATE_BUCKET}"));
+        let barriers = self.js.get_stream_no_info(format!("KV_{BARRIERS_BUCKET}"));
+        let runs = self.js.get_stream_no_info(format!("KV_{RUNS_BUCKET}"));
+        let (state, barriers, runs) = tokio::try_join!(state, barriers, runs)
+            .map_err(|e| BrokerError::nats("opening the run's buckets", e))?;
+        let failed = |e| BrokerError::nats("purging a run", e);
+        let events = self
+            .events
+            .purge()
+            .filter(format!("handoff.v1.events.{run_id}.>"))
+            .sequence(keep_events_from);
+        let branches = self
+            .branches
+            .purge()
+            .filter(format!("handoff.v1.branches.{run_id}.>"));
+        let state = state
+            .purge()
+            .filter(format!("$KV.{STATE_BUCKET}.{run_id}.>"));
+        let barriers = barriers
+            .purge()
+            .filter(format!("$KV.{BARRIERS_BUCKET}.{run_id}.>"));
+        // Its deadline and barrier timers, when they have not fired.
+        let deadline = self
+            .timers
+            .purge()
+            .filter(format!("handoff.v1.timers.run.{run_id}"));
+        let barrier_timers = self
+            .timers
+            .purge()
+            .filter(format!("handoff.v1.timers.barrier.{run_id}.>"));
+        tokio::try_join!(
+            events.into_future(),
+            branches.into_future(),
+            state.into_future(),
+            barriers.into_future(),
+            deadline.into_future(),
+            barrier_timers.into_future(),
+        )
+        .map_err(failed)?;
+        // The run record last: while it is there, the purge is not done.
+        runs.purge()
+            .filter(format!("$KV.{RUNS_BUCKET}.{run_id}"))
+            .await
+            .map_err(failed)?;
+        Ok(())
+    }
+
     async fn agent(&self, name: &str) -> Result<Option<pb::AgentSpec>> {
         let value = self
             .agents
@@ -1311,9 +1401,30 @@ impl Store for JetStream {
         lease: &pb::Lease,
         revision: Option<u64>,
     ) -> Result<bool> {
-        let key = format!("{agent}.{sequence}");
-        self.write(&self.leases, &key, lease.encode_to_vec().into(), revision)
+        // The record lives until its lease's deadline and LEASE_RECORD_GRACE
+        // after it (see the constant), then expires by itself.
+        let left = lease
+            .deadline
+            .and_then(|t| std::time::SystemTime::try_from(t).ok())
+            .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
+            .unwrap_or_default();
+        let ttl = Duration::from_secs((left + LEASE_RECORD_GRACE).as_secs_f64().ceil() as u64);
+        let message = jetstream::message::PublishMessage::build()
+            .payload(lease.encode_to_vec().into())
+            .expected_last_subject_sequence(revision.unwrap_or(0))
+            .ttl(ttl);
+        let sent = self
+            .js
+            .send_publish(format!("$KV.{LEASES_BUCKET}.{agent}.{sequence}"), message)
             .await
+            .map_err(|e| BrokerError::nats("recording a lease", e))?;
+        match sent.await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Ok(false)
+            }
+            Err(e) => Err(BrokerError::nats("recording a lease", e)),
+        }
     }
 
     async fn signing_keys(&self) -> Result<Option<(pb::SigningKeys, u64)>> {
@@ -1449,6 +1560,10 @@ impl Store for JetStream {
                 format!("handoff.v1.timers.barrier.{run}.{barrier}.release"),
                 format!("barrier-release-{run}-{barrier}"),
             ),
+            TimerKind::RunPurge => (
+                format!("handoff.v1.timers.purge.{run}"),
+                format!("purge-{run}"),
+            ),
             TimerKind::QueueWait => (
                 format!("handoff.v1.timers.queue.{}.{}", timer.agent, timer.sequence),
                 format!("queue-{}-{}", timer.agent, timer.sequence),
@@ -1545,6 +1660,7 @@ async fn ensure_stream(
             let current = info.config.clone();
             config.max_bytes = byte_limit(&name, config.max_bytes, &current, info.state.bytes);
             if current.duplicate_window != config.duplicate_window
+                || current.retention != config.retention
                 || current.max_age != config.max_age
                 || current.num_replicas != config.num_replicas
                 || current.allow_direct != config.allow_direct
@@ -1686,6 +1802,16 @@ async fn ensure_bucket(
     js: &jetstream::Context,
     config: kv::Config,
 ) -> Result<kv::Store, BrokerError> {
+    ensure_bucket_with(js, config, false).await
+}
+
+/// [`ensure_bucket`], with per-message TTL allowed when `ttl` (a bucket
+/// whose values expire one by one); once allowed, it stays allowed.
+async fn ensure_bucket_with(
+    js: &jetstream::Context,
+    config: kv::Config,
+    ttl: bool,
+) -> Result<kv::Store, BrokerError> {
     let name = config.bucket.clone();
     let replicas = config.num_replicas.max(1);
     let stream = stream::Config {
@@ -1702,7 +1828,8 @@ async fn ensure_bucket(
         max_bytes: config.max_bytes,
         max_message_size: -1,
         discard: stream::DiscardPolicy::New,
-        duplicate_window: Duration::from_secs(120),
+        duplicate_window: dedupe_window_within(config.max_age),
+        allow_message_ttl: ttl,
         ..Default::default()
     };
     match js.get_stream(&stream.name).await {
@@ -1721,12 +1848,16 @@ async fn ensure_bucket(
                 || current.allow_direct != stream.allow_direct
                 || current.max_age != stream.max_age
                 || current.max_bytes != stream.max_bytes
+                || current.duplicate_window != stream.duplicate_window
+                || (ttl && !current.allow_message_ttl)
             {
                 let rescaled = current.num_replicas != replicas;
                 current.num_replicas = replicas;
                 current.allow_direct = stream.allow_direct;
                 current.max_age = stream.max_age;
                 current.max_bytes = stream.max_bytes;
+                current.allow_message_ttl |= ttl;
+                current.duplicate_window = stream.duplicate_window;
                 js.update_stream(current)
                     .await
                     .map_err(|e| placement(&format!("updating bucket {name}"), replicas, e))?;
@@ -1751,6 +1882,18 @@ async fn ensure_bucket(
     js.get_key_value(&name)
         .await
         .map_err(|e| BrokerError::nats(&format!("opening bucket {name}"), e))
+}
+
+/// The dedupe window of a bucket or of the payload store: the 2 minutes
+/// KV clients use, or the age limit when that is shorter (JetStream
+/// refuses a window longer than the age limit).
+fn dedupe_window_within(max_age: Duration) -> Duration {
+    let window = Duration::from_secs(120);
+    if max_age.is_zero() {
+        window
+    } else {
+        window.min(max_age)
+    }
 }
 
 /// Reads a protobuf value and its revision from a bucket (`None` when

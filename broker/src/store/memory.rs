@@ -46,6 +46,8 @@ struct State {
     inbox: Vec<Entry>,
     inbox_ids: HashMap<String, u64>,
     events: Vec<pb::Event>,
+    /// The last event sequence given (events of purged runs are gone).
+    event_seq: u64,
     event_ids: HashMap<String, u64>,
     dead: Vec<pb::DeadLetter>,
     runs: HashMap<String, (pb::Run, u64)>,
@@ -58,6 +60,8 @@ struct State {
     state_heads: HashMap<String, u64>,
     early: HashSet<String>,
     branches: Vec<(String, pb::BranchResult)>,
+    /// The last branch record sequence given.
+    branch_seq: u64,
     branch_ids: HashMap<String, u64>,
     barrier_keys: HashMap<String, pb::BarrierSpec>,
     timers: Vec<(pb::Timer, TimerKind)>,
@@ -162,6 +166,19 @@ impl Memory {
         s.inbox
             .get(usize::try_from(sequence).ok()?.checked_sub(1)?)
             .map(|e| e.standing)
+    }
+
+    /// The timers scheduled for a run, with their kinds.
+    pub fn timers(&self, run_id: &str) -> Vec<(pb::Timer, TimerKind)> {
+        self.state()
+            .map(|s| {
+                s.timers
+                    .iter()
+                    .filter(|(t, _)| t.run_id == run_id)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The stored events of a run of one kind.
@@ -371,7 +388,8 @@ impl Store for Memory {
             return Ok(seq);
         }
         let mut event = event.clone();
-        event.sequence = s.events.len() as u64 + 1;
+        s.event_seq += 1;
+        event.sequence = s.event_seq;
         let seq = event.sequence;
         s.events.push(event);
         s.event_ids.insert(msg_id.to_string(), seq);
@@ -439,6 +457,24 @@ impl Store for Memory {
         let rev = s.next_revision();
         s.runs.insert(run.id.clone(), (run.clone(), rev));
         Ok(true)
+    }
+
+    async fn purge_run(&self, run_id: &str, keep_events_from: u64) -> Result<()> {
+        self.trip("purge_run")?;
+        let mut s = self.state()?;
+        s.events
+            .retain(|e| e.run_id != run_id || e.sequence >= keep_events_from);
+        s.run_states.retain(|(run, _), _| run != run_id);
+        s.state_heads.remove(run_id);
+        let prefix = format!("{run_id}.");
+        s.barriers.retain(|key, _| !key.starts_with(&prefix));
+        s.barrier_keys.retain(|key, _| !key.starts_with(&prefix));
+        s.early.retain(|key| !key.starts_with(&prefix));
+        s.branches.retain(|(key, _)| !key.starts_with(&prefix));
+        s.timers
+            .retain(|(t, kind)| t.run_id != run_id || matches!(kind, TimerKind::RunPurge));
+        s.runs.remove(run_id);
+        Ok(())
     }
 
     async fn agent(&self, name: &str) -> Result<Option<pb::AgentSpec>> {
@@ -648,7 +684,8 @@ impl Store for Memory {
             return Ok(BranchPut::Taken(Box::new(first.clone())));
         }
         let mut stored = result.clone();
-        stored.sequence = s.branches.len() as u64 + 1;
+        s.branch_seq += 1;
+        stored.sequence = s.branch_seq;
         let sequence = stored.sequence;
         s.branches.push((key, stored));
         s.branch_ids.insert(result.handoff_id.clone(), sequence);
