@@ -280,6 +280,7 @@ fn gauges(
 }
 
 const AGENT: &[&str] = &["agent"];
+const STREAM: &[&str] = &["stream"];
 
 /// The broker's metrics (see the module doc for the series and labels).
 pub struct Metrics {
@@ -303,6 +304,9 @@ pub struct Metrics {
     barrier_release: Histograms,
     in_flight: Capped<Gauge>,
     pending: Capped<Gauge>,
+    store_bytes: Capped<Gauge>,
+    store_messages: Capped<Gauge>,
+    store_limit: Capped<Gauge>,
     dropped_fields: Capped<Counter>,
     stale_reasks: Capped<Counter>,
     intent_score: Histograms,
@@ -455,6 +459,24 @@ impl Metrics {
             "Handoffs waiting in an agent's inbox as JetStream last counted them (reported by every replica with a session of the agent: aggregate with max).",
             AGENT,
         );
+        let store_bytes = gauges(
+            &mut r,
+            "handoff_store_bytes",
+            "Bytes a stream or bucket of the broker holds in JetStream (a bucket as its stream, KV_<bucket>), as last read.",
+            STREAM,
+        );
+        let store_messages = gauges(
+            &mut r,
+            "handoff_store_messages",
+            "Messages a stream or bucket of the broker holds in JetStream, as last read.",
+            STREAM,
+        );
+        let store_limit = gauges(
+            &mut r,
+            "handoff_store_limit_bytes",
+            "The byte limit of a stream or bucket of the broker (-1: none).",
+            STREAM,
+        );
         let dropped_fields = counters(
             &mut r,
             "handoff_dropped_fields",
@@ -526,6 +548,9 @@ impl Metrics {
             barrier_release,
             in_flight,
             pending,
+            store_bytes,
+            store_messages,
+            store_limit,
             dropped_fields,
             stale_reasks,
             intent_score,
@@ -643,6 +668,15 @@ impl Metrics {
         self.pending
             .with(&[agent])
             .set(i64::try_from(pending).unwrap_or(i64::MAX));
+    }
+
+    /// Sets what stream `stream` holds (bytes and messages) and its byte
+    /// limit (-1: none).
+    pub fn set_store_usage(&self, stream: &str, bytes: u64, messages: u64, limit: i64) {
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.store_bytes.with(&[stream]).set(gauge(bytes));
+        self.store_messages.with(&[stream]).set(gauge(messages));
+        self.store_limit.with(&[stream]).set(limit);
     }
 
     /// Stops reporting `agent`'s inbox (no session of it here any more).

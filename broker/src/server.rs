@@ -458,7 +458,7 @@ async fn serve(
                 broker.metrics().clone(),
                 gate,
             ));
-            let pending = tokio::spawn(crate::app::session::report_pending(broker.clone()));
+            let pending = tokio::spawn(report_usage(broker.clone(), store.clone()));
             (Some(MetricsTasks { serving, pending }), Some(bound))
         }
     };
@@ -708,6 +708,33 @@ async fn watch_agents(broker: Broker, store: JetStream) {
 /// (which end within a moment if they no longer hold); a signing key
 /// rotated out stops verifying here at once; the bootstrap token disabled
 /// stops authenticating.
+/// How often the metrics read what the streams and buckets hold.
+const USAGE_POLL: Duration = Duration::from_secs(15);
+
+/// Reports, for the metrics endpoint, the inbox backlog of the agents
+/// served here and what every stream and bucket holds.
+async fn report_usage(broker: Broker, store: JetStream) {
+    let pending = crate::app::session::report_pending(broker.clone());
+    let usage = async {
+        let mut tick = tokio::time::interval(USAGE_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match store.usage().await {
+                Ok(streams) => {
+                    for (name, bytes, messages, limit) in streams {
+                        broker
+                            .metrics()
+                            .set_store_usage(&name, bytes, messages, limit);
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "stream sizes not read"),
+            }
+        }
+    };
+    tokio::join!(pending, usage);
+}
+
 async fn watch_auth(broker: Broker, store: JetStream) {
     use async_nats::jetstream::kv::Operation;
     use futures::StreamExt;

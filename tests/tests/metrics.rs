@@ -40,6 +40,9 @@ const FAMILIES: &[(&str, &str)] = &[
     ("handoff_barrier_release_seconds", "histogram"),
     ("handoff_in_flight", "gauge"),
     ("handoff_pending", "gauge"),
+    ("handoff_store_bytes", "gauge"),
+    ("handoff_store_messages", "gauge"),
+    ("handoff_store_limit_bytes", "gauge"),
     ("handoff_dropped_fields", "counter"),
     ("handoff_stale_state_reasks", "counter"),
     ("handoff_intent_score", "histogram"),
@@ -96,6 +99,27 @@ async fn a_known_sequence_is_counted_exactly_by_label() {
         );
     }
     assert_eq!(first.get("handoff_events_dropped_total", &[]), Some(0.0));
+    // What each stream and bucket holds, and its limit, as JetStream has
+    // it (read when the broker starts, then every 15 s).
+    let inbox = [("stream", "HANDOFF_INBOX")];
+    let events = [("stream", "HANDOFF_EVENTS")];
+    let usage = settle_on(addr, |e| {
+        e.get("handoff_store_limit_bytes", &events).is_some()
+    })
+    .await;
+    let defaults = handoffd::Config::default();
+    assert_eq!(
+        usage.get("handoff_store_limit_bytes", &inbox),
+        Some(defaults.stream_max_bytes as f64)
+    );
+    assert_eq!(
+        usage.get("handoff_store_limit_bytes", &events),
+        Some(defaults.events_max_bytes as f64)
+    );
+    assert_eq!(usage.get("handoff_store_messages", &inbox), Some(0.0));
+    assert!(usage
+        .get("handoff_store_bytes", &[("stream", "KV_handoff_keys")])
+        .is_some_and(|b| b > 0.0));
 
     // Agent t accepts Note, whose tool results must be under a minute old.
     let fds = compile_proto(&[("note.proto", NOTE_PROTO)]);
