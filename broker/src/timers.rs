@@ -3,7 +3,8 @@
 //! whichever replica is up, by calling the use cases.
 //!
 //! A timer is a message in the work-queue stream `HANDOFF_TIMERS`, read by
-//! one durable consumer that every replica pulls from. A timer not yet due
+//! one durable consumer that every replica pulls from (the purges by one
+//! of their own, see [`purges`]). A timer not yet due
 //! is negatively acknowledged with a delay equal to the time left, so
 //! JetStream itself holds it until then; a due timer ends the run with
 //! compare-and-set (so a run that completed first is left alone) and is
@@ -13,25 +14,39 @@
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::AckKind;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use handoff_proto::pb;
 use prost::Message as _;
 
 use crate::{
     app::{barriers, deliveries, runs, Broker},
     error::BrokerError,
-    store::jetstream::{JetStream, TIMERS_CONSUMER},
+    store::jetstream::{JetStream, PURGES_CONSUMER, TIMERS_CONSUMER},
 };
 
 /// Longest single wait handed to JetStream; longer timers are re-checked.
 const MAX_DELAY: Duration = Duration::from_secs(3600);
 
-/// Fires due timers until the broker drains.
+/// Fires due timers, and purges ended runs when due, until the broker
+/// drains.
 pub async fn run(broker: Broker, store: JetStream) {
+    tokio::join!(
+        keep_pumping(&broker, || pump(&broker, &store)),
+        keep_pumping(&broker, || purges(&broker, &store)),
+    );
+}
+
+/// Runs `pump` again after each failure (backing off), until the broker
+/// drains.
+async fn keep_pumping<F, Fut>(broker: &Broker, pump: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), BrokerError>>,
+{
     let mut backoff = Duration::from_millis(200);
     loop {
         tokio::select! {
-            r = pump(&broker, &store) => {
+            r = pump() => {
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "timer loop failed; retrying");
                 }
@@ -41,6 +56,62 @@ pub async fn run(broker: Broker, store: JetStream) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// Purges ended runs as their purges fall due. They come in the order
+/// they fall due, so JetStream holds only the next few (`handoff_purges`
+/// lets 16 be out at once), each until it is due; they are done up to
+/// 16 at a time.
+async fn purges(broker: &Broker, store: &JetStream) -> Result<(), BrokerError> {
+    let consumer: async_nats::jetstream::consumer::PullConsumer = store
+        .timers
+        .get_consumer(PURGES_CONSUMER)
+        .await
+        .map_err(|e| BrokerError::nats("opening the purge consumer", e))?;
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(16)
+        .messages()
+        .await
+        .map_err(|e| BrokerError::nats("reading purges", e))?;
+    messages
+        .map(|msg| msg.map_err(|e| BrokerError::nats("reading purges", e)))
+        .try_for_each_concurrent(16, |msg| async move {
+            let Ok(timer) = pb::Timer::decode(msg.payload.clone()) else {
+                tracing::error!("undecodable purge dropped");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return Ok(());
+            };
+            if let Some(left) = left(&timer) {
+                return msg
+                    .ack_with(AckKind::Nak(Some(left.min(MAX_DELAY))))
+                    .await
+                    .map_err(|e| BrokerError::nats("rescheduling a purge", e));
+            }
+            match runs::purge(broker, &timer.run_id).await {
+                Ok(()) => msg
+                    .double_ack()
+                    .await
+                    .map_err(|e| BrokerError::nats("acking a purge", e)),
+                Err(e) => {
+                    // Done again once JetStream offers it again.
+                    tracing::warn!(run_id = %timer.run_id, error = %e, "purge failed; it will be retried");
+                    Ok(())
+                }
+            }
+        })
+        .await
+}
+
+/// How long until `timer` is due (`None`: it is due).
+fn left(timer: &pb::Timer) -> Option<Duration> {
+    let due = timer
+        .due
+        .and_then(|t| SystemTime::try_from(t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    due.duration_since(SystemTime::now())
+        .ok()
+        .filter(|left| *left > Duration::from_millis(5))
 }
 
 async fn pump(broker: &Broker, store: &JetStream) -> Result<(), BrokerError> {
@@ -66,17 +137,11 @@ async fn pump(broker: &Broker, store: &JetStream) -> Result<(), BrokerError> {
             .due
             .and_then(|t| SystemTime::try_from(t).ok())
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        match due.duration_since(SystemTime::now()) {
-            Ok(left) if left > Duration::from_millis(5) => {
+        match left(&timer) {
+            Some(left) => {
                 msg.ack_with(AckKind::Nak(Some(left.min(MAX_DELAY))))
                     .await
                     .map_err(|e| BrokerError::nats("rescheduling a timer", e))?;
-            }
-            _ if msg.subject.starts_with("handoff.v1.timers.purge.") => {
-                runs::purge(broker, &timer.run_id).await?;
-                msg.double_ack()
-                    .await
-                    .map_err(|e| BrokerError::nats("acking a timer", e))?;
             }
             _ if !timer.agent.is_empty() => {
                 deliveries::queue_wait_passed(broker, &timer.agent, timer.sequence).await?;

@@ -86,6 +86,20 @@ const LEASE_RECORD_GRACE: Duration = Duration::from_secs(60);
 
 /// Durable consumer of the timer stream, shared by every broker replica.
 pub const TIMERS_CONSUMER: &str = "handoff_timers";
+/// Durable consumer of the run purges in the timer stream, in order.
+pub const PURGES_CONSUMER: &str = "handoff_purges";
+/// The timers `TIMERS_CONSUMER` fires: every kind but the purges.
+const TIMER_SUBJECTS: [&str; 3] = [
+    "handoff.v1.timers.run.>",
+    "handoff.v1.timers.barrier.>",
+    "handoff.v1.timers.queue.>",
+];
+/// The purge timers, fired by `PURGES_CONSUMER`.
+const PURGE_SUBJECTS: &str = "handoff.v1.timers.purge.>";
+/// How many purges are out at once. Purges fall due in the order they
+/// were scheduled (a run's end plus the same `retention`), so however
+/// many wait, only these few are held by JetStream, each until it is due.
+const PURGES_IN_FLIGHT: i64 = 16;
 
 /// Subject of an agent's inbox.
 pub fn inbox_subject(agent: &str) -> String {
@@ -329,25 +343,49 @@ impl JetStream {
         // delay), so the consumer must allow any number of them pending.
         let timer_consumer = pull::Config {
             durable_name: Some(TIMERS_CONSUMER.to_string()),
+            filter_subjects: TIMER_SUBJECTS.iter().map(|s| s.to_string()).collect(),
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
             ack_wait: Duration::from_secs(30),
             max_deliver: -1,
             max_ack_pending: -1,
             ..Default::default()
         };
-        match timers.consumer_info(TIMERS_CONSUMER).await {
-            Ok(info) if info.config.max_ack_pending == -1 => {}
-            Ok(_) => {
-                timers
-                    .update_consumer(timer_consumer)
-                    .await
-                    .map_err(|e| BrokerError::nats("updating the timer consumer", e))?;
-            }
-            Err(_) => {
-                timers
-                    .create_consumer(timer_consumer)
-                    .await
-                    .map_err(|e| BrokerError::nats("creating the timer consumer", e))?;
+        // The purges have a consumer of their own, which holds only the
+        // next few (see PURGES_IN_FLIGHT); the timer consumer leaves them
+        // to it (a work queue's consumers may not overlap), so it is
+        // narrowed first.
+        let purge_consumer = pull::Config {
+            durable_name: Some(PURGES_CONSUMER.to_string()),
+            filter_subject: PURGE_SUBJECTS.to_string(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: -1,
+            max_ack_pending: PURGES_IN_FLIGHT,
+            ..Default::default()
+        };
+        for (name, config) in [
+            (TIMERS_CONSUMER, timer_consumer),
+            (PURGES_CONSUMER, purge_consumer),
+        ] {
+            match timers.consumer_info(name).await {
+                Ok(info)
+                    if info.config.max_ack_pending == config.max_ack_pending
+                        && info.config.filter_subject == config.filter_subject
+                        && info.config.filter_subjects == config.filter_subjects => {}
+                Ok(_) => {
+                    timers
+                        .update_consumer(config)
+                        .await
+                        .map_err(|e| BrokerError::nats("updating a timer consumer", e))?;
+                }
+                Err(_) => {
+                    if let Err(e) = timers.create_consumer(config).await {
+                        // Another replica may have created it meanwhile.
+                        if timers.consumer_info(name).await.is_err() {
+                            return Err(BrokerError::nats("creating a timer consumer", e));
+                        }
+                    }
+                }
             }
         }
         Ok(JetStream {
