@@ -54,6 +54,15 @@ pub fn fallback_id(handoff_id: &str, fallback: &str) -> String {
     .to_string()
 }
 
+/// The label of a run's pipeline.
+pub fn pipeline_of(run: &pb::Run) -> &str {
+    if run.pipeline.is_empty() {
+        "default"
+    } else {
+        &run.pipeline
+    }
+}
+
 /// Depth of a handoff: 1 without a parent, the parent's + 1 otherwise. A
 /// final handoff ends the run instead of adding a hop, so the cap does not
 /// apply to it.
