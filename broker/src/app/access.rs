@@ -24,15 +24,22 @@
 //! agent and run, from its signed token), then [`may_act`] / [`read`] on
 //! what the use case reads anyway (the run, the delivery's lease record).
 
+use std::time::Duration;
+
 use handoff_proto::pb;
 
 use crate::{
     app::{
+        agents::lease_of,
         auth::{self, Caller},
-        deliveries, Broker,
+        Broker,
     },
     error::BrokerError,
-    rules::{grants::Action, lease::Ask},
+    rules::{
+        grants::Action,
+        handoff as rules,
+        lease::{self, Ask, Decision},
+    },
 };
 
 /// What can be refused before anything is read: every source the caller
@@ -75,9 +82,7 @@ pub async fn lease_lives(
     token: &pb::DeliveryToken,
     record: Option<(pb::Lease, u64)>,
 ) -> Result<(), BrokerError> {
-    deliveries::decide(broker, token, record, Ask::Extend)
-        .await
-        .map(|_| ())
+    decide(broker, token, record, Ask::Extend).await.map(|_| ())
 }
 
 /// The right a consumed delivery gives (the `consumed` of [`may_act`]):
@@ -194,7 +199,7 @@ pub async fn read(
     }
     // An agent working in the run: the delivery it holds is signed by the
     // broker, of this run, and its lease lives.
-    let token = deliveries::decode(broker, delivery_id).await?;
+    let token = decode(broker, delivery_id).await?;
     auth::require(broker, caller, Action::ReceiveAs, &token.agent).await?;
     let (run, record, of_run) = tokio::join!(
         broker.store().run(run_id),
@@ -205,4 +210,64 @@ pub async fn read(
     lease_lives(broker, &token, record?).await?;
     run?.map(|(r, _)| r)
         .ok_or_else(|| BrokerError::RunNotFound(run_id.to_string()))
+}
+
+/// Decodes a delivery id and checks that the store issued its reference
+/// for that agent's delivery (INVALID_ARGUMENT, `BAD_DELIVERY_ID`) and
+/// that its signature verifies (PERMISSION_DENIED, `BAD_SIGNATURE`).
+pub async fn decode(broker: &Broker, delivery_id: &str) -> Result<pb::DeliveryToken, BrokerError> {
+    let token = rules::decode_token(delivery_id)?;
+    if !broker.store().reference_matches(&token) {
+        return Err(BrokerError::BadDeliveryId(
+            "not a token issued by the broker".to_string(),
+        ));
+    }
+    auth::verify(broker, &token).await?;
+    Ok(token)
+}
+
+/// The lease an agent's deliveries get.
+pub async fn lease_for(broker: &Broker, agent: &str) -> Duration {
+    match broker.agent(agent).await {
+        Ok(spec) => lease_of(&spec, broker.config().default_lease),
+        Err(_) => broker.config().default_lease,
+    }
+}
+
+/// The lease of a first attempt that nothing recorded yet: what its
+/// signed token says. A first delivery writes no record (it costs the hop
+/// nothing); a redelivery, or a settlement, writes one.
+fn first_attempt(token: &pb::DeliveryToken) -> Option<pb::Lease> {
+    (token.attempt == 1).then(|| pb::Lease {
+        attempt: 1,
+        instance: token.instance.clone(),
+        deadline: token.lease_deadline,
+        state: pb::LeaseState::Leased as i32,
+        settled_at: None,
+    })
+}
+
+/// The decision on settling `token`'s attempt as `ask`, from its lease
+/// record as stored now (`None`: none yet); with the record's revision
+/// (`None`: to be created).
+pub async fn decide(
+    broker: &Broker,
+    token: &pb::DeliveryToken,
+    record: Option<(pb::Lease, u64)>,
+    ask: Ask,
+) -> Result<(Decision, Option<u64>), BrokerError> {
+    let lease = lease_for(broker, &token.agent).await;
+    let revision = record.as_ref().map(|(_, r)| *r);
+    let current = match record {
+        Some((l, _)) => Some(l),
+        None => first_attempt(token),
+    };
+    let decision = lease::settle(
+        current.as_ref(),
+        token,
+        ask,
+        std::time::SystemTime::now(),
+        lease,
+    )?;
+    Ok((decision, revision))
 }

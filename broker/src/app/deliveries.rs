@@ -11,6 +11,7 @@ use prost::Message as _;
 
 use crate::{
     app::{
+        access::{decide, decode, lease_for},
         agents::lease_of,
         auth, barriers, now,
         runs::{self, RunEnd},
@@ -19,70 +20,10 @@ use crate::{
     error::BrokerError,
     rules::{
         handoff::{self as rules, Offer},
-        lease::{self, Ask, Decision},
+        lease::{Ask, Decision},
     },
     store::{Offered, Settlement},
 };
-
-/// Decodes a delivery id and checks that the store issued its reference
-/// for that agent's delivery (INVALID_ARGUMENT, `BAD_DELIVERY_ID`) and
-/// that its signature verifies (PERMISSION_DENIED, `BAD_SIGNATURE`).
-pub async fn decode(broker: &Broker, delivery_id: &str) -> Result<pb::DeliveryToken, BrokerError> {
-    let token = rules::decode_token(delivery_id)?;
-    if !broker.store().reference_matches(&token) {
-        return Err(BrokerError::BadDeliveryId(
-            "not a token issued by the broker".to_string(),
-        ));
-    }
-    auth::verify(broker, &token).await?;
-    Ok(token)
-}
-
-/// The lease an agent's deliveries get.
-async fn lease_for(broker: &Broker, agent: &str) -> Duration {
-    match broker.agent(agent).await {
-        Ok(spec) => lease_of(&spec, broker.config().default_lease),
-        Err(_) => broker.config().default_lease,
-    }
-}
-
-/// The lease of a first attempt that nothing recorded yet: what its
-/// signed token says. A first delivery writes no record (it costs the hop
-/// nothing); a redelivery, or a settlement, writes one.
-fn first_attempt(token: &pb::DeliveryToken) -> Option<pb::Lease> {
-    (token.attempt == 1).then(|| pb::Lease {
-        attempt: 1,
-        instance: token.instance.clone(),
-        deadline: token.lease_deadline,
-        state: pb::LeaseState::Leased as i32,
-        settled_at: None,
-    })
-}
-
-/// The decision on settling `token`'s attempt as `ask`, from its lease
-/// record as stored now (`None`: none yet); with the record's revision
-/// (`None`: to be created).
-pub async fn decide(
-    broker: &Broker,
-    token: &pb::DeliveryToken,
-    record: Option<(pb::Lease, u64)>,
-    ask: Ask,
-) -> Result<(Decision, Option<u64>), BrokerError> {
-    let lease = lease_for(broker, &token.agent).await;
-    let revision = record.as_ref().map(|(_, r)| *r);
-    let current = match record {
-        Some((l, _)) => Some(l),
-        None => first_attempt(token),
-    };
-    let decision = lease::settle(
-        current.as_ref(),
-        token,
-        ask,
-        std::time::SystemTime::now(),
-        lease,
-    )?;
-    Ok((decision, revision))
-}
 
 /// Decides and records a settlement of `token`'s attempt: the lease
 /// record moves by compare-and-set (read again if another write came

@@ -75,7 +75,7 @@ pub async fn fan_out(
     // the barrier is opened or anything is checked against a contract.
     let token = match consumes.as_str() {
         "" => None,
-        id => Some(deliveries::decode(broker, id).await?),
+        id => Some(access::decode(broker, id).await?),
     };
     access::precheck(
         broker,

@@ -79,7 +79,7 @@ pub async fn accept_as(
     }
     let consumed = match req.consumes.as_str() {
         "" => None,
-        token => Some(deliveries::decode(broker, token).await?),
+        token => Some(access::decode(broker, token).await?),
     };
     // 2. Authorize what memory can: the source, the consumed delivery's
     //    agent and run (see `access`).

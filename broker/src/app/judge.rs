@@ -1,7 +1,8 @@
 //! Signal 3's judge: when a run with a judge completes, its judge agent
 //! receives a `JudgeRequest` (the pinned ask and the final result) as an
-//! ordinary delivery, and answers with a final handoff that consumes it and
-//! carries a `JudgeVerdict`. The score is recorded on the run (`GetRun`),
+//! ordinary delivery (handed over by [`runs`](super::runs) when it
+//! announces the end), and answers with a final handoff that consumes it
+//! and carries a `JudgeVerdict`; this module records the verdict. The score is recorded on the run (`GetRun`),
 //! published as `intent_scored`, and as `intent_drift` under the threshold.
 //!
 //! The request is the one handoff a completed run still delivers; the
@@ -12,52 +13,13 @@ use handoff_proto::pb;
 use prost::Message as _;
 
 use crate::{
-    app::{deliveries, now, runs::pipeline_of, Broker},
+    app::{deliveries, now, Broker},
     error::BrokerError,
-    rules::{contracts::type_of_url, handoff as rules},
+    rules::{contracts::type_of_url, handoff::pipeline_of},
 };
 
 /// The message type of a judge's answer.
 const VERDICT: &str = "handoff.v1.JudgeVerdict";
-
-/// Hands the run's judge (if it has one) its `JudgeRequest`; repeated
-/// calls store it once.
-pub async fn ask(broker: &Broker, run: &pb::Run) -> Result<(), BrokerError> {
-    let Some(judge) = run.judge.as_ref().filter(|j| !j.agent.is_empty()) else {
-        return Ok(());
-    };
-    if run.intent.is_some() {
-        return Ok(());
-    }
-    let request = pb::JudgeRequest {
-        run_id: run.id.clone(),
-        pipeline: pipeline_of(run).to_string(),
-        pinned: run.pinned.clone(),
-        result: run.result.clone(),
-        threshold: judge.threshold,
-    };
-    let payload = prost_types::Any::from_msg(&request)
-        .map_err(|e| BrokerError::Internal(format!("encoding the judge request: {e}")))?;
-    let envelope = pb::HandoffEnvelope {
-        id: rules::derived_id(&format!("judge\u{0}{}", run.id)),
-        run_id: run.id.clone(),
-        target_agent: judge.agent.clone(),
-        payload: Some(payload),
-        confidence: 1.0,
-        parent_ids: vec![run.result_handoff_id.clone()],
-        depth: 1,
-        created_at: Some(now()),
-        judge: true,
-        ..Default::default()
-    };
-    let max_payload = broker.store().max_payload();
-    if max_payload > 0 && envelope.encoded_len() > max_payload {
-        tracing::warn!(run_id = %run.id, size = envelope.encoded_len(), "the judge request is larger than NATS takes; the run is not judged");
-        return Ok(());
-    }
-    broker.store().put_handoff(&envelope).await?;
-    Ok(())
-}
 
 /// Records a judge's verdict: `req` is a final handoff consuming the
 /// delivery of `parent`, a judge request of `run`.

@@ -10,10 +10,14 @@ use crate::{
     app::{
         access,
         auth::{self, Caller},
-        judge, now, state, Broker,
+        now, state, Broker,
     },
     error::BrokerError,
-    rules::{grants::Action, names},
+    rules::{
+        grants::Action,
+        handoff::{self as rules, pipeline_of},
+        names,
+    },
     store::TimerKind,
 };
 
@@ -206,15 +210,6 @@ pub fn stats_of(timeline: &[pb::Event]) -> pb::RunStats {
     stats
 }
 
-/// The label of a run's pipeline.
-pub fn pipeline_of(run: &pb::Run) -> &str {
-    if run.pipeline.is_empty() {
-        "default"
-    } else {
-        &run.pipeline
-    }
-}
-
 /// Ends a run (compare-and-set, retried on conflict) and tells its
 /// owner. Returns the run as it ended; if it had already ended, returns
 /// it unchanged; the end event is re-published (deduplicated) while
@@ -317,8 +312,47 @@ pub async fn announce_end(broker: &Broker, run: &pb::Run) -> Result<(), BrokerEr
     broker.emit(event, &format!("end-{}", run.id)).await?;
     schedule_purge(broker, run).await?;
     if kind == pb::EventKind::RunCompleted {
-        judge::ask(broker, run).await?;
+        ask_judge(broker, run).await?;
     }
+    Ok(())
+}
+
+/// Hands the run's judge (if it has one) its `JudgeRequest`; repeated
+/// calls store it once.
+async fn ask_judge(broker: &Broker, run: &pb::Run) -> Result<(), BrokerError> {
+    let Some(judge) = run.judge.as_ref().filter(|j| !j.agent.is_empty()) else {
+        return Ok(());
+    };
+    if run.intent.is_some() {
+        return Ok(());
+    }
+    let request = pb::JudgeRequest {
+        run_id: run.id.clone(),
+        pipeline: pipeline_of(run).to_string(),
+        pinned: run.pinned.clone(),
+        result: run.result.clone(),
+        threshold: judge.threshold,
+    };
+    let payload = prost_types::Any::from_msg(&request)
+        .map_err(|e| BrokerError::Internal(format!("encoding the judge request: {e}")))?;
+    let envelope = pb::HandoffEnvelope {
+        id: rules::derived_id(&format!("judge\u{0}{}", run.id)),
+        run_id: run.id.clone(),
+        target_agent: judge.agent.clone(),
+        payload: Some(payload),
+        confidence: 1.0,
+        parent_ids: vec![run.result_handoff_id.clone()],
+        depth: 1,
+        created_at: Some(now()),
+        judge: true,
+        ..Default::default()
+    };
+    let max_payload = broker.store().max_payload();
+    if max_payload > 0 && envelope.encoded_len() > max_payload {
+        tracing::warn!(run_id = %run.id, size = envelope.encoded_len(), "the judge request is larger than NATS takes; the run is not judged");
+        return Ok(());
+    }
+    broker.store().put_handoff(&envelope).await?;
     Ok(())
 }
 

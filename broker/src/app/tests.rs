@@ -182,7 +182,7 @@ async fn a_redo_after_a_crash_between_store_and_ack_is_the_same_handoff() {
     // The input comes back (its lease expired) and the agent redoes it.
     f.store
         .settle(
-            &deliveries::decode(&f.broker, &d.delivery_id)
+            &access::decode(&f.broker, &d.delivery_id)
                 .await
                 .expect("token")
                 .ack_subject,
