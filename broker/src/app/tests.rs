@@ -8,13 +8,13 @@ use std::sync::Arc;
 use handoff_proto::pb;
 use tokio::sync::watch;
 
-use super::{auth::Caller, barriers, deliveries, fan_out, handoff, runs, Broker};
+use super::{access, auth::Caller, barriers, deliveries, fan_out, handoff, runs, Broker};
 use crate::{
     config::Config,
     error::{BrokerError, Reason},
     store::{
         memory::{Memory, Standing},
-        Store,
+        Barriers, Claims, Events, Inboxes, Registry, Runs,
     },
 };
 
