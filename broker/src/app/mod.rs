@@ -475,12 +475,12 @@ impl Broker {
         }
     }
 
-    /// Starts the outbox that stores events with confirmation and
-    /// retries (see [`outbox`]); returns its task.
-    pub fn start_outbox(&self) -> tokio::task::JoinHandle<()> {
+    /// Opens the outbox that stores events with confirmation and retries
+    /// (see [`outbox`]); returns the task that empties it, to be spawned.
+    pub fn outbox_task(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (outbox, rx) = outbox::channel(self.config().outbox_capacity);
         let _ = self.inner.outbox.set(outbox);
-        tokio::spawn(outbox::run(self.clone(), rx))
+        outbox::run(self.clone(), rx)
     }
 
     /// The outbox, once started.
