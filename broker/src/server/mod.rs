@@ -163,7 +163,9 @@ pub async fn run_with(
         Some(c) => NatsSecrets::embedded(c),
         None => nats_secrets,
     };
-    let result = serve(
+    // On the heap: a caller that awaits the daemon in place (a test, on a
+    // thread with a small stack) holds only a pointer to it.
+    let result = Box::pin(serve(
         &config,
         &nats_url,
         &nats_secrets,
@@ -173,7 +175,7 @@ pub async fn run_with(
         listener,
         shutdown,
         ready,
-    )
+    ))
     .await;
     // The spans of the last handoffs: exported before exit, within a bound.
     if let Some(traces) = traces {
@@ -207,7 +209,7 @@ async fn serve(
             version,
         });
     }
-    let store = JetStream::open(client.clone(), config).await?;
+    let store = Box::pin(JetStream::open(client.clone(), config)).await?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let auth = if config.auth_configured() {
         let bootstrap = match &config.auth_token_file {
