@@ -1,35 +1,15 @@
-//! Accept one handoff: validate -> authorize -> read -> authorize (the
-//! right to the run) -> guard -> commit -> notify.
-//!
-//! Order of a complete-and-handoff, chosen so that a crash anywhere leaves
-//! a state a retry repairs: (1) store the new handoff in the target's inbox
-//! under an id derived from the consumed handoff, (2) publish the accepted
-//! event and ack the consumed delivery, together, and answer once both
-//! are confirmed. A crash before the ack redelivers the input; the agent's
-//! repeated handoff has the same id and the store recognises it, so
-//! downstream sees it once. A failed event publish fails the call, and the
-//! retry, recognised by the claim on the consumed delivery, publishes it
-//! under the same id.
-//!
-//! Who may act in the run is decided first (see [`access`]): what memory
-//! can (the source, the consumed delivery's agent and run) before any
-//! read, the rest (the run's owner, the consumed delivery's lease) on the
-//! reads the handoff makes anyway. Only then are a payload by reference
-//! fetched and the guards (see [`guard`]) run, so a refused caller learns
-//! nothing of the target and leaves nothing behind. A claim on the
-//! consumed delivery is taken with the reads (by a caller that receives
-//! as its agent), and withdrawn if nothing was stored, so a failed step
-//! leaves no claim behind.
+//! Commit and notify: store what passed the guards (the state delta, the
+//! handoff or the branch result), then publish its event, settle the
+//! consumed delivery and record the receipt in its claim, together.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use handoff_proto::pb;
 use prost::Message as _;
 
+use super::{Claim, TimerKind};
 use crate::{
     app::{
-        access,
-        auth::Caller,
         barriers, deliveries, guard,
         guard::Checked,
         judge, now, payloads,
@@ -38,277 +18,14 @@ use crate::{
     },
     error::BrokerError,
     rules::{handoff as rules, state as state_rules},
-    store::{Claim, TimerKind},
 };
-
-/// Accepts one handoff from `caller`.
-pub async fn accept(
-    broker: &Broker,
-    caller: &Caller,
-    req: pb::HandoffRequest,
-) -> Result<pb::HandoffResponse, BrokerError> {
-    accept_as(broker, caller, req, Receipts::Each).await
-}
-
-/// Who records what a consumed delivery stored into its claim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Receipts {
-    /// Each handoff records its own receipt.
-    Each,
-    /// The caller records them together (a fan-out, once every branch is
-    /// stored).
-    Caller,
-}
-
-/// Accepts one handoff; `receipts` says who records its receipt.
-pub async fn accept_as(
-    broker: &Broker,
-    caller: &Caller,
-    mut req: pb::HandoffRequest,
-    receipts: Receipts,
-) -> Result<pb::HandoffResponse, BrokerError> {
-    // 1. Validate what needs no state and reveals nothing (names, sizes,
-    //    the delta's shape); a consumed delivery's id is signed: verified
-    //    here, from memory.
-    rules::validate_handoff(&req, broker.config().max_payload_size)?;
-    if let Some(delta) = &req.state_delta {
-        state_rules::validate_delta(delta)?;
-    }
-    for key in &req.asks_for {
-        state_rules::validate_key("asks_for", key)?;
-    }
-    let consumed = match req.consumes.as_str() {
-        "" => None,
-        token => Some(access::decode(broker, token).await?),
-    };
-    // 2. Authorize what memory can: the source, the consumed delivery's
-    //    agent and run (see `access`).
-    access::precheck(
-        broker,
-        caller,
-        &req.run_id,
-        [req.source_agent.as_str()],
-        consumed.as_ref(),
-    )
-    .await?;
-    let id = rules::handoff_id(&req, consumed.as_ref().map(|t| t.handoff_id.as_str()));
-
-    // 3. Read: the run, the consumed handoff and its lease, the claim on
-    //    the consumed delivery and a named barrier are independent: one
-    //    round trip.
-    let mine = pb::ConsumeClaim {
-        target_agent: req.target_agent.clone(),
-        fan_out: req.fan_out,
-        handoff_id: id.clone(),
-        attempt: consumed.as_ref().map_or(0, |t| t.attempt),
-        stored: Vec::new(),
-        stored_at: None,
-        barrier_id: if req.fan_out {
-            req.barrier_id.clone()
-        } else {
-            String::new()
-        },
-    };
-    let (run, parent, claim, barrier, lease) = tokio::join!(
-        broker.store().run(&req.run_id),
-        async {
-            match &consumed {
-                Some(token) => consumed_parent(broker, &req.run_id, token).await.map(Some),
-                None => Ok(None),
-            }
-        },
-        async {
-            match &consumed {
-                Some(token) => broker
-                    .store()
-                    .claim_consumed(&token.handoff_id, &mine)
-                    .await
-                    .map(Some),
-                None => Ok(None),
-            }
-        },
-        async {
-            if req.to_barrier && !req.barrier_id.is_empty() {
-                broker
-                    .store()
-                    .barrier(&req.run_id, &req.barrier_id)
-                    .await
-                    .map(Some)
-            } else {
-                Ok(None)
-            }
-        },
-        async {
-            match &consumed {
-                Some(token) => broker
-                    .store()
-                    .lease(&token.agent, token.stream_sequence)
-                    .await
-                    .map(Some),
-                None => Ok(None),
-            }
-        },
-    );
-    let mut made = match (&claim, &consumed) {
-        (Ok(Some(Claim::Made(revision))), Some(token)) => {
-            Some((token.handoff_id.clone(), *revision))
-        }
-        _ => None,
-    };
-    // The claim as this request knows it, to record the receipt into
-    // without reading it again.
-    let mut known = made.as_ref().map(|(_, rev)| (mine.clone(), *rev));
-
-    // 4 to 7. Authorize, resolve the payload, guard, commit and notify;
-    //    withdraw this request's claim if nothing was stored.
-    let stored = AtomicBool::new(false);
-    let result = async {
-        let run = run?.map(|(r, _)| r);
-        let claim = claim?;
-        let lives = match (&consumed, lease?) {
-            (Some(token), Some(record)) => {
-                // (A redo whose receipt never reached the claim is
-                // recognised below by the store, and its receipt recorded.)
-                let held = match &claim {
-                    Some(Claim::Held(first, _)) => Some(first),
-                    _ => None,
-                };
-                Some(access::consumed_right(broker, token, record, held).await)
-            }
-            _ => None,
-        };
-        if let (Some(Claim::Held(first, _)), Some(token), Some(run)) =
-            (&claim, &consumed, run.as_ref())
-        {
-            if let Some(receipt) = stored_receipt(first, &req, &id) {
-                // A redo (or a retry) of what this delivery stored: the
-                // claim answers it, however long ago, whatever its content,
-                // even once the delivery is settled. Within the dedupe
-                // window its event is published again (deduplicated), in
-                // case the first call failed on it.
-                // The consumed handoff left its inbox once acked: then
-                // the event published again names the branch the request
-                // names (it is deduplicated against the first anyway).
-                let parent = match parent {
-                    Err(BrokerError::DeliveryGone(_)) => None,
-                    other => other?,
-                };
-                let recent = first
-                    .stored_at
-                    .and_then(|t| std::time::SystemTime::try_from(t).ok())
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age < broker.config().dedupe_window);
-                if recent {
-                    let (barrier_id, branch_key) = branch_of(&req, parent.as_ref());
-                    let event = accepted_event(run, &req, &receipt, barrier_id, branch_key);
-                    broker
-                        .emit(event, &format!("accepted-{}", receipt.handoff_id))
-                        .await?;
-                }
-                // A fan-out handoff leaves the delivery to its agent's ack;
-                // one whose lease is gone was settled already (or is
-                // another attempt's to settle).
-                if !req.fan_out && matches!(lives, Some(Ok(()))) {
-                    deliveries::ack_consumed(broker, run, token).await;
-                }
-                return Ok(pb::HandoffResponse {
-                    duplicate: true,
-                    ..receipt
-                });
-            }
-        }
-        if let (Some(Err(_)), Some(Claim::Held(first, _)), Some(token)) =
-            (&lives, &claim, &consumed)
-        {
-            // A delivery already consumed by a handoff to another target:
-            // that is the cause to name, rather than the settlement it
-            // made (nothing is checked or published for a delivery whose
-            // lease is gone).
-            if let Some((message, metadata)) = guard::role_confusion(token, first, &mine) {
-                return Err(BrokerError::Refused {
-                    reason: crate::error::Reason::RoleConfusion,
-                    message,
-                    metadata,
-                });
-            }
-        }
-        // Who may: the run's owner, or the holder of a live delivery of
-        // the run; nothing about the run or the target is checked, read
-        // or written for anyone else.
-        access::may_act(broker, caller, &req.run_id, run.as_ref(), lives).await?;
-        let Some(run) = run else {
-            return Err(BrokerError::RunNotFound(req.run_id.clone()));
-        };
-        let parent = parent?;
-        // A payload by reference is fetched and checked against its size
-        // and digest, so the guards see it whole.
-        let forwarded = payloads::resolve_request(broker, &mut req).await?;
-        // The contract guards, answered from memory once caches are warm.
-        let checked = guard::enforce(broker, &req, guard::guard(broker, &req).await).await?;
-        if let (Some(Claim::Held(first, revision)), Some(token)) = (claim, &consumed) {
-            if first.stored.is_empty() && first.attempt < token.attempt {
-                // Left by an earlier attempt that stored nothing (it died
-                // between claiming and storing): the redo takes it over.
-                let taken = broker
-                    .store()
-                    .update_claim(&token.handoff_id, &mine, revision)
-                    .await?;
-                match taken {
-                    Some(next) => {
-                        made = Some((token.handoff_id.clone(), next));
-                        known = Some((mine.clone(), next));
-                    }
-                    None => {
-                        return Err(BrokerError::Unavailable(
-                            "the consumed delivery's claim changed meanwhile; retry".to_string(),
-                        ))
-                    }
-                }
-            } else {
-                guard::check_claim(broker, &req, token, &first, &mine, &checked).await?;
-                known = Some((first, revision));
-            }
-        }
-        if consumed.is_some() && broker.config().faults.die_after_claim {
-            tracing::warn!("fault injected: the broker dies between claiming and storing");
-            made = None;
-            return Err(BrokerError::Unavailable(
-                "fault injected: died between claiming and storing".to_string(),
-            ));
-        }
-        let read = Read {
-            run,
-            parent,
-            barrier: barrier?,
-            forwarded,
-        };
-        commit(
-            broker,
-            &req,
-            consumed
-                .as_ref()
-                .filter(|_| receipts == Receipts::Each)
-                .map(|_| (mine, known)),
-            consumed.as_ref(),
-            id,
-            checked,
-            read,
-            &stored,
-        )
-        .await
-    }
-    .await;
-    if result.is_err() && !stored.load(Ordering::Relaxed) {
-        if let Some((key, revision)) = made {
-            broker.store().release_claim(&key, revision).await;
-        }
-    }
-    result
-}
 
 /// The barrier branch a handoff is on: the one it names, else the one of
 /// the delivery it consumes (a branch's chain carries it hop to hop).
-fn branch_of(req: &pb::HandoffRequest, parent: Option<&pb::HandoffEnvelope>) -> (String, String) {
+pub(super) fn branch_of(
+    req: &pb::HandoffRequest,
+    parent: Option<&pb::HandoffEnvelope>,
+) -> (String, String) {
     match (parent, req.barrier_id.is_empty()) {
         (_, false) => (req.barrier_id.clone(), req.branch_key.clone()),
         (Some(p), true) => (p.barrier_id.clone(), p.branch_key.clone()),
@@ -317,7 +34,7 @@ fn branch_of(req: &pb::HandoffRequest, parent: Option<&pb::HandoffEnvelope>) -> 
 }
 
 /// The `handoff_accepted` event of a stored handoff.
-fn accepted_event(
+pub(super) fn accepted_event(
     run: &pb::Run,
     req: &pb::HandoffRequest,
     receipt: &pb::HandoffResponse,
@@ -341,7 +58,7 @@ fn accepted_event(
 /// The receipt a claim holds for this request: its own stored handoff, or,
 /// for a single handoff from the delivery (no fan-out) to the same target,
 /// the one stored first, whatever the redo's content.
-fn stored_receipt(
+pub(super) fn stored_receipt(
     claim: &pb::ConsumeClaim,
     req: &pb::HandoffRequest,
     id: &str,
@@ -422,22 +139,22 @@ async fn record_receipt(
 }
 
 /// What a handoff read before it is committed.
-struct Read {
-    run: pb::Run,
+pub(super) struct Read {
+    pub(super) run: pb::Run,
     /// The handoff whose delivery it consumes.
-    parent: Option<pb::HandoffEnvelope>,
+    pub(super) parent: Option<pb::HandoffEnvelope>,
     /// The barrier the request names, when it goes to one (`None`: not
     /// read; `Some(None)`: not opened yet).
-    barrier: Option<Option<(pb::Barrier, u64)>>,
+    pub(super) barrier: Option<Option<(pb::Barrier, u64)>>,
     /// The verified reference the request's payload came by, if any.
-    forwarded: Option<pb::PayloadRef>,
+    pub(super) forwarded: Option<pb::PayloadRef>,
 }
 
 /// Stores a handoff that passed the guards in a run that exists (setting
 /// `stored` once it is durable), then publishes its event and settles the
 /// delivery it consumes.
 #[allow(clippy::too_many_arguments)]
-async fn commit(
+pub(super) async fn commit(
     broker: &Broker,
     req: &pb::HandoffRequest,
     claim: Option<(pb::ConsumeClaim, Option<(pb::ConsumeClaim, u64)>)>,
@@ -752,37 +469,4 @@ async fn schedule_queue_wait(
         ..Default::default()
     };
     broker.store().schedule(&timer, TimerKind::QueueWait).await
-}
-
-/// Loads the handoff a delivery token names, checking it belongs to `run_id`.
-async fn consumed_parent(
-    broker: &Broker,
-    run_id: &str,
-    token: &pb::DeliveryToken,
-) -> Result<pb::HandoffEnvelope, BrokerError> {
-    let stored = broker
-        .store()
-        .handoff_at(token.stream_sequence)
-        .await?
-        .ok_or_else(|| {
-            BrokerError::DeliveryGone(format!(
-                "the consumed delivery's handoff {} is no longer stored (retention passed)",
-                token.handoff_id
-            ))
-        })?;
-    if stored.envelope.id != token.handoff_id || stored.agent != token.agent {
-        return Err(BrokerError::BadDeliveryId(
-            "it does not match a stored handoff".to_string(),
-        ));
-    }
-    if stored.envelope.run_id != run_id {
-        return Err(BrokerError::malformed(
-            "consumes",
-            format!(
-                "the consumed delivery belongs to run {:?}, not {run_id:?}",
-                stored.envelope.run_id
-            ),
-        ));
-    }
-    Ok(stored.envelope)
 }

@@ -1,0 +1,156 @@
+//! Validate a handoff, and read what it needs in one round trip: the
+//! run, the consumed handoff and its lease, the claim on the consumed
+//! delivery (taken here) and a named barrier.
+
+use handoff_proto::pb;
+
+use super::Claim;
+use crate::{
+    app::{access, Broker},
+    error::BrokerError,
+    rules::{handoff as rules, state as state_rules},
+};
+
+/// Checks what needs no state and reveals nothing (names, sizes, the
+/// delta's shape); a consumed delivery's id is signed: verified here,
+/// from memory. Returns the consumed delivery's token.
+pub(super) async fn validate(
+    broker: &Broker,
+    req: &pb::HandoffRequest,
+) -> Result<Option<pb::DeliveryToken>, BrokerError> {
+    rules::validate_handoff(req, broker.config().max_payload_size)?;
+    if let Some(delta) = &req.state_delta {
+        state_rules::validate_delta(delta)?;
+    }
+    for key in &req.asks_for {
+        state_rules::validate_key("asks_for", key)?;
+    }
+    match req.consumes.as_str() {
+        "" => Ok(None),
+        token => Ok(Some(access::decode(broker, token).await?)),
+    }
+}
+
+/// What a handoff read, each as it came.
+pub(super) struct Reads {
+    pub(super) run: Result<Option<(pb::Run, u64)>, BrokerError>,
+    pub(super) parent: Result<Option<pb::HandoffEnvelope>, BrokerError>,
+    pub(super) claim: Result<Option<Claim>, BrokerError>,
+    pub(super) barrier: Result<Option<Option<(pb::Barrier, u64)>>, BrokerError>,
+    pub(super) lease: Result<Option<Option<(pb::Lease, u64)>>, BrokerError>,
+    /// The claim this request makes on the consumed delivery.
+    pub(super) mine: pb::ConsumeClaim,
+}
+
+impl Reads {
+    /// The claim this request took on the consumed delivery: its key and
+    /// revision.
+    pub(super) fn made(&self, consumed: Option<&pb::DeliveryToken>) -> Option<(String, u64)> {
+        match (&self.claim, consumed) {
+            (Ok(Some(Claim::Made(revision))), Some(token)) => {
+                Some((token.handoff_id.clone(), *revision))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Reads the run, the consumed handoff and its lease, the claim on the
+/// consumed delivery (claiming it for handoff `id`) and a named barrier:
+/// independent, so one round trip.
+pub(super) async fn read(
+    broker: &Broker,
+    req: &pb::HandoffRequest,
+    consumed: Option<&pb::DeliveryToken>,
+    id: &str,
+) -> Reads {
+    let mine = pb::ConsumeClaim {
+        target_agent: req.target_agent.clone(),
+        fan_out: req.fan_out,
+        handoff_id: id.to_string(),
+        attempt: consumed.map_or(0, |t| t.attempt),
+        stored: Vec::new(),
+        stored_at: None,
+        barrier_id: if req.fan_out {
+            req.barrier_id.clone()
+        } else {
+            String::new()
+        },
+    };
+    let store = broker.store();
+    let (run, parent, claim, barrier, lease) = tokio::join!(
+        store.run(&req.run_id),
+        async {
+            match consumed {
+                Some(token) => consumed_parent(broker, &req.run_id, token).await.map(Some),
+                None => Ok(None),
+            }
+        },
+        async {
+            match consumed {
+                Some(token) => store
+                    .claim_consumed(&token.handoff_id, &mine)
+                    .await
+                    .map(Some),
+                None => Ok(None),
+            }
+        },
+        async {
+            if req.to_barrier && !req.barrier_id.is_empty() {
+                store.barrier(&req.run_id, &req.barrier_id).await.map(Some)
+            } else {
+                Ok(None)
+            }
+        },
+        async {
+            match consumed {
+                Some(token) => store
+                    .lease(&token.agent, token.stream_sequence)
+                    .await
+                    .map(Some),
+                None => Ok(None),
+            }
+        },
+    );
+    Reads {
+        run,
+        parent,
+        claim,
+        barrier,
+        lease,
+        mine,
+    }
+}
+
+/// Loads the handoff a delivery token names, checking it belongs to `run_id`.
+pub(super) async fn consumed_parent(
+    broker: &Broker,
+    run_id: &str,
+    token: &pb::DeliveryToken,
+) -> Result<pb::HandoffEnvelope, BrokerError> {
+    let stored = broker
+        .store()
+        .handoff_at(token.stream_sequence)
+        .await?
+        .ok_or_else(|| {
+            BrokerError::DeliveryGone(format!(
+                "the consumed delivery's handoff {} is no longer stored (retention passed)",
+                token.handoff_id
+            ))
+        })?;
+    if stored.envelope.id != token.handoff_id || stored.agent != token.agent {
+        return Err(BrokerError::BadDeliveryId(
+            "it does not match a stored handoff".to_string(),
+        ));
+    }
+    if stored.envelope.run_id != run_id {
+        return Err(BrokerError::malformed(
+            "consumes",
+            format!(
+                "the consumed delivery belongs to run {:?}, not {run_id:?}",
+                stored.envelope.run_id
+            ),
+        ));
+    }
+    Ok(stored.envelope)
+}
