@@ -668,6 +668,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
             capacity,
             minutes,
             stack.broker_pid(),
+            stack.nats_pid(),
+            stack.nats_url(),
             &bar(expected, &format!("soak at {rate:.0}/s")),
         )
         .await?;

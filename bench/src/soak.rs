@@ -8,7 +8,9 @@
 //! counts toward the minute it was accepted in; its latency runs from
 //! its acceptance (the envelope's `created_at`, stamped by the broker on
 //! this machine's clock) to its delivery to an instance. At the end of
-//! every minute the broker's resident memory is read.
+//! every minute the resident memory of the broker and of nats-server (when
+//! the bench started it) is read, and what every stream and bucket of the
+//! broker holds in JetStream.
 
 use std::{
     path::{Path, PathBuf},
@@ -53,6 +55,32 @@ pub(crate) struct Minute {
     pub(crate) latency: Histogram<u64>,
     /// handoffd's resident memory at the minute's end.
     pub(crate) rss: Option<u64>,
+    /// nats-server's resident memory at the minute's end.
+    pub(crate) nats_rss: Option<u64>,
+    /// What the broker's streams and buckets held at the minute's end.
+    pub(crate) stored: Option<Usage>,
+}
+
+/// What the broker's streams and buckets hold: (name, bytes, messages).
+pub(crate) type Usage = Vec<(String, u64, u64)>;
+
+/// Reads what every stream and bucket of the broker holds.
+async fn usage(js: &async_nats::jetstream::Context) -> Option<Usage> {
+    use futures::StreamExt;
+    let mut streams = js.streams();
+    let mut out = Vec::new();
+    while let Some(info) = streams.next().await {
+        let info = info.ok()?;
+        let name = info.config.name.clone();
+        let ours = name.starts_with("HANDOFF_")
+            || name.starts_with("KV_handoff_")
+            || name.starts_with("OBJ_handoff_");
+        if ours {
+            out.push((name, info.state.bytes, info.state.messages));
+        }
+    }
+    out.sort();
+    Some(out)
 }
 
 /// A soak's outcome: the rate it ran at and its minutes.
@@ -68,6 +96,10 @@ pub(crate) struct Soak {
     /// Handoffs accepted but not delivered a minute after the load ended
     /// (a backlog the rate outran, or a loss): reported, with the table.
     pub(crate) undelivered: u64,
+    /// Handoffs delivered.
+    pub(crate) delivered: u64,
+    /// What the broker's streams and buckets held before the load.
+    pub(crate) stored_before: Option<Usage>,
 }
 
 /// Per-minute tallies the sender and the instances fill.
@@ -122,15 +154,20 @@ impl Tally {
 }
 
 /// Runs the soak: `rate` handoffs per second for `minutes` minutes, the
-/// broker's memory read from process `broker` at every minute's end.
+/// memory of processes `broker` and `nats` and the storage on NATS at
+/// `nats_url` read at every minute's end.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn soak(
     client: &Client,
     rate: f64,
     capacity: f64,
     minutes: u32,
     broker: Option<u32>,
+    nats: Option<u32>,
+    nats_url: &str,
     bar: &ProgressBar,
 ) -> Result<Soak, BoxError> {
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url).await?);
     let run = client
         .start_run(RunConfig::new("bench").no_timeout())
         .await?;
@@ -150,16 +187,23 @@ pub(crate) async fn soak(
             acked.clone(),
         ));
     }
-    let rss = Arc::new(Mutex::new(vec![None; n]));
+    let stored_before = usage(&js).await;
+    type Sample = (Option<u64>, Option<u64>, Option<Usage>);
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::new(Mutex::new(vec![(None, None, None); n]));
     let start = Instant::now();
     let sampler = {
-        let rss = rss.clone();
+        let samples = samples.clone();
         tokio::spawn(async move {
             for m in 0..n {
                 tokio::time::sleep_until((start + Duration::from_secs(60 * (m as u64 + 1))).into())
                     .await;
-                if let Ok(mut rss) = rss.lock() {
-                    rss[m] = broker.and_then(stack::rss);
+                let sample = (
+                    broker.and_then(stack::rss),
+                    nats.and_then(stack::rss),
+                    usage(&js).await,
+                );
+                if let Ok(mut samples) = samples.lock() {
+                    samples[m] = sample;
                 }
             }
         })
@@ -221,7 +265,7 @@ pub(crate) async fn soak(
     for c in consumers {
         c.abort();
     }
-    let rss = rss.lock().map(|r| r.clone()).unwrap_or_default();
+    let samples = samples.lock().map(|r| r.clone()).unwrap_or_default();
     let minutes = (0..n)
         .map(|m| Minute {
             sent: tally.sent[m].load(Ordering::Relaxed),
@@ -231,7 +275,9 @@ pub(crate) async fn soak(
                 .lock()
                 .map(|h| h.clone())
                 .unwrap_or_else(|_| histogram()),
-            rss: rss[m],
+            rss: samples.get(m).and_then(|s| s.0),
+            nats_rss: samples.get(m).and_then(|s| s.1),
+            stored: samples.get(m).and_then(|s| s.2.clone()),
         })
         .collect();
     Ok(Soak {
@@ -239,6 +285,8 @@ pub(crate) async fn soak(
         capacity,
         minutes,
         undelivered,
+        delivered: tally.delivered.load(Ordering::Relaxed),
+        stored_before,
     })
 }
 
@@ -247,11 +295,59 @@ fn mib(bytes: u64) -> f64 {
 }
 
 impl Soak {
-    /// The last minute's RSS over the second's, when both were read.
-    pub(crate) fn rss_drift(&self) -> Option<f64> {
-        let second = self.minutes.get(1)?.rss?;
-        let last = self.minutes.last()?.rss?;
-        Some(last as f64 / second.max(1) as f64)
+    /// How much a per-minute figure moved: with 15 minutes or more, the
+    /// mean of the last five over the mean of minutes 5 to 10; with fewer,
+    /// the last minute over the second (the first still warms up). With
+    /// what it compares.
+    fn drift(&self, of: impl Fn(&Minute) -> Option<u64>) -> Option<(f64, &'static str)> {
+        let mean = |range: std::ops::Range<usize>| -> Option<f64> {
+            let values: Option<Vec<u64>> = self.minutes.get(range)?.iter().map(&of).collect();
+            let values = values?;
+            (!values.is_empty()).then(|| values.iter().sum::<u64>() as f64 / values.len() as f64)
+        };
+        let n = self.minutes.len();
+        if n >= 15 {
+            let (late, early) = (mean(n - 5..n)?, mean(4..10)?);
+            Some((late / early.max(1.0), "last 5 minutes / minutes 5-10"))
+        } else {
+            let (second, last) = (mean(1..2)?, mean(n - 1..n)?);
+            Some((last / second.max(1.0), "last minute / second minute"))
+        }
+    }
+
+    /// handoffd's RSS drift (see `drift`).
+    pub(crate) fn rss_drift(&self) -> Option<(f64, &'static str)> {
+        self.drift(|m| m.rss)
+    }
+
+    /// nats-server's RSS drift (see `drift`).
+    pub(crate) fn nats_rss_drift(&self) -> Option<(f64, &'static str)> {
+        self.drift(|m| m.nats_rss)
+    }
+
+    /// Bytes held in JetStream by the broker, at the end of minute `m`.
+    fn stored_bytes(m: &Minute) -> Option<u64> {
+        m.stored.as_ref().map(|u| u.iter().map(|(_, b, _)| b).sum())
+    }
+
+    /// Per stream or bucket: bytes before the load, bytes and messages at
+    /// its end, and what each delivered handoff left behind there.
+    pub(crate) fn left_behind(&self) -> Vec<(String, u64, u64, u64, f64)> {
+        let Some(end) = self.minutes.last().and_then(|m| m.stored.as_ref()) else {
+            return Vec::new();
+        };
+        end.iter()
+            .map(|(name, bytes, messages)| {
+                let before = self
+                    .stored_before
+                    .iter()
+                    .flatten()
+                    .find(|(n, _, _)| n == name)
+                    .map_or(0, |(_, b, _)| *b);
+                let per = bytes.saturating_sub(before) as f64 / self.delivered.max(1) as f64;
+                (name.clone(), before, *bytes, *messages, per)
+            })
+            .collect()
     }
 
     /// The per-minute table printed after the main one.
@@ -265,15 +361,24 @@ impl Soak {
         );
         let _ = writeln!(
             out,
-            "{:>6} {:>9} {:>7} {:>7} {:>9} {:>9} {:>9} {:>9}",
-            "minute", "sent", "missed", "errors", "p50 ms", "p99 ms", "max ms", "RSS MiB"
+            "{:>6} {:>9} {:>7} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "minute",
+            "sent",
+            "missed",
+            "errors",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "RSS MiB",
+            "NATS MiB",
+            "JS MiB"
         );
+        let shown = |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{:.1}", mib(b)));
         for (i, m) in self.minutes.iter().enumerate() {
             let l = Latency::of(&m.latency);
-            let rss = m.rss.map_or("-".to_string(), |b| format!("{:.1}", mib(b)));
             let _ = writeln!(
                 out,
-                "{:>6} {:>9} {:>7} {:>7} {:>9.3} {:>9.3} {:>9.3} {:>9}",
+                "{:>6} {:>9} {:>7} {:>7} {:>9.3} {:>9.3} {:>9.3} {:>9} {:>9} {:>9}",
                 i + 1,
                 m.sent,
                 m.missed,
@@ -281,8 +386,26 @@ impl Soak {
                 l.p50,
                 l.p99,
                 l.max,
-                rss
+                shown(m.rss),
+                shown(m.nats_rss),
+                shown(Soak::stored_bytes(m)),
             );
+        }
+        let behind = self.left_behind();
+        if !behind.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nstored in JetStream ({} handoffs delivered):\n{:<24} {:>12} {:>12} {:>10} {:>14}",
+                self.delivered, "stream or bucket", "before MiB", "end MiB", "messages", "bytes/handoff"
+            );
+            for (name, before, end, messages, per) in behind {
+                let _ = writeln!(
+                    out,
+                    "{name:<24} {:>12.2} {:>12.2} {messages:>10} {per:>14.1}",
+                    mib(before),
+                    mib(end)
+                );
+            }
         }
         if self.undelivered > 0 {
             let _ = writeln!(
@@ -291,21 +414,27 @@ impl Soak {
                 self.undelivered
             );
         }
-        match self.rss_drift() {
-            Some(d) => {
-                let _ = writeln!(
-                    out,
-                    "RSS, last minute / second minute: {d:.3} ({:+.1}%): {}",
-                    (d - 1.0) * 100.0,
-                    if (d - 1.0).abs() <= FLAT {
-                        "flat (within 10%)"
-                    } else {
-                        "NOT within 10%"
-                    }
-                );
-            }
-            None => {
-                let _ = writeln!(out, "RSS flatness needs at least two minutes");
+        for (who, drift) in [
+            ("handoffd RSS", self.rss_drift()),
+            ("nats-server RSS", self.nats_rss_drift()),
+            ("JetStream bytes", self.drift(Soak::stored_bytes)),
+        ] {
+            match drift {
+                Some((d, what)) => {
+                    let _ = writeln!(
+                        out,
+                        "{who}, {what}: {d:.3} ({:+.1}%): {}",
+                        (d - 1.0) * 100.0,
+                        if (d - 1.0).abs() <= FLAT {
+                            "flat (within 10%)"
+                        } else {
+                            "NOT within 10%"
+                        }
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "{who}: flatness needs at least two minutes read");
+                }
             }
         }
         out
@@ -335,10 +464,10 @@ impl Soak {
                 ));
             }
         }
-        if let Some(d) = self.rss_drift() {
+        if let Some((d, what)) = self.rss_drift() {
             rows.push(Row::new(
                 "soak",
-                "RSS, last minute / second minute",
+                format!("handoffd RSS, {what}"),
                 Figure::Ratio {
                     value: d,
                     of: if (d - 1.0).abs() <= FLAT {
@@ -367,6 +496,12 @@ impl Soak {
             .enumerate()
             .filter_map(|(i, m)| Some((i as f64 + 1.0, mib(m.rss?))))
             .collect();
+        let nats_rss: Vec<(f64, f64)> = self
+            .minutes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| Some((i as f64 + 1.0, mib(m.nats_rss?))))
+            .collect();
         let p = |q: f64| -> Vec<(f64, f64)> {
             self.minutes
                 .iter()
@@ -381,9 +516,12 @@ impl Soak {
         };
         let series = [
             (
-                "handoffd RSS, MiB (per minute)",
+                "RSS, MiB (per minute)",
                 "MiB",
-                vec![("RSS", rss, RGBColor(200, 40, 40))],
+                vec![
+                    ("handoffd", rss, RGBColor(200, 40, 40)),
+                    ("nats-server", nats_rss, RGBColor(40, 80, 200)),
+                ],
                 &left,
             ),
             (
@@ -469,23 +607,53 @@ mod tests {
             errors: 0,
             latency: histogram(),
             rss,
+            nats_rss: None,
+            stored: rss.map(|b| vec![("HANDOFF_EVENTS".to_string(), b, 1)]),
         }
     }
 
-    #[test]
-    fn rss_drift_compares_the_last_minute_with_the_second() {
-        let soak = |rss: &[Option<u64>]| Soak {
+    fn soak(rss: &[Option<u64>]) -> Soak {
+        Soak {
             rate: 1.0,
             capacity: 2.0,
             minutes: rss.iter().map(|r| minute(*r)).collect(),
             undelivered: 0,
-        };
-        assert_eq!(
-            soak(&[Some(50), Some(100), Some(120), Some(105)]).rss_drift(),
-            Some(1.05)
-        );
+            delivered: 10,
+            stored_before: Some(vec![("HANDOFF_EVENTS".to_string(), 20, 1)]),
+        }
+    }
+
+    #[test]
+    fn a_short_soak_compares_the_last_minute_with_the_second() {
+        let d = soak(&[Some(50), Some(100), Some(120), Some(105)]).rss_drift();
+        assert_eq!(d, Some((1.05, "last minute / second minute")));
         assert_eq!(soak(&[Some(100)]).rss_drift(), None);
         assert_eq!(soak(&[Some(100), None]).rss_drift(), None);
+        assert_eq!(soak(&[Some(100)]).nats_rss_drift(), None);
+    }
+
+    #[test]
+    fn a_long_soak_compares_the_last_five_minutes_with_minutes_5_to_10() {
+        // Minutes 5-10 average 100, the last five 110.
+        let mut rss = vec![Some(10); 20];
+        for m in &mut rss[4..10] {
+            *m = Some(100);
+        }
+        for m in &mut rss[15..20] {
+            *m = Some(110);
+        }
+        let (d, what) = soak(&rss).rss_drift().expect("a drift");
+        assert!((d - 1.1).abs() < 1e-9, "{d}");
+        assert_eq!(what, "last 5 minutes / minutes 5-10");
+    }
+
+    #[test]
+    fn what_a_handoff_leaves_behind_is_the_growth_over_the_handoffs_delivered() {
+        let behind = soak(&[Some(100), Some(120)]).left_behind();
+        assert_eq!(
+            behind,
+            vec![("HANDOFF_EVENTS".to_string(), 20, 120, 1, 10.0)]
+        );
     }
 
     #[test]

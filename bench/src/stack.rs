@@ -148,7 +148,13 @@ impl Stack {
         Ok(client.server_info().version)
     }
 
-    /// The broker's process id.
+    /// The process id of the nats-server the stack started (none on a
+    /// cluster or a given URL).
+    pub(crate) fn nats_pid(&self) -> Option<u32> {
+        self._nats.as_ref().and_then(NatsServer::pid)
+    }
+
+    /// The broker process's id.
     pub(crate) fn broker_pid(&self) -> Option<u32> {
         self.broker.id()
     }

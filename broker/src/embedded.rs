@@ -250,6 +250,11 @@ impl NatsServer {
         })
     }
 
+    /// The server's process id (`None` once it exited).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> &str {
         &self.url

@@ -16,7 +16,7 @@
 //! can (the source, the consumed delivery's agent and run) before any
 //! read, the rest (the run's owner, the consumed delivery's lease) on the
 //! reads the handoff makes anyway. Only then are a payload by reference
-//! fetched and the guards (see [`guard`]) run, so a refused caller learns
+//! fetched and the guards (see [`guard`](crate::app::guard)) run, so a refused caller learns
 //! nothing of the target and leaves nothing behind. A claim on the
 //! consumed delivery is taken with the reads (by a caller that receives
 //! as its agent), and withdrawn if nothing was stored, so a failed step
