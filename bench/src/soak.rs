@@ -290,6 +290,9 @@ pub(crate) async fn soak(
     })
 }
 
+/// One line of a plot: its name, points and colour.
+type Line<'a> = (&'a str, Vec<(f64, f64)>, RGBColor);
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -481,14 +484,16 @@ impl Soak {
         rows
     }
 
-    /// Draws RSS and the latency p50/p99 per minute into `path` (PNG).
+    /// Draws RSS, the latency p50/p99 and the bytes of each stream or
+    /// bucket per minute into `path` (PNG).
     pub(crate) fn plot(&self, path: &Path) -> Result<(), BoxError> {
         const FONT: &str = "sans-serif";
         plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular())
             .map_err(|_| "--plot: the embedded font does not load")?;
-        let root = BitMapBackend::new(path, (1280, 400)).into_drawing_area();
+        let root = BitMapBackend::new(path, (1920, 400)).into_drawing_area();
         root.fill(&WHITE)?;
-        let (left, right) = root.split_horizontally(640);
+        let (left, rest) = root.split_horizontally(640);
+        let (right, store) = rest.split_horizontally(640);
         let x_max = self.minutes.len().max(2) as f64 + 0.5;
         let rss: Vec<(f64, f64)> = self
             .minutes
@@ -514,6 +519,44 @@ impl Soak {
                 })
                 .collect()
         };
+        // What each stream or bucket held, per minute (those that held
+        // anything).
+        const COLORS: [RGBColor; 8] = [
+            RGBColor(200, 40, 40),
+            RGBColor(40, 80, 200),
+            RGBColor(40, 150, 60),
+            RGBColor(160, 90, 20),
+            RGBColor(130, 40, 160),
+            RGBColor(20, 140, 150),
+            RGBColor(90, 90, 90),
+            RGBColor(220, 120, 160),
+        ];
+        let mut names: Vec<String> = self
+            .minutes
+            .iter()
+            .flat_map(|m| m.stored.iter().flatten())
+            .filter(|(_, bytes, _)| *bytes > 0)
+            .map(|(name, _, _)| name.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        let stored: Vec<Line> = names
+            .iter()
+            .enumerate()
+            .map(|(k, name)| {
+                let pts = self
+                    .minutes
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, m)| {
+                        let (_, bytes, _) =
+                            m.stored.as_ref()?.iter().find(|(n, _, _)| n == name)?;
+                        Some((i as f64 + 1.0, mib(*bytes)))
+                    })
+                    .collect();
+                (name.as_str(), pts, COLORS[k % COLORS.len()])
+            })
+            .collect();
         let series = [
             (
                 "RSS, MiB (per minute)",
@@ -533,6 +576,7 @@ impl Soak {
                 ],
                 &right,
             ),
+            ("held in JetStream, MiB (per minute)", "MiB", stored, &store),
         ];
         for (title, unit, lines, area) in series {
             let y_max = lines
