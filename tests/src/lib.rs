@@ -897,17 +897,21 @@ pub async fn keep_inboxes(nats_url: &str) {
         .expect("the inbox witness");
 }
 
-/// Undoes [`keep_inboxes`]: acked handoffs leave their inbox again, as
-/// they do in production.
-pub async fn forget_inboxes(nats_url: &str) {
+/// The inbox stream of the broker on NATS at `nats_url`.
+async fn inbox_stream(nats_url: &str) -> async_nats::jetstream::stream::Stream {
     let client = async_nats::connect(nats_url)
         .await
         .expect("connect to NATS");
-    let js = async_nats::jetstream::new(client);
-    let stream = js
+    async_nats::jetstream::new(client)
         .get_stream(handoffd::store::jetstream::INBOX_STREAM)
         .await
-        .expect("the inbox stream");
+        .expect("the inbox stream")
+}
+
+/// Undoes [`keep_inboxes`]: acked handoffs leave their inbox again, as
+/// they do in production.
+pub async fn forget_inboxes(nats_url: &str) {
+    let stream = inbox_stream(nats_url).await;
     stream
         .delete_consumer(INBOX_WITNESS)
         .await
@@ -917,14 +921,7 @@ pub async fn forget_inboxes(nats_url: &str) {
 /// What `agent`'s inbox stored (every handoff, acked or not, once
 /// [`keep_inboxes`] made it keep them) and how its consumer stands.
 pub async fn inbox(nats_url: &str, agent: &str) -> Inbox {
-    let client = async_nats::connect(nats_url)
-        .await
-        .expect("connect to NATS");
-    let js = async_nats::jetstream::new(client);
-    let stream = js
-        .get_stream(handoffd::store::jetstream::INBOX_STREAM)
-        .await
-        .expect("the inbox stream");
+    let stream = inbox_stream(nats_url).await;
     let mut subjects = stream
         .info_with_subjects(format!("handoff.v1.inbox.{agent}"))
         .await
