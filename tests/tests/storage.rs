@@ -159,3 +159,88 @@ async fn an_ended_run_leaves_nothing_behind_after_retention_but_its_purge_event(
         assert_eq!(held(url, &stream, None).await, 0, "{stream} is empty");
     }
 }
+
+#[tokio::test]
+async fn a_timer_stream_made_before_purges_existed_is_taken_over_with_its_timers() {
+    use async_nats::jetstream::{consumer::pull, stream};
+    let nats = handoff_tests::Nats::start().await;
+    // The timer stream and its one consumer of every timer, as a broker
+    // before run purges made them, holding a deadline timer.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
+    let timers = js
+        .create_stream(stream::Config {
+            name: js::TIMERS_STREAM.to_string(),
+            subjects: vec!["handoff.v1.timers.>".to_string()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+        .expect("the old timer stream");
+    timers
+        .create_consumer(pull::Config {
+            durable_name: Some(js::TIMERS_CONSUMER.to_string()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            max_deliver: -1,
+            max_ack_pending: -1,
+            ..Default::default()
+        })
+        .await
+        .expect("the old timer consumer");
+    let due = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let timer = pb::Timer {
+        run_id: "old".into(),
+        due: Some(due.into()),
+        ..Default::default()
+    };
+    js.publish(
+        "handoff.v1.timers.run.old",
+        prost::Message::encode_to_vec(&timer).into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("a stored timer");
+
+    let broker = handoff_tests::Broker::start(nats.url(), |_| {}).await;
+    let mut timers = js.get_stream(js::TIMERS_STREAM).await.expect("the stream");
+    let fires = timers
+        .consumer_info(js::TIMERS_CONSUMER)
+        .await
+        .expect("the timer consumer");
+    assert!(
+        !fires.config.filter_subjects.is_empty()
+            && fires
+                .config
+                .filter_subjects
+                .iter()
+                .all(|s| !s.contains("purge")),
+        "{:?}",
+        fires.config.filter_subjects
+    );
+    let purges = timers
+        .consumer_info(js::PURGES_CONSUMER)
+        .await
+        .expect("the purge consumer");
+    assert_eq!(purges.config.filter_subject, "handoff.v1.timers.purge.>");
+    assert_eq!(purges.config.max_ack_pending, 16);
+    // The deadline set before the change still waits, held by the timer
+    // consumer until it is due.
+    let info = timers.info().await.expect("info");
+    assert_eq!(info.state.messages, 1);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let fires = timers
+            .consumer_info(js::TIMERS_CONSUMER)
+            .await
+            .expect("the timer consumer");
+        if fires.num_ack_pending == 1 && fires.num_pending == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old timer was never taken: {fires:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    broker.stop().await;
+}
