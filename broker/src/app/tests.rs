@@ -134,6 +134,14 @@ fn consuming(run: &str, source: &str, target: &str, d: &pb::Delivery) -> pb::Han
     }
 }
 
+/// The final handoff of `run` by `source`, consuming delivery `d`.
+fn final_consuming(run: &str, source: &str, d: &pb::Delivery) -> pb::HandoffRequest {
+    pb::HandoffRequest {
+        r#final: true,
+        ..consuming(run, source, "", d)
+    }
+}
+
 fn reason(r: Result<pb::HandoffResponse, BrokerError>) -> Reason {
     r.expect_err("refused").reason()
 }
@@ -335,11 +343,7 @@ async fn depth_cap_and_closed_runs_refuse_before_storing() {
     let deep = handoff::accept(&f.broker, &Caller::local(), consuming(&run, "a", "b", &d)).await;
     assert_eq!(reason(deep), Reason::DepthCap);
     assert!(f.store.inbox("b").is_empty());
-    let done = pb::HandoffRequest {
-        r#final: true,
-        target_agent: String::new(),
-        ..consuming(&run, "a", "", &d)
-    };
+    let done = final_consuming(&run, "a", &d);
     handoff::accept(&f.broker, &Caller::local(), done)
         .await
         .expect("final");
@@ -359,11 +363,7 @@ async fn an_ended_run_is_purged_retention_after_its_end_with_its_event_first() {
     // Not ended: a purge leaves it alone.
     runs::purge(&f.broker, &run).await.expect("purge");
     assert!(f.store.run(&run).await.expect("read").is_some());
-    let done = pb::HandoffRequest {
-        r#final: true,
-        target_agent: String::new(),
-        ..consuming(&run, "a", "", &d)
-    };
+    let done = final_consuming(&run, "a", &d);
     handoff::accept(&f.broker, &Caller::local(), done)
         .await
         .expect("final");
