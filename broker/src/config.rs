@@ -101,7 +101,7 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         name: "dedupe_window",
-        default: "15m",
+        default: "2m",
         doc: "How long an idempotency key (or a consumed delivery) is recognised.",
     },
     Key {
