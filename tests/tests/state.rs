@@ -357,6 +357,88 @@ async fn reads_limits_what_a_delivery_carries_and_every_past_revision_is_kept() 
     );
 }
 
+#[tokio::test]
+async fn revisions_stored_as_deltas_read_back_whole_at_every_revision() {
+    use prost::Message as _;
+    // No cache: every read rebuilds its revision from the store.
+    let (nats, _broker, client) = stack(|c| c.state_cache_bytes = 0).await;
+    let run = agent_and_run(
+        &client,
+        "worker",
+        RunConfig::new("olga")
+            .pin_state("order_id", "A-1")
+            .state("city", "Oslo"),
+    )
+    .await;
+    // What each revision must hold, kept by the test.
+    let mut model: Vec<std::collections::BTreeMap<String, state::Value>> = vec![[
+        ("order_id".to_string(), s("A-1")),
+        ("city".to_string(), s("Oslo")),
+    ]
+    .into()];
+    for i in 2..=40u32 {
+        let mut next = model.last().cloned().expect("a revision");
+        let key = format!("k{}", i % 7);
+        let delta = if i % 5 == 0 && next.contains_key(&key) {
+            next.remove(&key);
+            StateDelta::new().unset(&key)
+        } else {
+            next.insert(key.clone(), s(&format!("v{i}")));
+            StateDelta::new().set(&key, format!("v{i}").as_str())
+        };
+        let receipt = client
+            .handoff(
+                Handoff::to(&run.id, "worker", &note("n", i))
+                    .expect("handoff")
+                    .state_delta(delta),
+            )
+            .await
+            .expect("handoff");
+        assert_eq!(receipt.state_revision, u64::from(i));
+        model.push(next);
+    }
+    for (i, want) in model.iter().enumerate() {
+        let rev = i as u64 + 1;
+        let got = client.get_state(&run.id, rev).await.expect("revision");
+        let values: std::collections::BTreeMap<String, state::Value> =
+            got.state.expect("state").values.into_iter().collect();
+        assert_eq!(&values, want, "revision {rev}");
+        assert_eq!(got.latest_revision, 40);
+    }
+    // As stored: the seed and every 16th whole, the others only what they
+    // wrote.
+    let js = async_nats::jetstream::new(
+        async_nats::connect(nats.url())
+            .await
+            .expect("a NATS client"),
+    );
+    let bucket = js.get_key_value("handoff_state").await.expect("the bucket");
+    let mut sizes = Vec::new();
+    for rev in [1u64, 15, 16, 17, 32, 33] {
+        let raw = bucket
+            .get(format!("{}.{rev}", run.id))
+            .await
+            .expect("read")
+            .expect("stored");
+        let record = pb::StateRecord::decode(raw.clone()).expect("a record");
+        let whole = rev == 1 || rev % 16 == 0;
+        assert_eq!(record.partial, !whole, "revision {rev}");
+        if !whole {
+            assert!(
+                record.entries.len() <= 1,
+                "revision {rev} keeps what it wrote"
+            );
+        }
+        sizes.push((rev, raw.len()));
+    }
+    let size = |rev| sizes.iter().find(|(r, _)| *r == rev).map_or(0, |(_, n)| *n);
+    assert!(
+        size(33) < size(32),
+        "a delta is smaller than the snapshot: {sizes:?}"
+    );
+
+}
+
 // ------------------------------------------------------------ signals
 
 mod shop {

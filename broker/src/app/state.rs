@@ -3,7 +3,8 @@
 //!
 //! Each revision is its own record, created once with compare-and-set
 //! (`<run>.<revision>`): a delta is applied to the latest revision and
-//! written as the next one; when another writer made that revision first,
+//! written as the next one (stored as what it wrote, with the whole
+//! document every [`rules::SNAPSHOT_EVERY`] revisions); when another writer made that revision first,
 //! the delta is checked again against it (disjoint keys merge, a replaced
 //! key changed since the delta's base is ABORTED). A revision remembers the
 //! handoffs that made the latest ones, so a retried handoff finds its
@@ -129,14 +130,16 @@ pub async fn latest(
         Some(r) => Some(r),
         None => match store.state_head(run_id).await? {
             0 => None,
-            n => store.state_record(run_id, n).await?.map(Arc::new),
+            n => load(broker, run_id, n).await?,
         },
     };
     loop {
         let next = current.as_ref().map_or(1, |r| r.revision + 1);
-        match store.state_record(run_id, next).await? {
-            Some(r) => current = Some(Arc::new(r)),
-            None => break,
+        match (store.state_record(run_id, next).await?, &current) {
+            (Some(r), Some(previous)) => current = Some(Arc::new(rules::rebuild(previous, r))),
+            (Some(r), None) if !r.partial => current = Some(Arc::new(r)),
+            (Some(_), None) => return Err(unstored(run_id, 1)),
+            (None, _) => break,
         }
     }
     if let Some(r) = &current {
@@ -161,11 +164,7 @@ pub async fn at(
     if let Some(r) = cache.past.get(&key) {
         return Ok(Some(r.clone()));
     }
-    let record = broker
-        .store()
-        .state_record(run_id, revision)
-        .await?
-        .map(Arc::new);
+    let record = load(broker, run_id, revision).await?;
     if let Some(r) = record
         .as_ref()
         .filter(|r| cache.admit(r, broker.config().state_cache_bytes))
@@ -173,6 +172,47 @@ pub async fn at(
         cache.past.insert(key, r.clone());
     }
     Ok(record)
+}
+
+/// One revision of a run's state, whole, from the store: read as stored,
+/// and, when stored as a delta, rebuilt from the snapshot before it and the
+/// revisions between, all read at once.
+async fn load(
+    broker: &Broker,
+    run_id: &str,
+    revision: u64,
+) -> Result<Option<Arc<pb::StateRecord>>, BrokerError> {
+    let store = broker.store();
+    let Some(stored) = store.state_record(run_id, revision).await? else {
+        return Ok(None);
+    };
+    if !stored.partial {
+        return Ok(Some(Arc::new(stored)));
+    }
+    let base = rules::snapshot_of(revision);
+    let before = futures::future::try_join_all(
+        (base..revision)
+            .map(|r| async move { store.state_record(run_id, r).await.map(|s| (r, s)) }),
+    )
+    .await?;
+    let mut whole: Option<pb::StateRecord> = None;
+    for (r, record) in before {
+        let record = record.ok_or_else(|| unstored(run_id, r))?;
+        whole = Some(match whole {
+            Some(previous) => rules::rebuild(&previous, record),
+            None if !record.partial => record,
+            None => return Err(unstored(run_id, r)),
+        });
+    }
+    let previous = whole.ok_or_else(|| unstored(run_id, base))?;
+    Ok(Some(Arc::new(rules::rebuild(&previous, stored))))
+}
+
+/// A revision a stored one is rebuilt from is missing.
+fn unstored(run_id: &str, revision: u64) -> BrokerError {
+    BrokerError::Internal(format!(
+        "revision {revision} of run {run_id:?}'s state is not stored whole, or at all"
+    ))
 }
 
 /// What a handoff did to the run state.
@@ -254,7 +294,11 @@ pub async fn apply(
                 ],
             });
         }
-        if broker.store().create_state_record(&next).await? {
+        if broker
+            .store()
+            .create_state_record(&rules::stored_form(&next))
+            .await?
+        {
             let revision = next.revision;
             let change = next.change.clone();
             let (head_written, marked) =

@@ -214,6 +214,79 @@ pub fn applied(record: &pb::StateRecord, handoff_id: &str) -> Option<u64> {
         .map(|a| a.revision)
 }
 
+/// How often a revision is stored whole: the first, and every one whose
+/// number is a multiple of this; the others store only what they wrote.
+/// A revision no cache holds is rebuilt from at most this many records.
+pub const SNAPSHOT_EVERY: u64 = 16;
+
+/// Whether `revision` is stored whole.
+pub fn is_snapshot(revision: u64) -> bool {
+    revision <= 1 || revision.is_multiple_of(SNAPSHOT_EVERY)
+}
+
+/// The revision stored whole that `revision` is rebuilt from.
+pub fn snapshot_of(revision: u64) -> u64 {
+    if revision < SNAPSHOT_EVERY {
+        1
+    } else {
+        revision - revision % SNAPSHOT_EVERY
+    }
+}
+
+/// How `record` (whole, as [`apply`] made it) is stored: whole at a
+/// snapshot, otherwise as a delta that keeps only the entries it wrote
+/// (what it remembers, the pinned keys and the policies come from the
+/// revisions before it).
+pub fn stored_form(record: &pb::StateRecord) -> pb::StateRecord {
+    if is_snapshot(record.revision) {
+        return record.clone();
+    }
+    pb::StateRecord {
+        run_id: record.run_id.clone(),
+        revision: record.revision,
+        entries: record
+            .entries
+            .iter()
+            .filter(|(_, e)| e.changed_at == record.revision)
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect(),
+        pinned_keys: Vec::new(),
+        policies: Default::default(),
+        handoff_id: record.handoff_id.clone(),
+        source_agent: record.source_agent.clone(),
+        at: record.at,
+        delta: record.delta.clone(),
+        change: record.change.clone(),
+        recent: Vec::new(),
+        partial: true,
+    }
+}
+
+/// The whole revision that `stored` (as stored) makes over `previous`, the
+/// whole revision before it; a revision stored whole is itself.
+pub fn rebuild(previous: &pb::StateRecord, stored: pb::StateRecord) -> pb::StateRecord {
+    if !stored.partial {
+        return stored;
+    }
+    let mut entries = previous.entries.clone();
+    entries.extend(stored.entries);
+    let recent = std::iter::once(pb::AppliedDelta {
+        handoff_id: stored.handoff_id.clone(),
+        revision: stored.revision,
+    })
+    .chain(previous.recent.iter().cloned())
+    .take(RECENT)
+    .collect();
+    pb::StateRecord {
+        entries,
+        pinned_keys: previous.pinned_keys.clone(),
+        policies: previous.policies.clone(),
+        recent,
+        partial: false,
+        ..stored
+    }
+}
+
 /// The next revision: `delta` applied to `head` (`None`: the run has no
 /// state yet). Refused, with nothing changed, when the delta touches a
 /// pinned key, conflicts with a change after its base revision, writes a
@@ -317,6 +390,7 @@ pub fn apply(
         delta: Some(delta.clone()),
         change: None,
         recent: Vec::new(),
+        partial: false,
     };
     let mut written: Vec<(&String, Value)> = Vec::new();
     for (key, value) in &delta.set {
@@ -565,6 +639,62 @@ mod tests {
             base_revision: base,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn revisions_stored_as_deltas_rebuild_every_revision_whole() {
+        // Fifty revisions: appends, replaces and removals, each made whole
+        // by `apply`, then stored the way the store keeps them.
+        let mut whole = vec![seeded()];
+        for i in 2..=50u64 {
+            let head = whole.last().expect("a head");
+            let delta = match i % 3 {
+                0 => pb::StateDelta {
+                    append: [(
+                        "notes".to_string(),
+                        ListValue {
+                            values: vec![s(&format!("n{i}"))],
+                        },
+                    )]
+                    .into(),
+                    ..Default::default()
+                },
+                1 => set(&format!("k{}", i % 5), s(&format!("v{i}")), None),
+                _ => pb::StateDelta {
+                    unset: vec![format!("k{}", (i + 1) % 5)],
+                    set: [("last".to_string(), s(&i.to_string()))].into(),
+                    ..Default::default()
+                },
+            };
+            let next = apply("r", Some(head), &delta, &format!("h{i}"), "a", LIMITS, at())
+                .expect("applied");
+            whole.push(next);
+        }
+        let stored: Vec<pb::StateRecord> = whole.iter().map(stored_form).collect();
+        for (record, kept) in whole.iter().zip(&stored) {
+            assert_eq!(kept.partial, !is_snapshot(record.revision));
+            if kept.partial {
+                assert!(kept.recent.is_empty() && kept.pinned_keys.is_empty());
+                assert!(
+                    kept.entries.len() < record.entries.len(),
+                    "only what it wrote"
+                );
+            } else {
+                assert_eq!(kept, record);
+            }
+        }
+        assert!(is_snapshot(1) && is_snapshot(16) && is_snapshot(48) && !is_snapshot(17));
+        for target in 1..=50u64 {
+            let base = snapshot_of(target);
+            assert!(is_snapshot(base) && base <= target && target - base < SNAPSHOT_EVERY);
+            let mut current = stored[(base - 1) as usize].clone();
+            for r in base + 1..=target {
+                current = rebuild(&current, stored[(r - 1) as usize].clone());
+            }
+            assert_eq!(current, whole[(target - 1) as usize], "revision {target}");
+        }
+        // A record stored whole (as before deltas) is itself.
+        assert_eq!(rebuild(&whole[3], whole[4].clone()), whole[4]);
     }
 
     #[test]
