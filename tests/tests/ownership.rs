@@ -971,6 +971,14 @@ async fn foreign_and_missing_runs_answer_alike() {
             ("GetState", bob.get_state(id, 0).await.map(drop)),
             ("GetBarrier", bob.get_barrier(id, "join-1").await.map(drop)),
             ("Watch", watch_refusal(&bob, id).await),
+            (
+                "run export",
+                match handoffctl::export::export(&bob, id).await {
+                    Ok(_) => Ok(()),
+                    Err(handoffctl::export::ExportError::Broker(e)) => Err(e),
+                    Err(other) => panic!("{which} run export: {other}"),
+                },
+            ),
         ];
         for (call, answer) in answers {
             let err = answer.expect_err(call);

@@ -437,6 +437,27 @@ async fn revisions_stored_as_deltas_read_back_whole_at_every_revision() {
         "a delta is smaller than the snapshot: {sizes:?}"
     );
 
+    // `handoffctl run export`: the run, its timeline and every revision.
+    let export = handoffctl::export::export(&client, &run.id)
+        .await
+        .expect("export");
+    assert_eq!(export["format"], "handoff.run-export.v1");
+    assert_eq!(export["run"]["id"], run.id.as_str());
+    assert_eq!(export["run"]["status"], "RUN_STATUS_RUNNING");
+    let timeline = export["timeline"].as_array().expect("a timeline");
+    let accepted = timeline
+        .iter()
+        .filter(|e| e["kind"] == "EVENT_KIND_HANDOFF_ACCEPTED")
+        .count();
+    assert_eq!(accepted, 39, "one accepted event per handoff");
+    let revisions = export["state"].as_array().expect("revisions");
+    assert_eq!(revisions.len(), model.len());
+    for (i, want) in model.iter().enumerate() {
+        let values = revisions[i]["state"]["values"].as_object().expect("values");
+        let keys: BTreeSet<&String> = values.keys().collect();
+        assert_eq!(keys, want.keys().collect(), "revision {}", i + 1);
+    }
+    assert_eq!(revisions[16]["state"]["values"]["city"], "Oslo");
 }
 
 // ------------------------------------------------------------ signals

@@ -166,6 +166,16 @@ enum RunCommand {
         /// The run's id.
         id: String,
     },
+    /// Write a run's record, timeline and every state revision as one JSON
+    /// document (protobuf's JSON mapping), to keep what the broker purges
+    /// `retention` after the run ends.
+    Export {
+        /// The run's id.
+        id: String,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -434,6 +444,9 @@ async fn dispatch(cli: Cli) -> Outcome {
     let result = match cli.command {
         Command::Run(RunCommand::Start(args)) => run_start(&client, args).await,
         Command::Run(RunCommand::Show { id }) => run_show(&client, &id).await,
+        Command::Run(RunCommand::Export { id, out: file }) => {
+            run_export(&client, &id, file.as_deref()).await
+        }
         Command::State(StateCommand::Show { run, rev }) => {
             let resp = client.get_state(&run, rev.unwrap_or(0)).await?;
             out(&display::state_table(&resp))
@@ -543,6 +556,23 @@ async fn run_show(client: &Client, id: &str) -> Outcome {
         }
     }
     out(&text)
+}
+
+async fn run_export(client: &Client, id: &str, file: Option<&std::path::Path>) -> Outcome {
+    let document = handoffctl::export::export(client, id)
+        .await
+        .map_err(|e| match e {
+            handoffctl::export::ExportError::Broker(e) => Failure::from(e),
+            other => Failure(other.to_string()),
+        })?;
+    let mut text = serde_json::to_string_pretty(&document)
+        .map_err(|e| Failure(format!("writing the export: {e}")))?;
+    text.push('\n');
+    match file {
+        Some(path) => std::fs::write(path, text)
+            .map_err(|e| Failure(format!("writing {}: {e}", path.display()))),
+        None => out(&text),
+    }
 }
 
 async fn barrier_show(client: &Client, args: &BarrierShowArgs) -> Outcome {
