@@ -80,7 +80,7 @@ const LOG_TAIL: usize = 30;
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     /// The `nats-server` executable could not be run.
-    #[error("cannot run nats-server ({source}); install it: apt-get install -y nats-server")]
+    #[error("cannot run nats-server ({source}); ./dev installs 2.12 or newer into target/tools")]
     Spawn {
         /// Why.
         source: std::io::Error,

@@ -74,7 +74,9 @@ impl Nats {
         let dir = tempfile::tempdir().expect("temp dir");
         let server = NatsServer::start(Options::new("nats-server", dir.path().join("js")))
             .await
-            .expect("nats-server must be installed (apt-get install -y nats-server)");
+            .expect(
+                "nats-server 2.12 or newer must be on PATH (./dev installs it into target/tools)",
+            );
         let url = server.url().to_string();
         Nats {
             server: Some(server),

@@ -108,11 +108,15 @@ async fn raising_replicas_replicates_every_existing_stream_and_bucket() {
 }
 
 #[tokio::test]
-async fn concurrent_branches_on_a_cluster_release_once_with_every_branch() {
+async fn two_replicas_racing_branches_on_a_cluster_release_once_with_every_branch() {
     use handoff_client::{pb, Handoff};
     let cluster = Cluster::start().await;
-    let broker = Broker::start(&cluster.urls_joined(), |c| c.replicas = 3).await;
-    let client = broker.client().await;
+    // Two replicas of the broker, each on a node of its own: nothing but
+    // JetStream's compare-and-set orders their writes of the barrier.
+    let a = Broker::start(&cluster.url(0), |c| c.replicas = 3).await;
+    let b = Broker::start(&cluster.url(1), |c| c.replicas = 3).await;
+    let client = a.client().await;
+    let other = b.client().await;
     load::register_agents(&client, LEASE).await;
     client
         .start_run(handoff_client::RunConfig::new("o").id("wide"))
@@ -133,10 +137,14 @@ async fn concurrent_branches_on_a_cluster_release_once_with_every_branch() {
         })
         .await
         .expect("open");
-    // Every branch at once: their compare-and-set writes of the barrier
-    // race on its leader.
+    // Every branch at once, half through each replica: their
+    // compare-and-set writes of the barrier race on its leader.
     let calls = (0..branches).map(|i| {
-        let client = client.clone();
+        let client = if i % 2 == 0 {
+            client.clone()
+        } else {
+            other.clone()
+        };
         async move {
             let branch =
                 Handoff::to_barrier("wide", "join", i.to_string(), &handoff_tests::note("r", i))
