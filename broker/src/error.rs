@@ -31,6 +31,9 @@ pub enum Class {
     OutOfRange,
     /// A concurrent write came first: read again and retry.
     Aborted,
+    /// A limit of what the broker stores is reached: retry once room is
+    /// made.
+    ResourceExhausted,
     /// NATS is unreachable or the broker is draining.
     Unavailable,
     /// A bug or an unexpected answer from the store.
@@ -171,6 +174,8 @@ reasons! {
         "the source agent sends a contract it does not declare in emits";
     RequestTooLarge => "REQUEST_TOO_LARGE", OutOfRange,
         "the request is larger than gRPC accepts (max_payload_size plus 4 MiB)";
+    StoreFull => "STORE_FULL", ResourceExhausted,
+        "a stream or bucket of the broker is at its byte limit (stream_max_bytes): nothing was stored; retry once consumers catch up, or raise the limit";
     NatsUnavailable => "NATS_UNAVAILABLE", Unavailable,
         "NATS is unreachable; retrying with the same idempotency key is safe";
     Draining => "DRAINING", Unavailable,
@@ -367,6 +372,9 @@ pub enum BrokerError {
     /// NATS or JetStream did not answer.
     #[error("NATS unavailable: {0}")]
     Unavailable(String),
+    /// JetStream refused a write: the stream is at its byte limit.
+    #[error("{0}")]
+    StoreFull(String),
     /// The broker is draining.
     #[error("{0}")]
     Draining(String),
@@ -421,6 +429,7 @@ impl BrokerError {
             TooManyBranches { .. } => Reason::TooManyBranches,
             DeliveryGone(_) => Reason::DeliveryGone,
             Unavailable(_) => Reason::NatsUnavailable,
+            StoreFull(_) => Reason::StoreFull,
             Draining(_) => Reason::Draining,
             Internal(_) => Reason::Internal,
         }
@@ -546,7 +555,15 @@ impl BrokerError {
 
     /// Wraps a NATS error as UNAVAILABLE, keeping its text.
     pub fn nats(context: &str, err: impl fmt::Display) -> Self {
-        BrokerError::Unavailable(format!("{context}: {err}"))
+        let text = err.to_string();
+        // JetStream's answer to a write past a stream's limits (error
+        // 10077, "maximum bytes exceeded"; the stream discards nothing).
+        if text.contains("maximum bytes exceeded") || text.contains("maximum messages exceeded") {
+            return BrokerError::StoreFull(format!(
+                "{context}: {text}: a stream of the broker is at its byte limit (stream_max_bytes); nothing was stored"
+            ));
+        }
+        BrokerError::Unavailable(format!("{context}: {text}"))
     }
 }
 
@@ -611,6 +628,7 @@ mod readme {
                 super::Class::PermissionDenied => "PERMISSION_DENIED",
                 super::Class::OutOfRange => "OUT_OF_RANGE",
                 super::Class::Aborted => "ABORTED",
+                super::Class::ResourceExhausted => "RESOURCE_EXHAUSTED",
                 super::Class::Unavailable => "UNAVAILABLE",
                 super::Class::Internal => "INTERNAL",
             };

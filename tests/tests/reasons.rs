@@ -687,6 +687,45 @@ async fn unavailable_names_nats_or_the_drain() {
     refused(r, Code::Unavailable, "NATS_UNAVAILABLE");
 }
 
+#[tokio::test]
+async fn a_stream_at_its_byte_limit_refuses_with_store_full_and_stores_nothing() {
+    // 1 MiB per stream: an inbox nobody consumes fills after a few dozen
+    // handoffs of 48 KiB.
+    let (nats, _broker, client) = stack(|c| c.stream_max_bytes = 1 << 20).await;
+    client
+        .register_agent(AgentConfig::new("idle"))
+        .await
+        .expect("agent");
+    let run = run(&client).await;
+    let mut stored = 0u64;
+    let mut refusal = None;
+    for i in 0..64 {
+        let r = client
+            .handoff(
+                Handoff::to(
+                    &run,
+                    "idle",
+                    &subtask(&format!("{i}{}", "x".repeat(48 << 10))),
+                )
+                .expect("handoff"),
+            )
+            .await;
+        match r {
+            Ok(_) => stored += 1,
+            Err(e) => {
+                refusal = Some(e);
+                break;
+            }
+        }
+    }
+    let err = refusal.expect("the inbox fills before 64 handoffs of 48 KiB");
+    refused::<()>(Err(err), Code::ResourceExhausted, "STORE_FULL");
+    assert!(stored >= 8, "{stored} stored before the limit");
+    // The evidence: the inbox holds exactly the handoffs answered OK.
+    let inbox = handoff_tests::inbox(nats.url(), "idle").await;
+    assert_eq!(inbox.stored, stored);
+}
+
 /// Sends a request body as given, to meet the server's decoder.
 #[derive(Debug, Default, Clone)]
 struct BytesCodec;

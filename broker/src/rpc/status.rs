@@ -25,6 +25,7 @@ pub fn code_of(class: Class) -> Code {
         Class::PermissionDenied => Code::PermissionDenied,
         Class::OutOfRange => Code::OutOfRange,
         Class::Aborted => Code::Aborted,
+        Class::ResourceExhausted => Code::ResourceExhausted,
         Class::Unavailable => Code::Unavailable,
         Class::Internal => Code::Internal,
     }
