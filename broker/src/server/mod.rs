@@ -209,7 +209,7 @@ async fn serve(
             version,
         });
     }
-    let store = Box::pin(JetStream::open(client.clone(), config)).await?;
+    let store = open_store(&client, config).await?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let auth = if config.auth_configured() {
         let bootstrap = match &config.auth_token_file {
@@ -422,6 +422,31 @@ async fn follow_link(link: Link, reporter: tonic_health::server::HealthReporter,
         reporter.set_service_status(service, status).await;
         if states.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Opens the store, waiting while JetStream cannot answer yet: a cluster
+/// that has just formed, or is electing its meta leader, answers
+/// JetStream requests with timeouts or "temporarily unavailable" for a
+/// few seconds. It is tried again for up to `connect_timeout` after the
+/// first failure; anything else (no JetStream, a cluster that cannot hold
+/// the replicas) fails at once.
+async fn open_store(
+    client: &async_nats::Client,
+    config: &Config,
+) -> Result<JetStream, BrokerError> {
+    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    loop {
+        match Box::pin(JetStream::open(client.clone(), config)).await {
+            Err(BrokerError::Unavailable(why))
+                if (why.contains("timed out") || why.contains("temporarily unavailable"))
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::warn!(error = %why, "JetStream is not ready yet; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            other => return other,
         }
     }
 }
