@@ -66,19 +66,12 @@ pub(crate) type Usage = Vec<(String, u64, u64)>;
 
 /// Reads what every stream and bucket of the broker holds.
 async fn usage(js: &async_nats::jetstream::Context) -> Option<Usage> {
-    use futures::StreamExt;
-    let mut streams = js.streams();
-    let mut out = Vec::new();
-    while let Some(info) = streams.next().await {
-        let info = info.ok()?;
-        let name = info.config.name.clone();
-        let ours = name.starts_with("HANDOFF_")
-            || name.starts_with("KV_handoff_")
-            || name.starts_with("OBJ_handoff_");
-        if ours {
-            out.push((name, info.state.bytes, info.state.messages));
-        }
-    }
+    let mut out: Usage = handoffd::store::jetstream::usage(js)
+        .await
+        .ok()?
+        .into_iter()
+        .map(|(name, bytes, messages, _)| (name, bytes, messages))
+        .collect();
     out.sort();
     Some(out)
 }

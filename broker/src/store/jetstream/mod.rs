@@ -219,27 +219,9 @@ impl JetStream {
         ack.await.map_err(|e| BrokerError::nats("storing", e))
     }
 
-    /// What every stream and bucket of the broker holds: (name, bytes,
-    /// messages, byte limit), from one listing of JetStream's streams.
+    /// What every stream and bucket of the broker holds (see [`usage`]).
     pub async fn usage(&self) -> Result<Vec<(String, u64, u64, i64)>, BrokerError> {
-        let mut streams = self.js.streams();
-        let mut out = Vec::new();
-        while let Some(info) = streams.next().await {
-            let info = info.map_err(|e| BrokerError::nats("listing streams", e))?;
-            let name = &info.config.name;
-            let ours = name.starts_with("HANDOFF_")
-                || name.starts_with("KV_handoff_")
-                || name.starts_with("OBJ_handoff_");
-            if ours {
-                out.push((
-                    name.clone(),
-                    info.state.bytes,
-                    info.state.messages,
-                    info.config.max_bytes,
-                ));
-            }
-        }
-        Ok(out)
+        usage(&self.js).await
     }
 
     /// The latest revision of the contracts bucket (0 when empty).
@@ -439,6 +421,29 @@ async fn read_stream(
         let msg = msg.map_err(|e| BrokerError::nats("reading events", e))?;
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         out.push((seq, msg.payload.clone()));
+    }
+    Ok(out)
+}
+
+/// What every stream and bucket of the broker holds: (name, bytes,
+/// messages, byte limit), from one listing of JetStream's streams.
+pub async fn usage(js: &jetstream::Context) -> Result<Vec<(String, u64, u64, i64)>, BrokerError> {
+    let mut streams = js.streams();
+    let mut out = Vec::new();
+    while let Some(info) = streams.next().await {
+        let info = info.map_err(|e| BrokerError::nats("listing streams", e))?;
+        let name = &info.config.name;
+        let ours = name.starts_with("HANDOFF_")
+            || name.starts_with("KV_handoff_")
+            || name.starts_with("OBJ_handoff_");
+        if ours {
+            out.push((
+                name.clone(),
+                info.state.bytes,
+                info.state.messages,
+                info.config.max_bytes,
+            ));
+        }
     }
     Ok(out)
 }
