@@ -428,8 +428,8 @@ async fn follow_link(link: Link, reporter: tonic_health::server::HealthReporter,
 
 /// Opens the store, waiting while JetStream cannot answer yet: a cluster
 /// that has just formed, or is electing its meta leader, answers
-/// JetStream requests with timeouts or "temporarily unavailable" for a
-/// few seconds. It is tried again for up to `connect_timeout` after the
+/// JetStream requests with timeouts, "temporarily unavailable" or (its
+/// leader not yet seeing every peer) "peer offline" for a few seconds. It is tried again for up to `connect_timeout` after the
 /// first failure; anything else (no JetStream, a cluster that cannot hold
 /// the replicas) fails at once.
 async fn open_store(
@@ -440,7 +440,9 @@ async fn open_store(
     loop {
         match Box::pin(JetStream::open(client.clone(), config)).await {
             Err(BrokerError::Unavailable(why))
-                if (why.contains("timed out") || why.contains("temporarily unavailable"))
+                if ["timed out", "temporarily unavailable", "peer offline"]
+                    .iter()
+                    .any(|m| why.contains(m))
                     && tokio::time::Instant::now() < deadline =>
             {
                 tracing::warn!(error = %why, "JetStream is not ready yet; trying again");
