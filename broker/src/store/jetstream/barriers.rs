@@ -72,7 +72,7 @@ impl Barriers for JetStream {
             .await
         {
             Ok(written) => Ok(Some(written)),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) if lost_compare_and_set(&e) => Ok(None),
             Err(e) => Err(BrokerError::nats("updating the barrier", e)),
         }
     }
@@ -120,7 +120,7 @@ impl Barriers for JetStream {
                 sequence: ack.sequence,
                 duplicate: ack.duplicate,
             })),
-            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+            Err(e) if lost_compare_and_set(&e) => {
                 let first = self
                     .branch_result(run_id, barrier_id, &result.key)
                     .await?

@@ -51,7 +51,7 @@ impl Claims for JetStream {
             .await
         {
             Ok(next) => Ok(Some(next)),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) if lost_compare_and_set(&e) => Ok(None),
             Err(e) => Err(BrokerError::nats("updating the claim", e)),
         }
     }

@@ -35,9 +35,7 @@ impl Leases for JetStream {
             .map_err(|e| BrokerError::nats("recording a lease", e))?;
         match sent.await {
             Ok(_) => Ok(true),
-            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
-                Ok(false)
-            }
+            Err(e) if lost_compare_and_set(&e) => Ok(false),
             Err(e) => Err(BrokerError::nats("recording a lease", e)),
         }
     }

@@ -100,6 +100,26 @@ const PURGE_SUBJECTS: &str = "handoff.v1.timers.purge.>";
 /// many wait, only these few are held by JetStream, each until it is due.
 const PURGES_IN_FLIGHT: i64 = 16;
 
+/// Whether a write JetStream refused was refused for its expected last
+/// sequence (a compare-and-set that lost): the error code 10071, which
+/// names the stream's sequence, or 10164, the same refusal without it,
+/// which nats-server 2.12 and newer give on some paths (a clustered
+/// stream's leader) and which async-nats does not map to
+/// `WrongLastSequence`. Looked for through the errors `err` wraps.
+pub(crate) fn lost_compare_and_set(err: &(dyn std::error::Error + 'static)) -> bool {
+    const WRONG_LAST_SEQUENCE: u64 = 10071;
+    const WRONG_LAST_SEQUENCE_CONSTANT: u64 = 10164;
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(js) = e.downcast_ref::<jetstream::Error>() {
+            let code = js.error_code().0;
+            return code == WRONG_LAST_SEQUENCE || code == WRONG_LAST_SEQUENCE_CONSTANT;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// Subject of an agent's inbox.
 pub fn inbox_subject(agent: &str) -> String {
     format!("handoff.v1.inbox.{agent}")
@@ -272,7 +292,7 @@ impl JetStream {
             },
             Some(rev) => match bucket.update(key, value, rev).await {
                 Ok(_) => Ok(true),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                Err(e) if lost_compare_and_set(&e) => Ok(false),
                 Err(e) => Err(BrokerError::nats("writing to the store", e)),
             },
         }

@@ -41,7 +41,7 @@ impl Runs for JetStream {
             .await
         {
             Ok(_) => Ok(true),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) if lost_compare_and_set(&e) => Ok(false),
             Err(e) => Err(BrokerError::nats("updating the run", e)),
         }
     }

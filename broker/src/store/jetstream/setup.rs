@@ -378,7 +378,11 @@ async fn await_replicas(
 
 /// A failure to create or update a stream, with what to do when the
 /// cluster cannot hold the configured replicas.
-fn placement(context: &str, replicas: usize, err: impl std::fmt::Display) -> BrokerError {
+fn placement(
+    context: &str,
+    replicas: usize,
+    err: impl std::error::Error + Send + Sync + 'static,
+) -> BrokerError {
     let text = err.to_string();
     if text.contains("10047") || text.contains("insufficient storage") {
         return BrokerError::Unavailable(format!(
