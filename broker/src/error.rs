@@ -553,18 +553,37 @@ impl BrokerError {
         }
     }
 
-    /// Wraps a NATS error as UNAVAILABLE, keeping its text.
-    pub fn nats(context: &str, err: impl fmt::Display) -> Self {
-        let text = err.to_string();
-        // JetStream's answer to a write past a stream's limits (error
-        // 10077, "maximum bytes exceeded"; the stream discards nothing).
-        if text.contains("maximum bytes exceeded") || text.contains("maximum messages exceeded") {
+    /// Wraps a NATS error as UNAVAILABLE, keeping its text; a write
+    /// JetStream refused for a stream's limits is STORE_FULL.
+    pub fn nats(context: &str, err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        let err = err.into();
+        if at_stream_limit(&*err) {
             return BrokerError::StoreFull(format!(
-                "{context}: {text}: a stream of the broker is at its byte limit (stream_max_bytes); nothing was stored"
+                "{context}: {err}: a stream of the broker is at its byte limit (stream_max_bytes); nothing was stored"
             ));
         }
-        BrokerError::Unavailable(format!("{context}: {text}"))
+        BrokerError::Unavailable(format!("{context}: {err}"))
     }
+}
+
+/// JetStream's error code for a write its store refused
+/// (`JSStreamStoreFailedF`).
+const STREAM_STORE_FAILED: u64 = 10077;
+
+/// Whether `err` (or an error it wraps) is JetStream refusing a write for a
+/// stream's limits: error code 10077 with the store's limit error ("maximum
+/// bytes exceeded", "maximum messages exceeded", ...; the stream discards
+/// nothing, `DiscardNew`).
+fn at_stream_limit(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(js) = e.downcast_ref::<async_nats::jetstream::Error>() {
+            let limit = js.to_string().starts_with("maximum ");
+            return js.error_code().0 == STREAM_STORE_FAILED && limit;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Result alias of the broker.
