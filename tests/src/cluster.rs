@@ -545,9 +545,9 @@ impl Cluster {
     }
 
     /// Waits until every running node has a route to every other running
-    /// node, they all name one running meta leader, and each is healthy
-    /// (`/healthz`: JetStream current, and every stream and consumer it
-    /// holds).
+    /// node, they all name one running meta leader that sees every other
+    /// running node as a current peer, and each is healthy (`/healthz`:
+    /// JetStream current, and every stream and consumer it holds).
     pub async fn wait_formed(&self) -> Result<(), ClusterError> {
         self.poll("the cluster formed, with a meta leader", || async {
             let running = self.running();
@@ -567,7 +567,27 @@ impl Cluster {
                     return Err(format!("{}: /healthz {status} {}", node.name, body.trim()));
                 }
             }
-            self.meta_leader_now().await.map(drop)
+            // The leader places a new stream only on peers it sees as
+            // current: right after forming it may still see one offline
+            // ("no suitable peers for placement, peer offline").
+            let leader = self.meta_leader_now().await?;
+            let jsz = json(self.node(leader).monitor, "/jsz").await?;
+            let replicas = jsz["meta_cluster"]["replicas"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let current = replicas
+                .iter()
+                .filter(|r| r["current"].as_bool() == Some(true))
+                .filter(|r| r["offline"].as_bool() != Some(true))
+                .count();
+            if current + 1 < running.len() {
+                return Err(format!(
+                    "the meta leader sees {current} of {} peers current",
+                    running.len() - 1
+                ));
+            }
+            Ok(())
         })
         .await
     }
