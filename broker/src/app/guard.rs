@@ -242,7 +242,8 @@ pub async fn check_claim(
     mine: &pb::ConsumeClaim,
     checked: &Checked,
 ) -> Result<(), BrokerError> {
-    let Some((message, metadata)) = role_confusion(token, first, mine) else {
+    let Some((message, metadata)) = crate::rules::handoff::role_confusion(token, first, mine)
+    else {
         return Ok(());
     };
     Err(refuse(
@@ -256,37 +257,6 @@ pub async fn check_claim(
         },
     )
     .await)
-}
-
-/// Why a handoff from the consumed delivery would be role confusion (see
-/// [`check_claim`]): its message and metadata; `None` when it is not.
-pub fn role_confusion(
-    token: &pb::DeliveryToken,
-    first: &pb::ConsumeClaim,
-    mine: &pb::ConsumeClaim,
-) -> Option<(String, Vec<(&'static str, String)>)> {
-    if first.target_agent == mine.target_agent || (first.fan_out && mine.fan_out) {
-        return None;
-    }
-    let name = |t: &str| {
-        if t.is_empty() {
-            "the run's final result".to_string()
-        } else {
-            format!("agent {t:?}")
-        }
-    };
-    let message = format!(
-        "delivery of handoff {} was already consumed by a handoff to {} (handoff {}); one delivery goes to one target unless every handoff from it declares fan_out",
-        token.handoff_id,
-        name(&first.target_agent),
-        first.handoff_id
-    );
-    let metadata = vec![
-        ("consumed_handoff_id", token.handoff_id.clone()),
-        ("first_target", first.target_agent.clone()),
-        ("first_handoff_id", first.handoff_id.clone()),
-    ];
-    Some((message, metadata))
 }
 
 /// Counts a refusal, publishes its `contract_rejected` event (when the run

@@ -297,9 +297,249 @@ pub fn offer(delivered: i64, max_attempts: u32) -> Offer {
     }
 }
 
+/// What the claim on a consumed delivery, as the handoff's read found it,
+/// makes of the handoff: the part of its plan decided before the right to
+/// the run and the guards are checked, and the part after.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimRuling {
+    /// Nothing to answer from the claim: this request made it, or the
+    /// handoff consumes no delivery.
+    Proceed,
+    /// A redo (or a retry) of what the delivery stored: answered with the
+    /// stored receipt, however long ago, whatever its content. `republish`:
+    /// its `handoff_accepted` event is published again (deduplicated), in
+    /// case the first call failed on it; `ack`: the consumed delivery is
+    /// acked again (its lease lives, and a fan-out leaves that to its
+    /// agent).
+    Redo {
+        /// The receipt the first call answered.
+        receipt: pb::HandoffResponse,
+        /// Whether to publish the event again.
+        republish: bool,
+        /// Whether to ack the consumed delivery again.
+        ack: bool,
+    },
+    /// A delivery whose lease is gone, already consumed by a handoff to
+    /// another target: refused as ROLE_CONFUSION, the cause to name rather
+    /// than the settlement it made.
+    Confused {
+        /// The refusal's message.
+        message: String,
+        /// The refusal's metadata.
+        metadata: Vec<(&'static str, String)>,
+    },
+    /// Claimed by an earlier attempt that stored nothing (it died between
+    /// claiming and storing): once the guards pass, this request takes the
+    /// claim over.
+    TakeOver,
+    /// Claimed by another request: once the guards pass, that claim is
+    /// checked against this request.
+    Check,
+}
+
+/// Rules on the claim `held` by another request on the delivery `token`
+/// consumes, for handoff `id` of `req` (see [`ClaimRuling`]). `lease_lives`:
+/// whether the delivery's lease is this caller's and live (`None`: not
+/// known); `stored_age`: how long ago the claim's first receipt was
+/// recorded; `dedupe_window`: how long JetStream recognises a message id.
+pub fn rule_claim(
+    held: Option<&pb::ConsumeClaim>,
+    req: &pb::HandoffRequest,
+    id: &str,
+    token: &pb::DeliveryToken,
+    lease_lives: Option<bool>,
+    stored_age: Option<std::time::Duration>,
+    dedupe_window: std::time::Duration,
+) -> ClaimRuling {
+    let Some(first) = held else {
+        return ClaimRuling::Proceed;
+    };
+    if let Some(receipt) = stored_receipt(first, req, id) {
+        return ClaimRuling::Redo {
+            receipt,
+            republish: stored_age.is_some_and(|age| age < dedupe_window),
+            ack: !req.fan_out && lease_lives == Some(true),
+        };
+    }
+    if lease_lives == Some(false) {
+        let mine = claim_of(req, id, token.attempt);
+        if let Some((message, metadata)) = role_confusion(token, first, &mine) {
+            return ClaimRuling::Confused { message, metadata };
+        }
+    }
+    if first.stored.is_empty() && first.attempt < token.attempt {
+        ClaimRuling::TakeOver
+    } else {
+        ClaimRuling::Check
+    }
+}
+
+/// The claim handoff `id` of `req` makes on the delivery it consumes
+/// (attempt `attempt`), before anything is stored.
+pub fn claim_of(req: &pb::HandoffRequest, id: &str, attempt: u32) -> pb::ConsumeClaim {
+    pb::ConsumeClaim {
+        target_agent: req.target_agent.clone(),
+        fan_out: req.fan_out,
+        handoff_id: id.to_string(),
+        attempt,
+        stored: Vec::new(),
+        stored_at: None,
+        barrier_id: if req.fan_out {
+            req.barrier_id.clone()
+        } else {
+            String::new()
+        },
+    }
+}
+
+/// The receipt a claim holds for this request: its own stored handoff, or,
+/// for a single handoff from the delivery (no fan-out) to the same target,
+/// the one stored first, whatever the redo's content.
+pub fn stored_receipt(
+    claim: &pb::ConsumeClaim,
+    req: &pb::HandoffRequest,
+    id: &str,
+) -> Option<pb::HandoffResponse> {
+    if let Some(own) = claim.stored.iter().find(|r| r.handoff_id == id) {
+        return Some(own.clone());
+    }
+    let single = !claim.fan_out && !req.fan_out;
+    let same = claim.target_agent == req.target_agent;
+    (single && same)
+        .then(|| claim.stored.first().cloned())
+        .flatten()
+}
+
+/// When a delivery already consumed by a handoff to one target is consumed
+/// again by a handoff to another (unless both declare `fan_out`): the
+/// refusal's message and metadata.
+pub fn role_confusion(
+    token: &pb::DeliveryToken,
+    first: &pb::ConsumeClaim,
+    mine: &pb::ConsumeClaim,
+) -> Option<(String, Vec<(&'static str, String)>)> {
+    if first.target_agent == mine.target_agent || (first.fan_out && mine.fan_out) {
+        return None;
+    }
+    let name = |t: &str| {
+        if t.is_empty() {
+            "the run's final result".to_string()
+        } else {
+            format!("agent {t:?}")
+        }
+    };
+    let message = format!(
+        "delivery of handoff {} was already consumed by a handoff to {} (handoff {}); one delivery goes to one target unless every handoff from it declares fan_out",
+        token.handoff_id,
+        name(&first.target_agent),
+        first.handoff_id
+    );
+    let metadata = vec![
+        ("consumed_handoff_id", token.handoff_id.clone()),
+        ("first_target", first.target_agent.clone()),
+        ("first_handoff_id", first.handoff_id.clone()),
+    ];
+    Some((message, metadata))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn claim(target: &str, attempt: u32, stored: &[&str]) -> pb::ConsumeClaim {
+        pb::ConsumeClaim {
+            target_agent: target.into(),
+            handoff_id: stored.first().map_or("h-first", |s| s).to_string(),
+            attempt,
+            stored: stored
+                .iter()
+                .map(|id| pb::HandoffResponse {
+                    handoff_id: id.to_string(),
+                    sequence: 7,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_claim_rules_a_redo_a_confusion_a_take_over_or_a_check() {
+        use std::time::Duration;
+        let window = Duration::from_secs(120);
+        let token = pb::DeliveryToken {
+            handoff_id: "consumed".into(),
+            attempt: 2,
+            ..Default::default()
+        };
+        let to = |target: &str| pb::HandoffRequest {
+            target_agent: target.into(),
+            ..Default::default()
+        };
+        let rule = |held: Option<&pb::ConsumeClaim>, req: &pb::HandoffRequest, lives, age| {
+            rule_claim(held, req, "h-new", &token, lives, age, window)
+        };
+        // No claim held by another request.
+        assert_eq!(rule(None, &to("b"), Some(true), None), ClaimRuling::Proceed);
+        // A redo to the same target answers the first receipt, whatever its
+        // id; the event again only within the window, the ack only while
+        // the lease lives.
+        let stored = claim("b", 2, &["h-first"]);
+        let recent = Some(Duration::from_secs(5));
+        match rule(Some(&stored), &to("b"), Some(true), recent) {
+            ClaimRuling::Redo {
+                receipt,
+                republish,
+                ack,
+            } => {
+                assert_eq!(receipt.handoff_id, "h-first");
+                assert!(republish && ack);
+            }
+            other => panic!("{other:?}"),
+        }
+        let old = Some(Duration::from_secs(600));
+        assert!(matches!(
+            rule(Some(&stored), &to("b"), Some(false), old),
+            ClaimRuling::Redo {
+                republish: false,
+                ack: false,
+                ..
+            }
+        ));
+        // Another target from a settled delivery: ROLE_CONFUSION.
+        match rule(Some(&stored), &to("c"), Some(false), recent) {
+            ClaimRuling::Confused { metadata, .. } => {
+                assert!(metadata.contains(&("first_target", "b".to_string())));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another target while the lease lives: checked after the guards.
+        assert_eq!(
+            rule(Some(&stored), &to("c"), Some(true), recent),
+            ClaimRuling::Check
+        );
+        // An earlier attempt that stored nothing is taken over; one of this
+        // attempt is checked.
+        let empty = claim("c", 1, &[]);
+        assert_eq!(
+            rule(Some(&empty), &to("b"), Some(true), None),
+            ClaimRuling::TakeOver
+        );
+        let same_attempt = claim("c", 2, &[]);
+        assert_eq!(
+            rule(Some(&same_attempt), &to("b"), Some(true), None),
+            ClaimRuling::Check
+        );
+        // Both fan-outs: no confusion, each its own receipt.
+        let mut fan = claim("b", 2, &["h-first"]);
+        fan.fan_out = true;
+        let mut req = to("c");
+        req.fan_out = true;
+        assert_eq!(
+            rule(Some(&fan), &req, Some(false), recent),
+            ClaimRuling::Check
+        );
+    }
     use crate::error::Reason;
 
     fn req() -> pb::HandoffRequest {

@@ -55,24 +55,6 @@ pub(super) fn accepted_event(
     }
 }
 
-/// The receipt a claim holds for this request: its own stored handoff, or,
-/// for a single handoff from the delivery (no fan-out) to the same target,
-/// the one stored first, whatever the redo's content.
-pub(super) fn stored_receipt(
-    claim: &pb::ConsumeClaim,
-    req: &pb::HandoffRequest,
-    id: &str,
-) -> Option<pb::HandoffResponse> {
-    if let Some(own) = claim.stored.iter().find(|r| r.handoff_id == id) {
-        return Some(own.clone());
-    }
-    let single = !claim.fan_out && !req.fan_out;
-    let same = claim.target_agent == req.target_agent;
-    (single && same)
-        .then(|| claim.stored.first().cloned())
-        .flatten()
-}
-
 /// Records in the consumed delivery's claim what was stored from it, so a
 /// redo is recognised for as long as the claim is kept: into the claim as
 /// this request knows it (one write), read again only if it changed. A
@@ -334,6 +316,8 @@ pub(super) async fn commit(
         (arrived.sequence, arrived.duplicate)
     } else {
         let put = broker.store().put_handoff(&envelope).await?;
+        // Its delivery, about to be prepared here, needs the run as read.
+        broker.remember_run(&run);
         stored.store(true, Ordering::Relaxed);
         schedule_queue_wait(broker, &run, &req.target_agent, put.sequence).await?;
         (put.sequence, put.duplicate)

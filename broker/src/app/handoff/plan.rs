@@ -1,17 +1,20 @@
 //! Decide what a handoff does, on what was read: a redo the claim on the
 //! consumed delivery answers; a refusal (the right to the run, the
 //! contract guards, a claim another request holds); or what to commit.
+//! What the claim makes of it is [`rules::rule_claim`]'s to say (pure);
+//! this executes the ruling.
 
 use handoff_proto::pb;
 
 use super::{
-    commit::{accepted_event, branch_of, stored_receipt, Read},
+    commit::{accepted_event, branch_of, Read},
     read::Reads,
     Claim,
 };
 use crate::{
     app::{access, auth::Caller, deliveries, guard, guard::Checked, payloads, Broker},
     error::BrokerError,
+    rules::handoff::{self as rules, ClaimRuling},
 };
 
 /// What a handoff does.
@@ -27,7 +30,22 @@ pub(super) enum Plan {
     },
 }
 
-/// Decides, on `reads`, what the handoff `req` of `caller` does. `made`
+/// The contract guards of a payload carried inline (`None`: it comes by
+/// reference, fetched only once the caller's right to the run is known).
+/// They only read (the agents, from memory once caches are warm): what
+/// they found is published, counted or answered by [`plan`] alone.
+pub(super) async fn guard_inline(
+    broker: &Broker,
+    req: &pb::HandoffRequest,
+) -> Option<Result<Checked, guard::Guarded>> {
+    match req.payload_ref {
+        Some(_) => None,
+        None => Some(guard::guard(broker, req).await),
+    }
+}
+
+/// Decides, on `reads` and what the guards found (`guarded`, else run
+/// here), what the handoff `req` of `caller` does. `made`
 /// is the claim this request took (cleared when it must stay), `known`
 /// the claim as this request knows it.
 #[allow(clippy::too_many_arguments)]
@@ -38,6 +56,7 @@ pub(super) async fn plan(
     consumed: Option<&pb::DeliveryToken>,
     id: &str,
     reads: Reads,
+    guarded: Option<Result<Checked, guard::Guarded>>,
     made: &mut Option<(String, u64)>,
     known: &mut Option<(pb::ConsumeClaim, u64)>,
 ) -> Result<Plan, BrokerError> {
@@ -50,70 +69,72 @@ pub(super) async fn plan(
         mine,
     } = reads;
     let run = run?.map(|(r, _)| r);
-    let claim = claim?;
+    let held = match claim? {
+        Some(Claim::Held(first, revision)) => Some((first, revision)),
+        _ => None,
+    };
     let lives = match (&consumed, lease?) {
         (Some(token), Some(record)) => {
             // (A redo whose receipt never reached the claim is
             // recognised below by the store, and its receipt recorded.)
-            let held = match &claim {
-                Some(Claim::Held(first, _)) => Some(first),
-                _ => None,
-            };
-            Some(access::consumed_right(broker, token, record, held).await)
+            let first = held.as_ref().map(|(first, _)| first);
+            Some(access::consumed_right(broker, token, record, first).await)
         }
         _ => None,
     };
-    if let (Some(Claim::Held(first, _)), Some(token), Some(run)) = (&claim, &consumed, run.as_ref())
-    {
-        if let Some(receipt) = stored_receipt(first, req, id) {
-            // A redo (or a retry) of what this delivery stored: the
-            // claim answers it, however long ago, whatever its content,
-            // even once the delivery is settled. Within the dedupe
-            // window its event is published again (deduplicated), in
-            // case the first call failed on it.
-            // The consumed handoff left its inbox once acked: then
-            // the event published again names the branch the request
-            // names (it is deduplicated against the first anyway).
-            let parent = match parent {
-                Err(BrokerError::DeliveryGone(_)) => None,
-                other => other?,
-            };
-            let recent = first
-                .stored_at
+    let ruling = match consumed {
+        Some(token) => {
+            let first = held.as_ref().map(|(first, _)| first);
+            let age = first
+                .and_then(|f| f.stored_at)
                 .and_then(|t| std::time::SystemTime::try_from(t).ok())
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age < broker.config().dedupe_window);
-            if recent {
+                .and_then(|t| t.elapsed().ok());
+            let lives = lives.as_ref().map(Result::is_ok);
+            let window = broker.config().dedupe_window;
+            rules::rule_claim(first, req, id, token, lives, age, window)
+        }
+        None => ClaimRuling::Proceed,
+    };
+    match (&ruling, &consumed, run.as_ref()) {
+        (
+            ClaimRuling::Redo {
+                receipt,
+                republish,
+                ack,
+            },
+            Some(token),
+            Some(run),
+        ) => {
+            // The consumed handoff left its inbox once acked: then the
+            // event published again names the branch the request names
+            // (it is deduplicated against the first anyway).
+            if *republish {
+                let parent = match parent {
+                    Err(BrokerError::DeliveryGone(_)) => None,
+                    other => other?,
+                };
                 let (barrier_id, branch_key) = branch_of(&*req, parent.as_ref());
-                let event = accepted_event(run, req, &receipt, barrier_id, branch_key);
+                let event = accepted_event(run, req, receipt, barrier_id, branch_key);
                 broker
                     .emit(event, &format!("accepted-{}", receipt.handoff_id))
                     .await?;
             }
-            // A fan-out handoff leaves the delivery to its agent's ack;
-            // one whose lease is gone was settled already (or is
-            // another attempt's to settle).
-            if !req.fan_out && matches!(lives, Some(Ok(()))) {
+            if *ack {
                 deliveries::ack_consumed(broker, run, token).await;
             }
             return Ok(Plan::Answered(pb::HandoffResponse {
                 duplicate: true,
-                ..receipt
+                ..receipt.clone()
             }));
         }
-    }
-    if let (Some(Err(_)), Some(Claim::Held(first, _)), Some(token)) = (&lives, &claim, &consumed) {
-        // A delivery already consumed by a handoff to another target:
-        // that is the cause to name, rather than the settlement it
-        // made (nothing is checked or published for a delivery whose
-        // lease is gone).
-        if let Some((message, metadata)) = guard::role_confusion(token, first, &mine) {
+        (ClaimRuling::Confused { message, metadata }, _, _) => {
             return Err(BrokerError::Refused {
                 reason: crate::error::Reason::RoleConfusion,
-                message,
-                metadata,
+                message: message.clone(),
+                metadata: metadata.clone(),
             });
         }
+        _ => {}
     }
     // Who may: the run's owner, or the holder of a live delivery of
     // the run; nothing about the run or the target is checked, read
@@ -127,9 +148,13 @@ pub(super) async fn plan(
     // and digest, so the guards see it whole.
     let forwarded = payloads::resolve_request(broker, req).await?;
     // The contract guards, answered from memory once caches are warm.
-    let checked = guard::enforce(broker, req, guard::guard(broker, req).await).await?;
-    if let (Some(Claim::Held(first, revision)), Some(token)) = (claim, &consumed) {
-        if first.stored.is_empty() && first.attempt < token.attempt {
+    let outcome = match guarded {
+        Some(outcome) => outcome,
+        None => guard::guard(broker, req).await,
+    };
+    let checked = guard::enforce(broker, req, outcome).await?;
+    if let (Some((first, revision)), Some(token)) = (held, &consumed) {
+        if ruling == ClaimRuling::TakeOver {
             // Left by an earlier attempt that stored nothing (it died
             // between claiming and storing): the redo takes it over.
             let taken = broker

@@ -64,19 +64,7 @@ pub(super) async fn read(
     consumed: Option<&pb::DeliveryToken>,
     id: &str,
 ) -> Reads {
-    let mine = pb::ConsumeClaim {
-        target_agent: req.target_agent.clone(),
-        fan_out: req.fan_out,
-        handoff_id: id.to_string(),
-        attempt: consumed.map_or(0, |t| t.attempt),
-        stored: Vec::new(),
-        stored_at: None,
-        barrier_id: if req.fan_out {
-            req.barrier_id.clone()
-        } else {
-            String::new()
-        },
-    };
+    let mine = rules::claim_of(req, id, consumed.map_or(0, |t| t.attempt));
     let store = broker.store();
     let (run, parent, claim, barrier, lease) = tokio::join!(
         store.run(&req.run_id),
