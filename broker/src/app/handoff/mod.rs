@@ -73,8 +73,13 @@ pub async fn accept_as(
     let sources = [req.source_agent.as_str()];
     access::precheck(broker, caller, &req.run_id, sources, consumed).await?;
     let id = rules::handoff_id(&req, consumed.map(|t| t.handoff_id.as_str()));
-    // 3. Read, in one round trip; the consumed delivery is claimed.
-    let reads = read::read(broker, &req, consumed, &id).await;
+    // 3. Read, in one round trip; the consumed delivery is claimed. The
+    //    contract guards of a payload carried inline run meanwhile (their
+    //    outcome is acted on only once the right to the run is known).
+    let (reads, guarded) = tokio::join!(
+        read::read(broker, &req, consumed, &id),
+        plan::guard_inline(broker, &req)
+    );
     let mut made = reads.made(consumed);
     // The claim as this request knows it, to record the receipt into
     // without reading it again.
@@ -84,7 +89,7 @@ pub async fn accept_as(
     let stored = AtomicBool::new(false);
     let result = async {
         let plan = plan::plan(
-            broker, caller, &mut req, consumed, &id, reads, &mut made, &mut known,
+            broker, caller, &mut req, consumed, &id, reads, guarded, &mut made, &mut known,
         )
         .await?;
         match plan {
