@@ -290,6 +290,17 @@ impl Broker {
         }
     }
 
+    /// Remembers a run just read, for [`Broker::run_recent`] (a handoff
+    /// stored into it is about to be delivered).
+    pub fn remember_run(&self, run: &pb::Run) {
+        if self.inner.recent_runs.len() >= RECENT_RUNS {
+            self.inner.recent_runs.clear();
+        }
+        self.inner
+            .recent_runs
+            .insert(run.id.clone(), (run.clone(), std::time::Instant::now()));
+    }
+
     /// Forgets a delivery the session settled itself, or gave up on (by
     /// its slot).
     pub fn untrack_delivery(&self, slot: &str) {
@@ -420,12 +431,7 @@ impl Broker {
         if ended {
             self.inner.recent_runs.remove(run_id);
         } else {
-            if self.inner.recent_runs.len() >= RECENT_RUNS {
-                self.inner.recent_runs.clear();
-            }
-            self.inner
-                .recent_runs
-                .insert(run_id.to_string(), (run.clone(), std::time::Instant::now()));
+            self.remember_run(&run);
         }
         Ok(run)
     }
