@@ -286,9 +286,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
 
     if wants(Scenario::Chain) {
         let runs = args.chain_runs;
-        let (hop, e2e) =
+        let (hop, e2e, call) =
             scenarios::chain(&client, runs, None, &bar(runs, "chain (handoffd)")).await?;
-        let (state_hop, _) = scenarios::chain(
+        let (state_hop, _, _) = scenarios::chain(
             &client,
             runs,
             Some(1024),
@@ -325,6 +325,17 @@ async fn run(args: Args) -> Result<(), BoxError> {
             "chain",
             "per hop; raw doing handoffd's NATS operations",
             latency(&hop, Some(&floor_hop)),
+        ));
+        rows.push(Row::new(
+            "chain",
+            "a handoff call, until answered",
+            latency(&call, None),
+        ));
+        let grpc = scenarios::grpc_round_trip(stack.addr(), runs * 5).await?;
+        rows.push(Row::new(
+            "chain",
+            "a gRPC round trip to handoffd (no NATS)",
+            latency(&grpc, None),
         ));
         panel(
             "chain: per hop, 1 KiB state delta".into(),
@@ -470,12 +481,12 @@ async fn run(args: Args) -> Result<(), BoxError> {
     if wants(Scenario::Scale) || wants(Scenario::Memory) {
         let n = args.scale_n;
         let runs = (args.chain_runs / 2).max(100);
-        let (before, _) =
+        let (before, _, _) =
             scenarios::chain(&client, runs, None, &bar(runs, "scale: chain, empty")).await?;
         scenarios::populate(&client, n, n, &bar(2 * n, "scale: fill")).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         loaded = stack.broker_rss();
-        let (after, _) =
+        let (after, _, _) =
             scenarios::chain(&client, runs, None, &bar(runs, "scale: chain, full")).await?;
         if wants(Scenario::Scale) {
             panel("scale: per hop, nothing kept".into(), &before, None);

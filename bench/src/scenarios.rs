@@ -27,6 +27,8 @@ use crate::{report::histogram, BoxError};
 pub(crate) const CHAIN: [&str; 5] = ["c0", "c1", "c2", "c3", "c4"];
 /// Concurrent requests when the bench loads the broker.
 pub(crate) const CONCURRENCY: usize = 64;
+/// The most a raw release carries (below NATS's default 1 MiB payload).
+const RAW_RELEASE_MAX: usize = 1024 * 1024 - 4096;
 /// How long a scenario waits for one delivery or release.
 pub(crate) const WAIT: Duration = Duration::from_secs(60);
 
@@ -94,8 +96,22 @@ pub(crate) async fn next(sub: &mut Subscription) -> Result<handoff_client::Deliv
     }
 }
 
-/// Per-hop and end-to-end latency of `runs` runs through the 5-hop chain
-/// (a hop: from handing off to the next agent's delivery).
+/// What an agent of the chain reports to the run's driver.
+enum Step {
+    /// Agent `.0` got its delivery at `.1`.
+    Arrived(usize, Instant),
+    /// Agent `.0`'s own call (the handoff to the next agent, or the last
+    /// agent's ack) was answered after `.1`.
+    Answered(usize, Result<Duration, String>),
+}
+
+/// Per-hop and end-to-end latency of `runs` runs through the 5-hop chain,
+/// and how long an agent's handoff call took to be answered.
+///
+/// Each agent runs on a task of its own, as agents do: a hop is from
+/// handing off to the next agent's delivery, which does not wait for the
+/// previous agent's call to be answered. One run is in flight at a time:
+/// the next starts once every call of the last was answered.
 ///
 /// With `delta`, each run starts with a state and every handoff carries a
 /// state delta writing `delta` bytes to a key of its own, based on the
@@ -105,13 +121,41 @@ pub(crate) async fn chain(
     runs: u64,
     delta: Option<usize>,
     bar: &ProgressBar,
-) -> Result<(Histogram<u64>, Histogram<u64>), BoxError> {
-    let mut subs = Vec::new();
-    for name in CHAIN {
-        subs.push(client.subscribe(name, "bench", 1).await?);
-    }
+) -> Result<(Histogram<u64>, Histogram<u64>, Histogram<u64>), BoxError> {
     let payload = subtask();
-    let (mut hop, mut e2e) = (histogram(), histogram());
+    let with_delta = move |h: Handoff, base: u64, hop: usize| match delta {
+        Some(size) => {
+            h.state_delta(StateDelta::based_on(base).set(format!("hop{hop}"), "x".repeat(size)))
+        }
+        None => h,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut agents = tokio::task::JoinSet::new();
+    for (i, name) in CHAIN.iter().enumerate() {
+        let mut sub = client.subscribe(name, "bench", 1).await?;
+        let (tx, payload) = (tx.clone(), payload.clone());
+        agents.spawn(async move {
+            while let Some(Ok(d)) = sub.next_delivery().await {
+                let _ = tx.send(Step::Arrived(i, Instant::now()));
+                let called = Instant::now();
+                let answered = match CHAIN.get(i + 1) {
+                    Some(to) => match Handoff::to("", *to, &payload) {
+                        Ok(h) => d
+                            .handoff(with_delta(h, d.state_revision(), i + 1))
+                            .await
+                            .map(|_| ()),
+                        Err(e) => Err(e),
+                    },
+                    None => d.ack().await,
+                };
+                let answered = answered
+                    .map(|()| called.elapsed())
+                    .map_err(|e| e.to_string());
+                let _ = tx.send(Step::Answered(i, answered));
+            }
+        });
+    }
+    let (mut hop, mut e2e, mut call) = (histogram(), histogram(), histogram());
     let warmup = 20;
     for r in 0..runs + warmup {
         let mut config = RunConfig::new("bench").max_depth(8);
@@ -119,39 +163,65 @@ pub(crate) async fn chain(
             config = config.pin_state("order_id", "A-1");
         }
         let run = client.start_run(config).await?;
-        let with_delta = |h: Handoff, base: u64, hop: usize| match delta {
-            Some(size) => {
-                h.state_delta(StateDelta::based_on(base).set(format!("hop{hop}"), "x".repeat(size)))
-            }
-            None => h,
-        };
         let start = Instant::now();
         client
             .handoff(with_delta(Handoff::to(&run.id, CHAIN[0], &payload)?, 1, 0))
             .await?;
-        let mut last = start;
-        for (i, sub) in subs.iter_mut().enumerate() {
-            let d = next(sub).await?;
-            let now = Instant::now();
-            if r >= warmup {
-                hop.record(now.duration_since(last).as_micros() as u64)?;
-            }
-            last = now;
-            match CHAIN.get(i + 1) {
-                Some(to) => {
-                    let next =
-                        with_delta(Handoff::to("", *to, &payload)?, d.state_revision(), i + 1);
-                    d.handoff(next).await?;
+        let mut arrived = [start; CHAIN.len()];
+        let mut answered = 0;
+        while answered < CHAIN.len() {
+            let step = match tokio::time::timeout(WAIT, rx.recv()).await {
+                Ok(Some(step)) => step,
+                _ => return Err("chain: no delivery within 60 s".into()),
+            };
+            match step {
+                Step::Arrived(i, at) => {
+                    if let Some(slot) = arrived.get_mut(i) {
+                        *slot = at;
+                    }
                 }
-                None => d.ack().await?,
+                Step::Answered(i, took) => {
+                    let took = took.map_err(|e| format!("chain: agent {i}: {e}"))?;
+                    if r >= warmup && i + 1 < CHAIN.len() {
+                        call.record(took.as_micros() as u64)?;
+                    }
+                    answered += 1;
+                }
             }
         }
         if r >= warmup {
+            let mut last = start;
+            for at in arrived {
+                hop.record(at.duration_since(last).as_micros() as u64)?;
+                last = at;
+            }
             e2e.record(last.duration_since(start).as_micros() as u64)?;
             bar.inc(1);
         }
     }
-    Ok((hop, e2e))
+    agents.abort_all();
+    Ok((hop, e2e, call))
+}
+
+/// The round trip of `count` gRPC calls that touch no NATS (the standard
+/// health check) to the broker at `addr`: what the two gRPC exchanges of a
+/// hop (the handoff call, the delivery on the next agent's stream) cost
+/// on this machine before the broker does anything.
+pub(crate) async fn grpc_round_trip(addr: &str, count: u64) -> Result<Histogram<u64>, BoxError> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let channel = tonic::transport::Endpoint::from_shared(addr.to_string())?
+        .connect()
+        .await?;
+    let mut health = HealthClient::new(channel);
+    let mut took = histogram();
+    for i in 0..count + 100 {
+        let start = Instant::now();
+        health.check(HealthCheckRequest::default()).await?;
+        if i >= 100 {
+            took.record(start.elapsed().as_micros() as u64)?;
+        }
+    }
+    Ok(took)
 }
 
 /// JetStream at `url` (one URL, or several comma-separated: the nodes of a
@@ -186,8 +256,9 @@ pub(crate) async fn chain_consumers(
     Ok(streams)
 }
 
-/// The same chain on raw JetStream: publish and await the ack, pull, ack;
-/// the stream kept in `replicas` replicas, as the broker keeps its own.
+/// The same chain on raw JetStream: publish and await the ack, pull, ack
+/// (the ack off the next hop's path, as the broker's is); the stream kept
+/// in `replicas` replicas, as the broker keeps its own.
 pub(crate) async fn raw_chain(
     url: &str,
     replicas: usize,
@@ -206,6 +277,7 @@ pub(crate) async fn raw_chain(
     let mut streams = chain_consumers(&s, "c", "bench.chain").await?;
     let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&subtask()));
     let (mut hop, mut e2e) = (histogram(), histogram());
+    let mut acking = Vec::new();
     let warmup = 20;
     for r in 0..runs + warmup {
         let start = Instant::now();
@@ -226,7 +298,14 @@ pub(crate) async fn raw_chain(
                     .await?
                     .await?;
             }
-            msg.double_ack().await?;
+            // The next agent's message is on its way: its arrival does
+            // not wait for this ack, as it does not wait for handoffd's.
+            acking.push(tokio::spawn(async move {
+                msg.double_ack().await.map_err(|e| e.to_string())
+            }));
+        }
+        for acked in acking.drain(..) {
+            acked.await.map_err(|e| e.to_string())??;
         }
         if r >= warmup {
             e2e.record(last.duration_since(start).as_micros() as u64)?;
@@ -373,8 +452,15 @@ pub(crate) async fn raw_fanin(
         .messages()
         .await?;
     let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&worker_result(512)));
+    // The release carries as many bytes as the results, as handoffd's
+    // does (up to what one NATS message may hold: wider, handoffd stores
+    // it by reference).
+    let mut body = payload.repeat(n as usize);
+    body.truncate(RAW_RELEASE_MAX);
+    let body = bytes::Bytes::from(body);
     let arrive = |it: u64, k: u32| {
-        let (js, counters, payload) = (js.clone(), counters.clone(), payload.clone());
+        let (js, counters, payload, body) =
+            (js.clone(), counters.clone(), payload.clone(), body.clone());
         async move {
             js.publish(format!("bench.fan{n}.branch.{it}.{k}"), payload)
                 .await?
@@ -394,7 +480,7 @@ pub(crate) async fn raw_fanin(
                 };
                 if written {
                     if count == n {
-                        js.publish(format!("bench.fan{n}.release.{it}"), "released".into())
+                        js.publish(format!("bench.fan{n}.release.{it}"), body)
                             .await?
                             .await?;
                     }

@@ -129,6 +129,11 @@ impl Stack {
         Ok(options.connect(&self.addr).await?)
     }
 
+    /// The broker's gRPC address.
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
     /// The NATS URL (on a cluster, every node's, comma-separated), for the
     /// raw JetStream baselines.
     pub(crate) fn nats_url(&self) -> &str {
