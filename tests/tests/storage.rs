@@ -30,6 +30,21 @@ async fn held(nats_url: &str, stream: &str, subjects: Option<&str>) -> u64 {
     }
 }
 
+/// The subjects of `stream` matching `filter`, with their message counts
+/// (what a failed check found left behind).
+async fn subjects(nats_url: &str, stream: &str, filter: &str) -> Vec<(String, usize)> {
+    let client = async_nats::connect(nats_url).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(stream).await.expect("the stream");
+    let mut counts = stream.info_with_subjects(filter).await.expect("subjects");
+    let mut out = Vec::new();
+    while let Some(entry) = counts.next().await {
+        out.push(entry.expect("a subject count"));
+    }
+    out.sort();
+    out
+}
+
 #[tokio::test]
 async fn an_ended_run_leaves_nothing_behind_after_retention_but_its_purge_event() {
     let retention = Duration::from_secs(60);
@@ -143,7 +158,12 @@ async fn an_ended_run_leaves_nothing_behind_after_retention_but_its_purge_event(
         Some("handoff.v1.events.gone.run_purged"),
     )
     .await;
-    assert_eq!(events, purge_event, "only run_purged may be left");
+    assert_eq!(
+        events,
+        purge_event,
+        "only run_purged may be left: {:?}",
+        subjects(url, js::EVENTS_STREAM, "handoff.v1.events.gone.>").await
+    );
     for stream in [
         js::INBOX_STREAM.to_string(),
         js::DEAD_STREAM.to_string(),
