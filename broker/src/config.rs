@@ -110,6 +110,16 @@ pub const KEYS: &[Key] = &[
         doc: "How long handoffs, events and dead letters are kept.",
     },
     Key {
+        name: "replica_name",
+        default: "",
+        doc: "This replica's name, as ListInstances shows it (empty: <hostname>-<pid>).",
+    },
+    Key {
+        name: "instance_expiry",
+        default: "30s",
+        doc: "How long a live session's record outlives a replica that died (refreshed every third of it while the session lives).",
+    },
+    Key {
         name: "drain_timeout",
         default: "10s",
         doc: "Grace period for in-flight RPCs on SIGTERM.",
@@ -288,6 +298,10 @@ pub struct Config {
     pub dedupe_window: Duration,
     /// Stream retention.
     pub retention: Duration,
+    /// This replica's name in ListInstances.
+    pub replica_name: String,
+    /// How long a live session's record outlives its replica.
+    pub instance_expiry: Duration,
     /// Drain grace period.
     pub drain_timeout: Duration,
     /// NATS connect timeout.
@@ -356,6 +370,18 @@ pub struct NatsAuth {
     pub tls_ca: Option<PathBuf>,
     /// The broker's client certificate and key for NATS.
     pub tls_client: Option<TlsFiles>,
+}
+
+/// The replica name when none is configured: the host's name and this
+/// process's id.
+fn default_replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "handoffd".to_string());
+    format!("{host}-{}", std::process::id())
 }
 
 /// Faults a test can inject to reproduce crashes at exact points.
@@ -449,6 +475,22 @@ impl Config {
         let dedupe_window = dur("dedupe_window", &mut problems);
         let retention = dur("retention", &mut problems);
         let drain_timeout = dur("drain_timeout", &mut problems);
+        let instance_expiry = dur("instance_expiry", &mut problems);
+        if instance_expiry < Duration::from_secs(1) {
+            problems.push("instance_expiry: must be at least 1s".to_string());
+        }
+        let replica_name = match raw("replica_name") {
+            name if name.is_empty() => default_replica_name(),
+            name => {
+                if name.len() > 128 || name.chars().any(char::is_control) {
+                    problems.push(
+                        "replica_name: at most 128 characters, none of them control characters"
+                            .to_string(),
+                    );
+                }
+                name
+            }
+        };
         let connect_timeout = dur("connect_timeout", &mut problems);
         let nats_timeout = dur("nats_timeout", &mut problems);
         let nats_reconnect_delay = dur("nats_reconnect_delay", &mut problems);
@@ -672,6 +714,8 @@ impl Config {
             ),
             dedupe_window,
             retention,
+            replica_name,
+            instance_expiry,
             drain_timeout,
             connect_timeout,
             nats_timeout,

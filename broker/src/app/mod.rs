@@ -25,6 +25,7 @@ pub mod events;
 pub mod fan_out;
 pub mod guard;
 pub mod handoff;
+pub mod instances;
 pub mod judge;
 pub mod outbox;
 pub mod payloads;

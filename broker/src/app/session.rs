@@ -32,7 +32,7 @@ use crate::{
     app::{
         auth::{self, Caller},
         deliveries::{self, Held, Offering, Op},
-        Broker,
+        instances, now, Broker,
     },
     error::BrokerError,
     rules::{grants::Action, names},
@@ -138,6 +138,8 @@ struct Session {
     live: auth::LiveCheck,
     tx: Outbox,
     released: mpsc::UnboundedSender<String>,
+    /// When the instance last settled a delivery, for its record.
+    last_settled: std::sync::Mutex<Option<prost_types::Timestamp>>,
 }
 
 /// How a session ended.
@@ -175,6 +177,7 @@ pub async fn run(
             live: live.checker(),
             tx,
             released,
+            last_settled: std::sync::Mutex::new(None),
         });
         if session
             .tx
@@ -186,6 +189,17 @@ pub async fn run(
         }
         tracing::info!(max_in_flight, "instance subscribed");
         let _live = Live::new(&broker, &session.agent.name);
+        let probed = session.clone();
+        let presence = instances::Presence::start(
+            &broker,
+            &session.agent.name,
+            &session.instance,
+            max_in_flight,
+            Box::new(move || {
+                let in_flight = u32::try_from(probed.book().len()).unwrap_or(u32::MAX);
+                (in_flight, *probed.settled_at())
+            }),
+        );
         let permits = Arc::new(Semaphore::new(max_in_flight));
         let fetcher = tokio::spawn(fetch_loop(session.clone(), permits).in_current_span());
         let mut sweep = tokio::time::interval(Duration::from_millis(250));
@@ -207,6 +221,7 @@ pub async fn run(
                 Some(id) = released_rx.recv() => {
                     // Completed by a handoff that consumed it: free the slot.
                     session.book().remove(&id);
+                    *session.settled_at() = Some(now());
                 }
                 _ = sweep.tick() => session.sweep_expired(),
                 _ = broker.drained() => break Ending::Drained,
@@ -219,6 +234,7 @@ pub async fn run(
             settling.finished(&session, id);
         }
         fetcher.abort();
+        presence.end().await;
         for f in session.book().values() {
             broker.untrack_delivery(&f.held.slot);
         }
@@ -369,6 +385,13 @@ async fn fetch_loop(session: Arc<Session>, permits: Arc<Semaphore>) {
 
 impl Session {
     /// The book of unsettled deliveries (see [`Session::in_flight`]).
+    /// When the instance last settled a delivery.
+    fn settled_at(&self) -> std::sync::MutexGuard<'_, Option<prost_types::Timestamp>> {
+        self.last_settled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn book(&self) -> std::sync::MutexGuard<'_, HashMap<String, InFlight>> {
         self.in_flight
             .lock()
@@ -512,6 +535,7 @@ impl Session {
     async fn command(&self, req: pb::SubscribeRequest) {
         use pb::subscribe_request::Command;
         let request_id = req.request_id;
+        let extend = matches!(req.command, Some(Command::Extend(_)));
         let (delivery_id, op) = match req.command {
             Some(Command::Ack(a)) => (a.delivery_id, Ok(Op::Ack)),
             Some(Command::Nack(n)) => {
@@ -535,6 +559,9 @@ impl Session {
             Ok(op) => self.broker.bounded(self.apply(&delivery_id, &op)).await,
             Err(e) => Err(e),
         };
+        if result.is_ok() && !extend {
+            *self.settled_at() = Some(now());
+        }
         let settled = Out::Settled {
             request_id,
             delivery_id,

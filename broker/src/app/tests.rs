@@ -1464,3 +1464,48 @@ async fn a_fan_out_redone_with_other_items_is_answered_with_the_first() {
     );
     assert_eq!(f.store.inbox("worker").len(), 2, "no third branch");
 }
+
+#[tokio::test]
+async fn a_live_session_is_listed_until_it_ends_and_a_dead_replicas_record_expires() {
+    use crate::store::Instances as _;
+    let f = fixture();
+    let local = Caller::local();
+    let list = |agent: &str| {
+        let req = pb::ListInstancesRequest {
+            agent: agent.to_string(),
+        };
+        super::instances::list(&f.broker, &local, req)
+    };
+    let presence =
+        super::instances::Presence::start(&f.broker, "worker", "w1", 4, Box::new(|| (2, None)));
+    // The first record is written at once, then refreshed.
+    let mut found = Vec::new();
+    for _ in 0..50 {
+        found = list("worker").await.expect("list").instances;
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    let i = &found[0];
+    assert_eq!(
+        (i.instance.as_str(), i.in_flight, i.max_in_flight),
+        ("w1", 2, 4)
+    );
+    assert_eq!(i.replica, f.broker.config().replica_name);
+    assert!(list("other").await.expect("list").instances.is_empty());
+    presence.end().await;
+    assert!(list("").await.expect("list").instances.is_empty());
+    // A record its replica no longer refreshes is gone once it expires.
+    let orphan = pb::Instance {
+        agent: "worker".into(),
+        session: "dead".into(),
+        ..Default::default()
+    };
+    let expiry = std::time::Duration::from_millis(50);
+    f.store.put_instance(&orphan, expiry).await.expect("put");
+    assert_eq!(list("worker").await.expect("list").instances.len(), 1);
+    tokio::time::sleep(2 * expiry).await;
+    assert!(list("worker").await.expect("list").instances.is_empty());
+}

@@ -258,6 +258,18 @@ impl HandoffBroker for Service {
             .await
     }
 
+    async fn list_instances(
+        &self,
+        req: Request<pb::ListInstancesRequest>,
+    ) -> Reply<pb::ListInstancesResponse> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let span = rpc_span!("ListInstances");
+        span.record("agent", req.agent.as_str());
+        self.unary(span, app::instances::list(&self.broker, &caller, req))
+            .await
+    }
+
     async fn start_run(&self, req: Request<pb::StartRunRequest>) -> Reply<pb::StartRunResponse> {
         let caller = self.caller(&req).await?;
         let req = req.into_inner();

@@ -16,6 +16,7 @@ mod barriers;
 mod claims;
 mod events;
 mod inboxes;
+mod instances;
 pub mod jetstream;
 mod leases;
 #[cfg(test)]
@@ -31,6 +32,7 @@ pub use barriers::Barriers;
 pub use claims::Claims;
 pub use events::Events;
 pub use inboxes::Inboxes;
+pub use instances::Instances;
 pub use leases::Leases;
 pub use payloads::Payloads;
 pub use registry::Registry;
@@ -168,6 +170,7 @@ pub trait Store:
     + Secrets
     + Payloads
     + Timers
+    + Instances
     + Send
     + Sync
     + 'static
@@ -186,6 +189,7 @@ impl<T> Store for T where
         + Secrets
         + Payloads
         + Timers
+        + Instances
         + Send
         + Sync
         + 'static

@@ -55,6 +55,9 @@ pub const CONSUMED_BUCKET: &str = "handoff_consumed";
 /// (created once, never changed), and the latest known under `<run>.head`.
 pub const STATE_BUCKET: &str = "handoff_state";
 
+/// Key/value bucket of live subscribe sessions, keyed `<agent>.<session>`;
+/// each record expires on its own unless its replica refreshes it.
+pub const INSTANCES_BUCKET: &str = "handoff_instances";
 /// Key/value bucket of delivery leases, keyed `<agent>.<sequence>`.
 pub const LEASES_BUCKET: &str = "handoff_leases";
 /// Key/value bucket of the delivery-token signing keys (key `delivery`).
@@ -205,6 +208,8 @@ pub struct JetStream {
     pub consumed: kv::Store,
     /// Delivery leases.
     pub leases: kv::Store,
+    /// Live subscribe sessions.
+    pub instances: kv::Store,
     /// Signing keys.
     pub keys: kv::Store,
     /// Principals.
@@ -340,6 +345,7 @@ pub use setup::{current_enough, MIN_NATS_SERVER};
 mod claims;
 mod events;
 mod inboxes;
+mod instances;
 mod leases;
 mod payloads;
 mod registry;

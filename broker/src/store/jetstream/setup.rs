@@ -109,6 +109,9 @@ impl JetStream {
         // Each lease record expires on its own (see `put_lease`); the
         // bucket's age limit only bounds a record written without one.
         let leases = ensure_bucket_with(&js, bucket(LEASES_BUCKET, LEASE_RECORD_AGE), true).await?;
+        // Likewise each session's record (see `put_instance`).
+        let instances =
+            ensure_bucket_with(&js, bucket(INSTANCES_BUCKET, LEASE_RECORD_AGE), true).await?;
         let keys = ensure_bucket(&js, bucket(KEYS_BUCKET, Duration::ZERO)).await?;
         let principals = ensure_bucket(&js, bucket(PRINCIPALS_BUCKET, Duration::ZERO)).await?;
         let tokens = ensure_bucket(&js, bucket(TOKENS_BUCKET, Duration::ZERO)).await?;
@@ -202,6 +205,7 @@ impl JetStream {
             contract_modes,
             consumed,
             leases,
+            instances,
             keys,
             principals,
             tokens,

@@ -65,6 +65,8 @@ struct State {
     barrier_keys: HashMap<String, pb::BarrierSpec>,
     timers: Vec<(pb::Timer, TimerKind)>,
     leases: HashMap<String, (pb::Lease, u64)>,
+    /// Live session records, by `<agent>.<session>`, with when they expire.
+    instances: HashMap<String, (pb::Instance, std::time::Instant)>,
     /// Payloads kept by reference, by name.
     payloads: HashMap<String, (bytes::Bytes, PayloadInfo)>,
     keys: Option<(pb::SigningKeys, u64)>,
@@ -216,6 +218,7 @@ mod barriers;
 mod claims;
 mod events;
 mod inboxes;
+mod instances;
 mod leases;
 mod payloads;
 mod registry;

@@ -1,0 +1,165 @@
+//! Who is alive: `ListInstances` shows every live Subscribe session of an
+//! agent on every replica, a session that ends leaves the list at once,
+//! and the sessions of a replica killed with SIGKILL leave it when their
+//! records expire. Against real `handoffd` processes and `nats-server`.
+
+use std::time::{Duration, Instant};
+
+use handoff_client::{pb, AgentConfig, Client};
+use handoff_tests::{
+    secured::{refused, Secured},
+    BrokerProcess, Nats,
+};
+use tonic::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_handoffd-under-test");
+
+/// Polls `client` until `agent`'s instances satisfy `done`, for at most
+/// `within`; the last list either way.
+async fn instances_until(
+    client: &Client,
+    agent: &str,
+    within: Duration,
+    done: impl Fn(&[pb::Instance]) -> bool,
+) -> Vec<pb::Instance> {
+    let deadline = Instant::now() + within;
+    loop {
+        let found = client.list_instances(Some(agent)).await.expect("list");
+        if done(&found) || Instant::now() >= deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The (instance, replica) pairs of a list, sorted.
+fn names(found: &[pb::Instance]) -> Vec<(String, String)> {
+    let mut out: Vec<_> = found
+        .iter()
+        .map(|i| (i.instance.clone(), i.replica.clone()))
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn instances_across_two_replicas_are_listed_until_they_leave_or_their_replica_dies() {
+    let nats = Nats::start().await;
+    let a = BrokerProcess::spawn(
+        BIN,
+        nats.url(),
+        &[
+            ("HANDOFF_REPLICA_NAME", "replica-a"),
+            ("HANDOFF_INSTANCE_EXPIRY", "20s"),
+        ],
+    )
+    .await;
+    let b = BrokerProcess::spawn(
+        BIN,
+        nats.url(),
+        &[
+            ("HANDOFF_REPLICA_NAME", "replica-b"),
+            ("HANDOFF_INSTANCE_EXPIRY", "3s"),
+        ],
+    )
+    .await;
+    let (on_a, on_b) = (a.client().await, b.client().await);
+    on_a.register_agent(AgentConfig::new("worker"))
+        .await
+        .expect("register");
+    on_a.register_agent(AgentConfig::new("other"))
+        .await
+        .expect("register");
+    let subscribed = Instant::now();
+    let _w1 = on_a.subscribe("worker", "w1", 2).await.expect("w1");
+    let w2 = on_a.subscribe("worker", "w2", 1).await.expect("w2");
+    let _w3 = on_b.subscribe("worker", "w3", 1).await.expect("w3");
+    let _o1 = on_b.subscribe("other", "o1", 1).await.expect("o1");
+
+    // Three instances of `worker`, on two replicas, whichever replica is
+    // asked.
+    let three = |f: &[pb::Instance]| f.len() == 3;
+    let found = instances_until(&on_b, "worker", Duration::from_secs(10), three).await;
+    assert_eq!(
+        names(&found),
+        [
+            ("w1".to_string(), "replica-a".to_string()),
+            ("w2".to_string(), "replica-a".to_string()),
+            ("w3".to_string(), "replica-b".to_string()),
+        ]
+    );
+    for i in &found {
+        assert_eq!(i.agent, "worker");
+        assert!(i.connected_since.is_some() && i.seen_at.is_some(), "{i:?}");
+        assert!(!i.session.is_empty());
+        assert_eq!(i.in_flight, 0);
+    }
+    let w1 = found.iter().find(|i| i.instance == "w1").expect("w1");
+    assert_eq!(w1.max_in_flight, 2);
+    assert_eq!(
+        names(&on_a.list_instances(Some("worker")).await.expect("list")),
+        names(&found)
+    );
+    // Every agent's, by agent.
+    let every = on_a.list_instances(None).await.expect("every agent");
+    let agents: Vec<&str> = every.iter().map(|i| i.agent.as_str()).collect();
+    assert_eq!(agents, ["other", "worker", "worker", "worker"]);
+
+    // An instance that leaves is gone at once: well before its record
+    // (20 s on replica-a) could expire.
+    drop(w2);
+    let left = Instant::now();
+    let two = |f: &[pb::Instance]| f.len() == 2;
+    let found = instances_until(&on_a, "worker", Duration::from_secs(5), two).await;
+    assert_eq!(names(&found).len(), 2, "{found:?}");
+    assert!(!names(&found).iter().any(|(i, _)| i == "w2"));
+    assert!(left.elapsed() < Duration::from_secs(5));
+
+    // Replica b killed: its instance stays listed until its record
+    // expires (3 s after its last refresh), then only replica a's is left.
+    b.kill9().await;
+    let killed = Instant::now();
+    let listed = on_a.list_instances(Some("worker")).await.expect("list");
+    assert!(
+        listed.iter().any(|i| i.instance == "w3"),
+        "a killed replica cannot remove its records: {listed:?}"
+    );
+    let one = |f: &[pb::Instance]| f.len() == 1;
+    let found = instances_until(&on_a, "worker", Duration::from_secs(10), one).await;
+    assert_eq!(
+        names(&found),
+        [("w1".to_string(), "replica-a".to_string())],
+        "{:?} after {:?}",
+        found,
+        killed.elapsed()
+    );
+    assert!(killed.elapsed() <= Duration::from_secs(3) + Duration::from_secs(2));
+    assert!(subscribed.elapsed() > Duration::from_secs(1));
+    drop(nats);
+}
+
+#[tokio::test]
+async fn listing_instances_needs_the_read_grant_and_a_valid_agent_name() {
+    let s = Secured::start(Duration::from_secs(5), |_| {}).await;
+    let (planner, _) = s
+        .principal("planner", &[(pb::GrantAction::SendAs, "planner", false)])
+        .await;
+    refused(
+        planner.list_instances(Some("worker")).await,
+        Code::PermissionDenied,
+        "NOT_GRANTED",
+    );
+    let (reader, _) = s
+        .principal("reader", &[(pb::GrantAction::Read, "", false)])
+        .await;
+    assert!(reader
+        .list_instances(Some("worker"))
+        .await
+        .expect("a reader lists")
+        .is_empty());
+    refused(
+        reader.list_instances(Some("no.dots")).await,
+        Code::InvalidArgument,
+        "INVALID_NAME",
+    );
+}
