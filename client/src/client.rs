@@ -397,6 +397,23 @@ impl Client {
             .agents)
     }
 
+    /// The live instances (Subscribe sessions) of `agent`, or of every
+    /// agent with `None`, on every replica of the broker: by agent, then by
+    /// when they subscribed. A replica that died leaves its instances
+    /// listed until `instance_expiry` after their last refresh. Needs the
+    /// `read` grant.
+    pub async fn list_instances(&self, agent: Option<&str>) -> Result<Vec<pb::Instance>> {
+        let req = pb::ListInstancesRequest {
+            agent: agent.unwrap_or_default().to_string(),
+        };
+        Ok(self
+            .raw()
+            .list_instances(self.request(req))
+            .await?
+            .into_inner()
+            .instances)
+    }
+
     /// Starts a run. Retrying with the same `RunConfig` (or a clone) after
     /// UNAVAILABLE answers the same run: its id is fixed when it is built.
     pub async fn start_run(&self, run: RunConfig) -> Result<pb::Run> {

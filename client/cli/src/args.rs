@@ -75,6 +75,8 @@ pub(crate) enum Command {
     /// Contracts: register, list and show message types and their rules.
     #[command(subcommand)]
     Contracts(ContractsCommand),
+    /// Live instances (Subscribe sessions) of agents, on every replica.
+    Instances(InstancesArgs),
     /// Handoffs that ran out of attempts without a fallback.
     DeadLetters(DeadLettersArgs),
     /// Principals (people and services) and their grants (admin).
@@ -343,4 +345,11 @@ pub(crate) struct DeadLettersArgs {
     /// At most this many, oldest first (default: the broker's, 100).
     #[arg(long, value_name = "N")]
     pub(crate) limit: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct InstancesArgs {
+    /// Only this agent's instances.
+    #[arg(long)]
+    pub(crate) agent: Option<String>,
 }

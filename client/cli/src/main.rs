@@ -117,6 +117,7 @@ async fn dispatch(cli: Cli) -> Outcome {
         Command::Barrier(BarrierCommand::Show(args)) => barrier_show(&client, &args).await,
         Command::Tail(args) => tail(&client, args).await,
         Command::Agents(AgentsCommand::List) => agents_list(&client).await,
+        Command::Instances(args) => instances(&client, args).await,
         Command::Contracts(ContractsCommand::Register(args)) => {
             contracts_register(&client, args).await
         }
@@ -436,6 +437,38 @@ async fn agents_list(client: &Client) -> Outcome {
         .collect();
     out(&table(
         &["NAME", "LEASE", "MAX_ATTEMPTS", "FALLBACK", "DESCRIPTION"],
+        rows,
+    ))
+}
+
+async fn instances(client: &Client, args: InstancesArgs) -> Outcome {
+    let found = client.list_instances(args.agent.as_deref()).await?;
+    let rows = found
+        .iter()
+        .map(|i| {
+            vec![
+                i.agent.clone(),
+                i.instance.clone(),
+                i.replica.clone(),
+                display::timestamp(i.connected_since),
+                format!("{}/{}", i.in_flight, i.max_in_flight),
+                i.last_settled_at
+                    .map(|t| display::timestamp(Some(t)))
+                    .unwrap_or_else(|| "-".to_string()),
+                display::timestamp(i.seen_at),
+            ]
+        })
+        .collect();
+    out(&table(
+        &[
+            "AGENT",
+            "INSTANCE",
+            "REPLICA",
+            "CONNECTED",
+            "IN_FLIGHT",
+            "LAST_SETTLED",
+            "SEEN",
+        ],
         rows,
     ))
 }

@@ -386,3 +386,26 @@ async def test_unknown_subscriber_and_connect_failure(client: Client) -> None:
 
     with pytest.raises(ConnectError):
         await Client.connect("127.0.0.1:1", connect_timeout=0.5)
+
+
+async def test_list_instances_shows_live_subscriptions_until_they_close(client: Client) -> None:
+    agent = uniq("worker")
+    await reg(client, agent)
+    async with await client.subscribe(agent, "py-1", max_in_flight=3):
+
+        async def listed() -> list[pb.Instance]:
+            return await client.list_instances(agent)
+
+        found = await until(listed)
+        assert [(i.agent, i.instance, i.max_in_flight) for i in found] == [(agent, "py-1", 3)]
+        assert found[0].replica and found[0].session
+        assert found[0].HasField("connected_since")
+        assert agent in {i.agent for i in await client.list_instances()}
+
+    async def gone() -> bool:
+        return not await client.list_instances(agent)
+
+    assert await until(gone)
+    with pytest.raises(InvalidArgumentError) as bad:
+        await client.list_instances("no.dots")
+    assert bad.value.reason == "INVALID_NAME"

@@ -295,6 +295,19 @@ class Client(Closing):
         resp = await self._call(self._stub.list_agents, pb.ListAgentsRequest())
         return list(resp.agents)
 
+    async def list_instances(self, agent: str | None = None) -> list[pb.Instance]:
+        """The live instances (subscribe sessions) of ``agent``, or of every
+        agent when it is ``None``, on every replica of the broker: by agent,
+        then by when they subscribed.
+
+        A replica that died leaves its instances listed until the broker's
+        ``instance_expiry`` after their last refresh. Needs the ``read``
+        grant.
+        """
+        req = pb.ListInstancesRequest(agent=agent or "")
+        resp = await self._call(self._stub.list_instances, req)
+        return list(resp.instances)
+
     # ------------------------------------------------------------ runs
 
     async def start_run(

@@ -41,6 +41,9 @@ class Stub:
             "RegisterAgent", pb.RegisterAgentRequest, pb.RegisterAgentResponse
         )
         self.list_agents = unary("ListAgents", pb.ListAgentsRequest, pb.ListAgentsResponse)
+        self.list_instances = unary(
+            "ListInstances", pb.ListInstancesRequest, pb.ListInstancesResponse
+        )
         self.start_run = unary("StartRun", pb.StartRunRequest, pb.StartRunResponse)
         self.handoff = unary("Handoff", pb.HandoffRequest, pb.HandoffResponse)
         self.fan_out = unary("FanOut", pb.FanOutRequest, pb.FanOutResponse)
