@@ -5,10 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use handoff_client::{pb, AgentConfig, Client};
+use handoff_client::{pb, AgentConfig, Client, Handoff, RunConfig};
 use handoff_tests::{
+    next_within, note,
     secured::{refused, Secured},
-    BrokerProcess, Nats,
+    stack, BrokerProcess, Nats,
 };
 use tonic::Code;
 
@@ -162,4 +163,77 @@ async fn listing_instances_needs_the_read_grant_and_a_valid_agent_name() {
         Code::InvalidArgument,
         "INVALID_NAME",
     );
+}
+
+/// `agent`'s status once it satisfies `done` (polled for at most 10 s);
+/// the last one either way.
+async fn status_until(
+    client: &Client,
+    agent: &str,
+    done: impl Fn(&pb::AgentStatus) -> bool,
+) -> pb::AgentStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = client.agent_status().await.expect("status");
+        let found = all.into_iter().find(|s| s.name == agent).expect("listed");
+        if done(&found) || Instant::now() >= deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn list_agents_tells_live_instances_pending_in_flight_and_unattended_work() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    client
+        .register_agent(AgentConfig::new("worker"))
+        .await
+        .expect("register");
+    let idle = status_until(&client, "worker", |_| true).await;
+    assert_eq!((idle.instances, idle.pending, idle.in_flight), (0, 0, 0));
+    assert!(!idle.unattended && idle.oldest_pending_age.is_none());
+
+    // Two handoffs and nobody to take them: unattended, the oldest's wait
+    // growing.
+    let run = client.start_run(RunConfig::new("ops")).await.expect("run");
+    for n in 0..2 {
+        client
+            .handoff(Handoff::to(&run.id, "worker", &note("task", n)).expect("handoff"))
+            .await
+            .expect("stored");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = status_until(&client, "worker", |s| s.pending == 2).await;
+    assert_eq!(
+        (waiting.instances, waiting.pending, waiting.in_flight),
+        (0, 2, 0)
+    );
+    assert!(waiting.unattended);
+    let age = waiting
+        .oldest_pending_age
+        .and_then(|d| Duration::try_from(d).ok())
+        .expect("the oldest pending handoff's age");
+    assert!(age >= Duration::from_millis(300), "{age:?}");
+
+    // One instance, holding one of them: attended, one pending, one in
+    // flight.
+    let mut sub = client
+        .subscribe("worker", "w1", 1)
+        .await
+        .expect("subscribe");
+    let d = next_within(&mut sub, Duration::from_secs(5))
+        .await
+        .expect("delivered");
+    let taken = status_until(&client, "worker", |s| s.instances == 1 && s.in_flight == 1).await;
+    assert_eq!((taken.instances, taken.pending, taken.in_flight), (1, 1, 1));
+    assert!(!taken.unattended);
+    d.ack().await.expect("ack");
+    let second = next_within(&mut sub, Duration::from_secs(5))
+        .await
+        .expect("the second");
+    second.ack().await.expect("ack");
+    let done = status_until(&client, "worker", |s| s.pending == 0 && s.in_flight == 0).await;
+    assert_eq!((done.pending, done.in_flight), (0, 0));
+    assert!(done.oldest_pending_age.is_none());
 }

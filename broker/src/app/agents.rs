@@ -152,12 +152,38 @@ async fn check_contracts(broker: &Broker, spec: &mut pb::AgentSpec) -> Result<()
     Ok(())
 }
 
-/// Every registered agent.
+/// Every registered agent, with what it is doing now: its live
+/// instances on every replica and its inbox's backlog (read for every
+/// agent at once).
 pub async fn list(broker: &Broker, caller: &Caller) -> Result<pb::ListAgentsResponse, BrokerError> {
     auth::require(broker, caller, Action::Read, "").await?;
-    Ok(pb::ListAgentsResponse {
-        agents: broker.store().agents().await?,
-    })
+    let store = broker.store();
+    let (agents, instances) = tokio::join!(store.agents(), store.instances(""));
+    let (agents, instances) = (agents?, instances?);
+    let backlogs =
+        futures::future::try_join_all(agents.iter().map(|a| store.backlog(&a.name))).await?;
+    let now = std::time::SystemTime::now();
+    let status = agents
+        .iter()
+        .zip(backlogs)
+        .map(|(agent, backlog)| {
+            let live = instances.iter().filter(|i| i.agent == agent.name).count();
+            let oldest_pending_age = backlog
+                .oldest_pending
+                .and_then(|t| std::time::SystemTime::try_from(t).ok())
+                .map(|t| now.duration_since(t).unwrap_or_default())
+                .and_then(|age| prost_types::Duration::try_from(age).ok());
+            pb::AgentStatus {
+                name: agent.name.clone(),
+                instances: u32::try_from(live).unwrap_or(u32::MAX),
+                pending: backlog.pending,
+                in_flight: backlog.in_flight,
+                oldest_pending_age,
+                unattended: live == 0 && backlog.pending > 0,
+            }
+        })
+        .collect();
+    Ok(pb::ListAgentsResponse { agents, status })
 }
 
 /// The lease of a stored spec.

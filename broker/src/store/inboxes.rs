@@ -28,6 +28,10 @@ pub trait Inboxes: Send + Sync {
     /// any instance (the consumer's pending count).
     async fn inbox_pending(&self, agent: &str) -> Result<u64>;
 
+    /// What waits in the agent's inbox: not yet offered, offered and not
+    /// settled, and when the oldest of those not yet offered was created.
+    async fn backlog(&self, agent: &str) -> Result<Backlog>;
+
     /// Removes a handoff no instance took from the inbox (it was routed
     /// elsewhere); one already gone is fine.
     async fn withdraw_handoff(&self, sequence: u64) -> Result<()>;

@@ -107,6 +107,17 @@ pub enum Settlement {
     Progress,
 }
 
+/// What waits in an agent's inbox.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Backlog {
+    /// Handoffs not yet offered to any instance.
+    pub pending: u64,
+    /// Handoffs offered and not yet settled.
+    pub in_flight: u64,
+    /// When the oldest handoff not yet offered was created.
+    pub oldest_pending: Option<prost_types::Timestamp>,
+}
+
 /// A handoff the inbox offers to an agent's instance.
 #[derive(Debug, Clone)]
 pub struct Offered {

@@ -104,6 +104,41 @@ impl Inboxes for JetStream {
         Ok(info.num_pending)
     }
 
+    /// The consumer's counts, and the first message on the agent's
+    /// subject after the last one it offered (one read of the stream).
+    async fn backlog(&self, agent: &str) -> Result<Backlog, BrokerError> {
+        let mut consumer = self.agent_consumer(agent).await?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| BrokerError::nats("reading the agent's consumer", e))?;
+        let mut backlog = Backlog {
+            pending: info.num_pending,
+            in_flight: u64::try_from(info.num_ack_pending).unwrap_or_default(),
+            oldest_pending: None,
+        };
+        if info.num_pending == 0 {
+            return Ok(backlog);
+        }
+        let next = self
+            .inbox
+            .raw_message_builder()
+            .sequence(info.delivered.stream_sequence + 1)
+            .next_by_subject(inbox_subject(agent))
+            .send()
+            .await;
+        match next {
+            Ok(msg) => {
+                backlog.oldest_pending = pb::HandoffEnvelope::decode(msg.payload)
+                    .ok()
+                    .and_then(|e| e.created_at);
+            }
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {}
+            Err(e) => return Err(BrokerError::nats("reading the agent's inbox", e)),
+        }
+        Ok(backlog)
+    }
+
     async fn withdraw_handoff(&self, sequence: u64) -> Result<(), BrokerError> {
         use jetstream::stream::DeleteMessageErrorKind;
         match self.inbox.delete_message(sequence).await {

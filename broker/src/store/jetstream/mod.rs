@@ -22,7 +22,8 @@ use handoff_proto::pb;
 use prost::Message as _;
 
 use super::{
-    BranchPut, Claim, InboxMessage, Offered, PayloadInfo, Result, Settlement, Stored, TimerKind,
+    Backlog, BranchPut, Claim, InboxMessage, Offered, PayloadInfo, Result, Settlement, Stored,
+    TimerKind,
 };
 use crate::{config::Config, error::BrokerError};
 

@@ -66,6 +66,18 @@ impl Inboxes for Memory {
             .count() as u64)
     }
 
+    async fn backlog(&self, agent: &str) -> Result<Backlog> {
+        self.trip("backlog")?;
+        let s = self.state()?;
+        let mine = || s.inbox.iter().filter(|e| e.agent == agent);
+        let waiting = || mine().filter(|e| e.standing == Standing::Pending && e.delivered == 0);
+        Ok(Backlog {
+            pending: waiting().count() as u64,
+            in_flight: mine().filter(|e| e.standing == Standing::Leased).count() as u64,
+            oldest_pending: waiting().next().and_then(|e| e.envelope.created_at),
+        })
+    }
+
     async fn withdraw_handoff(&self, sequence: u64) -> Result<()> {
         let mut s = self.state()?;
         let index = usize::try_from(sequence)

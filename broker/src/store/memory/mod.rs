@@ -14,7 +14,8 @@ use handoff_proto::pb;
 use prost::Message as _;
 
 use super::{
-    BranchPut, Claim, InboxMessage, Offered, PayloadInfo, Result, Settlement, Stored, TimerKind,
+    Backlog, BranchPut, Claim, InboxMessage, Offered, PayloadInfo, Result, Settlement, Stored,
+    TimerKind,
 };
 use crate::error::BrokerError;
 
