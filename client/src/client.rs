@@ -397,6 +397,19 @@ impl Client {
             .agents)
     }
 
+    /// What every registered agent is doing now: its live instances on
+    /// every replica, its handoffs pending and in flight, how long the
+    /// oldest pending one has waited, and whether work waits with no live
+    /// instance to take it (`unattended`). Needs the `read` grant.
+    pub async fn agent_status(&self) -> Result<Vec<pb::AgentStatus>> {
+        Ok(self
+            .raw()
+            .list_agents(self.request(pb::ListAgentsRequest {}))
+            .await?
+            .into_inner()
+            .status)
+    }
+
     /// The live instances (Subscribe sessions) of `agent`, or of every
     /// agent with `None`, on every replica of the broker: by agent, then by
     /// when they subscribed. A replica that died leaves its instances

@@ -418,12 +418,20 @@ async fn tokens_list(client: &Client) -> Outcome {
 }
 
 async fn agents_list(client: &Client) -> Outcome {
-    let mut agents = client.list_agents().await?;
-    agents.sort_by(|a, b| a.name.cmp(&b.name));
-    let rows = agents
+    let (agents, status) = tokio::try_join!(client.list_agents(), client.agent_status())?;
+    let mut rows: Vec<(String, Vec<String>)> = agents
         .iter()
         .map(|a| {
-            vec![
+            let now = status.iter().find(|s| s.name == a.name);
+            let count = |f: fn(&pb::AgentStatus) -> u64| {
+                now.map_or_else(|| "-".to_string(), |s| f(s).to_string())
+            };
+            let oldest = now
+                .and_then(|s| s.oldest_pending_age)
+                .and_then(|d| Duration::try_from(d).ok())
+                .map(|d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string())
+                .unwrap_or_else(|| "-".to_string());
+            let row = vec![
                 a.name.clone(),
                 a.lease
                     .and_then(|d| Duration::try_from(d).ok())
@@ -431,13 +439,35 @@ async fn agents_list(client: &Client) -> Outcome {
                     .unwrap_or_else(|| "default".to_string()),
                 a.max_attempts.to_string(),
                 or_dash(&a.fallback_agent),
+                count(|s| u64::from(s.instances)),
+                count(|s| s.pending),
+                count(|s| s.in_flight),
+                oldest,
+                if now.is_some_and(|s| s.unattended) {
+                    "unattended".to_string()
+                } else {
+                    "-".to_string()
+                },
                 or_dash(&a.description),
-            ]
+            ];
+            (a.name.clone(), row)
         })
         .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
     out(&table(
-        &["NAME", "LEASE", "MAX_ATTEMPTS", "FALLBACK", "DESCRIPTION"],
-        rows,
+        &[
+            "NAME",
+            "LEASE",
+            "MAX_ATTEMPTS",
+            "FALLBACK",
+            "INSTANCES",
+            "PENDING",
+            "IN_FLIGHT",
+            "OLDEST_PENDING",
+            "NOTE",
+            "DESCRIPTION",
+        ],
+        rows.into_iter().map(|(_, r)| r).collect(),
     ))
 }
 

@@ -409,3 +409,28 @@ async def test_list_instances_shows_live_subscriptions_until_they_close(client: 
     with pytest.raises(InvalidArgumentError) as bad:
         await client.list_instances("no.dots")
     assert bad.value.reason == "INVALID_NAME"
+
+
+async def test_agent_status_tells_pending_and_unattended_work(client: Client) -> None:
+    agent = uniq("worker")
+    await reg(client, agent)
+    run = await client.start_run("tests")
+    await client.handoff(run.id, agent, Subtask(instruction="wait"))
+
+    async def waiting() -> pb.AgentStatus | None:
+        found = [s for s in await client.agent_status() if s.name == agent]
+        return found[0] if found and found[0].pending == 1 else None
+
+    status = await until(waiting)
+    assert status.instances == 0 and status.in_flight == 0 and status.unattended
+    assert status.HasField("oldest_pending_age")
+    async with await client.subscribe(agent, "py-1") as sub:
+        d = await take(sub)
+
+        async def taken() -> pb.AgentStatus | None:
+            found = [s for s in await client.agent_status() if s.name == agent]
+            return found[0] if found and found[0].in_flight == 1 and found[0].instances else None
+
+        status = await until(taken)
+        assert status.pending == 0 and not status.unattended
+        await d.ack()

@@ -295,6 +295,14 @@ class Client(Closing):
         resp = await self._call(self._stub.list_agents, pb.ListAgentsRequest())
         return list(resp.agents)
 
+    async def agent_status(self) -> list[pb.AgentStatus]:
+        """What every registered agent is doing now: its live instances on
+        every replica, its handoffs pending and in flight, how long the
+        oldest pending one has waited, and whether work waits with no live
+        instance to take it (``unattended``). Needs the ``read`` grant."""
+        resp = await self._call(self._stub.list_agents, pb.ListAgentsRequest())
+        return list(resp.status)
+
     async def list_instances(self, agent: str | None = None) -> list[pb.Instance]:
         """The live instances (subscribe sessions) of ``agent``, or of every
         agent when it is ``None``, on every replica of the broker: by agent,
