@@ -100,8 +100,8 @@ async fn raising_replicas_replicates_every_existing_stream_and_bucket() {
         }
         seen.push(name);
     }
-    // Five streams and eleven buckets.
-    assert_eq!(seen.len(), 16, "{seen:?}");
+    // Five streams and twelve buckets.
+    assert_eq!(seen.len(), 17, "{seen:?}");
     let client = second.client().await;
     let agents = client.list_agents().await.expect("agents");
     assert_eq!(agents.len(), 2, "the state kept through the change");
