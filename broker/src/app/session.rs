@@ -384,7 +384,6 @@ async fn fetch_loop(session: Arc<Session>, permits: Arc<Semaphore>) {
 }
 
 impl Session {
-    /// The book of unsettled deliveries (see [`Session::in_flight`]).
     /// When the instance last settled a delivery.
     fn settled_at(&self) -> std::sync::MutexGuard<'_, Option<prost_types::Timestamp>> {
         self.last_settled
@@ -392,6 +391,7 @@ impl Session {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The book of unsettled deliveries (see [`Session::in_flight`]).
     fn book(&self) -> std::sync::MutexGuard<'_, HashMap<String, InFlight>> {
         self.in_flight
             .lock()
