@@ -202,7 +202,7 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "stream_max_bytes",
         default: "1073741824",
-        doc: "Byte limit of every other stream and bucket the broker creates (inboxes, branches, dead letters, timers, payloads, runs, state, leases, ...: 16 of them); past it new writes are refused (UNAVAILABLE), nothing stored is discarded; at least 1048576 (-1: none). JetStream reserves every limit on each server: their sum must fit its max_file_store. An existing stream that holds more than its new limit keeps its old one (with a warning).",
+        doc: "Byte limit of every other stream and bucket the broker creates (inboxes, branches, dead letters, timers, payloads, runs, state, leases, ...: 16 of them; the live-session bucket takes at most 64 MiB); past it new writes are refused (UNAVAILABLE), nothing stored is discarded; at least 1048576 (-1: none). JetStream reserves every limit on each server: their sum must fit its max_file_store. An existing stream that holds more than its new limit keeps its old one (with a warning).",
     },
     Key {
         name: "nats_user",

@@ -136,7 +136,16 @@ async fn instances_across_two_replicas_are_listed_until_they_leave_or_their_repl
     );
     assert!(killed.elapsed() <= Duration::from_secs(3) + Duration::from_secs(2));
     assert!(subscribed.elapsed() > Duration::from_secs(1));
-    drop(nats);
+    // The records are small: the bucket reserves 64 MiB, not the 1 GiB of
+    // the other streams.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
+    let mut bucket = js
+        .get_stream("KV_handoff_instances")
+        .await
+        .expect("the bucket");
+    let config = bucket.info().await.expect("info").config.clone();
+    assert_eq!(config.max_bytes, 64 * 1024 * 1024);
+    assert!(config.allow_message_ttl);
 }
 
 #[tokio::test]

@@ -59,6 +59,9 @@ pub const STATE_BUCKET: &str = "handoff_state";
 /// Key/value bucket of live subscribe sessions, keyed `<agent>.<session>`;
 /// each record expires on its own unless its replica refreshes it.
 pub const INSTANCES_BUCKET: &str = "handoff_instances";
+/// The most the live-session bucket holds (and reserves on each server):
+/// a record is about 150 bytes.
+pub const INSTANCES_MAX_BYTES: i64 = 64 * 1024 * 1024;
 /// Key/value bucket of delivery leases, keyed `<agent>.<sequence>`.
 pub const LEASES_BUCKET: &str = "handoff_leases";
 /// Key/value bucket of the delivery-token signing keys (key `delivery`).

@@ -109,9 +109,16 @@ impl JetStream {
         // Each lease record expires on its own (see `put_lease`); the
         // bucket's age limit only bounds a record written without one.
         let leases = ensure_bucket_with(&js, bucket(LEASES_BUCKET, LEASE_RECORD_AGE), true).await?;
-        // Likewise each session's record (see `put_instance`).
-        let instances =
-            ensure_bucket_with(&js, bucket(INSTANCES_BUCKET, LEASE_RECORD_AGE), true).await?;
+        // Likewise each session's record (see `put_instance`). Its records
+        // are small and few: it reserves at most INSTANCES_MAX_BYTES.
+        let instances = kv::Config {
+            max_bytes: match cfg.stream_max_bytes {
+                limit if limit > 0 => limit.min(INSTANCES_MAX_BYTES),
+                _ => INSTANCES_MAX_BYTES,
+            },
+            ..bucket(INSTANCES_BUCKET, LEASE_RECORD_AGE)
+        };
+        let instances = ensure_bucket_with(&js, instances, true).await?;
         let keys = ensure_bucket(&js, bucket(KEYS_BUCKET, Duration::ZERO)).await?;
         let principals = ensure_bucket(&js, bucket(PRINCIPALS_BUCKET, Duration::ZERO)).await?;
         let tokens = ensure_bucket(&js, bucket(TOKENS_BUCKET, Duration::ZERO)).await?;
