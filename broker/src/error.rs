@@ -575,15 +575,24 @@ const STREAM_STORE_FAILED: u64 = 10077;
 /// bytes exceeded", "maximum messages exceeded", ...; the stream discards
 /// nothing, `DiscardNew`).
 fn at_stream_limit(err: &(dyn std::error::Error + 'static)) -> bool {
+    jetstream_error(err).is_some_and(|js| {
+        js.error_code().0 == STREAM_STORE_FAILED && js.to_string().starts_with("maximum ")
+    })
+}
+
+/// JetStream's own answer inside `err`, looked for through the errors it
+/// wraps (async-nats wraps it in the error of each call).
+pub(crate) fn jetstream_error<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a async_nats::jetstream::Error> {
     let mut next = Some(err);
     while let Some(e) = next {
         if let Some(js) = e.downcast_ref::<async_nats::jetstream::Error>() {
-            let limit = js.to_string().starts_with("maximum ");
-            return js.error_code().0 == STREAM_STORE_FAILED && limit;
+            return Some(js);
         }
         next = e.source();
     }
-    false
+    None
 }
 
 /// Result alias of the broker.

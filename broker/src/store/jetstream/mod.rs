@@ -116,15 +116,10 @@ const PURGES_IN_FLIGHT: i64 = 16;
 pub(crate) fn lost_compare_and_set(err: &(dyn std::error::Error + 'static)) -> bool {
     const WRONG_LAST_SEQUENCE: u64 = 10071;
     const WRONG_LAST_SEQUENCE_CONSTANT: u64 = 10164;
-    let mut next = Some(err);
-    while let Some(e) = next {
-        if let Some(js) = e.downcast_ref::<jetstream::Error>() {
-            let code = js.error_code().0;
-            return code == WRONG_LAST_SEQUENCE || code == WRONG_LAST_SEQUENCE_CONSTANT;
-        }
-        next = e.source();
-    }
-    false
+    crate::error::jetstream_error(err).is_some_and(|js| {
+        let code = js.error_code().0;
+        code == WRONG_LAST_SEQUENCE || code == WRONG_LAST_SEQUENCE_CONSTANT
+    })
 }
 
 /// Subject of an agent's inbox.
