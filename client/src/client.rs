@@ -569,6 +569,32 @@ impl Client {
         Ok(self.raw().get_state(self.request(req)).await?.into_inner())
     }
 
+    /// One page of runs matching `req`'s filters, newest first: the
+    /// runs the caller may read (every run with `read`, else those of the
+    /// owners it has `own` on). Pass the answer's `next_page_token` back
+    /// as `page_token` for the next page; it is empty on the last.
+    pub async fn list_runs(&self, req: pb::ListRunsRequest) -> Result<pb::ListRunsResponse> {
+        Ok(self.raw().list_runs(self.request(req)).await?.into_inner())
+    }
+
+    /// Cancels a running run (needs `own` on its owner): it ends
+    /// CANCELLED with `reason` as its failure, its pending handoffs are
+    /// never delivered, and the instances holding its deliveries are told
+    /// (see [`crate::Delivery::cancelled`]). A run that already ended is
+    /// `RUN_CLOSED`.
+    pub async fn cancel_run(&self, run_id: &str, reason: &str) -> Result<pb::Run> {
+        let resp = self
+            .raw()
+            .cancel_run(self.request(pb::CancelRunRequest {
+                run_id: run_id.to_string(),
+                reason: reason.to_string(),
+            }))
+            .await?;
+        resp.into_inner()
+            .run
+            .ok_or_else(|| Error::new(ErrorKind::Other, "the broker answered without the run"))
+    }
+
     /// A run with its timeline.
     pub async fn get_run(&self, run_id: &str) -> Result<pb::GetRunResponse> {
         Ok(self

@@ -64,6 +64,7 @@ impl pb::EventKind {
             K::IntentScored => "intent_scored",
             K::IntentDrift => "intent_drift",
             K::RunPurged => "run_purged",
+            K::RunCancelled => "run_cancelled",
         }
     }
 
@@ -101,14 +102,19 @@ pub const ALL_EVENT_KINDS: &[pb::EventKind] = &[
     pb::EventKind::IntentScored,
     pb::EventKind::IntentDrift,
     pb::EventKind::RunPurged,
+    pb::EventKind::RunCancelled,
 ];
 
 impl pb::RunStatus {
-    /// True once the run has ended (completed, failed or timed out).
+    /// True once the run has ended (completed, failed, timed out or
+    /// cancelled).
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            pb::RunStatus::Completed | pb::RunStatus::Failed | pb::RunStatus::TimedOut
+            pb::RunStatus::Completed
+                | pb::RunStatus::Failed
+                | pb::RunStatus::TimedOut
+                | pb::RunStatus::Cancelled
         )
     }
 }

@@ -29,6 +29,7 @@ pub mod instances;
 pub mod judge;
 pub mod outbox;
 pub mod payloads;
+pub mod run_index;
 pub mod runs;
 pub mod session;
 pub mod state;
@@ -88,6 +89,8 @@ struct Inner {
     barriers: barriers::Local,
     /// Runs read on the delivery path, with when: see [`Broker::run_recent`].
     recent_runs: DashMap<String, (pb::Run, std::time::Instant)>,
+    /// Every stored run's summary, for `ListRuns`.
+    run_index: run_index::RunIndex,
 }
 
 impl Broker {
@@ -130,6 +133,7 @@ impl Broker {
                 states: state::Cache::default(),
                 barriers: barriers::Local::default(),
                 recent_runs: DashMap::new(),
+                run_index: run_index::RunIndex::default(),
             }),
         }
     }
@@ -153,6 +157,11 @@ impl Broker {
     /// counted).
     pub fn barrier_local(&self) -> &barriers::Local {
         &self.inner.barriers
+    }
+
+    /// Every stored run's summary, kept current by watches.
+    pub fn run_index(&self) -> &run_index::RunIndex {
+        &self.inner.run_index
     }
 
     /// The state of the link to NATS.
@@ -274,9 +283,10 @@ impl Broker {
     /// delivery id when the delivery is settled outside the session (a
     /// complete-and-handoff, or a settlement through another session or
     /// replica).
-    pub fn track_delivery(&self, held: &deliveries::Held, release: mpsc::UnboundedSender<String>) {
+    pub fn track_delivery(&self, held: &deliveries::Held, release: mpsc::UnboundedSender<Notice>) {
         let tracked = Tracked {
             delivery_id: held.delivery_id.clone(),
+            run_id: held.run_id.clone(),
             agent: held.agent.clone(),
             delivered_at: held.delivered_at,
             release,
@@ -328,11 +338,30 @@ impl Broker {
                 self.metrics().in_flight_dec(&t.agent);
                 self.metrics()
                     .processing(&t.agent, t.delivered_at.elapsed());
-                let _ = t.release.send(t.delivery_id);
+                let _ = t.release.send(Notice::Settled(t.delivery_id));
                 true
             }
             None => false,
         }
+    }
+
+    /// Tells the sessions on this replica holding deliveries of run
+    /// `run_id` that it was cancelled (`reason`); the run is no longer
+    /// trusted from memory. Returns how many deliveries were told.
+    pub fn cancel_deliveries(&self, run_id: &str, reason: &str) -> usize {
+        self.forget_run(run_id);
+        let mut told = 0;
+        for t in self.inner.leases.iter() {
+            if t.run_id == run_id {
+                let notice = Notice::Cancelled(pb::Cancelled {
+                    delivery_id: t.delivery_id.clone(),
+                    run_id: run_id.to_string(),
+                    reason: reason.to_string(),
+                });
+                told += usize::from(t.release.send(notice).is_ok());
+            }
+        }
+        told
     }
 
     /// Counts a live subscribe session of `agent` on this replica.
@@ -514,7 +543,17 @@ struct Tracked {
     delivery_id: String,
     agent: String,
     delivered_at: std::time::Instant,
-    release: mpsc::UnboundedSender<String>,
+    run_id: String,
+    release: mpsc::UnboundedSender<Notice>,
+}
+
+/// What a session holding a delivery is told from outside it.
+#[derive(Debug)]
+pub enum Notice {
+    /// The delivery (by id) was settled elsewhere: its slot is free.
+    Settled(String),
+    /// The delivery's run was cancelled.
+    Cancelled(pb::Cancelled),
 }
 
 /// The current time as a protobuf timestamp.
@@ -529,6 +568,7 @@ pub fn status_name(status: i32) -> &'static str {
         Ok(pb::RunStatus::Completed) => "completed",
         Ok(pb::RunStatus::Failed) => "failed",
         Ok(pb::RunStatus::TimedOut) => "timed out",
+        Ok(pb::RunStatus::Cancelled) => "cancelled",
         _ => "unknown",
     }
 }

@@ -10,7 +10,7 @@ use crate::{
     app::{
         access,
         auth::{self, Caller},
-        now, state, Broker,
+        now, run_index, state, Broker,
     },
     error::BrokerError,
     rules::{
@@ -37,6 +37,8 @@ pub enum RunEnd {
     Failed(String),
     /// Its deadline passed.
     TimedOut(String),
+    /// Its owner cancelled it (`CancelRun`).
+    Cancelled(String),
 }
 
 /// Creates a run. Repeating a `StartRun` with the same id and owner answers
@@ -187,6 +189,140 @@ pub async fn get(
     })
 }
 
+/// Runs matching a `ListRunsRequest`, newest first, a page at a time,
+/// from this replica's index (see [`run_index`]): only those the caller
+/// may read (every run with `read`, else those of owners it has `own`
+/// on). A refusal of the whole call is never made for grants: a caller
+/// that may read nothing gets an empty page.
+pub async fn list(
+    broker: &Broker,
+    caller: &Caller,
+    req: pb::ListRunsRequest,
+) -> Result<pb::ListRunsResponse, BrokerError> {
+    names::validate_optional("owner", &req.owner)?;
+    names::validate_optional("pipeline", &req.pipeline)?;
+    names::validate_optional("agent", &req.agent)?;
+    for status in &req.status {
+        if pb::RunStatus::try_from(*status).is_err() || *status == 0 {
+            return Err(BrokerError::malformed(
+                "status",
+                format!("{status} is not a run status"),
+            ));
+        }
+    }
+    let size = match usize::try_from(req.page_size).unwrap_or(usize::MAX) {
+        0 => run_index::DEFAULT_PAGE,
+        n if n > run_index::MAX_PAGE => {
+            return Err(BrokerError::malformed(
+                "page_size",
+                format!("page_size {n} is over {}", run_index::MAX_PAGE),
+            ))
+        }
+        n => n,
+    };
+    let time = |field: &'static str, t: &Option<prost_types::Timestamp>| match t {
+        None => Ok(None),
+        Some(t) if t.nanos < 0 || t.nanos >= 1_000_000_000 => Err(BrokerError::malformed(
+            field,
+            format!("{field} is not a valid timestamp"),
+        )),
+        Some(t) => Ok(Some(run_index::nanos(t))),
+    };
+    let filter = run_index::Filter {
+        owner: Some(req.owner.clone()).filter(|o| !o.is_empty()),
+        statuses: req.status.clone(),
+        pipeline: Some(req.pipeline.clone()).filter(|p| !p.is_empty()),
+        agent: Some(req.agent.clone()).filter(|a| !a.is_empty()),
+        started: (
+            time("started_after", &req.started_after)?,
+            time("started_before", &req.started_before)?,
+        ),
+        ended: (
+            time("ended_after", &req.ended_after)?,
+            time("ended_before", &req.ended_before)?,
+        ),
+        dead_letters: req.has_dead_letters,
+        drift: req.drift,
+    };
+    let token = Some(req.page_token.as_str()).filter(|t| !t.is_empty());
+    let index = broker.run_index();
+    // Until the index has read every stored run once (at start), a page
+    // would silently miss some.
+    if tokio::time::timeout(broker.config().nats_timeout, index.ready())
+        .await
+        .is_err()
+    {
+        return Err(BrokerError::Unavailable(
+            "the run index is still loading; try again in a moment".to_string(),
+        ));
+    }
+    let all = caller.may(Action::Read, "");
+    let page = index
+        .list(
+            &filter,
+            |run| all || caller.may(Action::Own, &run.owner),
+            size,
+            token,
+        )
+        .map_err(|run_index::BadToken| {
+            BrokerError::malformed("page_token", "not a page token of ListRuns")
+        })?;
+    Ok(pb::ListRunsResponse {
+        runs: page.runs,
+        next_page_token: page.next.unwrap_or_default(),
+    })
+}
+
+/// Cancels a running run for its owner (`own` on the run's owner; anyone
+/// else is answered as if the run did not exist, see [`access`]): it ends
+/// CANCELLED like any other end (its owner told, later handoffs
+/// RUN_CLOSED, pending handoffs discarded when offered), and every
+/// replica, on its `run_cancelled` event, tells the instances holding
+/// deliveries of the run (see [`Broker::cancel_deliveries`]). A run that
+/// already ended is RUN_CLOSED.
+pub async fn cancel(
+    broker: &Broker,
+    caller: &Caller,
+    req: pb::CancelRunRequest,
+) -> Result<pb::CancelRunResponse, BrokerError> {
+    names::validate("run_id", &req.run_id)?;
+    const MAX_REASON: usize = 1024;
+    if req.reason.len() > MAX_REASON {
+        return Err(BrokerError::malformed(
+            "reason",
+            format!("reason is over {MAX_REASON} bytes"),
+        ));
+    }
+    let (run, _) = match broker.store().run(&req.run_id).await? {
+        Some(found) => found,
+        None => return Err(BrokerError::RunNotFound(req.run_id.clone())),
+    };
+    if !caller.may(Action::Own, &run.owner) {
+        return Err(access::hidden(broker, caller, &run).await);
+    }
+    if status_of(&run).is_terminal() {
+        return Err(BrokerError::RunClosed {
+            run: run.id.clone(),
+            status: crate::app::status_name(run.status),
+        });
+    }
+    let reason = if req.reason.is_empty() {
+        format!("cancelled by {}", caller.principal)
+    } else {
+        req.reason.clone()
+    };
+    let ended = end(broker, &run.id, RunEnd::Cancelled(reason)).await?;
+    if ended.status != pb::RunStatus::Cancelled as i32 {
+        // It ended another way while being cancelled.
+        return Err(BrokerError::RunClosed {
+            run: ended.id.clone(),
+            status: crate::app::status_name(ended.status),
+        });
+    }
+    tracing::info!(run_id = %ended.id, by = %caller.principal, "run cancelled");
+    Ok(pb::CancelRunResponse { run: Some(ended) })
+}
+
 /// What it took to get a run where it is (signal 4), from its timeline.
 pub fn stats_of(timeline: &[pb::Event]) -> pb::RunStats {
     let mut stats = pb::RunStats::default();
@@ -266,6 +402,10 @@ pub async fn end(broker: &Broker, run_id: &str, end: RunEnd) -> Result<pb::Run, 
                 run.status = pb::RunStatus::TimedOut as i32;
                 run.failure = reason.clone();
             }
+            RunEnd::Cancelled(reason) => {
+                run.status = pb::RunStatus::Cancelled as i32;
+                run.failure = reason.clone();
+            }
         }
         if broker.store().update_run(&run, rev).await? {
             broker.forget_run(&run.id);
@@ -273,6 +413,7 @@ pub async fn end(broker: &Broker, run_id: &str, end: RunEnd) -> Result<pb::Run, 
             let outcome = match status_of(&run) {
                 pb::RunStatus::Completed => "completed",
                 pb::RunStatus::Failed => "failed",
+                pb::RunStatus::Cancelled => "cancelled",
                 _ => "timed_out",
             };
             let handoffs = run.stats.as_ref().map_or(0, |s| s.handoffs);
@@ -296,6 +437,7 @@ pub async fn announce_end(broker: &Broker, run: &pb::Run) -> Result<(), BrokerEr
         pb::RunStatus::Completed => pb::EventKind::RunCompleted,
         pb::RunStatus::Failed => pb::EventKind::RunFailed,
         pb::RunStatus::TimedOut => pb::EventKind::RunTimedOut,
+        pb::RunStatus::Cancelled => pb::EventKind::RunCancelled,
         _ => return Ok(()),
     };
     let event = pb::Event {

@@ -32,7 +32,7 @@ use crate::{
     app::{
         auth::{self, Caller},
         deliveries::{self, Held, Offering, Op},
-        instances, now, Broker,
+        instances, now, Broker, Notice,
     },
     error::BrokerError,
     rules::{grants::Action, names},
@@ -52,6 +52,8 @@ pub enum Out {
     Subscribed(pb::AgentSpec),
     /// A delivery.
     Delivery(Box<pb::Delivery>),
+    /// A delivery's run was cancelled.
+    Cancelled(pb::Cancelled),
     /// The answer to a settle command: the new lease deadline of an
     /// extend, or why it was refused.
     Settled {
@@ -137,7 +139,7 @@ struct Session {
     /// Whether the session's credentials still allow it.
     live: auth::LiveCheck,
     tx: Outbox,
-    released: mpsc::UnboundedSender<String>,
+    released: mpsc::UnboundedSender<Notice>,
     /// When the instance last settled a delivery, for its record.
     last_settled: std::sync::Mutex<Option<prost_types::Timestamp>>,
 }
@@ -218,11 +220,25 @@ pub async fn run(
                 Some(id) = settling.running.next(), if !settling.running.is_empty() => {
                     settling.finished(&session, id);
                 }
-                Some(id) = released_rx.recv() => {
-                    // Completed by a handoff that consumed it: free the slot.
-                    session.book().remove(&id);
-                    *session.settled_at() = Some(now());
-                }
+                Some(notice) = released_rx.recv() => match notice {
+                    Notice::Settled(id) => {
+                        // Completed by a handoff that consumed it: free the slot.
+                        session.book().remove(&id);
+                        *session.settled_at() = Some(now());
+                    }
+                    Notice::Cancelled(cancelled) => {
+                        // Its run was cancelled: the instance stops and
+                        // settles it (the slot stays taken until then).
+                        // Sent from a task of its own: the loop's arms must
+                        // not await.
+                        if session.book().contains_key(&cancelled.delivery_id) {
+                            let tx = session.tx.clone();
+                            tokio::spawn(async move {
+                                let _ = tx.send(Ok(Out::Cancelled(cancelled))).await;
+                            });
+                        }
+                    }
+                },
                 _ = sweep.tick() => session.sweep_expired(),
                 _ = broker.drained() => break Ending::Drained,
                 refused = live.ended() => break Ending::Refused(refused),

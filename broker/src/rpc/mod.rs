@@ -279,6 +279,24 @@ impl HandoffBroker for Service {
             .await
     }
 
+    async fn list_runs(&self, req: Request<pb::ListRunsRequest>) -> Reply<pb::ListRunsResponse> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let span = rpc_span!("ListRuns", owner = %req.owner);
+        span.record("agent", req.agent.as_str());
+        self.unary(span, app::runs::list(&self.broker, &caller, req))
+            .await
+    }
+
+    async fn cancel_run(&self, req: Request<pb::CancelRunRequest>) -> Reply<pb::CancelRunResponse> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let span = rpc_span!("CancelRun");
+        span.record("run_id", req.run_id.as_str());
+        self.unary(span, app::runs::cancel(&self.broker, &caller, req))
+            .await
+    }
+
     async fn handoff(&self, req: Request<pb::HandoffRequest>) -> Reply<pb::HandoffResponse> {
         let started = std::time::Instant::now();
         let caller = self.caller(&req).await?;

@@ -54,6 +54,7 @@ fn response(out: Out) -> pb::SubscribeResponse {
     let message = match out {
         Out::Subscribed(agent) => Message::Subscribed(pb::Subscribed { agent: Some(agent) }),
         Out::Delivery(d) => Message::Delivery(*d),
+        Out::Cancelled(c) => Message::Cancelled(c),
         Out::Settled {
             request_id,
             delivery_id,

@@ -25,6 +25,8 @@ impl Background {
         set.spawn(watch_agents(broker.clone(), store.clone()));
         set.spawn(watch_auth(broker.clone(), store.clone()));
         set.spawn(follow_settlements(broker.clone()));
+        set.spawn(index_runs(broker.clone(), store.clone()));
+        set.spawn(follow_cancels(broker.clone()));
         if let Some((listener, gate)) = metrics {
             set.spawn(crate::metrics::serve(
                 listener,
@@ -55,6 +57,128 @@ pub(super) async fn follow_settlements(broker: Broker) {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "listening for settlements failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Keeps the run index (see [`crate::app::run_index`]) current: every
+/// run record of the runs bucket (its history first, then each change),
+/// and the events that name the agents of a run, its dead letters and its
+/// drift (the whole events stream first).
+pub(super) async fn index_runs(broker: Broker, store: JetStream) {
+    tokio::join!(
+        index_run_records(broker.clone(), store.clone()),
+        index_run_events(broker, store)
+    );
+}
+
+async fn index_run_records(broker: Broker, store: JetStream) {
+    use async_nats::jetstream::kv::Operation;
+    use futures::StreamExt;
+    use prost::Message as _;
+    let index = broker.run_index();
+    loop {
+        // An empty bucket sends no history: nothing to wait for.
+        match store.runs.status().await {
+            Ok(status) if status.values() == 0 => index.loaded(),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "run index: reading the runs bucket failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        }
+        match store.runs.watch_with_history(">").await {
+            Ok(mut updates) => {
+                while let Some(entry) = updates.next().await {
+                    let Ok(entry) = entry else { break };
+                    match entry.operation {
+                        Operation::Put => match handoff_proto::pb::Run::decode(entry.value) {
+                            Ok(run) => index.put(run, entry.revision),
+                            Err(e) => {
+                                tracing::warn!(key = %entry.key, error = %e, "run index: undecodable run skipped")
+                            }
+                        },
+                        Operation::Delete | Operation::Purge => index.remove(&entry.key),
+                    }
+                    if entry.delta == 0 {
+                        index.loaded();
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "run index: watching runs failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn index_run_events(broker: Broker, store: JetStream) {
+    use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+    use futures::StreamExt;
+    use handoff_proto::pb::EventKind;
+    use prost::Message as _;
+    let kinds = [
+        EventKind::HandoffAccepted,
+        EventKind::DeadLettered,
+        EventKind::IntentDrift,
+    ];
+    let mut next = 0u64;
+    loop {
+        let config = pull::OrderedConfig {
+            filter_subjects: kinds
+                .iter()
+                .map(|k| format!("handoff.v1.events.*.{}", k.token()))
+                .collect(),
+            deliver_policy: if next == 0 {
+                DeliverPolicy::All
+            } else {
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: next,
+                }
+            },
+            ..Default::default()
+        };
+        let consumer = store.events.create_consumer(config).await;
+        match consumer {
+            Ok(consumer) => match consumer.messages().await {
+                Ok(mut messages) => {
+                    while let Some(Ok(msg)) = messages.next().await {
+                        if let Ok(info) = msg.info() {
+                            next = info.stream_sequence + 1;
+                        }
+                        if let Ok(event) = handoff_proto::pb::Event::decode(msg.payload.clone()) {
+                            broker.run_index().event(&event);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "run index: reading events failed; retrying"),
+            },
+            Err(e) => tracing::warn!(error = %e, "run index: reading events failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Tells this replica's sessions when a run whose deliveries they hold is
+/// cancelled, on whichever replica (from the `run_cancelled` events).
+pub(super) async fn follow_cancels(broker: Broker) {
+    use futures::StreamExt;
+    loop {
+        let watched = broker
+            .store()
+            .watch_events(None, Some(handoff_proto::pb::EventKind::RunCancelled), 0)
+            .await;
+        match watched {
+            Ok(mut events) => {
+                while let Some(Ok(event)) = events.next().await {
+                    let told = broker.cancel_deliveries(&event.run_id, &event.reason);
+                    if told > 0 {
+                        tracing::info!(run_id = %event.run_id, deliveries = told, "in-flight deliveries told of the cancel");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listening for cancels failed; retrying"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -58,9 +58,12 @@ pub(crate) struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum Command {
-    /// Start or show runs.
+    /// Start, show or cancel a run.
     #[command(subcommand)]
     Run(RunCommand),
+    /// Find runs.
+    #[command(subcommand)]
+    Runs(RunsCommand),
     /// Show barriers (fan-in joins of parallel branches).
     #[command(subcommand)]
     Barrier(BarrierCommand),
@@ -146,6 +149,16 @@ pub(crate) enum RunCommand {
     Show {
         /// The run's id.
         id: String,
+    },
+    /// Cancel a running run (needs `own` on its owner): it ends
+    /// CANCELLED, its pending handoffs are dropped, and the instances
+    /// working on it are told.
+    Cancel {
+        /// The run's id.
+        id: String,
+        /// Why (recorded as the run's failure).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
     /// Write a run's record, timeline and every state revision as one JSON
     /// document (protobuf's JSON mapping), to keep what the broker purges
@@ -345,6 +358,67 @@ pub(crate) struct DeadLettersArgs {
     /// At most this many, oldest first (default: the broker's, 100).
     #[arg(long, value_name = "N")]
     pub(crate) limit: Option<u32>,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum RunsCommand {
+    /// Runs, newest first, that match every filter given (the runs you may
+    /// read).
+    List(RunsListArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct RunsListArgs {
+    /// Only runs of this owner.
+    #[arg(long)]
+    pub(crate) owner: Option<String>,
+    /// Only runs in this status (running, completed, failed, timed_out,
+    /// cancelled); repeat for several.
+    #[arg(long = "status", value_name = "STATUS", value_parser = status_arg)]
+    pub(crate) statuses: Vec<i32>,
+    /// Only runs of this pipeline.
+    #[arg(long)]
+    pub(crate) pipeline: Option<String>,
+    /// Only runs in which a handoff to this agent was accepted.
+    #[arg(long)]
+    pub(crate) agent: Option<String>,
+    /// Only runs started at or after this time: RFC 3339, or a duration
+    /// meaning that long ago (`1h`).
+    #[arg(long, value_name = "TIME", value_parser = time_arg)]
+    pub(crate) since: Option<prost_types::Timestamp>,
+    /// Only runs started before this time (as --since).
+    #[arg(long, value_name = "TIME", value_parser = time_arg)]
+    pub(crate) until: Option<prost_types::Timestamp>,
+    /// Only runs with dead letters.
+    #[arg(long)]
+    pub(crate) dead_letters: bool,
+    /// Only runs whose judge found drift.
+    #[arg(long)]
+    pub(crate) drift: bool,
+    /// At most this many runs (up to 500 per page; more are read page by
+    /// page).
+    #[arg(long, default_value_t = 50)]
+    pub(crate) limit: usize,
+}
+
+/// A run status by its word.
+fn status_arg(word: &str) -> Result<i32, String> {
+    handoffctl::display::parse_status(word)
+        .map(|s| s as i32)
+        .ok_or_else(|| "not one of running, completed, failed, timed_out, cancelled".to_string())
+}
+
+/// A time given as RFC 3339, or as a duration meaning that long ago.
+fn time_arg(value: &str) -> Result<prost_types::Timestamp, String> {
+    if let Ok(at) = humantime::parse_rfc3339_weak(value) {
+        return Ok(at.into());
+    }
+    let ago = humantime::parse_duration(value)
+        .map_err(|_| "neither an RFC 3339 time nor a duration".to_string())?;
+    std::time::SystemTime::now()
+        .checked_sub(ago)
+        .map(Into::into)
+        .ok_or_else(|| "too long ago".to_string())
 }
 
 #[derive(Args, Debug)]

@@ -16,8 +16,25 @@ pub fn status(status: i32) -> &'static str {
         Ok(pb::RunStatus::Completed) => "completed",
         Ok(pb::RunStatus::Failed) => "failed",
         Ok(pb::RunStatus::TimedOut) => "timed_out",
+        Ok(pb::RunStatus::Cancelled) => "cancelled",
         _ => "unknown",
     }
+}
+
+/// A run status from its word (as [`status`] writes it, or the enum's
+/// name).
+pub fn parse_status(word: &str) -> Option<pb::RunStatus> {
+    let lower = word.to_ascii_lowercase();
+    let lower = lower.strip_prefix("run_status_").unwrap_or(&lower);
+    [
+        pb::RunStatus::Running,
+        pb::RunStatus::Completed,
+        pb::RunStatus::Failed,
+        pb::RunStatus::TimedOut,
+        pb::RunStatus::Cancelled,
+    ]
+    .into_iter()
+    .find(|s| status(*s as i32) == lower)
 }
 
 /// An event kind as its subject token.

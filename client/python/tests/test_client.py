@@ -434,3 +434,27 @@ async def test_agent_status_tells_pending_and_unattended_work(client: Client) ->
         status = await until(taken)
         assert status.pending == 0 and not status.unattended
         await d.ack()
+
+
+async def test_list_runs_pages_and_filters(client: Client) -> None:
+    owner = uniq("owner")
+    started = [await client.start_run(owner) for _ in range(5)]
+    await client.cancel_run(started[1].id, "stop")
+    await client.cancel_run(started[3].id, "stop")
+
+    async def cancelled() -> list[str] | None:
+        page = await client.list_runs(owner=owner, status=[pb.RUN_STATUS_CANCELLED])
+        ids = [s.run.id for s in page.runs]
+        return ids if len(ids) == 2 else None
+
+    assert sorted(await until(cancelled)) == sorted([started[1].id, started[3].id])
+    first = await client.list_runs(owner=owner, page_size=2)
+    assert len(first.runs) == 2 and first.next_page_token
+    every = [s.run.id async for s in client.runs(owner=owner, page_size=2)]
+    assert sorted(every) == sorted(r.id for r in started)
+    assert every[:2] == [s.run.id for s in first.runs]
+    after = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+    assert not (await client.list_runs(owner=owner, started_after=after)).runs
+    with pytest.raises(InvalidArgumentError) as bad:
+        await client.list_runs(page_size=501)
+    assert bad.value.reason == "MALFORMED_REQUEST"

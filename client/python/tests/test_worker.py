@@ -192,3 +192,52 @@ async def test_sigterm_nacks_a_handler_past_the_drain_timeout(
                 await d.ack()
             assert refused.value.reason == "ALREADY_SETTLED"
             warnings.warn("a nacked attempt 1 came back as attempt 1", stacklevel=1)
+
+
+async def test_cancel_run_cancels_the_running_handler_and_acks_its_delivery(
+    client: Client,
+) -> None:
+    name = uniq("worker")
+    started = asyncio.Event()
+    stopped: list[str] = []
+
+    @agent(name, accepts=Subtask, lease=30)
+    async def handle(task: Subtask, ctx: Context) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            stopped.append(ctx.delivery.cancel_reason or "")
+            raise
+
+    worker = Worker(client, [handle])
+    running = asyncio.create_task(worker.run(handle_signals=False))
+    try:
+        await bounded(worker.ready.wait())
+        run = await client.start_run("tests", ask="long job")
+        receipt = await client.handoff(run.id, name, Subtask(index=0, instruction="x"))
+        await bounded(started.wait())
+        ended = await client.cancel_run(run.id, "no longer wanted")
+        assert ended.status == pb.RUN_STATUS_CANCELLED
+        assert ended.failure == "no longer wanted"
+
+        async def acked() -> bool:
+            timeline = (await client.get_run(run.id)).timeline
+            return any(
+                e.kind == pb.EVENT_KIND_ACKED and e.handoff_id == receipt.handoff_id
+                for e in timeline
+            )
+
+        # The handler saw CancelledError with the reason; the worker acked
+        # the delivery (nothing is redelivered or nacked).
+        assert await until(acked)
+        assert stopped == ["no longer wanted"]
+        timeline = (await client.get_run(run.id)).timeline
+        assert not any(e.kind == pb.EVENT_KIND_NACKED for e in timeline)
+        assert sum(e.kind == pb.EVENT_KIND_RUN_CANCELLED for e in timeline) == 1
+        with pytest.raises(HandoffError) as closed:
+            await client.cancel_run(run.id)
+        assert closed.value.reason == "RUN_CLOSED"
+    finally:
+        worker.stop()
+        await bounded(running)

@@ -22,6 +22,8 @@ pub struct Delivery {
     made: Arc<Mutex<Vec<Made>>>,
     /// Why a payload it carries by reference could not be fetched.
     pub(super) unresolved: Option<Arc<Error>>,
+    /// Set to the reason when the delivery's run is cancelled.
+    cancel: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// A handoff made from a delivery.
@@ -47,7 +49,11 @@ impl std::fmt::Debug for Delivery {
 }
 
 impl Delivery {
-    pub(super) fn new(inner: pb::Delivery, shared: Arc<Shared>) -> Delivery {
+    pub(super) fn new(
+        inner: pb::Delivery,
+        shared: Arc<Shared>,
+        cancel: tokio::sync::watch::Receiver<Option<String>>,
+    ) -> Delivery {
         if !crate::state::intent_intact(&inner) {
             tracing::warn!(
                 handoff_id = inner.handoff.as_ref().map_or("", |h| h.id.as_str()),
@@ -59,6 +65,49 @@ impl Delivery {
             shared,
             made: Arc::default(),
             unresolved: None,
+            cancel,
+        }
+    }
+
+    /// Why the delivery's run was cancelled (`CancelRun`), once it was;
+    /// `None` while it runs.
+    pub fn cancel_reason(&self) -> Option<String> {
+        self.cancel.borrow().clone()
+    }
+
+    /// True once the delivery's run was cancelled: its work is no longer
+    /// wanted, and handoffs made from it are refused `RUN_CLOSED`.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.borrow().is_some()
+    }
+
+    /// Resolves, with the reason, when the delivery's run is cancelled;
+    /// never otherwise. Race the work against it and ack the delivery
+    /// when it wins:
+    ///
+    /// ```no_run
+    /// # async fn work() {}
+    /// # async fn handle(delivery: handoff_client::Delivery) -> handoff_client::Result<()> {
+    /// tokio::select! {
+    ///     () = work() => { /* hand off the result */ }
+    ///     reason = delivery.cancelled() => {
+    ///         tracing::info!(%reason, "run cancelled; work dropped");
+    ///         delivery.ack().await?;
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn cancelled(&self) -> String {
+        let mut cancel = self.cancel.clone();
+        let reason = match cancel.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone(),
+            // The subscription ended: no cancel will come.
+            Err(_) => None,
+        };
+        match reason {
+            Some(reason) => reason,
+            None => std::future::pending().await,
         }
     }
 

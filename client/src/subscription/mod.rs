@@ -24,7 +24,7 @@ use std::{
 };
 
 use futures::Stream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     barrier::{FanOut, Join},
@@ -50,6 +50,29 @@ pub(crate) struct Shared {
     /// The runtime the subscription was opened on, for settlements that
     /// cannot be awaited where they are decided (in `poll_next`).
     runtime: tokio::runtime::Handle,
+    /// Who to tell when a delivery's run is cancelled, by delivery id.
+    cancels: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
+}
+
+impl Shared {
+    /// Where delivery `id` learns that its run was cancelled. Made by the
+    /// reader before it reads on, so a cancel that follows the delivery
+    /// on the stream always finds it.
+    fn watch_cancel(&self, id: &str) -> watch::Receiver<Option<String>> {
+        let (tx, rx) = watch::channel(None);
+        let mut cancels = lock(&self.cancels);
+        // Deliveries no longer held by anyone are not told anything.
+        cancels.retain(|_, tx| !tx.is_closed());
+        cancels.insert(id.to_string(), tx);
+        rx
+    }
+
+    /// Tells delivery `id` (if still held) that its run was cancelled.
+    fn cancel(&self, id: &str, reason: String) {
+        if let Some(tx) = lock(&self.cancels).remove(id) {
+            tx.send_replace(Some(reason));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -177,6 +200,7 @@ impl Subscription {
             finished: Mutex::new(Finished::default()),
             client,
             runtime: tokio::runtime::Handle::current(),
+            cancels: Mutex::new(HashMap::new()),
         });
         let (tx, rx) = mpsc::channel(max_in_flight.max(1) as usize + 8);
         let reader = shared.clone();
@@ -197,6 +221,7 @@ impl Subscription {
                         // A payload by reference: fetched (and checked)
                         // apart, so this reader goes on carrying answers.
                         let (shared, tx) = (reader.clone(), tx.clone());
+                        let cancel = reader.watch_cancel(&d.delivery_id);
                         tokio::spawn(async move {
                             let mut d = d;
                             let finished = d
@@ -205,12 +230,12 @@ impl Subscription {
                                 .is_some_and(|h| shared.is_finished(&h.id));
                             if finished {
                                 // As below: acked again, quietly, unread.
-                                let _ = Delivery::new(d, shared.clone()).ack().await;
+                                let _ = Delivery::new(d, shared.clone(), cancel).ack().await;
                                 return;
                             }
                             let failed =
                                 crate::payload::resolve(&shared.client, &mut d).await.err();
-                            let mut delivery = Delivery::new(d, shared.clone());
+                            let mut delivery = Delivery::new(d, shared.clone(), cancel);
                             if let Some(e) = failed {
                                 tracing::warn!(handoff_id = %delivery.handoff_id(), error = %e, "a payload by reference could not be fetched");
                                 delivery.unresolved = Some(Arc::new(e));
@@ -219,7 +244,8 @@ impl Subscription {
                         });
                     }
                     Some(pb::subscribe_response::Message::Delivery(d)) => {
-                        let delivery = Delivery::new(d, reader.clone());
+                        let cancel = reader.watch_cancel(&d.delivery_id);
+                        let delivery = Delivery::new(d, reader.clone(), cancel);
                         if reader.is_finished(delivery.handoff_id()) {
                             // Finished here already: its ack was lost. Ack it
                             // again, quietly, without holding up this reader
@@ -232,6 +258,10 @@ impl Subscription {
                         if tx.send(Ok(delivery)).await.is_err() {
                             break;
                         }
+                    }
+                    Some(pb::subscribe_response::Message::Cancelled(c)) => {
+                        tracing::info!(run_id = %c.run_id, reason = %c.reason, "a delivery's run was cancelled");
+                        reader.cancel(&c.delivery_id, c.reason);
                     }
                     Some(pb::subscribe_response::Message::Settled(s)) => {
                         if let Some(waiter) = lock(&reader.pending).remove(&s.request_id) {

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 import grpc.aio
@@ -25,7 +26,7 @@ from ._payload import check, sha256_hex
 from ._rpc import Stub
 from ._state import RunState, StateDelta
 from ._subscription import Subscription
-from ._values import JsonValue, Seconds, to_duration, to_value
+from ._values import JsonValue, Seconds, to_duration, to_timestamp, to_value
 from .v1 import handoff_pb2 as pb
 
 R = TypeVar("R")
@@ -380,6 +381,78 @@ class Client(Closing):
             self._stub.get_run,
             pb.GetRunRequest(run_id=run_id),
         )
+
+    async def list_runs(
+        self,
+        *,
+        owner: str | None = None,
+        status: Iterable[pb.RunStatus.ValueType] = (),
+        pipeline: str | None = None,
+        agent: str | None = None,
+        started_after: dt.datetime | None = None,
+        started_before: dt.datetime | None = None,
+        ended_after: dt.datetime | None = None,
+        ended_before: dt.datetime | None = None,
+        has_dead_letters: bool = False,
+        drift: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> pb.ListRunsResponse:
+        """One page of runs matching every filter given, newest first: the runs
+        the caller may read (every run with the ``read`` grant, else those of
+        the owners it has ``own`` on). ``status`` takes ``pb.RUN_STATUS_*``
+        values; ``page_size`` is 50 by default and at most 500. Pass the
+        answer's ``next_page_token`` as ``page_token`` for the next page; it is
+        empty on the last one. See `runs` to iterate over every page.
+
+        Example::
+
+            page = await client.list_runs(owner="ops", status=[pb.RUN_STATUS_FAILED])
+            for summary in page.runs:
+                print(summary.run.id, summary.run.failure, list(summary.agents))
+        """
+        req = pb.ListRunsRequest(
+            owner=owner or "",
+            status=list(status),
+            pipeline=pipeline or "",
+            agent=agent or "",
+            has_dead_letters=has_dead_letters,
+            drift=drift,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        for name, when in (
+            ("started_after", started_after),
+            ("started_before", started_before),
+            ("ended_after", ended_after),
+            ("ended_before", ended_before),
+        ):
+            if when is not None:
+                getattr(req, name).CopyFrom(to_timestamp(when))
+        return await self._call(self._stub.list_runs, req)
+
+    async def runs(self, **filters: Any) -> AsyncIterator[pb.RunSummary]:
+        """Every run matching `list_runs`'s filters (given by name), newest
+        first, reading page after page as it goes."""
+        token = ""
+        while True:
+            page = await self.list_runs(**filters, page_token=token)
+            for summary in page.runs:
+                yield summary
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    async def cancel_run(self, run_id: str, reason: str = "") -> pb.Run:
+        """Cancels a running run (needs ``own`` on its owner): it ends
+        ``RUN_STATUS_CANCELLED`` with ``reason`` as its failure, its pending
+        handoffs are never delivered, and the handlers working on it are
+        cancelled (see `Delivery.cancelled`). A run that already ended raises
+        `HandoffError` with reason ``RUN_CLOSED``."""
+        resp = await self._call(
+            self._stub.cancel_run, pb.CancelRunRequest(run_id=run_id, reason=reason)
+        )
+        return resp.run
 
     async def get_state(
         self, run_id: str, revision: int = 0, *, delivery_id: str | None = None

@@ -49,6 +49,8 @@ class Stub:
         self.fan_out = unary("FanOut", pb.FanOutRequest, pb.FanOutResponse)
         self.get_barrier = unary("GetBarrier", pb.GetBarrierRequest, pb.GetBarrierResponse)
         self.get_run = unary("GetRun", pb.GetRunRequest, pb.GetRunResponse)
+        self.list_runs = unary("ListRuns", pb.ListRunsRequest, pb.ListRunsResponse)
+        self.cancel_run = unary("CancelRun", pb.CancelRunRequest, pb.CancelRunResponse)
         self.get_state = unary("GetState", pb.GetStateRequest, pb.GetStateResponse)
         self.list_dead_letters = unary(
             "ListDeadLetters", pb.ListDeadLettersRequest, pb.ListDeadLettersResponse

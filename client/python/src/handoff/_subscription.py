@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -42,6 +43,9 @@ SETTLE_TIMEOUT = 15.0
 """Seconds allowed for the broker to confirm a settlement."""
 
 _END = object()
+
+# Cancels kept for deliveries not made yet (their payload being fetched).
+_EARLY_CANCELS = 1024
 
 
 class Subscription(Closing):
@@ -75,6 +79,10 @@ class Subscription(Closing):
         )
         self._reader: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        # Deliveries held, by id, to tell them when their run is cancelled;
+        # and cancels of deliveries not yet made (a payload still fetched).
+        self._held: weakref.WeakValueDictionary[str, Delivery] = weakref.WeakValueDictionary()
+        self._early_cancels: dict[str, str] = {}
 
     @classmethod
     async def open(
@@ -132,6 +140,8 @@ class Subscription(Closing):
                         self._spawn(delivery._ack_quietly())
                         continue
                     self._deliveries.put_nowait(delivery)
+                elif which == "cancelled":
+                    self._cancel(resp.cancelled)
                 elif which == "settled":
                     fut = self._pending.pop(resp.settled.request_id, None)
                     if fut is not None and not fut.done():
@@ -149,6 +159,22 @@ class Subscription(Closing):
                     fut.set_exception(error(ErrorKind.CLOSED, closed))
             self._pending.clear()
             self._deliveries.put_nowait(_END)
+
+    def _cancel(self, cancelled: pb.Cancelled) -> None:
+        log.info("the run %s of a delivery was cancelled: %s", cancelled.run_id, cancelled.reason)
+        held = self._held.get(cancelled.delivery_id)
+        if held is not None:
+            held._cancel(cancelled.reason)
+            return
+        if len(self._early_cancels) >= _EARLY_CANCELS:
+            self._early_cancels.pop(next(iter(self._early_cancels)))
+        self._early_cancels[cancelled.delivery_id] = cancelled.reason
+
+    def _hold(self, delivery: Delivery) -> None:
+        self._held[delivery.id] = delivery
+        reason = self._early_cancels.pop(delivery.id, None)
+        if reason is not None:
+            delivery._cancel(reason)
 
     async def _resolve(self, raw: pb.Delivery) -> None:
         if self._client._is_finished(self.agent_name, raw.handoff.id):
@@ -291,6 +317,10 @@ class Delivery:
         self._settled = False
         self._state: dict[str, JsonValue] | None = None
         self._unresolved: HandoffError | None = None
+        self._cancel_reason: str | None = None
+        self._cancelled = asyncio.Event()
+        self._on_cancel: list[Callable[[], object]] = []
+        subscription._hold(self)
         if not intent_intact(raw):
             log.warning(
                 "the pinned context of handoff %s does not match its intent digest",
@@ -408,6 +438,32 @@ class Delivery:
         """`(barrier_id, branch_key)` of the branch this delivery is on, if any."""
         e = self.raw.handoff
         return (e.barrier_id, e.branch_key) if e.barrier_id and e.branch_key else None
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the delivery's run was cancelled (`Client.cancel_run`):
+        its work is no longer wanted, and handoffs made from it are refused
+        `RUN_CLOSED`. A `Worker` cancels the handler (`asyncio.CancelledError`
+        inside it) and acks the delivery."""
+        return self._cancel_reason is not None
+
+    @property
+    def cancel_reason(self) -> str | None:
+        """Why the delivery's run was cancelled; `None` while it runs."""
+        return self._cancel_reason
+
+    async def wait_cancelled(self) -> str:
+        """Returns, with the reason, once the delivery's run is cancelled."""
+        await self._cancelled.wait()
+        return self._cancel_reason or ""
+
+    def _cancel(self, reason: str) -> None:
+        if self._cancel_reason is not None:
+            return
+        self._cancel_reason = reason
+        self._cancelled.set()
+        for callback in self._on_cancel:
+            callback()
 
     @property
     def settled(self) -> bool:

@@ -336,19 +336,43 @@ class Worker:
                 keeper.cancel()
                 await delivery.reject(f"{e.message} (agent {handler.name})")
                 return
+            work = asyncio.ensure_future(handler(payload, Context(delivery, self.client)))
+            # A cancelled run cancels its handler (CancelledError inside it);
+            # nothing else cancels `work` alone.
+            delivery._on_cancel.append(work.cancel)
+            if delivery.cancelled:
+                work.cancel()
             try:
-                outcome = await handler(payload, Context(delivery, self.client))
+                await asyncio.wait({work})
+            except asyncio.CancelledError:
+                # The worker is stopping: the handler is cancelled and its
+                # delivery goes back to the agent's other instances.
+                keeper.cancel()
+                work.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait({work}, timeout=SETTLE_GRACE)
+                if not delivery.settled:
+                    with contextlib.suppress(HandoffError):
+                        await asyncio.shield(delivery.nack())
+                raise
+            keeper.cancel()
+            if work.cancelled():
+                log.info(
+                    "handler of %s stopped: run %s was cancelled (%s)",
+                    handler.name,
+                    delivery.run_id,
+                    delivery.cancel_reason,
+                )
+                if not delivery.settled:
+                    await delivery._ack_quietly()
+                return
+            try:
+                outcome = work.result()
             except Reject as r:
                 keeper.cancel()
                 if not delivery.settled:
                     await delivery.reject(r.reason)
                 return
-            except asyncio.CancelledError:
-                keeper.cancel()
-                if not delivery.settled:
-                    with contextlib.suppress(HandoffError):
-                        await asyncio.shield(delivery.nack())
-                raise
             except Exception as e:
                 keeper.cancel()
                 log.warning(

@@ -1,0 +1,459 @@
+//! The index `ListRuns` answers from: every stored run's summary, kept in
+//! this replica's memory, newest first.
+//!
+//! It is fed by two watches started with the broker (see
+//! `server::tasks::index_runs`): the runs bucket (each run's record, with
+//! its history at start: status, owner, pipeline, times) and the events
+//! stream's `handoff_accepted`, `dead_lettered` and `intent_drift` events
+//! (the agents that took part, dead letters, drift). A purged run leaves
+//! the index with its record. A listing never reads the store: it walks
+//! the runs in order, skipping those that do not match, until its page is
+//! full, so a page costs the same whatever the number of runs stored,
+//! unless the filter matches few of them.
+//!
+//! What it costs: one summary per stored run (about 300 bytes plus its
+//! names), the pinned context and result left out.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::RwLock,
+};
+
+use handoff_proto::pb;
+
+/// The most runs a page holds.
+pub const MAX_PAGE: usize = 500;
+
+/// Runs a page holds unless asked otherwise.
+pub const DEFAULT_PAGE: usize = 50;
+
+/// Where a run sorts: newest start first, then by id.
+type Position = (std::cmp::Reverse<i128>, String);
+
+#[derive(Debug, Clone, Default)]
+struct Entry {
+    /// The run's record (pinned context and result left out), once read.
+    run: Option<pb::Run>,
+    /// The runs bucket's revision of that record.
+    revision: u64,
+    agents: Vec<String>,
+    dead_letters: u32,
+    drift: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<String, Entry>,
+    order: BTreeSet<Position>,
+}
+
+/// The runs this replica knows, for `ListRuns`.
+#[derive(Default)]
+pub struct RunIndex {
+    inner: RwLock<Inner>,
+    /// True once the runs bucket's history was read.
+    ready: tokio::sync::watch::Sender<bool>,
+}
+
+/// Which runs a listing wants (a `ListRunsRequest`, checked).
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Exact owner.
+    pub owner: Option<String>,
+    /// Any of these statuses.
+    pub statuses: Vec<i32>,
+    /// Exact pipeline (`default` matches runs without one).
+    pub pipeline: Option<String>,
+    /// An agent a handoff of the run was accepted for.
+    pub agent: Option<String>,
+    /// Started in `[after, before)`, as nanoseconds since the epoch.
+    pub started: (Option<i128>, Option<i128>),
+    /// Ended in `[after, before)`.
+    pub ended: (Option<i128>, Option<i128>),
+    /// Has a dead letter.
+    pub dead_letters: bool,
+    /// Drifted from its ask.
+    pub drift: bool,
+}
+
+/// Nanoseconds since the epoch of a timestamp.
+pub fn nanos(t: &prost_types::Timestamp) -> i128 {
+    i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)
+}
+
+fn position(run: &pb::Run) -> Position {
+    let at = run.created_at.as_ref().map_or(0, nanos);
+    (std::cmp::Reverse(at), run.id.clone())
+}
+
+fn in_range(at: Option<i128>, (after, before): (Option<i128>, Option<i128>)) -> bool {
+    if after.is_none() && before.is_none() {
+        return true;
+    }
+    let Some(at) = at else { return false };
+    after.is_none_or(|a| at >= a) && before.is_none_or(|b| at < b)
+}
+
+impl Filter {
+    fn matches(&self, run: &pb::Run, entry: &Entry) -> bool {
+        let pipeline = if run.pipeline.is_empty() {
+            "default"
+        } else {
+            run.pipeline.as_str()
+        };
+        self.owner.as_deref().is_none_or(|o| o == run.owner)
+            && (self.statuses.is_empty() || self.statuses.contains(&run.status))
+            && self.pipeline.as_deref().is_none_or(|p| p == pipeline)
+            && self
+                .agent
+                .as_deref()
+                .is_none_or(|a| entry.agents.iter().any(|x| x == a))
+            && in_range(run.created_at.as_ref().map(nanos), self.started)
+            && in_range(run.ended_at.as_ref().map(nanos), self.ended)
+            && (!self.dead_letters || entry.dead_letters > 0)
+            && (!self.drift || entry.drift)
+    }
+}
+
+/// A page token: where the previous page stopped.
+pub fn page_token(run: &pb::Run) -> String {
+    let (std::cmp::Reverse(at), id) = position(run);
+    format!("{at}/{id}")
+}
+
+/// The position a page token names; `None` if it is not one.
+fn parse_token(token: &str) -> Option<Position> {
+    let (at, id) = token.split_once('/')?;
+    Some((std::cmp::Reverse(at.parse().ok()?), id.to_string()))
+}
+
+/// A page token this index did not give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadToken;
+
+/// What a listing found.
+#[derive(Debug, Default)]
+pub struct Page {
+    /// The runs, newest first.
+    pub runs: Vec<pb::RunSummary>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<String>,
+}
+
+impl RunIndex {
+    /// Records a run's record as stored at `revision` (an older revision
+    /// than the one known is ignored).
+    pub fn put(&self, mut run: pb::Run, revision: u64) {
+        run.pinned = None;
+        run.result = None;
+        run.result_ref = None;
+        let Ok(mut inner) = self.inner.write() else {
+            return;
+        };
+        let inner = &mut *inner;
+        let entry = inner.entries.entry(run.id.clone()).or_default();
+        if revision < entry.revision {
+            return;
+        }
+        entry.revision = revision;
+        if let Some(old) = entry.run.take() {
+            inner.order.remove(&position(&old));
+        }
+        inner.order.insert(position(&run));
+        entry.run = Some(run);
+    }
+
+    /// Forgets a run (purged).
+    pub fn remove(&self, run_id: &str) {
+        let Ok(mut inner) = self.inner.write() else {
+            return;
+        };
+        if let Some(Entry { run: Some(run), .. }) = inner.entries.remove(run_id) {
+            inner.order.remove(&position(&run));
+        }
+    }
+
+    /// Records what an event says about its run: an agent that took part,
+    /// a dead letter, drift.
+    pub fn event(&self, event: &pb::Event) {
+        let kind = pb::EventKind::try_from(event.kind).unwrap_or(pb::EventKind::Unspecified);
+        if !matches!(
+            kind,
+            pb::EventKind::HandoffAccepted
+                | pb::EventKind::DeadLettered
+                | pb::EventKind::IntentDrift
+        ) || event.run_id.is_empty()
+            || event.run_id == "_"
+        {
+            return;
+        }
+        let Ok(mut inner) = self.inner.write() else {
+            return;
+        };
+        let entry = inner.entries.entry(event.run_id.clone()).or_default();
+        match kind {
+            pb::EventKind::HandoffAccepted => {
+                if !event.agent.is_empty() && !entry.agents.contains(&event.agent) {
+                    entry.agents.push(event.agent.clone());
+                }
+            }
+            pb::EventKind::DeadLettered => entry.dead_letters += 1,
+            _ => entry.drift = true,
+        }
+    }
+
+    /// Marks the runs bucket's history as read: listings answer from now on.
+    pub fn loaded(&self) {
+        self.ready.send_replace(true);
+    }
+
+    /// Waits until the runs bucket's history was read.
+    pub async fn ready(&self) {
+        let mut ready = self.ready.subscribe();
+        let _ = ready.wait_for(|r| *r).await;
+    }
+
+    /// How many runs it knows.
+    pub fn len(&self) -> usize {
+        self.inner.read().map_or(0, |i| i.order.len())
+    }
+
+    /// True when it knows no run.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Up to `size` runs matching `filter` that `visible` lets the caller
+    /// see, after the position `token` names (`None`: from the newest).
+    /// [`BadToken`] if the token is not one this index gave.
+    pub fn list(
+        &self,
+        filter: &Filter,
+        visible: impl Fn(&pb::Run) -> bool,
+        size: usize,
+        token: Option<&str>,
+    ) -> Result<Page, BadToken> {
+        use std::ops::Bound;
+        let start = match token {
+            Some(t) => Bound::Excluded(parse_token(t).ok_or(BadToken)?),
+            None => Bound::Unbounded,
+        };
+        let Ok(inner) = self.inner.read() else {
+            return Ok(Page::default());
+        };
+        let mut page = Page::default();
+        for pos in inner.order.range((start, Bound::Unbounded)) {
+            let Some(entry) = inner.entries.get(&pos.1) else {
+                continue;
+            };
+            let Some(run) = &entry.run else { continue };
+            if !filter.matches(run, entry) || !visible(run) {
+                continue;
+            }
+            if page.runs.len() == size {
+                page.next = page
+                    .runs
+                    .last()
+                    .and_then(|s| s.run.as_ref())
+                    .map(page_token);
+                break;
+            }
+            page.runs.push(pb::RunSummary {
+                run: Some(run.clone()),
+                agents: entry.agents.clone(),
+                dead_letters: entry.dead_letters,
+                drift: entry.drift,
+            });
+        }
+        Ok(page)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(id: &str, owner: &str, at: i64, status: pb::RunStatus) -> pb::Run {
+        pb::Run {
+            id: id.to_string(),
+            owner: owner.to_string(),
+            status: status as i32,
+            created_at: Some(prost_types::Timestamp {
+                seconds: at,
+                nanos: 0,
+            }),
+            pinned: Some(pb::PinnedContext {
+                ask: "kept out".to_string(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn ids(page: &Page) -> Vec<String> {
+        page.runs
+            .iter()
+            .filter_map(|s| s.run.as_ref().map(|r| r.id.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn pages_walk_newest_first_without_repeats_or_gaps() {
+        let index = RunIndex::default();
+        for i in 0..25 {
+            let status = if i % 2 == 0 {
+                pb::RunStatus::Running
+            } else {
+                pb::RunStatus::Completed
+            };
+            // Two runs per second, so ties are broken by id.
+            index.put(run(&format!("r{i:02}"), "ann", 1000 + i / 2, status), 1);
+        }
+        let all = Filter::default();
+        let mut seen = Vec::new();
+        let mut token = None;
+        loop {
+            let page = index.list(&all, |_| true, 10, token.as_deref()).unwrap();
+            seen.extend(ids(&page));
+            match page.next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        let mut expected: Vec<(i64, String)> = (0..25)
+            .map(|i| (1000 + i / 2, format!("r{i:02}")))
+            .collect();
+        expected.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let expected: Vec<String> = expected.into_iter().map(|(_, id)| id).collect();
+        assert_eq!(seen, expected);
+        let page = index.list(&all, |_| true, 5, None).unwrap();
+        assert!(page.runs[0].run.as_ref().unwrap().pinned.is_none());
+    }
+
+    #[test]
+    fn a_page_exactly_full_at_the_end_has_no_next() {
+        let index = RunIndex::default();
+        for i in 0..10 {
+            index.put(run(&format!("r{i}"), "ann", i, pb::RunStatus::Running), 1);
+        }
+        let page = index.list(&Filter::default(), |_| true, 10, None).unwrap();
+        assert_eq!(page.runs.len(), 10);
+        assert!(page.next.is_none());
+    }
+
+    #[test]
+    fn filters_and_visibility_apply_before_the_page_is_counted() {
+        let index = RunIndex::default();
+        for i in 0..20 {
+            let owner = if i % 4 == 0 { "bob" } else { "ann" };
+            index.put(
+                run(&format!("r{i:02}"), owner, i, pb::RunStatus::Running),
+                1,
+            );
+        }
+        let bob = Filter {
+            owner: Some("bob".to_string()),
+            ..Default::default()
+        };
+        let page = index.list(&bob, |_| true, 3, None).unwrap();
+        assert_eq!(ids(&page), ["r16", "r12", "r08"]);
+        let next = index.list(&bob, |_| true, 3, page.next.as_deref()).unwrap();
+        assert_eq!(ids(&next), ["r04", "r00"]);
+        assert!(next.next.is_none());
+        let hidden = index
+            .list(&Filter::default(), |r| r.owner == "bob", 50, None)
+            .unwrap();
+        assert_eq!(hidden.runs.len(), 5);
+        assert!(index.list(&bob, |_| true, 3, Some("nonsense")).is_err());
+    }
+
+    #[test]
+    fn a_later_revision_moves_a_run_and_an_older_one_is_ignored() {
+        let index = RunIndex::default();
+        index.put(run("a", "ann", 1, pb::RunStatus::Running), 5);
+        index.put(run("a", "ann", 1, pb::RunStatus::Completed), 7);
+        index.put(run("a", "ann", 1, pb::RunStatus::Running), 6);
+        let done = Filter {
+            statuses: vec![pb::RunStatus::Completed as i32],
+            ..Default::default()
+        };
+        assert_eq!(ids(&index.list(&done, |_| true, 5, None).unwrap()), ["a"]);
+        assert_eq!(index.len(), 1);
+        index.remove("a");
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn events_name_agents_dead_letters_and_drift() {
+        let index = RunIndex::default();
+        let event = |kind: pb::EventKind, agent: &str| pb::Event {
+            kind: kind as i32,
+            run_id: "a".to_string(),
+            agent: agent.to_string(),
+            ..Default::default()
+        };
+        // An event may come before the run's record.
+        index.event(&event(pb::EventKind::HandoffAccepted, "writer"));
+        index.put(run("a", "ann", 1, pb::RunStatus::Running), 1);
+        index.put(run("b", "ann", 2, pb::RunStatus::Running), 1);
+        index.event(&event(pb::EventKind::HandoffAccepted, "writer"));
+        index.event(&event(pb::EventKind::HandoffAccepted, "editor"));
+        index.event(&event(pb::EventKind::DeadLettered, "editor"));
+        index.event(&event(pb::EventKind::Delivered, "other"));
+        let writer = Filter {
+            agent: Some("writer".to_string()),
+            ..Default::default()
+        };
+        let page = index.list(&writer, |_| true, 5, None).unwrap();
+        assert_eq!(ids(&page), ["a"]);
+        assert_eq!(page.runs[0].agents, ["writer", "editor"]);
+        assert_eq!(page.runs[0].dead_letters, 1);
+        let dead = Filter {
+            dead_letters: true,
+            ..Default::default()
+        };
+        assert_eq!(ids(&index.list(&dead, |_| true, 5, None).unwrap()), ["a"]);
+        let drift = Filter {
+            drift: true,
+            ..Default::default()
+        };
+        assert!(index
+            .list(&drift, |_| true, 5, None)
+            .unwrap()
+            .runs
+            .is_empty());
+        index.event(&event(pb::EventKind::IntentDrift, ""));
+        assert_eq!(ids(&index.list(&drift, |_| true, 5, None).unwrap()), ["a"]);
+    }
+
+    #[test]
+    fn time_ranges_are_half_open_and_running_runs_have_not_ended() {
+        let index = RunIndex::default();
+        for i in 0..5 {
+            let mut r = run(&format!("r{i}"), "ann", 10 * i, pb::RunStatus::Completed);
+            r.ended_at = Some(prost_types::Timestamp {
+                seconds: 10 * i + 5,
+                nanos: 0,
+            });
+            index.put(r, 1);
+        }
+        index.put(run("live", "ann", 100, pb::RunStatus::Running), 1);
+        let s = |x: i64| Some(i128::from(x) * 1_000_000_000);
+        let started = Filter {
+            started: (s(10), s(30)),
+            ..Default::default()
+        };
+        assert_eq!(
+            ids(&index.list(&started, |_| true, 9, None).unwrap()),
+            ["r2", "r1"]
+        );
+        let ended = Filter {
+            ended: (s(25), None),
+            ..Default::default()
+        };
+        assert_eq!(
+            ids(&index.list(&ended, |_| true, 9, None).unwrap()),
+            ["r4", "r3", "r2"]
+        );
+    }
+}

@@ -1,0 +1,455 @@
+//! Operating runs: finding them (`ListRuns`) and stopping them
+//! (`CancelRun`), with who may do either. Against a real `nats-server`.
+
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
+
+use futures::{stream, StreamExt as _, TryStreamExt as _};
+use handoff_client::{pb, AgentConfig, Client, Handoff, RunConfig, WatchFilter};
+use handoff_tests::{
+    events_until, next_within, note,
+    secured::{count, refused, Secured},
+    stack,
+};
+use tonic::Code;
+
+/// Every run `req` matches, page after page (`page_size` each).
+async fn all_pages(client: &Client, mut req: pb::ListRunsRequest) -> Vec<pb::Run> {
+    let mut out = Vec::new();
+    loop {
+        let page = client.list_runs(req.clone()).await.expect("list");
+        assert!(page.runs.len() <= req.page_size.max(1) as usize);
+        out.extend(page.runs.into_iter().filter_map(|s| s.run));
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        req.page_token = page.next_page_token;
+    }
+}
+
+/// Ids of runs as the index orders them: newest start first, then id.
+fn newest_first(runs: &[pb::Run]) -> Vec<String> {
+    let mut keyed: Vec<_> = runs
+        .iter()
+        .map(|r| {
+            let t = r.created_at.unwrap_or_default();
+            ((t.seconds, t.nanos), r.id.clone())
+        })
+        .collect();
+    keyed.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    keyed.into_iter().map(|(_, id)| id).collect()
+}
+
+fn ids(runs: &[pb::Run]) -> Vec<String> {
+    runs.iter().map(|r| r.id.clone()).collect()
+}
+
+/// Lists with `req` until the answer has `expected` (the index follows
+/// the store within moments), for at most 20 s; the last answer either way.
+async fn list_until(client: &Client, req: pb::ListRunsRequest, expected: &[String]) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = ids(&all_pages(client, req.clone()).await);
+        if found == expected || Instant::now() >= deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn list_runs_finds_exactly_the_matching_runs_in_order_across_pages() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    client
+        .register_agent(AgentConfig::new("worker"))
+        .await
+        .expect("register");
+    // 1,000 runs of three owners, in two batches a known instant apart;
+    // a quarter completed, a quarter cancelled, a quarter handed to
+    // `worker` (running, with an agent), a quarter left running.
+    let start = |i: usize| {
+        let client = client.clone();
+        async move {
+            let run = client
+                .start_run(RunConfig::new(format!("owner{}", i % 3)).id(format!("run-{i:04}")))
+                .await?;
+            match i % 4 {
+                0 => {
+                    client
+                        .handoff(Handoff::final_result(&run.id, &note("done", 0))?)
+                        .await?;
+                }
+                1 => {
+                    client.cancel_run(&run.id, "not needed").await?;
+                }
+                2 => {
+                    client
+                        .handoff(Handoff::to(&run.id, "worker", &note("work", 1))?)
+                        .await?;
+                }
+                _ => {}
+            }
+            Ok::<_, handoff_client::Error>((i, run))
+        }
+    };
+    let first: Vec<(usize, pb::Run)> = stream::iter(0..500)
+        .map(start)
+        .buffer_unordered(16)
+        .try_collect()
+        .await
+        .expect("first batch");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let middle: prost_types::Timestamp = std::time::SystemTime::now().into();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let second: Vec<(usize, pb::Run)> = stream::iter(500..1000)
+        .map(start)
+        .buffer_unordered(16)
+        .try_collect()
+        .await
+        .expect("second batch");
+    let all: Vec<(usize, pb::Run)> = first.into_iter().chain(second).collect();
+    let expect = |keep: &dyn Fn(usize) -> bool| {
+        let runs: Vec<pb::Run> = all
+            .iter()
+            .filter(|(i, _)| keep(*i))
+            .map(|(_, r)| r.clone())
+            .collect();
+        newest_first(&runs)
+    };
+    let page = |size: u32| pb::ListRunsRequest {
+        page_size: size,
+        ..Default::default()
+    };
+
+    // Everything, 7 pages of 150.
+    let everything = expect(&|_| true);
+    assert_eq!(everything.len(), 1000);
+    assert_eq!(
+        list_until(&client, page(150), &everything).await,
+        everything
+    );
+    // By owner.
+    let by_owner = pb::ListRunsRequest {
+        owner: "owner1".to_string(),
+        ..page(100)
+    };
+    assert_eq!(
+        list_until(&client, by_owner, &expect(&|i| i % 3 == 1)).await,
+        expect(&|i| i % 3 == 1)
+    );
+    // By status: completed or cancelled, and running.
+    let ended = pb::ListRunsRequest {
+        status: vec![
+            pb::RunStatus::Completed as i32,
+            pb::RunStatus::Cancelled as i32,
+        ],
+        ..page(500)
+    };
+    assert_eq!(
+        list_until(&client, ended, &expect(&|i| i % 4 < 2)).await,
+        expect(&|i| i % 4 < 2)
+    );
+    let cancelled = pb::ListRunsRequest {
+        status: vec![pb::RunStatus::Cancelled as i32],
+        owner: "owner2".to_string(),
+        ..page(40)
+    };
+    let want = expect(&|i| i % 4 == 1 && i % 3 == 2);
+    assert_eq!(list_until(&client, cancelled, &want).await, want);
+    // By agent that took part.
+    let worker = pb::ListRunsRequest {
+        agent: "worker".to_string(),
+        ..page(64)
+    };
+    assert_eq!(
+        list_until(&client, worker, &expect(&|i| i % 4 == 2)).await,
+        expect(&|i| i % 4 == 2)
+    );
+    // By time range: the second batch, and the first.
+    let later = pb::ListRunsRequest {
+        started_after: Some(middle),
+        ..page(77)
+    };
+    assert_eq!(
+        list_until(&client, later, &expect(&|i| i >= 500)).await,
+        expect(&|i| i >= 500)
+    );
+    let earlier = pb::ListRunsRequest {
+        started_before: Some(middle),
+        status: vec![pb::RunStatus::Running as i32],
+        ..page(500)
+    };
+    let want = expect(&|i| i < 500 && i % 4 >= 2);
+    assert_eq!(list_until(&client, earlier, &want).await, want);
+    // A summary carries what the events said and leaves the pinned
+    // context out.
+    let one = client
+        .list_runs(pb::ListRunsRequest {
+            agent: "worker".to_string(),
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(one.runs[0].agents, ["worker"]);
+    assert!(one.runs[0].run.as_ref().is_some_and(|r| r.pinned.is_none()));
+
+    // Bad input is refused with its reason.
+    for bad in [
+        pb::ListRunsRequest {
+            page_size: 501,
+            ..Default::default()
+        },
+        pb::ListRunsRequest {
+            page_token: "not-a-token".to_string(),
+            ..Default::default()
+        },
+        pb::ListRunsRequest {
+            status: vec![99],
+            ..Default::default()
+        },
+    ] {
+        refused(
+            client.list_runs(bad).await,
+            Code::InvalidArgument,
+            "MALFORMED_REQUEST",
+        );
+    }
+    refused(
+        client
+            .list_runs(pb::ListRunsRequest {
+                owner: "no spaces".to_string(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_NAME",
+    );
+}
+
+#[tokio::test]
+async fn a_principal_lists_only_the_runs_it_may_read_and_cancels_only_its_own() {
+    let s = Secured::start(Duration::from_secs(5), |_| {}).await;
+    let mut expected: Vec<pb::Run> = Vec::new();
+    for i in 0..6 {
+        let owner = if i % 2 == 0 { "alice" } else { "bob" };
+        let run = s
+            .admin
+            .start_run(RunConfig::new(owner).id(format!("r{i}")))
+            .await
+            .expect("start");
+        if owner == "alice" {
+            expected.push(run);
+        }
+    }
+    let (alice, _) = s
+        .principal("alice-svc", &[(pb::GrantAction::Own, "alice", false)])
+        .await;
+    let (reader, _) = s
+        .principal("reader", &[(pb::GrantAction::Read, "", false)])
+        .await;
+    let (nobody, _) = s
+        .principal("nobody", &[(pb::GrantAction::SendAs, "planner", false)])
+        .await;
+    let everything = pb::ListRunsRequest {
+        page_size: 2,
+        ..Default::default()
+    };
+    assert_eq!(
+        list_until(&alice, everything.clone(), &newest_first(&expected)).await,
+        newest_first(&expected)
+    );
+    assert_eq!(all_pages(&reader, everything.clone()).await.len(), 6);
+    // Asking by another owner's name shows nothing either.
+    let bobs = pb::ListRunsRequest {
+        owner: "bob".to_string(),
+        ..everything.clone()
+    };
+    assert!(all_pages(&alice, bobs).await.is_empty());
+    assert!(all_pages(&nobody, everything).await.is_empty());
+
+    // Cancelling: only with `own` on the run's owner. Without any right
+    // to the run it does not exist; with `read` it is not granted.
+    refused(
+        nobody.cancel_run("r1", "").await,
+        Code::NotFound,
+        "RUN_NOT_FOUND",
+    );
+    refused(
+        alice.cancel_run("r1", "").await,
+        Code::NotFound,
+        "RUN_NOT_FOUND",
+    );
+    refused(
+        reader.cancel_run("r1", "").await,
+        Code::PermissionDenied,
+        "NOT_GRANTED",
+    );
+    let view = s.admin.get_run("r1").await.expect("run");
+    assert_eq!(
+        view.run.expect("run").status,
+        pb::RunStatus::Running as i32,
+        "a refused cancel changes nothing"
+    );
+    let cancelled = alice.cancel_run("r0", "").await.expect("cancel own run");
+    assert_eq!(cancelled.status, pb::RunStatus::Cancelled as i32);
+    assert_eq!(cancelled.failure, "cancelled by alice-svc");
+}
+
+#[tokio::test]
+async fn cancel_tells_the_instance_in_flight_drops_the_pending_handoff_and_closes_the_run() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    for agent in ["a", "b", "c"] {
+        client
+            .register_agent(AgentConfig::new(agent))
+            .await
+            .expect("register");
+    }
+    let run = client
+        .start_run(RunConfig::new("dana").id("to-cancel"))
+        .await
+        .expect("start");
+    let mut owner = client
+        .watch(WatchFilter::all().owner("dana"))
+        .await
+        .expect("watch");
+    // Hop 1: a hands off to b (hop 2, held in flight) and to c (pending:
+    // no instance of c is there yet).
+    client
+        .handoff(Handoff::to(&run.id, "a", &note("start", 0)).expect("handoff"))
+        .await
+        .expect("to a");
+    let mut sub_a = client.subscribe("a", "a1", 1).await.expect("a");
+    let at_a = next_within(&mut sub_a, Duration::from_secs(5))
+        .await
+        .expect("a's delivery");
+    at_a.handoff(Handoff::to("", "b", &note("hop", 1)).expect("handoff"))
+        .await
+        .expect("to b");
+    let to_c = client
+        .handoff(Handoff::to(&run.id, "c", &note("later", 2)).expect("handoff"))
+        .await
+        .expect("to c");
+    let mut sub_b = client.subscribe("b", "b1", 1).await.expect("b");
+    let at_b = next_within(&mut sub_b, Duration::from_secs(5))
+        .await
+        .expect("b's delivery");
+    assert!(!at_b.is_cancelled());
+
+    let ended = client
+        .cancel_run(&run.id, "the user changed their mind")
+        .await
+        .expect("cancel");
+    assert_eq!(ended.status, pb::RunStatus::Cancelled as i32);
+    assert_eq!(ended.failure, "the user changed their mind");
+
+    // The handler in flight observes its cancellation.
+    let reason = tokio::time::timeout(Duration::from_secs(5), at_b.cancelled())
+        .await
+        .expect("the delivery in flight is told");
+    assert_eq!(reason, "the user changed their mind");
+    assert!(at_b.is_cancelled());
+    // What it would hand off now is refused, and its ack is taken.
+    refused(
+        at_b.handoff(Handoff::to("", "c", &note("too late", 3)).expect("handoff"))
+            .await,
+        Code::FailedPrecondition,
+        "RUN_CLOSED",
+    );
+    at_b.ack().await.expect("ack after cancel");
+
+    // The owner is told.
+    let told = events_until(&mut owner, Duration::from_secs(5), |e| {
+        e.kind == pb::EventKind::RunCancelled as i32
+    })
+    .await;
+    assert!(told
+        .iter()
+        .any(|e| e.kind == pb::EventKind::RunCancelled as i32 && e.run_id == run.id));
+
+    // The pending handoff is never delivered: an instance of c that comes
+    // now gets nothing, and the run's timeline says it was discarded.
+    let mut sub_c = client.subscribe("c", "c1", 1).await.expect("c");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let timeline = loop {
+        let timeline = client.get_run(&run.id).await.expect("run").timeline;
+        let discarded = timeline
+            .iter()
+            .any(|e| e.kind == pb::EventKind::Discarded as i32 && e.handoff_id == to_c.handoff_id);
+        if discarded || Instant::now() >= deadline {
+            break timeline;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        timeline
+            .iter()
+            .any(|e| e.kind == pb::EventKind::Discarded as i32 && e.handoff_id == to_c.handoff_id),
+        "the pending handoff is discarded"
+    );
+    assert!(
+        !timeline
+            .iter()
+            .any(|e| e.kind == pb::EventKind::Delivered as i32 && e.handoff_id == to_c.handoff_id),
+        "the pending handoff was never delivered"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), sub_c.next_delivery())
+            .await
+            .is_err(),
+        "c receives nothing"
+    );
+    assert_eq!(count(&timeline, pb::EventKind::RunCancelled), 1);
+
+    // Later handoffs, and a second cancel, are RUN_CLOSED.
+    refused(
+        client
+            .handoff(Handoff::to(&run.id, "a", &note("again", 4)).expect("handoff"))
+            .await,
+        Code::FailedPrecondition,
+        "RUN_CLOSED",
+    );
+    refused(
+        client.cancel_run(&run.id, "").await,
+        Code::FailedPrecondition,
+        "RUN_CLOSED",
+    );
+    refused(
+        client.cancel_run("no-such-run", "").await,
+        Code::NotFound,
+        "RUN_NOT_FOUND",
+    );
+    let listed: HashSet<String> = ids(&all_pages(
+        &client,
+        pb::ListRunsRequest {
+            status: vec![pb::RunStatus::Cancelled as i32],
+            page_size: 10,
+            ..Default::default()
+        },
+    )
+    .await)
+    .into_iter()
+    .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut listed = listed;
+    while !listed.contains(&run.id) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        listed = ids(&all_pages(
+            &client,
+            pb::ListRunsRequest {
+                status: vec![pb::RunStatus::Cancelled as i32],
+                page_size: 10,
+                ..Default::default()
+            },
+        )
+        .await)
+        .into_iter()
+        .collect();
+    }
+    assert!(
+        listed.contains(&run.id),
+        "a cancelled run is listed as such"
+    );
+}
