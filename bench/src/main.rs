@@ -65,6 +65,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 mod chord;
 mod floor;
+mod listing;
 mod payload;
 mod plot;
 mod report;
@@ -87,6 +88,8 @@ enum Scenario {
     Memory,
     Payload,
     Soak,
+    /// Finding runs: the first page of `ListRuns` with many runs stored.
+    List,
 }
 
 /// One fan-in width of `--fanin-widths`: `BRANCHES` or
@@ -199,6 +202,9 @@ struct Args {
     /// Runs holding state for the state scenario.
     #[arg(long, default_value_t = 100_000)]
     state_runs: u64,
+    /// Runs stored for the list scenario.
+    #[arg(long, default_value_t = 100_000)]
+    list_runs: u64,
 }
 
 fn bar(len: u64, prefix: &str) -> ProgressBar {
@@ -512,6 +518,48 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 Figure::Ratio {
                     value: ratio,
                     of: "p50".into(),
+                },
+            ));
+        }
+    }
+
+    if wants(Scenario::List) {
+        let n = args.list_runs;
+        let before = stack.broker_rss();
+        listing::populate(&client, n, &bar(n, "list: runs stored")).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = stack.broker_rss();
+        let samples = 200;
+        let (first, ids) = listing::first_pages(&client, samples, None).await?;
+        let (by_owner, _) = listing::first_pages(&client, samples, Some("list-3")).await?;
+        let raw = listing::raw_page(stack.nats_url(), &ids, samples).await?;
+        let (scan, keys) = listing::raw_scan(stack.nats_url()).await?;
+        panel(
+            format!("list: first page of 50, {n} runs"),
+            &first,
+            Some(&raw),
+        );
+        rows.push(Row::new(
+            "list",
+            format!("first page of 50, {n} runs stored (raw: reading its 50 records)"),
+            latency(&first, Some(&raw)),
+        ));
+        rows.push(Row::new(
+            "list",
+            format!("first page of 50 of one owner (1 in {})", listing::OWNERS),
+            latency(&by_owner, Some(&raw)),
+        ));
+        rows.push(Row::new(
+            "list",
+            format!("raw JetStream listing the runs bucket's {keys} keys, once"),
+            latency(&scan, None),
+        ));
+        if let (Some(before), Some(after)) = (before, after) {
+            rows.push(Row::new(
+                "list",
+                format!("handoffd RSS added by {n} runs"),
+                Figure::Memory {
+                    bytes: after.saturating_sub(before),
                 },
             ));
         }

@@ -260,7 +260,7 @@ pub async fn list(
     let page = index
         .list(
             &filter,
-            |run| all || caller.may(Action::Own, &run.owner),
+            |owner| all || caller.may(Action::Own, owner),
             size,
             token,
         )
