@@ -96,6 +96,12 @@ reasons! {
         "the agent (target, subscriber, fallback or barrier target) is not registered";
     ContractNotFound => "CONTRACT_NOT_FOUND", NotFound,
         "the contract, or the version asked for, is not registered";
+    InputNotFound => "INPUT_NOT_FOUND", NotFound,
+        "the run has no input request with that id";
+    DeadLetterNotFound => "DEAD_LETTER_NOT_FOUND", NotFound,
+        "no dead letter is kept at that sequence";
+    HandoffNotFound => "HANDOFF_NOT_FOUND", NotFound,
+        "no handoff with that id was accepted in the run (or the run was purged)";
     BarrierNotFound => "BARRIER_NOT_FOUND", NotFound,
         "the barrier does not exist";
     PayloadNotFound => "PAYLOAD_NOT_FOUND", NotFound,
@@ -109,7 +115,7 @@ reasons! {
     RoleConfusion => "ROLE_CONFUSION", AlreadyExists,
         "the consumed delivery already went to another target without declared fan-out";
     RunClosed => "RUN_CLOSED", FailedPrecondition,
-        "the run is completed, failed or timed out";
+        "the run is completed, failed, timed out or cancelled";
     DepthCap => "DEPTH_CAP", FailedPrecondition,
         "the handoff would go deeper than the run's max_depth";
     PayloadTooLarge => "PAYLOAD_TOO_LARGE", FailedPrecondition,
@@ -363,6 +369,15 @@ pub enum BrokerError {
         /// The same, as key/value pairs (field paths, counts, budgets).
         metadata: Vec<(&'static str, String)>,
     },
+    /// The run has no input request with that id.
+    #[error("no input request {0:?} in the run")]
+    InputNotFound(String),
+    /// No dead letter at that sequence.
+    #[error("no dead letter at sequence {0}")]
+    DeadLetterNotFound(u64),
+    /// No handoff with that id is in its run's timeline.
+    #[error("handoff {0:?} not found")]
+    HandoffNotFound(String),
     /// The barrier does not exist.
     #[error("{0}")]
     BarrierNotFound(String),
@@ -413,6 +428,9 @@ impl BrokerError {
             AgentNotFound(_) => Reason::AgentNotFound,
             ContractNotFound(_) => Reason::ContractNotFound,
             BarrierNotFound(_) => Reason::BarrierNotFound,
+            HandoffNotFound(_) => Reason::HandoffNotFound,
+            DeadLetterNotFound(_) => Reason::DeadLetterNotFound,
+            InputNotFound(_) => Reason::InputNotFound,
             RunExists(_) => Reason::RunExists,
             ContractConflict(_) => Reason::ContractConflict,
             BarrierExists(_) => Reason::BarrierConflict,
@@ -460,6 +478,9 @@ impl BrokerError {
             Malformed { field, .. } if !field.is_empty() => vec![("field", field.clone())],
             RunNotFound(run) | RunExists(run) => vec![("run_id", run.clone())],
             AgentNotFound(agent) => vec![("agent", agent.clone())],
+            HandoffNotFound(id) => vec![("handoff_id", id.clone())],
+            DeadLetterNotFound(seq) => vec![("sequence", seq.to_string())],
+            InputNotFound(id) => vec![("request_id", id.clone())],
             RunClosed { run, status } => {
                 vec![("run_id", run.clone()), ("status", status.to_string())]
             }

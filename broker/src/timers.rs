@@ -19,7 +19,7 @@ use handoff_proto::pb;
 use prost::Message as _;
 
 use crate::{
-    app::{barriers, deliveries, runs, Broker},
+    app::{barriers, deliveries, input, runs, Broker},
     error::BrokerError,
     store::jetstream::{JetStream, PURGES_CONSUMER, TIMERS_CONSUMER},
 };
@@ -142,6 +142,12 @@ async fn pump(broker: &Broker, store: &JetStream) -> Result<(), BrokerError> {
                 msg.ack_with(AckKind::Nak(Some(left.min(MAX_DELAY))))
                     .await
                     .map_err(|e| BrokerError::nats("rescheduling a timer", e))?;
+            }
+            _ if !timer.input_request_id.is_empty() => {
+                input::time_out(broker, &timer.run_id, &timer.input_request_id).await?;
+                msg.double_ack()
+                    .await
+                    .map_err(|e| BrokerError::nats("acking a timer", e))?;
             }
             _ if !timer.agent.is_empty() => {
                 deliveries::queue_wait_passed(broker, &timer.agent, timer.sequence).await?;

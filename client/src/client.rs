@@ -577,6 +577,90 @@ impl Client {
         Ok(self.raw().list_runs(self.request(req)).await?.into_inner())
     }
 
+    /// A handoff by id: its envelope (while the inbox keeps it), its run,
+    /// where its delivery stands and every event about it. `run_id` may
+    /// be empty: the broker finds the run. Needs what reading the run
+    /// needs.
+    pub async fn get_handoff(
+        &self,
+        handoff_id: &str,
+        run_id: &str,
+    ) -> Result<pb::GetHandoffResponse> {
+        let req = pb::GetHandoffRequest {
+            handoff_id: handoff_id.to_string(),
+            run_id: run_id.to_string(),
+        };
+        Ok(self
+            .raw()
+            .get_handoff(self.request(req))
+            .await?
+            .into_inner())
+    }
+
+    /// Hands dead letter `sequence` (from [`Client::dead_letters`]) again,
+    /// to its agent or to `to_agent`, once: a failed run whose failure was
+    /// that letter goes back to running. A second redrive is
+    /// `ALREADY_SETTLED`. Needs `own` on the run's owner.
+    pub async fn redrive_dead_letter(
+        &self,
+        sequence: u64,
+        to_agent: Option<&str>,
+    ) -> Result<pb::RedriveDeadLetterResponse> {
+        let req = pb::RedriveDeadLetterRequest {
+            sequence,
+            to_agent: to_agent.unwrap_or_default().to_string(),
+        };
+        Ok(self
+            .raw()
+            .redrive_dead_letter(self.request(req))
+            .await?
+            .into_inner())
+    }
+
+    /// Starts a new run from revision `at_revision` of run `run_id`'s
+    /// state (0: without state), with `first` as its first handoff (its
+    /// run id is filled in). The new run has the parent's owner, pinned
+    /// context, pipeline, depth cap and judge, and names its parent; the
+    /// parent is left as it is. Needs `own` on the parent's owner.
+    pub async fn fork_run(
+        &self,
+        run_id: &str,
+        at_revision: u64,
+        first: Handoff,
+    ) -> Result<pb::ForkRunResponse> {
+        let req = pb::ForkRunRequest {
+            run_id: run_id.to_string(),
+            at_revision,
+            handoff: Some(first.req),
+            ..Default::default()
+        };
+        Ok(self.raw().fork_run(self.request(req)).await?.into_inner())
+    }
+
+    /// Answers input request `request_id` of run `run_id` (asked with
+    /// [`crate::Delivery::await_input`]): the answer, checked against the
+    /// request's contract, goes to the agent that asked. Needs `own` on
+    /// the run's owner.
+    pub async fn provide_input<M: prost::Message + prost::Name>(
+        &self,
+        run_id: &str,
+        request_id: &str,
+        answer: &M,
+    ) -> Result<pb::ProvideInputResponse> {
+        let answer = prost_types::Any::from_msg(answer)
+            .map_err(|e| Error::new(ErrorKind::InvalidArgument, e.to_string()))?;
+        let req = pb::ProvideInputRequest {
+            run_id: run_id.to_string(),
+            request_id: request_id.to_string(),
+            answer: Some(answer),
+        };
+        Ok(self
+            .raw()
+            .provide_input(self.request(req))
+            .await?
+            .into_inner())
+    }
+
     /// Cancels a running run (needs `own` on its owner): it ends
     /// CANCELLED with `reason` as its failure, its pending handoffs are
     /// never delivered, and the instances holding its deliveries are told

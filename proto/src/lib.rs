@@ -65,6 +65,12 @@ impl pb::EventKind {
             K::IntentDrift => "intent_drift",
             K::RunPurged => "run_purged",
             K::RunCancelled => "run_cancelled",
+            K::HandoffRedriven => "handoff_redriven",
+            K::RunResumed => "run_resumed",
+            K::RunForked => "run_forked",
+            K::InputRequested => "input_requested",
+            K::InputProvided => "input_provided",
+            K::InputTimedOut => "input_timed_out",
         }
     }
 
@@ -103,6 +109,12 @@ pub const ALL_EVENT_KINDS: &[pb::EventKind] = &[
     pb::EventKind::IntentDrift,
     pb::EventKind::RunPurged,
     pb::EventKind::RunCancelled,
+    pb::EventKind::HandoffRedriven,
+    pb::EventKind::RunResumed,
+    pb::EventKind::RunForked,
+    pb::EventKind::InputRequested,
+    pb::EventKind::InputProvided,
+    pb::EventKind::InputTimedOut,
 ];
 
 impl pb::RunStatus {

@@ -453,3 +453,289 @@ async fn cancel_tells_the_instance_in_flight_drops_the_pending_handoff_and_close
         "a cancelled run is listed as such"
     );
 }
+
+/// Polls run `id` until `done` holds, for at most 10 s; the run either way.
+async fn run_until(client: &Client, id: &str, done: impl Fn(&pb::Run) -> bool) -> pb::Run {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let run = client.get_run(id).await.expect("run").run.expect("run");
+        if done(&run) || Instant::now() >= deadline {
+            return run;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn kinds_of(timeline: &[pb::Event], wanted: &[pb::EventKind]) -> Vec<pb::EventKind> {
+    timeline
+        .iter()
+        .filter_map(|e| pb::EventKind::try_from(e.kind).ok())
+        .filter(|k| wanted.contains(k))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_dead_letter_redriven_to_a_fixed_agent_completes_its_failed_run_once() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    client
+        .register_agent(AgentConfig::new("flaky").max_attempts(1))
+        .await
+        .expect("register");
+    client
+        .register_agent(AgentConfig::new("fixed"))
+        .await
+        .expect("register");
+    client
+        .register_contract(handoff_client::ContractSpec::of::<
+            handoff_proto::demo::Subtask,
+        >(handoff_proto::DEMO_FILE_DESCRIPTOR_SET))
+        .await
+        .expect("contract");
+    client
+        .register_agent(AgentConfig::new("picky").accepts::<handoff_proto::demo::Subtask>())
+        .await
+        .expect("register");
+    let run = client
+        .start_run(RunConfig::new("erin").id("redriven"))
+        .await
+        .expect("start");
+    let sent = client
+        .handoff(Handoff::to(&run.id, "flaky", &note("work", 1)).expect("handoff"))
+        .await
+        .expect("to flaky");
+    let mut flaky = client.subscribe("flaky", "f1", 1).await.expect("flaky");
+    next_within(&mut flaky, Duration::from_secs(5))
+        .await
+        .expect("delivery")
+        .nack(None)
+        .await
+        .expect("nack");
+    let failed = run_until(&client, &run.id, |r| {
+        r.status == pb::RunStatus::Failed as i32
+    })
+    .await;
+    assert_eq!(failed.status, pb::RunStatus::Failed as i32);
+    let seen = client
+        .get_handoff(&sent.handoff_id, "")
+        .await
+        .expect("get handoff");
+    assert_eq!(seen.status, pb::HandoffStatus::DeadLettered as i32);
+    assert_eq!(seen.attempts, 1);
+    assert_eq!(seen.run.expect("run").id, run.id);
+    assert_eq!(
+        seen.handoff.expect("envelope").target_agent,
+        "flaky",
+        "the envelope as stored"
+    );
+    let letter = client
+        .dead_letters("flaky", 10)
+        .await
+        .expect("letters")
+        .into_iter()
+        .find(|d| d.handoff.as_ref().is_some_and(|h| h.id == sent.handoff_id))
+        .expect("the dead letter");
+
+    // Refusals first: an unknown letter, a target that does not take it.
+    refused(
+        client
+            .redrive_dead_letter(letter.sequence + 1000, None)
+            .await,
+        Code::NotFound,
+        "DEAD_LETTER_NOT_FOUND",
+    );
+    refused(
+        client
+            .redrive_dead_letter(letter.sequence, Some("picky"))
+            .await,
+        Code::FailedPrecondition,
+        "CONTRACT_MISMATCH",
+    );
+    refused(
+        client
+            .redrive_dead_letter(letter.sequence, Some("nobody"))
+            .await,
+        Code::NotFound,
+        "AGENT_NOT_FOUND",
+    );
+
+    let redriven = client
+        .redrive_dead_letter(letter.sequence, Some("fixed"))
+        .await
+        .expect("redrive");
+    assert!(redriven.resumed);
+    let resumed = redriven.run.expect("run");
+    assert_eq!(resumed.status, pb::RunStatus::Running as i32);
+    assert_eq!(resumed.resumed, 1);
+    assert!(resumed.failure.is_empty());
+    assert_eq!(
+        redriven.handoff.expect("receipt").handoff_id,
+        sent.handoff_id,
+        "a new attempt of the same handoff"
+    );
+    // A second redrive of the same letter is refused.
+    refused(
+        client.redrive_dead_letter(letter.sequence, None).await,
+        Code::FailedPrecondition,
+        "ALREADY_SETTLED",
+    );
+
+    let mut fixed = client.subscribe("fixed", "x1", 1).await.expect("fixed");
+    let again = next_within(&mut fixed, Duration::from_secs(5))
+        .await
+        .expect("the redriven delivery");
+    assert_eq!(again.handoff_id(), sent.handoff_id);
+    again
+        .handoff(Handoff::final_result("", &note("done", 2)).expect("final"))
+        .await
+        .expect("complete");
+    let done = run_until(&client, &run.id, |r| {
+        r.status == pb::RunStatus::Completed as i32
+    })
+    .await;
+    assert_eq!(done.status, pb::RunStatus::Completed as i32);
+    // FAILED -> RUNNING -> COMPLETED, in the timeline, each told once.
+    let timeline = client.get_run(&run.id).await.expect("run").timeline;
+    assert_eq!(
+        kinds_of(
+            &timeline,
+            &[
+                pb::EventKind::RunFailed,
+                pb::EventKind::HandoffRedriven,
+                pb::EventKind::RunResumed,
+                pb::EventKind::RunCompleted,
+            ]
+        ),
+        [
+            pb::EventKind::RunFailed,
+            pb::EventKind::RunResumed,
+            pb::EventKind::HandoffRedriven,
+            pb::EventKind::RunCompleted,
+        ]
+    );
+    let seen = client
+        .get_handoff(&sent.handoff_id, &run.id)
+        .await
+        .expect("get handoff");
+    assert_eq!(seen.status, pb::HandoffStatus::Acked as i32);
+    assert_eq!(seen.handoff.expect("envelope").target_agent, "fixed");
+    refused(
+        client.get_handoff("no-such-handoff", "").await,
+        Code::NotFound,
+        "HANDOFF_NOT_FOUND",
+    );
+    refused(
+        client.get_handoff("no-such-handoff", &run.id).await,
+        Code::NotFound,
+        "HANDOFF_NOT_FOUND",
+    );
+}
+
+#[tokio::test]
+async fn fork_at_revision_three_starts_from_that_state_and_leaves_the_parent_as_it_was() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    client
+        .register_agent(AgentConfig::new("worker"))
+        .await
+        .expect("register");
+    let parent = client
+        .start_run(
+            RunConfig::new("fay")
+                .id("parent")
+                .ask("plan a trip")
+                .state("step", 0.0),
+        )
+        .await
+        .expect("start");
+    // Revisions 2 to 5, one per handoff.
+    for i in 1..=4u32 {
+        client
+            .handoff(
+                Handoff::to(&parent.id, "worker", &note("step", i))
+                    .expect("handoff")
+                    .state_delta(
+                        handoff_client::StateDelta::new()
+                            .set("step", f64::from(i))
+                            .set(format!("k{i}"), f64::from(i)),
+                    ),
+            )
+            .await
+            .expect("handoff");
+    }
+    let before = client.get_state(&parent.id, 0).await.expect("state");
+    assert_eq!(before.state.as_ref().expect("state").revision, 5);
+    let at3 = client.get_state(&parent.id, 3).await.expect("revision 3");
+
+    let fork = client
+        .fork_run(
+            &parent.id,
+            3,
+            Handoff::to("", "worker", &note("again", 9)).expect("handoff"),
+        )
+        .await
+        .expect("fork");
+    let child = fork.run.expect("child");
+    assert_eq!(child.parent_run_id, parent.id);
+    assert_eq!(child.forked_at_revision, 3);
+    assert_eq!(child.owner, "fay");
+    assert_eq!(
+        child.pinned.as_ref().map(|p| p.ask.as_str()),
+        Some("plan a trip")
+    );
+    let child_state = client.get_state(&child.id, 0).await.expect("child state");
+    assert_eq!(
+        child_state.state.expect("state").values,
+        at3.state.expect("state").values,
+        "the child's state is the parent's at revision 3"
+    );
+    let view = client.get_run(&child.id).await.expect("child run");
+    assert!(view.timeline.iter().any(|e| {
+        e.kind == pb::EventKind::HandoffAccepted as i32
+            && e.handoff_id == fork.handoff.as_ref().expect("receipt").handoff_id
+    }));
+
+    // The parent is as it was, and names its fork.
+    let after = client.get_state(&parent.id, 0).await.expect("state");
+    assert_eq!(after.state, before.state);
+    let parent_view = client.get_run(&parent.id).await.expect("parent");
+    assert_eq!(
+        parent_view.run.expect("run").status,
+        pb::RunStatus::Running as i32
+    );
+    let forked: Vec<&pb::Event> = parent_view
+        .timeline
+        .iter()
+        .filter(|e| e.kind == pb::EventKind::RunForked as i32)
+        .collect();
+    assert_eq!(forked.len(), 1);
+    assert_eq!(forked[0].related_run_id, child.id);
+    let children = pb::ListRunsRequest {
+        parent_run_id: parent.id.clone(),
+        page_size: 10,
+        ..Default::default()
+    };
+    let only_child = std::slice::from_ref(&child.id);
+    assert_eq!(list_until(&client, children, only_child).await, only_child);
+
+    refused(
+        client
+            .fork_run(
+                &parent.id,
+                9,
+                Handoff::to("", "worker", &note("again", 9)).expect("handoff"),
+            )
+            .await,
+        Code::NotFound,
+        "STATE_REVISION_NOT_FOUND",
+    );
+    refused(
+        client
+            .fork_run(
+                "no-such-run",
+                0,
+                Handoff::to("", "worker", &note("again", 9)).expect("handoff"),
+            )
+            .await,
+        Code::NotFound,
+        "RUN_NOT_FOUND",
+    );
+}

@@ -763,7 +763,7 @@ async fn route_away(
                     &format!("dead-{}", envelope.id),
                 )
                 .await?;
-            let why = format!("handoff {} dead-lettered: {reason}", envelope.id);
+            let why = rules::dead_letter_failure(&envelope.id, &reason);
             let ended = match branch_of(envelope) {
                 Some((barrier_id, key, depth)) => {
                     fail_branch(

@@ -125,16 +125,29 @@ pub async fn check_target(
     req: &pb::HandoffRequest,
     payload: &prost_types::Any,
 ) -> Result<Checked, Guarded> {
-    let payload_type = contracts::type_of_url(&payload.type_url);
     let target = broker.agent(target).await?;
     let Some(accepts) = &target.accepts else {
         return Ok(Checked::default());
     };
+    check_contract(broker, &target.name, accepts, req, payload).await
+}
+
+/// The guards of contract `accepts` (a type and a version range) on a
+/// payload for `agent` (named in refusals): the payload's type, then the
+/// highest registered version in the range.
+pub async fn check_contract(
+    broker: &Broker,
+    agent: &str,
+    accepts: &pb::ContractRef,
+    req: &pb::HandoffRequest,
+    payload: &prost_types::Any,
+) -> Result<Checked, Guarded> {
+    let payload_type = contracts::type_of_url(&payload.type_url);
     let refusal = |rule, reason, message| {
         Guarded::Refused(Refusal {
             contract_type: accepts.message_type.clone(),
             metadata: vec![
-                ("agent", target.name.clone()),
+                ("agent", agent.to_string()),
                 ("contract_type", accepts.message_type.clone()),
                 ("payload_type", payload_type.to_string()),
             ],
@@ -146,8 +159,8 @@ pub async fn check_target(
             "contract_mismatch",
             Reason::ContractMismatch,
             format!(
-                "agent {:?} accepts {}; the payload is {payload_type}",
-                target.name, accepts.message_type
+                "agent {agent:?} accepts {}; the payload is {payload_type}",
+                accepts.message_type
             ),
         ));
     }
@@ -158,9 +171,8 @@ pub async fn check_target(
             "contract_mismatch",
             Reason::ContractMismatch,
             format!(
-                "no registered version of {} is in agent {:?}'s range {}",
+                "no registered version of {} is in agent {agent:?}'s range {}",
                 accepts.message_type,
-                target.name,
                 contracts::range_name(accepts.min_version, accepts.max_version)
             ),
         ));

@@ -23,12 +23,16 @@ pub mod contracts;
 pub mod deliveries;
 pub mod events;
 pub mod fan_out;
+pub mod fork;
 pub mod guard;
 pub mod handoff;
+pub mod input;
+pub mod inspect;
 pub mod instances;
 pub mod judge;
 pub mod outbox;
 pub mod payloads;
+pub mod redrive;
 pub mod run_index;
 pub mod runs;
 pub mod session;
@@ -569,6 +573,7 @@ pub fn status_name(status: i32) -> &'static str {
         Ok(pb::RunStatus::Failed) => "failed",
         Ok(pb::RunStatus::TimedOut) => "timed out",
         Ok(pb::RunStatus::Cancelled) => "cancelled",
+        Ok(pb::RunStatus::WaitingInput) => "waiting for input",
         _ => "unknown",
     }
 }

@@ -4,7 +4,8 @@
 //! It is fed by two watches started with the broker (see
 //! `server::tasks::index_runs`): the runs bucket (each run's record, with
 //! its history at start: status, owner, pipeline, times) and the events
-//! stream's `handoff_accepted`, `dead_lettered` and `intent_drift` events
+//! stream's `handoff_accepted`, `handoff_redriven`, `dead_lettered` and
+//! `intent_drift` events
 //! (the agents that took part, dead letters, drift). A purged run leaves
 //! the index with its record. A listing never reads the store: it walks
 //! the runs in order, skipping those that do not match, until its page is
@@ -17,7 +18,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::RwLock,
+    sync::{Arc, RwLock},
 };
 
 use handoff_proto::pb;
@@ -43,6 +44,18 @@ struct Entry {
     agents: Vec<Box<str>>,
     dead_letters: u32,
     drift: bool,
+    /// The run's id, shared with `Inner::handoffs`.
+    id: Option<Arc<str>>,
+    /// Its handoffs (by [`handoff_key`]), to forget them with it.
+    handoffs: Vec<u64>,
+}
+
+/// The key of a handoff id in [`Inner::handoffs`].
+fn handoff_key(handoff_id: &str) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::hash::DefaultHasher::new();
+    handoff_id.hash(&mut hasher);
+    hasher.finish()
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +64,8 @@ struct Record {
     status: i32,
     /// Empty: `default`.
     pipeline: Box<str>,
+    /// The run it was forked from; empty: none.
+    parent: Box<str>,
     created: i128,
     ended: Option<i128>,
     encoded: Box<[u8]>,
@@ -66,6 +81,10 @@ impl Record {
 struct Inner {
     entries: HashMap<String, Entry>,
     order: BTreeSet<Position>,
+    /// The run of each accepted handoff (by a hash of its id: a handoff
+    /// found this way is looked for in that run's timeline, which settles
+    /// a collision).
+    handoffs: HashMap<u64, Arc<str>>,
 }
 
 /// The runs this replica knows, for `ListRuns`.
@@ -95,6 +114,8 @@ pub struct Filter {
     pub dead_letters: bool,
     /// Drifted from its ask.
     pub drift: bool,
+    /// Forked from this run.
+    pub parent: Option<String>,
 }
 
 /// Nanoseconds since the epoch of a timestamp.
@@ -128,6 +149,7 @@ impl Filter {
             && in_range(record.ended, self.ended)
             && (!self.dead_letters || entry.dead_letters > 0)
             && (!self.drift || entry.drift)
+            && self.parent.as_deref().is_none_or(|p| p == &*record.parent)
     }
 }
 
@@ -169,6 +191,7 @@ impl RunIndex {
             owner: run.owner.as_str().into(),
             status: run.status,
             pipeline: run.pipeline.as_str().into(),
+            parent: run.parent_run_id.as_str().into(),
             created: run.created_at.as_ref().map_or(0, nanos),
             ended: run.ended_at.as_ref().map(nanos),
             encoded: run.encode_to_vec().into_boxed_slice(),
@@ -194,12 +217,13 @@ impl RunIndex {
         let Ok(mut inner) = self.inner.write() else {
             return;
         };
-        if let Some(Entry {
-            record: Some(record),
-            ..
-        }) = inner.entries.remove(run_id)
-        {
-            inner.order.remove(&record.position(run_id));
+        if let Some(entry) = inner.entries.remove(run_id) {
+            if let Some(record) = entry.record {
+                inner.order.remove(&record.position(run_id));
+            }
+            for key in entry.handoffs {
+                inner.handoffs.remove(&key);
+            }
         }
     }
 
@@ -210,6 +234,7 @@ impl RunIndex {
         if !matches!(
             kind,
             pb::EventKind::HandoffAccepted
+                | pb::EventKind::HandoffRedriven
                 | pb::EventKind::DeadLettered
                 | pb::EventKind::IntentDrift
         ) || event.run_id.is_empty()
@@ -220,9 +245,18 @@ impl RunIndex {
         let Ok(mut inner) = self.inner.write() else {
             return;
         };
+        let inner = &mut *inner;
         let entry = inner.entries.entry(event.run_id.clone()).or_default();
         match kind {
-            pb::EventKind::HandoffAccepted => {
+            pb::EventKind::HandoffAccepted | pb::EventKind::HandoffRedriven => {
+                let key = handoff_key(&event.handoff_id);
+                let run = entry
+                    .id
+                    .get_or_insert_with(|| event.run_id.as_str().into())
+                    .clone();
+                if inner.handoffs.insert(key, run).is_none() {
+                    entry.handoffs.push(key);
+                }
                 if !event.agent.is_empty() && !entry.agents.iter().any(|a| **a == *event.agent) {
                     entry.agents.push(event.agent.as_str().into());
                 }
@@ -230,6 +264,17 @@ impl RunIndex {
             pb::EventKind::DeadLettered => entry.dead_letters += 1,
             _ => entry.drift = true,
         }
+    }
+
+    /// The run of handoff `handoff_id`, if a `handoff_accepted` event of
+    /// it was seen (a hash of the id names it: check that the run's
+    /// timeline has the handoff).
+    pub fn run_of(&self, handoff_id: &str) -> Option<String> {
+        let inner = self.inner.read().ok()?;
+        inner
+            .handoffs
+            .get(&handoff_key(handoff_id))
+            .map(|r| r.to_string())
     }
 
     /// Marks the runs bucket's history as read: listings answer from now on.
@@ -457,6 +502,16 @@ mod tests {
             .is_empty());
         index.event(&event(pb::EventKind::IntentDrift, ""));
         assert_eq!(ids(&index.list(&drift, |_| true, 5, None).unwrap()), ["a"]);
+        // Handoffs lead to their run until it is purged.
+        let accepted = pb::Event {
+            handoff_id: "h1".to_string(),
+            ..event(pb::EventKind::HandoffAccepted, "writer")
+        };
+        index.event(&accepted);
+        assert_eq!(index.run_of("h1").as_deref(), Some("a"));
+        assert_eq!(index.run_of("h2"), None);
+        index.remove("a");
+        assert_eq!(index.run_of("h1"), None);
     }
 
     #[test]

@@ -48,6 +48,17 @@ pub async fn start(
     caller: &Caller,
     req: pb::StartRunRequest,
 ) -> Result<pb::StartRunResponse, BrokerError> {
+    start_linked(broker, caller, req, None).await
+}
+
+/// Creates a run as [`start`] does; `parent`: the run it is forked from
+/// and the revision of that run's state it starts from.
+pub async fn start_linked(
+    broker: &Broker,
+    caller: &Caller,
+    req: pb::StartRunRequest,
+    parent: Option<(String, u64)>,
+) -> Result<pb::StartRunResponse, BrokerError> {
     let run_id = if req.run_id.is_empty() {
         uuid::Uuid::now_v7().to_string()
     } else {
@@ -125,6 +136,8 @@ pub async fn start(
         pipeline: req.pipeline.clone(),
         judge,
         has_state: seed.is_some(),
+        parent_run_id: parent.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+        forked_at_revision: parent.as_ref().map_or(0, |p| p.1),
         ..Default::default()
     };
     // The seed is stored before the run that says it has one, so no
@@ -139,7 +152,7 @@ pub async fn start(
         run
     } else {
         let (existing, _) = broker.run(&run_id).await?;
-        if existing.owner != run.owner {
+        if existing.owner != run.owner || existing.parent_run_id != run.parent_run_id {
             return Err(BrokerError::RunExists(run_id));
         }
         existing
@@ -202,6 +215,7 @@ pub async fn list(
     names::validate_optional("owner", &req.owner)?;
     names::validate_optional("pipeline", &req.pipeline)?;
     names::validate_optional("agent", &req.agent)?;
+    names::validate_optional("parent_run_id", &req.parent_run_id)?;
     for status in &req.status {
         if pb::RunStatus::try_from(*status).is_err() || *status == 0 {
             return Err(BrokerError::malformed(
@@ -243,6 +257,7 @@ pub async fn list(
         ),
         dead_letters: req.has_dead_letters,
         drift: req.drift,
+        parent: Some(req.parent_run_id.clone()).filter(|p| !p.is_empty()),
     };
     let token = Some(req.page_token.as_str()).filter(|t| !t.is_empty());
     let index = broker.run_index();
@@ -426,7 +441,8 @@ pub async fn end(broker: &Broker, run_id: &str, end: RunEnd) -> Result<pb::Run, 
     }
 }
 
-fn status_of(run: &pb::Run) -> pb::RunStatus {
+/// A run's status.
+pub fn status_of(run: &pb::Run) -> pb::RunStatus {
     pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified)
 }
 
@@ -451,7 +467,12 @@ pub async fn announce_end(broker: &Broker, run: &pb::Run) -> Result<(), BrokerEr
         pipeline: run.pipeline.clone(),
         ..Default::default()
     };
-    broker.emit(event, &format!("end-{}", run.id)).await?;
+    // A run resumed by a redrive ends again under another id.
+    let msg_id = match run.resumed {
+        0 => format!("end-{}", run.id),
+        n => format!("end-{}-{n}", run.id),
+    };
+    broker.emit(event, &msg_id).await?;
     schedule_purge(broker, run).await?;
     if kind == pb::EventKind::RunCompleted {
         ask_judge(broker, run).await?;

@@ -288,6 +288,63 @@ impl HandoffBroker for Service {
             .await
     }
 
+    async fn get_handoff(
+        &self,
+        req: Request<pb::GetHandoffRequest>,
+    ) -> Reply<pb::GetHandoffResponse> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let span = rpc_span!("GetHandoff");
+        span.record("run_id", req.run_id.as_str());
+        span.record("handoff_id", req.handoff_id.as_str());
+        self.unary(span, app::inspect::get_handoff(&self.broker, &caller, req))
+            .await
+    }
+
+    async fn redrive_dead_letter(
+        &self,
+        req: Request<pb::RedriveDeadLetterRequest>,
+    ) -> Reply<pb::RedriveDeadLetterResponse> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let span = rpc_span!("RedriveDeadLetter", sequence = req.sequence);
+        span.record("agent", req.to_agent.as_str());
+        self.unary(span, app::redrive::redrive(&self.broker, &caller, req))
+            .await
+    }
+
+    async fn fork_run(&self, req: Request<pb::ForkRunRequest>) -> Reply<pb::ForkRunResponse> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let span = rpc_span!("ForkRun", at_revision = req.at_revision);
+        span.record("run_id", req.run_id.as_str());
+        self.unary(span, app::fork::fork(&self.broker, &caller, req))
+            .await
+    }
+
+    async fn await_input(
+        &self,
+        req: Request<pb::AwaitInputRequest>,
+    ) -> Reply<pb::AwaitInputResponse> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let span = rpc_span!("AwaitInput");
+        self.unary(span, app::input::await_input(&self.broker, &caller, req))
+            .await
+    }
+
+    async fn provide_input(
+        &self,
+        req: Request<pb::ProvideInputRequest>,
+    ) -> Reply<pb::ProvideInputResponse> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let span = rpc_span!("ProvideInput", request_id = %req.request_id);
+        span.record("run_id", req.run_id.as_str());
+        self.unary(span, app::input::provide_input(&self.broker, &caller, req))
+            .await
+    }
+
     async fn cancel_run(&self, req: Request<pb::CancelRunRequest>) -> Reply<pb::CancelRunResponse> {
         let caller = self.caller(&req).await?;
         let req = req.into_inner();

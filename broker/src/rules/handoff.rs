@@ -442,6 +442,46 @@ pub fn role_confusion(
     Some((message, metadata))
 }
 
+/// A run's `failure` when a handoff of it was dead-lettered (what
+/// `RedriveDeadLetter` recognises to resume the run).
+pub fn dead_letter_failure(handoff_id: &str, reason: &str) -> String {
+    format!("handoff {handoff_id} dead-lettered: {reason}")
+}
+
+/// Where a handoff's delivery stands, from the events about it in the
+/// order they were stored: its status and how many deliveries were made
+/// of it.
+pub fn delivery_status(events: &[&pb::Event]) -> (pb::HandoffStatus, u32) {
+    use pb::{EventKind as K, HandoffStatus as S};
+    let mut status = S::Unspecified;
+    let mut attempts = 0;
+    for e in events {
+        status = match K::try_from(e.kind).unwrap_or(K::Unspecified) {
+            K::HandoffAccepted if e.inbox_sequence == 0 && e.agent.is_empty() => {
+                if e.branch_key.is_empty() {
+                    S::Final
+                } else {
+                    S::ToBarrier
+                }
+            }
+            K::HandoffAccepted if status == S::Unspecified => S::Pending,
+            K::Delivered | K::Redelivered => {
+                attempts = attempts.max(e.attempt).max(attempts + 1);
+                S::Delivered
+            }
+            K::Nacked if status == S::Delivered => S::Pending,
+            K::HandoffRedriven => S::Pending,
+            K::Acked => S::Acked,
+            K::Rejected => S::Rejected,
+            K::DeadLettered => S::DeadLettered,
+            K::RoutedToFallback => S::RoutedToFallback,
+            K::Discarded => S::Discarded,
+            _ => status,
+        };
+    }
+    (status, attempts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -707,5 +747,78 @@ mod tests {
         assert_eq!(offer(1, 3), Offer::Deliver(1));
         assert_eq!(offer(3, 3), Offer::Deliver(3));
         assert_eq!(offer(4, 3), Offer::Exhausted);
+    }
+
+    #[test]
+    fn a_handoffs_status_follows_its_events() {
+        use pb::{EventKind as K, HandoffStatus as S};
+        let e = |kind: K, attempt: u32| pb::Event {
+            kind: kind as i32,
+            attempt,
+            agent: "worker".to_string(),
+            inbox_sequence: 7,
+            ..Default::default()
+        };
+        let of = |events: &[pb::Event]| {
+            let refs: Vec<&pb::Event> = events.iter().collect();
+            delivery_status(&refs)
+        };
+        assert_eq!(of(&[]), (S::Unspecified, 0));
+        assert_eq!(of(&[e(K::HandoffAccepted, 0)]), (S::Pending, 0));
+        assert_eq!(
+            of(&[e(K::HandoffAccepted, 0), e(K::Delivered, 1)]),
+            (S::Delivered, 1)
+        );
+        assert_eq!(
+            of(&[
+                e(K::HandoffAccepted, 0),
+                e(K::Delivered, 1),
+                e(K::Nacked, 1)
+            ]),
+            (S::Pending, 1)
+        );
+        assert_eq!(
+            of(&[
+                e(K::HandoffAccepted, 0),
+                e(K::Delivered, 1),
+                e(K::Nacked, 1),
+                e(K::Redelivered, 2),
+                e(K::Acked, 2),
+                // An accepted event published again changes nothing.
+                e(K::HandoffAccepted, 0),
+            ]),
+            (S::Acked, 2)
+        );
+        assert_eq!(
+            of(&[
+                e(K::HandoffAccepted, 0),
+                e(K::Delivered, 5),
+                e(K::DeadLettered, 5)
+            ]),
+            (S::DeadLettered, 5)
+        );
+        assert_eq!(
+            of(&[e(K::HandoffAccepted, 0), e(K::Discarded, 0)]).0,
+            S::Discarded
+        );
+        assert_eq!(
+            of(&[
+                e(K::HandoffAccepted, 0),
+                e(K::Delivered, 1),
+                e(K::DeadLettered, 1),
+                e(K::HandoffRedriven, 0),
+            ]),
+            (S::Pending, 1)
+        );
+        let final_ = pb::Event {
+            kind: K::HandoffAccepted as i32,
+            ..Default::default()
+        };
+        assert_eq!(of(std::slice::from_ref(&final_)).0, S::Final);
+        let branch = pb::Event {
+            branch_key: "b1".to_string(),
+            ..final_
+        };
+        assert_eq!(of(&[branch]).0, S::ToBarrier);
     }
 }

@@ -120,6 +120,7 @@ async fn index_run_events(broker: Broker, store: JetStream) {
     use prost::Message as _;
     let kinds = [
         EventKind::HandoffAccepted,
+        EventKind::HandoffRedriven,
         EventKind::DeadLettered,
         EventKind::IntentDrift,
     ];

@@ -17,6 +17,14 @@ pub trait Inboxes: Send + Sync {
     /// deduplicated by `envelope.id`.
     async fn put_handoff(&self, envelope: &pb::HandoffEnvelope) -> Result<Stored>;
 
+    /// Stores a handoff in its target's inbox again (a redrive), as a
+    /// write deduplicated by `write_id` instead of the handoff's id.
+    async fn put_handoff_again(
+        &self,
+        envelope: &pb::HandoffEnvelope,
+        write_id: &str,
+    ) -> Result<Stored>;
+
     /// The handoff stored at `sequence` in the inbox, if still kept.
     async fn handoff_at(&self, sequence: u64) -> Result<Option<InboxMessage>>;
 
@@ -62,6 +70,9 @@ pub trait Inboxes: Send + Sync {
 
     /// Stores a dead letter (deduplicated by its handoff).
     async fn put_dead_letter(&self, letter: &pb::DeadLetter) -> Result<()>;
+
+    /// The dead letter at `sequence`, if still kept.
+    async fn dead_letter(&self, sequence: u64) -> Result<Option<pb::DeadLetter>>;
 
     /// Dead letters of one agent (or all), oldest first, at most `limit`.
     async fn dead_letters(&self, agent: Option<&str>, limit: usize) -> Result<Vec<pb::DeadLetter>>;

@@ -164,6 +164,8 @@ pub enum TimerKind {
     QueueWait,
     /// `retention` after a run ended: its records are removed.
     RunPurge,
+    /// The end of an input request's wait.
+    InputTimeout,
 }
 
 /// Everything the broker keeps, and nothing else: the broker's memory

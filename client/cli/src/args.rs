@@ -80,8 +80,12 @@ pub(crate) enum Command {
     Contracts(ContractsCommand),
     /// Live instances (Subscribe sessions) of agents, on every replica.
     Instances(InstancesArgs),
-    /// Handoffs that ran out of attempts without a fallback.
+    /// Handoffs that ran out of attempts without a fallback; `redrive`
+    /// hands one again.
     DeadLetters(DeadLettersArgs),
+    /// Show one handoff.
+    #[command(subcommand)]
+    Handoff(HandoffCommand),
     /// Principals (people and services) and their grants (admin).
     #[command(subcommand)]
     Principals(PrincipalsCommand),
@@ -159,6 +163,30 @@ pub(crate) enum RunCommand {
         /// Why (recorded as the run's failure).
         #[arg(long, default_value = "")]
         reason: String,
+    },
+    /// Start a new run from a revision of a run's state, with a first
+    /// handoff (needs `own` on the run's owner); prints the new run's id.
+    Fork {
+        /// The run to fork.
+        id: String,
+        /// The state revision the new run starts from (0: no state).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        at_revision: u64,
+        /// The agent the first handoff goes to.
+        #[arg(long, value_name = "AGENT")]
+        to: String,
+        #[command(flatten)]
+        payload: PayloadArgs,
+    },
+    /// Answer a run's waiting input request (needs `own` on its owner);
+    /// with no request id, list the waiting ones.
+    Answer {
+        /// The run.
+        id: String,
+        /// The request's id.
+        request: Option<String>,
+        #[command(flatten)]
+        payload: PayloadArgs,
     },
     /// Write a run's record, timeline and every state revision as one JSON
     /// document (protobuf's JSON mapping), to keep what the broker purges
@@ -351,13 +379,55 @@ pub(crate) struct RegisterContractArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub(crate) struct DeadLettersArgs {
+    #[command(subcommand)]
+    pub(crate) command: Option<DeadLettersCommand>,
     /// Only dead letters of this agent (default: every agent).
     #[arg(long, value_name = "NAME")]
     pub(crate) agent: Option<String>,
     /// At most this many, oldest first (default: the broker's, 100).
     #[arg(long, value_name = "N")]
     pub(crate) limit: Option<u32>,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum DeadLettersCommand {
+    /// Hand a dead letter again, once (needs `own` on its run's owner); a
+    /// run it failed goes back to running.
+    Redrive {
+        /// The letter's SEQ (from `dead-letters`).
+        sequence: u64,
+        /// Hand it to this agent instead (it must accept its contract).
+        #[arg(long, value_name = "AGENT")]
+        to: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum HandoffCommand {
+    /// A handoff: its run, source, target, depth, where its delivery
+    /// stands, and the events about it.
+    Show {
+        /// The handoff's id.
+        id: String,
+        /// Its run (default: found by the broker).
+        #[arg(long, value_name = "ID")]
+        run: Option<String>,
+    },
+}
+
+/// A payload given on the command line: a registered contract's message
+/// type and its JSON (protobuf's JSON mapping).
+#[derive(Args, Debug)]
+pub(crate) struct PayloadArgs {
+    /// The payload's message type (a registered contract); for `run
+    /// answer`, default: the type the request asks for.
+    #[arg(long = "type", value_name = "MESSAGE_TYPE")]
+    pub(crate) message_type: Option<String>,
+    /// The payload as JSON.
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    pub(crate) json: String,
 }
 
 #[derive(Subcommand, Debug)]

@@ -17,6 +17,7 @@ pub fn status(status: i32) -> &'static str {
         Ok(pb::RunStatus::Failed) => "failed",
         Ok(pb::RunStatus::TimedOut) => "timed_out",
         Ok(pb::RunStatus::Cancelled) => "cancelled",
+        Ok(pb::RunStatus::WaitingInput) => "waiting_input",
         _ => "unknown",
     }
 }
@@ -32,6 +33,7 @@ pub fn parse_status(word: &str) -> Option<pb::RunStatus> {
         pb::RunStatus::Failed,
         pb::RunStatus::TimedOut,
         pb::RunStatus::Cancelled,
+        pb::RunStatus::WaitingInput,
     ]
     .into_iter()
     .find(|s| status(*s as i32) == lower)

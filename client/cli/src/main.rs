@@ -25,6 +25,7 @@ use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 
 mod args;
 mod contracts;
+mod operate;
 
 use args::*;
 use contracts::*;
@@ -108,15 +109,27 @@ async fn dispatch(cli: Cli) -> Outcome {
         Command::Run(RunCommand::Start(args)) => run_start(&client, args).await,
         Command::Run(RunCommand::Show { id }) => run_show(&client, &id).await,
         Command::Run(RunCommand::Cancel { id, reason }) => {
-            let run = client.cancel_run(&id, &reason).await?;
-            out(&format!(
-                "{} {} ({})\n",
-                run.id,
-                display::status(run.status),
-                run.failure
-            ))
+            operate::run_cancel(&client, &id, &reason).await
         }
-        Command::Runs(RunsCommand::List(args)) => runs_list(&client, args).await,
+        Command::Run(RunCommand::Fork {
+            id,
+            at_revision,
+            to,
+            payload,
+        }) => operate::run_fork(&client, &id, at_revision, &to, payload).await,
+        Command::Run(RunCommand::Answer {
+            id,
+            request,
+            payload,
+        }) => operate::run_answer(&client, &id, request.as_deref(), payload).await,
+        Command::Runs(RunsCommand::List(args)) => operate::runs_list(&client, args).await,
+        Command::Handoff(HandoffCommand::Show { id, run }) => {
+            operate::handoff_show(&client, &id, run.as_deref()).await
+        }
+        Command::DeadLetters(DeadLettersArgs {
+            command: Some(DeadLettersCommand::Redrive { sequence, to }),
+            ..
+        }) => operate::dead_letter_redrive(&client, sequence, to.as_deref()).await,
         Command::Run(RunCommand::Export { id, out: file }) => {
             run_export(&client, &id, file.as_deref()).await
         }
@@ -478,70 +491,6 @@ async fn agents_list(client: &Client) -> Outcome {
             "DESCRIPTION",
         ],
         rows.into_iter().map(|(_, r)| r).collect(),
-    ))
-}
-
-async fn runs_list(client: &Client, args: RunsListArgs) -> Outcome {
-    let mut req = pb::ListRunsRequest {
-        owner: args.owner.unwrap_or_default(),
-        status: args.statuses,
-        pipeline: args.pipeline.unwrap_or_default(),
-        agent: args.agent.unwrap_or_default(),
-        started_after: args.since,
-        started_before: args.until,
-        has_dead_letters: args.dead_letters,
-        drift: args.drift,
-        ..Default::default()
-    };
-    let mut found = Vec::new();
-    while found.len() < args.limit {
-        req.page_size = u32::try_from((args.limit - found.len()).min(500)).unwrap_or(500);
-        let page = client.list_runs(req.clone()).await?;
-        found.extend(page.runs);
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        req.page_token = page.next_page_token;
-    }
-    let rows = found
-        .iter()
-        .map(|s| {
-            let run = s.run.clone().unwrap_or_default();
-            vec![
-                run.id.clone(),
-                or_dash(&run.owner),
-                display::status(run.status).to_string(),
-                if run.pipeline.is_empty() {
-                    "default".to_string()
-                } else {
-                    run.pipeline.clone()
-                },
-                display::timestamp(run.created_at),
-                run.ended_at
-                    .map_or_else(|| "-".to_string(), |t| display::timestamp(Some(t))),
-                or_dash(&s.agents.join(",")),
-                s.dead_letters.to_string(),
-                if s.drift {
-                    "drift".to_string()
-                } else {
-                    "-".to_string()
-                },
-            ]
-        })
-        .collect();
-    out(&table(
-        &[
-            "RUN",
-            "OWNER",
-            "STATUS",
-            "PIPELINE",
-            "STARTED",
-            "ENDED",
-            "AGENTS",
-            "DEAD_LETTERS",
-            "NOTE",
-        ],
-        rows,
     ))
 }
 

@@ -335,6 +335,34 @@ impl Delivery {
             .map(|_| ())
     }
 
+    /// Asks the run's owner a question and parks this delivery: it is
+    /// acked (no lease is held while waiting) and the run is
+    /// `WAITING_INPUT`. The answer (checked against `answer`'s contract
+    /// when given) comes back to this agent as a new delivery whose
+    /// envelope names the request (`input_request_id`). On `timeout`, the
+    /// handoff's payload goes to `fallback_agent`, or the run fails.
+    pub async fn await_input(
+        &self,
+        prompt: &str,
+        answer: Option<pb::ContractRef>,
+        timeout: Duration,
+        fallback_agent: Option<&str>,
+    ) -> Result<pb::InputRequest> {
+        let req = pb::AwaitInputRequest {
+            delivery_id: self.id().to_string(),
+            prompt: prompt.to_string(),
+            answer,
+            timeout: prost_types::Duration::try_from(timeout).ok(),
+            fallback_agent: fallback_agent.unwrap_or_default().to_string(),
+        };
+        let client = &self.shared.client;
+        let resp = client.raw().await_input(client.request(req)).await?;
+        self.shared.mark_finished(self.handoff_id());
+        resp.into_inner()
+            .request
+            .ok_or_else(|| Error::new(ErrorKind::Other, "the broker answered without the request"))
+    }
+
     /// Not now: redeliver after `delay` (or at once), to any instance.
     pub async fn nack(&self, delay: Option<Duration>) -> Result<()> {
         self.shared

@@ -51,6 +51,7 @@ pub(super) fn accepted_event(
         depth: receipt.depth,
         barrier_id,
         branch_key,
+        inbox_sequence: receipt.sequence,
         ..Default::default()
     }
 }
@@ -247,6 +248,7 @@ pub(super) async fn commit(
         asks_for: req.asks_for.clone(),
         judge: false,
         payload_ref: None,
+        input_request_id: String::new(),
     };
     let max_payload = broker.store().max_payload();
     // The state revision is set below: room for its 11 bytes. What the

@@ -27,6 +27,24 @@ impl Inboxes for JetStream {
         })
     }
 
+    async fn put_handoff_again(
+        &self,
+        envelope: &pb::HandoffEnvelope,
+        write_id: &str,
+    ) -> Result<Stored, BrokerError> {
+        let ack = self
+            .publish(
+                inbox_subject(&envelope.target_agent),
+                write_id,
+                envelope.encode_to_vec().into(),
+            )
+            .await?;
+        Ok(Stored {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
     async fn handoff_at(&self, sequence: u64) -> Result<Option<InboxMessage>, BrokerError> {
         let Some(msg) = self.inbox_message(sequence).await? else {
             return Ok(None);
@@ -257,6 +275,19 @@ impl Inboxes for JetStream {
         )
         .await
         .map(|_| ())
+    }
+
+    async fn dead_letter(&self, sequence: u64) -> Result<Option<pb::DeadLetter>, BrokerError> {
+        let msg = match self.dead.get_raw_message(sequence).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(e) => return Err(BrokerError::nats("reading the dead letter", e)),
+        };
+        let mut letter = pb::DeadLetter::decode(msg.payload).map_err(|e| {
+            BrokerError::Internal(format!("stored dead letter does not decode: {e}"))
+        })?;
+        letter.sequence = sequence;
+        Ok(Some(letter))
     }
 
     async fn dead_letters(

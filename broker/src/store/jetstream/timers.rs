@@ -24,6 +24,14 @@ impl Timers for JetStream {
                 format!("handoff.v1.timers.purge.{run}"),
                 format!("purge-{run}"),
             ),
+            // Under the run's timers, which the timer consumer fires.
+            TimerKind::InputTimeout => (
+                format!(
+                    "handoff.v1.timers.run.{run}.input.{}",
+                    timer.input_request_id
+                ),
+                format!("input-timeout-{run}-{}", timer.input_request_id),
+            ),
             TimerKind::QueueWait => (
                 format!("handoff.v1.timers.queue.{}.{}", timer.agent, timer.sequence),
                 format!("queue-{}-{}", timer.agent, timer.sequence),

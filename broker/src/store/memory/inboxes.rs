@@ -13,6 +13,33 @@ impl Inboxes for Memory {
         parse_reference(&token.ack_subject) == Some((&token.agent, token.stream_sequence))
     }
 
+    async fn put_handoff_again(
+        &self,
+        envelope: &pb::HandoffEnvelope,
+        write_id: &str,
+    ) -> Result<Stored> {
+        self.trip("put_handoff_again")?;
+        let mut s = self.state()?;
+        if let Some(&sequence) = s.inbox_ids.get(write_id) {
+            return Ok(Stored {
+                sequence,
+                duplicate: true,
+            });
+        }
+        s.inbox.push(Entry {
+            agent: envelope.target_agent.clone(),
+            envelope: envelope.clone(),
+            delivered: 0,
+            standing: Standing::Pending,
+        });
+        let sequence = s.inbox.len() as u64;
+        s.inbox_ids.insert(write_id.to_string(), sequence);
+        Ok(Stored {
+            sequence,
+            duplicate: false,
+        })
+    }
+
     async fn put_handoff(&self, envelope: &pb::HandoffEnvelope) -> Result<Stored> {
         self.trip("put_handoff")?;
         let mut s = self.state()?;
@@ -173,13 +200,29 @@ impl Inboxes for Memory {
         Ok(())
     }
 
+    async fn dead_letter(&self, sequence: u64) -> Result<Option<pb::DeadLetter>> {
+        self.trip("dead_letter")?;
+        let s = self.state()?;
+        let at = usize::try_from(sequence)
+            .unwrap_or(usize::MAX)
+            .wrapping_sub(1);
+        Ok(s.dead.get(at).map(|d| pb::DeadLetter {
+            sequence,
+            ..d.clone()
+        }))
+    }
+
     async fn dead_letters(&self, agent: Option<&str>, limit: usize) -> Result<Vec<pb::DeadLetter>> {
         let s = self.state()?;
         Ok(s.dead
             .iter()
-            .filter(|d| agent.is_none_or(|a| d.agent == a))
+            .enumerate()
+            .filter(|(_, d)| agent.is_none_or(|a| d.agent == a))
             .take(limit)
-            .cloned()
+            .map(|(i, d)| pb::DeadLetter {
+                sequence: i as u64 + 1,
+                ..d.clone()
+            })
             .collect())
     }
 }

@@ -26,7 +26,7 @@ from ._payload import check, sha256_hex
 from ._rpc import Stub
 from ._state import RunState, StateDelta
 from ._subscription import Subscription
-from ._values import JsonValue, Seconds, to_duration, to_timestamp, to_value
+from ._values import JsonValue, Seconds, pack, to_duration, to_timestamp, to_value
 from .v1 import handoff_pb2 as pb
 
 R = TypeVar("R")
@@ -442,6 +442,69 @@ class Client(Closing):
             if not page.next_page_token:
                 return
             token = page.next_page_token
+
+    async def get_handoff(self, handoff_id: str, run_id: str = "") -> pb.GetHandoffResponse:
+        """A handoff by id: its envelope (while the inbox keeps it), its run,
+        where its delivery stands (``status``: ``pb.HANDOFF_STATUS_*``, and
+        ``attempts``) and every event about it. ``run_id`` may be left empty:
+        the broker finds the run. Needs what reading the run needs."""
+        req = pb.GetHandoffRequest(handoff_id=handoff_id, run_id=run_id)
+        return await self._call(self._stub.get_handoff, req)
+
+    async def redrive_dead_letter(
+        self, sequence: int, to_agent: str | None = None
+    ) -> pb.RedriveDeadLetterResponse:
+        """Hands dead letter ``sequence`` (from `dead_letters`) again, once, to
+        its agent or to ``to_agent`` (which must accept its contract). A failed
+        run whose failure was that letter goes back to running (``resumed``). A
+        second redrive raises `HandoffError` with reason ``ALREADY_SETTLED``.
+        Needs ``own`` on the run's owner."""
+        req = pb.RedriveDeadLetterRequest(sequence=sequence, to_agent=to_agent or "")
+        return await self._call(self._stub.redrive_dead_letter, req)
+
+    async def fork_run(
+        self,
+        run_id: str,
+        at_revision: int,
+        target: str,
+        payload: Message,
+        *,
+        new_run_id: str | None = None,
+        idempotency_key: str | None = None,
+        timeout: Seconds | None = None,
+    ) -> pb.ForkRunResponse:
+        """Starts a new run from revision ``at_revision`` of run ``run_id``'s
+        state (0: without state), whose first handoff gives ``payload`` to
+        ``target``. The new run has the parent's owner, pinned context,
+        pipeline, depth cap and judge, and names its parent
+        (``parent_run_id``); the parent is left as it is. Needs ``own`` on the
+        parent's owner.
+
+        Example::
+
+            fork = await client.fork_run(run.id, 3, "writer", fixed_task)
+            print(fork.run.id, fork.run.parent_run_id)
+        """
+        req = pb.ForkRunRequest(
+            run_id=run_id,
+            at_revision=at_revision,
+            new_run_id=new_run_id or "",
+            handoff=build_request("", target, payload, idempotency_key=idempotency_key),
+        )
+        if timeout is not None:
+            req.timeout.CopyFrom(to_duration(timeout))
+        return await self._call(self._stub.fork_run, req)
+
+    async def provide_input(
+        self, run_id: str, request_id: str, answer: Message
+    ) -> pb.ProvideInputResponse:
+        """Answers input request ``request_id`` of run ``run_id`` (asked with
+        `Delivery.await_input`): ``answer``, checked against the request's
+        contract, goes to the agent that asked. Needs ``own`` on the run's
+        owner; a request already answered or timed out raises `HandoffError`
+        with reason ``ALREADY_SETTLED``."""
+        req = pb.ProvideInputRequest(run_id=run_id, request_id=request_id, answer=pack(answer))
+        return await self._call(self._stub.provide_input, req)
 
     async def cancel_run(self, run_id: str, reason: str = "") -> pb.Run:
         """Cancels a running run (needs ``own`` on its owner): it ends

@@ -51,6 +51,15 @@ class Stub:
         self.get_run = unary("GetRun", pb.GetRunRequest, pb.GetRunResponse)
         self.list_runs = unary("ListRuns", pb.ListRunsRequest, pb.ListRunsResponse)
         self.cancel_run = unary("CancelRun", pb.CancelRunRequest, pb.CancelRunResponse)
+        self.get_handoff = unary("GetHandoff", pb.GetHandoffRequest, pb.GetHandoffResponse)
+        self.redrive_dead_letter = unary(
+            "RedriveDeadLetter", pb.RedriveDeadLetterRequest, pb.RedriveDeadLetterResponse
+        )
+        self.fork_run = unary("ForkRun", pb.ForkRunRequest, pb.ForkRunResponse)
+        self.await_input = unary("AwaitInput", pb.AwaitInputRequest, pb.AwaitInputResponse)
+        self.provide_input = unary(
+            "ProvideInput", pb.ProvideInputRequest, pb.ProvideInputResponse
+        )
         self.get_state = unary("GetState", pb.GetStateRequest, pb.GetStateResponse)
         self.list_dead_letters = unary(
             "ListDeadLetters", pb.ListDeadLettersRequest, pb.ListDeadLettersResponse

@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 
 from ._barrier import ALL, FanOutReceipt, Join, JoinMode, fan_out_request
 from ._closing import Closing
+from ._contract import full_name
 from ._errors import ErrorKind, HandoffError, error, from_rpc_error, from_settled
 from ._handoff import Receipt, ToolResult, build_request, continue_trace, trace_field
 from ._payload import has_references, resolve
@@ -574,6 +575,39 @@ class Delivery:
             await self._sub._send(pb.SubscribeRequest(ack=pb.Ack(delivery_id=self.id)))
         except HandoffError as e:
             log.debug("acking handoff %s again failed: %s", self.handoff_id, e)
+
+    async def await_input(
+        self,
+        prompt: str,
+        *,
+        timeout: Seconds,
+        answer: type[Message] | str | None = None,
+        fallback_agent: str | None = None,
+    ) -> pb.InputRequest:
+        """Asks the run's owner a question and parks this delivery: it is acked
+        (no lease is held while waiting) and the run is waiting for input. The
+        answer (of type ``answer`` when given, checked by the broker) comes
+        back to this agent as a new delivery whose envelope names the request
+        (``envelope.input_request_id``). On ``timeout`` the handoff's payload
+        goes to ``fallback_agent``, or the run fails.
+
+        Example::
+
+            request = await delivery.await_input("Which city?", timeout=3600, answer=Ask)
+        """
+        req = pb.AwaitInputRequest(
+            delivery_id=self.id,
+            prompt=prompt,
+            fallback_agent=fallback_agent or "",
+        )
+        req.timeout.CopyFrom(to_duration(timeout))
+        if answer is not None:
+            req.answer.CopyFrom(pb.ContractRef(message_type=full_name(answer)))
+        client = self._sub._client
+        resp = await client._call(client._stub.await_input, req)
+        self._settled = True
+        client._mark_finished(self.agent, self.handoff_id)
+        return resp.request
 
     async def nack(self, delay: Seconds | None = None) -> None:
         """Not now: redeliver after `delay` (or at once), to any instance."""
