@@ -739,3 +739,340 @@ async fn fork_at_revision_three_starts_from_that_state_and_leaves_the_parent_as_
         "RUN_NOT_FOUND",
     );
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_handoffd-under-test");
+
+/// The contract an answer must keep: a demo `Subtask` with an
+/// instruction.
+async fn answer_contract(client: &Client) -> pb::ContractRef {
+    client
+        .register_contract(
+            handoff_client::ContractSpec::of::<Subtask>(handoff_proto::DEMO_FILE_DESCRIPTOR_SET)
+                .require("instruction"),
+        )
+        .await
+        .expect("contract");
+    pb::ContractRef {
+        message_type: "handoff.demo.v1.Subtask".to_string(),
+        ..Default::default()
+    }
+}
+
+use handoff_proto::demo::Subtask;
+
+#[tokio::test]
+async fn an_input_request_parks_the_run_until_its_answer_resumes_the_agent_even_across_a_kill() {
+    let nats = handoff_tests::Nats::start().await;
+    let first = handoff_tests::BrokerProcess::spawn(BIN, nats.url(), &[]).await;
+    let client = first.client().await;
+    for agent in ["asker", "standby"] {
+        client
+            .register_agent(AgentConfig::new(agent))
+            .await
+            .expect("register");
+    }
+    let contract = answer_contract(&client).await;
+    let run = client
+        .start_run(RunConfig::new("gail").id("asks").ask("book a hotel"))
+        .await
+        .expect("start");
+    let mut owner = client
+        .watch(WatchFilter::all().owner("gail"))
+        .await
+        .expect("watch");
+    client
+        .handoff(Handoff::to(&run.id, "asker", &note("find a hotel", 1)).expect("handoff"))
+        .await
+        .expect("to asker");
+    let mut asker = client.subscribe("asker", "a1", 1).await.expect("asker");
+    let asking = next_within(&mut asker, Duration::from_secs(5))
+        .await
+        .expect("delivery");
+    let request = asking
+        .await_input(
+            "Which city?",
+            Some(contract),
+            Duration::from_secs(600),
+            None,
+        )
+        .await
+        .expect("await input");
+    // Repeating it (its answer lost) answers the same request.
+    let again = asking
+        .await_input("Which city?", None, Duration::from_secs(600), None)
+        .await
+        .expect("await input again");
+    assert_eq!(again.id, request.id);
+    let waiting = run_until(&client, &run.id, |r| {
+        r.status == pb::RunStatus::WaitingInput as i32
+    })
+    .await;
+    assert_eq!(waiting.status, pb::RunStatus::WaitingInput as i32);
+    assert_eq!(waiting.waiting.len(), 1);
+    assert_eq!(waiting.waiting[0].prompt, "Which city?");
+    let asked = events_until(&mut owner, Duration::from_secs(5), |e| {
+        e.kind == pb::EventKind::InputRequested as i32
+    })
+    .await;
+    assert!(asked.iter().any(|e| e.input_request_id == request.id));
+    // The asking delivery was acked: no lease is held while waiting.
+    let seen = client
+        .get_handoff(asking.handoff_id(), &run.id)
+        .await
+        .expect("handoff");
+    assert_eq!(seen.status, pb::HandoffStatus::Acked as i32);
+    drop(asker);
+
+    // The broker dies while the run waits; another takes over.
+    first.kill9().await;
+    let second = handoff_tests::BrokerProcess::spawn(BIN, nats.url(), &[]).await;
+    let client = second.client().await;
+    let mut asker = client.subscribe("asker", "a2", 1).await.expect("asker");
+
+    // An answer breaking its contract is refused and changes nothing.
+    refused(
+        client.provide_input(&run.id, &request.id, &note("paris", 0)).await,
+        Code::FailedPrecondition,
+        "CONTRACT_MISMATCH",
+    );
+    refused(
+        client
+            .provide_input(&run.id, &request.id, &Subtask::default())
+            .await,
+        Code::FailedPrecondition,
+        "MISSING_REQUIRED_FIELDS",
+    );
+    refused(
+        client
+            .provide_input(&run.id, "no-such-request", &note("x", 0))
+            .await,
+        Code::NotFound,
+        "INPUT_NOT_FOUND",
+    );
+    let answer = Subtask {
+        instruction: "Paris".to_string(),
+        ..Default::default()
+    };
+    let provided = client
+        .provide_input(&run.id, &request.id, &answer)
+        .await
+        .expect("answer");
+    assert_eq!(
+        provided.run.expect("run").status,
+        pb::RunStatus::Running as i32
+    );
+    refused(
+        client.provide_input(&run.id, &request.id, &answer).await,
+        Code::FailedPrecondition,
+        "ALREADY_SETTLED",
+    );
+    // The asking agent gets the answer, with its run's pinned context.
+    let answered = next_within(&mut asker, Duration::from_secs(5))
+        .await
+        .expect("the answer");
+    let envelope = answered.envelope();
+    assert_eq!(envelope.input_request_id, request.id);
+    assert_eq!(answered.pinned().ask, "book a hotel");
+    let got: Subtask = answered.payload().expect("decodes");
+    assert_eq!(got.instruction, "Paris");
+    answered
+        .handoff(Handoff::final_result("", &note("booked", 2)).expect("final"))
+        .await
+        .expect("complete");
+    let done = run_until(&client, &run.id, |r| {
+        r.status == pb::RunStatus::Completed as i32
+    })
+    .await;
+    assert_eq!(done.status, pb::RunStatus::Completed as i32);
+    let timeline = client.get_run(&run.id).await.expect("run").timeline;
+    assert_eq!(
+        kinds_of(
+            &timeline,
+            &[
+                pb::EventKind::InputRequested,
+                pb::EventKind::InputProvided,
+                pb::EventKind::RunCompleted
+            ]
+        ),
+        [
+            pb::EventKind::InputRequested,
+            pb::EventKind::InputProvided,
+            pb::EventKind::RunCompleted
+        ]
+    );
+
+    // Unanswered: its timeout hands the asking payload to the fallback,
+    // or, without one, fails the run. The timers outlive a broker too.
+    let mut ids = Vec::new();
+    for (id, fallback) in [("falls-back", Some("standby")), ("times-out", None)] {
+        let run = client
+            .start_run(RunConfig::new("gail").id(id))
+            .await
+            .expect("start");
+        client
+            .handoff(Handoff::to(&run.id, "asker", &note(id, 3)).expect("handoff"))
+            .await
+            .expect("to asker");
+        let d = next_within(&mut asker, Duration::from_secs(5))
+            .await
+            .expect("delivery");
+        d.await_input("Anyone?", None, Duration::from_secs(2), fallback)
+            .await
+            .expect("await");
+        ids.push(run.id);
+    }
+    drop(asker);
+    second.kill9().await;
+    let third = handoff_tests::BrokerProcess::spawn(BIN, nats.url(), &[]).await;
+    let client = third.client().await;
+    let mut standby_again = client.subscribe("standby", "s2", 1).await.expect("standby");
+    let fell_back = next_within(&mut standby_again, Duration::from_secs(15))
+        .await
+        .expect("the fallback gets the asking payload");
+    let got: handoff_tests::Note = fell_back.payload().expect("note");
+    assert_eq!(got.text, "falls-back");
+    assert_eq!(fell_back.run_id(), ids[0]);
+    let failed = run_until(&client, &ids[1], |r| {
+        r.status == pb::RunStatus::Failed as i32
+    })
+    .await;
+    assert_eq!(failed.status, pb::RunStatus::Failed as i32);
+    assert!(failed.failure.contains("not answered in time"), "{}", failed.failure);
+    for id in &ids {
+        let timeline = client.get_run(id).await.expect("run").timeline;
+        assert_eq!(count(&timeline, pb::EventKind::InputTimedOut), 1, "{id}");
+    }
+}
+
+#[tokio::test]
+async fn the_operate_calls_refuse_who_may_not_make_them() {
+    let s = Secured::start(Duration::from_secs(5), |_| {}).await;
+    let admin = &s.admin;
+    admin
+        .register_agent(AgentConfig::new("flaky").max_attempts(1))
+        .await
+        .expect("register");
+    let run = admin
+        .start_run(RunConfig::new("hank").id("guarded"))
+        .await
+        .expect("start");
+    let sent = admin
+        .handoff(Handoff::to(&run.id, "flaky", &note("work", 1)).expect("handoff"))
+        .await
+        .expect("handoff");
+    let mut flaky = admin.subscribe("flaky", "f1", 1).await.expect("flaky");
+    next_within(&mut flaky, Duration::from_secs(5))
+        .await
+        .expect("delivery")
+        .nack(None)
+        .await
+        .expect("nack");
+    let letter = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let letters = admin.dead_letters("flaky", 10).await.expect("letters");
+            if let Some(l) = letters.into_iter().next() {
+                break l;
+            }
+            assert!(Instant::now() < deadline, "no dead letter");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    // A second run, waiting for input.
+    let asking_run = admin
+        .start_run(RunConfig::new("hank").id("guarded-input"))
+        .await
+        .expect("start");
+    admin
+        .handoff(Handoff::to(&asking_run.id, "worker", &note("ask", 2)).expect("handoff"))
+        .await
+        .expect("handoff");
+    let mut worker = admin.subscribe("worker", "w1", 1).await.expect("worker");
+    let asking = next_within(&mut worker, Duration::from_secs(5))
+        .await
+        .expect("delivery");
+
+    let (reader, _) = s
+        .principal("reader", &[(pb::GrantAction::Read, "", false)])
+        .await;
+    let (nobody, _) = s
+        .principal("nobody", &[(pb::GrantAction::SendAs, "planner", false)])
+        .await;
+    // Waiting for input needs the delivery's agent.
+    refused(
+        nobody
+            .raw()
+            .await_input(pb::AwaitInputRequest {
+                delivery_id: asking.id().to_string(),
+                prompt: "mine now?".to_string(),
+                timeout: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .map_err(handoff_client::Error::from),
+        Code::PermissionDenied,
+        "NOT_GRANTED",
+    );
+    let request = asking
+        .await_input("Which?", None, Duration::from_secs(600), None)
+        .await
+        .expect("await");
+
+    // Without any right to the run, it does not exist; with `read`, acting
+    // is not granted.
+    refused(
+        nobody.get_handoff(&sent.handoff_id, "").await,
+        Code::NotFound,
+        "HANDOFF_NOT_FOUND",
+    );
+    refused(
+        nobody.get_handoff(&sent.handoff_id, &run.id).await,
+        Code::NotFound,
+        "RUN_NOT_FOUND",
+    );
+    reader
+        .get_handoff(&sent.handoff_id, "")
+        .await
+        .expect("a reader reads it");
+    for (who, code, reason) in [
+        (&nobody, Code::NotFound, "RUN_NOT_FOUND"),
+        (&reader, Code::PermissionDenied, "NOT_GRANTED"),
+    ] {
+        refused(
+            who.redrive_dead_letter(letter.sequence, None).await,
+            code,
+            reason,
+        );
+        refused(
+            who.fork_run(
+                &run.id,
+                0,
+                Handoff::to("", "worker", &note("fork", 3)).expect("handoff"),
+            )
+            .await,
+            code,
+            reason,
+        );
+        refused(
+            who.provide_input(&asking_run.id, &request.id, &note("answer", 4))
+                .await,
+            code,
+            reason,
+        );
+        refused(who.cancel_run(&asking_run.id, "").await, code, reason);
+    }
+    // Nothing changed: the letter is still there to redrive, the request
+    // still waits.
+    let still = admin.get_run(&asking_run.id).await.expect("run");
+    assert_eq!(still.run.expect("run").waiting.len(), 1);
+    let timeline = admin.get_run(&run.id).await.expect("run").timeline;
+    assert_eq!(count(&timeline, pb::EventKind::RunForked), 0);
+    assert_eq!(count(&timeline, pb::EventKind::HandoffRedriven), 0);
+    admin
+        .redrive_dead_letter(letter.sequence, Some("worker"))
+        .await
+        .expect("the owner's right redrives it");
+}

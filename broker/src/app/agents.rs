@@ -168,18 +168,21 @@ pub async fn list(broker: &Broker, caller: &Caller) -> Result<pb::ListAgentsResp
         .zip(backlogs)
         .map(|(agent, backlog)| {
             let live = instances.iter().filter(|i| i.agent == agent.name).count();
-            let oldest_pending_age = backlog
+            let age = backlog
                 .oldest_pending
                 .and_then(|t| std::time::SystemTime::try_from(t).ok())
-                .map(|t| now.duration_since(t).unwrap_or_default())
-                .and_then(|age| prost_types::Duration::try_from(age).ok());
+                .map(|t| now.duration_since(t).unwrap_or_default());
+            let oldest_pending_age = age.and_then(|age| prost_types::Duration::try_from(age).ok());
+            let max_wait = agent
+                .max_queue_wait
+                .and_then(|d| std::time::Duration::try_from(d).ok());
             pb::AgentStatus {
                 name: agent.name.clone(),
                 instances: u32::try_from(live).unwrap_or(u32::MAX),
                 pending: backlog.pending,
                 in_flight: backlog.in_flight,
                 oldest_pending_age,
-                unattended: live == 0 && backlog.pending > 0,
+                unattended: unattended(live, backlog.pending, age, max_wait),
             }
         })
         .collect();
@@ -191,4 +194,36 @@ pub fn lease_of(spec: &pb::AgentSpec, default: Duration) -> Duration {
     spec.lease
         .and_then(|d| Duration::try_from(d).ok())
         .unwrap_or(default)
+}
+
+/// Whether an agent's work is unattended: work waits, no instance is
+/// live, and the oldest waiting handoff has waited longer than the
+/// agent's `max_queue_wait` (at once when it has none).
+fn unattended(
+    live: usize,
+    pending: u64,
+    oldest: Option<std::time::Duration>,
+    max_queue_wait: Option<std::time::Duration>,
+) -> bool {
+    live == 0
+        && pending > 0
+        && max_queue_wait.is_none_or(|max| oldest.is_some_and(|age| age > max))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::unattended;
+
+    #[test]
+    fn work_is_unattended_once_it_waited_longer_than_max_queue_wait() {
+        let s = Duration::from_secs;
+        assert!(!unattended(1, 5, Some(s(60)), None), "an instance is live");
+        assert!(!unattended(0, 0, None, None), "nothing waits");
+        assert!(unattended(0, 1, Some(s(0)), None), "no max_queue_wait");
+        assert!(!unattended(0, 1, Some(s(5)), Some(s(10))));
+        assert!(unattended(0, 1, Some(s(11)), Some(s(10))));
+        assert!(!unattended(0, 1, None, Some(s(10))), "no age known");
+    }
 }

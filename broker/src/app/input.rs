@@ -73,7 +73,7 @@ pub async fn await_input(
             )
         })?;
     if let Some(answer) = &req.answer {
-        names::validate("answer.message_type", &answer.message_type)?;
+        crate::rules::contracts::validate_type_name("answer.message_type", &answer.message_type)?;
     }
     if !req.fallback_agent.is_empty() {
         broker.agent(&req.fallback_agent).await?;

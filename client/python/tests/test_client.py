@@ -458,3 +458,72 @@ async def test_list_runs_pages_and_filters(client: Client) -> None:
     with pytest.raises(InvalidArgumentError) as bad:
         await client.list_runs(page_size=501)
     assert bad.value.reason == "MALFORMED_REQUEST"
+
+
+async def test_await_input_parks_the_run_and_provide_input_resumes_the_asker(
+    client: Client,
+) -> None:
+    agent = uniq("asker")
+    await reg(client, agent)
+    run = await client.start_run("tests", ask="plan a trip")
+    await client.handoff(run.id, agent, Subtask(instruction="plan"))
+    async with await client.subscribe(agent, "py-1") as sub:
+        asking = await take(sub)
+        request = await asking.await_input("Which city?", timeout=600, answer=Subtask)
+        assert asking.settled
+
+        async def waiting() -> pb.Run | None:
+            r = (await client.get_run(run.id)).run
+            return r if r.status == pb.RUN_STATUS_WAITING_INPUT else None
+
+        parked = await until(waiting)
+        assert [w.id for w in parked.waiting] == [request.id]
+        with pytest.raises(HandoffError) as bad:
+            await client.provide_input(run.id, request.id, Subtask())
+        assert bad.value.reason == "MISSING_REQUIRED_FIELDS"
+        await client.provide_input(run.id, request.id, Subtask(instruction="Lisbon"))
+        with pytest.raises(HandoffError) as again:
+            await client.provide_input(run.id, request.id, Subtask(instruction="Oslo"))
+        assert again.value.reason == "ALREADY_SETTLED"
+        answered = await take(sub)
+        assert answered.envelope.input_request_id == request.id
+        assert answered.payload(Subtask).instruction == "Lisbon"
+        assert answered.pinned.ask == "plan a trip"
+        await answered.ack()
+    status = (await client.get_handoff(answered.handoff_id, run.id)).status
+    assert status == pb.HANDOFF_STATUS_ACKED
+
+
+async def test_redrive_a_dead_letter_and_fork_a_run(client: Client) -> None:
+    flaky, fixed = uniq("flaky"), uniq("fixed")
+    await reg(client, flaky, max_attempts=1)
+    await reg(client, fixed)
+    run = await client.start_run("tests", state={"step": 1})
+    receipt = await client.handoff(
+        run.id, flaky, Subtask(instruction="x"), state_delta=StateDelta().set("step", 2)
+    )
+
+    async def letter() -> pb.DeadLetter | None:
+        found = [
+            d for d in await client.dead_letters(flaky) if d.handoff.id == receipt.handoff_id
+        ]
+        return found[0] if found else None
+
+    # Subscribed until the letter is made: the nacked attempt comes back to
+    # an instance, which finds it out of attempts.
+    async with await client.subscribe(flaky, "py-1") as sub:
+        await (await take(sub)).nack()
+        dead = await until(letter)
+    redriven = await client.redrive_dead_letter(dead.sequence, fixed)
+    assert redriven.resumed and redriven.run.status == pb.RUN_STATUS_RUNNING
+    with pytest.raises(HandoffError) as twice:
+        await client.redrive_dead_letter(dead.sequence)
+    assert twice.value.reason == "ALREADY_SETTLED"
+    async with await client.subscribe(fixed, "py-1") as sub:
+        d = await take(sub)
+        assert d.handoff_id == receipt.handoff_id
+
+    fork = await client.fork_run(run.id, 1, fixed, Subtask(instruction="again"))
+    assert fork.run.parent_run_id == run.id and fork.run.forked_at_revision == 1
+    assert (await client.get_state(fork.run.id)).values == {"step": 1}
+    assert (await client.get_state(run.id)).values == {"step": 2}
