@@ -831,7 +831,9 @@ async fn an_input_request_parks_the_run_until_its_answer_resumes_the_agent_even_
 
     // An answer breaking its contract is refused and changes nothing.
     refused(
-        client.provide_input(&run.id, &request.id, &note("paris", 0)).await,
+        client
+            .provide_input(&run.id, &request.id, &note("paris", 0))
+            .await,
         Code::FailedPrecondition,
         "CONTRACT_MISMATCH",
     );
@@ -937,7 +939,11 @@ async fn an_input_request_parks_the_run_until_its_answer_resumes_the_agent_even_
     })
     .await;
     assert_eq!(failed.status, pb::RunStatus::Failed as i32);
-    assert!(failed.failure.contains("not answered in time"), "{}", failed.failure);
+    assert!(
+        failed.failure.contains("not answered in time"),
+        "{}",
+        failed.failure
+    );
     for id in &ids {
         let timeline = client.get_run(id).await.expect("run").timeline;
         assert_eq!(count(&timeline, pb::EventKind::InputTimedOut), 1, "{id}");

@@ -205,9 +205,7 @@ fn unattended(
     oldest: Option<std::time::Duration>,
     max_queue_wait: Option<std::time::Duration>,
 ) -> bool {
-    live == 0
-        && pending > 0
-        && max_queue_wait.is_none_or(|max| oldest.is_some_and(|age| age > max))
+    live == 0 && pending > 0 && max_queue_wait.is_none_or(|max| oldest.is_some_and(|age| age > max))
 }
 
 #[cfg(test)]

@@ -704,6 +704,70 @@ mod tests {
     }
 
     #[test]
+    fn operate_commands_parse() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied()).map(|c| c.command);
+        match parse(&[
+            "handoffctl",
+            "runs",
+            "list",
+            "--status",
+            "failed",
+            "--status",
+            "CANCELLED",
+            "--since",
+            "1h",
+            "--agent",
+            "writer",
+        ]) {
+            Ok(Command::Runs(RunsCommand::List(a))) => {
+                assert_eq!(
+                    a.statuses,
+                    [
+                        pb::RunStatus::Failed as i32,
+                        pb::RunStatus::Cancelled as i32
+                    ]
+                );
+                assert!(a.since.is_some() && a.until.is_none());
+                assert_eq!(a.limit, 50);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["handoffctl", "runs", "list", "--status", "paused"]).is_err());
+        assert!(parse(&["handoffctl", "runs", "list", "--since", "yesterday"]).is_err());
+        match parse(&[
+            "handoffctl",
+            "dead-letters",
+            "redrive",
+            "7",
+            "--to",
+            "fixed",
+        ]) {
+            Ok(Command::DeadLetters(DeadLettersArgs {
+                command: Some(DeadLettersCommand::Redrive { sequence: 7, to }),
+                ..
+            })) => assert_eq!(to.as_deref(), Some("fixed")),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["handoffctl", "dead-letters", "--agent", "worker"]) {
+            Ok(Command::DeadLetters(DeadLettersArgs {
+                command: None,
+                agent: Some(agent),
+                ..
+            })) => assert_eq!(agent, "worker"),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["handoffctl", "run", "answer", "r1", "q1", "--json", "{}"]) {
+            Ok(Command::Run(RunCommand::Answer {
+                request: Some(q),
+                payload,
+                ..
+            })) => assert_eq!((q.as_str(), payload.message_type), ("q1", None)),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["handoffctl", "run", "fork", "r1", "--at-revision", "3"]).is_err());
+    }
+
+    #[test]
     fn register_needs_exactly_one_source() {
         let parse = |args: &[&str]| {
             Cli::try_parse_from(
