@@ -466,6 +466,44 @@ async fn run_until(client: &Client, id: &str, done: impl Fn(&pb::Run) -> bool) -
     }
 }
 
+/// Hands a note to `agent` (registered with one attempt) in run `run_id`
+/// and nacks its delivery, then waits for its dead letter: the receipt,
+/// the letter, and the subscription (kept open: the nacked attempt comes
+/// back to an instance, which finds it out of attempts).
+async fn dead_letter(
+    client: &Client,
+    run_id: &str,
+    agent: &str,
+) -> (
+    handoff_client::Receipt,
+    pb::DeadLetter,
+    handoff_client::Subscription,
+) {
+    let sent = client
+        .handoff(Handoff::to(run_id, agent, &note("work", 1)).expect("handoff"))
+        .await
+        .expect("handoff");
+    let mut sub = client.subscribe(agent, "dl1", 1).await.expect("subscribe");
+    next_within(&mut sub, Duration::from_secs(5))
+        .await
+        .expect("delivery")
+        .nack(None)
+        .await
+        .expect("nack");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let letters = client.dead_letters(agent, 100).await.expect("letters");
+        if let Some(letter) = letters
+            .into_iter()
+            .find(|d| d.handoff.as_ref().is_some_and(|h| h.id == sent.handoff_id))
+        {
+            return (sent, letter, sub);
+        }
+        assert!(Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn kinds_of(timeline: &[pb::Event], wanted: &[pb::EventKind]) -> Vec<pb::EventKind> {
     timeline
         .iter()
@@ -499,17 +537,7 @@ async fn a_dead_letter_redriven_to_a_fixed_agent_completes_its_failed_run_once()
         .start_run(RunConfig::new("erin").id("redriven"))
         .await
         .expect("start");
-    let sent = client
-        .handoff(Handoff::to(&run.id, "flaky", &note("work", 1)).expect("handoff"))
-        .await
-        .expect("to flaky");
-    let mut flaky = client.subscribe("flaky", "f1", 1).await.expect("flaky");
-    next_within(&mut flaky, Duration::from_secs(5))
-        .await
-        .expect("delivery")
-        .nack(None)
-        .await
-        .expect("nack");
+    let (sent, letter, _flaky) = dead_letter(&client, &run.id, "flaky").await;
     let failed = run_until(&client, &run.id, |r| {
         r.status == pb::RunStatus::Failed as i32
     })
@@ -527,13 +555,6 @@ async fn a_dead_letter_redriven_to_a_fixed_agent_completes_its_failed_run_once()
         "flaky",
         "the envelope as stored"
     );
-    let letter = client
-        .dead_letters("flaky", 10)
-        .await
-        .expect("letters")
-        .into_iter()
-        .find(|d| d.handoff.as_ref().is_some_and(|h| h.id == sent.handoff_id))
-        .expect("the dead letter");
 
     // Refusals first: an unknown letter, a target that does not take it.
     refused(
@@ -962,28 +983,7 @@ async fn the_operate_calls_refuse_who_may_not_make_them() {
         .start_run(RunConfig::new("hank").id("guarded"))
         .await
         .expect("start");
-    let sent = admin
-        .handoff(Handoff::to(&run.id, "flaky", &note("work", 1)).expect("handoff"))
-        .await
-        .expect("handoff");
-    let mut flaky = admin.subscribe("flaky", "f1", 1).await.expect("flaky");
-    next_within(&mut flaky, Duration::from_secs(5))
-        .await
-        .expect("delivery")
-        .nack(None)
-        .await
-        .expect("nack");
-    let letter = {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let letters = admin.dead_letters("flaky", 10).await.expect("letters");
-            if let Some(l) = letters.into_iter().next() {
-                break l;
-            }
-            assert!(Instant::now() < deadline, "no dead letter");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let (sent, letter, _flaky) = dead_letter(admin, &run.id, "flaky").await;
     // A second run, waiting for input.
     let asking_run = admin
         .start_run(RunConfig::new("hank").id("guarded-input"))

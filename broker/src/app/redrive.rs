@@ -12,10 +12,16 @@
 use handoff_proto::pb;
 
 use crate::{
-    app::{access, auth::Caller, guard, now, runs::status_of, Broker},
+    app::{
+        access,
+        auth::Caller,
+        guard, now,
+        runs::{self, status_of},
+        Broker,
+    },
     error::{BrokerError, Reason},
     rules::{contracts::type_of_url, handoff as rules, names},
-    store::{Claim, TimerKind},
+    store::Claim,
 };
 
 /// The key of a letter's redrive claim (no handoff id looks like it).
@@ -224,17 +230,7 @@ async fn resume(
             continue;
         }
         broker.forget_run(&run.id);
-        if let Some(due) = run.deadline {
-            let timer = pb::Timer {
-                run_id: run.id.clone(),
-                due: Some(due),
-                ..Default::default()
-            };
-            broker
-                .store()
-                .schedule(&timer, TimerKind::RunDeadline)
-                .await?;
-        }
+        runs::schedule_deadline(broker, &run).await?;
         let event = pb::Event {
             kind: pb::EventKind::RunResumed as i32,
             run_id: run.id.clone(),

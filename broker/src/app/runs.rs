@@ -157,18 +157,7 @@ pub async fn start_linked(
         }
         existing
     };
-    if let Some(due) = run.deadline {
-        let timer = pb::Timer {
-            run_id: run.id.clone(),
-            due: Some(due),
-            barrier_id: String::new(),
-            ..Default::default()
-        };
-        broker
-            .store()
-            .schedule(&timer, TimerKind::RunDeadline)
-            .await?;
-    }
+    schedule_deadline(broker, &run).await?;
     let event = pb::Event {
         kind: pb::EventKind::RunStarted as i32,
         run_id: run.id.clone(),
@@ -181,6 +170,23 @@ pub async fn start_linked(
     broker.emit(event, &format!("start-{}", run.id)).await?;
     tracing::info!(run_id = %run.id, owner = %run.owner, max_depth, "run started");
     Ok(pb::StartRunResponse { run: Some(run) })
+}
+
+/// Schedules the durable timer of a run's deadline, if it has one
+/// (deduplicated: scheduling it again stores nothing more).
+pub async fn schedule_deadline(broker: &Broker, run: &pb::Run) -> Result<(), BrokerError> {
+    let Some(due) = run.deadline else {
+        return Ok(());
+    };
+    let timer = pb::Timer {
+        run_id: run.id.clone(),
+        due: Some(due),
+        ..Default::default()
+    };
+    broker
+        .store()
+        .schedule(&timer, TimerKind::RunDeadline)
+        .await
 }
 
 /// A run with its whole timeline.

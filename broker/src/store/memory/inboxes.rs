@@ -19,48 +19,12 @@ impl Inboxes for Memory {
         write_id: &str,
     ) -> Result<Stored> {
         self.trip("put_handoff_again")?;
-        let mut s = self.state()?;
-        if let Some(&sequence) = s.inbox_ids.get(write_id) {
-            return Ok(Stored {
-                sequence,
-                duplicate: true,
-            });
-        }
-        s.inbox.push(Entry {
-            agent: envelope.target_agent.clone(),
-            envelope: envelope.clone(),
-            delivered: 0,
-            standing: Standing::Pending,
-        });
-        let sequence = s.inbox.len() as u64;
-        s.inbox_ids.insert(write_id.to_string(), sequence);
-        Ok(Stored {
-            sequence,
-            duplicate: false,
-        })
+        self.put_as(envelope, write_id)
     }
 
     async fn put_handoff(&self, envelope: &pb::HandoffEnvelope) -> Result<Stored> {
         self.trip("put_handoff")?;
-        let mut s = self.state()?;
-        if let Some(&sequence) = s.inbox_ids.get(&envelope.id) {
-            return Ok(Stored {
-                sequence,
-                duplicate: true,
-            });
-        }
-        s.inbox.push(Entry {
-            agent: envelope.target_agent.clone(),
-            envelope: envelope.clone(),
-            delivered: 0,
-            standing: Standing::Pending,
-        });
-        let sequence = s.inbox.len() as u64;
-        s.inbox_ids.insert(envelope.id.clone(), sequence);
-        Ok(Stored {
-            sequence,
-            duplicate: false,
-        })
+        self.put_as(envelope, &envelope.id)
     }
 
     async fn handoff_at(&self, sequence: u64) -> Result<Option<InboxMessage>> {
@@ -224,5 +188,30 @@ impl Inboxes for Memory {
                 ..d.clone()
             })
             .collect())
+    }
+}
+
+impl Memory {
+    /// Stores a handoff in its target's inbox, deduplicated by `write_id`.
+    fn put_as(&self, envelope: &pb::HandoffEnvelope, write_id: &str) -> Result<Stored> {
+        let mut s = self.state()?;
+        if let Some(&sequence) = s.inbox_ids.get(write_id) {
+            return Ok(Stored {
+                sequence,
+                duplicate: true,
+            });
+        }
+        s.inbox.push(Entry {
+            agent: envelope.target_agent.clone(),
+            envelope: envelope.clone(),
+            delivered: 0,
+            standing: Standing::Pending,
+        });
+        let sequence = s.inbox.len() as u64;
+        s.inbox_ids.insert(write_id.to_string(), sequence);
+        Ok(Stored {
+            sequence,
+            duplicate: false,
+        })
     }
 }
