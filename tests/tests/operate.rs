@@ -332,6 +332,24 @@ async fn cancel_tells_the_instance_in_flight_drops_the_pending_handoff_and_close
         .handoff(Handoff::to(&run.id, "c", &note("later", 2)).expect("handoff"))
         .await
         .expect("to c");
+    // A barrier of the run, open with one of its two branches arrived.
+    client
+        .raw()
+        .open_barrier(pb::OpenBarrierRequest {
+            barrier: Some(pb::BarrierSpec {
+                run_id: run.id.clone(),
+                barrier_id: "join".to_string(),
+                branch_keys: vec!["x".to_string(), "y".to_string()],
+                target_agent: "c".to_string(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("open barrier");
+    client
+        .handoff(Handoff::to_barrier(&run.id, "join", "x", &note("x", 5)).expect("branch"))
+        .await
+        .expect("branch x");
     let mut sub_b = client.subscribe("b", "b1", 1).await.expect("b");
     let at_b = next_within(&mut sub_b, Duration::from_secs(5))
         .await
@@ -402,6 +420,19 @@ async fn cancel_tells_the_instance_in_flight_drops_the_pending_handoff_and_close
         "c receives nothing"
     );
     assert_eq!(count(&timeline, pb::EventKind::RunCancelled), 1);
+
+    // The open barrier is closed: it releases nothing, and its other
+    // branch is RUN_CLOSED.
+    let join = client.get_barrier(&run.id, "join").await.expect("barrier");
+    assert_eq!(join.state, pb::BarrierState::Closed as i32);
+    refused(
+        client
+            .handoff(Handoff::to_barrier(&run.id, "join", "y", &note("y", 6)).expect("branch"))
+            .await,
+        Code::FailedPrecondition,
+        "RUN_CLOSED",
+    );
+    assert_eq!(count(&timeline, pb::EventKind::BarrierReleased), 0);
 
     // Later handoffs, and a second cancel, are RUN_CLOSED.
     refused(

@@ -172,6 +172,36 @@ pub async fn start_linked(
     Ok(pb::StartRunResponse { run: Some(run) })
 }
 
+/// Closes the open barriers of a cancelled run (those its timeline saw
+/// opened): CLOSED, with nothing to publish, so neither an arrival nor a
+/// timer releases them.
+async fn close_barriers(broker: &Broker, run_id: &str) -> Result<(), BrokerError> {
+    let timeline = broker.store().run_events(run_id).await?;
+    let mut opened: Vec<&str> = timeline
+        .iter()
+        .filter(|e| e.kind == pb::EventKind::BarrierOpened as i32)
+        .map(|e| e.barrier_id.as_str())
+        .collect();
+    opened.sort_unstable();
+    opened.dedup();
+    for barrier_id in opened {
+        loop {
+            let Some((mut b, revision)) = broker.store().barrier(run_id, barrier_id).await? else {
+                break;
+            };
+            if b.state != pb::BarrierState::Open as i32 {
+                break;
+            }
+            b.state = pb::BarrierState::Closed as i32;
+            b.release_published = true;
+            if broker.store().update_barrier(&b, revision).await? {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Schedules the durable timer of a run's deadline, if it has one
 /// (deduplicated: scheduling it again stores nothing more).
 pub async fn schedule_deadline(broker: &Broker, run: &pb::Run) -> Result<(), BrokerError> {
@@ -297,7 +327,8 @@ pub async fn list(
 /// Cancels a running run for its owner (`own` on the run's owner; anyone
 /// else is answered as if the run did not exist, see [`access`]): it ends
 /// CANCELLED like any other end (its owner told, later handoffs
-/// RUN_CLOSED, pending handoffs discarded when offered), and every
+/// RUN_CLOSED, pending handoffs discarded when offered, its open
+/// barriers CLOSED), and every
 /// replica, on its `run_cancelled` event, tells the instances holding
 /// deliveries of the run (see [`Broker::cancel_deliveries`]). A run that
 /// already ended is RUN_CLOSED.
@@ -340,6 +371,7 @@ pub async fn cancel(
             status: crate::app::status_name(ended.status),
         });
     }
+    close_barriers(broker, &ended.id).await?;
     tracing::info!(run_id = %ended.id, by = %caller.principal, "run cancelled");
     Ok(pb::CancelRunResponse { run: Some(ended) })
 }

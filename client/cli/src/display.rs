@@ -389,6 +389,7 @@ pub fn barrier_state(state: i32) -> &'static str {
         Ok(pb::BarrierState::Open) => "open",
         Ok(pb::BarrierState::Released) => "released",
         Ok(pb::BarrierState::Failed) => "failed",
+        Ok(pb::BarrierState::Closed) => "closed",
         _ => "unknown",
     }
 }
