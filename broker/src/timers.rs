@@ -144,7 +144,8 @@ async fn pump(broker: &Broker, store: &JetStream) -> Result<(), BrokerError> {
                     .map_err(|e| BrokerError::nats("rescheduling a timer", e))?;
             }
             _ if !timer.input_request_id.is_empty() => {
-                input::time_out(broker, &timer.run_id, &timer.input_request_id).await?;
+                let check = timer.sequence == u64::MAX;
+                input::time_out(broker, &timer.run_id, &timer.input_request_id, check).await?;
                 msg.double_ack()
                     .await
                     .map_err(|e| BrokerError::nats("acking a timer", e))?;

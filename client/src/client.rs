@@ -622,15 +622,21 @@ impl Client {
     /// run id is filled in). The new run has the parent's owner, pinned
     /// context, pipeline, depth cap and judge, and names its parent; the
     /// parent is left as it is. Needs `own` on the parent's owner.
+    ///
+    /// `new_run_id` names the new run (default: generated); forking again
+    /// with the same one answers the run made the first time, so a fork
+    /// may be retried.
     pub async fn fork_run(
         &self,
         run_id: &str,
         at_revision: u64,
+        new_run_id: Option<&str>,
         first: Handoff,
     ) -> Result<pb::ForkRunResponse> {
         let req = pb::ForkRunRequest {
             run_id: run_id.to_string(),
             at_revision,
+            new_run_id: new_run_id.unwrap_or_default().to_string(),
             handoff: Some(first.req),
             ..Default::default()
         };

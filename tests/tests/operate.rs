@@ -721,11 +721,52 @@ async fn fork_at_revision_three_starts_from_that_state_and_leaves_the_parent_as_
         .fork_run(
             &parent.id,
             3,
-            Handoff::to("", "worker", &note("again", 9)).expect("handoff"),
+            Some("child"),
+            Handoff::to("", "worker", &note("again", 9))
+                .expect("handoff")
+                .idempotency_key("first"),
         )
         .await
         .expect("fork");
     let child = fork.run.expect("child");
+    assert_eq!(child.id, "child");
+    // Retried, the fork answers the same run and the same first handoff.
+    let again = client
+        .fork_run(
+            &parent.id,
+            3,
+            Some("child"),
+            Handoff::to("", "worker", &note("again", 9))
+                .expect("handoff")
+                .idempotency_key("first"),
+        )
+        .await
+        .expect("fork again");
+    assert_eq!(again.run.expect("run").id, child.id);
+    let (first, retried) = (
+        fork.handoff.clone().expect("receipt"),
+        again.handoff.expect("receipt"),
+    );
+    assert_eq!(retried.handoff_id, first.handoff_id);
+    assert!(retried.duplicate && !first.duplicate);
+    // A first handoff that would be refused makes no run.
+    refused(
+        client
+            .fork_run(
+                &parent.id,
+                3,
+                Some("orphan"),
+                Handoff::to("", "nobody", &note("again", 9)).expect("handoff"),
+            )
+            .await,
+        Code::NotFound,
+        "AGENT_NOT_FOUND",
+    );
+    refused(
+        client.get_run("orphan").await,
+        Code::NotFound,
+        "RUN_NOT_FOUND",
+    );
     assert_eq!(child.parent_run_id, parent.id);
     assert_eq!(child.forked_at_revision, 3);
     assert_eq!(child.owner, "fay");
@@ -773,6 +814,7 @@ async fn fork_at_revision_three_starts_from_that_state_and_leaves_the_parent_as_
             .fork_run(
                 &parent.id,
                 9,
+                None,
                 Handoff::to("", "worker", &note("again", 9)).expect("handoff"),
             )
             .await,
@@ -784,6 +826,7 @@ async fn fork_at_revision_three_starts_from_that_state_and_leaves_the_parent_as_
             .fork_run(
                 "no-such-run",
                 0,
+                None,
                 Handoff::to("", "worker", &note("again", 9)).expect("handoff"),
             )
             .await,
@@ -1081,12 +1124,17 @@ async fn the_operate_calls_refuse_who_may_not_make_them() {
         refused(
             who.redrive_dead_letter(letter.sequence, None).await,
             code,
-            reason,
+            if reason == "RUN_NOT_FOUND" {
+                "DEAD_LETTER_NOT_FOUND"
+            } else {
+                reason
+            },
         );
         refused(
             who.fork_run(
                 &run.id,
                 0,
+                None,
                 Handoff::to("", "worker", &note("fork", 3)).expect("handoff"),
             )
             .await,

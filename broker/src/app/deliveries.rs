@@ -167,7 +167,9 @@ pub async fn offer(
     let attempt = match rules::offer(delivered, spec.max_attempts) {
         Offer::Deliver(n) => n,
         Offer::Exhausted => {
-            if let Err(e) = exhaust(broker, &spec, &envelope, &reference, delivered).await {
+            if let Err(e) =
+                exhaust(broker, &spec, &envelope, (&reference, sequence), delivered).await
+            {
                 tracing::warn!(error = %e, "routing an exhausted handoff failed; it will be offered again");
             }
             return Offering::Skip;
@@ -642,7 +644,7 @@ async fn exhaust(
     broker: &Broker,
     spec: &pb::AgentSpec,
     envelope: &pb::HandoffEnvelope,
-    reference: &str,
+    (reference, sequence): (&str, u64),
     delivered: i64,
 ) -> Result<(), BrokerError> {
     let attempts = u32::try_from(delivered - 1).unwrap_or(u32::MAX);
@@ -650,7 +652,7 @@ async fn exhaust(
         "not settled by agent {} after {attempts} attempts",
         spec.name
     );
-    route_away(broker, spec, envelope, attempts, reason).await?;
+    route_away(broker, spec, (envelope, sequence), attempts, reason).await?;
     broker.store().settle(reference, Settlement::Ack).await
 }
 
@@ -681,7 +683,7 @@ pub async fn queue_wait_passed(
         "not taken by any instance of agent {agent} within max_queue_wait {}",
         humantime::format_duration(waited)
     );
-    route_away(broker, &spec, &stored.envelope, 0, reason).await?;
+    route_away(broker, &spec, (&stored.envelope, sequence), 0, reason).await?;
     broker.store().withdraw_handoff(sequence).await
 }
 
@@ -691,7 +693,7 @@ pub async fn queue_wait_passed(
 async fn route_away(
     broker: &Broker,
     spec: &pb::AgentSpec,
-    envelope: &pb::HandoffEnvelope,
+    (envelope, sequence): (&pb::HandoffEnvelope, u64),
     attempts: u32,
     reason: String,
 ) -> Result<(), BrokerError> {
@@ -746,7 +748,10 @@ async fn route_away(
                 at: Some(now()),
                 sequence: 0,
             };
-            broker.store().put_dead_letter(&letter).await?;
+            // Per inbox message: a redriven handoff (the same id, stored
+            // again) may be dead-lettered again.
+            let write_id = format!("dead-{}-{sequence}", envelope.id);
+            broker.store().put_dead_letter(&letter, &write_id).await?;
             broker
                 .emit(
                     pb::Event {
@@ -760,7 +765,7 @@ async fn route_away(
                         reason: reason.clone(),
                         ..Default::default()
                     },
-                    &format!("dead-{}", envelope.id),
+                    &format!("dead-{}-{sequence}", envelope.id),
                 )
                 .await?;
             let why = rules::dead_letter_failure(&envelope.id, &reason);

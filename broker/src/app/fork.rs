@@ -3,7 +3,7 @@
 use handoff_proto::pb;
 
 use crate::{
-    app::{access, auth::Caller, handoff, runs, state, Broker},
+    app::{access, auth::Caller, guard, handoff, runs, state, Broker},
     error::{BrokerError, Reason},
     rules::{grants::Action, names},
 };
@@ -33,6 +33,18 @@ pub async fn fork(
     let (parent, _) = broker.run(&req.run_id).await?;
     if !caller.may(Action::Own, &parent.owner) {
         return Err(access::hidden(broker, caller, &parent).await);
+    }
+    // The first handoff is checked before the run is made, so a refused
+    // one leaves no run behind: its source, its target and its contract
+    // (refused without an event: there is no run yet to tell).
+    access::precheck(broker, caller, "", [first.source_agent.as_str()], None).await?;
+    if !first.r#final && !first.to_barrier {
+        names::validate("handoff.target_agent", &first.target_agent)?;
+        broker.agent(&first.target_agent).await?;
+    }
+    if first.payload.is_some() {
+        let outcome = guard::guard(broker, &first).await;
+        guard::enforce(broker, &first, outcome).await?;
     }
     let seed = match req.at_revision {
         0 => None,

@@ -51,7 +51,12 @@ pub async fn redrive(
         .ok_or_else(|| BrokerError::Internal("a dead letter without its handoff".to_string()))?;
     let (run, _) = broker.run(&envelope.run_id).await?;
     if !caller.may(crate::rules::grants::Action::Own, &run.owner) {
-        return Err(access::hidden(broker, caller, &run).await);
+        // Without `read`, a letter of a run the caller has no right to
+        // does not exist either (its run's id stays unsaid).
+        return Err(match access::hidden(broker, caller, &run).await {
+            BrokerError::RunNotFound(_) => BrokerError::DeadLetterNotFound(req.sequence),
+            other => other,
+        });
     }
     let target = if req.to_agent.is_empty() {
         letter.agent.clone()
@@ -84,9 +89,28 @@ pub async fn redrive(
                 ],
             })
         }
-        // An earlier redrive stopped before it stored anything: this one
-        // goes on, to the target that one chose.
+        // An earlier redrive recorded no receipt: it stopped before it
+        // stored the handoff, or after (its event says so), or it is still
+        // at it (its write id makes the store recognise this one's).
         Claim::Held(held, revision) => {
+            let timeline = broker.store().run_events(&run.id).await?;
+            let stored = timeline.iter().any(|e| {
+                e.kind == pb::EventKind::HandoffRedriven as i32
+                    && e.dead_letter_sequence == req.sequence
+            });
+            if stored {
+                return Err(BrokerError::Refused {
+                    reason: Reason::AlreadySettled,
+                    message: format!(
+                        "dead letter {} was already redriven to {}",
+                        req.sequence, held.target_agent
+                    ),
+                    metadata: vec![
+                        ("sequence", req.sequence.to_string()),
+                        ("target_agent", held.target_agent.clone()),
+                    ],
+                });
+            }
             if held.target_agent != target {
                 check_target(broker, &held.target_agent, &envelope).await?;
             }
@@ -124,6 +148,7 @@ pub async fn redrive(
         handoff_id: envelope.id.clone(),
         depth: envelope.depth,
         inbox_sequence: stored.sequence,
+        dead_letter_sequence: req.sequence,
         reason: format!(
             "dead letter {} redriven by {}",
             req.sequence, caller.principal
@@ -231,6 +256,7 @@ async fn resume(
         }
         broker.forget_run(&run.id);
         runs::schedule_deadline(broker, &run).await?;
+        crate::app::input::reschedule(broker, &run).await?;
         let event = pb::Event {
             kind: pb::EventKind::RunResumed as i32,
             run_id: run.id.clone(),

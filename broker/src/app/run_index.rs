@@ -6,8 +6,9 @@
 //! its history at start: status, owner, pipeline, times) and the events
 //! stream's `handoff_accepted`, `handoff_redriven`, `dead_lettered` and
 //! `intent_drift` events
-//! (the agents that took part, dead letters, drift). A purged run leaves
-//! the index with its record. A listing never reads the store: it walks
+//! (the agents that took part, dead letters, drift), and `run_purged`
+//! (a purged run leaves the index: its record is purged from the stream
+//! without a delete marker). A listing never reads the store: it walks
 //! the runs in order, skipping those that do not match, until its page is
 //! full, so a page costs the same whatever the number of runs stored,
 //! unless the filter matches few of them.
@@ -85,14 +86,22 @@ struct Inner {
     /// found this way is looked for in that run's timeline, which settles
     /// a collision).
     handoffs: HashMap<u64, Arc<str>>,
+    /// Runs purged lately, so that their record, still read by a watch
+    /// that lags, does not come back.
+    purged: std::collections::HashSet<String>,
+    purged_order: std::collections::VecDeque<String>,
 }
+
+/// How many purged run ids the index remembers.
+const PURGED_KEPT: usize = 65_536;
 
 /// The runs this replica knows, for `ListRuns`.
 #[derive(Default)]
 pub struct RunIndex {
     inner: RwLock<Inner>,
-    /// True once the runs bucket's history was read.
-    ready: tokio::sync::watch::Sender<bool>,
+    /// Whether the runs bucket's history, and the events stream up to
+    /// when the index started, were read.
+    ready: tokio::sync::watch::Sender<(bool, bool)>,
 }
 
 /// Which runs a listing wants (a `ListRunsRequest`, checked).
@@ -187,6 +196,10 @@ impl RunIndex {
         run.pinned = None;
         run.result = None;
         run.result_ref = None;
+        for w in &mut run.waiting {
+            w.payload = None;
+            w.answer_payload = None;
+        }
         let record = Record {
             owner: run.owner.as_str().into(),
             status: run.status,
@@ -200,6 +213,9 @@ impl RunIndex {
             return;
         };
         let inner = &mut *inner;
+        if inner.purged.contains(&run.id) {
+            return;
+        }
         let entry = inner.entries.entry(run.id.clone()).or_default();
         if revision < entry.revision {
             return;
@@ -217,6 +233,14 @@ impl RunIndex {
         let Ok(mut inner) = self.inner.write() else {
             return;
         };
+        if inner.purged.insert(run_id.to_string()) {
+            inner.purged_order.push_back(run_id.to_string());
+            if inner.purged_order.len() > PURGED_KEPT {
+                if let Some(old) = inner.purged_order.pop_front() {
+                    inner.purged.remove(&old);
+                }
+            }
+        }
         if let Some(entry) = inner.entries.remove(run_id) {
             if let Some(record) = entry.record {
                 inner.order.remove(&record.position(run_id));
@@ -237,9 +261,14 @@ impl RunIndex {
                 | pb::EventKind::HandoffRedriven
                 | pb::EventKind::DeadLettered
                 | pb::EventKind::IntentDrift
+                | pb::EventKind::RunPurged
         ) || event.run_id.is_empty()
             || event.run_id == "_"
         {
+            return;
+        }
+        if kind == pb::EventKind::RunPurged {
+            self.remove(&event.run_id);
             return;
         }
         let Ok(mut inner) = self.inner.write() else {
@@ -277,15 +306,20 @@ impl RunIndex {
             .map(|r| r.to_string())
     }
 
-    /// Marks the runs bucket's history as read: listings answer from now on.
+    /// Marks the runs bucket's history as read.
     pub fn loaded(&self) {
-        self.ready.send_replace(true);
+        self.ready.send_modify(|r| r.0 = true);
     }
 
-    /// Waits until the runs bucket's history was read.
+    /// Marks the events stream as read up to when the index started.
+    pub fn events_loaded(&self) {
+        self.ready.send_modify(|r| r.1 = true);
+    }
+
+    /// Waits until both were read: listings answer from then on.
     pub async fn ready(&self) {
         let mut ready = self.ready.subscribe();
-        let _ = ready.wait_for(|r| *r).await;
+        let _ = ready.wait_for(|(runs, events)| *runs && *events).await;
     }
 
     /// How many runs it knows.
@@ -510,8 +544,18 @@ mod tests {
         index.event(&accepted);
         assert_eq!(index.run_of("h1").as_deref(), Some("a"));
         assert_eq!(index.run_of("h2"), None);
-        index.remove("a");
+        index.event(&pb::Event {
+            kind: pb::EventKind::RunPurged as i32,
+            run_id: "a".to_string(),
+            ..Default::default()
+        });
         assert_eq!(index.run_of("h1"), None);
+        // A lagging watch's record of the purged run does not bring it back.
+        index.put(run("a", "ann", 1, pb::RunStatus::Completed), 9);
+        assert_eq!(
+            ids(&index.list(&Filter::default(), |_| true, 5, None).unwrap()),
+            ["b"]
+        );
     }
 
     #[test]

@@ -260,6 +260,9 @@ pub async fn list(
             ));
         }
     }
+    let mut statuses = req.status.clone();
+    statuses.sort_unstable();
+    statuses.dedup();
     let size = match usize::try_from(req.page_size).unwrap_or(usize::MAX) {
         0 => run_index::DEFAULT_PAGE,
         n if n > run_index::MAX_PAGE => {
@@ -280,7 +283,7 @@ pub async fn list(
     };
     let filter = run_index::Filter {
         owner: Some(req.owner.clone()).filter(|o| !o.is_empty()),
-        statuses: req.status.clone(),
+        statuses,
         pipeline: Some(req.pipeline.clone()).filter(|p| !p.is_empty()),
         agent: Some(req.agent.clone()).filter(|a| !a.is_empty()),
         started: (
@@ -353,6 +356,11 @@ pub async fn cancel(
         return Err(access::hidden(broker, caller, &run).await);
     }
     if status_of(&run).is_terminal() {
+        // A cancel cut short before its barriers were closed is finished
+        // by the next one.
+        if status_of(&run) == pb::RunStatus::Cancelled {
+            close_barriers(broker, &run.id).await?;
+        }
         return Err(BrokerError::RunClosed {
             run: run.id.clone(),
             status: crate::app::status_name(run.status),

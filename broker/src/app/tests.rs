@@ -1509,3 +1509,100 @@ async fn a_live_session_is_listed_until_it_ends_and_a_dead_replicas_record_expir
     tokio::time::sleep(2 * expiry).await;
     assert!(list("worker").await.expect("list").instances.is_empty());
 }
+
+/// Asks `run`'s owner a question from `agent`'s next delivery.
+async fn ask(f: &Fixture, run: &str, agent: &str, timeout_secs: i64) -> pb::InputRequest {
+    let d = f.task_for(run, agent).await;
+    let req = pb::AwaitInputRequest {
+        delivery_id: d.delivery_id,
+        prompt: "which?".into(),
+        timeout: Some(prost_types::Duration {
+            seconds: timeout_secs,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    super::input::await_input(&f.broker, &Caller::local(), req)
+        .await
+        .expect("await input")
+        .request
+        .expect("request")
+}
+
+#[tokio::test]
+async fn an_answer_cut_short_after_its_decision_is_delivered_by_the_check() {
+    let f = fixture();
+    f.agents(&["asker"]).await;
+    let run = f.run(0).await;
+    let request = ask(&f, &run, "asker", 600).await;
+    let (waiting, _) = f.broker.run(&run).await.expect("run");
+    assert_eq!(waiting.status, pb::RunStatus::WaitingInput as i32);
+    // The answer is decided, then storing its handoff fails (a crash).
+    f.store.fail("put_handoff", 1);
+    let provide = pb::ProvideInputRequest {
+        run_id: run.clone(),
+        request_id: request.id.clone(),
+        answer: Some(payload("Paris")),
+    };
+    super::input::provide_input(&f.broker, &Caller::local(), provide.clone())
+        .await
+        .expect_err("cut short");
+    let (decided, _) = f.broker.run(&run).await.expect("run");
+    assert_eq!(
+        decided.status,
+        pb::RunStatus::Running as i32,
+        "decided: not waiting"
+    );
+    assert_eq!(decided.waiting.len(), 1, "its follow-up is still due");
+    // The timeout cannot take it any more; the check delivers the answer.
+    super::input::time_out(&f.broker, &run, &request.id, false)
+        .await
+        .expect("timeout");
+    let d = f.deliver("asker").await;
+    let envelope = d.handoff.expect("handoff");
+    assert_eq!(envelope.input_request_id, request.id);
+    assert_eq!(envelope.payload, Some(payload("Paris")));
+    let (done, _) = f.broker.run(&run).await.expect("run");
+    assert!(done.waiting.is_empty());
+    assert_eq!(done.settled_inputs, [request.id.clone()]);
+    assert_eq!(f.store.events(&run, pb::EventKind::InputProvided).len(), 1);
+    assert!(f
+        .store
+        .events(&run, pb::EventKind::InputTimedOut)
+        .is_empty());
+    // Answering again is refused, and stores nothing.
+    let again = super::input::provide_input(&f.broker, &Caller::local(), provide)
+        .await
+        .expect_err("answered");
+    assert_eq!(again.reason(), Reason::AlreadySettled);
+    assert_eq!(
+        f.store.events(&run, pb::EventKind::HandoffAccepted).len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn an_unanswered_request_times_out_into_its_runs_failure_once() {
+    let f = fixture();
+    f.agents(&["asker"]).await;
+    let run = f.run(0).await;
+    let request = ask(&f, &run, "asker", 1).await;
+    // Decided, then cut short (its event not stored), then the timer comes
+    // again.
+    f.store.fail("publish_event", 1);
+    super::input::time_out(&f.broker, &run, &request.id, false)
+        .await
+        .expect_err("cut short");
+    let (decided, _) = f.broker.run(&run).await.expect("run");
+    assert_eq!(decided.status, pb::RunStatus::Running as i32);
+    super::input::time_out(&f.broker, &run, &request.id, false)
+        .await
+        .expect("again");
+    super::input::time_out(&f.broker, &run, &request.id, true)
+        .await
+        .expect("the check finds nothing to do");
+    let (failed, _) = f.broker.run(&run).await.expect("run");
+    assert_eq!(failed.status, pb::RunStatus::Failed as i32);
+    assert!(failed.failure.contains("not answered in time"));
+    assert_eq!(f.store.events(&run, pb::EventKind::InputTimedOut).len(), 1);
+}

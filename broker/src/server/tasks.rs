@@ -123,6 +123,7 @@ async fn index_run_events(broker: Broker, store: JetStream) {
         EventKind::HandoffRedriven,
         EventKind::DeadLettered,
         EventKind::IntentDrift,
+        EventKind::RunPurged,
     ];
     let mut next = 0u64;
     loop {
@@ -140,21 +141,31 @@ async fn index_run_events(broker: Broker, store: JetStream) {
             },
             ..Default::default()
         };
-        let consumer = store.events.create_consumer(config).await;
-        match consumer {
-            Ok(consumer) => match consumer.messages().await {
-                Ok(mut messages) => {
-                    while let Some(Ok(msg)) = messages.next().await {
-                        if let Ok(info) = msg.info() {
-                            next = info.stream_sequence + 1;
-                        }
-                        if let Ok(event) = handoff_proto::pb::Event::decode(msg.payload.clone()) {
-                            broker.run_index().event(&event);
+        let messages = match store.events.create_consumer(config).await {
+            Ok(consumer) => {
+                // Nothing to replay: the index is as current as the
+                // stream already.
+                if consumer.cached_info().num_pending == 0 {
+                    broker.run_index().events_loaded();
+                }
+                consumer.messages().await.map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match messages {
+            Ok(mut messages) => {
+                while let Some(Ok(msg)) = messages.next().await {
+                    if let Ok(info) = msg.info() {
+                        next = info.stream_sequence + 1;
+                        if info.pending == 0 {
+                            broker.run_index().events_loaded();
                         }
                     }
+                    if let Ok(event) = handoff_proto::pb::Event::decode(msg.payload.clone()) {
+                        broker.run_index().event(&event);
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, "run index: reading events failed; retrying"),
-            },
+            }
             Err(e) => tracing::warn!(error = %e, "run index: reading events failed; retrying"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -165,14 +176,18 @@ async fn index_run_events(broker: Broker, store: JetStream) {
 /// cancelled, on whichever replica (from the `run_cancelled` events).
 pub(super) async fn follow_cancels(broker: Broker) {
     use futures::StreamExt;
+    // From new events at start, then on from the last one seen, so a
+    // cancel made while the watch was down still reaches its deliveries.
+    let mut next = 0;
     loop {
         let watched = broker
             .store()
-            .watch_events(None, Some(handoff_proto::pb::EventKind::RunCancelled), 0)
+            .watch_events(None, Some(handoff_proto::pb::EventKind::RunCancelled), next)
             .await;
         match watched {
             Ok(mut events) => {
                 while let Some(Ok(event)) = events.next().await {
+                    next = event.sequence + 1;
                     let told = broker.cancel_deliveries(&event.run_id, &event.reason);
                     if told > 0 {
                         tracing::info!(run_id = %event.run_id, deliveries = told, "in-flight deliveries told of the cancel");

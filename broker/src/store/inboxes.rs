@@ -68,8 +68,10 @@ pub trait Inboxes: Send + Sync {
     /// The slots announced settled by any replica, as they come.
     async fn settled_announcements(&self) -> Result<BoxStream<'static, String>>;
 
-    /// Stores a dead letter (deduplicated by its handoff).
-    async fn put_dead_letter(&self, letter: &pb::DeadLetter) -> Result<()>;
+    /// Stores a dead letter, deduplicated by `write_id` (one per inbox
+    /// message dead-lettered: a redriven handoff may be dead-lettered
+    /// again).
+    async fn put_dead_letter(&self, letter: &pb::DeadLetter, write_id: &str) -> Result<()>;
 
     /// The dead letter at `sequence`, if still kept.
     async fn dead_letter(&self, sequence: u64) -> Result<Option<pb::DeadLetter>>;

@@ -262,15 +262,14 @@ impl Inboxes for JetStream {
             .boxed())
     }
 
-    async fn put_dead_letter(&self, letter: &pb::DeadLetter) -> Result<(), BrokerError> {
-        let id = letter
-            .handoff
-            .as_ref()
-            .map(|h| h.id.as_str())
-            .unwrap_or_default();
+    async fn put_dead_letter(
+        &self,
+        letter: &pb::DeadLetter,
+        write_id: &str,
+    ) -> Result<(), BrokerError> {
         self.publish(
             dead_subject(&letter.agent),
-            &format!("dead-{id}"),
+            write_id,
             letter.encode_to_vec().into(),
         )
         .await

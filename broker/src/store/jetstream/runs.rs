@@ -69,11 +69,15 @@ impl Runs for JetStream {
         let barriers = barriers
             .purge()
             .filter(format!("$KV.{BARRIERS_BUCKET}.{run_id}.>"));
-        // Its deadline and barrier timers, when they have not fired.
+        // Its deadline, input and barrier timers, when they have not fired.
         let deadline = self
             .timers
             .purge()
             .filter(format!("handoff.v1.timers.run.{run_id}"));
+        let input_timers = self
+            .timers
+            .purge()
+            .filter(format!("handoff.v1.timers.run.{run_id}.>"));
         let barrier_timers = self
             .timers
             .purge()
@@ -84,6 +88,7 @@ impl Runs for JetStream {
             state.into_future(),
             barriers.into_future(),
             deadline.into_future(),
+            input_timers.into_future(),
             barrier_timers.into_future(),
         )
         .map_err(failed)?;

@@ -30,7 +30,10 @@ impl Timers for JetStream {
                     "handoff.v1.timers.run.{run}.input.{}",
                     timer.input_request_id
                 ),
-                format!("input-timeout-{run}-{}", timer.input_request_id),
+                format!(
+                    "input-timeout-{run}-{}-{}",
+                    timer.input_request_id, timer.sequence
+                ),
             ),
             TimerKind::QueueWait => (
                 format!("handoff.v1.timers.queue.{}.{}", timer.agent, timer.sequence),

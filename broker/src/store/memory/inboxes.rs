@@ -150,15 +150,10 @@ impl Inboxes for Memory {
         .boxed())
     }
 
-    async fn put_dead_letter(&self, letter: &pb::DeadLetter) -> Result<()> {
+    async fn put_dead_letter(&self, letter: &pb::DeadLetter, write_id: &str) -> Result<()> {
         self.trip("put_dead_letter")?;
         let mut s = self.state()?;
-        let id = letter.handoff.as_ref().map(|h| h.id.clone());
-        if !s
-            .dead
-            .iter()
-            .any(|d| d.handoff.as_ref().map(|h| h.id.clone()) == id)
-        {
+        if s.dead_ids.insert(write_id.to_string()) {
             s.dead.push(letter.clone());
         }
         Ok(())

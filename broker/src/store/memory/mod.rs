@@ -50,6 +50,7 @@ struct State {
     event_seq: u64,
     event_ids: HashMap<String, u64>,
     dead: Vec<pb::DeadLetter>,
+    dead_ids: std::collections::HashSet<String>,
     runs: HashMap<String, (pb::Run, u64)>,
     agents: BTreeMap<String, pb::AgentSpec>,
     contracts: BTreeMap<(String, u32), pb::Contract>,

@@ -350,13 +350,15 @@ class Worker:
                 keeper.cancel()
                 work.cancel()
                 with contextlib.suppress(BaseException):
-                    await asyncio.wait({work}, timeout=SETTLE_GRACE)
+                    # Within the drain's own grace, so the nack below goes
+                    # out before the drain gives up on this task.
+                    await asyncio.wait({work}, timeout=SETTLE_GRACE / 2)
                 if not delivery.settled:
                     with contextlib.suppress(HandoffError):
                         await asyncio.shield(delivery.nack())
                 raise
             keeper.cancel()
-            if work.cancelled():
+            if work.cancelled() and delivery.cancelled:
                 log.info(
                     "handler of %s stopped: run %s was cancelled (%s)",
                     handler.name,
@@ -367,6 +369,10 @@ class Worker:
                     await delivery._ack_quietly()
                 return
             try:
+                # A handler that ended in CancelledError of its own fails
+                # like any other exception.
+                if work.cancelled():
+                    raise RuntimeError("the handler was cancelled")
                 outcome = work.result()
             except Reject as r:
                 keeper.cancel()
