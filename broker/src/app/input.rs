@@ -414,6 +414,9 @@ pub async fn provide_input(
         });
     }
     let by = format!("answered by {}", caller.principal);
+    // Should the follow-up of the decision be cut short, this check does
+    // it again (scheduled first: it finds nothing to do otherwise).
+    schedule_check(broker, &run.id, &request.id).await?;
     match decide(
         broker,
         &run.id,
@@ -424,8 +427,6 @@ pub async fn provide_input(
     .await?
     {
         Decided::Now(run, request) => {
-            // Should the follow-up be cut short, this check does it again.
-            schedule_check(broker, &run.id, &request.id).await?;
             let receipt = follow_up(broker, &run, &request, &by).await?;
             tracing::info!(run_id = %run.id, request_id = %request.id, "input provided");
             let run = broker.run(&run.id).await?.0;

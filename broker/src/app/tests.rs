@@ -1564,7 +1564,7 @@ async fn an_answer_cut_short_after_its_decision_is_delivered_by_the_check() {
     assert_eq!(envelope.payload, Some(payload("Paris")));
     let (done, _) = f.broker.run(&run).await.expect("run");
     assert!(done.waiting.is_empty());
-    assert_eq!(done.settled_inputs, [request.id.clone()]);
+    assert_eq!(done.settled_inputs, std::slice::from_ref(&request.id));
     assert_eq!(f.store.events(&run, pb::EventKind::InputProvided).len(), 1);
     assert!(f
         .store
