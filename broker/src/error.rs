@@ -682,7 +682,25 @@ mod readme {
                 super::Class::Internal => "INTERNAL",
             };
             let row = format!("| `{code}` | `{}` |", r.as_str());
-            assert!(table.contains(&row), "README error table lacks {row}");
+            let line = table
+                .lines()
+                .find(|l| l.starts_with(&row))
+                .unwrap_or_else(|| panic!("README error table lacks {row}"));
+            let disposition = handoff_proto::reasons::disposition(r.as_str())
+                .unwrap_or_else(|| panic!("reasons.txt lacks {}", r.as_str()));
+            assert!(
+                line.ends_with(&format!("| {} |", disposition.as_str())),
+                "README row of {} does not end with its disposition: {line}",
+                r.as_str()
+            );
         }
+    }
+
+    /// The shared table lists every reason, and nothing else.
+    #[test]
+    fn the_reasons_table_is_the_brokers() {
+        let mine: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        let table: Vec<&str> = handoff_proto::reasons::all().map(|(r, _)| r).collect();
+        assert_eq!(table, mine);
     }
 }

@@ -65,6 +65,24 @@ def generate(root: Path) -> None:
         code = protoc.main(args)
     if code != 0:
         raise RuntimeError(f"protoc failed ({code}): {' '.join(args)}")
+    generate_reasons(protos, out)
+
+
+def generate_reasons(protos: Path, out: Path) -> None:
+    """`handoff.v1.reasons`: the table of what a caller does about each
+    refusal's reason, from `handoff/v1/reasons.txt` (shared with the broker
+    and the Rust SDK)."""
+    rows = [
+        line.split()
+        for line in (protos / "handoff/v1/reasons.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    body = "".join(f'    "{reason}": "{disposition}",\n' for reason, disposition in rows)
+    (out / "handoff/v1/reasons.py").write_text(
+        '"""Generated from proto/handoff/v1/reasons.txt: what a caller does about\n'
+        'each refusal\'s reason (retryable, conflict, terminal)."""\n\n'
+        f"DISPOSITIONS: dict[str, str] = {{\n{body}}}\n"
+    )
 
 
 class CustomBuildHook(BuildHookInterface):  # type: ignore[type-arg]

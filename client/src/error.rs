@@ -7,6 +7,8 @@ use std::{collections::HashMap, fmt, sync::LazyLock};
 
 use tonic_types::StatusExt as _;
 
+pub use handoff_proto::reasons::Disposition;
+
 /// What went wrong, for callers to match on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -170,6 +172,42 @@ impl Error {
             Some(details) => &details.field_violations,
             None => &[],
         }
+    }
+
+    /// What to do about this error: the broker's table of reasons
+    /// (`proto/handoff/v1/reasons.txt`) for a refusal; for an error
+    /// without a known reason, by its kind (unavailable, timed out, not
+    /// reached, closed: retryable; a conflict: conflict; anything else:
+    /// terminal).
+    pub fn disposition(&self) -> Disposition {
+        if let Some(d) = self.reason().and_then(handoff_proto::reasons::disposition) {
+            return d;
+        }
+        match self.kind {
+            ErrorKind::Unavailable
+            | ErrorKind::Timeout
+            | ErrorKind::Connect
+            | ErrorKind::Closed => Disposition::Retryable,
+            ErrorKind::Conflict => Disposition::Conflict,
+            _ => Disposition::Terminal,
+        }
+    }
+
+    /// The reason and its metadata as one line, keys in order
+    /// (`STATE_TOO_LARGE key=messages limit=65536 size=81046`); the
+    /// message when there is no reason. What a worker rejects a delivery
+    /// with on a terminal refusal.
+    pub fn summary(&self) -> String {
+        let Some(reason) = self.reason() else {
+            return self.message.clone();
+        };
+        let mut keys: Vec<(&String, &String)> = self.metadata().iter().collect();
+        keys.sort();
+        let mut line = reason.to_string();
+        for (k, v) in keys {
+            line.push_str(&format!(" {k}={v}"));
+        }
+        line
     }
 
     /// The error of a refused settlement on a subscription: its code,

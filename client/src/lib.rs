@@ -122,10 +122,10 @@ pub use client::{
     AgentConfig, BearerToken, Client, ConnectOptions, RawClient, RunConfig, WatchFilter,
 };
 pub use contract::{ContractSpec, RegisteredContract};
-pub use error::{Error, ErrorKind, FieldViolation, Result};
+pub use error::{Disposition, Error, ErrorKind, FieldViolation, Result};
 pub use handoff::{decode, encode, Handoff, Receipt};
 pub use state::StateDelta;
-pub use subscription::{Delivery, Subscription, TypedDelivery, TypedSubscription};
+pub use subscription::{retry_delay, Delivery, Subscription, TypedDelivery, TypedSubscription};
 
 /// The `handoff.v1` protobuf messages and gRPC stubs.
 pub use handoff_proto::pb;

@@ -130,3 +130,79 @@ impl pb::RunStatus {
         )
     }
 }
+
+/// What a caller does about a refusal, by its `ErrorInfo.reason`: the
+/// table in `handoff/v1/reasons.txt`, shared with the Python SDK and the
+/// README.
+pub mod reasons {
+    /// The table as shipped: `REASON disposition` lines, `#` comments.
+    pub const TABLE: &str = include_str!("../handoff/v1/reasons.txt");
+
+    /// What to do about a refusal.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum Disposition {
+        /// The same request may succeed later: retry it (with the same
+        /// idempotency key), backing off with jitter.
+        Retryable,
+        /// A concurrent change came first: read again, redo, retry now.
+        Conflict,
+        /// It will never succeed as it is: do not retry.
+        Terminal,
+    }
+
+    impl Disposition {
+        /// Its word in the table.
+        pub fn as_str(self) -> &'static str {
+            match self {
+                Disposition::Retryable => "retryable",
+                Disposition::Conflict => "conflict",
+                Disposition::Terminal => "terminal",
+            }
+        }
+    }
+
+    /// Every `(reason, disposition)` of the table, in its order.
+    pub fn all() -> impl Iterator<Item = (&'static str, Disposition)> {
+        TABLE
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter_map(|l| {
+                let (reason, word) = l.split_once(' ')?;
+                let disposition = match word.trim() {
+                    "retryable" => Disposition::Retryable,
+                    "conflict" => Disposition::Conflict,
+                    "terminal" => Disposition::Terminal,
+                    _ => return None,
+                };
+                Some((reason, disposition))
+            })
+    }
+
+    /// The disposition of `reason`; `None` for a reason the table does not
+    /// list (from a newer broker: treat it by its gRPC code).
+    pub fn disposition(reason: &str) -> Option<Disposition> {
+        all().find(|(r, _)| *r == reason).map(|(_, d)| d)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn every_line_of_the_table_parses() {
+            let lines = TABLE
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+                .count();
+            assert_eq!(all().count(), lines);
+            assert_eq!(disposition("STATE_CONFLICT"), Some(Disposition::Conflict));
+            assert_eq!(
+                disposition("NATS_UNAVAILABLE"),
+                Some(Disposition::Retryable)
+            );
+            assert_eq!(disposition("STATE_TOO_LARGE"), Some(Disposition::Terminal));
+            assert_eq!(disposition("NO_SUCH_REASON"), None);
+        }
+    }
+}

@@ -12,7 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from handoff import Client, Context, Delivery, Final, Handoff, HandoffError, Reject, Worker, agent
+from handoff import (
+    Client,
+    Context,
+    Delivery,
+    Final,
+    Handoff,
+    HandoffError,
+    Reject,
+    UnavailableError,
+    Worker,
+    agent,
+)
 from handoff.demo.v1.demo_pb2 import Report, Subtask, WorkerResult
 from handoff.v1 import handoff_pb2 as pb
 
@@ -238,6 +249,55 @@ async def test_cancel_run_cancels_the_running_handler_and_acks_its_delivery(
         with pytest.raises(HandoffError) as closed:
             await client.cancel_run(run.id)
         assert closed.value.reason == "RUN_CLOSED"
+    finally:
+        worker.stop()
+        await bounded(running)
+
+
+async def test_a_terminal_refusal_rejects_once_and_a_retryable_failure_backs_off(
+    client: Client,
+) -> None:
+    name = uniq("worker")
+    calls: dict[str, int] = {}
+
+    @agent(name, accepts=Subtask, emits=[Subtask], lease=30)
+    async def handle(task: Subtask, ctx: Context) -> Handoff | None:
+        calls[task.instruction] = calls.get(task.instruction, 0) + 1
+        if task.instruction == "deeper":
+            # One hop further than the run allows: DEPTH_CAP, terminal.
+            return Handoff(name, Subtask(instruction="deeper"))
+        if calls[task.instruction] == 1:
+            raise UnavailableError("NATS is down", reason="NATS_UNAVAILABLE")
+        return None
+
+    worker = Worker(client, [handle], retry_delay=0.2)
+    running = asyncio.create_task(worker.run(handle_signals=False))
+    try:
+        await bounded(worker.ready.wait())
+        deep = await client.start_run("tests", max_depth=1)
+        await client.handoff(deep.id, name, Subtask(instruction="deeper"))
+        flaky = await client.start_run("tests")
+        await client.handoff(flaky.id, name, Subtask(instruction="flaky"))
+
+        await until(lambda: _is(client, deep.id, pb.RUN_STATUS_FAILED))
+        failed = await client.get_run(deep.id)
+        assert "DEPTH_CAP depth=2 max_depth=1" in failed.run.failure
+        kinds = [e.kind for e in failed.timeline]
+        assert kinds.count(pb.EVENT_KIND_REJECTED) == 1
+        assert pb.EVENT_KIND_NACKED not in kinds and pb.EVENT_KIND_REDELIVERED not in kinds
+        assert calls["deeper"] == 1, "the node ran once"
+
+        async def retried() -> list[pb.Event] | None:
+            timeline = (await client.get_run(flaky.id)).timeline
+            acked = [e for e in timeline if e.kind == pb.EVENT_KIND_ACKED]
+            return timeline if acked else None
+
+        timeline = await until(retried)
+        nacked = [e for e in timeline if e.kind == pb.EVENT_KIND_NACKED]
+        again = [e for e in timeline if e.kind == pb.EVENT_KIND_REDELIVERED]
+        assert len(nacked) == 1 and len(again) == 1 and calls["flaky"] == 2
+        waited = again[0].at.ToDatetime() - nacked[0].at.ToDatetime()
+        assert waited >= dt.timedelta(milliseconds=90), waited
     finally:
         worker.stop()
         await bounded(running)

@@ -363,6 +363,31 @@ impl Delivery {
             .ok_or_else(|| Error::new(ErrorKind::Other, "the broker answered without the request"))
     }
 
+    /// Settles this delivery after its work failed with `err`, as its
+    /// [`Error::disposition`] says: a terminal refusal rejects it with
+    /// [`Error::summary`] (the run fails at once, naming the reason and its
+    /// numbers; it is never retried); a retryable failure nacks it with
+    /// [`retry_delay`] for this attempt; a conflict nacks it for at once.
+    /// A failure that is not the broker's (a plain `Error` of the SDK
+    /// without a reason) counts by its kind.
+    ///
+    /// ```no_run
+    /// # async fn work(d: &handoff_client::Delivery) -> handoff_client::Result<()> { Ok(()) }
+    /// # async fn handle(delivery: handoff_client::Delivery) -> handoff_client::Result<()> {
+    /// if let Err(err) = work(&delivery).await {
+    ///     delivery.fail(&err).await?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn fail(&self, err: &Error) -> Result<()> {
+        match err.disposition() {
+            crate::Disposition::Terminal => self.reject(err.summary()).await,
+            crate::Disposition::Retryable => self.nack(Some(retry_delay(self.attempt()))).await,
+            crate::Disposition::Conflict => self.nack(None).await,
+        }
+    }
+
     /// Not now: redeliver after `delay` (or at once), to any instance.
     pub async fn nack(&self, delay: Option<Duration>) -> Result<()> {
         self.shared
@@ -661,5 +686,47 @@ impl Delivery {
                 tracing::warn!(handoff_id = %delivery.handoff_id(), error = %e, "rejecting an undecodable delivery failed");
             }
         });
+    }
+}
+
+/// How long a retryable failure of `attempt` waits before its next
+/// attempt: 250 ms doubled per attempt, at most 30 s, then spread by a
+/// random factor in [0.5, 1.5) so that instances failing together do not
+/// retry together.
+pub fn retry_delay(attempt: u32) -> Duration {
+    let base = Duration::from_millis(250)
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(10))
+        .min(Duration::from_secs(30));
+    base.mul_f64(0.5 + jitter())
+}
+
+/// A number in [0, 1), different on each call (not for cryptography).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_delay;
+    use std::time::Duration;
+
+    #[test]
+    fn retries_back_off_with_jitter() {
+        for _ in 0..100 {
+            let first = retry_delay(1);
+            assert!(first >= Duration::from_millis(125) && first < Duration::from_millis(375));
+            let fourth = retry_delay(4);
+            assert!(fourth >= Duration::from_secs(1) && fourth < Duration::from_secs(3));
+            assert!(retry_delay(40) < Duration::from_secs(45));
+        }
+        let spread: std::collections::HashSet<Duration> = (0..20).map(|_| retry_delay(3)).collect();
+        assert!(spread.len() > 1, "jittered");
     }
 }

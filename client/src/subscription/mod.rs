@@ -350,5 +350,5 @@ impl Stream for Subscription {
 mod delivery;
 mod typed;
 
-pub use delivery::Delivery;
+pub use delivery::{retry_delay, Delivery};
 pub use typed::{TypedDelivery, TypedSubscription};

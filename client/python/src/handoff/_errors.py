@@ -23,6 +23,7 @@ __all__ = [
     "ConflictError",
     "ConnectError",
     "DecodeError",
+    "Disposition",
     "ErrorKind",
     "FailedPreconditionError",
     "FieldViolation",
@@ -64,6 +65,20 @@ class ErrorKind(enum.Enum):
     """The subscription or stream is closed (CANCELLED)."""
     OTHER = "Other"
     """Anything else (INTERNAL, UNKNOWN, ...)."""
+
+
+class Disposition(enum.Enum):
+    """What to do about an error (`err.disposition`), from the broker's table of
+    reasons (`proto/handoff/v1/reasons.txt`, shared with the Rust SDK)."""
+
+    RETRYABLE = "retryable"
+    """The same request may succeed later: retry it (with the same idempotency
+    key), backing off with jitter."""
+    CONFLICT = "conflict"
+    """A concurrent change came first: read again, redo, retry now."""
+    TERMINAL = "terminal"
+    """It will never succeed as it is: do not retry (a worker rejects the
+    delivery with `err.summary()`)."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,36 @@ class HandoffError(Exception):
         """The names and numbers behind the reason (the ErrorInfo's metadata)."""
         self.field_violations: list[FieldViolation] = list(field_violations)
         """The refused fields of a malformed request."""
+
+    @property
+    def disposition(self) -> Disposition:
+        """What to do about it: the broker's table for a reason it knows; else by
+        kind (unavailable, timed out, not reached, closed: retryable; a conflict:
+        conflict; anything else: terminal)."""
+        from .v1.reasons import DISPOSITIONS
+
+        known = DISPOSITIONS.get(self.reason or "")
+        if known is not None:
+            return Disposition(known)
+        if self.kind in (
+            ErrorKind.UNAVAILABLE,
+            ErrorKind.TIMEOUT,
+            ErrorKind.CONNECT,
+            ErrorKind.CLOSED,
+        ):
+            return Disposition.RETRYABLE
+        if self.kind is ErrorKind.CONFLICT:
+            return Disposition.CONFLICT
+        return Disposition.TERMINAL
+
+    def summary(self) -> str:
+        """The reason and its metadata as one line, keys in order
+        (`STATE_TOO_LARGE key=messages limit=65536 size=81046`); the message
+        when there is no reason. What a worker rejects a delivery with on a
+        terminal refusal."""
+        if not self.reason:
+            return self.message
+        return " ".join([self.reason, *(f"{k}={v}" for k, v in sorted(self.metadata.items()))])
 
     def __str__(self) -> str:
         head = self.code.name if self.code is not None else self.kind.value

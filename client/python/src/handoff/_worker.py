@@ -12,8 +12,13 @@ its delivery:
   `ctx.delivery`).
 
 An exception nacks the delivery (redelivered, to any instance, until its
-attempts run out); `Reject(reason)` rejects it (the run fails, its owner is
-told). While a handler runs, its lease is extended before it ends.
+attempts run out), backing off with jitter from `retry_delay`, except a
+`HandoffError` whose disposition is terminal (a refusal that can never
+succeed, such as `STATE_TOO_LARGE` or `DEPTH_CAP`, raised by the handler's own
+calls or by settling what it returned): that rejects the delivery with the
+reason and its metadata, so the run fails at once naming them and nothing is
+retried; a conflict is retried at once. `Reject(reason)` rejects it (the run
+fails, its owner is told). While a handler runs, its lease is extended before it ends.
 `Worker.run` stops on SIGTERM or SIGINT: no new delivery is taken, running
 handlers finish, and those still running at the drain timeout are nacked.
 """
@@ -25,6 +30,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import random
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,7 +41,7 @@ from google.protobuf.message import Message
 
 from ._barrier import ALL, JoinMode
 from ._client import Client
-from ._errors import ErrorKind, HandoffError, error
+from ._errors import Disposition, ErrorKind, HandoffError, error
 from ._handoff import Final, Handoff
 from ._state import StateDelta
 from ._subscription import Delivery, Pinned, Subscription
@@ -210,7 +216,8 @@ class Worker:
     ) -> None:
         """`register`: declare each agent (accepts, emits, lease...) before
         subscribing; `drain_timeout`: how long running handlers may take to finish
-        once stopped; `retry_delay`: the nack delay after a handler raised."""
+        once stopped; `retry_delay`: the first nack delay after a handler failed
+        retryably (doubled per attempt up to 30 s, jittered; default 0.25 s)."""
         self.client = client
         self.handlers = list(handlers)
         self.register = register
@@ -389,10 +396,17 @@ class Worker:
                     e,
                 )
                 if not delivery.settled:
-                    await delivery.nack(self.retry_delay)
+                    await self._fail(delivery, e)
                 return
             keeper.cancel()
-            await _settle(handler, delivery, outcome)
+            try:
+                await _settle(handler, delivery, outcome)
+            except HandoffError as e:
+                log.warning(
+                    "settling handoff %s of %s failed: %s", delivery.handoff_id, handler.name, e
+                )
+                if not delivery.settled:
+                    await self._fail(delivery, e)
         except HandoffError as e:
             log.warning(
                 "settling handoff %s of %s failed: %s", delivery.handoff_id, handler.name, e
@@ -400,8 +414,31 @@ class Worker:
         finally:
             keeper.cancel()
 
+    async def _fail(self, delivery: Delivery, e: Exception) -> None:
+        """Settles a delivery whose work failed with `e`: a terminal refusal
+        rejects it with the reason and its metadata; a conflict nacks it for at
+        once; anything else nacks it after a backoff with jitter."""
+        disposition = e.disposition if isinstance(e, HandoffError) else Disposition.RETRYABLE
+        if disposition is Disposition.TERMINAL:
+            assert isinstance(e, HandoffError)
+            await delivery.reject(e.summary())
+        elif disposition is Disposition.CONFLICT:
+            await delivery.nack()
+        else:
+            await delivery.nack(retry_delay(delivery.attempt, self.retry_delay))
+
 
 SETTLE_GRACE = 5.0
+
+
+def retry_delay(attempt: int, base: Seconds | None = None) -> float:
+    """Seconds before attempt `attempt + 1` after a retryable failure: `base`
+    (default 0.25 s) doubled per attempt, at most 30 s, spread by a random
+    factor in [0.5, 1.5) so that instances failing together do not retry
+    together."""
+    first = seconds(base) if base is not None else 0.25
+    delay: float = min(first * 2.0 ** max(attempt - 1, 0), 30.0)
+    return delay * (0.5 + random.random())
 
 
 async def _settle(handler: AgentHandler[Any], delivery: Delivery, outcome: Outcome) -> None:
