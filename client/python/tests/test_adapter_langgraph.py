@@ -11,18 +11,20 @@ import pytest
 
 pytest.importorskip("langgraph")
 
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.types import Command, Overwrite
 
 from handoff import Client, Worker
-from handoff._values import from_value
+from handoff._values import from_value, to_value
 from handoff.adapters.langgraph import (
     command_to_delta,
+    from_json,
     graph_agent,
     handoff_node,
     state_delta,
+    to_json,
 )
 from handoff.demo.v1.demo_pb2 import Report, Subtask
 from handoff.v1 import handoff_pb2 as pb
@@ -56,12 +58,14 @@ def test_command_update_maps_to_set_and_append() -> None:
     assert list(over.append) == [] and from_value(over.set["notes"]) == ["only"]
     assert over.base_revision == 4
 
-    # add_messages appends; messages become JSON through model_dump.
+    # add_messages appends; messages go in LangChain's serialized form.
     chat = command_to_delta(
         Command(update={"messages": [AIMessage(content="hi")], "topic": "t"}), Chat
     ).to_proto()
     (msg,) = [from_value(x) for x in chat.append["messages"].values]
-    assert isinstance(msg, dict) and msg["content"] == "hi" and msg["type"] == "ai"
+    assert isinstance(msg, dict) and msg["type"] == "ai"
+    assert isinstance(msg["data"], dict) and msg["data"]["content"] == "hi"
+    assert msg["data"]["id"], "an id is assigned before the first hop"
     assert from_value(chat.set["topic"]) == "t"
 
 
@@ -75,6 +79,53 @@ def test_state_diff_appends_the_new_items_and_sets_changed_keys() -> None:
     # A reducer key that was rewritten, not extended, is set.
     d2 = state_delta(Trip, {"notes": ["a"]}, {"notes": ["z"]}).to_proto()
     assert from_value(d2.set["notes"]) == ["z"] and not d2.append
+
+
+def _through_the_broker(value: Any) -> Any:
+    """`value` as run state stores and answers it (a protobuf Value)."""
+    return from_value(to_value(to_json(value)))
+
+
+def test_langchain_messages_survive_run_state_exactly() -> None:
+    messages = [
+        HumanMessage(content="Plan a trip to Lisbon", id="h1"),
+        AIMessage(
+            content="",
+            id="a1",
+            tool_calls=[{"name": "search", "args": {"city": "Lisbon"}, "id": "call-1"}],
+            additional_kwargs={"refusal": None},
+            response_metadata={"model_name": "scripted", "finish_reason": "tool_calls"},
+        ),
+        ToolMessage(content="sunny", tool_call_id="call-1", id="t1"),
+        AIMessage(content="Book the hotel near the river.", id="a2", name="travel_advisor"),
+    ]
+    back = from_json(_through_the_broker(messages))
+    assert back == messages
+    assert [type(m) for m in back] == [type(m) for m in messages]
+
+
+def test_a_hop_appends_only_its_new_messages() -> None:
+    old = [HumanMessage(content="hi", id="h1"), AIMessage(content="hello", id="a1")]
+    before = {"messages": _through_the_broker(old), "topic": "t"}
+    # What the graph holds after the hop: the restored messages, and its own.
+    after = {
+        "messages": [*from_json(before["messages"]), AIMessage(content="more", id="a2")],
+        "topic": "t",
+    }
+    d = state_delta(Chat, before, after, base_revision=3).to_proto()
+    assert not d.set
+    (new,) = [from_value(x) for x in d.append["messages"].values]
+    assert from_json([new]) == [AIMessage(content="more", id="a2")]
+
+
+async def test_start_run_takes_langchain_messages_with_their_ids(client: Client) -> None:
+    run = await client.start_run(
+        "tests", state={"messages": [HumanMessage(content="hi"), HumanMessage(content="x", id="k")]}
+    )
+    stored = from_json((await client.get_state(run.id)).values["messages"])
+    assert [m.content for m in stored] == ["hi", "x"]
+    assert stored[0].id and stored[1].id == "k"
+    assert all(isinstance(m, HumanMessage) for m in stored)
 
 
 async def test_handoff_node_stores_a_durable_handoff_with_the_graph_state(

@@ -10,7 +10,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -330,8 +330,8 @@ class Client(Closing):
         no_timeout: bool = False,
         max_depth: int = 0,
         pipeline: str | None = None,
-        state: Mapping[str, JsonValue] | None = None,
-        pinned_state: Mapping[str, JsonValue] | None = None,
+        state: Mapping[str, JsonValue | object] | None = None,
+        pinned_state: Mapping[str, JsonValue | object] | None = None,
         policies: Mapping[str, MergePolicy] | None = None,
         judge: tuple[str, float] | None = None,
     ) -> pb.Run:
@@ -360,7 +360,7 @@ class Client(Closing):
             req.timeout.CopyFrom(to_duration(timeout))
         if state or pinned_state or policies:
             for key, value in {**(state or {}), **(pinned_state or {})}.items():
-                req.state.values[key].CopyFrom(to_value(value))
+                req.state.values[key].CopyFrom(to_value(cast(JsonValue, value)))
             req.state.pinned_keys.extend(pinned_state or {})
             for key, policy in (policies or {}).items():
                 mode = _POLICIES.get(policy.upper())

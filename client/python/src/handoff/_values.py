@@ -5,8 +5,9 @@ timestamps."""
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Mapping
-from typing import TypeAlias, TypeVar
+from typing import TypeAlias, TypeVar, cast
 
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError as _ProtoDecodeError
@@ -33,7 +34,8 @@ _EXACT = 2**53
 
 
 def to_value(value: JsonValue) -> struct_pb2.Value:
-    """A `google.protobuf.Value` from a JSON-like Python value."""
+    """A `google.protobuf.Value` from a JSON-like Python value (or a LangChain
+    message: see `langchain_message`)."""
     out = struct_pb2.Value()
     if value is None:
         out.null_value = struct_pb2.NULL_VALUE
@@ -47,6 +49,8 @@ def to_value(value: JsonValue) -> struct_pb2.Value:
         out.list_value.CopyFrom(to_list(value))
     elif isinstance(value, Mapping):
         out.struct_value.CopyFrom(to_struct(value))
+    elif (message := langchain_message(value)) is not None:
+        out.struct_value.CopyFrom(to_struct(message))
     else:
         raise error(
             ErrorKind.INVALID_ARGUMENT,
@@ -54,6 +58,24 @@ def to_value(value: JsonValue) -> struct_pb2.Value:
             "(None, bool, number, str, list, dict)",
         )
     return out
+
+
+def langchain_message(value: object) -> dict[str, JsonValue] | None:
+    """A LangChain message (`HumanMessage`, `AIMessage`, ...) in LangChain's own
+    serialized form, `{"type": ..., "data": {...}}` (what `messages_from_dict`
+    restores as the same message), with an id assigned when it has none, so
+    that no later hop mints another; `None` for any other value."""
+    if not type(value).__module__.startswith("langchain_core."):
+        return None
+    try:
+        from langchain_core.messages import BaseMessage, message_to_dict
+    except ImportError:  # pragma: no cover - a langchain_core object without it
+        return None
+    if not isinstance(value, BaseMessage):
+        return None
+    if value.id is None:
+        value = value.model_copy(update={"id": str(uuid.uuid4())})
+    return cast(dict[str, JsonValue], message_to_dict(value))
 
 
 def to_list(items: list[JsonValue] | tuple[JsonValue, ...]) -> struct_pb2.ListValue:

@@ -31,8 +31,11 @@ an `Overwrite(value)` update                 `set(key, value)`
 In a `Command(update=...)` the value is the update itself (for an append key,
 the items to add). Comparing a state before and after (`state_delta`), a
 changed plain key is set; an append key whose new list extends the old one
-appends the new items, otherwise it is set. Values are made JSON-like: pydantic
-models (LangChain messages included) through `model_dump(mode="json")`,
+appends the new items, otherwise it is set. Values are made JSON-like: LangChain
+messages in LangChain's own serialized form (`message_to_dict`, an id assigned
+when one has none, restored by `from_json` as the same messages, which is how
+`graph_agent` hands the run state to its graph), other pydantic models through
+`model_dump(mode="json")`,
 protobuf messages through `MessageToDict`, dataclasses through `asdict`; any
 other non-JSON value is refused (`InvalidArgumentError` naming the key).
 
@@ -62,10 +65,11 @@ from .._errors import ErrorKind, error
 from .._handoff import Final, Handoff, Receipt
 from .._state import StateDelta
 from .._subscription import Delivery
-from .._values import JsonValue, Seconds
+from .._values import JsonValue, Seconds, langchain_message
 from .._worker import AgentHandler, Context, Outcome, agent
 
 try:
+    from langchain_core.messages import messages_from_dict
     from langchain_core.runnables import RunnableConfig
     from langgraph.channels.base import BaseChannel
     from langgraph.channels.binop import BinaryOperatorAggregate
@@ -82,6 +86,7 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
 __all__ = [
     "BrokerContext",
     "command_to_delta",
+    "from_json",
     "graph_agent",
     "handoff_node",
     "state_delta",
@@ -151,6 +156,9 @@ def to_json(value: Any, key: str = "") -> JsonValue:
         return {str(k): to_json(v, key) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_json(v, key) for v in value]
+    message = langchain_message(value)
+    if message is not None:
+        return message
     if isinstance(value, BaseModel):
         return cast(JsonValue, value.model_dump(mode="json"))
     if isinstance(value, Message):
@@ -162,6 +170,30 @@ def to_json(value: Any, key: str = "") -> JsonValue:
         ErrorKind.INVALID_ARGUMENT,
         f"a {type(value).__name__}{where} is not a JSON-like value and cannot go into run state",
     )
+
+
+def from_json(value: JsonValue) -> Any:
+    """A run-state value as the graph holds it: LangChain messages stored in
+    their serialized form (`{"type": ..., "data": {...}}`, as `to_json` writes
+    them) restored as the same messages, ids included; anything else as is.
+
+    Example::
+
+        from_json(to_json(AIMessage(content="hi", id="m1"))) == AIMessage(content="hi", id="m1")
+    """
+    if isinstance(value, list):
+        return [from_json(v) for v in value]
+    if (
+        isinstance(value, dict)
+        and set(value) == {"type", "data"}
+        and isinstance(value["type"], str)
+        and isinstance(value["data"], dict)
+    ):
+        try:
+            return messages_from_dict([value])[0]
+        except (KeyError, ValueError, TypeError):
+            return value
+    return value
 
 
 def _channels(graph: GraphLike) -> Mapping[str, BaseChannel[Any, Any, Any]]:
@@ -433,7 +465,7 @@ def graph_agent(
         if to_input is not None:
             state = to_input(payload, ctx)
         else:
-            state = {k: v for k, v in before.items() if k in channels}
+            state = {k: from_json(v) for k, v in before.items() if k in channels}
             mapped = json_format.MessageToDict(
                 payload,
                 preserving_proto_field_name=True,
