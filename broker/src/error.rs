@@ -238,7 +238,9 @@ pub enum BrokerError {
         status: &'static str,
     },
     /// The handoff would go deeper than the run allows.
-    #[error("handoff depth {depth} exceeds the run's max_depth {max_depth}")]
+    #[error(
+        "handoff depth {depth} exceeds the run's max_depth {max_depth} (each handoff from a delivery is one hop deeper; start the run with a larger max_depth to allow more)"
+    )]
     DepthExceeded {
         /// Depth the handoff would have.
         depth: u32,

@@ -270,3 +270,59 @@ async def test_a_graph_agent_hands_off_through_its_handoff_node(client: Client) 
     finally:
         worker.stop()
         await bounded(running)
+
+
+async def test_a_conversation_past_the_depth_cap_fails_at_once_naming_it(client: Client) -> None:
+    a, b = uniq("talker-a"), uniq("talker-b")
+    turns: list[str] = []
+
+    def talker(me: str, other: str) -> Any:
+        async def speak(state: Chat) -> dict[str, Any]:
+            turns.append(me)
+            return {"messages": [AIMessage(content=f"{me} turn {len(turns)}")]}
+
+        builder = StateGraph(Chat)
+        builder.add_node("speak", speak)
+        builder.add_node(
+            "pass", handoff_node(other, lambda s: Subtask(instruction="your turn"), graph=builder)
+        )
+        builder.add_edge(START, "speak")
+        builder.add_edge("speak", "pass")
+        return graph_agent(
+            builder.compile(),
+            me,
+            accepts=Subtask,
+            emits=[Subtask],
+            route=lambda out, ctx: Report(answer="unused"),
+        )
+
+    await client.register_agent(a, accepts=Subtask, emits=[Subtask])
+    await client.register_agent(b, accepts=Subtask, emits=[Subtask])
+    worker = Worker(client, [talker(a, b), talker(b, a)])
+    running = asyncio.create_task(worker.run(handle_signals=False))
+    try:
+        await bounded(worker.ready.wait())
+        run = await client.start_run(
+            "tests", max_depth=5, state={"messages": [HumanMessage(content="talk")]}
+        )
+        await client.handoff(run.id, a, Subtask(instruction="start"))
+
+        async def ended() -> pb.GetRunResponse | None:
+            got = await client.get_run(run.id)
+            return got if got.run.status != pb.RUN_STATUS_RUNNING else None
+
+        got = await until(ended)
+        assert got.run.status == pb.RUN_STATUS_FAILED
+        assert "DEPTH_CAP depth=6 max_depth=5" in got.run.failure, got.run.failure
+        kinds = [e.kind for e in got.timeline]
+        assert kinds.count(pb.EVENT_KIND_REJECTED) == 1
+        assert pb.EVENT_KIND_NACKED not in kinds and pb.EVENT_KIND_REDELIVERED not in kinds
+        # Five turns, each node ran once for its turn.
+        assert turns == [a, b, a, b, a]
+        history = from_json((await client.get_state(run.id)).values["messages"])
+        assert [m.content for m in history] == ["talk"] + [
+            f"{t} turn {i}" for i, t in enumerate(turns[:4], 1)
+        ]
+    finally:
+        worker.stop()
+        await bounded(running)
