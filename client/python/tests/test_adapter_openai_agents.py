@@ -4,6 +4,7 @@ network, no LLM)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from agents.items import (
 )
 from agents.model_settings import ModelSettings
 from agents.models.interface import Model, ModelTracing
+from agents.testing import ScriptedModel, assistant_message, function_call
 from agents.tool import Tool
 from agents.usage import Usage
 from google.protobuf.message import Message
@@ -41,13 +43,16 @@ from openai.types.responses import (
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 from pydantic import BaseModel, Field
 
-from handoff import Client, InvalidArgumentError, Receipt, StateDelta
+from handoff import Client, InvalidArgumentError, Receipt, StateDelta, Worker
 from handoff.adapters.openai_agents import (
+    agent_worker,
     broker_handoff,
     contract_model,
+    run,
     to_contract,
 )
-from handoff.demo.v1.demo_pb2 import Subtask, WorkerResult
+from handoff.demo.v1.demo_pb2 import Report, Subtask, WorkerResult
+from handoff.v1 import handoff_pb2 as pb
 
 from .conftest import WAIT, bounded, uniq
 
@@ -56,14 +61,20 @@ set_tracing_disabled(True)
 
 def tool_call(name: str, arguments: dict[str, Any]) -> TResponseOutputItem:
     return ResponseFunctionToolCall(
-        id="call-1", call_id="call-1", type="function_call", name=name,
+        id="call-1",
+        call_id="call-1",
+        type="function_call",
+        name=name,
         arguments=json.dumps(arguments),
     )
 
 
 def say(text: str) -> TResponseOutputItem:
     return ResponseOutputMessage(
-        id="msg-1", type="message", role="assistant", status="completed",
+        id="msg-1",
+        type="message",
+        role="assistant",
+        status="completed",
         content=[ResponseOutputText(text=text, type="output_text", annotations=[], logprobs=[])],
     )
 
@@ -92,9 +103,7 @@ class Scripted(Model):
         self.offered.append([h.tool_name for h in handoffs])
         return ModelResponse(output=self.turns.pop(0), usage=Usage(), response_id=None)
 
-    def stream_response(
-        self, *args: Any, **kwargs: Any
-    ) -> AsyncIterator[TResponseStreamEvent]:
+    def stream_response(self, *args: Any, **kwargs: Any) -> AsyncIterator[TResponseStreamEvent]:
         raise NotImplementedError
 
 
@@ -138,8 +147,13 @@ async def test_the_handoff_is_durable_typed_and_carries_state(client: Client) ->
         seen.append((msg, r))
 
     to_writer = broker_handoff(
-        client, writer, contract=Subtask, source_agent=triage,
-        run_id=lambda ctx: ctx.context.run_id, state_delta=note, on_handoff=on_handoff,
+        client,
+        writer,
+        contract=Subtask,
+        source_agent=triage,
+        run_id=lambda ctx: ctx.context.run_id,
+        state_delta=note,
+        on_handoff=on_handoff,
     )
     args = {"index": 0, "of": 1, "instruction": "page 1", "sources": ["a.pdf"]}
     model = Scripted([tool_call(to_writer.tool_name, args)])
@@ -187,8 +201,13 @@ async def test_a_pydantic_input_type_maps_to_the_contract(client: Client) -> Non
     run = await client.start_run("tests")
     back = Agent[Ctx](name=worker, model=Scripted([say("handed off, done")]))
     to_agg = broker_handoff(
-        client, agg, contract=WorkerResult, input_type=Finding, source_agent=worker,
-        run_id=run.id, then=back,
+        client,
+        agg,
+        contract=WorkerResult,
+        input_type=Finding,
+        source_agent=worker,
+        run_id=run.id,
+        then=back,
     )
     assert to_agg.input_json_schema["properties"]["summary"]["description"] == "What was found"
     args = {"summary": "s", "citations": [{"source": "x", "quote": "q"}]}
@@ -219,3 +238,97 @@ async def test_arguments_that_do_not_fit_are_refused_and_nothing_is_sent(
         await bounded(Runner.run(agent, "go", context=Ctx(run.id)))
     async with await client.subscribe(writer, "w1") as sub:
         assert await sub.next(1.0) is None
+
+
+def _writer_and_editor(client: Client, writer: str, editor: str) -> tuple[Agent[Any], Agent[Any]]:
+    """A writer `Agent` that hands its draft to the editor through the broker,
+    and an editor that answers; both scripted."""
+    to_editor = broker_handoff(client, editor, contract=Subtask, source_agent=writer)
+    writer_agent = Agent[Any](
+        name=writer,
+        handoffs=[to_editor],
+        model=ScriptedModel(
+            [
+                [
+                    function_call(
+                        to_editor.tool_name,
+                        {"index": 0, "of": 1, "instruction": "edit: draft", "sources": []},
+                        call_id="c2",
+                    )
+                ]
+            ]
+        ),
+    )
+    editor_agent = Agent[Any](
+        name=editor, model=ScriptedModel([[assistant_message("Edited: page 1 is about trips")]])
+    )
+    return writer_agent, editor_agent
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_runner_hands_off_through_the_broker_and_waits_for_the_answer(
+    client: Client, streamed: bool
+) -> None:
+    triage, writer, editor = uniq("triage"), uniq("writer"), uniq("editor")
+    await client.register_agent(triage, emits=[Subtask])
+    to_writer = broker_handoff(client, writer, contract=Subtask, source_agent=triage)
+    triage_agent = Agent[Any](
+        name=triage,
+        handoffs=[to_writer],
+        model=ScriptedModel(
+            [
+                [
+                    function_call(
+                        to_writer.tool_name,
+                        {"index": 0, "of": 1, "instruction": "page 1", "sources": []},
+                        call_id="c1",
+                    )
+                ]
+            ]
+        ),
+    )
+    writer_agent, editor_agent = _writer_and_editor(client, writer, editor)
+    worker = Worker(
+        client,
+        [
+            agent_worker(writer_agent, writer, accepts=Subtask, emits=[Subtask]),
+            agent_worker(
+                editor_agent,
+                editor,
+                accepts=Subtask,
+                emits=[Report],
+                result=lambda text: Report(answer=text),
+            ),
+        ],
+    )
+    running = asyncio.create_task(worker.run(handle_signals=False))
+    try:
+        await bounded(worker.ready.wait())
+        events: list[Any] = []
+        done = await bounded(
+            run(
+                client,
+                triage_agent,
+                "Summarise page 1",
+                owner="tests",
+                streamed=streamed,
+                on_event=events.append,
+            )
+        )
+        assert done.receipt is not None and done.receipt["target"] == writer
+        assert done.receipt["run_id"] == done.run_id
+        if streamed:
+            assert events, "the stream's events were handed on"
+        report = await bounded(done.answer(Report))
+        assert report.answer == "Edited: page 1 is about trips"
+        got = await client.get_run(done.run_id)
+        assert got.run.pinned.ask == "Summarise page 1", "the ask from the Runner's input"
+        hops = [
+            (e.source_agent, e.agent)
+            for e in got.timeline
+            if e.kind == pb.EVENT_KIND_HANDOFF_ACCEPTED and e.agent
+        ]
+        assert hops == [(triage, writer), (writer, editor)]
+    finally:
+        worker.stop()
+        await bounded(running)
