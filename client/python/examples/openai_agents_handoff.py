@@ -17,10 +17,9 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-from agents import Agent, Handoff, Runner, set_tracing_disabled
+from agents import Agent, Handoff, set_tracing_disabled
 from agents.items import ModelResponse, TResponseStreamEvent
 from agents.models.interface import Model
 from agents.usage import Usage
@@ -28,16 +27,8 @@ from google.protobuf.message import Message
 from openai.types.responses import ResponseFunctionToolCall
 
 from handoff import Client, Context, StateDelta, Worker, agent
-from handoff.adapters.openai_agents import broker_handoff
+from handoff.adapters.openai_agents import broker_handoff, run
 from handoff.demo.v1.demo_pb2 import Report, Subtask
-from handoff.v1 import handoff_pb2 as pb
-
-
-@dataclass
-class RunCtx:
-    """The Agents SDK run's context: which broker run it works in."""
-
-    run_id: str
 
 
 class CallsTheHandoff(Model):
@@ -48,8 +39,11 @@ class CallsTheHandoff(Model):
         handoffs: list[Handoff[Any, Any]] = args[5] if len(args) > 5 else kwargs["handoffs"]
         arguments = {"index": 0, "of": 1, "instruction": "summarise page 1", "sources": ["a.pdf"]}
         call = ResponseFunctionToolCall(
-            id="call-1", call_id="call-1", type="function_call",
-            name=handoffs[0].tool_name, arguments=json.dumps(arguments),
+            id="call-1",
+            call_id="call-1",
+            type="function_call",
+            name=handoffs[0].tool_name,
+            arguments=json.dumps(arguments),
         )
         return ModelResponse(output=[call], usage=Usage(), response_id=None)
 
@@ -81,28 +75,23 @@ async def main(addr: str) -> None:
             return StateDelta().set("topic", msg.instruction)
 
         to_writer = broker_handoff(
-            client, "writer", contract=Subtask, source_agent="triage",
-            run_id=lambda ctx: ctx.context.run_id, state_delta=remember,
+            client, "writer", contract=Subtask, source_agent="triage", state_delta=remember
         )
         offline = not os.environ.get("OPENAI_API_KEY")
         model: str | Model = CallsTheHandoff() if offline else "gpt-4o-mini"
-        triage = Agent[RunCtx](
-            name="triage", instructions="Hand every request to the writer.",
-            handoffs=[to_writer], model=model,
+        triage = Agent[Any](
+            name="triage",
+            instructions="Hand every request to the writer.",
+            handoffs=[to_writer],
+            model=model,
         )
-        run = await client.start_run("example", ask="Summarise page 1")
-        result = await Runner.run(triage, "Please summarise page 1", context=RunCtx(run.id))
-        print("agents run ended with:", result.final_output)
-
-        for _ in range(100):
-            got = await client.get_run(run.id)
-            if got.run.status != pb.RUN_STATUS_RUNNING:
-                break
-            await asyncio.sleep(0.1)
-        report = Report()
-        got.run.result.Unpack(report)
+        # The broker run is started for the agents (its ask is their input),
+        # and its id reaches the handoff through the run context.
+        done = await run(client, triage, "Please summarise page 1", owner="example")
+        print("agents run ended with:", done.result.final_output)
+        report = await done.answer(Report)
         print("broker run result:", report.answer)
-        print("state:", (await client.get_state(run.id)).values)
+        print("state:", (await client.get_state(done.run_id)).values)
         worker.stop()
         await running
 

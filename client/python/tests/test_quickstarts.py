@@ -1,8 +1,10 @@
-"""The README quickstarts, run as a new user would, one after the other,
-against one fresh broker (its own nats-server): each prints its result."""
+"""The README quickstarts and the adapters' examples, run as a new user
+would, one after the other, against one fresh broker (its own nats-server):
+each prints its result."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -43,6 +45,32 @@ def test_the_readme_quickstarts_run_one_after_the_other_on_one_broker() -> None:
                     assert done.stdout.strip() == (
                         "RUN_STATUS_COMPLETED Summarise the report: page 1"
                     ), done.stdout
+            finally:
+                _stop(broker.proc)
+        finally:
+            _stop(nats.proc)
+
+
+def test_the_adapter_examples_run_and_print_their_results() -> None:
+    examples = REPO / "client" / "python" / "examples"
+    with tempfile.TemporaryDirectory(prefix="handoff-py-examples-") as store:
+        nats = start_nats(Path(store))
+        try:
+            broker = start_broker(nats.url)
+            try:
+                for name, expected in [
+                    ("langgraph_agent.py", "result:"),
+                    ("openai_agents_handoff.py", "broker run result: wrote"),
+                ]:
+                    done = subprocess.run(
+                        [sys.executable, str(examples / name), broker.addr],
+                        capture_output=True,
+                        text=True,
+                        timeout=60,
+                        env={k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"},
+                    )
+                    assert done.returncode == 0, done.stderr
+                    assert expected in done.stdout, done.stdout
             finally:
                 _stop(broker.proc)
         finally:
