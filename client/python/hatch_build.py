@@ -73,14 +73,14 @@ def generate_reasons(protos: Path, out: Path) -> None:
     refusal's reason, from `handoff/v1/reasons.txt` (shared with the broker
     and the Rust SDK)."""
     rows = [
-        line.split()
+        line.split()[:2]
         for line in (protos / "handoff/v1/reasons.txt").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
+        if line.strip() and not line.strip().startswith("#")
     ]
     body = "".join(f'    "{reason}": "{disposition}",\n' for reason, disposition in rows)
     (out / "handoff/v1/reasons.py").write_text(
         '"""Generated from proto/handoff/v1/reasons.txt: what a caller does about\n'
-        'each refusal\'s reason (retryable, conflict, terminal)."""\n\n'
+        'each refusal\'s reason (retryable, conflict, terminal, superseded)."""\n\n'
         f"DISPOSITIONS: dict[str, str] = {{\n{body}}}\n"
     )
 

@@ -177,8 +177,8 @@ impl Error {
     /// What to do about this error: the broker's table of reasons
     /// (`proto/handoff/v1/reasons.txt`) for a refusal; for an error
     /// without a known reason, by its kind (unavailable, timed out, not
-    /// reached, closed: retryable; a conflict: conflict; anything else:
-    /// terminal).
+    /// reached, closed, or an unexplained failure such as a reset stream:
+    /// retryable; a conflict: conflict; anything else: terminal).
     pub fn disposition(&self) -> Disposition {
         if let Some(d) = self.reason().and_then(handoff_proto::reasons::disposition) {
             return d;

@@ -148,6 +148,10 @@ pub mod reasons {
         Conflict,
         /// It will never succeed as it is: do not retry.
         Terminal,
+        /// The delivery is no longer the caller's (settled another way,
+        /// delivered again, or gone): stop working on it and settle
+        /// nothing.
+        Superseded,
     }
 
     impl Disposition {
@@ -157,6 +161,7 @@ pub mod reasons {
                 Disposition::Retryable => "retryable",
                 Disposition::Conflict => "conflict",
                 Disposition::Terminal => "terminal",
+                Disposition::Superseded => "superseded",
             }
         }
     }
@@ -168,11 +173,12 @@ pub mod reasons {
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .filter_map(|l| {
-                let (reason, word) = l.split_once(' ')?;
+                let (reason, word) = l.split_once(char::is_whitespace)?;
                 let disposition = match word.trim() {
                     "retryable" => Disposition::Retryable,
                     "conflict" => Disposition::Conflict,
                     "terminal" => Disposition::Terminal,
+                    "superseded" => Disposition::Superseded,
                     _ => return None,
                 };
                 Some((reason, disposition))
@@ -202,6 +208,10 @@ pub mod reasons {
                 Some(Disposition::Retryable)
             );
             assert_eq!(disposition("STATE_TOO_LARGE"), Some(Disposition::Terminal));
+            assert_eq!(
+                disposition("LEASE_SUPERSEDED"),
+                Some(Disposition::Superseded)
+            );
             assert_eq!(disposition("NO_SUCH_REASON"), None);
         }
     }

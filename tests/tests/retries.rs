@@ -115,3 +115,46 @@ async fn a_retryable_failure_is_retried_after_a_backoff_and_succeeds() {
     assert_eq!(count(&view.timeline, pb::EventKind::Nacked), 1);
     assert_eq!(count(&view.timeline, pb::EventKind::Rejected), 0);
 }
+
+#[tokio::test]
+async fn a_superseded_delivery_is_left_alone_and_its_redelivery_goes_on() {
+    let (_nats, _broker, client) = stack(|_| {}).await;
+    client
+        .register_agent(AgentConfig::new("slow").lease(Duration::from_secs(1)))
+        .await
+        .expect("register");
+    let run = client
+        .start_run(RunConfig::new("ivy").id("slow-run"))
+        .await
+        .expect("start");
+    client
+        .handoff(Handoff::to(&run.id, "slow", &note("go", 0)).expect("handoff"))
+        .await
+        .expect("handoff");
+    let mut sub = client.subscribe("slow", "s1", 2).await.expect("subscribe");
+    let first = next_within(&mut sub, Duration::from_secs(5))
+        .await
+        .expect("delivery");
+    // The lease passes: the handoff is offered again.
+    let second = next_within(&mut sub, Duration::from_secs(10))
+        .await
+        .expect("offered again");
+    assert_eq!(second.attempt(), 2);
+    let err = first
+        .handoff(Handoff::final_result("", &note("late", 1)).expect("final"))
+        .await
+        .expect_err("superseded");
+    assert_eq!(err.reason(), Some("LEASE_SUPERSEDED"));
+    assert_eq!(err.disposition(), Disposition::Superseded);
+    first.fail(&err).await.expect("left alone");
+    second
+        .handoff(Handoff::final_result("", &note("done", 2)).expect("final"))
+        .await
+        .expect("complete");
+    let view = client.get_run(&run.id).await.expect("run");
+    assert_eq!(
+        view.run.expect("run").status,
+        pb::RunStatus::Completed as i32
+    );
+    assert_eq!(count(&view.timeline, pb::EventKind::Rejected), 0);
+}

@@ -239,3 +239,54 @@ def test_addresses_event_kinds_and_run_ids() -> None:
         _event_kind("nope")
     a, b = new_run_id(), new_run_id()
     assert a != b and a[14] == "7"
+
+
+def test_dispositions_come_from_the_brokers_table_else_from_the_kind() -> None:
+    from handoff import Disposition, HandoffError
+    from handoff._errors import ErrorKind, error
+
+    def refused(reason: str, **metadata: str) -> HandoffError:
+        return HandoffError(
+            "x", kind=ErrorKind.FAILED_PRECONDITION, reason=reason, metadata=metadata
+        )
+
+    assert refused("STATE_TOO_LARGE").disposition is Disposition.TERMINAL
+    assert refused("STATE_CONFLICT").disposition is Disposition.CONFLICT
+    assert refused("NATS_UNAVAILABLE").disposition is Disposition.RETRYABLE
+    assert refused("LEASE_SUPERSEDED").disposition is Disposition.SUPERSEDED
+    # A reason a newer broker may send, and errors of the SDK's own, by kind.
+    assert refused("SOMETHING_NEW").disposition is Disposition.TERMINAL
+    assert error(ErrorKind.UNAVAILABLE, "down").disposition is Disposition.RETRYABLE
+    assert error(ErrorKind.OTHER, "stream reset").disposition is Disposition.RETRYABLE
+    assert error(ErrorKind.CONFLICT, "stale").disposition is Disposition.CONFLICT
+    assert error(ErrorKind.DECODE, "bad").disposition is Disposition.TERMINAL
+    big = refused("STATE_TOO_LARGE", size="81046", key="messages", limit="65536")
+    assert big.summary() == "STATE_TOO_LARGE key=messages limit=65536 size=81046"
+    assert error(ErrorKind.OTHER, "plain").summary() == "plain"
+
+
+def test_retry_delays_double_jitter_and_stay_under_thirty_seconds() -> None:
+    from handoff._worker import retry_delay
+
+    for _ in range(200):
+        assert 0.125 <= retry_delay(1) < 0.375
+        assert 1.0 <= retry_delay(4) < 3.0
+        assert retry_delay(60) <= 30.0
+        assert 0.1 <= retry_delay(1, 0.2) < 0.3
+    assert len({retry_delay(3) for _ in range(20)}) > 1
+
+
+def test_a_langchain_message_keeps_one_id_and_json_values() -> None:
+    pytest.importorskip("langchain_core")
+    import datetime as dt
+
+    from langchain_core.messages import AIMessage
+
+    from handoff._values import from_value, langchain_message, to_value
+
+    m = AIMessage(content="hi", additional_kwargs={"at": dt.datetime(2026, 1, 2, 3, 4, 5)})
+    first, second = langchain_message(m), langchain_message(m)
+    assert first is not None and first == second, "serialized twice, one id"
+    assert m.id and first["data"]["id"] == m.id  # type: ignore[index,call-overload]
+    stored = from_value(to_value(first))
+    assert stored == first

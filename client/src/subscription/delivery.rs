@@ -369,7 +369,9 @@ impl Delivery {
     /// numbers; it is never retried); a retryable failure nacks it with
     /// [`retry_delay`] for this attempt; a conflict nacks it for at once.
     /// A failure that is not the broker's (a plain `Error` of the SDK
-    /// without a reason) counts by its kind.
+    /// without a reason) counts by its kind; a delivery no longer this
+    /// instance's (superseded) is left alone; a refusal of this
+    /// instance's own credentials is not the run's fault, and nacks.
     ///
     /// ```no_run
     /// # async fn work(d: &handoff_client::Delivery) -> handoff_client::Result<()> { Ok(()) }
@@ -381,10 +383,15 @@ impl Delivery {
     /// # }
     /// ```
     pub async fn fail(&self, err: &Error) -> Result<()> {
+        if own_credentials(err) {
+            tracing::error!(handoff_id = %self.handoff_id(), error = %err, "refused for this instance's credentials; the delivery goes back");
+            return self.nack(Some(retry_delay(self.attempt()))).await;
+        }
         match err.disposition() {
             crate::Disposition::Terminal => self.reject(err.summary()).await,
             crate::Disposition::Retryable => self.nack(Some(retry_delay(self.attempt()))).await,
             crate::Disposition::Conflict => self.nack(None).await,
+            crate::Disposition::Superseded => Ok(()),
         }
     }
 
@@ -689,15 +696,19 @@ impl Delivery {
     }
 }
 
+/// Whether `err` refuses the caller's own credentials (not the run's
+/// fault).
+fn own_credentials(err: &Error) -> bool {
+    err.code() == Some(tonic::Code::Unauthenticated) || err.reason() == Some("NOT_GRANTED")
+}
+
 /// How long a retryable failure of `attempt` waits before its next
-/// attempt: 250 ms doubled per attempt, at most 30 s, then spread by a
-/// random factor in [0.5, 1.5) so that instances failing together do not
-/// retry together.
+/// attempt: 250 ms doubled per attempt, spread by a random factor in
+/// [0.5, 1.5) so that instances failing together do not retry together,
+/// and at most 30 s.
 pub fn retry_delay(attempt: u32) -> Duration {
-    let base = Duration::from_millis(250)
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(10))
-        .min(Duration::from_secs(30));
-    base.mul_f64(0.5 + jitter())
+    let base = Duration::from_millis(250).saturating_mul(1u32 << attempt.saturating_sub(1).min(10));
+    base.mul_f64(0.5 + jitter()).min(Duration::from_secs(30))
 }
 
 /// A number in [0, 1), different on each call (not for cryptography).
@@ -724,7 +735,7 @@ mod tests {
             assert!(first >= Duration::from_millis(125) && first < Duration::from_millis(375));
             let fourth = retry_delay(4);
             assert!(fourth >= Duration::from_secs(1) && fourth < Duration::from_secs(3));
-            assert!(retry_delay(40) < Duration::from_secs(45));
+            assert!(retry_delay(40) <= Duration::from_secs(30));
         }
         let spread: std::collections::HashSet<Duration> = (0..20).map(|_| retry_delay(3)).collect();
         assert!(spread.len() > 1, "jittered");

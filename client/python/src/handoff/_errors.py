@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from .v1.reasons import DISPOSITIONS
+
 __all__ = [
     "AlreadyExistsError",
     "ClosedError",
@@ -79,6 +81,9 @@ class Disposition(enum.Enum):
     TERMINAL = "terminal"
     """It will never succeed as it is: do not retry (a worker rejects the
     delivery with `err.summary()`)."""
+    SUPERSEDED = "superseded"
+    """The delivery is no longer the caller's (settled another way, delivered
+    again, or gone): stop working on it and settle nothing."""
 
 
 @dataclass(frozen=True)
@@ -135,10 +140,9 @@ class HandoffError(Exception):
     @property
     def disposition(self) -> Disposition:
         """What to do about it: the broker's table for a reason it knows; else by
-        kind (unavailable, timed out, not reached, closed: retryable; a conflict:
-        conflict; anything else: terminal)."""
-        from .v1.reasons import DISPOSITIONS
-
+        kind (unavailable, timed out, not reached, closed, or an unexplained
+        failure such as a reset stream: retryable; a conflict: conflict;
+        anything else: terminal)."""
         known = DISPOSITIONS.get(self.reason or "")
         if known is not None:
             return Disposition(known)
@@ -147,6 +151,7 @@ class HandoffError(Exception):
             ErrorKind.TIMEOUT,
             ErrorKind.CONNECT,
             ErrorKind.CLOSED,
+            ErrorKind.OTHER,
         ):
             return Disposition.RETRYABLE
         if self.kind is ErrorKind.CONFLICT:

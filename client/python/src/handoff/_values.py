@@ -16,8 +16,14 @@ from google.protobuf.message import Message
 from ._errors import ErrorKind, error
 
 JsonValue: TypeAlias = (
-    bool | int | float | str | list["JsonValue"] | tuple["JsonValue", ...]
-    | dict[str, "JsonValue"] | None
+    bool
+    | int
+    | float
+    | str
+    | list["JsonValue"]
+    | tuple["JsonValue", ...]
+    | dict[str, "JsonValue"]
+    | None
 )
 """A JSON-like value: what run state holds (`None`, `bool`, numbers, `str`,
 lists and dicts of them)."""
@@ -62,20 +68,23 @@ def to_value(value: JsonValue) -> struct_pb2.Value:
 
 def langchain_message(value: object) -> dict[str, JsonValue] | None:
     """A LangChain message (`HumanMessage`, `AIMessage`, ...) in LangChain's own
-    serialized form, `{"type": ..., "data": {...}}` (what `messages_from_dict`
-    restores as the same message), with an id assigned when it has none, so
-    that no later hop mints another; `None` for any other value."""
+    serialized form, `{"type": ..., "data": {...}}` (as `message_to_dict`
+    writes it, its data in JSON mode; what `messages_from_dict` restores as the
+    same message), with an id assigned to the message when it has none, so that
+    no later hop mints another; `None` for any other value."""
     if not type(value).__module__.startswith("langchain_core."):
         return None
     try:
-        from langchain_core.messages import BaseMessage, message_to_dict
+        from langchain_core.messages import BaseMessage
     except ImportError:  # pragma: no cover - a langchain_core object without it
         return None
     if not isinstance(value, BaseMessage):
         return None
     if value.id is None:
-        value = value.model_copy(update={"id": str(uuid.uuid4())})
-    return cast(dict[str, JsonValue], message_to_dict(value))
+        # On the message itself: serialized again, it keeps this id.
+        value.id = str(uuid.uuid4())
+    data = value.model_dump(mode="json")
+    return {"type": value.type, "data": cast(JsonValue, data)}
 
 
 def to_list(items: list[JsonValue] | tuple[JsonValue, ...]) -> struct_pb2.ListValue:

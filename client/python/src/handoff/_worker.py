@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeAlias, TypeVar
 
+import grpc
 from google.protobuf.message import Message
 
 from ._barrier import ALL, JoinMode
@@ -401,15 +402,17 @@ class Worker:
             keeper.cancel()
             try:
                 await _settle(handler, delivery, outcome)
-            except HandoffError as e:
+            except Exception as e:
                 log.warning(
-                    "settling handoff %s of %s failed: %s", delivery.handoff_id, handler.name, e
+                    "settling handoff %s of %s failed: %r", delivery.handoff_id, handler.name, e
                 )
                 if not delivery.settled:
                     await self._fail(delivery, e)
-        except HandoffError as e:
+        except Exception as e:
+            # The settlement itself failed (the broker away, the lease gone):
+            # the delivery comes back when its lease passes.
             log.warning(
-                "settling handoff %s of %s failed: %s", delivery.handoff_id, handler.name, e
+                "settling handoff %s of %s failed: %r", delivery.handoff_id, handler.name, e
             )
         finally:
             keeper.cancel()
@@ -419,26 +422,35 @@ class Worker:
         rejects it with the reason and its metadata; a conflict nacks it for at
         once; anything else nacks it after a backoff with jitter."""
         disposition = e.disposition if isinstance(e, HandoffError) else Disposition.RETRYABLE
+        if isinstance(e, HandoffError) and _own_credentials(e):
+            log.error("refused for this worker's credentials, not the run's fault: %s", e)
+            disposition = Disposition.RETRYABLE
         if disposition is Disposition.TERMINAL:
             assert isinstance(e, HandoffError)
             await delivery.reject(e.summary())
         elif disposition is Disposition.CONFLICT:
             await delivery.nack()
-        else:
+        elif disposition is Disposition.RETRYABLE:
             await delivery.nack(retry_delay(delivery.attempt, self.retry_delay))
+        # SUPERSEDED: the delivery is no longer this worker's; nothing to settle.
 
 
 SETTLE_GRACE = 5.0
 
 
+def _own_credentials(e: HandoffError) -> bool:
+    """Whether `e` refuses the worker's own credentials (not the run's fault)."""
+    return e.code == grpc.StatusCode.UNAUTHENTICATED or e.reason == "NOT_GRANTED"
+
+
 def retry_delay(attempt: int, base: Seconds | None = None) -> float:
     """Seconds before attempt `attempt + 1` after a retryable failure: `base`
-    (default 0.25 s) doubled per attempt, at most 30 s, spread by a random
-    factor in [0.5, 1.5) so that instances failing together do not retry
-    together."""
+    (default 0.25 s) doubled per attempt, spread by a random factor in
+    [0.5, 1.5) so that instances failing together do not retry together, and
+    at most 30 s."""
     first = seconds(base) if base is not None else 0.25
-    delay: float = min(first * 2.0 ** max(attempt - 1, 0), 30.0)
-    return delay * (0.5 + random.random())
+    delay: float = first * 2.0 ** min(max(attempt - 1, 0), 20)
+    return min(delay * (0.5 + random.random()), 30.0)
 
 
 async def _settle(handler: AgentHandler[Any], delivery: Delivery, outcome: Outcome) -> None:

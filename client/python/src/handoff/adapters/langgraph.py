@@ -148,7 +148,7 @@ def to_json(value: Any, key: str = "") -> JsonValue:
 
     Example::
 
-        to_json(AIMessage(content="hi"))["content"] == "hi"
+        to_json(AIMessage(content="hi", id="m1"))["data"]["content"] == "hi"
     """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value

@@ -373,8 +373,12 @@ def broker_handoff(
         rid = _run_of(ctx, run_id)
         delta = state_delta(ctx, message) if state_delta is not None else None
         delivery = ctx.context.delivery if isinstance(ctx.context, BrokerRunContext) else None
-        if delivery is not None and not delivery.settled:
-            # In a worker: the complete-and-handoff of the delivery.
+        if delivery is not None:
+            # In a worker: the complete-and-handoff of the delivery, once.
+            if delivery.settled:
+                raise ModelBehaviorError(
+                    f"the delivery was handed off already; no second handoff to {target}"
+                )
             receipt = await delivery.handoff(target, message, state_delta=delta)
         else:
             receipt = await client.handoff(
@@ -438,10 +442,14 @@ class BrokerRun:
             got = (await self.client.get_run(self.run_id)).run
             if got.status == pb.RUN_STATUS_COMPLETED:
                 out = result_type()
-                if not got.result.Unpack(out):
+                result = got.result
+                if got.HasField("result_ref"):
+                    # Stored by reference (over the broker's inline limit).
+                    result = await self.client.get_payload(self.run_id, got.result_ref)
+                if not result.Unpack(out):
                     raise error(
                         ErrorKind.DECODE,
-                        f"run {self.run_id} ended with a {got.result.type_url}, "
+                        f"run {self.run_id} ended with a {result.type_url}, "
                         f"not a {result_type.DESCRIPTOR.full_name}",
                     )
                 return out
