@@ -8,28 +8,39 @@ use std::time::{Duration, Instant};
 use handoff_client::{pb, AgentConfig, Disposition, Handoff, RunConfig};
 use handoff_tests::{next_within, note, secured::count, stack};
 
+/// Agent `agent` registered as `config` says, a run with a note handed to
+/// it, and its first delivery (the subscription stays open).
+async fn first_delivery(
+    client: &handoff_client::Client,
+    (agent, config): (&str, AgentConfig),
+    run: RunConfig,
+) -> (
+    pb::Run,
+    handoff_client::Subscription,
+    handoff_client::Delivery,
+) {
+    client.register_agent(config).await.expect("register");
+    let run = client.start_run(run).await.expect("start");
+    client
+        .handoff(Handoff::to(&run.id, agent, &note("go", 0)).expect("handoff"))
+        .await
+        .expect("handoff");
+    let mut sub = client.subscribe(agent, "i1", 2).await.expect("subscribe");
+    let first = next_within(&mut sub, Duration::from_secs(5))
+        .await
+        .expect("delivery");
+    (run, sub, first)
+}
+
 #[tokio::test]
 async fn a_terminal_refusal_rejects_once_and_fails_the_run_naming_it() {
     let (_nats, _broker, client) = stack(|_| {}).await;
-    client
-        .register_agent(AgentConfig::new("looper"))
-        .await
-        .expect("register");
-    let run = client
-        .start_run(RunConfig::new("ivy").id("too-deep").max_depth(1))
-        .await
-        .expect("start");
-    client
-        .handoff(Handoff::to(&run.id, "looper", &note("go", 0)).expect("handoff"))
-        .await
-        .expect("handoff");
-    let mut sub = client
-        .subscribe("looper", "l1", 1)
-        .await
-        .expect("subscribe");
-    let d = next_within(&mut sub, Duration::from_secs(5))
-        .await
-        .expect("delivery");
+    let (run, mut sub, d) = first_delivery(
+        &client,
+        ("looper", AgentConfig::new("looper")),
+        RunConfig::new("ivy").id("too-deep").max_depth(1),
+    )
+    .await;
     // One hop further than the run allows.
     let err = d
         .handoff(Handoff::to("", "looper", &note("again", 1)).expect("handoff"))
@@ -73,22 +84,12 @@ async fn a_terminal_refusal_rejects_once_and_fails_the_run_naming_it() {
 #[tokio::test]
 async fn a_retryable_failure_is_retried_after_a_backoff_and_succeeds() {
     let (_nats, _broker, client) = stack(|_| {}).await;
-    client
-        .register_agent(AgentConfig::new("flaky"))
-        .await
-        .expect("register");
-    let run = client
-        .start_run(RunConfig::new("ivy").id("flaky-run"))
-        .await
-        .expect("start");
-    client
-        .handoff(Handoff::to(&run.id, "flaky", &note("go", 0)).expect("handoff"))
-        .await
-        .expect("handoff");
-    let mut sub = client.subscribe("flaky", "f1", 1).await.expect("subscribe");
-    let first = next_within(&mut sub, Duration::from_secs(5))
-        .await
-        .expect("delivery");
+    let (run, mut sub, first) = first_delivery(
+        &client,
+        ("flaky", AgentConfig::new("flaky")),
+        RunConfig::new("ivy").id("flaky-run"),
+    )
+    .await;
     // What a call made while the broker was unreachable answers.
     let down = handoff_client::Error::from(tonic::Status::unavailable("NATS is down"));
     assert_eq!(down.disposition(), Disposition::Retryable);
@@ -119,22 +120,15 @@ async fn a_retryable_failure_is_retried_after_a_backoff_and_succeeds() {
 #[tokio::test]
 async fn a_superseded_delivery_is_left_alone_and_its_redelivery_goes_on() {
     let (_nats, _broker, client) = stack(|_| {}).await;
-    client
-        .register_agent(AgentConfig::new("slow").lease(Duration::from_secs(1)))
-        .await
-        .expect("register");
-    let run = client
-        .start_run(RunConfig::new("ivy").id("slow-run"))
-        .await
-        .expect("start");
-    client
-        .handoff(Handoff::to(&run.id, "slow", &note("go", 0)).expect("handoff"))
-        .await
-        .expect("handoff");
-    let mut sub = client.subscribe("slow", "s1", 2).await.expect("subscribe");
-    let first = next_within(&mut sub, Duration::from_secs(5))
-        .await
-        .expect("delivery");
+    let (run, mut sub, first) = first_delivery(
+        &client,
+        (
+            "slow",
+            AgentConfig::new("slow").lease(Duration::from_secs(1)),
+        ),
+        RunConfig::new("ivy").id("slow-run"),
+    )
+    .await;
     // The lease passes: the handoff is offered again.
     let second = next_within(&mut sub, Duration::from_secs(10))
         .await

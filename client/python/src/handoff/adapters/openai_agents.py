@@ -232,6 +232,18 @@ class _ReceiptModel(Model):
     def __init__(self, text: str) -> None:
         self._text = text
 
+    def _message(self) -> ResponseOutputMessage:
+        """The receipt as an assistant message."""
+        return ResponseOutputMessage(
+            id="handoff-receipt",
+            type="message",
+            role="assistant",
+            status="completed",
+            content=[
+                ResponseOutputText(text=self._text, type="output_text", annotations=[], logprobs=[])
+            ],
+        )
+
     async def get_response(
         self,
         system_instructions: str | None,
@@ -247,16 +259,7 @@ class _ReceiptModel(Model):
         prompt: ResponsePromptParam | None,
     ) -> ModelResponse:
         """The receipt, as one assistant message."""
-        message = ResponseOutputMessage(
-            id="handoff-receipt",
-            type="message",
-            role="assistant",
-            status="completed",
-            content=[
-                ResponseOutputText(text=self._text, type="output_text", annotations=[], logprobs=[])
-            ],
-        )
-        return ModelResponse(output=[message], usage=Usage(), response_id=None)
+        return ModelResponse(output=[self._message()], usage=Usage(), response_id=None)
 
     async def stream_response(
         self,
@@ -274,15 +277,7 @@ class _ReceiptModel(Model):
     ) -> AsyncIterator[TResponseStreamEvent]:
         """The receipt, as one completed response (so `Runner.run_streamed` ends
         cleanly with it as its final output)."""
-        message = ResponseOutputMessage(
-            id="handoff-receipt",
-            type="message",
-            role="assistant",
-            status="completed",
-            content=[
-                ResponseOutputText(text=self._text, type="output_text", annotations=[], logprobs=[])
-            ],
-        )
+        message = self._message()
         response = Response(
             id="handoff-receipt",
             created_at=time.time(),
