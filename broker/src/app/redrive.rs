@@ -24,6 +24,18 @@ use crate::{
     store::Claim,
 };
 
+/// ALREADY_SETTLED for a letter redriven before, to `target`.
+fn redriven_already(sequence: u64, target: &str) -> BrokerError {
+    BrokerError::Refused {
+        reason: Reason::AlreadySettled,
+        message: format!("dead letter {sequence} was already redriven to {target}"),
+        metadata: vec![
+            ("sequence", sequence.to_string()),
+            ("target_agent", target.to_string()),
+        ],
+    }
+}
+
 /// The key of a letter's redrive claim (no handoff id looks like it).
 fn claim_key(sequence: u64) -> String {
     format!("redrive-{sequence}")
@@ -77,17 +89,7 @@ pub async fn redrive(
     {
         Claim::Made(revision) => (revision, target),
         Claim::Held(held, _) if !held.stored.is_empty() => {
-            return Err(BrokerError::Refused {
-                reason: Reason::AlreadySettled,
-                message: format!(
-                    "dead letter {} was already redriven to {}",
-                    req.sequence, held.target_agent
-                ),
-                metadata: vec![
-                    ("sequence", req.sequence.to_string()),
-                    ("target_agent", held.target_agent.clone()),
-                ],
-            })
+            return Err(redriven_already(req.sequence, &held.target_agent))
         }
         // An earlier redrive recorded no receipt: it stopped before it
         // stored the handoff, or after (its event says so), or it is still
@@ -99,17 +101,7 @@ pub async fn redrive(
                     && e.dead_letter_sequence == req.sequence
             });
             if stored {
-                return Err(BrokerError::Refused {
-                    reason: Reason::AlreadySettled,
-                    message: format!(
-                        "dead letter {} was already redriven to {}",
-                        req.sequence, held.target_agent
-                    ),
-                    metadata: vec![
-                        ("sequence", req.sequence.to_string()),
-                        ("target_agent", held.target_agent.clone()),
-                    ],
-                });
+                return Err(redriven_already(req.sequence, &held.target_agent));
             }
             if held.target_agent != target {
                 check_target(broker, &held.target_agent, &envelope).await?;
