@@ -868,7 +868,12 @@ async fn an_input_request_parks_the_run_until_its_answer_resumes_the_agent_even_
     }
     let contract = answer_contract(&client).await;
     let run = client
-        .start_run(RunConfig::new("gail").id("asks").ask("book a hotel"))
+        .start_run(
+            RunConfig::new("gail")
+                .id("asks")
+                .ask("book a hotel")
+                .state("nights", "3"),
+        )
         .await
         .expect("start");
     let mut owner = client
@@ -970,6 +975,8 @@ async fn an_input_request_parks_the_run_until_its_answer_resumes_the_agent_even_
     let envelope = answered.envelope();
     assert_eq!(envelope.input_request_id, request.id);
     assert_eq!(answered.pinned().ask, "book a hotel");
+    // ...and the run's state, to go on from.
+    assert_eq!(answered.state_str("nights"), Some("3"));
     let got: Subtask = answered.payload().expect("decodes");
     assert_eq!(got.instruction, "Paris");
     answered

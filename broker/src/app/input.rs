@@ -23,7 +23,7 @@ use crate::{
     app::{
         access, auth, deliveries, guard, handoff, now,
         runs::{self, status_of, RunEnd},
-        Broker,
+        state, Broker,
     },
     error::{BrokerError, Class, Reason},
     rules::{grants::Action, handoff as rules, names},
@@ -477,6 +477,10 @@ async fn deliver_answer(
     request: &pb::InputRequest,
     answer: prost_types::Any,
 ) -> Result<pb::HandoffResponse, BrokerError> {
+    // The asking agent goes on from the run's state as it is now.
+    let state_revision = state::latest(broker, &run.id)
+        .await?
+        .map_or(0, |r| r.revision);
     let envelope = pb::HandoffEnvelope {
         id: rules::derived_id(&format!("answer\u{0}{}", request.id)),
         run_id: run.id.clone(),
@@ -488,6 +492,7 @@ async fn deliver_answer(
         depth: request.depth,
         created_at: Some(now()),
         input_request_id: request.id.clone(),
+        state_revision,
         ..Default::default()
     };
     let stored = broker.store().put_handoff(&envelope).await?;
