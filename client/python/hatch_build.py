@@ -18,7 +18,11 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-PROTOS = ["handoff/v1/handoff.proto", "handoff/demo/v1/demo.proto"]
+PROTOS = [
+    "handoff/v1/handoff.proto",
+    "handoff/demo/v1/demo.proto",
+    "handoff/langgraph/v1/langgraph.proto",
+]
 
 
 def proto_root(root: Path) -> Path:

@@ -84,8 +84,12 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
     ) from e
 
 __all__ = [
+    "SPILLED",
     "BrokerContext",
+    "DistributedGraph",
+    "GraphRunFailed",
     "command_to_delta",
+    "distribute",
     "from_json",
     "graph_agent",
     "handoff_node",
@@ -343,9 +347,7 @@ def handoff_node(
     key_list = list(keys) if keys is not None else None
 
     async def node(state: Any, config: RunnableConfig) -> Command[str]:
-        values: Mapping[str, Any] = (
-            state if isinstance(state, Mapping) else _as_mapping(state)
-        )
+        values: Mapping[str, Any] = state if isinstance(state, Mapping) else _as_mapping(state)
         message = payload(state)
         key = idempotency_key(state) if idempotency_key is not None else None
         ctx = broker_context(config)
@@ -531,3 +533,77 @@ def _fill(cls: type[P], values: Mapping[str, Any]) -> P:
             f"the graph's output does not fill a {cls.DESCRIPTOR.full_name}: {e}",
         ) from e
     return msg
+
+
+# ---------------------------------------------------------------- a whole graph
+
+
+def distribute(
+    graph: CompiledStateGraph[Any, Any, Any, Any],
+    *,
+    prefix: str,
+    names: Mapping[str, str] | None = None,
+    lease: Seconds | None = None,
+    max_attempts: int = 0,
+    value_limit: int = 65536,
+    state_limit: int = 262144,
+    input_timeout: Seconds = 3600,
+    config: RunnableConfig | None = None,
+) -> DistributedGraph:
+    """A compiled `StateGraph` across the broker: each node becomes broker
+    agent `<prefix>-<node>` (or `names[node]`), and the graph runs as a
+    broker run with LangGraph's own rules.
+
+    - **State**: the run state, one key per state key, values as `to_json`
+      writes them (LangChain messages in LangChain's form, ids kept). Each
+      hop's delta holds what the node changed: a reducer key appended only
+      its new items, a plain key set. Each node's writes are applied through
+      the graph's own channels (its reducers), as LangGraph applies them.
+    - **Control**: a node's `Command(goto=...)`, its edges and its
+      conditional edges name the next superstep. One node: a handoff to its
+      agent. Several (parallel edges, `Send`s): a fan-out with a barrier, one
+      branch per node run. The join applies every branch's writes in
+      LangGraph's order (pulled nodes by name, then `Send`s in order), then
+      runs the node they all lead to. `END`, or nowhere left to go: the run
+      completes.
+    - **Large state**: a value over `value_limit` bytes (the broker's
+      `max_state_value_bytes`), or the keys that bring the document over
+      `state_limit` (`max_state_bytes`), travel in the hop's payload. That is
+      by reference once over the broker's `max_inline_payload`. The run state
+      holds a marker (`{SPILLED: {"bytes": n}}`) for each.
+    - **interrupt()**: the run waits for its owner's input (`AwaitInput`, up
+      to `input_timeout`). `ainvoke` answers the state with `__interrupt__`,
+      and `ainvoke(Command(resume=value), config)` answers it. This works
+      once per node run, on the graph's own state. Elsewhere (a parallel
+      branch, a `Send`, state in the payload) the delivery is rejected
+      `INTERRUPT_UNSUPPORTED`.
+    - **Not distributed**: edges that wait for several nodes
+      (`add_edge([a, b], c)`), refused here; `Command(graph=PARENT)`,
+      rejected. A node's own retry policy is not applied: the broker retries
+      instead (`max_attempts`). What a node raises is handled like any
+      handler's failure: a terminal refusal fails the run at once, anything
+      else is retried with backoff.
+
+    Two lines change to run a graph across the broker::
+
+        graph = distribute(builder.compile(), prefix="travel")
+        out = await graph.ainvoke({"messages": [("user", "hi")]}, client=client)
+
+    with its agents served by `Worker(client, graph.agents)`, in this process
+    or split across many (`graph.worker(client, nodes=[...])`).
+    """
+    return _distribute.distribute(
+        graph,
+        prefix=prefix,
+        names=names,
+        lease=lease,
+        max_attempts=max_attempts,
+        value_limit=value_limit,
+        state_limit=state_limit,
+        input_timeout=input_timeout,
+        config=config,
+    )
+
+
+from . import _distribute  # noqa: E402
+from ._distribute import SPILLED, DistributedGraph, GraphRunFailed  # noqa: E402

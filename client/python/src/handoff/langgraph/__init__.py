@@ -1,0 +1,2 @@
+"""What the agents of a distributed LangGraph graph hand each other
+(`handoff.langgraph.v1`), generated at build time."""
