@@ -428,6 +428,21 @@ async fn read_stream(
         })
         .await
         .map_err(|e| BrokerError::nats("reading events", e))?;
+    let name = consumer.cached_info().name.clone();
+    let read = read_ordered(consumer, limit).await;
+    // Deleted at once rather than left to expire: a caller polling GetRun
+    // would otherwise pile up ephemeral consumers until JetStream refuses
+    // more (maximum consumers limit reached).
+    if let Err(e) = stream.delete_consumer(&name).await {
+        tracing::debug!(error = %e, consumer = %name, "deleting a read's consumer failed");
+    }
+    read
+}
+
+async fn read_ordered(
+    consumer: jetstream::consumer::Consumer<pull::OrderedConfig>,
+    limit: usize,
+) -> Result<Vec<(u64, Bytes)>, BrokerError> {
     let pending = consumer.cached_info().num_pending as usize;
     let want = pending.min(limit);
     let mut out = Vec::with_capacity(want);
