@@ -21,7 +21,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.types import Command, Send, interrupt
 
-from handoff import Client
+from handoff import Client, HandoffError
 from handoff.adapters.langgraph import SPILLED, DistributedGraph, distribute, from_json
 from handoff.v1 import handoff_pb2 as pb
 
@@ -375,3 +375,69 @@ async def test_interrupt_waits_for_the_owner_and_resumes_as_locally(client: Clie
         worker.stop()
         await bounded(running)
     assert out == local == {"request": "a weekend", "city": "Lisbon", "plan": "a weekend in Lisbon"}
+
+
+# ---------------------------------------------------------------- LangGraph's reading rules
+
+
+class Counted(TypedDict, total=False):
+    q: str
+    xs: Annotated[list[int], operator.add]
+
+
+def counting() -> StateGraph[Any, Any, Any, Any]:
+    def first(state: Counted) -> dict[str, Any]:
+        # A reducer key nobody wrote yet reads as its empty value.
+        return {"xs": [len(state["xs"])]}
+
+    def second(state: Counted) -> dict[str, Any]:
+        return {"xs": [len(state["xs"])], "q": state["q"] + "!"}
+
+    builder = StateGraph(Counted)
+    builder.add_node("first", first)
+    builder.add_node("second", second)
+    builder.add_edge(START, "first")
+    builder.add_edge("first", "second")
+    return builder
+
+
+async def test_empty_reducer_keys_and_a_repeated_call_read_as_locally(client: Client) -> None:
+    local = await counting().compile().ainvoke({"q": "hi"})
+    graph = distribute(counting().compile(), prefix=uniq("count"))
+    worker, running = await served(client, graph)
+    run_id = uniq("run")
+    conf: Any = {"configurable": {"thread_id": run_id}}
+    try:
+        out = await bounded(graph.ainvoke({"q": "hi"}, conf, client=client))
+        assert out == local == {"q": "hi!", "xs": [0, 1]}
+        # The thread ran: a second call is refused, and starts nothing.
+        with pytest.raises(HandoffError) as refused:
+            await graph.ainvoke({"q": "again"}, conf, client=client)
+        assert refused.value.reason == "RUN_CLOSED"
+        kinds = [e.kind for e in (await client.get_run(run_id)).timeline]
+        # The first handoff, first -> second, and the final result: once each.
+        assert kinds.count(pb.EVENT_KIND_HANDOFF_ACCEPTED) == 3
+    finally:
+        worker.stop()
+        await bounded(running)
+
+
+def test_what_cannot_run_across_the_broker_is_refused_up_front() -> None:
+    builder = StateGraph(Counted)
+    builder.add_node("first", lambda s: {})
+    builder.add_node("later", lambda s: {}, defer=True)
+    builder.add_edge(START, "first")
+    builder.add_edge("first", "later")
+    with pytest.raises(HandoffError) as deferred:
+        distribute(builder.compile(), prefix="x")
+    assert deferred.value.kind.name == "INVALID_ARGUMENT"
+
+    joined = StateGraph(Counted)
+    joined.add_node("a", lambda s: {})
+    joined.add_node("b", lambda s: {})
+    joined.add_node("c", lambda s: {})
+    joined.add_edge(START, "a")
+    joined.add_edge(START, "b")
+    joined.add_edge(["a", "b"], "c")
+    with pytest.raises(HandoffError):
+        distribute(joined.compile(), prefix="x")

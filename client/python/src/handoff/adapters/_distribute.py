@@ -29,14 +29,15 @@ try:
     from langchain_core.runnables import Runnable, RunnableConfig
     from langchain_core.runnables.config import var_child_runnable_config
     from langgraph._internal import _constants as lgc
+    from langgraph._internal._fields import get_update_as_tuples
     from langgraph._internal._scratchpad import PregelScratchpad
     from langgraph._internal._typing import MISSING
     from langgraph.channels.base import BaseChannel
-    from langgraph.errors import EmptyChannelError, GraphInterrupt
+    from langgraph.errors import EmptyChannelError, GraphInterrupt, InvalidUpdateError
     from langgraph.graph import END, START
     from langgraph.graph.state import CompiledStateGraph
     from langgraph.types import Command, Interrupt, Send
-    from pydantic import BaseModel
+    from pydantic import BaseModel, ValidationError
 except ImportError as e:  # pragma: no cover - exercised without the extra
     raise ImportError(
         "handoff.adapters.langgraph needs LangGraph: pip install 'handoff[langgraph]'"
@@ -108,6 +109,23 @@ class DistributedGraph:
                 ErrorKind.INVALID_ARGUMENT,
                 f"edges that wait for several nodes ({', '.join(joined)}) are not distributed: "
                 "route the branches with Send or a node's Command instead",
+            )
+        refused = []
+        if "__root__" in graph.channels:
+            refused.append("a root state (StateGraph over a non-mapping type)")
+        if builder.managed:
+            refused.append(f"managed values ({', '.join(sorted(builder.managed))})")
+        deferred = sorted(n for n, spec in builder.nodes.items() if spec.defer)
+        if deferred:
+            refused.append(f"deferred nodes ({', '.join(deferred)})")
+        handlers = sorted(n for n, spec in builder.nodes.items() if spec.is_error_handler)
+        if handlers:
+            refused.append(f"error handler nodes ({', '.join(handlers)})")
+        if refused:
+            raise error(
+                ErrorKind.INVALID_ARGUMENT,
+                f"this graph has {'; '.join(refused)}, which distribute does not run across "
+                "the broker",
             )
         self.graph = graph
         """The graph distributed."""
@@ -201,11 +219,38 @@ class DistributedGraph:
                     f"run {run_id} waits for no input",
                     reason="INPUT_NOT_FOUND",
                 )
-            answer = lg.Resume(value=to_value(_json(input.resume)))
+            if input.update is not None or input.goto:
+                raise error(
+                    ErrorKind.INVALID_ARGUMENT,
+                    "a distributed graph resumes with Command(resume=value) only (no update, goto)",
+                )
+            value = input.resume
+            if isinstance(value, dict) and set(value) == {waiting[0].id}:
+                value = value[waiting[0].id]  # the form keyed by interrupt id
+            answer = lg.Resume(value=to_value(_json(value)))
             await client.provide_input(run_id, waiting[0].id, answer)
             return await self.wait(client, run_id, timeout=timeout)
-        values = self._apply({}, self._input_writes(input))
-        tasks = _superstep_order(await self._route(START, _Ran(), values))
+        try:
+            existing = await client.get_run(run_id)
+        except HandoffError as e:
+            if e.kind is not ErrorKind.NOT_FOUND:
+                raise
+        else:
+            if existing.run.status in (pb.RUN_STATUS_RUNNING, pb.RUN_STATUS_WAITING_INPUT):
+                # A repeated call (a retry after a timeout) waits for the run
+                # it started; it never starts the graph a second time.
+                return await self.wait(client, run_id, timeout=timeout)
+            raise error(
+                ErrorKind.FAILED_PRECONDITION,
+                f"thread {run_id} already ran (run {pb.RunStatus.Name(existing.run.status)}): "
+                "a distributed graph runs once per thread; use a new thread_id",
+                reason="RUN_CLOSED",
+            )
+        try:
+            values = self._apply({}, self._input_writes(input))
+            tasks = _superstep_order(await self._route(START, _Ran(), values))
+        except Reject as r:
+            raise error(ErrorKind.INVALID_ARGUMENT, r.reason) from r
         if not tasks:
             raise error(ErrorKind.INVALID_ARGUMENT, "the graph goes nowhere from START")
         limit = (config or {}).get("recursion_limit")
@@ -221,7 +266,12 @@ class DistributedGraph:
         )
         if len(tasks) == 1:
             t = tasks[0]
-            await client.handoff(run_id, self.names[t.node], self._step(t, spilled))
+            await client.handoff(
+                run_id,
+                self.names[t.node],
+                self._step(t, spilled),
+                idempotency_key=f"langgraph-start-{run_id}",
+            )
         else:
             req = self._fan_out(run_id, tasks, spilled, consumed=None, source="")
             await client._send_fan_out(req)
@@ -240,7 +290,9 @@ class DistributedGraph:
             if run.status == pb.RUN_STATUS_COMPLETED:
                 state = (await client.get_state(run_id)).values
                 result = lg.Step()
-                if run.HasField("result"):
+                if run.HasField("result_ref"):
+                    result = unpack(await client.get_payload(run_id, run.result_ref), lg.Step)
+                elif run.HasField("result"):
                     result = unpack(run.result, lg.Step)
                 return self._output(self._decode(state, result.state))
             if run.status == pb.RUN_STATUS_WAITING_INPUT and run.waiting:
@@ -392,7 +444,11 @@ class DistributedGraph:
             # the join, whose delta then holds this superstep's and theirs.
             carried = self._carried(before_json, after)
             req = self._fan_out(d.run_id, tasks, carried, consumed=d, source=d.agent)
-            await d._sub._client._send_fan_out(req)
+            client = d._sub._client
+            await client._send_fan_out(req)
+            # Settled by the broker once every branch is stored.
+            client._mark_finished(d.agent, d.handoff_id)
+            d._settled = True
             return None
         delta, spilled = self._delta(before_json, after, d.state_revision)
         sd = None if delta.is_empty() else delta
@@ -468,16 +524,10 @@ class DistributedGraph:
                         ran.goto.append(_Task(str(g)))
             elif isinstance(item, Mapping):
                 ran.writes.extend((k, v) for k, v in item.items() if k in self._keys)
-            elif isinstance(item, BaseModel):
-                ran.writes.extend(
-                    (k, getattr(item, k)) for k in item.model_fields_set if k in self._keys
-                )
-            elif dataclasses.is_dataclass(item) and not isinstance(item, type):
-                ran.writes.extend(
-                    (f.name, getattr(item, f.name))
-                    for f in dataclasses.fields(item)
-                    if f.name in self._keys
-                )
+            elif isinstance(item, BaseModel) or (
+                dataclasses.is_dataclass(item) and not isinstance(item, type)
+            ):
+                ran.writes.extend(get_update_as_tuples(item, self._keys))
             elif isinstance(item, (list, tuple)):
                 ran.writes.extend(item)
             else:
@@ -497,7 +547,10 @@ class DistributedGraph:
         state with its writes."""
         tasks: list[_Task] = [_Task(n) for n in self._edges.get(node, []) if n != END]
         for spec in self._builder.branches.get(node, {}).values():
-            schema = spec.input_schema or self._builder.state_schema
+            start = self._builder.nodes.get(node)
+            schema = spec.input_schema or (
+                start.input_schema if start is not None else self._builder.state_schema
+            )
             got = await spec.path.ainvoke(
                 self._coerce(schema, after), cast(RunnableConfig, self._config)
             )
@@ -532,7 +585,7 @@ class DistributedGraph:
             channel = base.from_checkpoint(out[key] if key in out else MISSING)
             try:
                 channel.update(vals)
-            except Exception as e:
+            except (InvalidUpdateError, TypeError, ValueError) as e:
                 raise Reject(f"INVALID_UPDATE key={key}: {e}") from e
             try:
                 out[key] = channel.get()
@@ -546,27 +599,41 @@ class DistributedGraph:
     def _input_writes(self, input: Any) -> list[tuple[str, Any]]:
         if isinstance(input, Mapping):
             return [(k, v) for k, v in input.items() if k in self._keys]
-        if isinstance(input, BaseModel):
-            return [(k, getattr(input, k)) for k in input.model_fields_set if k in self._keys]
-        if dataclasses.is_dataclass(input) and not isinstance(input, type):
-            return [(f.name, getattr(input, f.name)) for f in dataclasses.fields(input)]
+        if isinstance(input, BaseModel) or (
+            dataclasses.is_dataclass(input) and not isinstance(input, type)
+        ):
+            return get_update_as_tuples(input, self._keys)
         raise error(
             ErrorKind.INVALID_ARGUMENT,
             f"a graph input of type {type(input).__name__} is not a mapping, dataclass or model",
         )
 
+    def _full(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """`values` and, for keys they lack, what an empty channel holds (a
+        reducer key's `[]`), as LangGraph's channels read."""
+        out = dict(values)
+        for key in self._keys:
+            if key not in out:
+                channel = self._channel(key).from_checkpoint(MISSING)
+                if channel.is_available():
+                    out[key] = channel.get()
+        return out
+
     def _coerce(self, schema: Any, values: Mapping[str, Any]) -> Any:
         keys = self._builder.schemas.get(schema, {})
-        picked = {k: v for k, v in values.items() if not keys or k in keys}
-        if isinstance(schema, type) and issubclass(schema, BaseModel):
-            return schema(**picked)
-        if isinstance(schema, type) and dataclasses.is_dataclass(schema):
-            return schema(**picked)
+        picked = {k: v for k, v in self._full(values).items() if not keys or k in keys}
+        try:
+            if isinstance(schema, type) and issubclass(schema, BaseModel):
+                return schema(**picked)
+            if isinstance(schema, type) and dataclasses.is_dataclass(schema):
+                return schema(**picked)
+        except (ValidationError, TypeError) as e:
+            raise Reject(f"INVALID_STATE the state does not fit {schema.__name__}: {e}") from e
         return picked
 
     def _output(self, values: Mapping[str, Any]) -> dict[str, Any]:
         keys = self._builder.schemas.get(self._builder.output_schema, {})
-        return {k: v for k, v in values.items() if not keys or k in keys}
+        return {k: v for k, v in self._full(values).items() if not keys or k in keys}
 
     # ------------------------------------------------------------ state on the wire
 
@@ -583,13 +650,16 @@ class DistributedGraph:
             size = len(to_value(j).SerializeToString())
             state[key] = j
             sizes[key] = size
+        # The broker's measure: keys and encoded values; a margin for what
+        # else its document holds (the keys of removed values).
+        limit = self._state_limit - _STATE_MARGIN
         total = sum(sizes[k] + len(k) for k in state)
         for key in sorted(state, key=lambda k: -sizes[k]):
-            if sizes[key] <= self._value_limit and total <= self._state_limit:
+            if sizes[key] <= self._value_limit and total <= limit:
                 break
             spilled.fields[key].CopyFrom(to_value(state[key]))
             state[key] = {SPILLED: {"bytes": sizes[key]}}
-            total -= sizes[key]
+            total += len(to_value(state[key]).SerializeToString()) - sizes[key]
         return state, spilled
 
     def _decode(self, state: Mapping[str, JsonValue], spilled: struct_pb2.Struct) -> dict[str, Any]:
@@ -727,6 +797,7 @@ class _GraphWorker(Worker):
 
 
 _ABSENT: Any = object()
+_STATE_MARGIN = 4096
 
 
 def _superstep_order(tasks: list[_Task]) -> list[_Task]:

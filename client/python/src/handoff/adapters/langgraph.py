@@ -574,23 +574,34 @@ def distribute(
     - **interrupt()**: the run waits for its owner's input (`AwaitInput`, up
       to `input_timeout`). `ainvoke` answers the state with `__interrupt__`,
       and `ainvoke(Command(resume=value), config)` answers it. This works
-      once per node run, on the graph's own state. Elsewhere (a parallel
-      branch, a `Send`, state in the payload) the delivery is rejected
-      `INTERRUPT_UNSUPPORTED`.
-    - **Not distributed**: edges that wait for several nodes
-      (`add_edge([a, b], c)`), refused here; `Command(graph=PARENT)`,
-      rejected. A node's own retry policy is not applied: the broker retries
-      instead (`max_attempts`). What a node raises is handled like any
-      handler's failure: a terminal refusal fails the run at once, anything
-      else is retried with backoff.
+      once per node run, on the graph's own state. Elsewhere the delivery is
+      rejected `INTERRUPT_UNSUPPORTED`: in a parallel branch, in a node run by
+      `Send`, in the node a join runs, or with state in the payload.
+    - **Threads**: the thread id is the run id, and a graph runs once per
+      thread. `ainvoke` on a thread still running waits for that run (it never
+      starts the graph twice); on a thread that ended it raises `RUN_CLOSED`.
+    - **Values** cross the broker as JSON (`to_json` / `from_json`): a pydantic
+      model or a dataclass inside the state, or as a `Send` argument, reaches
+      the next node as a dict; tuples become lists.
+    - **Config**: nodes get `config` given here, not the one given to
+      `ainvoke` (it runs on other machines).
+    - **Not distributed**, refused here: edges that wait for several nodes
+      (`add_edge([a, b], c)`), deferred nodes, error-handler nodes, managed
+      values, a root (non-mapping) state. `Command(graph=PARENT)` is rejected
+      when returned. A node's own retry policy is not applied: the broker
+      retries instead (`max_attempts`). What a node raises is handled like any
+      handler's failure: a terminal refusal (an update a reducer refuses, a
+      state that does not fit the node's schema) fails the run at once,
+      anything else is retried with backoff.
 
     Two lines change to run a graph across the broker::
 
         graph = distribute(builder.compile(), prefix="travel")
         out = await graph.ainvoke({"messages": [("user", "hi")]}, client=client)
 
-    with its agents served by `Worker(client, graph.agents)`, in this process
-    or split across many (`graph.worker(client, nodes=[...])`).
+    with its agents served by `graph.worker(client).run()` (it registers the
+    payload contracts, then the agents), in this process or split across
+    many (`graph.worker(client, nodes=[...])`).
     """
     return _distribute.distribute(
         graph,
