@@ -31,6 +31,7 @@ import operator
 import os
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -128,7 +129,7 @@ async def graph_chain(client: Client, nodes: int, runs: int, warmup: int, text: 
     hops: list[int] = []
     try:
         for n in range(warmup + runs):
-            run_id = f"lg-graph-{n}"
+            run_id = f"lg-graph-{uuid.uuid4().hex[:12]}"
             await graph.ainvoke(
                 {"notes": []}, {"configurable": {"thread_id": run_id}}, client=client
             )
