@@ -64,6 +64,14 @@ async def hops_of(client: Client, run_id: str) -> list[int]:
     return [b - a for a, b in itertools.pairwise(at)]
 
 
+def figures(name: str, hops: list[int]) -> Figures:
+    """The percentiles of `hops` (microseconds)."""
+    hops.sort()
+    return Figures(
+        name, len(hops), percentile(hops, 0.5), percentile(hops, 0.9), percentile(hops, 0.99)
+    )
+
+
 async def wait_done(client: Client, run_id: str) -> None:
     """Until the run ends (polled: the bench measures the broker's clock)."""
     for _ in range(100_000):
@@ -105,10 +113,7 @@ async def agent_chain(client: Client, agents: int, runs: int, warmup: int, text:
     finally:
         worker.stop()
         await running
-    hops.sort()
-    return Figures(
-        "@agent", len(hops), percentile(hops, 0.5), percentile(hops, 0.9), percentile(hops, 0.99)
-    )
+    return figures("@agent", hops)
 
 
 async def graph_chain(client: Client, nodes: int, runs: int, warmup: int, text: str) -> Figures:
@@ -138,10 +143,7 @@ async def graph_chain(client: Client, nodes: int, runs: int, warmup: int, text: 
     finally:
         worker.stop()
         await running
-    hops.sort()
-    return Figures(
-        "graph", len(hops), percentile(hops, 0.5), percentile(hops, 0.9), percentile(hops, 0.99)
-    )
+    return figures("graph", hops)
 
 
 async def bench(addr: str, args: argparse.Namespace) -> None:

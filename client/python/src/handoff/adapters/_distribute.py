@@ -17,7 +17,7 @@ from google.protobuf import any_pb2, struct_pb2
 from .._barrier import ALL, default_barrier_id
 from .._client import Client, new_run_id
 from .._errors import ErrorKind, HandoffError, error
-from .._handoff import Final, Handoff, Receipt
+from .._handoff import Final, Handoff
 from .._state import StateDelta
 from .._subscription import Delivery
 from .._values import JsonValue, Seconds, from_value, pack, to_value, unpack
@@ -850,30 +850,4 @@ def _seconds(value: Seconds) -> float:
     return seconds(value)
 
 
-def distribute(
-    graph: CompiledStateGraph[Any, Any, Any, Any],
-    *,
-    prefix: str,
-    names: Mapping[str, str] | None = None,
-    lease: Seconds | None = None,
-    max_attempts: int = 0,
-    value_limit: int = 65536,
-    state_limit: int = 262144,
-    input_timeout: Seconds = 3600,
-    config: RunnableConfig | None = None,
-) -> DistributedGraph:
-    """Doc in `handoff.adapters.langgraph.distribute`."""
-    return DistributedGraph(
-        graph,
-        prefix=prefix,
-        names=names,
-        lease=lease,
-        max_attempts=max_attempts,
-        value_limit=value_limit,
-        state_limit=state_limit,
-        input_timeout=input_timeout,
-        config=config,
-    )
-
-
-__all__ = ["SPILLED", "DistributedGraph", "GraphRunFailed", "Receipt", "distribute"]
+__all__ = ["SPILLED", "DistributedGraph", "GraphRunFailed"]

@@ -603,7 +603,7 @@ def distribute(
     payload contracts, then the agents), in this process or split across
     many (`graph.worker(client, nodes=[...])`).
     """
-    return _distribute.distribute(
+    return DistributedGraph(
         graph,
         prefix=prefix,
         names=names,
@@ -616,5 +616,4 @@ def distribute(
     )
 
 
-from . import _distribute  # noqa: E402
 from ._distribute import SPILLED, DistributedGraph, GraphRunFailed  # noqa: E402
