@@ -248,7 +248,7 @@ class DistributedGraph:
             )
         try:
             values = self._apply({}, self._input_writes(input))
-            tasks = _superstep_order(await self._route(START, _Ran(), values))
+            tasks = _superstep_order(await self._route(START, values))
         except Reject as r:
             raise error(ErrorKind.INVALID_ARGUMENT, r.reason) from r
         if not tasks:
@@ -345,7 +345,7 @@ class DistributedGraph:
         except GraphInterrupt as gi:
             return await self._interrupt(node, d, step, gi, resume)
         after = self._apply(values, ran.writes)
-        tasks = _superstep_order(ran.goto + await self._route(node, ran, after))
+        tasks = _superstep_order(ran.goto + await self._route(node, after))
         if d.barrier_branch is not None:
             # A parallel branch: its writes go to the join, which applies every
             # branch's in LangGraph's order for a superstep.
@@ -395,7 +395,7 @@ class DistributedGraph:
         if len(tasks) == 1 and tasks[0].node == node and not tasks[0].is_send:
             ran = await self._run(tasks[0], after, [])
             final = self._apply(after, ran.writes)
-            nxt = _superstep_order(ran.goto + await self._route(node, ran, final))
+            nxt = _superstep_order(ran.goto + await self._route(node, final))
             return await self._dispatch(node, d, before_json, final, nxt)
         return await self._dispatch(node, d, before_json, after, tasks)
 
@@ -542,7 +542,7 @@ class DistributedGraph:
                 )
         return ran
 
-    async def _route(self, node: str, ran: _Ran, after: Mapping[str, Any]) -> list[_Task]:
+    async def _route(self, node: str, after: Mapping[str, Any]) -> list[_Task]:
         """The nodes a node's edges and conditional edges lead to, from the
         state with its writes."""
         tasks: list[_Task] = [_Task(n) for n in self._edges.get(node, []) if n != END]
