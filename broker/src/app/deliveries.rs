@@ -106,6 +106,8 @@ pub struct Held {
     /// How long the handoff waited from its creation to this delivery
     /// (for `handoff_queue_wait_seconds`); `None` if it carries no time.
     pub queued: Option<Duration>,
+    /// The causal position of the handoff's creation (its events follow).
+    pub caused_at: u64,
 }
 
 /// What becomes of an offered handoff.
@@ -271,6 +273,7 @@ pub async fn offer(
             .created_at
             .and_then(|t| std::time::SystemTime::try_from(t).ok())
             .and_then(|t| std::time::SystemTime::now().duration_since(t).ok()),
+        caused_at: crate::app::clock::nanos(envelope.created_at.as_ref()),
     };
     let (state, pinned_digest) =
         match state::for_delivery(broker, &run, &envelope, &spec.reads).await {
@@ -368,6 +371,7 @@ pub async fn announce_delivered(broker: &Broker, agent: &str, instance: &str, he
                 source_agent: held.source_agent.clone(),
                 attempt: held.attempt,
                 depth: held.depth,
+                position: broker.position(held.caused_at.saturating_add(1)),
                 ..Default::default()
             },
             format!("{}-{}-{}", kind.token(), held.handoff_id, held.attempt),

@@ -1,14 +1,17 @@
 //! Reading what happened: `Watch` (events as they are stored, resumable)
 //! and `ListDeadLetters`.
 
+use std::{collections::BTreeMap, time::Duration};
+
 use futures::{stream::BoxStream, StreamExt};
 use handoff_proto::pb;
+use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
     app::{
         access,
         auth::{self, Caller},
-        Broker,
+        clock, Broker,
     },
     error::BrokerError,
     rules::{grants::Action, names, watch},
@@ -49,6 +52,7 @@ pub async fn watch(
         .store()
         .watch_events(narrowed.run_id.as_deref(), narrowed.kind, req.from_sequence)
         .await?;
+    let one_run = narrowed.run_id.is_some();
     let events = events
         .filter(move |e| {
             let keep = match e {
@@ -58,7 +62,73 @@ pub async fn watch(
             std::future::ready(keep)
         })
         .boxed();
+    let events = if one_run { causal(events) } else { events };
     Ok((events, standing))
+}
+
+/// How long a watch of one run holds an event back for the events that
+/// caused it to be stored (they can be stored after it).
+pub const HOLD: Duration = Duration::from_millis(50);
+
+/// Gives a run's events in causal order (by [`clock::order_key`]): each
+/// is held for [`HOLD`] after it is read, and the held ones go out
+/// lowest position first. A cause stored more than [`HOLD`] after its
+/// effect still comes after it; every event carries its position.
+pub fn causal(
+    mut events: BoxStream<'static, Result<pb::Event, BrokerError>>,
+) -> BoxStream<'static, Result<pb::Event, BrokerError>> {
+    let (tx, rx) = mpsc::channel::<Result<pb::Event, BrokerError>>(256);
+    tokio::spawn(async move {
+        let mut held: BTreeMap<(u64, u64), (Instant, pb::Event)> = BTreeMap::new();
+        let mut open = true;
+        while open || !held.is_empty() {
+            let due = held.first_key_value().map(|(_, (due, _))| *due);
+            tokio::select! {
+                next = events.next(), if open => match next {
+                    Some(Ok(e)) => {
+                        held.insert(clock::order_key(&e), (Instant::now() + HOLD, e));
+                    }
+                    Some(Err(err)) => {
+                        // Everything held goes out before the error ends it.
+                        for (_, (_, e)) in std::mem::take(&mut held) {
+                            if tx.send(Ok(e)).await.is_err() {
+                                return;
+                            }
+                        }
+                        let _ = tx.send(Err(err)).await;
+                        return;
+                    }
+                    None => open = false,
+                },
+                () = async {
+                    match due {
+                        Some(due) => tokio::time::sleep_until(due).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+                () = tx.closed() => return,
+            }
+            let now = Instant::now();
+            while let Some(entry) = held.first_entry() {
+                if open && entry.get().0 > now {
+                    break;
+                }
+                let (_, e) = entry.remove();
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+    .boxed()
+}
+
+/// The token of an event kind (`handoff_accepted`, ...).
+pub fn kind_token(kind: i32) -> &'static str {
+    pb::EventKind::try_from(kind).map_or("unknown", |k| k.token())
 }
 
 /// Dead letters, oldest first.
@@ -77,4 +147,68 @@ pub async fn dead_letters(
     Ok(pb::ListDeadLettersResponse {
         dead_letters: broker.store().dead_letters(agent, limit).await?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(sequence: u64, position: u64) -> Result<pb::Event, BrokerError> {
+        Ok(pb::Event {
+            sequence,
+            position,
+            ..Default::default()
+        })
+    }
+
+    async fn sequences(events: BoxStream<'static, Result<pb::Event, BrokerError>>) -> Vec<u64> {
+        causal(events)
+            .map(|e| e.map(|e| e.sequence).unwrap_or(0))
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_run_watch_gives_events_read_together_in_causal_order() {
+        // Stored effect first (sequence 1), cause after (sequence 2).
+        let stored = futures::stream::iter([event(1, 20), event(2, 10), event(3, 30)]).boxed();
+        assert_eq!(sequences(stored).await, [2, 1, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cause_stored_after_the_hold_comes_after_its_effect() {
+        let late = futures::stream::iter([event(1, 20)])
+            .chain(
+                futures::stream::once(async {
+                    tokio::time::sleep(HOLD * 3).await;
+                    event(2, 10)
+                })
+                .boxed(),
+            )
+            .boxed();
+        assert_eq!(sequences(late).await, [1, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cause_stored_within_the_hold_still_comes_first() {
+        let soon = futures::stream::iter([event(1, 20)])
+            .chain(
+                futures::stream::once(async {
+                    tokio::time::sleep(HOLD / 2).await;
+                    event(2, 10)
+                })
+                .boxed(),
+            )
+            .boxed();
+        assert_eq!(sequences(soon).await, [2, 1]);
+    }
+
+    #[tokio::test]
+    async fn an_error_ends_the_watch_after_what_was_held() {
+        let failing =
+            futures::stream::iter([event(1, 20), Err(BrokerError::Unavailable("gone".into()))])
+                .boxed();
+        let out: Vec<bool> = causal(failing).map(|e| e.is_ok()).collect().await;
+        assert_eq!(out, [true, false]);
+    }
 }

@@ -490,7 +490,7 @@ async fn deliver_answer(
         confidence: 1.0,
         parent_ids: vec![request.handoff_id.clone()],
         depth: request.depth,
-        created_at: Some(now()),
+        created_at: Some(broker.stamp(0)),
         input_request_id: request.id.clone(),
         state_revision,
         ..Default::default()
@@ -505,6 +505,8 @@ async fn deliver_answer(
         handoff_id: envelope.id.clone(),
         depth: envelope.depth,
         inbox_sequence: stored.sequence,
+        // Before the answer's delivery, which follows its creation.
+        position: crate::app::clock::nanos(envelope.created_at.as_ref()),
         ..Default::default()
     };
     broker

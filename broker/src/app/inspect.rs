@@ -35,7 +35,8 @@ pub async fn get_handoff(
         }
         other => other?,
     };
-    let timeline = broker.store().run_events(&run_id).await?;
+    let mut timeline = broker.store().run_events(&run_id).await?;
+    crate::app::clock::sort_timeline(&mut timeline);
     let events: Vec<&pb::Event> = timeline
         .iter()
         .filter(|e| e.handoff_id == req.handoff_id)

@@ -19,6 +19,7 @@ pub mod access;
 pub mod agents;
 pub mod auth;
 pub mod barriers;
+pub mod clock;
 pub mod contracts;
 pub mod deliveries;
 pub mod events;
@@ -95,6 +96,8 @@ struct Inner {
     recent_runs: DashMap<String, (pb::Run, std::time::Instant)>,
     /// Every stored run's summary, for `ListRuns`.
     run_index: run_index::RunIndex,
+    /// Causal positions of the events this replica emits.
+    clock: clock::Clock,
 }
 
 impl Broker {
@@ -138,6 +141,7 @@ impl Broker {
                 barriers: barriers::Local::default(),
                 recent_runs: DashMap::new(),
                 run_index: run_index::RunIndex::default(),
+                clock: clock::Clock::default(),
             }),
         }
     }
@@ -476,11 +480,26 @@ impl Broker {
         self.inner.recent_runs.remove(run_id);
     }
 
-    /// Publishes an event, deduplicated by `msg_id`; the owner and time
-    /// are filled in.
+    /// A causal position not less than `floor` (see [`clock`]).
+    pub fn position(&self, floor: u64) -> u64 {
+        self.inner.clock.after(floor)
+    }
+
+    /// A creation time that is also a causal position not less than
+    /// `floor`: the event announcing what was created takes it as its
+    /// position, and what reads the creation takes it as its floor.
+    pub fn stamp(&self, floor: u64) -> prost_types::Timestamp {
+        clock::timestamp(self.position(floor))
+    }
+
+    /// Publishes an event, deduplicated by `msg_id`; the time and, unless
+    /// the caller set one, the causal position are filled in.
     pub async fn emit(&self, mut event: pb::Event, msg_id: &str) -> Result<u64, BrokerError> {
         if event.at.is_none() {
             event.at = Some(now());
+        }
+        if event.position == 0 {
+            event.position = self.position(0);
         }
         self.store().publish_event(&event, msg_id).await
     }
@@ -493,6 +512,9 @@ impl Broker {
     pub async fn emit_unconfirmed(&self, mut event: pb::Event, msg_id: String) {
         if event.at.is_none() {
             event.at = Some(now());
+        }
+        if event.position == 0 {
+            event.position = self.position(0);
         }
         if let Some(outbox) = self.outbox() {
             match outbox.send(event.clone(), msg_id.clone()).await {

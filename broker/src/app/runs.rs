@@ -227,7 +227,8 @@ pub async fn get(
 ) -> Result<pb::GetRunResponse, BrokerError> {
     names::validate("run_id", &req.run_id)?;
     let run = access::read(broker, caller, &req.run_id, "").await?;
-    let timeline = broker.store().run_events(&req.run_id).await?;
+    let mut timeline = broker.store().run_events(&req.run_id).await?;
+    crate::app::clock::sort_timeline(&mut timeline);
     let mut run = run;
     if run.stats.is_none() {
         run.stats = Some(stats_of(&timeline));

@@ -26,7 +26,7 @@ use handoff_proto::pb;
 use prost::Message as _;
 
 use crate::{
-    app::{access, auth::Caller, now, Broker},
+    app::{access, auth::Caller, clock, now, Broker},
     error::{BrokerError, Reason},
     rules::{
         names,
@@ -224,6 +224,9 @@ pub struct Applied {
     pub change: Option<pb::StateChange>,
     /// The state before its delta, for the keys it asks for.
     pub before: Option<Arc<pb::StateRecord>>,
+    /// The causal position of the revision it hands over (its time):
+    /// the handoff's own position follows it.
+    pub position: u64,
 }
 
 /// Applies a handoff's delta (if any) to its run's state, or finds the
@@ -246,6 +249,7 @@ pub async fn apply(
         return Ok(Applied {
             revision: head.as_ref().map_or(0, |h| h.revision),
             change: None,
+            position: head.as_ref().map_or(0, |h| clock::nanos(h.at.as_ref())),
             before: head,
         });
     };
@@ -266,6 +270,7 @@ pub async fn apply(
             };
             return Ok(Applied {
                 revision,
+                position: made.as_ref().map_or(0, |m| clock::nanos(m.at.as_ref())),
                 change: made.and_then(|m| m.change.clone()),
                 before,
             });
@@ -277,7 +282,11 @@ pub async fn apply(
             handoff_id,
             source_agent,
             limits(broker),
-            now(),
+            // After the revision it builds on.
+            broker.stamp(
+                head.as_ref()
+                    .map_or(0, |h| clock::nanos(h.at.as_ref()).saturating_add(1)),
+            ),
         )?;
         let max_payload = broker.store().max_payload();
         if max_payload > 0 && next.encoded_len() > max_payload {
@@ -301,6 +310,7 @@ pub async fn apply(
         {
             let revision = next.revision;
             let change = next.change.clone();
+            let position = clock::nanos(next.at.as_ref());
             let (head_written, marked) =
                 tokio::join!(broker.store().set_state_head(&run.id, revision), async {
                     if run.has_state {
@@ -321,6 +331,7 @@ pub async fn apply(
                 revision,
                 change,
                 before: head,
+                position,
             });
         }
         // Another writer made that revision first: check against it.

@@ -36,7 +36,7 @@ use prost::Message as _;
 use tokio::sync::oneshot;
 
 use crate::{
-    app::{access, auth::Caller, now, state, status_name, Broker},
+    app::{access, auth::Caller, clock, now, state, status_name, Broker},
     error::{BrokerError, Reason},
     rules::{
         barrier::{self, Arrival, Decision, KeyIndex},

@@ -123,12 +123,21 @@ pub(super) async fn prepare_release(
         .store()
         .schedule(&check, TimerKind::ReleaseCheck)
         .await?;
+    // Its position: after every arrival it counts.
+    let last_arrival = b
+        .branches
+        .iter()
+        .map(|r| clock::nanos(r.arrived_at.as_ref()))
+        .chain([clock::nanos(b.last_arrival_at.as_ref())])
+        .max()
+        .unwrap_or(0);
+    let released_at = broker.stamp(last_arrival.saturating_add(2));
     barrier::release(
         b,
         failure,
         timed_out,
         release_id(&run.id, &barrier_id),
-        now(),
+        released_at,
     );
     Ok(())
 }
@@ -186,6 +195,7 @@ pub(super) async fn publish_release(
                 handoff_id: envelope.id.clone(),
                 barrier_id: spec.barrier_id.clone(),
                 depth,
+                position: clock::nanos(envelope.created_at.as_ref()),
                 reason: if release.failure {
                     format!("failure: {}", release.warnings.join("; "))
                 } else {
@@ -300,6 +310,13 @@ pub(super) fn branch_event(
         branch_key: result.key.clone(),
         depth: result.depth,
         reason: result.warnings.join("; "),
+        // Right after the branch's `handoff_accepted` (whose position is
+        // its arrival time), before the release that counts it.
+        // (None: the emitter's clock.)
+        position: match clock::nanos(result.arrived_at.as_ref()) {
+            0 => 0,
+            at => at.saturating_add(1),
+        },
         ..Default::default()
     }
 }

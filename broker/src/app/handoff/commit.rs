@@ -10,7 +10,7 @@ use prost::Message as _;
 use super::{Claim, TimerKind};
 use crate::{
     app::{
-        barriers, deliveries, guard,
+        barriers, clock, deliveries, guard,
         guard::Checked,
         judge, now, payloads,
         runs::{self, RunEnd},
@@ -237,7 +237,14 @@ pub(super) async fn commit(
         trace_context: req.trace_context.clone(),
         idempotency_key: req.idempotency_key.clone(),
         r#final: req.r#final,
-        created_at: Some(now()),
+        // Its position in the run: after the delivery it consumes.
+        created_at: Some(
+            broker.stamp(
+                parent
+                    .as_ref()
+                    .map_or(0, |p| clock::nanos(p.created_at.as_ref()).saturating_add(2)),
+            ),
+        ),
         fallback_from: String::new(),
         contract_type: checked.contract_type.clone(),
         contract_version: checked.version,
@@ -305,6 +312,16 @@ pub(super) async fn commit(
     )
     .await?;
     envelope.state_revision = applied.revision;
+    // Its position in the run: after the revision it hands over too (a
+    // concurrent branch's delta may have landed since it was built).
+    let built = clock::nanos(envelope.created_at.as_ref());
+    if applied.position >= built {
+        envelope.created_at = Some(broker.stamp(applied.position.saturating_add(1)));
+    }
+    let mut branch = branch;
+    if let Some(b) = branch.as_mut() {
+        b.arrived_at = envelope.created_at;
+    }
     let answers = state_rules::answers(applied.before.as_deref(), &req.asks_for);
 
     // Commit.
@@ -341,6 +358,8 @@ pub(super) async fn commit(
         }
     };
     let mut accepted = accepted_event(&run, req, &receipt, barrier_id, branch_key);
+    // Decided with the handoff: before its delivery and its arrival.
+    accepted.position = clock::nanos(envelope.created_at.as_ref());
     accepted.state_change = applied.change.clone();
     accepted.dropped_fields = dropped.clone();
     let mut reasks: Vec<String> = answers.keys().cloned().collect();
