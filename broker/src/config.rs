@@ -155,6 +155,11 @@ pub const KEYS: &[Key] = &[
         doc: "Address of the metrics endpoint (GET /metrics, OpenMetrics text for Prometheus). Unset: no endpoint. Off loopback it needs auth: every scrape presents a bearer token of a principal with read, in clear over plain HTTP, so it also needs --insecure.",
     },
     Key {
+        name: "console_listen",
+        default: CONSOLE_LISTEN,
+        doc: "Address of the web console (runs, agents, contracts, barriers; sign-in with an API token when auth is on). Empty: no console. At the default address, a port already taken only logs a warning. With tls_cert and tls_key it serves HTTPS with them (the session cookie is then Secure). Off loopback it needs auth, and TLS or --insecure.",
+    },
+    Key {
         name: "pipeline_judges",
         default: "",
         doc: "Judge agents by pipeline, comma-separated `pipeline=agent:threshold` (e.g. `travel=judge:0.7`): a run of that pipeline started without a judge of its own gets this one.",
@@ -322,6 +327,8 @@ pub struct Config {
     pub tokenizer: String,
     /// Prometheus endpoint address, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// The web console's address, if any.
+    pub console_listen: Option<SocketAddr>,
     /// OTLP/gRPC collector URL for traces, if any (checked: `http` or
     /// `https`, with a host).
     pub otlp_endpoint: Option<String>,
@@ -374,6 +381,9 @@ pub struct NatsAuth {
 
 /// The replica name when none is configured: the host's name and this
 /// process's id.
+/// The console's default address.
+pub const CONSOLE_LISTEN: &str = "127.0.0.1:7234";
+
 fn default_replica_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -537,6 +547,18 @@ impl Config {
                 }
             },
         };
+        let console_listen = match raw("console_listen").trim() {
+            "" => None,
+            addr => match addr.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    problems.push(format!(
+                        "console_listen: {addr:?} is not a socket address ({e})"
+                    ));
+                    None
+                }
+            },
+        };
         let otlp_endpoint = match raw("otlp_endpoint").trim() {
             "" => None,
             url => match otlp_endpoint(url) {
@@ -655,6 +677,17 @@ impl Config {
                 ));
             }
         }
+        if let Some(console) = console_listen.filter(|c| !c.ip().is_loopback()) {
+            if !auth_configured {
+                problems.push(format!(
+                    "console_listen {console} is not loopback and no auth is configured: anyone who reaches it could read and cancel every run; configure auth_token_file, serve the console on loopback, or set console_listen to \"\""
+                ));
+            } else if tls.is_none() && !insecure {
+                problems.push(format!(
+                    "console_listen {console} is not loopback and serves without TLS: its sign-in and session cookie would cross the network in clear; set tls_cert and tls_key (the console serves HTTPS with them), or pass --insecure"
+                ));
+            }
+        }
         if retention < dedupe_window {
             problems.push("retention: must be at least dedupe_window".to_string());
         }
@@ -734,6 +767,7 @@ impl Config {
             ),
             tokenizer,
             metrics_listen,
+            console_listen,
             otlp_endpoint,
             pipeline_judges,
             tls,

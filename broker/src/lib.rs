@@ -27,6 +27,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod embedded;
 pub mod error;
 pub mod link;

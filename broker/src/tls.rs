@@ -137,6 +137,55 @@ pub fn server_config(config: &Config) -> Result<Option<ServerTlsConfig>, FileErr
     Ok(Some(tls))
 }
 
+/// The console's TLS settings: the gRPC listener's certificate and key
+/// (`tls_cert`, `tls_key`), HTTP/1.1 and HTTP/2 offered; `None` to serve
+/// plain HTTP. The console signs in with API tokens, so it asks for no
+/// client certificate.
+pub fn console_config(
+    config: &Config,
+) -> Result<Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>, FileError> {
+    use tokio_rustls::rustls;
+    let Some(files) = &config.tls else {
+        return Ok(None);
+    };
+    let chain = read_certificates("tls_cert", &files.cert)?;
+    let key = read_private_key("tls_key", &files.key)?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&chain)
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            FileError::new(
+                "tls_cert",
+                &files.cert,
+                format!("holds no usable PEM certificate ({e})"),
+            )
+        })?;
+    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| {
+        FileError::new(
+            "tls_key",
+            &files.key,
+            format!("holds no usable PEM private key ({e})"),
+        )
+    })?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| FileError::new("tls_cert", &files.cert, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            FileError::new(
+                "tls_cert",
+                &files.cert,
+                format!("does not go with tls_key ({e})"),
+            )
+        })?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(std::sync::Arc::new(server)))
+}
+
+/// Time a console client has to finish the TLS handshake.
+pub const CONSOLE_HANDSHAKE_TIMEOUT: Duration = HANDSHAKE_TIMEOUT;
+
 /// Checks every file the configuration names (TLS, NATS credentials, the
 /// bootstrap token) can be read and parsed, and returns every problem.
 pub fn check_files(config: &Config) -> Vec<String> {

@@ -116,6 +116,8 @@ pub struct Ready {
     pub nats_url: String,
     /// The metrics endpoint's address, when `metrics_listen` is set.
     pub metrics_addr: Option<SocketAddr>,
+    /// The console's address, when it serves.
+    pub console_addr: Option<SocketAddr>,
 }
 
 /// Runs the broker until `shutdown` resolves.
@@ -264,6 +266,37 @@ async fn serve(
             (Some((listener, gate)), Some(bound))
         }
     };
+    let console = match config.console_listen {
+        None => None,
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(listener) => Some(listener),
+            // The default address taken (another broker on this machine):
+            // no console here, said once.
+            Err(e) if addr.to_string() == crate::config::CONSOLE_LISTEN => {
+                tracing::warn!(%addr, error = %e, "console not served: its default address is taken; set console_listen to another address (or \"\" to turn it off)");
+                None
+            }
+            Err(e) => return Err(RunError::Serve(format!("console_listen {addr}: {e}"))),
+        },
+    };
+    let console_addr = console.as_ref().and_then(|l| l.local_addr().ok());
+    let console_tls = match console {
+        Some(_) => {
+            crate::tls::console_config(&config).map_err(|e| RunError::Config(e.to_string()))?
+        }
+        None => None,
+    };
+    let console_task = console.map(|listener| {
+        if let Some(addr) = console_addr {
+            let scheme = if console_tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            tracing::info!(console = %addr, scheme, "console serving");
+        }
+        tokio::spawn(crate::console::serve(listener, broker.clone(), console_tls))
+    });
     let mut background = Background::start(&broker, store, watch_from, metrics);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -340,10 +373,14 @@ async fn serve(
             addr,
             nats_url: nats_url.to_string(),
             metrics_addr,
+            console_addr,
         });
     }
     tokio::select! {
         r = &mut server => {
+            if let Some(task) = &console_task {
+                task.abort();
+            }
             background.stop();
             health_task.abort();
             return r.map_err(|e| RunError::Serve(e.to_string()));
@@ -365,6 +402,9 @@ async fn serve(
             Ok(())
         }
     };
+    if let Some(task) = &console_task {
+        task.abort();
+    }
     // Events of the last steps: stored before exit, within a bound.
     broker.flush_events(Duration::from_secs(2)).await;
     background.stop();
