@@ -13,15 +13,16 @@
 //! directory) and stops it at the end. Then:
 //!
 //! 1. it registers the demo contracts `handoff.demo.v1.{Ask, Subtask,
-//!    WorkerResult}` (from `handoff_proto::DEMO_FILE_DESCRIPTOR_SET`) with
-//!    their rules: an `Ask` needs its `question`; a `Subtask` needs its
+//!    WorkerResult, Report}` (from `handoff_proto::DEMO_FILE_DESCRIPTOR_SET`)
+//!    with their rules: an `Ask` needs its `question`; a `Subtask` needs its
 //!    `instruction` and stays within a token budget; a `WorkerResult` needs
-//!    its `summary`, a confidence of at least 0.5 and fresh tool results;
+//!    its `summary`, a confidence of at least 0.5 and fresh tool results; a
+//!    `Report` needs its `answer`;
 //! 2. it registers the agents with the contract each accepts and the ones
 //!    it emits: planner (Ask -> Subtask), worker (Subtask -> WorkerResult),
 //!    aggregator (accepts WorkerResult: the contract every worker's result
 //!    is checked against when it reaches the aggregator's barrier; it
-//!    completes the run with a `Report`);
+//!    emits the `Report` it completes the run with);
 //! 3. it starts a run with a pinned ask and shows the guards at work: a
 //!    `Subtask` without its `instruction`, and a `WorkerResult` below the
 //!    minimum confidence handed straight to the aggregator, are refused at
@@ -52,9 +53,15 @@
 //! program (the Python worker of `client/python/examples/demo.py`) to
 //! take them.
 //!
+//! Each worker also records its summary in the run state
+//! (`summary.<branch>`), and the aggregator the brief (`report`).
+//!
 //! The main task waits for the run's end event, prints the run's timeline,
 //! the barrier (as `handoffctl barrier show` does) and the report, and
-//! exits non-zero unless the run completed.
+//! exits non-zero unless the run completed. `--runs N` makes N runs one
+//! after the other (the tables are the last one's); with the embedded
+//! broker the example prints the console's address of the last run, and
+//! `--console` keeps the broker up for it until Ctrl-C.
 
 use std::{
     collections::HashSet,
@@ -67,7 +74,7 @@ use clap::Parser;
 use futures::{Stream, StreamExt as _};
 use handoff_client::{
     pb, AgentConfig, Client, ContractSpec, Delivery, ErrorKind, Handoff, JoinMode, RunConfig,
-    TypedDelivery, WatchFilter,
+    StateDelta, TypedDelivery, WatchFilter,
 };
 use handoff_proto::{
     demo::{Ask, Citation, Report, Subtask, WorkerResult},
@@ -112,6 +119,17 @@ struct Args {
     /// instances of another program (registered here all the same).
     #[arg(long)]
     external_workers: bool,
+    /// How many runs to make, one after the other (the tables are printed
+    /// for the last one).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    runs: u32,
+    /// How long each worker works on a subtask, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    work_ms: u64,
+    /// With the embedded broker: keep it up, its console open on the last
+    /// run, until Ctrl-C.
+    #[arg(long)]
+    console: bool,
 }
 
 #[tokio::main]
@@ -136,7 +154,19 @@ async fn main() -> ExitCode {
         },
     };
 
-    let outcome = demo(&addr, !args.external_workers).await;
+    let work = Duration::from_millis(args.work_ms);
+    let outcome = demo(&addr, !args.external_workers, args.runs, work).await;
+    if let (Ok((_, last)), Some(broker)) = (&outcome, &embedded) {
+        match broker.console {
+            Some(console) => println!("\nconsole: http://{console}/runs/{last}"),
+            None => println!("\nconsole: off (console_listen is empty or its port is taken)"),
+        }
+    }
+    if args.console && embedded.is_some() {
+        println!("the broker stays up for the console; Ctrl-C stops it");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    let outcome = outcome.map(|(completed, _)| completed);
 
     let mut code = match outcome {
         Ok(true) => ExitCode::SUCCESS,
@@ -171,6 +201,7 @@ async fn register_contracts(client: &Client) -> Result<(), BoxError> {
             .require("summary")
             .min_confidence(0.5)
             .max_tool_result_age(Duration::from_secs(600)),
+        ContractSpec::of::<Report>(DEMO_FILE_DESCRIPTOR_SET).require("answer"),
     ];
     for spec in specs {
         let registered = client.register_contract(spec).await?;
@@ -189,9 +220,14 @@ async fn register_contracts(client: &Client) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// Runs the pipeline once, with two worker instances of its own if
-/// `workers`; `Ok(true)` if the run completed.
-async fn demo(addr: &str, workers: bool) -> Result<bool, BoxError> {
+/// Runs the pipeline `runs` times, with two worker instances of its own
+/// if `workers`; `Ok(true)` if every run completed, with the last run's id.
+async fn demo(
+    addr: &str,
+    workers: bool,
+    runs: u32,
+    work: Duration,
+) -> Result<(bool, String), BoxError> {
     let client = Client::connect(addr).await?;
 
     register_contracts(&client).await?;
@@ -209,14 +245,15 @@ async fn demo(addr: &str, workers: bool) -> Result<bool, BoxError> {
         // release, a handoff.v1.BarrierRelease carrying them all.
         AgentConfig::new("aggregator")
             .description("merges the results into the brief")
-            .accepts::<WorkerResult>(),
+            .accepts::<WorkerResult>()
+            .emits::<Report>(),
     ] {
         client
             .register_agent(agent.lease(Duration::from_secs(30)))
             .await?;
     }
 
-    let run = client
+    let mut first = client
         .start_run(
             RunConfig::new("demo-user")
                 .ask(ASK)
@@ -224,9 +261,9 @@ async fn demo(addr: &str, workers: bool) -> Result<bool, BoxError> {
                 .timeout(Duration::from_secs(60)),
         )
         .await?;
-    println!("run {} started by {}", run.id, run.owner);
+    println!("run {} started by {}", first.id, first.owner);
 
-    show_guards(&client, &run.id).await?;
+    show_guards(&client, &first.id).await?;
 
     // Subscribe before handing off, so a failing subscription is reported
     // before any work is queued. Dropping `stop` also stops the agents.
@@ -251,13 +288,13 @@ async fn demo(addr: &str, workers: bool) -> Result<bool, BoxError> {
             "worker-1",
             client.subscribe_typed("worker", "worker-1", 1).await?,
             stopped.clone(),
-            |d| worker("worker-1", d),
+            move |d| worker("worker-1", work, d),
         ));
         agents.push(spawn_agent(
             "worker-2",
             client.subscribe_typed("worker", "worker-2", 1).await?,
             stopped,
-            |d| worker("worker-2", d),
+            move |d| worker("worker-2", work, d),
         ));
     } else {
         println!("no worker instance here: the subtasks wait for instances of another program");
@@ -267,12 +304,37 @@ async fn demo(addr: &str, workers: bool) -> Result<bool, BoxError> {
         question: ASK.to_string(),
         max_subtasks: SOURCES.len() as u32,
     };
-    let receipt = client
-        .handoff(Handoff::to(&run.id, "planner", &ask)?.idempotency_key("ask"))
-        .await?;
-    println!("handed the ask to planner (handoff {})", receipt.handoff_id);
-
-    let ended = wait_for_end(&client, &run.id).await;
+    let mut all_completed = true;
+    let mut ended = Ok(None);
+    for n in 1..=runs {
+        let run = if n == 1 {
+            first.clone()
+        } else {
+            let run = client
+                .start_run(
+                    RunConfig::new("demo-user")
+                        .ask(ASK)
+                        .pin("audience", "leadership")
+                        .timeout(Duration::from_secs(60)),
+                )
+                .await?;
+            println!("run {} started by {}", run.id, run.owner);
+            run
+        };
+        let receipt = client
+            .handoff(Handoff::to(&run.id, "planner", &ask)?.idempotency_key("ask"))
+            .await?;
+        println!("handed the ask to planner (handoff {})", receipt.handoff_id);
+        ended = wait_for_end(&client, &run.id).await;
+        let completed =
+            matches!(&ended, Ok(Some(e)) if e.kind == pb::EventKind::RunCompleted as i32);
+        all_completed &= completed;
+        first = run;
+        if !completed {
+            break;
+        }
+    }
+    let run = first;
     // Let each agent finish the step it is in (the aggregator's handoff
     // answers just after the run completes), then stop them.
     let _ = stop.send(true);
@@ -302,7 +364,7 @@ async fn demo(addr: &str, workers: bool) -> Result<bool, BoxError> {
         println!();
         print!("{}", display::barrier_table(&barrier));
     }
-    let completed = run.status == pb::RunStatus::Completed as i32;
+    let completed = run.status == pb::RunStatus::Completed as i32 && all_completed;
     if completed {
         if let Some(result) = &run.result {
             let report: Report = handoff_client::decode(result)?;
@@ -315,7 +377,7 @@ async fn demo(addr: &str, workers: bool) -> Result<bool, BoxError> {
     } else if let Some(e) = ended {
         println!("\nrun ended with {}", display::kind(e.kind));
     }
-    Ok(completed)
+    Ok((completed, run.id))
 }
 
 /// Sends two handoffs that break their receiver's contract and prints the
@@ -531,7 +593,11 @@ async fn planner(delivery: TypedDelivery<Ask>) -> Result<(), BoxError> {
 }
 
 /// Does one subtask and reports its result to the barrier of its branch.
-async fn worker(instance: &'static str, delivery: TypedDelivery<Subtask>) -> Result<(), BoxError> {
+async fn worker(
+    instance: &'static str,
+    work: Duration,
+    delivery: TypedDelivery<Subtask>,
+) -> Result<(), BoxError> {
     let task = delivery.payload();
     let pinned = delivery.pinned();
     let (barrier, key) = delivery
@@ -548,7 +614,7 @@ async fn worker(instance: &'static str, delivery: TypedDelivery<Subtask>) -> Res
         return Err("the pinned ask did not reach the worker".into());
     }
     // The work: long enough for the other instance to take the next one.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(work).await;
     let source = task.sources.first().map_or("nowhere", String::as_str);
     let audience = pinned
         .fields
@@ -572,7 +638,11 @@ async fn worker(instance: &'static str, delivery: TypedDelivery<Subtask>) -> Res
         .handoff(
             Handoff::to_barrier(delivery.run_id(), barrier, key, &result)?
                 .confidence(0.9)
-                .tool_result("read_pdf", SystemTime::now(), &citation)?,
+                .tool_result("read_pdf", SystemTime::now(), &citation)?
+                // The run state keeps each summary, one key per branch.
+                .state_delta(
+                    StateDelta::new().set(format!("summary.{key}"), result.summary.clone()),
+                ),
         )
         .await?;
     println!(
@@ -619,7 +689,10 @@ async fn aggregator(delivery: Delivery) -> Result<(), BoxError> {
         results,
     };
     delivery
-        .handoff(Handoff::final_result(delivery.run_id(), &report)?)
+        .handoff(
+            Handoff::final_result(delivery.run_id(), &report)?
+                .state_delta(StateDelta::new().set("report", report.answer.clone())),
+        )
         .await?;
     println!(
         "[aggregator] completed the run with a report of {} results",
@@ -637,6 +710,8 @@ fn short(id: &str) -> &str {
 /// handoffd running in this process on its embedded nats-server.
 struct EmbeddedBroker {
     addr: std::net::SocketAddr,
+    /// The console's address, if it serves.
+    console: Option<std::net::SocketAddr>,
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<Result<(), handoffd::RunError>>,
     /// Kept until the broker (and its nats-server) has stopped.
@@ -680,6 +755,7 @@ impl EmbeddedBroker {
                 );
                 Ok(EmbeddedBroker {
                     addr: ready.addr,
+                    console: ready.console_addr,
                     shutdown,
                     task,
                     _data_dir: data_dir,
