@@ -64,6 +64,7 @@ use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod chord;
+mod console;
 mod floor;
 mod listing;
 mod payload;
@@ -90,6 +91,9 @@ enum Scenario {
     Soak,
     /// Finding runs: the first page of `ListRuns` with many runs stored.
     List,
+    /// The console: its runs page with many runs stored, and an event's
+    /// way to an open run page.
+    Console,
 }
 
 /// One fan-in width of `--fanin-widths`: `BRANCHES` or
@@ -523,10 +527,12 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
     }
 
+    let mut listed = false;
     if wants(Scenario::List) {
         let n = args.list_runs;
         let before = stack.broker_rss();
         listing::populate(&client, n, &bar(n, "list: runs stored")).await?;
+        listed = true;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let after = stack.broker_rss();
         let samples = 200;
@@ -563,6 +569,56 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 },
             ));
         }
+    }
+
+    if wants(Scenario::Console) {
+        let n = args.list_runs;
+        let addr = stack
+            .console()
+            .ok_or("the broker did not report its console address")?;
+        if !listed {
+            listing::populate(&client, n, &bar(n, "console: runs stored")).await?;
+        }
+        let samples = 200;
+        // Warm-up: the first render builds nothing lasting, but connections.
+        console::runs_page(addr, "/", 5).await?;
+        let page = console::runs_page(addr, "/", samples).await?;
+        let by_owner = console::runs_page(addr, "/?owner=list-3", samples).await?;
+        let (_, ids) = listing::first_pages(&client, 5, None).await?;
+        let raw_page = listing::raw_page(stack.nats_url(), &ids, samples).await?;
+        panel(
+            format!("console: runs page, {n} runs"),
+            &page,
+            Some(&raw_page),
+        );
+        rows.push(Row::new(
+            "console",
+            format!("runs page (first 50 of {n} runs, rendered HTML; raw: reading its 50 records)"),
+            latency(&page, Some(&raw_page)),
+        ));
+        rows.push(Row::new(
+            "console",
+            format!("runs page of one owner (1 in {})", listing::OWNERS),
+            latency(&by_owner, Some(&raw_page)),
+        ));
+        let (told, shown) = console::event_to_page(&client, addr, samples).await?;
+        let raw_event = console::raw_event(stack.nats_url(), samples).await?;
+        panel(
+            "console: event to live stream".into(),
+            &told,
+            Some(&raw_event),
+        );
+        rows.push(Row::new(
+            "console",
+            "event to an open run page's live stream (handoff call to SSE line; raw: publish to a waiting consumer)".to_string(),
+            latency(&told, Some(&raw_event)),
+        ));
+        rows.push(Row::new(
+            "console",
+            "event to the run page read again showing it (what the page does on the line)"
+                .to_string(),
+            latency(&shown, Some(&raw_event)),
+        ));
     }
 
     if wants(Scenario::State) || wants(Scenario::Memory) {

@@ -25,6 +25,8 @@ pub(crate) struct Stack {
     nats_url: String,
     replicas: usize,
     addr: String,
+    /// The console's address (it serves on a free port).
+    console: Option<std::net::SocketAddr>,
     token: Option<String>,
 }
 
@@ -75,6 +77,7 @@ impl Stack {
             command.env("HANDOFF_REPLICAS", replicas.to_string());
         }
         let mut broker = command
+            .env("HANDOFF_CONSOLE_LISTEN", "127.0.0.1:0")
             .args(["--nats-url", &url, "--listen", "127.0.0.1:0"])
             .args(["--log-format", "json"])
             .env("RUST_LOG", "warn,handoffd::server=info")
@@ -85,14 +88,20 @@ impl Stack {
             .spawn()?;
         let stderr = broker.stderr.take().ok_or("no stderr pipe to handoffd")?;
         let mut lines = BufReader::new(stderr).lines();
+        let field = |line: &str, name: &str| {
+            line.split(&format!("\"{name}\":\""))
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .map(str::to_string)
+        };
+        let mut console = None;
         let listen = tokio::time::timeout(Duration::from_secs(30), async {
             while let Ok(Some(line)) = lines.next_line().await {
                 if line.contains("\"message\":\"handoffd serving\"") {
-                    return line
-                        .split("\"addr\":\"")
-                        .nth(1)
-                        .and_then(|s| s.split('"').next())
-                        .map(str::to_string);
+                    return field(&line, "addr");
+                }
+                if line.contains("\"message\":\"console serving\"") {
+                    console = field(&line, "console").and_then(|a| a.parse().ok());
                 }
                 pass_on(&line);
             }
@@ -116,6 +125,7 @@ impl Stack {
             nats_url: url,
             replicas,
             addr,
+            console,
             token: auth.then(|| BENCH_TOKEN.to_string()),
         })
     }
@@ -127,6 +137,11 @@ impl Stack {
             options = options.token(token.as_str());
         }
         Ok(options.connect(&self.addr).await?)
+    }
+
+    /// The console's address, if it serves.
+    pub(crate) fn console(&self) -> Option<std::net::SocketAddr> {
+        self.console
     }
 
     /// The broker's gRPC address.
