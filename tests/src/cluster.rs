@@ -809,6 +809,8 @@ async fn spawn(
 ) -> Result<Started, ClusterError> {
     let mut child = Command::new(bin)
         .args(args)
+        // No console (at its fixed default address): tests run side by side.
+        .env("HANDOFF_CONSOLE_LISTEN", "")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -144,6 +144,9 @@ pub fn test_config(nats_url: &str) -> Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         drain_timeout: Duration::from_secs(2),
         default_lease: Duration::from_secs(5),
+        // Tests start many brokers at once: none serves the console (at
+        // its fixed default address) unless a test asks for one.
+        console_listen: None,
         ..Config::default()
     }
 }
@@ -242,6 +245,8 @@ impl BrokerProcess {
             "json",
         ])
         .env("RUST_LOG", "info")
+        // No console (at its fixed default address) unless asked for.
+        .env("HANDOFF_CONSOLE_LISTEN", "")
         .envs(extra_env.iter().copied());
         let broker = BrokerProcess::spawn_command(cmd).await;
         keep_inboxes(nats_url).await;

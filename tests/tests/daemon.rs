@@ -24,6 +24,7 @@ async fn bad_configuration_reports_every_problem_and_exits_64() {
     )
     .unwrap();
     let out = Command::new(BIN)
+        .env("HANDOFF_CONSOLE_LISTEN", "")
         .arg("--config")
         .arg(&file)
         .env("HANDOFF_REPLICAS", "zero")
@@ -41,6 +42,7 @@ async fn bad_configuration_reports_every_problem_and_exits_64() {
 async fn missing_nats_server_is_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)
+        .env("HANDOFF_CONSOLE_LISTEN", "")
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
         .env("HANDOFF_NATS_SERVER_BIN", "/nonexistent/nats-server")
@@ -63,6 +65,7 @@ async fn missing_nats_server_is_one_clear_line() {
 async fn embedded_default_serves_and_stops_its_nats_child_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(BIN)
+        .env("HANDOFF_CONSOLE_LISTEN", "")
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -182,6 +185,7 @@ async fn nats_without_jetstream_is_refused_with_a_clear_error() {
     opts.jetstream = false;
     let plain = handoffd::embedded::NatsServer::start(opts).await.unwrap();
     let out = Command::new(BIN)
+        .env("HANDOFF_CONSOLE_LISTEN", "")
         .args(["--listen", "127.0.0.1:0", "--nats-url", plain.url()])
         .output()
         .await
@@ -285,6 +289,7 @@ async fn systemd_is_told_ready_and_stopping() {
     let socket_path = dir.path().join("notify.sock");
     let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
     let mut child = Command::new(BIN)
+        .env("HANDOFF_CONSOLE_LISTEN", "")
         .args(["--listen", "127.0.0.1:0", "--nats-url", nats.url()])
         .env("NOTIFY_SOCKET", &socket_path)
         .stderr(Stdio::null())
@@ -314,6 +319,7 @@ async fn systemd_is_told_ready_and_stopping() {
 #[tokio::test]
 async fn a_malformed_nats_url_in_the_list_exits_64_naming_it() {
     let out = Command::new(BIN)
+        .env("HANDOFF_CONSOLE_LISTEN", "")
         .args([
             "--listen",
             "127.0.0.1:0",

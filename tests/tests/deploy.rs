@@ -405,7 +405,9 @@ async fn the_shipped_deploy_files_run_a_broker_on_a_three_node_tls_cluster() {
         .env_clear()
         .env("PATH", SYSTEMD_PATH)
         .env("CREDENTIALS_DIRECTORY", &credentials)
-        .env("NOTIFY_SOCKET", &notify_path);
+        .env("NOTIFY_SOCKET", &notify_path)
+        // No console (at its fixed default address): tests run side by side.
+        .env("HANDOFF_CONSOLE_LISTEN", "");
     for assignments in unit.all("Environment") {
         for assignment in assignments.split_whitespace() {
             let (key, value) = assignment

@@ -460,6 +460,7 @@ async fn a_wrong_nats_password_stops_the_broker_with_one_line() {
     let out = tokio::time::timeout(
         Duration::from_secs(30),
         Command::new(BIN)
+            .env("HANDOFF_CONSOLE_LISTEN", "")
             .args(["--listen", "127.0.0.1:0", "--nats-url", nats.server.url()])
             .env("HANDOFF_NATS_USER", "handoffd")
             .env("HANDOFF_NATS_PASSWORD_FILE", &password_file)
@@ -481,6 +482,7 @@ async fn a_wrong_nats_password_stops_the_broker_with_one_line() {
 #[tokio::test]
 async fn no_auth_off_loopback_is_refused_unless_insecure() {
     let out = Command::new(BIN)
+        .env("HANDOFF_CONSOLE_LISTEN", "")
         .args(["--listen", "0.0.0.0:7233"])
         .output()
         .await
@@ -603,6 +605,7 @@ struct Serving {
 /// serves.
 async fn spawn_until_serving(args: &[&str]) -> Serving {
     let mut child = Command::new(BIN)
+        .env("HANDOFF_CONSOLE_LISTEN", "")
         .args(args)
         .args(["--log-format", "json"])
         .env("RUST_LOG", "info")

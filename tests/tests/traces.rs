@@ -452,7 +452,7 @@ async fn a_malformed_otlp_endpoint_exits_64_naming_the_key() {
         (None, Some("127.0.0.1:4317")),
     ] {
         let mut cmd = tokio::process::Command::new(BIN);
-        cmd.args([
+        cmd.env("HANDOFF_CONSOLE_LISTEN", "").args([
             "--listen",
             "127.0.0.1:0",
             "--nats-url",

@@ -49,9 +49,13 @@ def _lines(stream: IO[bytes], into: queue.Queue[str], keep: Path | None) -> None
 
 
 def _wait_for_line(
-    proc: subprocess.Popen[bytes], lines: queue.Queue[str], pattern: re.Pattern[str], what: str
+    proc: subprocess.Popen[bytes],
+    lines: queue.Queue[str],
+    pattern: re.Pattern[str],
+    what: str,
+    seen: list[str] | None = None,
 ) -> re.Match[str]:
-    seen: list[str] = []
+    seen = [] if seen is None else seen
     end = time.monotonic() + WAIT
     while time.monotonic() < end:
         try:
@@ -93,6 +97,8 @@ class Broker:
 
     addr: str
     proc: subprocess.Popen[bytes]
+    console: str | None = None
+    """The console's `host:port`, when it serves."""
 
 
 def start_nats(store: Path) -> Nats:
@@ -128,6 +134,9 @@ SERVING = re.compile(
 )
 
 
+CONSOLE = re.compile(r'"console":"([^"]+)"')
+
+
 def start_broker(nats_url: str, extra_env: dict[str, str] | None = None) -> Broker:
     """handoffd against `nats_url` on a random loopback port, its JSON log read
     for the address it bound."""
@@ -144,6 +153,8 @@ def start_broker(nats_url: str, extra_env: dict[str, str] | None = None) -> Brok
             "HANDOFF_LISTEN": "127.0.0.1:0",
             "HANDOFF_LOG_FORMAT": "json",
             "RUST_LOG": "info",
+            # No console unless a test asks for one (with "127.0.0.1:0").
+            "HANDOFF_CONSOLE_LISTEN": "",
         }
     )
     env.update(extra_env or {})
@@ -161,13 +172,10 @@ def start_broker(nats_url: str, extra_env: dict[str, str] | None = None) -> Brok
     threading.Thread(
         target=_lines, args=(proc.stderr, lines, Path(keep) if keep else None), daemon=True
     ).start()
-    m = _wait_for_line(
-        proc,
-        lines,
-        SERVING,
-        "handoffd",
-    )
-    return Broker(addr=m.group(1) or m.group(2), proc=proc)
+    seen: list[str] = []
+    m = _wait_for_line(proc, lines, SERVING, "handoffd", seen)
+    console = next((c.group(1) for c in map(CONSOLE.search, seen) if c), None)
+    return Broker(addr=m.group(1) or m.group(2), proc=proc, console=console)
 
 
 @pytest.fixture(scope="session")
@@ -214,6 +222,7 @@ async def bounded(aw: Awaitable[T], timeout: float = WAIT) -> T:
 
 async def until(check: Callable[[], Awaitable[Any]], timeout: float = WAIT) -> Any:
     """Polls `check` until it returns something truthy, within `timeout`."""
+
     async def loop() -> Any:
         while True:
             value = await check()
