@@ -25,6 +25,19 @@ impl Clock {
     /// less than `floor`.
     pub fn after(&self, floor: u64) -> u64 {
         let now = wall();
+        // A floor from a replica whose clock runs far ahead moves this
+        // clock (and every one that reads what it stamps) at most
+        // MAX_AHEAD past the wall clock.
+        let bound = now.saturating_add(MAX_AHEAD);
+        let floor = if floor > bound {
+            tracing::warn!(
+                ahead_ms = (floor - now) / 1_000_000,
+                "a causal position read from the store is far ahead of this clock: is a replica's clock wrong?"
+            );
+            bound
+        } else {
+            floor
+        };
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
             let next = now.max(floor).max(last.saturating_add(1));
@@ -38,6 +51,9 @@ impl Clock {
         }
     }
 }
+
+/// How far past its wall clock a floor can move the clock.
+pub const MAX_AHEAD: u64 = 60_000_000_000;
 
 /// Nanoseconds since the Unix epoch now (0 before it).
 fn wall() -> u64 {
@@ -90,9 +106,19 @@ mod tests {
         let a = clock.after(0);
         let b = clock.after(0);
         assert!(b > a);
+        let ahead = a + 10_000_000_000;
+        assert_eq!(clock.after(ahead), ahead);
+        assert_eq!(clock.after(0), ahead + 1);
+    }
+
+    #[test]
+    fn a_floor_far_ahead_moves_the_clock_at_most_max_ahead() {
+        let clock = Clock::default();
+        let a = clock.after(0);
         let far = a + 3_600_000_000_000;
-        assert_eq!(clock.after(far), far);
-        assert_eq!(clock.after(0), far + 1);
+        let moved = clock.after(far);
+        assert!(moved < far && moved > a + MAX_AHEAD / 2, "{moved} {a}");
+        assert!(moved <= wall() + MAX_AHEAD);
     }
 
     #[test]

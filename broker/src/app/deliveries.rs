@@ -106,8 +106,8 @@ pub struct Held {
     /// How long the handoff waited from its creation to this delivery
     /// (for `handoff_queue_wait_seconds`); `None` if it carries no time.
     pub queued: Option<Duration>,
-    /// The causal position of the handoff's creation (its events follow).
-    pub caused_at: u64,
+    /// The causal position of its `delivered` event (in its token too).
+    pub position: u64,
 }
 
 /// What becomes of an offered handoff.
@@ -247,6 +247,10 @@ pub async fn offer(
         attempt,
         instance: instance.to_string(),
         lease_deadline: Some(deadline),
+        // Decided before the instance sees it: after the handoff's
+        // acceptance, before anything the instance hands off from it.
+        delivered_position: broker
+            .position(crate::app::clock::nanos(envelope.created_at.as_ref()).saturating_add(1)),
         ..Default::default()
     };
     if let Err(e) = auth::sign(broker, &mut token).await {
@@ -273,7 +277,7 @@ pub async fn offer(
             .created_at
             .and_then(|t| std::time::SystemTime::try_from(t).ok())
             .and_then(|t| std::time::SystemTime::now().duration_since(t).ok()),
-        caused_at: crate::app::clock::nanos(envelope.created_at.as_ref()),
+        position: token.delivered_position,
     };
     let (state, pinned_digest) =
         match state::for_delivery(broker, &run, &envelope, &spec.reads).await {
@@ -371,7 +375,7 @@ pub async fn announce_delivered(broker: &Broker, agent: &str, instance: &str, he
                 source_agent: held.source_agent.clone(),
                 attempt: held.attempt,
                 depth: held.depth,
-                position: broker.position(held.caused_at.saturating_add(1)),
+                position: held.position,
                 ..Default::default()
             },
             format!("{}-{}-{}", kind.token(), held.handoff_id, held.attempt),

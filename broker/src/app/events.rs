@@ -61,9 +61,31 @@ pub async fn watch(
             };
             std::future::ready(keep)
         })
+        .map(|e| {
+            e.map(|mut e| {
+                e.resume_sequence = e.sequence.saturating_add(1);
+                e
+            })
+        })
         .boxed();
     let events = if one_run { causal(events) } else { events };
     Ok((events, standing))
+}
+
+/// An event about to be given, with where to resume: the lowest sequence
+/// not given yet (one still held, else the next not read).
+fn resumable(
+    mut e: pb::Event,
+    held: &BTreeMap<(u64, u64), (Instant, pb::Event)>,
+    read: u64,
+) -> pb::Event {
+    e.resume_sequence = held
+        .keys()
+        .map(|(_, sequence)| *sequence)
+        .chain([read.saturating_add(1)])
+        .min()
+        .unwrap_or(0);
+    e
 }
 
 /// How long a watch of one run holds an event back for the events that
@@ -81,16 +103,20 @@ pub fn causal(
     tokio::spawn(async move {
         let mut held: BTreeMap<(u64, u64), (Instant, pb::Event)> = BTreeMap::new();
         let mut open = true;
+        // The highest sequence read: every lower one is given or held.
+        let mut read = 0u64;
         while open || !held.is_empty() {
             let due = held.first_key_value().map(|(_, (due, _))| *due);
             tokio::select! {
                 next = events.next(), if open => match next {
                     Some(Ok(e)) => {
+                        read = read.max(e.sequence);
                         held.insert(clock::order_key(&e), (Instant::now() + HOLD, e));
                     }
                     Some(Err(err)) => {
                         // Everything held goes out before the error ends it.
-                        for (_, (_, e)) in std::mem::take(&mut held) {
+                        while let Some((_, (_, e))) = held.pop_first() {
+                            let e = resumable(e, &held, read);
                             if tx.send(Ok(e)).await.is_err() {
                                 return;
                             }
@@ -114,6 +140,7 @@ pub fn causal(
                     break;
                 }
                 let (_, e) = entry.remove();
+                let e = resumable(e, &held, read);
                 if tx.send(Ok(e)).await.is_err() {
                     return;
                 }
@@ -201,6 +228,20 @@ mod tests {
             )
             .boxed();
         assert_eq!(sequences(soon).await, [2, 1]);
+    }
+
+    #[tokio::test]
+    async fn each_event_says_where_to_resume_without_a_gap() {
+        let stored = futures::stream::iter([event(1, 20), event(2, 10), event(3, 30)]).boxed();
+        let given: Vec<(u64, u64)> = causal(stored)
+            .map(|e| {
+                e.map(|e| (e.sequence, e.resume_sequence))
+                    .unwrap_or_default()
+            })
+            .collect()
+            .await;
+        // Sequence 2 first: 1 is still to come, so resume from 1.
+        assert_eq!(given, [(2, 1), (1, 3), (3, 4)]);
     }
 
     #[tokio::test]

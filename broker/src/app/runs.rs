@@ -129,7 +129,8 @@ pub async fn start_linked(
         id: run_id.clone(),
         owner: req.owner.clone(),
         status: pb::RunStatus::Running as i32,
-        created_at: Some(now()),
+        // Also the position of `run_started`: its handoffs follow it.
+        created_at: Some(broker.stamp(0)),
         deadline,
         max_depth,
         pinned: Some(pinned),
@@ -165,6 +166,7 @@ pub async fn start_linked(
         run_status: run.status,
         at: run.created_at,
         pipeline: run.pipeline.clone(),
+        position: crate::app::clock::nanos(run.created_at.as_ref()),
         ..Default::default()
     };
     broker.emit(event, &format!("start-{}", run.id)).await?;

@@ -385,8 +385,15 @@ pub fn arrive(barrier: &mut pb::Barrier, index: &KeyIndex, result: &pb::BranchRe
         pb::BranchStatus::Skipped => barrier.skipped += 1,
         _ => barrier.arrived += 1,
     }
-    if result.arrived_at.is_some() {
-        barrier.last_arrival_at = result.arrived_at;
+    // The latest arrival counted (records can be counted out of their
+    // time order, on replicas whose clocks differ).
+    let later = |a: &prost_types::Timestamp, b: &prost_types::Timestamp| {
+        (a.seconds, a.nanos) > (b.seconds, b.nanos)
+    };
+    if let Some(at) = result.arrived_at {
+        if barrier.last_arrival_at.is_none_or(|last| later(&at, &last)) {
+            barrier.last_arrival_at = Some(at);
+        }
     }
     Arrival::Counted
 }

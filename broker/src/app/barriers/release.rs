@@ -88,6 +88,8 @@ pub async fn fire(
                     agent: target_of(&b),
                     barrier_id: barrier_id.to_string(),
                     reason: format!("missing at timeout: {}", missing.join(", ")),
+                    // Just before the release it causes.
+                    position: clock::nanos(b.released_at.as_ref()).saturating_sub(1),
                     ..Default::default()
                 },
                 format!("timedout-{run_id}-{barrier_id}"),

@@ -237,12 +237,15 @@ pub(super) async fn commit(
         trace_context: req.trace_context.clone(),
         idempotency_key: req.idempotency_key.clone(),
         r#final: req.r#final,
-        // Its position in the run: after the delivery it consumes.
+        // Its position in the run: after the run's start and the delivery
+        // it consumes (whichever replica announced it).
         created_at: Some(
             broker.stamp(
                 parent
                     .as_ref()
-                    .map_or(0, |p| clock::nanos(p.created_at.as_ref()).saturating_add(2)),
+                    .map_or(0, |p| clock::nanos(p.created_at.as_ref()).saturating_add(2))
+                    .max(clock::nanos(run.created_at.as_ref()).saturating_add(1))
+                    .max(consumed.map_or(0, |t| t.delivered_position.saturating_add(1))),
             ),
         ),
         fallback_from: String::new(),
@@ -335,6 +338,15 @@ pub(super) async fn commit(
         (arrived.sequence, arrived.duplicate)
     } else {
         let put = broker.store().put_handoff(&envelope).await?;
+        if put.duplicate {
+            // A retry: the stored copy's position is the one its delivery
+            // follows (the inbox keeps it until it is settled).
+            if let Ok(Some(stored)) = broker.store().handoff_at(put.sequence).await {
+                if stored.envelope.id == envelope.id {
+                    envelope.created_at = stored.envelope.created_at;
+                }
+            }
+        }
         // Its delivery, about to be prepared here, needs the run as read.
         broker.remember_run(&run);
         stored.store(true, Ordering::Relaxed);
