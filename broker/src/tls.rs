@@ -138,7 +138,7 @@ pub fn server_config(config: &Config) -> Result<Option<ServerTlsConfig>, FileErr
 }
 
 /// The console's TLS settings: the gRPC listener's certificate and key
-/// (`tls_cert`, `tls_key`), HTTP/1.1 and HTTP/2 offered; `None` to serve
+/// (`tls_cert`, `tls_key`), HTTP/1.1; `None` to serve
 /// plain HTTP. The console signs in with API tokens, so it asks for no
 /// client certificate.
 pub fn console_config(
@@ -179,7 +179,9 @@ pub fn console_config(
                 format!("does not go with tls_key ({e})"),
             )
         })?;
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only: its requests carry `Host`, which the console's
+    // same-origin check compares `Origin` with.
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Some(std::sync::Arc::new(server)))
 }
 

@@ -52,6 +52,8 @@ pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 const MAX_SESSIONS: usize = 10_000;
 /// The session cookie.
 const COOKIE: &str = "handoff_session";
+/// How often a live stream checks that its session still stands.
+const LIVE_CHECK: Duration = Duration::from_secs(2);
 
 /// A signed-in (or, without auth, anonymous) browser.
 #[derive(Clone)]
@@ -70,6 +72,10 @@ struct Console {
     sessions: Arc<DashMap<String, Session>>,
     /// Served over TLS: the session cookie is `Secure`.
     secure: bool,
+    /// Without auth on a loopback address: the `Host` names it may be
+    /// reached by (so a page whose name is rebound to 127.0.0.1 gets
+    /// nothing); `None`: any.
+    hosts: Option<Arc<Vec<String>>>,
 }
 
 /// Who is asking, and what their forms must carry.
@@ -88,12 +94,6 @@ impl Visitor {
     pub(crate) fn may_own(&self, owner: &str) -> bool {
         self.caller.may(Action::Own, owner)
     }
-
-    /// Whether the visitor may read everything (agents, contracts, dead
-    /// letters).
-    pub(crate) fn may_read_all(&self) -> bool {
-        self.caller.may(Action::Read, "")
-    }
 }
 
 /// Serves the console on `listener` (over TLS with `tls`) until the task
@@ -103,10 +103,23 @@ pub async fn serve(
     broker: Broker,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 ) {
+    let hosts = match listener.local_addr() {
+        Ok(addr) if addr.ip().is_loopback() && !broker.auth().enabled() => {
+            let port = addr.port();
+            Some(Arc::new(vec![
+                addr.to_string(),
+                format!("localhost:{port}"),
+                format!("127.0.0.1:{port}"),
+                format!("[::1]:{port}"),
+            ]))
+        }
+        _ => None,
+    };
     let console = Console {
         broker,
         sessions: Arc::new(DashMap::new()),
         secure: tls.is_some(),
+        hosts,
     };
     let app = router(console);
     let Some(tls) = tls else {
@@ -250,6 +263,12 @@ impl Console {
     /// The visitor of a request; `Err`: the sign-in page (or a refusal
     /// for an action and the live stream).
     async fn visitor(&self, headers: &HeaderMap) -> Result<Visitor, Refused> {
+        if let Some(hosts) = &self.hosts {
+            let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+            if !host.is_some_and(|h| hosts.iter().any(|a| a.eq_ignore_ascii_case(h))) {
+                return Err(Refused::Host);
+            }
+        }
         let session = self.session(headers);
         if !self.auth_on() {
             // No auth: everyone is the local caller; a session only
@@ -282,10 +301,30 @@ impl Console {
                 signed_in: true,
                 set_cookie: None,
             }),
-            Err(e) => {
+            Err(e) if e.class() == crate::error::Class::Unauthenticated => {
                 self.sessions.remove(&id);
                 tracing::debug!(reason = %e.reason(), "console session refused");
                 Err(Refused::SignIn)
+            }
+            // NATS away and the like: the session stays.
+            Err(e) => Err(Refused::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Whether the session behind `headers` still stands (not signed
+    /// out, not expired, its token still valid).
+    async fn still_signed_in(&self, headers: &HeaderMap) -> bool {
+        match self.session(headers) {
+            None => !self.auth_on(),
+            Some((_, s)) => {
+                let creds = Credentials {
+                    bearer: s.token.clone(),
+                    ..Default::default()
+                };
+                !matches!(
+                    auth::authenticate(&self.broker, &creds).await,
+                    Err(e) if e.class() == crate::error::Class::Unauthenticated
+                )
             }
         }
     }
@@ -338,6 +377,10 @@ enum Refused {
     /// An action without this session's CSRF token, from another origin,
     /// or without a session.
     Forged,
+    /// A `Host` this console does not answer to (see `Console::hosts`).
+    Host,
+    /// The broker cannot authenticate now.
+    Unavailable(String),
 }
 
 impl IntoResponse for Refused {
@@ -353,6 +396,21 @@ impl IntoResponse for Refused {
                     "This action did not come from a form of this console's session. Reload the page and try again.",
                     None,
                 ),
+            ),
+            Refused::Host => page_response(
+                StatusCode::MISDIRECTED_REQUEST,
+                None,
+                view::message_page(
+                    "Refused",
+                    "UNKNOWN_HOST",
+                    "This console answers to its own address only (localhost or 127.0.0.1 and its port).",
+                    None,
+                ),
+            ),
+            Refused::Unavailable(why) => page_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                view::message_page("Unavailable", "NATS_UNAVAILABLE", &why, None),
             ),
         }
     }
@@ -758,7 +816,8 @@ async fn redrive(
     // Back to a page of this console only (no `//host`, no `/\host`).
     let local = form.back.starts_with('/')
         && !form.back[1..].starts_with(['/', '\\'])
-        && !form.back.contains(['\\', '\r', '\n']);
+        && !form.back.contains('\\')
+        && !form.back.chars().any(char::is_control);
     let back = if local {
         form.back.clone()
     } else {
@@ -802,8 +861,9 @@ async fn live(
     Query(q): Query<LiveQuery>,
 ) -> Response {
     let visitor = match c.visitor(&headers).await {
-        Ok(v) => v,
-        Err(_) => return StatusCode::UNAUTHORIZED.into_response(),
+        Ok(v) if v.set_cookie.is_none() => v,
+        Ok(_) | Err(Refused::SignIn) => return StatusCode::UNAUTHORIZED.into_response(),
+        Err(r) => return r.into_response(),
     };
     let caller = visitor.caller.clone();
     let stream = if q.run.is_empty() {
@@ -811,7 +871,12 @@ async fn live(
             Ok(events) => events
                 .filter(move |e| {
                     let keep = match e {
-                        Ok(e) => caller.may(Action::Read, "") || caller.may(Action::Own, &e.owner),
+                        // Events of no run's owner (access_denied, contract
+                        // changes) only with read, as Watch.
+                        Ok(e) => {
+                            caller.may(Action::Read, "")
+                                || (!e.owner.is_empty() && caller.may(Action::Own, &e.owner))
+                        }
                         Err(_) => false,
                     };
                     std::future::ready(keep)
@@ -829,6 +894,29 @@ async fn live(
             Err(e) => return error_response(Some(&visitor), &e),
         }
     };
+    // The stream ends once the session does (signed out, expired, its
+    // token revoked) or the visitor may no longer read the run; checked
+    // every LIVE_CHECK.
+    let ended = {
+        let (c, headers, run) = (c.clone(), headers.clone(), q.run.clone());
+        let caller = visitor.caller.clone();
+        async move {
+            loop {
+                tokio::time::sleep(LIVE_CHECK).await;
+                if !c.still_signed_in(&headers).await {
+                    return;
+                }
+                if !run.is_empty() {
+                    let readable = crate::app::access::read(&c.broker, &caller, &run, "").await;
+                    if matches!(&readable, Err(e) if matches!(e.class(), crate::error::Class::NotFound | crate::error::Class::PermissionDenied))
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let stream = stream.take_until(Box::pin(ended));
     let events = stream.map(|e| {
         let data = match e {
             Ok(e) => format!(

@@ -23,6 +23,10 @@ const PAGE: u32 = 50;
 const INLINE_PAYLOADS: usize = 40;
 /// State revisions a run page shows (the latest ones).
 const REVISIONS: u64 = 50;
+/// The largest payload stored by reference a page fetches and shows.
+const SHOWN_BYTES: u64 = 1 << 20;
+/// Raw bytes shown at most.
+const RAW_BYTES: usize = 64 << 10;
 
 /// The runs list's filters, from its query string.
 #[derive(Debug, Default, Deserialize)]
@@ -836,8 +840,11 @@ pub(crate) async fn handoff(
         return Ok(layout("Handoff", Some(visitor), Some(run_id), content));
     };
     let mut payload = env.payload.clone();
+    let mut too_large = None;
     if payload.is_none() {
-        if let Some(r) = &env.payload_ref {
+        if let Some(r) = env.payload_ref.as_ref().filter(|r| r.size > SHOWN_BYTES) {
+            too_large = Some(r.size);
+        } else if let Some(r) = &env.payload_ref {
             let bytes = app::payloads::fetch(broker, r).await?;
             payload = Some(prost_types::Any {
                 type_url: r.type_url.clone(),
@@ -855,10 +862,14 @@ pub(crate) async fn handoff(
             dt { "Contract" } dd { code { (env.contract_type) } " v" (env.contract_version) }
             dt { "Created" } dd { (time(env.created_at.as_ref())) }
         }
+        @if let Some(size) = too_large {
+            p { "Stored by reference, " (size) " bytes: more than the console shows (" (SHOWN_BYTES) "); read it with " code { "handoffctl handoff show" } " or GetPayload." }
+        }
         @if let Some(any) = &payload {
             @if raw {
                 h2 { "Raw bytes (" (any.value.len()) ")" }
-                pre.raw aria-label="Payload bytes in hexadecimal" tabindex="0" { code { (view::hex(&any.value)) } }
+                pre.raw aria-label="Payload bytes in hexadecimal" tabindex="0" { code { (view::hex(&any.value[..any.value.len().min(RAW_BYTES)])) } }
+                @if any.value.len() > RAW_BYTES { p.hint { "The first " (RAW_BYTES) " bytes." } }
             } @else {
                 (payload_view(broker, Some(any), None, env.contract_version, &format!("/runs/{}/handoffs/{}", path_segment(run_id), path_segment(handoff_id))))
             }
@@ -952,20 +963,13 @@ pub(crate) async fn agents(
             h2 { "Dead letters" }
             @if dead.is_empty() { p { "None." } }
             @else {
-                @let back = format!("/agents/{}", path_segment(only.unwrap_or_default()));
                 ul {
                     @for d in &dead {
                         @let run_id = d.handoff.as_ref().map(|h| h.run_id.clone()).unwrap_or_default();
                         li data-dead-letter=(d.sequence) {
                             "#" (d.sequence) " run " a href={ "/runs/" (path_segment(&run_id)) } { code { (short(&run_id)) } }
                             " after " (d.attempts) " attempt(s): " (d.reason)
-                            @if visitor.may_own("") || visitor.may_read_all() {
-                                form.action.inline data-action="redrive" method="post" action={ "/dead-letters/" (d.sequence) "/redrive" } {
-                                    input type="hidden" name="csrf" value=(visitor.csrf);
-                                    input type="hidden" name="back" value=(back);
-                                    button type="submit" { "Redrive" }
-                                }
-                            }
+                            " (redrive it from its run's page)"
                         }
                     }
                 }

@@ -282,7 +282,7 @@ async fn serve(
     let console_addr = console.as_ref().and_then(|l| l.local_addr().ok());
     let console_tls = match console {
         Some(_) => {
-            crate::tls::console_config(&config).map_err(|e| RunError::Config(e.to_string()))?
+            crate::tls::console_config(config).map_err(|e| RunError::Config(e.to_string()))?
         }
         None => None,
     };
