@@ -340,12 +340,17 @@ async fn tail(client: &Client, args: TailArgs) -> Outcome {
         };
         match next {
             Some(Ok(event)) => {
-                last_seq = Some(event.sequence);
+                // Below the event's own sequence in a watch of one run,
+                // whose events come in causal order.
+                last_seq = Some(match event.resume_sequence {
+                    0 => event.sequence.saturating_add(1),
+                    resume => resume,
+                });
                 out(&format!("{}\n", display::event_line(&event)))?;
             }
             Some(Err(e)) => {
                 let resume = last_seq
-                    .map(|s| format!(" (resume with --from-seq {})", s.saturating_add(1)))
+                    .map(|s| format!(" (resume with --from-seq {s})"))
                     .unwrap_or_default();
                 return Err(Failure(format!("event stream failed: {e}{resume}")));
             }

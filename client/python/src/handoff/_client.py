@@ -763,8 +763,11 @@ class Watch(Closing):
         self._call: grpc.aio.UnaryStreamCall[pb.WatchRequest, pb.Event] | None = None
         self._closed = False
         self.next_sequence = req.from_sequence
-        """The sequence to resume from: one past the last event received (0
-        before any, when the watch started with new events only)."""
+        """The sequence to resume from so that nothing is missed (0 before
+        any event, when the watch started with new events only): one past
+        the last event received, or lower in a watch of one run, whose
+        events come in causal order (the broker's `resume_sequence`)."""
+        self._given: set[int] = set()
 
     def __aiter__(self) -> AsyncIterator[pb.Event]:
         return self
@@ -793,7 +796,13 @@ class Watch(Closing):
                 self._call = None
                 break
             assert isinstance(event, pb.Event)
-            self.next_sequence = event.sequence + 1
+            if event.sequence in self._given:
+                # Given before a resume that started below it.
+                continue
+            self.next_sequence = event.resume_sequence or event.sequence + 1
+            self._given = {s for s in self._given if s >= self.next_sequence}
+            if event.sequence >= self.next_sequence:
+                self._given.add(event.sequence)
             return event
         raise StopAsyncIteration
 
