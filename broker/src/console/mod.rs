@@ -106,11 +106,16 @@ pub async fn serve(
     let hosts = match listener.local_addr() {
         Ok(addr) if addr.ip().is_loopback() && !broker.auth().enabled() => {
             let port = addr.port();
+            // A page's name cannot be one of these, so none is a rebound
+            // name (bare names too: clients that leave the port out).
             Some(Arc::new(vec![
                 addr.to_string(),
                 format!("localhost:{port}"),
                 format!("127.0.0.1:{port}"),
                 format!("[::1]:{port}"),
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+                "[::1]".to_string(),
             ]))
         }
         _ => None,
@@ -861,8 +866,8 @@ async fn live(
     Query(q): Query<LiveQuery>,
 ) -> Response {
     let visitor = match c.visitor(&headers).await {
-        Ok(v) if v.set_cookie.is_none() => v,
-        Ok(_) | Err(Refused::SignIn) => return StatusCode::UNAUTHORIZED.into_response(),
+        Ok(v) => v,
+        Err(Refused::SignIn) => return StatusCode::UNAUTHORIZED.into_response(),
         Err(r) => return r.into_response(),
     };
     let caller = visitor.caller.clone();
