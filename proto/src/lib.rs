@@ -34,6 +34,22 @@ pub mod demo {
 /// as contracts.
 pub const DEMO_FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("demo_descriptor");
 
+impl pb::RunStatus {
+    /// The word for this status (`running`, `completed`, `timed_out`, ...).
+    pub fn token(self) -> &'static str {
+        use pb::RunStatus as S;
+        match self {
+            S::Running => "running",
+            S::Completed => "completed",
+            S::Failed => "failed",
+            S::TimedOut => "timed_out",
+            S::Cancelled => "cancelled",
+            S::WaitingInput => "waiting_input",
+            S::Unspecified => "unknown",
+        }
+    }
+}
+
 impl pb::EventKind {
     /// The NATS subject token of this kind (`handoff_accepted`, ...).
     pub fn token(self) -> &'static str {

@@ -122,15 +122,7 @@ pub(crate) fn short(id: &str) -> &str {
 
 /// The token of a run status (`running`, `completed`, ...).
 pub(crate) fn status(status: i32) -> &'static str {
-    match pb::RunStatus::try_from(status) {
-        Ok(pb::RunStatus::Running) => "running",
-        Ok(pb::RunStatus::Completed) => "completed",
-        Ok(pb::RunStatus::Failed) => "failed",
-        Ok(pb::RunStatus::TimedOut) => "timed_out",
-        Ok(pb::RunStatus::Cancelled) => "cancelled",
-        Ok(pb::RunStatus::WaitingInput) => "waiting_input",
-        _ => "unknown",
-    }
+    pb::RunStatus::try_from(status).map_or("unknown", pb::RunStatus::token)
 }
 
 /// A status badge.

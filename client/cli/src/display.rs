@@ -11,15 +11,7 @@ use handoff_client::pb;
 
 /// A run's status as a word.
 pub fn status(status: i32) -> &'static str {
-    match pb::RunStatus::try_from(status) {
-        Ok(pb::RunStatus::Running) => "running",
-        Ok(pb::RunStatus::Completed) => "completed",
-        Ok(pb::RunStatus::Failed) => "failed",
-        Ok(pb::RunStatus::TimedOut) => "timed_out",
-        Ok(pb::RunStatus::Cancelled) => "cancelled",
-        Ok(pb::RunStatus::WaitingInput) => "waiting_input",
-        _ => "unknown",
-    }
+    pb::RunStatus::try_from(status).map_or("unknown", pb::RunStatus::token)
 }
 
 /// A run status from its word (as [`status`] writes it, or the enum's

@@ -192,6 +192,22 @@ def causal_problems(timeline: list[tuple[str, int, str, str]]) -> list[str]:
     return problems
 
 
+async def fanned_out(client: Client, items: list[Subtask], **options: Any) -> tuple[pb.Run, str]:
+    """A run whose planner fanned `items` out to a worker, joined for a third
+    agent that accepts Report; the run and the worker's name."""
+    planner, worker, joiner = uniq("planner"), uniq("worker"), uniq("joiner")
+    await client.register_agent(planner, accepts=Ask, emits=[Subtask])
+    await client.register_agent(worker, accepts=Subtask, emits=[Report])
+    await client.register_agent(joiner, accepts=Report)
+    run = await client.start_run(uniq("fan-out"), ask="fan out")
+    await client.handoff(run.id, planner, Ask(question="split"))
+    async with await client.subscribe(planner, "p-1") as sub:
+        d = await sub.next(WAIT)
+        assert d is not None
+        await d.fan_out(worker, items, aggregator=joiner, **options)
+    return run, worker
+
+
 # ------------------------------------------------------------ 1. the live runs list
 
 
@@ -778,18 +794,7 @@ async def test_agents_contracts_and_barriers_pages(
     open_broker: Broker, open_client: Client, page: Page
 ) -> None:
     client = open_client
-    planner, worker, joiner = uniq("planner"), uniq("worker"), uniq("joiner")
-    await client.register_agent(planner, accepts=Ask, emits=[Subtask])
-    await client.register_agent(worker, accepts=Subtask, emits=[Report])
-    await client.register_agent(joiner, accepts=Report)
-    run = await client.start_run(uniq("barriers"), ask="fan out")
-    await client.handoff(run.id, planner, Ask(question="split"))
-    async with await client.subscribe(planner, "p-1") as sub:
-        d = await sub.next(WAIT)
-        assert d is not None
-        await d.fan_out(
-            worker, [Subtask(instruction=f"part {i}") for i in range(3)], aggregator=joiner
-        )
+    run, worker = await fanned_out(client, [Subtask(instruction=f"part {i}") for i in range(3)])
     async with await client.subscribe(worker, "w-1", 1) as wsub:
         d = await wsub.next(WAIT)
         assert d is not None
@@ -954,22 +959,12 @@ async def test_a_timed_out_barrier_times_out_before_its_release_after_its_arriva
     open_client: Client,
 ) -> None:
     client = open_client
-    planner, worker, joiner = uniq("planner"), uniq("worker"), uniq("joiner")
-    await client.register_agent(planner, accepts=Ask, emits=[Subtask])
-    await client.register_agent(worker, accepts=Subtask, emits=[Report])
-    await client.register_agent(joiner, accepts=Report)
-    run = await client.start_run(uniq("timeout"), ask="half of it")
-    await client.handoff(run.id, planner, Ask(question="split"))
-    async with await client.subscribe(planner, "p-1") as sub:
-        d = await sub.next(WAIT)
-        assert d is not None
-        await d.fan_out(
-            worker,
-            [Subtask(instruction="a"), Subtask(instruction="b")],
-            aggregator=joiner,
-            timeout=1.0,
-            release_partial=True,
-        )
+    run, worker = await fanned_out(
+        client,
+        [Subtask(instruction="a"), Subtask(instruction="b")],
+        timeout=1.0,
+        release_partial=True,
+    )
     async with await client.subscribe(worker, "w-1") as wsub:
         d = await wsub.next(WAIT)
         assert d is not None
