@@ -755,6 +755,9 @@ async fn judged_run(client: &Client, pipeline: &str, score: f64) -> (pb::Run, Ve
         request.pinned.map(|p| p.ask).as_deref(),
         Some("find a quiet hotel in Oslo")
     );
+    // Inline here: judge_result answers it as it is.
+    let fetched = d.judge_result().await.expect("the judge's result");
+    assert_eq!(fetched.as_ref(), request.result.as_ref());
     let result: handoff_tests::Note =
         handoff_client::decode(&request.result.expect("the result")).expect("a note");
     assert_eq!(result.text, "Hotel Quiet, Oslo");

@@ -544,6 +544,7 @@ async fn ask_judge(broker: &Broker, run: &pb::Run) -> Result<(), BrokerError> {
         pinned: run.pinned.clone(),
         result: run.result.clone(),
         threshold: judge.threshold,
+        result_ref: run.result_ref.clone(),
     };
     let payload = prost_types::Any::from_msg(&request)
         .map_err(|e| BrokerError::Internal(format!("encoding the judge request: {e}")))?;

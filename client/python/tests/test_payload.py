@@ -59,3 +59,24 @@ async def test_a_16_mib_payload_is_delivered_intact_and_forwarded(client: Client
         assert e.reason == "PAYLOAD_NOT_FOUND"
     else:
         raise AssertionError("a payload that is not stored was answered")
+
+
+async def test_a_judge_gets_a_result_that_came_by_reference(client: Client) -> None:
+    worker, judge = uniq("big-result"), uniq("judge")
+    await client.register_agent(worker)
+    await client.register_agent(judge)
+    run = await client.start_run("tests", ask="write it all", judge=(judge, 0.5))
+    await client.handoff(run.id, worker, wrappers_pb2.StringValue(value="go"))
+    result = wrappers_pb2.BytesValue(value=os.urandom(1 << 20))
+    async with await client.subscribe(worker, "i1") as sub:
+        await (await take(sub)).final(result)
+    ended = (await client.get_run(run.id)).run
+    assert ended.HasField("result_ref"), "a 1 MiB result travels by reference"
+    async with await client.subscribe(judge, "j1") as sub:
+        d = await take(sub)
+        request = d.judge_request()
+        assert request is not None and not request.HasField("result")
+        assert request.result_ref == ended.result_ref
+        got = await d.judge_result()
+        assert got is not None and got.value == result.SerializeToString()
+        await d.judge(0.9, "complete")

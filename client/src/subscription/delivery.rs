@@ -249,6 +249,29 @@ impl Delivery {
         }
     }
 
+    /// The result a judge request asks about: inline, or fetched (and
+    /// checked) when the run's result came by reference; `None` when this
+    /// delivery is no judge request.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`crate::Client::get_payload`].
+    pub async fn judge_result(&self) -> Result<Option<prost_types::Any>> {
+        let Some(request) = self.judge_request() else {
+            return Ok(None);
+        };
+        match (request.result, request.result_ref) {
+            (Some(result), _) => Ok(Some(result)),
+            (None, Some(reference)) => self
+                .shared
+                .client
+                .get_payload(self.run_id(), &reference, self.id())
+                .await
+                .map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
     /// Answers a judge request: `score` in [0, 1] (how well the result
     /// still answers the pinned ask) and why. The broker records it on the
     /// run and emits `intent_drift` under the run's threshold.

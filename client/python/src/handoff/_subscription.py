@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
-from google.protobuf import wrappers_pb2
+from google.protobuf import any_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from ._barrier import ALL, FanOutReceipt, Join, JoinMode, fan_out_request
@@ -551,6 +551,21 @@ class Delivery:
         if not self.raw.handoff.judge:
             return None
         return self.payload(pb.JudgeRequest)
+
+    async def judge_result(self) -> any_pb2.Any | None:
+        """The result a judge request asks about: inline, or fetched (and
+        checked) when the run's result came by reference; `None` when this
+        delivery is no judge request."""
+        request = self.judge_request()
+        if request is None:
+            return None
+        if request.HasField("result"):
+            return request.result
+        if request.HasField("result_ref"):
+            return await self._sub._client.get_payload(
+                self.run_id, request.result_ref, delivery_id=self.id
+            )
+        return None
 
     async def get_state(self) -> dict[str, JsonValue]:
         """The run's latest state, read as the agent holding this delivery (after
