@@ -288,6 +288,11 @@ pub async fn offer(
                 return Offering::Skip;
             }
         };
+    let pinned_digest = if broker.config().faults.corrupt_intent_digest {
+        format!("0{}", pinned_digest.get(1..).unwrap_or_default())
+    } else {
+        pinned_digest
+    };
     let delivery = pb::Delivery {
         delivery_id,
         attempt,
