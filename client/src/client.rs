@@ -515,7 +515,28 @@ impl Client {
         instance: &str,
         max_in_flight: u32,
     ) -> Result<Subscription> {
-        Subscription::open(self.clone(), agent, instance, max_in_flight).await
+        Subscription::open(
+            self.clone(),
+            agent,
+            instance,
+            crate::SubscribeOptions::new(max_in_flight),
+        )
+        .await
+    }
+
+    /// Subscribes as `instance` of `agent` with `options` (for example
+    /// [`crate::SubscribeOptions::trust_intent`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::subscribe`].
+    pub async fn subscribe_with(
+        &self,
+        agent: &str,
+        instance: &str,
+        options: crate::SubscribeOptions,
+    ) -> Result<Subscription> {
+        Subscription::open(self.clone(), agent, instance, options).await
     }
 
     /// Subscribes as `instance` of `agent` and decodes every payload as

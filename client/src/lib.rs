@@ -125,7 +125,10 @@ pub use contract::{ContractSpec, RegisteredContract};
 pub use error::{Disposition, Error, ErrorKind, FieldViolation, Result};
 pub use handoff::{decode, encode, Handoff, Receipt};
 pub use state::StateDelta;
-pub use subscription::{retry_delay, Delivery, Subscription, TypedDelivery, TypedSubscription};
+pub use subscription::{
+    retry_delay, Delivery, SubscribeOptions, Subscription, TypedDelivery, TypedSubscription,
+    INTENT_MISMATCH,
+};
 
 /// The `handoff.v1` protobuf messages and gRPC stubs.
 pub use handoff_proto::pb;

@@ -234,7 +234,9 @@ impl Delivery {
     }
 
     /// Whether the pinned context and pinned state keys are what the broker
-    /// attached (the intent digest matches); the SDK logs a warning when not.
+    /// attached (the intent digest matches). A subscription rejects a delivery
+    /// whose digest does not match unless it trusts intent
+    /// ([`crate::SubscribeOptions::trust_intent`]); then it logs a warning.
     pub fn intent_intact(&self) -> bool {
         crate::state::intent_intact(&self.inner)
     }

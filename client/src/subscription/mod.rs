@@ -52,6 +52,8 @@ pub(crate) struct Shared {
     runtime: tokio::runtime::Handle,
     /// Who to tell when a delivery's run is cancelled, by delivery id.
     cancels: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
+    /// Refuse deliveries whose intent digest does not match.
+    verify_intent: bool,
 }
 
 impl Shared {
@@ -139,6 +141,55 @@ impl Shared {
     }
 }
 
+/// How a subscription is opened: [`SubscribeOptions::new`] and the
+/// options that change it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    max_in_flight: u32,
+    verify_intent: bool,
+}
+
+impl SubscribeOptions {
+    /// At most `max_in_flight` unsettled deliveries; each delivery's
+    /// intent digest checked.
+    pub fn new(max_in_flight: u32) -> SubscribeOptions {
+        SubscribeOptions {
+            max_in_flight,
+            verify_intent: true,
+        }
+    }
+
+    /// Hand on deliveries whose intent digest does not match their pinned
+    /// context (with a warning) instead of rejecting them.
+    pub fn trust_intent(mut self) -> SubscribeOptions {
+        self.verify_intent = false;
+        self
+    }
+}
+
+/// The reason a delivery whose intent digest does not match is rejected
+/// with.
+pub const INTENT_MISMATCH: &str = "INTENT_MISMATCH";
+
+/// Rejects (in the background) a delivery whose intent digest does not
+/// match its pinned context, unless the subscription trusts them; whether
+/// it did.
+fn refuse_broken_intent(shared: &Arc<Shared>, delivery: &Delivery) -> bool {
+    if !shared.verify_intent || delivery.intent_intact() {
+        return false;
+    }
+    let delivery = delivery.clone();
+    tokio::spawn(async move {
+        let reason = format!(
+            "{INTENT_MISMATCH}: the delivery's pinned context does not match its intent digest"
+        );
+        if let Err(e) = delivery.reject(reason).await {
+            tracing::warn!(handoff_id = %delivery.handoff_id(), error = %e, "a delivery with a broken intent digest could not be rejected");
+        }
+    });
+    true
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -160,8 +211,9 @@ impl Subscription {
         client: Client,
         agent: &str,
         instance: &str,
-        max_in_flight: u32,
+        options: SubscribeOptions,
     ) -> Result<Subscription> {
+        let max_in_flight = options.max_in_flight;
         let (cmd_tx, cmd_rx) = mpsc::channel::<pb::SubscribeRequest>(256);
         let open = pb::SubscribeRequest {
             request_id: 0,
@@ -201,6 +253,7 @@ impl Subscription {
             client,
             runtime: tokio::runtime::Handle::current(),
             cancels: Mutex::new(HashMap::new()),
+            verify_intent: options.verify_intent,
         });
         let (tx, rx) = mpsc::channel(max_in_flight.max(1) as usize + 8);
         let reader = shared.clone();
@@ -236,6 +289,9 @@ impl Subscription {
                             let failed =
                                 crate::payload::resolve(&shared.client, &mut d).await.err();
                             let mut delivery = Delivery::new(d, shared.clone(), cancel);
+                            if refuse_broken_intent(&shared, &delivery) {
+                                return;
+                            }
                             if let Some(e) = failed {
                                 tracing::warn!(handoff_id = %delivery.handoff_id(), error = %e, "a payload by reference could not be fetched");
                                 delivery.unresolved = Some(Arc::new(e));
@@ -253,6 +309,9 @@ impl Subscription {
                             tokio::spawn(async move {
                                 let _ = delivery.ack().await;
                             });
+                            continue;
+                        }
+                        if refuse_broken_intent(&reader, &delivery) {
                             continue;
                         }
                         if tx.send(Ok(delivery)).await.is_err() {

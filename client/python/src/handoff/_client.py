@@ -695,9 +695,14 @@ class Client(Closing):
 
     # ------------------------------------------------------------ streams
 
-    async def subscribe(self, agent: str, instance: str, max_in_flight: int = 1) -> Subscription:
+    async def subscribe(
+        self, agent: str, instance: str, max_in_flight: int = 1, *, verify_intent: bool = True
+    ) -> Subscription:
         """Subscribes as `instance` of `agent`, holding at most `max_in_flight`
-        unsettled deliveries; an async iterator of `Delivery`.
+        unsettled deliveries; an async iterator of `Delivery`. A delivery whose
+        intent digest does not match its pinned context is rejected (reason
+        `INTENT_MISMATCH...`, which fails its run) and never yielded, unless
+        `verify_intent` is false (it is then yielded, with a warning).
 
         Example::
 
@@ -706,7 +711,9 @@ class Client(Closing):
                     task = delivery.payload(Subtask)
                     await delivery.handoff("aggregator", work_on(task))
         """
-        return await Subscription.open(self, agent, instance, max_in_flight)
+        return await Subscription.open(
+            self, agent, instance, max_in_flight, verify_intent=verify_intent
+        )
 
     def watch(
         self,

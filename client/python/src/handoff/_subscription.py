@@ -36,6 +36,9 @@ from .v1 import handoff_pb2 as pb
 if TYPE_CHECKING:
     from ._client import Client
 
+INTENT_MISMATCH = "INTENT_MISMATCH"
+"""The reason a delivery whose intent digest does not match is rejected with."""
+
 log = logging.getLogger("handoff")
 
 M = TypeVar("M", bound=Message)
@@ -59,9 +62,18 @@ class Subscription(Closing):
     stops.
     """
 
-    def __init__(self, client: Client, agent: str, instance: str, max_in_flight: int) -> None:
+    def __init__(
+        self,
+        client: Client,
+        agent: str,
+        instance: str,
+        max_in_flight: int,
+        *,
+        verify_intent: bool = True,
+    ) -> None:
         """Use `Client.subscribe`."""
         self._client = client
+        self._verify_intent = verify_intent
         self.agent_name = agent
         """The agent subscribed as."""
         self.instance = instance
@@ -87,10 +99,16 @@ class Subscription(Closing):
 
     @classmethod
     async def open(
-        cls, client: Client, agent: str, instance: str, max_in_flight: int
+        cls,
+        client: Client,
+        agent: str,
+        instance: str,
+        max_in_flight: int,
+        *,
+        verify_intent: bool = True,
     ) -> Subscription:
         """Opens the stream and waits for the broker to confirm it."""
-        sub = cls(client, agent, instance, max_in_flight)
+        sub = cls(client, agent, instance, max_in_flight, verify_intent=verify_intent)
         sub._requests.put_nowait(
             pb.SubscribeRequest(
                 request_id=0,
@@ -181,6 +199,17 @@ class Subscription(Closing):
         if self._client._is_finished(self.agent_name, raw.handoff.id):
             await Delivery(raw, self)._ack_quietly()
             return
+        if not intent_intact(raw):
+            if self._verify_intent:
+                # Its pinned context is not the one its run pinned: never
+                # handed to the application.
+                log.warning("handoff %s: intent digest mismatch, rejected", raw.handoff.id)
+                await Delivery(raw, self).reject(
+                    f"{INTENT_MISMATCH}: the delivery's pinned context does not match its"
+                    " intent digest"
+                )
+                return
+            log.warning("handoff %s: intent digest mismatch (trusted)", raw.handoff.id)
         failed = await resolve(self._client._fetch_for_delivery, raw)
         delivery = Delivery(raw, self)
         if failed is not None:
