@@ -887,3 +887,70 @@ async fn a_branch_its_barrier_refuses_changes_no_state() {
     keys.sort();
     assert_eq!(keys, vec!["a", "b"]);
 }
+
+#[tokio::test]
+async fn a_delivery_whose_intent_digest_does_not_match_is_rejected_unless_trusted() {
+    let (_nats, _broker, client) = stack(|c| c.faults.corrupt_intent_digest = true).await;
+    client
+        .register_agent(AgentConfig::new("reader"))
+        .await
+        .expect("agent");
+    let run = client
+        .start_run(RunConfig::new("olga").ask("keep to the ask"))
+        .await
+        .expect("run");
+    let receipt = client
+        .handoff(Handoff::to(&run.id, "reader", &note("x", 1)).expect("handoff"))
+        .await
+        .expect("owner -> reader");
+    {
+        // Never handed to the application: rejected, which fails the run
+        // naming the reason.
+        let mut sub = client
+            .subscribe("reader", "r1", 1)
+            .await
+            .expect("subscribe");
+        let timeline = timeline_when(&client, &run.id, |t| {
+            count(t, &[pb::EventKind::RunFailed], |_| true) == 1
+        })
+        .await;
+        let rejected: Vec<&pb::Event> = timeline
+            .iter()
+            .filter(|e| e.kind == pb::EventKind::Rejected as i32)
+            .collect();
+        assert_eq!(rejected.len(), 1, "{timeline:?}");
+        assert_eq!(rejected[0].handoff_id, receipt.handoff_id);
+        assert!(
+            rejected[0]
+                .reason
+                .starts_with(handoff_client::INTENT_MISMATCH),
+            "{}",
+            rejected[0].reason
+        );
+        assert!(next_within(&mut sub, Duration::from_millis(200))
+            .await
+            .is_none());
+    }
+    // A subscription that trusts intent gets it, and sees it is broken.
+    let run = client
+        .start_run(RunConfig::new("olga").ask("keep to the ask"))
+        .await
+        .expect("run");
+    client
+        .handoff(Handoff::to(&run.id, "reader", &note("y", 2)).expect("handoff"))
+        .await
+        .expect("owner -> reader");
+    let mut trusting = client
+        .subscribe_with(
+            "reader",
+            "r2",
+            handoff_client::SubscribeOptions::new(1).trust_intent(),
+        )
+        .await
+        .expect("subscribe");
+    let d = next_within(&mut trusting, WAIT)
+        .await
+        .expect("the delivery, handed on");
+    assert!(!d.intent_intact());
+    d.ack().await.expect("ack");
+}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 
 import grpc
@@ -290,3 +291,44 @@ def test_a_langchain_message_keeps_one_id_and_json_values() -> None:
     assert m.id and first["data"]["id"] == m.id  # type: ignore[index,call-overload]
     stored = from_value(to_value(first))
     assert stored == first
+
+
+async def test_a_delivery_whose_intent_digest_does_not_match_is_rejected_unless_trusted() -> None:
+    from handoff._client import Client as _Client
+    from handoff._state import intent_digest
+    from handoff._subscription import INTENT_MISMATCH, Subscription
+    from handoff.v1 import handoff_pb2 as hpb
+
+    pinned = hpb.PinnedContext(ask="keep to the ask")
+    good = intent_digest(pinned, None)
+    broken = hpb.Delivery(delivery_id="d1", pinned=pinned, pinned_digest="0" + good[1:])
+    broken.handoff.id = "h1"
+    broken.handoff.run_id = "r1"
+    client = _Client.__new__(_Client)
+    client._finished = collections.OrderedDict()
+    sent: list[hpb.SubscribeRequest] = []
+
+    async def send(req: hpb.SubscribeRequest) -> hpb.Settled:
+        sent.append(req)
+        return hpb.Settled()
+
+    for verify in (True, False):
+        sub = Subscription(client, "reader", "r1", 1, verify_intent=verify)
+        sub._send = send  # type: ignore[method-assign]
+        sent.clear()
+        await sub._resolve(broken)
+        yielded = not sub._deliveries.empty()
+        if verify:
+            assert not yielded
+            assert [r.WhichOneof("command") for r in sent] == ["reject"]
+            assert sent[0].reject.reason.startswith(INTENT_MISMATCH)
+        else:
+            assert yielded and sent == []
+        client._finished.clear()
+    intact = hpb.Delivery(delivery_id="d2", pinned=pinned, pinned_digest=good)
+    intact.handoff.id = "h2"
+    sub = Subscription(client, "reader", "r1", 1)
+    sub._send = send  # type: ignore[method-assign]
+    sent.clear()
+    await sub._resolve(intact)
+    assert not sub._deliveries.empty() and sent == []
