@@ -44,6 +44,23 @@ fn esc(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
+/// Adds the next edge in order, labelled with its number and `what`.
+fn push_edge(edges: &mut Vec<Edge>, from: String, to: String, kind: &'static str, what: &str) {
+    let order = edges.len() + 1;
+    let label = if what.is_empty() {
+        order.to_string()
+    } else {
+        format!("{order} {what}")
+    };
+    edges.push(Edge {
+        from,
+        to,
+        kind,
+        label,
+        order,
+    });
+}
+
 fn barrier_key(id: &str) -> String {
     format!("\u{0}barrier:{id}")
 }
@@ -99,22 +116,12 @@ pub(crate) fn draw(run: &pb::Run, timeline: &[pb::Event]) -> String {
                     label,
                     if to == END { "end" } else { "agent" },
                 );
-                let order = edges.len() + 1;
-                edges.push(Edge {
-                    from: source,
-                    to: to.to_string(),
-                    kind: if e.branch_key.is_empty() {
-                        "handoff"
-                    } else {
-                        "branch"
-                    },
-                    label: if e.branch_key.is_empty() {
-                        format!("{order}")
-                    } else {
-                        format!("{order} {}", e.branch_key)
-                    },
-                    order,
-                });
+                let kind = if e.branch_key.is_empty() {
+                    "handoff"
+                } else {
+                    "branch"
+                };
+                push_edge(&mut edges, source, to.to_string(), kind, &e.branch_key);
             }
             K::BarrierOpened => {
                 let key = barrier_key(&e.barrier_id);
@@ -143,14 +150,7 @@ pub(crate) fn draw(run: &pb::Run, timeline: &[pb::Event]) -> String {
                     .to_string(),
                 );
                 node(&mut nodes, &source, &e.source_agent, "agent");
-                let order = edges.len() + 1;
-                edges.push(Edge {
-                    from: source,
-                    to: key,
-                    kind: "arrival",
-                    label: format!("{order} {}", e.branch_key),
-                    order,
-                });
+                push_edge(&mut edges, source, key, "arrival", &e.branch_key);
             }
             K::BarrierReleased | K::BarrierTimedOut => {
                 let key = barrier_key(&e.barrier_id);
@@ -162,14 +162,7 @@ pub(crate) fn draw(run: &pb::Run, timeline: &[pb::Event]) -> String {
                 );
                 if kind == K::BarrierReleased && !e.agent.is_empty() {
                     node(&mut nodes, &e.agent, &e.agent, "agent");
-                    let order = edges.len() + 1;
-                    edges.push(Edge {
-                        from: key,
-                        to: e.agent.clone(),
-                        kind: "release",
-                        label: format!("{order} release"),
-                        order,
-                    });
+                    push_edge(&mut edges, key, e.agent.clone(), "release", "release");
                 }
             }
             K::ContractRejected | K::Rejected if !e.agent.is_empty() => {

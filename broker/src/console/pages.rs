@@ -404,17 +404,23 @@ pub(crate) async fn run(
         })
         .collect();
     // Dead letters of this run (the visitor may read it).
-    let dead: Vec<pb::DeadLetter> = if timeline.iter().any(|e| e.kind == K::DeadLettered as i32) {
-        broker
-            .store()
-            .dead_letters(None, 10_000)
-            .await?
-            .into_iter()
-            .filter(|d| d.handoff.as_ref().is_some_and(|h| h.run_id == run.id))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    // Read from the inboxes of the agents its timeline names.
+    let dead_agents: BTreeSet<&str> = timeline
+        .iter()
+        .filter(|e| e.kind == K::DeadLettered as i32)
+        .map(|e| e.agent.as_str())
+        .collect();
+    let mut dead: Vec<pb::DeadLetter> = Vec::new();
+    for agent in dead_agents {
+        dead.extend(
+            broker
+                .store()
+                .dead_letters(Some(agent), 10_000)
+                .await?
+                .into_iter()
+                .filter(|d| d.handoff.as_ref().is_some_and(|h| h.run_id == run.id)),
+        );
+    }
     let signals = signals(&run, &timeline, &shown);
     let may_act = visitor.may_own(&run.owner);
     let content = html! {

@@ -253,15 +253,7 @@ async fn demo(
             .await?;
     }
 
-    let mut first = client
-        .start_run(
-            RunConfig::new("demo-user")
-                .ask(ASK)
-                .pin("audience", "leadership")
-                .timeout(Duration::from_secs(60)),
-        )
-        .await?;
-    println!("run {} started by {}", first.id, first.owner);
+    let mut first = start_demo_run(&client).await?;
 
     show_guards(&client, &first.id).await?;
 
@@ -310,16 +302,7 @@ async fn demo(
         let run = if n == 1 {
             first.clone()
         } else {
-            let run = client
-                .start_run(
-                    RunConfig::new("demo-user")
-                        .ask(ASK)
-                        .pin("audience", "leadership")
-                        .timeout(Duration::from_secs(60)),
-                )
-                .await?;
-            println!("run {} started by {}", run.id, run.owner);
-            run
+            start_demo_run(&client).await?
         };
         let receipt = client
             .handoff(Handoff::to(&run.id, "planner", &ask)?.idempotency_key("ask"))
@@ -378,6 +361,20 @@ async fn demo(
         println!("\nrun ended with {}", display::kind(e.kind));
     }
     Ok((completed, run.id))
+}
+
+/// Starts a run of the demo: its ask pinned, with its audience.
+async fn start_demo_run(client: &Client) -> Result<pb::Run, BoxError> {
+    let run = client
+        .start_run(
+            RunConfig::new("demo-user")
+                .ask(ASK)
+                .pin("audience", "leadership")
+                .timeout(Duration::from_secs(60)),
+        )
+        .await?;
+    println!("run {} started by {}", run.id, run.owner);
+    Ok(run)
 }
 
 /// Sends two handoffs that break their receiver's contract and prints the
