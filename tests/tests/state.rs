@@ -9,7 +9,8 @@ use handoff_client::{
     pb, state, AgentConfig, Client, ContractSpec, ErrorKind, Handoff, RunConfig, StateDelta,
 };
 use handoff_tests::{
-    agent_and_run, compile_proto, count, next_within, note, scrape_parsed, stack, timeline_when,
+    agent_and_run, compile_proto, count, inbox, keep_inboxes, next_within, note, scrape_parsed,
+    stack, timeline_when,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -953,4 +954,60 @@ async fn a_delivery_whose_intent_digest_does_not_match_is_rejected_unless_truste
         .expect("the delivery, handed on");
     assert!(!d.intent_intact());
     d.ack().await.expect("ack");
+}
+
+#[tokio::test]
+async fn a_keyed_handoff_retried_after_the_window_and_100_deltas_is_a_duplicate_that_applies_nothing(
+) {
+    // JetStream's dedupe window is 2 s here: a retry past it stands for
+    // one 20 minutes later on the default window. Past it, and past 100
+    // other deltas (more than a revision remembers the appliers of), only
+    // the key recorded with the run recognises the retry.
+    let (nats, _broker, client) = stack(|c| c.dedupe_window = Duration::from_secs(2)).await;
+    keep_inboxes(nats.url()).await;
+    let run = agent_and_run(
+        &client,
+        "worker",
+        RunConfig::new("olga").state("city", "Oslo"),
+    )
+    .await;
+    let keyed = |n: f64| {
+        Handoff::to(&run.id, "worker", &note("kick-off", 1))
+            .expect("handoff")
+            .idempotency_key("kick-off")
+            .state_delta(StateDelta::new().set("first", n))
+    };
+    let started = std::time::Instant::now();
+    let first = client.handoff(keyed(1.0)).await.expect("first");
+    assert!(!first.duplicate);
+    assert_eq!(first.state_revision, 2);
+    for i in 0..100 {
+        client
+            .handoff(
+                Handoff::to(&run.id, "worker", &note("other", i))
+                    .expect("handoff")
+                    .idempotency_key(format!("other-{i}"))
+                    .state_delta(StateDelta::new().set(format!("n{i}"), f64::from(i))),
+            )
+            .await
+            .expect("another delta");
+    }
+    assert_eq!(revision(&client, &run.id).await, 102);
+    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(started.elapsed())).await;
+    // Retried, with its delta written differently: the first's answer.
+    let retry = client.handoff(keyed(99.0)).await.expect("retry");
+    assert!(retry.duplicate, "{retry:?}");
+    assert_eq!(
+        (&retry.handoff_id, retry.sequence, retry.state_revision),
+        (&first.handoff_id, first.sequence, 2)
+    );
+    // Nothing applied, nothing stored twice, announced once.
+    assert_eq!(revision(&client, &run.id).await, 102);
+    assert_eq!(value(&client, &run.id, 0, "first").await, Some(1.0.into()));
+    assert_eq!(inbox(nats.url(), "worker").await.stored, 101);
+    let timeline = client.get_run(&run.id).await.expect("run").timeline;
+    let announced = count(&timeline, &[pb::EventKind::HandoffAccepted], |e| {
+        e.handoff_id == first.handoff_id
+    });
+    assert_eq!(announced, 1);
 }

@@ -8,6 +8,7 @@ use crate::{
     app::{access, auth::Caller, barriers, deliveries, handoff, Broker},
     error::{BrokerError, Reason},
     rules::barrier,
+    store::ClaimKey,
 };
 
 /// Opens a barrier and accepts one handoff per branch, each tagged with
@@ -99,7 +100,12 @@ pub async fn fan_out(
         },
         async {
             match &token {
-                Some(t) => broker.store().claim(&t.handoff_id).await,
+                Some(t) => {
+                    broker
+                        .store()
+                        .claim(&ClaimKey::consumed(&t.handoff_id))
+                        .await
+                }
                 None => Ok(None),
             }
         },
@@ -201,12 +207,13 @@ async fn record_fan_out(
             claim.stored_at = Some(crate::app::now());
         }
     };
+    let key = ClaimKey::consumed(&token.handoff_id);
     for _ in 0..20 {
-        let written = match store.claim(&token.handoff_id).await {
+        let written = match store.claim(&key).await {
             Ok(Some((mut claim, revision))) => {
                 update(&mut claim);
                 store
-                    .update_claim(&token.handoff_id, &claim, revision)
+                    .update_claim(&key, &claim, revision)
                     .await
                     .map(|r| r.is_some())
             }
@@ -217,7 +224,7 @@ async fn record_fan_out(
                 };
                 update(&mut claim);
                 store
-                    .claim_consumed(&token.handoff_id, &claim)
+                    .claim_consumed(&key, &claim)
                     .await
                     .map(|c| matches!(c, crate::store::Claim::Made(_)))
             }

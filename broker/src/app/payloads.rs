@@ -19,7 +19,7 @@ use crate::{
     app::{access, auth::Caller, Broker},
     error::BrokerError,
     rules::{handoff as rules, names},
-    store::{sha256_hex, PayloadInfo},
+    store::{sha256_hex, PayloadInfo, PayloadReader},
 };
 
 /// Payloads at least this large are hashed on the blocking pool.
@@ -196,13 +196,14 @@ pub async fn store(
 
 /// `GetPayload`: the payload a reference names, for a caller who may read
 /// its run (an agent presenting a delivery of the run, its owner, or a
-/// principal with `read`, as `GetState`). The answer's reference carries
+/// principal with `read`, as `GetState`), to read as it comes from the
+/// object store (never whole in memory). The answer's reference carries
 /// the name, size and digest (the type URL is the caller's reference's).
 pub async fn get(
     broker: &Broker,
     caller: &Caller,
     req: pb::GetPayloadRequest,
-) -> Result<(pb::PayloadRef, Bytes), BrokerError> {
+) -> Result<(pb::PayloadRef, PayloadReader), BrokerError> {
     names::validate("run_id", &req.run_id)?;
     let run = access::read(broker, caller, &req.run_id, &req.delivery_id).await?;
     let of_run = req
@@ -229,13 +230,13 @@ pub async fn get(
     // The object store checks the value against this digest as it reads.
     let value = broker
         .store()
-        .get_payload(&req.name)
+        .read_payload(&req.name)
         .await?
         .ok_or_else(not_found)?;
     Ok((
         pb::PayloadRef {
             name: req.name.clone(),
-            size: value.len() as u64,
+            size: info.size,
             sha256: info.sha256,
             type_url: String::new(),
         },

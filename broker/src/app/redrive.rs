@@ -21,7 +21,7 @@ use crate::{
     },
     error::{BrokerError, Reason},
     rules::{contracts::type_of_url, handoff as rules, names},
-    store::Claim,
+    store::{Claim, ClaimKey},
 };
 
 /// ALREADY_SETTLED for a letter redriven before, to `target`.
@@ -37,8 +37,8 @@ fn redriven_already(sequence: u64, target: &str) -> BrokerError {
 }
 
 /// The key of a letter's redrive claim (no handoff id looks like it).
-fn claim_key(sequence: u64) -> String {
-    format!("redrive-{sequence}")
+fn claim_key(sequence: u64) -> ClaimKey {
+    ClaimKey::Consumed(format!("redrive-{sequence}"))
 }
 
 /// Redrives the dead letter `req.sequence` for a caller with `own` on its

@@ -230,8 +230,10 @@ pub struct Applied {
 }
 
 /// Applies a handoff's delta (if any) to its run's state, or finds the
-/// revision a retry of it made; for a handoff without a delta, the revision
-/// it hands over is the latest.
+/// revision an earlier attempt of it made (`made`, when recorded: found
+/// however many revisions followed; else among the latest revisions'
+/// appliers); for a handoff without a delta, the revision it hands over is
+/// the latest.
 pub async fn apply(
     broker: &Broker,
     run: &pb::Run,
@@ -239,8 +241,16 @@ pub async fn apply(
     source_agent: &str,
     delta: Option<&pb::StateDelta>,
     asks: bool,
+    made: u64,
 ) -> Result<Applied, BrokerError> {
     let delta = delta.filter(|d| !rules::is_empty(d));
+    if delta.is_some() && made > 0 {
+        if let Some(record) = at(broker, &run.id, made).await? {
+            if record.handoff_id == handoff_id {
+                return again(broker, run, made).await;
+            }
+        }
+    }
     let Some(delta) = delta else {
         if !run.has_state && !asks {
             return Ok(Applied::default());
@@ -262,18 +272,7 @@ pub async fn apply(
             )));
         }
         if let Some(revision) = head.as_ref().and_then(|h| rules::applied(h, handoff_id)) {
-            // A retry: its delta made this revision already.
-            let made = at(broker, &run.id, revision).await?;
-            let before = match revision {
-                1 => None,
-                n => at(broker, &run.id, n - 1).await?,
-            };
-            return Ok(Applied {
-                revision,
-                position: made.as_ref().map_or(0, |m| clock::nanos(m.at.as_ref())),
-                change: made.and_then(|m| m.change.clone()),
-                before,
-            });
+            return again(broker, run, revision).await;
         }
         let next = rules::apply(
             &run.id,
@@ -341,6 +340,21 @@ pub async fn apply(
         "the state of run {:?} kept changing under {ATTEMPTS} attempts; retry",
         run.id
     )))
+}
+
+/// What a retried handoff did: its delta made `revision` already.
+async fn again(broker: &Broker, run: &pb::Run, revision: u64) -> Result<Applied, BrokerError> {
+    let made = at(broker, &run.id, revision).await?;
+    let before = match revision {
+        1 => None,
+        n => at(broker, &run.id, n - 1).await?,
+    };
+    Ok(Applied {
+        revision,
+        position: made.as_ref().map_or(0, |m| clock::nanos(m.at.as_ref())),
+        change: made.and_then(|m| m.change.clone()),
+        before,
+    })
 }
 
 /// Records on the run that it has state (its first delta), so handoffs

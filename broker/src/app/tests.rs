@@ -14,7 +14,7 @@ use crate::{
     error::{BrokerError, Reason},
     store::{
         memory::{Memory, Standing},
-        Barriers, Claims, Events, Inboxes, Registry, Runs,
+        Barriers, ClaimKey, Claims, Events, Inboxes, Registry, Runs,
     },
 };
 
@@ -254,7 +254,7 @@ async fn a_failed_store_leaves_no_claim() {
     f.agents(&["planner", "worker", "critic"]).await;
     let run = f.run(0).await;
     let d = f.task_for(&run, "planner").await;
-    let consumed = d.handoff.as_ref().expect("handoff").id.clone();
+    let consumed = ClaimKey::consumed(&d.handoff.as_ref().expect("handoff").id);
     f.store.fail("put_handoff", 1);
     let failed = handoff::accept(
         &f.broker,
@@ -716,7 +716,7 @@ async fn a_retry_whose_receipt_was_never_recorded_is_recognised_after_the_ack() 
         .expect("stored and acked");
     assert_eq!(f.store.standing(d.sequence), Some(Standing::Acked));
     // As if the receipt's write had failed after the store and the ack.
-    let consumed = d.handoff.as_ref().expect("handoff").id.clone();
+    let consumed = ClaimKey::consumed(&d.handoff.as_ref().expect("handoff").id);
     let (mut claim, revision) = f
         .store
         .claim(&consumed)
@@ -766,7 +766,7 @@ async fn a_complete_and_handoff_by_a_superseded_attempt_stores_nothing() {
     .await;
     assert_eq!(reason(late), Reason::LeaseSuperseded);
     assert!(f.store.inbox("worker").is_empty());
-    let consumed = first.handoff.as_ref().expect("handoff").id.clone();
+    let consumed = ClaimKey::consumed(&first.handoff.as_ref().expect("handoff").id);
     assert!(f.store.claimed(&consumed).is_none(), "no claim left behind");
 }
 
@@ -1109,7 +1109,7 @@ async fn a_claim_left_by_a_crash_before_the_store_does_not_refuse_the_redo() {
     )
     .await;
     assert_eq!(reason(died), Reason::NatsUnavailable);
-    let consumed = d.handoff.as_ref().expect("handoff").id.clone();
+    let consumed = ClaimKey::consumed(&d.handoff.as_ref().expect("handoff").id);
     assert!(f.store.claimed(&consumed).is_some(), "the claim was left");
     // The redo (the next attempt) chooses another target: accepted.
     expire(&f, &d).await;
@@ -1605,4 +1605,88 @@ async fn an_unanswered_request_times_out_into_its_runs_failure_once() {
     assert_eq!(failed.status, pb::RunStatus::Failed as i32);
     assert!(failed.failure.contains("not answered in time"));
     assert_eq!(f.store.events(&run, pb::EventKind::InputTimedOut).len(), 1);
+}
+
+/// A delta that sets `key` to `n`.
+fn set(key: &str, n: f64) -> pb::StateDelta {
+    pb::StateDelta {
+        set: [(
+            key.to_string(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::NumberValue(n)),
+            },
+        )]
+        .into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_keyed_handoff_whose_store_failed_after_its_delta_finds_its_revision_after_100_more() {
+    let f = fixture();
+    f.agents(&["worker"]).await;
+    let run = f.run(0).await;
+    let keyed = |delta: pb::StateDelta| pb::HandoffRequest {
+        idempotency_key: "kick-off".into(),
+        state_delta: Some(delta),
+        ..to(&run, "worker")
+    };
+    // The delta is applied (revision 1), then storing the handoff fails.
+    f.store.fail("put_handoff", 1);
+    let failed = handoff::accept(&f.broker, &Caller::local(), keyed(set("first", 1.0))).await;
+    assert_eq!(reason(failed), Reason::NatsUnavailable);
+    assert!(f.store.inbox("worker").is_empty());
+    let id = crate::rules::handoff::handoff_id(&keyed(set("first", 1.0)), None);
+    let key = ClaimKey::Keyed {
+        run_id: run.clone(),
+        handoff_id: id.clone(),
+    };
+    let claim = f.store.claimed(&key).expect("the claim stays");
+    assert_eq!(claim.state_revision, 1, "{claim:?}");
+    assert!(claim.stored.is_empty());
+    // 100 other deltas land: more than the latest revision remembers.
+    for i in 0..100 {
+        let other = pb::HandoffRequest {
+            state_delta: Some(set(&format!("n{i}"), f64::from(i))),
+            ..to(&run, "worker")
+        };
+        handoff::accept(&f.broker, &Caller::local(), other)
+            .await
+            .expect("another delta");
+    }
+    // The retry (its delta written differently) applies nothing more: it
+    // hands over the revision it made, and is stored once.
+    let retry = handoff::accept(&f.broker, &Caller::local(), keyed(set("first", 99.0)))
+        .await
+        .expect("retry");
+    assert_eq!(retry.handoff_id, id);
+    assert_eq!(retry.state_revision, 1);
+    let head = super::state::latest(&f.broker, &run)
+        .await
+        .expect("read")
+        .expect("state");
+    assert_eq!(head.revision, 101, "no revision for the retry");
+    assert_eq!(
+        head.entries
+            .get("first")
+            .and_then(|e| e.value.as_ref())
+            .and_then(|v| v.kind.clone()),
+        Some(prost_types::value::Kind::NumberValue(1.0))
+    );
+    let stored: Vec<_> = f
+        .store
+        .inbox("worker")
+        .into_iter()
+        .filter(|(e, _)| e.id == id)
+        .collect();
+    assert_eq!(stored.len(), 1);
+    // And once more: answered from its receipt, as a duplicate.
+    let again = handoff::accept(&f.broker, &Caller::local(), keyed(set("first", 7.0)))
+        .await
+        .expect("again");
+    assert!(again.duplicate);
+    assert_eq!(
+        (again.handoff_id, again.sequence, again.state_revision),
+        (id, retry.sequence, 1)
+    );
 }

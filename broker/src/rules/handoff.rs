@@ -389,6 +389,7 @@ pub fn claim_of(req: &pb::HandoffRequest, id: &str, attempt: u32) -> pb::Consume
         } else {
             String::new()
         },
+        state_revision: 0,
     }
 }
 

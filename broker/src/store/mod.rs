@@ -29,12 +29,12 @@ mod state;
 mod timers;
 
 pub use barriers::Barriers;
-pub use claims::Claims;
+pub use claims::{ClaimKey, Claims};
 pub use events::Events;
 pub use inboxes::Inboxes;
 pub use instances::Instances;
 pub use leases::Leases;
-pub use payloads::Payloads;
+pub use payloads::{PayloadReader, Payloads};
 pub use registry::Registry;
 pub use runs::Runs;
 pub use secrets::Secrets;

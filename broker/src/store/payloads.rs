@@ -17,4 +17,11 @@ pub trait Payloads: Send + Sync {
     /// The value of the payload stored under `name`, if kept (checked
     /// against its digest as it is read).
     async fn get_payload(&self, name: &str) -> Result<Option<Bytes>>;
+
+    /// The payload stored under `name`, if kept, to read as it comes (a
+    /// value that does not match its digest fails the read at its end).
+    async fn read_payload(&self, name: &str) -> Result<Option<PayloadReader>>;
 }
+
+/// A payload's value, read as it comes.
+pub type PayloadReader = std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>;

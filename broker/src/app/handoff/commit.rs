@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use handoff_proto::pb;
 use prost::Message as _;
 
-use super::{Claim, TimerKind};
+use super::{Claim, ClaimKey, TimerKind};
 use crate::{
     app::{
         barriers, clock, deliveries, guard,
@@ -56,69 +56,110 @@ pub(super) fn accepted_event(
     }
 }
 
-/// Records in the consumed delivery's claim what was stored from it, so a
-/// redo is recognised for as long as the claim is kept: into the claim as
-/// this request knows it (one write), read again only if it changed. A
-/// failure is logged: the dedupe window still recognises a redo within it.
-async fn record_receipt(
+/// The claim a handoff records what it stored into: on the delivery it
+/// consumes, or on its key.
+pub(super) struct Receipt {
+    pub(super) key: ClaimKey,
+    /// The claim this request made (or would make).
+    pub(super) mine: pb::ConsumeClaim,
+    /// The claim as this request knows it, and its revision.
+    pub(super) known: Option<(pb::ConsumeClaim, u64)>,
+}
+
+/// Records in a claim what was stored from its delivery (or under its
+/// key), so a redo is recognised for as long as the claim is kept: into
+/// the claim as this request knows it (one write), read again only if it
+/// changed. A failure is logged: the dedupe window still recognises a
+/// redo within it.
+async fn record_receipt(broker: &Broker, claim: Receipt, receipt: pb::HandoffResponse) {
+    record(broker, claim, |c| {
+        if c.stored.iter().any(|r| r.handoff_id == receipt.handoff_id) {
+            return false;
+        }
+        c.stored.push(receipt.clone());
+        if c.stored_at.is_none() {
+            c.stored_at = Some(now());
+        }
+        true
+    })
+    .await;
+}
+
+/// Records in a keyed handoff's claim the state revision its delta made,
+/// before the handoff is stored: a redo finds it there, however many
+/// revisions follow. Returns the claim as it now stands.
+async fn record_revision(broker: &Broker, claim: Receipt, revision: u64) -> Receipt {
+    record(broker, claim, |c| {
+        let changed = c.state_revision != revision;
+        c.state_revision = revision;
+        changed
+    })
+    .await
+}
+
+/// Changes a claim with `change` (which says whether it changed anything),
+/// by compare-and-set; creates it if it is gone. Returns it as written.
+async fn record(
     broker: &Broker,
-    token: &pb::DeliveryToken,
-    (mine, mut known): (pb::ConsumeClaim, Option<(pb::ConsumeClaim, u64)>),
-    receipt: pb::HandoffResponse,
-) {
+    claim: Receipt,
+    change: impl Fn(&mut pb::ConsumeClaim) -> bool,
+) -> Receipt {
+    let Receipt {
+        key,
+        mine,
+        mut known,
+    } = claim;
     let store = broker.store();
     for _ in 0..20 {
         let current = match known.take() {
             Some(k) => Ok(Some(k)),
-            None => store.claim(&token.handoff_id).await,
+            None => store.claim(&key).await,
         };
         let current = match current {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "receipt not recorded in the claim");
-                return;
+                tracing::warn!(error = %e, "not recorded in the claim");
+                break;
             }
         };
         let (mut claim, revision) = match current {
             Some(c) => c,
             None => {
                 let mut fresh = mine.clone();
-                fresh.stored.push(receipt.clone());
-                fresh.stored_at = Some(now());
-                match store.claim_consumed(&token.handoff_id, &fresh).await {
-                    Ok(Claim::Made(_)) => return,
+                change(&mut fresh);
+                match store.claim_consumed(&key, &fresh).await {
+                    Ok(Claim::Made(revision)) => {
+                        known = Some((fresh, revision));
+                        break;
+                    }
                     Ok(Claim::Held(c, r)) => (c, r),
                     Err(e) => {
-                        tracing::warn!(error = %e, "receipt not recorded in the claim");
-                        return;
+                        tracing::warn!(error = %e, "not recorded in the claim");
+                        break;
                     }
                 }
             }
         };
-        if claim
-            .stored
-            .iter()
-            .any(|r| r.handoff_id == receipt.handoff_id)
-        {
-            return;
+        if !change(&mut claim) {
+            known = Some((claim, revision));
+            break;
         }
-        claim.stored.push(receipt.clone());
-        if claim.stored_at.is_none() {
-            claim.stored_at = Some(now());
-        }
-        match store
-            .update_claim(&token.handoff_id, &claim, revision)
-            .await
-        {
-            Ok(Some(_)) => return,
+        match store.update_claim(&key, &claim, revision).await {
+            Ok(Some(next)) => {
+                known = Some((claim, next));
+                break;
+            }
             Ok(None) => continue,
             Err(e) => {
-                tracing::warn!(error = %e, "receipt not recorded in the claim");
-                return;
+                tracing::warn!(error = %e, "not recorded in the claim");
+                break;
             }
         }
     }
-    tracing::warn!(handoff_id = %receipt.handoff_id, "receipt not recorded: the claim kept changing");
+    if known.is_none() {
+        tracing::warn!(claim = ?key, "not recorded in the claim: it kept changing, or could not be read");
+    }
+    Receipt { key, mine, known }
 }
 
 /// What a handoff read before it is committed.
@@ -131,6 +172,9 @@ pub(super) struct Read {
     pub(super) barrier: Option<Option<(pb::Barrier, u64)>>,
     /// The verified reference the request's payload came by, if any.
     pub(super) forwarded: Option<pb::PayloadRef>,
+    /// The state revision an earlier attempt of this keyed handoff
+    /// recorded its delta made (0: none).
+    pub(super) made_revision: u64,
 }
 
 /// Stores a handoff that passed the guards in a run that exists (setting
@@ -140,7 +184,7 @@ pub(super) struct Read {
 pub(super) async fn commit(
     broker: &Broker,
     req: &pb::HandoffRequest,
-    claim: Option<(pb::ConsumeClaim, Option<(pb::ConsumeClaim, u64)>)>,
+    claim: Option<Receipt>,
     consumed: Option<&pb::DeliveryToken>,
     id: String,
     checked: Checked,
@@ -152,6 +196,7 @@ pub(super) async fn commit(
         parent,
         barrier,
         forwarded,
+        made_revision,
     } = read;
     let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
     if let (Some(token), Some(p)) = (consumed, parent.as_ref().filter(|p| p.judge)) {
@@ -312,8 +357,27 @@ pub(super) async fn commit(
         &req.source_agent,
         req.state_delta.as_ref(),
         !req.asks_for.is_empty(),
+        made_revision,
     )
     .await?;
+    // A keyed handoff's delta is recorded in its claim as soon as it is
+    // made, so a late redo does not apply it again.
+    let mut claim = claim;
+    if applied.change.is_some() && applied.revision != made_revision {
+        if let Some(c) = claim.take() {
+            claim = Some(match c.key {
+                ClaimKey::Keyed { .. } => {
+                    let c = record_revision(broker, c, applied.revision).await;
+                    if c.known.is_some() {
+                        // The claim now holds the revision: it stays.
+                        stored.store(true, Ordering::Relaxed);
+                    }
+                    c
+                }
+                ClaimKey::Consumed(_) => c,
+            });
+        }
+    }
     envelope.state_revision = applied.revision;
     // Its position in the run: after the revision it hands over too (a
     // concurrent branch's delta may have landed since it was built).
@@ -365,8 +429,8 @@ pub(super) async fn commit(
         ..Default::default()
     };
     let remember = async {
-        if let (Some(token), Some(claim)) = (consumed, claim) {
-            record_receipt(broker, token, claim, receipt.clone()).await;
+        if let Some(claim) = claim {
+            record_receipt(broker, claim, receipt.clone()).await;
         }
     };
     let mut accepted = accepted_event(&run, req, &receipt, barrier_id, branch_key);

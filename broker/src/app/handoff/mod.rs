@@ -30,7 +30,7 @@ use crate::{
     app::{access, auth::Caller, Broker},
     error::BrokerError,
     rules::handoff as rules,
-    store::{Claim, TimerKind},
+    store::{Claim, ClaimKey, TimerKind},
 };
 
 mod commit;
@@ -80,7 +80,7 @@ pub async fn accept_as(
         read::read(broker, &req, consumed, &id),
         plan::guard_inline(broker, &req)
     );
-    let mut made = reads.made(consumed);
+    let mut made = reads.made();
     // The claim as this request knows it, to record the receipt into
     // without reading it again.
     let mut known = made.as_ref().map(|(_, rev)| (reads.mine.clone(), *rev));
@@ -99,7 +99,7 @@ pub async fn accept_as(
                 checked,
                 receipt,
             } => {
-                let receipt = receipt.filter(|_| receipts == Receipts::Each);
+                let receipt = receipt.filter(|_| receipts == Receipts::Each).map(|r| *r);
                 commit::commit(broker, &req, receipt, consumed, id, checked, *read, &stored).await
             }
         }

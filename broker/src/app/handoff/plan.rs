@@ -7,9 +7,9 @@
 use handoff_proto::pb;
 
 use super::{
-    commit::{accepted_event, branch_of, Read},
+    commit::{accepted_event, branch_of, Read, Receipt},
     read::Reads,
-    Claim,
+    Claim, ClaimKey,
 };
 use crate::{
     app::{access, auth::Caller, deliveries, guard, guard::Checked, payloads, Broker},
@@ -26,7 +26,7 @@ pub(super) enum Plan {
     Commit {
         read: Box<Read>,
         checked: Checked,
-        receipt: Option<(pb::ConsumeClaim, Option<(pb::ConsumeClaim, u64)>)>,
+        receipt: Option<Box<Receipt>>,
     },
 }
 
@@ -48,6 +48,11 @@ pub(super) async fn guard_inline(
 /// here), what the handoff `req` of `caller` does. `made`
 /// is the claim this request took (cleared when it must stay), `known`
 /// the claim as this request knows it.
+///
+/// A keyed handoff that consumes nothing claims its key, kept with its
+/// run: a redo, however late and however many revisions followed, is
+/// answered from the receipt recorded there (once the caller's right to
+/// the run is known), and finds the revision its delta made.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn plan(
     broker: &Broker,
@@ -57,7 +62,7 @@ pub(super) async fn plan(
     id: &str,
     reads: Reads,
     guarded: Option<Result<Checked, guard::Guarded>>,
-    made: &mut Option<(String, u64)>,
+    made: &mut Option<(ClaimKey, u64)>,
     known: &mut Option<(pb::ConsumeClaim, u64)>,
 ) -> Result<Plan, BrokerError> {
     let Reads {
@@ -67,6 +72,7 @@ pub(super) async fn plan(
         barrier,
         lease,
         mine,
+        key,
     } = reads;
     let run = run?.map(|(r, _)| r);
     let held = match claim? {
@@ -143,6 +149,31 @@ pub(super) async fn plan(
     let Some(run) = run else {
         return Err(BrokerError::RunNotFound(req.run_id.clone()));
     };
+    // A keyed handoff that consumes nothing, done before.
+    let mut made_revision = 0;
+    if let (None, Some((first, revision))) = (consumed, &held) {
+        if let Some(receipt) = first.stored.iter().find(|r| r.handoff_id == id) {
+            let age = first
+                .stored_at
+                .and_then(|t| std::time::SystemTime::try_from(t).ok())
+                .and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|age| age < broker.config().dedupe_window) {
+                // Its event again, in case it was lost (deduplicated
+                // against the first within the window).
+                let (barrier_id, branch_key) = branch_of(&*req, None);
+                let event = accepted_event(&run, req, receipt, barrier_id, branch_key);
+                broker.emit(event, &format!("accepted-{id}")).await?;
+            }
+            return Ok(Plan::Answered(pb::HandoffResponse {
+                duplicate: true,
+                ..receipt.clone()
+            }));
+        }
+        // Claimed by an attempt that stored no handoff (yet): this one
+        // goes on, with the revision its delta made, if it made one.
+        made_revision = first.state_revision;
+        *known = Some((first.clone(), *revision));
+    }
     let parent = parent?;
     // A payload by reference is fetched and checked against its size
     // and digest, so the guards see it whole.
@@ -157,13 +188,11 @@ pub(super) async fn plan(
         if ruling == ClaimRuling::TakeOver {
             // Left by an earlier attempt that stored nothing (it died
             // between claiming and storing): the redo takes it over.
-            let taken = broker
-                .store()
-                .update_claim(&token.handoff_id, &mine, revision)
-                .await?;
+            let on = ClaimKey::consumed(&token.handoff_id);
+            let taken = broker.store().update_claim(&on, &mine, revision).await?;
             match taken {
                 Some(next) => {
-                    *made = Some((token.handoff_id.clone(), next));
+                    *made = Some((on, next));
                     *known = Some((mine.clone(), next));
                 }
                 None => {
@@ -189,10 +218,17 @@ pub(super) async fn plan(
         parent,
         barrier: barrier?,
         forwarded,
+        made_revision,
     };
     Ok(Plan::Commit {
         read: Box::new(read),
         checked,
-        receipt: consumed.map(|_| (mine, known.take())),
+        receipt: key.map(|key| {
+            Box::new(Receipt {
+                key,
+                mine,
+                known: known.take(),
+            })
+        }),
     })
 }

@@ -4,7 +4,7 @@
 
 use handoff_proto::pb;
 
-use super::Claim;
+use super::{Claim, ClaimKey};
 use crate::{
     app::{access, Broker},
     error::BrokerError,
@@ -38,25 +38,26 @@ pub(super) struct Reads {
     pub(super) claim: Result<Option<Claim>, BrokerError>,
     pub(super) barrier: Result<Option<Option<(pb::Barrier, u64)>>, BrokerError>,
     pub(super) lease: Result<Option<Option<(pb::Lease, u64)>>, BrokerError>,
-    /// The claim this request makes on the consumed delivery.
+    /// The claim this request makes on the consumed delivery (or on its
+    /// key, when it consumes nothing).
     pub(super) mine: pb::ConsumeClaim,
+    /// What the claim is on (`None`: nothing is claimed).
+    pub(super) key: Option<ClaimKey>,
 }
 
 impl Reads {
-    /// The claim this request took on the consumed delivery: its key and
-    /// revision.
-    pub(super) fn made(&self, consumed: Option<&pb::DeliveryToken>) -> Option<(String, u64)> {
-        match (&self.claim, consumed) {
-            (Ok(Some(Claim::Made(revision))), Some(token)) => {
-                Some((token.handoff_id.clone(), *revision))
-            }
+    /// The claim this request took: its key and revision.
+    pub(super) fn made(&self) -> Option<(ClaimKey, u64)> {
+        match (&self.claim, &self.key) {
+            (Ok(Some(Claim::Made(revision))), Some(key)) => Some((key.clone(), *revision)),
             _ => None,
         }
     }
 }
 
 /// Reads the run, the consumed handoff and its lease, the claim on the
-/// consumed delivery (claiming it for handoff `id`) and a named barrier:
+/// consumed delivery, or on the key of a keyed handoff that consumes
+/// nothing (claiming it for handoff `id`), and a named barrier:
 /// independent, so one round trip.
 pub(super) async fn read(
     broker: &Broker,
@@ -65,6 +66,14 @@ pub(super) async fn read(
     id: &str,
 ) -> Reads {
     let mine = rules::claim_of(req, id, consumed.map_or(0, |t| t.attempt));
+    let key = match consumed {
+        Some(token) => Some(ClaimKey::consumed(&token.handoff_id)),
+        None if !req.idempotency_key.is_empty() => Some(ClaimKey::Keyed {
+            run_id: req.run_id.clone(),
+            handoff_id: id.to_string(),
+        }),
+        None => None,
+    };
     let store = broker.store();
     let (run, parent, claim, barrier, lease) = tokio::join!(
         store.run(&req.run_id),
@@ -75,11 +84,8 @@ pub(super) async fn read(
             }
         },
         async {
-            match consumed {
-                Some(token) => store
-                    .claim_consumed(&token.handoff_id, &mine)
-                    .await
-                    .map(Some),
+            match &key {
+                Some(key) => store.claim_consumed(key, &mine).await.map(Some),
                 None => Ok(None),
             }
         },
@@ -107,6 +113,7 @@ pub(super) async fn read(
         barrier,
         lease,
         mine,
+        key,
     }
 }
 

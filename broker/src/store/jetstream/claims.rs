@@ -1,53 +1,58 @@
-//! Claims on JetStream.
+//! Claims on JetStream: a consumed delivery's in the consumed bucket
+//! (kept for `retention`), a keyed handoff's beside its run's state
+//! (`<run>.key.<handoff>`, purged with the run).
 
 use super::*;
-use crate::store::Claims;
+use crate::store::{ClaimKey, Claims};
+
+impl JetStream {
+    /// The bucket and key a claim is kept under.
+    fn claim_at<'a>(&'a self, key: &ClaimKey) -> (&'a kv::Store, String) {
+        match key {
+            ClaimKey::Consumed(handoff) => (&self.consumed, handoff.clone()),
+            ClaimKey::Keyed { run_id, handoff_id } => {
+                (&self.state, format!("{run_id}.key.{handoff_id}"))
+            }
+        }
+    }
+}
 
 #[async_trait::async_trait]
 impl Claims for JetStream {
-    /// Records the first handoff made from a consumed delivery, or returns
-    /// the one recorded before.
-    async fn claim_consumed(
-        &self,
-        consumed_handoff: &str,
-        claim: &pb::ConsumeClaim,
-    ) -> Result<Claim> {
-        let created = self
-            .consumed
-            .create(consumed_handoff, claim.encode_to_vec().into())
+    /// Records the first handoff made from a consumed delivery (or under a
+    /// key), or returns the one recorded before.
+    async fn claim_consumed(&self, key: &ClaimKey, claim: &pb::ConsumeClaim) -> Result<Claim> {
+        let (bucket, at) = self.claim_at(key);
+        let created = bucket
+            .create(at.as_str(), claim.encode_to_vec().into())
             .await;
         match created {
             Ok(revision) => Ok(Claim::Made(revision)),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                match self.claim(consumed_handoff).await? {
+                match self.claim(key).await? {
                     Some((held, revision)) => Ok(Claim::Held(held, revision)),
                     // Withdrawn or expired between the two calls: try again.
-                    None => Box::pin(self.claim_consumed(consumed_handoff, claim)).await,
+                    None => Box::pin(self.claim_consumed(key, claim)).await,
                 }
             }
-            Err(e) => Err(BrokerError::nats("recording the consumed delivery", e)),
+            Err(e) => Err(BrokerError::nats("recording the claim", e)),
         }
     }
 
-    /// Withdraws a claim this broker made for a handoff it did not store
-    /// (only if nothing changed it since). A failure is logged: the claim
-    /// then only refuses other targets for that delivery.
-    async fn claim(
-        &self,
-        consumed_handoff: &str,
-    ) -> Result<Option<(pb::ConsumeClaim, u64)>, BrokerError> {
-        read(&self.consumed, consumed_handoff).await
+    async fn claim(&self, key: &ClaimKey) -> Result<Option<(pb::ConsumeClaim, u64)>, BrokerError> {
+        let (bucket, at) = self.claim_at(key);
+        read(bucket, &at).await
     }
 
     async fn update_claim(
         &self,
-        consumed_handoff: &str,
+        key: &ClaimKey,
         claim: &pb::ConsumeClaim,
         revision: u64,
     ) -> Result<Option<u64>, BrokerError> {
-        match self
-            .consumed
-            .update(consumed_handoff, claim.encode_to_vec().into(), revision)
+        let (bucket, at) = self.claim_at(key);
+        match bucket
+            .update(at.as_str(), claim.encode_to_vec().into(), revision)
             .await
         {
             Ok(next) => Ok(Some(next)),
@@ -56,13 +61,16 @@ impl Claims for JetStream {
         }
     }
 
-    async fn release_claim(&self, consumed_handoff: &str, revision: u64) {
-        if let Err(e) = self
-            .consumed
-            .delete_expect_revision(consumed_handoff, Some(revision))
+    /// Withdraws a claim this broker made for a handoff it did not store
+    /// (only if nothing changed it since). A failure is logged: the claim
+    /// then only refuses other targets for that delivery.
+    async fn release_claim(&self, key: &ClaimKey, revision: u64) {
+        let (bucket, at) = self.claim_at(key);
+        if let Err(e) = bucket
+            .delete_expect_revision(at.as_str(), Some(revision))
             .await
         {
-            tracing::warn!(consumed_handoff, error = %e, "claim on a consumed delivery not withdrawn");
+            tracing::warn!(claim = %at, error = %e, "claim not withdrawn");
         }
     }
 }

@@ -43,6 +43,16 @@ impl Payloads for JetStream {
         }
     }
 
+    async fn read_payload(&self, name: &str) -> Result<Option<crate::store::PayloadReader>> {
+        use async_nats::jetstream::object_store::GetErrorKind;
+        match self.payloads.get(name).await {
+            Ok(o) if o.info().deleted => Ok(None),
+            Ok(o) => Ok(Some(Box::pin(o))),
+            Err(e) if e.kind() == GetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BrokerError::nats(&format!("reading payload {name}"), e)),
+        }
+    }
+
     async fn get_payload(&self, name: &str) -> Result<Option<Bytes>> {
         use async_nats::jetstream::object_store::GetErrorKind;
         use tokio::io::AsyncReadExt as _;

@@ -207,11 +207,11 @@ impl Memory {
     }
 
     /// The claim on a consumed delivery, if any.
-    pub fn claimed(&self, consumed_handoff: &str) -> Option<pb::ConsumeClaim> {
+    pub fn claimed(&self, key: &crate::store::ClaimKey) -> Option<pb::ConsumeClaim> {
         self.state()
             .ok()?
             .claims
-            .get(consumed_handoff)
+            .get(&claims::at(key))
             .map(|(c, _)| c.clone())
     }
 }

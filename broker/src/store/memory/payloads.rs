@@ -25,6 +25,11 @@ impl Payloads for Memory {
         Ok(self.state()?.payloads.get(name).map(|(_, i)| i.clone()))
     }
 
+    async fn read_payload(&self, name: &str) -> Result<Option<crate::store::PayloadReader>> {
+        let value = self.get_payload(name).await?;
+        Ok(value.map(|v| Box::pin(std::io::Cursor::new(v)) as crate::store::PayloadReader))
+    }
+
     async fn get_payload(&self, name: &str) -> Result<Option<bytes::Bytes>> {
         self.trip("get_payload")?;
         Ok(self.state()?.payloads.get(name).map(|(v, _)| v.clone()))

@@ -44,6 +44,7 @@ impl Runs for Memory {
         s.barrier_keys.retain(|key, _| !key.starts_with(&prefix));
         s.early.retain(|key| !key.starts_with(&prefix));
         s.branches.retain(|(key, _)| !key.starts_with(&prefix));
+        s.claims.retain(|key, _| !key.starts_with(&prefix));
         s.timers
             .retain(|(t, kind)| t.run_id != run_id || matches!(kind, TimerKind::RunPurge));
         s.runs.remove(run_id);
