@@ -138,6 +138,42 @@ async fn a_16_mib_payload_is_checked_whole_and_delivered_intact() {
         d.contract().map(|(t, _)| t),
         Some("handoff.test.payload.Document")
     );
+    // GetPayload answers it as the object store reads it: in chunks of
+    // 1 MiB (fewer bytes only in the last), its reference on the first.
+    let mut chunks = client
+        .raw()
+        .get_payload(pb::GetPayloadRequest {
+            run_id: run.id.clone(),
+            name: reference.name.clone(),
+            delivery_id: String::new(),
+        })
+        .await
+        .expect("get payload")
+        .into_inner();
+    let (mut sizes, mut refs, mut value) = (Vec::new(), Vec::new(), Vec::new());
+    while let Some(chunk) = futures::StreamExt::next(&mut chunks).await {
+        let chunk = chunk.expect("chunk");
+        sizes.push(chunk.data.len());
+        refs.push(chunk.r#ref);
+        value.extend_from_slice(&chunk.data);
+    }
+    assert!(value == encoded, "the chunks do not add up to the payload");
+    let whole = encoded.len() / (1 << 20);
+    assert_eq!(sizes.len(), whole + 1, "{sizes:?}");
+    assert!(sizes[..whole].iter().all(|&s| s == 1 << 20), "{sizes:?}");
+    assert_eq!(sizes[whole], encoded.len() % (1 << 20));
+    let first = refs[0]
+        .clone()
+        .expect("the first chunk carries the reference");
+    assert_eq!(
+        (first.name, first.size, first.sha256),
+        (
+            reference.name.clone(),
+            reference.size,
+            reference.sha256.clone()
+        )
+    );
+    assert!(refs[1..].iter().all(Option::is_none));
     d.ack().await.expect("ack");
 }
 

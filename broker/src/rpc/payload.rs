@@ -28,26 +28,23 @@ pub async fn get_payload(
         .await
         .map_err(to_status)?;
     let name = reference.name.clone();
-    let chunks = futures::stream::unfold(
-        Some((reader, Some(reference))),
-        move |open| {
-            let name = name.clone();
-            async move {
-                let (mut reader, mut first) = open?;
-                match chunk(&mut reader).await {
-                    Ok(data) if data.is_empty() && first.is_none() => None,
-                    Ok(data) => {
-                        let r#ref = first.take();
-                        Some((Ok(pb::PayloadChunk { data, r#ref }), Some((reader, None))))
-                    }
-                    Err(e) => {
-                        let e = BrokerError::nats(&format!("reading payload {name}"), e);
-                        Some((Err(to_status(e)), None))
-                    }
+    let chunks = futures::stream::unfold(Some((reader, Some(reference))), move |open| {
+        let name = name.clone();
+        async move {
+            let (mut reader, mut first) = open?;
+            match chunk(&mut reader).await {
+                Ok(data) if data.is_empty() && first.is_none() => None,
+                Ok(data) => {
+                    let r#ref = first.take();
+                    Some((Ok(pb::PayloadChunk { data, r#ref }), Some((reader, None))))
+                }
+                Err(e) => {
+                    let e = BrokerError::nats(&format!("reading payload {name}"), e);
+                    Some((Err(to_status(e)), None))
                 }
             }
-        },
-    );
+        }
+    });
     Ok(Response::new(chunks.boxed()))
 }
 
