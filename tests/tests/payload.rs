@@ -7,8 +7,10 @@
 
 use std::time::Duration;
 
-use handoff_client::{pb, AgentConfig, Client, ContractSpec, ErrorKind, Handoff, RunConfig};
-use handoff_tests::{agent_and_run, compile_proto, next_within, stack, XorShift};
+use handoff_client::{
+    pb, AgentConfig, Client, ContractSpec, ErrorKind, Handoff, RunConfig, StateDelta,
+};
+use handoff_tests::{agent_and_run, compile_proto, next_within, note, stack, XorShift};
 use sha2::Digest as _;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -419,4 +421,74 @@ async fn join_resolves_a_branch_whose_payload_is_a_reference() {
     assert!(join.branch("large").and_then(|b| b.result.as_ref()) == Some(&large));
     assert!(join.branch("small").and_then(|b| b.result.as_ref()) == Some(&small));
     release.ack().await.expect("ack");
+}
+
+/// Whether the object store keeps a payload of `run_id` with `value`.
+async fn object_kept(nats_url: &str, run_id: &str, value: &[u8]) -> bool {
+    let nats = async_nats::connect(nats_url).await.expect("connect");
+    let js = async_nats::jetstream::new(nats);
+    let store = js
+        .get_object_store("handoff_payloads")
+        .await
+        .expect("the payload store");
+    let name = format!("{run_id}/{}", hex_sha256(value));
+    match store.info(&name).await {
+        Ok(info) => !info.deleted,
+        Err(e) if e.kind() == async_nats::jetstream::object_store::InfoErrorKind::NotFound => false,
+        Err(e) => panic!("reading {name}: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn a_handoff_refused_after_its_guards_leaves_no_payload_behind() {
+    let (nats, _broker, client) = stack(|_| {}).await;
+    document_agent(&client, "reader").await;
+    client
+        .register_agent(AgentConfig::new("aggregator"))
+        .await
+        .expect("aggregator");
+    let run = client
+        .start_run(RunConfig::new("owner").state("city", "Oslo"))
+        .await
+        .expect("run");
+    let doc = document("by reference", 2 << 20, 5);
+    let value = prost::Message::encode_to_vec(&doc);
+    let moved = Handoff::to(&run.id, "aggregator", &note("moved", 1))
+        .expect("handoff")
+        .state_delta(StateDelta::based_on(1).set("city", "Rome"));
+    client.handoff(moved).await.expect("the city changes");
+    // Its delta conflicts with the change above: refused once its payload
+    // was checked and could have been stored.
+    let stale = Handoff::to(&run.id, "reader", &doc)
+        .expect("handoff")
+        .state_delta(StateDelta::based_on(1).set("city", "Bergen"));
+    let err = client.handoff(stale).await.expect_err("stale base");
+    assert_eq!(err.reason(), Some("STATE_CONFLICT"), "{err}");
+    // A branch result for a key its barrier does not have.
+    client
+        .raw()
+        .open_barrier(pb::OpenBarrierRequest {
+            barrier: Some(pb::BarrierSpec {
+                run_id: run.id.clone(),
+                barrier_id: "join".into(),
+                target_agent: "aggregator".into(),
+                branch_keys: vec!["a".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("open");
+    let stray = Handoff::to_barrier(&run.id, "join", "z", &doc).expect("handoff");
+    let err = client.handoff(stray).await.expect_err("unknown key");
+    assert_eq!(err.reason(), Some("UNKNOWN_BRANCH_KEY"), "{err}");
+    assert!(
+        !object_kept(nats.url(), &run.id, &value).await,
+        "a refused handoff left its payload in the object store"
+    );
+    // Accepted, the same payload is kept under the name looked up above.
+    client
+        .handoff(Handoff::to(&run.id, "reader", &doc).expect("handoff"))
+        .await
+        .expect("accepted");
+    assert!(object_kept(nats.url(), &run.id, &value).await);
 }

@@ -7,9 +7,12 @@
 //! reference, so a delivery reads as if its payload were inline.
 //!
 //! The guards still see the whole payload: a request's payload reference
-//! is resolved ([`resolve_request`]) before the contract checks run, and a
-//! payload is moved out of its envelope ([`externalize`]) only once they
-//! passed, so nothing is stored for a refused handoff.
+//! is resolved ([`resolve_request`]) before the contract checks run. A
+//! payload is moved out of its envelope ([`externalize_known`]) once they
+//! passed, but written to the object store ([`Pending::put`]) only once
+//! every other check of the handoff has passed too (its size, its barrier
+//! branch, its state delta), just before the handoff is stored: nothing is
+//! stored for a refused handoff.
 
 use bytes::Bytes;
 use handoff_proto::pb;
@@ -98,19 +101,45 @@ fn check(r: &pb::PayloadRef, info: &PayloadInfo) -> Result<(), BrokerError> {
     Ok(())
 }
 
-/// Moves an envelope's payload into the object store when it is over
+/// A payload moved out of its envelope, not written yet: its reference is
+/// in the envelope already, and [`Pending::put`] writes it.
+#[must_use = "a payload moved out of its envelope must be written before the envelope is stored"]
+pub struct Pending {
+    reference: pb::PayloadRef,
+    value: Bytes,
+}
+
+impl Pending {
+    /// Writes the payload to the object store. Idempotent: the object's
+    /// name is the run and the payload's digest, so a retry stores
+    /// nothing new.
+    pub async fn put(self, broker: &Broker) -> Result<(), BrokerError> {
+        let Pending { reference, value } = self;
+        let stored = broker.store().put_payload(&reference.name, value).await?;
+        if stored.sha256 != reference.sha256 || stored.size != reference.size {
+            return Err(BrokerError::Internal(format!(
+                "payload {} was stored as {} bytes with SHA-256 {}",
+                reference.name, stored.size, stored.sha256
+            )));
+        }
+        tracing::debug!(name = %reference.name, size = reference.size, "payload stored by reference");
+        Ok(())
+    }
+}
+
+/// Moves an envelope's payload out of it when it is over
 /// `max_inline_payload`, or when the encoded envelope would exceed NATS's
 /// max_payload; the envelope then carries a `payload_ref` (with the size
-/// and SHA-256 that let the SDKs verify what they fetch) instead. An
-/// envelope that fits is left as it is. Idempotent: the object's name is
-/// the run and the payload's digest, so a retry stores nothing new.
+/// and SHA-256 that let the SDKs verify what they fetch) instead, and the
+/// payload is returned, to be written ([`Pending::put`]) once nothing can
+/// refuse the handoff any more. An envelope that fits is left as it is.
 /// `known`, a verified reference to this very payload (a forwarded one),
-/// is reused instead of storing the payload again.
+/// is reused: nothing is left to write.
 pub async fn externalize_known(
     broker: &Broker,
     envelope: &mut pb::HandoffEnvelope,
     known: Option<&pb::PayloadRef>,
-) -> Result<(), BrokerError> {
+) -> Result<Option<Pending>, BrokerError> {
     let inline = broker.config().max_inline_payload;
     externalize_over(broker, envelope, known, inline).await
 }
@@ -122,7 +151,10 @@ pub async fn externalize_built(
     broker: &Broker,
     envelope: &mut pb::HandoffEnvelope,
 ) -> Result<(), BrokerError> {
-    externalize_over(broker, envelope, None, usize::MAX).await
+    match externalize_over(broker, envelope, None, usize::MAX).await? {
+        Some(pending) => pending.put(broker).await,
+        None => Ok(()),
+    }
 }
 
 async fn externalize_over(
@@ -130,43 +162,40 @@ async fn externalize_over(
     envelope: &mut pb::HandoffEnvelope,
     known: Option<&pb::PayloadRef>,
     inline: usize,
-) -> Result<(), BrokerError> {
+) -> Result<Option<Pending>, BrokerError> {
     let Some(payload) = envelope.payload.as_ref() else {
-        return Ok(());
+        return Ok(None);
     };
     let max_payload = broker.store().max_payload();
     let over_inline = payload.encoded_len() > inline;
     let over_nats =
         max_payload > 0 && envelope.encoded_len().saturating_add(ENVELOPE_SLACK) > max_payload;
     if !over_inline && !over_nats {
-        return Ok(());
+        return Ok(None);
     }
     let Some(payload) = envelope.payload.take() else {
-        return Ok(());
+        return Ok(None);
     };
-    let reference = match known {
+    let pending = match known {
         Some(r) if r.type_url == payload.type_url && r.size == payload.value.len() as u64 => {
-            r.clone()
+            envelope.payload_ref = Some(r.clone());
+            return Ok(None);
         }
-        _ => match store(broker, &envelope.run_id, payload.clone()).await {
-            Ok(r) => r,
+        _ => match reference(&envelope.run_id, payload.clone()).await {
+            Ok(p) => p,
             Err(e) => {
                 envelope.payload = Some(payload);
                 return Err(e);
             }
         },
     };
-    tracing::debug!(run_id = %envelope.run_id, handoff_id = %envelope.id, name = %reference.name, size = reference.size, "payload stored by reference");
-    envelope.payload_ref = Some(reference);
-    Ok(())
+    envelope.payload_ref = Some(pending.reference.clone());
+    Ok(Some(pending))
 }
 
-/// Stores a payload of run `run_id` in the object store; its reference.
-pub async fn store(
-    broker: &Broker,
-    run_id: &str,
-    payload: prost_types::Any,
-) -> Result<pb::PayloadRef, BrokerError> {
+/// The reference a payload of run `run_id` is stored under (its digest
+/// computed), and the value to write there.
+async fn reference(run_id: &str, payload: prost_types::Any) -> Result<Pending, BrokerError> {
     let value = Bytes::from(payload.value);
     let sha256 = if value.len() < BLOCKING_HASH_BYTES {
         sha256_hex(&value)
@@ -177,20 +206,14 @@ pub async fn store(
             .await
             .map_err(|e| BrokerError::Internal(format!("hashing the payload failed: {e}")))?
     };
-    let name = rules::payload_name(run_id, &sha256);
-    let size = value.len() as u64;
-    let stored = broker.store().put_payload(&name, value).await?;
-    if stored.sha256 != sha256 || stored.size != size {
-        return Err(BrokerError::Internal(format!(
-            "payload {name} was stored as {} bytes with SHA-256 {}",
-            stored.size, stored.sha256
-        )));
-    }
-    Ok(pb::PayloadRef {
-        name,
-        size,
-        sha256,
-        type_url: payload.type_url,
+    Ok(Pending {
+        reference: pb::PayloadRef {
+            name: rules::payload_name(run_id, &sha256),
+            size: value.len() as u64,
+            sha256,
+            type_url: payload.type_url,
+        },
+        value,
     })
 }
 

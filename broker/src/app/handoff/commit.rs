@@ -320,7 +320,9 @@ pub(super) async fn commit(
             max_payload,
         });
     }
-    payloads::externalize_known(broker, &mut envelope, forwarded.as_ref()).await?;
+    // Moved out of the envelope now, written once nothing below can
+    // refuse the handoff.
+    let pending = payloads::externalize_known(broker, &mut envelope, forwarded.as_ref()).await?;
     let size = envelope.encoded_len() + 11;
     if max_payload > 0 && size > max_payload {
         return Err(BrokerError::EnvelopeTooLarge { size, max_payload });
@@ -391,7 +393,10 @@ pub(super) async fn commit(
     }
     let answers = state_rules::answers(applied.before.as_deref(), &req.asks_for);
 
-    // Commit.
+    // Commit: the payload by reference first (a retry writes it again).
+    if let Some(pending) = pending {
+        pending.put(broker).await?;
+    }
     let (sequence, duplicate) = if req.r#final {
         (0, false)
     } else if let Some(result) = branch {
