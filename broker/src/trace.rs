@@ -17,6 +17,15 @@
 //! so each delivery carries the context it was created in, and the next
 //! agent's handoff is a child of it: one trace shows a whole run.
 //!
+//! A barrier's release continues the trace of the barrier's opening (its
+//! spec's `trace_context`, recorded from the call that opened it), in a
+//! PRODUCER span `release barrier <id>` linked to the span of each
+//! branch's handoff ([`Traces::release`]); without traces on, the release
+//! carries the opening's context as it is. Each delivery is made in a
+//! CONSUMER span `receive <agent>`, a child of its handoff's span, whose
+//! context the delivery carries ([`Traces::receive`]): the agent's next
+//! handoff is its child.
+//!
 //! The spans are `tracing` spans turned into OpenTelemetry spans by
 //! `tracing-opentelemetry`, in a subscriber this broker owns rather than
 //! the process-wide one that writes the logs: several brokers in one
@@ -174,6 +183,88 @@ impl Traces {
         send
     }
 
+    /// Makes the PRODUCER span of a barrier's release, a child of the
+    /// barrier's opening (`spec.trace_context`) linked to the span of each
+    /// branch result's handoff, and returns its context, for the release
+    /// handoff to carry. The span has no duration of its own: it marks
+    /// where the branches join.
+    pub fn release(
+        &self,
+        spec: &pb::BarrierSpec,
+        branches: &[pb::BranchResult],
+    ) -> HashMap<String, String> {
+        let parent = parent_context(&spec.trace_context, &MetadataMap::new());
+        let name = format!("release barrier {}", spec.barrier_id);
+        let span = tracing::dispatcher::with_default(&self.dispatch, || {
+            tracing::info_span!(
+                parent: None,
+                "release",
+                otel.name = name.as_str(),
+                otel.kind = "producer",
+                messaging.system = MESSAGING_SYSTEM,
+                messaging.operation.type = "send",
+                messaging.operation.name = "release",
+                messaging.destination.name = spec.target_agent.as_str(),
+                gen_ai.conversation.id = spec.run_id.as_str(),
+                handoff.barrier.id = spec.barrier_id.as_str(),
+                handoff.branches = i64::try_from(branches.len()).unwrap_or(i64::MAX),
+            )
+        });
+        let _ = span.set_parent(parent);
+        let propagator = TraceContextPropagator::new();
+        for branch in branches {
+            let cx =
+                propagator.extract_with_context(&Context::new(), &Fields(&branch.trace_context));
+            let sc = cx.span().span_context().clone();
+            if sc.is_valid() {
+                span.add_link_with_attributes(
+                    sc,
+                    vec![opentelemetry::KeyValue::new(
+                        "handoff.branch.key",
+                        branch.key.clone(),
+                    )],
+                );
+            }
+        }
+        let mut fields = spec.trace_context.clone();
+        inject(&span, &mut fields);
+        fields
+    }
+
+    /// Makes the CONSUMER span of one delivery of `envelope` to `agent`, a
+    /// child of the span the handoff was stored with, and returns its
+    /// context, for the delivery to carry (the agent's next handoff is its
+    /// child).
+    pub fn receive(
+        &self,
+        envelope: &pb::HandoffEnvelope,
+        agent: &str,
+        attempt: u32,
+    ) -> HashMap<String, String> {
+        let parent = parent_context(&envelope.trace_context, &MetadataMap::new());
+        let name = format!("receive {agent}");
+        let span = tracing::dispatcher::with_default(&self.dispatch, || {
+            tracing::info_span!(
+                parent: None,
+                "receive",
+                otel.name = name.as_str(),
+                otel.kind = "consumer",
+                messaging.system = MESSAGING_SYSTEM,
+                messaging.operation.type = "receive",
+                messaging.operation.name = "receive",
+                messaging.destination.name = agent,
+                messaging.message.id = envelope.id.as_str(),
+                gen_ai.agent.name = agent,
+                gen_ai.conversation.id = envelope.run_id.as_str(),
+                handoff.attempt = i64::from(attempt),
+            )
+        });
+        let _ = span.set_parent(parent);
+        let mut fields = envelope.trace_context.clone();
+        inject(&span, &mut fields);
+        fields
+    }
+
     /// Exports what is buffered and stops the exporter, within `timeout`
     /// (off the async threads: the SDK's shutdown blocks).
     pub async fn shutdown(self, timeout: Duration) {
@@ -209,16 +300,7 @@ impl SendSpan {
     /// Replaces the W3C fields of `fields` with this span's context;
     /// leaves them as they are if the span has none.
     fn propagate(&self, fields: &mut HashMap<String, String>) {
-        let cx = self.span.context();
-        if !cx.span().span_context().is_valid() {
-            return;
-        }
-        let mut injected = HashMap::new();
-        TraceContextPropagator::new().inject_context(&cx, &mut injected);
-        fields.retain(|k, _| {
-            !k.eq_ignore_ascii_case(TRACEPARENT) && !k.eq_ignore_ascii_case(TRACESTATE)
-        });
-        fields.extend(injected);
+        inject(&self.span, fields);
     }
 
     /// Records how the handoff went and ends the span: the handoff's id,
@@ -244,6 +326,41 @@ impl SendSpan {
             }
         }
     }
+}
+
+/// Replaces the W3C fields of `fields` with `span`'s context; leaves them
+/// as they are if the span has none.
+fn inject(span: &tracing::Span, fields: &mut HashMap<String, String>) {
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return;
+    }
+    let mut injected = HashMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut injected);
+    fields
+        .retain(|k, _| !k.eq_ignore_ascii_case(TRACEPARENT) && !k.eq_ignore_ascii_case(TRACESTATE));
+    fields.extend(injected);
+}
+
+/// The longest `tracestate` a barrier records (W3C allows 32 members of
+/// at most 256 characters; vendors keep far less).
+const MAX_TRACESTATE: usize = 512;
+
+/// The W3C fields of the context a call continues (see
+/// [`parent_context`]), checked: what a barrier records of its opening,
+/// traces on or off. Nothing else the caller sent is kept; empty when
+/// there is no valid `traceparent`.
+pub fn opening_context(
+    fields: &HashMap<String, String>,
+    metadata: &MetadataMap,
+) -> HashMap<String, String> {
+    let cx = parent_context(fields, metadata);
+    let mut out = HashMap::new();
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, &mut out);
+    }
+    out.retain(|k, v| k != TRACESTATE || v.len() <= MAX_TRACESTATE);
+    out
 }
 
 /// The span name of a handoff: `send <target>`, `send (final)` for a

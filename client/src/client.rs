@@ -14,6 +14,7 @@ use crate::{
     contract::{ContractSpec, RegisteredContract},
     error::{Error, ErrorKind, Result},
     handoff::{Handoff, Receipt},
+    otel::SdkSpan,
     pb::{self, handoff_broker_client::HandoffBrokerClient},
     subscription::{Subscription, TypedSubscription},
 };
@@ -436,14 +437,25 @@ impl Client {
             .ok_or_else(|| Error::new(ErrorKind::Other, "the broker answered without the run"))
     }
 
-    /// Hands off; accepted means durably stored.
+    /// Hands off; accepted means durably stored. With the `otel` feature,
+    /// the call is a CLIENT span (`handoff <target>`) the handoff's trace
+    /// continues.
     pub async fn handoff(&self, handoff: Handoff) -> Result<Receipt> {
-        Ok(self
-            .raw()
-            .handoff(self.request(handoff.req))
-            .await?
-            .into_inner()
-            .into())
+        let mut req = handoff.req;
+        let name = if req.r#final {
+            "handoff (final)".to_string()
+        } else if req.to_barrier {
+            format!("handoff barrier {}", req.barrier_id)
+        } else {
+            format!("handoff {}", req.target_agent)
+        };
+        let span = SdkSpan::call(name, &req.run_id.clone(), &mut req.trace_context);
+        let answered = match self.raw().handoff(self.request(req)).await {
+            Ok(r) => Ok(r.into_inner().into()),
+            Err(status) => Err(status.into()),
+        };
+        span.end(&answered);
+        answered
     }
 
     /// Hands `payload` to `target` within `run_id`, from outside any agent
@@ -489,8 +501,38 @@ impl Client {
         )
     }
 
-    pub(crate) async fn send_fan_out(&self, req: pb::FanOutRequest) -> Result<pb::FanOutResponse> {
-        Ok(self.raw().fan_out(self.request(req)).await?.into_inner())
+    pub(crate) async fn send_fan_out(
+        &self,
+        mut req: pb::FanOutRequest,
+    ) -> Result<pb::FanOutResponse> {
+        // With the `otel` feature, a span of the call: every branch, and
+        // the barrier's release, continue it.
+        let (run_id, barrier_id) = req
+            .barrier
+            .as_ref()
+            .map(|b| (b.run_id.clone(), b.barrier_id.clone()))
+            .unwrap_or_default();
+        let mut fields = req
+            .branches
+            .first()
+            .map(|b| b.trace_context.clone())
+            .unwrap_or_default();
+        let before = fields.clone();
+        let span = SdkSpan::call(format!("fan-out {barrier_id}"), &run_id, &mut fields);
+        if fields != before {
+            for b in &mut req.branches {
+                b.trace_context = fields.clone();
+            }
+            if let Some(spec) = req.barrier.as_mut() {
+                spec.trace_context = fields;
+            }
+        }
+        let answered = match self.raw().fan_out(self.request(req)).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(status) => Err(status.into()),
+        };
+        span.end(&answered);
+        answered
     }
 
     /// A barrier: its spec, state, the branches that reached it (without

@@ -112,6 +112,7 @@ mod client;
 mod contract;
 mod error;
 mod handoff;
+mod otel;
 mod payload;
 pub mod state;
 mod subscription;

@@ -225,7 +225,10 @@ async fn one_trace_follows_a_run_from_the_callers_span_through_every_agent() {
     // Stopping the broker flushes what its batch processor holds.
     broker.stop().await;
     let spans = collector
-        .spans_when(|s| s.iter().filter(|g| g.name().starts_with("send")).count() >= 4)
+        .spans_when(|s| {
+            s.iter().filter(|g| g.name().starts_with("send")).count() >= 4
+                && s.iter().filter(|g| g.name().starts_with("receive")).count() >= 3
+        })
         .await;
     let by_name = |name: &str| -> Got {
         let found: Vec<&Got> = spans.iter().filter(|g| g.name() == name).collect();
@@ -268,10 +271,27 @@ async fn one_trace_follows_a_run_from_the_callers_span_through_every_agent() {
         );
         assert_eq!(s.attr("error.type"), None, "{}", s.name());
     }
+    // Each delivery is made in a CONSUMER span, a child of its handoff's;
+    // the agent's next handoff is that span's child.
+    let receive_a = by_name("receive a");
+    let receive_b = by_name("receive b");
+    let receive_c = by_name("receive c");
+    for (receive, agent) in [(&receive_a, "a"), (&receive_b, "b"), (&receive_c, "c")] {
+        assert_eq!(receive.trace_id(), CALLER_TRACE);
+        assert_eq!(receive.span.kind, SpanKind::Consumer as i32);
+        assert_eq!(
+            receive.attr("messaging.destination.name").as_deref(),
+            Some(agent)
+        );
+        assert_eq!(receive.int_attr("handoff.attempt"), Some(1));
+    }
     assert_eq!(send_a.parent_id(), CALLER_SPAN);
-    assert_eq!(send_b.parent_id(), send_a.span_id());
-    assert_eq!(send_c.parent_id(), send_b.span_id());
-    assert_eq!(send_final.parent_id(), send_c.span_id());
+    assert_eq!(receive_a.parent_id(), send_a.span_id());
+    assert_eq!(send_b.parent_id(), receive_a.span_id());
+    assert_eq!(receive_b.parent_id(), send_b.span_id());
+    assert_eq!(send_c.parent_id(), receive_b.span_id());
+    assert_eq!(receive_c.parent_id(), send_c.span_id());
+    assert_eq!(send_final.parent_id(), receive_c.span_id());
     let ids: std::collections::HashSet<String> = [&send_a, &send_b, &send_c, &send_final]
         .iter()
         .map(|s| s.span_id())
@@ -302,11 +322,11 @@ async fn one_trace_follows_a_run_from_the_callers_span_through_every_agent() {
         .collect();
     assert_eq!(depths, [Some(1), Some(2), Some(3)]);
 
-    // Each delivery carried its producer span's context, not the caller's.
-    for (agent, producer) in [("a", &send_a), ("b", &send_b), ("c", &send_c)] {
+    // Each delivery carried its receive span's context, not the caller's.
+    for (agent, consumer) in [("a", &receive_a), ("b", &receive_b), ("c", &receive_c)] {
         assert_eq!(
             delivered[agent].as_deref(),
-            Some(traceparent(CALLER_TRACE, &producer.span_id()).as_str()),
+            Some(traceparent(CALLER_TRACE, &consumer.span_id()).as_str()),
             "the delivery to {agent}"
         );
     }
@@ -385,8 +405,12 @@ async fn a_traceparent_header_is_continued_and_a_malformed_one_starts_a_new_trac
     let spans = collector
         .spans_when(|s| s.iter().filter(|g| g.name() == "send a").count() >= 3)
         .await;
-    let of =
-        |trace: &str| -> Vec<&Got> { spans.iter().filter(|g| g.trace_id() == trace).collect() };
+    let of = |trace: &str| -> Vec<&Got> {
+        spans
+            .iter()
+            .filter(|g| g.trace_id() == trace && g.name() == "send a")
+            .collect()
+    };
     let header = of(header_trace);
     assert_eq!(header.len(), 1, "{spans:?}");
     assert_eq!(header[0].parent_id(), header_span);
@@ -401,7 +425,8 @@ async fn a_traceparent_header_is_continued_and_a_malformed_one_starts_a_new_trac
     let root_trace = roots[0].trace_id();
     assert!(root_trace != header_trace && root_trace != CALLER_TRACE);
 
-    // Every delivery carries its own send span's context.
+    // Every delivery carries the context of its own receive span, in its
+    // handoff's trace.
     for (key, tp) in delivered {
         let tp = tp.unwrap_or_else(|| panic!("{key}: no traceparent delivered"));
         let producer = spans

@@ -293,6 +293,11 @@ pub async fn offer(
     } else {
         pinned_digest
     };
+    // Made in a span of its own, whose context the agent continues.
+    let mut envelope = envelope;
+    if let Some(traces) = broker.traces() {
+        envelope.trace_context = traces.receive(&envelope, &spec.name, attempt);
+    }
     let delivery = pb::Delivery {
         delivery_id,
         attempt,

@@ -98,6 +98,8 @@ struct Inner {
     run_index: run_index::RunIndex,
     /// Causal positions of the events this replica emits.
     clock: clock::Clock,
+    /// The spans of releases and deliveries, when traces are on.
+    traces: std::sync::OnceLock<crate::trace::Traces>,
 }
 
 impl Broker {
@@ -142,6 +144,7 @@ impl Broker {
                 recent_runs: DashMap::new(),
                 run_index: run_index::RunIndex::default(),
                 clock: clock::Clock::default(),
+                traces: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -488,6 +491,17 @@ impl Broker {
     /// A creation time that is also a causal position not less than
     /// `floor`: the event announcing what was created takes it as its
     /// position, and what reads the creation takes it as its floor.
+    /// Makes the spans of releases and deliveries with `traces` (set once,
+    /// when the server starts with traces on).
+    pub fn set_traces(&self, traces: crate::trace::Traces) {
+        let _ = self.inner.traces.set(traces);
+    }
+
+    /// The spans of releases and deliveries, when traces are on.
+    pub fn traces(&self) -> Option<&crate::trace::Traces> {
+        self.inner.traces.get()
+    }
+
     pub fn stamp(&self, floor: u64) -> prost_types::Timestamp {
         clock::timestamp(self.position(floor))
     }

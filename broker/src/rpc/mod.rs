@@ -16,7 +16,7 @@ use std::future::Future;
 
 use futures::stream::BoxStream;
 use handoff_proto::{pb, server::handoff_broker_server::HandoffBroker};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{metadata::MetadataMap, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::{
@@ -26,7 +26,7 @@ use crate::{
         Broker,
     },
     error::BrokerError,
-    trace::{SendSpan, Traces},
+    trace::{self, SendSpan, Traces},
 };
 
 /// The gRPC service.
@@ -172,7 +172,11 @@ impl HandoffBroker for Service {
         req: Request<pb::OpenBarrierRequest>,
     ) -> Reply<pb::OpenBarrierResponse> {
         let caller = self.caller(&req).await?;
-        let req = req.into_inner();
+        let (metadata, _, mut req) = req.into_parts();
+        if let Some(spec) = req.barrier.as_mut() {
+            // Its release continues this call's trace.
+            spec.trace_context = trace::opening_context(&spec.trace_context, &metadata);
+        }
         let span = rpc_span!("OpenBarrier");
         if let Some(b) = &req.barrier {
             span.record("run_id", b.run_id.as_str());
@@ -185,6 +189,22 @@ impl HandoffBroker for Service {
     async fn fan_out(&self, req: Request<pb::FanOutRequest>) -> Reply<pb::FanOutResponse> {
         let caller = self.caller(&req).await?;
         let (metadata, _, mut req) = req.into_parts();
+        // Its release continues the trace of this call: the spec's own
+        // context, else the first branch's (what the SDKs copy from the
+        // delivery the branches consume), else the call's header.
+        let first = req
+            .branches
+            .first()
+            .map(|b| b.trace_context.clone())
+            .unwrap_or_default();
+        if let Some(spec) = req.barrier.as_mut() {
+            let own = trace::opening_context(&spec.trace_context, &MetadataMap::new());
+            spec.trace_context = if own.is_empty() {
+                trace::opening_context(&first, &metadata)
+            } else {
+                own
+            };
+        }
         let span = rpc_span!("FanOut");
         if let Some(b) = &req.barrier {
             span.record("run_id", b.run_id.as_str());

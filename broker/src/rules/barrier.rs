@@ -657,7 +657,8 @@ pub fn release_payload(
 }
 /// Whether two specs describe the same barrier (for an idempotent
 /// re-open): equal field by field after normalising defaults (mode
-/// UNSPECIFIED = ALL, on_timeout UNSPECIFIED = FAIL).
+/// UNSPECIFIED = ALL, on_timeout UNSPECIFIED = FAIL); the trace context
+/// of each opening is not part of the barrier.
 pub fn same_spec(a: &pb::BarrierSpec, b: &pb::BarrierSpec) -> bool {
     fn normalised(spec: &pb::BarrierSpec) -> (i32, i32) {
         let mode = if spec.mode == pb::BarrierMode::Unspecified as i32 {

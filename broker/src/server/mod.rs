@@ -321,6 +321,9 @@ async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| RunError::Serve(format!("reflection: {e}")))?;
+    if let Some(t) = &traces {
+        broker.set_traces(t.clone());
+    }
     let service = HandoffBrokerServer::new(Service::with_traces(broker.clone(), traces))
         .max_decoding_message_size(config.max_payload_size.saturating_add(REQUEST_OVERHEAD));
 

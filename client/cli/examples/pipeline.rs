@@ -142,6 +142,15 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // With OTEL_EXPORTER_OTLP_ENDPOINT set, the SDK's spans (each handoff
+    // call, each delivery processed) are exported there.
+    let traces = match export_traces() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("pipeline: OTEL_EXPORTER_OTLP_ENDPOINT: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
 
     let (addr, embedded) = match args.addr {
         Some(addr) => (addr, None),
@@ -185,7 +194,38 @@ async fn main() -> ExitCode {
             code = ExitCode::FAILURE;
         }
     }
+    if let Some(provider) = traces {
+        // The last spans: exported before exit (the SDK blocks here).
+        let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            eprintln!("pipeline: traces not flushed: {flushed:?}");
+        }
+    }
     code
+}
+
+/// Installs the global tracer provider the SDK's spans go to, exporting
+/// over OTLP/gRPC to `OTEL_EXPORTER_OTLP_ENDPOINT`; `None` when it is
+/// unset.
+fn export_traces() -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>, BoxError> {
+    use opentelemetry_otlp::WithExportConfig as _;
+    let Ok(endpoint) = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") else {
+        return Ok(None);
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()?;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name("handoff-demo-pipeline")
+                .build(),
+        )
+        .with_batch_exporter(exporter)
+        .build();
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    Ok(Some(provider))
 }
 
 /// Registers the contracts every handoff is checked against.

@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import os
 import sys
+from collections.abc import Callable
 
 from handoff import (
     Client,
@@ -147,17 +149,41 @@ async def main(addr: str, instances: int) -> int:
         return 0
 
 
+def export_traces() -> Callable[[], object] | None:
+    """With OTEL_EXPORTER_OTLP_ENDPOINT set (and opentelemetry-sdk and its
+    OTLP exporter installed), exports the SDK's spans there; returns what
+    flushes them."""
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not endpoint:
+        return None
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "handoff-demo-workers"}))
+    insecure = endpoint.startswith("http://")
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint, insecure=insecure)))
+    trace.set_tracer_provider(provider)
+    return provider.shutdown
+
+
 def cli() -> int:
     """Parses the arguments and runs `main`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--addr", default="127.0.0.1:7233", help="the broker (host:port)")
     parser.add_argument("--instances", type=int, default=2, help="worker instances")
     args = parser.parse_args()
+    flush = export_traces()
     try:
         return asyncio.run(main(args.addr, args.instances))
     except (HandoffError, TimeoutError, RuntimeError) as e:
         print(f"demo.py: {e}", file=sys.stderr)
         return 1
+    finally:
+        if flush is not None:
+            flush()
 
 
 if __name__ == "__main__":

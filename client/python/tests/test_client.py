@@ -504,9 +504,7 @@ async def test_redrive_a_dead_letter_and_fork_a_run(client: Client) -> None:
     )
 
     async def letter() -> pb.DeadLetter | None:
-        found = [
-            d for d in await client.dead_letters(flaky) if d.handoff.id == receipt.handoff_id
-        ]
+        found = [d for d in await client.dead_letters(flaky) if d.handoff.id == receipt.handoff_id]
         return found[0] if found else None
 
     # Subscribed until the letter is made: the nacked attempt comes back to

@@ -24,6 +24,8 @@ pub struct Delivery {
     pub(super) unresolved: Option<Arc<Error>>,
     /// Set to the reason when the delivery's run is cancelled.
     cancel: tokio::sync::watch::Receiver<Option<String>>,
+    /// Its processing span (feature `otel`), ended with the last clone.
+    span: Arc<SdkSpan>,
 }
 
 /// A handoff made from a delivery.
@@ -60,12 +62,14 @@ impl Delivery {
                 "the delivery's pinned context does not match its intent digest"
             );
         }
+        let span = Arc::new(SdkSpan::process(&shared.agent, &inner));
         Delivery {
             inner,
             shared,
             made: Arc::default(),
             unresolved: None,
             cancel,
+            span,
         }
     }
 
@@ -547,9 +551,10 @@ impl Delivery {
     }
 
     /// Fills `fields` (a new handoff's trace context) with this
-    /// delivery's W3C fields, unless it names a `traceparent` already.
+    /// delivery's W3C fields (its processing span's, with the `otel`
+    /// feature), unless it names a `traceparent` already.
     pub(crate) fn continue_trace(&self, fields: &mut HashMap<String, String>) {
-        if field(fields, TRACEPARENT).is_some() {
+        if field(fields, TRACEPARENT).is_some() || self.span.inject(fields) {
             return;
         }
         for key in [TRACEPARENT, TRACESTATE] {

@@ -30,6 +30,7 @@ use crate::{
     barrier::{FanOut, Join},
     error::{Error, ErrorKind, Result},
     handoff::{decode, field, type_name, Handoff, Receipt, TRACEPARENT, TRACESTATE},
+    otel::SdkSpan,
     pb, Client,
 };
 

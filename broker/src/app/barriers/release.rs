@@ -181,6 +181,12 @@ pub(super) async fn publish_release(
         created_at: b.released_at,
         barrier_id: spec.barrier_id.clone(),
         state_revision,
+        // The trace of the barrier's opening goes on, joined by its
+        // branches (linked).
+        trace_context: match broker.traces() {
+            Some(traces) => traces.release(spec, &release.branches),
+            None => spec.trace_context.clone(),
+        },
         ..Default::default()
     };
     // Inline up to one NATS message; a larger release goes by reference.

@@ -341,6 +341,7 @@ pub(super) async fn commit(
         depth,
         arrived_at: envelope.created_at,
         sequence: 0,
+        trace_context: envelope.trace_context.clone(),
     });
     if let (Some(result), Some((b, _))) = (&branch, &barrier) {
         if let Some(arrived) =

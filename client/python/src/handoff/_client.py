@@ -17,6 +17,7 @@ import grpc.aio
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from . import _otel
 from ._barrier import ALL, FanOutReceipt, JoinMode, fan_out_request, receipt_keys
 from ._closing import Closing
 from ._contract import Compatibility, RegisteredContract, contract_request, full_name
@@ -193,9 +194,7 @@ class Client(Closing):
         request: Q,
     ) -> R:
         try:
-            call: Awaitable[R] = fn(
-                request, metadata=self._metadata, timeout=self._request_timeout
-            )
+            call: Awaitable[R] = fn(request, metadata=self._metadata, timeout=self._request_timeout)
             return await call
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
@@ -628,7 +627,23 @@ class Client(Closing):
         return await self._send_handoff(req)
 
     async def _send_handoff(self, req: pb.HandoffRequest) -> Receipt:
-        resp = await self._call(self._stub.handoff, req)
+        if req.final:
+            name = "handoff (final)"
+        elif req.to_barrier:
+            name = f"handoff barrier {req.barrier_id}".rstrip()
+        else:
+            name = f"handoff {req.target_agent}"
+        fields = dict(req.trace_context)
+        span = _otel.call_span(name, req.run_id, fields)
+        if span is not None:
+            req.trace_context.clear()
+            req.trace_context.update(fields)
+        try:
+            resp = await self._call(self._stub.handoff, req)
+        except BaseException as e:
+            _otel.end(span, e)
+            raise
+        _otel.end(span)
         return Receipt.from_proto(resp)
 
     async def fan_out(
@@ -675,7 +690,23 @@ class Client(Closing):
 
     async def _send_fan_out(self, req: pb.FanOutRequest) -> FanOutReceipt:
         sent = [b.branch_key for b in req.branches]
-        resp = await self._call(self._stub.fan_out, req)
+        # Every branch, and the barrier's release, continue the call's span.
+        fields = dict(req.branches[0].trace_context) if req.branches else {}
+        span = _otel.call_span(
+            f"fan-out {req.barrier.barrier_id}".rstrip(), req.barrier.run_id, fields
+        )
+        if span is not None:
+            for b in req.branches:
+                b.trace_context.clear()
+                b.trace_context.update(fields)
+            req.barrier.trace_context.clear()
+            req.barrier.trace_context.update(fields)
+        try:
+            resp = await self._call(self._stub.fan_out, req)
+        except BaseException as e:
+            _otel.end(span, e)
+            raise
+        _otel.end(span)
         keys = receipt_keys(resp, sent)
         branches = [Receipt.from_proto(b) for b in resp.branches]
         if len(branches) != len(keys):
@@ -819,4 +850,3 @@ class Watch(Closing):
         if self._call is not None:
             self._call.cancel()
             self._call = None
-

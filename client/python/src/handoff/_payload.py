@@ -42,9 +42,7 @@ async def sha256_hex(value: bytes) -> str:
 
 
 def _release(envelope: pb.HandoffEnvelope) -> pb.BarrierRelease | None:
-    if not envelope.HasField("payload") or not envelope.payload.type_url.endswith(
-        "/" + _RELEASE
-    ):
+    if not envelope.HasField("payload") or not envelope.payload.type_url.endswith("/" + _RELEASE):
         return None
     release = pb.BarrierRelease()
     try:

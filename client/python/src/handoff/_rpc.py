@@ -57,18 +57,14 @@ class Stub:
         )
         self.fork_run = unary("ForkRun", pb.ForkRunRequest, pb.ForkRunResponse)
         self.await_input = unary("AwaitInput", pb.AwaitInputRequest, pb.AwaitInputResponse)
-        self.provide_input = unary(
-            "ProvideInput", pb.ProvideInputRequest, pb.ProvideInputResponse
-        )
+        self.provide_input = unary("ProvideInput", pb.ProvideInputRequest, pb.ProvideInputResponse)
         self.get_state = unary("GetState", pb.GetStateRequest, pb.GetStateResponse)
         self.list_dead_letters = unary(
             "ListDeadLetters", pb.ListDeadLettersRequest, pb.ListDeadLettersResponse
         )
         self.get_payload: grpc.aio.UnaryStreamMultiCallable[
             pb.GetPayloadRequest, pb.PayloadChunk
-        ] = channel.unary_stream(
-            SERVICE + "GetPayload", _serialize, pb.PayloadChunk.FromString
-        )
+        ] = channel.unary_stream(SERVICE + "GetPayload", _serialize, pb.PayloadChunk.FromString)
         self.watch: grpc.aio.UnaryStreamMultiCallable[pb.WatchRequest, pb.Event] = (
             channel.unary_stream(SERVICE + "Watch", _serialize, pb.Event.FromString)
         )

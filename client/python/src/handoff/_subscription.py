@@ -23,11 +23,19 @@ import grpc.aio
 from google.protobuf import any_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from . import _otel
 from ._barrier import ALL, FanOutReceipt, Join, JoinMode, fan_out_request
 from ._closing import Closing
 from ._contract import full_name
 from ._errors import ErrorKind, HandoffError, error, from_rpc_error, from_settled
-from ._handoff import Receipt, ToolResult, build_request, continue_trace, trace_field
+from ._handoff import (
+    TRACEPARENT,
+    Receipt,
+    ToolResult,
+    build_request,
+    continue_trace,
+    trace_field,
+)
 from ._payload import has_references, resolve
 from ._state import StateDelta, intent_intact
 from ._values import JsonValue, Seconds, from_timestamp, from_values, to_duration, unpack
@@ -112,9 +120,7 @@ class Subscription(Closing):
         sub._requests.put_nowait(
             pb.SubscribeRequest(
                 request_id=0,
-                open=pb.SubscribeOpen(
-                    agent=agent, instance=instance, max_in_flight=max_in_flight
-                ),
+                open=pb.SubscribeOpen(agent=agent, instance=instance, max_in_flight=max_in_flight),
             )
         )
         sub._call = client._stub.subscribe(sub._outbound(), metadata=client._metadata)
@@ -344,7 +350,9 @@ class Delivery:
         """The delivery message as it came."""
         self._sub = subscription
         self._made: list[_Made] = []
-        self._settled = False
+        # Its processing span (with opentelemetry-api), ended once settled.
+        self._span = _otel.process_span(subscription.agent_name, raw.handoff, raw.attempt)
+        self._settled_ = False
         self._state: dict[str, JsonValue] | None = None
         self._unresolved: HandoffError | None = None
         self._cancel_reason: str | None = None
@@ -356,6 +364,23 @@ class Delivery:
                 "the pinned context of handoff %s does not match its intent digest",
                 raw.handoff.id,
             )
+
+    @property
+    def _settled(self) -> bool:
+        return self._settled_
+
+    @_settled.setter
+    def _settled(self, settled: bool) -> None:
+        self._settled_ = settled
+        if settled and self._span is not None:
+            _otel.end(self._span)
+            self._span = None
+
+    def _continue_trace(self, into: dict[str, str]) -> None:
+        """Fills `into` with this delivery's trace context (its processing
+        span's, with opentelemetry-api), unless it names a `traceparent`."""
+        if trace_field(into, TRACEPARENT) is None and not _otel.inject(self._span, into):
+            continue_trace(into, self.raw.handoff.trace_context)
 
     def __repr__(self) -> str:
         return (
@@ -759,7 +784,7 @@ class Delivery:
             req.source_agent = self.agent
         req.consumes = self.id
         tc = dict(req.trace_context)
-        continue_trace(tc, self.raw.handoff.trace_context)
+        self._continue_trace(tc)
         req.trace_context.clear()
         req.trace_context.update(tc)
         target = "" if req.final else (_TO_BARRIER if req.to_barrier else req.target_agent)
@@ -876,7 +901,7 @@ class Delivery:
             await delivery.fan_out("worker", subtasks, aggregator="aggregator", mode=quorum(3))
         """
         tc: dict[str, str] = {}
-        continue_trace(tc, self.raw.handoff.trace_context)
+        self._continue_trace(tc)
         req = fan_out_request(
             run_id=self.run_id,
             worker=worker_agent,
