@@ -244,6 +244,7 @@ fn first_attempt(token: &pb::DeliveryToken) -> Option<pb::Lease> {
         deadline: token.lease_deadline,
         state: pb::LeaseState::Leased as i32,
         settled_at: None,
+        delivery: token.ack_subject.clone(),
     })
 }
 

@@ -166,6 +166,13 @@ pub async fn offer(
         .agent(&agent.name)
         .await
         .unwrap_or_else(|_| agent.clone());
+    // JetStream's count, unless this replica nacked a later attempt than
+    // it says (its consumer's state lost or reset): attempts never go
+    // back.
+    let delivered = match broker.nacked_attempt(&spec.name, sequence) {
+        Some(nacked) => delivered.max(i64::from(nacked) + 1),
+        None => delivered,
+    };
     let attempt = match rules::offer(delivered, spec.max_attempts) {
         Offer::Deliver(n) => n,
         Offer::Exhausted => {
@@ -336,6 +343,7 @@ async fn take_lease(
         deadline: Some(deadline),
         state: pb::LeaseState::Leased as i32,
         settled_at: None,
+        delivery: reference.to_string(),
     };
     let record = broker.store().lease(agent, sequence).await?;
     if let Some((current, _)) = &record {
@@ -566,6 +574,7 @@ pub async fn settle(
                 .await;
         }
         Op::Nack(delay) => {
+            broker.remember_nack(agent, token.stream_sequence, token.attempt);
             broker.metrics().nacked(agent);
             let reason = delay.map(|d| format!("retry in {d:?}")).unwrap_or_default();
             broker

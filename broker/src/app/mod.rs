@@ -74,6 +74,12 @@ pub struct Broker {
     inner: Arc<Inner>,
 }
 
+/// How many nacked deliveries a replica remembers before it forgets the
+/// old ones (see [`Broker::remember_nack`]).
+const NACKS_KEPT: usize = 10_000;
+/// How long a nacked delivery is remembered once [`NACKS_KEPT`] is reached.
+const NACK_KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
 struct Inner {
     config: Config,
     store: Arc<dyn Store>,
@@ -100,6 +106,9 @@ struct Inner {
     clock: clock::Clock,
     /// The spans of releases and deliveries, when traces are on.
     traces: std::sync::OnceLock<crate::trace::Traces>,
+    /// Deliveries this replica nacked, by agent and inbox sequence: the
+    /// attempt nacked, and when.
+    nacked: DashMap<(String, u64), (u32, std::time::Instant)>,
 }
 
 impl Broker {
@@ -145,6 +154,7 @@ impl Broker {
                 run_index: run_index::RunIndex::default(),
                 clock: clock::Clock::default(),
                 traces: std::sync::OnceLock::new(),
+                nacked: DashMap::new(),
             }),
         }
     }
@@ -491,6 +501,31 @@ impl Broker {
     /// A creation time that is also a causal position not less than
     /// `floor`: the event announcing what was created takes it as its
     /// position, and what reads the creation takes it as its floor.
+    /// Remembers that attempt `attempt` of `agent`'s inbox message
+    /// `sequence` was nacked here, so its redelivery is offered as a later
+    /// attempt even if JetStream counts it from 1 again. Bounded: past
+    /// [`NACKS_KEPT`] entries, those older than [`NACK_KEPT_FOR`] go.
+    pub fn remember_nack(&self, agent: &str, sequence: u64, attempt: u32) {
+        let now = std::time::Instant::now();
+        if self.inner.nacked.len() >= NACKS_KEPT {
+            self.inner
+                .nacked
+                .retain(|_, (_, at)| now.duration_since(*at) < NACK_KEPT_FOR);
+        }
+        self.inner
+            .nacked
+            .insert((agent.to_string(), sequence), (attempt, now));
+    }
+
+    /// The attempt of `agent`'s inbox message `sequence` this replica
+    /// nacked last, if any; forgotten once asked (it is being offered).
+    pub fn nacked_attempt(&self, agent: &str, sequence: u64) -> Option<u32> {
+        self.inner
+            .nacked
+            .remove(&(agent.to_string(), sequence))
+            .map(|(_, (attempt, _))| attempt)
+    }
+
     /// Makes the spans of releases and deliveries with `traces` (set once,
     /// when the server starts with traces on).
     pub fn set_traces(&self, traces: crate::trace::Traces) {

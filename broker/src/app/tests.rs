@@ -1690,3 +1690,66 @@ async fn a_keyed_handoff_whose_store_failed_after_its_delta_finds_its_revision_a
         (id, retry.sequence, 1)
     );
 }
+
+/// `d` offered again as JetStream would after its consumer's state was
+/// reset: counted as delivery 1 once more, with a settlement reference of
+/// its own.
+async fn offered_again_as_first(f: &Fixture, agent: &str, d: &pb::Delivery) -> pb::Delivery {
+    use prost::Message as _;
+    let spec = f.broker.agent(agent).await.expect("agent");
+    let offered = crate::store::Offered {
+        sequence: d.sequence,
+        delivered: 1,
+        reference: format!("mem.{agent}.{}#reset", d.sequence),
+        payload: d.handoff.as_ref().expect("handoff").encode_to_vec().into(),
+    };
+    match deliveries::offer(&f.broker, &spec, "i2", offered).await {
+        deliveries::Offering::Deliver(again, _) => *again,
+        deliveries::Offering::Skip => panic!("offer skipped"),
+    }
+}
+
+#[tokio::test]
+async fn a_nacked_delivery_counted_from_1_again_is_a_later_attempt_and_its_ack_settles_it() {
+    let f = fixture();
+    f.agents(&["worker"]).await;
+    let spec = f.broker.agent("worker").await.expect("agent");
+    let run = f.run(0).await;
+    let nack = |d: &pb::Delivery| {
+        let id = d.delivery_id.clone();
+        let spec = spec.clone();
+        let broker = f.broker.clone();
+        async move {
+            deliveries::settle(&broker, &spec, "i1", &id, None, &deliveries::Op::Nack(None))
+                .await
+                .expect("nacked")
+        }
+    };
+    let ack = |d: &pb::Delivery| {
+        let id = d.delivery_id.clone();
+        let spec = spec.clone();
+        let broker = f.broker.clone();
+        async move { deliveries::settle(&broker, &spec, "i2", &id, None, &deliveries::Op::Ack).await }
+    };
+    // Nacked here, then counted as delivery 1 again: offered as attempt 2,
+    // and its ack settles it.
+    let first = f.task_for(&run, "worker").await;
+    assert_eq!(first.attempt, 1);
+    nack(&first).await;
+    let again = offered_again_as_first(&f, "worker", &first).await;
+    assert_eq!(again.attempt, 2);
+    ack(&again).await.expect("the redelivery's ack");
+    assert_eq!(f.store.standing(first.sequence), Some(Standing::Acked));
+    // Nacked through another replica (this one does not remember it): it
+    // comes as attempt 1 again, and its ack still settles it, where the
+    // nacked attempt's own ack stays refused.
+    let second = f.task_for(&run, "worker").await;
+    nack(&second).await;
+    assert_eq!(f.broker.nacked_attempt("worker", second.sequence), Some(1));
+    let again = offered_again_as_first(&f, "worker", &second).await;
+    assert_eq!(again.attempt, 1);
+    let stale = ack(&second).await.expect_err("the nacked attempt's ack");
+    assert_eq!(stale.reason(), Reason::AlreadySettled);
+    ack(&again).await.expect("the redelivery's ack");
+    assert_eq!(f.store.standing(second.sequence), Some(Standing::Acked));
+}

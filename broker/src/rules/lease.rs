@@ -119,6 +119,29 @@ pub fn settle(
     let Some(record) = record else {
         return Err(superseded("no lease is recorded for it"));
     };
+    // A record of this attempt number about another, earlier delivery of
+    // the handoff, settled before this one was offered (JetStream counted
+    // the redelivery from 1 again: its consumer's state was lost or
+    // reset): this delivery holds the lease its token says.
+    let own;
+    let record = if record.attempt == token.attempt
+        && !record.delivery.is_empty()
+        && record.delivery != token.ack_subject
+        && record.state != pb::LeaseState::Leased as i32
+        && offered_after(token, record, lease)
+    {
+        own = pb::Lease {
+            attempt: token.attempt,
+            instance: token.instance.clone(),
+            deadline: token.lease_deadline,
+            state: pb::LeaseState::Leased as i32,
+            settled_at: None,
+            delivery: token.ack_subject.clone(),
+        };
+        &own
+    } else {
+        record
+    };
     if record.attempt > token.attempt {
         return Err(superseded(&format!(
             "it was delivered again as attempt {}",
@@ -165,6 +188,18 @@ pub fn settle(
         None => next.deadline = Some((now + lease).into()),
     }
     Ok(Decision::Proceed(next))
+}
+
+/// Whether `token`'s delivery was offered after `record` was settled (its
+/// lease started at its deadline less `lease`).
+fn offered_after(token: &pb::DeliveryToken, record: &pb::Lease, lease: Duration) -> bool {
+    let time = |t: Option<prost_types::Timestamp>| t.and_then(|t| SystemTime::try_from(t).ok());
+    match (time(token.lease_deadline), time(record.settled_at)) {
+        (Some(deadline), Some(settled)) => deadline
+            .checked_sub(lease)
+            .is_some_and(|offered| offered >= settled),
+        _ => false,
+    }
 }
 
 /// The name of a lease state for messages.
@@ -233,6 +268,7 @@ mod tests {
             deadline: Some(deadline.into()),
             state: pb::LeaseState::Leased as i32,
             settled_at: None,
+            delivery: "ref".into(),
         }
     }
 
@@ -282,6 +318,58 @@ mod tests {
         );
         assert_eq!(
             reason(settle(Some(&acked), &token(), Ask::Reject, now, lease)),
+            Reason::AlreadySettled
+        );
+    }
+
+    #[test]
+    fn a_later_delivery_counted_with_the_same_attempt_holds_its_own_lease() {
+        let now = SystemTime::now();
+        let lease = Duration::from_secs(5);
+        // Attempt 1 (delivery "ref") was nacked a second ago.
+        let Ok(Decision::Proceed(nacked)) = settle(
+            Some(&leased(1, now + lease)),
+            &token(),
+            Ask::Nack,
+            now - Duration::from_secs(1),
+            lease,
+        ) else {
+            panic!("nack proceeds");
+        };
+        // Delivered again, counted as attempt 1 once more, offered now.
+        let again = pb::DeliveryToken {
+            ack_subject: "ref-2".into(),
+            lease_deadline: Some((now + lease).into()),
+            ..token()
+        };
+        let Ok(Decision::Proceed(acked)) = settle(Some(&nacked), &again, Ask::Ack, now, lease)
+        else {
+            panic!("the later delivery's ack proceeds");
+        };
+        assert_eq!(acked.state, pb::LeaseState::Acked as i32);
+        assert_eq!(acked.delivery, "ref-2");
+        // The nacked delivery's own token still finds its settlement.
+        let first = pb::DeliveryToken {
+            lease_deadline: Some((now - Duration::from_secs(2) + lease).into()),
+            ..token()
+        };
+        assert_eq!(
+            settle(Some(&nacked), &first, Ask::Nack, now, lease).ok(),
+            Some(Decision::Repeat)
+        );
+        assert_eq!(
+            reason(settle(Some(&nacked), &first, Ask::Ack, now, lease)),
+            Reason::AlreadySettled
+        );
+        // A token of another delivery offered before the settlement (not
+        // a later one) is refused as before.
+        let earlier = pb::DeliveryToken {
+            ack_subject: "ref-0".into(),
+            lease_deadline: Some((now - Duration::from_secs(3) + lease).into()),
+            ..token()
+        };
+        assert_eq!(
+            reason(settle(Some(&nacked), &earlier, Ask::Ack, now, lease)),
             Reason::AlreadySettled
         );
     }

@@ -104,7 +104,7 @@ impl Inboxes for Memory {
                 out.push(Ok(Offered {
                     sequence,
                     delivered: e.delivered,
-                    reference: reference(agent, sequence),
+                    reference: reference(agent, sequence, e.delivered),
                     payload: e.envelope.encode_to_vec().into(),
                 }));
             }

@@ -105,12 +105,15 @@ fn barrier_key(run_id: &str, barrier_id: &str) -> String {
     format!("{run_id}.{barrier_id}")
 }
 
-fn reference(agent: &str, sequence: u64) -> String {
-    format!("mem.{agent}.{sequence}")
+/// The reference of one delivery (the `delivered`-th) of an inbox message:
+/// each delivery's is its own, as JetStream's ack subjects are.
+fn reference(agent: &str, sequence: u64, delivered: i64) -> String {
+    format!("mem.{agent}.{sequence}#{delivered}")
 }
 
 fn parse_reference(reference: &str) -> Option<(&str, u64)> {
     let rest = reference.strip_prefix("mem.")?;
+    let rest = rest.split_once('#').map_or(rest, |(r, _)| r);
     let (agent, seq) = rest.rsplit_once('.')?;
     Some((agent, seq.parse().ok()?))
 }
