@@ -27,6 +27,7 @@
 
 pub mod certs;
 pub mod cluster;
+pub mod history;
 pub mod load;
 pub mod secured;
 pub use cluster::{Cluster, ClusterError};
@@ -329,6 +330,11 @@ impl BrokerProcess {
         Client::connect(format!("http://{}", self.addr))
             .await
             .expect("connect")
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// SIGKILL: no drain, no flush.

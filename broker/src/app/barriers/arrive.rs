@@ -13,6 +13,8 @@ pub struct Arrived {
     /// The handoff id of the result the barrier holds for the key, when it
     /// is another one than this (a second, different result).
     pub first: Option<String>,
+    /// When that first result arrived.
+    pub first_at: Option<prost_types::Timestamp>,
 }
 
 /// Stores a branch result as its key's record (setting `stored`), then
@@ -73,6 +75,7 @@ pub async fn arrive(
             return Ok(Arrived {
                 sequence: first.sequence,
                 duplicate: true,
+                first_at: first.arrived_at,
                 first: Some(first.handoff_id),
             });
         }
@@ -84,6 +87,7 @@ pub async fn arrive(
         sequence: put.sequence,
         duplicate: put.duplicate,
         first: None,
+        first_at: None,
     })
 }
 
@@ -122,6 +126,7 @@ pub async fn check_arrival(
             return Ok(Some(Arrived {
                 sequence: first.sequence,
                 duplicate: true,
+                first_at: first.arrived_at,
                 first: Some(first.handoff_id),
             }));
         }

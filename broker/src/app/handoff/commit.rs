@@ -347,7 +347,15 @@ pub(super) async fn commit(
         if let Some(arrived) =
             barriers::check_arrival(broker, &run.id, &barrier_id, result, b).await?
         {
-            return Ok(answer_first(broker, &run, req, consumed, arrived, depth).await);
+            return Ok(answer_first(
+                broker,
+                &run,
+                req,
+                consumed,
+                arrived,
+                (depth, &barrier_id, &branch_key),
+            )
+            .await);
         }
     }
     // The state: the delta is applied once, with this handoff (every guard
@@ -403,7 +411,15 @@ pub(super) async fn commit(
     } else if let Some(result) = branch {
         let arrived = barriers::arrive(broker, &run, &barrier_id, result, barrier, stored).await?;
         if arrived.first.is_some() {
-            return Ok(answer_first(broker, &run, req, consumed, arrived, depth).await);
+            return Ok(answer_first(
+                broker,
+                &run,
+                req,
+                consumed,
+                arrived,
+                (depth, &barrier_id, &branch_key),
+            )
+            .await);
         }
         (arrived.sequence, arrived.duplicate)
     } else {
@@ -510,25 +526,46 @@ pub(super) async fn commit(
 }
 
 /// The answer to a second, different result for an arrived branch: the
-/// first one's (the consumed delivery is settled, as by the first).
+/// first one's (the consumed delivery is settled, as by the first). The
+/// first's `handoff_accepted` goes out again in case its call stopped
+/// before it did (deduplicated against it within the dedupe window; past
+/// it, the first's was published long ago).
 async fn answer_first(
     broker: &Broker,
     run: &pb::Run,
     req: &pb::HandoffRequest,
     consumed: Option<&pb::DeliveryToken>,
     arrived: barriers::Arrived,
-    depth: u32,
+    (depth, barrier_id, branch_key): (u32, &str, &str),
 ) -> pb::HandoffResponse {
-    if let Some(token) = consumed.filter(|_| !req.fan_out) {
-        deliveries::ack_consumed(broker, run, token).await;
-    }
-    pb::HandoffResponse {
+    let receipt = pb::HandoffResponse {
         handoff_id: arrived.first.unwrap_or_default(),
         sequence: arrived.sequence,
         duplicate: true,
         depth,
         ..Default::default()
+    };
+    let age = arrived
+        .first_at
+        .and_then(|t| std::time::SystemTime::try_from(t).ok())
+        .and_then(|t| t.elapsed().ok());
+    if age.is_some_and(|a| a < broker.config().dedupe_window) {
+        let mut event = accepted_event(
+            run,
+            req,
+            &receipt,
+            barrier_id.to_string(),
+            branch_key.to_string(),
+        );
+        event.position = clock::nanos(arrived.first_at.as_ref());
+        broker
+            .emit_unconfirmed(event, format!("accepted-{}", receipt.handoff_id))
+            .await;
     }
+    if let Some(token) = consumed.filter(|_| !req.fan_out) {
+        deliveries::ack_consumed(broker, run, token).await;
+    }
+    receipt
 }
 
 /// Schedules the end of the target's `max_queue_wait` for a handoff just

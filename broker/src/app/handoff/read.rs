@@ -67,6 +67,7 @@ pub(super) async fn read(
 ) -> Reads {
     let mine = rules::claim_of(req, id, consumed.map_or(0, |t| t.attempt));
     let key = match consumed {
+        Some(_) if broker.config().faults.skip_claim => None,
         Some(token) => Some(ClaimKey::consumed(&token.handoff_id)),
         None if !req.idempotency_key.is_empty() => Some(ClaimKey::Keyed {
             run_id: req.run_id.clone(),
