@@ -404,8 +404,9 @@ pub struct Faults {
     /// before storing anything and leave the claim, as if the broker died
     /// between the two steps.
     pub die_after_claim: bool,
-    /// Take no claim on a consumed delivery (a broken broker: a redo with
-    /// other content is stored again), for tests that must catch it.
+    /// Take no claim on a consumed delivery, nor its inbox slot (a broken
+    /// broker: a redo with other content is stored again), for tests that
+    /// must catch it.
     pub skip_claim: bool,
     /// Send deliveries with an intent digest that does not match their
     /// pinned context, as a corrupted or tampered delivery would be.

@@ -1,6 +1,6 @@
 //! Property tests of what decodes untrusted bytes and strings: delivery
 //! ids, names and grant patterns, handoff requests, state deltas, barrier
-//! specs, contract descriptor sets and configuration. Each holds for any
+//! specs, contract descriptor sets, trace contexts and configuration. Each holds for any
 //! input: no panic, and a refusal is the precise reason (never an
 //! internal error). `./dev test` runs a short budget (proptest's 256
 //! cases each); `./dev fuzz [CASES]` runs each target for CASES cases
@@ -192,6 +192,33 @@ proptest! {
         if let Err(e) = contracts::validate_type_name("message_type", &name) {
             prop_assert!(precise(&e));
         }
+    }
+
+    #[test]
+    fn trace_contexts(
+        fields in prop::collection::hash_map(
+            prop_oneof!["traceparent", "tracestate", "Traceparent", ".{0,12}"],
+            prop_oneof![
+                "00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]",
+                "[0-9a-z=,@-]{0,700}",
+                ".{0,80}",
+            ],
+            0..4,
+        ),
+        header in prop_oneof!["00-[0-9a-f]{32}-[0-9a-f]{16}-01", "[ -~]{0,60}"],
+    ) {
+        // What a barrier keeps of a caller's trace context: a valid
+        // traceparent and a bounded tracestate only, whatever was sent.
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        if let Ok(v) = header.parse() {
+            metadata.insert(handoffd::trace::TRACEPARENT, v);
+        }
+        let kept = handoffd::trace::opening_context(&fields, &metadata);
+        for (k, v) in &kept {
+            prop_assert!(k == "traceparent" || k == "tracestate", "{k}");
+            prop_assert!(v.len() <= 512);
+        }
+        prop_assert!(kept.is_empty() || kept.contains_key("traceparent"));
     }
 
     #[test]

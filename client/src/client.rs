@@ -520,11 +520,17 @@ impl Client {
         let before = fields.clone();
         let span = SdkSpan::call(format!("fan-out {barrier_id}"), &run_id, &mut fields);
         if fields != before {
-            for b in &mut req.branches {
-                b.trace_context = fields.clone();
-            }
-            if let Some(spec) = req.barrier.as_mut() {
-                spec.trace_context = fields;
+            // The span's W3C fields, each branch's other fields kept.
+            let w3c: Vec<(String, String)> =
+                fields.into_iter().filter(|(k, _)| is_w3c(k)).collect();
+            let targets = req
+                .branches
+                .iter_mut()
+                .map(|b| &mut b.trace_context)
+                .chain(req.barrier.as_mut().map(|s| &mut s.trace_context));
+            for map in targets {
+                map.retain(|k, _| !is_w3c(k));
+                map.extend(w3c.iter().cloned());
             }
         }
         let answered = match self.raw().fan_out(self.request(req)).await {
@@ -1122,4 +1128,10 @@ mod transport_tests {
             .expect_err("plaintext with TLS options");
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     }
+}
+
+/// Whether `key` names a W3C trace-context field.
+fn is_w3c(key: &str) -> bool {
+    key.eq_ignore_ascii_case(crate::handoff::TRACEPARENT)
+        || key.eq_ignore_ascii_case(crate::handoff::TRACESTATE)
 }

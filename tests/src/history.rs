@@ -5,7 +5,7 @@
 //! guarantees.
 //!
 //! The workload: owners start runs (with state) and hand each an ask,
-//! keyed; one run in six is cancelled by its owner. Agents work the runs:
+//! keyed; one run in six is cancelled by its owner, when asked. Agents work the runs:
 //! `planner` hands off to `researcher` (complete-and-handoff with a state
 //! delta), `researcher` fans out three branches to `worker`, each worker
 //! reports its branch to the barrier (with a delta), and `aggregator`
@@ -20,8 +20,9 @@
 //! - every acknowledged handoff was accepted exactly once (one
 //!   `handoff_accepted`);
 //! - no delivery's work was stored twice (one effective handoff, or one
-//!   barrier, per consumed delivery), and no instance's answer after its
-//!   lease passed took effect;
+//!   barrier, per consumed delivery; each agent delivered at most the
+//!   handoffs a run makes for it, whatever the calls answered), and no
+//!   instance's answer after its lease passed took effect;
 //! - every barrier released at most once, exactly once in a completed
 //!   run, with all three branches arrived;
 //! - each run's state revisions form one history in which every
@@ -92,6 +93,33 @@ pub struct Call {
     pub sent: SystemTime,
     /// What came of it.
     pub outcome: Outcome,
+}
+
+impl Call {
+    /// A call the run's owner made (`op`: `start`, `kick` or `cancel`).
+    fn by_owner(
+        op: &str,
+        run: &str,
+        id: &str,
+        owner: &str,
+        delta: bool,
+        sent: SystemTime,
+        outcome: Outcome,
+    ) -> Call {
+        Call {
+            op: op.to_string(),
+            run: run.to_string(),
+            id: id.to_string(),
+            consumed: String::new(),
+            barrier: String::new(),
+            instance: owner.to_string(),
+            attempt: 0,
+            lease_deadline: None,
+            delta,
+            sent,
+            outcome,
+        }
+    }
 }
 
 /// The history: every call, and the runs started.
@@ -189,9 +217,16 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// Starts `owners` owners and two instances of each agent, against
-    /// `targets`, seeded by `seed`; `lease` is the agents' lease.
-    pub fn start(targets: &Targets, owners: usize, seed: u64, lease: Duration) -> Workload {
+    /// Starts `owners` owners (one run in six cancelled when `cancels`)
+    /// and two instances of each agent, against `targets`, seeded by
+    /// `seed`; `lease` is the agents' lease.
+    pub fn start(
+        targets: &Targets,
+        owners: usize,
+        seed: u64,
+        lease: Duration,
+        cancels: bool,
+    ) -> Workload {
         let (stop, stopped) = watch::channel(false);
         let history = Arc::new(History::default());
         let owners = (0..owners)
@@ -202,6 +237,7 @@ impl Workload {
                     stopped.clone(),
                     i,
                     seed.wrapping_add(i as u64 * 7919),
+                    cancels,
                 ))
             })
             .collect();
@@ -278,6 +314,7 @@ async fn owner(
     stopped: watch::Receiver<bool>,
     i: usize,
     seed: u64,
+    cancels: bool,
 ) {
     let mut rng = XorShift::new(seed | 1);
     let owner = format!("owner-{i}");
@@ -306,19 +343,15 @@ async fn owner(
                 receipts: Vec::new(),
                 duplicate: false,
             });
-            history.record(Call {
-                op: "start".into(),
-                run: run.clone(),
-                id: String::new(),
-                consumed: String::new(),
-                barrier: String::new(),
-                instance: owner.clone(),
-                attempt: 0,
-                lease_deadline: None,
-                delta: false,
+            history.record(Call::by_owner(
+                "start",
+                &run,
+                "",
+                &owner,
+                false,
                 sent,
-                outcome: o.clone(),
-            });
+                o.clone(),
+            ));
             match o {
                 Outcome::Ok { .. } => {
                     started = true;
@@ -361,25 +394,21 @@ async fn owner(
                 Err(e) => Err(e),
             };
             let o = outcome(&r, receipt);
-            history.record(Call {
-                op: "kick".into(),
-                run: run.clone(),
-                id: id.clone(),
-                consumed: String::new(),
-                barrier: String::new(),
-                instance: owner.clone(),
-                attempt: 0,
-                lease_deadline: None,
-                delta: true,
+            history.record(Call::by_owner(
+                "kick",
+                &run,
+                &id,
+                &owner,
+                true,
                 sent,
-                outcome: o.clone(),
-            });
+                o.clone(),
+            ));
             match o {
                 Outcome::Unknown(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 _ => break,
             }
         }
-        if rng.below(6) == 0 {
+        if rng.below(6) == 0 && cancels {
             tokio::time::sleep(Duration::from_millis(rng.below(2000))).await;
             for t in 0..50 {
                 let Some(c) = targets.client(t + i).await else {
@@ -392,19 +421,15 @@ async fn owner(
                     receipts: Vec::new(),
                     duplicate: false,
                 });
-                history.record(Call {
-                    op: "cancel".into(),
-                    run: run.clone(),
-                    id: String::new(),
-                    consumed: String::new(),
-                    barrier: String::new(),
-                    instance: owner.clone(),
-                    attempt: 0,
-                    lease_deadline: None,
-                    delta: false,
+                history.record(Call::by_owner(
+                    "cancel",
+                    &run,
+                    "",
+                    &owner,
+                    false,
                     sent,
-                    outcome: o.clone(),
-                });
+                    o.clone(),
+                ));
                 match o {
                     Outcome::Unknown(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                     _ => break,
@@ -678,6 +703,20 @@ pub async fn check(client: &Client, history: &History) -> Report {
         }
         if let Some(end) = ends.first() {
             *report.ends.entry(format!("{:?}", end.kind())).or_default() += 1;
+            let matches = [
+                (pb::EventKind::RunCompleted, pb::RunStatus::Completed),
+                (pb::EventKind::RunCancelled, pb::RunStatus::Cancelled),
+                (pb::EventKind::RunFailed, pb::RunStatus::Failed),
+                (pb::EventKind::RunTimedOut, pb::RunStatus::TimedOut),
+            ]
+            .iter()
+            .any(|(k, s)| end.kind == *k as i32 && status == *s as i32);
+            if !matches {
+                anomalies.push(format!(
+                    "run {run}: ended {:?} but its status is {status}",
+                    end.kind()
+                ));
+            }
             if end.owner != owner {
                 anomalies.push(format!("run {run}: its end does not name its owner"));
             }
@@ -694,7 +733,22 @@ pub async fn check(client: &Client, history: &History) -> Report {
                 .count()
         };
         let mine = by_run.get(run.as_str()).cloned().unwrap_or_default();
-        let mut acknowledged: HashMap<String, u64> = HashMap::new();
+        // Each stage's work reached the next once, whatever its calls
+        // answered: the handoffs each agent was delivered in the run.
+        for (agent, most) in [("researcher", 1), ("worker", 3), ("aggregator", 1)] {
+            let delivered: HashSet<&str> = mine
+                .iter()
+                .filter(|c| c.op == agent)
+                .map(|c| c.consumed.as_str())
+                .collect();
+            if delivered.len() > most {
+                anomalies.push(format!(
+                    "run {run}: {agent} was delivered {} handoffs, not at most {most}: {delivered:?}",
+                    delivered.len()
+                ));
+            }
+        }
+        let mut acknowledged: Vec<(String, u64)> = Vec::new();
         let mut refused: HashMap<String, String> = HashMap::new();
         for c in &mine {
             match &c.outcome {
@@ -706,7 +760,7 @@ pub async fn check(client: &Client, history: &History) -> Report {
                         // (A repeat answered by a barrier with its first
                         // result names no revision.)
                         if c.delta && !(*duplicate && *revision == 0) {
-                            acknowledged.insert(id.clone(), *revision);
+                            acknowledged.push((id.clone(), *revision));
                         }
                         if accepted(id) != 1 {
                             anomalies.push(format!(
@@ -725,11 +779,23 @@ pub async fn check(client: &Client, history: &History) -> Report {
         }
         // Barriers: released at most once; once in a completed run, with
         // its three branches arrived.
-        let barriers: HashSet<&str> = mine
+        let barriers: HashSet<&str> = got
+            .timeline
             .iter()
-            .filter(|c| !c.barrier.is_empty())
-            .map(|c| c.barrier.as_str())
+            .filter(|e| e.kind == pb::EventKind::BarrierOpened as i32)
+            .map(|e| e.barrier_id.as_str())
+            .chain(
+                mine.iter()
+                    .filter(|c| !c.barrier.is_empty())
+                    .map(|c| c.barrier.as_str()),
+            )
             .collect();
+        if barriers.len() > 1 {
+            anomalies.push(format!(
+                "run {run}: {} barriers opened: {barriers:?}",
+                barriers.len()
+            ));
+        }
         for b in &barriers {
             let released = got
                 .timeline
@@ -777,13 +843,22 @@ pub async fn check(client: &Client, history: &History) -> Report {
                         ));
                     }
                     if let Some(how) = refused.get(&s.handoff_id) {
+                        let end = ends.first().map(|e| format!("{:?}", e.kind()));
                         anomalies.push(format!(
-                            "run {run}: handoff {} ({how}) changed the state (revision {revision})",
+                            "run {run} (ended {end:?}): handoff {} ({how}) changed the state (revision {revision})",
                             s.handoff_id
                         ));
                     }
                 }
                 Err(e) => anomalies.push(format!("run {run}: revision {revision}: {e}")),
+            }
+        }
+        // (A request refused once may have taken effect in an attempt of
+        // unknown outcome, or been accepted: only one never answered
+        // otherwise counts as refused.)
+        for c in &mine {
+            if !matches!(c.outcome, Outcome::Refused(_)) {
+                refused.remove(&c.id);
             }
         }
         for (id, revision) in &acknowledged {

@@ -237,7 +237,7 @@ pub async fn offer(
     )
     .await
     {
-        Ok(true) => {}
+        Ok(true) => broker.forget_nack(&spec.name, sequence),
         Ok(false) => return Offering::Skip,
         Err(e) => {
             tracing::warn!(error = %e, "lease not recorded; offered again shortly");

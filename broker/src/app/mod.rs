@@ -498,32 +498,36 @@ impl Broker {
         self.inner.clock.after(floor)
     }
 
-    /// A creation time that is also a causal position not less than
-    /// `floor`: the event announcing what was created takes it as its
-    /// position, and what reads the creation takes it as its floor.
     /// Remembers that attempt `attempt` of `agent`'s inbox message
     /// `sequence` was nacked here, so its redelivery is offered as a later
-    /// attempt even if JetStream counts it from 1 again. Bounded: past
-    /// [`NACKS_KEPT`] entries, those older than [`NACK_KEPT_FOR`] go.
+    /// attempt even if JetStream counts it from 1 again. Bounded: at
+    /// [`NACKS_KEPT`] entries, those older than [`NACK_KEPT_FOR`] go, and
+    /// if that frees nothing, all do (forgetting costs only the attempt
+    /// number of such a redelivery; its settlement does not depend on it).
     pub fn remember_nack(&self, agent: &str, sequence: u64, attempt: u32) {
         let now = std::time::Instant::now();
-        if self.inner.nacked.len() >= NACKS_KEPT {
-            self.inner
-                .nacked
-                .retain(|_, (_, at)| now.duration_since(*at) < NACK_KEPT_FOR);
+        let nacked = &self.inner.nacked;
+        if nacked.len() >= NACKS_KEPT {
+            nacked.retain(|_, (_, at)| now.duration_since(*at) < NACK_KEPT_FOR);
+            if nacked.len() >= NACKS_KEPT {
+                nacked.clear();
+            }
         }
-        self.inner
-            .nacked
-            .insert((agent.to_string(), sequence), (attempt, now));
+        nacked.insert((agent.to_string(), sequence), (attempt, now));
     }
 
     /// The attempt of `agent`'s inbox message `sequence` this replica
-    /// nacked last, if any; forgotten once asked (it is being offered).
+    /// nacked last, if any.
     pub fn nacked_attempt(&self, agent: &str, sequence: u64) -> Option<u32> {
         self.inner
             .nacked
-            .remove(&(agent.to_string(), sequence))
-            .map(|(_, (attempt, _))| attempt)
+            .get(&(agent.to_string(), sequence))
+            .map(|e| e.value().0)
+    }
+
+    /// Forgets a nacked attempt once its redelivery went out.
+    pub fn forget_nack(&self, agent: &str, sequence: u64) {
+        self.inner.nacked.remove(&(agent.to_string(), sequence));
     }
 
     /// Makes the spans of releases and deliveries with `traces` (set once,
@@ -537,6 +541,9 @@ impl Broker {
         self.inner.traces.get()
     }
 
+    /// A creation time that is also a causal position not less than
+    /// `floor`: the event announcing what was created takes it as its
+    /// position, and what reads the creation takes it as its floor.
     pub fn stamp(&self, floor: u64) -> prost_types::Timestamp {
         clock::timestamp(self.position(floor))
     }

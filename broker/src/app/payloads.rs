@@ -12,7 +12,9 @@
 //! passed, but written to the object store ([`Pending::put`]) only once
 //! every other check of the handoff has passed too (its size, its barrier
 //! branch, its state delta), just before the handoff is stored: nothing is
-//! stored for a refused handoff.
+//! stored for a handoff its checks refuse. (A run or barrier that a
+//! concurrent call ends between that write and the handoff's store still
+//! refuses it; its object then stays until `retention`.)
 
 use bytes::Bytes;
 use handoff_proto::pb;

@@ -1746,10 +1746,44 @@ async fn a_nacked_delivery_counted_from_1_again_is_a_later_attempt_and_its_ack_s
     let second = f.task_for(&run, "worker").await;
     nack(&second).await;
     assert_eq!(f.broker.nacked_attempt("worker", second.sequence), Some(1));
+    f.broker.forget_nack("worker", second.sequence);
     let again = offered_again_as_first(&f, "worker", &second).await;
     assert_eq!(again.attempt, 1);
     let stale = ack(&second).await.expect_err("the nacked attempt's ack");
     assert_eq!(stale.reason(), Reason::AlreadySettled);
     ack(&again).await.expect("the redelivery's ack");
     assert_eq!(f.store.standing(second.sequence), Some(Standing::Acked));
+}
+
+#[tokio::test]
+async fn two_attempts_of_one_step_that_raced_store_one_handoff() {
+    let f = fixture();
+    f.agents(&["planner", "worker"]).await;
+    let run = f.run(0).await;
+    let d = f.task_for(&run, "planner").await;
+    let with_key = |key: &str| pb::HandoffRequest {
+        idempotency_key: key.into(),
+        ..consuming(&run, "planner", "worker", &d)
+    };
+    // The first attempt is stored through a replica that dies before it
+    // acks the delivery.
+    let first = handoff::accept(
+        &f.crashing_before_the_ack(),
+        &Caller::local(),
+        with_key("first"),
+    )
+    .await
+    .expect("first");
+    // As if the first attempt's answer was lost and its claim withdrawn
+    // (it reached NATS but the broker saw an error): the second attempt,
+    // with other content, finds no claim.
+    let key = ClaimKey::consumed(&d.handoff.as_ref().expect("handoff").id);
+    let (_, revision) = f.store.claim(&key).await.expect("read").expect("claim");
+    f.store.release_claim(&key, revision).await;
+    let second = handoff::accept(&f.broker, &Caller::local(), with_key("second"))
+        .await
+        .expect("second");
+    assert!(second.duplicate);
+    assert_eq!(second.handoff_id, first.handoff_id);
+    assert_eq!(f.store.inbox("worker").len(), 1, "one handoff stored");
 }

@@ -28,20 +28,25 @@ pub async fn get_payload(
         .await
         .map_err(to_status)?;
     let name = reference.name.clone();
+    let broker = broker.clone();
     let chunks = futures::stream::unfold(Some((reader, Some(reference))), move |open| {
-        let name = name.clone();
+        let (name, broker) = (name.clone(), broker.clone());
         async move {
             let (mut reader, mut first) = open?;
-            match chunk(&mut reader).await {
+            // Each chunk within the bound of any NATS call: a stalled read
+            // ends the stream with UNAVAILABLE.
+            let read = broker.bounded(async {
+                chunk(&mut reader)
+                    .await
+                    .map_err(|e| BrokerError::nats(&format!("reading payload {name}"), e))
+            });
+            match read.await {
                 Ok(data) if data.is_empty() && first.is_none() => None,
                 Ok(data) => {
                     let r#ref = first.take();
                     Some((Ok(pb::PayloadChunk { data, r#ref }), Some((reader, None))))
                 }
-                Err(e) => {
-                    let e = BrokerError::nats(&format!("reading payload {name}"), e);
-                    Some((Err(to_status(e)), None))
-                }
+                Err(e) => Some((Err(to_status(e)), None)),
             }
         }
     });

@@ -120,14 +120,15 @@ pub fn settle(
         return Err(superseded("no lease is recorded for it"));
     };
     // A record of this attempt number about another, earlier delivery of
-    // the handoff, settled before this one was offered (JetStream counted
+    // the handoff, nacked before this one was offered (JetStream counted
     // the redelivery from 1 again: its consumer's state was lost or
-    // reset): this delivery holds the lease its token says.
+    // reset): this delivery holds the lease its token says. (An acked or
+    // rejected one stays settled: its redelivery is refused.)
     let own;
     let record = if record.attempt == token.attempt
         && !record.delivery.is_empty()
         && record.delivery != token.ack_subject
-        && record.state != pb::LeaseState::Leased as i32
+        && record.state == pb::LeaseState::Nacked as i32
         && offered_after(token, record, lease)
     {
         own = pb::Lease {

@@ -178,6 +178,20 @@ def start_broker(nats_url: str, extra_env: dict[str, str] | None = None) -> Brok
     return Broker(addr=m.group(1) or m.group(2), proc=proc, console=console)
 
 
+def pipeline_bin() -> Path:
+    """The demo pipeline example (`HANDOFF_PIPELINE_BIN`, default
+    `<repo>/target/debug/examples/pipeline`); a missing one fails the test."""
+    binary = Path(
+        os.environ.get("HANDOFF_PIPELINE_BIN", REPO / "target" / "debug" / "examples" / "pipeline")
+    )
+    if not binary.is_file():
+        pytest.fail(
+            f"no demo pipeline at {binary}: cargo build -p handoffctl --example pipeline",
+            pytrace=False,
+        )
+    return binary
+
+
 @pytest.fixture(scope="session")
 def nats() -> Iterator[Nats]:
     """One nats-server for the session."""

@@ -39,6 +39,7 @@ from .conftest import (
     Broker,
     Nats,
     _stop,
+    pipeline_bin,
     register_contracts,
     start_broker,
     start_nats,
@@ -268,14 +269,7 @@ async def demo_client(demo_broker: Broker) -> AsyncIterator[Client]:
 def demo_runs(demo_broker: Broker) -> list[str]:
     """Runs the demo pipeline (planner -> 4 workers -> barrier -> aggregator)
     DEMO_RUNS times against the demo broker; their run ids."""
-    binary = Path(
-        os.environ.get("HANDOFF_PIPELINE_BIN", REPO / "target" / "debug" / "examples" / "pipeline")
-    )
-    if not binary.is_file():
-        pytest.fail(
-            f"no demo pipeline at {binary}: cargo build -p handoffctl --example pipeline",
-            pytrace=False,
-        )
+    binary = pipeline_bin()
     out = subprocess.run(
         [
             str(binary),

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from .conftest import REPO, _stop, start_broker, start_nats
+from .conftest import REPO, _stop, pipeline_bin, start_broker, start_nats
 
 # The run's spans, by who makes them.
 BROKER = "handoffd"
@@ -94,18 +94,6 @@ def receiver() -> Iterator[tuple[Receiver, str]]:
         server.stop(grace=None)
 
 
-def _pipeline_bin() -> Path:
-    binary = Path(
-        os.environ.get("HANDOFF_PIPELINE_BIN", REPO / "target" / "debug" / "examples" / "pipeline")
-    )
-    if not binary.is_file():
-        pytest.fail(
-            f"no demo pipeline at {binary}: cargo build -p handoffctl --example pipeline",
-            pytrace=False,
-        )
-    return binary
-
-
 def test_a_fan_in_run_of_the_demo_is_one_trace_across_the_broker_and_both_sdks(
     receiver: tuple[Receiver, str],
 ) -> None:
@@ -118,7 +106,7 @@ def test_a_fan_in_run_of_the_demo_is_one_trace_across_the_broker_and_both_sdks(
                 env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint)
                 rust = subprocess.Popen(
                     [
-                        str(_pipeline_bin()),
+                        str(pipeline_bin()),
                         "--addr",
                         f"http://{broker.addr}",
                         "--external-workers",

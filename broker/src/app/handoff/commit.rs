@@ -341,7 +341,16 @@ pub(super) async fn commit(
         depth,
         arrived_at: envelope.created_at,
         sequence: 0,
-        trace_context: envelope.trace_context.clone(),
+        // Only what the release links to: the W3C fields.
+        trace_context: envelope
+            .trace_context
+            .iter()
+            .filter(|(k, _)| {
+                k.eq_ignore_ascii_case(crate::trace::TRACEPARENT)
+                    || k.eq_ignore_ascii_case(crate::trace::TRACESTATE)
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     });
     if let (Some(result), Some((b, _))) = (&branch, &barrier) {
         if let Some(arrived) =
@@ -423,13 +432,61 @@ pub(super) async fn commit(
         }
         (arrived.sequence, arrived.duplicate)
     } else {
-        let put = broker.store().put_handoff(&envelope).await?;
+        // One handoff per consumed delivery and target (a fan-out's
+        // branches aside): the inbox deduplicates it by that slot, so two
+        // attempts of one step that raced (a broker paused, or cut off
+        // from NATS, that goes on after its redo took the claim over)
+        // store one between them, within the dedupe window.
+        let slotted = !req.fan_out && !broker.config().faults.skip_claim;
+        let put = match consumed.filter(|_| slotted) {
+            Some(token) => {
+                let slot = format!("slot-{}-{}", token.handoff_id, req.target_agent);
+                broker.store().put_handoff_again(&envelope, &slot).await?
+            }
+            None => broker.store().put_handoff(&envelope).await?,
+        };
         if put.duplicate {
             // A retry: the stored copy's position is the one its delivery
             // follows (the inbox keeps it until it is settled).
-            if let Ok(Some(stored)) = broker.store().handoff_at(put.sequence).await {
-                if stored.envelope.id == envelope.id {
-                    envelope.created_at = stored.envelope.created_at;
+            if let Ok(Some(first)) = broker.store().handoff_at(put.sequence).await {
+                if first.envelope.id == envelope.id {
+                    envelope.created_at = first.envelope.created_at;
+                } else if let Some(token) = consumed {
+                    // Another attempt's handoff holds the slot: it is the
+                    // step's, and this one is answered with it.
+                    stored.store(true, Ordering::Relaxed);
+                    let receipt = pb::HandoffResponse {
+                        handoff_id: first.envelope.id.clone(),
+                        sequence: put.sequence,
+                        duplicate: true,
+                        depth: first.envelope.depth,
+                        state_revision: first.envelope.state_revision,
+                        ..Default::default()
+                    };
+                    let mut event = accepted_event(
+                        &run,
+                        req,
+                        &receipt,
+                        first.envelope.barrier_id.clone(),
+                        first.envelope.branch_key.clone(),
+                    );
+                    event.position = clock::nanos(first.envelope.created_at.as_ref());
+                    broker
+                        .emit_unconfirmed(event, format!("accepted-{}", receipt.handoff_id))
+                        .await;
+                    if let Some(claim) = claim {
+                        record_receipt(
+                            broker,
+                            claim,
+                            pb::HandoffResponse {
+                                duplicate: false,
+                                ..receipt.clone()
+                            },
+                        )
+                        .await;
+                    }
+                    deliveries::ack_consumed(broker, &run, token).await;
+                    return Ok(receipt);
                 }
             }
         }

@@ -90,6 +90,7 @@ pub async fn accept_as(
     let result = async {
         let plan = plan::plan(
             broker, caller, &mut req, consumed, &id, reads, guarded, &mut made, &mut known,
+            receipts,
         )
         .await?;
         match plan {

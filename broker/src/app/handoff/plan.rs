@@ -50,9 +50,11 @@ pub(super) async fn guard_inline(
 /// the claim as this request knows it.
 ///
 /// A keyed handoff that consumes nothing claims its key, kept with its
-/// run: a redo, however late and however many revisions followed, is
-/// answered from the receipt recorded there (once the caller's right to
-/// the run is known), and finds the revision its delta made.
+/// run, once the caller's right to the run is known (one more round trip,
+/// for these handoffs only; none for a fan-out's branches, whose receipts
+/// the fan-out records): a redo, however late and however many revisions
+/// followed, is answered from the receipt recorded there, and finds the
+/// revision its delta made.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn plan(
     broker: &Broker,
@@ -64,6 +66,7 @@ pub(super) async fn plan(
     guarded: Option<Result<Checked, guard::Guarded>>,
     made: &mut Option<(ClaimKey, u64)>,
     known: &mut Option<(pb::ConsumeClaim, u64)>,
+    receipts: super::Receipts,
 ) -> Result<Plan, BrokerError> {
     let Reads {
         run,
@@ -72,7 +75,7 @@ pub(super) async fn plan(
         barrier,
         lease,
         mine,
-        key,
+        mut key,
     } = reads;
     let run = run?.map(|(r, _)| r);
     let held = match claim? {
@@ -149,8 +152,24 @@ pub(super) async fn plan(
     let Some(run) = run else {
         return Err(BrokerError::RunNotFound(req.run_id.clone()));
     };
-    // A keyed handoff that consumes nothing, done before.
+    // A keyed handoff that consumes nothing: its key claimed, or found
+    // claimed by an earlier attempt.
     let mut made_revision = 0;
+    let mut held = held;
+    if consumed.is_none() && !req.idempotency_key.is_empty() && receipts == super::Receipts::Each {
+        let on = ClaimKey::Keyed {
+            run_id: run.id.clone(),
+            handoff_id: id.to_string(),
+        };
+        match broker.store().claim_consumed(&on, &mine).await? {
+            Claim::Made(revision) => {
+                *made = Some((on.clone(), revision));
+                *known = Some((mine.clone(), revision));
+            }
+            Claim::Held(first, revision) => held = Some((first, revision)),
+        }
+        key = Some(on);
+    }
     if let (None, Some((first, revision))) = (consumed, &held) {
         if let Some(receipt) = first.stored.iter().find(|r| r.handoff_id == id) {
             let age = first

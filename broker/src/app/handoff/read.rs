@@ -56,8 +56,7 @@ impl Reads {
 }
 
 /// Reads the run, the consumed handoff and its lease, the claim on the
-/// consumed delivery, or on the key of a keyed handoff that consumes
-/// nothing (claiming it for handoff `id`), and a named barrier:
+/// consumed delivery (claiming it for handoff `id`) and a named barrier:
 /// independent, so one round trip.
 pub(super) async fn read(
     broker: &Broker,
@@ -66,13 +65,11 @@ pub(super) async fn read(
     id: &str,
 ) -> Reads {
     let mine = rules::claim_of(req, id, consumed.map_or(0, |t| t.attempt));
+    // (A keyed handoff that consumes nothing claims its key once the
+    // caller's right to the run is known: see `plan`.)
     let key = match consumed {
         Some(_) if broker.config().faults.skip_claim => None,
         Some(token) => Some(ClaimKey::consumed(&token.handoff_id)),
-        None if !req.idempotency_key.is_empty() => Some(ClaimKey::Keyed {
-            run_id: req.run_id.clone(),
-            handoff_id: id.to_string(),
-        }),
         None => None,
     };
     let store = broker.store();

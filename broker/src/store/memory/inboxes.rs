@@ -18,7 +18,9 @@ impl Inboxes for Memory {
         envelope: &pb::HandoffEnvelope,
         write_id: &str,
     ) -> Result<Stored> {
+        // Storing a handoff either way: both faults apply.
         self.trip("put_handoff_again")?;
+        self.trip("put_handoff")?;
         self.put_as(envelope, write_id)
     }
 

@@ -209,7 +209,8 @@ impl Memory {
         }
     }
 
-    /// The claim on a consumed delivery, if any.
+    /// The claim under `key` (on a consumed delivery, or a keyed
+    /// handoff's), if any.
     pub fn claimed(&self, key: &crate::store::ClaimKey) -> Option<pb::ConsumeClaim> {
         self.state()
             .ok()?

@@ -696,11 +696,12 @@ class Client(Closing):
             f"fan-out {req.barrier.barrier_id}".rstrip(), req.barrier.run_id, fields
         )
         if span is not None:
-            for b in req.branches:
-                b.trace_context.clear()
-                b.trace_context.update(fields)
-            req.barrier.trace_context.clear()
-            req.barrier.trace_context.update(fields)
+            # The span's W3C fields; each branch's other fields are kept.
+            w3c = {k: v for k, v in fields.items() if k.lower() in ("traceparent", "tracestate")}
+            for tc in [*(b.trace_context for b in req.branches), req.barrier.trace_context]:
+                for key in [k for k in tc if k.lower() in ("traceparent", "tracestate")]:
+                    del tc[key]
+                tc.update(w3c)
         try:
             resp = await self._call(self._stub.fan_out, req)
         except BaseException as e:
