@@ -247,7 +247,6 @@ impl Workload {
                 agents.push(tokio::spawn(instance(
                     targets.clone(),
                     history.clone(),
-                    stopped.clone(),
                     agent,
                     i,
                     seed.wrapping_mul(31).wrapping_add((a * 2 + i) as u64),
@@ -443,7 +442,6 @@ async fn owner(
 async fn instance(
     targets: Targets,
     history: Arc<History>,
-    _stopped: watch::Receiver<bool>,
     agent: &'static str,
     i: usize,
     seed: u64,
