@@ -29,6 +29,7 @@ pub mod certs;
 pub mod cluster;
 pub mod history;
 pub mod load;
+pub mod proxy;
 pub mod secured;
 pub use cluster::{Cluster, ClusterError};
 

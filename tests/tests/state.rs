@@ -1011,3 +1011,138 @@ async fn a_keyed_handoff_retried_after_the_window_and_100_deltas_is_a_duplicate_
     });
     assert_eq!(announced, 1);
 }
+
+#[tokio::test]
+async fn a_final_handoff_is_refused_storing_no_delta_when_the_run_end_was_decided_first() {
+    use prost::Message as _;
+    let (nats, _broker, client) = stack(|_| {}).await;
+    let run = agent_and_run(
+        &client,
+        "worker",
+        RunConfig::new("olga").state("city", "Oslo"),
+    )
+    .await;
+    let final_with = |run: &str, city: &str| {
+        Handoff::final_result(run, &note("done", 1))
+            .expect("handoff")
+            .state_delta(StateDelta::based_on(1).set("city", city))
+    };
+
+    // A cancel that decided the run's end and stopped before recording it
+    // on the run: its decision, beside the run's state (the run still
+    // reads RUNNING).
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
+    let bucket = js
+        .get_key_value("handoff_state")
+        .await
+        .expect("state bucket");
+    let decided = pb::Run {
+        status: pb::RunStatus::Cancelled as i32,
+        failure: "cancelled by olga".into(),
+        ..Default::default()
+    };
+    bucket
+        .create(format!("{}.end.0", run.id), decided.encode_to_vec().into())
+        .await
+        .expect("the end decided");
+    let read = client
+        .get_run(&run.id)
+        .await
+        .expect("run")
+        .run
+        .expect("run");
+    assert_eq!(read.status, pb::RunStatus::Running as i32);
+
+    // The final handoff is refused, and its delta is not stored.
+    let err = client
+        .handoff(final_with(&run.id, "Rome"))
+        .await
+        .expect_err("the run's end was decided");
+    assert_eq!(err.reason(), Some("RUN_CLOSED"), "{err}");
+    assert_eq!(revision(&client, &run.id).await, 1);
+    assert_eq!(value(&client, &run.id, 0, "city").await, Some(s("Oslo")));
+    let timeline = client.get_run(&run.id).await.expect("run").timeline;
+    assert_eq!(
+        count(&timeline, &[pb::EventKind::HandoffAccepted], |_| true),
+        0
+    );
+
+    // The refused handoff recorded the end as it was decided.
+    let read = client
+        .get_run(&run.id)
+        .await
+        .expect("run")
+        .run
+        .expect("run");
+    assert_eq!(read.status, pb::RunStatus::Cancelled as i32);
+    assert_eq!(read.failure, "cancelled by olga");
+
+    // In a run whose end nobody decided, the final handoff's delta and
+    // the run's end are stored together, and a later cancel is refused.
+    let other = client
+        .start_run(RunConfig::new("olga").state("city", "Oslo"))
+        .await
+        .expect("run");
+    let done = client
+        .handoff(final_with(&other.id, "Rome"))
+        .await
+        .expect("final");
+    assert_eq!(done.state_revision, 2);
+    assert_eq!(value(&client, &other.id, 0, "city").await, Some(s("Rome")));
+    let entry = bucket
+        .get(format!("{}.end.0", other.id))
+        .await
+        .expect("read")
+        .expect("its end is recorded");
+    let how = pb::Run::decode(entry).expect("decodes");
+    assert_eq!(how.status, pb::RunStatus::Completed as i32);
+    assert_eq!(how.result_handoff_id, done.handoff_id);
+    let err = client
+        .cancel_run(&other.id, "too late")
+        .await
+        .expect_err("completed");
+    assert_eq!(err.reason(), Some("RUN_CLOSED"), "{err}");
+}
+
+#[tokio::test]
+async fn a_run_completed_by_a_final_handoff_that_stopped_after_deciding_is_recorded_and_announced()
+{
+    use prost::Message as _;
+    let (nats, _broker, client) = stack(|_| {}).await;
+    let run = agent_and_run(&client, "worker", RunConfig::new("olga")).await;
+    // A final handoff decided the run's end 20 s ago and stopped there:
+    // nothing recorded on the run, no acceptance announced.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
+    let bucket = js
+        .get_key_value("handoff_state")
+        .await
+        .expect("state bucket");
+    let at = std::time::SystemTime::now() - Duration::from_secs(20);
+    let decided = pb::Run {
+        status: pb::RunStatus::Completed as i32,
+        result_handoff_id: "the-final".into(),
+        ended_at: Some(at.into()),
+        ..Default::default()
+    };
+    bucket
+        .create(format!("{}.end.0", run.id), decided.encode_to_vec().into())
+        .await
+        .expect("the end decided");
+    // The owner's cancel finds it decided: refused, the run recorded as
+    // completed, and the final's acceptance announced once.
+    let err = client
+        .cancel_run(&run.id, "stop")
+        .await
+        .expect_err("completed already");
+    assert_eq!(err.reason(), Some("RUN_CLOSED"), "{err}");
+    let got = client.get_run(&run.id).await.expect("run");
+    let read = got.run.expect("run");
+    assert_eq!(read.status, pb::RunStatus::Completed as i32);
+    assert_eq!(read.result_handoff_id, "the-final");
+    let announced = count(&got.timeline, &[pb::EventKind::HandoffAccepted], |e| {
+        e.handoff_id == "the-final"
+    });
+    assert_eq!(announced, 1);
+    let ended = count(&got.timeline, &[pb::EventKind::RunCompleted], |_| true);
+    assert_eq!(ended, 1);
+}

@@ -18,7 +18,7 @@ use crate::{
         handoff::{self as rules, pipeline_of},
         names,
     },
-    store::TimerKind,
+    store::{Decided, TimerKind},
 };
 
 /// How a run ends.
@@ -39,6 +39,8 @@ pub enum RunEnd {
     TimedOut(String),
     /// Its owner cancelled it (`CancelRun`).
     Cancelled(String),
+    /// As decided already (see [`decide`]).
+    Decided(Box<pb::Run>),
 }
 
 /// Creates a run. Repeating a `StartRun` with the same id and owner answers
@@ -174,8 +176,8 @@ pub async fn start_linked(
     Ok(pb::StartRunResponse { run: Some(run) })
 }
 
-/// Closes the open barriers of a cancelled run (those its timeline saw
-/// opened): CLOSED, with nothing to publish, so neither an arrival nor a
+/// Closes the open barriers of a cancelled run, as its end is recorded
+/// (those its timeline saw opened): CLOSED, with nothing to publish, so neither an arrival nor a
 /// timer releases them.
 async fn close_barriers(broker: &Broker, run_id: &str) -> Result<(), BrokerError> {
     let timeline = broker.store().run_events(run_id).await?;
@@ -382,7 +384,6 @@ pub async fn cancel(
             status: crate::app::status_name(ended.status),
         });
     }
-    close_barriers(broker, &ended.id).await?;
     tracing::info!(run_id = %ended.id, by = %caller.principal, "run cancelled");
     Ok(pb::CancelRunResponse { run: Some(ended) })
 }
@@ -410,8 +411,73 @@ pub fn stats_of(timeline: &[pb::Event]) -> pb::RunStats {
     stats
 }
 
+/// How a run ends, decided once for each of its lives (see
+/// [`crate::store::RunStates::decide_end`]): `end` when nothing was decided
+/// before, else what was. A run holding only how it ended.
+pub async fn decide(broker: &Broker, run: &pb::Run, end: &RunEnd) -> Result<pb::Run, BrokerError> {
+    match end {
+        RunEnd::Decided(how) => Ok(pb::Run::clone(how)),
+        end => decide_as(broker, run, ending(end)).await,
+    }
+}
+
+/// [`decide`], for an end recorded as `how` (see [`ending`]).
+pub async fn decide_as(
+    broker: &Broker,
+    run: &pb::Run,
+    how: pb::Run,
+) -> Result<pb::Run, BrokerError> {
+    match broker
+        .store()
+        .decide_end(&run.id, run.resumed, &how, None)
+        .await?
+    {
+        Decided::Now => Ok(how),
+        Decided::Before(before) => Ok(*before),
+        Decided::RevisionTaken => Err(BrokerError::Internal(
+            "a run's end decided without state found a revision taken".into(),
+        )),
+    }
+}
+
+/// How a run ends, as recorded when it is decided: a run holding only its
+/// status, result or failure, and when.
+pub fn ending(end: &RunEnd) -> pb::Run {
+    let mut how = pb::Run {
+        ended_at: Some(now()),
+        ..Default::default()
+    };
+    match end {
+        RunEnd::Completed {
+            handoff_id,
+            result,
+            result_ref,
+        } => {
+            how.status = pb::RunStatus::Completed as i32;
+            how.result = result.clone();
+            how.result_ref = result_ref.clone();
+            how.result_handoff_id = handoff_id.clone();
+        }
+        RunEnd::Failed(reason) => {
+            how.status = pb::RunStatus::Failed as i32;
+            how.failure = reason.clone();
+        }
+        RunEnd::TimedOut(reason) => {
+            how.status = pb::RunStatus::TimedOut as i32;
+            how.failure = reason.clone();
+        }
+        RunEnd::Cancelled(reason) => {
+            how.status = pb::RunStatus::Cancelled as i32;
+            how.failure = reason.clone();
+        }
+        RunEnd::Decided(how) => return pb::Run::clone(how),
+    }
+    how
+}
+
 /// Ends a run (compare-and-set, retried on conflict) and tells its
-/// owner. Returns the run as it ended; if it had already ended, returns
+/// owner: as decided (see [`decide`]), which may be another way than
+/// `end`. Returns the run as it ended; if it had already ended, returns
 /// it unchanged; the end event is re-published (deduplicated) while
 /// within the dedupe window, so a crash between the two steps cannot
 /// leave an ended run unannounced.
@@ -419,6 +485,10 @@ pub async fn end(broker: &Broker, run_id: &str, end: RunEnd) -> Result<pb::Run, 
     // What it took, counted once before the compare-and-set loop (the
     // events of the handoffs that led here are stored before it).
     let mut stats = None;
+    // The handoffs its timeline holds accepted, read with the stats.
+    let mut accepted: Option<std::collections::HashSet<String>> = None;
+    // The decision read, for the life (`resumed`) it was read for.
+    let mut decided: Option<(u32, pb::Run)> = None;
     loop {
         let (mut run, rev) = broker.run(run_id).await?;
         let status = pb::RunStatus::try_from(run.status).unwrap_or(pb::RunStatus::Unspecified);
@@ -438,39 +508,41 @@ pub async fn end(broker: &Broker, run_id: &str, end: RunEnd) -> Result<pb::Run, 
         if stats.is_none() {
             // What it took is a figure, not a condition of the end.
             stats = match broker.store().run_events(run_id).await {
-                Ok(timeline) => Some(stats_of(&timeline)),
+                Ok(timeline) => {
+                    accepted = Some(
+                        timeline
+                            .iter()
+                            .filter(|e| e.kind == pb::EventKind::HandoffAccepted as i32)
+                            .map(|e| e.handoff_id.clone())
+                            .collect(),
+                    );
+                    Some(stats_of(&timeline))
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, run_id, "run stats not counted");
                     None
                 }
             };
         }
+        // How it ends is decided once, beside its state (a final
+        // handoff's delta and its end are stored together): the run
+        // record follows what was decided, whoever decided it.
+        let how = match &decided {
+            Some((life, how)) if *life == run.resumed => how,
+            _ => {
+                let how = decide(broker, &run, &end).await?;
+                &decided.insert((run.resumed, how)).1
+            }
+        };
         run.stats = stats;
+        // When it is recorded (the end event is announced again while
+        // that is recent).
         run.ended_at = Some(now());
-        match &end {
-            RunEnd::Completed {
-                handoff_id,
-                result,
-                result_ref,
-            } => {
-                run.status = pb::RunStatus::Completed as i32;
-                run.result = result.clone();
-                run.result_ref = result_ref.clone();
-                run.result_handoff_id = handoff_id.clone();
-            }
-            RunEnd::Failed(reason) => {
-                run.status = pb::RunStatus::Failed as i32;
-                run.failure = reason.clone();
-            }
-            RunEnd::TimedOut(reason) => {
-                run.status = pb::RunStatus::TimedOut as i32;
-                run.failure = reason.clone();
-            }
-            RunEnd::Cancelled(reason) => {
-                run.status = pb::RunStatus::Cancelled as i32;
-                run.failure = reason.clone();
-            }
-        }
+        run.status = how.status;
+        run.result = how.result.clone();
+        run.result_ref = how.result_ref.clone();
+        run.result_handoff_id = how.result_handoff_id.clone();
+        run.failure = how.failure.clone();
         if broker.store().update_run(&run, rev).await? {
             broker.forget_run(&run.id);
             broker.states().forget(&run.id);
@@ -484,9 +556,68 @@ pub async fn end(broker: &Broker, run_id: &str, end: RunEnd) -> Result<pb::Run, 
             broker
                 .metrics()
                 .run_resolved(pipeline_of(&run), outcome, u64::from(handoffs));
+            let decided_at = decided.as_ref().and_then(|(_, how)| how.ended_at);
+            if let Some(accepted) = &accepted {
+                announce_result(broker, &run, accepted, decided_at).await;
+            }
+            if status_of(&run) == pb::RunStatus::Cancelled {
+                // Whoever recorded a cancel (the cancel, or a call that
+                // found it decided), its barriers are closed.
+                close_barriers(broker, &run.id).await?;
+            }
             announce_end(broker, &run).await?;
             return Ok(run);
         }
+    }
+}
+
+/// How long a final handoff that decided its run's end has to announce
+/// its acceptance before the run's end announces it in its stead.
+const RESULT_ANNOUNCE_GRACE: Duration = Duration::from_secs(10);
+
+/// A run completed by a final handoff whose call stopped after deciding
+/// the end and before announcing its acceptance (the end recorded by
+/// another call): its `handoff_accepted` is published, with what the
+/// run's end knows of it, once the final had time to publish its own
+/// (deduplicated against it). Logged, not returned.
+async fn announce_result(
+    broker: &Broker,
+    run: &pb::Run,
+    accepted: &std::collections::HashSet<String>,
+    decided_at: Option<prost_types::Timestamp>,
+) {
+    if status_of(run) != pb::RunStatus::Completed
+        || run.result_handoff_id.is_empty()
+        || accepted.contains(&run.result_handoff_id)
+    {
+        return;
+    }
+    let age = decided_at
+        .and_then(|t| SystemTime::try_from(t).ok())
+        .and_then(|t| SystemTime::now().duration_since(t).ok());
+    if age.is_none_or(|age| age < RESULT_ANNOUNCE_GRACE) {
+        return;
+    }
+    let event = pb::Event {
+        kind: pb::EventKind::HandoffAccepted as i32,
+        run_id: run.id.clone(),
+        owner: run.owner.clone(),
+        handoff_id: run.result_handoff_id.clone(),
+        ..Default::default()
+    };
+    let msg_id = format!("accepted-{}", run.result_handoff_id);
+    if let Err(e) = broker.emit(event, &msg_id).await {
+        tracing::warn!(error = %e, run_id = %run.id, "the result's acceptance not announced");
+    }
+}
+
+/// Records on the run the end decided before (`how`), for a caller that
+/// found it decided and is refused: a decision whose maker stopped before
+/// recording it is not left waiting for the run's deadline. Logged, not
+/// returned.
+pub async fn finish_decided(broker: &Broker, run_id: &str, how: pb::Run) {
+    if let Err(e) = end(broker, run_id, RunEnd::Decided(Box::new(how))).await {
+        tracing::warn!(error = %e, run_id, "the run's decided end not recorded; the next end records it");
     }
 }
 

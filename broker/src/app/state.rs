@@ -32,6 +32,7 @@ use crate::{
         names,
         state::{self as rules, Limits},
     },
+    store::Decided,
 };
 
 /// How many times a delta is tried against a state that keeps changing.
@@ -227,6 +228,23 @@ pub struct Applied {
     /// The causal position of the revision it hands over (its time):
     /// the handoff's own position follows it.
     pub position: u64,
+    /// How the run ends, when its delta was stored with the run's end
+    /// (see [`Hints::ends`]).
+    pub decided: Option<pb::Run>,
+}
+
+/// What a handoff brings to [`apply`] besides its delta.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Hints<'a> {
+    /// It asks for keys (`asks_for`): the state before it is read even
+    /// when it carries no delta.
+    pub asks: bool,
+    /// The revision an earlier attempt of it recorded making (0: none).
+    pub made: u64,
+    /// How the run ends, for the run's final handoff: its delta is stored
+    /// atomically with the run's end, and refused RUN_CLOSED, storing
+    /// nothing, when the run's end was decided otherwise first.
+    pub ends: Option<&'a pb::Run>,
 }
 
 /// Applies a handoff's delta (if any) to its run's state, or finds the
@@ -240,9 +258,9 @@ pub async fn apply(
     handoff_id: &str,
     source_agent: &str,
     delta: Option<&pb::StateDelta>,
-    asks: bool,
-    made: u64,
+    hints: Hints<'_>,
 ) -> Result<Applied, BrokerError> {
+    let Hints { asks, made, ends } = hints;
     let delta = delta.filter(|d| !rules::is_empty(d));
     if delta.is_some() && made > 0 {
         if let Some(record) = at(broker, &run.id, made).await? {
@@ -261,8 +279,10 @@ pub async fn apply(
             change: None,
             position: head.as_ref().map_or(0, |h| clock::nanos(h.at.as_ref())),
             before: head,
+            decided: None,
         });
     };
+    let mut ended_by_it = None;
     for _ in 0..ATTEMPTS {
         let head = latest(broker, &run.id).await?;
         if run.has_state && head.is_none() {
@@ -273,6 +293,16 @@ pub async fn apply(
         }
         if let Some(revision) = head.as_ref().and_then(|h| rules::applied(h, handoff_id)) {
             return again(broker, run, revision).await;
+        }
+        if let Some(before) = ended_by_it {
+            // Without it: it hands over the latest revision.
+            return Ok(Applied {
+                revision: head.as_ref().map_or(0, |h| h.revision),
+                change: None,
+                position: head.as_ref().map_or(0, |h| clock::nanos(h.at.as_ref())),
+                before: head,
+                decided: Some(before),
+            });
         }
         let next = rules::apply(
             &run.id,
@@ -302,11 +332,33 @@ pub async fn apply(
                 ],
             });
         }
-        if broker
-            .store()
-            .create_state_record(&rules::stored_form(&next))
-            .await?
-        {
+        let stored = rules::stored_form(&next);
+        let created = match ends {
+            None => broker.store().create_state_record(&stored).await?,
+            Some(how) => match broker
+                .store()
+                .decide_end(&run.id, run.resumed, how, Some(&stored))
+                .await?
+            {
+                Decided::Now => true,
+                Decided::RevisionTaken => false,
+                Decided::Before(before) if before.result_handoff_id == handoff_id => {
+                    // An earlier attempt of it decided the end: with its
+                    // delta, found on the next turn.
+                    ended_by_it = Some(*before);
+                    false
+                }
+                Decided::Before(before) => {
+                    let status = crate::app::status_name(before.status);
+                    crate::app::runs::finish_decided(broker, &run.id, *before).await;
+                    return Err(BrokerError::RunClosed {
+                        run: run.id.clone(),
+                        status,
+                    });
+                }
+            },
+        };
+        if created {
             let revision = next.revision;
             let change = next.change.clone();
             let position = clock::nanos(next.at.as_ref());
@@ -331,6 +383,7 @@ pub async fn apply(
                 change,
                 before: head,
                 position,
+                decided: ends.cloned(),
             });
         }
         // Another writer made that revision first: check against it.
@@ -340,6 +393,26 @@ pub async fn apply(
         "the state of run {:?} kept changing under {ATTEMPTS} attempts; retry",
         run.id
     )))
+}
+
+/// Whether an earlier attempt of `handoff_id` made its delta: at `made`
+/// (when its claim recorded it), or among the latest revision's appliers.
+pub async fn made_before(
+    broker: &Broker,
+    run: &pb::Run,
+    handoff_id: &str,
+    made: u64,
+) -> Result<bool, BrokerError> {
+    if made > 0 {
+        if let Some(record) = at(broker, &run.id, made).await? {
+            if record.handoff_id == handoff_id {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(latest(broker, &run.id)
+        .await?
+        .is_some_and(|head| rules::applied(&head, handoff_id).is_some()))
 }
 
 /// What a retried handoff did: its delta made `revision` already.
@@ -354,6 +427,7 @@ async fn again(broker: &Broker, run: &pb::Run, revision: u64) -> Result<Applied,
         position: made.as_ref().map_or(0, |m| clock::nanos(m.at.as_ref())),
         change: made.and_then(|m| m.change.clone()),
         before,
+        decided: None,
     })
 }
 

@@ -1787,3 +1787,43 @@ async fn two_attempts_of_one_step_that_raced_store_one_handoff() {
     assert_eq!(second.handoff_id, first.handoff_id);
     assert_eq!(f.store.inbox("worker").len(), 1, "one handoff stored");
 }
+
+#[tokio::test]
+async fn a_retry_of_a_handoff_whose_delta_was_made_before_its_run_ended_is_that_handoff_not_run_closed(
+) {
+    let f = fixture();
+    f.agents(&["worker"]).await;
+    let run = f.run(0).await;
+    let keyed = pb::HandoffRequest {
+        idempotency_key: "kick-off".into(),
+        state_delta: Some(set("first", 1.0)),
+        ..to(&run, "worker")
+    };
+    // The delta is made (revision 1), then storing the handoff fails; the
+    // run is cancelled meanwhile.
+    f.store.fail("put_handoff", 1);
+    let failed = handoff::accept(&f.broker, &Caller::local(), keyed.clone()).await;
+    assert_eq!(reason(failed), Reason::NatsUnavailable);
+    runs::end(&f.broker, &run, runs::RunEnd::Cancelled("x".into()))
+        .await
+        .expect("cancelled");
+    // Its retry finishes it, applying nothing more; a handoff with another
+    // key is RUN_CLOSED.
+    let retry = handoff::accept(&f.broker, &Caller::local(), keyed.clone())
+        .await
+        .expect("the retry is the handoff whose delta was made");
+    assert_eq!(retry.state_revision, 1);
+    let stored = f.store.inbox("worker");
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let other = pb::HandoffRequest {
+        idempotency_key: "another".into(),
+        ..keyed
+    };
+    let closed = handoff::accept(&f.broker, &Caller::local(), other).await;
+    assert_eq!(reason(closed), Reason::RunClosed);
+    let head = super::state::latest(&f.broker, &run)
+        .await
+        .expect("read")
+        .expect("state");
+    assert_eq!(head.revision, 1);
+}

@@ -38,7 +38,7 @@ pub use payloads::{PayloadReader, Payloads};
 pub use registry::Registry;
 pub use runs::Runs;
 pub use secrets::Secrets;
-pub use state::RunStates;
+pub use state::{Decided, RunStates};
 pub use timers::Timers;
 
 use std::time::{Duration, SystemTime};

@@ -1,6 +1,19 @@
-//! Run state: its revisions, each stored once, and the latest known.
+//! Run state: its revisions, each stored once, and the latest known; and
+//! how each run ends, decided once beside them.
 
 use super::*;
+
+/// How a run's end came to be decided (see [`RunStates::decide_end`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decided {
+    /// This call decided it (and stored the revision it came with).
+    Now,
+    /// It was decided before, this way (nothing was written).
+    Before(Box<pb::Run>),
+    /// The revision it came with was made first by another writer: the
+    /// end is not decided, nothing was written.
+    RevisionTaken,
+}
 
 /// Run state: its revisions, each stored once, and the latest known.
 #[async_trait::async_trait]
@@ -19,4 +32,17 @@ pub trait RunStates: Send + Sync {
 
     /// Records `revision` as the head of a run's state.
     async fn set_state_head(&self, run_id: &str, revision: u64) -> Result<()>;
+
+    /// Decides how a run ends, once for its `resumed`-th life: records
+    /// `end` (a run holding only how it ended) unless an end was decided
+    /// before, and, with `with`, the state revision that comes with it
+    /// (a final handoff's delta), created like [`Self::create_state_record`]
+    /// and atomically with the end: both are stored, or neither.
+    async fn decide_end(
+        &self,
+        run_id: &str,
+        resumed: u32,
+        end: &pb::Run,
+        with: Option<&pb::StateRecord>,
+    ) -> Result<Decided>;
 }

@@ -221,10 +221,20 @@ pub(super) async fn commit(
                 ..Default::default()
             });
         }
-        return Err(BrokerError::RunClosed {
-            run: run.id.clone(),
-            status: status_name(run.status),
-        });
+        // A retry of a handoff whose earlier attempt made its delta (its
+        // answer lost) is that handoff: it is finished (stored, or found
+        // stored, and discarded when offered), not denied.
+        let finishes = !req.r#final
+            && !req.to_barrier
+            && !req.fan_out
+            && req.state_delta.is_some()
+            && state::made_before(broker, &run, &id, made_revision).await?;
+        if !finishes {
+            return Err(BrokerError::RunClosed {
+                run: run.id.clone(),
+                status: status_name(run.status),
+            });
+        }
     }
     let depth = rules::depth(parent.as_ref().map(|p| p.depth), run.max_depth, req.r#final)?;
     let (barrier_id, branch_key) = branch_of(req, parent.as_ref());
@@ -370,14 +380,34 @@ pub(super) async fn commit(
     // The state: the delta is applied once, with this handoff (every guard
     // has passed: a refused handoff changes nothing); signal 2: keys asked
     // for that the state already held.
-    let applied = state::apply(
+    // A final handoff's delta is stored with the run's end, and refused
+    // with nothing stored when the run's end was decided otherwise first
+    // (a cancel, its deadline, another attempt of its step). The payload
+    // its result names by reference is written before.
+    let mut pending = pending;
+    let ends = if req.r#final {
+        if let Some(pending) = pending.take() {
+            pending.put(broker).await?;
+        }
+        Some(runs::ending(&RunEnd::Completed {
+            handoff_id: id.clone(),
+            result: envelope.payload.clone(),
+            result_ref: envelope.payload_ref.clone(),
+        }))
+    } else {
+        None
+    };
+    let mut applied = state::apply(
         broker,
         &run,
         &id,
         &req.source_agent,
         req.state_delta.as_ref(),
-        !req.asks_for.is_empty(),
-        made_revision,
+        state::Hints {
+            asks: !req.asks_for.is_empty(),
+            made: made_revision,
+            ends: ends.as_ref(),
+        },
     )
     .await?;
     // A keyed handoff's delta is recorded in its claim as soon as it is
@@ -471,9 +501,7 @@ pub(super) async fn commit(
                         first.envelope.branch_key.clone(),
                     );
                     event.position = clock::nanos(first.envelope.created_at.as_ref());
-                    broker
-                        .emit_unconfirmed(event, format!("accepted-{}", receipt.handoff_id))
-                        .await;
+                    announce_again(broker, event).await;
                     if let Some(claim) = claim {
                         record_receipt(
                             broker,
@@ -521,18 +549,26 @@ pub(super) async fn commit(
     reasks.sort();
     accepted.reasks = reasks;
     let msg_id = format!("accepted-{id}");
-    if req.r#final {
+    if let Some(ends) = ends {
+        // Its end, unless decided with its delta, is decided now; decided
+        // otherwise, the handoff is refused, and its delta was not stored.
+        let how = match applied.decided.take() {
+            Some(how) => how,
+            None => runs::decide_as(broker, &run, ends).await?,
+        };
+        if how.result_handoff_id != id {
+            let status = status_name(how.status);
+            runs::finish_decided(broker, &run.id, how).await;
+            return Err(BrokerError::RunClosed {
+                run: run.id.clone(),
+                status,
+            });
+        }
+        // The run's end is its: its claim stays, whatever fails below (a
+        // retry finishes it).
+        stored.store(true, Ordering::Relaxed);
         broker.emit(accepted, &msg_id).await?;
-        let ended = runs::end(
-            broker,
-            &run.id,
-            RunEnd::Completed {
-                handoff_id: id.clone(),
-                result: envelope.payload.clone(),
-                result_ref: envelope.payload_ref.clone(),
-            },
-        )
-        .await?;
+        let ended = runs::end(broker, &run.id, RunEnd::Decided(Box::new(how))).await?;
         if ended.result_handoff_id != id {
             return Err(BrokerError::RunClosed {
                 run: run.id.clone(),
@@ -547,8 +583,15 @@ pub(super) async fn commit(
         // The handoff is stored: the event and the ack go out together,
         // and the call answers once both are confirmed.
         let settles = consumed.filter(|_| !req.fan_out);
+        // A retry (stored before) announces it again unless the run's
+        // timeline holds it.
         let (published, (), ()) = tokio::join!(
-            broker.emit(accepted, &msg_id),
+            async {
+                if duplicate && announced(broker, &run.id, &id).await {
+                    return Ok(0);
+                }
+                broker.emit(accepted, &msg_id).await
+            },
             async {
                 if let Some(token) = settles {
                     deliveries::ack_consumed(broker, &run, token).await;
@@ -615,14 +658,38 @@ async fn answer_first(
             branch_key.to_string(),
         );
         event.position = clock::nanos(arrived.first_at.as_ref());
-        broker
-            .emit_unconfirmed(event, format!("accepted-{}", receipt.handoff_id))
-            .await;
+        announce_again(broker, event).await;
     }
     if let Some(token) = consumed.filter(|_| !req.fan_out) {
         deliveries::ack_consumed(broker, run, token).await;
     }
     receipt
+}
+
+/// Publishes again the `handoff_accepted` of a handoff another call
+/// stored, in case that call stopped before it did: unless the run's
+/// timeline holds it (JetStream's deduplication alone does not outlive a
+/// restart of the NATS node that leads the events stream), and else
+/// deduplicated against it.
+async fn announce_again(broker: &Broker, event: pb::Event) {
+    if !announced(broker, &event.run_id, &event.handoff_id).await {
+        let msg_id = format!("accepted-{}", event.handoff_id);
+        broker.emit_unconfirmed(event, msg_id).await;
+    }
+}
+
+/// Whether the run's timeline holds the `handoff_accepted` of `handoff_id`
+/// (`false` when it cannot be read: it is published again, deduplicated).
+async fn announced(broker: &Broker, run_id: &str, handoff_id: &str) -> bool {
+    match broker.store().run_events(run_id).await {
+        Ok(timeline) => timeline
+            .iter()
+            .any(|e| e.kind == pb::EventKind::HandoffAccepted as i32 && e.handoff_id == handoff_id),
+        Err(e) => {
+            tracing::debug!(error = %e, "timeline not read; the acceptance is published again");
+            false
+        }
+    }
 }
 
 /// Schedules the end of the target's `max_queue_wait` for a handoff just

@@ -102,13 +102,24 @@ impl JetStream {
             ensure_bucket(&js, bucket(CONTRACT_MODES_BUCKET, Duration::ZERO)).await?;
         let barriers = ensure_bucket(&js, bucket(BARRIERS_BUCKET, cfg.retention)).await?;
         // Kept as long as runs are: a run may outlive any retention.
-        let state = ensure_bucket(&js, bucket(STATE_BUCKET, Duration::ZERO)).await?;
+        // A run's end is decided beside its state, atomically with the
+        // final handoff's delta (an atomic batch).
+        let state = ensure_bucket_with(
+            &js,
+            bucket(STATE_BUCKET, Duration::ZERO),
+            Allow {
+                atomic: true,
+                ..Allow::default()
+            },
+        )
+        .await?;
         // A claim matters as long as the consumed handoff can be consumed,
         // that is while the inbox keeps it.
         let consumed = ensure_bucket(&js, bucket(CONSUMED_BUCKET, cfg.retention)).await?;
         // Each lease record expires on its own (see `put_lease`); the
         // bucket's age limit only bounds a record written without one.
-        let leases = ensure_bucket_with(&js, bucket(LEASES_BUCKET, LEASE_RECORD_AGE), true).await?;
+        let leases =
+            ensure_bucket_with(&js, bucket(LEASES_BUCKET, LEASE_RECORD_AGE), Allow::TTL).await?;
         // Likewise each session's record (see `put_instance`). Its records
         // are small and few: it reserves at most INSTANCES_MAX_BYTES.
         let instances = kv::Config {
@@ -118,7 +129,7 @@ impl JetStream {
             },
             ..bucket(INSTANCES_BUCKET, LEASE_RECORD_AGE)
         };
-        let instances = ensure_bucket_with(&js, instances, true).await?;
+        let instances = ensure_bucket_with(&js, instances, Allow::TTL).await?;
         let keys = ensure_bucket(&js, bucket(KEYS_BUCKET, Duration::ZERO)).await?;
         let principals = ensure_bucket(&js, bucket(PRINCIPALS_BUCKET, Duration::ZERO)).await?;
         let tokens = ensure_bucket(&js, bucket(TOKENS_BUCKET, Duration::ZERO)).await?;
@@ -435,16 +446,33 @@ async fn ensure_bucket(
     js: &jetstream::Context,
     config: kv::Config,
 ) -> Result<kv::Store, BrokerError> {
-    ensure_bucket_with(js, config, false).await
+    ensure_bucket_with(js, config, Allow::default()).await
 }
 
-/// [`ensure_bucket`], with per-message TTL allowed when `ttl` (a bucket
-/// whose values expire one by one); once allowed, it stays allowed.
+/// What a bucket allows besides plain keys and values; once allowed, it
+/// stays allowed.
+#[derive(Debug, Clone, Copy, Default)]
+struct Allow {
+    /// Per-message TTL (a bucket whose values expire one by one).
+    ttl: bool,
+    /// Atomic batches (writes to several keys stored all or none).
+    atomic: bool,
+}
+
+impl Allow {
+    const TTL: Self = Self {
+        ttl: true,
+        atomic: false,
+    };
+}
+
+/// [`ensure_bucket`], with what it allows besides.
 async fn ensure_bucket_with(
     js: &jetstream::Context,
     config: kv::Config,
-    ttl: bool,
+    allow: Allow,
 ) -> Result<kv::Store, BrokerError> {
+    let Allow { ttl, atomic } = allow;
     let name = config.bucket.clone();
     let replicas = config.num_replicas.max(1);
     let stream = stream::Config {
@@ -463,6 +491,7 @@ async fn ensure_bucket_with(
         discard: stream::DiscardPolicy::New,
         duplicate_window: dedupe_window_within(config.max_age),
         allow_message_ttl: ttl,
+        allow_atomic_publish: atomic,
         ..Default::default()
     };
     match js.get_stream(&stream.name).await {
@@ -483,6 +512,7 @@ async fn ensure_bucket_with(
                 || current.max_bytes != stream.max_bytes
                 || current.duplicate_window != stream.duplicate_window
                 || (ttl && !current.allow_message_ttl)
+                || (atomic && !current.allow_atomic_publish)
             {
                 let rescaled = current.num_replicas != replicas;
                 current.num_replicas = replicas;
@@ -490,6 +520,7 @@ async fn ensure_bucket_with(
                 current.max_age = stream.max_age;
                 current.max_bytes = stream.max_bytes;
                 current.allow_message_ttl |= ttl;
+                current.allow_atomic_publish |= atomic;
                 current.duplicate_window = stream.duplicate_window;
                 js.update_stream(current)
                     .await

@@ -59,6 +59,8 @@ struct State {
     barriers: HashMap<String, (pb::Barrier, u64)>,
     run_states: HashMap<(String, u64), pb::StateRecord>,
     state_heads: HashMap<String, u64>,
+    /// How runs ended, by run and life (`resumed`).
+    run_ends: HashMap<(String, u32), pb::Run>,
     early: HashSet<String>,
     branches: Vec<(String, pb::BranchResult)>,
     /// The last branch record sequence given.

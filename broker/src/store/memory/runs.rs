@@ -39,6 +39,7 @@ impl Runs for Memory {
             .retain(|e| e.run_id != run_id || e.sequence >= keep_events_from);
         s.run_states.retain(|(run, _), _| run != run_id);
         s.state_heads.remove(run_id);
+        s.run_ends.retain(|(run, _), _| run != run_id);
         let prefix = format!("{run_id}.");
         s.barriers.retain(|key, _| !key.starts_with(&prefix));
         s.barrier_keys.retain(|key, _| !key.starts_with(&prefix));

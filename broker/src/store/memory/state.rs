@@ -1,7 +1,7 @@
 //! RunStates on Memory.
 
 use super::*;
-use crate::store::RunStates;
+use crate::store::{Decided, RunStates};
 
 #[async_trait::async_trait]
 impl RunStates for Memory {
@@ -34,5 +34,29 @@ impl RunStates for Memory {
             .state_heads
             .insert(run_id.to_string(), revision);
         Ok(())
+    }
+
+    async fn decide_end(
+        &self,
+        run_id: &str,
+        resumed: u32,
+        end: &pb::Run,
+        with: Option<&pb::StateRecord>,
+    ) -> Result<Decided> {
+        self.trip("decide_end")?;
+        let mut s = self.state()?;
+        let at = (run_id.to_string(), resumed);
+        if let Some(before) = s.run_ends.get(&at) {
+            return Ok(Decided::Before(Box::new(before.clone())));
+        }
+        if let Some(record) = with {
+            let key = (record.run_id.clone(), record.revision);
+            if s.run_states.contains_key(&key) {
+                return Ok(Decided::RevisionTaken);
+            }
+            s.run_states.insert(key, record.clone());
+        }
+        s.run_ends.insert(at, end.clone());
+        Ok(Decided::Now)
     }
 }
