@@ -1012,6 +1012,26 @@ async fn a_keyed_handoff_retried_after_the_window_and_100_deltas_is_a_duplicate_
     assert_eq!(announced, 1);
 }
 
+/// Decides how run `run_id` ends, as a call that stopped right after
+/// deciding would have (nothing recorded on the run); the state bucket.
+async fn decide_end(
+    nats_url: &str,
+    run_id: &str,
+    how: pb::Run,
+) -> async_nats::jetstream::kv::Store {
+    use prost::Message as _;
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.expect("nats"));
+    let bucket = js
+        .get_key_value("handoff_state")
+        .await
+        .expect("state bucket");
+    bucket
+        .create(format!("{run_id}.end.0"), how.encode_to_vec().into())
+        .await
+        .expect("the end decided");
+    bucket
+}
+
 #[tokio::test]
 async fn a_final_handoff_is_refused_storing_no_delta_when_the_run_end_was_decided_first() {
     use prost::Message as _;
@@ -1031,20 +1051,12 @@ async fn a_final_handoff_is_refused_storing_no_delta_when_the_run_end_was_decide
     // A cancel that decided the run's end and stopped before recording it
     // on the run: its decision, beside the run's state (the run still
     // reads RUNNING).
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
-    let bucket = js
-        .get_key_value("handoff_state")
-        .await
-        .expect("state bucket");
     let decided = pb::Run {
         status: pb::RunStatus::Cancelled as i32,
         failure: "cancelled by olga".into(),
         ..Default::default()
     };
-    bucket
-        .create(format!("{}.end.0", run.id), decided.encode_to_vec().into())
-        .await
-        .expect("the end decided");
+    let bucket = decide_end(nats.url(), &run.id, decided).await;
     let read = client
         .get_run(&run.id)
         .await
@@ -1107,16 +1119,10 @@ async fn a_final_handoff_is_refused_storing_no_delta_when_the_run_end_was_decide
 #[tokio::test]
 async fn a_run_completed_by_a_final_handoff_that_stopped_after_deciding_is_recorded_and_announced()
 {
-    use prost::Message as _;
     let (nats, _broker, client) = stack(|_| {}).await;
     let run = agent_and_run(&client, "worker", RunConfig::new("olga")).await;
     // A final handoff decided the run's end 20 s ago and stopped there:
     // nothing recorded on the run, no acceptance announced.
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
-    let bucket = js
-        .get_key_value("handoff_state")
-        .await
-        .expect("state bucket");
     let at = std::time::SystemTime::now() - Duration::from_secs(20);
     let decided = pb::Run {
         status: pb::RunStatus::Completed as i32,
@@ -1124,10 +1130,7 @@ async fn a_run_completed_by_a_final_handoff_that_stopped_after_deciding_is_recor
         ended_at: Some(at.into()),
         ..Default::default()
     };
-    bucket
-        .create(format!("{}.end.0", run.id), decided.encode_to_vec().into())
-        .await
-        .expect("the end decided");
+    decide_end(nats.url(), &run.id, decided).await;
     // The owner's cancel finds it decided: refused, the run recorded as
     // completed, and the final's acceptance announced once.
     let err = client
@@ -1145,4 +1148,40 @@ async fn a_run_completed_by_a_final_handoff_that_stopped_after_deciding_is_recor
     assert_eq!(announced, 1);
     let ended = count(&got.timeline, &[pb::EventKind::RunCompleted], |_| true);
     assert_eq!(ended, 1);
+}
+
+#[tokio::test]
+async fn an_event_jetstream_stored_twice_under_one_message_id_is_once_in_the_timeline() {
+    use prost::Message as _;
+    // JetStream's deduplication can miss (across a change of the events
+    // stream's leader); here, past a short window.
+    let (nats, _broker, client) = stack(|c| c.dedupe_window = Duration::from_secs(1)).await;
+    let run = agent_and_run(&client, "worker", RunConfig::new("olga")).await;
+    let nc = async_nats::connect(nats.url()).await.expect("nats");
+    let js = async_nats::jetstream::new(nc);
+    let event = pb::Event {
+        kind: pb::EventKind::HandoffAccepted as i32,
+        run_id: run.id.clone(),
+        owner: "olga".into(),
+        handoff_id: "twice".into(),
+        ..Default::default()
+    };
+    let subject = format!("handoff.v1.events.{}.handoff_accepted", run.id);
+    for copy in 0..2 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", "accepted-twice");
+        let ack = js
+            .publish_with_headers(subject.clone(), headers, event.encode_to_vec().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+        assert!(!ack.duplicate, "copy {copy} is stored");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let timeline = client.get_run(&run.id).await.expect("run").timeline;
+    let once = count(&timeline, &[pb::EventKind::HandoffAccepted], |e| {
+        e.handoff_id == "twice"
+    });
+    assert_eq!(once, 1);
 }

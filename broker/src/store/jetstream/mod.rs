@@ -449,16 +449,31 @@ async fn read_ordered(
     if want == 0 {
         return Ok(out);
     }
+    // Every write read this way carries a message id; JetStream's
+    // deduplication by it can miss across a change of the stream's leader
+    // (a publish retried to the new leader while the old one's was still
+    // being replicated): a read gives each id once, at its first copy.
+    let mut ids = std::collections::HashSet::new();
+    let mut read = 0;
     let mut messages = consumer
         .messages()
         .await
         .map_err(|e| BrokerError::nats("reading events", e))?;
-    while out.len() < want {
+    while read < want {
         let next = tokio::time::timeout(Duration::from_secs(5), messages.next())
             .await
             .map_err(|_| BrokerError::Unavailable("reading events timed out".to_string()))?;
         let Some(msg) = next else { break };
         let msg = msg.map_err(|e| BrokerError::nats("reading events", e))?;
+        read += 1;
+        let id = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(NATS_MESSAGE_ID))
+            .map(|v| v.as_str().to_string());
+        if id.is_some_and(|id| !ids.insert(id)) {
+            continue;
+        }
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         out.push((seq, msg.payload.clone()));
     }

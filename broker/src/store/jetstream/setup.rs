@@ -543,6 +543,23 @@ async fn ensure_bucket_with(
             }
         }
     }
+    if atomic {
+        // A server that does not know atomic batches keeps the stream
+        // without them, silently: the broker would lose its fencing.
+        let allowed = match js.get_stream(format!("KV_{name}")).await {
+            Ok(mut stream) => stream
+                .info()
+                .await
+                .map(|info| info.config.allow_atomic_publish)
+                .map_err(|e| BrokerError::nats(&format!("reading bucket {name}"), e))?,
+            Err(e) => return Err(BrokerError::nats(&format!("opening bucket {name}"), e)),
+        };
+        if !allowed {
+            return Err(BrokerError::Internal(format!(
+                "bucket {name} does not allow atomic batches (allow_atomic): every server of the cluster needs nats-server 2.12 or newer"
+            )));
+        }
+    }
     js.get_key_value(&name)
         .await
         .map_err(|e| BrokerError::nats(&format!("opening bucket {name}"), e))
