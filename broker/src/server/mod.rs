@@ -229,7 +229,19 @@ async fn serve(
         auth,
         link.clone(),
     );
-    crate::app::auth::load_keys(&broker).await?;
+    // The first reads of the buckets: a stream whose replicas were just
+    // raised may take a moment to answer from its new leader.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match crate::app::auth::load_keys(&broker).await {
+            Err(BrokerError::Unavailable(why)) if attempt < 20 => {
+                tracing::info!(why, "the signing keys are not readable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => break other?,
+        }
+    }
     crate::app::auth::load_bootstrap(&broker).await?;
     // Watch contracts from where the load ends, so it does not load them
     // all again.
